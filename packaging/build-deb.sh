@@ -1,0 +1,87 @@
+#!/bin/bash
+# Build the vfiod Debian package from this repository.
+#
+#   packaging/build-deb.sh            -> build/deb/vfiod_<version>_<arch>.deb
+#
+# Steps: install the Debian build tools if missing (needs root and apt),
+# `cargo build --release --locked` (a no-op when target/release is fresh),
+# stage a source tree whose debian/ is packaging/debian and whose bin/ holds
+# the binaries just built, then `dpkg-buildpackage -b -us -uc` in it.
+#
+# Environment:
+#   VFIOD_DEB_VERSION   override the Debian version (default: the top entry
+#                       of packaging/debian/changelog); a stanza is added to
+#                       the staged changelog only
+#   VFIOD_SKIP_CARGO=1  do not run cargo; use target/release as it is
+#   CARGO_TARGET_DIR    as for cargo (default: target)
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+out=$repo/build/deb
+stage_root=$out/stage
+target_dir=${CARGO_TARGET_DIR:-$repo/target}
+log() { printf '[build-deb] %s\n' "$*" >&2; }
+
+need=()
+for tool in dpkg-buildpackage:dpkg-dev dh:debhelper dh_installsysusers:debhelper fakeroot:fakeroot; do
+	command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
+done
+if ((${#need[@]})); then
+	if [ "$(id -u)" != 0 ]; then
+		log "missing build tools: ${need[*]} (apt-get install them as root)"; exit 1
+	fi
+	log "installing ${need[*]}"
+	apt-get -o DPkg::Lock::Timeout=300 update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends \
+		debhelper dpkg-dev fakeroot >/dev/null
+fi
+
+t0=$(date +%s)
+if [ "${VFIOD_SKIP_CARGO:-0}" != 1 ]; then
+	log "cargo build --release --locked"
+	(cd "$repo" && cargo build --release --locked --bins)
+fi
+for b in vfiod vfioctl; do
+	[ -x "$target_dir/release/$b" ] || { log "missing $target_dir/release/$b"; exit 1; }
+done
+t1=$(date +%s)
+
+version=$(dpkg-parsechangelog -l "$repo/packaging/debian/changelog" -S Version)
+cargo_version=$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$repo/Cargo.toml" | head -n1)
+if [ "${version%-*}" != "$cargo_version" ]; then
+	log "warning: packaging/debian/changelog says $version but Cargo.toml says $cargo_version"
+fi
+if [ -n "${VFIOD_DEB_VERSION:-}" ]; then
+	version=$VFIOD_DEB_VERSION
+fi
+
+rm -rf "$stage_root"
+src=$stage_root/vfiod-${version%-*}
+mkdir -p "$src/bin" "$src/conf"
+cp -a "$repo/packaging/debian" "$src/debian"
+install -m 0755 "$target_dir/release/vfiod" "$target_dir/release/vfioctl" "$src/bin/"
+cp -a "$repo/systemd" "$repo/man" "$src/"
+install -m 0644 "$repo/packaging/config.toml" "$src/conf/config.toml"
+if [ -n "${VFIOD_DEB_VERSION:-}" ]; then
+	{
+		printf 'vfiod (%s) unstable; urgency=medium\n\n  * Local rebuild.\n\n -- %s  %s\n\n' \
+			"$version" "$(dpkg-parsechangelog -l "$src/debian/changelog" -S Maintainer)" "$(date -R)"
+		cat "$repo/packaging/debian/changelog"
+	} >"$src/debian/changelog"
+fi
+# Reproducible timestamps: the changelog date, not the build time.
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(dpkg-parsechangelog -l "$src/debian/changelog" -S Timestamp)}
+
+log "dpkg-buildpackage -b -us -uc ($src)"
+(cd "$src" && dpkg-buildpackage -b -us -uc) >"$stage_root/dpkg-buildpackage.log" 2>&1 || {
+	tail -n 60 "$stage_root/dpkg-buildpackage.log" >&2
+	log "dpkg-buildpackage failed; full log: $stage_root/dpkg-buildpackage.log"
+	exit 1
+}
+mkdir -p "$out"
+rm -f "$out"/*.deb "$out"/*.ddeb "$out"/*.changes "$out"/*.buildinfo
+mv "$stage_root"/*.deb "$stage_root"/*.buildinfo "$stage_root"/*.changes "$out/"
+mv "$stage_root"/*.ddeb "$out/" 2>/dev/null || true
+t2=$(date +%s)
+log "cargo $((t1 - t0))s, dpkg-buildpackage $((t2 - t1))s"
+ls -1 "$out"/*.deb
