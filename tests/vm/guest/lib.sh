@@ -1,0 +1,207 @@
+# Shared helpers for the guest scenarios (busybox sh). Sourced, never run.
+#
+# Safety: every helper here that writes to sysfs or drives vfiod refuses to
+# run unless this is the vfiod test guest: /etc/vfiod-vm-guest (only in the
+# guest initramfs) and vfiodvm.guest=1 on the kernel command line.
+if [ ! -e /etc/vfiod-vm-guest ] || ! grep -q 'vfiodvm.guest=1' /proc/cmdline 2>/dev/null; then
+    echo "lib.sh: not inside the vfiod test guest; refusing to run" >&2
+    exit 99
+fi
+
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+SOCK=/run/vfiod.sock
+STATE=/var/lib/vfiod
+HOST=/mnt/host
+OUTDIR=$HOST/out
+VFIOD_LOG=/tmp/vm.vfiod.log
+: "${VM_ROUNDS:=7}"
+: "${VM_SCENARIO:=adhoc}"
+[ -e $HOST/topology.sh ] && . $HOST/topology.sh
+
+say() { echo "[$VM_SCENARIO] $*"; }
+fail() {
+    echo "[$VM_SCENARIO] FAIL: $*"
+    echo "FAILMSG $VM_SCENARIO $*" >>$HOST/results
+    exit 1
+}
+# A scenario that needs a vfiod feature that is not there yet.
+pending() {
+    echo "[$VM_SCENARIO] PENDING: $*"
+    echo "FAILMSG $VM_SCENARIO pending: $*" >>$HOST/results
+    exit 77
+}
+metric() { # NAME VALUE UNIT NOTE...
+    local n=$1 v=$2 u=$3; shift 3
+    echo "[$VM_SCENARIO] metric $n = $v $u $*"
+    echo "METRIC $n $v $u $*" >>$HOST/results
+}
+
+# --- clocks ----------------------------------------------------------------
+now() { vmtool now; }                       # realtime, seconds.nanoseconds
+ms_between() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", (b-a)*1000}'; }
+median() { tr ' ' '\n' | grep . | sort -n | awk '{v[NR]=$1} END{if(NR==0){print "nan"} else if(NR%2){print v[(NR+1)/2]} else {printf "%.2f", (v[NR/2]+v[NR/2+1])/2}}'; }
+# RFC 3339 (with fraction, any offset) -> epoch seconds with fraction.
+rfc3339_epoch() {
+    local s=$1 base frac off=0 sign hh mm
+    base=$(echo "$s" | sed -E 's/^([0-9-]+)T([0-9:]+).*/\1 \2/')
+    frac=$(echo "$s" | sed -nE 's/^[^.]*(\.[0-9]+).*/\1/p')
+    case $s in
+        *Z) off=0 ;;
+        *[+-][0-9][0-9]:[0-9][0-9])
+            sign=$(echo "$s" | sed -E 's/.*([+-])[0-9][0-9]:[0-9][0-9]$/\1/')
+            hh=$(echo "$s" | sed -E 's/.*[+-]([0-9][0-9]):[0-9][0-9]$/\1/')
+            mm=$(echo "$s" | sed -E 's/.*[+-][0-9][0-9]:([0-9][0-9])$/\1/')
+            off=$(( (1${hh} - 100) * 3600 + (1${mm} - 100) * 60 ))
+            [ "$sign" = - ] && off=$((-off)) ;;
+    esac
+    local e
+    e=$(TZ=UTC date -u -d "$base" +%s) || return 1
+    awk -v e="$e" -v f="${frac:-0}" -v o="$off" 'BEGIN{printf "%.6f", e - o + f}'
+}
+
+# --- waiting ---------------------------------------------------------------
+# wait_until SECONDS CMD...: poll CMD every 20 ms until it succeeds.
+wait_until() {
+    local limit=$1; shift
+    local end
+    end=$(awk -v t="$(cut -d' ' -f1 /proc/uptime)" -v l="$limit" 'BEGIN{print t+l}')
+    while ! "$@"; do
+        if awk -v t="$(cut -d' ' -f1 /proc/uptime)" -v e="$end" 'BEGIN{exit !(t>e)}'; then
+            return 1
+        fi
+        usleep 20000
+    done
+}
+
+# --- PCI, from the kernel's point of view ---------------------------------
+drv() { # ADDR -> driver name or "none"
+    if [ -e "/sys/bus/pci/devices/$1/driver" ]; then
+        basename "$(readlink "/sys/bus/pci/devices/$1/driver")"
+    else
+        echo none
+    fi
+}
+grp() { basename "$(readlink "/sys/bus/pci/devices/$1/iommu_group")"; }
+has_driver() { [ "$(drv "$1")" = "$2" ]; }
+present() { [ -e "/sys/bus/pci/devices/$1" ]; }
+absent() { [ ! -e "/sys/bus/pci/devices/$1" ]; }
+vfio_node() { [ -c "/dev/vfio/$(grp "$1")" ]; }
+netdev_of() { ls "/sys/bus/pci/devices/$1/net" 2>/dev/null | head -1; }
+has_netdev() { [ -n "$(netdev_of "$1")" ]; }
+# The first PCI function below a bridge or root port (empty if none).
+dev_under() {
+    local p
+    for p in /sys/bus/pci/devices/$1/0000:*; do
+        [ -e "$p/vendor" ] && { basename "$p"; return 0; }
+    done
+    return 1
+}
+devs_under() {
+    local p
+    for p in /sys/bus/pci/devices/$1/0000:*; do
+        [ -e "$p/vendor" ] && basename "$p"
+    done
+}
+attr() { cat "/sys/bus/pci/devices/$1/$2"; }   # ADDR ATTR
+group_members() { ls "/sys/kernel/iommu_groups/$1/devices"; }
+
+# Move ADDR to vfio-pci with plain sysfs writes (what vfiod is expected to do).
+sysfs_to_vfio() {
+    local a=$1 cur
+    cur=$(drv "$a")
+    echo vfio-pci >"/sys/bus/pci/devices/$a/driver_override"
+    [ "$cur" != none ] && echo "$a" >"/sys/bus/pci/drivers/$cur/unbind"
+    echo "$a" >/sys/bus/pci/drivers_probe
+}
+# Give ADDR back to its native driver: clear the override, unbind, reprobe.
+sysfs_from_vfio() {
+    local a=$1
+    echo >"/sys/bus/pci/devices/$a/driver_override"
+    echo "$a" >/sys/bus/pci/drivers/vfio-pci/unbind
+    echo "$a" >/sys/bus/pci/drivers_probe
+}
+
+# --- the host (QMP through the 9p share) ----------------------------------
+# host_req CMD [JSON-ARGS]: the harness runs it and answers with JSON.
+host_req() {
+    local cmd=$1 args=${2:-"{}"} f i=0 ok=1
+    f=$HOST/req/$(cut -d' ' -f1 /proc/uptime | tr -d .)_$$_$RANDOM
+    printf '{"cmd": "%s", "args": %s}\n' "$cmd" "$args" >"$f.tmp"
+    mv "$f.tmp" "$f.req"
+    while [ ! -e "$f.resp" ]; do
+        i=$((i + 1))
+        [ $i -gt 1500 ] && { echo '{"ok": false, "error": "host did not answer in 30 s"}'; return 1; }
+        usleep 20000
+    done
+    cat "$f.resp"
+    jq -e .ok "$f.resp" >/dev/null 2>&1 && ok=0
+    rm -f "$f.resp"
+    return $ok
+}
+device_add() { # ID PORT DRIVER
+    host_req device_add "{\"driver\": \"$3\", \"id\": \"$1\", \"bus\": \"$2\"}"
+}
+device_del() { host_req device_del "{\"id\": \"$1\"}"; }
+
+# --- vfiod -----------------------------------------------------------------
+have_vfiod() { [ -x /usr/bin/vfiod ] && [ -x /usr/bin/vfioctl ]; }
+need_vfiod() { have_vfiod || fail "vfiod/vfioctl binaries are not in the guest (build failed?)"; }
+
+VFIOD_PID=
+vfiod_start() { # extra args...
+    need_vfiod
+    mkdir -p $STATE
+    echo "--- vfiod start $* (uptime $(cut -d' ' -f1 /proc/uptime))" >>$VFIOD_LOG
+    RUST_LOG=${RUST_LOG:-info} vfiod --socket $SOCK --state-dir $STATE "$@" >>$VFIOD_LOG.stdout 2>>$VFIOD_LOG &
+    VFIOD_PID=$!
+    if ! wait_until 60 vfiod_ready; then
+        tail -50 $VFIOD_LOG
+        fail "vfiod did not become ready in 60 s"
+    fi
+}
+vfiod_ready() {
+    kill -0 "$VFIOD_PID" 2>/dev/null || { tail -30 $VFIOD_LOG; fail "vfiod exited during startup"; }
+    [ -S $SOCK ] && vfioctl --socket $SOCK --json health >/dev/null 2>&1
+}
+vfiod_stop() {
+    [ -n "$VFIOD_PID" ] || return 0
+    kill -TERM "$VFIOD_PID" 2>/dev/null
+    wait_until 20 eval '! kill -0 $VFIOD_PID 2>/dev/null' || kill -9 "$VFIOD_PID" 2>/dev/null
+    wait "$VFIOD_PID" 2>/dev/null
+    VFIOD_PID=
+}
+
+# vc ARGS...: vfioctl --json; stdout in $OUT, stderr in $ERR, exit code in $RC.
+vc() {
+    OUT=$(vfioctl --socket $SOCK --json "$@" 2>/tmp/vm.vc.err)
+    RC=$?
+    ERR=$(cat /tmp/vm.vc.err)
+    return $RC
+}
+# vc_ok ARGS...: vfioctl must succeed.
+vc_ok() {
+    vc "$@" || fail "vfioctl $* failed (rc=$RC): $ERR"
+}
+# vc_err CODE ARGS...: vfioctl must fail with error code CODE.
+vc_err() {
+    local code=$1; shift
+    if vc "$@"; then fail "vfioctl $* succeeded, expected error $code: $OUT"; fi
+    local got
+    got=$(echo "$ERR" | jq -r .code 2>/dev/null)
+    [ "$got" = "$code" ] || fail "vfioctl $* failed with '$got', expected '$code': $ERR"
+}
+jget() { echo "$OUT" | jq -r "$1"; }
+
+# Every scenario: dump the vfiod log into the share (and on failure to the console).
+scenario_exit() {
+    local rc=$?
+    [ -e $VFIOD_LOG ] && cp $VFIOD_LOG "$OUTDIR/$VM_SCENARIO.vfiod.log"
+    if [ $rc -ne 0 ] && [ -e $VFIOD_LOG ]; then
+        echo "----- vfiod log ($VM_SCENARIO), last 60 lines -----"
+        tail -60 $VFIOD_LOG
+        echo "-----"
+    fi
+    [ -n "$VFIOD_PID" ] && kill -9 "$VFIOD_PID" 2>/dev/null
+    return $rc
+}
+trap scenario_exit EXIT

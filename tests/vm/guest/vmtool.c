@@ -1,0 +1,80 @@
+/*
+ * vmtool: tiny static helper for the vfiod real-kernel test guest.
+ *
+ *   vmtool now                 print CLOCK_REALTIME as seconds.nanoseconds
+ *   vmtool mono                print CLOCK_MONOTONIC as seconds.nanoseconds
+ *   vmtool uevmon [SUBSYSTEM]  listen to KERNEL uevents (netlink group 1) and
+ *                              print one line per event, stamped with
+ *                              CLOCK_REALTIME at the moment recvmsg returned:
+ *                              "<sec.nsec> <ACTION> <DEVPATH> [DRIVER=..]"
+ *   vmtool runas UID GID GID,GID,.. CMD [ARGS..]
+ *                              setgroups+setgid+setuid, then exec CMD
+ *
+ * It never writes to sysfs: it only reads clocks and netlink.
+ */
+#define _GNU_SOURCE
+#include <grp.h>
+#include <linux/netlink.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+static void print_clock(clockid_t c) {
+	struct timespec ts;
+	clock_gettime(c, &ts);
+	printf("%ld.%09ld\n", (long)ts.tv_sec, ts.tv_nsec);
+}
+
+static int uevmon(const char *want_subsys) {
+	int fd = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_KOBJECT_UEVENT);
+	if (fd < 0) { perror("socket"); return 1; }
+	int sz = 4 << 20;
+	setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &sz, sizeof sz);
+	struct sockaddr_nl sa = { .nl_family = AF_NETLINK, .nl_groups = 1 };
+	if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0) { perror("bind"); return 1; }
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	/* Tell whoever waits for us that the socket is live. */
+	fprintf(stderr, "uevmon: listening\n");
+	static char buf[16384];
+	for (;;) {
+		ssize_t n = recv(fd, buf, sizeof buf - 1, 0);
+		struct timespec ts;
+		clock_gettime(CLOCK_REALTIME, &ts);
+		if (n <= 0) continue;
+		buf[n] = 0;
+		const char *action = "", *devpath = "", *subsys = "", *driver = NULL;
+		for (char *p = buf; p < buf + n; p += strlen(p) + 1) {
+			if (!strncmp(p, "ACTION=", 7)) action = p + 7;
+			else if (!strncmp(p, "DEVPATH=", 8)) devpath = p + 8;
+			else if (!strncmp(p, "SUBSYSTEM=", 10)) subsys = p + 10;
+			else if (!strncmp(p, "DRIVER=", 7)) driver = p + 7;
+		}
+		if (want_subsys && strcmp(want_subsys, subsys)) continue;
+		printf("%ld.%09ld %s %s %s%s\n", (long)ts.tv_sec, ts.tv_nsec, action, devpath,
+		       driver ? "DRIVER=" : "", driver ? driver : "");
+	}
+}
+
+int main(int argc, char **argv) {
+	if (argc >= 2 && !strcmp(argv[1], "now")) { print_clock(CLOCK_REALTIME); return 0; }
+	if (argc >= 2 && !strcmp(argv[1], "mono")) { print_clock(CLOCK_MONOTONIC); return 0; }
+	if (argc >= 2 && !strcmp(argv[1], "uevmon")) return uevmon(argc >= 3 ? argv[2] : NULL);
+	if (argc >= 6 && !strcmp(argv[1], "runas")) {
+		uid_t uid = (uid_t)atoi(argv[2]);
+		gid_t gid = (gid_t)atoi(argv[3]);
+		gid_t groups[64];
+		int ng = 0;
+		char *s = strdup(argv[4]);
+		for (char *t = strtok(s, ","); t && ng < 64; t = strtok(NULL, ","))
+			if (*t && strcmp(t, "-")) groups[ng++] = (gid_t)atoi(t);
+		if (setgroups(ng, groups) || setgid(gid) || setuid(uid)) { perror("runas"); return 126; }
+		execvp(argv[5], argv + 5);
+		perror("exec");
+		return 127;
+	}
+	fprintf(stderr, "usage: vmtool now|mono|uevmon [SUBSYSTEM]|runas UID GID G1,G2 CMD..\n");
+	return 2;
+}

@@ -1,0 +1,432 @@
+#!/usr/bin/env python3
+"""Boot the vfiod test guest under QEMU and collect scenario results.
+
+Python 3 standard library only. Started by tests/vm/run.sh, which builds the
+kernel and initramfs. The harness:
+
+- starts QEMU (TCG, q35, intel-iommu) with the PCI topology below, the serial
+  console on a pipe and QMP on a Unix socket;
+- shares a directory with the guest over 9p: the guest writes its results
+  there and asks for host actions (QMP device_add / device_del) by dropping
+  request files that the harness answers;
+- watches the console for markers, enforces timeouts, kills QEMU whatever
+  happens (and QEMU dies with the harness: PR_SET_PDEATHSIG);
+- boots again for the remaining scenarios when one hangs or crashes the guest;
+- prints results and measurements, and the console log on failure.
+"""
+import argparse
+import ctypes
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+# The guest's PCI topology. Root ports sit at fixed slots on pcie.0 so the
+# guest finds each device below its port (topology.sh in the share).
+ROOT_PORTS = [
+    # (qemu id, slot on pcie.0, what is plugged in)
+    ("rp1", 0x02, "nic0"),
+    ("rp2", 0x03, "rng0"),
+    ("rp3", 0x04, "edu0"),
+    ("rp4", 0x05, "gpu0"),
+    ("rp5", 0x06, "br0"),
+    ("rp6", 0x07, "hp0"),   # empty: hotplug
+    ("rp7", 0x08, "hp1"),   # empty: hotplug
+]
+DEVICES = [
+    "-device", "e1000e,id=nic0,bus=rp1",
+    "-device", "virtio-rng-pci,id=rng0,bus=rp2",
+    "-device", "edu,id=edu0,bus=rp3",
+    "-device", "bochs-display,id=gpu0,bus=rp4",
+    # Two functions behind a PCIe-to-PCI bridge: one IOMMU group.
+    "-device", "pcie-pci-bridge,id=br0,bus=rp5",
+    "-device", "ich9-intel-hda,id=hda0,bus=br0,addr=0x1",
+    "-device", "e1000,id=nic1,bus=br0,addr=0x2",
+]
+NINEP_SLOT = 0x09
+
+
+def log(msg):
+    print(f"[vm-harness {time.monotonic() - T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+T0 = time.monotonic()
+
+
+class QMP:
+    """Minimal QMP client: one reader thread, responses in a queue, events in a list."""
+
+    def __init__(self, path, deadline):
+        self.sock = None
+        while time.monotonic() < deadline:
+            try:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(path)
+                self.sock = s
+                break
+            except OSError:
+                s.close()
+                time.sleep(0.05)
+        if self.sock is None:
+            raise RuntimeError("cannot connect to QMP")
+        self.file = self.sock.makefile("rwb", buffering=0)
+        self.responses = queue.Queue()
+        self.events = []
+        self.cond = threading.Condition()
+        json.loads(self.file.readline())  # greeting
+        threading.Thread(target=self._reader, daemon=True).start()
+        self.execute("qmp_capabilities")
+
+    def _reader(self):
+        try:
+            for line in self.file:
+                msg = json.loads(line)
+                if "event" in msg:
+                    with self.cond:
+                        self.events.append((time.monotonic(), msg))
+                        self.cond.notify_all()
+                else:
+                    self.responses.put(msg)
+        except (OSError, ValueError):
+            pass
+        self.responses.put({"error": {"class": "Disconnected", "desc": "QMP closed"}})
+
+    def execute(self, cmd, args=None, timeout=30):
+        req = {"execute": cmd}
+        if args:
+            req["arguments"] = args
+        self.file.write(json.dumps(req).encode() + b"\n")
+        return self.responses.get(timeout=timeout)
+
+    def wait_event(self, name, pred, timeout):
+        end = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for _, ev in self.events:
+                    if ev["event"] == name and pred(ev):
+                        return ev
+                left = end - time.monotonic()
+                if left <= 0:
+                    return None
+                self.cond.wait(left)
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def set_pdeathsig():
+    # QEMU dies if the harness dies, even by SIGKILL.
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    os.setsid()
+
+
+class Boot:
+    """One QEMU run for a list of scenarios."""
+
+    def __init__(self, args, scenarios, boot_no):
+        self.args = args
+        self.scenarios = scenarios
+        self.dir = os.path.join(args.out, f"boot{boot_no}")
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.share = os.path.join(self.dir, "share")
+        os.makedirs(os.path.join(self.share, "req"))
+        os.makedirs(os.path.join(self.share, "out"))
+        self.console_path = os.path.join(self.dir, "console.log")
+        self.qmp_path = os.path.join(self.dir, "qmp.sock")
+        self.markers = queue.Queue()
+        self.added = []  # ids of hotplugged devices, for "reset"
+        self.boot_secs = None
+        self.init_uptime = None
+        self.proc = None
+        self.qmp = None
+        self.timed_out = None
+        with open(os.path.join(self.share, "topology.sh"), "w") as f:
+            for qid, slot, dev in ROOT_PORTS:
+                f.write(f"PORT_{dev}=0000:00:{slot:02x}.0\n")
+                f.write(f"QPORT_{dev}={qid}\n")
+
+    def cmdline(self):
+        a = self.args
+        append = " ".join([
+            "console=ttyS0", "intel_iommu=on", "loglevel=4", "panic=-1",
+            "8250.nr_uarts=1", "mitigations=off", "vfiodvm.guest=1",
+            "vfiodvm.scenarios=" + ",".join(self.scenarios),
+            f"vfiodvm.rounds={a.rounds}", f"vfiodvm.timeout={a.scenario_timeout}",
+        ])
+        cmd = [
+            "qemu-system-x86_64",
+            "-machine", "q35", "-accel", "tcg", "-cpu", "max",
+            "-smp", str(a.smp), "-m", str(a.mem),
+            "-nodefaults", "-display", "none", "-no-reboot",
+            "-serial", "stdio",
+            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+            "-device", "intel-iommu,intremap=off",
+            "-kernel", a.kernel, "-initrd", a.initrd, "-append", append,
+        ]
+        for i, (qid, slot, _) in enumerate(ROOT_PORTS, 1):
+            cmd += ["-device", f"pcie-root-port,id={qid},chassis={i},slot={i},bus=pcie.0,addr=0x{slot:x}"]
+        cmd += DEVICES
+        cmd += [
+            "-fsdev", f"local,id=fs0,path={self.share},security_model=none",
+            "-device", f"virtio-9p-pci,fsdev=fs0,mount_tag=host0,bus=pcie.0,addr=0x{NINEP_SLOT:x}",
+        ]
+        return cmd
+
+    def _console_reader(self, start):
+        with open(self.console_path, "w", buffering=1) as out:
+            for raw in self.proc.stdout:
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                t = time.monotonic() - start
+                out.write(f"[{t:7.2f}] {line}\n")
+                if self.args.verbose:
+                    print(f"  guest| {line}", file=sys.stderr, flush=True)
+                m = re.search(r"@@(\S+)\s*(.*)", line)
+                if m:
+                    self.markers.put((time.monotonic(), m.group(1), m.group(2)))
+        self.markers.put((time.monotonic(), "EOF", ""))
+
+    def _handle_req(self, path):
+        try:
+            with open(path) as f:
+                req = json.load(f)
+        except (OSError, ValueError):
+            return  # not complete yet
+        os.unlink(path)
+        cmd, args = req.get("cmd"), req.get("args") or {}
+        resp = {"ok": False}
+        try:
+            if cmd == "device_add":
+                r = self.qmp.execute("device_add", args)
+                resp = {"ok": "return" in r, "qmp": r}
+                if "return" in r:
+                    self.added.append(args["id"])
+            elif cmd == "device_del":
+                r = self.qmp.execute("device_del", args)
+                resp = {"ok": "return" in r, "qmp": r}
+                if "return" in r:
+                    ev = self.qmp.wait_event("DEVICE_DELETED", lambda e: e.get("data", {}).get("device") == args["id"], 20)
+                    resp["deleted"] = ev is not None
+                    if ev and args["id"] in self.added:
+                        self.added.remove(args["id"])
+            elif cmd == "reset":
+                gone = []
+                for dev in list(self.added):
+                    r = self.qmp.execute("device_del", {"id": dev})
+                    if "return" in r:
+                        self.qmp.wait_event("DEVICE_DELETED", lambda e, d=dev: e.get("data", {}).get("device") == d, 20)
+                    gone.append(dev)
+                    self.added.remove(dev)
+                resp = {"ok": True, "removed": gone}
+            elif cmd == "qmp":
+                r = self.qmp.execute(args["execute"], args.get("arguments"))
+                resp = {"ok": "return" in r, "qmp": r}
+            else:
+                resp = {"ok": False, "error": f"unknown request {cmd}"}
+        except Exception as e:  # answer the guest whatever happens
+            resp = {"ok": False, "error": repr(e)}
+        log(f"host request {cmd} {json.dumps(args)} -> ok={resp.get('ok')}")
+        tmp = path[:-4] + ".rtmp"
+        with open(tmp, "w") as f:
+            json.dump(resp, f)
+            f.write("\n")
+        os.rename(tmp, path[:-4] + ".resp")
+
+    def run(self):
+        cmd = self.cmdline()
+        with open(os.path.join(self.dir, "qemu-cmdline.txt"), "w") as f:
+            f.write(" ".join(cmd) + "\n")
+        log(f"boot: {' '.join(self.scenarios)}")
+        start = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, preexec_fn=set_pdeathsig)
+        threading.Thread(target=self._console_reader, args=(start,), daemon=True).start()
+        try:
+            self.qmp = QMP(self.qmp_path, time.monotonic() + 30)
+        except RuntimeError:
+            self.qmp = None
+        deadline = start + self.args.boot_timeout
+        phase = "boot"
+        current = None
+        reqdir = os.path.join(self.share, "req")
+        while True:
+            try:
+                t, kind, rest = self.markers.get(timeout=0.03)
+                if kind == "VFIODVM" and rest.startswith("INIT"):
+                    self.boot_secs = t - start
+                    m = re.search(r"uptime=([\d.]+)", rest)
+                    self.init_uptime = float(m.group(1)) if m else None
+                    log(f"guest init after {self.boot_secs:.1f}s (guest uptime {self.init_uptime}s)")
+                    deadline = t + 120
+                elif kind == "VFIODVM" and rest.startswith("READY"):
+                    phase = "between"
+                    deadline = t + 120
+                elif kind == "BEGIN":
+                    current = rest.split()[0]
+                    log(f"scenario {current} ...")
+                    phase = "scenario"
+                    deadline = t + self.args.scenario_timeout + 60
+                elif kind == "RESULT":
+                    log(f"scenario {rest}")
+                    current = None
+                    phase = "between"
+                    deadline = t + 120
+                elif kind == "VFIODVM" and rest.startswith("DONE"):
+                    phase = "done"
+                    deadline = t + 30
+                elif kind == "EOF":
+                    break
+            except queue.Empty:
+                pass
+            if self.qmp:
+                for name in sorted(os.listdir(reqdir)):
+                    if name.endswith(".req"):
+                        self._handle_req(os.path.join(reqdir, name))
+            if self.proc.poll() is not None and self.markers.empty():
+                break
+            if time.monotonic() > deadline:
+                self.timed_out = (phase, current)
+                log(f"TIMEOUT in phase {phase} (scenario {current}); killing QEMU")
+                break
+        self.stop()
+        return current
+
+    def stop(self):
+        if self.qmp:
+            self.qmp.close()
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def results(self):
+        res, metrics, msgs = {}, [], {}
+        try:
+            with open(os.path.join(self.share, "results")) as f:
+                for line in f:
+                    p = line.split()
+                    if p[:1] == ["RESULT"] and len(p) >= 3:
+                        res[p[1]] = (p[2], " ".join(p[3:]))
+                    elif p[:1] == ["METRIC"] and len(p) >= 4:
+                        metrics.append((p[1], p[2], p[3], " ".join(p[4:])))
+                    elif p[:1] == ["FAILMSG"] and len(p) >= 2:
+                        msgs.setdefault(p[1], []).append(" ".join(p[2:]))
+        except OSError:
+            pass
+        return res, metrics, msgs
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kernel", required=True)
+    ap.add_argument("--initrd", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--scenarios", required=True)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--smp", type=int, default=2)
+    ap.add_argument("--mem", type=int, default=1024)
+    ap.add_argument("--boot-timeout", type=int, default=int(os.environ.get("VFIOD_VM_BOOT_TIMEOUT", 180)))
+    ap.add_argument("--scenario-timeout", type=int, default=int(os.environ.get("VFIOD_VM_SCENARIO_TIMEOUT", 240)))
+    ap.add_argument("--tier-start", type=float, default=None)
+    ap.add_argument("--gate", default=None, help="only these scenarios decide the exit code")
+    ap.add_argument("--verbose", action="store_true", default=os.environ.get("VFIOD_VM_VERBOSE") == "1")
+    args = ap.parse_args()
+    args.out = os.path.abspath(args.out)
+    for old in os.listdir(args.out):
+        if old.startswith("boot"):
+            shutil.rmtree(os.path.join(args.out, old), ignore_errors=True)
+
+    def on_signal(signum, _frame):
+        raise SystemExit(128 + signum)
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, on_signal)
+
+    todo = args.scenarios.split()
+    results, metrics, msgs, boots = {}, [], {}, []
+    boot_no = 0
+    try:
+        while todo:
+            boot_no += 1
+            b = Boot(args, todo, boot_no)
+            boots.append(b)
+            try:
+                hung = b.run()
+            finally:
+                b.stop()
+            res, met, ms = b.results()
+            results.update(res)
+            metrics += met
+            for k, v in ms.items():
+                msgs.setdefault(k, []).extend(v)
+            if b.boot_secs is None:
+                for s in todo:
+                    if s not in results:
+                        results[s] = ("FAIL", "guest did not boot")
+                break
+            rest = [s for s in todo if s not in results]
+            if hung and hung in rest:
+                why = "guest hung (harness timeout)" if b.timed_out else "guest died"
+                results[hung] = ("FAIL", why)
+                rest.remove(hung)
+            elif rest and rest == todo:
+                for s in rest:
+                    results[s] = ("FAIL", "not run (guest stopped early)")
+                break
+            todo = rest
+    finally:
+        for b in boots:
+            b.stop()
+
+    # ---- report ----
+    failed_boots = set()
+    print("\n==== vfiod real-kernel tier: results ====")
+    for s in args.scenarios.split():
+        st, detail = results.get(s, ("FAIL", "no result"))
+        print(f"  {s:<6} {st:<8} {detail}")
+        for m in msgs.get(s, []):
+            print(f"         -> {m}")
+    print("\n==== measurements ====")
+    for i, b in enumerate(boots, 1):
+        if b.boot_secs is not None:
+            print(f"  boot{i}: QEMU start -> init marker {b.boot_secs:.1f} s wall (guest uptime at init {b.init_uptime} s)")
+    for name, val, unit, note in metrics:
+        print(f"  {name:<28} {val:>10} {unit:<3} {note}")
+    if args.tier_start:
+        print(f"  whole tier (run.sh start -> now): {time.time() - args.tier_start:.1f} s")
+    gate = set(args.gate.split()) if args.gate is not None else set(args.scenarios.split())
+    bad = [s for s in args.scenarios.split() if results.get(s, ("FAIL",))[0] != "PASS"]
+    gating_bad = [s for s in bad if s in gate]
+    if bad:
+        for i, b in enumerate(boots, 1):
+            print(f"\n==== guest console, boot{i} ({b.console_path}) ====")
+            try:
+                with open(b.console_path) as f:
+                    sys.stdout.write(f.read())
+            except OSError:
+                pass
+    print(f"\nlogs: {args.out}")
+    passed = len(args.scenarios.split()) - len(bad)
+    print(f"{passed} passed, {len(bad)} failed")
+    if bad and not gating_bad:
+        print(f"(not gating: {' '.join(bad)})")
+    sys.exit(1 if gating_bad else 0)
+
+
+if __name__ == "__main__":
+    main()

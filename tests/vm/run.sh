@@ -1,0 +1,299 @@
+#!/bin/bash
+# Real-kernel test tier for vfiod: boots a Debian kernel under QEMU (TCG) with
+# emulated PCI devices behind an emulated Intel IOMMU, and runs scenario
+# scripts inside the guest that move devices between drivers for real.
+#
+# Nothing here writes to this machine's /sys: every driver move happens in the
+# guest (the guest scripts refuse to run anywhere else).
+#
+# Environment:
+#   VFIOD_VM_SCENARIOS  "all" (default), "enabled" (tests/vm/scenarios.enabled)
+#                       or a list like "raw a b"
+#   VFIOD_VM_GATE       "selected" (default: every selected scenario must pass)
+#                       or "enabled" (only failures of scenarios listed in
+#                       scenarios.enabled make the exit code non-zero)
+#   VFIOD_VM_CACHE      cache directory (default tests/vm/.cache)
+#   VFIOD_VM_OUT        where logs of this run go (default $VFIOD_VM_CACHE/last-run)
+#   VFIOD_BIN_DIR       where vfiod and vfioctl are (default target/release;
+#                       built with `cargo build --release` if missing)
+#   VFIOD_VM_ROUNDS     bind/unbind rounds for latency medians (default 7)
+#   VFIOD_VM_VERBOSE=1  echo the whole guest console while running
+#   VFIOD_VM_SMP, VFIOD_VM_MEM   guest vCPUs (2) and MiB (1024)
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+CACHE=${VFIOD_VM_CACHE:-$HERE/.cache}
+mkdir -p "$CACHE"
+CACHE=$(cd "$CACHE" && pwd)
+OUT=${VFIOD_VM_OUT:-$CACHE/last-run}
+BIN_DIR=${VFIOD_BIN_DIR:-target/release}
+case $BIN_DIR in /*) ;; *) BIN_DIR=$REPO/$BIN_DIR ;; esac
+
+# Bump when the layout of the cached base initramfs changes.
+BASE_FORMAT=3
+# Kernel modules the guest needs (the closure is computed with modprobe).
+MODULES="vfio-pci vfio_iommu_type1 e1000e virtio_pci virtio_rng snd_hda_intel bochs 9p 9pnet_virtio"
+
+T_START=$(date +%s.%N)
+log() { printf '[vm %6.1fs] %s\n' "$(awk -v a="$(date +%s.%N)" -v b="$T_START" 'BEGIN{print a-b}')" "$*" >&2; }
+die() { echo "tests/vm/run.sh: $*" >&2; exit 2; }
+
+# ---------------------------------------------------------------------------
+# 1. Packages from apt.
+# ---------------------------------------------------------------------------
+APT_SRC=$CACHE/apt-sources
+APT_OPTS=(-o DPkg::Lock::Timeout=600)
+
+# bookworm's qemu-system-x86 (7.2) conflicts with the qemu-utils 10.0 from
+# bookworm-backports that these machines carry: take qemu-system-x86 from
+# backports in that case (same version as qemu-utils), bookworm's otherwise.
+setup_backports() {
+    rm -rf "$APT_SRC"; mkdir -p "$APT_SRC"
+    local f
+    [ -s /etc/apt/sources.list ] && cp /etc/apt/sources.list "$APT_SRC/00-main.list"
+    for f in /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+        [ -e "$f" ] && cp "$f" "$APT_SRC/"
+    done
+    cat >"$APT_SRC/zz-vfiod-vm-backports.sources" <<'EOF'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+    APT_OPTS+=(-o "Dir::Etc::SourceParts=$APT_SRC" -o Dir::Etc::SourceList=/dev/null)
+}
+
+pkg_version() { dpkg-query -W -f='${Status} ${Version}\n' "$1" 2>/dev/null | awk '$3=="installed"{print $4}'; }
+
+apt_retry() {
+    local i
+    for i in 1 2 3 4 5; do
+        if "$@"; then return 0; fi
+        log "apt failed (try $i), retrying in 5s"; sleep 5
+    done
+    return 1
+}
+
+APT_UPDATED=0
+apt_update() {
+    [ "$APT_UPDATED" = 1 ] && return 0
+    log "apt-get update"
+    apt_retry apt-get "${APT_OPTS[@]}" update -qq
+    APT_UPDATED=1
+}
+
+install_packages() {
+    local need=() p qemu=0
+    for p in busybox-static kmod cpio jq pci.ids; do
+        [ -n "$(pkg_version "$p")" ] || need+=("$p")
+    done
+    command -v qemu-system-x86_64 >/dev/null || qemu=1
+    [ ${#need[@]} -eq 0 ] && [ $qemu = 0 ] && return 0
+    [ "$(id -u)" = 0 ] || die "missing packages (${need[*]} qemu=$qemu); run as root"
+    local qutils use_bpo=0
+    qutils=$(pkg_version qemu-utils)
+    case $qutils in 1:7.2*|"") ;; *) use_bpo=1 ;; esac
+    [ $qemu = 1 ] && [ $use_bpo = 1 ] && setup_backports
+    apt_update
+    if [ ${#need[@]} -gt 0 ]; then
+        log "apt-get install ${need[*]}"
+        DEBIAN_FRONTEND=noninteractive apt_retry apt-get "${APT_OPTS[@]}" install -y -qq \
+            --no-install-recommends "${need[@]}" >/dev/null
+    fi
+    if [ $qemu = 1 ]; then
+        local t=()
+        [ $use_bpo = 1 ] && t=(-t bookworm-backports)
+        log "apt-get install qemu-system-x86 ${t[*]} (qemu-utils is ${qutils:-absent})"
+        DEBIAN_FRONTEND=noninteractive apt_retry apt-get "${APT_OPTS[@]}" install -y -qq \
+            --no-install-recommends "${t[@]}" qemu-system-x86 >/dev/null
+    fi
+}
+
+install_packages
+command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not installed"
+
+# ---------------------------------------------------------------------------
+# 2. The vfiod binaries.
+# ---------------------------------------------------------------------------
+if [ ! -x "$BIN_DIR/vfiod" ] || [ ! -x "$BIN_DIR/vfioctl" ]; then
+    log "building vfiod (cargo build --release)"
+    (cd "$REPO" && cargo build --release --bins) >&2 ||
+        log "WARNING: cargo build failed; scenarios that need vfiod will fail"
+fi
+
+# ---------------------------------------------------------------------------
+# 3. Guest kernel (cached by package name and version).
+# ---------------------------------------------------------------------------
+resolve_kernel() {
+    if [ -n "${VFIOD_VM_KERNEL_PKG:-}" ]; then
+        KPKG=$VFIOD_VM_KERNEL_PKG
+    else
+        KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null |
+            awk '/Depends: linux-image-6\.1\..*-amd64$/{print $2; exit}')
+    fi
+    [ -n "$KPKG" ] && KVER=$(apt-cache policy "$KPKG" 2>/dev/null | awk '/Candidate:/{print $2}')
+    if [ -z "${KPKG:-}" ] || [ -z "${KVER:-}" ] || [ "$KVER" = "(none)" ]; then
+        return 1
+    fi
+}
+if ! resolve_kernel; then
+    apt_update
+    resolve_kernel || die "cannot resolve the bookworm linux-image-6.1.*-amd64 package"
+fi
+KREL=${KPKG#linux-image-}                      # e.g. 6.1.0-56-amd64
+MODHASH=$(echo "$MODULES" | sha256sum | cut -c1-12)
+KDIR=$CACHE/kernel/${KPKG}_${KVER}_$MODHASH
+
+build_kernel() {
+    local tmp=$CACHE/tmp.kernel.$$
+    rm -rf "$tmp"; mkdir -p "$tmp"
+    log "downloading $KPKG $KVER"
+    (cd "$tmp" && apt_retry apt-get "${APT_OPTS[@]}" download -qq "$KPKG=$KVER" 2>/dev/null)
+    log "extracting kernel and computing the module closure"
+    dpkg-deb -x "$tmp"/*.deb "$tmp/root"
+    depmod -b "$tmp/root" "$KREL"
+    mkdir -p "$tmp/out/modroot/lib/modules/$KREL"
+    cp "$tmp/root/boot/vmlinuz-$KREL" "$tmp/out/vmlinuz"
+    cp "$tmp/root/boot/config-$KREL" "$tmp/out/config"
+    # vmlinux for PVH boot: the XZ payload of the bzImage is the ELF kernel.
+    python3 - "$tmp/out/vmlinuz" "$tmp/out/vmlinux" <<'EOF' || rm -f "$tmp/out/vmlinux"
+import lzma, sys
+d = open(sys.argv[1], 'rb').read()
+i = d.find(b'\xfd7zXZ\x00')
+out = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(d[i:]) if i >= 0 else b''
+if out[:4] != b'\x7fELF':
+    sys.exit("no XZ-compressed ELF payload in the bzImage")
+open(sys.argv[2], 'wb').write(out)
+EOF
+    local m f
+    for m in $MODULES; do
+        modprobe -d "$tmp/root" -S "$KREL" --show-depends "$m" |
+            awk '$1=="insmod"{print $2}'
+    done | sort -u | while read -r f; do
+        local rel=${f#"$tmp/root"}
+        mkdir -p "$tmp/out/modroot$(dirname "$rel")"
+        cp "$f" "$tmp/out/modroot$rel"
+    done
+    for f in modules.order modules.builtin modules.builtin.modinfo; do
+        [ -e "$tmp/root/lib/modules/$KREL/$f" ] && cp "$tmp/root/lib/modules/$KREL/$f" "$tmp/out/modroot/lib/modules/$KREL/"
+    done
+    depmod -b "$tmp/out/modroot" "$KREL"
+    echo "$KPKG $KVER" >"$tmp/out/id"
+    rm -rf "$KDIR"; mkdir -p "$(dirname "$KDIR")"
+    mv "$tmp/out" "$KDIR"
+    rm -rf "$tmp"
+}
+[ -e "$KDIR/id" ] || build_kernel
+if [ -e "$KDIR/vmlinux" ] && [ "${VFIOD_VM_BZIMAGE:-0}" != 1 ]; then
+    KERNEL=$KDIR/vmlinux
+else
+    KERNEL=$KDIR/vmlinuz
+fi
+
+# ---------------------------------------------------------------------------
+# 4. Base initramfs (cached): busybox, modules, udev, jq, vmtool.
+# ---------------------------------------------------------------------------
+BB_VER=$(pkg_version busybox-static)
+JQ_VER=$(pkg_version jq)
+UDEV_VER=$(apt-cache policy udev 2>/dev/null | awk '/Candidate:/{print $2}')
+[ -n "$UDEV_VER" ] && [ "$UDEV_VER" != "(none)" ] || { apt_update; UDEV_VER=$(apt-cache policy udev | awk '/Candidate:/{print $2}'); }
+BASE_KEY=$( { echo "$BASE_FORMAT $KPKG $KVER $MODHASH $BB_VER $JQ_VER $UDEV_VER"; cat "$HERE/guest/vmtool.c"; } | sha256sum | cut -c1-16)
+BASE=$CACHE/initramfs/base-$BASE_KEY.cpio
+
+# Copy ELF binaries' shared libraries (as ldd resolves them) into ROOT.
+copy_libs() {
+    local root=$1; shift
+    local lib
+    for lib in $(LD_LIBRARY_PATH=${EXTRA_LIBPATH:-} ldd "$@" 2>/dev/null | awk '/=> \//{print $3} /^\t\/[^ ]+ \(/{print $1}' | sort -u); do
+        local dest=$root/lib/x86_64-linux-gnu/$(basename "$lib")
+        case $lib in */ld-linux-x86-64.so.2) dest=$root/lib64/ld-linux-x86-64.so.2 ;; esac
+        [ -e "$dest" ] && continue
+        mkdir -p "$(dirname "$dest")"
+        cp -L "$lib" "$dest"
+    done
+}
+
+build_base() {
+    local tmp=$CACHE/tmp.base.$$
+    rm -rf "$tmp"; mkdir -p "$tmp/root" "$tmp/dl"
+    local r=$tmp/root
+    log "building the base initramfs ($BASE_KEY)"
+    mkdir -p "$r"/{bin,sbin,usr/bin,usr/sbin,lib/x86_64-linux-gnu,lib64,etc,proc,sys,dev,run,tmp,mnt/host,var/lib,root}
+    cp /bin/busybox "$r/bin/busybox"
+    local a
+    for a in $(/bin/busybox --list); do
+        [ "$a" = busybox ] || ln -s busybox "$r/bin/$a"
+    done
+    cp -a "$KDIR/modroot/lib/modules" "$r/lib/"
+    gcc -O2 -static -Wall -o "$r/bin/vmtool" "$HERE/guest/vmtool.c"
+    # udev: from the Debian package, not installed on this machine (a udevd
+    # here would be of no use and not harmless).
+    (cd "$tmp/dl" && apt_retry apt-get "${APT_OPTS[@]}" download -qq "udev=$UDEV_VER" 2>/dev/null)
+    dpkg-deb -x "$tmp"/dl/udev_*.deb "$tmp/udev"
+    cp "$tmp/udev/bin/udevadm" "$r/bin/udevadm"
+    mkdir -p "$r/lib/systemd" "$r/lib/udev" "$r/etc/udev"
+    ln -s /bin/udevadm "$r/lib/systemd/systemd-udevd"
+    cp -a "$tmp/udev/lib/udev/rules.d" "$r/lib/udev/"
+    cp "$tmp"/udev/lib/udev/*_id "$r/lib/udev/" 2>/dev/null || true
+    cp "$tmp/udev/etc/udev/udev.conf" "$r/etc/udev/"
+    cp /usr/bin/jq "$r/usr/bin/jq"
+    EXTRA_LIBPATH=$tmp/udev/lib/x86_64-linux-gnu copy_libs "$r" "$r/bin/udevadm" "$r/usr/bin/jq"
+    mkdir -p "$(dirname "$BASE")"
+    (cd "$r" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) >"$tmp/base.cpio"
+    mv "$tmp/base.cpio" "$BASE"
+    rm -rf "$tmp"
+}
+[ -e "$BASE" ] || build_base
+
+# ---------------------------------------------------------------------------
+# 5. Per-run overlay: vfiod binaries, scripts, users.
+# ---------------------------------------------------------------------------
+mkdir -p "$OUT"
+rm -rf "$OUT/overlay" "$OUT/share"
+mkdir -p "$OUT/overlay" "$OUT/share"
+ov=$OUT/overlay
+mkdir -p "$ov/usr/bin" "$ov/vm" "$ov/etc" "$ov/usr/share/misc"
+for b in vfiod vfioctl; do
+    if [ -x "$BIN_DIR/$b" ]; then
+        objcopy --strip-debug "$BIN_DIR/$b" "$ov/usr/bin/$b"
+    fi
+done
+if [ -x "$ov/usr/bin/vfiod" ]; then
+    copy_libs "$ov" "$ov/usr/bin/vfiod" "$ov/usr/bin/vfioctl"
+fi
+[ -e /usr/share/misc/pci.ids ] && cp /usr/share/misc/pci.ids "$ov/usr/share/misc/pci.ids"
+cp "$HERE/guest/init" "$ov/init"; chmod 755 "$ov/init"
+cp "$HERE/guest/lib.sh" "$ov/vm/lib.sh"
+cp -r "$HERE/guest/scenarios" "$ov/vm/scenarios"
+cp "$HERE/guest/passwd" "$ov/etc/passwd"
+cp "$HERE/guest/group" "$ov/etc/group"
+: >"$ov/etc/vfiod-vm-guest"            # marker: only the guest has it
+(cd "$ov" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) >"$OUT/overlay.cpio"
+cat "$BASE" "$OUT/overlay.cpio" >"$OUT/initrd.cpio"
+rm -rf "$ov"
+
+# ---------------------------------------------------------------------------
+# 6. Scenarios and the run.
+# ---------------------------------------------------------------------------
+ALL_SCENARIOS=$(cd "$HERE/guest/scenarios" && ls *.sh | sed 's/\.sh$//' | sort | tr '\n' ' ')
+ENABLED=$(grep -v '^\s*#' "$HERE/scenarios.enabled" 2>/dev/null | tr -s ' \n' ' ' || true)
+sel=${VFIOD_VM_SCENARIOS:-all}
+case $sel in
+    all) sel=$ALL_SCENARIOS ;;
+    enabled) sel=$ENABLED ;;
+esac
+# "raw" first, then the rest in alphabetical order.
+sel=$(for s in $sel; do [ -e "$HERE/guest/scenarios/$s.sh" ] || die "unknown scenario '$s' (have: $ALL_SCENARIOS)"; echo "$s"; done |
+    awk '{print ($1=="raw" ? "0" : "1") " " $1}' | sort -u | cut -d' ' -f2 | tr '\n' ' ')
+gate=()
+if [ "${VFIOD_VM_GATE:-selected}" = enabled ]; then
+    gate=(--gate "$ENABLED")
+fi
+log "kernel $KPKG $KVER ($(basename "$KERNEL")); scenarios: $sel"
+exec python3 "$HERE/harness.py" \
+    --kernel "$KERNEL" --initrd "$OUT/initrd.cpio" --out "$OUT" \
+    --scenarios "$sel" --rounds "${VFIOD_VM_ROUNDS:-7}" \
+    --smp "${VFIOD_VM_SMP:-2}" --mem "${VFIOD_VM_MEM:-1024}" \
+    --tier-start "$T_START" ${gate[@]+"${gate[@]}"}
