@@ -163,7 +163,7 @@ class Boot:
         a = self.args
         append = " ".join([
             "console=ttyS0", "intel_iommu=on", "loglevel=4", "panic=-1",
-            "8250.nr_uarts=1", "mitigations=off", "vfiodvm.guest=1",
+            "8250.nr_uarts=1", "mitigations=off", "printk.devkmsg=on", "vfiodvm.guest=1",
             "vfiodvm.scenarios=" + ",".join(self.scenarios),
             f"vfiodvm.rounds={a.rounds}", f"vfiodvm.timeout={a.scenario_timeout}",
         ])

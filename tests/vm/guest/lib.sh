@@ -38,6 +38,12 @@ metric() { # NAME VALUE UNIT NOTE...
 
 # --- clocks ----------------------------------------------------------------
 now() { vmtool now; }                       # realtime, seconds.nanoseconds
+# Interval timing without forking: a builtin echo to /dev/kmsg, stamped by the
+# kernel (printk clock, microseconds; needs printk.devkmsg=on). mark NAME, then
+# mark_ms A B gives the milliseconds between the last marks A and B.
+mark() { echo "<6>vmmark $1" >/dev/kmsg; }
+mark_ts() { dmesg | sed -n "s/.*\[ *\([0-9.]*\)\] vmmark $1\$/\1/p" | tail -1; }
+mark_ms() { ms_between "$(mark_ts "$1")" "$(mark_ts "$2")"; }
 ms_between() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", (b-a)*1000}'; }
 median() { tr ' ' '\n' | grep . | sort -n | awk '{v[NR]=$1} END{if(NR==0){print "nan"} else if(NR%2){print v[(NR+1)/2]} else {printf "%.2f", (v[NR/2]+v[NR/2+1])/2}}'; }
 # RFC 3339 (with fraction, any offset) -> epoch seconds with fraction.

@@ -29,25 +29,28 @@ binds= unbinds=
 i=0
 while [ $i -lt "$VM_ROUNDS" ]; do
     i=$((i + 1))
-    t0=$(now)
+    mark b0.$i
     sysfs_to_vfio "$NIC"
-    t1=$(now)
+    mark b1.$i
     has_driver "$NIC" vfio-pci || fail "round $i: driver is $(drv "$NIC") after the move to vfio-pci"
     vfio_node "$NIC" || fail "round $i: /dev/vfio/$(grp "$NIC") missing"
     has_netdev "$NIC" && fail "round $i: netdev still there while on vfio-pci"
-    t2=$(now)
+    mark u0.$i
     sysfs_from_vfio "$NIC"
-    t3=$(now)
+    mark u1.$i
     has_driver "$NIC" e1000e || fail "round $i: driver is $(drv "$NIC") after restoring"
     wait_until 5 has_netdev "$NIC" || fail "round $i: netdev did not come back"
-    binds="$binds $(ms_between "$t0" "$t1")"
-    unbinds="$unbinds $(ms_between "$t2" "$t3")"
+done
+i=0
+while [ $i -lt "$VM_ROUNDS" ]; do
+    i=$((i + 1))
+    binds="$binds $(mark_ms b0.$i b1.$i)"
+    unbinds="$unbinds $(mark_ms u0.$i u1.$i)"
 done
 say "bind ms:$binds"
 say "unbind ms:$unbinds"
-# The cost of one timestamp (fork+exec of vmtool), included in the numbers above.
-t0=$(now); t1=$(now)
-metric raw_bind_ms "$(echo $binds | median)" ms "median of $VM_ROUNDS, e1000e -> vfio-pci, shell sysfs writes"
-metric raw_unbind_ms "$(echo $unbinds | median)" ms "median of $VM_ROUNDS, vfio-pci -> e1000e, shell sysfs writes"
-metric clock_read_ms "$(ms_between "$t0" "$t1")" ms "one vmtool fork+exec, included in every interval"
+mark n0; mark n1
+metric raw_bind_ms "$(echo $binds | median)" ms "median of $VM_ROUNDS, e1000e -> vfio-pci, shell sysfs writes (printk-stamped)"
+metric raw_unbind_ms "$(echo $unbinds | median)" ms "median of $VM_ROUNDS, vfio-pci -> e1000e, shell sysfs writes (printk-stamped)"
+metric mark_overhead_ms "$(mark_ms n0 n1)" ms "two back-to-back marks (timing resolution)"
 exit 0
