@@ -1,0 +1,183 @@
+#!/bin/bash
+# Runs inside a booted systemd-nspawn container (started by tests/pkg/run.sh)
+# as the oneshot unit vfiod-pkg-test.service. The .deb is in /pkg (read-only),
+# results go to /results (bind-mounted from the host): test.log (TAP-like),
+# journal.txt and status (the exit code). Never binds a device: inside the
+# container /sys is read-only and shows the host's PCI devices.
+set -u
+R=/results
+exec >"$R/test.log" 2>&1
+export LC_ALL=C.UTF-8 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export DEBIAN_FRONTEND=noninteractive
+
+n=0 failed=0
+ok() { n=$((n + 1)); echo "ok $n - $1"; }
+nok() {
+	n=$((n + 1)); failed=$((failed + 1)); echo "not ok $n - $1"
+	[ -z "${2:-}" ] || printf '%s\n' "$2" | sed 's/^/#   /'
+}
+# check DESC CMD...: CMD exits 0
+check() {
+	local desc=$1 out; shift
+	if out=$("$@" 2>&1); then ok "$desc"; else nok "$desc" "exit $? from: $*"$'\n'"$out"; fi
+}
+# is DESC GOT WANT
+is() { if [ "$2" = "$3" ]; then ok "$1"; else nok "$1" "got:  '$2'"$'\n'"want: '$3'"; fi; }
+# as USER CMD...: run as USER, stdout/stderr to /tmp/out /tmp/err, return the exit code
+as() { local u=$1; shift; runuser -u "$u" -- "$@" >/tmp/out 2>/tmp/err; }
+# refused DESC USER CMD...: exits 1 with code "forbidden" on stderr
+refused() {
+	local desc=$1 u=$2 rc; shift 2
+	as "$u" "$@"; rc=$?
+	if [ "$rc" = 1 ] && grep -q '"forbidden"\|forbidden' /tmp/err; then ok "$desc"
+	else nok "$desc" "exit $rc; stdout: $(cat /tmp/out); stderr: $(cat /tmp/err)"; fi
+}
+allowed() {
+	local desc=$1 u=$2 rc; shift 2
+	as "$u" "$@"; rc=$?
+	if [ "$rc" = 0 ]; then ok "$desc"; else nok "$desc" "exit $rc; stdout: $(cat /tmp/out); stderr: $(cat /tmp/err)"; fi
+}
+wait_active() { # UNIT SECONDS
+	local i
+	for ((i = 0; i < $2 * 10; i++)); do
+		[ "$(systemctl is-active "$1")" = active ] && return 0
+		sleep 0.1
+	done
+	return 1
+}
+prop() { systemctl show -p "$2" --value "$1"; }
+finish() {
+	echo "# systemctl status:"
+	systemctl --no-pager status vfiod.socket vfiod.service 2>&1 | sed 's/^/#   /'
+	journalctl -b --no-pager -o short-precise >"$R/journal.txt" 2>&1
+	echo "$n checks: $((n - failed)) passed, $failed failed"
+	echo "$((n - failed)) passed, $failed failed"
+	echo "$failed" >"$R/status"
+	exit 0
+}
+trap finish EXIT
+
+deb=$(ls /pkg/vfiod_*.deb | head -n1)
+echo "# $(. /etc/os-release; echo "$PRETTY_NAME"), $(systemctl --version | head -n1), $deb"
+
+# --- install -------------------------------------------------------------
+t0=$(date +%s%N)
+check "apt-get install $deb (offline)" apt-get install -y -q "$deb"
+if ! dpkg-query -W -f='${db:Status-Status}' vfiod 2>/dev/null | grep -qx installed; then
+	nok "vfiod installed; stopping here" "$(dpkg -l vfiod 2>&1 | tail -n1)"
+	exit 1
+fi
+echo "# install took $((($(date +%s%N) - t0) / 1000000)) ms"
+check "group vfiod exists and is a system group" \
+	sh -c 'gid=$(getent group vfiod | cut -d: -f3) && [ -n "$gid" ] && [ "$gid" -lt 1000 ]'
+is "vfiod.socket enabled" "$(systemctl is-enabled vfiod.socket 2>&1)" enabled
+is "vfiod.service enabled" "$(systemctl is-enabled vfiod.service 2>&1)" enabled
+wait_active vfiod.service 15
+is "vfiod.socket active" "$(systemctl is-active vfiod.socket)" active
+is "vfiod.service active" "$(systemctl is-active vfiod.service)" active
+is "socket owner/mode" "$(stat -c '%U:%G %a %F' /run/vfiod/vfiod.sock 2>&1)" "root:vfiod 666 socket"
+is "socket dir owner/mode" "$(stat -c '%U:%G %a' /run/vfiod 2>&1)" "root:root 755"
+is "state dir owner/mode" "$(stat -c '%U:%G %a' /var/lib/vfiod 2>&1)" "root:root 750"
+is "config is a conffile" "$(dpkg-query -W -f='${Conffiles}' vfiod | awk '{print $1}' | xargs)" /etc/vfiod/config.toml
+is "units shipped under /usr/lib/systemd/system" "$(dpkg -L vfiod | grep -c '^/usr/lib/systemd/system/vfiod\.\(service\|socket\)$')" 2
+is "Type=notify" "$(prop vfiod.service Type)" notify
+is "watchdog 30s" "$(prop vfiod.service WatchdogUSec)" 30s
+status_text=$(prop vfiod.service StatusText)
+if [ -n "$status_text" ]; then ok "daemon sent STATUS= ($status_text)"; else nok "daemon sent STATUS="; fi
+if journalctl -b -u vfiod.service -o verbose --no-pager 2>/dev/null | grep -q '_TRANSPORT=journal'; then
+	ok "daemon logs to the journal natively"
+else
+	nok "daemon logs to the journal natively" "$(journalctl -b -u vfiod.service -o verbose --no-pager | grep -E '_TRANSPORT|MESSAGE=' | head -20)"
+fi
+score=$(systemd-analyze security --no-pager vfiod.service 2>/dev/null | sed -n 's/.*Overall exposure level for vfiod.service: \([0-9.]*\).*/\1/p')
+if [ -n "$score" ] && awk -v s="$score" 'BEGIN { exit !(s <= 1.5) }'; then
+	ok "systemd-analyze security: $score"
+else
+	nok "systemd-analyze security <= 1.5" "score: '$score'"
+fi
+
+# --- access control ------------------------------------------------------
+useradd -M -s /usr/sbin/nologin -G vfiod member
+useradd -M -s /usr/sbin/nologin -g vfiod primary
+useradd -M -s /usr/sbin/nologin outsider
+for u in member primary outsider; do
+	allowed "$u may read: health" "$u" vfioctl health
+	allowed "$u may read: list" "$u" vfioctl list
+done
+allowed "outsider may read: available" outsider vfioctl available
+as outsider vfioctl --json health
+health=$(cat /tmp/out)
+for f in version uptime_s vfio_pci_available iommu_enabled; do
+	if grep -q "\"$f\"" <<<"$health"; then ok "health has $f"; else nok "health has $f" "$health"; fi
+done
+as outsider vfioctl --json list
+is "empty registry lists as []" "$(tr -d ' \n' </tmp/out)" "[]"
+
+# A device to register: a passthrough candidate if the host has one, else
+# any non-bridge PCI function of the host. Registering reads sysfs only.
+addr=$(runuser -u outsider -- vfioctl --json available 2>/dev/null | grep -o '"pci_address" *: *"[0-9a-f:.]*"' | head -n1 | sed 's/.*"\([0-9a-f:.]*\)"$/\1/')
+if [ -z "$addr" ]; then
+	for d in /sys/bus/pci/devices/*; do
+		case $(cat "$d/class") in 0x0604*|0x0600*|0x0601*) continue ;; esac
+		addr=${d##*/}; break
+	done
+fi
+echo "# device used for registration: ${addr:-none}"
+if [ -n "$addr" ]; then
+	refused "outsider may not register" outsider vfioctl register "$addr" --name pkgtest
+	allowed "member (supplementary group) may register" member vfioctl register "$addr" --name pkgtest --tag tier=pkg
+	allowed "outsider may show" outsider vfioctl show pkgtest
+	refused "outsider may not update" outsider vfioctl update pkgtest --tag tier=x
+	refused "outsider may not delete" outsider vfioctl delete pkgtest
+	allowed "member (primary group) may update" primary vfioctl update pkgtest --tag tier=pkg2
+	as outsider vfioctl --json show pkgtest
+	if grep -q '"pkg2"' /tmp/out; then ok "update took effect"; else nok "update took effect" "$(cat /tmp/out)"; fi
+	as outsider vfioctl show no-such-device; rc=$?
+	if [ "$rc" = 1 ] && grep -q not_found /tmp/err; then ok "show unknown: exit 1, not_found"; else nok "show unknown: exit 1, not_found" "exit $rc: $(cat /tmp/err)"; fi
+else
+	nok "found a PCI device to register" "$(ls /sys/bus/pci/devices)"
+fi
+
+# --- stop, socket activation, restart ------------------------------------
+pid1=$(prop vfiod.service MainPID)
+t0=$(date +%s%N)
+systemctl stop vfiod.service
+ms=$((($(date +%s%N) - t0) / 1000000))
+if [ "$ms" -lt 5000 ]; then ok "SIGTERM stop in ${ms} ms"; else nok "SIGTERM stop in < 5 s" "${ms} ms"; fi
+is "clean exit on stop" "$(prop vfiod.service Result) $(prop vfiod.service ExecMainStatus)" "success 0"
+is "socket file kept while service stopped" "$(stat -c %F /run/vfiod/vfiod.sock 2>&1)" socket
+is "vfiod.socket still listening" "$(systemctl is-active vfiod.socket)" active
+allowed "a connection starts the service (socket activation)" outsider vfioctl health
+is "service active again" "$(systemctl is-active vfiod.service)" active
+pid2=$(prop vfiod.service MainPID)
+[ "$pid1" != "$pid2" ] && ok "new process after activation ($pid1 -> $pid2)" || nok "new process after activation" "$pid1 -> $pid2"
+[ -z "$addr" ] || allowed "registry survived the restart" outsider vfioctl show pkgtest
+
+# --- upgrade (reinstall) restarts -----------------------------------------
+check "dpkg -i again (upgrade path)" dpkg -i "$deb"
+wait_active vfiod.service 15
+pid3=$(prop vfiod.service MainPID)
+is "vfiod.service active after upgrade" "$(systemctl is-active vfiod.service)" active
+if [ "$pid3" != "$pid2" ] && [ "$pid3" != 0 ]; then ok "upgrade restarted the service ($pid2 -> $pid3)"; else nok "upgrade restarted the service" "$pid2 -> $pid3"; fi
+is "socket owner/mode after upgrade" "$(stat -c '%U:%G %a' /run/vfiod/vfiod.sock 2>&1)" "root:vfiod 666"
+[ -z "$addr" ] || allowed "registry survived the upgrade" outsider vfioctl show pkgtest
+is "no failed units" "$(systemctl list-units --failed --no-legend --plain | grep vfiod)" ""
+restarts=$(prop vfiod.service NRestarts)
+is "no automatic restarts (crashes)" "$restarts" 0
+
+# --- remove, purge --------------------------------------------------------
+check "apt-get remove" apt-get remove -y -q vfiod
+is "vfiod.service stopped after remove" "$(systemctl is-active vfiod.service)" inactive
+is "vfiod.socket stopped after remove" "$(systemctl is-active vfiod.socket)" inactive
+check "socket file gone after remove" test ! -e /run/vfiod/vfiod.sock
+check "binaries gone after remove" test ! -e /usr/sbin/vfiod -a ! -e /usr/bin/vfioctl
+check "config kept after remove" test -f /etc/vfiod/config.toml
+check "state kept after remove" test -d /var/lib/vfiod
+check "apt-get purge" apt-get purge -y -q vfiod
+check "state removed by purge" test ! -e /var/lib/vfiod
+check "config removed by purge" test ! -e /etc/vfiod
+check "group kept after purge" getent group vfiod
+check "no unit files left" sh -c '! ls /usr/lib/systemd/system/vfiod.* /lib/systemd/system/vfiod.* /etc/systemd/system/*/vfiod.* 2>/dev/null | grep .'
+check "no deb-systemd-helper state left" sh -c '! ls /var/lib/systemd/deb-systemd-helper-enabled/ 2>/dev/null | grep -q vfiod'
+st=$(dpkg-query -W -f='${db:Status-Status}' vfiod 2>/dev/null)
+is "package gone from dpkg" "${st:-not-installed}" "not-installed"

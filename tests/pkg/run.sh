@@ -1,0 +1,212 @@
+#!/bin/bash
+# Package tier. Run as root on Debian 12 (apt must work):
+#
+#   tests/pkg/run.sh
+#
+# 1. installs the tools it needs from apt (debhelper, dpkg-dev, fakeroot,
+#    lintian, mmdebstrap, systemd-container, ...),
+# 2. builds the .deb with packaging/build-deb.sh,
+# 3. runs lintian (as an unprivileged user) and fails on any error/warning,
+# 4. checks `systemd-analyze security` of systemd/vfiod.service <= 1.5,
+# 5. for Debian 12 (bookworm) and 13 (trixie): boots a cached mmdebstrap
+#    minbase tree with systemd in `systemd-nspawn -b` whose oneshot unit runs
+#    tests/pkg/guest-test.sh: install, unit state, socket owner/mode, access
+#    control, socket activation, upgrade restart, remove, purge.
+#
+# Environment:
+#   VFIOD_PKG_CACHE        where base trees are cached (default tests/pkg/.cache)
+#   VFIOD_PKG_SUITES       suites to test (default "bookworm trixie")
+#   VFIOD_PKG_MIRROR       Debian mirror (default http://deb.debian.org/debian)
+#   VFIOD_PKG_CACHE_DAYS   rebuild cached trees older than this (default 30)
+#   VFIOD_PKG_SKIP_BUILD=1 test build/deb/vfiod_*.deb as it is
+#   VFIOD_PKG_PIUPARTS=1   also run piuparts on bookworm (slower)
+# Exit status: 0 when every step passed, 1 otherwise.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+here=$repo/tests/pkg
+cache=${VFIOD_PKG_CACHE:-$here/.cache}
+suites=${VFIOD_PKG_SUITES:-bookworm trixie}
+mirror=${VFIOD_PKG_MIRROR:-http://deb.debian.org/debian}
+max_days=${VFIOD_PKG_CACHE_DAYS:-30}
+guest_timeout=240
+
+T0=$(date +%s)
+log() { printf '[pkg %4ss] %s\n' "$(($(date +%s) - T0))" "$*" >&2; }
+die() { log "FAIL: $*"; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root (systemd-nspawn, mmdebstrap --mode=root)"
+
+work=$(mktemp -d /var/tmp/vfiod-pkg.XXXXXX)
+chmod 0755 "$work"
+bg_pids=()
+cleanup() {
+	local rc=$? p
+	trap - EXIT INT TERM
+	for p in "${bg_pids[@]}"; do
+		kill -TERM "$p" 2>/dev/null || true
+	done
+	for p in "${bg_pids[@]}"; do
+		for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.2; done
+		kill -KILL "$p" 2>/dev/null || true
+		wait "$p" 2>/dev/null || true
+	done
+	rm -rf --one-file-system "$work"
+	exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---- tools -------------------------------------------------------------------
+tools=(debhelper dpkg-dev fakeroot lintian mmdebstrap systemd-container systemd pkg-config libudev-dev)
+[ "${VFIOD_PKG_PIUPARTS:-0}" = 1 ] && tools+=(piuparts)
+missing=()
+for t in "${tools[@]}"; do
+	dpkg-query -W -f='${db:Status-Status}' "$t" 2>/dev/null | grep -qx installed || missing+=("$t")
+done
+if ((${#missing[@]})); then
+	log "apt-get install ${missing[*]}"
+	apt-get -o DPkg::Lock::Timeout=300 update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends \
+		"${missing[@]}" >"$work/apt.log" 2>&1 || { cat "$work/apt.log" >&2; die "apt-get install failed"; }
+fi
+log "tools ready"
+
+# ---- base trees (cached, built in the background while the package builds) --
+# Everything that goes into a tree is in this recipe, and the cache key is its
+# hash: change the recipe and the tree is rebuilt.
+recipe() {
+	printf '%s\n' --variant=minbase \
+		--include=systemd-sysv,udev,kmod,dbus,pci.ids,libudev1 \
+		'--customize-hook=mkdir -p "$1/var/log/journal"' \
+		'--customize-hook=rm -f "$1/etc/hostname"' \
+		'--customize-hook=systemctl --root="$1" mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer dpkg-db-backup.timer' \
+		--format=tar
+}
+recipe_key() { { echo recipe-v1 "$1" "$mirror"; recipe; } | sha256sum | cut -c1-16; }
+mkdir -p "$cache"
+declare -A tree mmd_pid
+for s in $suites; do
+	key=$(recipe_key "$s")
+	tree[$s]=$cache/$s-$key.tar
+	if [ -f "${tree[$s]}" ] && [ -z "$(find "${tree[$s]}" -mtime "+$max_days")" ]; then
+		log "base tree $s: cached ${tree[$s]##*/}"
+		continue
+	fi
+	rm -f "$cache/$s-"*.tar
+	log "base tree $s: mmdebstrap (background)"
+	mapfile -t args < <(recipe)
+	(mmdebstrap --mode=root --quiet "${args[@]}" "$s" "${tree[$s]}.tmp" "$mirror" >"$work/mmdebstrap-$s.log" 2>&1 &&
+		mv "${tree[$s]}.tmp" "${tree[$s]}") &
+	mmd_pid[$s]=$!
+	bg_pids+=("$!")
+done
+
+# ---- package ----------------------------------------------------------------
+if [ "${VFIOD_PKG_SKIP_BUILD:-0}" = 1 ]; then
+	log "using the existing build/deb/*.deb"
+else
+	log "packaging/build-deb.sh"
+	"$repo/packaging/build-deb.sh" >"$work/build.log" 2>&1 || { cat "$work/build.log" >&2; die "package build failed"; }
+	grep '^\[build-deb\] cargo' "$work/build.log" >&2 || true
+fi
+mkdir -p "$work/debs"
+cp "$repo"/build/deb/*.deb "$work/debs/"
+chmod 0644 "$work"/debs/*.deb
+deb=$(ls "$work"/debs/vfiod_*.deb | head -n1)
+[ -f "$deb" ] || die "no vfiod_*.deb in build/deb"
+log "built ${deb##*/}"
+
+# ---- lintian (as an unprivileged user) ---------------------------------------
+log "lintian --fail-on error,warning --pedantic -I"
+if ! runuser -u nobody -- env HOME="$work" lintian --fail-on error,warning --pedantic -I \
+	"$work"/debs/*.deb >"$work/lintian.log" 2>&1; then
+	cat "$work/lintian.log" >&2
+	die "lintian"
+fi
+cat "$work/lintian.log" >&2
+log "lintian: clean"
+
+# ---- unit hardening score ----------------------------------------------------
+score=$(systemd-analyze security --offline=yes --no-pager "$repo/systemd/vfiod.service" 2>/dev/null |
+	sed -n 's/.*Overall exposure level for vfiod.service: \([0-9.]*\).*/\1/p')
+awk -v s="$score" 'BEGIN { exit !(s != "" && s <= 1.5) }' || die "systemd-analyze security: '$score' (> 1.5)"
+log "systemd-analyze security (offline, host systemd $(systemctl --version | awk 'NR==1{print $2}')): $score"
+
+# ---- boot each suite and run the guest test ---------------------------------
+for s in $suites; do
+	if [ -n "${mmd_pid[$s]:-}" ]; then
+		wait "${mmd_pid[$s]}" || { cat "$work/mmdebstrap-$s.log" >&2; die "mmdebstrap $s"; }
+		log "base tree $s: built ($(du -h "${tree[$s]}" | cut -f1))"
+	fi
+done
+
+declare -A ns_pid
+for s in $suites; do
+	root=$work/$s/root res=$work/$s/results
+	mkdir -p "$root" "$res"
+	tar --numeric-owner -xpf "${tree[$s]}" -C "$root"
+	install -m 0755 "$here/guest-test.sh" "$root/usr/local/sbin/vfiod-pkg-test"
+	cat >"$root/etc/systemd/system/vfiod-pkg-test.service" <<-'EOF'
+	[Unit]
+	Description=vfiod package test
+	After=multi-user.target
+	SuccessAction=poweroff
+	FailureAction=poweroff
+	[Service]
+	Type=oneshot
+	ExecStart=/usr/local/sbin/vfiod-pkg-test
+	TimeoutStartSec=200
+	[Install]
+	WantedBy=multi-user.target
+	EOF
+	ln -sf ../vfiod-pkg-test.service "$root/etc/systemd/system/multi-user.target.wants/vfiod-pkg-test.service"
+	log "$s: systemd-nspawn -b"
+	timeout -k 10 "$guest_timeout" systemd-nspawn --quiet --boot --register=no --keep-unit \
+		--directory="$root" --machine="vfiod-pkg-$s-$$" --console=pipe --private-network \
+		--resolv-conf=off --timezone=off --link-journal=no \
+		--bind="$res:/results" --bind-ro="$work/debs:/pkg" \
+		</dev/null >"$work/$s/nspawn.log" 2>&1 &
+	ns_pid[$s]=$!
+	bg_pids+=("$!")
+	echo "$(date +%s)" >"$work/$s/start"
+done
+
+fail=0
+for s in $suites; do
+	rc=0
+	wait "${ns_pid[$s]}" || rc=$?
+	took=$(($(date +%s) - $(cat "$work/$s/start")))
+	res=$work/$s/results
+	echo "----- $s: guest test ($took s, nspawn exit $rc) -----" >&2
+	cat "$res/test.log" >&2 2>/dev/null || echo "(no test.log)" >&2
+	if [ "$(cat "$res/status" 2>/dev/null)" = 0 ] && [ "$rc" = 0 ]; then
+		log "$s: PASS in ${took}s"
+	else
+		fail=1
+		log "$s: FAIL (status '$(cat "$res/status" 2>/dev/null)', nspawn exit $rc); guest journal:"
+		if [ -s "$res/journal.txt" ]; then
+			grep -v 'kernel:' "$res/journal.txt" | tail -n 250 >&2
+		else
+			journalctl -D "$work/$s/root/var/log/journal" --no-pager 2>&1 | tail -n 250 >&2
+		fi
+		echo "----- $s: nspawn output -----" >&2
+		tail -n 40 "$work/$s/nspawn.log" >&2
+	fi
+done
+
+# ---- piuparts (optional) ----------------------------------------------------
+if [ "${VFIOD_PKG_PIUPARTS:-0}" = 1 ] && [ "$fail" = 0 ]; then
+	log "piuparts (bookworm)"
+	pbase=$cache/piuparts-bookworm.tar.gz
+	if [ ! -f "$pbase" ]; then
+		mmdebstrap --mode=root --quiet --variant=minbase --include=systemd-sysv,pci.ids bookworm "$pbase" "$mirror"
+	fi
+	piuparts -b "$pbase" -d bookworm -m "$mirror" --no-eatmydata --warn-on-leftovers-after-purge \
+		"$deb" >"$work/piuparts.log" 2>&1 || { tail -n 80 "$work/piuparts.log" >&2; fail=1; log "piuparts: FAIL"; }
+	[ "$fail" = 1 ] || log "piuparts: PASS"
+fi
+
+[ "$fail" = 0 ] || die "package tier failed"
+log "package tier: all passed"
