@@ -1,1 +1,26 @@
+//! vfiod: a PCI passthrough host agent.
+//!
+//! The crate is laid out by concern:
+//! - [`pci`]: addresses, the sysfs model (functions, drivers, IOMMU
+//!   groups) over a configurable root, and `pci.ids` names;
+//! - [`engine`]: the exact sysfs sequences that move a device to vfio and
+//!   back, with timeouts, verification and rollback;
+//! - [`registry`]: the device records and their durable store;
+//! - [`core`]: the one owner of the registry and of every driver move,
+//!   serialising per IOMMU group;
+//! - [`events`]: the event bus behind `GET /events`;
+//! - [`hotplug`]: the udev watcher feeding the core;
+//! - [`api`]: HTTP over a Unix socket, a thin translation to the core;
+//! - [`systemd`]: socket activation, readiness, watchdog, journald;
+//! - [`config`]: defaults, config file and flags.
 
+pub mod api;
+pub mod config;
+pub mod core;
+pub mod engine;
+pub mod error;
+pub mod events;
+pub mod hotplug;
+pub mod pci;
+pub mod registry;
+pub mod systemd;

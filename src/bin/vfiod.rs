@@ -1,1 +1,169 @@
-fn main() {}
+//! The vfiod daemon: wires configuration, the core, the hotplug watcher,
+//! the API server and systemd together, in the order that makes a restart
+//! safe: lock the state, subscribe to uevents, scan and reconcile, serve,
+//! then tell systemd it is ready.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use vfiod::api::{self, AccessPolicy, Api};
+use vfiod::config::{Config, Invocation, USAGE};
+use vfiod::core::{Core, CoreOptions};
+use vfiod::engine::Engine;
+use vfiod::pci::{PciIds, Sysfs};
+use vfiod::registry::store::Store;
+use vfiod::{hotplug, systemd};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let is_root = nix::unistd::geteuid().is_root();
+    let config = match Config::from_args(&args, is_root) {
+        Ok(Invocation::Run(c)) => *c,
+        Ok(Invocation::Help) => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(Invocation::Version) => {
+            println!("vfiod {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("vfiod: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    systemd::init_logging(&config.log_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config, is_root)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            tracing::error!("{message}");
+            systemd::notify_status(&format!("failed: {message}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config, is_root: bool) -> Result<(), String> {
+    let started = Instant::now();
+    let sysfs = Sysfs::new(&config.sysfs, &config.devfs);
+    let real_sysfs = sysfs.is_real();
+    let privileged = is_root || !real_sysfs;
+    let ids = tokio::task::spawn_blocking(PciIds::load_default);
+    let store = Store::open(&config.state_dir).map_err(|e| e.to_string())?;
+    let engine = Engine::new(sysfs.clone(), config.op_timeout);
+    let ids = ids.await.map_err(|e| e.to_string())?;
+    let options = CoreOptions {
+        load_modules: config.load_modules,
+        reclaim: config.reclaim,
+        privileged,
+    };
+    let core = Core::new(engine, store, ids, options).map_err(|e| e.to_string())?;
+
+    // Subscribe before scanning, so nothing that happens between the scan
+    // and the first event is lost.
+    let (hotplug_tx, mut hotplug_rx) = mpsc::channel(1024);
+    let source = hotplug::start(real_sysfs, config.uevent_fifo.as_deref(), hotplug_tx)
+        .map_err(|e| format!("starting the hotplug watcher: {e}"))?;
+    if source == hotplug::Source::Kernel {
+        tracing::warn!("no udevd is running (/run/udev/control missing): following the kernel's uevents directly");
+    }
+    core.set_hotplug_source(&source.to_string());
+    core.reconcile()
+        .await
+        .map_err(|e| format!("reconciling with the bus: {e}"))?;
+
+    let gid = nix::unistd::Group::from_name(&config.group)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw());
+    if gid.is_none() {
+        tracing::warn!(group = %config.group, "access group does not exist: only root and the daemon's own user may change things");
+    }
+    let (listener, socket_guard) =
+        systemd::listen(&config.socket, gid).map_err(|e| e.to_string())?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let policy = AccessPolicy {
+        group_gid: gid,
+        owner_uid: nix::unistd::geteuid().as_raw(),
+    };
+    let api = Api::new(core.clone(), policy, shutdown_rx.clone());
+
+    let hotplug_core = core.clone();
+    tokio::spawn(async move {
+        while let Some(event) = hotplug_rx.recv().await {
+            hotplug_core.handle_hotplug(event).await;
+        }
+    });
+    if let Some(interval) = systemd::watchdog_interval() {
+        tokio::spawn(watchdog(core.clone(), interval));
+    }
+
+    let status = format!(
+        "serving {} devices on {}; hotplug: {source}",
+        core.snapshot().len(),
+        if socket_guard.activated {
+            "the systemd socket".to_owned()
+        } else {
+            config.socket.display().to_string()
+        }
+    );
+    tracing::info!(
+        socket = %config.socket.display(),
+        activated = socket_guard.activated,
+        state_dir = %config.state_dir.display(),
+        sysfs = %config.sysfs.display(),
+        privileged,
+        startup_ms = started.elapsed().as_millis() as u64,
+        "ready: {status}"
+    );
+    systemd::notify_ready(&status);
+
+    let server = tokio::spawn(api::serve(listener, api, Duration::from_secs(10)));
+    wait_for_signal().await;
+    tracing::info!("shutting down: no new connections, finishing requests in flight");
+    systemd::notify_stopping();
+    let _ = shutdown_tx.send(true);
+    let _ = server.await;
+    drop(socket_guard);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Pings systemd only while the core answers: a wedged registry lock
+/// stops the pings and systemd restarts us.
+async fn watchdog(core: Arc<Core>, interval: Duration) {
+    loop {
+        tokio::time::sleep(interval).await;
+        let _ = core.snapshot();
+        systemd::notify_watchdog();
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; serving until killed");
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

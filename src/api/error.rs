@@ -1,0 +1,248 @@
+//! The one place core errors become HTTP statuses and stable codes.
+
+use hyper::StatusCode;
+use serde::Serialize;
+
+use crate::engine::Step;
+use crate::error::CoreError;
+use crate::registry::store::StoreError;
+
+/// Every error body: `{"code", "message"}` plus optional detail.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    pub code: &'static str,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<Step>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errno: Option<i32>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub conflicting_functions: Vec<ConflictingFunction>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConflictingFunction {
+    pub pci_address: String,
+    pub driver: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        ErrorBody {
+            code,
+            message: message.into(),
+            step: None,
+            errno: None,
+            conflicting_functions: Vec::new(),
+        }
+    }
+}
+
+const ENOSPC: i32 = 28;
+const EDQUOT: i32 = 122;
+
+pub fn status_and_code(e: &CoreError) -> (StatusCode, &'static str) {
+    use CoreError::*;
+    match e {
+        InvalidPciAddress(_) => (StatusCode::BAD_REQUEST, "invalid_pci_address"),
+        InvalidName(_) => (StatusCode::BAD_REQUEST, "invalid_name"),
+        InvalidTags(_) => (StatusCode::BAD_REQUEST, "invalid_tags"),
+        InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+        InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
+        PciDeviceNotFound(_) => (StatusCode::NOT_FOUND, "device_not_found"),
+        NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+        Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+        InUse { .. } => (StatusCode::CONFLICT, "in_use"),
+        Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+        VfioUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "vfio_unavailable"),
+        NotPrivileged(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_privileged"),
+        NoIommuGroup(_) => (StatusCode::CONFLICT, "no_iommu_group"),
+        GroupConflict { .. } => (StatusCode::CONFLICT, "iommu_group_conflict"),
+        NotBoundByVfiod(_) => (StatusCode::CONFLICT, "not_bound_by_vfiod"),
+        NotPresent(_) => (StatusCode::CONFLICT, "device_not_present"),
+        DeviceStuck(_) => (StatusCode::CONFLICT, "device_stuck"),
+        DriverMoveFailed(f) => {
+            if f.error.is_timeout() {
+                (StatusCode::GATEWAY_TIMEOUT, "driver_timeout")
+            } else if f.op == "bind" {
+                (StatusCode::INTERNAL_SERVER_ERROR, "bind_failed")
+            } else {
+                (StatusCode::INTERNAL_SERVER_ERROR, "unbind_failed")
+            }
+        }
+        Storage(StoreError::Io { source, .. })
+            if matches!(source.raw_os_error(), Some(ENOSPC) | Some(EDQUOT)) =>
+        {
+            (StatusCode::INSUFFICIENT_STORAGE, "storage_full")
+        }
+        Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage_error"),
+        Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+    }
+}
+
+pub fn to_body(e: &CoreError) -> (StatusCode, ErrorBody) {
+    let (status, code) = status_and_code(e);
+    let mut body = ErrorBody::new(code, e.to_string());
+    body.step = e.step();
+    body.errno = e.errno();
+    if let CoreError::GroupConflict { others, .. } = e {
+        body.conflicting_functions = others
+            .iter()
+            .map(|(a, d)| ConflictingFunction {
+                pci_address: a.to_string(),
+                driver: d.clone(),
+            })
+            .collect();
+    }
+    (status, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::engine::EngineError;
+    use crate::pci::SysfsError;
+
+    fn addr() -> crate::pci::PciAddress {
+        "0000:01:00.0".parse().unwrap()
+    }
+
+    #[test]
+    fn every_variant_has_its_documented_status_and_code() {
+        let io_err = |errno| StoreError::Io {
+            op: "write",
+            path: PathBuf::from("/var/lib/vfiod/state.json.tmp"),
+            source: io::Error::from_raw_os_error(errno),
+        };
+        let write_failed = EngineError::Write {
+            step: Step::Unbind,
+            device: addr(),
+            source: SysfsError {
+                op: "write",
+                path: PathBuf::from("/sys/bus/pci/drivers/nvidia/unbind"),
+                source: io::Error::from_raw_os_error(16),
+            },
+        };
+        let timeout = EngineError::Timeout {
+            step: Step::Unbind,
+            device: addr(),
+            path: PathBuf::from("/sys/bus/pci/drivers/nvidia/unbind"),
+            timeout_ms: 5000,
+            late: None,
+        };
+        let cases: Vec<(CoreError, u16, &str)> = vec![
+            (
+                CoreError::InvalidPciAddress("x".into()),
+                400,
+                "invalid_pci_address",
+            ),
+            (CoreError::InvalidName("x".into()), 400, "invalid_name"),
+            (CoreError::InvalidTags("x".into()), 400, "invalid_tags"),
+            (CoreError::InvalidJson("x".into()), 400, "invalid_json"),
+            (
+                CoreError::InvalidRequest("x".into()),
+                400,
+                "invalid_request",
+            ),
+            (
+                CoreError::PciDeviceNotFound(addr()),
+                404,
+                "device_not_found",
+            ),
+            (CoreError::NotFound("x".into()), 404, "not_found"),
+            (CoreError::Conflict("x".into()), 409, "conflict"),
+            (
+                CoreError::InUse {
+                    device: "g".into(),
+                    instance: "i".into(),
+                },
+                409,
+                "in_use",
+            ),
+            (CoreError::Forbidden("x".into()), 403, "forbidden"),
+            (
+                CoreError::VfioUnavailable("x".into()),
+                503,
+                "vfio_unavailable",
+            ),
+            (CoreError::NotPrivileged("x".into()), 503, "not_privileged"),
+            (CoreError::NoIommuGroup(addr()), 409, "no_iommu_group"),
+            (
+                CoreError::GroupConflict {
+                    device: addr(),
+                    group: 1,
+                    others: vec![("0000:01:00.1".parse().unwrap(), "snd_hda_intel".into())],
+                },
+                409,
+                "iommu_group_conflict",
+            ),
+            (
+                CoreError::NotBoundByVfiod("g".into()),
+                409,
+                "not_bound_by_vfiod",
+            ),
+            (CoreError::NotPresent(addr()), 409, "device_not_present"),
+            (CoreError::DeviceStuck(addr()), 409, "device_stuck"),
+            (
+                CoreError::move_failed("bind", addr(), write_failed, Some(Ok(()))),
+                500,
+                "bind_failed",
+            ),
+            (
+                CoreError::move_failed("unbind", addr(), timeout, None),
+                504,
+                "driver_timeout",
+            ),
+            (CoreError::Storage(io_err(28)), 507, "storage_full"),
+            (CoreError::Storage(io_err(5)), 500, "storage_error"),
+            (CoreError::Internal("x".into()), 500, "internal_error"),
+        ];
+        for (err, status, code) in cases {
+            let (s, body) = to_body(&err);
+            assert_eq!((s.as_u16(), body.code), (status, code), "{err:?}");
+            assert!(!body.message.is_empty());
+        }
+    }
+
+    #[test]
+    fn bind_failure_names_step_errno_and_rollback() {
+        let err = CoreError::move_failed(
+            "bind",
+            addr(),
+            EngineError::Write {
+                step: Step::Unbind,
+                device: addr(),
+                source: SysfsError {
+                    op: "write",
+                    path: PathBuf::from("/sys/bus/pci/drivers/nvidia/unbind"),
+                    source: io::Error::from_raw_os_error(16),
+                },
+            },
+            Some(Ok(())),
+        );
+        let (_, body) = to_body(&err);
+        assert_eq!(body.step, Some(Step::Unbind));
+        assert_eq!(body.errno, Some(16));
+        assert!(
+            body.message.contains("/sys/bus/pci/drivers/nvidia/unbind"),
+            "{}",
+            body.message
+        );
+        assert!(body.message.contains("rolled back"), "{}", body.message);
+    }
+
+    #[test]
+    fn group_conflict_lists_each_function_and_driver() {
+        let err = CoreError::GroupConflict {
+            device: addr(),
+            group: 1,
+            others: vec![("0000:01:00.1".parse().unwrap(), "snd_hda_intel".into())],
+        };
+        let (_, body) = to_body(&err);
+        assert_eq!(body.conflicting_functions.len(), 1);
+        assert!(body.message.contains("0000:01:00.1 on snd_hda_intel"));
+    }
+}

@@ -1,0 +1,566 @@
+//! The HTTP layer: HTTP/1.1 over a Unix socket, JSON bodies.
+//!
+//! It is a thin translation: [`route`] names the endpoint, a parse function
+//! in [`parse`] turns the request into a typed core request, the core does
+//! the work, and [`error`] turns any `CoreError` into a status and code.
+//! Peer credentials are read once per connection; mutating routes check
+//! them against the [`AccessPolicy`] before reading the body.
+
+pub mod error;
+pub mod parse;
+pub mod peer;
+pub mod wire;
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use tokio::net::UnixListener;
+use tokio::sync::{broadcast, mpsc, watch};
+
+use crate::core::{Caller, Core};
+use crate::error::CoreError;
+use crate::events::Event;
+pub use peer::{AccessPolicy, Peer};
+
+pub const MAX_BODY: usize = 64 * 1024;
+pub const OPENAPI_YAML: &str = include_str!("openapi.yaml");
+/// The newest event's sequence number when a list was taken, so a client
+/// can follow `GET /events?since=` without a gap.
+pub const EVENT_SEQ_HEADER: &str = "x-vfiod-event-seq";
+
+type ResponseBody = BoxBody<Bytes, Infallible>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    ListDevices,
+    Register,
+    Available,
+    GetDevice(String),
+    DeleteDevice(String),
+    UpdateDevice(String),
+    Bind(String),
+    Unbind(String),
+    Attach(String),
+    Detach(String),
+    Events,
+    Health,
+    OpenApi,
+}
+
+impl Route {
+    fn mutates(&self) -> bool {
+        !matches!(
+            self,
+            Route::ListDevices
+                | Route::Available
+                | Route::GetDevice(_)
+                | Route::Events
+                | Route::Health
+                | Route::OpenApi
+        )
+    }
+}
+
+/// Every route as `(method, path template)`; the OpenAPI file must match.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/devices"),
+    ("POST", "/devices"),
+    ("GET", "/devices/available"),
+    ("GET", "/devices/{id_or_name}"),
+    ("PATCH", "/devices/{id_or_name}"),
+    ("DELETE", "/devices/{id_or_name}"),
+    ("POST", "/devices/{id_or_name}/bind"),
+    ("POST", "/devices/{id_or_name}/unbind"),
+    ("POST", "/devices/{id_or_name}/attach"),
+    ("POST", "/devices/{id_or_name}/detach"),
+    ("GET", "/events"),
+    ("GET", "/health"),
+    ("GET", "/openapi.yaml"),
+];
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum RouteError {
+    NotFound,
+    MethodNotAllowed(&'static str),
+}
+
+pub fn route(method: &Method, path: &str) -> Result<Route, RouteError> {
+    let path = path
+        .strip_suffix('/')
+        .filter(|p| !p.is_empty())
+        .unwrap_or(path);
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let id = |s: &str| parse::percent_decode(s, false).ok_or(RouteError::NotFound);
+    let m = method.clone();
+    match segments.as_slice() {
+        ["devices"] => match m {
+            Method::GET => Ok(Route::ListDevices),
+            Method::POST => Ok(Route::Register),
+            _ => Err(RouteError::MethodNotAllowed("GET, POST")),
+        },
+        ["devices", "available"] => match m {
+            Method::GET => Ok(Route::Available),
+            _ => Err(RouteError::MethodNotAllowed("GET")),
+        },
+        ["devices", d] if !d.is_empty() => match m {
+            Method::GET => Ok(Route::GetDevice(id(d)?)),
+            Method::PATCH => Ok(Route::UpdateDevice(id(d)?)),
+            Method::DELETE => Ok(Route::DeleteDevice(id(d)?)),
+            _ => Err(RouteError::MethodNotAllowed("GET, PATCH, DELETE")),
+        },
+        ["devices", d, action] if !d.is_empty() => {
+            let make: fn(String) -> Route = match *action {
+                "bind" => Route::Bind,
+                "unbind" => Route::Unbind,
+                "attach" => Route::Attach,
+                "detach" => Route::Detach,
+                _ => return Err(RouteError::NotFound),
+            };
+            match m {
+                Method::POST => Ok(make(id(d)?)),
+                _ => Err(RouteError::MethodNotAllowed("POST")),
+            }
+        }
+        ["events"] | ["health"] | ["openapi.yaml"] => match m {
+            Method::GET => Ok(match segments[0] {
+                "events" => Route::Events,
+                "health" => Route::Health,
+                _ => Route::OpenApi,
+            }),
+            _ => Err(RouteError::MethodNotAllowed("GET")),
+        },
+        _ => Err(RouteError::NotFound),
+    }
+}
+
+fn full(bytes: impl Into<Bytes>) -> ResponseBody {
+    Full::new(bytes.into()).boxed()
+}
+
+fn json_response(status: StatusCode, value: &impl Serialize) -> Response<ResponseBody> {
+    let mut body = serde_json::to_vec(value).expect("wire types serialise");
+    body.push(b'\n');
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn error_response(e: &CoreError) -> Response<ResponseBody> {
+    let (status, body) = error::to_body(e);
+    json_response(status, &body)
+}
+
+fn plain_error(
+    status: StatusCode,
+    code: &'static str,
+    message: impl Into<String>,
+) -> Response<ResponseBody> {
+    json_response(status, &error::ErrorBody::new(code, message))
+}
+
+/// An event stream body fed by a per-subscriber task.
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+fn event_line(e: &Event) -> Bytes {
+    let mut line = serde_json::to_vec(e).expect("events serialise");
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+/// Everything a request handler needs.
+#[derive(Clone)]
+pub struct Api {
+    core: Arc<Core>,
+    policy: AccessPolicy,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Api {
+    pub fn new(core: Arc<Core>, policy: AccessPolicy, shutdown: watch::Receiver<bool>) -> Api {
+        Api {
+            core,
+            policy,
+            shutdown,
+        }
+    }
+
+    async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<ResponseBody>> {
+        let too_large = || {
+            plain_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("request body is larger than {MAX_BODY} bytes"),
+            )
+        };
+        if req.body().size_hint().lower() > MAX_BODY as u64 {
+            return Err(too_large());
+        }
+        let limited = Limited::new(req.into_body(), MAX_BODY);
+        match tokio::time::timeout(Duration::from_secs(30), limited.collect()).await {
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(Err(e))
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                Err(too_large())
+            }
+            Ok(Err(e)) => Err(plain_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("reading the body failed: {e}"),
+            )),
+            Err(_) => Err(plain_error(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "the request body did not arrive within 30 s",
+            )),
+        }
+    }
+
+    pub async fn handle(&self, peer: &Peer, req: Request<Incoming>) -> Response<ResponseBody> {
+        let route = match route(req.method(), req.uri().path()) {
+            Ok(r) => r,
+            Err(RouteError::NotFound) => {
+                return plain_error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("no such endpoint: {}", req.uri().path()),
+                )
+            }
+            Err(RouteError::MethodNotAllowed(allow)) => {
+                let mut resp = plain_error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    format!(
+                        "{} is not allowed on {}; allowed: {allow}",
+                        req.method(),
+                        req.uri().path()
+                    ),
+                );
+                resp.headers_mut()
+                    .insert(ALLOW, HeaderValue::from_static(allow));
+                return resp;
+            }
+        };
+        if route.mutates() && !self.policy.may_mutate(peer) {
+            tracing::warn!(uid = peer.uid, pid = peer.pid, method = %req.method(), path = req.uri().path(), "refused a change from a caller outside the access group");
+            return error_response(&CoreError::Forbidden(format!(
+                "uid {} may read but not change anything: changes need root or membership of the vfiod access group",
+                peer.uid
+            )));
+        }
+        let query = req.uri().query().map(str::to_owned);
+        let body = if route.mutates() {
+            match Self::read_body(req).await {
+                Ok(b) => b,
+                Err(resp) => return resp,
+            }
+        } else {
+            Bytes::new()
+        };
+        let caller = Caller {
+            uid: peer.uid,
+            pid: peer.pid,
+        };
+        match self.dispatch(route, caller, query.as_deref(), &body).await {
+            Ok(resp) => resp,
+            Err(e) => error_response(&e),
+        }
+    }
+
+    async fn dispatch(
+        &self,
+        route: Route,
+        caller: Caller,
+        query: Option<&str>,
+        body: &[u8],
+    ) -> Result<Response<ResponseBody>, CoreError> {
+        let core = &self.core;
+        let ids = core.ids();
+        let device = |status, d: &crate::registry::DeviceRecord| {
+            json_response(status, &wire::Device::new(d, ids))
+        };
+        Ok(match route {
+            Route::ListDevices => {
+                let filter = parse::list_query(query)?;
+                let seq = core.events().last_seq();
+                let devices = core.list(&filter);
+                let wire: Vec<_> = devices.iter().map(|d| wire::Device::new(d, ids)).collect();
+                let mut resp = json_response(StatusCode::OK, &wire);
+                resp.headers_mut()
+                    .insert(EVENT_SEQ_HEADER, HeaderValue::from(seq));
+                resp
+            }
+            Route::Register => {
+                let req = parse::register(body)?;
+                device(StatusCode::CREATED, &core.register(caller, req).await?)
+            }
+            Route::Available => {
+                let functions = core.available().await?;
+                let registry = core.snapshot();
+                let wire: Vec<_> = functions
+                    .iter()
+                    .map(|f| {
+                        let id = registry.get_by_address(&f.address).map(|d| d.id.as_str());
+                        wire::AvailableDevice::new(f, ids, id)
+                    })
+                    .collect();
+                json_response(StatusCode::OK, &wire)
+            }
+            Route::GetDevice(id) => device(StatusCode::OK, &core.get(&id)?),
+            Route::UpdateDevice(id) => {
+                let req = parse::update(body)?;
+                device(StatusCode::OK, &core.update(caller, &id, req).await?)
+            }
+            Route::DeleteDevice(id) => {
+                core.delete(caller, &id).await?;
+                let mut resp = Response::new(full(Bytes::new()));
+                *resp.status_mut() = StatusCode::NO_CONTENT;
+                resp
+            }
+            Route::Bind(id) => {
+                let req = parse::bind(body)?;
+                let outcome = core.bind(caller, &id, req).await?;
+                if req.dry_run {
+                    json_response(
+                        StatusCode::OK,
+                        &wire::DryRun {
+                            dry_run: true,
+                            device: wire::Device::new(&outcome.device, ids),
+                            plan: &outcome.plan,
+                        },
+                    )
+                } else {
+                    device(StatusCode::OK, &outcome.device)
+                }
+            }
+            Route::Unbind(id) => {
+                parse::unbind(body)?;
+                device(StatusCode::OK, &core.unbind(caller, &id).await?)
+            }
+            Route::Attach(id) => {
+                let instance = parse::attach(body)?;
+                device(StatusCode::OK, &core.attach(caller, &id, instance).await?)
+            }
+            Route::Detach(id) => {
+                let keep_bound = parse::detach(body)?;
+                device(StatusCode::OK, &core.detach(caller, &id, keep_bound).await?)
+            }
+            Route::Events => self.events(parse::events_query(query)?),
+            Route::Health => {
+                let health = core.health();
+                json_response(
+                    StatusCode::OK,
+                    &wire::HealthBody {
+                        status: "ok",
+                        health: &health,
+                    },
+                )
+            }
+            Route::OpenApi => {
+                let mut resp = Response::new(full(OPENAPI_YAML));
+                resp.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/yaml"));
+                resp
+            }
+        })
+    }
+
+    fn events(&self, since: Option<u64>) -> Response<ResponseBody> {
+        let (backlog, mut live) = self.core.events().subscribe(since);
+        let (tx, rx) = mpsc::channel::<Bytes>(16);
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            for e in backlog {
+                if tx.send(event_line(&e)).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                let line = tokio::select! {
+                    _ = shutdown.changed() => return,
+                    _ = tx.closed() => return,
+                    r = live.recv() => match r {
+                        Ok(e) => event_line(&e),
+                        Err(broadcast::error::RecvError::Lagged(n)) => event_line(&Event::lagged(n)),
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                };
+                if tx.send(line).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut resp = Response::new(BodyExt::boxed(ChannelBody(rx)));
+        resp.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/x-ndjson"),
+        );
+        resp
+    }
+}
+
+/// Serves connections until `shutdown` turns true, then stops accepting,
+/// lets in-flight requests finish (up to `grace`), and returns.
+pub async fn serve(listener: UnixListener, api: Api, grace: Duration) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = api.shutdown.clone();
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let peer = match Peer::of(&stream) {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read peer credentials; dropping connection");
+                continue;
+            }
+        };
+        let api = api.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let api = api.clone();
+            let peer = peer.clone();
+            async move { Ok::<_, Infallible>(api.handle(&peer, req).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("in-flight requests did not finish within {grace:?}; exiting anyway");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_in_the_table_resolves() {
+        for (method, template) in ROUTES {
+            let path = template.replace("{id_or_name}", "gpu0");
+            let m: Method = method.parse().unwrap();
+            assert!(route(&m, &path).is_ok(), "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn routing_edge_cases() {
+        assert_eq!(route(&Method::GET, "/devices/"), Ok(Route::ListDevices));
+        assert_eq!(
+            route(&Method::GET, "/devices/available"),
+            Ok(Route::Available)
+        );
+        assert_eq!(
+            route(&Method::GET, "/devices/gpu%2D0"),
+            Ok(Route::GetDevice("gpu-0".into()))
+        );
+        assert_eq!(route(&Method::GET, "/nope"), Err(RouteError::NotFound));
+        assert_eq!(
+            route(&Method::GET, "/devices/x/explode"),
+            Err(RouteError::NotFound)
+        );
+        assert_eq!(
+            route(&Method::GET, "/devices/a/b/c/d"),
+            Err(RouteError::NotFound)
+        );
+        assert_eq!(
+            route(&Method::PUT, "/devices"),
+            Err(RouteError::MethodNotAllowed("GET, POST"))
+        );
+        assert_eq!(
+            route(&Method::GET, "/devices/x/bind"),
+            Err(RouteError::MethodNotAllowed("POST"))
+        );
+        assert_eq!(
+            route(&Method::GET, "/devices/%zz"),
+            Err(RouteError::NotFound)
+        );
+        assert_eq!(route(&Method::GET, "/"), Err(RouteError::NotFound));
+    }
+
+    /// The checked-in OpenAPI file documents exactly the routes served.
+    #[test]
+    fn openapi_matches_the_router() {
+        let mut documented = Vec::new();
+        let mut current_path: Option<String> = None;
+        let mut in_paths = false;
+        for line in OPENAPI_YAML.lines() {
+            if line.starts_with("paths:") {
+                in_paths = true;
+                continue;
+            }
+            if in_paths && !line.starts_with(' ') && !line.trim().is_empty() {
+                in_paths = false;
+            }
+            if !in_paths {
+                continue;
+            }
+            if let Some(p) = line.strip_prefix("  /") {
+                current_path = Some(format!(
+                    "/{}",
+                    p.trim_end_matches(':').trim_end_matches(':')
+                ));
+            } else if let Some(m) = line.strip_prefix("    ").and_then(|l| l.strip_suffix(':')) {
+                if ["get", "post", "patch", "delete", "put"].contains(&m) {
+                    documented.push((
+                        m.to_uppercase(),
+                        current_path.clone().expect("method under a path"),
+                    ));
+                }
+            }
+        }
+        let mut served: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        documented.sort();
+        served.sort();
+        assert_eq!(documented, served);
+    }
+}

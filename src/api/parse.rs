@@ -1,0 +1,406 @@
+//! One parse function per endpoint: raw body bytes or query strings in,
+//! a typed core request or a `CoreError` with the right code out. Nothing
+//! here touches state; every value is validated before the core sees it.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value};
+
+use crate::core::{BindRequest, DeviceName, InstanceId, RegisterRequest, Tags, UpdateRequest};
+use crate::error::CoreError;
+use crate::pci::PciAddress;
+
+/// Parses a JSON object body; an empty body is `{}` when `empty_ok`.
+fn object(body: &[u8], empty_ok: bool) -> Result<Map<String, Value>, CoreError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return if empty_ok {
+            Ok(Map::new())
+        } else {
+            Err(CoreError::InvalidJson(
+                "request body is empty; expected a JSON object".into(),
+            ))
+        };
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(CoreError::InvalidJson(
+            "request body must be a JSON object".into(),
+        )),
+        Err(e) => Err(CoreError::InvalidJson(format!(
+            "request body is not valid JSON: {e}"
+        ))),
+    }
+}
+
+/// Extension endpoints reject unknown fields so a typo is not ignored.
+fn deny_unknown(map: &Map<String, Value>, known: &[&str]) -> Result<(), CoreError> {
+    match map.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) => Err(CoreError::InvalidRequest(format!(
+            "unknown field {:?}; expected {}",
+            k.chars().take(40).collect::<String>(),
+            known.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn optional_bool(map: &Map<String, Value>, field: &str) -> Result<bool, CoreError> {
+    match map.get(field) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(CoreError::InvalidRequest(format!(
+            "{field} must be true or false"
+        ))),
+    }
+}
+
+fn name_field(map: &Map<String, Value>) -> Result<Option<DeviceName>, CoreError> {
+    match map.get("name") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => DeviceName::parse(s).map(Some),
+        Some(_) => Err(CoreError::InvalidName("name must be a string".into())),
+    }
+}
+
+fn tags_field(map: &Map<String, Value>) -> Result<Option<Tags>, CoreError> {
+    match map.get("tags") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(obj)) => {
+            let mut tags = BTreeMap::new();
+            for (k, v) in obj {
+                let Value::String(v) = v else {
+                    return Err(CoreError::InvalidTags(format!(
+                        "tag {:?} must have a string value",
+                        k.chars().take(40).collect::<String>()
+                    )));
+                };
+                tags.insert(k.clone(), v.clone());
+            }
+            Tags::parse(tags).map(Some)
+        }
+        Some(_) => Err(CoreError::InvalidTags(
+            "tags must be an object of strings".into(),
+        )),
+    }
+}
+
+pub fn pci_address(s: &str) -> Result<PciAddress, CoreError> {
+    s.parse()
+        .map_err(|e: crate::pci::InvalidPciAddress| CoreError::InvalidPciAddress(e.to_string()))
+}
+
+/// `POST /devices`. Unknown fields are ignored, as hypeman does.
+pub fn register(body: &[u8]) -> Result<RegisterRequest, CoreError> {
+    let map = object(body, false)?;
+    let pci_address = match map.get("pci_address") {
+        Some(Value::String(s)) => pci_address(s)?,
+        None | Some(Value::Null) => {
+            return Err(CoreError::InvalidPciAddress(
+                "pci_address is required, e.g. \"0000:a2:00.0\"".into(),
+            ))
+        }
+        Some(_) => {
+            return Err(CoreError::InvalidPciAddress(
+                "pci_address must be a string".into(),
+            ))
+        }
+    };
+    Ok(RegisterRequest {
+        pci_address,
+        name: name_field(&map)?,
+        tags: tags_field(&map)?.unwrap_or_default(),
+    })
+}
+
+/// `PATCH /devices/{id_or_name}`.
+pub fn update(body: &[u8]) -> Result<UpdateRequest, CoreError> {
+    let map = object(body, false)?;
+    deny_unknown(&map, &["name", "tags"])?;
+    Ok(UpdateRequest {
+        name: name_field(&map)?,
+        tags: tags_field(&map)?,
+    })
+}
+
+/// `POST /devices/{id_or_name}/bind`; an empty body means the defaults.
+pub fn bind(body: &[u8]) -> Result<BindRequest, CoreError> {
+    let map = object(body, true)?;
+    deny_unknown(&map, &["with_group", "dry_run"])?;
+    Ok(BindRequest {
+        with_group: optional_bool(&map, "with_group")?,
+        dry_run: optional_bool(&map, "dry_run")?,
+    })
+}
+
+/// `POST /devices/{id_or_name}/unbind`: no fields.
+pub fn unbind(body: &[u8]) -> Result<(), CoreError> {
+    let map = object(body, true)?;
+    deny_unknown(&map, &[])
+}
+
+/// `POST /devices/{id_or_name}/attach`.
+pub fn attach(body: &[u8]) -> Result<InstanceId, CoreError> {
+    let map = object(body, false)?;
+    deny_unknown(&map, &["instance_id"])?;
+    match map.get("instance_id") {
+        Some(Value::String(s)) => InstanceId::parse(s),
+        None | Some(Value::Null) => {
+            Err(CoreError::InvalidRequest("instance_id is required".into()))
+        }
+        Some(_) => Err(CoreError::InvalidRequest(
+            "instance_id must be a string".into(),
+        )),
+    }
+}
+
+/// `POST /devices/{id_or_name}/detach`; returns `keep_bound`.
+pub fn detach(body: &[u8]) -> Result<bool, CoreError> {
+    let map = object(body, true)?;
+    deny_unknown(&map, &["keep_bound"])?;
+    optional_bool(&map, "keep_bound")
+}
+
+/// Decodes `%XX` escapes (and `+` as a space in query strings). Invalid
+/// escapes and non-UTF-8 results are errors, not guesses.
+pub fn percent_decode(s: &str, plus_is_space: bool) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                let hex = std::str::from_utf8(hex).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' if plus_is_space => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn query_pairs(query: Option<&str>) -> Result<Vec<(String, String)>, CoreError> {
+    let Some(query) = query else {
+        return Ok(Vec::new());
+    };
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            match (percent_decode(k, true), percent_decode(v, true)) {
+                (Some(k), Some(v)) => Ok((k, v)),
+                _ => Err(CoreError::InvalidRequest(
+                    "query string has an invalid percent-escape".into(),
+                )),
+            }
+        })
+        .collect()
+}
+
+/// `GET /devices?tags[KEY]=VALUE&...`: every pair must match. Other
+/// parameters are ignored.
+pub fn list_query(query: Option<&str>) -> Result<Vec<(String, String)>, CoreError> {
+    let mut filter = Vec::new();
+    for (k, v) in query_pairs(query)? {
+        if let Some(key) = k.strip_prefix("tags[").and_then(|r| r.strip_suffix(']')) {
+            if key.is_empty() {
+                return Err(CoreError::InvalidTags(
+                    "tag filter tags[] needs a key".into(),
+                ));
+            }
+            filter.push((key.to_owned(), v));
+        }
+    }
+    if filter.len() > crate::core::MAX_TAGS {
+        return Err(CoreError::InvalidTags("too many tag filters".into()));
+    }
+    Ok(filter)
+}
+
+/// `GET /events?since=SEQ`.
+pub fn events_query(query: Option<&str>) -> Result<Option<u64>, CoreError> {
+    for (k, v) in query_pairs(query)? {
+        if k == "since" {
+            return v.parse().map(Some).map_err(|_| {
+                CoreError::InvalidRequest("since must be an event sequence number".into())
+            });
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::error::status_and_code;
+
+    fn code<T: std::fmt::Debug>(r: Result<T, CoreError>) -> &'static str {
+        status_and_code(&r.unwrap_err()).1
+    }
+
+    #[test]
+    fn register_accepts_hypeman_bodies() {
+        let r = register(br#"{"pci_address":"0000:A2:00.0","name":"l4-gpu","tags":{"team":"ml"}}"#)
+            .unwrap();
+        assert_eq!(r.pci_address.to_string(), "0000:a2:00.0");
+        assert_eq!(r.name.unwrap().as_str(), "l4-gpu");
+        assert_eq!(
+            r.tags.into_inner().get("team").map(String::as_str),
+            Some("ml")
+        );
+        let r = register(br#"{"pci_address":"0000:a2:00.0","name":null,"tags":null,"future":1}"#)
+            .unwrap();
+        assert!(r.name.is_none());
+        assert!(r.tags.into_inner().is_empty());
+    }
+
+    #[test]
+    fn register_rejects_bad_bodies_with_the_right_code() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"", "invalid_json"),
+            (b"   ", "invalid_json"),
+            (b"{", "invalid_json"),
+            (b"[]", "invalid_json"),
+            (b"\"0000:00:00.0\"", "invalid_json"),
+            (b"null", "invalid_json"),
+            (
+                b"{\"pci_address\":\"0000:a2:00.0\"} trailing",
+                "invalid_json",
+            ),
+            (b"\xff\xfe", "invalid_json"),
+            (b"{}", "invalid_pci_address"),
+            (b"{\"pci_address\":null}", "invalid_pci_address"),
+            (b"{\"pci_address\":42}", "invalid_pci_address"),
+            (b"{\"pci_address\":\"a2:00.0\"}", "invalid_pci_address"),
+            (
+                b"{\"pci_address\":\"../../../etc/passwd\"}",
+                "invalid_pci_address",
+            ),
+            (
+                b"{\"pci_address\":\"0000:a2:00.0/../x\"}",
+                "invalid_pci_address",
+            ),
+            (
+                b"{\"pci_address\":\"0000:a2:00.0\",\"name\":\"-x\"}",
+                "invalid_name",
+            ),
+            (
+                b"{\"pci_address\":\"0000:a2:00.0\",\"name\":\"a\"}",
+                "invalid_name",
+            ),
+            (
+                b"{\"pci_address\":\"0000:a2:00.0\",\"name\":\"has space\"}",
+                "invalid_name",
+            ),
+            (
+                b"{\"pci_address\":\"0000:a2:00.0\",\"name\":\"a/b\"}",
+                "invalid_name",
+            ),
+            (
+                b"{\"pci_address\":\"0000:a2:00.0\",\"name\":\"available\"}",
+                "invalid_name",
+            ),
+            (
+                b"{\"pci_address\":\"0000:a2:00.0\",\"name\":7}",
+                "invalid_name",
+            ),
+            (
+                b"{\"pci_address\":\"0000:a2:00.0\",\"tags\":[]}",
+                "invalid_tags",
+            ),
+            (
+                b"{\"pci_address\":\"0000:a2:00.0\",\"tags\":{\"k\":1}}",
+                "invalid_tags",
+            ),
+            (
+                b"{\"pci_address\":\"0000:a2:00.0\",\"tags\":{\"\":\"v\"}}",
+                "invalid_tags",
+            ),
+            (
+                b"{\"pci_address\":\"0000:a2:00.0\",\"tags\":{\"k\":\"a\\nb\"}}",
+                "invalid_tags",
+            ),
+        ];
+        for (body, expected) in cases {
+            assert_eq!(
+                code(register(body)),
+                *expected,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn tag_limits_are_enforced() {
+        let many: serde_json::Map<String, Value> = (0..65)
+            .map(|i| (format!("k{i}"), Value::String("v".into())))
+            .collect();
+        let body = serde_json::json!({"pci_address": "0000:00:00.0", "tags": many}).to_string();
+        assert_eq!(code(register(body.as_bytes())), "invalid_tags");
+        let long_key = "k".repeat(129);
+        let body =
+            serde_json::json!({"pci_address": "0000:00:00.0", "tags": {long_key: "v"}}).to_string();
+        assert_eq!(code(register(body.as_bytes())), "invalid_tags");
+        let long_value = "v".repeat(1025);
+        let body = serde_json::json!({"pci_address": "0000:00:00.0", "tags": {"k": long_value}})
+            .to_string();
+        assert_eq!(code(register(body.as_bytes())), "invalid_tags");
+    }
+
+    #[test]
+    fn extension_bodies() {
+        let b = bind(b"").unwrap();
+        assert!(!b.with_group && !b.dry_run);
+        let b = bind(br#"{"with_group":true,"dry_run":true}"#).unwrap();
+        assert!(b.with_group && b.dry_run);
+        assert_eq!(code(bind(br#"{"with_group":"yes"}"#)), "invalid_request");
+        assert_eq!(code(bind(br#"{"withgroup":true}"#)), "invalid_request");
+        assert_eq!(code(bind(b"{")), "invalid_json");
+        assert!(unbind(b"{}").is_ok());
+        assert_eq!(code(unbind(br#"{"force":true}"#)), "invalid_request");
+        assert!(attach(br#"{"instance_id":"vm-1"}"#).is_ok());
+        assert_eq!(code(attach(b"{}")), "invalid_request");
+        assert_eq!(code(attach(br#"{"instance_id":""}"#)), "invalid_request");
+        assert_eq!(code(attach(br#"{"instance_id":5}"#)), "invalid_request");
+        assert_eq!(code(attach(b"")), "invalid_json");
+        assert!(detach(br#"{"keep_bound":true}"#).unwrap());
+        assert!(!detach(b"").unwrap());
+        let u = update(br#"{"name":"new-name"}"#).unwrap();
+        assert!(u.tags.is_none());
+        assert_eq!(code(update(br#"{"nmae":"x"}"#)), "invalid_request");
+        assert_eq!(code(update(br#"{"name":"!"}"#)), "invalid_name");
+    }
+
+    #[test]
+    fn tag_filters_are_percent_decoded_as_sdks_send_them() {
+        let f = list_query(Some("tags%5Bteam%5D=ml%20ops&tags[zone]=a+b&other=1")).unwrap();
+        assert_eq!(
+            f,
+            vec![
+                ("team".into(), "ml ops".into()),
+                ("zone".into(), "a b".into())
+            ]
+        );
+        assert!(list_query(None).unwrap().is_empty());
+        assert_eq!(code(list_query(Some("tags%5B%5D=x"))), "invalid_tags");
+        assert_eq!(code(list_query(Some("tags[a]=%zz"))), "invalid_request");
+        assert_eq!(code(list_query(Some("tags[a]=%ff"))), "invalid_request");
+    }
+
+    #[test]
+    fn events_since() {
+        assert_eq!(events_query(Some("since=12")).unwrap(), Some(12));
+        assert_eq!(events_query(None).unwrap(), None);
+        assert_eq!(code(events_query(Some("since=-1"))), "invalid_request");
+    }
+}

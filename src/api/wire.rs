@@ -1,0 +1,146 @@
+//! The JSON shapes on the wire. `Device` carries hypeman's fields exactly
+//! (names, types, `null`s) followed by vfiod's extensions.
+
+use std::collections::BTreeMap;
+
+use chrono::SecondsFormat;
+use serde::Serialize;
+
+use crate::core::{BindPlan, Health};
+use crate::pci::{is_gpu_class, PciAddress, PciFunction, PciIds};
+use crate::registry::{is_vfio_driver, DeviceRecord, PendingOp};
+
+#[derive(Debug, Serialize)]
+pub struct Device<'a> {
+    pub id: &'a str,
+    pub name: &'a str,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub pci_address: PciAddress,
+    pub vendor_id: String,
+    pub device_id: String,
+    /// -1 when the device has no IOMMU group (IOMMU off).
+    pub iommu_group: i64,
+    pub bound_to_vfio: bool,
+    pub attached_to: Option<&'a str>,
+    pub created_at: String,
+    pub tags: &'a BTreeMap<String, String>,
+    // Extensions.
+    pub present: bool,
+    pub current_driver: Option<&'a str>,
+    pub original_driver: Option<&'a str>,
+    pub bound_by_vfiod: bool,
+    pub vendor_name: Option<&'a str>,
+    pub device_name: Option<&'a str>,
+    pub class: String,
+    pub subsystem_vendor_id: String,
+    pub subsystem_device_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pending: Option<&'static str>,
+    pub stuck: bool,
+    pub identity_mismatch: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub group_companions: Vec<PciAddress>,
+}
+
+fn hex4(v: u16) -> String {
+    format!("{v:04x}")
+}
+
+fn hex6(v: u32) -> String {
+    format!("{v:06x}")
+}
+
+fn device_type(class: u32) -> &'static str {
+    if is_gpu_class(class) {
+        "gpu"
+    } else {
+        "pci"
+    }
+}
+
+impl<'a> Device<'a> {
+    pub fn new(d: &'a DeviceRecord, ids: &'a PciIds) -> Device<'a> {
+        Device {
+            id: &d.id,
+            name: &d.name,
+            kind: device_type(d.class),
+            pci_address: d.pci_address,
+            vendor_id: hex4(d.vendor_id),
+            device_id: hex4(d.device_id),
+            iommu_group: d.iommu_group.map_or(-1, i64::from),
+            bound_to_vfio: d.bound_to_vfio(),
+            attached_to: d.attached_to.as_deref(),
+            created_at: d.created_at.to_rfc3339_opts(SecondsFormat::Secs, true),
+            tags: &d.tags,
+            present: d.present,
+            current_driver: d.current_driver.as_deref(),
+            original_driver: d.original_driver.as_deref(),
+            bound_by_vfiod: d.bound_by_vfiod,
+            vendor_name: ids.vendor_name(d.vendor_id),
+            device_name: ids.device_name(d.vendor_id, d.device_id),
+            class: hex6(d.class),
+            subsystem_vendor_id: hex4(d.subsystem_vendor_id),
+            subsystem_device_id: hex4(d.subsystem_device_id),
+            pending: d.pending.as_ref().map(|p| match p {
+                PendingOp::Bind { .. } => "bind",
+                PendingOp::Unbind => "unbind",
+            }),
+            stuck: d.stuck,
+            identity_mismatch: d.identity_mismatch,
+            group_companions: d.companions.iter().map(|c| c.pci_address).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct AvailableDevice<'a> {
+    pub pci_address: PciAddress,
+    pub vendor_id: String,
+    pub device_id: String,
+    pub vendor_name: Option<&'a str>,
+    pub device_name: Option<&'a str>,
+    /// -1 when the device has no IOMMU group.
+    pub iommu_group: i64,
+    pub current_driver: Option<&'a str>,
+    // Extensions.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub class: String,
+    pub bound_to_vfio: bool,
+    /// The registered device's id, if any.
+    pub registered_id: Option<&'a str>,
+}
+
+impl<'a> AvailableDevice<'a> {
+    pub fn new(f: &'a PciFunction, ids: &'a PciIds, registered_id: Option<&'a str>) -> Self {
+        AvailableDevice {
+            pci_address: f.address,
+            vendor_id: hex4(f.vendor_id),
+            device_id: hex4(f.device_id),
+            vendor_name: ids.vendor_name(f.vendor_id),
+            device_name: ids.device_name(f.vendor_id, f.device_id),
+            iommu_group: f.iommu_group.map_or(-1, i64::from),
+            current_driver: f.driver.as_deref(),
+            kind: device_type(f.class),
+            class: hex6(f.class),
+            bound_to_vfio: f.driver.as_deref().is_some_and(is_vfio_driver),
+            registered_id,
+        }
+    }
+}
+
+/// `POST .../bind` with `dry_run`: the plan, and nothing done.
+#[derive(Debug, Serialize)]
+pub struct DryRun<'a> {
+    pub dry_run: bool,
+    pub device: Device<'a>,
+    pub plan: &'a BindPlan,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HealthBody<'a> {
+    pub status: &'static str,
+    #[serde(flatten)]
+    pub health: &'a Health,
+}

@@ -1,0 +1,352 @@
+//! Configuration: built-in defaults, then `/etc/vfiod/config.toml` (or
+//! `--config FILE`), then command-line flags, each overriding the last.
+//! As root the defaults are the system paths; as an ordinary user they move
+//! under `$XDG_RUNTIME_DIR` and `$XDG_STATE_HOME` so the agent runs without
+//! privileges (read-only towards the hardware).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub const DEFAULT_CONFIG: &str = "/etc/vfiod/config.toml";
+pub const SYSTEM_SOCKET: &str = "/run/vfiod/vfiod.sock";
+pub const SYSTEM_STATE_DIR: &str = "/var/lib/vfiod";
+pub const DEFAULT_UDEV_RULES_DIR: &str = "/run/udev/rules.d";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub sysfs: PathBuf,
+    pub devfs: PathBuf,
+    /// Members of this group (and root) may change things.
+    pub group: String,
+    /// Upper bound for one sysfs write, and for the kernel to settle after it.
+    pub op_timeout: Duration,
+    /// `modprobe vfio-pci` when a bind needs it and it is not loaded.
+    pub load_modules: bool,
+    /// Where the generated udev rule goes that claims vfio devices at boot;
+    /// empty disables it.
+    pub udev_rules_dir: Option<PathBuf>,
+    pub log_level: String,
+    /// Take back a device that another actor moves off vfio while vfiod
+    /// holds it there.
+    pub reclaim: bool,
+    /// Test hook: read uevents from this FIFO instead of netlink.
+    pub uevent_fifo: Option<PathBuf>,
+}
+
+/// The file's shape: every key optional, unknown keys rejected so a typo is
+/// an error rather than a silently ignored setting.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    socket: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    sysfs: Option<PathBuf>,
+    devfs: Option<PathBuf>,
+    group: Option<String>,
+    op_timeout_ms: Option<u64>,
+    load_modules: Option<bool>,
+    udev_rules_dir: Option<PathBuf>,
+    log_level: Option<String>,
+    reclaim: Option<bool>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("config file {path}: {detail}")]
+    File { path: PathBuf, detail: String },
+}
+
+pub const USAGE: &str = "\
+vfiod: PCI passthrough host agent
+
+Keeps a registry of PCI devices set aside for passthrough, moves them
+between their native driver and vfio-pci on request, and serves an
+HTTP+JSON API on a Unix socket (see vfioctl(1) for the client).
+
+USAGE: vfiod [OPTIONS]
+
+OPTIONS (override the config file):
+  --config FILE        config file [default: /etc/vfiod/config.toml; missing is fine]
+  --socket PATH        Unix socket to serve on
+                       [root: /run/vfiod/vfiod.sock; others: $XDG_RUNTIME_DIR/vfiod/vfiod.sock]
+  --state-dir DIR      where the registry lives
+                       [root: /var/lib/vfiod; others: $XDG_STATE_HOME/vfiod]
+  --sysfs DIR          sysfs root [default: /sys]; tests point it at a fake tree
+  --devfs DIR          devfs root [default: /dev]
+  --group NAME         group whose members may change things [default: vfiod]
+  --op-timeout-ms N    limit for one sysfs write or driver settle [default: 5000]
+  --load-modules       modprobe vfio-pci when a bind needs it
+  --udev-rules-dir DIR where to keep the boot-time udev rule ('' disables)
+                       [default: /run/udev/rules.d as root; disabled otherwise]
+  --reclaim            take back a vfio device another actor moves away
+  --log-level LEVEL    error|warn|info|debug|trace [default: info]
+  --uevent-fifo PATH   read uevents from a FIFO instead of netlink (tests)
+  -h, --help           this text
+  -V, --version        print the version
+
+Under systemd it takes the socket from vfiod.socket, notifies readiness
+(Type=notify), pings the watchdog and logs to the journal.
+";
+
+/// What the command line asked for besides configuration.
+#[derive(Debug, PartialEq)]
+pub enum Invocation {
+    Run(Box<Config>),
+    Help,
+    Version,
+}
+
+fn xdg_dir(var: &str, fallback_under_home: &str) -> PathBuf {
+    std::env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(fallback_under_home)))
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+impl Config {
+    pub fn defaults(is_root: bool) -> Config {
+        let (socket, state_dir, udev_rules_dir) = if is_root {
+            (
+                PathBuf::from(SYSTEM_SOCKET),
+                PathBuf::from(SYSTEM_STATE_DIR),
+                Some(PathBuf::from(DEFAULT_UDEV_RULES_DIR)),
+            )
+        } else {
+            (
+                xdg_dir("XDG_RUNTIME_DIR", ".cache").join("vfiod/vfiod.sock"),
+                xdg_dir("XDG_STATE_HOME", ".local/state").join("vfiod"),
+                None,
+            )
+        };
+        Config {
+            socket,
+            state_dir,
+            sysfs: PathBuf::from("/sys"),
+            devfs: PathBuf::from("/dev"),
+            group: "vfiod".into(),
+            op_timeout: Duration::from_millis(5000),
+            load_modules: false,
+            udev_rules_dir,
+            log_level: "info".into(),
+            reclaim: false,
+            uevent_fifo: None,
+        }
+    }
+
+    fn apply_file(&mut self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        let file_err = |detail: String| ConfigError::File {
+            path: path.to_owned(),
+            detail,
+        };
+        let f: FileConfig =
+            toml::from_str(text).map_err(|e| file_err(e.to_string().trim().to_owned()))?;
+        if let Some(v) = f.socket {
+            self.socket = v;
+        }
+        if let Some(v) = f.state_dir {
+            self.state_dir = v;
+        }
+        if let Some(v) = f.sysfs {
+            self.sysfs = v;
+        }
+        if let Some(v) = f.devfs {
+            self.devfs = v;
+        }
+        if let Some(v) = f.group {
+            self.group = v;
+        }
+        if let Some(v) = f.op_timeout_ms {
+            self.op_timeout = timeout_from_ms(v).map_err(file_err)?;
+        }
+        if let Some(v) = f.load_modules {
+            self.load_modules = v;
+        }
+        if let Some(v) = f.udev_rules_dir {
+            self.udev_rules_dir = (!v.as_os_str().is_empty()).then_some(v);
+        }
+        if let Some(v) = f.log_level {
+            self.log_level = v;
+        }
+        if let Some(v) = f.reclaim {
+            self.reclaim = v;
+        }
+        Ok(())
+    }
+
+    /// Parses `args` (without the program name), reading the config file
+    /// they name or the default one.
+    pub fn from_args(args: &[String], is_root: bool) -> Result<Invocation, ConfigError> {
+        let mut config = Config::defaults(is_root);
+        let config_path = flag_value(args, "--config")?;
+        let (path, must_exist) = match config_path {
+            Some(p) => (PathBuf::from(p), true),
+            None => (PathBuf::from(DEFAULT_CONFIG), false),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => config.apply_file(&path, &text)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => {}
+            Err(e) => {
+                return Err(ConfigError::File {
+                    path,
+                    detail: e.to_string(),
+                })
+            }
+        }
+        let mut it = args.iter();
+        while let Some(arg) = it.next() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) if f.starts_with("--") => (f, Some(v.to_owned())),
+                _ => (arg.as_str(), None),
+            };
+            let mut value = || -> Result<String, ConfigError> {
+                inline
+                    .clone()
+                    .or_else(|| it.next().cloned())
+                    .ok_or_else(|| ConfigError::Usage(format!("{flag} needs a value")))
+            };
+            match flag {
+                "-h" | "--help" => return Ok(Invocation::Help),
+                "-V" | "--version" => return Ok(Invocation::Version),
+                "--config" => {
+                    value()?;
+                }
+                "--socket" => config.socket = value()?.into(),
+                "--state-dir" => config.state_dir = value()?.into(),
+                "--sysfs" => config.sysfs = value()?.into(),
+                "--devfs" => config.devfs = value()?.into(),
+                "--group" => config.group = value()?,
+                "--op-timeout-ms" => {
+                    let v = value()?;
+                    let ms = v.parse().map_err(|_| {
+                        ConfigError::Usage(format!("--op-timeout-ms: not a number: {v:?}"))
+                    })?;
+                    config.op_timeout = timeout_from_ms(ms).map_err(ConfigError::Usage)?;
+                }
+                "--load-modules" => config.load_modules = true,
+                "--reclaim" => config.reclaim = true,
+                "--uevent-fifo" => config.uevent_fifo = Some(value()?.into()),
+                "--udev-rules-dir" => {
+                    let v = value()?;
+                    config.udev_rules_dir = (!v.is_empty()).then(|| v.into());
+                }
+                "--log-level" => config.log_level = value()?,
+                other => {
+                    return Err(ConfigError::Usage(format!(
+                        "unknown argument {other:?}; see vfiod --help"
+                    )))
+                }
+            }
+        }
+        if !matches!(
+            config.log_level.as_str(),
+            "error" | "warn" | "info" | "debug" | "trace"
+        ) {
+            return Err(ConfigError::Usage(format!(
+                "log level {:?} is not one of error, warn, info, debug, trace",
+                config.log_level
+            )));
+        }
+        Ok(Invocation::Run(Box::new(config)))
+    }
+}
+
+fn timeout_from_ms(ms: u64) -> Result<Duration, String> {
+    if (10..=600_000).contains(&ms) {
+        Ok(Duration::from_millis(ms))
+    } else {
+        Err(format!("op_timeout_ms {ms} is outside 10..=600000"))
+    }
+}
+
+fn flag_value<'a>(args: &'a [String], flag: &str) -> Result<Option<&'a str>, ConfigError> {
+    for (i, arg) in args.iter().enumerate() {
+        if arg == flag {
+            return args
+                .get(i + 1)
+                .map(|v| Some(v.as_str()))
+                .ok_or_else(|| ConfigError::Usage(format!("{flag} needs a value")));
+        }
+        if let Some(v) = arg.strip_prefix(flag).and_then(|r| r.strip_prefix('=')) {
+            return Ok(Some(v));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn run(a: &[&str]) -> Result<Config, ConfigError> {
+        match Config::from_args(&args(a), true)? {
+            Invocation::Run(c) => Ok(*c),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn flags_override_file_and_file_overrides_defaults() {
+        let dir = std::env::temp_dir().join(format!("vfiod-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "group = \"gpu-admins\"\nsocket = \"/tmp/a.sock\"\nop_timeout_ms = 900\n",
+        )
+        .unwrap();
+        let f = file.to_str().unwrap();
+        let c = run(&["--config", f, "--socket", "/tmp/b.sock"]).unwrap();
+        assert_eq!(c.socket, PathBuf::from("/tmp/b.sock"));
+        assert_eq!(c.group, "gpu-admins");
+        assert_eq!(c.op_timeout, Duration::from_millis(900));
+        assert_eq!(c.state_dir, PathBuf::from(SYSTEM_STATE_DIR));
+        std::fs::write(&file, "grup = \"typo\"\n").unwrap();
+        let err = run(&["--config", f]).unwrap_err();
+        assert!(
+            err.to_string().contains("c.toml") && err.to_string().contains("grup"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_flags_are_usage_errors() {
+        assert!(matches!(run(&["--bogus"]), Err(ConfigError::Usage(_))));
+        assert!(matches!(run(&["--socket"]), Err(ConfigError::Usage(_))));
+        assert!(matches!(
+            run(&["--op-timeout-ms", "abc"]),
+            Err(ConfigError::Usage(_))
+        ));
+        assert!(matches!(
+            run(&["--op-timeout-ms", "0"]),
+            Err(ConfigError::Usage(_))
+        ));
+        assert!(matches!(
+            run(&["--config", "/nonexistent/x.toml"]),
+            Err(ConfigError::File { .. })
+        ));
+        assert_eq!(
+            run(&["--sysfs=/tmp/s"]).unwrap().sysfs,
+            PathBuf::from("/tmp/s")
+        );
+    }
+
+    #[test]
+    fn non_root_defaults_live_under_xdg_dirs() {
+        let c = Config::defaults(false);
+        assert!(!c.socket.starts_with("/run/vfiod"));
+        assert!(!c.state_dir.starts_with("/var/lib"));
+        assert!(c.udev_rules_dir.is_none());
+    }
+}

@@ -1,0 +1,1189 @@
+//! The core: the one owner of the registry and of every driver move.
+//!
+//! Concurrency model:
+//! - Readers take an `Arc` snapshot of the registry and never wait for disk
+//!   or hardware.
+//! - Mutations of the registry go through [`Core::commit`]: one at a time
+//!   (an async mutex), applied to a copy, saved durably, and only then made
+//!   visible. A failed save changes nothing, so an acknowledged change is
+//!   always on disk and an unacknowledged one never shows.
+//! - Driver moves are serialised per IOMMU group (the kernel's unit of
+//!   isolation) by an async mutex per group; moves in different groups run
+//!   in parallel. The intent of a move is committed before the hardware is
+//!   touched, so a crash at any point is finished at the next start.
+//! - Hotplug and driver events arrive through [`Core::handle_hotplug`],
+//!   from the udev watcher or anything else that produces them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use chrono::Utc;
+use serde::Serialize;
+
+use crate::engine::{Engine, Move};
+use crate::error::CoreError;
+use crate::events::{Event, EventBus, EventKind};
+use crate::pci::{is_passthrough_candidate, PciAddress, PciFunction, PciIds, Sysfs};
+use crate::registry::store::Store;
+use crate::registry::{
+    is_vfio_driver, Companion, DeviceRecord, PendingOp, Registry, RegistryConflict,
+};
+
+pub const VFIO_PCI: &str = "vfio-pci";
+
+/// Who asked, from the connection's peer credentials; logged with every
+/// mutation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub pid: i32,
+}
+
+impl Caller {
+    /// vfiod itself (startup reconcile, hotplug).
+    pub const AGENT: Caller = Caller {
+        uid: u32::MAX,
+        pid: 0,
+    };
+}
+
+/// A device name, validated: `^[a-zA-Z0-9][a-zA-Z0-9_.-]+$`, at most 63
+/// characters, and not a word the API uses as a path segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceName(String);
+
+impl DeviceName {
+    pub fn parse(s: &str) -> Result<DeviceName, CoreError> {
+        let mut chars = s.chars();
+        let valid = s.len() >= 2
+            && s.len() <= 63
+            && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+            && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        if !valid {
+            return Err(CoreError::InvalidName(format!(
+                "invalid name {:?}: 2 to 63 characters, letters, digits, '_', '.', '-', starting with a letter or digit",
+                s.chars().take(80).collect::<String>()
+            )));
+        }
+        if s == "available" {
+            return Err(CoreError::InvalidName(
+                "the name \"available\" is reserved (GET /devices/available)".into(),
+            ));
+        }
+        Ok(DeviceName(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+pub const MAX_TAGS: usize = 64;
+pub const MAX_TAG_KEY: usize = 128;
+pub const MAX_TAG_VALUE: usize = 1024;
+
+/// Tags, validated: at most 64, keys 1-128 and values up to 1024
+/// characters, no control characters.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Tags(BTreeMap<String, String>);
+
+impl Tags {
+    pub fn parse(map: BTreeMap<String, String>) -> Result<Tags, CoreError> {
+        if map.len() > MAX_TAGS {
+            return Err(CoreError::InvalidTags(format!(
+                "{} tags given, at most {MAX_TAGS} allowed",
+                map.len()
+            )));
+        }
+        for (k, v) in &map {
+            if k.is_empty() || k.chars().count() > MAX_TAG_KEY || k.chars().any(char::is_control) {
+                return Err(CoreError::InvalidTags(format!(
+                    "tag key {:?} must be 1 to {MAX_TAG_KEY} characters without control characters",
+                    k.chars().take(40).collect::<String>()
+                )));
+            }
+            if v.chars().count() > MAX_TAG_VALUE || v.chars().any(char::is_control) {
+                return Err(CoreError::InvalidTags(format!(
+                    "value of tag {k:?} must be at most {MAX_TAG_VALUE} characters without control characters"
+                )));
+            }
+        }
+        Ok(Tags(map))
+    }
+
+    pub fn into_inner(self) -> BTreeMap<String, String> {
+        self.0
+    }
+}
+
+/// An instance id for attach: 1-256 printable characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceId(String);
+
+impl InstanceId {
+    pub fn parse(s: &str) -> Result<InstanceId, CoreError> {
+        if s.is_empty() || s.chars().count() > 256 || s.chars().any(char::is_control) {
+            return Err(CoreError::InvalidRequest(
+                "instance_id must be 1 to 256 characters without control characters".into(),
+            ));
+        }
+        Ok(InstanceId(s.to_owned()))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RegisterRequest {
+    pub pci_address: PciAddress,
+    pub name: Option<DeviceName>,
+    pub tags: Tags,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct UpdateRequest {
+    pub name: Option<DeviceName>,
+    pub tags: Option<Tags>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BindRequest {
+    pub with_group: bool,
+    pub dry_run: bool,
+}
+
+/// What a bind does or would do.
+#[derive(Debug, Clone, Serialize)]
+pub struct BindPlan {
+    pub vfio_driver: String,
+    pub iommu_group: u32,
+    /// Every function that moves, the device first; `from` is the driver it
+    /// leaves (and gets back on unbind).
+    pub moves: Vec<Move>,
+    /// The sysfs writes, in order, for the operator to read.
+    pub steps: Vec<String>,
+    /// Nothing to do: the device is on vfio already.
+    pub already_bound: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct BindOutcome {
+    pub device: DeviceRecord,
+    pub plan: BindPlan,
+}
+
+/// Operational facts for `GET /health`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Health {
+    pub version: &'static str,
+    pub uptime_s: u64,
+    pub vfio_pci_available: bool,
+    pub iommu_enabled: bool,
+    pub privileged: bool,
+    pub registered_devices: usize,
+    pub hotplug: String,
+    pub pci_ids: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CoreOptions {
+    pub load_modules: bool,
+    pub reclaim: bool,
+    /// Whether this process may write to the hardware (root, or a fake
+    /// tree in tests).
+    pub privileged: bool,
+}
+
+/// What a hotplug or driver uevent says happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HotplugEvent {
+    Add(PciAddress),
+    Remove(PciAddress),
+    Bind {
+        address: PciAddress,
+        driver: Option<String>,
+    },
+    Unbind(PciAddress),
+    Change(PciAddress),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum LockKey {
+    Group(u32),
+    Device(PciAddress),
+}
+
+pub struct Core {
+    engine: Engine,
+    ids: Arc<PciIds>,
+    store: Arc<Store>,
+    registry: RwLock<Arc<Registry>>,
+    commit_lock: tokio::sync::Mutex<()>,
+    op_locks: Mutex<HashMap<LockKey, Arc<tokio::sync::Mutex<()>>>>,
+    events: EventBus,
+    options: CoreOptions,
+    started: Instant,
+    hotplug_source: Mutex<String>,
+    /// For tasks that outlive a request (late-write watchers).
+    me: std::sync::Weak<Core>,
+}
+
+fn conflict(e: RegistryConflict) -> CoreError {
+    CoreError::Conflict(e.to_string())
+}
+
+fn plan_steps(sysfs: &Sysfs, moves: &[Move], vfio: &str, group: u32) -> Vec<String> {
+    let mut steps = Vec::new();
+    for m in moves {
+        let a = m.pci_address;
+        if m.from.as_deref() == Some(vfio) {
+            continue;
+        }
+        steps.push(format!(
+            "write {vfio:?} to {}",
+            sysfs.driver_override_path(&a).display()
+        ));
+        if let Some(d) = &m.from {
+            steps.push(format!(
+                "write {a} to {}",
+                sysfs.driver_dir(d).join("unbind").display()
+            ));
+        }
+        steps.push(format!(
+            "write {a} to {}",
+            sysfs.drivers_probe_path().display()
+        ));
+        steps.push(format!("check {a} is bound to {vfio}"));
+    }
+    if !steps.is_empty() {
+        steps.push(format!(
+            "check {} exists",
+            sysfs.vfio_group_node(group).display()
+        ));
+    }
+    steps
+}
+
+impl Core {
+    /// Loads the registry from `store`; reconcile with the hardware
+    /// separately with [`Core::reconcile`] once hotplug is subscribed.
+    pub fn new(
+        engine: Engine,
+        store: Store,
+        ids: PciIds,
+        options: CoreOptions,
+    ) -> Result<Arc<Core>, CoreError> {
+        let registry = store.load()?;
+        Ok(Arc::new_cyclic(|me| Core {
+            me: me.clone(),
+            engine,
+            ids: Arc::new(ids),
+            store: Arc::new(store),
+            registry: RwLock::new(Arc::new(registry)),
+            commit_lock: tokio::sync::Mutex::new(()),
+            op_locks: Mutex::new(HashMap::new()),
+            events: EventBus::default(),
+            options,
+            started: Instant::now(),
+            hotplug_source: Mutex::new("none".into()),
+        }))
+    }
+
+    pub fn sysfs(&self) -> &Sysfs {
+        self.engine.sysfs()
+    }
+
+    pub fn ids(&self) -> &PciIds {
+        &self.ids
+    }
+
+    pub fn events(&self) -> &EventBus {
+        &self.events
+    }
+
+    pub fn snapshot(&self) -> Arc<Registry> {
+        self.registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_hotplug_source(&self, source: &str) {
+        *self
+            .hotplug_source
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = source.to_owned();
+    }
+
+    /// Applies `change` to a copy of the registry, saves it, then publishes
+    /// it. `change` returning an error leaves everything as it was.
+    async fn commit<T>(
+        &self,
+        change: impl FnOnce(&mut Registry) -> Result<T, CoreError>,
+    ) -> Result<T, CoreError> {
+        let _one_writer = self.commit_lock.lock().await;
+        let mut next = (*self.snapshot()).clone();
+        let out = change(&mut next)?;
+        let next = Arc::new(next);
+        let store = self.store.clone();
+        let to_save = next.clone();
+        tokio::task::spawn_blocking(move || store.save(&to_save))
+            .await
+            .map_err(|e| CoreError::Internal(format!("state writer: {e}")))??;
+        *self.registry.write().unwrap_or_else(|p| p.into_inner()) = next;
+        Ok(out)
+    }
+
+    /// Like `commit`, for changes to one device that may have been deleted
+    /// meanwhile (then nothing happens).
+    async fn update_device(
+        &self,
+        addr: PciAddress,
+        change: impl FnOnce(&mut DeviceRecord),
+    ) -> Result<Option<DeviceRecord>, CoreError> {
+        self.commit(|reg| {
+            Ok(reg.get_mut_by_address(&addr).map(|d| {
+                change(d);
+                d.clone()
+            }))
+        })
+        .await
+    }
+
+    fn op_lock(&self, key: LockKey) -> Arc<tokio::sync::Mutex<()>> {
+        self.op_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default()
+            .clone()
+    }
+
+    fn lock_key(record: &DeviceRecord) -> LockKey {
+        match record.iommu_group {
+            Some(g) => LockKey::Group(g),
+            None => LockKey::Device(record.pci_address),
+        }
+    }
+
+    fn resolve(&self, id_or_name: &str) -> Result<DeviceRecord, CoreError> {
+        self.snapshot()
+            .resolve(id_or_name)
+            .cloned()
+            .ok_or_else(|| CoreError::NotFound(id_or_name.chars().take(80).collect()))
+    }
+
+    fn publish(&self, kind: EventKind, d: &DeviceRecord) -> Event {
+        Event::new(kind, Some(d.pci_address), Some(d.id.clone()))
+    }
+
+    // ---- reads ----
+
+    pub fn list(&self, tag_filter: &[(String, String)]) -> Vec<DeviceRecord> {
+        self.snapshot()
+            .iter()
+            .filter(|d| tag_filter.iter().all(|(k, v)| d.tags.get(k) == Some(v)))
+            .cloned()
+            .collect()
+    }
+
+    pub fn get(&self, id_or_name: &str) -> Result<DeviceRecord, CoreError> {
+        self.resolve(id_or_name)
+    }
+
+    /// Passthrough candidates on the bus now, registered or not.
+    pub async fn available(&self) -> Result<Vec<PciFunction>, CoreError> {
+        let sysfs = self.sysfs().clone();
+        let all = tokio::task::spawn_blocking(move || sysfs.scan())
+            .await
+            .map_err(|e| CoreError::Internal(format!("scan: {e}")))?
+            .map_err(|e| CoreError::Internal(e.to_string()))?;
+        Ok(all.into_values().filter(is_passthrough_candidate).collect())
+    }
+
+    pub fn health(&self) -> Health {
+        let sysfs = self.sysfs();
+        Health {
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_s: self.started.elapsed().as_secs(),
+            vfio_pci_available: sysfs.driver_loaded(VFIO_PCI),
+            iommu_enabled: sysfs.iommu_enabled(),
+            privileged: self.options.privileged,
+            registered_devices: self.snapshot().len(),
+            hotplug: self
+                .hotplug_source
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            pci_ids: self.ids.source().map(|p| p.display().to_string()),
+        }
+    }
+
+    // ---- registry mutations ----
+
+    pub async fn register(
+        &self,
+        caller: Caller,
+        req: RegisterRequest,
+    ) -> Result<DeviceRecord, CoreError> {
+        let addr = req.pci_address;
+        let function = self
+            .sysfs()
+            .read_function(&addr)
+            .map_err(|e| CoreError::Internal(e.to_string()))?
+            .ok_or(CoreError::PciDeviceNotFound(addr))?;
+        let name = req.name.map(|n| n.0).unwrap_or_else(|| addr.default_name());
+        let driver = function.driver.clone();
+        let record = DeviceRecord {
+            id: cuid2::create_id(),
+            name,
+            pci_address: addr,
+            vendor_id: function.vendor_id,
+            device_id: function.device_id,
+            subsystem_vendor_id: function.subsystem_vendor_id,
+            subsystem_device_id: function.subsystem_device_id,
+            class: function.class,
+            iommu_group: function.iommu_group,
+            created_at: Utc::now(),
+            tags: req.tags.into_inner(),
+            attached_to: None,
+            original_driver: driver.clone().filter(|d| !is_vfio_driver(d)),
+            bound_by_vfiod: false,
+            vfio_driver: None,
+            companions: vec![],
+            pending: None,
+            present: true,
+            current_driver: driver,
+            stuck: false,
+            identity_mismatch: false,
+        };
+        let stored = record.clone();
+        self.commit(move |reg| reg.insert(stored).map_err(conflict))
+            .await?;
+        tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, id = %record.id, name = %record.name, "registered device");
+        self.events
+            .publish(self.publish(EventKind::Registered, &record));
+        Ok(record)
+    }
+
+    pub async fn update(
+        &self,
+        caller: Caller,
+        id_or_name: &str,
+        req: UpdateRequest,
+    ) -> Result<DeviceRecord, CoreError> {
+        let addr = self.resolve(id_or_name)?.pci_address;
+        let updated = self
+            .commit(|reg| {
+                if let Some(name) = &req.name {
+                    reg.rename(&addr, name.as_str()).map_err(conflict)?;
+                }
+                let d = reg
+                    .get_mut_by_address(&addr)
+                    .ok_or_else(|| CoreError::NotFound(id_or_name.to_owned()))?;
+                if let Some(tags) = req.tags {
+                    d.tags = tags.into_inner();
+                }
+                Ok(d.clone())
+            })
+            .await?;
+        tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, name = %updated.name, "updated device");
+        self.events
+            .publish(self.publish(EventKind::Updated, &updated));
+        Ok(updated)
+    }
+
+    /// Unregisters a device, first giving back a driver vfiod took. If that
+    /// fails the device stays registered.
+    pub async fn delete(&self, caller: Caller, id_or_name: &str) -> Result<(), CoreError> {
+        let record = self.resolve(id_or_name)?;
+        let lock = self.op_lock(Self::lock_key(&record));
+        let _group = lock.lock().await;
+        let record = self.resolve(&record.id)?;
+        if let Some(instance) = &record.attached_to {
+            return Err(CoreError::InUse {
+                device: record.name.clone(),
+                instance: instance.clone(),
+            });
+        }
+        if record.bound_by_vfiod && record.present {
+            self.unbind_locked(caller, &record).await?;
+        }
+        let addr = record.pci_address;
+        self.commit(|reg| {
+            reg.remove(&addr);
+            Ok(())
+        })
+        .await?;
+        tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, id = %record.id, "unregistered device");
+        self.events
+            .publish(self.publish(EventKind::Unregistered, &record));
+        Ok(())
+    }
+
+    // ---- driver moves ----
+
+    fn require_privileged(&self) -> Result<(), CoreError> {
+        if self.options.privileged {
+            Ok(())
+        } else {
+            Err(CoreError::NotPrivileged(
+                "vfiod runs without root privileges, so it serves reads and registry changes but cannot move drivers; run it as root (systemctl start vfiod)".into(),
+            ))
+        }
+    }
+
+    /// The vfio driver to use, loading vfio-pci if configured to.
+    async fn vfio_driver(&self) -> Result<String, CoreError> {
+        if self.sysfs().driver_loaded(VFIO_PCI) {
+            return Ok(VFIO_PCI.into());
+        }
+        if self.options.load_modules {
+            let status = tokio::process::Command::new("modprobe")
+                .arg("vfio-pci")
+                .status()
+                .await;
+            match status {
+                Ok(s) if s.success() && self.sysfs().driver_loaded(VFIO_PCI) => {
+                    return Ok(VFIO_PCI.into())
+                }
+                Ok(s) => tracing::warn!(status = %s, "modprobe vfio-pci did not load it"),
+                Err(e) => tracing::warn!(error = %e, "could not run modprobe vfio-pci"),
+            }
+        }
+        Err(CoreError::VfioUnavailable(format!(
+            "the vfio-pci driver is not loaded ({} does not exist): run `modprobe vfio-pci`, or set load_modules = true in the config",
+            self.sysfs().driver_dir(VFIO_PCI).display()
+        )))
+    }
+
+    /// Checks and plans a bind of `record` (group lock held).
+    async fn plan_bind(
+        &self,
+        record: &DeviceRecord,
+        with_group: bool,
+    ) -> Result<BindPlan, CoreError> {
+        let sysfs = self.sysfs();
+        let addr = record.pci_address;
+        if record.stuck {
+            return Err(CoreError::DeviceStuck(addr));
+        }
+        let function = sysfs
+            .read_function(&addr)
+            .map_err(|e| CoreError::Internal(e.to_string()))?
+            .ok_or(CoreError::NotPresent(addr))?;
+        let vfio_driver = self.vfio_driver().await?;
+        let group = function.iommu_group.ok_or(CoreError::NoIommuGroup(addr))?;
+        let mut moves = vec![Move {
+            pci_address: addr,
+            from: function.driver.clone(),
+        }];
+        let mut others = Vec::new();
+        for member in sysfs.group_members(group) {
+            if member == addr {
+                continue;
+            }
+            let Ok(Some(f)) = sysfs.read_function(&member) else {
+                continue;
+            };
+            match &f.driver {
+                Some(d) if !f.is_bridge() && !is_vfio_driver(d) => {
+                    others.push((member, d.clone()));
+                    moves.push(Move {
+                        pci_address: member,
+                        from: Some(d.clone()),
+                    });
+                }
+                _ => {}
+            }
+        }
+        if !others.is_empty() && !with_group {
+            return Err(CoreError::GroupConflict {
+                device: addr,
+                group,
+                others,
+            });
+        }
+        let already_bound =
+            function.driver.as_deref().is_some_and(is_vfio_driver) && moves.len() == 1;
+        Ok(BindPlan {
+            steps: plan_steps(sysfs, &moves, &vfio_driver, group),
+            vfio_driver,
+            iommu_group: group,
+            moves,
+            already_bound,
+        })
+    }
+
+    pub async fn bind(
+        &self,
+        caller: Caller,
+        id_or_name: &str,
+        req: BindRequest,
+    ) -> Result<BindOutcome, CoreError> {
+        let record = self.resolve(id_or_name)?;
+        let lock = self.op_lock(Self::lock_key(&record));
+        let _group = lock.lock().await;
+        let record = self.resolve(&record.id)?;
+        self.bind_locked(caller, &record, req).await
+    }
+
+    async fn bind_locked(
+        &self,
+        caller: Caller,
+        record: &DeviceRecord,
+        req: BindRequest,
+    ) -> Result<BindOutcome, CoreError> {
+        let plan = self.plan_bind(record, req.with_group).await?;
+        if req.dry_run || plan.already_bound {
+            return Ok(BindOutcome {
+                device: record.clone(),
+                plan,
+            });
+        }
+        self.require_privileged()?;
+        let addr = record.pci_address;
+        tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, group = plan.iommu_group, moves = plan.moves.len(), "binding to {}", plan.vfio_driver);
+        // The intent and the drivers to restore are on disk before any write.
+        let device_from = plan.moves[0].from.clone();
+        let companions: Vec<Companion> = plan.moves[1..]
+            .iter()
+            .map(|m| Companion {
+                pci_address: m.pci_address,
+                original_driver: m.from.clone(),
+            })
+            .collect();
+        let vfio = plan.vfio_driver.clone();
+        self.update_device(addr, |d| {
+            d.pending = Some(PendingOp::Bind {
+                vfio_driver: vfio.clone(),
+            });
+            if !device_from.as_deref().is_some_and(is_vfio_driver) {
+                d.original_driver = device_from.clone();
+            }
+            d.companions = companions;
+        })
+        .await?;
+        let result = self
+            .engine
+            .to_vfio(&plan.moves, &plan.vfio_driver, plan.iommu_group)
+            .await;
+        let current = self.sysfs().driver(&addr);
+        match result {
+            Ok(()) => {
+                let vfio = plan.vfio_driver.clone();
+                let device = self
+                    .update_device(addr, |d| {
+                        d.pending = None;
+                        d.bound_by_vfiod = true;
+                        d.vfio_driver = Some(vfio);
+                        d.current_driver = current.clone();
+                        d.present = true;
+                    })
+                    .await?
+                    .unwrap_or_else(|| record.clone());
+                tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, driver = ?current, "bound");
+                self.events
+                    .publish(self.publish(EventKind::Bind, &device).driver(current));
+                Ok(BindOutcome { device, plan })
+            }
+            Err(mut failure) => {
+                let timed_out = failure.error.is_timeout();
+                if let Some(late) = failure.error.take_late_write() {
+                    self.watch_late_write(addr, late);
+                }
+                self.update_device(addr, |d| {
+                    d.current_driver = current.clone();
+                    if timed_out {
+                        // Keep `pending`: the next start (or the late write's
+                        // return) settles where the device ends up.
+                        d.stuck = true;
+                    } else {
+                        d.pending = None;
+                        d.companions.clear();
+                    }
+                })
+                .await?;
+                let err = CoreError::move_failed("bind", addr, failure.error, failure.rollback);
+                tracing::error!(uid = caller.uid, pid = caller.pid, device = %addr, error = %err, "bind failed");
+                let kind = if timed_out {
+                    EventKind::DeviceStuck
+                } else {
+                    EventKind::BindFailed
+                };
+                self.events
+                    .publish(self.publish(kind, record).detail(err.to_string()));
+                Err(err)
+            }
+        }
+    }
+
+    pub async fn unbind(
+        &self,
+        caller: Caller,
+        id_or_name: &str,
+    ) -> Result<DeviceRecord, CoreError> {
+        let record = self.resolve(id_or_name)?;
+        let lock = self.op_lock(Self::lock_key(&record));
+        let _group = lock.lock().await;
+        let record = self.resolve(&record.id)?;
+        if let Some(instance) = &record.attached_to {
+            return Err(CoreError::InUse {
+                device: record.name.clone(),
+                instance: instance.clone(),
+            });
+        }
+        self.unbind_locked(caller, &record).await
+    }
+
+    async fn unbind_locked(
+        &self,
+        caller: Caller,
+        record: &DeviceRecord,
+    ) -> Result<DeviceRecord, CoreError> {
+        let addr = record.pci_address;
+        if !record.bound_by_vfiod {
+            return Err(CoreError::NotBoundByVfiod(record.name.clone()));
+        }
+        if record.stuck {
+            return Err(CoreError::DeviceStuck(addr));
+        }
+        if !self.sysfs().is_present(&addr) {
+            return Err(CoreError::NotPresent(addr));
+        }
+        self.require_privileged()?;
+        tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, to = ?record.original_driver, "unbinding from vfio");
+        self.update_device(addr, |d| d.pending = Some(PendingOp::Unbind))
+            .await?;
+        let moves = restore_moves(record);
+        let result = self.engine.restore(&moves).await;
+        let current = self.sysfs().driver(&addr);
+        match result {
+            Ok(()) => {
+                let device = self
+                    .update_device(addr, |d| {
+                        d.pending = None;
+                        d.bound_by_vfiod = false;
+                        d.vfio_driver = None;
+                        d.companions.clear();
+                        d.current_driver = current.clone();
+                    })
+                    .await?
+                    .unwrap_or_else(|| record.clone());
+                tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, driver = ?current, "unbound");
+                self.events
+                    .publish(self.publish(EventKind::Unbind, &device).driver(current));
+                Ok(device)
+            }
+            Err(mut error) => {
+                let timed_out = error.is_timeout();
+                if let Some(late) = error.take_late_write() {
+                    self.watch_late_write(addr, late);
+                }
+                let still_vfio = current.as_deref().is_some_and(is_vfio_driver);
+                self.update_device(addr, |d| {
+                    d.current_driver = current.clone();
+                    if timed_out {
+                        d.stuck = true;
+                    } else {
+                        d.pending = None;
+                        d.bound_by_vfiod = still_vfio;
+                    }
+                })
+                .await?;
+                let err = CoreError::move_failed("unbind", addr, error, None);
+                tracing::error!(uid = caller.uid, pid = caller.pid, device = %addr, error = %err, "unbind failed");
+                let kind = if timed_out {
+                    EventKind::DeviceStuck
+                } else {
+                    EventKind::UnbindFailed
+                };
+                self.events
+                    .publish(self.publish(kind, record).detail(err.to_string()));
+                Err(err)
+            }
+        }
+    }
+
+    pub async fn attach(
+        &self,
+        caller: Caller,
+        id_or_name: &str,
+        instance: InstanceId,
+    ) -> Result<DeviceRecord, CoreError> {
+        let record = self.resolve(id_or_name)?;
+        let lock = self.op_lock(Self::lock_key(&record));
+        let _group = lock.lock().await;
+        let record = self.resolve(&record.id)?;
+        match &record.attached_to {
+            Some(current) if *current == instance.0 => return Ok(record),
+            Some(current) => {
+                return Err(CoreError::InUse {
+                    device: record.name.clone(),
+                    instance: current.clone(),
+                })
+            }
+            None => {}
+        }
+        let on_vfio = self
+            .sysfs()
+            .driver(&record.pci_address)
+            .as_deref()
+            .is_some_and(is_vfio_driver);
+        if !on_vfio {
+            self.bind_locked(caller, &record, BindRequest::default())
+                .await?;
+        }
+        let addr = record.pci_address;
+        let instance_id = instance.0.clone();
+        let device = self
+            .update_device(addr, |d| d.attached_to = Some(instance_id))
+            .await?
+            .ok_or_else(|| CoreError::NotFound(id_or_name.to_owned()))?;
+        tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, instance = %instance.0, "attached");
+        self.events.publish(
+            self.publish(EventKind::Attach, &device)
+                .instance(Some(instance.0)),
+        );
+        Ok(device)
+    }
+
+    pub async fn detach(
+        &self,
+        caller: Caller,
+        id_or_name: &str,
+        keep_bound: bool,
+    ) -> Result<DeviceRecord, CoreError> {
+        let record = self.resolve(id_or_name)?;
+        let lock = self.op_lock(Self::lock_key(&record));
+        let _group = lock.lock().await;
+        let record = self.resolve(&record.id)?;
+        let addr = record.pci_address;
+        let mut device = record.clone();
+        if let Some(instance) = record.attached_to.clone() {
+            device = self
+                .update_device(addr, |d| d.attached_to = None)
+                .await?
+                .ok_or_else(|| CoreError::NotFound(id_or_name.to_owned()))?;
+            tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, instance = %instance, "detached");
+            self.events.publish(
+                self.publish(EventKind::Detach, &device)
+                    .instance(Some(instance)),
+            );
+        }
+        if !keep_bound && device.bound_by_vfiod && device.present {
+            device = self.unbind_locked(caller, &device).await?;
+        }
+        Ok(device)
+    }
+
+    /// When a write that timed out finally returns, re-reads the device,
+    /// clears `stuck` and settles the recorded operation.
+    fn watch_late_write(&self, addr: PciAddress, late: crate::engine::LateWrite) {
+        let Some(core) = self.me.upgrade() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let result = late.await;
+            tracing::warn!(device = %addr, result = ?result.as_ref().map(|r| r.as_ref().map_err(|e| e.to_string())), "stuck sysfs write returned");
+            let Some(record) = core.snapshot().get_by_address(&addr).cloned() else {
+                return;
+            };
+            let lock = core.op_lock(Self::lock_key(&record));
+            let _group = lock.lock().await;
+            let current = core.sysfs().driver(&addr);
+            if let Ok(Some(d)) = core
+                .update_device(addr, |d| {
+                    d.stuck = false;
+                    d.current_driver = current.clone();
+                })
+                .await
+            {
+                core.events
+                    .publish(core.publish(EventKind::DeviceUnstuck, &d).driver(current));
+                core.settle_pending(&d).await;
+            }
+        });
+    }
+
+    /// Finishes an operation recorded before a crash or a stuck write: a
+    /// bind is completed, an unbind is completed. Never touches an attached
+    /// device's driver unless to put it (back) on vfio.
+    async fn settle_pending(&self, record: &DeviceRecord) {
+        let addr = record.pci_address;
+        let Some(op) = record.pending.clone() else {
+            return;
+        };
+        if !self.sysfs().is_present(&addr) || !self.options.privileged {
+            return;
+        }
+        tracing::info!(device = %addr, op = ?op, "settling an operation left unfinished");
+        match op {
+            PendingOp::Bind { vfio_driver } => {
+                let group = self.sysfs().iommu_group(&addr).unwrap_or(u32::MAX);
+                let mut moves = vec![Move {
+                    pci_address: addr,
+                    from: record.original_driver.clone(),
+                }];
+                moves.extend(record.companions.iter().map(|c| Move {
+                    pci_address: c.pci_address,
+                    from: c.original_driver.clone(),
+                }));
+                let result = self.engine.to_vfio(&moves, &vfio_driver, group).await;
+                let current = self.sysfs().driver(&addr);
+                let ok = result.is_ok();
+                if let Err(f) = &result {
+                    tracing::error!(device = %addr, error = %f.error, "could not finish the recorded bind; rolled back");
+                }
+                let _ = self
+                    .update_device(addr, |d| {
+                        d.pending = None;
+                        d.bound_by_vfiod = ok;
+                        d.vfio_driver = ok.then_some(vfio_driver.clone());
+                        if !ok {
+                            d.companions.clear();
+                        }
+                        d.current_driver = current;
+                    })
+                    .await;
+            }
+            PendingOp::Unbind => {
+                if record.attached_to.is_some() {
+                    return;
+                }
+                let result = self.engine.restore(&restore_moves(record)).await;
+                let current = self.sysfs().driver(&addr);
+                if let Err(e) = &result {
+                    tracing::error!(device = %addr, error = %e, "could not finish the recorded unbind");
+                }
+                let still_vfio = current.as_deref().is_some_and(is_vfio_driver);
+                let _ = self
+                    .update_device(addr, |d| {
+                        d.pending = None;
+                        d.bound_by_vfiod = still_vfio;
+                        if !still_vfio {
+                            d.vfio_driver = None;
+                            d.companions.clear();
+                        }
+                        d.current_driver = current;
+                    })
+                    .await;
+            }
+        }
+    }
+
+    // ---- startup and hotplug ----
+
+    /// Brings the registry in line with the bus: presence and drivers,
+    /// unfinished operations, and devices that should be on vfio but are
+    /// not (after a reboot). Never unbinds a device from vfio.
+    pub async fn reconcile(&self) -> Result<(), CoreError> {
+        let sysfs = self.sysfs().clone();
+        let bus = tokio::task::spawn_blocking(move || sysfs.scan())
+            .await
+            .map_err(|e| CoreError::Internal(format!("scan: {e}")))?
+            .map_err(|e| CoreError::Internal(e.to_string()))?;
+        let changed = self
+            .commit(|reg| {
+                let mut changed = Vec::new();
+                let addrs: Vec<PciAddress> = reg.iter().map(|d| d.pci_address).collect();
+                for addr in addrs {
+                    let d = reg.get_mut_by_address(&addr).expect("listed");
+                    let before = d.clone();
+                    match bus.get(&addr) {
+                        Some(f) => {
+                            d.present = true;
+                            d.current_driver = f.driver.clone();
+                            d.iommu_group = f.iommu_group;
+                            d.stuck = false;
+                            d.identity_mismatch = !same_identity(d, f);
+                        }
+                        None => {
+                            d.present = false;
+                            d.current_driver = None;
+                            d.stuck = false;
+                        }
+                    }
+                    if *d != before {
+                        changed.push(d.clone());
+                    }
+                }
+                Ok(changed)
+            })
+            .await?;
+        for d in &changed {
+            tracing::info!(device = %d.pci_address, present = d.present, driver = ?d.current_driver, "reconciled with the bus");
+        }
+        for record in self.snapshot().iter().cloned().collect::<Vec<_>>() {
+            if record.pending.is_some() {
+                self.settle_pending(&record).await;
+            } else if self.wants_vfio(&record) && !record.bound_to_vfio() {
+                self.rebind_to_vfio(&record).await;
+            }
+        }
+        Ok(())
+    }
+
+    fn wants_vfio(&self, record: &DeviceRecord) -> bool {
+        record.present
+            && !record.identity_mismatch
+            && (record.bound_by_vfiod || record.attached_to.is_some())
+    }
+
+    /// Puts a device back on vfio after it came back (boot, hotplug), with
+    /// the full checks of a bind.
+    async fn rebind_to_vfio(&self, record: &DeviceRecord) {
+        if !self.options.privileged {
+            return;
+        }
+        let lock = self.op_lock(Self::lock_key(record));
+        let _group = lock.lock().await;
+        let Some(current) = self.snapshot().get_by_address(&record.pci_address).cloned() else {
+            return;
+        };
+        let with_group = !current.companions.is_empty();
+        // It is ours again to restore: take the driver it came back with as
+        // the one to return to only if we have none recorded.
+        let req = BindRequest {
+            with_group,
+            dry_run: false,
+        };
+        let mut current = current;
+        current.bound_by_vfiod = false;
+        if let Err(e) = self.bind_locked(Caller::AGENT, &current, req).await {
+            tracing::error!(device = %record.pci_address, error = %e, "could not put a returning device back on vfio");
+        }
+    }
+
+    /// Rebinds in the background so the event loop keeps up with the bus.
+    fn spawn_rebind(&self, record: DeviceRecord) {
+        if let Some(core) = self.me.upgrade() {
+            tokio::spawn(async move { core.rebind_to_vfio(&record).await });
+        }
+    }
+
+    pub async fn handle_hotplug(&self, event: HotplugEvent) {
+        match event {
+            HotplugEvent::Remove(addr) => {
+                let device = self
+                    .update_device(addr, |d| {
+                        d.present = false;
+                        d.current_driver = None;
+                    })
+                    .await
+                    .ok()
+                    .flatten();
+                if let Some(d) = &device {
+                    tracing::warn!(device = %addr, id = %d.id, attached_to = ?d.attached_to, "registered device left the bus");
+                }
+                self.events.publish(Event::new(
+                    EventKind::HotplugRemove,
+                    Some(addr),
+                    device.map(|d| d.id),
+                ));
+            }
+            HotplugEvent::Add(addr) | HotplugEvent::Change(addr) => {
+                let Ok(Some(function)) = self.sysfs().read_function(&addr) else {
+                    return;
+                };
+                let is_add = matches!(event, HotplugEvent::Add(_));
+                let device = self
+                    .update_device(addr, |d| {
+                        d.present = true;
+                        d.current_driver = function.driver.clone();
+                        d.iommu_group = function.iommu_group;
+                        d.identity_mismatch = !same_identity(d, &function);
+                    })
+                    .await
+                    .ok()
+                    .flatten();
+                if is_add {
+                    self.events.publish(
+                        Event::new(
+                            EventKind::HotplugAdd,
+                            Some(addr),
+                            device.as_ref().map(|d| d.id.clone()),
+                        )
+                        .driver(function.driver.clone()),
+                    );
+                }
+                let Some(device) = device else { return };
+                if device.identity_mismatch {
+                    tracing::error!(device = %addr, expected = format!("{:04x}:{:04x}", device.vendor_id, device.device_id), found = format!("{:04x}:{:04x}", function.vendor_id, function.device_id), "a different device answers at a registered address; leaving it alone");
+                    self.events
+                        .publish(self.publish(EventKind::IdentityMismatch, &device).detail(
+                            format!(
+                                "found {:04x}:{:04x} subsystem {:04x}:{:04x}",
+                                function.vendor_id,
+                                function.device_id,
+                                function.subsystem_vendor_id,
+                                function.subsystem_device_id
+                            ),
+                        ));
+                } else if is_add && self.wants_vfio(&device) && !device.bound_to_vfio() {
+                    self.spawn_rebind(device);
+                }
+            }
+            HotplugEvent::Bind { address, driver } => {
+                let driver = driver.or_else(|| self.sysfs().driver(&address));
+                let device = self
+                    .update_device(address, |d| d.current_driver = driver.clone())
+                    .await
+                    .ok()
+                    .flatten();
+                self.events.publish(
+                    Event::new(
+                        EventKind::DriverBound,
+                        Some(address),
+                        device.as_ref().map(|d| d.id.clone()),
+                    )
+                    .driver(driver.clone()),
+                );
+                if let Some(d) = device {
+                    let stolen = d.bound_by_vfiod
+                        && d.pending.is_none()
+                        && !d.stuck
+                        && !driver.as_deref().is_some_and(is_vfio_driver);
+                    if stolen {
+                        tracing::warn!(device = %address, driver = ?driver, "a device vfiod holds on vfio was bound to another driver by someone else");
+                        self.events
+                            .publish(self.publish(EventKind::DriverStolen, &d).driver(driver));
+                        if self.options.reclaim {
+                            self.spawn_rebind(d);
+                        }
+                    }
+                }
+            }
+            HotplugEvent::Unbind(addr) => {
+                let device = self
+                    .update_device(addr, |d| d.current_driver = None)
+                    .await
+                    .ok()
+                    .flatten();
+                self.events.publish(Event::new(
+                    EventKind::DriverUnbound,
+                    Some(addr),
+                    device.map(|d| d.id),
+                ));
+            }
+        }
+    }
+}
+
+fn same_identity(d: &DeviceRecord, f: &PciFunction) -> bool {
+    d.vendor_id == f.vendor_id
+        && d.device_id == f.device_id
+        && d.subsystem_vendor_id == f.subsystem_vendor_id
+        && d.subsystem_device_id == f.subsystem_device_id
+}
+
+fn restore_moves(record: &DeviceRecord) -> Vec<Move> {
+    let mut moves = vec![Move {
+        pci_address: record.pci_address,
+        from: record.original_driver.clone(),
+    }];
+    moves.extend(record.companions.iter().map(|c| Move {
+        pci_address: c.pci_address,
+        from: c.original_driver.clone(),
+    }));
+    moves
+}

@@ -1,0 +1,430 @@
+//! The driver-rebinding engine: the exact sysfs sequences that move PCI
+//! functions to a vfio driver and back, each step checked, with rollback.
+//!
+//! Moving to vfio, per function: write `driver_override`, unbind from the
+//! current driver and wait for the `driver` link to go, write
+//! `drivers_probe`, and wait for the `driver` link to name the vfio driver;
+//! once every function is moved, the VFIO group node must exist under the
+//! devfs root. `new_id` is never used: it would capture every device with
+//! the same IDs. Restoring reverses it: clear the override, unbind from
+//! vfio, probe, and verify the recorded driver is back (explicitly `bind`ing
+//! it if the probe picked another).
+//!
+//! Every write runs on its own thread with a timeout. A write the kernel
+//! does not return from (a driver refusing to let go) is reported as
+//! [`EngineError::Timeout`] and no rollback is attempted: further writes
+//! would queue behind the kernel's device lock. The thread is left to
+//! finish on its own; the caller gets a [`LateWrite`] to learn when it does.
+//!
+//! The engine holds no state and takes no locks; the core serialises
+//! operations per IOMMU group.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use crate::pci::{PciAddress, Sysfs, SysfsError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    SetOverride,
+    Unbind,
+    Probe,
+    VerifyDriver,
+    VerifyGroupNode,
+    ClearOverride,
+    Bind,
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            Step::SetOverride => "set driver_override",
+            Step::Unbind => "unbind",
+            Step::Probe => "drivers_probe",
+            Step::VerifyDriver => "verify driver",
+            Step::VerifyGroupNode => "verify VFIO group node",
+            Step::ClearOverride => "clear driver_override",
+            Step::Bind => "bind",
+        };
+        f.write_str(name)
+    }
+}
+
+/// Resolves when a write that timed out finally returns from the kernel.
+pub type LateWrite = oneshot::Receiver<Result<(), SysfsError>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{step} failed for {device}: {source}")]
+    Write {
+        step: Step,
+        device: PciAddress,
+        #[source]
+        source: SysfsError,
+    },
+    #[error("{step} for {device}: write to {path} did not return within {timeout_ms} ms")]
+    Timeout {
+        step: Step,
+        device: PciAddress,
+        path: PathBuf,
+        timeout_ms: u64,
+        late: Option<LateWriteSlot>,
+    },
+    #[error(
+        "{step} for {device}: expected driver {}, found {}",
+        show(expected),
+        show(found)
+    )]
+    Verify {
+        step: Step,
+        device: PciAddress,
+        expected: Option<String>,
+        found: Option<String>,
+    },
+    #[error("{step} for {device}: {path} did not appear")]
+    GroupNode {
+        step: Step,
+        device: PciAddress,
+        path: PathBuf,
+    },
+}
+
+fn show(driver: &Option<String>) -> &str {
+    driver.as_deref().unwrap_or("no driver")
+}
+
+/// Wrapper so the error stays `Debug` while carrying the receiver.
+pub struct LateWriteSlot(pub LateWrite);
+
+impl fmt::Debug for LateWriteSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("LateWrite")
+    }
+}
+
+impl EngineError {
+    pub fn step(&self) -> Step {
+        match self {
+            EngineError::Write { step, .. }
+            | EngineError::Timeout { step, .. }
+            | EngineError::Verify { step, .. }
+            | EngineError::GroupNode { step, .. } => *step,
+        }
+    }
+
+    pub fn device(&self) -> PciAddress {
+        match self {
+            EngineError::Write { device, .. }
+            | EngineError::Timeout { device, .. }
+            | EngineError::Verify { device, .. }
+            | EngineError::GroupNode { device, .. } => *device,
+        }
+    }
+
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            EngineError::Write { source, .. } => source.errno(),
+            _ => None,
+        }
+    }
+
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, EngineError::Timeout { .. })
+    }
+
+    /// Takes the late-completion receiver of a timed-out write.
+    pub fn take_late_write(&mut self) -> Option<LateWrite> {
+        match self {
+            EngineError::Timeout { late, .. } => late.take().map(|slot| slot.0),
+            _ => None,
+        }
+    }
+}
+
+/// One function to move, and the driver it had before.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Move {
+    pub pci_address: PciAddress,
+    pub from: Option<String>,
+}
+
+/// A failed move to vfio: what failed, and how the rollback went.
+#[derive(Debug)]
+pub struct BindFailure {
+    pub error: EngineError,
+    /// `None` when no rollback was attempted (timeouts).
+    pub rollback: Option<Result<(), EngineError>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Engine {
+    sysfs: Sysfs,
+    write_timeout: Duration,
+    settle_timeout: Duration,
+}
+
+const POLL_INTERVAL: Duration = Duration::from_millis(1);
+
+impl Engine {
+    pub fn new(sysfs: Sysfs, write_timeout: Duration) -> Self {
+        Engine {
+            sysfs,
+            write_timeout,
+            settle_timeout: write_timeout,
+        }
+    }
+
+    pub fn sysfs(&self) -> &Sysfs {
+        &self.sysfs
+    }
+
+    /// Moves `moves` (one IOMMU group) to `vfio_driver`, rolling every
+    /// touched function back to its `from` driver on failure.
+    pub async fn to_vfio(
+        &self,
+        moves: &[Move],
+        vfio_driver: &str,
+        group: u32,
+    ) -> Result<(), BindFailure> {
+        let mut touched: Vec<&Move> = Vec::new();
+        let mut result = Ok(());
+        for m in moves {
+            touched.push(m);
+            result = self.move_one_to_vfio(m, vfio_driver).await;
+            if result.is_err() {
+                break;
+            }
+        }
+        if result.is_ok() {
+            if let Some(first) = moves.first() {
+                result = self.wait_for_group_node(first.pci_address, group).await;
+            }
+        }
+        let Err(error) = result else {
+            return Ok(());
+        };
+        if error.is_timeout() {
+            return Err(BindFailure {
+                error,
+                rollback: None,
+            });
+        }
+        let mut rollback = Ok(());
+        for m in touched.iter().rev() {
+            if let Err(e) = self.restore_one(m).await {
+                tracing::error!(device = %m.pci_address, error = %e, "rollback failed");
+                if rollback.is_ok() {
+                    rollback = Err(e);
+                }
+            }
+        }
+        Err(BindFailure {
+            error,
+            rollback: Some(rollback),
+        })
+    }
+
+    /// Gives each function back to its `from` driver (or leaves it with no
+    /// driver if it had none). Stops at the first failure.
+    pub async fn restore(&self, moves: &[Move]) -> Result<(), EngineError> {
+        for m in moves {
+            self.restore_one(m).await?;
+        }
+        Ok(())
+    }
+
+    async fn move_one_to_vfio(&self, m: &Move, vfio_driver: &str) -> Result<(), EngineError> {
+        let addr = m.pci_address;
+        let current = self.sysfs.driver(&addr);
+        if current.as_deref() == Some(vfio_driver) {
+            return Ok(());
+        }
+        self.write(
+            Step::SetOverride,
+            addr,
+            self.sysfs.driver_override_path(&addr),
+            vfio_driver,
+        )
+        .await?;
+        if let Some(driver) = current {
+            self.unbind(addr, &driver).await?;
+        }
+        self.write(
+            Step::Probe,
+            addr,
+            self.sysfs.drivers_probe_path(),
+            &addr.to_string(),
+        )
+        .await?;
+        self.wait_for_driver(addr, Some(vfio_driver)).await
+    }
+
+    async fn restore_one(&self, m: &Move) -> Result<(), EngineError> {
+        let addr = m.pci_address;
+        // A newline is how `echo > driver_override` clears it.
+        self.write(
+            Step::ClearOverride,
+            addr,
+            self.sysfs.driver_override_path(&addr),
+            "\n",
+        )
+        .await?;
+        let current = self.sysfs.driver(&addr);
+        if current == m.from {
+            return Ok(());
+        }
+        if let Some(driver) = current {
+            self.unbind(addr, &driver).await?;
+        }
+        let Some(original) = m.from.as_deref() else {
+            // It had no driver: probing could hand it to one.
+            return Ok(());
+        };
+        self.write(
+            Step::Probe,
+            addr,
+            self.sysfs.drivers_probe_path(),
+            &addr.to_string(),
+        )
+        .await?;
+        if self.wait_for_driver(addr, Some(original)).await.is_ok() {
+            return Ok(());
+        }
+        // The probe picked another driver (or none): ask for the original.
+        if let Some(other) = self.sysfs.driver(&addr) {
+            self.unbind(addr, &other).await?;
+        }
+        let bind_path = self.sysfs.driver_dir(original).join("bind");
+        self.write(Step::Bind, addr, bind_path, &addr.to_string())
+            .await?;
+        self.wait_for_driver(addr, Some(original)).await
+    }
+
+    async fn unbind(&self, addr: PciAddress, driver: &str) -> Result<(), EngineError> {
+        let path = self.sysfs.driver_dir(driver).join("unbind");
+        self.write(Step::Unbind, addr, path, &addr.to_string())
+            .await?;
+        self.wait_until(Step::Unbind, addr, None, || {
+            self.sysfs.driver(&addr).is_none()
+        })
+        .await
+    }
+
+    async fn wait_for_driver(
+        &self,
+        addr: PciAddress,
+        expected: Option<&str>,
+    ) -> Result<(), EngineError> {
+        self.wait_until(Step::VerifyDriver, addr, expected, || {
+            self.sysfs.driver(&addr).as_deref() == expected
+        })
+        .await
+    }
+
+    async fn wait_until(
+        &self,
+        step: Step,
+        addr: PciAddress,
+        expected: Option<&str>,
+        done: impl Fn() -> bool,
+    ) -> Result<(), EngineError> {
+        let deadline = tokio::time::Instant::now() + self.settle_timeout;
+        loop {
+            if done() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(EngineError::Verify {
+                    step,
+                    device: addr,
+                    expected: expected.map(str::to_owned),
+                    found: self.sysfs.driver(&addr),
+                });
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    async fn wait_for_group_node(&self, addr: PciAddress, group: u32) -> Result<(), EngineError> {
+        let path = self.sysfs.vfio_group_node(group);
+        let deadline = tokio::time::Instant::now() + self.settle_timeout;
+        while !path.exists() {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(EngineError::GroupNode {
+                    step: Step::VerifyGroupNode,
+                    device: addr,
+                    path,
+                });
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+        Ok(())
+    }
+
+    /// One attribute write on a dedicated thread, bounded by the timeout.
+    async fn write(
+        &self,
+        step: Step,
+        device: PciAddress,
+        path: PathBuf,
+        value: &str,
+    ) -> Result<(), EngineError> {
+        let (tx, rx) = oneshot::channel();
+        let (late_tx, late_rx) = oneshot::channel();
+        let thread_path = path.clone();
+        let value = value.to_owned();
+        let spawned = std::thread::Builder::new()
+            .name("sysfs-write".into())
+            .spawn(move || {
+                let result = Sysfs::write_attr(&thread_path, &value);
+                // Whoever is still listening gets the result: the caller
+                // within the timeout, the late-write watcher after it.
+                if let Err(result) = tx.send(result) {
+                    let _ = late_tx.send(result);
+                }
+            });
+        if let Err(e) = spawned {
+            return Err(EngineError::Write {
+                step,
+                device,
+                source: SysfsError {
+                    op: "spawn writer for",
+                    path,
+                    source: e,
+                },
+            });
+        }
+        match tokio::time::timeout(self.write_timeout, rx).await {
+            Ok(Ok(Ok(()))) => {
+                tracing::debug!(device = %device, %step, path = %path.display(), "sysfs write");
+                Ok(())
+            }
+            Ok(Ok(Err(source))) => Err(EngineError::Write {
+                step,
+                device,
+                source,
+            }),
+            Ok(Err(_)) => Err(EngineError::Write {
+                step,
+                device,
+                source: SysfsError {
+                    op: "write (writer thread died)",
+                    path,
+                    source: std::io::Error::other("sysfs writer thread ended without a result"),
+                },
+            }),
+            Err(_) => Err(EngineError::Timeout {
+                step,
+                device,
+                path,
+                timeout_ms: self.write_timeout.as_millis() as u64,
+                late: Some(LateWriteSlot(late_rx)),
+            }),
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! The one error type the core returns. The HTTP layer maps each variant to
+//! a status and a stable machine `code` in exactly one place
+//! (`api::error`); everything a caller can get wrong or the host can refuse
+//! is a variant here, so nothing reaches the wire as a bare 500.
+
+use crate::engine::{EngineError, Step};
+use crate::pci::PciAddress;
+use crate::registry::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("{0}")]
+    InvalidPciAddress(String),
+    #[error("{0}")]
+    InvalidName(String),
+    #[error("{0}")]
+    InvalidTags(String),
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("{0}")]
+    InvalidJson(String),
+    #[error("no PCI device at {0} on this host")]
+    PciDeviceNotFound(PciAddress),
+    #[error("no registered device with id or name {0:?}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("device {device} is attached to instance {instance:?}")]
+    InUse { device: String, instance: String },
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    VfioUnavailable(String),
+    #[error("{0}")]
+    NotPrivileged(String),
+    #[error("device {0} has no IOMMU group: enable the IOMMU (intel_iommu=on or amd_iommu=on) and check the firmware's VT-d/AMD-Vi setting")]
+    NoIommuGroup(PciAddress),
+    #[error("IOMMU group {group} of {device} has functions on other drivers: {}; move them too with with_group, or unbind them first", list_functions(.others))]
+    GroupConflict {
+        device: PciAddress,
+        group: u32,
+        others: Vec<(PciAddress, String)>,
+    },
+    #[error("device {0} was not bound to vfio by vfiod, so vfiod leaves its driver alone")]
+    NotBoundByVfiod(String),
+    #[error("device {0} is not present on the bus")]
+    NotPresent(PciAddress),
+    #[error("device {0} has a sysfs write still stuck in the kernel; retry when it returns (see GET /events)")]
+    DeviceStuck(PciAddress),
+    #[error("{0}")]
+    DriverMoveFailed(Box<MoveFailure>),
+    #[error("saving the registry failed, nothing was changed: {0}")]
+    Storage(#[from] StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// A driver move that failed: which operation, on which device, what
+/// went wrong, and how the rollback went (`None`: not attempted).
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {device}: {error}{}", rollback_note(.rollback))]
+pub struct MoveFailure {
+    pub op: &'static str,
+    pub device: PciAddress,
+    pub error: EngineError,
+    pub rollback: Option<Result<(), EngineError>>,
+}
+
+fn list_functions(others: &[(PciAddress, String)]) -> String {
+    others
+        .iter()
+        .map(|(a, d)| format!("{a} on {d}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn rollback_note(rollback: &Option<Result<(), EngineError>>) -> String {
+    match rollback {
+        None => String::new(),
+        Some(Ok(())) => "; rolled back to the previous driver".into(),
+        Some(Err(e)) => format!("; ROLLBACK ALSO FAILED: {e}"),
+    }
+}
+
+impl CoreError {
+    pub fn move_failed(
+        op: &'static str,
+        device: PciAddress,
+        error: EngineError,
+        rollback: Option<Result<(), EngineError>>,
+    ) -> CoreError {
+        CoreError::DriverMoveFailed(Box::new(MoveFailure {
+            op,
+            device,
+            error,
+            rollback,
+        }))
+    }
+
+    /// For a failed driver move: which step, errno, as structured detail.
+    pub fn step(&self) -> Option<Step> {
+        match self {
+            CoreError::DriverMoveFailed(f) => Some(f.error.step()),
+            _ => None,
+        }
+    }
+
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            CoreError::DriverMoveFailed(f) => f.error.errno(),
+            CoreError::Storage(e) => e.errno(),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! The event bus behind `GET /events`.
+//!
+//! Every event gets a sequence number and goes into a bounded ring (for
+//! `?since=SEQ` replays) and a broadcast channel (for live subscribers).
+//! Publishing never waits for a subscriber: a subscriber that falls more
+//! than the channel's capacity behind is told how many events it missed
+//! (a `lagged` event) and carries on from the oldest it can still get.
+//! Subscribing takes the ring's lock, so a replay and the live feed join
+//! without a gap or a duplicate.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Serialize, Serializer};
+use tokio::sync::broadcast;
+
+use crate::pci::PciAddress;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    HotplugAdd,
+    HotplugRemove,
+    DriverBound,
+    DriverUnbound,
+    /// A device vfiod holds on vfio was moved away by someone else.
+    DriverStolen,
+    Registered,
+    Unregistered,
+    Updated,
+    Bind,
+    BindFailed,
+    Unbind,
+    UnbindFailed,
+    Attach,
+    Detach,
+    IdentityMismatch,
+    DeviceStuck,
+    DeviceUnstuck,
+    Lagged,
+}
+
+fn rfc3339<S: Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&at.to_rfc3339_opts(SecondsFormat::Micros, true))
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub seq: u64,
+    #[serde(rename = "type")]
+    pub kind: EventKind,
+    pub pci_address: Option<PciAddress>,
+    pub device_id: Option<String>,
+    #[serde(serialize_with = "rfc3339")]
+    pub at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub missed: Option<u64>,
+}
+
+impl Event {
+    pub fn new(
+        kind: EventKind,
+        pci_address: Option<PciAddress>,
+        device_id: Option<String>,
+    ) -> Event {
+        Event {
+            seq: 0,
+            kind,
+            pci_address,
+            device_id,
+            at: Utc::now(),
+            driver: None,
+            instance_id: None,
+            detail: None,
+            missed: None,
+        }
+    }
+
+    pub fn driver(mut self, driver: Option<String>) -> Event {
+        self.driver = driver;
+        self
+    }
+
+    pub fn instance(mut self, instance_id: Option<String>) -> Event {
+        self.instance_id = instance_id;
+        self
+    }
+
+    pub fn detail(mut self, detail: impl Into<String>) -> Event {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    /// What a subscriber gets in place of `missed` events it was too slow
+    /// to take.
+    pub fn lagged(missed: u64) -> Event {
+        let mut e = Event::new(EventKind::Lagged, None, None);
+        e.missed = Some(missed);
+        e
+    }
+}
+
+pub const RING_CAPACITY: usize = 1024;
+/// Per-subscriber backlog before it is told it lagged.
+pub const CHANNEL_CAPACITY: usize = 256;
+
+pub struct EventBus {
+    ring: Mutex<Ring>,
+    live: broadcast::Sender<Arc<Event>>,
+}
+
+struct Ring {
+    next_seq: u64,
+    events: VecDeque<Arc<Event>>,
+}
+
+impl Default for EventBus {
+    fn default() -> Self {
+        EventBus {
+            ring: Mutex::new(Ring {
+                next_seq: 1,
+                events: VecDeque::with_capacity(RING_CAPACITY),
+            }),
+            live: broadcast::channel(CHANNEL_CAPACITY).0,
+        }
+    }
+}
+
+impl EventBus {
+    pub fn publish(&self, mut event: Event) {
+        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        event.seq = ring.next_seq;
+        ring.next_seq += 1;
+        tracing::debug!(kind = ?event.kind, device = ?event.pci_address, seq = event.seq, "event");
+        let event = Arc::new(event);
+        if ring.events.len() == RING_CAPACITY {
+            ring.events.pop_front();
+        }
+        ring.events.push_back(event.clone());
+        // No subscribers is not an error.
+        let _ = self.live.send(event);
+    }
+
+    /// The sequence number of the newest event (0 before the first).
+    pub fn last_seq(&self) -> u64 {
+        self.ring.lock().unwrap_or_else(|p| p.into_inner()).next_seq - 1
+    }
+
+    /// Live events from now on, preceded by the retained ones after `since`.
+    pub fn subscribe(
+        &self,
+        since: Option<u64>,
+    ) -> (Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>) {
+        let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        let backlog = match since {
+            Some(seq) => ring
+                .events
+                .iter()
+                .filter(|e| e.seq > seq)
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
+        (backlog, self.live.subscribe())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_replays_then_live_feed_continues_without_gap() {
+        let bus = EventBus::default();
+        for _ in 0..3 {
+            bus.publish(Event::new(EventKind::Registered, None, None));
+        }
+        let (backlog, mut rx) = bus.subscribe(Some(1));
+        assert_eq!(
+            backlog.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        bus.publish(Event::new(EventKind::Bind, None, None));
+        assert_eq!(rx.try_recv().unwrap().seq, 4);
+    }
+
+    #[test]
+    fn slow_subscriber_lags_instead_of_blocking_publisher() {
+        let bus = EventBus::default();
+        let (_, mut rx) = bus.subscribe(None);
+        for _ in 0..(CHANNEL_CAPACITY + 10) {
+            bus.publish(Event::new(EventKind::HotplugAdd, None, None));
+        }
+        match rx.try_recv() {
+            Err(broadcast::error::TryRecvError::Lagged(n)) => assert_eq!(n, 10),
+            other => panic!("expected lag, got {other:?}"),
+        }
+    }
+}

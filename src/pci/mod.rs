@@ -1,0 +1,72 @@
+//! The PCI model: addresses, what sysfs says about each function, IOMMU
+//! groups, and `pci.ids` names.
+
+mod address;
+pub mod ids;
+pub mod sysfs;
+
+pub use address::{InvalidPciAddress, PciAddress};
+pub use ids::PciIds;
+pub use sysfs::{PciFunction, Sysfs, SysfsError};
+
+/// Vendors whose every function is worth offering for passthrough
+/// (accelerator makers: a GPU's audio or USB-C function goes with it).
+const ACCELERATOR_VENDORS: &[u16] = &[
+    0x10de, // NVIDIA
+    0x1002, // AMD/ATI graphics
+    0x1da3, // Habana Labs (Intel Gaudi)
+    0x1e52, // Tenstorrent
+    0x1de0, // Groq
+    0x10ee, // Xilinx/AMD FPGA accelerators
+];
+
+pub fn is_gpu_class(class: u32) -> bool {
+    matches!(class >> 8, 0x0300 | 0x0302)
+}
+
+/// Whether a function belongs in `GET /devices/available`: display and 3D
+/// controllers, processing accelerators, and anything from an accelerator
+/// vendor; never a bridge.
+pub fn is_passthrough_candidate(f: &PciFunction) -> bool {
+    if f.is_bridge() {
+        return false;
+    }
+    let base_class = f.class >> 16;
+    base_class == 0x03 || base_class == 0x12 || ACCELERATOR_VENDORS.contains(&f.vendor_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn function(vendor: u16, class: u32) -> PciFunction {
+        PciFunction {
+            address: "0000:01:00.0".parse().unwrap(),
+            vendor_id: vendor,
+            device_id: 1,
+            subsystem_vendor_id: 0,
+            subsystem_device_id: 0,
+            class,
+            driver: None,
+            iommu_group: None,
+            modalias: None,
+        }
+    }
+
+    #[test]
+    fn gpu_type_is_vga_and_3d_only() {
+        assert!(is_gpu_class(0x030000));
+        assert!(is_gpu_class(0x030200));
+        assert!(!is_gpu_class(0x038000));
+        assert!(!is_gpu_class(0x040300));
+    }
+
+    #[test]
+    fn candidates_are_display_accelerators_and_accelerator_vendors_but_no_bridges() {
+        assert!(is_passthrough_candidate(&function(0x8086, 0x030000)));
+        assert!(is_passthrough_candidate(&function(0x10de, 0x040300)));
+        assert!(is_passthrough_candidate(&function(0x1234, 0x120000)));
+        assert!(!is_passthrough_candidate(&function(0x8086, 0x020000)));
+        assert!(!is_passthrough_candidate(&function(0x10de, 0x060400)));
+    }
+}

@@ -1,0 +1,264 @@
+//! Read and write access to the kernel's PCI sysfs tree under a given root.
+//!
+//! Every path vfiod touches is built here from a validated [`PciAddress`],
+//! a driver name read back from the kernel, or a group number, so nothing a
+//! caller sends is ever joined into a path. Reads are synchronous and cheap;
+//! writes go through [`Sysfs::write_attr`], which the engine runs on a
+//! dedicated thread with a timeout (a write into a driver's `unbind` can
+//! block in the kernel for as long as the driver wants).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use super::PciAddress;
+
+/// What sysfs says about one PCI function right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PciFunction {
+    pub address: PciAddress,
+    pub vendor_id: u16,
+    pub device_id: u16,
+    pub subsystem_vendor_id: u16,
+    pub subsystem_device_id: u16,
+    /// 24-bit class code: base class, subclass, programming interface.
+    pub class: u32,
+    pub driver: Option<String>,
+    pub iommu_group: Option<u32>,
+    pub modalias: Option<String>,
+}
+
+impl PciFunction {
+    /// Bridges never count for IOMMU-group viability (the kernel's vfio
+    /// does not require them to be on vfio-pci) and are never candidates.
+    pub fn is_bridge(&self) -> bool {
+        self.class >> 16 == 0x06
+    }
+
+    /// Whether two observations are the same physical device model; used
+    /// when a device reappears at a registered address.
+    pub fn same_identity(&self, other: &PciFunction) -> bool {
+        self.vendor_id == other.vendor_id
+            && self.device_id == other.device_id
+            && self.subsystem_vendor_id == other.subsystem_vendor_id
+            && self.subsystem_device_id == other.subsystem_device_id
+    }
+}
+
+/// An attribute read failed: which file, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {path}: {source}")]
+pub struct SysfsError {
+    pub op: &'static str,
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+impl SysfsError {
+    pub fn errno(&self) -> Option<i32> {
+        self.source.raw_os_error()
+    }
+}
+
+/// The kernel's sysfs (or a fake tree with the same layout) and the matching
+/// devfs, for `/dev/vfio/N`.
+#[derive(Debug, Clone)]
+pub struct Sysfs {
+    root: PathBuf,
+    devfs: PathBuf,
+}
+
+fn read_trimmed(path: &Path) -> Result<String, SysfsError> {
+    fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .map_err(|source| SysfsError {
+            op: "read",
+            path: path.to_owned(),
+            source,
+        })
+}
+
+fn parse_hex(s: &str) -> Option<u32> {
+    u32::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok()
+}
+
+fn link_name(path: &Path) -> Option<String> {
+    let target = fs::read_link(path).ok()?;
+    Some(target.file_name()?.to_str()?.to_owned())
+}
+
+impl Sysfs {
+    pub fn new(root: impl Into<PathBuf>, devfs: impl Into<PathBuf>) -> Self {
+        Sysfs {
+            root: root.into(),
+            devfs: devfs.into(),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// True when this is the machine's real sysfs, where a mistake moves a
+    /// live disk or NIC; test helpers use it to refuse mutating runs.
+    pub fn is_real(&self) -> bool {
+        fs::canonicalize(&self.root)
+            .map(|p| p == Path::new("/sys"))
+            .unwrap_or(false)
+    }
+
+    pub fn device_dir(&self, addr: &PciAddress) -> PathBuf {
+        self.root.join("bus/pci/devices").join(addr.to_string())
+    }
+
+    pub fn driver_dir(&self, driver: &str) -> PathBuf {
+        self.root.join("bus/pci/drivers").join(driver)
+    }
+
+    pub fn drivers_probe_path(&self) -> PathBuf {
+        self.root.join("bus/pci/drivers_probe")
+    }
+
+    pub fn driver_override_path(&self, addr: &PciAddress) -> PathBuf {
+        self.device_dir(addr).join("driver_override")
+    }
+
+    pub fn vfio_group_node(&self, group: u32) -> PathBuf {
+        self.devfs.join("vfio").join(group.to_string())
+    }
+
+    pub fn is_present(&self, addr: &PciAddress) -> bool {
+        self.device_dir(addr).exists()
+    }
+
+    pub fn driver(&self, addr: &PciAddress) -> Option<String> {
+        link_name(&self.device_dir(addr).join("driver"))
+    }
+
+    pub fn iommu_group(&self, addr: &PciAddress) -> Option<u32> {
+        link_name(&self.device_dir(addr).join("iommu_group"))?
+            .parse()
+            .ok()
+    }
+
+    pub fn driver_override(&self, addr: &PciAddress) -> Option<String> {
+        let value = read_trimmed(&self.driver_override_path(addr)).ok()?;
+        (!value.is_empty() && value != "(null)").then_some(value)
+    }
+
+    pub fn driver_loaded(&self, driver: &str) -> bool {
+        self.driver_dir(driver).is_dir()
+    }
+
+    /// Whether the kernel has a working IOMMU: it then populates
+    /// `kernel/iommu_groups`.
+    pub fn iommu_enabled(&self) -> bool {
+        fs::read_dir(self.root.join("kernel/iommu_groups"))
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false)
+    }
+
+    /// Reads one function; `Ok(None)` when it is not on the bus.
+    pub fn read_function(&self, addr: &PciAddress) -> Result<Option<PciFunction>, SysfsError> {
+        let dir = self.device_dir(addr);
+        if !dir.exists() {
+            return Ok(None);
+        }
+        let hex = |attr: &str| -> Result<u32, SysfsError> {
+            let path = dir.join(attr);
+            let text = read_trimmed(&path)?;
+            parse_hex(&text).ok_or_else(|| SysfsError {
+                op: "parse",
+                path,
+                source: io::Error::new(io::ErrorKind::InvalidData, format!("not hex: {text:?}")),
+            })
+        };
+        let function = PciFunction {
+            address: *addr,
+            vendor_id: hex("vendor")? as u16,
+            device_id: hex("device")? as u16,
+            subsystem_vendor_id: hex("subsystem_vendor").unwrap_or(0) as u16,
+            subsystem_device_id: hex("subsystem_device").unwrap_or(0) as u16,
+            class: hex("class")?,
+            driver: self.driver(addr),
+            iommu_group: self.iommu_group(addr),
+            modalias: read_trimmed(&dir.join("modalias")).ok(),
+        };
+        Ok(Some(function))
+    }
+
+    /// Every function on the bus, in address order. Entries that are not PCI
+    /// addresses or vanish mid-scan (hot-unplug) are skipped.
+    pub fn scan(&self) -> Result<BTreeMap<PciAddress, PciFunction>, SysfsError> {
+        let dir = self.root.join("bus/pci/devices");
+        let entries = fs::read_dir(&dir).map_err(|source| SysfsError {
+            op: "list",
+            path: dir.clone(),
+            source,
+        })?;
+        let mut found = BTreeMap::new();
+        for entry in entries.flatten() {
+            let Some(addr) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<PciAddress>().ok())
+            else {
+                continue;
+            };
+            match self.read_function(&addr) {
+                Ok(Some(f)) => {
+                    found.insert(addr, f);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(device = %addr, error = %e, "skipping unreadable PCI function")
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// The functions in an IOMMU group, in address order.
+    pub fn group_members(&self, group: u32) -> Vec<PciAddress> {
+        let dir = self
+            .root
+            .join("kernel/iommu_groups")
+            .join(group.to_string())
+            .join("devices");
+        let mut members: Vec<PciAddress> = fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        members.sort();
+        members
+    }
+
+    /// One sysfs attribute write, the way `echo value > attr` does it: the
+    /// file must exist (never created), and the whole value goes in one
+    /// `write(2)`. Blocking: callers run it off the async runtime.
+    pub fn write_attr(path: &Path, value: &str) -> Result<(), SysfsError> {
+        let err = |op, source| SysfsError {
+            op,
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| err("open", e))?;
+        let written = file.write(value.as_bytes()).map_err(|e| err("write", e))?;
+        if written != value.len() {
+            return Err(err(
+                "write",
+                io::Error::new(io::ErrorKind::WriteZero, "short write"),
+            ));
+        }
+        Ok(())
+    }
+}

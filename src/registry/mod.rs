@@ -1,0 +1,270 @@
+//! The device registry: what vfiod has been asked to set aside, and what it
+//! did to each device. Held in memory, indexed by id, name and address; the
+//! core persists every version of it through [`store::Store`] before anyone
+//! sees it.
+
+pub mod store;
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::pci::PciAddress;
+
+/// The drivers vfiod treats as "on vfio": plain vfio-pci and its vendor
+/// variants (`mlx5_vfio_pci`, `nvgrace-gpu-vfio-pci`, ...).
+pub fn is_vfio_driver(driver: &str) -> bool {
+    let normalised = driver.replace('_', "-");
+    normalised == "vfio-pci" || normalised.ends_with("-vfio-pci")
+}
+
+/// A function that vfiod moved together with a registered device because
+/// they share its IOMMU group (`with_group`); restored with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Companion {
+    pub pci_address: PciAddress,
+    pub original_driver: Option<String>,
+}
+
+/// A driver move that was recorded before vfiod touched the hardware and
+/// has not been confirmed finished: after a crash, startup finishes or
+/// undoes it according to this record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "op")]
+pub enum PendingOp {
+    Bind { vfio_driver: String },
+    Unbind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub id: String,
+    pub name: String,
+    pub pci_address: PciAddress,
+    pub vendor_id: u16,
+    pub device_id: u16,
+    pub subsystem_vendor_id: u16,
+    pub subsystem_device_id: u16,
+    pub class: u32,
+    pub iommu_group: Option<u32>,
+    pub created_at: DateTime<Utc>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub attached_to: Option<String>,
+    /// The driver to give the device back to; recorded before a bind.
+    #[serde(default)]
+    pub original_driver: Option<String>,
+    /// vfiod put this device on vfio and owes it a restore. A device found
+    /// on vfio-pci at registration is not ours to undo.
+    #[serde(default)]
+    pub bound_by_vfiod: bool,
+    /// The vfio driver vfiod bound (plain vfio-pci or a variant).
+    #[serde(default)]
+    pub vfio_driver: Option<String>,
+    #[serde(default)]
+    pub companions: Vec<Companion>,
+    #[serde(default)]
+    pub pending: Option<PendingOp>,
+    /// Last observed state of the hardware; refreshed from sysfs at startup
+    /// and by hotplug and driver events.
+    #[serde(default)]
+    pub present: bool,
+    #[serde(default)]
+    pub current_driver: Option<String>,
+    /// A sysfs write for this device timed out in the kernel; vfiod does not
+    /// know which driver it ends up on until the kernel answers.
+    #[serde(default)]
+    pub stuck: bool,
+    /// Something else answered at this address after a hot-unplug.
+    #[serde(default)]
+    pub identity_mismatch: bool,
+}
+
+impl DeviceRecord {
+    pub fn bound_to_vfio(&self) -> bool {
+        self.present && self.current_driver.as_deref().is_some_and(is_vfio_driver)
+    }
+}
+
+/// The registry proper. `devices` is keyed by address (unique on a host);
+/// the id and name indexes point into it.
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    devices: BTreeMap<PciAddress, DeviceRecord>,
+    by_id: HashMap<String, PciAddress>,
+    by_name: HashMap<String, PciAddress>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryConflict {
+    #[error("name {0:?} is already taken")]
+    Name(String),
+    #[error("PCI address {0} is already registered")]
+    Address(PciAddress),
+    #[error("id {0:?} is already taken")]
+    Id(String),
+}
+
+impl Registry {
+    pub fn from_records(
+        records: impl IntoIterator<Item = DeviceRecord>,
+    ) -> Result<Self, RegistryConflict> {
+        let mut registry = Registry::default();
+        for r in records {
+            registry.insert(r)?;
+        }
+        Ok(registry)
+    }
+
+    pub fn len(&self) -> usize {
+        self.devices.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &DeviceRecord> {
+        self.devices.values()
+    }
+
+    pub fn get_by_address(&self, addr: &PciAddress) -> Option<&DeviceRecord> {
+        self.devices.get(addr)
+    }
+
+    pub fn get_mut_by_address(&mut self, addr: &PciAddress) -> Option<&mut DeviceRecord> {
+        self.devices.get_mut(addr)
+    }
+
+    /// Looks up by id first, then by name, as hypeman does.
+    pub fn resolve(&self, id_or_name: &str) -> Option<&DeviceRecord> {
+        let addr = self
+            .by_id
+            .get(id_or_name)
+            .or_else(|| self.by_name.get(id_or_name))?;
+        self.devices.get(addr)
+    }
+
+    pub fn insert(&mut self, record: DeviceRecord) -> Result<(), RegistryConflict> {
+        if self.devices.contains_key(&record.pci_address) {
+            return Err(RegistryConflict::Address(record.pci_address));
+        }
+        if self.by_name.contains_key(&record.name) {
+            return Err(RegistryConflict::Name(record.name));
+        }
+        if self.by_id.contains_key(&record.id) {
+            return Err(RegistryConflict::Id(record.id));
+        }
+        self.by_id.insert(record.id.clone(), record.pci_address);
+        self.by_name.insert(record.name.clone(), record.pci_address);
+        self.devices.insert(record.pci_address, record);
+        Ok(())
+    }
+
+    pub fn remove(&mut self, addr: &PciAddress) -> Option<DeviceRecord> {
+        let record = self.devices.remove(addr)?;
+        self.by_id.remove(&record.id);
+        self.by_name.remove(&record.name);
+        Some(record)
+    }
+
+    pub fn rename(&mut self, addr: &PciAddress, new_name: &str) -> Result<(), RegistryConflict> {
+        match self.by_name.get(new_name) {
+            Some(owner) if owner == addr => return Ok(()),
+            Some(_) => return Err(RegistryConflict::Name(new_name.to_owned())),
+            None => {}
+        }
+        let Some(record) = self.devices.get_mut(addr) else {
+            return Ok(());
+        };
+        self.by_name.remove(&record.name);
+        record.name = new_name.to_owned();
+        self.by_name.insert(new_name.to_owned(), *addr);
+        Ok(())
+    }
+
+    /// The registered device that `addr` belongs to: itself, or the device
+    /// it was moved with as a group companion.
+    pub fn owner_of(&self, addr: &PciAddress) -> Option<&DeviceRecord> {
+        self.devices.get(addr).or_else(|| {
+            self.devices
+                .values()
+                .find(|d| d.companions.iter().any(|c| &c.pci_address == addr))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn record(addr: &str, name: &str, id: &str) -> DeviceRecord {
+        DeviceRecord {
+            id: id.into(),
+            name: name.into(),
+            pci_address: addr.parse().unwrap(),
+            vendor_id: 0x10de,
+            device_id: 0x2236,
+            subsystem_vendor_id: 0,
+            subsystem_device_id: 0,
+            class: 0x030200,
+            iommu_group: Some(1),
+            created_at: Utc::now(),
+            tags: BTreeMap::new(),
+            attached_to: None,
+            original_driver: None,
+            bound_by_vfiod: false,
+            vfio_driver: None,
+            companions: vec![],
+            pending: None,
+            present: true,
+            current_driver: Some("nvidia".into()),
+            stuck: false,
+            identity_mismatch: false,
+        }
+    }
+
+    #[test]
+    fn resolves_by_id_before_name() {
+        let mut r = Registry::default();
+        r.insert(record("0000:01:00.0", "gpu0", "aaaa")).unwrap();
+        // A device whose *name* equals the other's id: id wins.
+        r.insert(record("0000:02:00.0", "aaaa", "bbbb")).unwrap();
+        assert_eq!(r.resolve("aaaa").unwrap().name, "gpu0");
+        assert_eq!(r.resolve("bbbb").unwrap().name, "aaaa");
+        assert_eq!(r.resolve("gpu0").unwrap().id, "aaaa");
+        assert!(r.resolve("nope").is_none());
+    }
+
+    #[test]
+    fn rejects_duplicate_address_and_name_and_keeps_indexes_in_step() {
+        let mut r = Registry::default();
+        r.insert(record("0000:01:00.0", "gpu0", "a")).unwrap();
+        assert!(matches!(
+            r.insert(record("0000:01:00.0", "other", "b")),
+            Err(RegistryConflict::Address(_))
+        ));
+        assert!(matches!(
+            r.insert(record("0000:02:00.0", "gpu0", "b")),
+            Err(RegistryConflict::Name(_))
+        ));
+        let addr = "0000:01:00.0".parse().unwrap();
+        r.rename(&addr, "renamed").unwrap();
+        assert!(r.resolve("gpu0").is_none());
+        assert!(r.resolve("renamed").is_some());
+        r.remove(&addr).unwrap();
+        assert!(r.resolve("a").is_none() && r.resolve("renamed").is_none());
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn vfio_variants_count_as_vfio() {
+        assert!(is_vfio_driver("vfio-pci"));
+        assert!(is_vfio_driver("mlx5_vfio_pci"));
+        assert!(is_vfio_driver("nvgrace-gpu-vfio-pci"));
+        assert!(!is_vfio_driver("nvidia"));
+        assert!(!is_vfio_driver("vfio"));
+    }
+}

@@ -1,0 +1,211 @@
+//! The registry's one state file, `state.json` in the state directory.
+//!
+//! Every save writes a temporary file, fsyncs it, renames it over the old
+//! one and fsyncs the directory, so a crash at any instant leaves either
+//! the previous or the new registry on disk, never a torn one. A file that
+//! does not parse, or carries a version this build does not know, stops
+//! startup: it is the operator's data and is never overwritten silently.
+//! An exclusive `flock` on `state.lock` keeps a second daemon off the same
+//! directory.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+use super::{DeviceRecord, Registry};
+
+pub const STATE_VERSION: u32 = 1;
+const STATE_FILE: &str = "state.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("state file {path} is corrupt ({detail}); refusing to start. Fix or move it away; vfiod never overwrites it")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("state file {path} has version {found}, this vfiod reads version {STATE_VERSION}; refusing to start")]
+    UnknownVersion { path: PathBuf, found: u32 },
+    #[error("state directory {path} is in use by another vfiod (lock held)")]
+    Locked { path: PathBuf },
+}
+
+impl StoreError {
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            StoreError::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    version: u32,
+    devices: Vec<DeviceRecord>,
+}
+
+#[derive(Deserialize)]
+struct VersionOnly {
+    version: u32,
+}
+
+pub struct Store {
+    dir: PathBuf,
+    _lock: Flock<File>,
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed, mode 0750) the state directory and takes
+    /// its lock.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(dir)
+            .map_err(io_err("create directory", dir))?;
+        let lock_path = dir.join("state.lock");
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io_err("open", &lock_path))?;
+        let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| {
+            StoreError::Locked {
+                path: dir.to_owned(),
+            }
+        })?;
+        Ok(Store {
+            dir: dir.to_owned(),
+            _lock: lock,
+        })
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(STATE_FILE)
+    }
+
+    /// Loads the registry; a missing file is an empty registry.
+    pub fn load(&self) -> Result<Registry, StoreError> {
+        let path = self.path();
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Registry::default()),
+            Err(e) => return Err(io_err("read", &path)(e)),
+        };
+        let corrupt = |detail: String| StoreError::Corrupt {
+            path: path.clone(),
+            detail,
+        };
+        let version: VersionOnly =
+            serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        if version.version != STATE_VERSION {
+            return Err(StoreError::UnknownVersion {
+                path,
+                found: version.version,
+            });
+        }
+        let state: StateFile =
+            serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        Registry::from_records(state.devices).map_err(|e| corrupt(e.to_string()))
+    }
+
+    /// Durably replaces the state file with `registry`. Blocking.
+    pub fn save(&self, registry: &Registry) -> Result<(), StoreError> {
+        let state = StateFile {
+            version: STATE_VERSION,
+            devices: registry.iter().cloned().collect(),
+        };
+        let bytes = serde_json::to_vec_pretty(&state).expect("registry serialises");
+        let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
+        let result = (|| {
+            let mut file = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io_err("create", &tmp))?;
+            file.write_all(&bytes).map_err(io_err("write", &tmp))?;
+            file.sync_all().map_err(io_err("fsync", &tmp))?;
+            let path = self.path();
+            fs::rename(&tmp, &path).map_err(io_err("rename", &path))?;
+            let dir = File::open(&self.dir).map_err(io_err("open", &self.dir))?;
+            nix::unistd::fsync(dir.as_fd())
+                .map_err(|e| io_err("fsync", &self.dir)(io::Error::from(e)))
+        })();
+        if result.is_err() {
+            // A half-written temporary file must not linger on a full disk.
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::tests::record;
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vfiod-store-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn round_trips_and_second_opener_is_locked_out() {
+        let dir = temp_dir("rt");
+        let store = Store::open(&dir).unwrap();
+        assert!(store.load().unwrap().is_empty());
+        let mut reg = Registry::default();
+        reg.insert(record("0000:01:00.0", "gpu0", "id0")).unwrap();
+        store.save(&reg).unwrap();
+        assert!(matches!(Store::open(&dir), Err(StoreError::Locked { .. })));
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.resolve("gpu0"), reg.resolve("gpu0"));
+        assert!(!dir.join("state.json.tmp").exists());
+        drop(store);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn corrupt_or_future_state_is_refused_and_left_alone() {
+        let dir = temp_dir("bad");
+        let store = Store::open(&dir).unwrap();
+        fs::write(store.path(), b"{\"version\":1,\"devices\":[{\"id\":").unwrap();
+        let err = store.load().unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("state.json"));
+        fs::write(store.path(), b"{\"version\":9,\"devices\":[]}").unwrap();
+        assert!(matches!(
+            store.load(),
+            Err(StoreError::UnknownVersion { found: 9, .. })
+        ));
+        assert_eq!(
+            fs::read(store.path()).unwrap(),
+            b"{\"version\":9,\"devices\":[]}"
+        );
+        drop(store);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
