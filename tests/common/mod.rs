@@ -1,0 +1,310 @@
+//! Shared test support: the fake sysfs tree, the simulated kernel, a real
+//! `vfiod` process on a real Unix socket, and a raw HTTP/1.1 client (raw so
+//! tests can also send what no well-behaved client would).
+#![allow(dead_code)]
+
+pub mod fakesys;
+pub mod simkernel;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use fakesys::{FakeSys, TempDir};
+use serde_json::Value;
+
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}), status {}: {:?}", self.status, self.body))
+    }
+
+    /// The error code of an error response.
+    pub fn code(&self) -> String {
+        self.json()["code"].as_str().unwrap_or("").to_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn decode_chunked(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(pos) = body.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&body[..pos]).unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&body[pos + 2..pos + 2 + size]);
+        body = &body[pos + 2 + size + 2..];
+    }
+}
+
+/// Parses one HTTP/1.1 response from `raw`.
+pub fn parse_response(raw: &[u8]) -> Response {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap();
+    let status = status_line.split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let body = &raw[split + 4..];
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let body = if chunked {
+        decode_chunked(body)
+    } else {
+        body.to_vec()
+    };
+    Response {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+/// Sends raw bytes on a fresh connection and reads the response to EOF.
+pub fn raw_request(socket: &Path, raw: &[u8]) -> Response {
+    let mut stream =
+        UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    // The server may answer (413) and close before taking the whole body;
+    // the answer is what counts, so a failed write is not fatal.
+    let _ = stream.write_all(raw);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if out.is_empty() => panic!("reading the response: {e}"),
+            Err(_) => break,
+        }
+    }
+    parse_response(&out)
+}
+
+pub fn request(socket: &Path, method: &str, path: &str, body: Option<&str>) -> Response {
+    let body = body.unwrap_or("");
+    let raw = format!(
+        "{method} {path} HTTP/1.1\r\nHost: vfiod\r\nAuthorization: Bearer ignored\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    raw_request(socket, raw.as_bytes())
+}
+
+pub fn vfiod_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vfiod")
+}
+
+pub fn vfioctl_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vfioctl")
+}
+
+/// A `vfiod` process on a fake tree, killed when dropped.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub sysfs: PathBuf,
+    pub devfs: PathBuf,
+    pub log: PathBuf,
+    pub extra_args: Vec<String>,
+    _dir: std::sync::Arc<TempDir>,
+    dir_path: PathBuf,
+}
+
+impl Daemon {
+    /// Starts vfiod on `fs` with a fresh state directory.
+    pub fn start(fs: &FakeSys, extra: &[&str]) -> Daemon {
+        let dir = std::sync::Arc::new(TempDir::new("vfiod-test").unwrap());
+        let dir_path = dir.path().to_owned();
+        let mut d = Daemon {
+            child: None,
+            socket: dir_path.join("vfiod.sock"),
+            state_dir: dir_path.join("state"),
+            sysfs: fs.sysfs.clone(),
+            devfs: fs.devfs.clone(),
+            log: dir_path.join("vfiod.log"),
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            _dir: dir,
+            dir_path,
+        };
+        d.spawn();
+        d
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir_path
+    }
+
+    pub fn command(&self) -> Command {
+        assert_ne!(
+            self.sysfs,
+            Path::new("/sys"),
+            "tests never run vfiod against the real /sys"
+        );
+        let mut cmd = Command::new(vfiod_bin());
+        cmd.arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--sysfs")
+            .arg(&self.sysfs)
+            .arg("--devfs")
+            .arg(&self.devfs)
+            .arg("--config")
+            .arg("/dev/null")
+            .arg("--op-timeout-ms")
+            .arg("1500")
+            .args(&self.extra_args)
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS")
+            .env("VFIOD_LOG", "debug");
+        cmd
+    }
+
+    /// (Re)starts the process and waits until the socket answers.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = self
+            .command()
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn vfiod");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("vfiod exited early ({status}); log:\n{}", self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "vfiod did not come up; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn req(&self, method: &str, path: &str, body: Option<&str>) -> Response {
+        request(&self.socket, method, path, body)
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        self.req("GET", path, None)
+    }
+
+    pub fn post(&self, path: &str, body: &str) -> Response {
+        self.req("POST", path, Some(body))
+    }
+
+    /// Registers `addr` and returns the device JSON.
+    pub fn register(&self, addr: &str, name: &str) -> Value {
+        let r = self.post(
+            "/devices",
+            &format!(r#"{{"pci_address":"{addr}","name":"{name}"}}"#),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.json()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, and the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "vfiod did not exit on SIGTERM");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("---- vfiod log ----\n{}", self.log_text());
+        }
+    }
+}
+
+/// Runs vfioctl against `socket`; returns (exit code, stdout, stderr).
+pub fn vfioctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(vfioctl_bin())
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run vfioctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
