@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian 12 machine, as root:
+#   1. build dependencies from apt;
+#   2. cargo fmt --check, cargo clippy -D warnings;
+#   3. the fast tier: cargo test (real vfiod over a fake sysfs + simulated kernel);
+#   4. the real-kernel tier: tests/vm/run.sh (QEMU guest with an IOMMU);
+#   5. the package tier: tests/pkg/run.sh (lintian, systemd-nspawn installs).
+# VFIOD_SKIP_VM=1 / VFIOD_SKIP_PKG=1 skip a slow tier (never in CI).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==== %s (%s)\n' "$*" "$(date -u +%H:%M:%S)"; }
+
+need_apt=()
+for pkg in libudev-dev pkg-config pci.ids; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
+done
+if [ "${#need_apt[@]}" -gt 0 ]; then
+    step "installing ${need_apt[*]}"
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "missing packages ${need_apt[*]}; run as root or install them" >&2
+        exit 1
+    fi
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_apt[@]}"
+fi
+
+step "cargo fmt --check"
+cargo fmt --check
+
+step "cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+
+step "fast tier: cargo test"
+cargo build --release --locked --bins
+cargo test --locked
+
+if [ "${VFIOD_SKIP_VM:-0}" != 1 ]; then
+    step "real-kernel tier: tests/vm/run.sh"
+    VFIOD_BIN_DIR="$PWD/target/release" tests/vm/run.sh
+fi
+
+if [ "${VFIOD_SKIP_PKG:-0}" != 1 ]; then
+    step "package tier: tests/pkg/run.sh"
+    tests/pkg/run.sh
+fi
+
+step "all tiers passed"
