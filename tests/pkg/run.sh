@@ -40,6 +40,7 @@ die() { log "FAIL: $*"; exit 1; }
 work=$(mktemp -d /var/tmp/vfiod-pkg.XXXXXX)
 chmod 0755 "$work"
 bg_pids=()
+mounts=()
 cleanup() {
 	local rc=$? p
 	trap - EXIT INT TERM
@@ -50,6 +51,9 @@ cleanup() {
 		for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.2; done
 		kill -KILL "$p" 2>/dev/null || true
 		wait "$p" 2>/dev/null || true
+	done
+	for p in "${mounts[@]}"; do
+		umount "$p" 2>/dev/null || umount -l "$p" 2>/dev/null || true
 	done
 	rm -rf --one-file-system "$work"
 	exit "$rc"
@@ -82,23 +86,23 @@ recipe() {
 		'--customize-hook=mkdir -p "$1/var/log/journal"' \
 		'--customize-hook=rm -f "$1/etc/hostname"' \
 		'--customize-hook=systemctl --root="$1" mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer dpkg-db-backup.timer' \
-		--format=tar
+		--format=directory
 }
 recipe_key() { { echo recipe-v1 "$1" "$mirror"; recipe; } | sha256sum | cut -c1-16; }
 mkdir -p "$cache"
 declare -A tree mmd_pid
 for s in $suites; do
 	key=$(recipe_key "$s")
-	tree[$s]=$cache/$s-$key.tar
-	if [ -f "${tree[$s]}" ] && [ -z "$(find "${tree[$s]}" -mtime "+$max_days")" ]; then
+	tree[$s]=$cache/$s-$key
+	if [ -f "${tree[$s]}/.vfiod-pkg-complete" ] && [ -z "$(find "${tree[$s]}/.vfiod-pkg-complete" -mtime "+$max_days")" ]; then
 		log "base tree $s: cached ${tree[$s]##*/}"
 		continue
 	fi
-	rm -f "$cache/$s-"*.tar
+	rm -rf --one-file-system "$cache/$s-"*
 	log "base tree $s: mmdebstrap (background)"
 	mapfile -t args < <(recipe)
 	(mmdebstrap --mode=root --quiet "${args[@]}" "$s" "${tree[$s]}.tmp" "$mirror" >"$work/mmdebstrap-$s.log" 2>&1 &&
-		mv "${tree[$s]}.tmp" "${tree[$s]}") &
+		mv "${tree[$s]}.tmp" "${tree[$s]}" && touch "${tree[$s]}/.vfiod-pkg-complete") &
 	mmd_pid[$s]=$!
 	bg_pids+=("$!")
 done
@@ -138,15 +142,21 @@ log "systemd-analyze security (offline, host systemd $(systemctl --version | awk
 for s in $suites; do
 	if [ -n "${mmd_pid[$s]:-}" ]; then
 		wait "${mmd_pid[$s]}" || { cat "$work/mmdebstrap-$s.log" >&2; die "mmdebstrap $s"; }
-		log "base tree $s: built ($(du -h "${tree[$s]}" | cut -f1))"
+		log "base tree $s: built ($(du -sh "${tree[$s]}" | cut -f1))"
 	fi
 done
 
 declare -A ns_pid
 for s in $suites; do
 	root=$work/$s/root res=$work/$s/results
-	mkdir -p "$root" "$res"
-	tar --numeric-owner -xpf "${tree[$s]}" -C "$root"
+	mkdir -p "$root" "$res" "$work/$s/upper" "$work/$s/ovwork"
+	# A throw-away overlay over the cached tree; a copy where overlayfs
+	# is not available.
+	if mount -t overlay "vfiod-pkg-$s" -o "lowerdir=${tree[$s]},upperdir=$work/$s/upper,workdir=$work/$s/ovwork" "$root" 2>/dev/null; then
+		mounts+=("$root")
+	else
+		cp -a "${tree[$s]}/." "$root/"
+	fi
 	install -m 0755 "$here/guest-test.sh" "$root/usr/local/sbin/vfiod-pkg-test"
 	cat >"$root/etc/systemd/system/vfiod-pkg-test.service" <<-'EOF'
 	[Unit]
@@ -174,11 +184,14 @@ for s in $suites; do
 done
 
 fail=0
+rm -rf "$repo/build/pkg-results"
 for s in $suites; do
 	rc=0
 	wait "${ns_pid[$s]}" || rc=$?
 	took=$(($(date +%s) - $(cat "$work/$s/start")))
 	res=$work/$s/results
+	mkdir -p "$repo/build/pkg-results"
+	cp -r "$res" "$repo/build/pkg-results/$s"
 	echo "----- $s: guest test ($took s, nspawn exit $rc) -----" >&2
 	cat "$res/test.log" >&2 2>/dev/null || echo "(no test.log)" >&2
 	if [ "$(cat "$res/status" 2>/dev/null)" = 0 ] && [ "$rc" = 0 ]; then
@@ -187,9 +200,9 @@ for s in $suites; do
 		fail=1
 		log "$s: FAIL (status '$(cat "$res/status" 2>/dev/null)', nspawn exit $rc); guest journal:"
 		if [ -s "$res/journal.txt" ]; then
-			grep -v 'kernel:' "$res/journal.txt" | tail -n 250 >&2
+			grep -v -e 'kernel:' -e pam_unix "$res/journal.txt" | tail -n 250 >&2
 		else
-			journalctl -D "$work/$s/root/var/log/journal" --no-pager 2>&1 | tail -n 250 >&2
+			journalctl -D "$work/$s/root/var/log/journal" --no-pager 2>&1 | grep -v pam_unix | tail -n 250 >&2
 		fi
 		echo "----- $s: nspawn output -----" >&2
 		tail -n 40 "$work/$s/nspawn.log" >&2
@@ -208,5 +221,6 @@ if [ "${VFIOD_PKG_PIUPARTS:-0}" = 1 ] && [ "$fail" = 0 ]; then
 	[ "$fail" = 1 ] || log "piuparts: PASS"
 fi
 
+log "guest logs and journals: build/pkg-results/"
 [ "$fail" = 0 ] || die "package tier failed"
 log "package tier: all passed"
