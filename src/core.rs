@@ -657,8 +657,11 @@ impl Core {
             d.pending = Some(PendingOp::Bind {
                 vfio_driver: vfio.clone(),
             });
-            if !device_from.as_deref().is_some_and(is_vfio_driver) {
-                d.original_driver = device_from.clone();
+            // A device found without a driver keeps the one recorded
+            // earlier (e.g. left driverless by a failed rollback): that is
+            // still the driver it belongs to.
+            if let Some(from) = device_from.clone().filter(|d| !is_vfio_driver(d)) {
+                d.original_driver = Some(from);
             }
             d.companions = companions;
         })

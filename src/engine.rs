@@ -285,17 +285,23 @@ impl Engine {
             // It had no driver: probing could hand it to one.
             return Ok(());
         };
-        self.write(
-            Step::Probe,
-            addr,
-            self.sysfs.drivers_probe_path(),
-            &addr.to_string(),
-        )
-        .await?;
-        if self.wait_for_driver(addr, Some(original)).await.is_ok() {
-            return Ok(());
+        let probe_path = self.sysfs.drivers_probe_path();
+        match self
+            .write(Step::Probe, addr, probe_path, &addr.to_string())
+            .await
+        {
+            Ok(()) => {
+                if self.wait_for_driver(addr, Some(original)).await.is_ok() {
+                    return Ok(());
+                }
+            }
+            Err(e) if e.is_timeout() => return Err(e),
+            Err(e) => {
+                tracing::warn!(device = %addr, error = %e, "probe failed; binding the original driver by name");
+            }
         }
-        // The probe picked another driver (or none): ask for the original.
+        // The probe failed or picked another driver (or none): ask for the
+        // original one by name.
         if let Some(other) = self.sysfs.driver(&addr) {
             self.unbind(addr, &other).await?;
         }
