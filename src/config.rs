@@ -12,7 +12,8 @@ use serde::Deserialize;
 pub const DEFAULT_CONFIG: &str = "/etc/vfiod/config.toml";
 pub const SYSTEM_SOCKET: &str = "/run/vfiod/vfiod.sock";
 pub const SYSTEM_STATE_DIR: &str = "/var/lib/vfiod";
-pub const DEFAULT_UDEV_RULES_DIR: &str = "/run/udev/rules.d";
+/// Persistent, because the rule matters at boot, before vfiod runs.
+pub const DEFAULT_UDEV_RULES_DIR: &str = "/etc/udev/rules.d";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -83,7 +84,7 @@ OPTIONS (override the config file):
   --op-timeout-ms N    limit for one sysfs write or driver settle [default: 5000]
   --load-modules       modprobe vfio-pci when a bind needs it
   --udev-rules-dir DIR where to keep the boot-time udev rule ('' disables)
-                       [default: /run/udev/rules.d as root; disabled otherwise]
+                       [default: /etc/udev/rules.d as root; disabled otherwise]
   --reclaim            take back a vfio device another actor moves away
   --log-level LEVEL    error|warn|info|debug|trace [default: info]
   --uevent-fifo PATH   read uevents from a FIFO instead of netlink (tests)

@@ -191,6 +191,8 @@ pub struct CoreOptions {
     /// Whether this process may write to the hardware (root, or a fake
     /// tree in tests).
     pub privileged: bool,
+    /// Where to keep the boot-time udev rule; `None` disables it.
+    pub udev_rules_dir: Option<std::path::PathBuf>,
 }
 
 /// What a hotplug or driver uevent says happened.
@@ -225,6 +227,7 @@ pub struct Core {
     hotplug_source: Mutex<String>,
     /// For tasks that outlive a request (late-write watchers).
     me: std::sync::Weak<Core>,
+    udev_rule_written: Mutex<Option<String>>,
 }
 
 fn conflict(e: RegistryConflict) -> CoreError {
@@ -275,6 +278,7 @@ impl Core {
         let registry = store.load()?;
         Ok(Arc::new_cyclic(|me| Core {
             me: me.clone(),
+            udev_rule_written: Mutex::new(None),
             engine,
             ids: Arc::new(ids),
             store: Arc::new(store),
@@ -320,17 +324,60 @@ impl Core {
         &self,
         change: impl FnOnce(&mut Registry) -> Result<T, CoreError>,
     ) -> Result<T, CoreError> {
+        self.commit_if_changed(|reg| change(reg).map(|out| (out, true)))
+            .await
+    }
+
+    /// `commit` for changes that may turn out to be no-ops (most hotplug
+    /// and driver events): those skip the disk write.
+    async fn commit_if_changed<T>(
+        &self,
+        change: impl FnOnce(&mut Registry) -> Result<(T, bool), CoreError>,
+    ) -> Result<T, CoreError> {
         let _one_writer = self.commit_lock.lock().await;
         let mut next = (*self.snapshot()).clone();
-        let out = change(&mut next)?;
+        let (out, changed) = change(&mut next)?;
+        if !changed {
+            return Ok(out);
+        }
         let next = Arc::new(next);
         let store = self.store.clone();
         let to_save = next.clone();
         tokio::task::spawn_blocking(move || store.save(&to_save))
             .await
             .map_err(|e| CoreError::Internal(format!("state writer: {e}")))??;
-        *self.registry.write().unwrap_or_else(|p| p.into_inner()) = next;
+        *self.registry.write().unwrap_or_else(|p| p.into_inner()) = next.clone();
+        self.sync_udev_rule(&next).await;
         Ok(out)
+    }
+
+    /// Keeps the boot-time udev rule in step with the registry (only
+    /// rewritten when its content changes). A failure is logged: the rule
+    /// is an optimisation of boot, not part of the registry.
+    async fn sync_udev_rule(&self, registry: &Registry) {
+        let Some(dir) = self.options.udev_rules_dir.clone() else {
+            return;
+        };
+        let content = crate::udev_rule::render(registry);
+        {
+            let mut last = self
+                .udev_rule_written
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if last.as_deref() == Some(content.as_str()) {
+                return;
+            }
+            *last = Some(content.clone());
+        }
+        let result =
+            tokio::task::spawn_blocking(move || crate::udev_rule::write(&dir, &content)).await;
+        if let Ok(Err(e)) | Err(e) = result.map_err(std::io::Error::other) {
+            tracing::warn!(error = %e, "could not write the udev rule for boot-time vfio binding");
+            *self
+                .udev_rule_written
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = None;
+        }
     }
 
     /// Like `commit`, for changes to one device that may have been deleted
@@ -340,11 +387,14 @@ impl Core {
         addr: PciAddress,
         change: impl FnOnce(&mut DeviceRecord),
     ) -> Result<Option<DeviceRecord>, CoreError> {
-        self.commit(|reg| {
-            Ok(reg.get_mut_by_address(&addr).map(|d| {
-                change(d);
-                d.clone()
-            }))
+        self.commit_if_changed(|reg| {
+            let Some(d) = reg.get_mut_by_address(&addr) else {
+                return Ok((None, false));
+            };
+            let before = d.clone();
+            change(d);
+            let changed = *d != before;
+            Ok((Some(d.clone()), changed))
         })
         .await
     }
@@ -566,6 +616,9 @@ impl Core {
         let addr = record.pci_address;
         if record.stuck {
             return Err(CoreError::DeviceStuck(addr));
+        }
+        if record.identity_mismatch {
+            return Err(CoreError::IdentityMismatch(addr));
         }
         let function = sysfs
             .read_function(&addr)

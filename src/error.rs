@@ -45,6 +45,8 @@ pub enum CoreError {
     NotBoundByVfiod(String),
     #[error("device {0} is not present on the bus")]
     NotPresent(PciAddress),
+    #[error("a different device now answers at {0} than the one registered there; delete and register it again to use it")]
+    IdentityMismatch(PciAddress),
     #[error("device {0} has a sysfs write still stuck in the kernel; retry when it returns (see GET /events)")]
     DeviceStuck(PciAddress),
     #[error("{0}")]

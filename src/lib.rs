@@ -10,6 +10,7 @@
 //!   serialising per IOMMU group;
 //! - [`events`]: the event bus behind `GET /events`;
 //! - [`hotplug`]: the udev watcher feeding the core;
+//! - [`udev_rule`]: the generated rule that claims vfio devices at boot;
 //! - [`api`]: HTTP over a Unix socket, a thin translation to the core;
 //! - [`systemd`]: socket activation, readiness, watchdog, journald;
 //! - [`config`]: defaults, config file and flags.
@@ -24,3 +25,4 @@ pub mod hotplug;
 pub mod pci;
 pub mod registry;
 pub mod systemd;
+pub mod udev_rule;

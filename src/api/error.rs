@@ -61,6 +61,7 @@ pub fn status_and_code(e: &CoreError) -> (StatusCode, &'static str) {
         NotBoundByVfiod(_) => (StatusCode::CONFLICT, "not_bound_by_vfiod"),
         NotPresent(_) => (StatusCode::CONFLICT, "device_not_present"),
         DeviceStuck(_) => (StatusCode::CONFLICT, "device_stuck"),
+        IdentityMismatch(_) => (StatusCode::CONFLICT, "identity_mismatch"),
         DriverMoveFailed(f) => {
             if f.error.is_timeout() {
                 (StatusCode::GATEWAY_TIMEOUT, "driver_timeout")
@@ -186,6 +187,11 @@ mod tests {
             ),
             (CoreError::NotPresent(addr()), 409, "device_not_present"),
             (CoreError::DeviceStuck(addr()), 409, "device_stuck"),
+            (
+                CoreError::IdentityMismatch(addr()),
+                409,
+                "identity_mismatch",
+            ),
             (
                 CoreError::move_failed("bind", addr(), write_failed, Some(Ok(()))),
                 500,

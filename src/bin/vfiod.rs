@@ -69,6 +69,13 @@ async fn run(config: Config, is_root: bool) -> Result<(), String> {
         load_modules: config.load_modules,
         reclaim: config.reclaim,
         privileged,
+        // A rule written from a fake tree would describe devices this host
+        // does not have: only an explicitly chosen directory is used then.
+        udev_rules_dir: config.udev_rules_dir.clone().filter(|dir| {
+            privileged
+                && (real_sysfs
+                    || dir.as_path() != std::path::Path::new(vfiod::config::DEFAULT_UDEV_RULES_DIR))
+        }),
     };
     let core = Core::new(engine, store, ids, options).map_err(|e| e.to_string())?;
 

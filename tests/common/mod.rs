@@ -182,6 +182,8 @@ impl Daemon {
             .arg("/dev/null")
             .arg("--op-timeout-ms")
             .arg("1500")
+            .arg("--udev-rules-dir")
+            .arg("")
             .args(&self.extra_args)
             .env_remove("NOTIFY_SOCKET")
             .env_remove("LISTEN_FDS")
@@ -307,4 +309,75 @@ pub fn vfioctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A `GET /events` subscription read incrementally (chunked encoding).
+pub struct EventStream {
+    reader: std::io::BufReader<UnixStream>,
+    pending: Vec<u8>,
+}
+
+impl EventStream {
+    pub fn open(socket: &Path, query: &str) -> EventStream {
+        use std::io::BufRead;
+        let mut stream = UnixStream::connect(socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        write!(stream, "GET /events{query} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut reader = std::io::BufReader::new(stream);
+        let mut status = String::new();
+        reader.read_line(&mut status).unwrap();
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            if line == "\r\n" {
+                break;
+            }
+        }
+        EventStream {
+            reader,
+            pending: Vec::new(),
+        }
+    }
+
+    /// The next event, waiting up to the read timeout.
+    pub fn next(&mut self) -> Value {
+        use std::io::BufRead;
+        loop {
+            if let Some(pos) = self.pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=pos).collect();
+                return serde_json::from_slice(&line).unwrap();
+            }
+            let mut size = String::new();
+            self.reader.read_line(&mut size).unwrap();
+            let size = usize::from_str_radix(size.trim(), 16).unwrap();
+            let mut chunk = vec![0; size + 2];
+            self.reader.read_exact(&mut chunk).unwrap();
+            self.pending.extend_from_slice(&chunk[..size]);
+        }
+    }
+
+    /// Events until one satisfies `pred` (which is returned).
+    pub fn until(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
+        loop {
+            let e = self.next();
+            if pred(&e) {
+                return e;
+            }
+        }
+    }
+}
+
+/// Polls `f` until it returns `Some`, for up to `secs` seconds.
+pub fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

@@ -1,0 +1,311 @@
+//! Hotplug, restarts and the event stream. Uevents are injected through
+//! vfiod's test FIFO (`--uevent-fifo`), which feeds the same channel the
+//! udev watcher does; the udev adapter itself runs in the QEMU tier.
+
+mod common;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::fakesys::{DeviceSpec, FakeSys};
+use common::simkernel::SimKernel;
+use common::{eventually, Daemon, EventStream};
+use serde_json::Value;
+
+const NIC: &str = "0000:00:02.0";
+const GPU: &str = "0000:01:00.0";
+
+fn nic_spec() -> DeviceSpec {
+    DeviceSpec::new(NIC, 0x8086, 0x10d3, 0x020000)
+        .subsystem(0x8086, 0xa01f)
+        .driver("e1000e")
+        .group(2)
+}
+
+struct Host {
+    fs: FakeSys,
+    _sim: SimKernel,
+    d: Daemon,
+    fifo: PathBuf,
+}
+
+fn host(extra: &[&str]) -> Host {
+    let fs = FakeSys::new();
+    fs.load_vfio();
+    fs.add_device(nic_spec());
+    for spec in FakeSys::standard_devices()
+        .into_iter()
+        .filter(|s| s.addr != NIC)
+    {
+        fs.add_device(spec);
+    }
+    let sim = SimKernel::start(&fs);
+    let fifo = fs.tmp_root().join("uevents");
+    let fifo_arg = fifo.display().to_string();
+    let mut args = vec!["--uevent-fifo", &fifo_arg];
+    args.extend_from_slice(extra);
+    let d = Daemon::start(&fs, &args);
+    Host {
+        fs,
+        _sim: sim,
+        d,
+        fifo,
+    }
+}
+
+impl Host {
+    fn uevent(&self, line: &str) {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.fifo)
+            .unwrap();
+        writeln!(f, "{line}").unwrap();
+    }
+
+    fn device(&self, name: &str) -> Value {
+        self.d.get(&format!("/devices/{name}")).json()
+    }
+}
+
+#[test]
+fn removed_device_stays_registered_and_comes_back_on_vfio() {
+    let h = host(&[]);
+    h.d.register(NIC, "nic");
+    assert_eq!(h.d.post("/devices/nic/bind", "").status, 200);
+    let mut events = EventStream::open(&h.d.socket, "");
+
+    h.fs.remove_device(NIC);
+    h.uevent(&format!("remove {NIC}"));
+    let e = events.until(|e| e["type"] == "hotplug_remove");
+    assert_eq!(e["pci_address"], NIC);
+    assert_eq!(e["device_id"], h.device("nic")["id"]);
+    let dev = h.device("nic");
+    assert_eq!(dev["present"], false);
+    assert_eq!(dev["bound_to_vfio"], false);
+    assert_eq!(dev["bound_by_vfiod"], true, "intent survives the unplug");
+
+    // Back in the slot, the kernel gives it to e1000e; vfiod takes it back.
+    h.fs.add_device(nic_spec());
+    h.uevent(&format!("add {NIC}"));
+    events.until(|e| e["type"] == "hotplug_add");
+    events.until(|e| e["type"] == "bind" && e["pci_address"] == NIC);
+    assert_eq!(h.fs.driver_of(NIC).as_deref(), Some("vfio-pci"));
+    let dev = h.device("nic");
+    assert_eq!(dev["present"], true);
+    assert_eq!(dev["bound_to_vfio"], true);
+    assert_eq!(dev["original_driver"], "e1000e");
+}
+
+#[test]
+fn a_different_device_at_a_registered_address_is_left_alone() {
+    let h = host(&[]);
+    h.d.register(NIC, "nic");
+    assert_eq!(h.d.post("/devices/nic/bind", "").status, 200);
+    let mut events = EventStream::open(&h.d.socket, "");
+    h.fs.remove_device(NIC);
+    h.uevent(&format!("remove {NIC}"));
+    events.until(|e| e["type"] == "hotplug_remove");
+    h.fs.add_device(
+        DeviceSpec::new(NIC, 0x8086, 0x1533, 0x020000)
+            .driver("igb")
+            .group(2),
+    );
+    h.uevent(&format!("add {NIC}"));
+    let e = events.until(|e| e["type"] == "identity_mismatch");
+    assert!(e["detail"].as_str().unwrap().contains("8086:1533"), "{e}");
+    let dev = h.device("nic");
+    assert_eq!(dev["identity_mismatch"], true);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        h.fs.driver_of(NIC).as_deref(),
+        Some("igb"),
+        "not captured for vfio"
+    );
+    let r = h.d.post("/devices/nic/bind", "");
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (409, "identity_mismatch"),
+        "{}",
+        r.body
+    );
+    assert_eq!(h.fs.driver_of(NIC).as_deref(), Some("igb"));
+}
+
+#[test]
+fn driver_events_update_current_driver_and_a_stolen_device_is_reported_and_reclaimed() {
+    let h = host(&["--reclaim"]);
+    h.d.register(NIC, "nic");
+    let mut events = EventStream::open(&h.d.socket, "");
+    // Someone else unbinds the NIC.
+    std::fs::write(h.fs.path("bus/pci/drivers/e1000e/unbind"), NIC).unwrap();
+    eventually(5, "unbind by the simulated kernel", || {
+        h.fs.driver_of(NIC).is_none().then_some(())
+    });
+    h.uevent(&format!("unbind {NIC}"));
+    events.until(|e| e["type"] == "driver_unbound");
+    assert_eq!(h.device("nic")["current_driver"], Value::Null);
+    std::fs::write(h.fs.path("bus/pci/drivers_probe"), NIC).unwrap();
+    eventually(5, "reprobe", || h.fs.driver_of(NIC).map(|_| ()));
+    h.uevent(&format!("bind {NIC} e1000e"));
+    events.until(|e| e["type"] == "driver_bound");
+    assert_eq!(h.device("nic")["current_driver"], "e1000e");
+
+    // Now vfiod holds it; another actor moves it back to e1000e.
+    assert_eq!(h.d.post("/devices/nic/bind", "").status, 200);
+    std::fs::write(
+        h.fs.path(&format!("bus/pci/devices/{NIC}/driver_override")),
+        "\n",
+    )
+    .unwrap();
+    std::fs::write(h.fs.path("bus/pci/drivers/vfio-pci/unbind"), NIC).unwrap();
+    eventually(5, "unbind", || h.fs.driver_of(NIC).is_none().then_some(()));
+    std::fs::write(h.fs.path("bus/pci/drivers_probe"), NIC).unwrap();
+    eventually(5, "e1000e", || {
+        (h.fs.driver_of(NIC).as_deref() == Some("e1000e")).then_some(())
+    });
+    h.uevent(&format!("bind {NIC} e1000e"));
+    let e = events.until(|e| e["type"] == "driver_stolen");
+    assert_eq!(e["driver"], "e1000e");
+    eventually(5, "reclaimed", || {
+        (h.fs.driver_of(NIC).as_deref() == Some("vfio-pci")).then_some(())
+    });
+}
+
+#[test]
+fn startup_reconciles_with_what_changed_while_down() {
+    let mut h = host(&[]);
+    h.d.register(NIC, "nic");
+    h.d.register(GPU, "gpu");
+    h.d.register("0000:00:05.0", "amd");
+    assert_eq!(h.d.post("/devices/amd/bind", "").status, 200);
+    h.d.kill9();
+    // While vfiod is down: the GPU is unplugged, the NIC loses its driver,
+    // and the AMD card (bound by vfiod) comes back on amdgpu, as after a
+    // reboot.
+    h.fs.remove_device(GPU);
+    std::fs::write(h.fs.path("bus/pci/drivers/e1000e/unbind"), NIC).unwrap();
+    std::fs::write(
+        h.fs.path("bus/pci/devices/0000:00:05.0/driver_override"),
+        "\n",
+    )
+    .unwrap();
+    std::fs::write(h.fs.path("bus/pci/drivers/vfio-pci/unbind"), "0000:00:05.0").unwrap();
+    std::fs::write(h.fs.path("bus/pci/drivers_probe"), "0000:00:05.0").unwrap();
+    eventually(5, "amdgpu back", || {
+        (h.fs.driver_of("0000:00:05.0").as_deref() == Some("amdgpu")).then_some(())
+    });
+    let t = Instant::now();
+    h.d.spawn();
+    let ready = t.elapsed();
+    assert_eq!(h.device("gpu")["present"], false);
+    assert_eq!(h.device("nic")["current_driver"], Value::Null);
+    // Bound again before the socket answered: READY means reconciled.
+    assert_eq!(
+        h.fs.driver_of("0000:00:05.0").as_deref(),
+        Some("vfio-pci"),
+        "after {ready:?}"
+    );
+    assert_eq!(h.device("amd")["bound_to_vfio"], true);
+}
+
+#[test]
+fn udev_rule_lists_the_devices_vfiod_holds() {
+    let fs_dir = common::fakesys::TempDir::new("vfiod-rules").unwrap();
+    let rules = fs_dir.path().join("rules.d");
+    let rules_arg = rules.display().to_string();
+    let h = host(&["--udev-rules-dir", &rules_arg]);
+    h.d.register(GPU, "gpu");
+    assert_eq!(
+        h.d.post("/devices/gpu/bind", r#"{"with_group":true}"#)
+            .status,
+        200
+    );
+    let text = std::fs::read_to_string(rules.join("70-vfiod.rules")).unwrap();
+    assert!(
+        text.contains(r#"KERNEL=="0000:01:00.0", ATTR{vendor}=="0x10de", ATTR{device}=="0x2236", ATTR{driver_override}="vfio-pci""#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"KERNEL=="0000:01:00.1", ATTR{driver_override}="vfio-pci""#),
+        "{text}"
+    );
+    assert_eq!(h.d.post("/devices/gpu/unbind", "").status, 200);
+    let text = std::fs::read_to_string(rules.join("70-vfiod.rules")).unwrap();
+    assert!(!text.contains("KERNEL=="), "{text}");
+}
+
+#[test]
+fn event_stream_two_subscribers_one_slow_and_since() {
+    let h = host(&[]);
+    let mut fast = EventStream::open(&h.d.socket, "");
+    // The slow one subscribes and then does not read at all for a while.
+    let mut slow = EventStream::open(&h.d.socket, "");
+    let dev = h.d.register(NIC, "nic");
+    let e = fast.next();
+    assert_eq!(e["type"], "registered");
+    assert_eq!(e["pci_address"], NIC);
+    assert_eq!(e["device_id"], dev["id"]);
+    chrono::DateTime::parse_from_rfc3339(e["at"].as_str().unwrap()).unwrap();
+    let first_seq = e["seq"].as_u64().unwrap();
+
+    // A flood of uevents: far more than a subscriber's buffer.
+    let n: u64 = 6000;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&h.fifo)
+        .unwrap();
+    let flood: String = (0..n).map(|_| format!("add {GPU}\n")).collect();
+    f.write_all(flood.as_bytes()).unwrap();
+    drop(f);
+    let t = Instant::now();
+    // The fast reader sees every event, or is told exactly how many it
+    // missed if the machine was too slow: nothing vanishes silently.
+    let (mut seen, mut missed, mut last_seq) = (0u64, 0u64, first_seq);
+    while seen + missed < n {
+        let e = fast.next();
+        if e["type"] == "lagged" {
+            missed += e["missed"].as_u64().unwrap();
+            continue;
+        }
+        assert_eq!(e["type"], "hotplug_add");
+        let seq = e["seq"].as_u64().unwrap();
+        assert!(seq > last_seq);
+        last_seq = seq;
+        seen += 1;
+    }
+    assert_eq!(seen + missed, n);
+    // The agent kept serving while the slow subscriber sat on its events.
+    assert_eq!(h.d.get("/health").status, 200);
+    assert!(t.elapsed() < Duration::from_secs(30));
+    // The slow one gets what it can, then learns how much it missed.
+    let lag = slow.until(|e| e["type"] == "lagged");
+    assert!(lag["missed"].as_u64().unwrap() > 0, "{lag}");
+
+    // ?since= replays what came after a given event.
+    let mut replay = EventStream::open(&h.d.socket, &format!("?since={}", last_seq - 1));
+    assert_eq!(replay.next()["seq"].as_u64().unwrap(), last_seq);
+    let list = h.d.get("/devices");
+    let seq_header: u64 = list.header("x-vfiod-event-seq").unwrap().parse().unwrap();
+    assert!(seq_header >= last_seq);
+}
+
+#[test]
+fn vfioctl_events_follows_the_stream() {
+    let h = host(&[]);
+    let mut child = std::process::Command::new(common::vfioctl_bin())
+        .arg("--socket")
+        .arg(&h.d.socket)
+        .args(["events"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    h.d.register(NIC, "nic");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let line = lines.next().unwrap().unwrap();
+    assert!(line.contains("registered") && line.contains(NIC), "{line}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
