@@ -63,7 +63,8 @@ T0 = time.monotonic()
 class QMP:
     """Minimal QMP client: one reader thread, responses in a queue, events in a list."""
 
-    def __init__(self, path, deadline):
+    def __init__(self, path, deadline, event_log=None):
+        self.event_log = event_log
         self.sock = None
         while time.monotonic() < deadline:
             try:
@@ -89,6 +90,9 @@ class QMP:
             for line in self.file:
                 msg = json.loads(line)
                 if "event" in msg:
+                    if self.event_log:
+                        self.event_log.write(json.dumps(msg) + "\n")
+                        self.event_log.flush()
                     with self.cond:
                         self.events.append((time.monotonic(), msg))
                         self.cond.notify_all()
@@ -177,8 +181,10 @@ class Boot:
             "-device", "intel-iommu,intremap=off",
             "-kernel", a.kernel, "-initrd", a.initrd, "-append", append,
         ]
-        for i, (qid, slot, _) in enumerate(ROOT_PORTS, 1):
-            cmd += ["-device", f"pcie-root-port,id={qid},chassis={i},slot={i},bus=pcie.0,addr=0x{slot:x}"]
+        for i, (qid, slot, dev) in enumerate(ROOT_PORTS, 1):
+            # Hotplug ports reserve room for a 16 MiB prefetchable BAR (bochs-display).
+            extra = ",pref32-reserve=64M,mem-reserve=8M" if dev.startswith("hp") else ""
+            cmd += ["-device", f"pcie-root-port,id={qid},chassis={i},slot={i},bus=pcie.0,addr=0x{slot:x}{extra}"]
         cmd += DEVICES
         cmd += [
             "-fsdev", f"local,id=fs0,path={self.share},security_model=none",
@@ -218,7 +224,7 @@ class Boot:
                 r = self.qmp.execute("device_del", args)
                 resp = {"ok": "return" in r, "qmp": r}
                 if "return" in r:
-                    ev = self.qmp.wait_event("DEVICE_DELETED", lambda e: e.get("data", {}).get("device") == args["id"], 20)
+                    ev = self.qmp.wait_event("DEVICE_DELETED", lambda e: e.get("data", {}).get("device") == args["id"], 10)
                     resp["deleted"] = ev is not None
                     if ev and args["id"] in self.added:
                         self.added.remove(args["id"])
@@ -255,7 +261,8 @@ class Boot:
                                      stderr=subprocess.STDOUT, preexec_fn=set_pdeathsig)
         threading.Thread(target=self._console_reader, args=(start,), daemon=True).start()
         try:
-            self.qmp = QMP(self.qmp_path, time.monotonic() + 30)
+            self.qmp = QMP(self.qmp_path, time.monotonic() + 30,
+                           open(os.path.join(self.dir, "qmp-events.jsonl"), "w"))
         except RuntimeError:
             self.qmp = None
         deadline = start + self.args.boot_timeout

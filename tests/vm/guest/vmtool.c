@@ -7,13 +7,19 @@
  *                              print one line per event, stamped with
  *                              CLOCK_REALTIME at the moment recvmsg returned:
  *                              "<sec.nsec> <ACTION> <DEVPATH> [DRIVER=..]"
+ *   vmtool vfiohold GROUP ADDR  open /dev/vfio/GROUP, attach it to a type1
+ *                              container and hold ADDR's VFIO device fd open
+ *                              (as a VM would) until killed; prints "holding"
  *   vmtool runas UID GID GID,GID,.. CMD [ARGS..]
  *                              setgroups+setgid+setuid, then exec CMD
  *
- * It never writes to sysfs: it only reads clocks and netlink.
+ * It never writes to sysfs: it reads clocks and netlink, and opens VFIO nodes.
  */
 #define _GNU_SOURCE
+#include <fcntl.h>
 #include <grp.h>
+#include <linux/vfio.h>
+#include <sys/ioctl.h>
 #include <linux/netlink.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -58,7 +64,27 @@ static int uevmon(const char *want_subsys) {
 	}
 }
 
+static int vfiohold(const char *group, const char *addr) {
+	char path[64];
+	snprintf(path, sizeof path, "/dev/vfio/%s", group);
+	int container = open("/dev/vfio/vfio", O_RDWR);
+	if (container < 0) { perror("/dev/vfio/vfio"); return 1; }
+	int g = open(path, O_RDWR);
+	if (g < 0) { perror(path); return 1; }
+	struct vfio_group_status st = { .argsz = sizeof st };
+	if (ioctl(g, VFIO_GROUP_GET_STATUS, &st) < 0) { perror("VFIO_GROUP_GET_STATUS"); return 1; }
+	if (!(st.flags & VFIO_GROUP_FLAGS_VIABLE)) { fprintf(stderr, "group %s is not viable\n", group); return 1; }
+	if (ioctl(g, VFIO_GROUP_SET_CONTAINER, &container) < 0) { perror("VFIO_GROUP_SET_CONTAINER"); return 1; }
+	if (ioctl(container, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU) < 0) { perror("VFIO_SET_IOMMU"); return 1; }
+	int dev = ioctl(g, VFIO_GROUP_GET_DEVICE_FD, addr);
+	if (dev < 0) { perror("VFIO_GROUP_GET_DEVICE_FD"); return 1; }
+	printf("holding %s in group %s (fd %d)\n", addr, group, dev);
+	fflush(stdout);
+	for (;;) pause();
+}
+
 int main(int argc, char **argv) {
+	if (argc >= 4 && !strcmp(argv[1], "vfiohold")) return vfiohold(argv[2], argv[3]);
 	if (argc >= 2 && !strcmp(argv[1], "now")) { print_clock(CLOCK_REALTIME); return 0; }
 	if (argc >= 2 && !strcmp(argv[1], "mono")) { print_clock(CLOCK_MONOTONIC); return 0; }
 	if (argc >= 2 && !strcmp(argv[1], "uevmon")) return uevmon(argc >= 3 ? argv[2] : NULL);
@@ -75,6 +101,6 @@ int main(int argc, char **argv) {
 		perror("exec");
 		return 127;
 	}
-	fprintf(stderr, "usage: vmtool now|mono|uevmon [SUBSYSTEM]|runas UID GID G1,G2 CMD..\n");
+	fprintf(stderr, "usage: vmtool now|mono|uevmon [SUBSYSTEM]|vfiohold GROUP ADDR|runas UID GID G1,G2 CMD..\n");
 	return 2;
 }
