@@ -13,6 +13,7 @@
 #                       of packaging/debian/changelog); a stanza is added to
 #                       the staged changelog only
 #   VFIOD_SKIP_CARGO=1  do not run cargo; use target/release as it is
+#   VFIOD_DEB_FORCE=1   run dpkg-buildpackage even when no input changed
 #   CARGO_TARGET_DIR    as for cargo (default: target)
 set -euo pipefail
 
@@ -55,6 +56,21 @@ if [ -n "${VFIOD_DEB_VERSION:-}" ]; then
 	version=$VFIOD_DEB_VERSION
 fi
 
+# Skip dpkg-buildpackage when nothing that goes into the package changed
+# since the last build (same binaries, same packaging files, same version).
+stamp=$( {
+	echo "$version"
+	cd "$repo" && find packaging systemd man -type f ! -name '*.md' -print0 | sort -z | xargs -0 sha256sum
+	sha256sum "$target_dir/release/vfiod" "$target_dir/release/vfioctl" | cut -d' ' -f1
+} | sha256sum | cut -c1-32)
+if [ "${VFIOD_DEB_FORCE:-0}" != 1 ] && [ -f "$out/.stamp" ] && [ "$(cat "$out/.stamp")" = "$stamp" ] &&
+	ls "$out"/vfiod_"${version#*:}"_*.deb >/dev/null 2>&1; then
+	log "package up to date (inputs unchanged since the last build; VFIOD_DEB_FORCE=1 rebuilds)"
+	log "cargo $((t1 - t0))s, dpkg-buildpackage skipped"
+	ls -1 "$out"/*.deb
+	exit 0
+fi
+
 rm -rf "$stage_root"
 src=$stage_root/vfiod-${version%-*}
 mkdir -p "$src/bin" "$src/conf"
@@ -79,9 +95,10 @@ log "dpkg-buildpackage -b -us -uc ($src)"
 	exit 1
 }
 mkdir -p "$out"
-rm -f "$out"/*.deb "$out"/*.ddeb "$out"/*.changes "$out"/*.buildinfo
+rm -f "$out"/*.deb "$out"/*.ddeb "$out"/*.changes "$out"/*.buildinfo "$out/.stamp"
 mv "$stage_root"/*.deb "$stage_root"/*.buildinfo "$stage_root"/*.changes "$out/"
 mv "$stage_root"/*.ddeb "$out/" 2>/dev/null || true
+echo "$stamp" >"$out/.stamp"
 t2=$(date +%s)
 log "cargo $((t1 - t0))s, dpkg-buildpackage $((t2 - t1))s"
 ls -1 "$out"/*.deb

@@ -19,7 +19,7 @@
 #   VFIOD_PKG_MIRROR       Debian mirror (default http://deb.debian.org/debian)
 #   VFIOD_PKG_CACHE_DAYS   rebuild cached trees older than this (default 30)
 #   VFIOD_PKG_SKIP_BUILD=1 test build/deb/vfiod_*.deb as it is
-#   VFIOD_PKG_PIUPARTS=1   also run piuparts on bookworm (slower)
+#   VFIOD_PKG_PIUPARTS=0   skip piuparts (install/purge leftovers check, bookworm)
 # Exit status: 0 when every step passed, 1 otherwise.
 set -euo pipefail
 
@@ -45,6 +45,7 @@ cleanup() {
 	local rc=$? p
 	trap - EXIT INT TERM
 	for p in "${bg_pids[@]}"; do
+		pkill -TERM -P "$p" 2>/dev/null || true
 		kill -TERM "$p" 2>/dev/null || true
 	done
 	for p in "${bg_pids[@]}"; do
@@ -64,7 +65,8 @@ trap 'exit 143' TERM
 
 # ---- tools -------------------------------------------------------------------
 tools=(debhelper dpkg-dev fakeroot lintian mmdebstrap systemd-container systemd pkg-config libudev-dev)
-[ "${VFIOD_PKG_PIUPARTS:-0}" = 1 ] && tools+=(piuparts)
+piuparts=${VFIOD_PKG_PIUPARTS:-1}
+[ "$piuparts" != 1 ] || tools+=(piuparts)
 missing=()
 for t in "${tools[@]}"; do
 	dpkg-query -W -f='${db:Status-Status}' "$t" 2>/dev/null | grep -qx installed || missing+=("$t")
@@ -146,6 +148,24 @@ for s in $suites; do
 	fi
 done
 
+# piuparts (install, remove, purge in a chroot, checking for leftovers) runs
+# beside the guests.
+if [ "$piuparts" = 1 ]; then
+	pbase=$cache/piuparts-bookworm-$(echo piuparts-v1 "$mirror" | sha256sum | cut -c1-16).tar.gz
+	log "piuparts (bookworm, background)"
+	(
+		if [ ! -f "$pbase" ] || [ -n "$(find "$pbase" -mtime "+$max_days")" ]; then
+			rm -f "$cache"/piuparts-bookworm-*.tar.gz
+			mmdebstrap --mode=root --quiet --variant=minbase --include=systemd-sysv,pci.ids \
+				bookworm "$pbase.tmp.tar.gz" "$mirror" && mv "$pbase.tmp.tar.gz" "$pbase"
+		fi
+		piuparts --basetgz="$pbase" --distribution=bookworm --mirror="$mirror" --no-eatmydata \
+			--tmpdir="$work" "$deb"
+	) >"$work/piuparts.log" 2>&1 &
+	pp_pid=$!
+	bg_pids+=("$!")
+fi
+
 declare -A ns_pid
 for s in $suites; do
 	root=$work/$s/root res=$work/$s/results
@@ -209,18 +229,32 @@ for s in $suites; do
 	fi
 done
 
-# ---- piuparts (optional) ----------------------------------------------------
-if [ "${VFIOD_PKG_PIUPARTS:-0}" = 1 ] && [ "$fail" = 0 ]; then
-	log "piuparts (bookworm)"
-	pbase=$cache/piuparts-bookworm.tar.gz
-	if [ ! -f "$pbase" ]; then
-		mmdebstrap --mode=root --quiet --variant=minbase --include=systemd-sysv,pci.ids bookworm "$pbase" "$mirror"
+if [ -n "${pp_pid:-}" ]; then
+	if wait "$pp_pid"; then
+		piuparts_ok=1; log "piuparts: PASS ($(grep -o 'PASS: All tests' "$work/piuparts.log" | head -n1))"
+	else
+		piuparts_ok=0; fail=1
+		grep -E 'ERROR|FAIL' "$work/piuparts.log" | head -n 40 >&2
+		tail -n 60 "$work/piuparts.log" >&2
+		log "piuparts: FAIL"
 	fi
-	piuparts -b "$pbase" -d bookworm -m "$mirror" --no-eatmydata --warn-on-leftovers-after-purge \
-		"$deb" >"$work/piuparts.log" 2>&1 || { tail -n 80 "$work/piuparts.log" >&2; fail=1; log "piuparts: FAIL"; }
-	[ "$fail" = 1 ] || log "piuparts: PASS"
+	cp "$work/piuparts.log" "$repo/build/pkg-results/" 2>/dev/null || true
 fi
 
 log "guest logs and journals: build/pkg-results/"
-[ "$fail" = 0 ] || die "package tier failed"
+# One closing line for the whole tier: the host steps (build, lintian,
+# security score) plus every guest check.
+passed=3 failed=0
+for s in $suites; do
+	line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$repo/build/pkg-results/$s/test.log" 2>/dev/null | tail -n1)
+	if [ -n "$line" ]; then
+		passed=$((passed + ${line%% *})); f=${line#*, }; failed=$((failed + ${f%% *}))
+	else
+		failed=$((failed + 1))
+	fi
+done
+case ${piuparts_ok:-} in 1) passed=$((passed + 1)) ;; 0) failed=$((failed + 1)) ;; esac
+((failed > 0)) || [ "$fail" = 0 ] || failed=1
+[ "$fail" = 0 ] || { echo "pkg: $passed passed, $failed failed"; die "package tier failed"; }
 log "package tier: all passed"
+echo "pkg: $passed passed, $failed failed"
