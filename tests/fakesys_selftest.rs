@@ -7,11 +7,18 @@
 mod common {
     #[path = "../common/fakesys.rs"]
     pub mod fakesys;
+    #[path = "../common/simkernel.rs"]
+    pub mod simkernel;
 }
 
 use common::fakesys::{self, DeviceSpec, FakeSys, TempDir};
+use common::simkernel::SimKernel;
+use nix::errno::Errno;
 use std::fs;
+use std::io::{self, Write};
 use std::path::Path;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 const GPU: &str = "0000:01:00.0";
 const AUDIO: &str = "0000:01:00.1";
@@ -441,4 +448,647 @@ fn tree_helpers_refuse_paths_outside_the_tree() {
     let fs = FakeSys::new();
     let other = TempDir::new("fakesys-selftest").unwrap();
     let _ = fs.tree().write_file(&other.path().join("x"), "1");
+}
+
+// ---------------------------------------------------------------------------
+// Simulated kernel
+// ---------------------------------------------------------------------------
+
+const IDLE: Duration = Duration::from_secs(10);
+
+/// A sysfs write the way vfiod (and `echo`) does it: existing file,
+/// truncated, one write(2).
+fn write_attr(path: &Path, value: &str) -> io::Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)?;
+    let n = f.write(value.as_bytes())?;
+    assert_eq!(n, value.len(), "short write");
+    Ok(())
+}
+
+fn w(fs: &FakeSys, rel: &str, value: &str) {
+    write_attr(&fs.path(rel), value).unwrap_or_else(|e| panic!("write {rel} <- {value:?}: {e}"));
+}
+
+fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn override_path(addr: &str) -> String {
+    format!("bus/pci/devices/{addr}/driver_override")
+}
+
+/// The design's bind sequence, by plain writes.
+fn move_to_vfio(fs: &FakeSys, addr: &str, from: &str) {
+    w(fs, &override_path(addr), "vfio-pci");
+    w(fs, &format!("bus/pci/drivers/{from}/unbind"), addr);
+    w(fs, "bus/pci/drivers_probe", addr);
+}
+
+/// The design's unbind sequence, by plain writes.
+fn move_back(fs: &FakeSys, addr: &str) {
+    w(fs, &override_path(addr), "\n");
+    w(fs, "bus/pci/drivers/vfio-pci/unbind", addr);
+    w(fs, "bus/pci/drivers_probe", addr);
+}
+
+fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+    v.iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+#[test]
+fn sim_moves_gpu_to_vfio_and_back() {
+    let fs = FakeSys::standard_host();
+    let sim = SimKernel::start(&fs);
+    let gpu_dir = fs.path("bus/pci/devices").join(GPU);
+
+    w(&fs, &override_path(GPU), "vfio-pci");
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(read(&gpu_dir.join("driver_override")), "vfio-pci\n");
+    assert_eq!(fs.driver_override_of(GPU).as_deref(), Some("vfio-pci"));
+    assert_eq!(
+        fs.driver_of(GPU).as_deref(),
+        Some("nvidia"),
+        "override alone moves nothing"
+    );
+
+    w(&fs, "bus/pci/drivers/nvidia/unbind", GPU);
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(GPU), None);
+    assert!(!gpu_dir.join("driver").exists());
+    assert!(fs::symlink_metadata(fs.path("bus/pci/drivers/nvidia").join(GPU)).is_err());
+
+    w(&fs, "bus/pci/drivers_probe", GPU);
+    // Poll like vfiod verifies, without wait_idle.
+    assert!(wait_until(IDLE, || fs.driver_of(GPU).as_deref() == Some("vfio-pci")));
+    assert!(wait_until(IDLE, || fs.vfio_group_node_exists(1)));
+    assert!(fs.devfs.join("vfio/1").exists());
+    assert_eq!(link_name(&gpu_dir.join("driver")), "vfio-pci");
+    assert_eq!(
+        fs::canonicalize(fs.path("bus/pci/drivers/vfio-pci").join(GPU)).unwrap(),
+        fs.device_dir(GPU).unwrap()
+    );
+    // The audio function was not touched.
+    assert_eq!(fs.driver_of(AUDIO).as_deref(), Some("snd_hda_intel"));
+
+    // And back.
+    move_back(&fs, GPU);
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(read(&gpu_dir.join("driver_override")), "(null)\n");
+    assert_eq!(fs.driver_override_of(GPU), None);
+    assert_eq!(fs.driver_of(GPU).as_deref(), Some("nvidia"));
+    assert!(!fs.vfio_group_node_exists(1));
+    assert!(fs.vfio_group_node_exists(4), "T4's node is unrelated");
+
+    assert_eq!(
+        sim.writes(),
+        pairs(&[
+            ("bus/pci/devices/0000:01:00.0/driver_override", "vfio-pci"),
+            ("bus/pci/drivers/nvidia/unbind", GPU),
+            ("bus/pci/drivers_probe", GPU),
+            ("bus/pci/devices/0000:01:00.0/driver_override", "\n"),
+            ("bus/pci/drivers/vfio-pci/unbind", GPU),
+            ("bus/pci/drivers_probe", GPU),
+        ])
+    );
+    assert!(!sim.writes().iter().any(|(p, _)| p.ends_with("new_id")));
+}
+
+#[test]
+fn sim_back_to_back_writes_of_one_attribute_are_all_applied() {
+    let fs = FakeSys::standard_host();
+    let sim = SimKernel::start(&fs);
+    // Whole group, writes batched per step: two probes in a row.
+    w(&fs, &override_path(GPU), "vfio-pci\n");
+    w(&fs, &override_path(AUDIO), "vfio-pci\n");
+    w(&fs, "bus/pci/drivers/nvidia/unbind", GPU);
+    w(&fs, "bus/pci/drivers/snd_hda_intel/unbind", AUDIO);
+    w(&fs, "bus/pci/drivers_probe", GPU);
+    w(&fs, "bus/pci/drivers_probe", AUDIO);
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(GPU).as_deref(), Some("vfio-pci"));
+    assert_eq!(fs.driver_of(AUDIO).as_deref(), Some("vfio-pci"));
+    assert_eq!(fs.driver_of(ROOT_PORT).as_deref(), Some("pcieport"));
+    assert!(fs.vfio_group_node_exists(1));
+    let probes: Vec<String> = sim
+        .writes()
+        .into_iter()
+        .filter(|(p, _)| p == "bus/pci/drivers_probe")
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(probes, vec![GPU, AUDIO]);
+
+    // /dev/vfio/1 stays while one function of group 1 is on vfio-pci.
+    w(&fs, "bus/pci/drivers/vfio-pci/unbind", GPU);
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(GPU), None);
+    assert!(fs.vfio_group_node_exists(1));
+    w(&fs, "bus/pci/drivers/vfio-pci/unbind", AUDIO);
+    assert!(sim.wait_idle(IDLE));
+    assert!(!fs.vfio_group_node_exists(1));
+}
+
+#[test]
+fn sim_keeps_the_order_of_rapid_writes() {
+    let fs = FakeSys::standard_host();
+    let sim = SimKernel::start(&fs);
+    // Each sequence is written back to back; each step only works if the
+    // previous one was applied first. Between sequences we poll for the
+    // result, as vfiod's verify step does (a device's driver_override must
+    // not be rewritten before the probe that depends on it took effect).
+    const ROUNDS: usize = 25;
+    for i in 0..ROUNDS {
+        move_to_vfio(&fs, GPU, "nvidia");
+        assert!(
+            wait_until(IDLE, || fs.driver_of(GPU).as_deref() == Some("vfio-pci")),
+            "round {i}: not on vfio-pci: {:?}",
+            fs.driver_of(GPU)
+        );
+        move_back(&fs, GPU);
+        assert!(
+            wait_until(IDLE, || fs.driver_of(GPU).as_deref() == Some("nvidia")),
+            "round {i}: not back on nvidia: {:?}",
+            fs.driver_of(GPU)
+        );
+    }
+    assert!(sim.wait_idle(IDLE));
+    assert!(!fs.vfio_group_node_exists(1));
+    assert_eq!(sim.writes().len(), 6 * ROUNDS);
+
+    // Without any waiting: unbind/bind pairs through FIFO attributes, in
+    // several files; the log must be exactly the write order.
+    sim.clear_writes();
+    let mut expected = Vec::new();
+    for i in 0..30 {
+        for (addr, drv) in [(NIC, "e1000e"), ("0000:00:06.0", "nvme")] {
+            w(&fs, &format!("bus/pci/drivers/{drv}/unbind"), addr);
+            expected.push((format!("bus/pci/drivers/{drv}/unbind"), addr.to_string()));
+            if i % 3 == 0 {
+                w(&fs, "bus/pci/drivers_probe", addr);
+                expected.push(("bus/pci/drivers_probe".to_string(), addr.to_string()));
+            } else {
+                w(&fs, &format!("bus/pci/drivers/{drv}/bind"), addr);
+                expected.push((format!("bus/pci/drivers/{drv}/bind"), addr.to_string()));
+            }
+        }
+    }
+    w(&fs, "bus/pci/drivers/e1000e/unbind", NIC);
+    expected.push(("bus/pci/drivers/e1000e/unbind".to_string(), NIC.to_string()));
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(sim.writes(), expected);
+    assert_eq!(fs.driver_of(NIC), None);
+    assert_eq!(fs.driver_of("0000:00:06.0").as_deref(), Some("nvme"));
+}
+
+#[test]
+fn sim_concurrent_writers_on_drivers_probe() {
+    let fs = FakeSys::standard_host();
+    let sim = SimKernel::start(&fs);
+    let targets = [
+        (NIC, "e1000e"),
+        ("0000:00:05.0", "amdgpu"),
+        ("0000:00:06.0", "nvme"),
+    ];
+    for (addr, drv) in targets {
+        w(&fs, &override_path(addr), "vfio-pci");
+        w(&fs, &format!("bus/pci/drivers/{drv}/unbind"), addr);
+    }
+    assert!(sim.wait_idle(IDLE));
+    let probe = fs.path("bus/pci/drivers_probe");
+    std::thread::scope(|s| {
+        for (addr, _) in targets {
+            let probe = probe.clone();
+            s.spawn(move || {
+                for _ in 0..3 {
+                    write_attr(&probe, addr).unwrap();
+                }
+            });
+        }
+    });
+    assert!(sim.wait_idle(IDLE));
+    for (addr, _) in targets {
+        assert_eq!(fs.driver_of(addr).as_deref(), Some("vfio-pci"), "{addr}");
+    }
+    for g in [2, 5, 6] {
+        assert!(fs.vfio_group_node_exists(g), "{g}");
+    }
+    let probes = sim
+        .writes()
+        .iter()
+        .filter(|(p, _)| p == "bus/pci/drivers_probe")
+        .count();
+    assert_eq!(probes, 9);
+}
+
+#[test]
+fn sim_override_rules_and_bind_file() {
+    let fs = FakeSys::standard_host();
+    let sim = SimKernel::start(&fs);
+    // Unbind without override, bind back through the bind file.
+    w(&fs, "bus/pci/drivers/e1000e/unbind", NIC);
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(NIC), None);
+    // Unbinding from a driver it is not bound to does nothing.
+    w(&fs, "bus/pci/drivers/nvidia/unbind", AUDIO);
+    w(&fs, "bus/pci/drivers/e1000e/bind", NIC);
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(NIC).as_deref(), Some("e1000e"));
+    assert_eq!(fs.driver_of(AUDIO).as_deref(), Some("snd_hda_intel"));
+    // Binding an already-bound device does nothing.
+    w(&fs, "bus/pci/drivers/vfio-pci/bind", NIC);
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(NIC).as_deref(), Some("e1000e"));
+
+    // With an override, only that driver may bind.
+    w(&fs, &override_path(NIC), "vfio-pci");
+    w(&fs, "bus/pci/drivers/e1000e/unbind", NIC);
+    w(&fs, "bus/pci/drivers/e1000e/bind", NIC);
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(NIC), None);
+    w(&fs, "bus/pci/drivers/vfio-pci/bind", NIC);
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(NIC).as_deref(), Some("vfio-pci"));
+    assert!(fs.vfio_group_node_exists(2));
+
+    // A probe of a bound device, or of a device with no native driver and
+    // no override, does nothing.
+    w(&fs, "bus/pci/drivers_probe", NIC);
+    w(&fs, "bus/pci/drivers_probe", EDU);
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(NIC).as_deref(), Some("vfio-pci"));
+    assert_eq!(fs.driver_of(EDU), None);
+    // The edu device with an override goes to vfio-pci.
+    w(&fs, &override_path(EDU), "vfio-pci");
+    w(&fs, "bus/pci/drivers_probe", EDU);
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(EDU).as_deref(), Some("vfio-pci"));
+    assert!(fs.vfio_group_node_exists(3));
+
+    // new_id is recorded and does nothing.
+    w(&fs, "bus/pci/drivers/vfio-pci/new_id", "10de 2236");
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(GPU).as_deref(), Some("nvidia"));
+    assert!(sim.writes().contains(&(
+        "bus/pci/drivers/vfio-pci/new_id".to_string(),
+        "10de 2236".to_string()
+    )));
+    // An override to a driver that is not loaded leaves the device unbound.
+    w(&fs, &override_path(GPU), "nouveau");
+    w(&fs, "bus/pci/drivers/nvidia/unbind", GPU);
+    w(&fs, "bus/pci/drivers_probe", GPU);
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(GPU), None);
+    assert_eq!(read(&fs.path(&override_path(GPU))), "nouveau\n");
+}
+
+#[test]
+fn sim_vfio_not_loaded_then_loaded() {
+    let fs = FakeSys::new();
+    fs.add_device(
+        DeviceSpec::new(NIC, 0x8086, 0x10d3, 0x020000)
+            .driver("e1000e")
+            .group(2),
+    );
+    fs.add_device(DeviceSpec::new("0000:00:07.0", 0x8086, 0x10d3, 0x020000).driver("e1000e"));
+    let sim = SimKernel::start(&fs);
+    assert!(!fs.path("bus/pci/drivers/vfio-pci").exists());
+    w(&fs, &override_path(NIC), "vfio-pci");
+    w(&fs, "bus/pci/drivers/e1000e/unbind", NIC);
+    w(&fs, "bus/pci/drivers_probe", NIC);
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(NIC), None, "vfio-pci is not loaded");
+    assert!(!fs.devfs.join("vfio").exists());
+    // modprobe: the driver registers and picks up the waiting device.
+    fs.load_vfio();
+    assert_eq!(fs.driver_of(NIC).as_deref(), Some("vfio-pci"));
+    assert!(fs.vfio_group_node_exists(2));
+    // The new driver dir is watched.
+    w(&fs, "bus/pci/drivers/vfio-pci/unbind", NIC);
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(NIC), None);
+    assert!(!fs.vfio_group_node_exists(2));
+    // vfio-pci needs an IOMMU group.
+    w(&fs, &override_path("0000:00:07.0"), "vfio-pci");
+    w(&fs, "bus/pci/drivers/e1000e/unbind", "0000:00:07.0");
+    w(&fs, "bus/pci/drivers_probe", "0000:00:07.0");
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of("0000:00:07.0"), None);
+}
+
+#[test]
+fn sim_fail_write_gives_the_errno() {
+    let fs = FakeSys::standard_host();
+    let sim = SimKernel::start(&fs);
+    let cases = [
+        ("bus/pci/drivers/nvidia/unbind", Errno::ENOSPC),
+        ("bus/pci/drivers_probe", Errno::EISDIR),
+        (
+            "bus/pci/devices/0000:01:00.0/driver_override",
+            Errno::ENOENT,
+        ),
+        ("bus/pci/drivers/vfio-pci/bind", Errno::ENOSPC),
+        (
+            "bus/pci/devices/0000:01:00.1/driver_override",
+            Errno::EISDIR,
+        ),
+        (
+            "bus/pci/devices/0000:00:02.0/driver_override",
+            Errno::ENOSPC,
+        ),
+    ];
+    for (rel, errno) in cases {
+        sim.fail_write(rel, errno);
+        let err = write_attr(&fs.path(rel), GPU).expect_err(rel);
+        assert_eq!(err.raw_os_error(), Some(errno as i32), "{rel}: {err}");
+        // Still failing on the next write.
+        let err = write_attr(&fs.path(rel), GPU).expect_err(rel);
+        assert_eq!(err.raw_os_error(), Some(errno as i32), "{rel}: {err}");
+    }
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(GPU).as_deref(), Some("nvidia"));
+    // While driver_override is faulted, the kernel still knows its value.
+    assert!(sim.writes().is_empty(), "{:?}", sim.writes());
+
+    for (rel, _) in cases {
+        sim.release(rel);
+    }
+    for addr in [GPU, AUDIO, NIC] {
+        assert_eq!(read(&fs.path(&override_path(addr))), "(null)\n");
+    }
+    assert!(fs.path("bus/pci/drivers_probe").exists());
+    move_to_vfio(&fs, GPU, "nvidia");
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(GPU).as_deref(), Some("vfio-pci"));
+    assert_eq!(sim.writes().len(), 3);
+}
+
+#[test]
+fn sim_fail_write_mid_sequence() {
+    let fs = FakeSys::standard_host();
+    let sim = SimKernel::start(&fs);
+    sim.fail_write("bus/pci/drivers_probe", Errno::ENOENT);
+    w(&fs, &override_path(GPU), "vfio-pci");
+    w(&fs, "bus/pci/drivers/nvidia/unbind", GPU);
+    let err = write_attr(&fs.path("bus/pci/drivers_probe"), GPU).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc_enoent()));
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(GPU), None);
+    // Rollback: clear the override, probe again once it works.
+    sim.release("bus/pci/drivers_probe");
+    w(&fs, &override_path(GPU), "");
+    w(&fs, "bus/pci/drivers_probe", GPU);
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(GPU).as_deref(), Some("nvidia"));
+    assert_eq!(fs.driver_override_of(GPU), None);
+}
+
+fn libc_enoent() -> i32 {
+    Errno::ENOENT as i32
+}
+
+#[test]
+#[should_panic(expected = "cannot produce")]
+fn sim_fail_write_refuses_other_errnos() {
+    let fs = FakeSys::standard_host();
+    let sim = SimKernel::start(&fs);
+    sim.fail_write("bus/pci/drivers/nvidia/unbind", Errno::EBUSY);
+}
+
+/// Writes in a thread; the receiver gets the result when the write returns.
+fn spawn_writer(path: std::path::PathBuf, value: &'static str) -> mpsc::Receiver<io::Result<()>> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(write_attr(&path, value));
+    });
+    rx
+}
+
+#[test]
+fn sim_hang_write_blocks_until_release() {
+    let fs = FakeSys::standard_host();
+    let sim = SimKernel::start(&fs);
+    w(&fs, &override_path(GPU), "vfio-pci");
+    sim.hang_write("bus/pci/drivers/nvidia/unbind");
+    let rx = spawn_writer(fs.path("bus/pci/drivers/nvidia/unbind"), GPU);
+    assert!(
+        matches!(
+            rx.recv_timeout(Duration::from_millis(300)),
+            Err(mpsc::RecvTimeoutError::Timeout)
+        ),
+        "the write should hang"
+    );
+    assert!(
+        sim.wait_idle(IDLE),
+        "a hung write does not keep the sim busy"
+    );
+    assert_eq!(fs.driver_of(GPU).as_deref(), Some("nvidia"));
+    // Other attributes keep working meanwhile.
+    w(&fs, "bus/pci/drivers/e1000e/unbind", NIC);
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(NIC), None);
+
+    sim.release("bus/pci/drivers/nvidia/unbind");
+    rx.recv_timeout(IDLE)
+        .expect("released writer returns")
+        .expect("write succeeds");
+    // The stuck unbind completes.
+    assert!(wait_until(IDLE, || fs.driver_of(GPU).is_none()));
+    assert!(sim.wait_idle(IDLE));
+    // The attribute works normally again.
+    w(&fs, "bus/pci/drivers_probe", GPU);
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(GPU).as_deref(), Some("vfio-pci"));
+    w(&fs, "bus/pci/drivers/vfio-pci/unbind", GPU);
+    w(&fs, "bus/pci/drivers/nvidia/bind", GPU);
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(GPU), None, "override still says vfio-pci");
+}
+
+#[test]
+fn sim_hang_and_release_driver_override() {
+    let fs = FakeSys::standard_host();
+    let sim = SimKernel::start(&fs);
+    let rel = override_path(GPU);
+    sim.hang_write(&rel);
+    let rx = spawn_writer(fs.path(&rel), "vfio-pci");
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "should hang"
+    );
+    sim.release(&rel);
+    rx.recv_timeout(IDLE).unwrap().unwrap();
+    assert!(wait_until(IDLE, || fs.path(&rel).is_file()
+        && fs.driver_override_of(GPU).as_deref() == Some("vfio-pci")));
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(read(&fs.path(&rel)), "vfio-pci\n");
+    // Release with no writer waiting: just restored.
+    sim.hang_write(&override_path(AUDIO));
+    sim.release(&override_path(AUDIO));
+    assert!(fs.path(&override_path(AUDIO)).is_file());
+    assert_eq!(read(&fs.path(&override_path(AUDIO))), "(null)\n");
+    w(&fs, &override_path(AUDIO), "vfio-pci");
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(read(&fs.path(&override_path(AUDIO))), "vfio-pci\n");
+}
+
+#[test]
+fn sim_drop_lets_hung_writers_go_and_restores_files() {
+    let fs = FakeSys::standard_host();
+    let sim = SimKernel::start(&fs);
+    sim.hang_write("bus/pci/drivers/amdgpu/unbind");
+    sim.fail_write("bus/pci/drivers/nvme/unbind", Errno::EISDIR);
+    let rx = spawn_writer(fs.path("bus/pci/drivers/amdgpu/unbind"), "0000:00:05.0");
+    assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+    drop(sim);
+    rx.recv_timeout(IDLE).unwrap().unwrap();
+    for rel in [
+        "bus/pci/drivers_probe",
+        "bus/pci/rescan",
+        "bus/pci/drivers/nvidia/unbind",
+        "bus/pci/drivers/amdgpu/unbind",
+        "bus/pci/drivers/nvme/unbind",
+        "bus/pci/drivers/vfio-pci/bind",
+    ] {
+        assert!(fs.path(rel).is_file(), "{rel}");
+    }
+    // Without a simulator, writes go nowhere and never block.
+    w(&fs, "bus/pci/drivers/nvidia/unbind", GPU);
+    assert_eq!(fs.driver_of(GPU).as_deref(), Some("nvidia"));
+    // A new simulator can start on the same tree.
+    let sim = SimKernel::start(&fs);
+    w(&fs, "bus/pci/drivers/nvidia/unbind", GPU);
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(GPU), None);
+}
+
+#[test]
+fn sim_outlives_its_fakesys_handle() {
+    let fs = FakeSys::standard_host();
+    let sim = SimKernel::start(&fs);
+    let root = fs.tmp_root().to_path_buf();
+    drop(fs);
+    assert!(root.is_dir(), "the simulator keeps the tree alive");
+    let fs = sim.fakesys();
+    w(fs, "bus/pci/drivers/nvidia/unbind", GPU);
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(GPU), None);
+    drop(sim);
+    if std::env::var("VFIOD_KEEP_TMP").as_deref() != Ok("1") {
+        assert!(!root.exists());
+    }
+}
+
+#[test]
+fn sim_bind_wrong_driver_and_ignore_probe() {
+    let fs = FakeSys::standard_host();
+    fs.add_driver("nouveau");
+    let sim = SimKernel::start(&fs);
+    sim.bind_wrong_driver(GPU, "nouveau");
+    move_to_vfio(&fs, GPU, "nvidia");
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(GPU).as_deref(), Some("nouveau"));
+    assert!(!fs.vfio_group_node_exists(1));
+    // One-shot: the next probe is right again.
+    w(&fs, "bus/pci/drivers/nouveau/unbind", GPU);
+    w(&fs, "bus/pci/drivers_probe", GPU);
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(GPU).as_deref(), Some("vfio-pci"));
+
+    sim.ignore_probe(NIC);
+    move_to_vfio(&fs, NIC, "e1000e");
+    w(&fs, "bus/pci/drivers/vfio-pci/bind", NIC);
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(NIC), None);
+    sim.allow_probe(NIC);
+    w(&fs, "bus/pci/drivers_probe", NIC);
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(NIC).as_deref(), Some("vfio-pci"));
+}
+
+#[test]
+fn sim_follows_hotplug() {
+    let fs = FakeSys::standard_host();
+    let sim = SimKernel::start(&fs);
+    move_to_vfio(&fs, GPU, "nvidia");
+    assert!(sim.wait_idle(IDLE));
+    assert!(fs.vfio_group_node_exists(1));
+    // Unplug the GPU while on vfio-pci.
+    fs.remove_device(GPU);
+    assert!(fs.device_dir(GPU).is_none());
+    assert!(fs::symlink_metadata(fs.path("bus/pci/drivers/vfio-pci").join(GPU)).is_err());
+    assert!(!fs.vfio_group_node_exists(1));
+    // Writes naming a vanished device are harmless.
+    w(&fs, "bus/pci/drivers_probe", GPU);
+    w(&fs, "bus/pci/drivers/vfio-pci/unbind", GPU);
+    assert!(sim.wait_idle(IDLE));
+    // A device plugged in while running is watched.
+    fs.add_device(
+        DeviceSpec::new("0000:00:08.0", 0x1af4, 0x1041, 0x020000)
+            .driver("virtio-pci")
+            .group(8),
+    );
+    move_to_vfio(&fs, "0000:00:08.0", "virtio-pci");
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of("0000:00:08.0").as_deref(), Some("vfio-pci"));
+    assert_eq!(read(&fs.path(&override_path("0000:00:08.0"))), "vfio-pci\n");
+    assert!(fs.vfio_group_node_exists(8));
+    move_back(&fs, "0000:00:08.0");
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of("0000:00:08.0").as_deref(), Some("virtio-pci"));
+    // Re-plugging the GPU brings it back on its native driver.
+    fs.add_device(
+        DeviceSpec::new(GPU, 0x10de, 0x2236, 0x030200)
+            .driver("nvidia")
+            .group(1)
+            .parent(ROOT_PORT),
+    );
+    move_to_vfio(&fs, GPU, "nvidia");
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(GPU).as_deref(), Some("vfio-pci"));
+}
+
+#[test]
+#[should_panic(expected = "already runs")]
+fn sim_only_one_per_tree() {
+    let fs = FakeSys::standard_host();
+    let _a = SimKernel::start(&fs);
+    let _b = SimKernel::start(&fs);
+}
+
+#[test]
+fn sim_parallel_trees() {
+    let handles: Vec<_> = (0..6)
+        .map(|_| {
+            std::thread::spawn(|| {
+                let fs = FakeSys::standard_host();
+                let sim = SimKernel::start(&fs);
+                for _ in 0..5 {
+                    move_to_vfio(&fs, GPU, "nvidia");
+                    assert!(wait_until(IDLE, || fs.driver_of(GPU).as_deref() == Some("vfio-pci")));
+                    move_back(&fs, GPU);
+                    assert!(wait_until(IDLE, || fs.driver_of(GPU).as_deref() == Some("nvidia")));
+                }
+                assert!(sim.wait_idle(IDLE));
+                (fs.driver_of(GPU), sim.writes().len())
+            })
+        })
+        .collect();
+    for h in handles {
+        let (driver, n) = h.join().unwrap();
+        assert_eq!(driver.as_deref(), Some("nvidia"));
+        assert_eq!(n, 30);
+    }
 }

@@ -188,7 +188,16 @@ impl Drop for TempDir {
             );
             return;
         }
-        let _ = fs::remove_dir_all(&self.path);
+        // Retry: something (a daemon under test) may still be writing.
+        for _ in 0..5 {
+            match fs::remove_dir_all(&self.path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound && self.path.exists() => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                _ => return,
+            }
+        }
+        eprintln!("fakesys: could not remove {}", self.path.display());
     }
 }
 
@@ -304,7 +313,8 @@ pub fn relative_path(from_dir: &Path, to: &Path) -> PathBuf {
     out
 }
 
-fn is_pci_addr(s: &str) -> bool {
+/// True for a full PCI address such as `0000:01:00.0`.
+pub fn is_pci_addr(s: &str) -> bool {
     let b = s.as_bytes();
     b.len() == 12
         && b[4] == b':'
