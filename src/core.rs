@@ -1039,7 +1039,7 @@ impl Core {
             .map_err(|e| CoreError::Internal(format!("scan: {e}")))?
             .map_err(|e| CoreError::Internal(e.to_string()))?;
         let changed = self
-            .commit(|reg| {
+            .commit_if_changed(|reg| {
                 let mut changed = Vec::new();
                 let addrs: Vec<PciAddress> = reg.iter().map(|d| d.pci_address).collect();
                 for addr in addrs {
@@ -1063,7 +1063,8 @@ impl Core {
                         changed.push(d.clone());
                     }
                 }
-                Ok(changed)
+                let any = !changed.is_empty();
+                Ok((changed, any))
             })
             .await?;
         for d in &changed {

@@ -31,6 +31,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use crate::core::{Caller, Core};
 use crate::error::CoreError;
 use crate::events::Event;
+use crate::registry::Registry;
 pub use peer::{AccessPolicy, Peer};
 
 pub const MAX_BODY: usize = 64 * 1024;
@@ -198,6 +199,9 @@ pub struct Api {
     core: Arc<Core>,
     policy: AccessPolicy,
     shutdown: watch::Receiver<bool>,
+    /// The unfiltered `GET /devices` body of one registry version: shared
+    /// by every request until the registry changes.
+    list_cache: Arc<std::sync::Mutex<Option<(Arc<Registry>, Bytes)>>>,
 }
 
 impl Api {
@@ -206,7 +210,25 @@ impl Api {
             core,
             policy,
             shutdown,
+            list_cache: Arc::default(),
         }
+    }
+
+    /// The JSON list of every device, serialised once per registry version.
+    fn full_list(&self, registry: Arc<Registry>) -> Bytes {
+        let mut cache = self.list_cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((cached, body)) = cache.as_ref() {
+            if Arc::ptr_eq(cached, &registry) {
+                return body.clone();
+            }
+        }
+        let ids = self.core.ids();
+        let wire: Vec<_> = registry.iter().map(|d| wire::Device::new(d, ids)).collect();
+        let mut body = serde_json::to_vec(&wire).expect("wire types serialise");
+        body.push(b'\n');
+        let body = Bytes::from(body);
+        *cache = Some((registry, body.clone()));
+        body
     }
 
     async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<ResponseBody>> {
@@ -309,9 +331,17 @@ impl Api {
             Route::ListDevices => {
                 let filter = parse::list_query(query)?;
                 let seq = core.events().last_seq();
-                let devices = core.list(&filter);
-                let wire: Vec<_> = devices.iter().map(|d| wire::Device::new(d, ids)).collect();
-                let mut resp = json_response(StatusCode::OK, &wire);
+                let mut resp = if filter.is_empty() {
+                    let body = self.full_list(core.snapshot());
+                    let mut resp = Response::new(full(body));
+                    resp.headers_mut()
+                        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                    resp
+                } else {
+                    let devices = core.list(&filter);
+                    let wire: Vec<_> = devices.iter().map(|d| wire::Device::new(d, ids)).collect();
+                    json_response(StatusCode::OK, &wire)
+                };
                 resp.headers_mut()
                     .insert(EVENT_SEQ_HEADER, HeaderValue::from(seq));
                 resp

@@ -65,6 +65,7 @@ async fn run(config: Config, is_root: bool) -> Result<(), String> {
     let store = Store::open(&config.state_dir).map_err(|e| e.to_string())?;
     let engine = Engine::new(sysfs.clone(), config.op_timeout);
     let ids = ids.await.map_err(|e| e.to_string())?;
+    let loaded_ms = started.elapsed().as_millis() as u64;
     let options = CoreOptions {
         load_modules: config.load_modules,
         reclaim: config.reclaim,
@@ -91,6 +92,7 @@ async fn run(config: Config, is_root: bool) -> Result<(), String> {
     core.reconcile()
         .await
         .map_err(|e| format!("reconciling with the bus: {e}"))?;
+    let reconciled_ms = started.elapsed().as_millis() as u64;
 
     let gid = nix::unistd::Group::from_name(&config.group)
         .ok()
@@ -133,6 +135,8 @@ async fn run(config: Config, is_root: bool) -> Result<(), String> {
         state_dir = %config.state_dir.display(),
         sysfs = %config.sysfs.display(),
         privileged,
+        loaded_ms,
+        reconciled_ms,
         startup_ms = started.elapsed().as_millis() as u64,
         "ready: {status}"
     );
