@@ -14,7 +14,6 @@
 //!    the event stream show it.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::convert::Infallible;

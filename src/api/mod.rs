@@ -41,6 +41,8 @@ pub const OPENAPI_YAML: &str = include_str!("openapi.yaml");
 pub const EVENT_SEQ_HEADER: &str = "x-vfiod-event-seq";
 
 type ResponseBody = BoxBody<Bytes, Infallible>;
+/// A registry version and its serialised device list.
+type CachedList = (Arc<Registry>, Bytes);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
@@ -201,7 +203,7 @@ pub struct Api {
     shutdown: watch::Receiver<bool>,
     /// The unfiltered `GET /devices` body of one registry version: shared
     /// by every request until the registry changes.
-    list_cache: Arc<std::sync::Mutex<Option<(Arc<Registry>, Bytes)>>>,
+    list_cache: Arc<std::sync::Mutex<Option<CachedList>>>,
 }
 
 impl Api {

@@ -197,7 +197,7 @@ impl Registry {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn record(addr: &str, name: &str, id: &str) -> DeviceRecord {
