@@ -918,6 +918,67 @@ fn sim_hang_write_blocks_until_release() {
 }
 
 #[test]
+fn sim_release_waits_for_the_released_writer() {
+    let fs = FakeSys::standard_host();
+    let sim = SimKernel::start(&fs);
+    sim.hang_write("bus/pci/drivers/e1000e/unbind");
+    let rx = spawn_writer(fs.path("bus/pci/drivers/e1000e/unbind"), NIC);
+    assert!(
+        rx.recv_timeout(Duration::from_millis(200)).is_err(),
+        "should hang"
+    );
+    sim.release("bus/pci/drivers/e1000e/unbind");
+    // No polling: release returned after the writer wrote.
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(NIC), None);
+    rx.recv_timeout(IDLE).unwrap().unwrap();
+    assert_eq!(
+        sim.writes(),
+        pairs(&[("bus/pci/drivers/e1000e/unbind", NIC)])
+    );
+}
+
+#[test]
+fn sim_release_completing_after_the_writer_was_killed() {
+    let fs = FakeSys::standard_host();
+    let sim = SimKernel::start(&fs);
+    let rel = "bus/pci/drivers/e1000e/unbind";
+    sim.hang_write(rel);
+    // A writer process, killed while blocked in open().
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("printf %s {NIC} > '{}'", fs.path(rel).display()))
+        .spawn()
+        .expect("spawn sh");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the writer should hang"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !sim.release_completing(rel, NIC),
+        "nobody was blocked any more"
+    );
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of(NIC), None, "the stuck unbind completed");
+    assert_eq!(sim.writes(), pairs(&[(rel, NIC)]));
+
+    // With the writer still blocked, its own value is what gets applied.
+    sim.clear_writes();
+    let rel = "bus/pci/drivers/amdgpu/unbind";
+    sim.hang_write(rel);
+    let rx = spawn_writer(fs.path(rel), "0000:00:05.0");
+    assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+    assert!(sim.release_completing(rel, "0000:00:99.0"));
+    rx.recv_timeout(IDLE).unwrap().unwrap();
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_of("0000:00:05.0"), None);
+    assert_eq!(sim.writes(), pairs(&[(rel, "0000:00:05.0")]));
+}
+
+#[test]
 fn sim_hang_and_release_driver_override() {
     let fs = FakeSys::standard_host();
     let sim = SimKernel::start(&fs);

@@ -68,7 +68,14 @@
 //! * [`SimKernel::release`]: undoes either. A writer blocked by `hang_write`
 //!   is let through and **its write is applied** (the stuck kernel operation
 //!   finally completes: e.g. a hung unbind does unbind), in order with other
-//!   writes, like any other write.
+//!   writes, like any other write. `release` returns once the released
+//!   writers have written (bounded wait), so `wait_idle` after it covers
+//!   them.
+//! * [`SimKernel::release_completing`]: the same, but if the blocked writer
+//!   is gone (its process was killed: in Linux the stuck operation would
+//!   still complete in the kernel), applies a given value instead. A writer
+//!   blocked in `open()` has not handed over its value yet, so the simulator
+//!   cannot know it by itself.
 //!
 //! Set `VFIOD_SIM_DEBUG=1` for a trace on stderr (`simkernel:` prefix).
 #![allow(dead_code)]
@@ -129,6 +136,24 @@ fn read_available(reader: &mut File, out: &mut Vec<u8>) -> Drain {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drain::WriterPresent,
             Err(_) => return Drain::Eof,
         }
+    }
+}
+
+/// With a fresh reader on a FIFO: waits (up to 3 s) until every writer
+/// that was blocked in `open()` has written and closed. Returns whether
+/// there was any.
+fn wait_for_writers(reader: &mut File, data: &mut Vec<u8>) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut seen = false;
+    loop {
+        match read_available(reader, data) {
+            Drain::Eof => return seen || !data.is_empty(),
+            Drain::WriterPresent => seen = true,
+        }
+        if Instant::now() >= deadline {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -381,14 +406,45 @@ impl SimKernel {
         sim.faults.insert(path, Fault::Hang(saved));
     }
 
-    /// Undoes `fail_write` / `hang_write` on `rel_path` (no-op if none). A
-    /// hung writer is let through and its write applied.
+    /// Undoes `fail_write` / `hang_write` on `rel_path` (no-op if none).
+    /// Writers blocked by `hang_write` are let through, and this waits (up to
+    /// 3 s) until they have written; their writes are then applied in order
+    /// like any other (the stuck kernel operation completes), so a
+    /// `wait_idle` after `release` covers them.
     pub fn release(&self, rel_path: &str) {
+        self.release_inner(rel_path);
+    }
+
+    /// Like [`SimKernel::release`], but if no writer was blocked (the process
+    /// that wrote was killed meanwhile: in Linux the stuck operation still
+    /// completes in the kernel), applies `value` as if it had been written.
+    /// Returns true if a blocked writer was let through instead.
+    pub fn release_completing(&self, rel_path: &str, value: &str) -> bool {
+        if self.release_inner(rel_path) {
+            return true;
+        }
+        let path = self.fs.sysfs.join(rel_path.trim_start_matches('/'));
+        if let Err(e) = fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .and_then(|mut f| io::Write::write_all(&mut f, value.as_bytes()))
+        {
+            panic!("simkernel: release_completing {rel_path}: {e}");
+        }
+        false
+    }
+
+    fn release_inner(&self, rel_path: &str) -> bool {
         let path = self.resolve(rel_path);
         let _state = self.fs.lock_state();
         let mut sim = lock(&self.shared.sim);
-        dbg_log!(self.shared, "release {rel_path}");
-        self.shared.release_locked(&mut sim, &path);
+        let seen = self.shared.release_locked(&mut sim, &path);
+        dbg_log!(
+            self.shared,
+            "release {rel_path} (writer let through: {seen})"
+        );
+        seen
     }
 
     /// On the next `drivers_probe` of `addr`, bind `driver` instead of the
@@ -538,12 +594,16 @@ impl Shared {
         }
     }
 
-    /// Undoes a fault on `path`, if any.
-    fn release_locked(&self, sim: &mut Sim, path: &Path) {
+    /// Undoes a fault on `path`, if any. For a hang, blocked writers are let
+    /// through and waited for (up to a few seconds) until they have written
+    /// and closed, so their close events are queued when this returns.
+    /// Returns whether any writer was let through.
+    fn release_locked(&self, sim: &mut Sim, path: &Path) -> bool {
         let Some(fault) = sim.faults.remove(path) else {
-            return;
+            return false;
         };
         let tree = &self.tree;
+        let attr = attr_name(path);
         match fault {
             Fault::Fail(_, saved) => {
                 let _ = tree.remove(path);
@@ -558,36 +618,42 @@ impl Shared {
                         let _ = tree.write_file(path, &content);
                     }
                 }
+                false
             }
             Fault::Hang(Saved::Fifo) => {
                 // Blocked writers go through; their close events are
                 // processed like any write.
-                if let Some(pipe) = sim.pipes.get_mut(path) {
-                    pipe.reader = open_reader(path).ok();
-                }
+                let Some(pipe) = sim.pipes.get_mut(path) else {
+                    return false;
+                };
+                let Ok(mut reader) = open_reader(path) else {
+                    return false;
+                };
+                let mut data = Vec::new();
+                let seen = wait_for_writers(&mut reader, &mut data);
+                pipe.values
+                    .extend(split_values(&attr, &String::from_utf8_lossy(&data)));
+                pipe.reader = Some(reader);
+                seen
             }
-            Fault::Hang(Saved::Regular(content)) => match open_reader(path) {
-                Ok(mut reader) => {
-                    let mut data = Vec::new();
-                    match read_available(&mut reader, &mut data) {
-                        Drain::Eof if data.is_empty() => {
-                            let _ = tree.write_file(path, &content);
-                        }
-                        _ => {
-                            // A writer is (or was) there: its close event will
-                            // restore the file and apply its value.
-                            let mut pipe = Pipe::new(Some(reader));
-                            pipe.restore = Some(content);
-                            let text = String::from_utf8_lossy(&data);
-                            pipe.values.extend(split_values(&attr_name(path), &text));
-                            sim.pipes.insert(path.to_path_buf(), pipe);
-                        }
-                    }
-                }
-                Err(_) => {
+            Fault::Hang(Saved::Regular(content)) => {
+                let Ok(mut reader) = open_reader(path) else {
                     let _ = tree.write_file(path, &content);
+                    return false;
+                };
+                let mut data = Vec::new();
+                if !wait_for_writers(&mut reader, &mut data) {
+                    let _ = tree.write_file(path, &content);
+                    return false;
                 }
-            },
+                // Its close event restores the file and applies the value.
+                let mut pipe = Pipe::new(Some(reader));
+                pipe.restore = Some(content);
+                pipe.values
+                    .extend(split_values(&attr, &String::from_utf8_lossy(&data)));
+                sim.pipes.insert(path.to_path_buf(), pipe);
+                true
+            }
         }
     }
 
