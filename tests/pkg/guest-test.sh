@@ -51,6 +51,7 @@ finish() {
 	systemctl --no-pager status vfiod.socket vfiod.service 2>&1 | sed 's/^/#   /'
 	journalctl -b --no-pager -o short-precise >"$R/journal.txt" 2>&1
 	journalctl -b --no-pager -o short-precise -u vfiod.socket -u vfiod.service _COMM=vfiod >"$R/vfiod-journal.txt" 2>&1
+	journalctl -b --no-pager -o json _COMM=vfiod >"$R/vfiod-journal.json" 2>&1
 	if grep -E '<(warning|error|crit)>|WARN|ERROR|panick' "$R/vfiod-journal.txt" >/dev/null; then
 		echo "# vfiod logged warnings/errors (see vfiod-journal.txt)"
 	fi
@@ -175,10 +176,23 @@ fi
 
 # --- stop, socket activation, restart ------------------------------------
 pid1=$(prop vfiod.service MainPID)
+# An event-stream client stays connected across the stop: it must not hold
+# the shutdown up.
+runuser -u outsider -- vfioctl events >/tmp/events.out 2>&1 &
+events_pid=$!
+sleep 0.5
 t0=$(date +%s%N)
 systemctl stop vfiod.service
 ms=$((($(date +%s%N) - t0) / 1000000))
-if [ "$ms" -lt 5000 ]; then ok "SIGTERM stop in ${ms} ms"; else nok "SIGTERM stop in < 5 s" "${ms} ms"; fi
+if [ "$ms" -lt 5000 ]; then ok "SIGTERM stop in ${ms} ms with an events client connected"; else nok "SIGTERM stop in < 5 s with an events client connected" "${ms} ms"; fi
+for ((i = 0; i < 30; i++)); do kill -0 "$events_pid" 2>/dev/null || break; sleep 0.1; done
+if kill -0 "$events_pid" 2>/dev/null; then
+	nok "events client saw the end of the stream" "still running 3 s after the stop"
+	kill "$events_pid"
+else
+	wait "$events_pid"; rc=$?
+	ok "events client saw the end of the stream (exit $rc)"
+fi
 is "clean exit on stop" "$(prop vfiod.service Result) $(prop vfiod.service ExecMainStatus)" "success 0"
 is "socket file kept while service stopped" "$(stat -c %F /run/vfiod/vfiod.sock 2>&1)" socket
 is "vfiod.socket still listening" "$(systemctl is-active vfiod.socket)" active
@@ -205,6 +219,43 @@ pid2=$p
 is "exactly one automatic restart so far" "$(prop vfiod.service NRestarts)" 1
 is "socket file kept across the crash" "$(stat -c %F /run/vfiod/vfiod.sock 2>&1)" socket
 [ -z "$addr" ] || allowed "registry survived the crash" outsider vfioctl show pkgtest
+
+# --- startup failures are clear and are not retried forever ------------------
+cp /etc/vfiod/config.toml /tmp/config.toml.orig
+echo 'no_such_option = 1' >>/etc/vfiod/config.toml
+systemctl restart vfiod.service 2>/dev/null
+sleep 3
+is "invalid config: service failed" "$(systemctl is-active vfiod.service)" failed
+is "invalid config: exit status 2, not restarted" "$(prop vfiod.service ExecMainStatus) $(prop vfiod.service NRestarts)" "2 0"
+if journalctl -b -u vfiod.service -o cat --no-pager | grep -q 'no_such_option'; then
+	ok "invalid config: the journal names the bad key"
+else
+	nok "invalid config: the journal names the bad key" "$(journalctl -b -u vfiod.service -o cat --no-pager | tail -n 5)"
+fi
+cp /tmp/config.toml.orig /etc/vfiod/config.toml
+systemctl reset-failed vfiod.service
+if [ -n "$addr" ]; then
+	systemctl stop vfiod.service
+	cp /var/lib/vfiod/state.json /tmp/state.json.orig
+	echo '{ this is not json' >/var/lib/vfiod/state.json
+	systemctl start vfiod.service 2>/dev/null
+	sleep 1
+	st=$(systemctl is-active vfiod.service)
+	if [ "$st" != active ]; then ok "corrupt state: service does not start ($st)"; else nok "corrupt state: service does not start" "$st"; fi
+	is "corrupt state: file left as it was" "$(cat /var/lib/vfiod/state.json)" '{ this is not json'
+	msg=$(journalctl -b -u vfiod.service _COMM=vfiod -p err -o cat --no-pager | tail -n 1)
+	if grep -q 'state' <<<"$msg"; then ok "corrupt state: error in the journal ($msg)"; else nok "corrupt state: error in the journal" "$msg"; fi
+	st=$(prop vfiod.service StatusText)
+	if [ -n "$st" ]; then ok "corrupt state: unit status says why ($st)"; else nok "corrupt state: unit status says why"; fi
+	systemctl stop vfiod.service
+	cp /tmp/state.json.orig /var/lib/vfiod/state.json
+	systemctl reset-failed vfiod.service
+fi
+systemctl start vfiod.service
+wait_active vfiod.service 10
+is "service back after the failures" "$(systemctl is-active vfiod.service)" active
+[ -z "$addr" ] || allowed "registry intact after the failures" outsider vfioctl show pkgtest
+pid2=$(prop vfiod.service MainPID)
 
 # --- upgrade (reinstall) restarts -----------------------------------------
 check "dpkg -i again (upgrade path)" dpkg -i "$deb"
