@@ -63,6 +63,7 @@ finish() {
 trap finish EXIT
 
 deb=$(ls /pkg/vfiod_*.deb | head -n1)
+newer=$(ls /pkg/upgrade/vfiod_*.deb 2>/dev/null | head -n1)
 echo "# $(. /etc/os-release; echo "$PRETTY_NAME"), $(systemctl --version | head -n1), $deb"
 
 # --- install -------------------------------------------------------------
@@ -86,6 +87,8 @@ is "state dir owner/mode" "$(stat -c '%U:%G %a' /var/lib/vfiod 2>&1)" "root:root
 is "config is a conffile" "$(dpkg-query -W -f='${Conffiles}' vfiod | awk '{print $1}' | xargs)" /etc/vfiod/config.toml
 is "units shipped under /usr/lib/systemd/system" "$(dpkg -L vfiod | grep -c '^/usr/lib/systemd/system/vfiod\.\(service\|socket\)$')" 2
 is "Type=notify" "$(prop vfiod.service Type)" notify
+verify=$(systemd-analyze verify vfiod.socket vfiod.service 2>&1 | grep -v -e "Command 'man " -e 'man:vfio')
+is "systemd-analyze verify: no complaints" "$verify" ""
 is "watchdog 30s" "$(prop vfiod.service WatchdogUSec)" 30s
 status_text=$(prop vfiod.service StatusText)
 if [ -n "$status_text" ]; then ok "daemon sent STATUS= ($status_text)"; else nok "daemon sent STATUS="; fi
@@ -257,8 +260,16 @@ is "service back after the failures" "$(systemctl is-active vfiod.service)" acti
 [ -z "$addr" ] || allowed "registry intact after the failures" outsider vfioctl show pkgtest
 pid2=$(prop vfiod.service MainPID)
 
-# --- upgrade (reinstall) restarts -----------------------------------------
-check "dpkg -i again (upgrade path)" dpkg -i "$deb"
+# --- upgrade restarts, keeps the admin's config ------------------------------
+sed -i 's/^#log_level = "info"/log_level = "debug"/' /etc/vfiod/config.toml
+if [ -n "$newer" ]; then
+	check "upgrade to $(dpkg-deb -f "$newer" Version) with dpkg -i" dpkg -i "$newer"
+	is "new version installed" "$(dpkg-query -W -f='${Version}' vfiod)" "$(dpkg-deb -f "$newer" Version)"
+else
+	check "dpkg -i again (upgrade path)" dpkg -i "$deb"
+fi
+check "admin's change to the conffile kept" grep -qx 'log_level = "debug"' /etc/vfiod/config.toml
+check "no .dpkg-dist/.dpkg-old left next to the conffile" sh -c '! ls /etc/vfiod/ | grep -q dpkg'
 wait_active vfiod.service 15
 pid3=$(prop vfiod.service MainPID)
 is "vfiod.service active after upgrade" "$(systemctl is-active vfiod.service)" active

@@ -118,16 +118,23 @@ else
 	grep '^\[build-deb\] cargo' "$work/build.log" >&2 || true
 fi
 mkdir -p "$work/debs"
-cp "$repo"/build/deb/*.deb "$work/debs/"
+cp "$repo"/build/deb/vfiod_*.deb "$work/debs/"
 chmod 0644 "$work"/debs/*.deb
 deb=$(ls "$work"/debs/vfiod_*.deb | head -n1)
 [ -f "$deb" ] || die "no vfiod_*.deb in build/deb"
 log "built ${deb##*/}"
+# The same payload with a higher version, for the guests' upgrade step
+# (prerm upgrade / postinst configure OLD-VERSION, as a real upgrade runs).
+mkdir -p "$work/upgrade/pkg" "$work/debs/upgrade"
+dpkg-deb -R "$deb" "$work/upgrade/pkg"
+sed -i 's/^Version: .*/&+upgradetest1/' "$work/upgrade/pkg/DEBIAN/control"
+dpkg-deb --root-owner-group -Zxz -b "$work/upgrade/pkg" "$work/debs/upgrade/" >/dev/null
+chmod 0644 "$work"/debs/upgrade/*.deb
 
 # ---- lintian (as an unprivileged user) ---------------------------------------
 log "lintian --fail-on error,warning --pedantic -I"
 if ! runuser -u nobody -- env HOME="$work" lintian --fail-on error,warning --pedantic -I \
-	"$work"/debs/*.deb >"$work/lintian.log" 2>&1; then
+	"$repo"/build/deb/*.deb >"$work/lintian.log" 2>&1; then
 	cat "$work/lintian.log" >&2
 	die "lintian"
 fi
