@@ -262,6 +262,18 @@ pid2=$(prop vfiod.service MainPID)
 
 # --- upgrade restarts, keeps the admin's config ------------------------------
 sed -i 's/^#log_level = "info"/log_level = "debug"/' /etc/vfiod/config.toml
+sock_inode=$(stat -c %i /run/vfiod/vfiod.sock)
+# A client that keeps asking during the upgrade must never be refused.
+(
+	end=$((SECONDS + 60)) n=0 bad=0
+	while [ ! -e /tmp/stop-client ] && ((SECONDS < end)); do
+		runuser -u outsider -- vfioctl health >/dev/null 2>>/tmp/client.err || bad=$((bad + 1))
+		n=$((n + 1))
+	done
+	echo "$n $bad" >/tmp/client.result
+) &
+client=$!
+sleep 0.3
 if [ -n "$newer" ]; then
 	check "upgrade to $(dpkg-deb -f "$newer" Version) with dpkg -i" dpkg -i "$newer"
 	is "new version installed" "$(dpkg-query -W -f='${Version}' vfiod)" "$(dpkg-deb -f "$newer" Version)"
@@ -271,6 +283,13 @@ fi
 check "admin's change to the conffile kept" grep -qx 'log_level = "debug"' /etc/vfiod/config.toml
 check "no .dpkg-dist/.dpkg-old left next to the conffile" sh -c '! ls /etc/vfiod/ | grep -q dpkg'
 wait_active vfiod.service 15
+sleep 0.5
+touch /tmp/stop-client
+wait "$client"
+read -r calls refused </tmp/client.result
+is "no request failed during the upgrade ($calls made)" "$refused" 0
+[ "$refused" = 0 ] || sed 's/^/#   /' /tmp/client.err | sort | uniq -c | head -n 5
+is "socket not recreated by the upgrade (same inode)" "$(stat -c %i /run/vfiod/vfiod.sock)" "$sock_inode"
 pid3=$(prop vfiod.service MainPID)
 is "vfiod.service active after upgrade" "$(systemctl is-active vfiod.service)" active
 if [ "$pid3" != "$pid2" ] && [ "$pid3" != 0 ]; then ok "upgrade restarted the service ($pid2 -> $pid3)"; else nok "upgrade restarted the service" "$pid2 -> $pid3"; fi
