@@ -133,8 +133,13 @@ chmod 0644 "$work"/debs/upgrade/*.deb
 
 # ---- lintian (as an unprivileged user) ---------------------------------------
 log "lintian --fail-on error,warning --pedantic -I"
-if ! runuser -u nobody -- env HOME="$work" lintian --fail-on error,warning --pedantic -I \
-	"$repo"/build/deb/*.deb >"$work/lintian.log" 2>&1; then
+# Copies in a world-readable directory: the checkout may not be readable
+# by nobody (a clone under /root, say).
+mkdir -p "$work/lintian"
+cp "$repo"/build/deb/*.deb "$work/lintian/"
+chmod 0644 "$work"/lintian/*.deb
+if ! (cd "$work/lintian" && runuser -u nobody -- env HOME="$work/lintian" TMPDIR=/tmp \
+	lintian --fail-on error,warning --pedantic -I ./*.deb) >"$work/lintian.log" 2>&1; then
 	cat "$work/lintian.log" >&2
 	die "lintian"
 fi
