@@ -40,22 +40,24 @@ die() { log "FAIL: $*"; exit 1; }
 work=$(mktemp -d /var/tmp/vfiod-pkg.XXXXXX)
 chmod 0755 "$work"
 bg_pids=()
-mounts=()
 cleanup() {
-	local rc=$? p
+	local rc=$? p m
 	trap - EXIT INT TERM
+	# Background jobs run in their own process groups (setsid): end each
+	# group, politely first.
 	for p in "${bg_pids[@]}"; do
-		pkill -TERM -P "$p" 2>/dev/null || true
-		kill -TERM "$p" 2>/dev/null || true
+		kill -TERM -- "-$p" 2>/dev/null || kill -TERM "$p" 2>/dev/null || true
 	done
 	for p in "${bg_pids[@]}"; do
 		for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.2; done
-		kill -KILL "$p" 2>/dev/null || true
+		kill -KILL -- "-$p" 2>/dev/null || kill -KILL "$p" 2>/dev/null || true
 		wait "$p" 2>/dev/null || true
 	done
-	for p in "${mounts[@]}"; do
-		umount "$p" 2>/dev/null || umount -l "$p" 2>/dev/null || true
-	done
+	# Whatever is still mounted under the work directory (the overlays,
+	# and piuparts' /proc, /dev/pts... if it was interrupted), deepest first.
+	while read -r m; do
+		umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+	done < <(awk -v w="$work/" 'index($5, w) == 1 { print $5 }' /proc/self/mountinfo | sort -r)
 	rm -rf --one-file-system "$work"
 	exit "$rc"
 }
@@ -103,8 +105,8 @@ for s in $suites; do
 	rm -rf --one-file-system "$cache/$s-"*
 	log "base tree $s: mmdebstrap (background)"
 	mapfile -t args < <(recipe)
-	(mmdebstrap --mode=root --quiet "${args[@]}" "$s" "${tree[$s]}.tmp" "$mirror" >"$work/mmdebstrap-$s.log" 2>&1 &&
-		mv "${tree[$s]}.tmp" "${tree[$s]}" && touch "${tree[$s]}/.vfiod-pkg-complete") &
+	setsid bash -c 'mmdebstrap --mode=root --quiet "${@:3}" "$1" "$2.tmp" "$0" && mv "$2.tmp" "$2" && touch "$2/.vfiod-pkg-complete"' \
+		"$mirror" "$s" "${tree[$s]}" "${args[@]}" >"$work/mmdebstrap-$s.log" 2>&1 &
 	mmd_pid[$s]=$!
 	bg_pids+=("$!")
 done
@@ -128,7 +130,7 @@ log "built ${deb##*/}"
 mkdir -p "$work/upgrade/pkg" "$work/debs/upgrade"
 dpkg-deb -R "$deb" "$work/upgrade/pkg"
 sed -i 's/^Version: .*/&+upgradetest1/' "$work/upgrade/pkg/DEBIAN/control"
-dpkg-deb --root-owner-group -Zxz -b "$work/upgrade/pkg" "$work/debs/upgrade/" >/dev/null
+dpkg-deb --root-owner-group -Zgzip -z1 -b "$work/upgrade/pkg" "$work/debs/upgrade/" >/dev/null
 chmod 0644 "$work"/debs/upgrade/*.deb
 
 # ---- lintian (as an unprivileged user) ---------------------------------------
@@ -165,15 +167,19 @@ done
 if [ "$piuparts" = 1 ]; then
 	pbase=$cache/piuparts-bookworm-$(echo piuparts-v1 "$mirror" | sha256sum | cut -c1-16).tar.gz
 	log "piuparts (bookworm, background)"
-	(
+	# shellcheck disable=SC2016
+	setsid bash -c '
+		pbase=$1 cache=$2 mirror=$3 max_days=$4 work=$5 deb=$6
+		set -e
 		if [ ! -f "$pbase" ] || [ -n "$(find "$pbase" -mtime "+$max_days")" ]; then
 			rm -f "$cache"/piuparts-bookworm-*.tar.gz
 			mmdebstrap --mode=root --quiet --variant=minbase --include=systemd-sysv,pci.ids \
-				bookworm "$pbase.tmp.tar.gz" "$mirror" && mv "$pbase.tmp.tar.gz" "$pbase"
+				bookworm "$pbase.tmp.tar.gz" "$mirror"
+			mv "$pbase.tmp.tar.gz" "$pbase"
 		fi
-		piuparts --basetgz="$pbase" --distribution=bookworm --mirror="$mirror" --no-eatmydata \
+		exec piuparts --basetgz="$pbase" --distribution=bookworm --mirror="$mirror" --no-eatmydata \
 			--tmpdir="$work" "$deb"
-	) >"$work/piuparts.log" 2>&1 &
+	' piuparts "$pbase" "$cache" "$mirror" "$max_days" "$work" "$deb" >"$work/piuparts.log" 2>&1 &
 	pp_pid=$!
 	bg_pids+=("$!")
 fi
@@ -184,9 +190,7 @@ for s in $suites; do
 	mkdir -p "$root" "$res" "$work/$s/upper" "$work/$s/ovwork"
 	# A throw-away overlay over the cached tree; a copy where overlayfs
 	# is not available.
-	if mount -t overlay "vfiod-pkg-$s" -o "lowerdir=${tree[$s]},upperdir=$work/$s/upper,workdir=$work/$s/ovwork" "$root" 2>/dev/null; then
-		mounts+=("$root")
-	else
+	if ! mount -t overlay "vfiod-pkg-$s" -o "lowerdir=${tree[$s]},upperdir=$work/$s/upper,workdir=$work/$s/ovwork" "$root" 2>/dev/null; then
 		cp -a "${tree[$s]}/." "$root/"
 	fi
 	install -m 0755 "$here/guest-test.sh" "$root/usr/local/sbin/vfiod-pkg-test"
@@ -205,7 +209,7 @@ for s in $suites; do
 	EOF
 	ln -sf ../vfiod-pkg-test.service "$root/etc/systemd/system/multi-user.target.wants/vfiod-pkg-test.service"
 	log "$s: systemd-nspawn -b"
-	timeout -k 10 "$guest_timeout" systemd-nspawn --quiet --boot --register=no --keep-unit \
+	setsid timeout -k 10 "$guest_timeout" systemd-nspawn --quiet --boot --register=no --keep-unit \
 		--directory="$root" --machine="vfiod-pkg-$s-$$" --console=pipe --private-network \
 		--resolv-conf=off --timezone=off --link-journal=no \
 		--bind="$res:/results" --bind-ro="$work/debs:/pkg" \
