@@ -19,6 +19,9 @@
 #   VFIOD_VM_ROUNDS     bind/unbind rounds for latency medians (default 7)
 #   VFIOD_VM_VERBOSE=1  echo the whole guest console while running
 #   VFIOD_VM_SMP, VFIOD_VM_MEM   guest vCPUs (2) and MiB (1024)
+#   VFIOD_VM_BIOS       qboot (default, if QEMU ships it), seabios, or a path
+#   VFIOD_VM_BZIMAGE=1  boot the bzImage instead of the extracted vmlinux (PVH)
+#   VFIOD_VM_SCENARIO_TIMEOUT, VFIOD_VM_BOOT_TIMEOUT  seconds (240, 180)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

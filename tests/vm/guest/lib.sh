@@ -222,6 +222,7 @@ scenario_exit() {
     return $rc
 }
 trap scenario_exit EXIT
+trap 'echo "[$VM_SCENARIO] terminated (timeout)"; exit 143' TERM
 
 # --- event streams ---------------------------------------------------------
 EVENTS=/tmp/vm.events

@@ -123,6 +123,22 @@ vfio_node "$GPU" || fail "gpu0: /dev/vfio/$(grp "$GPU") missing"
 vc_ok unbind gpu0
 has_driver "$GPU" bochs-drm || fail "gpu0: after unbind the driver is $(drv "$GPU")"
 
+# Binds on different IOMMU groups at the same time, then unbinds.
+pids=
+for n in nic0 edu0 gpu0; do vfioctl --socket $SOCK --json bind $n >/tmp/vm.par.$n 2>&1 & pids="$pids $!"; done
+wait $pids
+for a in $NIC $EDU $GPU; do has_driver "$a" vfio-pci || fail "parallel bind: $a on $(drv "$a"): $(cat /tmp/vm.par.*)"; done
+pids=
+for n in nic0 edu0 gpu0; do vfioctl --socket $SOCK --json unbind $n >/tmp/vm.par.$n 2>&1 & pids="$pids $!"; done
+wait $pids
+has_driver "$NIC" e1000e && has_driver "$EDU" none && has_driver "$GPU" bochs-drm ||
+    fail "parallel unbind: $NIC on $(drv "$NIC"), $EDU on $(drv "$EDU"), $GPU on $(drv "$GPU"): $(cat /tmp/vm.par.*)"
+
+# Deleting the registration of a device vfiod holds on vfio-pci: report what happens.
+vc_ok bind edu0
+vc delete edu0
+say "delete of a vfio-bound registration: rc=$RC $ERR; kernel then has $EDU on $(drv "$EDU")"
+
 # A device that was on vfio-pci before vfiod saw it stays there on unbind.
 RNG=$(dev_under "$PORT_rng0")
 sysfs_to_vfio "$RNG"
