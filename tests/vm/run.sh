@@ -39,6 +39,7 @@ BASE_FORMAT=4
 MODULES="vfio-pci vfio_iommu_type1 e1000e e1000 virtio_pci virtio_rng snd_hda_intel bochs 9p 9pnet_virtio"
 
 T_START=$(date +%s.%N)
+trap 'rm -rf "$CACHE"/tmp.*.$$' EXIT
 log() { printf '[vm %6.1fs] %s\n' "$(awk -v a="$(date +%s.%N)" -v b="$T_START" 'BEGIN{print a-b}')" "$*" >&2; }
 die() { echo "tests/vm/run.sh: $*" >&2; exit 2; }
 
@@ -253,6 +254,9 @@ build_base() {
     rm -rf "$tmp"
 }
 [ -e "$BASE" ] || build_base
+# Drop cache entries of other inputs (older kernels, older base layouts).
+for d in "$CACHE"/kernel/*; do [ "$d" = "$KDIR" ] || rm -rf "$d"; done
+for f in "$CACHE"/initramfs/base-*.cpio; do [ "$f" = "$BASE" ] || rm -f "$f"; done
 
 # ---------------------------------------------------------------------------
 # 5. Per-run overlay: vfiod binaries, scripts, users.
