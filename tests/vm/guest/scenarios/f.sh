@@ -59,4 +59,29 @@ case $HP in *udev*) ;; *) fail "with udevd running, health .hotplug is '$HP', ex
 : >$UEVENTS
 events_start
 hotplug_round udev hpf2
+
+# ---- 3. with udevd: a registered vfio-bound device is unplugged and re-plugged ----
+device_add hpf3 "$QPORT_hp0" e1000e >/dev/null || fail "device_add hpf3 failed"
+wait_until 15 dev_under "$PORT_hp0" || fail "hpf3 did not appear"
+A=$(dev_under "$PORT_hp0")
+wait_until 10 has_driver "$A" e1000e || fail "hpf3 at $A on $(drv "$A")"
+vc_ok register "$A" --name hpf
+vc_ok bind hpf
+has_driver "$A" vfio-pci || fail "bind hpf: $A on $(drv "$A")"
+RULES=$(grep -ls "$A" /etc/udev/rules.d/* /run/udev/rules.d/* 2>/dev/null | tr '\n' ' ')
+say "udev rule files naming $A: ${RULES:-none}"
+[ -n "$RULES" ] && say "rule: $(grep -h "$A" $RULES)"
+device_del hpf3 >/dev/null || fail "device_del hpf3 failed"
+wait_until 15 absent "$A" || fail "$A still present"
+: >$UEVENTS
+device_add hpf4 "$QPORT_hp0" e1000e >/dev/null || fail "device_add hpf4 failed"
+wait_until 15 present "$A" || fail "re-plugged e1000e not at $A"
+wait_until 15 has_driver "$A" vfio-pci || fail "with udevd, the re-plugged registered $A stayed on $(drv "$A")"
+usleep 1000000
+has_driver "$A" vfio-pci || fail "the re-plugged $A left vfio-pci for $(drv "$A")"
+say "re-plug under udev, kernel driver changes: $(grep " /.*$A" $UEVENTS | awk '$2 == "bind" || $2 == "unbind" {printf "%s %s; ", $2, $4}')"
+vc_ok unbind hpf
+has_driver "$A" e1000e || fail "unbind hpf: $A on $(drv "$A")"
+[ -n "$RULES" ] && grep -qs "$A" $RULES && say "note: the udev rule for $A is still there after unbind"
+device_del hpf4 >/dev/null
 exit 0

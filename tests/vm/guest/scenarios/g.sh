@@ -56,6 +56,21 @@ as_ok op delete nic0
 # root may do everything
 vc_ok register "$NIC" --name nic0
 vc_ok delete nic0
+# vfiod itself run by a non-root user (no flags): paths under
+# $XDG_RUNTIME_DIR/$XDG_STATE_HOME, reads work, binds are refused clearly.
+mkdir -p /tmp/oprun /tmp/opstate && chown op:op /tmp/oprun /tmp/opstate && chmod 700 /tmp/oprun
+su -s /bin/sh op -c 'XDG_RUNTIME_DIR=/tmp/oprun XDG_STATE_HOME=/tmp/opstate exec vfiod' >/dev/null 2>/tmp/vm.opd.log &
+OPD=$!
+wait_until 30 eval 'ls /tmp/oprun/vfiod/*.sock >/dev/null 2>&1' || fail "non-root vfiod did not create its socket under XDG_RUNTIME_DIR: $(cat /tmp/vm.opd.log)"
+OPSOCK=$(ls /tmp/oprun/vfiod/*.sock | head -1)
+opvc() { OUT=$(su -s /bin/sh op -c "vfioctl --socket $OPSOCK --json $*" 2>/tmp/vm.as.err); RC=$?; ERR=$(cat /tmp/vm.as.err); return $RC; }
+opvc health || fail "non-root vfiod: health failed: $ERR"
+opvc available || fail "non-root vfiod: available failed: $ERR"
+opvc register "$NIC" --name nic0 || fail "non-root vfiod: register failed: $ERR"
+if opvc bind nic0; then fail "non-root vfiod: bind succeeded (kernel: $(drv "$NIC"))"; fi
+say "non-root vfiod refuses bind: $ERR"
+has_driver "$NIC" e1000e || fail "non-root vfiod moved $NIC to $(drv "$NIC")"
+kill $OPD 2>/dev/null
 # Every mutation is logged with the caller's uid.
 grep -q '1000' $VFIOD_LOG || fail "vfiod's log does not mention uid 1000 for op's mutations"
 exit 0

@@ -29,4 +29,25 @@ jload
 [ "$J_vfio_pci_available" = true ] || fail "health says vfio_pci_available=$J_vfio_pci_available after loading"
 vc_ok unbind nic0
 has_driver "$NIC" e1000e || fail "unbind: $NIC on $(drv "$NIC")"
+
+# The original driver's module is gone when the device is given back.
+vc_ok bind nic0
+rmmod e1000e || fail "could not unload e1000e"
+if vc unbind nic0; then
+    fail "unbind answered success with e1000e unloaded (kernel: $NIC on $(drv "$NIC")): $OUT"
+fi
+say "unbind with e1000e unloaded: rc=$RC $ERR; kernel: $(drv "$NIC"), override '$(cat /sys/bus/pci/devices/$NIC/driver_override)'"
+vc_ok show nic0
+jload
+k=$(drv "$NIC"); [ "$k" = none ] && k=null
+[ "$J_current_driver" = "$k" ] || fail "after the failed unbind vfiod says current_driver=$J_current_driver, the kernel $(drv "$NIC")"
+modprobe e1000e
+if has_driver "$NIC" e1000e; then
+    say "note: loading e1000e picked the device up by itself (override was '$(cat /sys/bus/pci/devices/$NIC/driver_override)')"
+fi
+if ! has_driver "$NIC" e1000e; then vc_ok unbind nic0; fi
+has_driver "$NIC" e1000e || fail "with e1000e back, unbind left $NIC on $(drv "$NIC")"
+vc_ok show nic0
+jload
+[ "$J_current_driver" = e1000e ] && [ "$J_bound_to_vfio" = false ] || fail "vfiod: current_driver=$J_current_driver bound_to_vfio=$J_bound_to_vfio"
 exit 0
