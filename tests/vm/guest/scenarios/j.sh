@@ -33,4 +33,28 @@ wait_until 5 cur vfio-pci || fail "--reclaim: current_driver=$J_current_driver"
 say "reclaimed; events: $(jq -r -s 'map(.type) | join(" ")' $EVENTS)"
 vc_ok unbind nic0
 has_driver "$NIC" e1000e || fail "final unbind: $NIC on $(drv "$NIC")"
+
+# The same while vfiod is down. At startup vfiod restores the bindings it
+# made (what brings devices back to vfio-pci after a reboot), --reclaim or
+# not; either way, what it reports must match the kernel.
+vfiod_stop
+vfiod_start
+vc_ok bind nic0
+vfiod_stop
+sysfs_from_vfio "$NIC"
+has_driver "$NIC" e1000e || fail "precondition: manual move while vfiod is down: $(drv "$NIC")"
+vfiod_start
+usleep 1000000
+consistent() {
+    vc show nic0 && jload || return 1
+    case $(drv "$NIC") in
+        vfio-pci) [ "$J_current_driver" = vfio-pci ] && [ "$J_bound_to_vfio" = true ] && vfio_node "$NIC" ;;
+        e1000e) [ "$J_current_driver" = e1000e ] && [ "$J_bound_to_vfio" = false ] ;;
+        *) return 1 ;;
+    esac
+}
+wait_until 10 consistent || fail "after a move while vfiod was down: kernel $(drv "$NIC"), vfiod current_driver=$J_current_driver bound_to_vfio=$J_bound_to_vfio"
+say "a device moved off vfio-pci while vfiod was down is, after its start (no --reclaim), on $(drv "$NIC")"
+if has_driver "$NIC" vfio-pci; then vc_ok unbind nic0; fi
+has_driver "$NIC" e1000e || fail "final unbind: $NIC on $(drv "$NIC")"
 exit 0
