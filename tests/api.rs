@@ -705,3 +705,131 @@ fn raw_response_parser_sanity() {
     let r = parse_response(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n");
     assert_eq!(r.status, 204);
 }
+
+#[test]
+fn hundreds_of_concurrent_connections() {
+    let (_fs, d) = host();
+    let socket = d.socket.clone();
+    // Open them all first, then use them: 300 connections at once.
+    let streams: Vec<std::os::unix::net::UnixStream> = (0..300)
+        .map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap())
+        .collect();
+    let handles: Vec<_> = streams
+        .into_iter()
+        .map(|mut s| {
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                s.write_all(b"GET /devices HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    .unwrap();
+                let mut out = Vec::new();
+                s.read_to_end(&mut out).unwrap();
+                parse_response(&out).status
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+}
+
+/// READY, STATUS, WATCHDOG and STOPPING, as systemd's notify socket sees them.
+#[test]
+fn systemd_notifications() {
+    use std::os::unix::net::UnixDatagram;
+    let fs = FakeSys::standard_host();
+    let mut d = Daemon::start(&fs, &[]);
+    d.kill9();
+    let notify_path = d.dir().join("notify");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut cmd = d.command();
+    cmd.env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "200000");
+    let child = cmd.stderr(std::process::Stdio::null()).spawn().unwrap();
+    let socket = d.socket.clone();
+    let mut recv = || {
+        let mut buf = [0u8; 4096];
+        let n = notify.recv(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let first = recv();
+    assert!(
+        first.contains("READY=1") && first.contains("STATUS=serving"),
+        "{first}"
+    );
+    assert!(
+        std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+        "READY before the socket was bound"
+    );
+    let ping = recv();
+    assert!(ping.contains("WATCHDOG=1"), "{ping}");
+    d.child = Some(child);
+    let status = d.terminate();
+    assert!(status.success());
+    let mut saw_stopping = false;
+    notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = notify.recv(&mut buf) {
+        saw_stopping |= String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1");
+    }
+    assert!(saw_stopping);
+}
+
+/// A socket passed by systemd (LISTEN_FDS) is used instead of binding one.
+#[test]
+fn socket_activation() {
+    let Ok(activate) = which("systemd-socket-activate") else {
+        eprintln!("skipped: systemd-socket-activate not installed");
+        return;
+    };
+    let fs = FakeSys::standard_host();
+    let mut d = Daemon::start(&fs, &[]);
+    d.kill9();
+    let passed = d.dir().join("passed.sock");
+    let own = d.command();
+    let mut cmd = Command::new(activate);
+    cmd.arg("-l").arg(&passed).arg(own.get_program());
+    cmd.args(own.get_args());
+    let _ = std::fs::remove_file(&d.socket);
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = KillOnDrop(cmd.stderr(std::process::Stdio::null()).spawn().unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        if passed.exists() {
+            if let Ok(r) =
+                std::panic::catch_unwind(|| common::request(&passed, "GET", "/health", None))
+            {
+                break r;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "activated vfiod never answered"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(r.status, 200);
+    assert!(
+        !d.socket.exists(),
+        "with a passed socket vfiod binds none of its own"
+    );
+}
+
+fn which(name: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(name))
+        .find(|p| p.exists())
+        .ok_or(())
+}

@@ -188,6 +188,15 @@ impl Daemon {
             .env_remove("NOTIFY_SOCKET")
             .env_remove("LISTEN_FDS")
             .env("VFIOD_LOG", "debug");
+        // If the test process dies (a timeout, a panic in another thread),
+        // the daemon must not outlive it.
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(std::io::Error::from)
+            });
+        }
         cmd
     }
 
