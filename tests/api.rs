@@ -749,7 +749,7 @@ fn systemd_notifications() {
         .env("WATCHDOG_USEC", "200000");
     let child = cmd.stderr(std::process::Stdio::null()).spawn().unwrap();
     let socket = d.socket.clone();
-    let mut recv = || {
+    let recv = || {
         let mut buf = [0u8; 4096];
         let n = notify.recv(&mut buf).unwrap();
         String::from_utf8_lossy(&buf[..n]).into_owned()
