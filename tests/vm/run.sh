@@ -14,8 +14,10 @@
 #                       scenarios.enabled make the exit code non-zero)
 #   VFIOD_VM_CACHE      cache directory (default tests/vm/.cache)
 #   VFIOD_VM_OUT        where logs of this run go (default $VFIOD_VM_CACHE/last-run)
-#   VFIOD_BIN_DIR       where vfiod and vfioctl are (default target/release;
-#                       built with `cargo build --release` if missing)
+#   VFIOD_BIN_DIR       where vfiod and vfioctl are (default target/release,
+#                       brought up to date with `cargo build --release`; an
+#                       explicit directory is only built into if the binaries
+#                       are missing; VFIOD_VM_NO_BUILD=1 never builds)
 #   VFIOD_VM_ROUNDS     bind/unbind rounds for latency medians (default 7)
 #   VFIOD_VM_VERBOSE=1  echo the whole guest console while running
 #   VFIOD_VM_SMP, VFIOD_VM_MEM   guest vCPUs (2) and MiB (1024)
@@ -121,9 +123,12 @@ command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not installe
 # ---------------------------------------------------------------------------
 # 2. The vfiod binaries.
 # ---------------------------------------------------------------------------
-if [ ! -x "$BIN_DIR/vfiod" ] || [ ! -x "$BIN_DIR/vfioctl" ]; then
-    log "building vfiod (cargo build --release)"
-    (cd "$REPO" && cargo build --release --bins) >&2 ||
+# With the default target/release, always let cargo bring the binaries up to
+# date (a no-op when they are): testing stale binaries is a trap. An explicit
+# VFIOD_BIN_DIR is used as it is, built only if missing.
+if [ "${VFIOD_VM_NO_BUILD:-0}" != 1 ] && { [ -z "${VFIOD_BIN_DIR:-}" ] || [ ! -x "$BIN_DIR/vfiod" ] || [ ! -x "$BIN_DIR/vfioctl" ]; }; then
+    log "cargo build --release --bins"
+    (cd "$REPO" && cargo build --release --bins --quiet) >&2 ||
         log "WARNING: cargo build failed; scenarios that need vfiod will fail"
 fi
 
