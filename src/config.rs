@@ -34,6 +34,8 @@ pub struct Config {
     /// Take back a device that another actor moves off vfio while vfiod
     /// holds it there.
     pub reclaim: bool,
+    /// Where `modules.alias` lives, for vfio variant drivers.
+    pub modules_dir: PathBuf,
     /// Test hook: read uevents from this FIFO instead of netlink.
     pub uevent_fifo: Option<PathBuf>,
 }
@@ -53,6 +55,7 @@ struct FileConfig {
     udev_rules_dir: Option<PathBuf>,
     log_level: Option<String>,
     reclaim: Option<bool>,
+    modules_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -86,6 +89,8 @@ OPTIONS (override the config file):
   --udev-rules-dir DIR where to keep the boot-time udev rule ('' disables)
                        [default: /etc/udev/rules.d as root; disabled otherwise]
   --reclaim            take back a vfio device another actor moves away
+  --modules-dir DIR    where modules.alias names vfio variant drivers
+                       [default: /lib/modules/$(uname -r)]
   --log-level LEVEL    error|warn|info|debug|trace [default: info]
   --uevent-fifo PATH   read uevents from a FIFO instead of netlink (tests)
   -h, --help           this text
@@ -137,6 +142,7 @@ impl Config {
             udev_rules_dir,
             log_level: "info".into(),
             reclaim: false,
+            modules_dir: running_kernel_modules(),
             uevent_fifo: None,
         }
     }
@@ -177,6 +183,9 @@ impl Config {
         }
         if let Some(v) = f.reclaim {
             self.reclaim = v;
+        }
+        if let Some(v) = f.modules_dir {
+            self.modules_dir = v;
         }
         Ok(())
     }
@@ -232,6 +241,7 @@ impl Config {
                 }
                 "--load-modules" => config.load_modules = true,
                 "--reclaim" => config.reclaim = true,
+                "--modules-dir" => config.modules_dir = value()?.into(),
                 "--uevent-fifo" => config.uevent_fifo = Some(value()?.into()),
                 "--udev-rules-dir" => {
                     let v = value()?;
@@ -256,6 +266,13 @@ impl Config {
         }
         Ok(Invocation::Run(Box::new(config)))
     }
+}
+
+fn running_kernel_modules() -> PathBuf {
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    PathBuf::from("/lib/modules").join(release)
 }
 
 fn timeout_from_ms(ms: u64) -> Result<Duration, String> {

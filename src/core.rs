@@ -30,7 +30,7 @@ use crate::registry::{
     is_vfio_driver, Companion, DeviceRecord, PendingOp, Registry, RegistryConflict,
 };
 
-pub const VFIO_PCI: &str = "vfio-pci";
+pub use crate::engine::VFIO_PCI;
 
 /// Who asked, from the connection's peer credentials; logged with every
 /// mutation.
@@ -193,6 +193,8 @@ pub struct CoreOptions {
     pub privileged: bool,
     /// Where to keep the boot-time udev rule; `None` disables it.
     pub udev_rules_dir: Option<std::path::PathBuf>,
+    /// `vfio_pci:` aliases of vendor variant drivers.
+    pub vfio_aliases: crate::pci::VfioAliases,
 }
 
 /// What a hotplug or driver uevent says happened.
@@ -234,10 +236,11 @@ fn conflict(e: RegistryConflict) -> CoreError {
     CoreError::Conflict(e.to_string())
 }
 
-fn plan_steps(sysfs: &Sysfs, moves: &[Move], vfio: &str, group: u32) -> Vec<String> {
+fn plan_steps(sysfs: &Sysfs, moves: &[Move], group: u32) -> Vec<String> {
     let mut steps = Vec::new();
     for m in moves {
         let a = m.pci_address;
+        let vfio = m.vfio_driver();
         if m.from.as_deref() == Some(vfio) {
             continue;
         }
@@ -582,23 +585,61 @@ impl Core {
         }
     }
 
-    /// The vfio driver to use, loading vfio-pci if configured to.
-    async fn vfio_driver(&self) -> Result<String, CoreError> {
+    /// A loaded driver provided by `module` (driver names use '-' where
+    /// module names use '_', or not, depending on the driver).
+    fn loaded_driver_of_module(&self, module: &str) -> Option<String> {
+        let drivers = std::fs::read_dir(self.sysfs().root().join("bus/pci/drivers")).ok()?;
+        drivers
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .find(|name| name.replace('-', "_") == module)
+    }
+
+    async fn modprobe(&self, module: &str) -> bool {
+        if !self.options.load_modules {
+            return false;
+        }
+        match tokio::process::Command::new("modprobe")
+            .arg(module)
+            .status()
+            .await
+        {
+            Ok(s) if s.success() => true,
+            Ok(s) => {
+                tracing::warn!(module, status = %s, "modprobe failed");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(module, error = %e, "could not run modprobe");
+                false
+            }
+        }
+    }
+
+    /// The vfio driver for `function`: a vendor variant driver if the
+    /// kernel's module aliases name one for it (and it is loaded or can be
+    /// loaded), else vfio-pci, loaded if configured to.
+    async fn vfio_driver_for(&self, function: &PciFunction) -> Result<String, CoreError> {
+        let variant = function
+            .modalias
+            .as_deref()
+            .and_then(|m| self.options.vfio_aliases.variant_for(m));
+        if let Some(module) = variant {
+            if let Some(driver) = self.loaded_driver_of_module(module) {
+                return Ok(driver);
+            }
+            if self.modprobe(module).await {
+                if let Some(driver) = self.loaded_driver_of_module(module) {
+                    return Ok(driver);
+                }
+            }
+            tracing::warn!(device = %function.address, module, "a vfio variant driver matches this device but is not loaded; using plain vfio-pci");
+        }
         if self.sysfs().driver_loaded(VFIO_PCI) {
             return Ok(VFIO_PCI.into());
         }
-        if self.options.load_modules {
-            let status = tokio::process::Command::new("modprobe")
-                .arg("vfio-pci")
-                .status()
-                .await;
-            match status {
-                Ok(s) if s.success() && self.sysfs().driver_loaded(VFIO_PCI) => {
-                    return Ok(VFIO_PCI.into())
-                }
-                Ok(s) => tracing::warn!(status = %s, "modprobe vfio-pci did not load it"),
-                Err(e) => tracing::warn!(error = %e, "could not run modprobe vfio-pci"),
-            }
+        if self.modprobe("vfio-pci").await && self.sysfs().driver_loaded(VFIO_PCI) {
+            return Ok(VFIO_PCI.into());
         }
         Err(CoreError::VfioUnavailable(format!(
             "the vfio-pci driver is not loaded ({} does not exist): run `modprobe vfio-pci`, or set load_modules = true in the config",
@@ -624,11 +665,12 @@ impl Core {
             .read_function(&addr)
             .map_err(|e| CoreError::Internal(e.to_string()))?
             .ok_or(CoreError::NotPresent(addr))?;
-        let vfio_driver = self.vfio_driver().await?;
+        let vfio_driver = self.vfio_driver_for(&function).await?;
         let group = function.iommu_group.ok_or(CoreError::NoIommuGroup(addr))?;
         let mut moves = vec![Move {
             pci_address: addr,
             from: function.driver.clone(),
+            to: Some(vfio_driver.clone()),
         }];
         let mut others = Vec::new();
         for member in sysfs.group_members(group) {
@@ -641,9 +683,11 @@ impl Core {
             match &f.driver {
                 Some(d) if !f.is_bridge() && !is_vfio_driver(d) => {
                     others.push((member, d.clone()));
+                    let to = Some(self.vfio_driver_for(&f).await?);
                     moves.push(Move {
                         pci_address: member,
                         from: Some(d.clone()),
+                        to,
                     });
                 }
                 _ => {}
@@ -659,7 +703,7 @@ impl Core {
         let already_bound =
             function.driver.as_deref().is_some_and(is_vfio_driver) && moves.len() == 1;
         Ok(BindPlan {
-            steps: plan_steps(sysfs, &moves, &vfio_driver, group),
+            steps: plan_steps(sysfs, &moves, group),
             vfio_driver,
             iommu_group: group,
             moves,
@@ -719,10 +763,7 @@ impl Core {
             d.companions = companions;
         })
         .await?;
-        let result = self
-            .engine
-            .to_vfio(&plan.moves, &plan.vfio_driver, plan.iommu_group)
-            .await;
+        let result = self.engine.to_vfio(&plan.moves, plan.iommu_group).await;
         let current = self.sysfs().driver(&addr);
         match result {
             Ok(()) => {
@@ -976,15 +1017,9 @@ impl Core {
         match op {
             PendingOp::Bind { vfio_driver } => {
                 let group = self.sysfs().iommu_group(&addr).unwrap_or(u32::MAX);
-                let mut moves = vec![Move {
-                    pci_address: addr,
-                    from: record.original_driver.clone(),
-                }];
-                moves.extend(record.companions.iter().map(|c| Move {
-                    pci_address: c.pci_address,
-                    from: c.original_driver.clone(),
-                }));
-                let result = self.engine.to_vfio(&moves, &vfio_driver, group).await;
+                let mut moves = restore_moves(record);
+                moves[0].to = Some(vfio_driver.clone());
+                let result = self.engine.to_vfio(&moves, group).await;
                 let current = self.sysfs().driver(&addr);
                 let ok = result.is_ok();
                 if let Err(f) = &result {
@@ -1234,13 +1269,15 @@ fn same_identity(d: &DeviceRecord, f: &PciFunction) -> bool {
 }
 
 fn restore_moves(record: &DeviceRecord) -> Vec<Move> {
-    let mut moves = vec![Move {
-        pci_address: record.pci_address,
-        from: record.original_driver.clone(),
-    }];
-    moves.extend(record.companions.iter().map(|c| Move {
-        pci_address: c.pci_address,
-        from: c.original_driver.clone(),
-    }));
+    let mut moves = vec![Move::restore(
+        record.pci_address,
+        record.original_driver.clone(),
+    )];
+    moves.extend(
+        record
+            .companions
+            .iter()
+            .map(|c| Move::restore(c.pci_address, c.original_driver.clone())),
+    );
     moves
 }

@@ -146,12 +146,31 @@ impl EngineError {
     }
 }
 
-/// One function to move, and the driver it had before.
+/// One function to move: the driver it had before (and gets back), and
+/// the vfio driver it goes to (`None`: plain vfio-pci).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Move {
     pub pci_address: PciAddress,
     pub from: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
 }
+
+impl Move {
+    pub fn restore(pci_address: PciAddress, from: Option<String>) -> Move {
+        Move {
+            pci_address,
+            from,
+            to: None,
+        }
+    }
+
+    pub fn vfio_driver(&self) -> &str {
+        self.to.as_deref().unwrap_or(VFIO_PCI)
+    }
+}
+
+pub const VFIO_PCI: &str = "vfio-pci";
 
 /// A failed move to vfio: what failed, and how the rollback went.
 #[derive(Debug)]
@@ -183,19 +202,14 @@ impl Engine {
         &self.sysfs
     }
 
-    /// Moves `moves` (one IOMMU group) to `vfio_driver`, rolling every
+    /// Moves `moves` (one IOMMU group) to their vfio drivers, rolling every
     /// touched function back to its `from` driver on failure.
-    pub async fn to_vfio(
-        &self,
-        moves: &[Move],
-        vfio_driver: &str,
-        group: u32,
-    ) -> Result<(), BindFailure> {
+    pub async fn to_vfio(&self, moves: &[Move], group: u32) -> Result<(), BindFailure> {
         let mut touched: Vec<&Move> = Vec::new();
         let mut result = Ok(());
         for m in moves {
             touched.push(m);
-            result = self.move_one_to_vfio(m, vfio_driver).await;
+            result = self.move_one_to_vfio(m).await;
             if result.is_err() {
                 break;
             }
@@ -238,7 +252,8 @@ impl Engine {
         Ok(())
     }
 
-    async fn move_one_to_vfio(&self, m: &Move, vfio_driver: &str) -> Result<(), EngineError> {
+    async fn move_one_to_vfio(&self, m: &Move) -> Result<(), EngineError> {
+        let vfio_driver = m.vfio_driver();
         let addr = m.pci_address;
         let current = self.sysfs.driver(&addr);
         if current.as_deref() == Some(vfio_driver) {

@@ -620,3 +620,41 @@ fn vfioctl_moves_devices_too() {
     assert_eq!(h.fs.driver_of(GPU).as_deref(), Some("nvidia"));
     assert_eq!(h.fs.driver_of(AUDIO).as_deref(), Some("snd_hda_intel"));
 }
+
+#[test]
+fn a_vendor_vfio_variant_driver_is_preferred_when_the_kernel_names_one() {
+    let fs = FakeSys::standard_host();
+    fs.add_driver("nvgrace-gpu-vfio-pci");
+    let modules = fs.tmp_root().join("modules");
+    std::fs::create_dir_all(&modules).unwrap();
+    std::fs::write(
+        modules.join("modules.alias"),
+        "alias vfio_pci:v*d*sv*sd*bc*sc*i* vfio_pci\n\
+         alias vfio_pci:v000010DEd00002236sv*sd*bc*sc*i* nvgrace_gpu_vfio_pci\n",
+    )
+    .unwrap();
+    let sim = SimKernel::start(&fs);
+    let modules_arg = modules.display().to_string();
+    let d = Daemon::start(&fs, &["--modules-dir", &modules_arg]);
+    d.register(GPU, "gpu0");
+    let r = bind(&d, "gpu0", r#"{"with_group":true,"dry_run":true}"#);
+    let moves = &r.json()["plan"]["moves"];
+    assert_eq!(moves[0]["to"], "nvgrace-gpu-vfio-pci", "{}", r.body);
+    assert_eq!(
+        moves[1]["to"], "vfio-pci",
+        "the audio function has no variant"
+    );
+    let r = bind(&d, "gpu0", r#"{"with_group":true}"#);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["current_driver"], "nvgrace-gpu-vfio-pci");
+    assert_eq!(r.json()["bound_to_vfio"], true);
+    assert_eq!(fs.driver_of(GPU).as_deref(), Some("nvgrace-gpu-vfio-pci"));
+    assert_eq!(fs.driver_of(AUDIO).as_deref(), Some("vfio-pci"));
+    assert!(sim
+        .writes()
+        .iter()
+        .any(|(p, v)| p.ends_with(&format!("{GPU}/driver_override"))
+            && v.trim() == "nvgrace-gpu-vfio-pci"));
+    assert_eq!(d.post("/devices/gpu0/unbind", "").status, 200);
+    assert_eq!(fs.driver_of(GPU).as_deref(), Some("nvidia"));
+}

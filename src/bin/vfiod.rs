@@ -66,7 +66,9 @@ async fn run(config: Config, is_root: bool) -> Result<(), String> {
     let engine = Engine::new(sysfs.clone(), config.op_timeout);
     let ids = ids.await.map_err(|e| e.to_string())?;
     let loaded_ms = started.elapsed().as_millis() as u64;
+    let vfio_aliases = vfiod::pci::VfioAliases::load(&config.modules_dir);
     let options = CoreOptions {
+        vfio_aliases,
         load_modules: config.load_modules,
         reclaim: config.reclaim,
         privileged,

@@ -4,10 +4,12 @@
 mod address;
 pub mod ids;
 pub mod sysfs;
+pub mod variant;
 
 pub use address::{InvalidPciAddress, PciAddress};
 pub use ids::PciIds;
 pub use sysfs::{PciFunction, Sysfs, SysfsError};
+pub use variant::VfioAliases;
 
 /// Vendors whose every function is worth offering for passthrough
 /// (accelerator makers: a GPU's audio or USB-C function goes with it).
