@@ -833,3 +833,81 @@ fn which(name: &str) -> Result<std::path::PathBuf, ()> {
         .find(|p| p.exists())
         .ok_or(())
 }
+
+/// A full disk refuses the change with 507 and loses nothing: the running
+/// registry and the state file keep what was acknowledged before.
+#[test]
+fn full_disk_refuses_changes_and_loses_nothing() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let fs = FakeSys::standard_host();
+    let mut d = Daemon::start(&fs, &[]);
+    d.kill9();
+    let small = d.dir().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&small)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !mounted {
+        eprintln!("skipped: cannot mount tmpfs here");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    d.state_dir = small.join("state");
+    d.spawn();
+    d.register(GPU, "gpu0");
+    // Fill the filesystem, leaving the state file as it is.
+    let filler = small.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let block = vec![0u8; 4096];
+    while std::io::Write::write_all(&mut f, &block).is_ok() {}
+    drop(f);
+    let r = d.post(
+        "/devices",
+        &format!(
+            r#"{{"pci_address":"{NIC}","name":"nic0","tags":{{"pad":"{}"}}}}"#,
+            "x".repeat(900)
+        ),
+    );
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (507, "storage_full"),
+        "{}",
+        r.body
+    );
+    assert!(
+        r.json()["message"].as_str().unwrap().contains("state.json"),
+        "{}",
+        r.body
+    );
+    let list = d.get("/devices").json();
+    assert_eq!(
+        list.as_array().unwrap().len(),
+        1,
+        "the refused change is not visible"
+    );
+    assert_eq!(d.get("/health").status, 200);
+    // Space again: the change goes through; a restart still has everything.
+    std::fs::remove_file(&filler).unwrap();
+    assert_eq!(
+        d.post(
+            "/devices",
+            &format!(r#"{{"pci_address":"{NIC}","name":"nic0"}}"#)
+        )
+        .status,
+        201
+    );
+    d.restart();
+    assert_eq!(d.get("/devices").json().as_array().unwrap().len(), 2);
+}

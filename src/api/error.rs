@@ -206,10 +206,24 @@ mod tests {
             (CoreError::Storage(io_err(5)), 500, "storage_error"),
             (CoreError::Internal("x".into()), 500, "internal_error"),
         ];
+        let spec = crate::api::OPENAPI_YAML;
+        let documented: Vec<String> = spec
+            .lines()
+            .find_map(|l| l.trim_start().strip_prefix("enum: [invalid_pci_address"))
+            .map(|rest| format!("invalid_pci_address{rest}"))
+            .expect("error code enum in openapi.yaml")
+            .trim_end_matches(']')
+            .split(", ")
+            .map(str::to_owned)
+            .collect();
         for (err, status, code) in cases {
             let (s, body) = to_body(&err);
             assert_eq!((s.as_u16(), body.code), (status, code), "{err:?}");
             assert!(!body.message.is_empty());
+            assert!(
+                documented.iter().any(|c| c == code),
+                "{code} is not in openapi.yaml's Error.code enum"
+            );
         }
     }
 
