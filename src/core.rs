@@ -418,6 +418,40 @@ impl Core {
         }
     }
 
+    /// Resolves a device and takes its IOMMU group's operation lock; the
+    /// record is read again under the lock, as another operation on the
+    /// group may have changed it while we waited.
+    async fn lock_device(
+        &self,
+        id_or_name: &str,
+    ) -> Result<(tokio::sync::OwnedMutexGuard<()>, DeviceRecord), CoreError> {
+        let record = self.resolve(id_or_name)?;
+        let guard = self.op_lock(Self::lock_key(&record)).lock_owned().await;
+        let record = self.resolve(&record.id)?;
+        Ok((guard, record))
+    }
+
+    /// Logs, publishes and returns a failed driver move. A timed-out one
+    /// leaves the device stuck rather than failed.
+    fn move_failed(
+        &self,
+        caller: Caller,
+        record: &DeviceRecord,
+        err: CoreError,
+        failed: EventKind,
+        timed_out: bool,
+    ) -> CoreError {
+        tracing::error!(uid = caller.uid, pid = caller.pid, device = %record.pci_address, error = %err, "driver move failed");
+        let kind = if timed_out {
+            EventKind::DeviceStuck
+        } else {
+            failed
+        };
+        self.events
+            .publish(self.publish(kind, record).detail(err.to_string()));
+        err
+    }
+
     fn resolve(&self, id_or_name: &str) -> Result<DeviceRecord, CoreError> {
         self.snapshot()
             .resolve(id_or_name)
@@ -548,16 +582,8 @@ impl Core {
     /// Unregisters a device, first giving back a driver vfiod took. If that
     /// fails the device stays registered.
     pub async fn delete(&self, caller: Caller, id_or_name: &str) -> Result<(), CoreError> {
-        let record = self.resolve(id_or_name)?;
-        let lock = self.op_lock(Self::lock_key(&record));
-        let _group = lock.lock().await;
-        let record = self.resolve(&record.id)?;
-        if let Some(instance) = &record.attached_to {
-            return Err(CoreError::InUse {
-                device: record.name.clone(),
-                instance: instance.clone(),
-            });
-        }
+        let (_group, record) = self.lock_device(id_or_name).await?;
+        ensure_not_attached(&record)?;
         if record.bound_by_vfiod && record.present {
             self.unbind_locked(caller, &record).await?;
         }
@@ -717,10 +743,7 @@ impl Core {
         id_or_name: &str,
         req: BindRequest,
     ) -> Result<BindOutcome, CoreError> {
-        let record = self.resolve(id_or_name)?;
-        let lock = self.op_lock(Self::lock_key(&record));
-        let _group = lock.lock().await;
-        let record = self.resolve(&record.id)?;
+        let (_group, record) = self.lock_device(id_or_name).await?;
         self.bind_locked(caller, &record, req).await
     }
 
@@ -801,15 +824,7 @@ impl Core {
                 })
                 .await?;
                 let err = CoreError::move_failed("bind", addr, failure.error, failure.rollback);
-                tracing::error!(uid = caller.uid, pid = caller.pid, device = %addr, error = %err, "bind failed");
-                let kind = if timed_out {
-                    EventKind::DeviceStuck
-                } else {
-                    EventKind::BindFailed
-                };
-                self.events
-                    .publish(self.publish(kind, record).detail(err.to_string()));
-                Err(err)
+                Err(self.move_failed(caller, record, err, EventKind::BindFailed, timed_out))
             }
         }
     }
@@ -819,16 +834,8 @@ impl Core {
         caller: Caller,
         id_or_name: &str,
     ) -> Result<DeviceRecord, CoreError> {
-        let record = self.resolve(id_or_name)?;
-        let lock = self.op_lock(Self::lock_key(&record));
-        let _group = lock.lock().await;
-        let record = self.resolve(&record.id)?;
-        if let Some(instance) = &record.attached_to {
-            return Err(CoreError::InUse {
-                device: record.name.clone(),
-                instance: instance.clone(),
-            });
-        }
+        let (_group, record) = self.lock_device(id_or_name).await?;
+        ensure_not_attached(&record)?;
         self.unbind_locked(caller, &record).await
     }
 
@@ -888,15 +895,7 @@ impl Core {
                 })
                 .await?;
                 let err = CoreError::move_failed("unbind", addr, error, None);
-                tracing::error!(uid = caller.uid, pid = caller.pid, device = %addr, error = %err, "unbind failed");
-                let kind = if timed_out {
-                    EventKind::DeviceStuck
-                } else {
-                    EventKind::UnbindFailed
-                };
-                self.events
-                    .publish(self.publish(kind, record).detail(err.to_string()));
-                Err(err)
+                Err(self.move_failed(caller, record, err, EventKind::UnbindFailed, timed_out))
             }
         }
     }
@@ -907,10 +906,7 @@ impl Core {
         id_or_name: &str,
         instance: InstanceId,
     ) -> Result<DeviceRecord, CoreError> {
-        let record = self.resolve(id_or_name)?;
-        let lock = self.op_lock(Self::lock_key(&record));
-        let _group = lock.lock().await;
-        let record = self.resolve(&record.id)?;
+        let (_group, record) = self.lock_device(id_or_name).await?;
         match &record.attached_to {
             Some(current) if *current == instance.0 => return Ok(record),
             Some(current) => {
@@ -950,10 +946,7 @@ impl Core {
         id_or_name: &str,
         keep_bound: bool,
     ) -> Result<DeviceRecord, CoreError> {
-        let record = self.resolve(id_or_name)?;
-        let lock = self.op_lock(Self::lock_key(&record));
-        let _group = lock.lock().await;
-        let record = self.resolve(&record.id)?;
+        let (_group, record) = self.lock_device(id_or_name).await?;
         let addr = record.pci_address;
         let mut device = record.clone();
         if let Some(instance) = record.attached_to.clone() {
@@ -1086,7 +1079,7 @@ impl Core {
                             d.current_driver = f.driver.clone();
                             d.iommu_group = f.iommu_group;
                             d.stuck = false;
-                            d.identity_mismatch = !same_identity(d, f);
+                            d.identity_mismatch = !d.is_same_device(f);
                         }
                         None => {
                             d.present = false;
@@ -1183,7 +1176,7 @@ impl Core {
                         d.present = true;
                         d.current_driver = function.driver.clone();
                         d.iommu_group = function.iommu_group;
-                        d.identity_mismatch = !same_identity(d, &function);
+                        d.identity_mismatch = !d.is_same_device(&function);
                     })
                     .await
                     .ok()
@@ -1261,11 +1254,14 @@ impl Core {
     }
 }
 
-fn same_identity(d: &DeviceRecord, f: &PciFunction) -> bool {
-    d.vendor_id == f.vendor_id
-        && d.device_id == f.device_id
-        && d.subsystem_vendor_id == f.subsystem_vendor_id
-        && d.subsystem_device_id == f.subsystem_device_id
+fn ensure_not_attached(record: &DeviceRecord) -> Result<(), CoreError> {
+    match &record.attached_to {
+        Some(instance) => Err(CoreError::InUse {
+            device: record.name.clone(),
+            instance: instance.clone(),
+        }),
+        None => Ok(()),
+    }
 }
 
 fn restore_moves(record: &DeviceRecord) -> Vec<Move> {

@@ -22,6 +22,7 @@ pub mod engine;
 pub mod error;
 pub mod events;
 pub mod hotplug;
+pub mod lockfile;
 pub mod pci;
 pub mod registry;
 pub mod systemd;

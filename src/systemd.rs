@@ -7,14 +7,14 @@
 //! daemon can be removed safely, while a live daemon (which holds the lock)
 //! is never displaced.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use sd_notify::NotifyState;
 use tokio::net::UnixListener;
 
@@ -102,15 +102,9 @@ fn bind_own(path: &Path, gid: Option<u32>) -> Result<(UnixListener, SocketGuard)
             .map_err(io_err("create directory", parent))?;
     }
     let lock_path = PathBuf::from(format!("{}.lock", path.display()));
-    let lock_file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&lock_path)
-        .map_err(io_err("open", &lock_path))?;
-    let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
-        .map_err(|_| SocketError::InUse(path.to_owned()))?;
+    let lock = crate::lockfile::try_lock(&lock_path)
+        .map_err(io_err("lock", &lock_path))?
+        .ok_or_else(|| SocketError::InUse(path.to_owned()))?;
     // We hold the lock, so whatever is at `path` belongs to no live vfiod.
     match fs::symlink_metadata(path) {
         Ok(meta) => {

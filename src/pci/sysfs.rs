@@ -35,15 +35,6 @@ impl PciFunction {
     pub fn is_bridge(&self) -> bool {
         self.class >> 16 == 0x06
     }
-
-    /// Whether two observations are the same physical device model; used
-    /// when a device reappears at a registered address.
-    pub fn same_identity(&self, other: &PciFunction) -> bool {
-        self.vendor_id == other.vendor_id
-            && self.device_id == other.device_id
-            && self.subsystem_vendor_id == other.subsystem_vendor_id
-            && self.subsystem_device_id == other.subsystem_device_id
-    }
 }
 
 /// An attribute read failed: which file, and why.

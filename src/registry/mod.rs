@@ -83,6 +83,15 @@ pub struct DeviceRecord {
 }
 
 impl DeviceRecord {
+    /// Whether `f` is the device that was registered (vendor, device and
+    /// subsystem IDs); checked when something reappears at its address.
+    pub fn is_same_device(&self, f: &crate::pci::PciFunction) -> bool {
+        self.vendor_id == f.vendor_id
+            && self.device_id == f.device_id
+            && self.subsystem_vendor_id == f.subsystem_vendor_id
+            && self.subsystem_device_id == f.subsystem_device_id
+    }
+
     pub fn bound_to_vfio(&self) -> bool {
         self.present && self.current_driver.as_deref().is_some_and(is_vfio_driver)
     }

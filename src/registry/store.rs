@@ -14,7 +14,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use serde::{Deserialize, Serialize};
 
 use super::{DeviceRecord, Registry};
@@ -82,18 +82,11 @@ impl Store {
             .create(dir)
             .map_err(io_err("create directory", dir))?;
         let lock_path = dir.join("state.lock");
-        let lock_file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(io_err("open", &lock_path))?;
-        let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| {
-            StoreError::Locked {
+        let lock = crate::lockfile::try_lock(&lock_path)
+            .map_err(io_err("lock", &lock_path))?
+            .ok_or_else(|| StoreError::Locked {
                 path: dir.to_owned(),
-            }
-        })?;
+            })?;
         Ok(Store {
             dir: dir.to_owned(),
             _lock: lock,
