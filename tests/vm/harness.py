@@ -168,9 +168,7 @@ class Boot:
         append = " ".join([
             "console=ttyS0", "intel_iommu=on", "loglevel=4", "panic=-1",
             "8250.nr_uarts=1", "mitigations=off", "printk.devkmsg=on",
-            # room for a hot-added 16 MiB prefetchable BAR (bochs-display) when
-            # the firmware (qboot) leaves bridge windows to the kernel
-            "pci=hpmmioprefsize=64M", "vfiodvm.guest=1",
+            "vfiodvm.guest=1",
             "vfiodvm.scenarios=" + ",".join(self.scenarios),
             f"vfiodvm.rounds={a.rounds}", f"vfiodvm.timeout={a.scenario_timeout}",
         ])

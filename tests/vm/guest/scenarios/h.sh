@@ -3,7 +3,8 @@
 # blocks until it is released. vfiod must answer 504 driver_timeout for that
 # request within its --op-timeout-ms, keep serving everyone else, let other
 # IOMMU groups proceed, and once the holder goes away end with the device on
-# one driver (and unbind must then work).
+# one driver (and unbind must then work). Then the same with a hot-unplug
+# while the device is held.
 . /vm/lib.sh
 NIC=$(dev_under "$PORT_nic0")
 EDU=$(dev_under "$PORT_edu0")
@@ -68,4 +69,33 @@ say "after release: kernel driver=$(drv "$NIC"); vfiod: $(echo "$OUT" | jq -c '{
 if has_driver "$NIC" vfio-pci; then vc_ok unbind nic0; fi
 has_driver "$NIC" e1000e || fail "nic0 did not get back to e1000e: $(drv "$NIC")"
 wait_until 5 has_netdev "$NIC" || fail "no netdev after the final unbind"
+
+# Surprise removal of a device a "VM" holds open: the kernel's removal blocks
+# until the fd is released. vfiod keeps answering, a request on the device
+# fails in time, and once released the device is gone (present=false).
+events_start
+device_add hph "$QPORT_hp0" e1000e >/dev/null || fail "device_add hph failed"
+wait_until 15 dev_under "$PORT_hp0" || fail "hph did not appear"
+A=$(dev_under "$PORT_hp0")
+wait_until 10 has_driver "$A" e1000e || fail "hph at $A on $(drv "$A")"
+vc_ok register "$A" --name hph
+vc_ok bind hph
+vmtool vfiohold "$(grp "$A")" "$A" >/tmp/vm.hold2 2>&1 &
+HOLD2=$!
+wait_until 10 grep -q holding /tmp/vm.hold2 || fail "could not open the VFIO device of $A: $(cat /tmp/vm.hold2)"
+device_del hph >/dev/null
+usleep 2000000
+present "$A" || say "note: $A went away although its VFIO fd is open"
+mark x0; vc unbind hph; xrc=$?; mark x1
+say "unbind during the blocked removal: rc=$xrc in $(mark_ms x0 x1) ms: $ERR"
+[ $xrc != 0 ] || fail "unbind during the blocked removal answered success"
+awk -v ms="$(mark_ms x0 x1)" 'BEGIN{exit !(ms < 10000)}' || fail "unbind during the blocked removal took $(mark_ms x0 x1) ms"
+mark y0; vc_ok health; mark y1
+awk -v ms="$(mark_ms y0 y1)" 'BEGIN{exit !(ms < 3000)}' || fail "health took $(mark_ms y0 y1) ms during the blocked removal"
+kill "$HOLD2"; wait "$HOLD2" 2>/dev/null
+wait_until 15 absent "$A" || fail "$A still present after the holder exited"
+wait_until 10 has_event hotplug_remove "$A" || fail "no hotplug_remove event for $A; events: $(jq -r -s 'map(.type) | join(" ")' $EVENTS)"
+gone() { vc show hph && jload && [ "$J_present" = false ]; }
+wait_until 10 gone || fail "after the removal hph is present=$J_present current_driver=$J_current_driver"
+say "surprise removal: events $(jq -r -s --arg a "$A" 'map(select(.pci_address == $a) | .type) | join(" ")' $EVENTS)"
 exit 0
