@@ -277,7 +277,7 @@ impl Core {
         store: Store,
         ids: PciIds,
         options: CoreOptions,
-    ) -> Result<Arc<Core>, CoreError> {
+    ) -> Result<Arc<Core>, crate::registry::store::StoreError> {
         let registry = store.load()?;
         Ok(Arc::new_cyclic(|me| Core {
             me: me.clone(),
@@ -518,6 +518,9 @@ impl Core {
             .read_function(&addr)
             .map_err(|e| CoreError::Internal(e.to_string()))?
             .ok_or(CoreError::PciDeviceNotFound(addr))?;
+        if function.is_bridge() {
+            return Err(CoreError::Bridge(addr, function.class));
+        }
         let name = req.name.map(|n| n.0).unwrap_or_else(|| addr.default_name());
         let driver = function.driver.clone();
         let record = DeviceRecord {
@@ -691,6 +694,10 @@ impl Core {
             .read_function(&addr)
             .map_err(|e| CoreError::Internal(e.to_string()))?
             .ok_or(CoreError::NotPresent(addr))?;
+        // Registered by an older vfiod, or a bridge now where a device was.
+        if function.is_bridge() {
+            return Err(CoreError::Bridge(addr, function.class));
+        }
         let vfio_driver = self.vfio_driver_for(&function).await?;
         let group = function.iommu_group.ok_or(CoreError::NoIommuGroup(addr))?;
         let mut moves = vec![Move {
@@ -846,7 +853,18 @@ impl Core {
     ) -> Result<DeviceRecord, CoreError> {
         let addr = record.pci_address;
         if !record.bound_by_vfiod {
-            return Err(CoreError::NotBoundByVfiod(record.name.clone()));
+            // Already back where vfiod would have put it: nothing to do.
+            // On vfio by someone else's hand: not vfiod's to undo.
+            let on_vfio = self
+                .sysfs()
+                .driver(&addr)
+                .as_deref()
+                .is_some_and(is_vfio_driver);
+            return if on_vfio {
+                Err(CoreError::NotBoundByVfiod(record.name.clone()))
+            } else {
+                Ok(record.clone())
+            };
         }
         if record.stuck {
             return Err(CoreError::DeviceStuck(addr));
@@ -1132,6 +1150,7 @@ impl Core {
             with_group,
             dry_run: false,
         };
+        tracing::info!(device = %record.pci_address, "restoring the vfio binding vfiod holds for this device (vfiod's own action: after a restart, a re-plug or a reclaim)");
         let mut current = current;
         current.bound_by_vfiod = false;
         if let Err(e) = self.bind_locked(Caller::AGENT, &current, req).await {

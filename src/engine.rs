@@ -86,6 +86,12 @@ pub enum EngineError {
         expected: Option<String>,
         found: Option<String>,
     },
+    #[error("{step} for {device}: the original driver {driver} is not loaded; the device is left without a driver until it is (modprobe it, and the kernel binds it)")]
+    DriverNotLoaded {
+        step: Step,
+        device: PciAddress,
+        driver: String,
+    },
     #[error("{step} for {device}: {path} did not appear")]
     GroupNode {
         step: Step,
@@ -113,6 +119,7 @@ impl EngineError {
             EngineError::Write { step, .. }
             | EngineError::Timeout { step, .. }
             | EngineError::Verify { step, .. }
+            | EngineError::DriverNotLoaded { step, .. }
             | EngineError::GroupNode { step, .. } => *step,
         }
     }
@@ -122,6 +129,7 @@ impl EngineError {
             EngineError::Write { device, .. }
             | EngineError::Timeout { device, .. }
             | EngineError::Verify { device, .. }
+            | EngineError::DriverNotLoaded { device, .. }
             | EngineError::GroupNode { device, .. } => *device,
         }
     }
@@ -319,6 +327,13 @@ impl Engine {
         // original one by name.
         if let Some(other) = self.sysfs.driver(&addr) {
             self.unbind(addr, &other).await?;
+        }
+        if !self.sysfs.driver_loaded(original) {
+            return Err(EngineError::DriverNotLoaded {
+                step: Step::Bind,
+                device: addr,
+                driver: original.to_owned(),
+            });
         }
         let bind_path = self.sysfs.driver_dir(original).join("bind");
         self.write(Step::Bind, addr, bind_path, &addr.to_string())

@@ -19,6 +19,8 @@ pub enum CoreError {
     InvalidRequest(String),
     #[error("{0}")]
     InvalidJson(String),
+    #[error("{0} is a PCI bridge (class {1:06x}): bridges cannot be passed through, and taking one from its driver would take hotplug and error reporting from everything below it")]
+    Bridge(PciAddress, u32),
     #[error("no PCI device at {0} on this host")]
     PciDeviceNotFound(PciAddress),
     #[error("no registered device with id or name {0:?}")]

@@ -658,3 +658,57 @@ fn a_vendor_vfio_variant_driver_is_preferred_when_the_kernel_names_one() {
     assert_eq!(d.post("/devices/gpu0/unbind", "").status, 200);
     assert_eq!(fs.driver_of(GPU).as_deref(), Some("nvidia"));
 }
+
+#[test]
+fn bridges_are_refused_before_any_write() {
+    let h = host();
+    let r = h.d.post("/devices", r#"{"pci_address":"0000:00:01.0"}"#);
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (400, "unsupported_device"),
+        "{}",
+        r.body
+    );
+    assert!(
+        r.json()["message"].as_str().unwrap().contains("bridge"),
+        "{}",
+        r.body
+    );
+    assert!(h.sim.writes().is_empty());
+    assert_eq!(h.fs.driver_of("0000:00:01.0").as_deref(), Some("pcieport"));
+}
+
+#[test]
+fn unbind_twice_is_fine_and_a_missing_original_driver_is_named() {
+    let h = host();
+    h.d.register(NIC, "nic");
+    assert_eq!(bind(&h.d, "nic", "").status, 200);
+    assert_eq!(h.d.post("/devices/nic/unbind", "").status, 200);
+    let r = h.d.post("/devices/nic/unbind", "");
+    assert_eq!(
+        r.status, 200,
+        "a second unbind has nothing to do: {}",
+        r.body
+    );
+    assert_eq!(h.fs.driver_of(NIC).as_deref(), Some("e1000e"));
+
+    // The original driver's module is gone when vfiod gives the device back.
+    assert_eq!(bind(&h.d, "nic", "").status, 200);
+    h.sim.ignore_probe(NIC);
+    std::fs::remove_dir_all(h.fs.path("bus/pci/drivers/e1000e")).ok();
+    let r = h.d.post("/devices/nic/unbind", "");
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (500, "unbind_failed"),
+        "{}",
+        r.body
+    );
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("e1000e is not loaded"),
+        "{}",
+        r.body
+    );
+}
