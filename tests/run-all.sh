@@ -37,7 +37,8 @@ cargo test --locked
 
 if [ "${VFIOD_SKIP_VM:-0}" != 1 ]; then
     step "real-kernel tier: tests/vm/run.sh"
-    VFIOD_BIN_DIR="$PWD/target/release" tests/vm/run.sh
+    # The scenarios listed in tests/vm/scenarios.enabled must pass.
+    VFIOD_VM_SCENARIOS=enabled tests/vm/run.sh
 fi
 
 if [ "${VFIOD_SKIP_PKG:-0}" != 1 ]; then
