@@ -47,8 +47,10 @@ wait_active() { # UNIT SECONDS
 }
 prop() { systemctl show -p "$2" --value "$1"; }
 finish() {
-	echo "# systemctl status:"
-	systemctl --no-pager status vfiod.socket vfiod.service 2>&1 | sed 's/^/#   /'
+	if [ "$failed" != 0 ]; then
+		echo "# systemctl status:"
+		systemctl --no-pager status vfiod.socket vfiod.service 2>&1 | sed 's/^/#   /'
+	fi
 	journalctl -b --no-pager -o short-precise >"$R/journal.txt" 2>&1
 	journalctl -b --no-pager -o short-precise -u vfiod.socket -u vfiod.service _COMM=vfiod >"$R/vfiod-journal.txt" 2>&1
 	journalctl -b --no-pager -o json _COMM=vfiod >"$R/vfiod-journal.json" 2>&1
