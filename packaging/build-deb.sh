@@ -24,9 +24,13 @@ target_dir=${CARGO_TARGET_DIR:-$repo/target}
 log() { printf '[build-deb] %s\n' "$*" >&2; }
 
 need=()
-for tool in dpkg-buildpackage:dpkg-dev dh:debhelper dh_installsysusers:debhelper fakeroot:fakeroot; do
+for tool in dpkg-buildpackage:dpkg-dev dh:debhelper dh_installsysusers:debhelper fakeroot:fakeroot pkg-config:pkg-config; do
 	command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
 done
+# The udev crate links libudev through pkg-config.
+if [ "${VFIOD_SKIP_CARGO:-0}" != 1 ] && ! pkg-config --exists libudev 2>/dev/null; then
+	need+=(libudev-dev)
+fi
 if ((${#need[@]})); then
 	if [ "$(id -u)" != 0 ]; then
 		log "missing build tools: ${need[*]} (apt-get install them as root)"; exit 1
@@ -34,11 +38,12 @@ if ((${#need[@]})); then
 	log "installing ${need[*]}"
 	apt-get -o DPkg::Lock::Timeout=300 update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends \
-		debhelper dpkg-dev fakeroot >/dev/null
+		"${need[@]}" >/dev/null
 fi
 
 t0=$(date +%s)
 if [ "${VFIOD_SKIP_CARGO:-0}" != 1 ]; then
+	command -v cargo >/dev/null || { log "cargo not found (install Rust with rustup, or set VFIOD_SKIP_CARGO=1 to package target/release as it is)"; exit 1; }
 	log "cargo build --release --locked"
 	(cd "$repo" && cargo build --release --locked --bins)
 fi
