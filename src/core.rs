@@ -40,6 +40,16 @@ pub struct Caller {
     pub pid: i32,
 }
 
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if *self == Caller::AGENT {
+            f.write_str("vfiod itself")
+        } else {
+            write!(f, "uid {} pid {}", self.uid, self.pid)
+        }
+    }
+}
+
 impl Caller {
     /// vfiod itself (startup reconcile, hotplug).
     pub const AGENT: Caller = Caller {
@@ -441,7 +451,7 @@ impl Core {
         failed: EventKind,
         timed_out: bool,
     ) -> CoreError {
-        tracing::error!(uid = caller.uid, pid = caller.pid, device = %record.pci_address, error = %err, "driver move failed");
+        tracing::error!(uid = caller.uid, pid = caller.pid, device = %record.pci_address, error = %err, "{} failed for {}: {err}", if failed == EventKind::BindFailed { "bind" } else { "unbind" }, caller);
         let kind = if timed_out {
             EventKind::DeviceStuck
         } else {
@@ -549,7 +559,7 @@ impl Core {
         let stored = record.clone();
         self.commit(move |reg| reg.insert(stored).map_err(conflict))
             .await?;
-        tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, id = %record.id, name = %record.name, "registered device");
+        tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, id = %record.id, name = %record.name, "registered {addr} as {} (id {}) for {caller}", record.name, record.id);
         self.events
             .publish(self.publish(EventKind::Registered, &record));
         Ok(record)
@@ -576,7 +586,7 @@ impl Core {
                 Ok(d.clone())
             })
             .await?;
-        tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, name = %updated.name, "updated device");
+        tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, name = %updated.name, "updated {addr} ({}) for {caller}", updated.name);
         self.events
             .publish(self.publish(EventKind::Updated, &updated));
         Ok(updated)
@@ -596,7 +606,7 @@ impl Core {
             Ok(())
         })
         .await?;
-        tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, id = %record.id, "unregistered device");
+        tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, id = %record.id, "unregistered {addr} ({}) for {caller}", record.name);
         self.events
             .publish(self.publish(EventKind::Unregistered, &record));
         Ok(())
@@ -769,7 +779,7 @@ impl Core {
         }
         self.require_privileged()?;
         let addr = record.pci_address;
-        tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, group = plan.iommu_group, moves = plan.moves.len(), "binding to {}", plan.vfio_driver);
+        tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, group = plan.iommu_group, moves = plan.moves.len(), "binding {addr} to {} for {caller} ({} function(s) in IOMMU group {})", plan.vfio_driver, plan.moves.len(), plan.iommu_group);
         // The intent and the drivers to restore are on disk before any write.
         let device_from = plan.moves[0].from.clone();
         let companions: Vec<Companion> = plan.moves[1..]
@@ -808,7 +818,7 @@ impl Core {
                     })
                     .await?
                     .unwrap_or_else(|| record.clone());
-                tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, driver = ?current, "bound");
+                tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, driver = ?current, "bound {addr} to {} for {caller}", current.as_deref().unwrap_or("no driver"));
                 self.events
                     .publish(self.publish(EventKind::Bind, &device).driver(current));
                 Ok(BindOutcome { device, plan })
@@ -873,7 +883,7 @@ impl Core {
             return Err(CoreError::NotPresent(addr));
         }
         self.require_privileged()?;
-        tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, to = ?record.original_driver, "unbinding from vfio");
+        tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, to = ?record.original_driver, "giving {addr} back to {} for {caller}", record.original_driver.as_deref().unwrap_or("no driver"));
         self.update_device(addr, |d| d.pending = Some(PendingOp::Unbind))
             .await?;
         let moves = restore_moves(record);
@@ -891,7 +901,7 @@ impl Core {
                     })
                     .await?
                     .unwrap_or_else(|| record.clone());
-                tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, driver = ?current, "unbound");
+                tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, driver = ?current, "gave {addr} back to {} for {caller}", current.as_deref().unwrap_or("no driver"));
                 self.events
                     .publish(self.publish(EventKind::Unbind, &device).driver(current));
                 Ok(device)
@@ -950,7 +960,7 @@ impl Core {
             .update_device(addr, |d| d.attached_to = Some(instance_id))
             .await?
             .ok_or_else(|| CoreError::NotFound(id_or_name.to_owned()))?;
-        tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, instance = %instance.0, "attached");
+        tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, instance = %instance.0, "attached {addr} to instance {} for {caller}", instance.0);
         self.events.publish(
             self.publish(EventKind::Attach, &device)
                 .instance(Some(instance.0)),
@@ -972,7 +982,7 @@ impl Core {
                 .update_device(addr, |d| d.attached_to = None)
                 .await?
                 .ok_or_else(|| CoreError::NotFound(id_or_name.to_owned()))?;
-            tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, instance = %instance, "detached");
+            tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, instance = %instance, "detached {addr} from instance {instance} for {caller}");
             self.events.publish(
                 self.publish(EventKind::Detach, &device)
                     .instance(Some(instance)),

@@ -58,6 +58,9 @@ pub fn write(dir: &Path, content: &str) -> std::io::Result<()> {
         .mode(0o644)
         .open(&tmp)?;
     f.write_all(content.as_bytes())?;
+    // udev reads it as root anyway, but a rules file is world-readable by
+    // convention, whatever the daemon's umask (0077 under systemd).
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
     f.sync_all()?;
     std::fs::rename(&tmp, &path)
 }

@@ -472,11 +472,19 @@ fn corrupt_state_stops_startup_and_is_left_alone() {
     let path = d.state_dir.join("state.json");
     std::fs::write(&path, b"{\"version\":1,\"devices\":[{").unwrap();
     let out = d.command().output().unwrap();
-    assert!(!out.status.success());
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a restart cannot fix it: exit like a config error"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("state.json") && stderr.contains("corrupt"),
         "{stderr}"
+    );
+    assert!(
+        !stderr.contains("saving"),
+        "it is a load, not a save: {stderr}"
     );
     assert_eq!(
         std::fs::read(&path).unwrap(),
@@ -910,4 +918,42 @@ fn full_disk_refuses_changes_and_loses_nothing() {
     );
     d.restart();
     assert_eq!(d.get("/devices").json().as_array().unwrap().len(), 2);
+}
+
+/// A client that connected before SIGTERM and sends its request right
+/// after still gets an answer (the connection is not dropped unanswered).
+#[test]
+fn shutdown_answers_connections_that_raced_it() {
+    use std::io::{Read, Write};
+    let (_fs, mut d) = host();
+    let streams: Vec<std::os::unix::net::UnixStream> = (0..20)
+        .map(|_| std::os::unix::net::UnixStream::connect(&d.socket).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let pid = nix::unistd::Pid::from_raw(d.pid());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let handles: Vec<_> = streams
+        .into_iter()
+        .map(|mut s| {
+            std::thread::spawn(move || {
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .unwrap();
+                let mut out = Vec::new();
+                let _ = s.read_to_end(&mut out);
+                String::from_utf8_lossy(&out)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_owned()
+            })
+        })
+        .collect();
+    let statuses: Vec<String> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(
+        statuses.iter().all(|s| s.starts_with("HTTP/1.1 200")),
+        "{statuses:?}"
+    );
+    let status = d.terminate_wait();
+    assert!(status.success());
 }

@@ -174,6 +174,22 @@ fn plain_error(
     json_response(status, &error::ErrorBody::new(code, message))
 }
 
+/// Refused changes are logged, but at most 10 a second: any local user
+/// can send them, and must not be able to flood the journal.
+fn refusals_log_budget() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static WINDOW: AtomicU64 = AtomicU64::new(0);
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let second = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    if WINDOW.swap(second, Ordering::Relaxed) != second {
+        COUNT.store(0, Ordering::Relaxed);
+    }
+    COUNT.fetch_add(1, Ordering::Relaxed) < 10
+}
+
 /// An event stream body fed by a per-subscriber task.
 struct ChannelBody(mpsc::Receiver<Bytes>);
 
@@ -292,7 +308,9 @@ impl Api {
             }
         };
         if route.mutates() && !self.policy.may_mutate(peer) {
-            tracing::warn!(uid = peer.uid, pid = peer.pid, method = %req.method(), path = req.uri().path(), "refused a change from a caller outside the access group");
+            if refusals_log_budget() {
+                tracing::warn!(uid = peer.uid, pid = peer.pid, method = %req.method(), path = req.uri().path(), "refused {} {} from uid {} pid {}: not root and not in the access group", req.method(), req.uri().path(), peer.uid, peer.pid);
+            }
             return error_response(&CoreError::Forbidden(format!(
                 "uid {} may read but not change anything: changes need root or membership of the vfiod access group",
                 peer.uid
@@ -428,6 +446,9 @@ impl Api {
         let (tx, rx) = mpsc::channel::<Bytes>(16);
         let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
+            let mut shutdown_seen = std::pin::pin!(async move {
+                let _ = shutdown.wait_for(|stop| *stop).await;
+            });
             for e in backlog {
                 if tx.send(event_line(&e)).await.is_err() {
                     return;
@@ -435,7 +456,7 @@ impl Api {
             }
             loop {
                 let line = tokio::select! {
-                    _ = shutdown.changed() => return,
+                    _ = &mut shutdown_seen => return,
                     _ = tx.closed() => return,
                     r = live.recv() => match r {
                         Ok(e) => event_line(&e),
@@ -457,55 +478,93 @@ impl Api {
     }
 }
 
+/// How long a connection accepted just before shutdown may take to deliver
+/// its first request; it is then answered rather than dropped.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_millis(500);
+
 /// Serves connections until `shutdown` turns true, then stops accepting,
 /// lets in-flight requests finish (up to `grace`), and returns.
+///
+/// Shutdown is per connection: an idle keep-alive connection closes at
+/// once; one with a request in progress finishes it first; and one that
+/// was accepted but has not delivered its first request yet (the client
+/// connected and is writing) gets [`FIRST_REQUEST_GRACE`] to do so and is
+/// answered. Without that, a client whose connect raced the shutdown would
+/// see its connection closed with no answer.
 pub async fn serve(listener: UnixListener, api: Api, grace: Duration) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = api.shutdown.clone();
+    // Every connection task holds a clone; when all are gone, recv() ends.
+    let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
     loop {
-        let stream = tokio::select! {
-            _ = shutdown.changed() => break,
+        tokio::select! {
+            _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => spawn_connection(stream, &api, alive_tx.clone()),
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
                 }
             },
-        };
-        let peer = match Peer::of(&stream) {
-            Ok(p) => Arc::new(p),
-            Err(e) => {
-                tracing::warn!(error = %e, "could not read peer credentials; dropping connection");
-                continue;
-            }
-        };
-        let api = api.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let api = api.clone();
-            let peer = peer.clone();
-            async move { Ok::<_, Infallible>(api.handle(&peer, req).await) }
-        });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30))
-            .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        });
+        }
+    }
+    // Connections already queued on the socket were promised an answer by
+    // their successful connect(): take and serve them before closing.
+    while let Ok(Ok((stream, _))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await {
+        spawn_connection(stream, &api, alive_tx.clone());
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    drop(alive_tx);
+    if tokio::time::timeout(grace, alive_rx.recv()).await.is_err() {
         tracing::warn!("in-flight requests did not finish within {grace:?}; exiting anyway");
     }
+}
+
+fn spawn_connection(stream: tokio::net::UnixStream, api: &Api, alive: mpsc::Sender<()>) {
+    let peer = match Peer::of(&stream) {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read peer credentials; dropping connection");
+            return;
+        }
+    };
+    let first_request = Arc::new(tokio::sync::Notify::new());
+    let notify = first_request.clone();
+    let api_for_requests = api.clone();
+    let service = hyper::service::service_fn(move |req| {
+        notify.notify_one();
+        let api = api_for_requests.clone();
+        let peer = peer.clone();
+        async move { Ok::<_, Infallible>(api.handle(&peer, req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .serve_connection(TokioIo::new(stream), service);
+    let mut shutdown = api.shutdown.clone();
+    tokio::spawn(async move {
+        let _alive = alive;
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => {
+                // A connection that already delivered a request has a stored
+                // permit and goes on at once; a fresh one gets a moment, with
+                // the connection still polled so it can read that request.
+                let first = tokio::time::timeout(FIRST_REQUEST_GRACE, first_request.notified());
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = first => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                }
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    });
 }
 
 #[cfg(test)]

@@ -48,15 +48,31 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(config, is_root)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            tracing::error!("{message}");
-            systemd::notify_status(&format!("failed: {message}"));
-            ExitCode::FAILURE
+        Err(failure) => {
+            tracing::error!("{}", failure.message);
+            systemd::notify_status(&format!("failed: {}", failure.message));
+            ExitCode::from(failure.exit_code)
         }
     }
 }
 
-async fn run(config: Config, is_root: bool) -> Result<(), String> {
+/// Why startup failed, and the exit status that tells systemd whether a
+/// restart could help (the unit does not restart on 2, as for a bad config).
+struct StartupFailure {
+    message: String,
+    exit_code: u8,
+}
+
+impl From<String> for StartupFailure {
+    fn from(message: String) -> Self {
+        StartupFailure {
+            message,
+            exit_code: 1,
+        }
+    }
+}
+
+async fn run(config: Config, is_root: bool) -> Result<(), StartupFailure> {
     let started = Instant::now();
     let sysfs = Sysfs::new(&config.sysfs, &config.devfs);
     let real_sysfs = sysfs.is_real();
@@ -80,7 +96,18 @@ async fn run(config: Config, is_root: bool) -> Result<(), String> {
                     || dir.as_path() != std::path::Path::new(vfiod::config::DEFAULT_UDEV_RULES_DIR))
         }),
     };
-    let core = Core::new(engine, store, ids, options).map_err(|e| e.to_string())?;
+    let core = Core::new(engine, store, ids, options).map_err(|e| {
+        use vfiod::registry::store::StoreError;
+        // A broken state file needs a person, not a restart.
+        let needs_operator = matches!(
+            e,
+            StoreError::Corrupt { .. } | StoreError::UnknownVersion { .. }
+        );
+        StartupFailure {
+            message: e.to_string(),
+            exit_code: if needs_operator { 2 } else { 1 },
+        }
+    })?;
 
     // Subscribe before scanning, so nothing that happens between the scan
     // and the first event is lost.

@@ -274,12 +274,18 @@ impl Daemon {
 
     /// SIGTERM, and the exit status.
     pub fn terminate(&mut self) -> ExitStatus {
-        let mut c = self.child.take().expect("running");
+        let c = self.child.as_ref().expect("running");
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(c.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
         )
         .unwrap();
+        self.terminate_wait()
+    }
+
+    /// Waits for a process already told to stop.
+    pub fn terminate_wait(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("running");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = c.try_wait().unwrap() {
