@@ -12,7 +12,7 @@ mod common {
 }
 
 use common::fakesys::{self, DeviceSpec, FakeSys, TempDir};
-use common::simkernel::SimKernel;
+use common::simkernel::{self, SimKernel};
 use nix::errno::Errno;
 use std::fs;
 use std::io::{self, Write};
@@ -654,6 +654,74 @@ fn sim_keeps_the_order_of_rapid_writes() {
 }
 
 #[test]
+fn sim_normalising_driver_override_never_loses_a_write() {
+    // vfiod's rollback writes the override and clears it again within
+    // microseconds; the simulator's rewrite to "vfio-pci\n" must never
+    // clobber the later clear.
+    let fs = FakeSys::standard_host();
+    let sim = SimKernel::start(&fs);
+    let rel = override_path(NIC);
+    for i in 0..300 {
+        w(&fs, &rel, "vfio-pci");
+        if i % 2 == 0 {
+            std::thread::yield_now();
+        }
+        w(&fs, &rel, "\n");
+        assert_eq!(fs.driver_override_of(NIC), None, "round {i}");
+    }
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(fs.driver_override_of(NIC), None);
+    assert_eq!(read(&fs.path(&rel)), "(null)\n");
+    // And the other way round.
+    for i in 0..300 {
+        w(&fs, &rel, "");
+        w(&fs, &rel, "vfio-pci");
+        assert_eq!(
+            fs.driver_override_of(NIC).as_deref(),
+            Some("vfio-pci"),
+            "round {i}"
+        );
+    }
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(read(&fs.path(&rel)), "vfio-pci\n");
+}
+
+#[test]
+fn sim_ignores_closes_without_a_write() {
+    // A descriptor inherited by a process forked meanwhile is closed late,
+    // without a new write; that must not look like a write.
+    let fs = FakeSys::standard_host();
+    let sim = SimKernel::start(&fs);
+    for rel in [
+        override_path(NIC),
+        "bus/pci/drivers/e1000e/unbind".to_string(),
+        "bus/pci/drivers_probe".to_string(),
+    ] {
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(fs.path(&rel))
+            .unwrap();
+        drop(f);
+    }
+    assert!(sim.wait_idle(IDLE));
+    assert!(sim.writes().is_empty(), "{:?}", sim.writes());
+    assert_eq!(fs.driver_of(NIC).as_deref(), Some("e1000e"));
+    // A write, then a late close of a second descriptor opened before it.
+    let late = fs::OpenOptions::new()
+        .write(true)
+        .open(fs.path(&override_path(NIC)))
+        .unwrap();
+    w(&fs, &override_path(NIC), "vfio-pci");
+    assert!(sim.wait_idle(IDLE));
+    drop(late);
+    assert!(sim.wait_idle(IDLE));
+    assert_eq!(
+        sim.writes(),
+        pairs(&[("bus/pci/devices/0000:00:02.0/driver_override", "vfio-pci")])
+    );
+}
+
+#[test]
 fn sim_concurrent_writers_on_drivers_probe() {
     let fs = FakeSys::standard_host();
     let sim = SimKernel::start(&fs);
@@ -868,11 +936,27 @@ fn sim_fail_write_refuses_other_errnos() {
 }
 
 /// Writes in a thread; the receiver gets the result when the write returns.
-fn spawn_writer(path: std::path::PathBuf, value: &'static str) -> mpsc::Receiver<io::Result<()>> {
+/// Returns once the writer is blocked in `open()` (the attribute must be
+/// hung).
+fn spawn_hung_writer(
+    path: std::path::PathBuf,
+    value: &'static str,
+) -> mpsc::Receiver<io::Result<()>> {
     let (tx, rx) = mpsc::channel();
+    let (tid_tx, tid_rx) = mpsc::channel();
     std::thread::spawn(move || {
+        let _ = tid_tx.send(nix::unistd::gettid().as_raw());
         let _ = tx.send(write_attr(&path, value));
     });
+    let tid = tid_rx.recv().unwrap();
+    assert!(
+        wait_until(IDLE, || simkernel::thread_blocked_in_fifo_open(tid)),
+        "the writer never blocked"
+    );
+    assert!(
+        matches!(rx.try_recv(), Err(mpsc::TryRecvError::Empty)),
+        "the write should hang"
+    );
     rx
 }
 
@@ -882,14 +966,7 @@ fn sim_hang_write_blocks_until_release() {
     let sim = SimKernel::start(&fs);
     w(&fs, &override_path(GPU), "vfio-pci");
     sim.hang_write("bus/pci/drivers/nvidia/unbind");
-    let rx = spawn_writer(fs.path("bus/pci/drivers/nvidia/unbind"), GPU);
-    assert!(
-        matches!(
-            rx.recv_timeout(Duration::from_millis(300)),
-            Err(mpsc::RecvTimeoutError::Timeout)
-        ),
-        "the write should hang"
-    );
+    let rx = spawn_hung_writer(fs.path("bus/pci/drivers/nvidia/unbind"), GPU);
     assert!(
         sim.wait_idle(IDLE),
         "a hung write does not keep the sim busy"
@@ -922,11 +999,7 @@ fn sim_release_waits_for_the_released_writer() {
     let fs = FakeSys::standard_host();
     let sim = SimKernel::start(&fs);
     sim.hang_write("bus/pci/drivers/e1000e/unbind");
-    let rx = spawn_writer(fs.path("bus/pci/drivers/e1000e/unbind"), NIC);
-    assert!(
-        rx.recv_timeout(Duration::from_millis(200)).is_err(),
-        "should hang"
-    );
+    let rx = spawn_hung_writer(fs.path("bus/pci/drivers/e1000e/unbind"), NIC);
     sim.release("bus/pci/drivers/e1000e/unbind");
     // No polling: release returned after the writer wrote.
     assert!(sim.wait_idle(IDLE));
@@ -950,7 +1023,10 @@ fn sim_release_completing_after_the_writer_was_killed() {
         .arg(format!("printf %s {NIC} > '{}'", fs.path(rel).display()))
         .spawn()
         .expect("spawn sh");
-    std::thread::sleep(Duration::from_millis(200));
+    assert!(wait_until(
+        IDLE,
+        || simkernel::process_blocked_in_fifo_open(child.id())
+    ));
     assert!(
         child.try_wait().unwrap().is_none(),
         "the writer should hang"
@@ -969,8 +1045,7 @@ fn sim_release_completing_after_the_writer_was_killed() {
     sim.clear_writes();
     let rel = "bus/pci/drivers/amdgpu/unbind";
     sim.hang_write(rel);
-    let rx = spawn_writer(fs.path(rel), "0000:00:05.0");
-    assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+    let rx = spawn_hung_writer(fs.path(rel), "0000:00:05.0");
     assert!(sim.release_completing(rel, "0000:00:99.0"));
     rx.recv_timeout(IDLE).unwrap().unwrap();
     assert!(sim.wait_idle(IDLE));
@@ -984,11 +1059,7 @@ fn sim_hang_and_release_driver_override() {
     let sim = SimKernel::start(&fs);
     let rel = override_path(GPU);
     sim.hang_write(&rel);
-    let rx = spawn_writer(fs.path(&rel), "vfio-pci");
-    assert!(
-        rx.recv_timeout(Duration::from_millis(300)).is_err(),
-        "should hang"
-    );
+    let rx = spawn_hung_writer(fs.path(&rel), "vfio-pci");
     sim.release(&rel);
     rx.recv_timeout(IDLE).unwrap().unwrap();
     assert!(wait_until(IDLE, || fs.path(&rel).is_file()
@@ -1011,8 +1082,7 @@ fn sim_drop_lets_hung_writers_go_and_restores_files() {
     let sim = SimKernel::start(&fs);
     sim.hang_write("bus/pci/drivers/amdgpu/unbind");
     sim.fail_write("bus/pci/drivers/nvme/unbind", Errno::EISDIR);
-    let rx = spawn_writer(fs.path("bus/pci/drivers/amdgpu/unbind"), "0000:00:05.0");
-    assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+    let rx = spawn_hung_writer(fs.path("bus/pci/drivers/amdgpu/unbind"), "0000:00:05.0");
     drop(sim);
     rx.recv_timeout(IDLE).unwrap().unwrap();
     for rel in [
@@ -1143,13 +1213,13 @@ fn sim_parallel_trees() {
                     assert!(wait_until(IDLE, || fs.driver_of(GPU).as_deref() == Some("nvidia")));
                 }
                 assert!(sim.wait_idle(IDLE));
-                (fs.driver_of(GPU), sim.writes().len())
+                (fs.driver_of(GPU), sim.writes())
             })
         })
         .collect();
     for h in handles {
-        let (driver, n) = h.join().unwrap();
+        let (driver, writes) = h.join().unwrap();
         assert_eq!(driver.as_deref(), Some("nvidia"));
-        assert_eq!(n, 30);
+        assert_eq!(writes.len(), 30, "{writes:#?}");
     }
 }

@@ -425,13 +425,31 @@ impl Tree {
         self.scratch.join(format!("s{}", unique()))
     }
 
+    /// Creates `dest` (which must not exist) holding `content`, such that no
+    /// file description ever opened refers to the name `dest`.
+    ///
+    /// Why: a process forked by another thread while we have a file open
+    /// inherits the descriptor and closes it later (at exec). That close
+    /// raises IN_CLOSE_WRITE in the directory of the name the file was
+    /// opened by, which would look like a client write to a simulated
+    /// kernel if that directory is (or becomes) watched. So files are
+    /// written under a scratch name, hard-linked to `dest`, and the scratch
+    /// name is removed.
+    pub fn stage_file(&self, dest: &Path, content: &str) -> io::Result<()> {
+        let tmp = self.scratch_path();
+        fs::write(&tmp, content)?;
+        let linked = fs::hard_link(&tmp, dest);
+        let _ = fs::remove_file(&tmp);
+        linked
+    }
+
     /// Replaces `path` with a regular file holding `content`, atomically
-    /// (written in the scratch dir, then renamed), so no IN_CLOSE_WRITE is
-    /// raised in `path`'s directory.
+    /// (staged in the scratch dir, then renamed), so no IN_CLOSE_WRITE is
+    /// ever raised in `path`'s directory (see [`Tree::stage_file`]).
     pub fn write_file(&self, path: &Path, content: &str) -> io::Result<()> {
         self.assert_inside(path);
         let tmp = self.scratch_path();
-        fs::write(&tmp, content)?;
+        self.stage_file(&tmp, content)?;
         if path.is_dir() && !path.is_symlink() {
             let _ = fs::remove_dir(path);
         }
@@ -497,9 +515,9 @@ impl Tree {
         let tmp = self.scratch_path();
         fs::create_dir(&tmp)?;
         for attr in DRIVER_ATTRS {
-            fs::write(tmp.join(attr), "")?;
+            self.stage_file(&tmp.join(attr), "")?;
         }
-        fs::write(tmp.join("uevent"), "")?;
+        self.stage_file(&tmp.join("uevent"), "")?;
         fs::rename(&tmp, &dir)?;
         if name == VFIO_PCI {
             let module = self.sysfs.join("module/vfio_pci");
@@ -823,7 +841,8 @@ impl FakeSys {
         let tmp = tree.scratch_path();
         fs::create_dir(&tmp).expect("fakesys: mkdir device");
         for (name, content) in &files {
-            fs::write(tmp.join(name), content).expect("fakesys: write attribute");
+            tree.stage_file(&tmp.join(name), content)
+                .expect("fakesys: write attribute");
         }
         tree.assert_inside(&dir);
         fs::rename(&tmp, &dir).expect("fakesys: place device dir");

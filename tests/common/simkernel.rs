@@ -50,9 +50,16 @@
 //!   result (the `driver` link, `/dev/vfio/N`) with a timeout, which is what
 //!   verifying against a real kernel needs too (udev, async probing). Tests
 //!   can call [`SimKernel::wait_idle`].
-//! * `driver_override` is a regular file: its value is read when its event
-//!   is processed, so two writes in quick succession may be logged as the
-//!   last value twice. Only the last value matters to the kernel anyway.
+//! * `driver_override` is a regular file (it must stay readable): its value
+//!   is read when its event is processed, so two writes in quick succession
+//!   may be logged as the last value twice, and a probe uses the override
+//!   current when the probe is processed. So do not rewrite a device's
+//!   override before the probe that depends on it took effect (vfiod's
+//!   verify step waits for that anyway). The rewrite to the kernel's form is
+//!   done in place under a write lease (`F_SETLEASE`), which can never
+//!   overwrite a client's write: a client opening the file meanwhile waits
+//!   a few microseconds. (Lease-break signals are set to SIGURG, ignored by
+//!   default, and the lease owner is cleared.)
 //! * Writes that fail in Linux (ENODEV on a bad unbind, EINVAL, ...) succeed
 //!   here and are ignored; use [`SimKernel::fail_write`] to make a write
 //!   fail.
@@ -87,7 +94,7 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent, WatchDe
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
@@ -239,8 +246,30 @@ impl Fault {
     }
 }
 
+/// What identifies the state of a regular file's content. (Not ctime: the
+/// hard link taken for a lease changes it.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(m: &fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Sim {
+    /// Regular attributes as last seen (see `regular_written`).
+    stamps: HashMap<PathBuf, Stamp>,
     wds: HashMap<WatchDescriptor, PathBuf>,
     pipes: HashMap<PathBuf, Pipe>,
     faults: HashMap<PathBuf, Fault>,
@@ -327,6 +356,7 @@ impl SimKernel {
                     shared
                         .watch(&mut sim, &dir, AddWatchFlags::IN_CLOSE_WRITE)
                         .expect("simkernel: watch device dir");
+                    shared.stamp_device(&mut sim, &dir);
                 }
             }
             drop(sim);
@@ -721,10 +751,7 @@ impl Shared {
         if !meta.is_file() {
             return;
         }
-        let Ok(content) = fs::read_to_string(&path) else {
-            return;
-        };
-        self.apply_regular(state, sim, &path, &content, Some(&content));
+        self.regular_written(sim, &path);
     }
 
     /// A writer closed FIFO attribute `path`: apply its value.
@@ -741,7 +768,7 @@ impl Shared {
             let _ = self.tree.write_file(path, &saved);
             for v in values {
                 let _ = self.tree.write_file(path, &v);
-                self.apply_regular(state, sim, path, &v, None);
+                self.regular_written(sim, path);
             }
             return;
         }
@@ -751,7 +778,9 @@ impl Shared {
         }
         match pipe.values.pop_front() {
             Some(v) => self.apply_value(state, sim, path, &v),
-            None => self.record(path, ""),
+            // No data: a descriptor inherited by a forked process, closed
+            // late; not a write.
+            None => dbg_log!(self, "{}: close without data", path.display()),
         }
     }
 
@@ -780,30 +809,123 @@ impl Shared {
     }
 
     /// A write to a regular attribute (`driver_override`, or anything else:
-    /// logged only). `expect` is the content read from the file, to detect
-    /// a newer write before normalising.
-    fn apply_regular(
-        &self,
-        _state: &mut State,
-        _sim: &mut Sim,
-        path: &Path,
-        value: &str,
-        expect: Option<&str>,
-    ) {
-        self.record(path, value);
-        if attr_name(path) == "driver_override" {
-            let normal = match Tree::parse_override(value) {
-                Some(v) => format!("{v}\n"),
-                None => "(null)\n".to_string(),
-            };
-            let unchanged = match expect {
-                Some(e) => fs::read_to_string(path).ok().as_deref() == Some(e),
-                None => true,
-            };
-            if unchanged && normal != value {
-                let _ = self.tree.write_file(path, &normal);
+    /// logged only). The content is read when the event is processed.
+    ///
+    /// `driver_override` is rewritten to the kernel's form ("vfio-pci\n",
+    /// "(null)\n") in place, under a write lease, so that a client's write
+    /// can never be overwritten: while the lease is held a client's `open()`
+    /// waits, and the lease is only granted while nobody has the file open.
+    /// The file is opened through a hard link in the scratch directory so
+    /// this raises no inotify event in the device directory. Without a lease
+    /// (busy for too long, or unsupported) the file is left as written.
+    fn regular_written(&self, sim: &mut Sim, path: &Path) {
+        let last = sim.stamps.get(path).copied();
+        let (content, stamp) = if attr_name(path) == "driver_override" {
+            let leased = self.with_lease(path, |f| {
+                if Some(Stamp::of(&f.metadata()?)) == last {
+                    return Ok(None);
+                }
+                let mut content = String::new();
+                f.read_to_string(&mut content)?;
+                let normal = match Tree::parse_override(&content) {
+                    Some(v) => format!("{v}\n"),
+                    None => "(null)\n".to_string(),
+                };
+                if normal != content {
+                    f.set_len(0)?;
+                    f.write_all_at(normal.as_bytes(), 0)?;
+                    dbg_log!(self, "normalised {content:?} to {normal:?} under lease");
+                }
+                Ok(Some((content, Stamp::of(&f.metadata()?))))
+            });
+            match leased {
+                Some(Some(found)) => found,
+                Some(None) => {
+                    dbg_log!(self, "{}: unchanged, a late close", path.display());
+                    return;
+                }
+                None => {
+                    let Ok(meta) = fs::metadata(path) else { return };
+                    let Ok(c) = fs::read_to_string(path) else {
+                        return;
+                    };
+                    dbg_log!(self, "no lease: {c:?} left as written");
+                    (c, Stamp::of(&meta))
+                }
             }
+        } else {
+            let Ok(meta) = fs::metadata(path) else { return };
+            let Ok(c) = fs::read_to_string(path) else {
+                return;
+            };
+            (c, Stamp::of(&meta))
+        };
+        if Some(stamp) == last {
+            dbg_log!(self, "{}: unchanged, a late close", path.display());
+            return;
         }
+        sim.stamps.insert(path.to_path_buf(), stamp);
+        self.record(path, &content);
+    }
+
+    /// Remembers the state of a device's regular attributes, so that a late
+    /// close of a descriptor inherited by a forked process (no new write)
+    /// is not taken for a write.
+    fn stamp_device(&self, sim: &mut Sim, dir: &Path) {
+        let path = dir.join("driver_override");
+        if let Ok(meta) = fs::metadata(&path) {
+            sim.stamps.insert(path, Stamp::of(&meta));
+        }
+    }
+
+    /// Runs `f` on `path` opened read-write while holding a write lease on
+    /// it (see `regular_written`). None if no lease could be had.
+    fn with_lease<T>(&self, path: &Path, f: impl FnOnce(&mut File) -> io::Result<T>) -> Option<T> {
+        use nix::libc;
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        // <asm-generic/fcntl.h>; not exported by the libc crate.
+        const F_SETSIG: libc::c_int = 10;
+        // Busy (someone has it open: a client mid-write, a reader, a forked
+        // process that inherited a descriptor) for up to ~2 s: retry.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            let link = self.tree.scratch_path();
+            fs::hard_link(path, &link).ok()?;
+            let opened = OpenOptions::new().read(true).write(true).open(&link);
+            let _ = fs::remove_file(&link);
+            let mut file = opened.ok()?;
+            let (fm, pm) = (file.metadata().ok()?, fs::metadata(path).ok()?);
+            if (fm.dev(), fm.ino()) != (pm.dev(), pm.ino()) {
+                continue; // replaced meanwhile
+            }
+            let fd = file.as_raw_fd();
+            // A lease break signals the holder (SIGIO by default, which
+            // would kill the process): use SIGURG, ignored by default, and
+            // clear the owner so that nothing is sent at all.
+            // SAFETY: plain fcntl calls on a file descriptor we own.
+            let leased = unsafe {
+                libc::fcntl(fd, F_SETSIG, libc::SIGURG);
+                libc::fcntl(fd, libc::F_SETLEASE, libc::F_WRLCK)
+            };
+            if leased == 0 {
+                // SAFETY: as above.
+                unsafe {
+                    libc::fcntl(fd, libc::F_SETOWN, 0);
+                }
+                // The lease goes with the file when it is closed.
+                return f(&mut file).ok();
+            }
+            let err = Errno::last();
+            drop(file);
+            if err != Errno::EAGAIN && err != Errno::EBUSY {
+                dbg_log!(self, "no lease on {}: {err}", path.display());
+                return None;
+            }
+            std::thread::sleep(Duration::from_micros(300));
+        }
+        dbg_log!(self, "{} stayed busy: not normalised", path.display());
+        None
     }
 
     /// One value written to a write-only attribute.
@@ -922,6 +1044,53 @@ fn attr_name(path: &Path) -> String {
 }
 
 // ---------------------------------------------------------------------------
+// Is a writer stuck yet?
+// ---------------------------------------------------------------------------
+
+/// True if task `/proc/<pid>/task/<tid>` is blocked in `open()` of a FIFO
+/// with no reader, which is where [`SimKernel::hang_write`] keeps writers.
+fn task_blocked_in_fifo_open(task: &Path) -> bool {
+    match fs::read_to_string(task.join("wchan")) {
+        Ok(w) if w.trim() == "wait_for_partner" => true,
+        Ok(w) if !w.is_empty() && w.trim() != "0" => false,
+        // wchan hidden: fall back to "sleeping in open/openat".
+        _ => {
+            let sleeping = fs::read_to_string(task.join("stat"))
+                .ok()
+                .and_then(|s| {
+                    let after = s.rsplit_once(')')?.1.trim_start().chars().next()?;
+                    Some(after == 'S')
+                })
+                .unwrap_or(false);
+            #[cfg(target_arch = "x86_64")]
+            const OPEN: &[&str] = &["2", "257", "437"];
+            #[cfg(not(target_arch = "x86_64"))]
+            const OPEN: &[&str] = &["56", "437"];
+            let in_open = fs::read_to_string(task.join("syscall"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next().map(|n| OPEN.contains(&n)))
+                .unwrap_or(false);
+            sleeping && in_open
+        }
+    }
+}
+
+/// True if some thread of process `pid` (e.g. a vfiod child process) is
+/// blocked writing an attribute armed with [`SimKernel::hang_write`] (more
+/// precisely: blocked opening any FIFO that has no reader).
+pub fn process_blocked_in_fifo_open(pid: u32) -> bool {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.flatten().any(|t| task_blocked_in_fifo_open(&t.path())))
+        .unwrap_or(false)
+}
+
+/// Like [`process_blocked_in_fifo_open`] for one thread of this process
+/// (its id from `nix::unistd::gettid()`).
+pub fn thread_blocked_in_fifo_open(tid: i32) -> bool {
+    task_blocked_in_fifo_open(Path::new(&format!("/proc/self/task/{tid}")))
+}
+
+// ---------------------------------------------------------------------------
 // Hook: follow builder changes
 // ---------------------------------------------------------------------------
 
@@ -936,6 +1105,7 @@ impl Hook for SimHook {
             if let Err(e) = sh.watch(&mut sim, dir, AddWatchFlags::IN_CLOSE_WRITE) {
                 eprintln!("simkernel: cannot watch {}: {e}", dir.display());
             }
+            sh.stamp_device(&mut sim, dir);
         }
     }
 
