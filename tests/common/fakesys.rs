@@ -453,9 +453,8 @@ impl Tree {
         if path.is_dir() && !path.is_symlink() {
             let _ = fs::remove_dir(path);
         }
-        fs::rename(&tmp, path).map_err(|e| {
+        fs::rename(&tmp, path).inspect_err(|_| {
             let _ = fs::remove_file(&tmp);
-            e
         })
     }
 
@@ -468,9 +467,8 @@ impl Tree {
         if path.is_dir() && !path.is_symlink() {
             let _ = fs::remove_dir(path);
         }
-        fs::rename(&tmp, path).map_err(|e| {
+        fs::rename(&tmp, path).inspect_err(|_| {
             let _ = fs::remove_file(&tmp);
-            e
         })
     }
 
