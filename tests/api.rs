@@ -409,7 +409,11 @@ fn kill_9_during_a_burst_keeps_every_acknowledged_registration() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(40));
+    // Kill it mid-burst: once some registrations are acknowledged, while
+    // others are in flight.
+    common::eventually(20, "a few acknowledged registrations", || {
+        (acked.lock().unwrap().len() >= 5).then_some(())
+    });
     d.kill9();
     for w in workers {
         let _ = w.join();

@@ -333,7 +333,11 @@ fn a_device_no_driver_will_take_is_reported_with_the_failed_rollback() {
 
 #[test]
 fn hung_unbind_times_out_while_everything_else_keeps_working() {
-    let h = host();
+    let fs = FakeSys::standard_host();
+    let sim = SimKernel::start(&fs);
+    // A longer limit leaves room for the other requests on a busy machine.
+    let d = Daemon::start(&fs, &["--op-timeout-ms", "4000"]);
+    let h = Host { fs, sim, d };
     h.d.register(GPU, "gpu0");
     h.d.register(NIC, "nic");
     h.sim.hang_write("bus/pci/drivers/nvidia/unbind");
@@ -358,9 +362,12 @@ fn hung_unbind_times_out_while_everything_else_keeps_working() {
     );
     let r = bind(&h.d, "nic", "{}");
     assert_eq!(r.status, 200, "{}", r.body);
+    // All of that finished while the hung request was still waiting on
+    // the kernel: nothing queued behind it (robust to a loaded machine,
+    // unlike a fixed time bound).
     assert!(
-        t.elapsed() < Duration::from_millis(1000),
-        "other groups waited {:?}",
+        !hung.is_finished(),
+        "other groups waited for the hung one ({:?})",
         t.elapsed()
     );
     assert_eq!(h.fs.driver_of(NIC).as_deref(), Some("vfio-pci"));
@@ -372,7 +379,7 @@ fn hung_unbind_times_out_while_everything_else_keeps_working() {
         "{}",
         r.body
     );
-    assert!(started.elapsed() >= Duration::from_millis(1400));
+    assert!(started.elapsed() >= Duration::from_millis(3900));
     assert!(
         r.json()["message"]
             .as_str()

@@ -181,7 +181,7 @@ impl Daemon {
             .arg("--config")
             .arg("/dev/null")
             .arg("--op-timeout-ms")
-            .arg("1500")
+            .arg("3000")
             .arg("--udev-rules-dir")
             .arg("")
             .args(&self.extra_args)

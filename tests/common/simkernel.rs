@@ -33,8 +33,10 @@
 //! `IN_CLOSE_WRITE` events, interleaved in one inotify queue with those of
 //! `driver_override` (a regular file, as it is readable), give the order in
 //! which writes happened; values are applied in that order. (`IN_OPEN` is
-//! watched on those directories only to stop the kernel from merging two
-//! consecutive close events of the same file.) Writers never block on these
+//! watched on those directories to stop the kernel from merging two
+//! consecutive close events of the same file, and to tell a write from the
+//! late close of a descriptor inherited by a process forked meanwhile.)
+//! Writers never block on these
 //! FIFOs: the simulator always holds a reader. Reading one of them (nobody
 //! should: they are write-only in sysfs) would block.
 //!
@@ -117,12 +119,18 @@ macro_rules! dbg_log {
     };
 }
 
-/// Opens a FIFO for reading without blocking (always succeeds on a FIFO).
-fn open_reader(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
+/// Opens a FIFO for reading without blocking (always succeeds on a FIFO),
+/// through a hard link in the scratch directory, so that our open raises no
+/// IN_OPEN where writers' opens are counted.
+fn open_reader(tree: &Tree, path: &Path) -> io::Result<File> {
+    let link = tree.scratch_path();
+    fs::hard_link(path, &link)?;
+    let opened = OpenOptions::new()
         .read(true)
         .custom_flags(OFlag::O_NONBLOCK.bits())
-        .open(path)
+        .open(&link);
+    let _ = fs::remove_file(&link);
+    opened
 }
 
 enum Drain {
@@ -200,6 +208,11 @@ struct Pipe {
     /// For a regular attribute whose hung writer was released: the content
     /// to restore once that write arrives.
     restore: Option<String>,
+    /// Writers that opened it (IN_OPEN) and have not closed yet. A close
+    /// with none outstanding is a descriptor inherited by a forked process,
+    /// closed late: not a write. (Our own reader opens go through a scratch
+    /// link and are not seen here.)
+    opens: usize,
 }
 
 impl Pipe {
@@ -209,6 +222,7 @@ impl Pipe {
             values: VecDeque::new(),
             credits: 0,
             restore: None,
+            opens: 0,
         }
     }
 
@@ -591,7 +605,7 @@ impl Shared {
     /// Turns `path` into a FIFO we hold open for reading.
     fn make_pipe(&self, sim: &mut Sim, path: &Path) -> io::Result<()> {
         self.tree.make_fifo(path)?;
-        let reader = open_reader(path)?;
+        let reader = open_reader(&self.tree, path)?;
         sim.pipes
             .insert(path.to_path_buf(), Pipe::new(Some(reader)));
         Ok(())
@@ -641,7 +655,7 @@ impl Shared {
                     Saved::Fifo => {
                         let _ = tree.make_fifo(path);
                         if let Some(pipe) = sim.pipes.get_mut(path) {
-                            pipe.reader = open_reader(path).ok();
+                            pipe.reader = open_reader(&self.tree, path).ok();
                         }
                     }
                     Saved::Regular(content) => {
@@ -656,7 +670,7 @@ impl Shared {
                 let Some(pipe) = sim.pipes.get_mut(path) else {
                     return false;
                 };
-                let Ok(mut reader) = open_reader(path) else {
+                let Ok(mut reader) = open_reader(&self.tree, path) else {
                     return false;
                 };
                 let mut data = Vec::new();
@@ -667,7 +681,7 @@ impl Shared {
                 seen
             }
             Fault::Hang(Saved::Regular(content)) => {
-                let Ok(mut reader) = open_reader(path) else {
+                let Ok(mut reader) = open_reader(&self.tree, path) else {
                     let _ = tree.write_file(path, &content);
                     return false;
                 };
@@ -735,11 +749,31 @@ impl Shared {
             }
             return;
         }
-        if !ev.mask.contains(AddWatchFlags::IN_CLOSE_WRITE) {
-            return; // IN_OPEN: only a separator
+        let closed = ev.mask.contains(AddWatchFlags::IN_CLOSE_WRITE);
+        if let Some(pipe) = sim.pipes.get_mut(&path) {
+            if pipe.restore.is_none() {
+                if ev.mask.contains(AddWatchFlags::IN_OPEN) {
+                    pipe.opens += 1;
+                    return;
+                }
+                if closed {
+                    if pipe.opens == 0 {
+                        // Keep whatever is in the pipe: it belongs to a write
+                        // whose own events were merged or are still to come;
+                        // `flush` applies it once everything before is done.
+                        pipe.fill(&attr_name(&path));
+                        dbg_log!(self, "{}: late close, not a write", path.display());
+                        return;
+                    }
+                    pipe.opens -= 1;
+                }
+            }
+            if closed {
+                self.pipe_closed(state, sim, &path);
+            }
+            return;
         }
-        if sim.pipes.contains_key(&path) {
-            self.pipe_closed(state, sim, &path);
+        if !closed {
             return;
         }
         if sim.faults.contains_key(&path) {
