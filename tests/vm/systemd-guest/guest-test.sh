@@ -1,0 +1,94 @@
+#!/bin/bash
+# Runs inside the systemd guest of tests/vm/systemd-guest.sh, as a oneshot
+# unit after multi-user.target. Installs the vfiod .deb, then through the
+# installed, hardened vfiod.service: registers the e1000e below root port
+# 00:02.0, binds it to vfio-pci (checked in sysfs and /dev/vfio), asks the host
+# (serial marker) to hot-add an e1000e below the empty port 00:03.0, expects a
+# hotplug_add event from `vfioctl --json events`, unbinds (back on e1000e).
+# Prints "VFIOD-SG-RESULT: PASS" or "VFIOD-SG-RESULT: FAIL ..." on the console.
+set -u
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+T0=$(date +%s%N)
+ms() { echo $((($(date +%s%N) - T0) / 1000000)); }
+say() { echo "VFIOD-SG: [$(ms) ms] $*"; }
+NFAIL=0 NPASS=0
+ok() { NPASS=$((NPASS + 1)); say "ok: $*"; }
+bad() { NFAIL=$((NFAIL + 1)); say "NOT OK: $*"; }
+finish() {
+    say "--- vfiod journal ---"
+    journalctl -b -u vfiod.service -u vfiod.socket -u modprobe@vfio_pci.service --no-pager -o short-monotonic 2>&1 | tail -n 80
+    say "--- events stream ---"; cat /tmp/events.jsonl 2>/dev/null; cat /tmp/events.err 2>/dev/null
+    [ -n "${EVPID:-}" ] && kill "$EVPID" 2>/dev/null
+    say "$NPASS passed, $NFAIL failed"
+    if [ "$NFAIL" = 0 ] && [ "$NPASS" -gt 0 ]; then echo "VFIOD-SG-RESULT: PASS"; else echo "VFIOD-SG-RESULT: FAIL"; fi
+    exit 0
+}
+die() { bad "$*"; finish; }
+wait_until() { # SECONDS CMD...
+    local end=$(($(date +%s) + $1)); shift
+    until "$@"; do [ "$(date +%s)" -lt "$end" ] || return 1; sleep 0.1; done
+}
+[ -e /etc/vfiod-sg-guest ] && grep -qw vfiodsg.guest=1 /proc/cmdline || { echo "VFIOD-SG-RESULT: FAIL (not the test guest)"; exit 1; }
+echo "VFIOD-SG-TEST-START"
+say "kernel $(uname -r), systemd $(systemctl --version | awk 'NR==1{print $2}'), $(systemctl is-system-running 2>&1)"
+
+dev_under() { local d; for d in /sys/bus/pci/devices/$1/0000:*; do [ -e "$d/vendor" ] && { basename "$d"; return 0; }; done; return 1; }
+drv() { basename "$(readlink "/sys/bus/pci/devices/$1/driver" 2>/dev/null)" 2>/dev/null || echo none; }
+has_driver() { [ "$(drv "$1")" = "$2" ]; }
+
+NIC=$(dev_under 0000:00:02.0) || die "no device below root port 0000:00:02.0"
+wait_until 20 has_driver "$NIC" e1000e || die "$NIC is on $(drv "$NIC"), expected e1000e (udev/modules)"
+ok "$NIC on e1000e at boot"
+
+# ---- install ------------------------------------------------------------------
+DEB=$(ls /root/vfiod_*.deb | head -n1)
+if DEBIAN_FRONTEND=noninteractive dpkg -i "$DEB" >/tmp/dpkg.log 2>&1; then
+    ok "dpkg -i $(basename "$DEB")"
+else
+    cat /tmp/dpkg.log; die "dpkg -i failed"
+fi
+systemctl start vfiod.socket vfiod.service 2>/dev/null   # the postinst should have; harmless if so
+if wait_until 30 systemctl -q is-active vfiod.service; then
+    ok "vfiod.service active ($(systemctl show -p MainPID --value vfiod.service) $(systemctl show -p ActiveEnterTimestampMonotonic --value vfiod.service))"
+else
+    systemctl status --no-pager vfiod.service vfiod.socket; die "vfiod.service not active: $(systemctl is-active vfiod.service)"
+fi
+systemctl -q is-active modprobe@vfio_pci.service || say "note: modprobe@vfio_pci.service is $(systemctl is-active modprobe@vfio_pci.service)"
+[ -d /sys/module/vfio_pci ] && ok "vfio_pci loaded (modprobe@vfio_pci)" || bad "vfio_pci module not loaded"
+
+# ---- register + bind ----------------------------------------------------------
+vc() { OUT=$(vfioctl "$@" 2>/tmp/vc.err); RC=$?; ERR=$(cat /tmp/vc.err); say "vfioctl $* -> rc=$RC $OUT $ERR"; return $RC; }
+vc --json register "$NIC" --name sgnic && ok "register $NIC" || die "register $NIC failed"
+t=$(date +%s%N)
+vc bind sgnic && ok "bind sgnic ($((($(date +%s%N) - t) / 1000000)) ms)" || die "bind failed"
+has_driver "$NIC" vfio-pci && ok "kernel: $NIC driver -> vfio-pci" || bad "kernel: $NIC driver is $(drv "$NIC"), expected vfio-pci"
+GRP=$(basename "$(readlink /sys/bus/pci/devices/$NIC/iommu_group)")
+[ -c "/dev/vfio/$GRP" ] && ok "/dev/vfio/$GRP exists" || bad "/dev/vfio/$GRP missing ($(ls /dev/vfio 2>&1 | tr '\n' ' '))"
+
+# ---- hotplug event ------------------------------------------------------------
+vfioctl --json events >/tmp/events.jsonl 2>/tmp/events.err &
+EVPID=$!
+sleep 1
+kill -0 "$EVPID" 2>/dev/null || bad "vfioctl events exited: $(cat /tmp/events.err)"
+echo "VFIOD-SG-HOTPLUG-REQUEST"
+if wait_until 30 dev_under 0000:00:03.0 >/dev/null; then
+    HP=$(dev_under 0000:00:03.0)
+    ok "hot-added device $HP below 0000:00:03.0"
+    if wait_until 15 grep -q "\"hotplug_add\".*\"$HP\"\|\"$HP\".*\"hotplug_add\"" /tmp/events.jsonl; then
+        ok "hotplug_add event for $HP: $(grep hotplug_add /tmp/events.jsonl | head -n1)"
+    else
+        bad "no hotplug_add event for $HP from vfiod (events: $(cat /tmp/events.jsonl))"
+    fi
+    wait_until 10 has_driver "$HP" e1000e && say "hot-added $HP on e1000e" || say "note: hot-added $HP on $(drv "$HP")"
+else
+    bad "no device appeared below 0000:00:03.0 (host device_add failed?)"
+fi
+
+# ---- unbind -------------------------------------------------------------------
+vc unbind sgnic && ok "unbind sgnic" || bad "unbind failed"
+wait_until 10 has_driver "$NIC" e1000e && ok "kernel: $NIC back on e1000e" || bad "kernel: $NIC driver is $(drv "$NIC") after unbind"
+
+# ---- sandbox score ------------------------------------------------------------
+say "systemd-analyze security vfiod.service: $(systemd-analyze security --no-pager vfiod.service 2>&1 | grep -i 'overall exposure')"
+systemctl -q is-active vfiod.service && ok "vfiod.service still active" || bad "vfiod.service $(systemctl is-active vfiod.service) at the end"
+finish
