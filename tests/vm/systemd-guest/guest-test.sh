@@ -35,6 +35,7 @@ say "kernel $(uname -r), systemd $(systemctl --version | awk 'NR==1{print $2}'),
 dev_under() { local d; for d in /sys/bus/pci/devices/$1/0000:*; do [ -e "$d/vendor" ] && { basename "$d"; return 0; }; done; return 1; }
 drv() { basename "$(readlink "/sys/bus/pci/devices/$1/driver" 2>/dev/null)" 2>/dev/null || echo none; }
 has_driver() { [ "$(drv "$1")" = "$2" ]; }
+vc() { OUT=$(vfioctl "$@" 2>/tmp/vc.err); RC=$?; ERR=$(cat /tmp/vc.err); say "vfioctl $* -> rc=$RC $OUT $ERR"; return $RC; }
 
 NIC=$(dev_under 0000:00:02.0) || die "no device below root port 0000:00:02.0"
 wait_until 20 has_driver "$NIC" e1000e || die "$NIC is on $(drv "$NIC"), expected e1000e (udev/modules)"
@@ -47,17 +48,26 @@ if DEBIAN_FRONTEND=noninteractive dpkg -i "$DEB" >/tmp/dpkg.log 2>&1; then
 else
     cat /tmp/dpkg.log; die "dpkg -i failed"
 fi
-systemctl start vfiod.socket vfiod.service 2>/dev/null   # the postinst should have; harmless if so
+systemctl -q is-active vfiod.socket && ok "vfiod.socket active after install" || bad "vfiod.socket $(systemctl is-active vfiod.socket) after install"
+# The postinst starts the service; if it did not, a connection does (socket activation).
+if ! wait_until 10 systemctl -q is-active vfiod.service; then
+    say "note: vfiod.service $(systemctl is-active vfiod.service) 10 s after dpkg -i; connecting to the socket"
+    vfioctl health >/dev/null 2>&1
+fi
 if wait_until 30 systemctl -q is-active vfiod.service; then
     ok "vfiod.service active ($(systemctl show -p MainPID --value vfiod.service) $(systemctl show -p ActiveEnterTimestampMonotonic --value vfiod.service))"
 else
     systemctl status --no-pager vfiod.service vfiod.socket; die "vfiod.service not active: $(systemctl is-active vfiod.service)"
 fi
-systemctl -q is-active modprobe@vfio_pci.service || say "note: modprobe@vfio_pci.service is $(systemctl is-active modprobe@vfio_pci.service)"
-[ -d /sys/module/vfio_pci ] && ok "vfio_pci loaded (modprobe@vfio_pci)" || bad "vfio_pci module not loaded"
+# modprobe@.service is a oneshot without RemainAfterExit: inactive with Result=success.
+r=$(systemctl show -p Result --value modprobe@vfio_pci.service)
+[ -d /sys/module/vfio_pci ] && [ "$r" = success ] && ok "vfio_pci loaded by modprobe@vfio_pci.service" ||
+    bad "vfio_pci: /sys/module/vfio_pci $([ -d /sys/module/vfio_pci ] && echo present || echo absent), modprobe@vfio_pci.service Result=$r"
+
+vc --json health && ok "health" || bad "vfioctl health failed"
+echo "$OUT" | grep -q '"hotplug" *: *"udev"' && ok "vfiod listens for udev events" || say "note: health does not say hotplug=udev"
 
 # ---- register + bind ----------------------------------------------------------
-vc() { OUT=$(vfioctl "$@" 2>/tmp/vc.err); RC=$?; ERR=$(cat /tmp/vc.err); say "vfioctl $* -> rc=$RC $OUT $ERR"; return $RC; }
 vc --json register "$NIC" --name sgnic && ok "register $NIC" || die "register $NIC failed"
 t=$(date +%s%N)
 vc bind sgnic && ok "bind sgnic ($((($(date +%s%N) - t) / 1000000)) ms)" || die "bind failed"
