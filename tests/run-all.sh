@@ -4,7 +4,8 @@
 #   2. cargo fmt --check, cargo clippy -D warnings;
 #   3. the fast tier: cargo test (real vfiod over a fake sysfs + simulated kernel);
 #   4. the real-kernel tier: tests/vm/run.sh (QEMU guest with an IOMMU);
-#   5. the package tier: tests/pkg/run.sh (lintian, systemd-nspawn installs).
+#   5. the package tier: tests/pkg/run.sh (lintian, systemd-nspawn installs);
+#   6. the installed package in a QEMU guest booted with systemd.
 # VFIOD_SKIP_VM=1 / VFIOD_SKIP_PKG=1 skip a slow tier (never in CI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +45,13 @@ fi
 if [ "${VFIOD_SKIP_PKG:-0}" != 1 ]; then
     step "package tier: tests/pkg/run.sh"
     tests/pkg/run.sh
+fi
+
+if [ "${VFIOD_SKIP_VM:-0}" != 1 ] && [ "${VFIOD_SKIP_PKG:-0}" != 1 ]; then
+    # The installed, hardened unit moves a device and sees a hotplug event
+    # in a QEMU guest booted with systemd.
+    step "systemd guest: tests/vm/systemd-guest.sh"
+    tests/vm/systemd-guest.sh
 fi
 
 step "all tiers passed"
