@@ -770,6 +770,8 @@ impl Core {
         record: &DeviceRecord,
         req: BindRequest,
     ) -> Result<BindOutcome, CoreError> {
+        // Time inside vfiod from here to the durable result, for the log.
+        let started = Instant::now();
         let plan = self.plan_bind(record, req.with_group).await?;
         if req.dry_run || plan.already_bound {
             return Ok(BindOutcome {
@@ -818,7 +820,8 @@ impl Core {
                     })
                     .await?
                     .unwrap_or_else(|| record.clone());
-                tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, driver = ?current, "bound {addr} to {} for {caller}", current.as_deref().unwrap_or("no driver"));
+                let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+                tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, driver = ?current, elapsed_ms, "bound {addr} to {} for {caller} in {elapsed_ms:.1} ms", current.as_deref().unwrap_or("no driver"));
                 self.events
                     .publish(self.publish(EventKind::Bind, &device).driver(current));
                 Ok(BindOutcome { device, plan })
@@ -861,6 +864,7 @@ impl Core {
         caller: Caller,
         record: &DeviceRecord,
     ) -> Result<DeviceRecord, CoreError> {
+        let started = Instant::now();
         let addr = record.pci_address;
         if !record.bound_by_vfiod {
             // Already back where vfiod would have put it: nothing to do.
@@ -901,7 +905,8 @@ impl Core {
                     })
                     .await?
                     .unwrap_or_else(|| record.clone());
-                tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, driver = ?current, "gave {addr} back to {} for {caller}", current.as_deref().unwrap_or("no driver"));
+                let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+                tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, driver = ?current, elapsed_ms, "gave {addr} back to {} for {caller} in {elapsed_ms:.1} ms", current.as_deref().unwrap_or("no driver"));
                 self.events
                     .publish(self.publish(EventKind::Unbind, &device).driver(current));
                 Ok(device)
