@@ -18,19 +18,16 @@ use nix::fcntl::Flock;
 use sd_notify::NotifyState;
 use tokio::net::UnixListener;
 
+use crate::path_error::PathError;
+
 /// Mode of a socket vfiod binds itself: anyone may connect (reads are
 /// open); the API checks peer credentials before any change.
 pub const SOCKET_MODE: u32 = 0o666;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathError),
     #[error("another vfiod is already serving {0} (its lock is held)")]
     InUse(PathBuf),
     #[error("systemd passed a socket that is not a listening Unix socket: {0}")]
@@ -86,48 +83,40 @@ pub fn listen(path: &Path, gid: Option<u32>) -> Result<(UnixListener, SocketGuar
 }
 
 fn bind_own(path: &Path, gid: Option<u32>) -> Result<(UnixListener, SocketGuard), SocketError> {
-    let io_err = |op: &'static str, p: &Path| {
-        let p = p.to_owned();
-        move |source| SocketError::Io {
-            op,
-            path: p,
-            source,
-        }
-    };
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o755)
             .create(parent)
-            .map_err(io_err("create directory", parent))?;
+            .map_err(PathError::at("create directory", parent))?;
     }
     let lock_path = PathBuf::from(format!("{}.lock", path.display()));
     let lock = crate::lockfile::try_lock(&lock_path)
-        .map_err(io_err("lock", &lock_path))?
+        .map_err(PathError::at("lock", &lock_path))?
         .ok_or_else(|| SocketError::InUse(path.to_owned()))?;
     // We hold the lock, so whatever is at `path` belongs to no live vfiod.
     match fs::symlink_metadata(path) {
         Ok(meta) => {
             use std::os::unix::fs::FileTypeExt;
             if !meta.file_type().is_socket() {
-                return Err(SocketError::Io {
+                return Err(SocketError::Io(PathError {
                     op: "replace",
                     path: path.to_owned(),
                     source: io::Error::new(
                         io::ErrorKind::AlreadyExists,
                         "exists and is not a socket; refusing to remove it",
                     ),
-                });
+                }));
             }
             tracing::info!(path = %path.display(), "removing a stale socket");
-            fs::remove_file(path).map_err(io_err("remove stale socket", path))?;
+            fs::remove_file(path).map_err(PathError::at("remove stale socket", path))?;
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err("stat", path)(e)),
+        Err(e) => return Err(PathError::at("stat", path)(e).into()),
     }
-    let listener = UnixListener::bind(path).map_err(io_err("bind", path))?;
+    let listener = UnixListener::bind(path).map_err(PathError::at("bind", path))?;
     fs::set_permissions(path, fs::Permissions::from_mode(SOCKET_MODE))
-        .map_err(io_err("chmod", path))?;
+        .map_err(PathError::at("chmod", path))?;
     if let Some(gid) = gid {
         if let Err(e) = nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid))) {
             // Not fatal: the mode already lets everyone connect, and the

@@ -72,9 +72,7 @@ pub fn status_and_code(e: &CoreError) -> (StatusCode, &'static str) {
                 (StatusCode::INTERNAL_SERVER_ERROR, "unbind_failed")
             }
         }
-        Storage(StoreError::Io { source, .. })
-            if matches!(source.raw_os_error(), Some(ENOSPC) | Some(EDQUOT)) =>
-        {
+        Storage(StoreError::Io(e)) if matches!(e.errno(), Some(ENOSPC) | Some(EDQUOT)) => {
             (StatusCode::INSUFFICIENT_STORAGE, "storage_full")
         }
         Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage_error"),
@@ -112,14 +110,9 @@ mod tests {
         "0000:01:00.0".parse().unwrap()
     }
 
-    #[test]
-    fn every_variant_has_its_documented_status_and_code() {
-        let io_err = |errno| StoreError::Io {
-            op: "write",
-            path: PathBuf::from("/var/lib/vfiod/state.json.tmp"),
-            source: io::Error::from_raw_os_error(errno),
-        };
-        let write_failed = EngineError::Write {
+    /// The kernel refusing an unbind with EBUSY.
+    fn unbind_ebusy() -> EngineError {
+        EngineError::Write {
             step: Step::Unbind,
             device: addr(),
             source: SysfsError {
@@ -127,7 +120,19 @@ mod tests {
                 path: PathBuf::from("/sys/bus/pci/drivers/nvidia/unbind"),
                 source: io::Error::from_raw_os_error(16),
             },
+        }
+    }
+
+    #[test]
+    fn every_variant_has_its_documented_status_and_code() {
+        let io_err = |errno| {
+            StoreError::Io(SysfsError {
+                op: "write",
+                path: PathBuf::from("/var/lib/vfiod/state.json.tmp"),
+                source: io::Error::from_raw_os_error(errno),
+            })
         };
+        let write_failed = unbind_ebusy();
         let timeout = EngineError::Timeout {
             step: Step::Unbind,
             device: addr(),
@@ -230,20 +235,7 @@ mod tests {
 
     #[test]
     fn bind_failure_names_step_errno_and_rollback() {
-        let err = CoreError::move_failed(
-            "bind",
-            addr(),
-            EngineError::Write {
-                step: Step::Unbind,
-                device: addr(),
-                source: SysfsError {
-                    op: "write",
-                    path: PathBuf::from("/sys/bus/pci/drivers/nvidia/unbind"),
-                    source: io::Error::from_raw_os_error(16),
-                },
-            },
-            Some(Ok(())),
-        );
+        let err = CoreError::move_failed("bind", addr(), unbind_ebusy(), Some(Ok(())));
         let (_, body) = to_body(&err);
         assert_eq!(body.step, Some(Step::Unbind));
         assert_eq!(body.errno, Some(16));

@@ -37,21 +37,8 @@ impl PciFunction {
     }
 }
 
-/// An attribute read failed: which file, and why.
-#[derive(Debug, thiserror::Error)]
-#[error("{op} {path}: {source}")]
-pub struct SysfsError {
-    pub op: &'static str,
-    pub path: PathBuf,
-    #[source]
-    pub source: io::Error,
-}
-
-impl SysfsError {
-    pub fn errno(&self) -> Option<i32> {
-        self.source.raw_os_error()
-    }
-}
+/// A sysfs read or write that failed: which file, and why.
+pub type SysfsError = crate::path_error::PathError;
 
 /// The kernel's sysfs (or a fake tree with the same layout) and the matching
 /// devfs, for `/dev/vfio/N`.

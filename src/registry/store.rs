@@ -18,19 +18,15 @@ use nix::fcntl::Flock;
 use serde::{Deserialize, Serialize};
 
 use super::{DeviceRecord, Registry};
+use crate::path_error::PathError;
 
 pub const STATE_VERSION: u32 = 1;
 const STATE_FILE: &str = "state.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathError),
     #[error("state file {path} is corrupt ({detail}); refusing to start. Fix or move it away; vfiod never overwrites it")]
     Corrupt { path: PathBuf, detail: String },
     #[error("state file {path} has version {found}, this vfiod reads version {STATE_VERSION}; refusing to start")]
@@ -42,7 +38,7 @@ pub enum StoreError {
 impl StoreError {
     pub fn errno(&self) -> Option<i32> {
         match self {
-            StoreError::Io { source, .. } => source.raw_os_error(),
+            StoreError::Io(e) => e.errno(),
             _ => None,
         }
     }
@@ -64,14 +60,6 @@ pub struct Store {
     _lock: Flock<File>,
 }
 
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
-    move |source| StoreError::Io {
-        op,
-        path: path.to_owned(),
-        source,
-    }
-}
-
 impl Store {
     /// Opens (creating if needed, mode 0750) the state directory and takes
     /// its lock.
@@ -80,10 +68,10 @@ impl Store {
             .recursive(true)
             .mode(0o750)
             .create(dir)
-            .map_err(io_err("create directory", dir))?;
+            .map_err(PathError::at("create directory", dir))?;
         let lock_path = dir.join("state.lock");
         let lock = crate::lockfile::try_lock(&lock_path)
-            .map_err(io_err("lock", &lock_path))?
+            .map_err(PathError::at("lock", &lock_path))?
             .ok_or_else(|| StoreError::Locked {
                 path: dir.to_owned(),
             })?;
@@ -103,7 +91,7 @@ impl Store {
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Registry::default()),
-            Err(e) => return Err(io_err("read", &path)(e)),
+            Err(e) => return Err(PathError::at("read", &path)(e).into()),
         };
         let corrupt = |detail: String| StoreError::Corrupt {
             path: path.clone(),
@@ -137,14 +125,15 @@ impl Store {
                 .write(true)
                 .mode(0o600)
                 .open(&tmp)
-                .map_err(io_err("create", &tmp))?;
-            file.write_all(&bytes).map_err(io_err("write", &tmp))?;
-            file.sync_all().map_err(io_err("fsync", &tmp))?;
+                .map_err(PathError::at("create", &tmp))?;
+            file.write_all(&bytes)
+                .map_err(PathError::at("write", &tmp))?;
+            file.sync_all().map_err(PathError::at("fsync", &tmp))?;
             let path = self.path();
-            fs::rename(&tmp, &path).map_err(io_err("rename", &path))?;
-            let dir = File::open(&self.dir).map_err(io_err("open", &self.dir))?;
+            fs::rename(&tmp, &path).map_err(PathError::at("rename", &path))?;
+            let dir = File::open(&self.dir).map_err(PathError::at("open", &self.dir))?;
             nix::unistd::fsync(dir.as_fd())
-                .map_err(|e| io_err("fsync", &self.dir)(io::Error::from(e)))
+                .map_err(|e| PathError::at("fsync", &self.dir)(io::Error::from(e)).into())
         })();
         if result.is_err() {
             // A half-written temporary file must not linger on a full disk.
