@@ -111,20 +111,26 @@ devs_under() {
 attr() { cat "/sys/bus/pci/devices/$1/$2"; }   # ADDR ATTR
 group_members() { ls "/sys/kernel/iommu_groups/$1/devices"; }
 
+# Every write to PCI sysfs in the guest goes through pci_write, which exists
+# only past the guest check at the top of this file: the one place a driver
+# is moved by hand, never reachable on the host.
+PCI=/sys/bus/pci
+pci_write() { echo "$1" >"$PCI/$2"; }   # VALUE PATH-UNDER-/sys/bus/pci
+
 # Move ADDR to vfio-pci with plain sysfs writes (what vfiod is expected to do).
 sysfs_to_vfio() {
     local a=$1 cur
     cur=$(drv "$a")
-    echo vfio-pci >"/sys/bus/pci/devices/$a/driver_override"
-    [ "$cur" != none ] && echo "$a" >"/sys/bus/pci/drivers/$cur/unbind"
-    echo "$a" >/sys/bus/pci/drivers_probe
+    pci_write vfio-pci "devices/$a/driver_override"
+    [ "$cur" != none ] && pci_write "$a" "drivers/$cur/unbind"
+    pci_write "$a" drivers_probe
 }
 # Give ADDR back to its native driver: clear the override, unbind, reprobe.
 sysfs_from_vfio() {
     local a=$1
-    echo >"/sys/bus/pci/devices/$a/driver_override"
-    echo "$a" >/sys/bus/pci/drivers/vfio-pci/unbind
-    echo "$a" >/sys/bus/pci/drivers_probe
+    pci_write "" "devices/$a/driver_override"
+    pci_write "$a" drivers/vfio-pci/unbind
+    pci_write "$a" drivers_probe
 }
 
 # --- the host (QMP through the 9p share) ----------------------------------
