@@ -171,6 +171,21 @@ pub fn stderr_is_journal() -> bool {
     }
 }
 
+/// Logs the error that ends the process. Under systemd it goes through
+/// stderr with a syslog priority prefix rather than the native journal
+/// socket: journald attributes a native entry to its unit by reading
+/// `/proc/<pid>` when it gets to the datagram, and a process that has already
+/// exited by then leaves an entry `journalctl -u vfiod` does not show. A
+/// stream carries its unit from the moment it was connected.
+pub fn log_fatal(message: &str) {
+    if stderr_is_journal() {
+        // One entry: a newline would start an entry without the prefix.
+        eprintln!("<3>{}", message.replace('\n', " "));
+    } else {
+        tracing::error!("{message}");
+    }
+}
+
 /// Structured logs: to the journal under systemd (one entry per event with
 /// fields), else one line per event on stderr.
 pub fn init_logging(level: &str) {

@@ -42,14 +42,14 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            tracing::error!(error = %e, "cannot start the async runtime");
+            systemd::log_fatal(&format!("cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(config, is_root)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            tracing::error!("{}", failure.message);
+            systemd::log_fatal(&failure.message);
             systemd::notify_status(&format!("failed: {}", failure.message));
             ExitCode::from(failure.exit_code)
         }

@@ -46,14 +46,17 @@ wait_active() { # UNIT SECONDS
 	return 1
 }
 prop() { systemctl show -p "$2" --value "$1"; }
+# journal ARGS...: this boot's journal, after journald has stored everything
+# already sent to it (stream lines and datagrams are processed asynchronously).
+journal() { journalctl --sync 2>/dev/null; journalctl -b --no-pager "$@"; }
 finish() {
 	if [ "$failed" != 0 ]; then
 		echo "# systemctl status:"
 		systemctl --no-pager status vfiod.socket vfiod.service 2>&1 | sed 's/^/#   /'
 	fi
-	journalctl -b --no-pager -o short-precise >"$R/journal.txt" 2>&1
-	journalctl -b --no-pager -o short-precise -u vfiod.socket -u vfiod.service _COMM=vfiod >"$R/vfiod-journal.txt" 2>&1
-	journalctl -b --no-pager -o json _COMM=vfiod >"$R/vfiod-journal.json" 2>&1
+	journal -o short-precise >"$R/journal.txt" 2>&1
+	journal -o short-precise -u vfiod.socket -u vfiod.service >"$R/vfiod-journal.txt" 2>&1
+	journal -o json _COMM=vfiod >"$R/vfiod-journal.json" 2>&1
 	if grep -E '<(warning|error|crit)>|WARN|ERROR|panick' "$R/vfiod-journal.txt" >/dev/null; then
 		echo "# vfiod logged warnings/errors (see vfiod-journal.txt)"
 	fi
@@ -94,10 +97,10 @@ is "systemd-analyze verify: no complaints" "$verify" ""
 is "watchdog 30s" "$(prop vfiod.service WatchdogUSec)" 30s
 status_text=$(prop vfiod.service StatusText)
 if [ -n "$status_text" ]; then ok "daemon sent STATUS= ($status_text)"; else nok "daemon sent STATUS="; fi
-if journalctl -b -u vfiod.service -o verbose --no-pager 2>/dev/null | grep -q '_TRANSPORT=journal'; then
+if journal -u vfiod.service -o verbose 2>/dev/null | grep -q '_TRANSPORT=journal'; then
 	ok "daemon logs to the journal natively"
 else
-	nok "daemon logs to the journal natively" "$(journalctl -b -u vfiod.service -o verbose --no-pager | grep -E '_TRANSPORT|MESSAGE=' | head -20)"
+	nok "daemon logs to the journal natively" "$(journal -u vfiod.service -o verbose | grep -E '_TRANSPORT|MESSAGE=' | head -20)"
 fi
 score=$(systemd-analyze security --no-pager vfiod.service 2>/dev/null | sed -n 's/.*Overall exposure level for vfiod.service: \([0-9.]*\).*/\1/p')
 if [ -n "$score" ] && awk -v s="$score" 'BEGIN { exit !(s <= 1.5) }'; then
@@ -122,14 +125,14 @@ PROBE
 systemctl daemon-reload
 mkdir -p /home/someone
 if systemctl start vfiod-sandbox-probe.service; then
-	probe=$(journalctl -b -u vfiod-sandbox-probe.service -o cat --no-pager | grep -E ' (rw|ro|mount-rw|mount-ro|visible|hidden)$' | sort -u)
+	probe=$(journal -u vfiod-sandbox-probe.service -o cat | grep -E ' (rw|ro|mount-rw|mount-ro|visible|hidden)$' | sort -u)
 	echo "# sandbox probe: $(xargs <<<"$probe")"
 	# /sys is not asserted: inside systemd-nspawn it stays read-only
 	# whatever ReadWritePaths= says (a QEMU guest shows it read-write).
 	is "sandbox: writable paths" "$(grep -E '^/(var|etc|usr|tmp|home|run)' <<<"$probe" | xargs)" \
 		"/etc ro /etc/udev/rules.d rw /etc/vfiod ro /home hidden /run ro /tmp rw /usr ro /var/lib/vfiod rw"
 else
-	nok "sandbox probe ran" "$(journalctl -b -u vfiod-sandbox-probe.service --no-pager | tail -n 20)"
+	nok "sandbox probe ran" "$(journal -u vfiod-sandbox-probe.service | tail -n 20)"
 fi
 rm -f /run/systemd/system/vfiod-sandbox-probe.service /run/vfiod-probe.sh
 rmdir /home/someone
@@ -234,10 +237,10 @@ restarts_at_failure=$(prop vfiod.service NRestarts)
 sleep 3
 is "invalid config: service failed" "$(systemctl is-active vfiod.service)" failed
 is "invalid config: exit status 2, not restarted" "$(prop vfiod.service ExecMainStatus) $(prop vfiod.service NRestarts)" "2 $restarts_at_failure"
-if journalctl -b -u vfiod.service -o cat --no-pager | grep -q 'no_such_option'; then
+if journal -u vfiod.service -o cat | grep -q 'no_such_option'; then
 	ok "invalid config: the journal names the bad key"
 else
-	nok "invalid config: the journal names the bad key" "$(journalctl -b -u vfiod.service -o cat --no-pager | tail -n 5)"
+	nok "invalid config: the journal names the bad key" "$(journal -u vfiod.service -o cat | tail -n 5)"
 fi
 cp /tmp/config.toml.orig /etc/vfiod/config.toml
 systemctl reset-failed vfiod.service
@@ -250,8 +253,13 @@ if [ -n "$addr" ]; then
 	st=$(systemctl is-active vfiod.service)
 	if [ "$st" != active ]; then ok "corrupt state: service does not start ($st)"; else nok "corrupt state: service does not start" "$st"; fi
 	is "corrupt state: file left as it was" "$(cat /var/lib/vfiod/state.json)" '{ this is not json'
-	msg=$(journalctl -b -u vfiod.service _COMM=vfiod -p err -o cat --no-pager | tail -n 1)
-	if grep -q 'state' <<<"$msg"; then ok "corrupt state: error in the journal ($msg)"; else nok "corrupt state: error in the journal" "$msg"; fi
+	# journald may still be writing the entry when the unit has failed.
+	for _ in $(seq 50); do
+		msg=$(journal -u vfiod.service -p err -o cat | grep 'state.json' | tail -n 1)
+		[ -n "$msg" ] && break
+		sleep 0.1
+	done
+	if grep -q 'is corrupt' <<<"$msg"; then ok "corrupt state: error in the journal ($msg)"; else nok "corrupt state: error in the journal" "$msg"; fi
 	st=$(prop vfiod.service StatusText)
 	if [ -n "$st" ]; then ok "corrupt state: unit status says why ($st)"; else nok "corrupt state: unit status says why"; fi
 	systemctl stop vfiod.service
