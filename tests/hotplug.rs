@@ -293,19 +293,35 @@ fn event_stream_two_subscribers_one_slow_and_since() {
 #[test]
 fn vfioctl_events_follows_the_stream() {
     let h = host(&[]);
+    // --since makes the test independent of when vfioctl subscribes: the
+    // registration is replayed if it happened before.
+    let seq =
+        h.d.get("/devices")
+            .header("x-vfiod-event-seq")
+            .unwrap()
+            .to_owned();
+    h.d.register(NIC, "nic");
     let mut child = std::process::Command::new(common::vfioctl_bin())
         .arg("--socket")
         .arg(&h.d.socket)
-        .args(["events"])
+        .args(["events", "--since", &seq])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
-    h.d.register(NIC, "nic");
     let stdout = child.stdout.take().unwrap();
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
     let line = lines.next().unwrap().unwrap();
     assert!(line.contains("registered") && line.contains(NIC), "{line}");
+    // ...and the live feed follows the replay.
+    assert_eq!(h.d.req("DELETE", "/devices/nic", None).status, 204);
+    let line = lines.next().unwrap().unwrap();
+    assert!(
+        line.contains("unregistered") && line.contains(NIC),
+        "{line}"
+    );
     let _ = child.kill();
     let _ = child.wait();
+    let (code, _, err) = common::vfioctl(&h.d.socket, &["events", "--since", "soon"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--since"), "{err}");
 }

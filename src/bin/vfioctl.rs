@@ -32,7 +32,9 @@ COMMANDS:
   unbind ID|NAME                   give it back to its original driver
   attach ID|NAME INSTANCE          bind if needed, mark attached to INSTANCE
   detach ID|NAME [--keep-bound]    clear the attachment, restore the driver
-  events                           follow the event stream (Ctrl-C to stop)
+  events [--since SEQ]             follow the event stream (Ctrl-C to stop); with
+                                   --since, first replay the retained events after
+                                   SEQ (0: all of them; see X-Vfiod-Event-Seq)
   health                           agent version, IOMMU and vfio-pci status
 
 OPTIONS:
@@ -533,11 +535,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             out(&v, human);
         }
         "events" => {
-            a(&[], false)?;
-            let (status, mut body) = conn
-                .call(Method::GET, "/events", None)
-                .await
-                .map_err(local)?;
+            let path = match cli.args.as_slice() {
+                [] => "/events".to_owned(),
+                [flag, seq] if flag == "--since" => {
+                    let seq: u64 = seq.parse().map_err(|_| {
+                        local(format!(
+                            "--since {seq:?}: expected an event sequence number"
+                        ))
+                    })?;
+                    format!("/events?since={seq}")
+                }
+                _ => return Err(local("usage: vfioctl events [--since SEQ]".into())),
+            };
+            let (status, mut body) = conn.call(Method::GET, &path, None).await.map_err(local)?;
             if !status.is_success() {
                 return Err(Failure::Server(status, String::new()));
             }
