@@ -192,6 +192,9 @@ pub struct Health {
     pub registered_devices: usize,
     pub hotplug: String,
     pub pci_ids: Option<String>,
+    /// The newest event's sequence number: `GET /events?since=` with it
+    /// follows the stream from this moment without a gap.
+    pub last_event_seq: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -512,6 +515,7 @@ impl Core {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
             pci_ids: self.ids.source().map(|p| p.display().to_string()),
+            last_event_seq: self.events.last_seq(),
         }
     }
 

@@ -288,6 +288,9 @@ fn event_stream_two_subscribers_one_slow_and_since() {
     let list = h.d.get("/devices");
     let seq_header: u64 = list.header("x-vfiod-event-seq").unwrap().parse().unwrap();
     assert!(seq_header >= last_seq);
+    // /health gives the same position, for clients that do not list first.
+    let health = h.d.get("/health").json();
+    assert_eq!(health["last_event_seq"].as_u64(), Some(seq_header));
 }
 
 #[test]

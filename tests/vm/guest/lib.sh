@@ -233,10 +233,14 @@ trap 'echo "[$VM_SCENARIO] terminated (timeout)"; exit 143' TERM
 # --- event streams ---------------------------------------------------------
 EVENTS=/tmp/vm.events
 UEVENTS=/tmp/vm.uevents
-# vfioctl --json events in the background, one JSON object per line.
+# vfioctl --json events in the background, one JSON object per line, from
+# this moment: --since the newest event's number, so an event that comes
+# before the client has subscribed is replayed, not lost.
 events_start() {
+    local seq
     : >$EVENTS
-    vfioctl --socket $SOCK --json events >>$EVENTS 2>/tmp/vm.events.err &
+    seq=$(vfioctl --socket $SOCK --json health | jq -e .last_event_seq) || fail "no last_event_seq in /health"
+    vfioctl --socket $SOCK --json events --since "$seq" >>$EVENTS 2>/tmp/vm.events.err &
     EVENTS_PID=$!
     usleep 300000
     kill -0 $EVENTS_PID 2>/dev/null || fail "vfioctl events exited: $(cat /tmp/vm.events.err)"

@@ -76,7 +76,8 @@ GRP=$(basename "$(readlink /sys/bus/pci/devices/$NIC/iommu_group)")
 [ -c "/dev/vfio/$GRP" ] && ok "/dev/vfio/$GRP exists" || bad "/dev/vfio/$GRP missing ($(ls /dev/vfio 2>&1 | tr '\n' ' '))"
 
 # ---- hotplug event ------------------------------------------------------------
-vfioctl --json events >/tmp/events.jsonl 2>/tmp/events.err &
+# --since 0: an event that comes before the client has subscribed is replayed.
+vfioctl --json events --since 0 >/tmp/events.jsonl 2>/tmp/events.err &
 EVPID=$!
 sleep 1
 kill -0 "$EVPID" 2>/dev/null || bad "vfioctl events exited: $(cat /tmp/events.err)"
