@@ -262,12 +262,29 @@ event_at() {
     at=$(jq -r -s --arg t "$1" --arg a "$2" 'map(select(.type == $t and .pci_address == $a)) | last | .at // empty' $EVENTS)
     [ -n "$at" ] && rfc3339_epoch "$at"
 }
-# Epoch seconds of the last kernel uevent ACTION for ADDR.
-uevent_at() { awk -v act="$1" -v a="/$2" '$2 == act && substr($3, length($3) - length(a) + 1) == a {t = $1} END {if (t) print t}' $UEVENTS; }
+# The same events as systemd-udevd re-broadcasts them once its rules ran: what
+# a udev listener such as vfiod can see at the earliest.
+UDEVEVENTS=/tmp/vm.udevevents
+udevmon_start() {
+    : >$UDEVEVENTS
+    vmtool uevmon pci udev >>$UDEVEVENTS 2>/tmp/vm.udevmon.err &
+    UDEVMON_PID=$!
+    wait_until 5 grep -q listening /tmp/vm.udevmon.err || fail "udev uevmon did not start"
+}
+# Epoch seconds of the last uevent ACTION for ADDR in FILE (default: kernel's).
+uevent_at() { awk -v act="$1" -v a="/$2" '$2 == act && substr($3, length($3) - length(a) + 1) == a {t = $1} END {if (t) print t}' "${3:-$UEVENTS}"; }
 # Milliseconds from the kernel uevent to vfiod's event (guest realtime clock).
 uevent_latency_ms() { # ACTION TYPE ADDR
     local k v
     k=$(uevent_at "$1" "$3"); v=$(event_at "$2" "$3")
     [ -n "$k" ] && [ -n "$v" ] || { echo nan; return; }
     ms_between "$k" "$v"
+}
+# Milliseconds from the kernel uevent to udevd's re-broadcast, and from there
+# to vfiod's event: where the time goes when vfiod listens to udev.
+udev_split_ms() { # ACTION TYPE ADDR -> "KERNEL_TO_UDEVD UDEVD_TO_VFIOD"
+    local k u v
+    k=$(uevent_at "$1" "$3"); u=$(uevent_at "$1" "$3" $UDEVEVENTS); v=$(event_at "$2" "$3")
+    [ -n "$k" ] && [ -n "$u" ] && [ -n "$v" ] || { echo nan nan; return; }
+    echo "$(ms_between "$k" "$u") $(ms_between "$u" "$v")"
 }

@@ -3,9 +3,12 @@
  *
  *   vmtool now                 print CLOCK_REALTIME as seconds.nanoseconds
  *   vmtool mono                print CLOCK_MONOTONIC as seconds.nanoseconds
- *   vmtool uevmon [SUBSYSTEM]  listen to KERNEL uevents (netlink group 1) and
- *                              print one line per event, stamped with
- *                              CLOCK_REALTIME at the moment recvmsg returned:
+ *   vmtool uevmon [SUBSYSTEM [udev]]
+ *                              listen to KERNEL uevents (netlink group 1), or
+ *                              with "udev" to what systemd-udevd re-broadcasts
+ *                              after its rules ran (group 2), and print one
+ *                              line per event, stamped with CLOCK_REALTIME at
+ *                              the moment recv returned:
  *                              "<sec.nsec> <ACTION> <DEVPATH> [DRIVER=..]"
  *   vmtool vfiohold GROUP ADDR  open /dev/vfio/GROUP, attach it to a type1
  *                              container and hold ADDR's VFIO device fd open
@@ -34,12 +37,22 @@ static void print_clock(clockid_t c) {
 	printf("%ld.%09ld\n", (long)ts.tv_sec, ts.tv_nsec);
 }
 
-static int uevmon(const char *want_subsys) {
+/* The header systemd-udevd puts before the properties of a group-2 message
+ * (src/libsystemd/sd-device/device-monitor.c). */
+struct udev_monitor_header {
+	char prefix[8]; /* "libudev" */
+	unsigned magic; /* 0xfeedcafe, big endian */
+	unsigned header_size, properties_off, properties_len;
+	unsigned filter_subsystem_hash, filter_devtype_hash;
+	unsigned filter_tag_bloom_hi, filter_tag_bloom_lo;
+};
+
+static int uevmon(const char *want_subsys, int udev_group) {
 	int fd = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_KOBJECT_UEVENT);
 	if (fd < 0) { perror("socket"); return 1; }
 	int sz = 4 << 20;
 	setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &sz, sizeof sz);
-	struct sockaddr_nl sa = { .nl_family = AF_NETLINK, .nl_groups = 1 };
+	struct sockaddr_nl sa = { .nl_family = AF_NETLINK, .nl_groups = udev_group ? 2 : 1 };
 	if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0) { perror("bind"); return 1; }
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	/* Tell whoever waits for us that the socket is live. */
@@ -51,8 +64,17 @@ static int uevmon(const char *want_subsys) {
 		clock_gettime(CLOCK_REALTIME, &ts);
 		if (n <= 0) continue;
 		buf[n] = 0;
+		char *props = buf, *end = buf + n;
+		if (udev_group) {
+			struct udev_monitor_header h;
+			if ((size_t)n < sizeof h) continue;
+			memcpy(&h, buf, sizeof h);
+			if (strcmp(h.prefix, "libudev") || h.properties_off >= (unsigned)n) continue;
+			props = buf + h.properties_off;
+			if (h.properties_off + h.properties_len <= (unsigned)n) end = props + h.properties_len;
+		}
 		const char *action = "", *devpath = "", *subsys = "", *driver = NULL;
-		for (char *p = buf; p < buf + n; p += strlen(p) + 1) {
+		for (char *p = props; p < end; p += strlen(p) + 1) {
 			if (!strncmp(p, "ACTION=", 7)) action = p + 7;
 			else if (!strncmp(p, "DEVPATH=", 8)) devpath = p + 8;
 			else if (!strncmp(p, "SUBSYSTEM=", 10)) subsys = p + 10;
@@ -87,7 +109,7 @@ int main(int argc, char **argv) {
 	if (argc >= 4 && !strcmp(argv[1], "vfiohold")) return vfiohold(argv[2], argv[3]);
 	if (argc >= 2 && !strcmp(argv[1], "now")) { print_clock(CLOCK_REALTIME); return 0; }
 	if (argc >= 2 && !strcmp(argv[1], "mono")) { print_clock(CLOCK_MONOTONIC); return 0; }
-	if (argc >= 2 && !strcmp(argv[1], "uevmon")) return uevmon(argc >= 3 ? argv[2] : NULL);
+	if (argc >= 2 && !strcmp(argv[1], "uevmon")) return uevmon(argc >= 3 ? argv[2] : NULL, argc >= 4 && !strcmp(argv[3], "udev"));
 	if (argc >= 6 && !strcmp(argv[1], "runas")) {
 		uid_t uid = (uid_t)atoi(argv[2]);
 		gid_t gid = (gid_t)atoi(argv[3]);
@@ -101,6 +123,6 @@ int main(int argc, char **argv) {
 		perror("exec");
 		return 127;
 	}
-	fprintf(stderr, "usage: vmtool now|mono|uevmon [SUBSYSTEM]|vfiohold GROUP ADDR|runas UID GID G1,G2 CMD..\n");
+	fprintf(stderr, "usage: vmtool now|mono|uevmon [SUBSYSTEM [udev]]|vfiohold GROUP ADDR|runas UID GID G1,G2 CMD..\n");
 	return 2;
 }

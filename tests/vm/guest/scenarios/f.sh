@@ -21,6 +21,15 @@ hotplug_round() {
     metric "${label}_add_ms" "$(uevent_latency_ms add hotplug_add "$a")" ms "kernel add uevent -> vfiod hotplug_add 'at' ($label, .hotplug=$HP)"
     metric "${label}_bind_ms" "$(uevent_latency_ms bind driver_bound "$a")" ms "kernel bind uevent -> vfiod driver_bound 'at' ($label)"
     metric "${label}_remove_ms" "$(uevent_latency_ms remove hotplug_remove "$a")" ms "kernel remove uevent -> vfiod hotplug_remove 'at' ($label)"
+    if [ -n "${UDEVMON_PID:-}" ]; then
+        local act type split
+        for act in add remove; do
+            type=hotplug_$act
+            split=$(udev_split_ms $act $type "$a")
+            metric "${label}_${act}_in_udevd_ms" "${split% *}" ms "kernel $act uevent -> systemd-udevd re-broadcast ($label)"
+            metric "${label}_${act}_after_udevd_ms" "${split#* }" ms "systemd-udevd re-broadcast -> vfiod $type 'at' ($label)"
+        done
+    fi
 }
 
 # ---- 1. without udevd ----------------------------------------------------------
@@ -57,8 +66,10 @@ say "with udevd: health .hotplug = '$HP'"
 case $HP in *kernel*|*netlink*|none|"") fail "with udevd running, health .hotplug is '$HP', expected udev" ;; esac
 case $HP in *udev*) ;; *) fail "with udevd running, health .hotplug is '$HP', expected udev" ;; esac
 : >$UEVENTS
+udevmon_start
 events_start
 hotplug_round udev hpf2
+kill $UDEVMON_PID 2>/dev/null; UDEVMON_PID=
 
 # ---- 3. with udevd: a registered vfio-bound device is unplugged and re-plugged ----
 device_add hpf3 "$QPORT_hp0" e1000e >/dev/null || fail "device_add hpf3 failed"
