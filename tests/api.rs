@@ -168,20 +168,20 @@ fn every_registration_error_has_its_code() {
 fn protocol_errors_are_json_too() {
     let (_fs, d) = host();
     let r = d.get("/nope");
-    assert_eq!((r.status, r.code().as_str()), (404, "not_found"));
+    r.expect_error(404, "not_found");
     let r = d.get("/devices/does-not-exist");
-    assert_eq!((r.status, r.code().as_str()), (404, "not_found"));
+    r.expect_error(404, "not_found");
     let r = d.req("PUT", "/devices", Some("{}"));
-    assert_eq!((r.status, r.code().as_str()), (405, "method_not_allowed"));
+    r.expect_error(405, "method_not_allowed");
     assert_eq!(r.header("allow"), Some("GET, POST"));
     let r = d.req("DELETE", "/devices/available", None);
-    assert_eq!((r.status, r.code().as_str()), (405, "method_not_allowed"));
+    r.expect_error(405, "method_not_allowed");
     let big = format!(
         r#"{{"pci_address":"0000:00:02.0","tags":{{"k":"{}"}}}}"#,
         "x".repeat(70 * 1024)
     );
     let r = d.post("/devices", &big);
-    assert_eq!((r.status, r.code().as_str()), (413, "body_too_large"));
+    r.expect_error(413, "body_too_large");
     // Chunked body over the limit, without a Content-Length.
     let chunk = "x".repeat(40 * 1024);
     let raw = format!(
@@ -190,7 +190,7 @@ fn protocol_errors_are_json_too() {
         chunk.len()
     );
     let r = raw_request(&d.socket, raw.as_bytes());
-    assert_eq!((r.status, r.code().as_str()), (413, "body_too_large"));
+    r.expect_error(413, "body_too_large");
     // Garbage instead of HTTP: the server answers 400 or closes; it stays up.
     let _ = std::panic::catch_unwind(|| raw_request(&d.socket, b"\x00\x01garbage\r\n\r\n"));
     assert_eq!(d.get("/health").status, 200);
@@ -241,11 +241,11 @@ fn patch_renames_and_replaces_tags() {
     assert_eq!(d.get("/devices/gpu0").status, 404);
     assert_eq!(d.get("/devices/gpu-a").status, 200);
     let r = d.req("PATCH", "/devices/gpu-a", Some(r#"{"name":"nic0"}"#));
-    assert_eq!((r.status, r.code().as_str()), (409, "conflict"));
+    r.expect_error(409, "conflict");
     let r = d.req("PATCH", "/devices/gpu-a", Some(r#"{"tags":{"":"x"}}"#));
-    assert_eq!((r.status, r.code().as_str()), (400, "invalid_tags"));
+    r.expect_error(400, "invalid_tags");
     let r = d.req("PATCH", "/devices/nobody", Some(r#"{"name":"zz"}"#));
-    assert_eq!((r.status, r.code().as_str()), (404, "not_found"));
+    r.expect_error(404, "not_found");
 }
 
 #[test]
@@ -260,7 +260,7 @@ fn delete_is_204_then_404() {
     assert_eq!(r.status, 204);
     assert!(r.body.is_empty());
     let r = d.req("DELETE", "/devices/gpu0", None);
-    assert_eq!((r.status, r.code().as_str()), (404, "not_found"));
+    r.expect_error(404, "not_found");
     // The address is free again.
     d.register(GPU, "gpu0");
 }
@@ -892,17 +892,8 @@ fn full_disk_refuses_changes_and_loses_nothing() {
             "x".repeat(900)
         ),
     );
-    assert_eq!(
-        (r.status, r.code().as_str()),
-        (507, "storage_full"),
-        "{}",
-        r.body
-    );
-    assert!(
-        r.json()["message"].as_str().unwrap().contains("state.json"),
-        "{}",
-        r.body
-    );
+    r.expect_error(507, "storage_full");
+    r.expect_message_contains("state.json");
     let list = d.get("/devices").json();
     assert_eq!(
         list.as_array().unwrap().len(),

@@ -123,12 +123,7 @@ fn a_different_device_at_a_registered_address_is_left_alone() {
         "not captured for vfio"
     );
     let r = h.d.post("/devices/nic/bind", "");
-    assert_eq!(
-        (r.status, r.code().as_str()),
-        (409, "identity_mismatch"),
-        "{}",
-        r.body
-    );
+    r.expect_error(409, "identity_mismatch");
     assert_eq!(h.fs.driver_of(NIC).as_deref(), Some("igb"));
 }
 

@@ -52,12 +52,7 @@ fn gpu_with_audio_function_needs_with_group_and_moves_and_restores_both() {
     let h = host();
     h.d.register(GPU, "gpu0");
     let r = bind(&h.d, "gpu0", "{}");
-    assert_eq!(
-        (r.status, r.code().as_str()),
-        (409, "iommu_group_conflict"),
-        "{}",
-        r.body
-    );
+    r.expect_error(409, "iommu_group_conflict");
     let e = r.json();
     assert!(
         e["message"]
@@ -147,12 +142,7 @@ fn device_already_on_vfio_is_left_there() {
     let r = bind(&h.d, "t4", "{}");
     assert_eq!(r.status, 200, "{}", r.body);
     let r = h.d.post("/devices/t4/unbind", "{}");
-    assert_eq!(
-        (r.status, r.code().as_str()),
-        (409, "not_bound_by_vfiod"),
-        "{}",
-        r.body
-    );
+    r.expect_error(409, "not_bound_by_vfiod");
     assert_eq!(h.d.req("DELETE", "/devices/t4", None).status, 204);
     assert_eq!(h.fs.driver_of(T4).as_deref(), Some("vfio-pci"));
     assert!(h.sim.writes().is_empty(), "{:?}", h.sim.writes());
@@ -189,12 +179,7 @@ fn dry_run_returns_the_plan_and_changes_nothing() {
 }
 
 fn assert_rolled_back(h: &Host, r: &common::Response, step: &str) {
-    assert_eq!(
-        (r.status, r.code().as_str()),
-        (500, "bind_failed"),
-        "{}",
-        r.body
-    );
+    r.expect_error(500, "bind_failed");
     let e = r.json();
     assert_eq!(e["step"], step, "{e}");
     assert!(
@@ -223,22 +208,10 @@ fn rollback_when_the_override_write_fails() {
     );
     let r = bind(&h.d, "nic", "{}");
     // The override cannot be cleared either, but nothing else moved.
-    assert_eq!(
-        (r.status, r.code().as_str()),
-        (500, "bind_failed"),
-        "{}",
-        r.body
-    );
+    r.expect_error(500, "bind_failed");
     assert_eq!(r.json()["step"], "set_override");
     assert_eq!(r.json()["errno"], 28);
-    assert!(
-        r.json()["message"]
-            .as_str()
-            .unwrap()
-            .contains("driver_override"),
-        "{}",
-        r.body
-    );
+    r.expect_message_contains("driver_override");
     assert_eq!(h.fs.driver_of(NIC).as_deref(), Some("e1000e"));
     h.sim
         .release(&format!("bus/pci/devices/{NIC}/driver_override"));
@@ -280,14 +253,7 @@ fn rollback_when_the_kernel_binds_the_wrong_driver() {
     h.d.register(NIC, "nic");
     h.sim.bind_wrong_driver(NIC, "pci-stub");
     let r = bind(&h.d, "nic", "{}");
-    assert!(
-        r.json()["message"]
-            .as_str()
-            .unwrap()
-            .contains("found pci-stub"),
-        "{}",
-        r.body
-    );
+    r.expect_message_contains("found pci-stub");
     assert_rolled_back(&h, &r, "verify_driver");
 }
 
@@ -298,12 +264,7 @@ fn a_device_no_driver_will_take_is_reported_with_the_failed_rollback() {
     // Neither vfio-pci nor, on rollback, e1000e will take it.
     h.sim.ignore_probe(NIC);
     let r = bind(&h.d, "nic", "{}");
-    assert_eq!(
-        (r.status, r.code().as_str()),
-        (500, "bind_failed"),
-        "{}",
-        r.body
-    );
+    r.expect_error(500, "bind_failed");
     assert_eq!(r.json()["step"], "verify_driver");
     let msg = r.json()["message"].as_str().unwrap().to_owned();
     assert!(
@@ -373,21 +334,9 @@ fn hung_unbind_times_out_while_everything_else_keeps_working() {
     assert_eq!(h.fs.driver_of(NIC).as_deref(), Some("vfio-pci"));
 
     let r = hung.join().unwrap();
-    assert_eq!(
-        (r.status, r.code().as_str()),
-        (504, "driver_timeout"),
-        "{}",
-        r.body
-    );
+    r.expect_error(504, "driver_timeout");
     assert!(started.elapsed() >= Duration::from_millis(3900));
-    assert!(
-        r.json()["message"]
-            .as_str()
-            .unwrap()
-            .contains("drivers/nvidia/unbind"),
-        "{}",
-        r.body
-    );
+    r.expect_message_contains("drivers/nvidia/unbind");
     let dev = h.d.get("/devices/gpu0").json();
     assert_eq!(dev["stuck"], true);
     let r = bind(&h.d, "gpu0", r#"{"with_group":true}"#);
@@ -460,8 +409,8 @@ fn attach_and_detach() {
     assert_eq!(r.status, 200, "same instance again is a no-op");
     assert_eq!(h.sim.writes().len(), writes_before);
     let r = h.d.post("/devices/nic/attach", r#"{"instance_id":"vm-2"}"#);
-    assert_eq!((r.status, r.code().as_str()), (409, "in_use"));
-    assert!(r.json()["message"].as_str().unwrap().contains("vm-1"));
+    r.expect_error(409, "in_use");
+    r.expect_message_contains("vm-1");
     assert_eq!(h.d.post("/devices/nic/unbind", "").code(), "in_use");
     assert_eq!(h.d.req("DELETE", "/devices/nic", None).code(), "in_use");
 
@@ -493,12 +442,7 @@ fn delete_keeps_the_device_registered_when_the_restore_fails() {
     h.sim
         .fail_write("bus/pci/drivers/vfio-pci/unbind", Errno::ENOSPC);
     let r = h.d.req("DELETE", "/devices/nic", None);
-    assert_eq!(
-        (r.status, r.code().as_str()),
-        (500, "unbind_failed"),
-        "{}",
-        r.body
-    );
+    r.expect_error(500, "unbind_failed");
     assert_eq!(h.d.get("/devices/nic").status, 200, "still registered");
     assert_eq!(h.fs.driver_of(NIC).as_deref(), Some("vfio-pci"));
 }
@@ -580,25 +524,12 @@ fn vfio_unavailable_and_no_iommu_group_are_clear_errors() {
     let d = Daemon::start(&fs, &[]);
     d.register(NIC, "nic");
     let r = bind(&d, "nic", "");
-    assert_eq!(
-        (r.status, r.code().as_str()),
-        (503, "vfio_unavailable"),
-        "{}",
-        r.body
-    );
-    assert!(r.json()["message"]
-        .as_str()
-        .unwrap()
-        .contains("modprobe vfio-pci"));
+    r.expect_error(503, "vfio_unavailable");
+    r.expect_message_contains("modprobe vfio-pci");
     fs.load_vfio();
     d.register(EDU, "edu");
     let r = bind(&d, "edu", "");
-    assert_eq!(
-        (r.status, r.code().as_str()),
-        (409, "no_iommu_group"),
-        "{}",
-        r.body
-    );
+    r.expect_error(409, "no_iommu_group");
 }
 
 #[test]
@@ -670,17 +601,8 @@ fn a_vendor_vfio_variant_driver_is_preferred_when_the_kernel_names_one() {
 fn bridges_are_refused_before_any_write() {
     let h = host();
     let r = h.d.post("/devices", r#"{"pci_address":"0000:00:01.0"}"#);
-    assert_eq!(
-        (r.status, r.code().as_str()),
-        (400, "unsupported_device"),
-        "{}",
-        r.body
-    );
-    assert!(
-        r.json()["message"].as_str().unwrap().contains("bridge"),
-        "{}",
-        r.body
-    );
+    r.expect_error(400, "unsupported_device");
+    r.expect_message_contains("bridge");
     assert!(h.sim.writes().is_empty());
     assert_eq!(h.fs.driver_of("0000:00:01.0").as_deref(), Some("pcieport"));
 }
@@ -704,18 +626,6 @@ fn unbind_twice_is_fine_and_a_missing_original_driver_is_named() {
     h.sim.ignore_probe(NIC);
     std::fs::remove_dir_all(h.fs.path("bus/pci/drivers/e1000e")).ok();
     let r = h.d.post("/devices/nic/unbind", "");
-    assert_eq!(
-        (r.status, r.code().as_str()),
-        (500, "unbind_failed"),
-        "{}",
-        r.body
-    );
-    assert!(
-        r.json()["message"]
-            .as_str()
-            .unwrap()
-            .contains("e1000e is not loaded"),
-        "{}",
-        r.body
-    );
+    r.expect_error(500, "unbind_failed");
+    r.expect_message_contains("e1000e is not loaded");
 }

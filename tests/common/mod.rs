@@ -32,6 +32,35 @@ impl Response {
         self.json()["code"].as_str().unwrap_or("").to_owned()
     }
 
+    /// The human message of an error response.
+    pub fn message(&self) -> String {
+        self.json()["message"].as_str().unwrap_or("").to_owned()
+    }
+
+    /// Asserts an error answer: this status, this code and some message.
+    #[track_caller]
+    pub fn expect_error(&self, status: u16, code: &str) -> &Self {
+        assert_eq!(
+            (self.status, self.code().as_str()),
+            (status, code),
+            "{}",
+            self.body
+        );
+        assert!(!self.message().is_empty(), "no message: {}", self.body);
+        self
+    }
+
+    /// Asserts that the error message mentions `needle`.
+    #[track_caller]
+    pub fn expect_message_contains(&self, needle: &str) -> &Self {
+        assert!(
+            self.message().contains(needle),
+            "no {needle:?} in {}",
+            self.body
+        );
+        self
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
