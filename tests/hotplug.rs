@@ -66,18 +66,25 @@ impl Host {
     fn device(&self, name: &str) -> Value {
         self.d.get(&format!("/devices/{name}")).json()
     }
+
+    /// Registers the NIC as "nic", binds it, then pulls it out of the bus;
+    /// returns the event stream, opened before the unplug, and the
+    /// hotplug_remove event.
+    fn bound_nic_unplugged(&self) -> (EventStream, Value) {
+        self.d.register(NIC, "nic");
+        assert_eq!(self.d.post("/devices/nic/bind", "").status, 200);
+        let mut events = EventStream::open(&self.d.socket, "");
+        self.fs.remove_device(NIC);
+        self.uevent(&format!("remove {NIC}"));
+        let removed = events.until(|e| e["type"] == "hotplug_remove");
+        (events, removed)
+    }
 }
 
 #[test]
 fn removed_device_stays_registered_and_comes_back_on_vfio() {
     let h = host(&[]);
-    h.d.register(NIC, "nic");
-    assert_eq!(h.d.post("/devices/nic/bind", "").status, 200);
-    let mut events = EventStream::open(&h.d.socket, "");
-
-    h.fs.remove_device(NIC);
-    h.uevent(&format!("remove {NIC}"));
-    let e = events.until(|e| e["type"] == "hotplug_remove");
+    let (mut events, e) = h.bound_nic_unplugged();
     assert_eq!(e["pci_address"], NIC);
     assert_eq!(e["device_id"], h.device("nic")["id"]);
     let dev = h.device("nic");
@@ -100,12 +107,7 @@ fn removed_device_stays_registered_and_comes_back_on_vfio() {
 #[test]
 fn a_different_device_at_a_registered_address_is_left_alone() {
     let h = host(&[]);
-    h.d.register(NIC, "nic");
-    assert_eq!(h.d.post("/devices/nic/bind", "").status, 200);
-    let mut events = EventStream::open(&h.d.socket, "");
-    h.fs.remove_device(NIC);
-    h.uevent(&format!("remove {NIC}"));
-    events.until(|e| e["type"] == "hotplug_remove");
+    let (mut events, _) = h.bound_nic_unplugged();
     h.fs.add_device(
         DeviceSpec::new(NIC, 0x8086, 0x1533, 0x020000)
             .driver("igb")
