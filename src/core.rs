@@ -21,7 +21,7 @@ use std::time::Instant;
 use chrono::Utc;
 use serde::Serialize;
 
-use crate::engine::{Engine, Move};
+use crate::engine::{Engine, EngineError, Move};
 use crate::error::CoreError;
 use crate::events::{Event, EventBus, EventKind};
 use crate::pci::{is_passthrough_candidate, PciAddress, PciFunction, PciIds, Sysfs};
@@ -446,19 +446,45 @@ impl Core {
 
     /// Logs, publishes and returns a failed driver move. A timed-out one
     /// leaves the device stuck rather than failed.
-    fn move_failed(
+    /// Records a failed bind or unbind and reports it. The device keeps the
+    /// driver it is found on now. If the kernel did not answer in time the
+    /// device is marked `stuck` and keeps its recorded `pending` operation,
+    /// for the late write's return or the next start to settle; otherwise
+    /// `settle` says what the failure leaves behind for this operation.
+    async fn record_failed_move(
         &self,
         caller: Caller,
         record: &DeviceRecord,
-        err: CoreError,
-        failed: EventKind,
-        timed_out: bool,
+        op: &'static str,
+        mut error: EngineError,
+        rollback: Option<Result<(), EngineError>>,
+        settle: impl FnOnce(&mut DeviceRecord),
     ) -> CoreError {
-        tracing::error!(uid = caller.uid, pid = caller.pid, device = %record.pci_address, error = %err, "{} failed for {}: {err}", if failed == EventKind::BindFailed { "bind" } else { "unbind" }, caller);
-        let kind = if timed_out {
-            EventKind::DeviceStuck
-        } else {
-            failed
+        let addr = record.pci_address;
+        let timed_out = error.is_timeout();
+        if let Some(late) = error.take_late_write() {
+            self.watch_late_write(addr, late);
+        }
+        let current = self.sysfs().driver(&addr);
+        let recorded = self
+            .update_device(addr, |d| {
+                d.current_driver = current;
+                if timed_out {
+                    d.stuck = true;
+                } else {
+                    settle(d);
+                }
+            })
+            .await;
+        if let Err(e) = recorded {
+            return e;
+        }
+        let err = CoreError::move_failed(op, addr, error, rollback);
+        tracing::error!(uid = caller.uid, pid = caller.pid, device = %addr, error = %err, "{op} failed for {caller}: {err}");
+        let kind = match (timed_out, op) {
+            (true, _) => EventKind::DeviceStuck,
+            (false, "bind") => EventKind::BindFailed,
+            (false, _) => EventKind::UnbindFailed,
         };
         self.events
             .publish(self.publish(kind, record).detail(err.to_string()));
@@ -830,26 +856,19 @@ impl Core {
                     .publish(self.publish(EventKind::Bind, &device).driver(current));
                 Ok(BindOutcome { device, plan })
             }
-            Err(mut failure) => {
-                let timed_out = failure.error.is_timeout();
-                if let Some(late) = failure.error.take_late_write() {
-                    self.watch_late_write(addr, late);
-                }
-                self.update_device(addr, |d| {
-                    d.current_driver = current.clone();
-                    if timed_out {
-                        // Keep `pending`: the next start (or the late write's
-                        // return) settles where the device ends up.
-                        d.stuck = true;
-                    } else {
+            Err(failure) => Err(self
+                .record_failed_move(
+                    caller,
+                    record,
+                    "bind",
+                    failure.error,
+                    failure.rollback,
+                    |d| {
                         d.pending = None;
                         d.companions.clear();
-                    }
-                })
-                .await?;
-                let err = CoreError::move_failed("bind", addr, failure.error, failure.rollback);
-                Err(self.move_failed(caller, record, err, EventKind::BindFailed, timed_out))
-            }
+                    },
+                )
+                .await),
         }
     }
 
@@ -915,25 +934,12 @@ impl Core {
                     .publish(self.publish(EventKind::Unbind, &device).driver(current));
                 Ok(device)
             }
-            Err(mut error) => {
-                let timed_out = error.is_timeout();
-                if let Some(late) = error.take_late_write() {
-                    self.watch_late_write(addr, late);
-                }
-                let still_vfio = current.as_deref().is_some_and(is_vfio_driver);
-                self.update_device(addr, |d| {
-                    d.current_driver = current.clone();
-                    if timed_out {
-                        d.stuck = true;
-                    } else {
-                        d.pending = None;
-                        d.bound_by_vfiod = still_vfio;
-                    }
+            Err(error) => Err(self
+                .record_failed_move(caller, record, "unbind", error, None, |d| {
+                    d.pending = None;
+                    d.bound_by_vfiod = d.current_driver.as_deref().is_some_and(is_vfio_driver);
                 })
-                .await?;
-                let err = CoreError::move_failed("unbind", addr, error, None);
-                Err(self.move_failed(caller, record, err, EventKind::UnbindFailed, timed_out))
-            }
+                .await),
         }
     }
 

@@ -436,6 +436,12 @@ fn delete_keeps_the_device_registered_when_the_restore_fails() {
     r.expect_error(500, "unbind_failed");
     assert_eq!(h.d.get("/devices/nic").status, 200, "still registered");
     assert_eq!(h.fs.driver_of(NIC).as_deref(), Some("vfio-pci"));
+    let dev = h.d.get("/devices/nic").json();
+    assert_eq!(dev["bound_by_vfiod"], true, "still vfiod's to give back");
+    // Once the kernel accepts the write, the retried delete restores e1000e.
+    h.sim.release("bus/pci/drivers/vfio-pci/unbind");
+    assert_eq!(h.d.req("DELETE", "/devices/nic", None).status, 204);
+    assert_eq!(h.fs.driver_of(NIC).as_deref(), Some("e1000e"));
 }
 
 #[test]
