@@ -167,15 +167,7 @@ build_kernel() {
     cp "$tmp/root/boot/vmlinuz-$KREL" "$tmp/out/vmlinuz"
     cp "$tmp/root/boot/config-$KREL" "$tmp/out/config"
     # vmlinux for PVH boot: the XZ payload of the bzImage is the ELF kernel.
-    python3 - "$tmp/out/vmlinuz" "$tmp/out/vmlinux" <<'EOF' || rm -f "$tmp/out/vmlinux"
-import lzma, sys
-d = open(sys.argv[1], 'rb').read()
-i = d.find(b'\xfd7zXZ\x00')
-out = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(d[i:]) if i >= 0 else b''
-if out[:4] != b'\x7fELF':
-    sys.exit("no XZ-compressed ELF payload in the bzImage")
-open(sys.argv[2], 'wb').write(out)
-EOF
+    python3 "$HERE/extract-vmlinux.py" "$tmp/out/vmlinuz" "$tmp/out/vmlinux" || true
     local m f
     for m in $MODULES; do
         modprobe -d "$tmp/root" -S "$KREL" --show-depends "$m" |

@@ -153,16 +153,7 @@ done
 if [ -z "$KERNEL" ]; then
     # run.sh has not cached this kernel (yet): extract the vmlinux (PVH) here, once.
     if [ ! -e "$KC/vmlinux" ]; then
-        python3 - "$KC/vmlinuz" "$KC/vmlinux.tmp" <<'PY'
-import lzma, sys
-d = open(sys.argv[1], 'rb').read()
-i = d.find(b'\xfd7zXZ\x00')
-out = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(d[i:]) if i >= 0 else b''
-if out[:4] != b'\x7fELF':
-    sys.exit("no XZ-compressed ELF payload in the bzImage")
-open(sys.argv[2], 'wb').write(out)
-PY
-        mv "$KC/vmlinux.tmp" "$KC/vmlinux"
+        python3 "$HERE/extract-vmlinux.py" "$KC/vmlinuz" "$KC/vmlinux"
     fi
     KERNEL=$KC/vmlinux
 fi
