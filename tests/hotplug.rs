@@ -312,6 +312,9 @@ fn vfioctl_events_follows_the_stream() {
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
     let line = lines.next().unwrap().unwrap();
     assert!(line.contains("registered") && line.contains(NIC), "{line}");
+    // Each line starts with the event's number, to resume from with --since.
+    let first: u64 = line.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(first > seq.parse().unwrap(), "{line}");
     // ...and the live feed follows the replay.
     assert_eq!(h.d.req("DELETE", "/devices/nic", None).status, 204);
     let line = lines.next().unwrap().unwrap();

@@ -573,8 +573,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         }
                         let extra: Vec<String> =
                             extra.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                        // The sequence number first: `--since` resumes from it.
                         println!(
-                            "{}  {:<18} {:<13} {}",
+                            "{:>6}  {}  {:<18} {:<13} {}",
+                            s(&e, "seq"),
                             s(&e, "at"),
                             s(&e, "type"),
                             s(&e, "pci_address"),

@@ -184,9 +184,10 @@ fi
 pid1=$(prop vfiod.service MainPID)
 # An event-stream client stays connected across the stop: it must not hold
 # the shutdown up.
-runuser -u outsider -- vfioctl events >/tmp/events.out 2>&1 &
+# --since 0 replays what happened so far: output proves it is connected.
+runuser -u outsider -- vfioctl events --since 0 >/tmp/events.out 2>&1 &
 events_pid=$!
-sleep 0.5
+for ((i = 0; i < 50; i++)); do [ -s /tmp/events.out ] && break; sleep 0.1; done
 t0=$(date +%s%N)
 systemctl stop vfiod.service
 ms=$((($(date +%s%N) - t0) / 1000000))
