@@ -89,12 +89,19 @@ impl DeviceName {
     }
 }
 
-pub const MAX_TAGS: usize = 64;
+// hypeman's Tags schema, so that tags registered here are valid there too.
+pub const MAX_TAGS: usize = 50;
 pub const MAX_TAG_KEY: usize = 128;
-pub const MAX_TAG_VALUE: usize = 1024;
+pub const MAX_TAG_VALUE: usize = 256;
 
-/// Tags, validated: at most 64, keys 1-128 and values up to 1024
-/// characters, no control characters.
+/// The characters hypeman allows in tag keys and values:
+/// `[A-Za-z0-9 _.:/=+@-]`.
+fn is_tag_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, ' ' | '_' | '.' | ':' | '/' | '=' | '+' | '@' | '-')
+}
+
+/// Tags, validated as hypeman's schema has them: at most 50; keys of 1-128
+/// and values of up to 256 characters from `[A-Za-z0-9 _.:/=+@-]`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Tags(BTreeMap<String, String>);
 
@@ -106,16 +113,18 @@ impl Tags {
                 map.len()
             )));
         }
+        let shown = |s: &str| s.chars().take(40).collect::<String>();
         for (k, v) in &map {
-            if k.is_empty() || k.chars().count() > MAX_TAG_KEY || k.chars().any(char::is_control) {
+            if k.is_empty() || k.len() > MAX_TAG_KEY || !k.chars().all(is_tag_char) {
                 return Err(CoreError::InvalidTags(format!(
-                    "tag key {:?} must be 1 to {MAX_TAG_KEY} characters without control characters",
-                    k.chars().take(40).collect::<String>()
+                    "tag key {:?} must be 1 to {MAX_TAG_KEY} characters from A-Z a-z 0-9 and \" _.:/=+@-\"",
+                    shown(k)
                 )));
             }
-            if v.chars().count() > MAX_TAG_VALUE || v.chars().any(char::is_control) {
+            if v.len() > MAX_TAG_VALUE || !v.chars().all(is_tag_char) {
                 return Err(CoreError::InvalidTags(format!(
-                    "value of tag {k:?} must be at most {MAX_TAG_VALUE} characters without control characters"
+                    "value of tag {:?} must be at most {MAX_TAG_VALUE} characters from A-Z a-z 0-9 and \" _.:/=+@-\"",
+                    shown(k)
                 )));
             }
         }

@@ -888,8 +888,8 @@ fn full_disk_refuses_changes_and_loses_nothing() {
     let r = d.post(
         "/devices",
         &format!(
-            r#"{{"pci_address":"{NIC}","name":"nic0","tags":{{"pad":"{}"}}}}"#,
-            "x".repeat(900)
+            r#"{{"pci_address":"{NIC}","name":"nic0","tags":{{"pad1":"{0}","pad2":"{0}","pad3":"{0}","pad4":"{0}"}}}}"#,
+            "x".repeat(225)
         ),
     );
     r.expect_error(507, "storage_full");

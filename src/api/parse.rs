@@ -342,7 +342,7 @@ mod tests {
 
     #[test]
     fn tag_limits_are_enforced() {
-        let many: serde_json::Map<String, Value> = (0..65)
+        let many: serde_json::Map<String, Value> = (0..51)
             .map(|i| (format!("k{i}"), Value::String("v".into())))
             .collect();
         let body = serde_json::json!({"pci_address": "0000:00:00.0", "tags": many}).to_string();
@@ -351,10 +351,36 @@ mod tests {
         let body =
             serde_json::json!({"pci_address": "0000:00:00.0", "tags": {long_key: "v"}}).to_string();
         assert_eq!(code(register(body.as_bytes())), "invalid_tags");
-        let long_value = "v".repeat(1025);
+        let long_value = "v".repeat(257);
         let body = serde_json::json!({"pci_address": "0000:00:00.0", "tags": {"k": long_value}})
             .to_string();
         assert_eq!(code(register(body.as_bytes())), "invalid_tags");
+        // At the limits, and every character hypeman allows, is accepted.
+        let most: serde_json::Map<String, Value> = (0..50)
+            .map(|i| (format!("k{i}"), Value::String("v".repeat(256))))
+            .collect();
+        let body = serde_json::json!({"pci_address": "0000:00:00.0", "tags": most}).to_string();
+        assert!(register(body.as_bytes()).is_ok());
+        let body = serde_json::json!({"pci_address": "0000:00:00.0",
+            "tags": {"k".repeat(128): "", "a-Z 0_9.:/=+@": "team=ml/ops+1@x:y z"}})
+        .to_string();
+        assert!(register(body.as_bytes()).is_ok());
+        // ...and what hypeman refuses is refused here too.
+        for (k, v) in [
+            ("k", "caf\u{e9}"),
+            ("k#", "v"),
+            ("k", "a,b"),
+            ("[k]", "v"),
+            ("k", "\""),
+        ] {
+            let body =
+                serde_json::json!({"pci_address": "0000:00:00.0", "tags": {k: v}}).to_string();
+            assert_eq!(
+                code(register(body.as_bytes())),
+                "invalid_tags",
+                "{k:?}: {v:?}"
+            );
+        }
     }
 
     #[test]
