@@ -307,6 +307,30 @@ fn available_lists_candidates_only() {
     assert_eq!(t4["bound_to_vfio"], true);
 }
 
+/// hypeman's AvailableDevice has the names as strings that are never null:
+/// a name `pci.ids` does not know (or no `pci.ids` at all) is left out.
+#[test]
+fn available_leaves_out_names_pci_ids_does_not_know() {
+    let (fs, d) = host();
+    // An NVIDIA device ID no pci.ids lists.
+    fs.add_device(
+        common::fakesys::DeviceSpec::new("0000:00:1e.0", 0x10de, 0xfffe, 0x030200).group(9),
+    );
+    let list = d.get("/devices/available").json();
+    let unknown = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["pci_address"] == "0000:00:1e.0")
+        .expect("the new GPU is a candidate");
+    assert!(unknown.get("device_name").is_none(), "{unknown}");
+    for v in list.as_array().unwrap() {
+        for k in ["vendor_name", "device_name"] {
+            assert!(v.get(k).is_none_or(Value::is_string), "{k} in {v}");
+        }
+    }
+}
+
 #[test]
 fn health_and_openapi() {
     let (_fs, d) = host();

@@ -98,7 +98,11 @@ pub struct AvailableDevice<'a> {
     pub pci_address: PciAddress,
     pub vendor_id: String,
     pub device_id: String,
+    /// Left out, not `null`, when `pci.ids` has no name: hypeman's schema
+    /// has these as optional strings that are never null.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub vendor_name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub device_name: Option<&'a str>,
     /// -1 when the device has no IOMMU group.
     pub iommu_group: i64,
