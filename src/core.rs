@@ -58,8 +58,11 @@ impl Caller {
     };
 }
 
-/// A device name, validated: `^[a-zA-Z0-9][a-zA-Z0-9_.-]+$`, at most 63
-/// characters, and not a word the API uses as a path segment.
+/// A device name, validated: hypeman's `^[a-zA-Z0-9][a-zA-Z0-9_.-]+$`, at
+/// most 255 characters (hypeman sets no limit; this one only keeps
+/// logs and paths sane), and not a word the API uses as a path segment.
+pub const MAX_NAME: usize = 255;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceName(String);
 
@@ -67,12 +70,12 @@ impl DeviceName {
     pub fn parse(s: &str) -> Result<DeviceName, CoreError> {
         let mut chars = s.chars();
         let valid = s.len() >= 2
-            && s.len() <= 63
+            && s.len() <= MAX_NAME
             && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
             && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
         if !valid {
             return Err(CoreError::InvalidName(format!(
-                "invalid name {:?}: 2 to 63 characters, letters, digits, '_', '.', '-', starting with a letter or digit",
+                "invalid name {:?}: 2 to {MAX_NAME} characters, letters, digits, '_', '.', '-', starting with a letter or digit",
                 s.chars().take(80).collect::<String>()
             )));
         }

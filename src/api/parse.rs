@@ -341,6 +341,15 @@ mod tests {
     }
 
     #[test]
+    fn name_length_limit() {
+        let body = |n: usize| {
+            serde_json::json!({"pci_address": "0000:00:00.0", "name": "n".repeat(n)}).to_string()
+        };
+        assert!(register(body(255).as_bytes()).is_ok());
+        assert_eq!(code(register(body(256).as_bytes())), "invalid_name");
+    }
+
+    #[test]
     fn tag_limits_are_enforced() {
         let many: serde_json::Map<String, Value> = (0..51)
             .map(|i| (format!("k{i}"), Value::String("v".into())))
