@@ -58,11 +58,13 @@ impl Caller {
     };
 }
 
-/// A device name, validated: hypeman's `^[a-zA-Z0-9][a-zA-Z0-9_.-]+$`, at
-/// most 255 characters (hypeman sets no limit; this one only keeps
-/// logs and paths sane), and not a word the API uses as a path segment.
+/// hypeman sets no length limit for names; this one only keeps logs and
+/// paths sane.
 pub const MAX_NAME: usize = 255;
 
+/// A device name, validated: hypeman's `^[a-zA-Z0-9][a-zA-Z0-9_.-]+$`, at
+/// most [`MAX_NAME`] characters, and not a word the API uses as a path
+/// segment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceName(String);
 
