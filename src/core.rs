@@ -458,8 +458,6 @@ impl Core {
         Ok((guard, record))
     }
 
-    /// Logs, publishes and returns a failed driver move. A timed-out one
-    /// leaves the device stuck rather than failed.
     /// Records a failed bind or unbind and reports it. The device keeps the
     /// driver it is found on now. If the kernel did not answer in time the
     /// device is marked `stuck` and keeps its recorded `pending` operation,
