@@ -44,6 +44,16 @@ now() { vmtool now; }                       # realtime, seconds.nanoseconds
 mark() { echo "<6>vmmark $1" >/dev/kmsg; }
 mark_ts() { dmesg | sed -n "s/.*\[ *\([0-9.]*\)\] vmmark $1\$/\1/p" | tail -1; }
 mark_ms() { ms_between "$(mark_ts "$1")" "$(mark_ts "$2")"; }
+# round_ms X: for each of the VM_ROUNDS rounds i, the milliseconds between the
+# marks X0.i and X1.i, space-separated (with a leading space).
+round_ms() {
+    local i=0 out=
+    while [ $i -lt "$VM_ROUNDS" ]; do
+        i=$((i + 1))
+        out="$out $(mark_ms "${1}0.$i" "${1}1.$i")"
+    done
+    echo "$out"
+}
 ms_between() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", (b-a)*1000}'; }
 median() { tr ' ' '\n' | grep . | sort -n | awk '{v[NR]=$1} END{if(NR==0){print "nan"} else if(NR%2){print v[(NR+1)/2]} else {printf "%.2f", (v[NR/2]+v[NR/2+1])/2}}'; }
 # RFC 3339 (with fraction, any offset) -> epoch seconds with fraction.
@@ -287,4 +297,14 @@ udev_split_ms() { # ACTION TYPE ADDR -> "KERNEL_TO_UDEVD UDEVD_TO_VFIOD"
     k=$(uevent_at "$1" "$3"); u=$(uevent_at "$1" "$3" $UDEVEVENTS); v=$(event_at "$2" "$3")
     [ -n "$k" ] && [ -n "$u" ] && [ -n "$v" ] || { echo nan nan; return; }
     echo "$(ms_between "$k" "$u") $(ms_between "$u" "$v")"
+}
+# hotadd_e1000e QEMU-ID [LABEL]: device_add an e1000e below the hotplug port and
+# wait until the kernel has it on e1000e; its address is left in HOTADDED (not
+# printed: fail must exit the scenario, not a command substitution).
+hotadd_e1000e() {
+    local what=${2:-$1}
+    device_add "$1" "$QPORT_hp0" e1000e >/dev/null || fail "$what: device_add failed"
+    wait_until 15 dev_under "$PORT_hp0" || fail "$what: hot-added device did not appear"
+    HOTADDED=$(dev_under "$PORT_hp0")
+    wait_until 10 has_driver "$HOTADDED" e1000e || fail "$what: $HOTADDED on $(drv "$HOTADDED")"
 }

@@ -17,7 +17,6 @@ say "dry-run plan: $OUT"
 has_driver "$NIC" e1000e || fail "bind --dry-run moved $NIC to $(drv "$NIC")"
 has_netdev "$NIC" || fail "bind --dry-run removed the netdev"
 
-binds= unbinds=
 i=0
 while [ $i -lt "$VM_ROUNDS" ]; do
     i=$((i + 1))
@@ -51,19 +50,12 @@ while [ $i -lt "$VM_ROUNDS" ]; do
     [ "$J_bound_to_vfio" = false ] || fail "round $i: show says bound_to_vfio=$J_bound_to_vfio after unbind"
     [ "$J_current_driver" = e1000e ] || fail "round $i: show says current_driver $J_current_driver after unbind"
 done
-healths=
 i=0
 while [ $i -lt "$VM_ROUNDS" ]; do
     i=$((i + 1))
     mark h0.$i; vc health >/dev/null; mark h1.$i
 done
-i=0
-while [ $i -lt "$VM_ROUNDS" ]; do
-    i=$((i + 1))
-    binds="$binds $(mark_ms b0.$i b1.$i)"
-    unbinds="$unbinds $(mark_ms u0.$i u1.$i)"
-    healths="$healths $(mark_ms h0.$i h1.$i)"
-done
+binds=$(round_ms b) unbinds=$(round_ms u) healths=$(round_ms h)
 say "API bind ms:$binds"
 say "API unbind ms:$unbinds"
 say "vfioctl health ms:$healths"

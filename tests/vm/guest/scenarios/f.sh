@@ -9,10 +9,8 @@
 # hotplug_round LABEL QEMU-ID: add an e1000e on hp0, wait for the events, remove.
 hotplug_round() {
     local label=$1 id=$2 a
-    device_add "$id" "$QPORT_hp0" e1000e >/dev/null || fail "$label: device_add failed"
-    wait_until 15 dev_under "$PORT_hp0" || fail "$label: hot-added device did not appear"
-    a=$(dev_under "$PORT_hp0")
-    wait_until 10 has_driver "$a" e1000e || fail "$label: $a on $(drv "$a")"
+    hotadd_e1000e "$id" "$label"
+    a=$HOTADDED
     wait_until 10 has_event hotplug_add "$a" || fail "$label: no hotplug_add event for $a (health .hotplug=$HP); events: $(cat $EVENTS)"
     wait_until 5 has_event driver_bound "$a" || say "$label: note: no driver_bound event for $a"
     device_del "$id" >/dev/null || fail "$label: device_del failed"
@@ -72,10 +70,8 @@ hotplug_round udev hpf2
 kill $UDEVMON_PID 2>/dev/null; UDEVMON_PID=
 
 # ---- 3. with udevd: a registered vfio-bound device is unplugged and re-plugged ----
-device_add hpf3 "$QPORT_hp0" e1000e >/dev/null || fail "device_add hpf3 failed"
-wait_until 15 dev_under "$PORT_hp0" || fail "hpf3 did not appear"
-A=$(dev_under "$PORT_hp0")
-wait_until 10 has_driver "$A" e1000e || fail "hpf3 at $A on $(drv "$A")"
+hotadd_e1000e hpf3
+A=$HOTADDED
 vc_ok register "$A" --name hpf
 vc_ok bind hpf
 has_driver "$A" vfio-pci || fail "bind hpf: $A on $(drv "$A")"

@@ -74,10 +74,8 @@ wait_until 5 has_netdev "$NIC" || fail "no netdev after the final unbind"
 # until the fd is released. vfiod keeps answering, a request on the device
 # fails in time, and once released the device is gone (present=false).
 events_start
-device_add hph "$QPORT_hp0" e1000e >/dev/null || fail "device_add hph failed"
-wait_until 15 dev_under "$PORT_hp0" || fail "hph did not appear"
-A=$(dev_under "$PORT_hp0")
-wait_until 10 has_driver "$A" e1000e || fail "hph at $A on $(drv "$A")"
+hotadd_e1000e hph
+A=$HOTADDED
 vc_ok register "$A" --name hph
 vc_ok bind hph
 vmtool vfiohold "$(grp "$A")" "$A" >/tmp/vm.hold2 2>&1 &

@@ -25,7 +25,6 @@ for p in "$PORT_hp0" "$PORT_hp1"; do
     [ -z "$(devs_under "$p")" ] || fail "hotplug port $p is not empty"
 done
 
-binds= unbinds=
 i=0
 while [ $i -lt "$VM_ROUNDS" ]; do
     i=$((i + 1))
@@ -41,12 +40,7 @@ while [ $i -lt "$VM_ROUNDS" ]; do
     has_driver "$NIC" e1000e || fail "round $i: driver is $(drv "$NIC") after restoring"
     wait_until 5 has_netdev "$NIC" || fail "round $i: netdev did not come back"
 done
-i=0
-while [ $i -lt "$VM_ROUNDS" ]; do
-    i=$((i + 1))
-    binds="$binds $(mark_ms b0.$i b1.$i)"
-    unbinds="$unbinds $(mark_ms u0.$i u1.$i)"
-done
+binds=$(round_ms b) unbinds=$(round_ms u)
 say "bind ms:$binds"
 say "unbind ms:$unbinds"
 mark n0; mark n1
