@@ -38,6 +38,11 @@ pub struct Config {
     pub modules_dir: PathBuf,
     /// Test hook: read uevents from this FIFO instead of netlink.
     pub uevent_fifo: Option<PathBuf>,
+    /// `reset_on_release = "auto"`: reset a device after a detach and
+    /// before giving back a device vfiod bound; `"never"`: do not.
+    pub reset_on_release: bool,
+    /// Consecutive failed resets after which a device is quarantined.
+    pub quarantine_after: u32,
 }
 
 /// The file's shape: every key optional, unknown keys rejected so a typo is
@@ -56,6 +61,8 @@ struct FileConfig {
     log_level: Option<String>,
     reclaim: Option<bool>,
     modules_dir: Option<PathBuf>,
+    reset_on_release: Option<String>,
+    quarantine_after: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -89,6 +96,11 @@ OPTIONS (override the config file):
   --udev-rules-dir DIR where to keep the boot-time udev rule ('' disables)
                        [default: /etc/udev/rules.d as root; disabled otherwise]
   --reclaim            take back a vfio device another actor moves away
+  --reset-on-release auto|never
+                       reset a device after detach and before giving it
+                       back to its driver [default: auto]
+  --quarantine-after N consecutive failed resets that quarantine a device
+                       (1 to 1000) [default: 3]
   --modules-dir DIR    where modules.alias names vfio variant drivers
                        [default: /lib/modules/$(uname -r)]
   --log-level LEVEL    error|warn|info|debug|trace [default: info]
@@ -144,6 +156,8 @@ impl Config {
             reclaim: false,
             modules_dir: running_kernel_modules(),
             uevent_fifo: None,
+            reset_on_release: true,
+            quarantine_after: 3,
         }
     }
 
@@ -186,6 +200,12 @@ impl Config {
         }
         if let Some(v) = f.modules_dir {
             self.modules_dir = v;
+        }
+        if let Some(v) = f.reset_on_release {
+            self.reset_on_release = reset_on_release(&v).map_err(file_err)?;
+        }
+        if let Some(v) = f.quarantine_after {
+            self.quarantine_after = quarantine_after(v).map_err(file_err)?;
         }
         Ok(())
     }
@@ -242,6 +262,17 @@ impl Config {
                 "--load-modules" => config.load_modules = true,
                 "--reclaim" => config.reclaim = true,
                 "--modules-dir" => config.modules_dir = value()?.into(),
+                "--reset-on-release" => {
+                    config.reset_on_release =
+                        reset_on_release(&value()?).map_err(ConfigError::Usage)?
+                }
+                "--quarantine-after" => {
+                    let v = value()?;
+                    let n = v.parse().map_err(|_| {
+                        ConfigError::Usage(format!("--quarantine-after: not a number: {v:?}"))
+                    })?;
+                    config.quarantine_after = quarantine_after(n).map_err(ConfigError::Usage)?;
+                }
                 "--uevent-fifo" => config.uevent_fifo = Some(value()?.into()),
                 "--udev-rules-dir" => {
                     let v = value()?;
@@ -280,6 +311,24 @@ fn timeout_from_ms(ms: u64) -> Result<Duration, String> {
         Ok(Duration::from_millis(ms))
     } else {
         Err(format!("op_timeout_ms {ms} is outside 10..=600000"))
+    }
+}
+
+fn reset_on_release(v: &str) -> Result<bool, String> {
+    match v {
+        "auto" => Ok(true),
+        "never" => Ok(false),
+        other => Err(format!(
+            "reset_on_release {other:?} is not \"auto\" or \"never\""
+        )),
+    }
+}
+
+fn quarantine_after(n: u32) -> Result<u32, String> {
+    if (1..=1000).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("quarantine_after {n} is outside 1..=1000"))
     }
 }
 
@@ -329,6 +378,28 @@ mod tests {
         assert_eq!(c.group, "gpu-admins");
         assert_eq!(c.op_timeout, Duration::from_millis(900));
         assert_eq!(c.state_dir, PathBuf::from(SYSTEM_STATE_DIR));
+        assert!(c.reset_on_release);
+        assert_eq!(c.quarantine_after, 3);
+        std::fs::write(
+            &file,
+            "reset_on_release = \"never\"\nquarantine_after = 5\n",
+        )
+        .unwrap();
+        let c = run(&["--config", f]).unwrap();
+        assert!(!c.reset_on_release);
+        assert_eq!(c.quarantine_after, 5);
+        let c = run(&["--config", f, "--reset-on-release", "auto"]).unwrap();
+        assert!(c.reset_on_release);
+        std::fs::write(&file, "reset_on_release = \"sometimes\"\n").unwrap();
+        assert!(matches!(
+            run(&["--config", f]),
+            Err(ConfigError::File { .. })
+        ));
+        std::fs::write(&file, "quarantine_after = 0\n").unwrap();
+        assert!(matches!(
+            run(&["--config", f]),
+            Err(ConfigError::File { .. })
+        ));
         std::fs::write(&file, "grup = \"typo\"\n").unwrap();
         let err = run(&["--config", f]).unwrap_err();
         assert!(

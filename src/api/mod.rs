@@ -56,6 +56,7 @@ pub enum Route {
     Unbind(String),
     Attach(String),
     Detach(String),
+    Reset(String),
     Events,
     Health,
     OpenApi,
@@ -87,6 +88,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/devices/{id_or_name}/unbind"),
     ("POST", "/devices/{id_or_name}/attach"),
     ("POST", "/devices/{id_or_name}/detach"),
+    ("POST", "/devices/{id_or_name}/reset"),
     ("GET", "/events"),
     ("GET", "/health"),
     ("GET", "/openapi.yaml"),
@@ -128,6 +130,7 @@ pub fn route(method: &Method, path: &str) -> Result<Route, RouteError> {
                 "unbind" => Route::Unbind,
                 "attach" => Route::Attach,
                 "detach" => Route::Detach,
+                "reset" => Route::Reset,
                 _ => return Err(RouteError::NotFound),
             };
             match m {
@@ -420,6 +423,22 @@ impl Api {
             Route::Detach(id) => {
                 let keep_bound = parse::detach(body)?;
                 device(StatusCode::OK, &core.detach(caller, &id, keep_bound).await?)
+            }
+            Route::Reset(id) => {
+                let req = parse::reset(body)?;
+                let outcome = core.reset(caller, &id, req).await?;
+                if req.dry_run {
+                    json_response(
+                        StatusCode::OK,
+                        &wire::ResetDryRun {
+                            dry_run: true,
+                            device: wire::Device::new(&outcome.device, ids),
+                            plan: &outcome.plan,
+                        },
+                    )
+                } else {
+                    device(StatusCode::OK, &outcome.device)
+                }
             }
             Route::Events => self.events(parse::events_query(query)?),
             Route::Health => {

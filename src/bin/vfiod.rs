@@ -92,6 +92,8 @@ async fn run(config: Config, is_root: bool) -> Result<(), StartupFailure> {
         vfio_aliases,
         load_modules: config.load_modules,
         reclaim: config.reclaim,
+        reset_on_release: config.reset_on_release,
+        quarantine_after: config.quarantine_after,
         privileged,
         // A rule written from a fake tree would describe devices this host
         // does not have: only an explicitly chosen directory is used then.

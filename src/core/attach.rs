@@ -1,5 +1,6 @@
 //! Attachments: marking a device as a VM's, and releasing it.
 
+use super::reset::refuse_unhealthy;
 use super::{BindRequest, Caller, Core, InstanceId};
 use crate::error::CoreError;
 use crate::events::EventKind;
@@ -34,6 +35,7 @@ impl Core {
             }
             None => {}
         }
+        refuse_unhealthy(&record)?;
         let on_vfio = self
             .sysfs()
             .driver(&record.pci_address)
@@ -44,6 +46,8 @@ impl Core {
                 .await?;
         }
         let addr = record.pci_address;
+        let current = self.resolve(&record.id)?;
+        self.reset_before_attach(caller, &current).await?;
         let instance_id = instance.0.clone();
         let device = self
             .update_device(addr, |d| d.attached_to = Some(instance_id))
@@ -87,6 +91,9 @@ impl Core {
                 self.publish(EventKind::Detach, &device)
                     .instance(Some(instance)),
             );
+        }
+        if record.attached_to.is_some() || (!keep_bound && device.bound_by_vfiod) {
+            device = self.reset_on_release(caller, &device, "detach").await;
         }
         if !keep_bound && device.bound_by_vfiod && device.present {
             device = self.unbind_locked(caller, &device).await?;

@@ -17,12 +17,14 @@
 //! One file per stage of a device's life: [`types`] (requests validated at
 //! the edge), `registry_ops` (register, rename, unregister), `moves`
 //! (binding to vfio and giving back, and settling slow writes), `attach`
-//! (attachments), `reconcile` (startup and hotplug).
+//! (attachments), `reset` (reset, its scope check, device health and
+//! quarantine), `reconcile` (startup and hotplug).
 
 mod attach;
 mod moves;
 mod reconcile;
 mod registry_ops;
+mod reset;
 mod types;
 
 pub use reconcile::HotplugEvent;
@@ -99,6 +101,10 @@ pub struct CoreOptions {
     pub udev_rules_dir: Option<std::path::PathBuf>,
     /// `vfio_pci:` aliases of vendor variant drivers.
     pub vfio_aliases: crate::pci::VfioAliases,
+    /// Reset a device when it is released (detach, unbind).
+    pub reset_on_release: bool,
+    /// Consecutive failed resets that quarantine a device.
+    pub quarantine_after: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -6,7 +6,7 @@ use super::attach::ensure_not_attached;
 use super::{Caller, Core, RegisterRequest, UpdateRequest};
 use crate::error::CoreError;
 use crate::events::EventKind;
-use crate::registry::{is_vfio_driver, DeviceRecord, RegistryConflict};
+use crate::registry::{is_vfio_driver, DeviceRecord, Health, RegistryConflict};
 
 fn conflict(e: RegistryConflict) -> CoreError {
     CoreError::Conflict(e.to_string())
@@ -60,6 +60,11 @@ impl Core {
             current_driver: driver,
             stuck: false,
             identity_mismatch: false,
+            health: Health::Ok,
+            health_reason: None,
+            last_reset: None,
+            reset_failures: 0,
+            reset_method: None,
         };
         let stored = record.clone();
         self.commit(move |reg| reg.insert(stored).map_err(conflict))
@@ -98,6 +103,10 @@ impl Core {
                     .ok_or_else(|| CoreError::NotFound(id_or_name.to_owned()))?;
                 if let Some(tags) = req.tags {
                     d.tags = tags.into_inner();
+                }
+                if let Some(methods) = req.reset_method {
+                    d.reset_method =
+                        methods.map(|list| list.iter().map(|m| m.as_str().to_owned()).collect());
                 }
                 Ok(d.clone())
             })
