@@ -432,6 +432,21 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_file_shows_the_defaults() {
+        let text = include_str!("../packaging/config.toml");
+        let settings: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix('#'))
+            .filter(|l| !l.starts_with(' ') && l.contains(" = "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(settings.contains("reset_on_release") && settings.contains("quarantine_after"));
+        let mut c = Config::defaults(true);
+        c.apply_file(Path::new("config.toml"), &settings).unwrap();
+        assert_eq!(c, Config::defaults(true), "{settings}");
+    }
+
+    #[test]
     fn non_root_defaults_live_under_xdg_dirs() {
         let c = Config::defaults(false);
         assert!(!c.socket.starts_with("/run/vfiod"));
