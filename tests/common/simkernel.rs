@@ -236,6 +236,11 @@ impl Pipe {
     }
 
     fn fill(&mut self, attr: &str) {
+        // A full sync pipe holds only our filler: reading would empty it
+        // and let the next writer through before its reset.
+        if self.filler.is_some() {
+            return;
+        }
         if let Some(r) = self.reader.as_mut() {
             let mut data = Vec::new();
             read_available(r, &mut data);
@@ -674,10 +679,18 @@ impl Shared {
     /// Fills a sync pipe (see [`Pipe::sync`]) so that the next writer
     /// blocks. Only while no writer has it open.
     fn refill(&self, sim: &mut Sim, path: &Path) {
+        if sim.pipes.get(path).is_some_and(|p| p.opens == 0) {
+            self.refill_now(sim, path);
+        }
+    }
+
+    /// [`Shared::refill`] also while a writer has it open (one that has
+    /// written already).
+    fn refill_now(&self, sim: &mut Sim, path: &Path) {
         let Some(pipe) = sim.pipes.get_mut(path) else {
             return;
         };
-        if !pipe.sync || pipe.filler.is_some() || pipe.reader.is_none() || pipe.opens > 0 {
+        if !pipe.sync || pipe.filler.is_some() || pipe.reader.is_none() {
             return;
         }
         let link = self.tree.scratch_path();
@@ -693,12 +706,14 @@ impl Shared {
         // One page: the smallest pipe; a full one blocks any write.
         let _ = fcntl(&filler, FcntlArg::F_SETPIPE_SZ(4096));
         let zeros = [0u8; 4096];
+        let mut filled = 0;
         loop {
             match io::Write::write(&mut filler, &zeros) {
                 Ok(0) | Err(_) => break,
-                Ok(_) => {}
+                Ok(n) => filled += n,
             }
         }
+        dbg_log!(self, "{}: filled with {filled} bytes", path.display());
         pipe.filler = Some(filler);
     }
 
@@ -734,9 +749,31 @@ impl Shared {
                 let _ = tree.unbind(&addr);
             }
         }
-        if let Some(pipe) = sim.pipes.get_mut(path) {
-            pipe.filler = None;
-            pipe.fill("reset");
+        let Some(pipe) = sim.pipes.get_mut(path) else {
+            return;
+        };
+        let had_filler = pipe.filler.take().is_some();
+        // Take the writer's value as soon as it is in the pipe (its write
+        // has then returned), and fill the pipe again right away, before
+        // the next writer can come: the close may be processed much later.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut data = Vec::new();
+        if let Some(reader) = pipe.reader.as_mut() {
+            loop {
+                let drain = read_available(reader, &mut data);
+                data.retain(|b| *b != 0);
+                if !data.is_empty() || matches!(drain, Drain::Eof) || Instant::now() >= deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+        if !data.is_empty() {
+            pipe.values
+                .extend(split_values("reset", &String::from_utf8_lossy(&data)));
+        }
+        if had_filler && !data.is_empty() {
+            self.refill_now(sim, path);
         }
     }
 
