@@ -92,6 +92,8 @@ async fn run(config: Config, is_root: bool) -> Result<(), StartupFailure> {
         vfio_aliases,
         load_modules: config.load_modules,
         reclaim: config.reclaim,
+        proc_root: config.proc.clone(),
+        unbind_on_vmm_exit: config.unbind_on_vmm_exit,
         privileged,
         // A rule written from a fake tree would describe devices this host
         // does not have: only an explicitly chosen directory is used then.

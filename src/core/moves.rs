@@ -253,6 +253,11 @@ impl Core {
                     })
                     .await?
                     .unwrap_or_else(|| record.clone());
+                // A device that comes back attached (re-plug, restart) gets
+                // its VMM's access back with the binding.
+                if let Err(e) = self.apply_grant(&device).await {
+                    tracing::error!(device = %addr, error = %e, "could not re-apply the VFIO node grant of the attachment");
+                }
                 let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
                 tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, driver = ?current, elapsed_ms, "bound {addr} to {} for {caller} in {elapsed_ms:.1} ms", current.as_deref().unwrap_or("no driver"));
                 self.events

@@ -68,6 +68,7 @@ impl Core {
                 self.rebind_to_vfio(&record).await;
             }
         }
+        self.resume_attachments().await;
         Ok(())
     }
 

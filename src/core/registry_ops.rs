@@ -51,6 +51,8 @@ impl Core {
             created_at: Utc::now(),
             tags: req.tags.into_inner(),
             attached_to: None,
+            attached_uid: None,
+            attached_pid: None,
             original_driver: driver.clone().filter(|d| !is_vfio_driver(d)),
             bound_by_vfiod: false,
             vfio_driver: None,

@@ -107,6 +107,15 @@ impl InstanceId {
     }
 }
 
+/// `POST /devices/{id_or_name}/attach`: the instance, the uid the VMM
+/// runs as (default: the caller's), and the VMM's pid to follow.
+#[derive(Debug, Clone)]
+pub struct AttachRequest {
+    pub instance: InstanceId,
+    pub uid: Option<u32>,
+    pub pid: Option<u32>,
+}
+
 #[derive(Debug, Clone)]
 pub struct RegisterRequest {
     pub pci_address: PciAddress,

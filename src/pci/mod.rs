@@ -5,6 +5,7 @@ mod address;
 pub mod ids;
 pub mod sysfs;
 pub mod variant;
+pub mod vfio_access;
 
 pub use address::{InvalidPciAddress, PciAddress};
 pub use ids::PciIds;
