@@ -127,10 +127,11 @@ pub fn update(body: &[u8]) -> Result<UpdateRequest, CoreError> {
 /// `POST /devices/{id_or_name}/bind`; an empty body means the defaults.
 pub fn bind(body: &[u8]) -> Result<BindRequest, CoreError> {
     let map = object(body, true)?;
-    deny_unknown(&map, &["with_group", "dry_run"])?;
+    deny_unknown(&map, &["with_group", "dry_run", "force"])?;
     Ok(BindRequest {
         with_group: optional_bool(&map, "with_group")?,
         dry_run: optional_bool(&map, "dry_run")?,
+        force: optional_bool(&map, "force")?,
     })
 }
 
