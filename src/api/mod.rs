@@ -57,6 +57,7 @@ pub enum Route {
     Attach(String),
     Detach(String),
     Reset(String),
+    Holders(String),
     Events,
     Health,
     OpenApi,
@@ -69,6 +70,7 @@ impl Route {
             Route::ListDevices
                 | Route::Available
                 | Route::GetDevice(_)
+                | Route::Holders(_)
                 | Route::Events
                 | Route::Health
                 | Route::OpenApi
@@ -89,6 +91,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/devices/{id_or_name}/attach"),
     ("POST", "/devices/{id_or_name}/detach"),
     ("POST", "/devices/{id_or_name}/reset"),
+    ("GET", "/devices/{id_or_name}/holders"),
     ("GET", "/events"),
     ("GET", "/health"),
     ("GET", "/openapi.yaml"),
@@ -123,6 +126,10 @@ pub fn route(method: &Method, path: &str) -> Result<Route, RouteError> {
             Method::PATCH => Ok(Route::UpdateDevice(id(d)?)),
             Method::DELETE => Ok(Route::DeleteDevice(id(d)?)),
             _ => Err(RouteError::MethodNotAllowed("GET, PATCH, DELETE")),
+        },
+        ["devices", d, "holders"] if !d.is_empty() => match m {
+            Method::GET => Ok(Route::Holders(id(d)?)),
+            _ => Err(RouteError::MethodNotAllowed("GET")),
         },
         ["devices", d, action] if !d.is_empty() => {
             let make: fn(String) -> Route = match *action {
@@ -417,8 +424,8 @@ impl Api {
                 device(StatusCode::OK, &core.unbind(caller, &id).await?)
             }
             Route::Attach(id) => {
-                let instance = parse::attach(body)?;
-                device(StatusCode::OK, &core.attach(caller, &id, instance).await?)
+                let req = parse::attach(body)?;
+                device(StatusCode::OK, &core.attach(caller, &id, req).await?)
             }
             Route::Detach(id) => {
                 let keep_bound = parse::detach(body)?;
@@ -439,6 +446,18 @@ impl Api {
                 } else {
                     device(StatusCode::OK, &outcome.device)
                 }
+            }
+            Route::Holders(id) => {
+                let (record, holders) = core.holders(&id).await?;
+                json_response(
+                    StatusCode::OK,
+                    &wire::Holders {
+                        id: &record.id,
+                        name: &record.name,
+                        pci_address: record.pci_address,
+                        holders: &holders,
+                    },
+                )
             }
             Route::Events => self.events(parse::events_query(query)?),
             Route::Health => {

@@ -41,6 +41,10 @@ pub struct Device<'a> {
     pub identity_mismatch: bool,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub group_companions: Vec<PciAddress>,
+    /// The uid the attachment opens the VFIO nodes to; null when detached.
+    pub attached_uid: Option<u32>,
+    /// The VMM process whose exit ends the attachment, if one was named.
+    pub attached_pid: Option<u32>,
     /// ok, needs_reset, quarantined, needs_host_reboot.
     pub health: &'static str,
     pub health_reason: Option<&'a str>,
@@ -120,6 +124,8 @@ impl<'a> Device<'a> {
             health_reason: d.health_reason.as_deref(),
             last_reset: d.last_reset.as_ref().map(LastResetWire::new),
             reset_method: d.reset_method.as_deref(),
+            attached_uid: d.attached_to.as_ref().and(d.attached_uid),
+            attached_pid: d.attached_pid.map(|p| p.pid),
         }
     }
 }
@@ -186,4 +192,13 @@ pub struct HealthBody<'a> {
     pub status: &'static str,
     #[serde(flatten)]
     pub health: &'a Health,
+}
+
+/// `GET /devices/{id_or_name}/holders`.
+#[derive(Debug, Serialize)]
+pub struct Holders<'a> {
+    pub id: &'a str,
+    pub name: &'a str,
+    pub pci_address: PciAddress,
+    pub holders: &'a [crate::pci::holders::Holder],
 }

@@ -8,7 +8,9 @@
 //! parent bridge and everything below it), not from VFIO's hot-reset info,
 //! which needs an open device fd. A reset is refused (409
 //! `reset_scope_conflict`) when its scope holds a function outside the
-//! device's IOMMU group or one that is attached; a bus reset is never done
+//! device's IOMMU group, one that is attached, or one that something holds
+//! (the holder scan of the moves: processes, mounts, swap, block stacks,
+//! interfaces in use, a framebuffer console); a bus reset is never done
 //! on a root bus. `auto` follows the kernel's `reset_method` order (or the
 //! device's own list set with PATCH), leaving `bus` out when its scope
 //! conflicts and another method remains.
@@ -33,6 +35,7 @@ use chrono::Utc;
 use super::{Caller, Core, ResetMethod, ResetOutcome, ResetPlan, ResetRequest, ScopeFunction};
 use crate::error::{CoreError, ResetCheck, ResetVerifyFailure};
 use crate::events::EventKind;
+use crate::pci::holders::Holder;
 use crate::pci::PciAddress;
 use crate::registry::{DeviceRecord, Health, LastReset, PendingOp, ResetResult};
 
@@ -84,6 +87,32 @@ fn apply_failure(d: &mut DeviceRecord, reason: &str, all_ones: bool, quarantine_
     }
 }
 
+/// A holder, as a reason a reset may not touch its function.
+fn held_by(holder: &Holder) -> String {
+    match holder {
+        Holder::Process {
+            pid,
+            comm,
+            uid,
+            path,
+            ..
+        } => format!("held by process {comm} (pid {pid}, uid {uid}) through {path}"),
+        Holder::Mount {
+            device,
+            mount_point,
+            ..
+        } => format!("{device} is mounted on {mount_point}"),
+        Holder::Swap { device, .. } => format!("{device} is in use as swap"),
+        Holder::BlockStack { device, holder, .. } => format!("{device} is under {holder}"),
+        Holder::NetInterface { interface, .. } => {
+            format!("network interface {interface} is in use")
+        }
+        Holder::FramebufferConsole { vtconsole, .. } => {
+            format!("the console {vtconsole} is drawn on its framebuffer")
+        }
+    }
+}
+
 /// Attach and bind hand a device out: refused while it is unfit.
 pub(super) fn refuse_unhealthy(record: &DeviceRecord) -> Result<(), CoreError> {
     let reason = || record.health_reason.clone().unwrap_or_default();
@@ -116,13 +145,16 @@ impl Core {
         .await
     }
 
-    /// Functions in `scope` that a reset of `record` may not touch, and why.
-    fn scope_conflicts(
+    /// Functions in `scope` that a reset of `record` may not touch, and why:
+    /// outside its IOMMU group, attached, or held (any holder: a reset under
+    /// a process, a mount or an interface in use pulls the device from
+    /// under it, whatever driver it is on).
+    async fn scope_conflicts(
         &self,
         record: &DeviceRecord,
         group: Option<u32>,
         scope: &[PciAddress],
-    ) -> Vec<(PciAddress, String)> {
+    ) -> Result<Vec<(PciAddress, String)>, CoreError> {
         let sysfs = self.sysfs();
         let registry = self.snapshot();
         let mut conflicts = Vec::new();
@@ -152,12 +184,11 @@ impl Core {
                     conflicts.push((*f, format!("attached to instance {instance:?}{via}")));
                 }
             }
-            // Holders: once the holder scan exists (the moves' 409
-            // device_busy), a function in the scope that a process, mount,
-            // swap, md/dm stack, route or address holds is a conflict here
-            // too, named with its holders.
         }
-        conflicts
+        for holder in self.scan_holders(scope.to_vec()).await? {
+            conflicts.push((holder.pci_address(), held_by(&holder)));
+        }
+        Ok(conflicts)
     }
 
     /// Checks and plans a reset of `record` (group lock held).
@@ -205,7 +236,7 @@ impl Core {
                     "{addr} is on a root bus: vfiod never resets a root bus"
                 ))),
                 Some(functions) => {
-                    let conflicts = self.scope_conflicts(record, group, &functions);
+                    let conflicts = self.scope_conflicts(record, group, &functions).await?;
                     if conflicts.is_empty() {
                         scope.extend(functions.into_iter().filter(|f| *f != addr));
                         None
@@ -227,7 +258,7 @@ impl Core {
                 tracing::info!(device = %addr, reason = %refusal, "leaving bus out of the reset methods");
             }
         }
-        let conflicts = self.scope_conflicts(record, group, &scope);
+        let conflicts = self.scope_conflicts(record, group, &scope).await?;
         if !conflicts.is_empty() {
             return Err(CoreError::ResetScopeConflict {
                 device: addr,
