@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::fakeproc::{alias_node, FakeProc};
 use common::fakesys::{DeviceSpec, FakeSys};
 use common::simkernel::{ResetOutcome, SimKernel};
 use common::{eventually, Daemon, EventStream};
@@ -677,4 +678,31 @@ fn vfioctl_list_shows_health() {
     let row = out.lines().find(|l| l.starts_with("igb")).unwrap();
     let col = header.find("HEALTH").expect("HEALTH column");
     assert!(row[col..].starts_with("needs_reset"), "{out}");
+}
+
+#[test]
+fn a_reset_under_a_process_that_holds_the_function_is_refused() {
+    let fs = reset_host();
+    let proc = FakeProc::new();
+    let sim = SimKernel::start(&fs);
+    let root = proc.root.display().to_string();
+    let d = Daemon::start(&fs, &["--proc", &root]);
+    d.register(NIC, "nic");
+    assert_eq!(d.post("/devices/nic/bind", "").status, 200);
+    // A VMM that still has the group open (the VM did not stop yet).
+    let node = fs.dev_path("vfio/2");
+    std::fs::remove_file(&node).unwrap();
+    alias_node(&node, "/dev/urandom");
+    let mut vmm = proc.process(3001, "qemu-system-x86");
+    vmm.fd(&node);
+    vmm.vfio_device_fd(None);
+    let r = d.post("/devices/nic/reset", "");
+    r.expect_error(409, "reset_scope_conflict")
+        .expect_message_contains("qemu-system-x86");
+    assert_eq!(r.json()["conflicting_functions"][0]["pci_address"], NIC);
+    assert!(sim.resets().is_empty());
+    vmm.exit();
+    let r = d.post("/devices/nic/reset", "");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(sim.resets(), pairs(&[(NIC, "pm")]));
 }
