@@ -324,6 +324,26 @@ fn bus_reset_behind_the_bridge_is_refused_while_the_other_function_is_attached()
     assert!(h.sim.wait_idle(std::time::Duration::from_secs(5)));
     assert!(h.sim.resets().is_empty());
     assert!(h.reset_writes(E1000_A).is_empty());
+    // Released while its neighbour is attached: not reset, and it says why;
+    // the next attach must reset it first, so it is refused too.
+    let r =
+        h.d.post("/devices/e1000-a/attach", r#"{"instance_id":"vm-2"}"#);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r =
+        h.d.post("/devices/e1000-a/detach", r#"{"keep_bound":true}"#);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let dev = r.json();
+    assert_eq!(dev["health"], "needs_reset");
+    assert!(
+        dev["health_reason"]
+            .as_str()
+            .unwrap()
+            .contains("not reset: a bus reset"),
+        "{dev}"
+    );
+    h.d.post("/devices/e1000-a/attach", r#"{"instance_id":"vm-2"}"#)
+        .expect_error(409, "reset_scope_conflict");
+    assert!(h.sim.resets().is_empty());
     // Once it is detached, the same reset goes through.
     let r =
         h.d.post("/devices/e1000-b/detach", r#"{"keep_bound":true}"#);

@@ -530,17 +530,17 @@ impl Core {
         if !self.options.reset_on_release || !record.present || !self.options.privileged {
             return record.clone();
         }
-        if self.sysfs().reset_methods(&addr).is_empty() && record.reset_method.is_none() {
+        if self.sysfs().reset_methods(&addr).is_empty() {
             tracing::info!(device = %addr, "the kernel offers no reset method for {addr}; not reset on release");
             return record.clone();
         }
         let before = self.health_of(addr);
-        let why = why.to_owned();
+        let marked_why = why.to_owned();
         let marked = match self
             .update_device(addr, |d| {
                 if d.health == Health::Ok {
                     d.health = Health::NeedsReset;
-                    d.health_reason = Some(format!("released ({why}) and not reset yet"));
+                    d.health_reason = Some(format!("released ({marked_why}) and not reset yet"));
                 }
             })
             .await
@@ -560,6 +560,24 @@ impl Core {
             Ok(outcome) => outcome.device,
             Err(e) => {
                 tracing::warn!(device = %addr, error = %e, "reset on release failed; the device is reset again before its next attach");
+                // A refusal before any write is not recorded by the reset
+                // itself: say in the health reason why it was not reset.
+                let refused = matches!(
+                    e,
+                    CoreError::ResetScopeConflict { .. }
+                        | CoreError::ResetMethodUnsupported(_)
+                        | CoreError::HolderScan(_)
+                );
+                if refused {
+                    let reason = format!("released ({why}) and not reset: {e}");
+                    let _ = self
+                        .update_device(addr, |d| {
+                            if d.health == Health::NeedsReset {
+                                d.health_reason = Some(reason);
+                            }
+                        })
+                        .await;
+                }
                 self.snapshot()
                     .get_by_address(&addr)
                     .cloned()
