@@ -87,6 +87,12 @@ fn apply_failure(d: &mut DeviceRecord, reason: &str, all_ones: bool, quarantine_
     }
 }
 
+/// Methods that reset the whole secondary bus below the function's bridge:
+/// `bus`, and `cxl_bus` (newer kernels, CXL ports) which is one too.
+fn resets_bus(method: &str) -> bool {
+    matches!(method, "bus" | "cxl_bus")
+}
+
 /// A holder, as a reason a reset may not touch its function.
 fn held_by(holder: &Holder) -> String {
     match holder {
@@ -227,7 +233,7 @@ impl Core {
         }
         let group = sysfs.iommu_group(&addr).or(record.iommu_group);
         let mut scope = vec![addr];
-        if methods.iter().any(|m| m == "bus") {
+        if methods.iter().any(|m| resets_bus(m)) {
             let below = sysfs
                 .bus_reset_scope(&addr)
                 .map_err(|e| CoreError::Internal(e.to_string()))?;
@@ -243,7 +249,12 @@ impl Core {
                     } else {
                         Some(CoreError::ResetScopeConflict {
                             device: addr,
-                            method: "bus".into(),
+                            method: methods
+                                .iter()
+                                .filter(|m| resets_bus(m))
+                                .cloned()
+                                .collect::<Vec<_>>()
+                                .join(" "),
                             conflicts,
                         })
                     }
@@ -251,7 +262,7 @@ impl Core {
             };
             if let Some(refusal) = refusal {
                 // auto may still reset the function alone.
-                methods.retain(|m| m != "bus");
+                methods.retain(|m| !resets_bus(m));
                 if method != ResetMethod::Auto || methods.is_empty() {
                     return Err(refusal);
                 }
