@@ -7,6 +7,7 @@
 //! them against the [`AccessPolicy`] before reading the body.
 
 pub mod error;
+pub mod limits;
 pub mod parse;
 pub mod peer;
 pub mod server;
@@ -31,10 +32,14 @@ use crate::core::{Caller, Core};
 use crate::error::CoreError;
 use crate::events::Event;
 use crate::registry::Registry;
+pub use limits::{Accounting, Limits};
 pub use peer::{AccessPolicy, Peer};
 pub use server::serve;
 
 pub const MAX_BODY: usize = 64 * 1024;
+/// A request body of at most [`MAX_BODY`] from a local process arrives in
+/// microseconds; one that takes this long is stalled or malicious.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const OPENAPI_YAML: &str = include_str!("openapi.yaml");
 /// The newest event's sequence number when a list was taken, so a client
 /// can follow `GET /events?since=` without a gap.
@@ -220,6 +225,10 @@ pub struct Api {
     /// The unfiltered `GET /devices` body of one registry version: shared
     /// by every request until the registry changes.
     list_cache: Arc<std::sync::Mutex<Option<CachedList>>>,
+    /// Connections and event streams held per uid.
+    accounting: Arc<Accounting>,
+    /// See [`server`]: the time to deliver a request head, and to idle.
+    header_timeout: Duration,
 }
 
 impl Api {
@@ -229,7 +238,16 @@ impl Api {
             policy,
             shutdown,
             list_cache: Arc::default(),
+            accounting: Accounting::new(Limits::default()),
+            header_timeout: server::DEFAULT_HEADER_TIMEOUT,
         }
+    }
+
+    /// Bounds per unprivileged uid, and the header/idle timeout.
+    pub fn with_limits(mut self, limits: Limits, header_timeout: Duration) -> Api {
+        self.accounting = Accounting::new(limits);
+        self.header_timeout = header_timeout;
+        self
     }
 
     /// The JSON list of every device, serialised once per registry version.
@@ -261,7 +279,7 @@ impl Api {
             return Err(too_large());
         }
         let limited = Limited::new(req.into_body(), MAX_BODY);
-        match tokio::time::timeout(Duration::from_secs(30), limited.collect()).await {
+        match tokio::time::timeout(BODY_READ_TIMEOUT, limited.collect()).await {
             Ok(Ok(collected)) => Ok(collected.to_bytes()),
             Ok(Err(e))
                 if e.downcast_ref::<http_body_util::LengthLimitError>()
@@ -277,7 +295,10 @@ impl Api {
             Err(_) => Err(plain_error(
                 StatusCode::REQUEST_TIMEOUT,
                 "request_timeout",
-                "the request body did not arrive within 30 s",
+                format!(
+                    "the request body did not arrive within {} s",
+                    BODY_READ_TIMEOUT.as_secs()
+                ),
             )),
         }
     }
@@ -329,7 +350,10 @@ impl Api {
             uid: peer.uid,
             pid: peer.pid,
         };
-        match self.dispatch(route, caller, query.as_deref(), &body).await {
+        match self
+            .dispatch(route, peer, caller, query.as_deref(), &body)
+            .await
+        {
             Ok(resp) => resp,
             Err(e) => error_response(&e),
         }
@@ -338,6 +362,7 @@ impl Api {
     async fn dispatch(
         &self,
         route: Route,
+        peer: &Peer,
         caller: Caller,
         query: Option<&str>,
         body: &[u8],
@@ -421,7 +446,13 @@ impl Api {
                 let keep_bound = parse::detach(body)?;
                 device(StatusCode::OK, &core.detach(caller, &id, keep_bound).await?)
             }
-            Route::Events => self.events(parse::events_query(query)?),
+            Route::Events => {
+                let since = parse::events_query(query)?;
+                let permit = self
+                    .accounting
+                    .open_event_stream(peer.uid, self.policy.may_mutate(peer))?;
+                self.events(since, permit)
+            }
             Route::Health => {
                 let health = core.health();
                 json_response(
@@ -441,11 +472,14 @@ impl Api {
         })
     }
 
-    fn events(&self, since: Option<u64>) -> Response<ResponseBody> {
+    /// The stream holds `permit` (its slot in the caller's share) until
+    /// the client goes away or vfiod stops.
+    fn events(&self, since: Option<u64>, permit: limits::Permit) -> Response<ResponseBody> {
         let (backlog, mut live) = self.core.events().subscribe(since);
         let (tx, rx) = mpsc::channel::<Bytes>(16);
         let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut shutdown_seen = std::pin::pin!(async move {
                 let _ = shutdown.wait_for(|stop| *stop).await;
             });

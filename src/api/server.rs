@@ -1,16 +1,50 @@
 //! Connection handling: accepting on the listener, reading each peer's
-//! credentials, serving HTTP/1.1 on the connection, and shutting down
-//! without dropping a request that was already promised an answer.
+//! credentials, admitting the connection against its uid's fair share
+//! ([`limits`](super::limits)), serving HTTP/1.1 on it with bounded time
+//! and buffers, and shutting down without dropping a request that was
+//! already promised an answer.
+//!
+//! Bounds on one connection:
+//! - over its uid's share, a connection is answered 429
+//!   `too_many_connections` at once, without reading its request, and
+//!   closed: it costs one accept and one write;
+//! - the request head must be complete within the header timeout
+//!   (`header_timeout_ms`). Hyper starts that timer whenever the connection
+//!   waits for a request, so it is also the idle keep-alive timeout: an
+//!   idle connection, new or kept alive, is closed when it runs out;
+//! - the head may be at most [`MAX_HEADER_BYTES`]; hyper stops reading
+//!   there and answers 431, which [`JsonAutoErrors`] turns into JSON;
+//! - a body must arrive within [`BODY_READ_TIMEOUT`](super::BODY_READ_TIMEOUT).
 
 use std::convert::Infallible;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::UnixListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
 use super::{Api, Peer};
+use crate::error::CoreError;
+
+/// Largest request head (request line and headers) read: 16 KiB. vfiod's
+/// own requests have heads of a few hundred bytes; this bounds what a
+/// connection can make the daemon buffer.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// The default time a connection has to deliver a complete request head,
+/// counted from when it starts waiting for one (so also the idle
+/// keep-alive timeout). A local client sends its head in microseconds.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accept failures (EMFILE, ENFILE, ENOBUFS) back off from this...
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// ...doubling up to this, until an accept succeeds.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// How long a connection accepted just before shutdown may take to deliver
 /// its first request; it is then answered rather than dropped.
@@ -29,15 +63,23 @@ pub async fn serve(listener: UnixListener, api: Api, grace: Duration) {
     let mut shutdown = api.shutdown.clone();
     // Every connection task holds a clone; when all are gone, recv() ends.
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
+    let mut backoff = AcceptBackoff::default();
     loop {
         tokio::select! {
             _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => spawn_connection(stream, &api, alive_tx.clone()),
+                Ok((stream, _)) => {
+                    backoff.succeeded();
+                    spawn_connection(stream, &api, alive_tx.clone());
+                }
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // The listener stays readable while accept fails for
+                    // lack of descriptors: retrying at once would spin.
+                    let delay = backoff.failed(&e);
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
+                    }
                 }
             },
         }
@@ -54,13 +96,95 @@ pub async fn serve(listener: UnixListener, api: Api, grace: Duration) {
     }
 }
 
-fn spawn_connection(stream: tokio::net::UnixStream, api: &Api, alive: mpsc::Sender<()>) {
+/// Logs the first failure of a burst and the recovery, and says how long
+/// to wait before the next accept.
+#[derive(Default)]
+struct AcceptBackoff {
+    failures: u32,
+    since: Option<Instant>,
+}
+
+impl AcceptBackoff {
+    fn failed(&mut self, e: &io::Error) -> Duration {
+        if self.failures == 0 {
+            tracing::warn!(error = %e, "accept failed: {e}; backing off (repeats are not logged until accepting works again)");
+            self.since = Some(Instant::now());
+        }
+        let delay = ACCEPT_BACKOFF_MIN
+            .saturating_mul(1 << self.failures.min(16))
+            .min(ACCEPT_BACKOFF_MAX);
+        self.failures = self.failures.saturating_add(1);
+        delay
+    }
+
+    fn succeeded(&mut self) {
+        if self.failures > 0 {
+            let ms = self.since.map(|t| t.elapsed().as_millis()).unwrap_or(0);
+            tracing::warn!(
+                failures = self.failures,
+                ms,
+                "accepting connections again after {} failed accepts over {ms} ms",
+                self.failures
+            );
+            self.failures = 0;
+            self.since = None;
+        }
+    }
+}
+
+/// A whole HTTP/1.1 error response, for a connection answered outside
+/// hyper. It closes the connection.
+fn raw_error_response(e: &CoreError) -> Vec<u8> {
+    let (status, body) = super::error::to_body(e);
+    let mut json = serde_json::to_vec(&body).expect("error bodies serialise");
+    json.push(b'\n');
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        status.as_str(),
+        status.canonical_reason().unwrap_or(""),
+        json.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(&json);
+    out
+}
+
+/// Answers a connection over its uid's share and closes it, without
+/// waiting for anything: one non-blocking write into a fresh socket
+/// buffer always fits. What the client already sent is read off first,
+/// so closing does not turn into ECONNRESET before it reads the answer.
+fn refuse(stream: UnixStream, peer: &Peer, e: &CoreError) {
+    if super::refusals_log_budget() {
+        tracing::warn!(
+            uid = peer.uid,
+            pid = peer.pid,
+            "refused a connection from uid {} pid {}: {e}",
+            peer.uid,
+            peer.pid
+        );
+    }
+    let mut sink = [0u8; 4096];
+    for _ in 0..4 {
+        match stream.try_read(&mut sink) {
+            Ok(n) if n == sink.len() => continue,
+            _ => break,
+        }
+    }
+    let _ = stream.try_write(&raw_error_response(e));
+}
+
+fn spawn_connection(stream: UnixStream, api: &Api, alive: mpsc::Sender<()>) {
     let peer = match Peer::of(&stream) {
         Ok(p) => Arc::new(p),
         Err(e) => {
             tracing::warn!(error = %e, "could not read peer credentials; dropping connection");
             return;
         }
+    };
+    let privileged = api.policy.may_mutate(&peer);
+    let permit = match api.accounting.open_connection(peer.uid, privileged) {
+        Ok(permit) => permit,
+        Err(e) => return refuse(stream, &peer, &e),
     };
     let first_request = Arc::new(tokio::sync::Notify::new());
     let notify = first_request.clone();
@@ -73,11 +197,13 @@ fn spawn_connection(stream: tokio::net::UnixStream, api: &Api, alive: mpsc::Send
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
-        .serve_connection(TokioIo::new(stream), service);
+        .header_read_timeout(api.header_timeout)
+        .max_header_size(MAX_HEADER_BYTES)
+        .serve_connection(TokioIo::new(JsonAutoErrors::new(stream)), service);
     let mut shutdown = api.shutdown.clone();
     tokio::spawn(async move {
         let _alive = alive;
+        let _permit = permit;
         tokio::pin!(conn);
         let result = tokio::select! {
             r = conn.as_mut() => r,
@@ -99,4 +225,166 @@ fn spawn_connection(stream: tokio::net::UnixStream, api: &Api, alive: mpsc::Send
             tracing::debug!(error = %e, "connection ended with an error");
         }
     });
+}
+
+/// The connection's stream, with hyper's own error answers made JSON.
+///
+/// Hyper answers a request it cannot parse itself, before any service
+/// runs: 431 for a head over [`MAX_HEADER_BYTES`], 400 for one that is not
+/// HTTP/1.1, always with an empty body, and then closes. Every vfiod error
+/// is a JSON body with a code, so this recognises such an answer as it is
+/// written (a 4xx head with no body and no content type, which vfiod's own
+/// handlers never send) and writes the JSON error in its place.
+struct JsonAutoErrors {
+    inner: UnixStream,
+    /// A replacement answer not yet fully written, and how much of it is.
+    pending: Option<(Vec<u8>, usize)>,
+}
+
+impl JsonAutoErrors {
+    fn new(inner: UnixStream) -> Self {
+        JsonAutoErrors {
+            inner,
+            pending: None,
+        }
+    }
+
+    /// The JSON answer that replaces `head`, if `head` is one of hyper's
+    /// bodiless automatic error answers.
+    fn replacement(head: &[u8]) -> Option<Vec<u8>> {
+        let is_error_status = head.starts_with(b"HTTP/1.1 4") || head.starts_with(b"HTTP/1.0 4");
+        let end = head.windows(4).position(|w| w == b"\r\n\r\n")?;
+        if !is_error_status || end + 4 != head.len() {
+            return None;
+        }
+        let text = std::str::from_utf8(head).ok()?.to_ascii_lowercase();
+        if text.contains("\r\ncontent-type:") || !text.contains("\r\ncontent-length: 0\r\n") {
+            return None;
+        }
+        let error = match &text[9..12] {
+            "431" => CoreError::HeaderTooLarge(format!(
+                "the request head is larger than {MAX_HEADER_BYTES} bytes"
+            )),
+            status => CoreError::InvalidRequest(format!(
+                "the request is not valid HTTP/1.1 (hyper answered {status})"
+            )),
+        };
+        Some(raw_error_response(&error))
+    }
+
+    /// Writes what is left of a replacement answer.
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some((bytes, written)) = &mut self.pending {
+            if *written == bytes.len() {
+                self.pending = None;
+                break;
+            }
+            let n =
+                std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, &bytes[*written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            *written += n;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncRead for JsonAutoErrors {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for JsonAutoErrors {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        std::task::ready!(self.poll_pending(cx))?;
+        if let Some(replacement) = Self::replacement(buf) {
+            self.pending = Some((replacement, 0));
+            // Hyper's bytes count as written; ours go out in their place.
+            let _ = self.poll_pending(cx)?;
+            return Poll::Ready(Ok(buf.len()));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        std::task::ready!(self.poll_pending(cx))?;
+        if let [only] = bufs {
+            if let Some(replacement) = Self::replacement(only) {
+                self.pending = Some((replacement, 0));
+                let _ = self.poll_pending(cx)?;
+                return Poll::Ready(Ok(only.len()));
+            }
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.poll_pending(cx))?;
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.poll_pending(cx))?;
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_hypers_bodiless_error_answers_are_replaced() {
+        let auto = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\ndate: Tue, 01 Dec 2026 03:00:00 GMT\r\n\r\n";
+        let replaced = String::from_utf8(JsonAutoErrors::replacement(auto).unwrap()).unwrap();
+        assert!(replaced.starts_with("HTTP/1.1 431 "), "{replaced}");
+        assert!(replaced.contains("content-type: application/json"));
+        assert!(
+            replaced.contains(r#""code":"header_too_large""#),
+            "{replaced}"
+        );
+        let bad = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n";
+        let replaced = String::from_utf8(JsonAutoErrors::replacement(bad).unwrap()).unwrap();
+        assert!(
+            replaced.contains(r#""code":"invalid_request""#),
+            "{replaced}"
+        );
+        // vfiod's own answers carry a content type and a body.
+        let ours = b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 0\r\n\r\n";
+        assert!(JsonAutoErrors::replacement(ours).is_none());
+        let with_body = b"HTTP/1.1 431 X\r\ncontent-length: 0\r\n\r\n{}";
+        assert!(JsonAutoErrors::replacement(with_body).is_none());
+        let ok = b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n";
+        assert!(JsonAutoErrors::replacement(ok).is_none());
+    }
+
+    #[test]
+    fn accept_backoff_grows_bounded_and_resets() {
+        let mut b = AcceptBackoff::default();
+        let e = io::Error::from_raw_os_error(24);
+        let delays: Vec<Duration> = (0..12).map(|_| b.failed(&e)).collect();
+        assert_eq!(delays[0], ACCEPT_BACKOFF_MIN);
+        assert!(delays.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(*delays.last().unwrap(), ACCEPT_BACKOFF_MAX);
+        b.succeeded();
+        assert_eq!(b.failed(&e), ACCEPT_BACKOFF_MIN);
+    }
 }
