@@ -39,7 +39,8 @@ impl Default for Limits {
     /// A monitor or a dashboard holds a few connections and one or two
     /// event streams; these leave a wide margin above that while keeping
     /// the whole unprivileged pool within the memory bound (each idle
-    /// connection costs about 10 KiB: its read buffer and task).
+    /// connection costs about 14 KiB: its read buffer and task; one
+    /// holding a head just under the 8 KiB limit about 24 KiB).
     fn default() -> Self {
         Limits {
             connections_per_uid: 64,

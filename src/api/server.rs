@@ -31,10 +31,11 @@ use tokio::sync::mpsc;
 use super::{Api, Peer};
 use crate::error::CoreError;
 
-/// Largest request head (request line and headers) read: 16 KiB. vfiod's
-/// own requests have heads of a few hundred bytes; this bounds what a
-/// connection can make the daemon buffer.
-pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Largest request head (request line and headers) read: 8 KiB, hyper's
+/// initial read buffer, so a head never makes a connection's buffer grow.
+/// vfiod's clients send heads of a few hundred bytes (a bearer token
+/// included); this bounds what one connection makes the daemon hold.
+pub const MAX_HEADER_BYTES: usize = 8 * 1024;
 
 /// The default time a connection has to deliver a complete request head,
 /// counted from when it starts waiting for one (so also the idle
@@ -186,6 +187,72 @@ fn spawn_connection(stream: UnixStream, api: &Api, alive: mpsc::Sender<()>) {
         Ok(permit) => permit,
         Err(e) => return refuse(stream, &peer, &e),
     };
+    let api = api.clone();
+    if privileged {
+        tokio::spawn(serve_connection(stream, api, peer, permit, alive));
+        return;
+    }
+    // Re-registered with the other runtime's reactor, so that its events
+    // are handled there too.
+    let std_stream = match stream.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not hand a connection over; dropping it");
+            return;
+        }
+    };
+    unprivileged_runtime().spawn(async move {
+        match UnixStream::from_std(std_stream) {
+            Ok(stream) => serve_connection(stream, api, peer, permit, alive).await,
+            Err(e) => tracing::warn!(error = %e, "could not register a connection; dropping it"),
+        }
+    });
+}
+
+/// Where unprivileged callers' connections are served: a runtime on a
+/// thread of its own, with at most two threads for blocking work. However
+/// much work they cause (oversized heads, reconnecting in a loop, many
+/// reads), the kernel shares the CPU between that thread and the daemon's
+/// own workers, which stay free for the accept loop, root, the access
+/// group and hotplug. Falls back to the daemon's runtime if the thread
+/// cannot be started.
+fn unprivileged_runtime() -> tokio::runtime::Handle {
+    static HANDLE: std::sync::OnceLock<Option<tokio::runtime::Handle>> = std::sync::OnceLock::new();
+    let handle = HANDLE.get_or_init(|| {
+        let started = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .max_blocking_threads(2)
+            .thread_name("vfiod-unprivileged")
+            .build()
+            .and_then(|rt| {
+                let handle = rt.handle().clone();
+                std::thread::Builder::new()
+                    .name("vfiod-unprivileged".into())
+                    .spawn(move || rt.block_on(std::future::pending::<()>()))
+                    .map(|_| handle)
+            });
+        match started {
+            Ok(handle) => Some(handle),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the runtime for unprivileged callers; serving them with everyone else");
+                None
+            }
+        }
+    });
+    handle
+        .clone()
+        .unwrap_or_else(tokio::runtime::Handle::current)
+}
+
+/// Serves one admitted connection until it ends or vfiod stops; `permit`
+/// and `alive` are held until then.
+async fn serve_connection(
+    stream: UnixStream,
+    api: Api,
+    peer: Arc<Peer>,
+    permit: super::limits::Permit,
+    alive: mpsc::Sender<()>,
+) {
     let first_request = Arc::new(tokio::sync::Notify::new());
     let notify = first_request.clone();
     let api_for_requests = api.clone();
@@ -201,7 +268,7 @@ fn spawn_connection(stream: UnixStream, api: &Api, alive: mpsc::Sender<()>) {
         .max_header_size(MAX_HEADER_BYTES)
         .serve_connection(TokioIo::new(JsonAutoErrors::new(stream)), service);
     let mut shutdown = api.shutdown.clone();
-    tokio::spawn(async move {
+    {
         let _alive = alive;
         let _permit = permit;
         tokio::pin!(conn);
@@ -224,7 +291,7 @@ fn spawn_connection(stream: UnixStream, api: &Api, alive: mpsc::Sender<()>) {
         if let Err(e) = result {
             tracing::debug!(error = %e, "connection ended with an error");
         }
-    });
+    }
 }
 
 /// The connection's stream, with hyper's own error answers made JSON.
