@@ -97,39 +97,54 @@ pub async fn serve(listener: UnixListener, api: Api, grace: Duration) {
     }
 }
 
-/// Logs the first failure of a burst and the recovery, and says how long
-/// to wait before the next accept.
+/// Says how long to wait before the next accept after a failure, and
+/// keeps the log quiet: the first failure is logged, then at most one line
+/// per [`ACCEPT_LOG_INTERVAL`] (with how many went unlogged), and one line
+/// when accepting works again after a logged failure. Descriptors running
+/// out tends to flap (one freed, one taken), which must not flood the log.
 #[derive(Default)]
 struct AcceptBackoff {
-    failures: u32,
-    since: Option<Instant>,
+    /// Failures since the last successful accept: sets the delay.
+    consecutive: u32,
+    last_logged: Option<Instant>,
+    unlogged: u64,
+    /// A failure was logged and its recovery not yet.
+    recovery_due: bool,
 }
+
+/// See [`AcceptBackoff`].
+const ACCEPT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 impl AcceptBackoff {
     fn failed(&mut self, e: &io::Error) -> Duration {
-        if self.failures == 0 {
-            tracing::warn!(error = %e, "accept failed: {e}; backing off (repeats are not logged until accepting works again)");
-            self.since = Some(Instant::now());
+        if self
+            .last_logged
+            .is_none_or(|t| t.elapsed() >= ACCEPT_LOG_INTERVAL)
+        {
+            tracing::warn!(error = %e, unlogged = self.unlogged, "accept failed: {e}; backing off ({} failures since the last report; the next one is logged in {} s at the earliest)", self.unlogged, ACCEPT_LOG_INTERVAL.as_secs());
+            self.last_logged = Some(Instant::now());
+            self.unlogged = 0;
+            self.recovery_due = true;
+        } else {
+            self.unlogged += 1;
         }
         let delay = ACCEPT_BACKOFF_MIN
-            .saturating_mul(1 << self.failures.min(16))
+            .saturating_mul(1 << self.consecutive.min(16))
             .min(ACCEPT_BACKOFF_MAX);
-        self.failures = self.failures.saturating_add(1);
+        self.consecutive = self.consecutive.saturating_add(1);
         delay
     }
 
     fn succeeded(&mut self) {
-        if self.failures > 0 {
-            let ms = self.since.map(|t| t.elapsed().as_millis()).unwrap_or(0);
+        if self.recovery_due {
             tracing::warn!(
-                failures = self.failures,
-                ms,
-                "accepting connections again after {} failed accepts over {ms} ms",
-                self.failures
+                failures = self.consecutive,
+                "accepting connections again (after {} failed accepts in a row)",
+                self.consecutive
             );
-            self.failures = 0;
-            self.since = None;
+            self.recovery_due = false;
         }
+        self.consecutive = 0;
     }
 }
 
@@ -451,7 +466,12 @@ mod tests {
         assert_eq!(delays[0], ACCEPT_BACKOFF_MIN);
         assert!(delays.windows(2).all(|w| w[0] <= w[1]));
         assert_eq!(*delays.last().unwrap(), ACCEPT_BACKOFF_MAX);
+        assert!(b.recovery_due);
         b.succeeded();
+        assert!(!b.recovery_due);
         assert_eq!(b.failed(&e), ACCEPT_BACKOFF_MIN);
+        // A failure right after a recovery is not logged again.
+        assert!(!b.recovery_due);
+        assert_eq!(b.unlogged, 12);
     }
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod fakesys;
+pub mod flood;
 pub mod simkernel;
 
 use std::io::{Read, Write};
