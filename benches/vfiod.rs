@@ -69,7 +69,6 @@ fn fair_share_benchmark() {
     let (_fs, d, group_gid) = common::flood::start_daemon();
     let baseline = common::flood::status_kib(d.pid(), "VmRSS:");
     let rows = common::flood::run_floods(&d, group_gid);
-    print!("  ");
     common::flood::print_table(baseline, &rows);
 }
 
