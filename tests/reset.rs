@@ -566,13 +566,19 @@ fn a_release_marked_but_not_reset_survives_a_restart() {
 }
 
 #[test]
-fn an_unbind_of_a_device_vfiod_bound_resets_it_and_never_policy_does_not() {
+fn an_unbind_or_delete_of_a_device_vfiod_bound_resets_it_and_never_policy_does_not() {
     let h = host(&[]);
     h.d.register(NIC, "nic");
     assert_eq!(h.d.post("/devices/nic/bind", "").status, 200);
     let r = h.d.post("/devices/nic/unbind", "");
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(h.sim.resets(), pairs(&[(NIC, "pm")]));
+    assert_eq!(h.fs.driver_of(NIC).as_deref(), Some("e1000e"));
+
+    // DELETE gives a device vfiod bound back: a release too.
+    assert_eq!(h.d.post("/devices/nic/bind", "").status, 200);
+    assert_eq!(h.d.req("DELETE", "/devices/nic", None).status, 204);
+    assert_eq!(h.sim.resets(), pairs(&[(NIC, "pm"), (NIC, "pm")]));
     assert_eq!(h.fs.driver_of(NIC).as_deref(), Some("e1000e"));
 
     let h = host(&["--reset-on-release", "never"]);

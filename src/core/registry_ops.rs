@@ -132,6 +132,12 @@ impl Core {
         let (_group, record) = self.lock_device_for_move(id_or_name).await?;
         ensure_not_attached(&record)?;
         if record.bound_by_vfiod && record.present {
+            // Giving back a device vfiod bound is a release: reset it while
+            // it is still on vfio.
+            let record = self.reset_on_release(caller, &record, "delete").await;
+            if record.stuck {
+                return Err(CoreError::DeviceStuck(record.pci_address));
+            }
             self.unbind_locked(caller, &record).await?;
         }
         let addr = record.pci_address;
