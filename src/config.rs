@@ -40,14 +40,14 @@ pub struct Config {
     pub modules_dir: PathBuf,
     /// Test hook: read uevents from this FIFO instead of netlink.
     pub uevent_fifo: Option<PathBuf>,
+    /// When an attachment's VMM exits, also give the device back to its
+    /// driver (by default it stays on vfio for the next VM).
+    pub unbind_on_vmm_exit: bool,
     /// What one unprivileged uid, and all of them together, may hold.
     pub limits: crate::api::Limits,
     /// Time to deliver a request head, counted from when the connection
     /// starts waiting for one; so also the idle keep-alive timeout.
     pub header_timeout: Duration,
-    /// When an attachment's VMM exits, also give the device back to its
-    /// driver (by default it stays on vfio for the next VM).
-    pub unbind_on_vmm_exit: bool,
 }
 
 /// The file's shape: every key optional, unknown keys rejected so a typo is
@@ -67,11 +67,11 @@ struct FileConfig {
     log_level: Option<String>,
     reclaim: Option<bool>,
     modules_dir: Option<PathBuf>,
+    unbind_on_vmm_exit: Option<bool>,
     max_connections_per_uid: Option<usize>,
     max_event_streams_per_uid: Option<usize>,
     max_unprivileged_connections: Option<usize>,
     header_timeout_ms: Option<u64>,
-    unbind_on_vmm_exit: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -174,9 +174,9 @@ impl Config {
             reclaim: false,
             modules_dir: running_kernel_modules(),
             uevent_fifo: None,
+            unbind_on_vmm_exit: false,
             limits: crate::api::Limits::default(),
             header_timeout: crate::api::server::DEFAULT_HEADER_TIMEOUT,
-            unbind_on_vmm_exit: false,
         }
     }
 
@@ -223,6 +223,9 @@ impl Config {
         if let Some(v) = f.modules_dir {
             self.modules_dir = v;
         }
+        if let Some(v) = f.unbind_on_vmm_exit {
+            self.unbind_on_vmm_exit = v;
+        }
         if let Some(v) = f.max_connections_per_uid {
             self.limits.connections_per_uid = v;
         }
@@ -234,9 +237,6 @@ impl Config {
         }
         if let Some(v) = f.header_timeout_ms {
             self.header_timeout = header_timeout_from_ms(v).map_err(file_err)?;
-        }
-        if let Some(v) = f.unbind_on_vmm_exit {
-            self.unbind_on_vmm_exit = v;
         }
         Ok(())
     }

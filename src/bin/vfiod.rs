@@ -18,7 +18,7 @@ use vfiod::{hotplug, systemd};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let is_root = nix::unistd::geteuid().is_root();
+    let is_root = nix::unistd::geteuid().is_root() || runs_as_the_system_agent();
     let config = match Config::from_args(&args, is_root) {
         Ok(Invocation::Run(c)) => *c,
         Ok(Invocation::Help) => {
@@ -75,6 +75,20 @@ fn main() -> ExitCode {
             ExitCode::from(failure.exit_code)
         }
     }
+}
+
+/// The packaged service runs as its own user with exactly the capabilities
+/// its unit grants (CAP_DAC_OVERRIDE to write sysfs); it is then the host's
+/// agent as root would be: system paths, driver moves.
+fn runs_as_the_system_agent() -> bool {
+    const CAP_DAC_OVERRIDE: u32 = 1;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|effective| effective & (1 << CAP_DAC_OVERRIDE) != 0)
 }
 
 /// Why startup failed, and the exit status that tells systemd whether a
