@@ -6,6 +6,7 @@ pub mod holders;
 pub mod ids;
 pub mod sysfs;
 pub mod variant;
+pub mod vfio_access;
 
 pub use address::{InvalidPciAddress, PciAddress};
 pub use holders::{Disposition, Holder, HolderScanError, ProcFs, ScanReport};
