@@ -12,14 +12,18 @@
 //!    writes done directly: vfiod's overhead per cycle.
 //! 4. Uevent to visible state: an injected event until `GET /devices` and
 //!    the event stream show it.
-//! 5. The holder scan a move pays before it writes: a fake `/proc` of 2,000
+//! 5. Fair share (as root only): what root and an access group member get
+//!    (answered, p99) and vfiod's RSS, without a flood and under floods of
+//!    unprivileged uids (`tests/common/flood.rs`, the same scenarios
+//!    `tests/fairshare.rs` asserts on).
+//! 6. The holder scan a move pays before it writes: a fake `/proc` of 2,000
 //!    processes with 100 descriptors each (sockets, pipes, anonymous
 //!    inodes, regular files, `/dev/null`, a few device nodes) and a maps
 //!    file each; then, for scale, the real `/proc` of this machine (read
 //!    only, like every scan).
 //!
-//! `VFIOD_BENCH_ONLY=holders` (or `api`, `bind`, `events`, comma-separated)
-//! runs only those sections.
+//! `VFIOD_BENCH_ONLY=holders` (or `api`, `bind`, `events`, `fairshare`,
+//! comma-separated) runs only those sections.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -47,6 +51,9 @@ fn main() {
     if let Ok(spec) = std::env::var("VFIOD_BENCH_CEILING") {
         return ceiling_server(&spec);
     }
+    if let Ok(spec) = std::env::var(common::flood::HELPER_ENV) {
+        return common::flood::helper_main(&spec);
+    }
     let seconds: u64 = std::env::var("VFIOD_BENCH_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -68,9 +75,24 @@ fn main() {
     if run("events") {
         event_benchmark();
     }
+    if run("fairshare") {
+        fair_share_benchmark();
+    }
     if run("holders") {
         holder_scan_benchmark();
     }
+}
+
+fn fair_share_benchmark() {
+    println!("\n5. Fair share: root and an access group member asking while unprivileged uids flood the socket");
+    if !common::flood::is_root() {
+        println!("  skipped: needs root to start the flooding clients as other uids");
+        return;
+    }
+    let (_fs, d, group_gid) = common::flood::start_daemon();
+    let baseline = common::flood::status_kib(d.pid(), "VmRSS:");
+    let rows = common::flood::run_floods(&d, group_gid);
+    common::flood::print_table(baseline, &rows);
 }
 
 /// The minimal hyper server: every request gets the same body.
@@ -472,7 +494,7 @@ fn holder_scan_benchmark() {
     use vfiod::pci::{PciAddress, Sysfs};
 
     println!(
-        "\n5. Holder scan: fake /proc of {SCAN_PROCESSES} processes x {SCAN_FDS_PER_PROCESS} descriptors"
+        "\n6. Holder scan: fake /proc of {SCAN_PROCESSES} processes x {SCAN_FDS_PER_PROCESS} descriptors"
     );
     let fs = FakeSys::standard_host();
     let proc = FakeProc::new();

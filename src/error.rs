@@ -20,6 +20,16 @@ pub enum CoreError {
     InvalidRequest(String),
     #[error("{0}")]
     InvalidJson(String),
+    #[error("{0}")]
+    InvalidQuery(String),
+    /// The caller's uid holds as many connections as it may.
+    #[error("{0}")]
+    TooManyConnections(String),
+    /// The caller's uid holds as many event streams as it may.
+    #[error("{0}")]
+    TooManyEventStreams(String),
+    #[error("{0}")]
+    HeaderTooLarge(String),
     #[error("{0} is a PCI bridge (class {1:06x}): bridges cannot be passed through, and taking one from its driver would take hotplug and error reporting from everything below it")]
     Bridge(PciAddress, u32),
     #[error("no PCI device at {0} on this host")]

@@ -53,6 +53,13 @@ pub fn status_and_code(e: &CoreError) -> (StatusCode, &'static str) {
         InvalidTags(_) => (StatusCode::BAD_REQUEST, "invalid_tags"),
         InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
         InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
+        InvalidQuery(_) => (StatusCode::BAD_REQUEST, "invalid_query"),
+        TooManyConnections(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_connections"),
+        TooManyEventStreams(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_event_streams"),
+        HeaderTooLarge(_) => (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "header_too_large",
+        ),
         PciDeviceNotFound(_) => (StatusCode::NOT_FOUND, "device_not_found"),
         Bridge(..) => (StatusCode::BAD_REQUEST, "unsupported_device"),
         NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
@@ -162,6 +169,22 @@ mod tests {
             (CoreError::InvalidName("x".into()), 400, "invalid_name"),
             (CoreError::InvalidTags("x".into()), 400, "invalid_tags"),
             (CoreError::InvalidJson("x".into()), 400, "invalid_json"),
+            (CoreError::InvalidQuery("x".into()), 400, "invalid_query"),
+            (
+                CoreError::TooManyConnections("x".into()),
+                429,
+                "too_many_connections",
+            ),
+            (
+                CoreError::TooManyEventStreams("x".into()),
+                429,
+                "too_many_event_streams",
+            ),
+            (
+                CoreError::HeaderTooLarge("x".into()),
+                431,
+                "header_too_large",
+            ),
             (
                 CoreError::InvalidRequest("x".into()),
                 400,
