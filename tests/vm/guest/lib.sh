@@ -308,3 +308,68 @@ hotadd_e1000e() {
     HOTADDED=$(dev_under "$PORT_hp0")
     wait_until 10 has_driver "$HOTADDED" e1000e || fail "$what: $HOTADDED on $(drv "$HOTADDED")"
 }
+
+# --- a VMM inside the guest (the host's QEMU, /opt/vmm from run.sh's VMM cpio) ---
+VMM=/opt/vmm
+vmm_available() { [ -x $VMM/bin/qemu-system-x86_64 ] && [ -e $VMM/share/qboot.rom ]; }
+# vmm_start TAG root|UID ADDR [QEMU-ARGS..]: start QEMU stopped (-S) with ADDR
+# as a vfio-pci device, as root or as UID (its memlock limit raised to
+# VMM_MEMLOCK_KB, 256 MiB by default, or left as it is with "default"), with
+# QMP on its stdin/stdout (a fifo held open on fd 3), and wait until its
+# query-pci answers. Sets VMM_PID (QEMU's own pid, for `attach --pid`),
+# VMM_PCI (the query-pci answer), VMM_START_MS (start -> answer); returns 1
+# with VMM_ERR (QEMU's stderr) if QEMU exits first.
+vmm_start() {
+    local tag=$1 who=$2 addr=$3 run=
+    shift 3
+    VMM_RUN=/tmp/vm.vmm.$tag
+    rm -rf $VMM_RUN; mkdir -p $VMM_RUN; chmod 755 $VMM_RUN
+    mkfifo $VMM_RUN/qmp.in
+    [ "$who" != root ] && run="vmtool runas $who $who -"
+    trap '' PIPE
+    VMM_ERR= VMM_PCI= VMM_START_MS=
+    mark vmm0
+    (
+        [ "${VMM_MEMLOCK_KB:-262144}" = default ] || ulimit -l "${VMM_MEMLOCK_KB:-262144}"
+        export LD_LIBRARY_PATH=$VMM/lib
+        exec $run $VMM/bin/qemu-system-x86_64 -S -nodefaults -m 64 -display none \
+            -machine q35 -accel tcg -L $VMM/share -bios $VMM/share/qboot.rom \
+            -device "vfio-pci,host=$addr,id=hostdev0" -qmp stdio "$@"
+    ) <$VMM_RUN/qmp.in >$VMM_RUN/qmp.out 2>$VMM_RUN/err &
+    VMM_PID=$!
+    exec 3>$VMM_RUN/qmp.in
+    echo '{"execute": "qmp_capabilities"}' >&3
+    echo '{"execute": "query-pci"}' >&3
+    if ! wait_until 60 eval 'grep -q "\"return\": \[" $VMM_RUN/qmp.out || ! kill -0 $VMM_PID 2>/dev/null'; then
+        VMM_ERR="no query-pci answer in 60 s: $(tr '\n' ' ' <$VMM_RUN/err)"
+        vmm_stop
+        return 1
+    fi
+    mark vmm1
+    if ! grep -q '"return": \[' $VMM_RUN/qmp.out; then
+        wait $VMM_PID 2>/dev/null
+        VMM_ERR="exit $?: $(tr '\n' ' ' <$VMM_RUN/err)"
+        exec 3>&-
+        VMM_PID=
+        return 1
+    fi
+    VMM_START_MS=$(mark_ms vmm0 vmm1)
+    VMM_PCI=$(grep '"return": \[' $VMM_RUN/qmp.out | head -1)
+}
+# vmm_query_has VENDOR DEVICE (0x....): the last query-pci lists that device;
+# VMM_DEV is its entry.
+vmm_query_has() {
+    VMM_DEV=$(echo "$VMM_PCI" | jq -c --argjson v "$(($1))" --argjson d "$(($2))" \
+        '[.return[].devices[] | select(.id.vendor == $v and .id.device == $d) | {qdev_id, bus, slot, vendor: .id.vendor, device: .id.device}] | first // empty')
+    [ -n "$VMM_DEV" ]
+}
+vmm_fds() { ls -l /proc/$VMM_PID/fd 2>/dev/null | awk '/vfio/ {print $(NF-2), $NF}' | tr '\n' ' '; }
+# vmm_stop: QMP quit, then SIGKILL if QEMU is still there after 10 s.
+vmm_stop() {
+    [ -n "$VMM_PID" ] || return 0
+    echo '{"execute": "quit"}' >&3 2>/dev/null
+    wait_until 10 eval '! kill -0 $VMM_PID 2>/dev/null' || kill -9 $VMM_PID 2>/dev/null
+    wait $VMM_PID 2>/dev/null
+    exec 3>&-
+    VMM_PID=
+}
