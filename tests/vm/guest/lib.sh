@@ -319,25 +319,36 @@ vmm_available() { [ -x $VMM/bin/qemu-system-x86_64 ] && [ -e $VMM/share/qboot.ro
 # query-pci answers. Sets VMM_PID (QEMU's own pid, for `attach --pid`),
 # VMM_PCI (the query-pci answer), VMM_START_MS (start -> answer); returns 1
 # with VMM_ERR (QEMU's stderr) if QEMU exits first.
-vmm_start() {
+vmm_start() { vmm_spawn "$@" && vmm_wait; }
+# vmm_spawn ...: the first half. With VMM_GATE=1 the process already runs as
+# UID under its final pid but waits (as a shell) before it execs QEMU, until
+# vmm_open_gate: a test can name that pid to vfiod before QEMU opens the node.
+vmm_spawn() {
     local tag=$1 who=$2 addr=$3 run=
     shift 3
     VMM_RUN=/tmp/vm.vmm.$tag
     rm -rf $VMM_RUN; mkdir -p $VMM_RUN; chmod 755 $VMM_RUN
     mkfifo $VMM_RUN/qmp.in
+    mkfifo -m 666 $VMM_RUN/gate
     [ "$who" != root ] && run="vmtool runas $who $who -"
     trap '' PIPE
     VMM_ERR= VMM_PCI= VMM_START_MS=
+    set -- $VMM/bin/qemu-system-x86_64 -S -nodefaults -m 64 -display none \
+        -machine q35 -accel tcg -L $VMM/share -bios $VMM/share/qboot.rom \
+        -device "vfio-pci,host=$addr,id=hostdev0" -qmp stdio "$@"
+    [ "${VMM_GATE:-0}" = 1 ] && set -- sh -c 'read go <"$0"; exec "$@"' $VMM_RUN/gate "$@"
     mark vmm0
     (
         [ "${VMM_MEMLOCK_KB:-262144}" = default ] || ulimit -l "${VMM_MEMLOCK_KB:-262144}"
         export LD_LIBRARY_PATH=$VMM/lib
-        exec $run $VMM/bin/qemu-system-x86_64 -S -nodefaults -m 64 -display none \
-            -machine q35 -accel tcg -L $VMM/share -bios $VMM/share/qboot.rom \
-            -device "vfio-pci,host=$addr,id=hostdev0" -qmp stdio "$@"
+        exec $run "$@"
     ) <$VMM_RUN/qmp.in >$VMM_RUN/qmp.out 2>$VMM_RUN/err &
     VMM_PID=$!
     exec 3>$VMM_RUN/qmp.in
+}
+vmm_open_gate() { mark vmm0; echo go >$VMM_RUN/gate; }
+# vmm_wait: the second half (see vmm_start).
+vmm_wait() {
     echo '{"execute": "qmp_capabilities"}' >&3
     echo '{"execute": "query-pci"}' >&3
     if ! wait_until 60 eval 'grep -q "\"return\": \[" $VMM_RUN/qmp.out || ! kill -0 $VMM_PID 2>/dev/null'; then
@@ -373,3 +384,20 @@ vmm_stop() {
     exec 3>&-
     VMM_PID=
 }
+
+# --- features of vfiod that scenarios written ahead of them need ------------
+# need_cli WORD: vfioctl's usage mentions WORD (a command or an option), or the
+# scenario is PENDING: written against a contract vfiod does not have yet.
+need_cli() {
+    need_vfiod
+    vfioctl --help 2>&1 | grep -q -e "$1" || pending "vfioctl has no '$1' yet ($2)"
+}
+# The 409 device_busy body in $ERR (or JSON given) lists a process holder
+# with pid PID and comm COMM.
+busy_names_pid() { # PID COMM [JSON]
+    printf '%s' "${3:-$ERR}" | jq -e --argjson p "$1" --arg c "$2" \
+        '.code == "device_busy" and ([.holders[]? | select(.kind == "process" and .pid == $p and .comm == $c)] | length > 0)' >/dev/null 2>&1
+}
+# Kernel pci uevents for ADDR since uevmon_start (one per line; none: empty).
+uevents_of() { grep "/$1\( \|\$\)" $UEVENTS; }
+override_of() { local o; o=$(cat "/sys/bus/pci/devices/$1/driver_override"); [ "$o" = "(null)" ] && o=; echo "$o"; }
