@@ -352,8 +352,8 @@ esac
 # "raw" first, then the rest in alphabetical order.
 sel=$(for s in $sel; do [ -e "$HERE/guest/scenarios/$s.sh" ] || die "unknown scenario '$s' (have: $ALL_SCENARIOS)"; echo "$s"; done |
     awk '{print ($1=="raw" ? "0" : "1") " " $1}' | sort -u | cut -d' ' -f2 | tr '\n' ' ')
-# The VMM cpio only when a selected scenario starts a VMM (vmm_start).
-if [ -n "$VMM_CPIO" ] && (cd "$HERE/guest/scenarios" && for x in $sel; do echo "$x.sh"; done | xargs grep -l -q vmm_start); then
+# The VMM cpio only when a selected scenario starts a VMM (vmm_start, vmm_spawn).
+if [ -n "$VMM_CPIO" ] && (cd "$HERE/guest/scenarios" && for x in $sel; do echo "$x.sh"; done | xargs grep -l -q -e vmm_start -e vmm_spawn); then
     cat "$VMM_CPIO" >>"$OUT/initrd.cpio"
 fi
 gate=()

@@ -345,6 +345,11 @@ vmm_spawn() {
     ) <$VMM_RUN/qmp.in >$VMM_RUN/qmp.out 2>$VMM_RUN/err &
     VMM_PID=$!
     exec 3>$VMM_RUN/qmp.in
+    if [ "${VMM_GATE:-0}" = 1 ] && [ "$who" != root ]; then
+        # Named to vfiod only once it runs as UID (it starts as root in vmtool).
+        wait_until 10 eval 'grep -q "^Uid:[[:space:]]*$who[[:space:]]" /proc/$VMM_PID/status' ||
+            fail "the gated VMM process $VMM_PID did not switch to uid $who"
+    fi
 }
 vmm_open_gate() { mark vmm0; echo go >$VMM_RUN/gate; }
 # vmm_wait: the second half (see vmm_start).
