@@ -35,7 +35,7 @@ uevmon_start
 mark b0; vc bind gpu0; rc=$?; mark b1
 [ $rc != 0 ] || fail "bind succeeded although pid $HOLD holds /dev/dri/$CARD (kernel: $(drv "$GPU"))"
 busy_names_pid "$HOLD" vmtool || fail "bind refused, but not as 409 device_busy naming pid $HOLD (vmtool): $ERR"
-printf '%s' "$ERR" | jq -e --argjson p "$HOLD" --arg path "/dev/dri/$CARD" '[.holders[] | select(.pid == $p) | .path] | index($path) != null' >/dev/null ||
+printf '%s' "$ERR" | jq -e --argjson p "$HOLD" --arg path "/dev/dri/$CARD" 'any(.holders[]; .pid == $p and .path == $path)' >/dev/null ||
     fail "the holder entry does not name /dev/dri/$CARD as its path: $ERR"
 say "refused in $(mark_ms b0 b1) ms: $ERR"
 metric holders_drm_refusal_ms "$(mark_ms b0 b1)" ms "vfioctl bind -> 409 device_busy (/dev/dri/$CARD held)"
