@@ -43,6 +43,17 @@ pub enum CoreError {
         group: u32,
         others: Vec<(PciAddress, String)>,
     },
+    #[error("{0}")]
+    InvalidPid(String),
+    #[error("IOMMU group {group} of {device} is attached to another user ({}); all functions of a group share one VFIO node, so they can only be handed to one uid, here {uid}", list_uids(.others))]
+    GroupAttachedToOtherUid {
+        device: PciAddress,
+        group: u32,
+        uid: u32,
+        others: Vec<(PciAddress, u32)>,
+    },
+    #[error("{0}")]
+    GrantFailed(String),
     #[error("device {0} was not bound to vfio by vfiod, so vfiod leaves its driver alone")]
     NotBoundByVfiod(String),
     #[error("device {0} is not present on the bus")]
@@ -74,6 +85,14 @@ fn list_functions(others: &[(PciAddress, String)]) -> String {
     others
         .iter()
         .map(|(a, d)| format!("{a} on {d}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn list_uids(others: &[(PciAddress, u32)]) -> String {
+    others
+        .iter()
+        .map(|(a, uid)| format!("{a} for uid {uid}"))
         .collect::<Vec<_>>()
         .join(", ")
 }

@@ -58,7 +58,11 @@ pub fn status_and_code(e: &CoreError) -> (StatusCode, &'static str) {
         VfioUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "vfio_unavailable"),
         NotPrivileged(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_privileged"),
         NoIommuGroup(_) => (StatusCode::CONFLICT, "no_iommu_group"),
-        GroupConflict { .. } => (StatusCode::CONFLICT, "iommu_group_conflict"),
+        GroupConflict { .. } | GroupAttachedToOtherUid { .. } => {
+            (StatusCode::CONFLICT, "iommu_group_conflict")
+        }
+        InvalidPid(_) => (StatusCode::BAD_REQUEST, "invalid_pid"),
+        GrantFailed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "grant_failed"),
         NotBoundByVfiod(_) => (StatusCode::CONFLICT, "not_bound_by_vfiod"),
         NotPresent(_) => (StatusCode::CONFLICT, "device_not_present"),
         DeviceStuck(_) => (StatusCode::CONFLICT, "device_stuck"),

@@ -414,8 +414,8 @@ impl Api {
                 device(StatusCode::OK, &core.unbind(caller, &id).await?)
             }
             Route::Attach(id) => {
-                let instance = parse::attach(body)?;
-                device(StatusCode::OK, &core.attach(caller, &id, instance).await?)
+                let req = parse::attach(body)?;
+                device(StatusCode::OK, &core.attach(caller, &id, req).await?)
             }
             Route::Detach(id) => {
                 let keep_bound = parse::detach(body)?;

@@ -27,6 +27,13 @@ pub struct Companion {
     pub original_driver: Option<String>,
 }
 
+/// The process an attachment follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachedProcess {
+    pub pid: u32,
+    pub start_time: u64,
+}
+
 /// A driver move that was recorded before vfiod touched the hardware and
 /// has not been confirmed finished: after a crash, startup finishes or
 /// undoes it according to this record.
@@ -53,6 +60,14 @@ pub struct DeviceRecord {
     pub tags: BTreeMap<String, String>,
     #[serde(default)]
     pub attached_to: Option<String>,
+    /// The uid the attachment grants the VFIO nodes to (the VMM's user).
+    #[serde(default)]
+    pub attached_uid: Option<u32>,
+    /// The VMM process whose exit ends the attachment, with its start time
+    /// (clock ticks since boot, /proc/PID/stat) so that a reused pid is
+    /// never taken for it.
+    #[serde(default)]
+    pub attached_pid: Option<AttachedProcess>,
     /// The driver to give the device back to; recorded before a bind.
     #[serde(default)]
     pub original_driver: Option<String>,
@@ -223,6 +238,8 @@ pub(crate) mod tests {
             created_at: Utc::now(),
             tags: BTreeMap::new(),
             attached_to: None,
+            attached_uid: None,
+            attached_pid: None,
             original_driver: None,
             bound_by_vfiod: false,
             vfio_driver: None,
