@@ -6,11 +6,11 @@
 # the give-back of DELETE the same way, and once the process has exited the
 # same unbind must succeed.
 . /vm/lib.sh
-need_cli holders "GET /devices/{id}/holders, 409 device_busy with holders"
 NIC=$(dev_under "$PORT_nic0")
 vfiod_start
 vc_ok register "$NIC" --name nic0
-vc_ok holders nic0
+need_holders_api nic0
+holders_of nic0
 [ "$(echo "$OUT" | jq -c '[.. | objects | select(has("kind"))] | length')" = 0 ] || fail "holders of an idle e1000e: $OUT"
 vc_ok bind nic0
 has_driver "$NIC" vfio-pci || fail "bind nic0: kernel has $(drv "$NIC")"
@@ -45,7 +45,7 @@ jload
 [ "$J_bound_to_vfio" = true ] && [ "$J_current_driver" = vfio-pci ] || fail "after the refusal vfiod says bound_to_vfio=$J_bound_to_vfio current_driver=$J_current_driver"
 
 # The same holder through GET holders.
-mark h0; vc_ok holders nic0; mark h1
+mark h0; holders_of nic0; mark h1
 echo "$OUT" | jq -e --argjson p "$HOLD" '[.. | objects | select(.kind == "process" and .pid == $p and .comm == "vmtool")] | length > 0' >/dev/null ||
     fail "holders nic0 does not list pid $HOLD (vmtool): $OUT"
 echo "$OUT" | jq -e --argjson p "$HOLD" '[.. | objects | select(.kind == "process" and .pid == $p) | .uid] | all(. == 0)' >/dev/null ||
@@ -62,7 +62,7 @@ has_driver "$NIC" vfio-pci || fail "after the refused delete $NIC is on $(drv "$
 
 # Once the holder is gone, the same unbind works.
 kill "$HOLD"; wait "$HOLD" 2>/dev/null
-vc_ok holders nic0
+holders_of nic0
 [ "$(echo "$OUT" | jq -c '[.. | objects | select(.kind == "process")] | length')" = 0 ] || fail "holders after the holder exited: $OUT"
 mark u0; vc_ok unbind nic0; mark u1
 has_driver "$NIC" e1000e || fail "unbind after the holder exited: kernel has $(drv "$NIC")"

@@ -7,7 +7,6 @@
 # it, the bind must succeed (unbinding the console is a step of the plan, the
 # dry run shows it), and the unbind must give the console back.
 . /vm/lib.sh
-need_cli holders "GET /devices/{id}/holders, 409 device_busy with holders"
 GPU=$(dev_under "$PORT_gpu0")
 D=/sys/bus/pci/devices/$GPU
 has_driver "$GPU" bochs-drm || fail "precondition: $GPU is on $(drv "$GPU")"
@@ -27,6 +26,7 @@ say "$GPU: $CARD, graphics $(ls "$D/graphics" 2>/dev/null | tr '\n' ' '); consol
 
 vfiod_start
 vc_ok register "$GPU" --name gpu0
+need_holders_api gpu0
 vmtool hold "/dev/dri/$CARD" >/tmp/vm.hold 2>&1 &
 HOLD=$!
 wait_until 10 grep -q holding /tmp/vm.hold || fail "hold /dev/dri/$CARD: $(cat /tmp/vm.hold)"
@@ -45,7 +45,7 @@ has_driver "$GPU" bochs-drm || fail "after the refused bind $GPU is on $(drv "$G
 [ "$HAVE_FBCON" = no ] || fbcon_bound || fail "the refused bind unbound the framebuffer console: $(vtcons)"
 vc_ok show gpu0
 [ "$(jget .bound_to_vfio)" = false ] || fail "after the refusal vfiod says bound_to_vfio=$(jget .bound_to_vfio)"
-vc_ok holders gpu0
+holders_of gpu0
 echo "$OUT" | jq -e --argjson p "$HOLD" '[.. | objects | select(.kind == "process" and .pid == $p)] | length > 0' >/dev/null ||
     fail "holders gpu0 does not list pid $HOLD: $OUT"
 say "holders gpu0: $(echo "$OUT" | jq -c .)"

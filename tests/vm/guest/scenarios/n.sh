@@ -5,7 +5,6 @@
 # the filesystem still usable); once unmounted, bind and unbind work and the
 # data is still there.
 . /vm/lib.sh
-need_cli holders "GET /devices/{id}/holders, 409 device_busy with holders"
 NVME=$(dev_under "$PORT_nvme0") || fail "no NVMe below $PORT_nvme0"
 has_driver "$NVME" nvme || fail "precondition: $NVME is on $(drv "$NVME")"
 wait_until 10 test -b /dev/nvme0n1 || fail "no /dev/nvme0n1"
@@ -17,6 +16,7 @@ sync
 
 vfiod_start
 vc_ok register "$NVME" --name disk0
+need_holders_api disk0
 uevmon_start
 mark b0; vc bind disk0; rc=$?; mark b1
 [ $rc != 0 ] || fail "bind succeeded with /dev/nvme0n1 mounted on $MNT (kernel: $(drv "$NVME"))"
@@ -31,7 +31,7 @@ echo "written after the refusal" >$MNT/after && sync || fail "the filesystem is 
 # --with-group and --dry-run see it too.
 vc bind disk0 --dry-run
 say "dry run while mounted: rc=$RC $OUT$ERR"
-vc_ok holders disk0
+holders_of disk0
 echo "$OUT" | jq -e --arg m "$MNT" '[.. | objects | select(.kind == "mount" and .mount_point == $m)] | length > 0' >/dev/null ||
     fail "holders disk0 does not list the mount on $MNT: $OUT"
 say "holders disk0: $(echo "$OUT" | jq -c .)"

@@ -11,12 +11,12 @@
 #     (attached_to cleared, an attachment_ended event, the grant revoked), the
 #     device stays on vfio-pci and the node is closed to uid 1000 again.
 . /vm/lib.sh
-need_cli "--uid" "attach with a uid grants access to /dev/vfio/N"
 vmm_available || fail "no VMM in the guest (/opt/vmm; VFIOD_VM_NO_VMM set?)"
 NIC=$(dev_under "$PORT_nic0")
 VID=$(attr "$NIC" vendor) DID=$(attr "$NIC" device)
 vfiod_start
 vc_ok register "$NIC" --name nic0
+need_attach_grants nic0
 vc_ok bind nic0
 has_driver "$NIC" vfio-pci || fail "bind nic0: kernel has $(drv "$NIC")"
 G=$(grp "$NIC")
@@ -39,7 +39,14 @@ say "unattached: $VMM_ERR"
 
 # Attached to uid 1000.
 mark a0
-vc_ok attach nic0 vm-p --uid 1000
+attach_uid() { # INSTANCE UID [PID]: through vfioctl once it has --uid, else the API
+    if vfioctl --help 2>&1 | grep -q -e '--uid'; then
+        vc_ok attach nic0 "$1" --uid "$2" ${3:+--pid "$3"}
+    else
+        api_ok POST /devices/nic0/attach "{\"instance_id\": \"$1\", \"uid\": $2${3:+, \"pid\": $3}}"
+    fi
+}
+attach_uid vm-p 1000
 mark a1
 jload
 [ "$J_attached_uid" = 1000 ] && [ "$J_attached_to" = vm-p ] || fail "attach --uid 1000 answered attached_uid=$J_attached_uid attached_to=$J_attached_to"
@@ -69,7 +76,7 @@ jload
 events_start
 VMM_GATE=1 vmm_spawn pid 1000 "$NIC"
 mark p0
-vc_ok attach nic0 vm-p2 --uid 1000 --pid "$VMM_PID"
+attach_uid vm-p2 1000 "$VMM_PID"
 mark p1
 jload
 [ "$J_attached_pid" = "$VMM_PID" ] || fail "attach --pid $VMM_PID answered attached_pid=$J_attached_pid"
