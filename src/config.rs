@@ -43,6 +43,11 @@ pub struct Config {
     /// When an attachment's VMM exits, also give the device back to its
     /// driver (by default it stays on vfio for the next VM).
     pub unbind_on_vmm_exit: bool,
+    /// What one unprivileged uid, and all of them together, may hold.
+    pub limits: crate::api::Limits,
+    /// Time to deliver a request head, counted from when the connection
+    /// starts waiting for one; so also the idle keep-alive timeout.
+    pub header_timeout: Duration,
 }
 
 /// The file's shape: every key optional, unknown keys rejected so a typo is
@@ -63,6 +68,10 @@ struct FileConfig {
     reclaim: Option<bool>,
     modules_dir: Option<PathBuf>,
     unbind_on_vmm_exit: Option<bool>,
+    max_connections_per_uid: Option<usize>,
+    max_event_streams_per_uid: Option<usize>,
+    max_unprivileged_connections: Option<usize>,
+    header_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -102,6 +111,16 @@ OPTIONS (override the config file):
   --modules-dir DIR    where modules.alias names vfio variant drivers
                        [default: /lib/modules/$(uname -r)]
   --log-level LEVEL    error|warn|info|debug|trace [default: info]
+  --max-connections-per-uid N
+                       connections one unprivileged uid may hold [default: 64]
+  --max-event-streams-per-uid N
+                       GET /events streams one unprivileged uid may hold [default: 16]
+  --max-unprivileged-connections N
+                       connections all unprivileged uids together may hold
+                       [default: 1024; less if the fd limit leaves no room]
+  --header-timeout-ms N
+                       time to send a request head, and to idle between
+                       requests [default: 10000]
   --uevent-fifo PATH   read uevents from a FIFO instead of netlink (tests)
   -h, --help           this text
   -V, --version        print the version
@@ -156,6 +175,8 @@ impl Config {
             modules_dir: running_kernel_modules(),
             uevent_fifo: None,
             unbind_on_vmm_exit: false,
+            limits: crate::api::Limits::default(),
+            header_timeout: crate::api::server::DEFAULT_HEADER_TIMEOUT,
         }
     }
 
@@ -204,6 +225,18 @@ impl Config {
         }
         if let Some(v) = f.unbind_on_vmm_exit {
             self.unbind_on_vmm_exit = v;
+        }
+        if let Some(v) = f.max_connections_per_uid {
+            self.limits.connections_per_uid = v;
+        }
+        if let Some(v) = f.max_event_streams_per_uid {
+            self.limits.event_streams_per_uid = v;
+        }
+        if let Some(v) = f.max_unprivileged_connections {
+            self.limits.unprivileged_connections = v;
+        }
+        if let Some(v) = f.header_timeout_ms {
+            self.header_timeout = header_timeout_from_ms(v).map_err(file_err)?;
         }
         Ok(())
     }
@@ -268,6 +301,19 @@ impl Config {
                     config.udev_rules_dir = (!v.is_empty()).then(|| v.into());
                 }
                 "--log-level" => config.log_level = value()?,
+                "--max-connections-per-uid" => {
+                    config.limits.connections_per_uid = number(flag, &value()?)?
+                }
+                "--max-event-streams-per-uid" => {
+                    config.limits.event_streams_per_uid = number(flag, &value()?)?
+                }
+                "--max-unprivileged-connections" => {
+                    config.limits.unprivileged_connections = number(flag, &value()?)?
+                }
+                "--header-timeout-ms" => {
+                    config.header_timeout = header_timeout_from_ms(number(flag, &value()?)?)
+                        .map_err(ConfigError::Usage)?
+                }
                 other => {
                     return Err(ConfigError::Usage(format!(
                         "unknown argument {other:?}; see vfiod --help"
@@ -284,6 +330,7 @@ impl Config {
                 config.log_level
             )));
         }
+        config.limits.validate().map_err(ConfigError::Usage)?;
         Ok(Invocation::Run(Box::new(config)))
     }
 }
@@ -300,6 +347,19 @@ fn timeout_from_ms(ms: u64) -> Result<Duration, String> {
         Ok(Duration::from_millis(ms))
     } else {
         Err(format!("op_timeout_ms {ms} is outside 10..=600000"))
+    }
+}
+
+fn number<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, ConfigError> {
+    v.parse()
+        .map_err(|_| ConfigError::Usage(format!("{flag}: not a number: {v:?}")))
+}
+
+fn header_timeout_from_ms(ms: u64) -> Result<Duration, String> {
+    if (100..=600_000).contains(&ms) {
+        Ok(Duration::from_millis(ms))
+    } else {
+        Err(format!("header_timeout_ms {ms} is outside 100..=600000"))
     }
 }
 
@@ -378,6 +438,42 @@ mod tests {
             run(&["--sysfs=/tmp/s"]).unwrap().sysfs,
             PathBuf::from("/tmp/s")
         );
+    }
+
+    #[test]
+    fn connection_limits_from_file_and_flags() {
+        let dir = std::env::temp_dir().join(format!("vfiod-config-lim-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "max_connections_per_uid = 8\nmax_event_streams_per_uid = 2\nheader_timeout_ms = 2500\n",
+        )
+        .unwrap();
+        let f = file.to_str().unwrap();
+        let c = run(&["--config", f, "--max-unprivileged-connections", "100"]).unwrap();
+        assert_eq!(
+            c.limits,
+            crate::api::Limits {
+                connections_per_uid: 8,
+                event_streams_per_uid: 2,
+                unprivileged_connections: 100,
+            }
+        );
+        assert_eq!(c.header_timeout, Duration::from_millis(2500));
+        assert!(matches!(
+            run(&["--config", f, "--max-unprivileged-connections", "4"]),
+            Err(ConfigError::Usage(m)) if m.contains("larger than")
+        ));
+        assert!(matches!(
+            run(&["--max-connections-per-uid", "0"]),
+            Err(ConfigError::Usage(_))
+        ));
+        assert!(matches!(
+            run(&["--header-timeout-ms", "5"]),
+            Err(ConfigError::Usage(_))
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

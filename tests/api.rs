@@ -223,6 +223,14 @@ fn tags_filter_percent_encoded_like_the_sdks() {
     assert_eq!(names("?tags%5Bteam%5D=ml+ops&tags%5Bzone%5D=2"), ["bb"]);
     assert_eq!(names("?tags[team]=nobody"), Vec::<String>::new());
     assert_eq!(names("").len(), 3);
+    // Unknown parameters are ignored, as hypeman does...
+    assert_eq!(names("?limit=1&tagsx=2").len(), 3);
+    // ...but a tag filter that is not tags[KEY]=VALUE never lists everything.
+    for bad in ["?tags[team=ml", "?tags=team:ml", "?tags%5Bteam=ml"] {
+        d.get(&format!("/devices{bad}"))
+            .expect_error(400, "invalid_query")
+            .expect_message_contains("tags[KEY]=VALUE");
+    }
 }
 
 #[test]

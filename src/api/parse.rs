@@ -127,10 +127,11 @@ pub fn update(body: &[u8]) -> Result<UpdateRequest, CoreError> {
 /// `POST /devices/{id_or_name}/bind`; an empty body means the defaults.
 pub fn bind(body: &[u8]) -> Result<BindRequest, CoreError> {
     let map = object(body, true)?;
-    deny_unknown(&map, &["with_group", "dry_run"])?;
+    deny_unknown(&map, &["with_group", "dry_run", "force"])?;
     Ok(BindRequest {
         with_group: optional_bool(&map, "with_group")?,
         dry_run: optional_bool(&map, "dry_run")?,
+        force: optional_bool(&map, "force")?,
     })
 }
 
@@ -246,14 +247,23 @@ fn query_pairs(query: Option<&str>) -> Result<Vec<(String, String)>, CoreError> 
 pub fn list_query(query: Option<&str>) -> Result<Vec<(String, String)>, CoreError> {
     let mut filter = Vec::new();
     for (k, v) in query_pairs(query)? {
-        if let Some(key) = k.strip_prefix("tags[").and_then(|r| r.strip_suffix(']')) {
-            if key.is_empty() {
-                return Err(CoreError::InvalidTags(
-                    "tag filter tags[] needs a key".into(),
-                ));
-            }
-            filter.push((key.to_owned(), v));
+        // Only `tags` parameters are checked: hypeman ignores unknown ones,
+        // but a malformed tag filter ignored would silently list everything.
+        if k != "tags" && !k.starts_with("tags[") {
+            continue;
         }
+        let Some(key) = k.strip_prefix("tags[").and_then(|r| r.strip_suffix(']')) else {
+            return Err(CoreError::InvalidQuery(format!(
+                "query parameter {:?} is not a tag filter: write tags[KEY]=VALUE",
+                k.chars().take(140).collect::<String>()
+            )));
+        };
+        if key.is_empty() {
+            return Err(CoreError::InvalidTags(
+                "tag filter tags[] needs a key".into(),
+            ));
+        }
+        filter.push((key.to_owned(), v));
     }
     if filter.len() > crate::core::MAX_TAGS {
         return Err(CoreError::InvalidTags("too many tag filters".into()));
@@ -463,6 +473,10 @@ mod tests {
         );
         assert!(list_query(None).unwrap().is_empty());
         assert_eq!(code(list_query(Some("tags%5B%5D=x"))), "invalid_tags");
+        assert_eq!(code(list_query(Some("tags[pool=a"))), "invalid_query");
+        assert_eq!(code(list_query(Some("tags=pool:a"))), "invalid_query");
+        assert_eq!(code(list_query(Some("tags[a]x=1"))), "invalid_query");
+        assert!(list_query(Some("tagsx=1&limit=5")).unwrap().is_empty());
         assert_eq!(code(list_query(Some("tags[a]=%zz"))), "invalid_request");
         assert_eq!(code(list_query(Some("tags[a]=%ff"))), "invalid_request");
     }

@@ -154,3 +154,12 @@ pub struct HealthBody<'a> {
     #[serde(flatten)]
     pub health: &'a Health,
 }
+
+/// `GET /devices/{id_or_name}/holders`.
+#[derive(Debug, Serialize)]
+pub struct Holders<'a> {
+    pub id: &'a str,
+    pub name: &'a str,
+    pub pci_address: PciAddress,
+    pub holders: &'a [crate::pci::holders::Holder],
+}

@@ -20,6 +20,7 @@
 //! (attachments), `reconcile` (startup and hotplug).
 
 mod attach;
+mod holders;
 mod moves;
 mod reconcile;
 mod registry_ops;

@@ -57,6 +57,7 @@ impl Core {
             bound_by_vfiod: false,
             vfio_driver: None,
             companions: vec![],
+            released_consoles: vec![],
             pending: None,
             present: true,
             current_driver: driver,

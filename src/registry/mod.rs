@@ -80,6 +80,10 @@ pub struct DeviceRecord {
     pub vfio_driver: Option<String>,
     #[serde(default)]
     pub companions: Vec<Companion>,
+    /// Framebuffer consoles (`vtconN`) vfiod took off the device's
+    /// framebuffer to move it; bound again when the device is given back.
+    #[serde(default)]
+    pub released_consoles: Vec<String>,
     #[serde(default)]
     pub pending: Option<PendingOp>,
     /// Last observed state of the hardware; refreshed from sysfs at startup
@@ -244,6 +248,7 @@ pub(crate) mod tests {
             bound_by_vfiod: false,
             vfio_driver: None,
             companions: vec![],
+            released_consoles: vec![],
             pending: None,
             present: true,
             current_driver: Some("nvidia".into()),

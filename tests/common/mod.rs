@@ -5,6 +5,7 @@
 
 pub mod fakeproc;
 pub mod fakesys;
+pub mod flood;
 pub mod simkernel;
 
 use std::io::{Read, Write};
@@ -165,6 +166,8 @@ pub struct Daemon {
     pub devfs: PathBuf,
     pub log: PathBuf,
     pub extra_args: Vec<String>,
+    /// RLIMIT_NOFILE (soft, hard) to start the daemon with; None inherits.
+    pub nofile: Option<(u64, u64)>,
     _dir: std::sync::Arc<TempDir>,
     dir_path: PathBuf,
 }
@@ -172,6 +175,12 @@ pub struct Daemon {
 impl Daemon {
     /// Starts vfiod on `fs` with a fresh state directory.
     pub fn start(fs: &FakeSys, extra: &[&str]) -> Daemon {
+        Daemon::start_with_nofile(fs, extra, None)
+    }
+
+    /// Starts vfiod with the file descriptor limits `nofile` (soft, hard),
+    /// like the ones systemd gives a service.
+    pub fn start_with_nofile(fs: &FakeSys, extra: &[&str], nofile: Option<(u64, u64)>) -> Daemon {
         let dir = std::sync::Arc::new(TempDir::new("vfiod-test").unwrap());
         let dir_path = dir.path().to_owned();
         let mut d = Daemon {
@@ -182,6 +191,7 @@ impl Daemon {
             devfs: fs.devfs.clone(),
             log: dir_path.join("vfiod.log"),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            nofile,
             _dir: dir,
             dir_path,
         };
@@ -220,11 +230,21 @@ impl Daemon {
             .env("VFIOD_LOG", "debug");
         // If the test process dies (a timeout, a panic in another thread),
         // the daemon must not outlive it.
-        // SAFETY: prctl is async-signal-safe.
+        let nofile = self.nofile;
+        // SAFETY: prctl and setrlimit are async-signal-safe.
         unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                    .map_err(std::io::Error::from)
+                    .map_err(std::io::Error::from)?;
+                if let Some((soft, hard)) = nofile {
+                    nix::sys::resource::setrlimit(
+                        nix::sys::resource::Resource::RLIMIT_NOFILE,
+                        soft,
+                        hard,
+                    )
+                    .map_err(std::io::Error::from)?;
+                }
+                Ok(())
             });
         }
         cmd
