@@ -17,6 +17,8 @@ sync
 vfiod_start
 vc_ok register "$NVME" --name disk0
 need_holders_api disk0
+api GET /devices/disk0/holders
+say "holders while mounted: $OUT$ERR"
 uevmon_start
 mark b0; vc bind disk0; rc=$?; mark b1
 [ $rc != 0 ] || fail "bind succeeded with /dev/nvme0n1 mounted on $MNT (kernel: $(drv "$NVME"))"

@@ -131,6 +131,12 @@ mkdir -p /tmp/vm.nvme
 mount -t ext4 /dev/nvme0n1 /tmp/vm.nvme || fail "mount /dev/nvme0n1: $(dmesg | tail -3)"
 echo hello >/tmp/vm.nvme/hello
 say "$NVME: controller $(ls "/sys/bus/pci/devices/$NVME/nvme" | tr '\n' ' '); namespaces under it: $(ls -d /sys/bus/pci/devices/$NVME/nvme/*/nvme*n* 2>/dev/null | sed 's|.*/||' | tr '\n' ' '); /dev/nvme0n1 is $(cat /sys/block/nvme0n1/dev), mounted: $(grep nvme0n1 /proc/mounts)"
-note "== nvme $NVME: $(ls -R "/sys/bus/pci/devices/$NVME/nvme" 2>/dev/null | grep -c .) sysfs entries; block: $(readlink -f /sys/block/nvme0n1); mount: $(grep nvme0n1 /proc/mounts)"
+note "== nvme $NVME: block: $(readlink -f /sys/block/nvme0n1); mount: $(grep nvme0n1 /proc/mounts)"
+# Where the disks sit: the function's hidden path disk and the mounted head.
+note "-- under the function: $(cd /sys/bus/pci/devices/$NVME && find nvme -maxdepth 3 -name 'nvme*' | tr '\n' ' ')"
+note "-- class/block: $(for b in /sys/class/block/nvme*; do printf '%s -> %s; ' "${b##*/}" "$(readlink "$b")"; done)"
+note "-- nvme-subsystem: $(for d in /sys/class/nvme-subsystem/*/*; do printf '%s -> %s; ' "${d#/sys/class/nvme-subsystem/}" "$(readlink "$d")"; done 2>/dev/null)"
+note "-- controller nvme0: $(ls /sys/bus/pci/devices/$NVME/nvme/nvme0 | tr '\n' ' ')"
+note "-- nvme0n1/multipath (6.14+): $(ls /sys/class/block/nvme0n1/multipath 2>&1 | tr '\n' ' '); nvme0c0n1 dev: $(cat /sys/class/block/nvme0c0n1/dev 2>&1); hidden: $(cat /sys/class/block/nvme0c0n1/hidden 2>&1)"
 umount /tmp/vm.nvme
 exit 0
