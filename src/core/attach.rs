@@ -218,19 +218,7 @@ impl Core {
         let Some((uid, nodes)) = self.grant_nodes(record) else {
             return Ok(());
         };
-        let addr = record.pci_address;
-        tokio::task::spawn_blocking(move || {
-            nodes
-                .iter()
-                .try_for_each(|node| vfio_access::grant(node, uid))
-        })
-        .await
-        .map_err(|e| CoreError::Internal(format!("grant task: {e}")))?
-        .map_err(|e| {
-            CoreError::GrantFailed(format!(
-                "opening the VFIO nodes of {addr} to uid {uid}: {e}"
-            ))
-        })
+        change_nodes(record.pci_address, nodes, uid, NodeChange::Grant).await
     }
 
     /// Takes the attachment's uid off the device's nodes, except the
@@ -257,19 +245,7 @@ impl Core {
             .filter(|n| !(group_shared && Some(n) == group_node.as_ref()))
             .filter(|n| !(iommu_shared && *n == iommu_node))
             .collect();
-        let addr = record.pci_address;
-        tokio::task::spawn_blocking(move || {
-            nodes
-                .iter()
-                .try_for_each(|node| vfio_access::revoke(node, uid))
-        })
-        .await
-        .map_err(|e| CoreError::Internal(format!("revoke task: {e}")))?
-        .map_err(|e| {
-            CoreError::GrantFailed(format!(
-                "closing the VFIO nodes of {addr} to uid {uid}: {e}"
-            ))
-        })
+        change_nodes(record.pci_address, nodes, uid, NodeChange::Revoke).await
     }
 
     /// Revokes and clears an attachment (lock held). `why` goes to the log
@@ -415,6 +391,31 @@ impl Core {
             }
         }
     }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum NodeChange {
+    Grant,
+    Revoke,
+}
+
+/// Grants or revokes `uid`'s access to `nodes` of `addr`, off the runtime.
+async fn change_nodes(
+    addr: PciAddress,
+    nodes: Vec<PathBuf>,
+    uid: u32,
+    change: NodeChange,
+) -> Result<(), CoreError> {
+    let (apply, what): (fn(&Path, u32) -> _, _) = match change {
+        NodeChange::Grant => (vfio_access::grant, "opening"),
+        NodeChange::Revoke => (vfio_access::revoke, "closing"),
+    };
+    tokio::task::spawn_blocking(move || nodes.iter().try_for_each(|node| apply(node, uid)))
+        .await
+        .map_err(|e| CoreError::Internal(format!("VFIO node access task: {e}")))?
+        .map_err(|e| {
+            CoreError::GrantFailed(format!("{what} the VFIO nodes of {addr} to uid {uid}: {e}"))
+        })
 }
 
 /// Resolves when `process` has exited. Errors when no pidfd can be had

@@ -362,6 +362,25 @@ impl Drop for Daemon {
 }
 
 /// Runs vfioctl against `socket`; returns (exit code, stdout, stderr).
+/// Makes `cmd` run as `uid` (primary group `uid`) with the supplementary
+/// `groups`, as a local user's client would.
+pub fn run_as(cmd: &mut Command, uid: u32, groups: &[u32]) {
+    use std::os::unix::process::CommandExt;
+    let groups: Vec<nix::unistd::Gid> = groups
+        .iter()
+        .map(|g| nix::unistd::Gid::from_raw(*g))
+        .collect();
+    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setgroups(&groups).map_err(std::io::Error::from)?;
+            nix::unistd::setgid(nix::unistd::Gid::from_raw(uid)).map_err(std::io::Error::from)?;
+            nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)).map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+}
+
 pub fn vfioctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(vfioctl_bin())
         .arg("--socket")
