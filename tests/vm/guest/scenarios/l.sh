@@ -51,7 +51,7 @@ echo "$OUT" | jq -e --argjson p "$HOLD" '[.. | objects | select(.kind == "proces
 echo "$OUT" | jq -e --argjson p "$HOLD" '[.. | objects | select(.kind == "process" and .pid == $p) | .uid] | all(. == 0)' >/dev/null ||
     fail "holders nic0: the holder's uid is not 0: $OUT"
 say "holders nic0 ($(mark_ms h0 h1) ms): $(echo "$OUT" | jq -c .)"
-metric holders_get_ms "$(mark_ms h0 h1)" ms "vfioctl holders (one holding process)"
+metric holders_get_ms "$(mark_ms h0 h1)" ms "GET holders (one holding process)"
 
 # DELETE gives the device back to e1000e: refused too, and it stays registered.
 vc delete nic0 && fail "delete succeeded although pid $HOLD holds the device (kernel: $(drv "$NIC"))"
