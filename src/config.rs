@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use clap::{Parser, ValueHint};
 use serde::Deserialize;
 
 pub const DEFAULT_CONFIG: &str = "/etc/vfiod/config.toml";
@@ -58,54 +59,87 @@ struct FileConfig {
     modules_dir: Option<PathBuf>,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The command line did not parse, or asked for `--help`/`--version`:
+    /// clap renders it and knows whether it goes to stdout (exit 0) or
+    /// stderr (exit 2).
+    #[error("{0}")]
+    Cli(#[from] clap::Error),
     #[error("{0}")]
     Usage(String),
     #[error("config file {path}: {detail}")]
     File { path: PathBuf, detail: String },
 }
 
-pub const USAGE: &str = "\
-vfiod: PCI passthrough host agent
+/// The command line. Every option is optional so that a flag that is not
+/// given leaves the config file's value alone; the defaults shown in
+/// `--help` are the built-in ones, applied in [`Config::defaults`].
+#[derive(Debug, Parser)]
+#[command(
+    name = "vfiod",
+    args_override_self = true,
+    version,
+    about = "PCI passthrough host agent",
+    long_about = "PCI passthrough host agent\n\n\
+        Keeps a registry of PCI devices set aside for passthrough, moves them \
+        between their native driver and vfio-pci on request, and serves an \
+        HTTP+JSON API on a Unix socket (see vfioctl(1) for the client).\n\n\
+        Options override the config file.",
+    after_help = "Under systemd it takes the socket from vfiod.socket, notifies readiness \
+        (Type=notify), pings the watchdog and logs to the journal."
+)]
+pub struct Flags {
+    /// Config file [default: /etc/vfiod/config.toml; missing is fine]
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Unix socket to serve on
+    /// [root: /run/vfiod/vfiod.sock; others: $XDG_RUNTIME_DIR/vfiod/vfiod.sock]
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
+    pub socket: Option<PathBuf>,
+    /// Where the registry lives [root: /var/lib/vfiod; others: $XDG_STATE_HOME/vfiod]
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+    pub state_dir: Option<PathBuf>,
+    /// Sysfs root [default: /sys]; tests point it at a fake tree
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+    pub sysfs: Option<PathBuf>,
+    /// Devfs root [default: /dev]
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+    pub devfs: Option<PathBuf>,
+    /// Group whose members may change things [default: vfiod]
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
+    /// Limit for one sysfs write or driver settle, 10..=600000 [default: 5000]
+    #[arg(long, value_name = "N", value_parser = parse_op_timeout_ms)]
+    pub op_timeout_ms: Option<u64>,
+    /// Run modprobe vfio-pci when a bind needs it
+    #[arg(long)]
+    pub load_modules: bool,
+    /// Where to keep the boot-time udev rule ('' disables)
+    /// [default: /etc/udev/rules.d as root; disabled otherwise]
+    // A String, not a PathBuf: clap refuses an empty path, and '' is meaningful.
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+    pub udev_rules_dir: Option<String>,
+    /// Take back a vfio device another actor moves away
+    #[arg(long)]
+    pub reclaim: bool,
+    /// Where modules.alias names vfio variant drivers [default: /lib/modules/$(uname -r)]
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+    pub modules_dir: Option<PathBuf>,
+    /// Log level [default: info]
+    #[arg(long, value_name = "LEVEL", value_parser = LOG_LEVELS)]
+    pub log_level: Option<String>,
+    /// Read uevents from a FIFO instead of netlink (tests)
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
+    pub uevent_fifo: Option<PathBuf>,
+}
 
-Keeps a registry of PCI devices set aside for passthrough, moves them
-between their native driver and vfio-pci on request, and serves an
-HTTP+JSON API on a Unix socket (see vfioctl(1) for the client).
+const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
 
-USAGE: vfiod [OPTIONS]
-
-OPTIONS (override the config file):
-  --config FILE        config file [default: /etc/vfiod/config.toml; missing is fine]
-  --socket PATH        Unix socket to serve on
-                       [root: /run/vfiod/vfiod.sock; others: $XDG_RUNTIME_DIR/vfiod/vfiod.sock]
-  --state-dir DIR      where the registry lives
-                       [root: /var/lib/vfiod; others: $XDG_STATE_HOME/vfiod]
-  --sysfs DIR          sysfs root [default: /sys]; tests point it at a fake tree
-  --devfs DIR          devfs root [default: /dev]
-  --group NAME         group whose members may change things [default: vfiod]
-  --op-timeout-ms N    limit for one sysfs write or driver settle [default: 5000]
-  --load-modules       modprobe vfio-pci when a bind needs it
-  --udev-rules-dir DIR where to keep the boot-time udev rule ('' disables)
-                       [default: /etc/udev/rules.d as root; disabled otherwise]
-  --reclaim            take back a vfio device another actor moves away
-  --modules-dir DIR    where modules.alias names vfio variant drivers
-                       [default: /lib/modules/$(uname -r)]
-  --log-level LEVEL    error|warn|info|debug|trace [default: info]
-  --uevent-fifo PATH   read uevents from a FIFO instead of netlink (tests)
-  -h, --help           this text
-  -V, --version        print the version
-
-Under systemd it takes the socket from vfiod.socket, notifies readiness
-(Type=notify), pings the watchdog and logs to the journal.
-";
-
-/// What the command line asked for besides configuration.
-#[derive(Debug, PartialEq)]
-pub enum Invocation {
-    Run(Box<Config>),
-    Help,
-    Version,
+fn parse_op_timeout_ms(v: &str) -> Result<u64, String> {
+    let ms = v.parse().map_err(|_| format!("not a number: {v:?}"))?;
+    timeout_from_ms(ms)?;
+    Ok(ms)
 }
 
 fn xdg_dir(var: &str, fallback_under_home: &str) -> PathBuf {
@@ -191,12 +225,18 @@ impl Config {
     }
 
     /// Parses `args` (without the program name), reading the config file
-    /// they name or the default one.
-    pub fn from_args(args: &[String], is_root: bool) -> Result<Invocation, ConfigError> {
+    /// they name or the default one. `--help` and `--version` come back as
+    /// a [`ConfigError::Cli`] that is not an error (`use_stderr()` false).
+    pub fn from_args(args: &[String], is_root: bool) -> Result<Config, ConfigError> {
+        let flags =
+            Flags::try_parse_from(std::iter::once("vfiod").chain(args.iter().map(String::as_str)))?;
+        Config::from_flags(flags, is_root)
+    }
+
+    pub fn from_flags(flags: Flags, is_root: bool) -> Result<Config, ConfigError> {
         let mut config = Config::defaults(is_root);
-        let config_path = flag_value(args, "--config")?;
-        let (path, must_exist) = match config_path {
-            Some(p) => (PathBuf::from(p), true),
+        let (path, must_exist) = match flags.config {
+            Some(p) => (p, true),
             None => (PathBuf::from(DEFAULT_CONFIG), false),
         };
         match std::fs::read_to_string(&path) {
@@ -209,62 +249,46 @@ impl Config {
                 })
             }
         }
-        let mut it = args.iter();
-        while let Some(arg) = it.next() {
-            let (flag, inline) = match arg.split_once('=') {
-                Some((f, v)) if f.starts_with("--") => (f, Some(v.to_owned())),
-                _ => (arg.as_str(), None),
-            };
-            let mut value = || -> Result<String, ConfigError> {
-                inline
-                    .clone()
-                    .or_else(|| it.next().cloned())
-                    .ok_or_else(|| ConfigError::Usage(format!("{flag} needs a value")))
-            };
-            match flag {
-                "-h" | "--help" => return Ok(Invocation::Help),
-                "-V" | "--version" => return Ok(Invocation::Version),
-                "--config" => {
-                    value()?;
-                }
-                "--socket" => config.socket = value()?.into(),
-                "--state-dir" => config.state_dir = value()?.into(),
-                "--sysfs" => config.sysfs = value()?.into(),
-                "--devfs" => config.devfs = value()?.into(),
-                "--group" => config.group = value()?,
-                "--op-timeout-ms" => {
-                    let v = value()?;
-                    let ms = v.parse().map_err(|_| {
-                        ConfigError::Usage(format!("--op-timeout-ms: not a number: {v:?}"))
-                    })?;
-                    config.op_timeout = timeout_from_ms(ms).map_err(ConfigError::Usage)?;
-                }
-                "--load-modules" => config.load_modules = true,
-                "--reclaim" => config.reclaim = true,
-                "--modules-dir" => config.modules_dir = value()?.into(),
-                "--uevent-fifo" => config.uevent_fifo = Some(value()?.into()),
-                "--udev-rules-dir" => {
-                    let v = value()?;
-                    config.udev_rules_dir = (!v.is_empty()).then(|| v.into());
-                }
-                "--log-level" => config.log_level = value()?,
-                other => {
-                    return Err(ConfigError::Usage(format!(
-                        "unknown argument {other:?}; see vfiod --help"
-                    )))
-                }
-            }
+        if let Some(v) = flags.socket {
+            config.socket = v;
         }
-        if !matches!(
-            config.log_level.as_str(),
-            "error" | "warn" | "info" | "debug" | "trace"
-        ) {
+        if let Some(v) = flags.state_dir {
+            config.state_dir = v;
+        }
+        if let Some(v) = flags.sysfs {
+            config.sysfs = v;
+        }
+        if let Some(v) = flags.devfs {
+            config.devfs = v;
+        }
+        if let Some(v) = flags.group {
+            config.group = v;
+        }
+        if let Some(ms) = flags.op_timeout_ms {
+            config.op_timeout = timeout_from_ms(ms).map_err(ConfigError::Usage)?;
+        }
+        config.load_modules |= flags.load_modules;
+        config.reclaim |= flags.reclaim;
+        if let Some(v) = flags.modules_dir {
+            config.modules_dir = v;
+        }
+        if let Some(v) = flags.uevent_fifo {
+            config.uevent_fifo = Some(v);
+        }
+        if let Some(v) = flags.udev_rules_dir {
+            config.udev_rules_dir = (!v.is_empty()).then(|| v.into());
+        }
+        if let Some(v) = flags.log_level {
+            config.log_level = v;
+        }
+        // The flag is checked by clap; the file's value is checked here.
+        if !LOG_LEVELS.contains(&config.log_level.as_str()) {
             return Err(ConfigError::Usage(format!(
                 "log level {:?} is not one of error, warn, info, debug, trace",
                 config.log_level
             )));
         }
-        Ok(Invocation::Run(Box::new(config)))
+        Ok(config)
     }
 }
 
@@ -283,21 +307,6 @@ fn timeout_from_ms(ms: u64) -> Result<Duration, String> {
     }
 }
 
-fn flag_value<'a>(args: &'a [String], flag: &str) -> Result<Option<&'a str>, ConfigError> {
-    for (i, arg) in args.iter().enumerate() {
-        if arg == flag {
-            return args
-                .get(i + 1)
-                .map(|v| Some(v.as_str()))
-                .ok_or_else(|| ConfigError::Usage(format!("{flag} needs a value")));
-        }
-        if let Some(v) = arg.strip_prefix(flag).and_then(|r| r.strip_prefix('=')) {
-            return Ok(Some(v));
-        }
-    }
-    Ok(None)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,10 +316,7 @@ mod tests {
     }
 
     fn run(a: &[&str]) -> Result<Config, ConfigError> {
-        match Config::from_args(&args(a), true)? {
-            Invocation::Run(c) => Ok(*c),
-            other => panic!("{other:?}"),
-        }
+        Config::from_args(&args(a), true)
     }
 
     #[test]
@@ -340,16 +346,20 @@ mod tests {
 
     #[test]
     fn bad_flags_are_usage_errors() {
-        assert!(matches!(run(&["--bogus"]), Err(ConfigError::Usage(_))));
-        assert!(matches!(run(&["--socket"]), Err(ConfigError::Usage(_))));
-        assert!(matches!(
-            run(&["--op-timeout-ms", "abc"]),
-            Err(ConfigError::Usage(_))
-        ));
-        assert!(matches!(
-            run(&["--op-timeout-ms", "0"]),
-            Err(ConfigError::Usage(_))
-        ));
+        let usage_error = |a: &[&str], what: &str| match run(a) {
+            Err(ConfigError::Cli(e)) => {
+                assert!(e.use_stderr(), "{a:?} is an error, not --help");
+                assert_eq!(e.exit_code(), 2, "{a:?}");
+                let text = e.to_string();
+                assert!(text.contains(what), "{a:?}: {text}");
+            }
+            other => panic!("{a:?}: {other:?}"),
+        };
+        usage_error(&["--bogus"], "--bogus");
+        usage_error(&["--socket"], "--socket");
+        usage_error(&["--op-timeout-ms", "abc"], "not a number");
+        usage_error(&["--op-timeout-ms", "0"], "outside 10..=600000");
+        usage_error(&["--log-level", "loud"], "loud");
         assert!(matches!(
             run(&["--config", "/nonexistent/x.toml"]),
             Err(ConfigError::File { .. })
@@ -358,6 +368,14 @@ mod tests {
             run(&["--sysfs=/tmp/s"]).unwrap().sysfs,
             PathBuf::from("/tmp/s")
         );
+        assert_eq!(run(&["--udev-rules-dir", ""]).unwrap().udev_rules_dir, None);
+        match run(&["--help"]) {
+            Err(ConfigError::Cli(e)) => {
+                assert!(!e.use_stderr());
+                assert!(e.to_string().contains("--op-timeout-ms"));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

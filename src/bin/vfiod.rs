@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use vfiod::api::{self, AccessPolicy, Api};
-use vfiod::config::{Config, Invocation, USAGE};
+use vfiod::config::{Config, ConfigError};
 use vfiod::core::{Core, CoreOptions};
 use vfiod::engine::Engine;
 use vfiod::pci::{PciIds, Sysfs};
@@ -20,14 +20,11 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let is_root = nix::unistd::geteuid().is_root();
     let config = match Config::from_args(&args, is_root) {
-        Ok(Invocation::Run(c)) => *c,
-        Ok(Invocation::Help) => {
-            print!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Ok(Invocation::Version) => {
-            println!("vfiod {}", env!("CARGO_PKG_VERSION"));
-            return ExitCode::SUCCESS;
+        Ok(c) => c,
+        Err(ConfigError::Cli(e)) => {
+            // --help and --version land here too, on stdout with exit 0.
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
         Err(e) => {
             eprintln!("vfiod: {e}");
