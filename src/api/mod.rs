@@ -371,7 +371,7 @@ impl Api {
                 device(StatusCode::CREATED, &core.register(caller, req).await?)
             }
             Route::Available => {
-                let functions = core.available().await?;
+                let functions = core.available(parse::available_query(query)?).await?;
                 let registry = core.snapshot();
                 let wire: Vec<_> = functions
                     .iter()
