@@ -4,6 +4,7 @@
 //! under `$XDG_RUNTIME_DIR` and `$XDG_STATE_HOME` so the agent runs without
 //! privileges (read-only towards the hardware).
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -39,6 +40,11 @@ pub struct Config {
     pub modules_dir: PathBuf,
     /// Test hook: read uevents from this FIFO instead of netlink.
     pub uevent_fifo: Option<PathBuf>,
+    /// A TCP address that serves `GET /metrics` only (Prometheus cannot
+    /// scrape a Unix socket); off unless set.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Allow `metrics_listen` on an address other hosts can reach.
+    pub metrics_listen_public: bool,
 }
 
 /// The file's shape: every key optional, unknown keys rejected so a typo is
@@ -57,6 +63,8 @@ struct FileConfig {
     log_level: Option<String>,
     reclaim: Option<bool>,
     modules_dir: Option<PathBuf>,
+    metrics_listen: Option<SocketAddr>,
+    metrics_listen_public: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +140,12 @@ pub struct Flags {
     /// Read uevents from a FIFO instead of netlink (tests)
     #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
     pub uevent_fifo: Option<PathBuf>,
+    /// Also serve GET /metrics (only) on this TCP address [default: off]
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Allow --metrics-listen on a non-loopback address
+    #[arg(long)]
+    pub metrics_listen_public: bool,
 }
 
 const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
@@ -178,6 +192,8 @@ impl Config {
             reclaim: false,
             modules_dir: running_kernel_modules(),
             uevent_fifo: None,
+            metrics_listen: None,
+            metrics_listen_public: false,
         }
     }
 
@@ -220,6 +236,12 @@ impl Config {
         }
         if let Some(v) = f.modules_dir {
             self.modules_dir = v;
+        }
+        if let Some(v) = f.metrics_listen {
+            self.metrics_listen = Some(v);
+        }
+        if let Some(v) = f.metrics_listen_public {
+            self.metrics_listen_public = v;
         }
         Ok(())
     }
@@ -280,6 +302,19 @@ impl Config {
         }
         if let Some(v) = flags.log_level {
             config.log_level = v;
+        }
+        if let Some(v) = flags.metrics_listen {
+            config.metrics_listen = Some(v);
+        }
+        config.metrics_listen_public |= flags.metrics_listen_public;
+        if let Some(addr) = config.metrics_listen {
+            // The metrics name every registered device and its state:
+            // other hosts see them only when the operator says so.
+            if !addr.ip().is_loopback() && !config.metrics_listen_public {
+                return Err(ConfigError::Usage(format!(
+                    "metrics_listen {addr} is not a loopback address; set metrics_listen_public = true (or --metrics-listen-public) to serve metrics to other hosts"
+                )));
+            }
         }
         // The flag is checked by clap; the file's value is checked here.
         if !LOG_LEVELS.contains(&config.log_level.as_str()) {
@@ -376,6 +411,29 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn metrics_listener_stays_on_loopback_unless_made_public() {
+        assert_eq!(run(&[]).unwrap().metrics_listen, None);
+        let c = run(&["--metrics-listen", "127.0.0.1:9847"]).unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9847".parse().unwrap()));
+        assert!(run(&["--metrics-listen", "[::1]:9847"]).is_ok());
+        let err = run(&["--metrics-listen", "0.0.0.0:9847"]).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Usage(m) if m.contains("metrics_listen_public")),
+            "{err}"
+        );
+        assert!(run(&[
+            "--metrics-listen",
+            "0.0.0.0:9847",
+            "--metrics-listen-public"
+        ])
+        .is_ok());
+        assert!(matches!(
+            run(&["--metrics-listen", "localhost"]),
+            Err(ConfigError::Cli(_))
+        ));
     }
 
     #[test]

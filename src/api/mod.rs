@@ -59,6 +59,7 @@ pub enum Route {
     Events,
     Health,
     OpenApi,
+    Metrics,
 }
 
 impl Route {
@@ -71,9 +72,33 @@ impl Route {
                 | Route::Events
                 | Route::Health
                 | Route::OpenApi
+                | Route::Metrics
         )
     }
+
+    /// The route's path template in [`ROUTES`]: the `route` label of
+    /// `vfiod_http_requests_total`.
+    pub fn template(&self) -> &'static str {
+        match self {
+            Route::ListDevices | Route::Register => "/devices",
+            Route::Available => "/devices/available",
+            Route::GetDevice(_) | Route::UpdateDevice(_) | Route::DeleteDevice(_) => {
+                "/devices/{id_or_name}"
+            }
+            Route::Bind(_) => "/devices/{id_or_name}/bind",
+            Route::Unbind(_) => "/devices/{id_or_name}/unbind",
+            Route::Attach(_) => "/devices/{id_or_name}/attach",
+            Route::Detach(_) => "/devices/{id_or_name}/detach",
+            Route::Events => "/events",
+            Route::Health => "/health",
+            Route::OpenApi => "/openapi.yaml",
+            Route::Metrics => "/metrics",
+        }
+    }
 }
+
+/// The `route` label of a request that matched no route.
+const UNMATCHED_ROUTE: &str = "unmatched";
 
 /// Every route as `(method, path template)`; the OpenAPI file must match.
 pub const ROUTES: &[(&str, &str)] = &[
@@ -90,6 +115,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/events"),
     ("GET", "/health"),
     ("GET", "/openapi.yaml"),
+    ("GET", "/metrics"),
 ];
 
 #[derive(Debug, PartialEq, Eq)]
@@ -135,10 +161,11 @@ pub fn route(method: &Method, path: &str) -> Result<Route, RouteError> {
                 _ => Err(RouteError::MethodNotAllowed("POST")),
             }
         }
-        ["events"] | ["health"] | ["openapi.yaml"] => match m {
+        ["events"] | ["health"] | ["openapi.yaml"] | ["metrics"] => match m {
             Method::GET => Ok(match segments[0] {
                 "events" => Route::Events,
                 "health" => Route::Health,
+                "metrics" => Route::Metrics,
                 _ => Route::OpenApi,
             }),
             _ => Err(RouteError::MethodNotAllowed("GET")),
@@ -283,6 +310,14 @@ impl Api {
     }
 
     pub async fn handle(&self, peer: &Peer, req: Request<Incoming>) -> Response<ResponseBody> {
+        let template =
+            route(req.method(), req.uri().path()).map_or(UNMATCHED_ROUTE, |r| r.template());
+        let resp = self.answer(peer, req).await;
+        crate::metrics::record_request(template, resp.status().as_u16());
+        resp
+    }
+
+    async fn answer(&self, peer: &Peer, req: Request<Incoming>) -> Response<ResponseBody> {
         let route = match route(req.method(), req.uri().path()) {
             Ok(r) => r,
             Err(RouteError::NotFound) => {
@@ -317,6 +352,7 @@ impl Api {
             )));
         }
         let query = req.uri().query().map(str::to_owned);
+        let accept = req.headers().get(hyper::header::ACCEPT).cloned();
         let body = if route.mutates() {
             match Self::read_body(req).await {
                 Ok(b) => b,
@@ -329,7 +365,10 @@ impl Api {
             uid: peer.uid,
             pid: peer.pid,
         };
-        match self.dispatch(route, caller, query.as_deref(), &body).await {
+        match self
+            .dispatch(route, caller, query.as_deref(), accept.as_ref(), &body)
+            .await
+        {
             Ok(resp) => resp,
             Err(e) => error_response(&e),
         }
@@ -340,6 +379,7 @@ impl Api {
         route: Route,
         caller: Caller,
         query: Option<&str>,
+        accept: Option<&HeaderValue>,
         body: &[u8],
     ) -> Result<Response<ResponseBody>, CoreError> {
         let core = &self.core;
@@ -432,6 +472,7 @@ impl Api {
                     },
                 )
             }
+            Route::Metrics => self.metrics(accept),
             Route::OpenApi => {
                 let mut resp = Response::new(full(OPENAPI_YAML));
                 resp.headers_mut()
@@ -441,11 +482,23 @@ impl Api {
         })
     }
 
+    /// `GET /metrics`, on the API socket and on the metrics listener.
+    fn metrics(&self, accept: Option<&HeaderValue>) -> Response<ResponseBody> {
+        let openmetrics = crate::metrics::wants_openmetrics(accept.and_then(|a| a.to_str().ok()));
+        let (content_type, text) = crate::metrics::render(&self.core.snapshot(), openmetrics);
+        let mut resp = Response::new(full(text));
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        resp
+    }
+
     fn events(&self, since: Option<u64>) -> Response<ResponseBody> {
         let (backlog, mut live) = self.core.events().subscribe(since);
         let (tx, rx) = mpsc::channel::<Bytes>(16);
         let mut shutdown = self.shutdown.clone();
+        let subscriber = crate::metrics::subscriber_added();
         tokio::spawn(async move {
+            let _subscriber = subscriber;
             let mut shutdown_seen = std::pin::pin!(async move {
                 let _ = shutdown.wait_for(|stop| *stop).await;
             });
@@ -528,6 +581,7 @@ fn spawn_connection(stream: tokio::net::UnixStream, api: &Api, alive: mpsc::Send
             return;
         }
     };
+    let open = crate::metrics::connection_opened(api.policy.may_mutate(&peer));
     let first_request = Arc::new(tokio::sync::Notify::new());
     let notify = first_request.clone();
     let api_for_requests = api.clone();
@@ -544,6 +598,7 @@ fn spawn_connection(stream: tokio::net::UnixStream, api: &Api, alive: mpsc::Send
     let mut shutdown = api.shutdown.clone();
     tokio::spawn(async move {
         let _alive = alive;
+        let _open = open;
         tokio::pin!(conn);
         let result = tokio::select! {
             r = conn.as_mut() => r,
@@ -565,6 +620,84 @@ fn spawn_connection(stream: tokio::net::UnixStream, api: &Api, alive: mpsc::Send
             tracing::debug!(error = %e, "connection ended with an error");
         }
     });
+}
+
+/// Connections the metrics listener serves at once; more wait in the
+/// backlog. A scraper needs one.
+const METRICS_CONNECTIONS: usize = 8;
+
+/// Serves `GET /metrics`, and nothing else, on the opt-in TCP listener
+/// (`metrics_listen`), until shutdown. It reads no peer credentials: the
+/// metrics are readable by every local user on the socket as well.
+pub async fn serve_metrics(listener: tokio::net::TcpListener, api: Api) {
+    let mut shutdown = api.shutdown.clone();
+    let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let stream = tokio::select! {
+            _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics listener: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let api = api.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let api = api.clone();
+                async move {
+                    let resp = match (req.method(), req.uri().path()) {
+                        (&Method::GET, "/metrics") => {
+                            api.metrics(req.headers().get(hyper::header::ACCEPT))
+                        }
+                        (_, "/metrics") => {
+                            let mut resp = plain_error(
+                                StatusCode::METHOD_NOT_ALLOWED,
+                                "method_not_allowed",
+                                format!(
+                                    "{} is not allowed on /metrics; allowed: GET",
+                                    req.method()
+                                ),
+                            );
+                            resp.headers_mut()
+                                .insert(ALLOW, HeaderValue::from_static("GET"));
+                            resp
+                        }
+                        (_, path) => plain_error(
+                            StatusCode::NOT_FOUND,
+                            "not_found",
+                            format!("no such endpoint: {path}; this listener serves /metrics only"),
+                        ),
+                    };
+                    let template = if req.uri().path() == "/metrics" {
+                        Route::Metrics.template()
+                    } else {
+                        UNMATCHED_ROUTE
+                    };
+                    crate::metrics::record_request(template, resp.status().as_u16());
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "metrics connection ended with an error");
+            }
+        });
+    }
 }
 
 #[cfg(test)]

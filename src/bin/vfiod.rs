@@ -129,6 +129,12 @@ async fn run(config: Config, is_root: bool) -> Result<(), StartupFailure> {
     }
     let (listener, socket_guard) =
         systemd::listen(&config.socket, gid).map_err(|e| e.to_string())?;
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            format!("metrics listener on {addr}: {e} (under systemd, RestrictAddressFamilies= and IPAddressDeny= must allow it: see vfiod(8))")
+        })?),
+        None => None,
+    };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let policy = AccessPolicy {
         group_gid: gid,
@@ -163,11 +169,15 @@ async fn run(config: Config, is_root: bool) -> Result<(), StartupFailure> {
         privileged,
         loaded_ms,
         reconciled_ms,
+        metrics_listen = ?config.metrics_listen,
         startup_ms = started.elapsed().as_millis() as u64,
         "ready: {status}"
     );
     systemd::notify_ready(&status);
 
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(api::serve_metrics(listener, api.clone()));
+    }
     let server = tokio::spawn(api::serve(listener, api, Duration::from_secs(10)));
     wait_for_signal().await;
     tracing::info!("shutting down: no new connections, finishing requests in flight");
