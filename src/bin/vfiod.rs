@@ -71,6 +71,11 @@ impl From<String> for StartupFailure {
 
 async fn run(config: Config, is_root: bool) -> Result<(), StartupFailure> {
     let started = Instant::now();
+    // Installed before anything can connect: a SIGTERM that arrives as soon
+    // as the socket exists is then a graceful stop, not death by the
+    // signal's default action.
+    let stop_signals = StopSignals::install()
+        .map_err(|e| format!("cannot install the SIGTERM/SIGINT handlers: {e}"))?;
     let sysfs = Sysfs::new(&config.sysfs, &config.devfs);
     let real_sysfs = sysfs.is_real();
     let privileged = is_root || !real_sysfs;
@@ -179,11 +184,18 @@ async fn run(config: Config, is_root: bool) -> Result<(), StartupFailure> {
         tokio::spawn(api::serve_metrics(listener, api.clone()));
     }
     let server = tokio::spawn(api::serve(listener, api, Duration::from_secs(10)));
-    wait_for_signal().await;
-    tracing::info!("shutting down: no new connections, finishing requests in flight");
+    stop_signals.wait().await;
+    tracing::info!("shutting down: no new connections, finishing requests and moves in flight");
     systemd::notify_stopping();
     let _ = shutdown_tx.send(true);
     let _ = server.await;
+    // A move is never cut off half-way: each write in it is bounded by the
+    // op timeout, and a write the kernel keeps is left recorded as stuck
+    // for the next start to settle.
+    let bound = config.op_timeout * 3 + Duration::from_secs(1);
+    if !core.finish_operations(bound).await {
+        tracing::warn!("operations still in flight after {bound:?}; their devices are recorded as pending and are settled at the next start");
+    }
     drop(socket_guard);
     tracing::info!("stopped");
     Ok(())
@@ -199,18 +211,26 @@ async fn watchdog(core: Arc<Core>, interval: Duration) {
     }
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; serving until killed");
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, caught from the moment they are installed (a
+/// signal that arrives before [`StopSignals::wait`] is kept for it).
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> std::io::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }
