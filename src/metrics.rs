@@ -144,6 +144,14 @@ pub enum MoveResult {
 }
 
 impl MoveResult {
+    pub fn failed(timed_out: bool) -> MoveResult {
+        if timed_out {
+            MoveResult::Timeout
+        } else {
+            MoveResult::Error
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             MoveResult::Ok => "ok",
@@ -235,11 +243,14 @@ struct DeviceLabels {
     pci_address: String,
 }
 
+/// A 0/1 state of a registered device.
+type DeviceFlag = fn(&crate::registry::DeviceRecord) -> bool;
+
 /// The per-device families, from one registry snapshot.
 fn device_registry(devices: &DeviceRegistry) -> Registry {
     let mut registry = Registry::default();
     let info = Family::<DeviceInfoLabels, Gauge>::default();
-    let flags: [(&str, &str, fn(&crate::registry::DeviceRecord) -> bool); 4] = [
+    let flags: [(&str, &str, DeviceFlag); 4] = [
         (
             "vfiod_device_present",
             "Whether the registered function is on the bus (0/1)",
@@ -404,9 +415,20 @@ mod tests {
         let devices = DeviceRegistry::default();
         let (ct, text) = render(&devices, false);
         assert!(ct.starts_with("text/plain"));
-        assert!(text.contains("# TYPE vfiod_driver_moves_total counter"), "{text}");
-        assert!(text.contains("vfiod_driver_moves_total{op=\"bind\",result=\"ok\"}"), "{text}");
-        assert!(text.contains("vfiod_driver_move_duration_seconds_bucket{le=\"0.05\",op=\"bind\"}") || text.contains("vfiod_driver_move_duration_seconds_bucket{op=\"bind\",le=\"0.05\"}"), "{text}");
+        assert!(
+            text.contains("# TYPE vfiod_driver_moves_total counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vfiod_driver_moves_total{op=\"bind\",result=\"ok\"}"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vfiod_driver_move_duration_seconds_bucket{le=\"0.05\",op=\"bind\"}")
+                || text
+                    .contains("vfiod_driver_move_duration_seconds_bucket{op=\"bind\",le=\"0.05\"}"),
+            "{text}"
+        );
         assert!(text.contains("vfiod_build_info{version=\""), "{text}");
         assert!(text.contains("process_resident_memory_bytes "), "{text}");
         assert!(text.contains("process_open_fds "), "{text}");
