@@ -710,6 +710,8 @@ mod tests {
             let path = template.replace("{id_or_name}", "gpu0");
             let m: Method = method.parse().unwrap();
             assert!(route(&m, &path).is_ok(), "{method} {path}");
+            // The metrics label is the table's own template.
+            assert_eq!(route(&m, &path).unwrap().template(), *template);
         }
     }
 
