@@ -12,6 +12,10 @@
 //!    writes done directly: vfiod's overhead per cycle.
 //! 4. Uevent to visible state: an injected event until `GET /devices` and
 //!    the event stream show it.
+//! 5. Fair share (as root only): what root and an access group member get
+//!    (answered, p99) and vfiod's RSS, without a flood and under floods of
+//!    unprivileged uids (`tests/common/flood.rs`, the same scenarios
+//!    `tests/fairshare.rs` asserts on).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -37,6 +41,9 @@ fn main() {
     if let Ok(spec) = std::env::var("VFIOD_BENCH_CEILING") {
         return ceiling_server(&spec);
     }
+    if let Ok(spec) = std::env::var(common::flood::HELPER_ENV) {
+        return common::flood::helper_main(&spec);
+    }
     let seconds: u64 = std::env::var("VFIOD_BENCH_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -50,6 +57,19 @@ fn main() {
     api_benchmark(seconds);
     bind_benchmark();
     event_benchmark();
+    fair_share_benchmark();
+}
+
+fn fair_share_benchmark() {
+    println!("\n5. Fair share: root and an access group member asking while unprivileged uids flood the socket");
+    if !common::flood::is_root() {
+        println!("  skipped: needs root to start the flooding clients as other uids");
+        return;
+    }
+    let (_fs, d, group_gid) = common::flood::start_daemon();
+    let baseline = common::flood::status_kib(d.pid(), "VmRSS:");
+    let rows = common::flood::run_floods(&d, group_gid);
+    common::flood::print_table(baseline, &rows);
 }
 
 /// The minimal hyper server: every request gets the same body.

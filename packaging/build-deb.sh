@@ -31,6 +31,10 @@ done
 if [ "${VFIOD_SKIP_CARGO:-0}" != 1 ] && ! pkg-config --exists libudev 2>/dev/null; then
 	need+=(libudev-dev)
 fi
+# posix-acl links libacl (the VFIO node grants of attachments).
+if [ "${VFIOD_SKIP_CARGO:-0}" != 1 ] && ! pkg-config --exists libacl 2>/dev/null; then
+	need+=(libacl1-dev)
+fi
 if ((${#need[@]})); then
 	if [ "$(id -u)" != 0 ]; then
 		log "missing build tools: ${need[*]} (apt-get install them as root)"; exit 1

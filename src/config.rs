@@ -23,6 +23,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub sysfs: PathBuf,
     pub devfs: PathBuf,
+    /// procfs root: holders and VMM processes are looked up here.
+    pub proc: PathBuf,
     /// Members of this group (and root) may change things.
     pub group: String,
     /// Upper bound for one sysfs write, and for the kernel to settle after it.
@@ -40,6 +42,14 @@ pub struct Config {
     pub modules_dir: PathBuf,
     /// Test hook: read uevents from this FIFO instead of netlink.
     pub uevent_fifo: Option<PathBuf>,
+    /// When an attachment's VMM exits, also give the device back to its
+    /// driver (by default it stays on vfio for the next VM).
+    pub unbind_on_vmm_exit: bool,
+    /// What one unprivileged uid, and all of them together, may hold.
+    pub limits: crate::api::Limits,
+    /// Time to deliver a request head, counted from when the connection
+    /// starts waiting for one; so also the idle keep-alive timeout.
+    pub header_timeout: Duration,
     /// A TCP address that serves `GET /metrics` only (Prometheus cannot
     /// scrape a Unix socket); off unless set.
     pub metrics_listen: Option<SocketAddr>,
@@ -56,6 +66,7 @@ struct FileConfig {
     state_dir: Option<PathBuf>,
     sysfs: Option<PathBuf>,
     devfs: Option<PathBuf>,
+    proc: Option<PathBuf>,
     group: Option<String>,
     op_timeout_ms: Option<u64>,
     load_modules: Option<bool>,
@@ -63,6 +74,11 @@ struct FileConfig {
     log_level: Option<String>,
     reclaim: Option<bool>,
     modules_dir: Option<PathBuf>,
+    unbind_on_vmm_exit: Option<bool>,
+    max_connections_per_uid: Option<usize>,
+    max_event_streams_per_uid: Option<usize>,
+    max_unprivileged_connections: Option<usize>,
+    header_timeout_ms: Option<u64>,
     metrics_listen: Option<SocketAddr>,
     metrics_listen_public: Option<bool>,
 }
@@ -114,6 +130,9 @@ pub struct Flags {
     /// Devfs root [default: /dev]
     #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
     pub devfs: Option<PathBuf>,
+    /// Procfs root [default: /proc]; tests point it at a fake tree
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+    pub proc: Option<PathBuf>,
     /// Group whose members may change things [default: vfiod]
     #[arg(long, value_name = "NAME")]
     pub group: Option<String>,
@@ -131,12 +150,30 @@ pub struct Flags {
     /// Take back a vfio device another actor moves away
     #[arg(long)]
     pub reclaim: bool,
+    /// Give a device back to its driver when its VMM exits [default: it stays
+    /// on vfio for the next VM]
+    #[arg(long)]
+    pub unbind_on_vmm_exit: bool,
     /// Where modules.alias names vfio variant drivers [default: /lib/modules/$(uname -r)]
     #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
     pub modules_dir: Option<PathBuf>,
     /// Log level [default: info]
     #[arg(long, value_name = "LEVEL", value_parser = LOG_LEVELS)]
     pub log_level: Option<String>,
+    /// Connections one unprivileged uid may hold [default: 64]
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_uid: Option<usize>,
+    /// GET /events streams one unprivileged uid may hold [default: 16]
+    #[arg(long, value_name = "N")]
+    pub max_event_streams_per_uid: Option<usize>,
+    /// Connections all unprivileged uids together may hold [default: 1024; less
+    /// if the fd limit leaves no room]
+    #[arg(long, value_name = "N")]
+    pub max_unprivileged_connections: Option<usize>,
+    /// Time to send a request head, and to idle between requests, 100..=600000
+    /// [default: 10000]
+    #[arg(long, value_name = "N", value_parser = parse_header_timeout_ms)]
+    pub header_timeout_ms: Option<u64>,
     /// Read uevents from a FIFO instead of netlink (tests)
     #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
     pub uevent_fifo: Option<PathBuf>,
@@ -149,6 +186,12 @@ pub struct Flags {
 }
 
 const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+
+fn parse_header_timeout_ms(v: &str) -> Result<u64, String> {
+    let ms = v.parse().map_err(|_| format!("not a number: {v:?}"))?;
+    header_timeout_from_ms(ms)?;
+    Ok(ms)
+}
 
 fn parse_op_timeout_ms(v: &str) -> Result<u64, String> {
     let ms = v.parse().map_err(|_| format!("not a number: {v:?}"))?;
@@ -184,6 +227,7 @@ impl Config {
             state_dir,
             sysfs: PathBuf::from("/sys"),
             devfs: PathBuf::from("/dev"),
+            proc: PathBuf::from("/proc"),
             group: "vfiod".into(),
             op_timeout: Duration::from_millis(5000),
             load_modules: false,
@@ -192,6 +236,9 @@ impl Config {
             reclaim: false,
             modules_dir: running_kernel_modules(),
             uevent_fifo: None,
+            unbind_on_vmm_exit: false,
+            limits: crate::api::Limits::default(),
+            header_timeout: crate::api::server::DEFAULT_HEADER_TIMEOUT,
             metrics_listen: None,
             metrics_listen_public: false,
         }
@@ -216,6 +263,9 @@ impl Config {
         if let Some(v) = f.devfs {
             self.devfs = v;
         }
+        if let Some(v) = f.proc {
+            self.proc = v;
+        }
         if let Some(v) = f.group {
             self.group = v;
         }
@@ -236,6 +286,21 @@ impl Config {
         }
         if let Some(v) = f.modules_dir {
             self.modules_dir = v;
+        }
+        if let Some(v) = f.unbind_on_vmm_exit {
+            self.unbind_on_vmm_exit = v;
+        }
+        if let Some(v) = f.max_connections_per_uid {
+            self.limits.connections_per_uid = v;
+        }
+        if let Some(v) = f.max_event_streams_per_uid {
+            self.limits.event_streams_per_uid = v;
+        }
+        if let Some(v) = f.max_unprivileged_connections {
+            self.limits.unprivileged_connections = v;
+        }
+        if let Some(v) = f.header_timeout_ms {
+            self.header_timeout = header_timeout_from_ms(v).map_err(file_err)?;
         }
         if let Some(v) = f.metrics_listen {
             self.metrics_listen = Some(v);
@@ -283,6 +348,9 @@ impl Config {
         if let Some(v) = flags.devfs {
             config.devfs = v;
         }
+        if let Some(v) = flags.proc {
+            config.proc = v;
+        }
         if let Some(v) = flags.group {
             config.group = v;
         }
@@ -291,6 +359,19 @@ impl Config {
         }
         config.load_modules |= flags.load_modules;
         config.reclaim |= flags.reclaim;
+        config.unbind_on_vmm_exit |= flags.unbind_on_vmm_exit;
+        if let Some(v) = flags.max_connections_per_uid {
+            config.limits.connections_per_uid = v;
+        }
+        if let Some(v) = flags.max_event_streams_per_uid {
+            config.limits.event_streams_per_uid = v;
+        }
+        if let Some(v) = flags.max_unprivileged_connections {
+            config.limits.unprivileged_connections = v;
+        }
+        if let Some(ms) = flags.header_timeout_ms {
+            config.header_timeout = header_timeout_from_ms(ms).map_err(ConfigError::Usage)?;
+        }
         if let Some(v) = flags.modules_dir {
             config.modules_dir = v;
         }
@@ -323,6 +404,7 @@ impl Config {
                 config.log_level
             )));
         }
+        config.limits.validate().map_err(ConfigError::Usage)?;
         Ok(config)
     }
 }
@@ -332,6 +414,14 @@ fn running_kernel_modules() -> PathBuf {
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
     PathBuf::from("/lib/modules").join(release)
+}
+
+fn header_timeout_from_ms(ms: u64) -> Result<Duration, String> {
+    if (100..=600_000).contains(&ms) {
+        Ok(Duration::from_millis(ms))
+    } else {
+        Err(format!("header_timeout_ms {ms} is outside 100..=600000"))
+    }
 }
 
 fn timeout_from_ms(ms: u64) -> Result<Duration, String> {
@@ -411,6 +501,42 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn connection_limits_from_file_and_flags() {
+        let dir = std::env::temp_dir().join(format!("vfiod-config-lim-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "max_connections_per_uid = 8\nmax_event_streams_per_uid = 2\nheader_timeout_ms = 2500\n",
+        )
+        .unwrap();
+        let f = file.to_str().unwrap();
+        let c = run(&["--config", f, "--max-unprivileged-connections", "100"]).unwrap();
+        assert_eq!(
+            c.limits,
+            crate::api::Limits {
+                connections_per_uid: 8,
+                event_streams_per_uid: 2,
+                unprivileged_connections: 100,
+            }
+        );
+        assert_eq!(c.header_timeout, Duration::from_millis(2500));
+        assert!(matches!(
+            run(&["--config", f, "--max-unprivileged-connections", "4"]),
+            Err(ConfigError::Usage(m)) if m.contains("larger than")
+        ));
+        assert!(matches!(
+            run(&["--max-connections-per-uid", "0"]),
+            Err(ConfigError::Usage(_))
+        ));
+        assert!(matches!(
+            run(&["--header-timeout-ms", "5"]),
+            Err(ConfigError::Cli(e)) if e.to_string().contains("outside 100..=600000")
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -328,3 +328,48 @@ fn vfioctl_events_follows_the_stream() {
     assert_eq!(code, 1);
     assert!(err.contains("--since"), "{err}");
 }
+
+/// A re-plugged device that was attached gets its VMM's access back with
+/// its vfio binding (the unplug took the node, and with it the grant).
+#[test]
+fn an_attached_device_gets_its_grant_back_after_a_replug() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: granting to another uid needs root");
+        return;
+    }
+    let h = host(&[]);
+    let (mut events, _) = h.bound_nic_unplugged();
+    h.fs.add_device(nic_spec());
+    h.uevent(&format!("add {NIC}"));
+    events.until(|e| e["type"] == "bind" && e["pci_address"] == NIC);
+    let r = h.d.post(
+        "/devices/nic/attach",
+        r#"{"instance_id":"vm-1","uid":4242}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let node = h.fs.tree().vfio_node(2);
+    let granted = |node: &std::path::Path| {
+        posix_acl::PosixACL::read_acl(node)
+            .map(|acl| acl.get(posix_acl::Qualifier::User(4242)).is_some())
+            .unwrap_or(false)
+    };
+    assert!(granted(&node));
+
+    h.fs.remove_device(NIC);
+    let _ = std::fs::remove_file(&node);
+    h.uevent(&format!("remove {NIC}"));
+    events.until(|e| e["type"] == "hotplug_remove");
+    assert_eq!(
+        h.device("nic")["attached_uid"],
+        4242,
+        "the attachment stays"
+    );
+
+    h.fs.add_device(nic_spec());
+    h.uevent(&format!("add {NIC}"));
+    events.until(|e| e["type"] == "bind" && e["pci_address"] == NIC);
+    eventually(5, "the grant on the new node", || {
+        granted(&node).then_some(())
+    });
+    assert_eq!(h.device("nic")["attached_to"], "vm-1");
+}

@@ -15,7 +15,7 @@ step() { printf '\n==== %s (%s)\n' "$*" "$(date -u +%H:%M:%S)"; }
 need_apt=()
 # zsh and fish: the completion tests run them; prometheus: promtool lints
 # the metrics exposition in the fast tier.
-for pkg in libudev-dev pkg-config pci.ids zsh fish prometheus; do
+for pkg in libudev-dev libacl1-dev pkg-config pci.ids curl zsh fish prometheus; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if [ "${#need_apt[@]}" -gt 0 ]; then

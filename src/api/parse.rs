@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
-use crate::core::{BindRequest, DeviceName, InstanceId, RegisterRequest, Tags, UpdateRequest};
+use crate::core::{
+    AttachRequest, BindRequest, DeviceName, InstanceId, RegisterRequest, Tags, UpdateRequest,
+};
 use crate::error::CoreError;
 use crate::pci::PciAddress;
 
@@ -125,10 +127,11 @@ pub fn update(body: &[u8]) -> Result<UpdateRequest, CoreError> {
 /// `POST /devices/{id_or_name}/bind`; an empty body means the defaults.
 pub fn bind(body: &[u8]) -> Result<BindRequest, CoreError> {
     let map = object(body, true)?;
-    deny_unknown(&map, &["with_group", "dry_run"])?;
+    deny_unknown(&map, &["with_group", "dry_run", "force"])?;
     Ok(BindRequest {
         with_group: optional_bool(&map, "with_group")?,
         dry_run: optional_bool(&map, "dry_run")?,
+        force: optional_bool(&map, "force")?,
     })
 }
 
@@ -139,17 +142,50 @@ pub fn unbind(body: &[u8]) -> Result<(), CoreError> {
 }
 
 /// `POST /devices/{id_or_name}/attach`.
-pub fn attach(body: &[u8]) -> Result<InstanceId, CoreError> {
+pub fn attach(body: &[u8]) -> Result<AttachRequest, CoreError> {
     let map = object(body, false)?;
-    deny_unknown(&map, &["instance_id"])?;
-    match map.get("instance_id") {
-        Some(Value::String(s)) => InstanceId::parse(s),
+    deny_unknown(&map, &["instance_id", "uid", "pid"])?;
+    let instance = match map.get("instance_id") {
+        Some(Value::String(s)) => InstanceId::parse(s)?,
         None | Some(Value::Null) => {
-            Err(CoreError::InvalidRequest("instance_id is required".into()))
+            return Err(CoreError::InvalidRequest("instance_id is required".into()))
         }
-        Some(_) => Err(CoreError::InvalidRequest(
-            "instance_id must be a string".into(),
-        )),
+        Some(_) => {
+            return Err(CoreError::InvalidRequest(
+                "instance_id must be a string".into(),
+            ))
+        }
+    };
+    let pid = optional_u32(&map, "pid")?;
+    if pid == Some(0) {
+        return Err(CoreError::InvalidPid(
+            "pid must be a process id, not 0".into(),
+        ));
+    }
+    Ok(AttachRequest {
+        instance,
+        uid: optional_u32(&map, "uid")?,
+        pid,
+    })
+}
+
+/// A non-negative integer that fits a uid or pid, or absent/null.
+fn optional_u32(map: &Map<String, Value>, field: &str) -> Result<Option<u32>, CoreError> {
+    match map.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|n| *n != u32::MAX)
+            .map(Some)
+            .ok_or_else(|| {
+                let message = format!("{field} must be an integer from 0 to 4294967294");
+                if field == "pid" {
+                    CoreError::InvalidPid(message)
+                } else {
+                    CoreError::InvalidRequest(message)
+                }
+            }),
     }
 }
 
@@ -211,14 +247,23 @@ fn query_pairs(query: Option<&str>) -> Result<Vec<(String, String)>, CoreError> 
 pub fn list_query(query: Option<&str>) -> Result<Vec<(String, String)>, CoreError> {
     let mut filter = Vec::new();
     for (k, v) in query_pairs(query)? {
-        if let Some(key) = k.strip_prefix("tags[").and_then(|r| r.strip_suffix(']')) {
-            if key.is_empty() {
-                return Err(CoreError::InvalidTags(
-                    "tag filter tags[] needs a key".into(),
-                ));
-            }
-            filter.push((key.to_owned(), v));
+        // Only `tags` parameters are checked: hypeman ignores unknown ones,
+        // but a malformed tag filter ignored would silently list everything.
+        if k != "tags" && !k.starts_with("tags[") {
+            continue;
         }
+        let Some(key) = k.strip_prefix("tags[").and_then(|r| r.strip_suffix(']')) else {
+            return Err(CoreError::InvalidQuery(format!(
+                "query parameter {:?} is not a tag filter: write tags[KEY]=VALUE",
+                k.chars().take(140).collect::<String>()
+            )));
+        };
+        if key.is_empty() {
+            return Err(CoreError::InvalidTags(
+                "tag filter tags[] needs a key".into(),
+            ));
+        }
+        filter.push((key.to_owned(), v));
     }
     if filter.len() > crate::core::MAX_TAGS {
         return Err(CoreError::InvalidTags("too many tag filters".into()));
@@ -448,6 +493,10 @@ mod tests {
         );
         assert!(list_query(None).unwrap().is_empty());
         assert_eq!(code(list_query(Some("tags%5B%5D=x"))), "invalid_tags");
+        assert_eq!(code(list_query(Some("tags[pool=a"))), "invalid_query");
+        assert_eq!(code(list_query(Some("tags=pool:a"))), "invalid_query");
+        assert_eq!(code(list_query(Some("tags[a]x=1"))), "invalid_query");
+        assert!(list_query(Some("tagsx=1&limit=5")).unwrap().is_empty());
         assert_eq!(code(list_query(Some("tags[a]=%zz"))), "invalid_request");
         assert_eq!(code(list_query(Some("tags[a]=%ff"))), "invalid_request");
     }

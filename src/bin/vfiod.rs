@@ -18,7 +18,7 @@ use vfiod::{hotplug, systemd};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let is_root = nix::unistd::geteuid().is_root();
+    let is_root = nix::unistd::geteuid().is_root() || runs_as_the_system_agent();
     let config = match Config::from_args(&args, is_root) {
         Ok(c) => c,
         Err(ConfigError::Cli(e)) => {
@@ -32,6 +32,27 @@ fn main() -> ExitCode {
         }
     };
     systemd::init_logging(&config.log_level);
+    let fd_limit = match api::limits::raise_fd_limit() {
+        Ok(limit) => limit,
+        Err(e) => {
+            let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map(|(soft, _)| soft)
+                .unwrap_or(1024);
+            tracing::warn!(error = %e, "cannot raise the soft file descriptor limit above {soft}: {e}");
+            soft
+        }
+    };
+    let mut config = config;
+    let (limits, shrunk) = api::limits::fit_to_fd_limit(config.limits, fd_limit);
+    if shrunk {
+        tracing::warn!(
+            fd_limit,
+            "the file descriptor limit ({fd_limit}) leaves room for {} unprivileged connections, not the {} configured; raise LimitNOFILE=",
+            limits.unprivileged_connections,
+            config.limits.unprivileged_connections
+        );
+    }
+    config.limits = limits;
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -51,6 +72,20 @@ fn main() -> ExitCode {
             ExitCode::from(failure.exit_code)
         }
     }
+}
+
+/// The packaged service runs as its own user with exactly the capabilities
+/// its unit grants (CAP_DAC_OVERRIDE to write sysfs); it is then the host's
+/// agent as root would be: system paths, driver moves.
+fn runs_as_the_system_agent() -> bool {
+    const CAP_DAC_OVERRIDE: u32 = 1;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|effective| effective & (1 << CAP_DAC_OVERRIDE) != 0)
 }
 
 /// Why startup failed, and the exit status that tells systemd whether a
@@ -89,6 +124,8 @@ async fn run(config: Config, is_root: bool) -> Result<(), StartupFailure> {
         vfio_aliases,
         load_modules: config.load_modules,
         reclaim: config.reclaim,
+        proc_root: config.proc.clone(),
+        unbind_on_vmm_exit: config.unbind_on_vmm_exit,
         privileged,
         // A rule written from a fake tree would describe devices this host
         // does not have: only an explicitly chosen directory is used then.
@@ -145,7 +182,8 @@ async fn run(config: Config, is_root: bool) -> Result<(), StartupFailure> {
         group_gid: gid,
         owner_uid: nix::unistd::geteuid().as_raw(),
     };
-    let api = Api::new(core.clone(), policy, shutdown_rx.clone());
+    let api = Api::new(core.clone(), policy, shutdown_rx.clone())
+        .with_limits(config.limits, config.header_timeout);
 
     let hotplug_core = core.clone();
     tokio::spawn(async move {
@@ -176,6 +214,9 @@ async fn run(config: Config, is_root: bool) -> Result<(), StartupFailure> {
         reconciled_ms,
         metrics_listen = ?config.metrics_listen,
         startup_ms = started.elapsed().as_millis() as u64,
+        connections_per_uid = config.limits.connections_per_uid,
+        event_streams_per_uid = config.limits.event_streams_per_uid,
+        unprivileged_connections = config.limits.unprivileged_connections,
         "ready: {status}"
     );
     systemd::notify_ready(&status);

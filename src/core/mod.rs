@@ -20,6 +20,7 @@
 //! (attachments), `reconcile` (startup and hotplug).
 
 mod attach;
+mod holders;
 mod moves;
 mod reconcile;
 mod registry_ops;
@@ -86,6 +87,10 @@ pub struct Health {
     /// The newest event's sequence number: `GET /events?since=` with it
     /// follows the stream from this moment without a gap.
     pub last_event_seq: u64,
+    /// Whether every local user may open `/dev/vfio/vfio` (the VFIO
+    /// container), which an unprivileged VMM needs besides the group node
+    /// it is granted.
+    pub vfio_container_usable_by_all: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -99,6 +104,10 @@ pub struct CoreOptions {
     pub udev_rules_dir: Option<std::path::PathBuf>,
     /// `vfio_pci:` aliases of vendor variant drivers.
     pub vfio_aliases: crate::pci::VfioAliases,
+    /// procfs root, for VMM processes (and holders).
+    pub proc_root: std::path::PathBuf,
+    /// Give a device back to its driver when its VMM exits.
+    pub unbind_on_vmm_exit: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -403,6 +412,7 @@ impl Core {
                 .clone(),
             pci_ids: self.ids.source().map(|p| p.display().to_string()),
             last_event_seq: self.events.last_seq(),
+            vfio_container_usable_by_all: crate::pci::vfio_access::container_usable_by_all(sysfs),
         }
     }
 }

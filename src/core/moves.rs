@@ -8,6 +8,7 @@ use crate::engine::{EngineError, Move};
 use crate::error::CoreError;
 use crate::events::EventKind;
 use crate::metrics::{self, MoveResult};
+use crate::pci::holders::Holder;
 use crate::pci::{PciAddress, PciFunction, Sysfs};
 use crate::registry::{is_vfio_driver, Companion, DeviceRecord, PendingOp};
 
@@ -177,6 +178,7 @@ impl Core {
             function.driver.as_deref().is_some_and(is_vfio_driver) && moves.len() == 1;
         Ok(BindPlan {
             steps: plan_steps(sysfs, &moves, group),
+            holders: Vec::new(),
             vfio_driver,
             iommu_group: group,
             moves,
@@ -206,7 +208,23 @@ impl Core {
     ) -> Result<BindOutcome, CoreError> {
         // Time inside vfiod from here to the durable result, for the log.
         let started = Instant::now();
-        let plan = self.plan_bind(record, req.with_group).await?;
+        let mut plan = self.plan_bind(record, req.with_group).await?;
+        let addr = record.pci_address;
+        let mut consoles = Vec::new();
+        if !plan.already_bound {
+            let taken = plan
+                .moves
+                .iter()
+                .filter(|m| m.from.as_deref().is_some_and(|d| !is_vfio_driver(d)))
+                .map(|m| m.pci_address)
+                .collect();
+            plan.holders = self.scan_holders(taken).await?;
+            consoles = self.console_bind_paths(&plan.holders);
+            let releases = consoles
+                .iter()
+                .map(|p| format!("write \"0\" to {}", p.display()));
+            plan.steps = releases.chain(plan.steps.drain(..)).collect();
+        }
         if req.dry_run || plan.already_bound {
             return Ok(BindOutcome {
                 device: record.clone(),
@@ -214,7 +232,7 @@ impl Core {
             });
         }
         self.require_privileged()?;
-        let addr = record.pci_address;
+        Self::refuse_if_held(addr, &plan.holders, req.force, caller)?;
         tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, group = plan.iommu_group, moves = plan.moves.len(), "binding {addr} to {} for {caller} ({} function(s) in IOMMU group {})", plan.vfio_driver, plan.moves.len(), plan.iommu_group);
         // The intent and the drivers to restore are on disk before any write.
         let device_from = plan.moves[0].from.clone();
@@ -237,8 +255,22 @@ impl Core {
                 d.original_driver = Some(from);
             }
             d.companions = companions;
+            d.released_consoles = console_names(&consoles);
         })
         .await?;
+        for console in &consoles {
+            if let Err(error) = self.engine.bind_console(addr, console.clone(), false).await {
+                let result = MoveResult::failed(error.is_timeout());
+                metrics::record_move("bind", result, started.elapsed());
+                return Err(self
+                    .record_failed_move(caller, record, "bind", error, None, |d| {
+                        d.pending = None;
+                        d.companions.clear();
+                        d.released_consoles.clear();
+                    })
+                    .await);
+            }
+        }
         let result = self.engine.to_vfio(&plan.moves, plan.iommu_group).await;
         let current = self.sysfs().driver(&addr);
         match result {
@@ -254,6 +286,11 @@ impl Core {
                     })
                     .await?
                     .unwrap_or_else(|| record.clone());
+                // A device that comes back attached (re-plug, restart) gets
+                // its VMM's access back with the binding.
+                if let Err(e) = self.apply_grant(&device).await {
+                    tracing::error!(device = %addr, error = %e, "could not re-apply the VFIO node grant of the attachment");
+                }
                 let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
                 metrics::record_move("bind", MoveResult::Ok, started.elapsed());
                 tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, driver = ?current, elapsed_ms, "bound {addr} to {} for {caller} in {elapsed_ms:.1} ms", current.as_deref().unwrap_or("no driver"));
@@ -264,7 +301,10 @@ impl Core {
             Err(failure) => {
                 let result = MoveResult::failed(failure.error.is_timeout());
                 metrics::record_move("bind", result, started.elapsed());
-                Err(self
+                // A rolled-back bind gives the console back too; a stuck
+                // one keeps it released until the move is settled.
+                let rolled_back = failure.rollback.is_some();
+                let err = self
                     .record_failed_move(
                         caller,
                         record,
@@ -274,9 +314,34 @@ impl Core {
                         |d| {
                             d.pending = None;
                             d.companions.clear();
+                            d.released_consoles.clear();
                         },
                     )
-                    .await)
+                    .await;
+                if rolled_back {
+                    self.restore_consoles(addr, &console_names(&consoles)).await;
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Binds framebuffer consoles back to their framebuffers once the
+    /// device is back (or never left). A failure is logged: the device
+    /// itself is fine, the operator gets the console back with
+    /// `echo 1 > /sys/class/vtconsole/vtconN/bind`.
+    async fn restore_consoles(&self, addr: PciAddress, names: &[String]) {
+        for name in names {
+            let holder = Holder::FramebufferConsole {
+                pci_address: addr,
+                vtconsole: name.clone(),
+                framebuffer: String::new(),
+            };
+            let Some(path) = holder.vtconsole_bind_path(self.sysfs()) else {
+                continue;
+            };
+            if let Err(e) = self.engine.bind_console(addr, path, true).await {
+                tracing::error!(device = %addr, vtconsole = %name, error = %e, "could not give the framebuffer console back");
             }
         }
     }
@@ -323,6 +388,10 @@ impl Core {
             return Err(CoreError::NotPresent(addr));
         }
         self.require_privileged()?;
+        // A VMM that still has the device open would hang the unbind in
+        // the kernel: refuse first, naming it.
+        let holders = self.scan_holders(self.functions_on_vfio(record)).await?;
+        Self::refuse_if_held(addr, &holders, false, caller)?;
         tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, to = ?record.original_driver, "giving {addr} back to {} for {caller}", record.original_driver.as_deref().unwrap_or("no driver"));
         self.update_device(addr, |d| d.pending = Some(PendingOp::Unbind))
             .await?;
@@ -337,10 +406,12 @@ impl Core {
                         d.bound_by_vfiod = false;
                         d.vfio_driver = None;
                         d.companions.clear();
+                        d.released_consoles.clear();
                         d.current_driver = current.clone();
                     })
                     .await?
                     .unwrap_or_else(|| record.clone());
+                self.restore_consoles(addr, &record.released_consoles).await;
                 let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
                 metrics::record_move("unbind", MoveResult::Ok, started.elapsed());
                 tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, driver = ?current, elapsed_ms, "gave {addr} back to {} for {caller} in {elapsed_ms:.1} ms", current.as_deref().unwrap_or("no driver"));
@@ -454,6 +525,29 @@ impl Core {
         if !self.sysfs().is_present(&addr) || !self.options.privileged {
             return;
         }
+        // The functions this would take from a driver: those not on vfio
+        // for a bind, those on vfio for an unbind.
+        let on_vfio = self.functions_on_vfio(record);
+        let taken: Vec<PciAddress> = match op {
+            PendingOp::Bind { .. } => restore_moves(record)
+                .iter()
+                .map(|m| m.pci_address)
+                .filter(|a| !on_vfio.contains(a) && self.sysfs().driver(a).is_some())
+                .collect(),
+            PendingOp::Unbind => on_vfio,
+        };
+        match self.scan_holders(taken).await {
+            Ok(holders) => {
+                if let Err(e) = Self::refuse_if_held(addr, &holders, false, Caller::AGENT) {
+                    tracing::warn!(device = %addr, op = ?op, error = %e, "not settling the unfinished operation while the device is held; it is retried at the next start");
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(device = %addr, error = %e, "not settling the unfinished operation");
+                return;
+            }
+        }
         tracing::info!(device = %addr, op = ?op, "settling an operation left unfinished");
         match op {
             PendingOp::Bind { vfio_driver } => {
@@ -473,10 +567,14 @@ impl Core {
                         d.vfio_driver = ok.then_some(vfio_driver.clone());
                         if !ok {
                             d.companions.clear();
+                            d.released_consoles.clear();
                         }
                         d.current_driver = current;
                     })
                     .await;
+                if !ok {
+                    self.restore_consoles(addr, &record.released_consoles).await;
+                }
             }
             PendingOp::Unbind => {
                 if record.attached_to.is_some() {
@@ -495,13 +593,25 @@ impl Core {
                         if !still_vfio {
                             d.vfio_driver = None;
                             d.companions.clear();
+                            d.released_consoles.clear();
                         }
                         d.current_driver = current;
                     })
                     .await;
+                if !still_vfio {
+                    self.restore_consoles(addr, &record.released_consoles).await;
+                }
             }
         }
     }
+}
+
+/// The vtconsole names of console `bind` paths (`.../vtconN/bind`).
+fn console_names(paths: &[std::path::PathBuf]) -> Vec<String> {
+    paths
+        .iter()
+        .filter_map(|p| p.parent()?.file_name()?.to_str().map(str::to_owned))
+        .collect()
 }
 
 pub(super) fn restore_moves(record: &DeviceRecord) -> Vec<Move> {

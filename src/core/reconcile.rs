@@ -81,6 +81,7 @@ impl Core {
                 self.rebind_to_vfio(&record).await;
             }
         }
+        self.resume_attachments().await;
         Ok(())
     }
 
@@ -104,9 +105,10 @@ impl Core {
         let with_group = !current.companions.is_empty();
         // It is ours again to restore: take the driver it came back with as
         // the one to return to only if we have none recorded.
+        // Never forced: vfiod's own moves respect every holder.
         let req = BindRequest {
             with_group,
-            dry_run: false,
+            ..BindRequest::default()
         };
         tracing::info!(device = %record.pci_address, "restoring the vfio binding vfiod holds for this device (vfiod's own action: after a restart, a re-plug or a reclaim)");
         let mut current = current;

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::engine::Move;
 use crate::error::CoreError;
+use crate::pci::holders::Holder;
 use crate::pci::PciAddress;
 use crate::registry::DeviceRecord;
 
@@ -107,6 +108,15 @@ impl InstanceId {
     }
 }
 
+/// `POST /devices/{id_or_name}/attach`: the instance, the uid the VMM
+/// runs as (default: the caller's), and the VMM's pid to follow.
+#[derive(Debug, Clone)]
+pub struct AttachRequest {
+    pub instance: InstanceId,
+    pub uid: Option<u32>,
+    pub pid: Option<u32>,
+}
+
 #[derive(Debug, Clone)]
 pub struct RegisterRequest {
     pub pci_address: PciAddress,
@@ -124,6 +134,9 @@ pub struct UpdateRequest {
 pub struct BindRequest {
     pub with_group: bool,
     pub dry_run: bool,
+    /// Take a network interface that is in use (up with an address or a
+    /// route) off its driver anyway.
+    pub force: bool,
 }
 
 /// What a bind does or would do.
@@ -136,6 +149,10 @@ pub struct BindPlan {
     pub moves: Vec<Move>,
     /// The sysfs writes, in order, for the operator to read.
     pub steps: Vec<String>,
+    /// What holds the functions that would move: a bind is refused while
+    /// any of these refuses it (409 device_busy); a framebuffer console
+    /// is released as a step of the plan.
+    pub holders: Vec<Holder>,
     /// Nothing to do: the device is on vfio already.
     pub already_bound: bool,
 }
