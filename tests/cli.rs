@@ -11,12 +11,15 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::Command;
 
+use common::fakeproc::{alias_node, dev_numbers, FakeProc};
 use common::fakesys::{FakeSys, TempDir};
+use common::simkernel::SimKernel;
 use common::{vfioctl, Daemon};
 use serde_json::{json, Value};
 
 const GPU: &str = "0000:01:00.0";
 const NIC: &str = "0000:00:02.0";
+const AMD: &str = "0000:00:05.0";
 
 fn run(bin: &str, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(bin)
@@ -293,7 +296,7 @@ fn new_commands_send_the_bodies_of_the_contract() {
         {"kind": "mount", "pci_address": "0000:02:00.0", "device": "/dev/nvme0n1p2",
          "mount_point": "/", "fstype": "ext4"},
         {"kind": "net_interface", "pci_address": NIC, "interface": "eno1",
-         "addresses": ["192.0.2.4/24"], "routes": ["default via 192.0.2.1"]},
+         "addresses": ["192.0.2.4/24"], "routes": 2},
         {"kind": "framebuffer_console", "pci_address": GPU, "vtconsole": "vtcon1",
          "framebuffer": "fb0"},
     ]});
@@ -318,7 +321,7 @@ fn new_commands_send_the_bodies_of_the_contract() {
         "{out}"
     );
     assert!(
-        lines[3].contains("eno1") && lines[3].contains("192.0.2.4/24"),
+        lines[3].contains("eno1 addresses: 192.0.2.4/24; routes: 2"),
         "{out}"
     );
     assert!(
@@ -503,4 +506,38 @@ fn static_and_zsh_scripts_are_valid_shell() {
     let (_, text, _) = run(common::vfioctl_bin(), &["completion", "zsh"]);
     assert!(text.starts_with("#compdef vfioctl"), "{text}");
     assert!(text.contains("VFIOCTL_COMPLETE=\"zsh\""), "{text}");
+}
+
+#[test]
+fn holders_of_a_busy_gpu_through_vfioctl() {
+    let fs = FakeSys::standard_host();
+    let proc = FakeProc::new();
+    let _sim = SimKernel::start(&fs);
+    let root = proc.root.display().to_string();
+    let d = Daemon::start(&fs, &["--proc", &root]);
+    d.register(AMD, "amd");
+    let (_, out, _) = vfioctl(&d.socket, &["holders", "amd"]);
+    assert_eq!(out, "nothing holds amd\n");
+    // An X server has the GPU's DRM node open.
+    fs.add_class_device(AMD, "drm/card0", "drm", Some(&dev_numbers("/dev/full")));
+    let node = fs.dev_path("dri/card0");
+    alias_node(&node, "/dev/full");
+    let mut p = proc.process(2001, "Xorg");
+    p.uid(1000)
+        .cgroup("0::/system.slice/display-manager.service\n");
+    p.fd(&node);
+    let (code, out, err) = vfioctl(&d.socket, &["holders", "amd"]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(
+        lines[1].starts_with(AMD)
+            && lines[1].contains("process")
+            && lines[1].contains("pid 2001 (Xorg) uid 1000 has ")
+            && lines[1].ends_with("dri/card0 open, unit display-manager.service"),
+        "{out}"
+    );
+    let (code, _, err) = vfioctl(&d.socket, &["bind", "amd"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("device_busy") && err.contains("Xorg"), "{err}");
 }

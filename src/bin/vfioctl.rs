@@ -470,22 +470,20 @@ fn holders_table(holders: &[Value]) -> String {
             "swap" => format!("{} is swap in use", field("device")),
             "block_stack" => format!("{} is held by {}", field("device"), field("holder")),
             "net_interface" => {
-                let list = |k: &str| {
-                    h[k].as_array()
-                        .map(|a| {
-                            a.iter()
-                                .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_owned))
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        })
-                        .filter(|l| !l.is_empty())
-                        .unwrap_or_else(|| "none".into())
-                };
+                let addresses = h["addresses"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| x.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
+                    .filter(|l| !l.is_empty())
+                    .unwrap_or_else(|| "none".into());
                 format!(
-                    "{} addresses: {}; routes: {}",
+                    "{} addresses: {addresses}; routes: {}",
                     field("interface"),
-                    list("addresses"),
-                    list("routes")
+                    field("routes")
                 )
             }
             "framebuffer_console" => format!(
