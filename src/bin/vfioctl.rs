@@ -133,7 +133,9 @@ enum Command {
         /// Print the plan; change nothing
         #[arg(long)]
         dry_run: bool,
-        /// Move it even though something holds it (see `vfioctl holders`)
+        /// Take a network interface in use (up with an address, or carrying a
+        /// route) off its driver anyway; other holders always refuse (see
+        /// `vfioctl holders`)
         #[arg(long)]
         force: bool,
     },
@@ -142,9 +144,9 @@ enum Command {
     /// Bind if needed, mark attached to INSTANCE
     #[command(
         long_about = "Bind the device if needed and mark it attached to the virtual machine \
-            INSTANCE. With --uid, only that user (the VMM's) may open the device's VFIO \
-            nodes until the device is detached; with --pid, the attachment also ends when \
-            that process exits.",
+            INSTANCE. While attached, the VMM's user (--uid, by default yours) and no other \
+            unprivileged user may open the device's VFIO nodes; with --pid, the attachment \
+            also ends when that process exits.",
         after_help = "VFIO pins all of the guest's memory for DMA and charges it against the \
             VMM process's RLIMIT_MEMLOCK: raise that limit to at least the guest's memory \
             size (LimitMEMLOCK= in the VMM's systemd unit, or ulimit -l), or the VMM fails \
@@ -156,10 +158,12 @@ enum Command {
         /// Virtual machine the device goes to
         #[arg(value_name = "INSTANCE")]
         instance: String,
-        /// Uid of the VMM that may open the device
+        /// Uid of the VMM that may open the device [default: yours; only root
+        /// may name another]
         #[arg(long, value_name = "N")]
         uid: Option<u32>,
-        /// Pid of the VMM; the attachment ends when it exits
+        /// Pid of the VMM (running as that uid); the attachment ends when it
+        /// exits
         #[arg(long, value_name = "N")]
         pid: Option<u32>,
     },
