@@ -42,6 +42,11 @@ pub struct Config {
     pub modules_dir: PathBuf,
     /// Test hook: read uevents from this FIFO instead of netlink.
     pub uevent_fifo: Option<PathBuf>,
+    /// `reset_on_release = "auto"`: reset a device after a detach and
+    /// before giving back a device vfiod bound; `"never"`: do not.
+    pub reset_on_release: bool,
+    /// Consecutive failed resets after which a device is quarantined.
+    pub quarantine_after: u32,
     /// When an attachment's VMM exits, also give the device back to its
     /// driver (by default it stays on vfio for the next VM).
     pub unbind_on_vmm_exit: bool,
@@ -74,6 +79,8 @@ struct FileConfig {
     log_level: Option<String>,
     reclaim: Option<bool>,
     modules_dir: Option<PathBuf>,
+    reset_on_release: Option<String>,
+    quarantine_after: Option<u32>,
     unbind_on_vmm_exit: Option<bool>,
     max_connections_per_uid: Option<usize>,
     max_event_streams_per_uid: Option<usize>,
@@ -150,6 +157,13 @@ pub struct Flags {
     /// Take back a vfio device another actor moves away
     #[arg(long)]
     pub reclaim: bool,
+    /// Reset a device after detach and before giving it back to its driver
+    /// [default: auto]
+    #[arg(long, value_name = "WHEN", value_parser = ["auto", "never"])]
+    pub reset_on_release: Option<String>,
+    /// Consecutive failed resets that quarantine a device, 1..=1000 [default: 3]
+    #[arg(long, value_name = "N", value_parser = parse_quarantine_after)]
+    pub quarantine_after: Option<u32>,
     /// Give a device back to its driver when its VMM exits [default: it stays
     /// on vfio for the next VM]
     #[arg(long)]
@@ -186,6 +200,10 @@ pub struct Flags {
 }
 
 const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+
+fn parse_quarantine_after(v: &str) -> Result<u32, String> {
+    quarantine_after(v.parse().map_err(|_| format!("not a number: {v:?}"))?)
+}
 
 fn parse_header_timeout_ms(v: &str) -> Result<u64, String> {
     let ms = v.parse().map_err(|_| format!("not a number: {v:?}"))?;
@@ -236,6 +254,8 @@ impl Config {
             reclaim: false,
             modules_dir: running_kernel_modules(),
             uevent_fifo: None,
+            reset_on_release: true,
+            quarantine_after: 3,
             unbind_on_vmm_exit: false,
             limits: crate::api::Limits::default(),
             header_timeout: crate::api::server::DEFAULT_HEADER_TIMEOUT,
@@ -286,6 +306,12 @@ impl Config {
         }
         if let Some(v) = f.modules_dir {
             self.modules_dir = v;
+        }
+        if let Some(v) = f.reset_on_release {
+            self.reset_on_release = reset_on_release(&v).map_err(file_err)?;
+        }
+        if let Some(v) = f.quarantine_after {
+            self.quarantine_after = quarantine_after(v).map_err(file_err)?;
         }
         if let Some(v) = f.unbind_on_vmm_exit {
             self.unbind_on_vmm_exit = v;
@@ -360,6 +386,12 @@ impl Config {
         config.load_modules |= flags.load_modules;
         config.reclaim |= flags.reclaim;
         config.unbind_on_vmm_exit |= flags.unbind_on_vmm_exit;
+        if let Some(v) = flags.reset_on_release {
+            config.reset_on_release = reset_on_release(&v).map_err(ConfigError::Usage)?;
+        }
+        if let Some(n) = flags.quarantine_after {
+            config.quarantine_after = n;
+        }
         if let Some(v) = flags.max_connections_per_uid {
             config.limits.connections_per_uid = v;
         }
@@ -416,6 +448,24 @@ fn running_kernel_modules() -> PathBuf {
     PathBuf::from("/lib/modules").join(release)
 }
 
+fn reset_on_release(v: &str) -> Result<bool, String> {
+    match v {
+        "auto" => Ok(true),
+        "never" => Ok(false),
+        other => Err(format!(
+            "reset_on_release {other:?} is not \"auto\" or \"never\""
+        )),
+    }
+}
+
+fn quarantine_after(n: u32) -> Result<u32, String> {
+    if (1..=1000).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("quarantine_after {n} is outside 1..=1000"))
+    }
+}
+
 fn header_timeout_from_ms(ms: u64) -> Result<Duration, String> {
     if (100..=600_000).contains(&ms) {
         Ok(Duration::from_millis(ms))
@@ -460,6 +510,28 @@ mod tests {
         assert_eq!(c.group, "gpu-admins");
         assert_eq!(c.op_timeout, Duration::from_millis(900));
         assert_eq!(c.state_dir, PathBuf::from(SYSTEM_STATE_DIR));
+        assert!(c.reset_on_release);
+        assert_eq!(c.quarantine_after, 3);
+        std::fs::write(
+            &file,
+            "reset_on_release = \"never\"\nquarantine_after = 5\n",
+        )
+        .unwrap();
+        let c = run(&["--config", f]).unwrap();
+        assert!(!c.reset_on_release);
+        assert_eq!(c.quarantine_after, 5);
+        let c = run(&["--config", f, "--reset-on-release", "auto"]).unwrap();
+        assert!(c.reset_on_release);
+        std::fs::write(&file, "reset_on_release = \"sometimes\"\n").unwrap();
+        assert!(matches!(
+            run(&["--config", f]),
+            Err(ConfigError::File { .. })
+        ));
+        std::fs::write(&file, "quarantine_after = 0\n").unwrap();
+        assert!(matches!(
+            run(&["--config", f]),
+            Err(ConfigError::File { .. })
+        ));
         std::fs::write(&file, "grup = \"typo\"\n").unwrap();
         let err = run(&["--config", f]).unwrap_err();
         assert!(
@@ -501,6 +573,21 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn the_packaged_file_shows_the_defaults() {
+        let text = include_str!("../packaging/config.toml");
+        let settings: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix('#'))
+            .filter(|l| !l.starts_with(' ') && l.contains(" = "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(settings.contains("reset_on_release") && settings.contains("quarantine_after"));
+        let mut c = Config::defaults(true);
+        c.apply_file(Path::new("config.toml"), &settings).unwrap();
+        assert_eq!(c, Config::defaults(true), "{settings}");
     }
 
     #[test]

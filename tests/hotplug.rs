@@ -105,6 +105,33 @@ fn removed_device_stays_registered_and_comes_back_on_vfio() {
 }
 
 #[test]
+fn a_device_that_comes_back_reading_all_ones_needs_a_host_reboot() {
+    let h = host(&[]);
+    let (mut events, _) = h.bound_nic_unplugged();
+    h.fs.add_device(nic_spec());
+    h.fs.set_config_all_ones(NIC, true);
+    h.uevent(&format!("add {NIC}"));
+    let e = events.until(|e| e["type"] == "health_changed");
+    assert!(
+        e["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("needs_host_reboot: config space reads all ones"),
+        "{e}"
+    );
+    let dev = h.device("nic");
+    assert_eq!(dev["health"], "needs_host_reboot");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        h.fs.driver_of(NIC).as_deref(),
+        Some("e1000e"),
+        "a dead function is not moved"
+    );
+    h.d.post("/devices/nic/attach", r#"{"instance_id":"vm"}"#)
+        .expect_error(409, "device_needs_host_reboot");
+}
+
+#[test]
 fn a_different_device_at_a_registered_address_is_left_alone() {
     let h = host(&[]);
     let (mut events, _) = h.bound_nic_unplugged();

@@ -61,6 +61,7 @@ pub enum Route {
     Unbind(String),
     Attach(String),
     Detach(String),
+    Reset(String),
     Holders(String),
     Events,
     Health,
@@ -97,6 +98,7 @@ impl Route {
             Route::Attach(_) => "/devices/{id_or_name}/attach",
             Route::Detach(_) => "/devices/{id_or_name}/detach",
             Route::Holders(_) => "/devices/{id_or_name}/holders",
+            Route::Reset(_) => "/devices/{id_or_name}/reset",
             Route::Events => "/events",
             Route::Health => "/health",
             Route::OpenApi => "/openapi.yaml",
@@ -120,6 +122,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/devices/{id_or_name}/unbind"),
     ("POST", "/devices/{id_or_name}/attach"),
     ("POST", "/devices/{id_or_name}/detach"),
+    ("POST", "/devices/{id_or_name}/reset"),
     ("GET", "/devices/{id_or_name}/holders"),
     ("GET", "/events"),
     ("GET", "/health"),
@@ -167,6 +170,7 @@ pub fn route(method: &Method, path: &str) -> Result<Route, RouteError> {
                 "unbind" => Route::Unbind,
                 "attach" => Route::Attach,
                 "detach" => Route::Detach,
+                "reset" => Route::Reset,
                 _ => return Err(RouteError::NotFound),
             };
             match m {
@@ -497,6 +501,22 @@ impl Api {
             Route::Detach(id) => {
                 let keep_bound = parse::detach(body)?;
                 device(StatusCode::OK, &core.detach(caller, &id, keep_bound).await?)
+            }
+            Route::Reset(id) => {
+                let req = parse::reset(body)?;
+                let outcome = core.reset(caller, &id, req).await?;
+                if req.dry_run {
+                    json_response(
+                        StatusCode::OK,
+                        &wire::ResetDryRun {
+                            dry_run: true,
+                            device: wire::Device::new(&outcome.device, ids),
+                            plan: &outcome.plan,
+                        },
+                    )
+                } else {
+                    device(StatusCode::OK, &outcome.device)
+                }
             }
             Route::Holders(id) => {
                 let (record, holders) = core.holders(&id).await?;

@@ -124,6 +124,8 @@ async fn run(config: Config, is_root: bool) -> Result<(), StartupFailure> {
         vfio_aliases,
         load_modules: config.load_modules,
         reclaim: config.reclaim,
+        reset_on_release: config.reset_on_release,
+        quarantine_after: config.quarantine_after,
         proc_root: config.proc.clone(),
         unbind_on_vmm_exit: config.unbind_on_vmm_exit,
         privileged,
