@@ -24,7 +24,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::registry::Registry as DeviceRegistry;
+use crate::registry::{Health, Registry as DeviceRegistry};
 
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -243,6 +243,21 @@ struct DeviceLabels {
     pci_address: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HealthLabels {
+    name: String,
+    pci_address: String,
+    health: &'static str,
+}
+
+/// Every health a device can have: each is a series, 1 for the current one.
+const HEALTH_STATES: [Health; 4] = [
+    Health::Ok,
+    Health::NeedsReset,
+    Health::Quarantined,
+    Health::NeedsHostReboot,
+];
+
 /// A 0/1 state of a registered device.
 type DeviceFlag = fn(&crate::registry::DeviceRecord) -> bool;
 
@@ -274,6 +289,7 @@ fn device_registry(devices: &DeviceRegistry) -> Registry {
     ];
     let families: Vec<Family<DeviceLabels, Gauge>> =
         flags.iter().map(|_| Family::default()).collect();
+    let health = Family::<HealthLabels, Gauge>::default();
     for d in devices.iter() {
         info.get_or_create(&DeviceInfoLabels {
             id: d.id.clone(),
@@ -292,6 +308,15 @@ fn device_registry(devices: &DeviceRegistry) -> Registry {
         for ((_, _, value), family) in flags.iter().zip(&families) {
             family.get_or_create(&labels).set(i64::from(value(d)));
         }
+        for state in HEALTH_STATES {
+            health
+                .get_or_create(&HealthLabels {
+                    name: d.name.clone(),
+                    pci_address: d.pci_address.to_string(),
+                    health: state.as_str(),
+                })
+                .set(i64::from(d.health == state));
+        }
     }
     registry.register(
         "vfiod_device_info",
@@ -301,6 +326,11 @@ fn device_registry(devices: &DeviceRegistry) -> Registry {
     for ((name, help, _), family) in flags.iter().zip(families) {
         registry.register(*name, *help, family);
     }
+    registry.register(
+        "vfiod_device_health",
+        "The device's health (ok, needs_reset, quarantined, needs_host_reboot): 1 for the current one",
+        health,
+    );
     registry
 }
 

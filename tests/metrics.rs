@@ -191,6 +191,15 @@ fn values_follow_registration_moves_hotplug_and_refusals() {
     assert_eq!(m.value("vfiod_device_bound_to_vfio", &nic), 0.0);
     assert_eq!(m.value("vfiod_device_attached", &nic), 0.0);
     assert_eq!(m.value("vfiod_device_stuck", &nic), 0.0);
+    let health = |m: &Metrics, state: &str| {
+        m.value(
+            "vfiod_device_health",
+            &[("name", "nic"), ("pci_address", NIC), ("health", state)],
+        )
+    };
+    assert_eq!(health(&m, "ok"), 1.0);
+    assert_eq!(health(&m, "needs_reset"), 0.0);
+    assert_eq!(health(&m, "quarantined"), 0.0);
 
     assert_eq!(h.d.post("/devices/nic/bind", "{}").status, 200);
     let m = scrape(&h.d);
