@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::fakeproc::{alias_node, dev_numbers, FakeProc};
-use common::fakesys::{FakeSys, TempDir};
+use common::fakesys::{DeviceSpec, FakeSys, TempDir};
 use common::simkernel::SimKernel;
 use common::{vfioctl, Daemon};
 use serde_json::{json, Value};
@@ -540,4 +540,35 @@ fn holders_of_a_busy_gpu_through_vfioctl() {
     let (code, _, err) = vfioctl(&d.socket, &["bind", "amd"]);
     assert_eq!(code, 1);
     assert!(err.contains("device_busy") && err.contains("Xorg"), "{err}");
+}
+
+#[test]
+fn reset_through_vfioctl() {
+    let fs = FakeSys::new();
+    fs.load_vfio();
+    fs.add_device(
+        DeviceSpec::new(NIC, 0x8086, 0x10d3, 0x020000)
+            .driver("e1000e")
+            .group(2)
+            .reset_methods("flr pm"),
+    );
+    let _sim = SimKernel::start(&fs);
+    let d = Daemon::start(&fs, &[]);
+    d.register(NIC, "nic");
+    let (code, out, err) = vfioctl(&d.socket, &["reset", "nic", "--method", "pm", "--dry-run"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        format!("dry run, nothing changed; a reset would try pm and reach:\n  {NIC} (e1000e)\n")
+    );
+    let (code, out, err) = vfioctl(&d.socket, &["reset", "nic", "--method", "pm"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(NIC) && out.contains("health:") && out.contains("ok"),
+        "{out}"
+    );
+    let last = &d.get("/devices/nic").json()["last_reset"];
+    assert_eq!(last["method"], "pm", "{last}");
+    let (code, _, err) = vfioctl(&d.socket, &["reset", "nic", "--method", "bus"]);
+    assert_eq!(code, 1, "no bus reset offered by the kernel: {err}");
 }

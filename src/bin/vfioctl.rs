@@ -758,7 +758,30 @@ async fn run(conn: Conn, json_out: bool, command: Command) -> Result<(), Failure
                     Some(body),
                 )
                 .await?;
-            let human = if v.get("pci_address").is_some() && v.get("id").is_some() {
+            let human = if dry_run {
+                let list = |k: &str| {
+                    v["plan"][k]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .map(|x| match x.as_str() {
+                                    Some(m) => m.to_owned(),
+                                    // A function of the scope.
+                                    None => format!("{} ({})", s(x, "pci_address"), s(x, "driver")),
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                        .unwrap_or_default()
+                };
+                format!(
+                    "dry run, nothing changed; a reset would try {} and reach:\n{}",
+                    list("methods").join(", "),
+                    list("scope")
+                        .iter()
+                        .map(|f| format!("  {f}\n"))
+                        .collect::<String>()
+                )
+            } else if v.get("pci_address").is_some() && v.get("id").is_some() {
                 show_device(&v)
             } else {
                 key_values(&v)
