@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use common::fakesys::FakeSys;
+use common::fakesys::{DeviceSpec, FakeSys};
 use common::flood;
 use common::Daemon;
 
@@ -155,4 +155,45 @@ fn out_of_descriptors_backs_off_and_recovers() {
         waited.as_millis()
     );
     assert!(spent_ms < 500, "vfiod spun: {spent_ms} ms of CPU in 2 s");
+}
+
+/// A connection that sends nothing, new or kept alive after an answer, is
+/// closed when the header timeout runs out; one that is busy is not.
+#[test]
+fn idle_connections_are_closed_after_the_header_timeout() {
+    let fs = FakeSys::new();
+    fs.add_device(DeviceSpec::new("0000:00:02.0", 0x8086, 0x10d3, 0x020000).group(2));
+    let d = Daemon::start(&fs, &["--header-timeout-ms", "400"]);
+    let closed_after = |s: &mut UnixStream| {
+        let t = Instant::now();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        (t.elapsed(), rest)
+    };
+    let mut fresh = UnixStream::connect(&d.socket).unwrap();
+    let (waited, said) = closed_after(&mut fresh);
+    assert!(said.is_empty(), "{}", String::from_utf8_lossy(&said));
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(5),
+        "a fresh idle connection closed after {waited:?}"
+    );
+
+    let mut kept = UnixStream::connect(&d.socket).unwrap();
+    write!(kept, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut head = [0u8; 12];
+    kept.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let (waited, _) = closed_after(&mut kept);
+    assert!(
+        waited < Duration::from_secs(5),
+        "a kept-alive idle connection stayed open {waited:?}"
+    );
+
+    // An event stream is a response in progress, not an idle connection.
+    let mut events = common::EventStream::open(&d.socket, "");
+    std::thread::sleep(Duration::from_millis(900));
+    d.register("0000:00:02.0", "nic");
+    let event = events.next();
+    assert_eq!(event["pci_address"], "0000:00:02.0", "{event}");
 }

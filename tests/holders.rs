@@ -489,6 +489,50 @@ fn nvme_multipath_resolves_the_path_device_to_its_mounted_head() {
     );
 }
 
+/// Before Linux 6.14 the head has no `multipath/` directory (measured on
+/// 6.12): it is found through the controller's NVMe subsystem, which links
+/// back to the controller by name.
+#[test]
+fn nvme_head_is_found_through_the_subsystem_on_kernels_without_multipath_links() {
+    let fs = FakeSys::standard_host();
+    let proc = FakeProc::new();
+    let controller = fs.add_class_device(NVME, "nvme/nvme0", "nvme", Some("241:0"));
+    fs.add_class_device(NVME, "nvme/nvme0/nvme0c0n1", "block", None);
+    let subsys = fs.path("devices/virtual/nvme-subsystem/nvme-subsys0");
+    let head = subsys.join("nvme0n1");
+    fs.write_attr(&head.join("dev"), "259:0\n");
+    fs.write_attr(&subsys.join("ng0n1/dev"), "240:0\n");
+    let tree = fs.tree();
+    tree.symlink(&head.join("subsystem"), &fs.path("class/block"))
+        .unwrap();
+    tree.mkdir(&fs.path("class/nvme-generic")).unwrap();
+    tree.symlink(
+        &subsys.join("ng0n1/subsystem"),
+        &fs.path("class/nvme-generic"),
+    )
+    .unwrap();
+    tree.symlink(&subsys.join("nvme0"), &controller).unwrap();
+    tree.mkdir(&fs.path("class/nvme-subsystem")).unwrap();
+    tree.symlink(&fs.path("class/nvme-subsystem/nvme-subsys0"), &subsys)
+        .unwrap();
+
+    proc.append_line(
+        "1/mountinfo",
+        "40 22 259:0 / /mnt rw - ext4 /dev/nvme0n1 rw",
+    );
+    assert_eq!(
+        scan(&fs, &proc, &[NVME]),
+        vec![Holder::Mount {
+            pci_address: addr(NVME),
+            device: "nvme0n1".into(),
+            mount_point: "/mnt".into(),
+            fstype: "ext4".into(),
+        }]
+    );
+    // Another function's controller is not in this subsystem.
+    assert_eq!(scan(&fs, &proc, &[NIC]), vec![]);
+}
+
 // ---------------------------------------------------------------------------
 // Network
 // ---------------------------------------------------------------------------
@@ -664,4 +708,34 @@ fn holders_serialise_with_a_kind_tag() {
         serde_json::json!({"kind": "net_interface", "pci_address": NIC, "interface": "eth0",
                            "addresses": [], "routes": 2})
     );
+}
+
+#[test]
+fn several_threads_find_what_one_thread_finds() {
+    let fs = FakeSys::standard_host();
+    let proc = FakeProc::new();
+    let node = t4_group_node(&fs);
+    let mut expected = Vec::new();
+    for pid in 1..=1200 {
+        let mut p = proc.process(pid, "p");
+        p.fd("socket:[1]");
+        p.fd("/dev/null");
+        if pid % 97 == 0 {
+            p.fd(&node);
+            expected.push(process(T4, pid, "p", &node, Some("p.service")));
+        }
+    }
+    let sysfs = Sysfs::new(&fs.sysfs, &fs.devfs);
+    let procfs = ProcFs::new(&proc.root);
+    for threads in [1, 2, 4] {
+        let report = holders::scan_report_with_threads(
+            &sysfs,
+            &procfs,
+            &[addr(T4)],
+            std::num::NonZeroUsize::new(threads).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(report.holders, expected, "{threads} threads");
+        assert!(report.uninspected.is_empty());
+    }
 }

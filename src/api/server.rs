@@ -13,8 +13,13 @@
 //!   waits for a request, so it is also the idle keep-alive timeout: an
 //!   idle connection, new or kept alive, is closed when it runs out;
 //! - the head may be at most [`MAX_HEADER_BYTES`]; hyper stops reading
-//!   there and answers 431, which [`JsonAutoErrors`] turns into JSON;
+//!   there and answers 431, which `JsonAutoErrors` turns into JSON;
 //! - a body must arrive within [`BODY_READ_TIMEOUT`](super::BODY_READ_TIMEOUT).
+//!
+//! Concurrency: the accept loop and privileged callers' connections run on
+//! the daemon's runtime; unprivileged callers' connections run on a
+//! runtime thread of their own (`unprivileged_runtime`), so the CPU they
+//! make vfiod spend is shared with, not taken from, everyone else.
 
 use std::convert::Infallible;
 use std::io;

@@ -7,7 +7,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -194,14 +193,14 @@ pub fn helper_main(spec: &str) {
 /// [`HELPER_ENV`] set): a test binary needs the helper test named.
 pub static HELPER_ARGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
 
-/// This executable again, running [`helper_main`] as `uid`:`gid` with no
-/// other groups.
-fn helper(uid: u32, gid: u32, spec: &str) -> (Child, BufReader<std::process::ChildStdout>) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
+/// This executable again, running [`helper_main`] as `uid` (primary
+/// group `uid`) with the supplementary `groups`.
+fn helper(uid: u32, groups: &[u32], spec: &str) -> (Child, BufReader<std::process::ChildStdout>) {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    super::run_as(&mut cmd, uid, groups);
+    let mut child = cmd
         .args(HELPER_ARGS.get().cloned().unwrap_or_default())
         .env(HELPER_ENV, spec)
-        .uid(uid)
-        .gid(gid)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -277,7 +276,7 @@ pub fn measure(d: &Daemon, group_gid: u32, what: &str, flooders: &[Flooder]) -> 
     let socket = d.socket.display().to_string();
     let (mut member, mut member_out) = helper(
         MEMBER_UID,
-        group_gid,
+        &[group_gid],
         &format!("member {socket} {}", MEASURE.as_millis()),
     );
     let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -330,7 +329,7 @@ pub fn measure(d: &Daemon, group_gid: u32, what: &str, flooders: &[Flooder]) -> 
 pub fn flood(socket: &Path, kind: &str, first_uid: u32, uids: u32, per_uid: usize) -> Vec<Flooder> {
     let spec = format!("{kind} {} {per_uid}", socket.display());
     let mut started: Vec<_> = (first_uid..first_uid + uids)
-        .map(|uid| helper(uid, uid, &spec))
+        .map(|uid| helper(uid, &[], &spec))
         .collect();
     for (_, out) in &mut started {
         flood_line(out, "connected");
@@ -390,11 +389,7 @@ pub fn everyone_served_again(d: &Daemon) {
         10,
         "an unprivileged uid to be served after the flood",
         || {
-            let (mut child, mut out) = helper(
-                FLOOD_UID_BASE,
-                FLOOD_UID_BASE,
-                &format!("member {socket} 1"),
-            );
+            let (mut child, mut out) = helper(FLOOD_UID_BASE, &[], &format!("member {socket} 1"));
             let line = flood_line(&mut out, "latencies");
             let _ = child.wait();
             let (answered, failures) = parse_latencies(&line);

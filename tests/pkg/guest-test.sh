@@ -261,10 +261,11 @@ wait_active vfiod.service 10 || nok "vfiod back without the metrics listener" "$
 # must stay small. perl-base (Essential) has IO::Socket::UNIX.
 pid=$(prop vfiod.service MainPID)
 is "LimitNOFILE from the unit" "$(prop vfiod.service LimitNOFILE)" 65536
-# The unit asks for 65536; a container may cap the hard limit lower (nspawn
-# here: 20000). What vfiod must have is soft = hard.
-fdlim=$(awk '/^Max open files/ {print $4 "/" $5}' /proc/"$pid"/limits)
-is "vfiod's soft fd limit is the hard one ($fdlim)" "${fdlim%/*}" "${fdlim#*/}"
+# The container's own hard limit may be lower than 65536 (systemd then
+# caps it): what matters is that vfiod may use all of it.
+nofile=$(awk '/^Max open files/ {print $4 "/" $5}' /proc/"$pid"/limits)
+echo "# vfiod's fd limit (soft/hard): $nofile"
+is "vfiod's soft fd limit is the hard one" "${nofile%/*}" "${nofile#*/}"
 cat >/tmp/flood.pl <<'PERL'
 use strict;
 use IO::Socket::UNIX;
