@@ -129,6 +129,13 @@ fn attach_opens_the_group_node_to_the_vmm_uid_and_detach_restores_it() {
     let (mode, users) = node_state(&node);
     assert_eq!(users, vec![VMM_UID], "the VMM's uid may open the node");
     assert_eq!(mode & 0o070, 0o060, "the ACL mask shows in the group bits");
+    let (code, out, err) = common::vfioctl(&d.socket, &["show", "nic"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("may open:") && l.ends_with(&format!("root and uid {VMM_UID}"))),
+        "{out}"
+    );
     // Same request again: a no-op. Another instance or uid: in use.
     assert_eq!(
         attach(

@@ -440,7 +440,23 @@ fn show_device(d: &Value) -> String {
             .collect();
         out.push_str(&format!("{:<18}{}\n", "moved with:", c.join(", ")));
     }
+    out.push_str(&format!("{:<18}{}\n", "may open:", who_may_open(d)));
     out
+}
+
+/// Who may open the device's VFIO nodes: root always; while attached,
+/// the attachment's uid through its ACL grant (and its VMM's pid).
+fn who_may_open(d: &Value) -> String {
+    if !d["bound_to_vfio"].as_bool().unwrap_or(false) {
+        return "nobody: not on vfio".into();
+    }
+    match d["attached_uid"].as_u64() {
+        Some(0) | None => "root only".into(),
+        Some(uid) => match d["attached_pid"].as_u64() {
+            Some(pid) => format!("root and uid {uid} (until VMM pid {pid} exits)"),
+            None => format!("root and uid {uid}"),
+        },
+    }
 }
 
 fn tags_object(tags: &[(String, String)]) -> Value {
