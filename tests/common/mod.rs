@@ -147,12 +147,33 @@ pub fn request(socket: &Path, method: &str, path: &str, body: Option<&str>) -> R
     raw_request(socket, raw.as_bytes())
 }
 
-pub fn vfiod_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_vfiod")
+pub fn vfiod_bin() -> PathBuf {
+    built_bin(option_env!("CARGO_BIN_EXE_vfiod"), "vfiod")
 }
 
-pub fn vfioctl_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_vfioctl")
+pub fn vfioctl_bin() -> PathBuf {
+    built_bin(option_env!("CARGO_BIN_EXE_vfioctl"), "vfioctl")
+}
+
+/// Cargo names the binaries only to this package's own tests; another
+/// workspace member's tests (the kubelet plugin's) find them in the
+/// profile directory their own executable sits under (`target/debug/deps/..`).
+fn built_bin(from_cargo: Option<&str>, name: &str) -> PathBuf {
+    if let Some(path) = from_cargo {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("the test's own path");
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("a test executable under target/PROFILE/deps")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: `cargo build --bin {name}` (cargo test --workspace builds it)",
+        path.display()
+    );
+    path
 }
 
 /// A `vfiod` process on a fake tree, killed when dropped.
