@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian 12 machine, as root:
-#   1. build dependencies from apt;
-#   2. cargo fmt --check, cargo clippy -D warnings;
-#   3. the fast tier: cargo test (real vfiod over a fake sysfs + simulated kernel);
+#   1. build dependencies from apt (protobuf-compiler: the kubelet plugin's
+#      build generates its gRPC code with protoc);
+#   2. cargo fmt --check, cargo clippy -D warnings, over the whole workspace;
+#   3. the fast tier: cargo test --workspace (real vfiod over a fake sysfs +
+#      simulated kernel; the kubelet plugin against a kubelet stand-in);
 #   4. the real-kernel tier: tests/vm/run.sh (QEMU guest with an IOMMU);
 #   5. the package tier: tests/pkg/run.sh (lintian, systemd-nspawn installs);
 #   6. the installed package in a QEMU guest booted with systemd.
@@ -13,7 +15,7 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==== %s (%s)\n' "$*" "$(date -u +%H:%M:%S)"; }
 
 need_apt=()
-for pkg in libudev-dev pkg-config pci.ids; do
+for pkg in libudev-dev pkg-config pci.ids protobuf-compiler; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if [ "${#need_apt[@]}" -gt 0 ]; then
@@ -27,14 +29,14 @@ if [ "${#need_apt[@]}" -gt 0 ]; then
 fi
 
 step "cargo fmt --check"
-cargo fmt --check
+cargo fmt --all --check
 
 step "cargo clippy"
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "fast tier: cargo test"
-cargo build --release --locked --bins
-cargo test --locked
+step "fast tier: cargo test --workspace"
+cargo build --release --locked --workspace --bins
+cargo test --workspace --locked
 
 if [ "${VFIOD_SKIP_VM:-0}" != 1 ]; then
     step "real-kernel tier: tests/vm/run.sh"
