@@ -191,6 +191,8 @@ struct Running {
     stop: CancellationToken,
     task: JoinHandle<()>,
     registered: bool,
+    /// Failed registrations in a row; only the first is a warning.
+    failures: u32,
 }
 
 impl Running {
@@ -282,9 +284,15 @@ impl Manager {
                         Ok(()) => {
                             tracing::info!(resource = %res, endpoint = %r.socket.display(), "registered with kubelet");
                             r.registered = true;
+                            r.failures = 0;
+                        }
+                        Err(e) if r.failures == 0 => {
+                            tracing::warn!(resource = %res, "registration with kubelet failed (retrying every {} ms): {e}", WATCH_PERIOD.as_millis());
+                            r.failures = 1;
                         }
                         Err(e) => {
-                            tracing::warn!(resource = %res, "registration with kubelet failed (retrying): {e}")
+                            tracing::debug!(resource = %res, "registration with kubelet failed again: {e}");
+                            r.failures = r.failures.saturating_add(1);
                         }
                     }
                 }
@@ -336,6 +344,7 @@ impl Manager {
             stop,
             task,
             registered: false,
+            failures: 0,
         })
     }
 }

@@ -41,8 +41,21 @@ pub struct Device {
     pub identity_mismatch: bool,
     /// `ok`, `needs_reset`, `quarantined` or `needs_host_reboot` on a
     /// vfiod that tracks health; absent on one that does not.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "health_state")]
     pub health: Option<String>,
+}
+
+/// The health state, whether vfiod sends it as a string or as an object
+/// with a `state` field; any other shape is read as "no health", so a
+/// change of its form can never stop the plugin from reading devices.
+fn health_state<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let v = Value::deserialize(d)?;
+    let state = match &v {
+        Value::String(s) => Some(s.as_str()),
+        Value::Object(o) => o.get("state").and_then(Value::as_str),
+        _ => None,
+    };
+    Ok(state.map(str::to_owned))
 }
 
 fn present_by_default() -> bool {
@@ -302,5 +315,27 @@ impl EventStream {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_health_is_read_as_a_string_or_an_object_state_or_not_at_all() {
+        let base = json!({"name": "g", "pci_address": "0000:01:00.0", "iommu_group": 1});
+        let with = |h: Value| {
+            let mut v = base.clone();
+            v["health"] = h;
+            serde_json::from_value::<Device>(v).unwrap().health
+        };
+        assert_eq!(with(json!("quarantined")).as_deref(), Some("quarantined"));
+        assert_eq!(
+            with(json!({"state": "needs_host_reboot", "reason": "x"})).as_deref(),
+            Some("needs_host_reboot")
+        );
+        assert_eq!(with(json!(7)), None);
+        assert_eq!(serde_json::from_value::<Device>(base).unwrap().health, None);
     }
 }
