@@ -36,6 +36,10 @@ fi
 if [ "${VFIOD_SKIP_CARGO:-0}" != 1 ] && [ -z "${PROTOC:-}" ] && ! command -v protoc >/dev/null; then
 	need+=(protobuf-compiler)
 fi
+# posix-acl links libacl (the VFIO node grants of attachments).
+if [ "${VFIOD_SKIP_CARGO:-0}" != 1 ] && ! pkg-config --exists libacl 2>/dev/null; then
+	need+=(libacl1-dev)
+fi
 if ((${#need[@]})); then
 	if [ "$(id -u)" != 0 ]; then
 		log "missing build tools: ${need[*]} (apt-get install them as root)"; exit 1

@@ -21,6 +21,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub sysfs: PathBuf,
     pub devfs: PathBuf,
+    /// procfs root: holders and VMM processes are looked up here.
+    pub proc: PathBuf,
     /// Members of this group (and root) may change things.
     pub group: String,
     /// Upper bound for one sysfs write, and for the kernel to settle after it.
@@ -38,6 +40,9 @@ pub struct Config {
     pub modules_dir: PathBuf,
     /// Test hook: read uevents from this FIFO instead of netlink.
     pub uevent_fifo: Option<PathBuf>,
+    /// When an attachment's VMM exits, also give the device back to its
+    /// driver (by default it stays on vfio for the next VM).
+    pub unbind_on_vmm_exit: bool,
 }
 
 /// The file's shape: every key optional, unknown keys rejected so a typo is
@@ -49,6 +54,7 @@ struct FileConfig {
     state_dir: Option<PathBuf>,
     sysfs: Option<PathBuf>,
     devfs: Option<PathBuf>,
+    proc: Option<PathBuf>,
     group: Option<String>,
     op_timeout_ms: Option<u64>,
     load_modules: Option<bool>,
@@ -56,6 +62,7 @@ struct FileConfig {
     log_level: Option<String>,
     reclaim: Option<bool>,
     modules_dir: Option<PathBuf>,
+    unbind_on_vmm_exit: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -83,12 +90,15 @@ OPTIONS (override the config file):
                        [root: /var/lib/vfiod; others: $XDG_STATE_HOME/vfiod]
   --sysfs DIR          sysfs root [default: /sys]; tests point it at a fake tree
   --devfs DIR          devfs root [default: /dev]
+  --proc DIR           procfs root [default: /proc]; tests point it at a fake tree
   --group NAME         group whose members may change things [default: vfiod]
   --op-timeout-ms N    limit for one sysfs write or driver settle [default: 5000]
   --load-modules       modprobe vfio-pci when a bind needs it
   --udev-rules-dir DIR where to keep the boot-time udev rule ('' disables)
                        [default: /etc/udev/rules.d as root; disabled otherwise]
   --reclaim            take back a vfio device another actor moves away
+  --unbind-on-vmm-exit give a device back to its driver when its VMM exits
+                       [default: it stays on vfio for the next VM]
   --modules-dir DIR    where modules.alias names vfio variant drivers
                        [default: /lib/modules/$(uname -r)]
   --log-level LEVEL    error|warn|info|debug|trace [default: info]
@@ -136,6 +146,7 @@ impl Config {
             state_dir,
             sysfs: PathBuf::from("/sys"),
             devfs: PathBuf::from("/dev"),
+            proc: PathBuf::from("/proc"),
             group: "vfiod".into(),
             op_timeout: Duration::from_millis(5000),
             load_modules: false,
@@ -144,6 +155,7 @@ impl Config {
             reclaim: false,
             modules_dir: running_kernel_modules(),
             uevent_fifo: None,
+            unbind_on_vmm_exit: false,
         }
     }
 
@@ -166,6 +178,9 @@ impl Config {
         if let Some(v) = f.devfs {
             self.devfs = v;
         }
+        if let Some(v) = f.proc {
+            self.proc = v;
+        }
         if let Some(v) = f.group {
             self.group = v;
         }
@@ -186,6 +201,9 @@ impl Config {
         }
         if let Some(v) = f.modules_dir {
             self.modules_dir = v;
+        }
+        if let Some(v) = f.unbind_on_vmm_exit {
+            self.unbind_on_vmm_exit = v;
         }
         Ok(())
     }
@@ -231,6 +249,7 @@ impl Config {
                 "--state-dir" => config.state_dir = value()?.into(),
                 "--sysfs" => config.sysfs = value()?.into(),
                 "--devfs" => config.devfs = value()?.into(),
+                "--proc" => config.proc = value()?.into(),
                 "--group" => config.group = value()?,
                 "--op-timeout-ms" => {
                     let v = value()?;
@@ -241,6 +260,7 @@ impl Config {
                 }
                 "--load-modules" => config.load_modules = true,
                 "--reclaim" => config.reclaim = true,
+                "--unbind-on-vmm-exit" => config.unbind_on_vmm_exit = true,
                 "--modules-dir" => config.modules_dir = value()?.into(),
                 "--uevent-fifo" => config.uevent_fifo = Some(value()?.into()),
                 "--udev-rules-dir" => {

@@ -38,6 +38,10 @@ pub enum Step {
     VerifyGroupNode,
     ClearOverride,
     Bind,
+    /// Unbinding the framebuffer console from a device's framebuffer.
+    ReleaseConsole,
+    /// Binding it back once the device is returned.
+    RestoreConsole,
 }
 
 impl fmt::Display for Step {
@@ -50,6 +54,8 @@ impl fmt::Display for Step {
             Step::VerifyGroupNode => "verify VFIO group node",
             Step::ClearOverride => "clear driver_override",
             Step::Bind => "bind",
+            Step::ReleaseConsole => "release framebuffer console",
+            Step::RestoreConsole => "restore framebuffer console",
         };
         f.write_str(name)
     }
@@ -210,6 +216,11 @@ impl Engine {
         &self.sysfs
     }
 
+    /// The bound on one sysfs write, and on the kernel settling after it.
+    pub fn op_timeout(&self) -> Duration {
+        self.write_timeout
+    }
+
     /// Moves `moves` (one IOMMU group) to their vfio drivers, rolling every
     /// touched function back to its `from` driver on failure.
     pub async fn to_vfio(&self, moves: &[Move], group: u32) -> Result<(), BindFailure> {
@@ -249,6 +260,22 @@ impl Engine {
             error,
             rollback: Some(rollback),
         })
+    }
+
+    /// Writes a vtconsole's `bind` (`false`: take the console off its
+    /// framebuffer before the device moves; `true`: put it back).
+    pub async fn bind_console(
+        &self,
+        device: PciAddress,
+        bind_path: PathBuf,
+        bound: bool,
+    ) -> Result<(), EngineError> {
+        let (step, value) = if bound {
+            (Step::RestoreConsole, "1")
+        } else {
+            (Step::ReleaseConsole, "0")
+        };
+        self.write(step, device, bind_path, value).await
     }
 
     /// Gives each function back to its `from` driver (or leaves it with no

@@ -4,6 +4,7 @@
 //! is a variant here, so nothing reaches the wire as a bare 500.
 
 use crate::engine::{EngineError, Step};
+use crate::pci::holders::Holder;
 use crate::pci::PciAddress;
 use crate::registry::store::StoreError;
 
@@ -43,12 +44,30 @@ pub enum CoreError {
         group: u32,
         others: Vec<(PciAddress, String)>,
     },
+    #[error("{0}")]
+    InvalidPid(String),
+    #[error("IOMMU group {group} of {device} is attached to another user ({}); all functions of a group share one VFIO node, so they can only be handed to one uid, here {uid}", list_uids(.others))]
+    GroupAttachedToOtherUid {
+        device: PciAddress,
+        group: u32,
+        uid: u32,
+        others: Vec<(PciAddress, u32)>,
+    },
+    #[error("{0}")]
+    GrantFailed(String),
+    #[error("finding what holds the device failed, nothing was changed: {0}")]
+    HolderScan(String),
     #[error("device {0} was not bound to vfio by vfiod, so vfiod leaves its driver alone")]
     NotBoundByVfiod(String),
     #[error("device {0} is not present on the bus")]
     NotPresent(PciAddress),
     #[error("a different device now answers at {0} than the one registered there; delete and register it again to use it")]
     IdentityMismatch(PciAddress),
+    #[error("{device} is in use, nothing was changed: {}", list_holders(.holders))]
+    DeviceBusy {
+        device: PciAddress,
+        holders: Vec<Holder>,
+    },
     #[error("device {0} has a sysfs write still stuck in the kernel; retry when it returns (see GET /events)")]
     DeviceStuck(PciAddress),
     #[error("{0}")]
@@ -74,6 +93,68 @@ fn list_functions(others: &[(PciAddress, String)]) -> String {
     others
         .iter()
         .map(|(a, d)| format!("{a} on {d}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn list_holders(holders: &[Holder]) -> String {
+    holders
+        .iter()
+        .map(describe_holder)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// One holder, as an operator reads it in a message or a log line.
+fn describe_holder(h: &Holder) -> String {
+    match h {
+        Holder::Process {
+            pci_address,
+            pid,
+            comm,
+            uid,
+            path,
+            unit,
+        } => {
+            let unit = unit.as_deref().map(|u| format!(", {u}")).unwrap_or_default();
+            format!("process {pid} ({comm}, uid {uid}{unit}) holds {path} of {pci_address}")
+        }
+        Holder::Mount {
+            pci_address,
+            device,
+            mount_point,
+            fstype,
+        } => format!("{device} of {pci_address} is mounted on {mount_point} ({fstype})"),
+        Holder::Swap {
+            pci_address,
+            device,
+        } => format!("{device} of {pci_address} is in use as swap"),
+        Holder::BlockStack {
+            pci_address,
+            device,
+            holder,
+        } => format!("{device} of {pci_address} is part of {holder} (md/dm/LVM)"),
+        Holder::NetInterface {
+            pci_address,
+            interface,
+            addresses,
+            routes,
+        } => format!(
+            "network interface {interface} of {pci_address} is up with {} address(es) and {routes} route(s); force: true moves it anyway",
+            addresses.len()
+        ),
+        Holder::FramebufferConsole {
+            pci_address,
+            vtconsole,
+            framebuffer,
+        } => format!("the framebuffer console ({vtconsole}) is on {framebuffer} of {pci_address}"),
+    }
+}
+
+fn list_uids(others: &[(PciAddress, u32)]) -> String {
+    others
+        .iter()
+        .map(|(a, uid)| format!("{a} for uid {uid}"))
         .collect::<Vec<_>>()
         .join(", ")
 }

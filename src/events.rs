@@ -35,6 +35,8 @@ pub enum EventKind {
     UnbindFailed,
     Attach,
     Detach,
+    /// An attachment ended by itself: its VMM exited.
+    AttachmentEnded,
     IdentityMismatch,
     DeviceStuck,
     DeviceUnstuck,

@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==== %s (%s)\n' "$*" "$(date -u +%H:%M:%S)"; }
 
 need_apt=()
-for pkg in libudev-dev pkg-config pci.ids protobuf-compiler; do
+for pkg in libudev-dev libacl1-dev pkg-config pci.ids curl protobuf-compiler; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if [ "${#need_apt[@]}" -gt 0 ]; then

@@ -18,6 +18,9 @@ pub struct ErrorBody {
     pub errno: Option<i32>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub conflicting_functions: Vec<ConflictingFunction>,
+    /// For `device_busy`: what holds the device, each with a `kind`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<crate::pci::holders::Holder>,
 }
 
 #[derive(Debug, Serialize)]
@@ -34,6 +37,7 @@ impl ErrorBody {
             step: None,
             errno: None,
             conflicting_functions: Vec::new(),
+            holders: Vec::new(),
         }
     }
 }
@@ -58,10 +62,16 @@ pub fn status_and_code(e: &CoreError) -> (StatusCode, &'static str) {
         VfioUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "vfio_unavailable"),
         NotPrivileged(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_privileged"),
         NoIommuGroup(_) => (StatusCode::CONFLICT, "no_iommu_group"),
-        GroupConflict { .. } => (StatusCode::CONFLICT, "iommu_group_conflict"),
+        GroupConflict { .. } | GroupAttachedToOtherUid { .. } => {
+            (StatusCode::CONFLICT, "iommu_group_conflict")
+        }
+        InvalidPid(_) => (StatusCode::BAD_REQUEST, "invalid_pid"),
+        GrantFailed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "grant_failed"),
+        HolderScan(_) => (StatusCode::INTERNAL_SERVER_ERROR, "holder_scan_failed"),
         NotBoundByVfiod(_) => (StatusCode::CONFLICT, "not_bound_by_vfiod"),
         NotPresent(_) => (StatusCode::CONFLICT, "device_not_present"),
         DeviceStuck(_) => (StatusCode::CONFLICT, "device_stuck"),
+        DeviceBusy { .. } => (StatusCode::CONFLICT, "device_busy"),
         IdentityMismatch(_) => (StatusCode::CONFLICT, "identity_mismatch"),
         DriverMoveFailed(f) => {
             if f.error.is_timeout() {
@@ -85,6 +95,9 @@ pub fn to_body(e: &CoreError) -> (StatusCode, ErrorBody) {
     let mut body = ErrorBody::new(code, e.to_string());
     body.step = e.step();
     body.errno = e.errno();
+    if let CoreError::DeviceBusy { holders, .. } = e {
+        body.holders = holders.clone();
+    }
     if let CoreError::GroupConflict { others, .. } = e {
         body.conflicting_functions = others
             .iter()

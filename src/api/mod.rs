@@ -56,6 +56,7 @@ pub enum Route {
     Unbind(String),
     Attach(String),
     Detach(String),
+    Holders(String),
     Events,
     Health,
     OpenApi,
@@ -68,6 +69,7 @@ impl Route {
             Route::ListDevices
                 | Route::Available
                 | Route::GetDevice(_)
+                | Route::Holders(_)
                 | Route::Events
                 | Route::Health
                 | Route::OpenApi
@@ -87,6 +89,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/devices/{id_or_name}/unbind"),
     ("POST", "/devices/{id_or_name}/attach"),
     ("POST", "/devices/{id_or_name}/detach"),
+    ("GET", "/devices/{id_or_name}/holders"),
     ("GET", "/events"),
     ("GET", "/health"),
     ("GET", "/openapi.yaml"),
@@ -121,6 +124,10 @@ pub fn route(method: &Method, path: &str) -> Result<Route, RouteError> {
             Method::PATCH => Ok(Route::UpdateDevice(id(d)?)),
             Method::DELETE => Ok(Route::DeleteDevice(id(d)?)),
             _ => Err(RouteError::MethodNotAllowed("GET, PATCH, DELETE")),
+        },
+        ["devices", d, "holders"] if !d.is_empty() => match m {
+            Method::GET => Ok(Route::Holders(id(d)?)),
+            _ => Err(RouteError::MethodNotAllowed("GET")),
         },
         ["devices", d, action] if !d.is_empty() => {
             let make: fn(String) -> Route = match *action {
@@ -414,12 +421,24 @@ impl Api {
                 device(StatusCode::OK, &core.unbind(caller, &id).await?)
             }
             Route::Attach(id) => {
-                let instance = parse::attach(body)?;
-                device(StatusCode::OK, &core.attach(caller, &id, instance).await?)
+                let req = parse::attach(body)?;
+                device(StatusCode::OK, &core.attach(caller, &id, req).await?)
             }
             Route::Detach(id) => {
                 let keep_bound = parse::detach(body)?;
                 device(StatusCode::OK, &core.detach(caller, &id, keep_bound).await?)
+            }
+            Route::Holders(id) => {
+                let (record, holders) = core.holders(&id).await?;
+                json_response(
+                    StatusCode::OK,
+                    &wire::Holders {
+                        id: &record.id,
+                        name: &record.name,
+                        pci_address: record.pci_address,
+                        holders: &holders,
+                    },
+                )
             }
             Route::Events => self.events(parse::events_query(query)?),
             Route::Health => {

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
-use crate::core::{BindRequest, DeviceName, InstanceId, RegisterRequest, Tags, UpdateRequest};
+use crate::core::{
+    AttachRequest, BindRequest, DeviceName, InstanceId, RegisterRequest, Tags, UpdateRequest,
+};
 use crate::error::CoreError;
 use crate::pci::PciAddress;
 
@@ -125,10 +127,11 @@ pub fn update(body: &[u8]) -> Result<UpdateRequest, CoreError> {
 /// `POST /devices/{id_or_name}/bind`; an empty body means the defaults.
 pub fn bind(body: &[u8]) -> Result<BindRequest, CoreError> {
     let map = object(body, true)?;
-    deny_unknown(&map, &["with_group", "dry_run"])?;
+    deny_unknown(&map, &["with_group", "dry_run", "force"])?;
     Ok(BindRequest {
         with_group: optional_bool(&map, "with_group")?,
         dry_run: optional_bool(&map, "dry_run")?,
+        force: optional_bool(&map, "force")?,
     })
 }
 
@@ -139,17 +142,50 @@ pub fn unbind(body: &[u8]) -> Result<(), CoreError> {
 }
 
 /// `POST /devices/{id_or_name}/attach`.
-pub fn attach(body: &[u8]) -> Result<InstanceId, CoreError> {
+pub fn attach(body: &[u8]) -> Result<AttachRequest, CoreError> {
     let map = object(body, false)?;
-    deny_unknown(&map, &["instance_id"])?;
-    match map.get("instance_id") {
-        Some(Value::String(s)) => InstanceId::parse(s),
+    deny_unknown(&map, &["instance_id", "uid", "pid"])?;
+    let instance = match map.get("instance_id") {
+        Some(Value::String(s)) => InstanceId::parse(s)?,
         None | Some(Value::Null) => {
-            Err(CoreError::InvalidRequest("instance_id is required".into()))
+            return Err(CoreError::InvalidRequest("instance_id is required".into()))
         }
-        Some(_) => Err(CoreError::InvalidRequest(
-            "instance_id must be a string".into(),
-        )),
+        Some(_) => {
+            return Err(CoreError::InvalidRequest(
+                "instance_id must be a string".into(),
+            ))
+        }
+    };
+    let pid = optional_u32(&map, "pid")?;
+    if pid == Some(0) {
+        return Err(CoreError::InvalidPid(
+            "pid must be a process id, not 0".into(),
+        ));
+    }
+    Ok(AttachRequest {
+        instance,
+        uid: optional_u32(&map, "uid")?,
+        pid,
+    })
+}
+
+/// A non-negative integer that fits a uid or pid, or absent/null.
+fn optional_u32(map: &Map<String, Value>, field: &str) -> Result<Option<u32>, CoreError> {
+    match map.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|n| *n != u32::MAX)
+            .map(Some)
+            .ok_or_else(|| {
+                let message = format!("{field} must be an integer from 0 to 4294967294");
+                if field == "pid" {
+                    CoreError::InvalidPid(message)
+                } else {
+                    CoreError::InvalidRequest(message)
+                }
+            }),
     }
 }
 

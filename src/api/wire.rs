@@ -41,6 +41,10 @@ pub struct Device<'a> {
     pub identity_mismatch: bool,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub group_companions: Vec<PciAddress>,
+    /// The uid the attachment opens the VFIO nodes to; null when detached.
+    pub attached_uid: Option<u32>,
+    /// The VMM process whose exit ends the attachment, if one was named.
+    pub attached_pid: Option<u32>,
 }
 
 fn hex4(v: u16) -> String {
@@ -89,6 +93,8 @@ impl<'a> Device<'a> {
             stuck: d.stuck,
             identity_mismatch: d.identity_mismatch,
             group_companions: d.companions.iter().map(|c| c.pci_address).collect(),
+            attached_uid: d.attached_to.as_ref().and(d.attached_uid),
+            attached_pid: d.attached_pid.map(|p| p.pid),
         }
     }
 }
@@ -147,4 +153,13 @@ pub struct HealthBody<'a> {
     pub status: &'static str,
     #[serde(flatten)]
     pub health: &'a Health,
+}
+
+/// `GET /devices/{id_or_name}/holders`.
+#[derive(Debug, Serialize)]
+pub struct Holders<'a> {
+    pub id: &'a str,
+    pub name: &'a str,
+    pub pci_address: PciAddress,
+    pub holders: &'a [crate::pci::holders::Holder],
 }

@@ -18,7 +18,7 @@ use vfiod::{hotplug, systemd};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let is_root = nix::unistd::geteuid().is_root();
+    let is_root = nix::unistd::geteuid().is_root() || runs_as_the_system_agent();
     let config = match Config::from_args(&args, is_root) {
         Ok(Invocation::Run(c)) => *c,
         Ok(Invocation::Help) => {
@@ -56,6 +56,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// The packaged service runs as its own user with exactly the capabilities
+/// its unit grants (CAP_DAC_OVERRIDE to write sysfs); it is then the host's
+/// agent as root would be: system paths, driver moves.
+fn runs_as_the_system_agent() -> bool {
+    const CAP_DAC_OVERRIDE: u32 = 1;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|effective| effective & (1 << CAP_DAC_OVERRIDE) != 0)
+}
+
 /// Why startup failed, and the exit status that tells systemd whether a
 /// restart could help (the unit does not restart on 2, as for a bad config).
 struct StartupFailure {
@@ -74,6 +88,11 @@ impl From<String> for StartupFailure {
 
 async fn run(config: Config, is_root: bool) -> Result<(), StartupFailure> {
     let started = Instant::now();
+    // Installed before anything can connect: a SIGTERM that arrives as soon
+    // as the socket exists is then a graceful stop, not death by the
+    // signal's default action.
+    let stop_signals = StopSignals::install()
+        .map_err(|e| format!("cannot install the SIGTERM/SIGINT handlers: {e}"))?;
     let sysfs = Sysfs::new(&config.sysfs, &config.devfs);
     let real_sysfs = sysfs.is_real();
     let privileged = is_root || !real_sysfs;
@@ -87,6 +106,8 @@ async fn run(config: Config, is_root: bool) -> Result<(), StartupFailure> {
         vfio_aliases,
         load_modules: config.load_modules,
         reclaim: config.reclaim,
+        proc_root: config.proc.clone(),
+        unbind_on_vmm_exit: config.unbind_on_vmm_exit,
         privileged,
         // A rule written from a fake tree would describe devices this host
         // does not have: only an explicitly chosen directory is used then.
@@ -172,11 +193,18 @@ async fn run(config: Config, is_root: bool) -> Result<(), StartupFailure> {
     systemd::notify_ready(&status);
 
     let server = tokio::spawn(api::serve(listener, api, Duration::from_secs(10)));
-    wait_for_signal().await;
-    tracing::info!("shutting down: no new connections, finishing requests in flight");
+    stop_signals.wait().await;
+    tracing::info!("shutting down: no new connections, finishing requests and moves in flight");
     systemd::notify_stopping();
     let _ = shutdown_tx.send(true);
     let _ = server.await;
+    // A move is never cut off half-way: each write in it is bounded by the
+    // op timeout, and a write the kernel keeps is left recorded as stuck
+    // for the next start to settle.
+    let bound = config.op_timeout * 3 + Duration::from_secs(1);
+    if !core.finish_operations(bound).await {
+        tracing::warn!("operations still in flight after {bound:?}; their devices are recorded as pending and are settled at the next start");
+    }
     drop(socket_guard);
     tracing::info!("stopped");
     Ok(())
@@ -192,18 +220,26 @@ async fn watchdog(core: Arc<Core>, interval: Duration) {
     }
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; serving until killed");
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, caught from the moment they are installed (a
+/// signal that arrives before [`StopSignals::wait`] is kept for it).
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> std::io::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }

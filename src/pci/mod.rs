@@ -2,11 +2,14 @@
 //! groups, and `pci.ids` names.
 
 mod address;
+pub mod holders;
 pub mod ids;
 pub mod sysfs;
 pub mod variant;
+pub mod vfio_access;
 
 pub use address::{InvalidPciAddress, PciAddress};
+pub use holders::{Disposition, Holder, HolderScanError, ProcFs, ScanReport};
 pub use ids::PciIds;
 pub use sysfs::{PciFunction, Sysfs, SysfsError};
 pub use variant::VfioAliases;

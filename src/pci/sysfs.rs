@@ -79,6 +79,10 @@ impl Sysfs {
         &self.root
     }
 
+    pub fn devfs(&self) -> &Path {
+        &self.devfs
+    }
+
     /// True when this is the machine's real sysfs, where a mistake moves a
     /// live disk or NIC; test helpers use it to refuse mutating runs.
     pub fn is_real(&self) -> bool {

@@ -27,6 +27,13 @@ pub struct Companion {
     pub original_driver: Option<String>,
 }
 
+/// The process an attachment follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachedProcess {
+    pub pid: u32,
+    pub start_time: u64,
+}
+
 /// A driver move that was recorded before vfiod touched the hardware and
 /// has not been confirmed finished: after a crash, startup finishes or
 /// undoes it according to this record.
@@ -53,6 +60,14 @@ pub struct DeviceRecord {
     pub tags: BTreeMap<String, String>,
     #[serde(default)]
     pub attached_to: Option<String>,
+    /// The uid the attachment grants the VFIO nodes to (the VMM's user).
+    #[serde(default)]
+    pub attached_uid: Option<u32>,
+    /// The VMM process whose exit ends the attachment, with its start time
+    /// (clock ticks since boot, /proc/PID/stat) so that a reused pid is
+    /// never taken for it.
+    #[serde(default)]
+    pub attached_pid: Option<AttachedProcess>,
     /// The driver to give the device back to; recorded before a bind.
     #[serde(default)]
     pub original_driver: Option<String>,
@@ -65,6 +80,10 @@ pub struct DeviceRecord {
     pub vfio_driver: Option<String>,
     #[serde(default)]
     pub companions: Vec<Companion>,
+    /// Framebuffer consoles (`vtconN`) vfiod took off the device's
+    /// framebuffer to move it; bound again when the device is given back.
+    #[serde(default)]
+    pub released_consoles: Vec<String>,
     #[serde(default)]
     pub pending: Option<PendingOp>,
     /// Last observed state of the hardware; refreshed from sysfs at startup
@@ -223,10 +242,13 @@ pub(crate) mod tests {
             created_at: Utc::now(),
             tags: BTreeMap::new(),
             attached_to: None,
+            attached_uid: None,
+            attached_pid: None,
             original_driver: None,
             bound_by_vfiod: false,
             vfio_driver: None,
             companions: vec![],
+            released_consoles: vec![],
             pending: None,
             present: true,
             current_driver: Some("nvidia".into()),

@@ -20,6 +20,10 @@
 //! R/module/vfio_pci/               (iff vfio-pci is "loaded")
 //! D/vfio/vfio                      (iff vfio-pci is "loaded")
 //! D/vfio/<N>                       (while a device of group N is on vfio-pci)
+//! <device dir>/<rel>/{uevent,dev,subsystem}   class devices (add_class_device:
+//!     drm/card0, graphics/fb0, net/eth0, nvme/nvme0/nvme0n1, ...)
+//! R/class/<subsystem>/<name>       -> the class device's directory
+//! R/class/vtconsole/vtcon<N>/{name,bind}      (add_vtconsole)
 //! ```
 //!
 //! Every symlink is relative, like the kernel's, so `read_link` +
@@ -1057,5 +1061,71 @@ impl FakeSys {
 
     pub fn vfio_group_node_exists(&self, group: u32) -> bool {
         self.tree().vfio_node(group).exists()
+    }
+
+    /// Adds a class device below `addr`'s directory at `rel` (`drm/card0`,
+    /// `graphics/fb0`, `net/eth0`, `nvme/nvme0/nvme0n1`), laid out as the
+    /// kernel does: `uevent`, `dev` (`major:minor`) when given, a
+    /// `subsystem` link to `class/<subsystem>` and the link
+    /// `class/<subsystem>/<name>` back to it. Returns its directory.
+    pub fn add_class_device(
+        &self,
+        addr: &str,
+        rel: &str,
+        subsystem: &str,
+        dev: Option<&str>,
+    ) -> PathBuf {
+        let _state = self.lock_state();
+        let tree = self.tree();
+        let parent = tree
+            .device_dir(addr)
+            .unwrap_or_else(|| panic!("fakesys: no device {addr}"));
+        let dir = parent.join(rel);
+        let name = dir.file_name().expect("class device name").to_owned();
+        let class = tree.sysfs.join("class").join(subsystem);
+        tree.mkdir(&dir).expect("fakesys: class device dir");
+        tree.mkdir(&class).expect("fakesys: class dir");
+        tree.write_file(&dir.join("uevent"), "")
+            .expect("fakesys: uevent");
+        if let Some(dev) = dev {
+            tree.write_file(&dir.join("dev"), &format!("{dev}\n"))
+                .expect("fakesys: dev");
+        }
+        tree.symlink(&dir.join("subsystem"), &class)
+            .expect("fakesys: subsystem link");
+        tree.symlink(&class.join(name), &dir)
+            .expect("fakesys: class link");
+        dir
+    }
+
+    /// Writes `content` to `path` inside the tree (prepared state, not a
+    /// write a simulated kernel sees), creating its directory.
+    pub fn write_attr(&self, path: &Path, content: &str) {
+        let _state = self.lock_state();
+        let tree = self.tree();
+        tree.mkdir(path.parent().expect("attribute has a parent"))
+            .expect("fakesys: attribute dir");
+        tree.write_file(path, content)
+            .expect("fakesys: write attribute");
+    }
+
+    /// `holders/<holder>` of a block device directory: the link to the
+    /// md/dm device stacked on it.
+    pub fn add_block_holder(&self, block_dir: &Path, holder: &str) {
+        let _state = self.lock_state();
+        let tree = self.tree();
+        let target = tree.sysfs.join("devices/virtual/block").join(holder);
+        tree.mkdir(&target).expect("fakesys: holder dir");
+        tree.mkdir(&block_dir.join("holders"))
+            .expect("fakesys: holders dir");
+        tree.symlink(&block_dir.join("holders").join(holder), &target)
+            .expect("fakesys: holder link");
+    }
+
+    /// `class/vtconsole/vtcon<n>` with its `name` and `bind`.
+    pub fn add_vtconsole(&self, n: u32, name: &str, bound: bool) {
+        let dir = self.path(&format!("class/vtconsole/vtcon{n}"));
+        self.write_attr(&dir.join("name"), &format!("{name}\n"));
+        self.write_attr(&dir.join("bind"), if bound { "1\n" } else { "0\n" });
     }
 }

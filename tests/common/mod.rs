@@ -3,6 +3,7 @@
 //! tests can also send what no well-behaved client would).
 #![allow(dead_code)]
 
+pub mod fakeproc;
 pub mod fakesys;
 pub mod simkernel;
 

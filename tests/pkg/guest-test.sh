@@ -88,7 +88,7 @@ is "vfiod.socket active" "$(systemctl is-active vfiod.socket)" active
 is "vfiod.service active" "$(systemctl is-active vfiod.service)" active
 is "socket owner/mode" "$(stat -c '%U:%G %a %F' /run/vfiod/vfiod.sock 2>&1)" "root:vfiod 666 socket"
 is "socket dir owner/mode" "$(stat -c '%U:%G %a' /run/vfiod 2>&1)" "root:root 755"
-is "state dir owner/mode" "$(stat -c '%U:%G %a' /var/lib/vfiod 2>&1)" "root:root 750"
+is "state dir owner/mode" "$(stat -c '%U:%G %a' /var/lib/vfiod 2>&1)" "vfiod:vfiod 750"
 is "config is a conffile" "$(dpkg-query -W -f='${Conffiles}' vfiod | awk '{print $1}' | xargs)" /etc/vfiod/config.toml
 is "units shipped under /usr/lib/systemd/system" "$(dpkg -L vfiod | grep -c '^/usr/lib/systemd/system/vfiod\.\(service\|socket\)$')" 2
 is "Type=notify" "$(prop vfiod.service Type)" notify

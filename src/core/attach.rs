@@ -1,0 +1,447 @@
+//! Attachments: handing a device to one VM's VMM, and taking it back.
+//!
+//! An attachment names the instance, the uid the VMM runs as, and
+//! optionally the VMM's pid. While it lasts, that uid (and no other
+//! unprivileged user) may open the device's VFIO nodes, through a POSIX
+//! ACL entry (`pci::vfio_access`). It ends by detach, or by the VMM's exit:
+//! the pid is followed with a pidfd, whose readiness is the kernel telling
+//! us the process is gone (no polling). The pid's start time is recorded
+//! with it, so a restart never mistakes a reused pid for the VMM.
+//!
+//! All functions of one IOMMU group share the group node, so they can only
+//! be attached to one uid at a time; a group node's entry is revoked only
+//! when no device of the group is attached to that uid any more (and
+//! `/dev/iommu`'s when no device at all is).
+
+use std::path::{Path, PathBuf};
+
+use tokio::io::unix::AsyncFd;
+
+use super::{AttachRequest, BindRequest, Caller, Core};
+use crate::error::CoreError;
+use crate::events::EventKind;
+use crate::pci::{vfio_access, PciAddress};
+use crate::registry::{is_vfio_driver, AttachedProcess, DeviceRecord};
+
+/// What `/proc/PID` says about a process we may follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProcessIdentity {
+    uid: u32,
+    start_time: u64,
+    /// Exited, and only waiting for its parent to reap it.
+    zombie: bool,
+}
+
+/// The real uid and start time of `pid` under `proc_root`, or `None` if
+/// there is no such process.
+fn process_identity(proc_root: &Path, pid: u32) -> Option<ProcessIdentity> {
+    let dir = proc_root.join(pid.to_string());
+    let status = std::fs::read_to_string(dir.join("status")).ok()?;
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    // Field 22 of stat, counted after the command name, which may itself
+    // hold spaces and parentheses: split after the last ')'.
+    let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = fields.next()?;
+    let start_time = fields.nth(18)?.parse().ok()?;
+    Some(ProcessIdentity {
+        uid,
+        start_time,
+        zombie: matches!(state, "Z" | "X"),
+    })
+}
+
+/// Whether `process` is still the process that was attached.
+fn still_running(proc_root: &Path, process: AttachedProcess) -> bool {
+    process_identity(proc_root, process.pid)
+        .is_some_and(|p| p.start_time == process.start_time && !p.zombie)
+}
+
+impl Core {
+    pub async fn attach(
+        &self,
+        caller: Caller,
+        id_or_name: &str,
+        req: AttachRequest,
+    ) -> Result<DeviceRecord, CoreError> {
+        let id = id_or_name.to_owned();
+        self.owned(move |core| async move { core.attach_owned(caller, &id, req).await })
+            .await
+    }
+
+    /// The uid an attachment is for: the caller's own unless root names
+    /// another.
+    fn attachment_uid(caller: Caller, requested: Option<u32>) -> Result<u32, CoreError> {
+        match requested {
+            Some(uid) if uid != caller.uid && caller.uid != 0 => {
+                Err(CoreError::Forbidden(format!(
+                "uid {} may attach a device for itself only; attaching for uid {uid} needs root",
+                caller.uid
+            )))
+            }
+            Some(uid) => Ok(uid),
+            None => Ok(caller.uid),
+        }
+    }
+
+    fn vmm_process(&self, pid: u32, uid: u32) -> Result<AttachedProcess, CoreError> {
+        let identity = process_identity(&self.options.proc_root, pid)
+            .ok_or_else(|| CoreError::InvalidPid(format!("no process with pid {pid}")))?;
+        if identity.uid != uid {
+            return Err(CoreError::InvalidPid(format!(
+                "process {pid} runs as uid {}, not as uid {uid} that the attachment is for",
+                identity.uid
+            )));
+        }
+        Ok(AttachedProcess {
+            pid,
+            start_time: identity.start_time,
+        })
+    }
+
+    async fn attach_owned(
+        &self,
+        caller: Caller,
+        id_or_name: &str,
+        req: AttachRequest,
+    ) -> Result<DeviceRecord, CoreError> {
+        let (_group, record) = self.lock_device_for_move(id_or_name).await?;
+        let uid = Self::attachment_uid(caller, req.uid)?;
+        let process = req.pid.map(|pid| self.vmm_process(pid, uid)).transpose()?;
+        let instance = req.instance.0;
+        if let Some(current) = &record.attached_to {
+            let same = *current == instance
+                && record.attached_uid.unwrap_or(0) == uid
+                && record.attached_pid.map(|p| p.pid) == req.pid;
+            return if same {
+                Ok(record)
+            } else {
+                Err(CoreError::InUse {
+                    device: record.name.clone(),
+                    instance: current.clone(),
+                })
+            };
+        }
+        self.ensure_group_attachable_by(&record, uid)?;
+        let addr = record.pci_address;
+        let on_vfio = self
+            .sysfs()
+            .driver(&addr)
+            .as_deref()
+            .is_some_and(is_vfio_driver);
+        if !on_vfio {
+            self.bind_locked(caller, &record, BindRequest::default())
+                .await?;
+        }
+        let mut attached = self
+            .snapshot()
+            .get_by_address(&addr)
+            .cloned()
+            .ok_or_else(|| CoreError::NotFound(id_or_name.to_owned()))?;
+        attached.attached_to = Some(instance.clone());
+        attached.attached_uid = Some(uid);
+        attached.attached_pid = process;
+        self.apply_grant(&attached).await?;
+        let device = self
+            .update_device(addr, |d| {
+                d.attached_to = Some(instance.clone());
+                d.attached_uid = Some(uid);
+                d.attached_pid = process;
+            })
+            .await?
+            .ok_or_else(|| CoreError::NotFound(id_or_name.to_owned()))?;
+        if let Some(process) = process {
+            self.follow_vmm(addr, process);
+        }
+        let vmm = match process {
+            Some(p) => format!("uid {uid}, VMM pid {}", p.pid),
+            None => format!("uid {uid}"),
+        };
+        tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, instance = %instance, granted_uid = uid, vmm_pid = ?req.pid, "attached {addr} to instance {instance} ({vmm}) for {caller}");
+        self.events.publish(
+            self.publish(EventKind::Attach, &device)
+                .instance(Some(instance))
+                .detail(format!("VFIO nodes open to {vmm}")),
+        );
+        Ok(device)
+    }
+
+    /// Functions of one IOMMU group share its node: all attachments in the
+    /// group must be for the same uid.
+    fn ensure_group_attachable_by(&self, record: &DeviceRecord, uid: u32) -> Result<(), CoreError> {
+        let Some(group) = record.iommu_group else {
+            return Ok(());
+        };
+        let others: Vec<(PciAddress, u32)> = self
+            .snapshot()
+            .iter()
+            .filter(|d| d.pci_address != record.pci_address && d.iommu_group == Some(group))
+            .filter_map(|d| match (&d.attached_to, d.attached_uid) {
+                (Some(_), Some(other)) if other != uid => Some((d.pci_address, other)),
+                (Some(_), None) if uid != 0 => Some((d.pci_address, 0)),
+                _ => None,
+            })
+            .collect();
+        if others.is_empty() {
+            Ok(())
+        } else {
+            Err(CoreError::GroupAttachedToOtherUid {
+                device: record.pci_address,
+                group,
+                uid,
+                others,
+            })
+        }
+    }
+
+    /// The nodes `record`'s attachment opens, for its uid: every VFIO node
+    /// of the device that exists now. Root needs no grant.
+    fn grant_nodes(&self, record: &DeviceRecord) -> Option<(u32, Vec<PathBuf>)> {
+        let uid = record.attached_uid.filter(|uid| *uid != 0)?;
+        record.attached_to.as_ref()?;
+        let group = self.sysfs().iommu_group(&record.pci_address)?;
+        Some((
+            uid,
+            vfio_access::vfio_nodes(self.sysfs(), &record.pci_address, group),
+        ))
+    }
+
+    /// Opens the device's VFIO nodes to the attachment's uid (again: after
+    /// a re-plug or a restart the nodes may be new).
+    pub(super) async fn apply_grant(&self, record: &DeviceRecord) -> Result<(), CoreError> {
+        let Some((uid, nodes)) = self.grant_nodes(record) else {
+            return Ok(());
+        };
+        let addr = record.pci_address;
+        tokio::task::spawn_blocking(move || {
+            nodes
+                .iter()
+                .try_for_each(|node| vfio_access::grant(node, uid))
+        })
+        .await
+        .map_err(|e| CoreError::Internal(format!("grant task: {e}")))?
+        .map_err(|e| {
+            CoreError::GrantFailed(format!(
+                "opening the VFIO nodes of {addr} to uid {uid}: {e}"
+            ))
+        })
+    }
+
+    /// Takes the attachment's uid off the device's nodes, except the
+    /// shared ones another attachment of that uid still needs.
+    async fn revoke_grant(&self, record: &DeviceRecord) -> Result<(), CoreError> {
+        let Some((uid, nodes)) = self.grant_nodes(record) else {
+            return Ok(());
+        };
+        let registry = self.snapshot();
+        let still_needed = |other: &&DeviceRecord| {
+            other.pci_address != record.pci_address
+                && other.attached_to.is_some()
+                && other.attached_uid == Some(uid)
+        };
+        let group_shared = registry
+            .iter()
+            .filter(still_needed)
+            .any(|d| d.iommu_group == record.iommu_group);
+        let iommu_shared = registry.iter().any(|d| still_needed(&d));
+        let group_node = record.iommu_group.map(|g| self.sysfs().vfio_group_node(g));
+        let iommu_node = self.sysfs().devfs().join("iommu");
+        let nodes: Vec<PathBuf> = nodes
+            .into_iter()
+            .filter(|n| !(group_shared && Some(n) == group_node.as_ref()))
+            .filter(|n| !(iommu_shared && *n == iommu_node))
+            .collect();
+        let addr = record.pci_address;
+        tokio::task::spawn_blocking(move || {
+            nodes
+                .iter()
+                .try_for_each(|node| vfio_access::revoke(node, uid))
+        })
+        .await
+        .map_err(|e| CoreError::Internal(format!("revoke task: {e}")))?
+        .map_err(|e| {
+            CoreError::GrantFailed(format!(
+                "closing the VFIO nodes of {addr} to uid {uid}: {e}"
+            ))
+        })
+    }
+
+    /// Revokes and clears an attachment (lock held). `why` goes to the log
+    /// and the event.
+    async fn end_attachment(
+        &self,
+        record: &DeviceRecord,
+        kind: EventKind,
+        why: String,
+    ) -> Result<DeviceRecord, CoreError> {
+        let addr = record.pci_address;
+        if let Err(e) = self.revoke_grant(record).await {
+            // The attachment still ends: keeping a VM's label on a device
+            // because a node could not be changed helps nobody. Say so.
+            tracing::error!(device = %addr, error = %e, "could not revoke the VFIO node grant");
+        }
+        let device = self
+            .update_device(addr, |d| {
+                d.attached_to = None;
+                d.attached_uid = None;
+                d.attached_pid = None;
+            })
+            .await?
+            .unwrap_or_else(|| record.clone());
+        self.events.publish(
+            self.publish(kind, &device)
+                .instance(record.attached_to.clone())
+                .detail(why),
+        );
+        Ok(device)
+    }
+
+    pub async fn detach(
+        &self,
+        caller: Caller,
+        id_or_name: &str,
+        keep_bound: bool,
+    ) -> Result<DeviceRecord, CoreError> {
+        let id = id_or_name.to_owned();
+        self.owned(move |core| async move { core.detach_owned(caller, &id, keep_bound).await })
+            .await
+    }
+
+    async fn detach_owned(
+        &self,
+        caller: Caller,
+        id_or_name: &str,
+        keep_bound: bool,
+    ) -> Result<DeviceRecord, CoreError> {
+        let (_group, record) = self.lock_device_for_move(id_or_name).await?;
+        let addr = record.pci_address;
+        let mut device = record.clone();
+        if let Some(instance) = record.attached_to.clone() {
+            tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, instance = %instance, "detaching {addr} from instance {instance} for {caller}");
+            device = self
+                .end_attachment(&record, EventKind::Detach, format!("detached for {caller}"))
+                .await?;
+        }
+        if !keep_bound && device.bound_by_vfiod && device.present {
+            device = self.unbind_locked(caller, &device).await?;
+        }
+        Ok(device)
+    }
+
+    /// Ends the attachment when its VMM exits. Waiting for the exit is not
+    /// an operation (shutdown does not wait for a VM); ending it is.
+    fn follow_vmm(&self, addr: PciAddress, process: AttachedProcess) {
+        let Some(core) = self.me.upgrade() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let exited = wait_for_exit(&core.options.proc_root, process).await;
+            if let Err(e) = &exited {
+                tracing::warn!(device = %addr, pid = process.pid, error = %e, "cannot follow the VMM with a pidfd; checking whether it still runs");
+            }
+            let ending = core.clone();
+            core.operations
+                .spawn(async move { ending.end_attachment_of_exited_vmm(addr, process).await });
+        });
+    }
+
+    async fn end_attachment_of_exited_vmm(&self, addr: PciAddress, process: AttachedProcess) {
+        let Some(record) = self.snapshot().get_by_address(&addr).cloned() else {
+            return;
+        };
+        let lock = self.op_lock(Self::lock_key(&record));
+        let _group = lock.lock().await;
+        let Some(record) = self.snapshot().get_by_address(&addr).cloned() else {
+            return;
+        };
+        if record.attached_pid != Some(process) || still_running(&self.options.proc_root, process) {
+            return;
+        }
+        let why = format!(
+            "VMM pid {} (uid {}) exited",
+            process.pid,
+            record.attached_uid.unwrap_or(0)
+        );
+        tracing::info!(device = %addr, pid = process.pid, instance = ?record.attached_to, "attachment of {addr} ended: {why}");
+        let Ok(device) = self
+            .end_attachment(&record, EventKind::AttachmentEnded, why)
+            .await
+        else {
+            return;
+        };
+        if self.options.unbind_on_vmm_exit && device.bound_by_vfiod && device.present {
+            if let Err(e) = self.unbind_locked(Caller::AGENT, &device).await {
+                tracing::error!(device = %addr, error = %e, "could not give the device back after its VMM exited");
+            }
+        }
+    }
+
+    /// At startup: attachments whose VMM is gone end; the others are
+    /// followed again, and every live grant is re-applied (udev may have
+    /// recreated the nodes).
+    pub(super) async fn resume_attachments(&self) {
+        let attached: Vec<DeviceRecord> = self
+            .snapshot()
+            .iter()
+            .filter(|d| d.attached_to.is_some())
+            .cloned()
+            .collect();
+        for record in attached {
+            let addr = record.pci_address;
+            match record.attached_pid {
+                Some(process) if !still_running(&self.options.proc_root, process) => {
+                    let lock = self.op_lock(Self::lock_key(&record));
+                    let _group = lock.lock().await;
+                    let why = format!("VMM pid {} exited while vfiod was not running", process.pid);
+                    tracing::info!(device = %addr, pid = process.pid, "attachment of {addr} ended: {why}");
+                    let _ = self
+                        .end_attachment(&record, EventKind::AttachmentEnded, why)
+                        .await;
+                    continue;
+                }
+                Some(process) => self.follow_vmm(addr, process),
+                None => {}
+            }
+            if record.present {
+                if let Err(e) = self.apply_grant(&record).await {
+                    tracing::error!(device = %addr, error = %e, "could not re-apply the VFIO node grant of an attachment");
+                }
+            }
+        }
+    }
+}
+
+/// Resolves when `process` has exited. Errors when no pidfd can be had
+/// (then the caller checks /proc once).
+async fn wait_for_exit(proc_root: &Path, process: AttachedProcess) -> std::io::Result<()> {
+    let pid = rustix::process::Pid::from_raw(process.pid as i32)
+        .ok_or_else(|| std::io::Error::other("pid 0"))?;
+    let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())?;
+    // The pid may have been reused between the attach and the open: the
+    // start time tells.
+    if !still_running(proc_root, process) {
+        return Ok(());
+    }
+    // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open
+    // and the same for the AsyncFd's whole life.
+    let watched = unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)?;
+    let _ = watched.readable().await?;
+    Ok(())
+}
+
+pub(super) fn ensure_not_attached(record: &DeviceRecord) -> Result<(), CoreError> {
+    match &record.attached_to {
+        Some(instance) => Err(CoreError::InUse {
+            device: record.name.clone(),
+            instance: instance.clone(),
+        }),
+        None => Ok(()),
+    }
+}

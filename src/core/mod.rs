@@ -1,0 +1,414 @@
+//! The core: the one owner of the registry and of every driver move.
+//!
+//! Concurrency model:
+//! - Readers take an `Arc` snapshot of the registry and never wait for disk
+//!   or hardware.
+//! - Mutations of the registry go through [`Core::commit`]: one at a time
+//!   (an async mutex), applied to a copy, saved durably, and only then made
+//!   visible. A failed save changes nothing, so an acknowledged change is
+//!   always on disk and an unacknowledged one never shows.
+//! - Driver moves are serialised per IOMMU group (the kernel's unit of
+//!   isolation) by an async mutex per group; moves in different groups run
+//!   in parallel. The intent of a move is committed before the hardware is
+//!   touched, so a crash at any point is finished at the next start.
+//! - Hotplug and driver events arrive through [`Core::handle_hotplug`],
+//!   from the udev watcher or anything else that produces them.
+//!
+//! One file per stage of a device's life: [`types`] (requests validated at
+//! the edge), `registry_ops` (register, rename, unregister), `moves`
+//! (binding to vfio and giving back, and settling slow writes), `attach`
+//! (attachments), `reconcile` (startup and hotplug).
+
+mod attach;
+mod holders;
+mod moves;
+mod reconcile;
+mod registry_ops;
+mod types;
+
+pub use reconcile::HotplugEvent;
+pub use types::*;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio_util::task::TaskTracker;
+
+use serde::Serialize;
+
+use crate::engine::Engine;
+use crate::error::CoreError;
+use crate::events::{Event, EventBus, EventKind};
+use crate::pci::{is_passthrough_candidate, PciAddress, PciFunction, PciIds, Sysfs};
+use crate::registry::store::Store;
+use crate::registry::{DeviceRecord, Registry};
+
+pub use crate::engine::VFIO_PCI;
+
+/// Who asked, from the connection's peer credentials; logged with every
+/// mutation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub pid: i32,
+}
+
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if *self == Caller::AGENT {
+            f.write_str("vfiod itself")
+        } else {
+            write!(f, "uid {} pid {}", self.uid, self.pid)
+        }
+    }
+}
+
+impl Caller {
+    /// vfiod itself (startup reconcile, hotplug).
+    pub const AGENT: Caller = Caller {
+        uid: u32::MAX,
+        pid: 0,
+    };
+}
+
+/// Operational facts for `GET /health`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Health {
+    pub version: &'static str,
+    pub uptime_s: u64,
+    pub vfio_pci_available: bool,
+    pub iommu_enabled: bool,
+    pub privileged: bool,
+    pub registered_devices: usize,
+    pub hotplug: String,
+    pub pci_ids: Option<String>,
+    /// The newest event's sequence number: `GET /events?since=` with it
+    /// follows the stream from this moment without a gap.
+    pub last_event_seq: u64,
+    /// Whether every local user may open `/dev/vfio/vfio` (the VFIO
+    /// container), which an unprivileged VMM needs besides the group node
+    /// it is granted.
+    pub vfio_container_usable_by_all: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct CoreOptions {
+    pub load_modules: bool,
+    pub reclaim: bool,
+    /// Whether this process may write to the hardware (root, or a fake
+    /// tree in tests).
+    pub privileged: bool,
+    /// Where to keep the boot-time udev rule; `None` disables it.
+    pub udev_rules_dir: Option<std::path::PathBuf>,
+    /// `vfio_pci:` aliases of vendor variant drivers.
+    pub vfio_aliases: crate::pci::VfioAliases,
+    /// procfs root, for VMM processes (and holders).
+    pub proc_root: std::path::PathBuf,
+    /// Give a device back to its driver when its VMM exits.
+    pub unbind_on_vmm_exit: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum LockKey {
+    Group(u32),
+    Device(PciAddress),
+}
+
+pub struct Core {
+    engine: Engine,
+    ids: Arc<PciIds>,
+    store: Arc<Store>,
+    registry: RwLock<Arc<Registry>>,
+    commit_lock: tokio::sync::Mutex<()>,
+    op_locks: Mutex<HashMap<LockKey, Arc<tokio::sync::Mutex<()>>>>,
+    events: EventBus,
+    options: CoreOptions,
+    started: Instant,
+    hotplug_source: Mutex<String>,
+    /// For tasks that outlive a request (late-write watchers).
+    me: std::sync::Weak<Core>,
+    /// Every operation that writes to the kernel or the registry, as a
+    /// task of the daemon (see [`Core::owned`]).
+    operations: TaskTracker,
+    udev_rule_written: Mutex<Option<String>>,
+}
+
+impl Core {
+    /// Loads the registry from `store`; reconcile with the hardware
+    /// separately with [`Core::reconcile`] once hotplug is subscribed.
+    pub fn new(
+        engine: Engine,
+        store: Store,
+        ids: PciIds,
+        options: CoreOptions,
+    ) -> Result<Arc<Core>, crate::registry::store::StoreError> {
+        let registry = store.load()?;
+        Ok(Arc::new_cyclic(|me| Core {
+            me: me.clone(),
+            operations: TaskTracker::new(),
+            udev_rule_written: Mutex::new(None),
+            engine,
+            ids: Arc::new(ids),
+            store: Arc::new(store),
+            registry: RwLock::new(Arc::new(registry)),
+            commit_lock: tokio::sync::Mutex::new(()),
+            op_locks: Mutex::new(HashMap::new()),
+            events: EventBus::default(),
+            options,
+            started: Instant::now(),
+            hotplug_source: Mutex::new("none".into()),
+        }))
+    }
+
+    pub fn sysfs(&self) -> &Sysfs {
+        self.engine.sysfs()
+    }
+
+    pub fn ids(&self) -> &PciIds {
+        &self.ids
+    }
+
+    pub fn events(&self) -> &EventBus {
+        &self.events
+    }
+
+    pub fn snapshot(&self) -> Arc<Registry> {
+        self.registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_hotplug_source(&self, source: &str) {
+        *self
+            .hotplug_source
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = source.to_owned();
+    }
+
+    /// Applies `change` to a copy of the registry, saves it, then publishes
+    /// it. `change` returning an error leaves everything as it was.
+    async fn commit<T>(
+        &self,
+        change: impl FnOnce(&mut Registry) -> Result<T, CoreError>,
+    ) -> Result<T, CoreError> {
+        self.commit_if_changed(|reg| change(reg).map(|out| (out, true)))
+            .await
+    }
+
+    /// `commit` for changes that may turn out to be no-ops (most hotplug
+    /// and driver events): those skip the disk write.
+    async fn commit_if_changed<T>(
+        &self,
+        change: impl FnOnce(&mut Registry) -> Result<(T, bool), CoreError>,
+    ) -> Result<T, CoreError> {
+        let _one_writer = self.commit_lock.lock().await;
+        let mut next = (*self.snapshot()).clone();
+        let (out, changed) = change(&mut next)?;
+        if !changed {
+            return Ok(out);
+        }
+        let next = Arc::new(next);
+        let store = self.store.clone();
+        let to_save = next.clone();
+        tokio::task::spawn_blocking(move || store.save(&to_save))
+            .await
+            .map_err(|e| CoreError::Internal(format!("state writer: {e}")))??;
+        *self.registry.write().unwrap_or_else(|p| p.into_inner()) = next.clone();
+        self.sync_udev_rule(&next).await;
+        Ok(out)
+    }
+
+    /// Keeps the boot-time udev rule in step with the registry (only
+    /// rewritten when its content changes). A failure is logged: the rule
+    /// is an optimisation of boot, not part of the registry.
+    async fn sync_udev_rule(&self, registry: &Registry) {
+        let Some(dir) = self.options.udev_rules_dir.clone() else {
+            return;
+        };
+        let content = crate::udev_rule::render(registry);
+        {
+            let mut last = self
+                .udev_rule_written
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if last.as_deref() == Some(content.as_str()) {
+                return;
+            }
+            *last = Some(content.clone());
+        }
+        let result =
+            tokio::task::spawn_blocking(move || crate::udev_rule::write(&dir, &content)).await;
+        if let Ok(Err(e)) | Err(e) = result.map_err(std::io::Error::other) {
+            tracing::warn!(error = %e, "could not write the udev rule for boot-time vfio binding");
+            *self
+                .udev_rule_written
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = None;
+        }
+    }
+
+    /// Like `commit`, for changes to one device that may have been deleted
+    /// meanwhile (then nothing happens).
+    async fn update_device(
+        &self,
+        addr: PciAddress,
+        change: impl FnOnce(&mut DeviceRecord),
+    ) -> Result<Option<DeviceRecord>, CoreError> {
+        self.commit_if_changed(|reg| {
+            let Some(d) = reg.get_mut_by_address(&addr) else {
+                return Ok((None, false));
+            };
+            let before = d.clone();
+            change(d);
+            let changed = *d != before;
+            Ok((Some(d.clone()), changed))
+        })
+        .await
+    }
+
+    fn op_lock(&self, key: LockKey) -> Arc<tokio::sync::Mutex<()>> {
+        self.op_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default()
+            .clone()
+    }
+
+    fn lock_key(record: &DeviceRecord) -> LockKey {
+        match record.iommu_group {
+            Some(g) => LockKey::Group(g),
+            None => LockKey::Device(record.pci_address),
+        }
+    }
+
+    /// Resolves a device and takes its IOMMU group's operation lock; the
+    /// record is read again under the lock, as another operation on the
+    /// group may have changed it while we waited.
+    async fn lock_device(
+        &self,
+        id_or_name: &str,
+    ) -> Result<(tokio::sync::OwnedMutexGuard<()>, DeviceRecord), CoreError> {
+        let record = self.resolve(id_or_name)?;
+        let guard = self.op_lock(Self::lock_key(&record)).lock_owned().await;
+        let record = self.resolve(&record.id)?;
+        Ok((guard, record))
+    }
+
+    /// [`Core::lock_device`] for an operation that may write to the
+    /// device: refused while an earlier write is still in the kernel, since
+    /// that write's return settles the device (`watch_late_write`) and
+    /// anything done meanwhile would race it. Registry-only edits (rename,
+    /// tags) do not need this.
+    async fn lock_device_for_move(
+        &self,
+        id_or_name: &str,
+    ) -> Result<(tokio::sync::OwnedMutexGuard<()>, DeviceRecord), CoreError> {
+        let (guard, record) = self.lock_device(id_or_name).await?;
+        if record.stuck {
+            return Err(CoreError::DeviceStuck(record.pci_address));
+        }
+        Ok((guard, record))
+    }
+
+    /// Runs `op` as a task of the daemon and waits for its result.
+    ///
+    /// The request that asked may go away (a client hang-up or time-out
+    /// drops its future); the task does not: it runs to its end (success,
+    /// rollback, or stuck and later settled), records the outcome and
+    /// publishes it. [`Core::finish_operations`] waits for these tasks at
+    /// shutdown. Every public mutation goes through here, so no caller can
+    /// leave a device half-moved by forgetting to.
+    fn owned<T, Fut>(
+        &self,
+        op: impl FnOnce(Arc<Core>) -> Fut,
+    ) -> impl Future<Output = Result<T, CoreError>> + Send + 'static
+    where
+        Fut: Future<Output = Result<T, CoreError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let task = self
+            .me
+            .upgrade()
+            .map(|core| self.operations.spawn(op(core)));
+        async move {
+            match task {
+                Some(task) => task.await.map_err(|e| {
+                    CoreError::Internal(format!("operation task ended abnormally: {e}"))
+                })?,
+                None => Err(CoreError::Internal("vfiod is shutting down".into())),
+            }
+        }
+    }
+
+    /// Waits, up to `bound`, for every operation in flight (moves started
+    /// by requests, hotplug rebinds) to finish; false if some did not.
+    pub async fn finish_operations(&self, bound: Duration) -> bool {
+        self.operations.close();
+        let in_flight = self.operations.len();
+        if in_flight > 0 {
+            tracing::info!(in_flight, "waiting for operations in flight to finish");
+        }
+        tokio::time::timeout(bound, self.operations.wait())
+            .await
+            .is_ok()
+    }
+
+    fn resolve(&self, id_or_name: &str) -> Result<DeviceRecord, CoreError> {
+        self.snapshot()
+            .resolve(id_or_name)
+            .cloned()
+            .ok_or_else(|| CoreError::NotFound(id_or_name.chars().take(80).collect()))
+    }
+
+    fn publish(&self, kind: EventKind, d: &DeviceRecord) -> Event {
+        Event::new(kind, Some(d.pci_address), Some(d.id.clone()))
+    }
+
+    // ---- reads ----
+
+    pub fn list(&self, tag_filter: &[(String, String)]) -> Vec<DeviceRecord> {
+        self.snapshot()
+            .iter()
+            .filter(|d| tag_filter.iter().all(|(k, v)| d.tags.get(k) == Some(v)))
+            .cloned()
+            .collect()
+    }
+
+    pub fn get(&self, id_or_name: &str) -> Result<DeviceRecord, CoreError> {
+        self.resolve(id_or_name)
+    }
+
+    /// Passthrough candidates on the bus now, registered or not.
+    pub async fn available(&self) -> Result<Vec<PciFunction>, CoreError> {
+        let sysfs = self.sysfs().clone();
+        let all = tokio::task::spawn_blocking(move || sysfs.scan())
+            .await
+            .map_err(|e| CoreError::Internal(format!("scan: {e}")))?
+            .map_err(|e| CoreError::Internal(e.to_string()))?;
+        Ok(all.into_values().filter(is_passthrough_candidate).collect())
+    }
+
+    pub fn health(&self) -> Health {
+        let sysfs = self.sysfs();
+        Health {
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_s: self.started.elapsed().as_secs(),
+            vfio_pci_available: sysfs.driver_loaded(VFIO_PCI),
+            iommu_enabled: sysfs.iommu_enabled(),
+            privileged: self.options.privileged,
+            registered_devices: self.snapshot().len(),
+            hotplug: self
+                .hotplug_source
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            pci_ids: self.ids.source().map(|p| p.display().to_string()),
+            last_event_seq: self.events.last_seq(),
+            vfio_container_usable_by_all: crate::pci::vfio_access::container_usable_by_all(sysfs),
+        }
+    }
+}

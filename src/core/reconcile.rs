@@ -1,0 +1,222 @@
+//! Startup reconcile and hotplug: bringing the registry in line with the bus, and putting returning devices back on vfio.
+
+use super::{BindRequest, Caller, Core};
+use crate::error::CoreError;
+use crate::events::{Event, EventKind};
+use crate::pci::PciAddress;
+use crate::registry::{is_vfio_driver, DeviceRecord};
+
+/// What a hotplug or driver uevent says happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HotplugEvent {
+    Add(PciAddress),
+    Remove(PciAddress),
+    Bind {
+        address: PciAddress,
+        driver: Option<String>,
+    },
+    Unbind(PciAddress),
+    Change(PciAddress),
+}
+
+impl Core {
+    /// Brings the registry in line with the bus: presence and drivers,
+    /// unfinished operations, and devices that should be on vfio but are
+    /// not (after a reboot). Never unbinds a device from vfio.
+    pub async fn reconcile(&self) -> Result<(), CoreError> {
+        let sysfs = self.sysfs().clone();
+        let bus = tokio::task::spawn_blocking(move || sysfs.scan())
+            .await
+            .map_err(|e| CoreError::Internal(format!("scan: {e}")))?
+            .map_err(|e| CoreError::Internal(e.to_string()))?;
+        let changed = self
+            .commit_if_changed(|reg| {
+                let mut changed = Vec::new();
+                let addrs: Vec<PciAddress> = reg.iter().map(|d| d.pci_address).collect();
+                for addr in addrs {
+                    let d = reg.get_mut_by_address(&addr).expect("listed");
+                    let before = d.clone();
+                    match bus.get(&addr) {
+                        Some(f) => {
+                            d.present = true;
+                            d.current_driver = f.driver.clone();
+                            d.iommu_group = f.iommu_group;
+                            d.stuck = false;
+                            d.identity_mismatch = !d.is_same_device(f);
+                        }
+                        None => {
+                            d.present = false;
+                            d.current_driver = None;
+                            d.stuck = false;
+                        }
+                    }
+                    if *d != before {
+                        changed.push(d.clone());
+                    }
+                }
+                let any = !changed.is_empty();
+                Ok((changed, any))
+            })
+            .await?;
+        for d in &changed {
+            tracing::info!(device = %d.pci_address, present = d.present, driver = ?d.current_driver, "reconciled with the bus");
+        }
+        for record in self.snapshot().iter().cloned().collect::<Vec<_>>() {
+            if record.pending.is_some() {
+                self.settle_pending(&record).await;
+            } else if self.wants_vfio(&record) && !record.bound_to_vfio() {
+                self.rebind_to_vfio(&record).await;
+            }
+        }
+        self.resume_attachments().await;
+        Ok(())
+    }
+
+    fn wants_vfio(&self, record: &DeviceRecord) -> bool {
+        record.present
+            && !record.identity_mismatch
+            && (record.bound_by_vfiod || record.attached_to.is_some())
+    }
+
+    /// Puts a device back on vfio after it came back (boot, hotplug), with
+    /// the full checks of a bind.
+    async fn rebind_to_vfio(&self, record: &DeviceRecord) {
+        if !self.options.privileged {
+            return;
+        }
+        let lock = self.op_lock(Self::lock_key(record));
+        let _group = lock.lock().await;
+        let Some(current) = self.snapshot().get_by_address(&record.pci_address).cloned() else {
+            return;
+        };
+        let with_group = !current.companions.is_empty();
+        // It is ours again to restore: take the driver it came back with as
+        // the one to return to only if we have none recorded.
+        // Never forced: vfiod's own moves respect every holder.
+        let req = BindRequest {
+            with_group,
+            ..BindRequest::default()
+        };
+        tracing::info!(device = %record.pci_address, "restoring the vfio binding vfiod holds for this device (vfiod's own action: after a restart, a re-plug or a reclaim)");
+        let mut current = current;
+        current.bound_by_vfiod = false;
+        if let Err(e) = self.bind_locked(Caller::AGENT, &current, req).await {
+            tracing::error!(device = %record.pci_address, error = %e, "could not put a returning device back on vfio");
+        }
+    }
+
+    /// Rebinds in the background so the event loop keeps up with the bus.
+    pub(super) fn spawn_rebind(&self, record: DeviceRecord) {
+        if let Some(core) = self.me.upgrade() {
+            self.operations
+                .spawn(async move { core.rebind_to_vfio(&record).await });
+        }
+    }
+
+    pub async fn handle_hotplug(&self, event: HotplugEvent) {
+        match event {
+            HotplugEvent::Remove(addr) => {
+                let device = self
+                    .update_device(addr, |d| {
+                        d.present = false;
+                        d.current_driver = None;
+                    })
+                    .await
+                    .ok()
+                    .flatten();
+                if let Some(d) = &device {
+                    tracing::warn!(device = %addr, id = %d.id, attached_to = ?d.attached_to, "registered device left the bus");
+                }
+                self.events.publish(Event::new(
+                    EventKind::HotplugRemove,
+                    Some(addr),
+                    device.map(|d| d.id),
+                ));
+            }
+            HotplugEvent::Add(addr) | HotplugEvent::Change(addr) => {
+                let Ok(Some(function)) = self.sysfs().read_function(&addr) else {
+                    return;
+                };
+                let is_add = matches!(event, HotplugEvent::Add(_));
+                let device = self
+                    .update_device(addr, |d| {
+                        d.present = true;
+                        d.current_driver = function.driver.clone();
+                        d.iommu_group = function.iommu_group;
+                        d.identity_mismatch = !d.is_same_device(&function);
+                    })
+                    .await
+                    .ok()
+                    .flatten();
+                if is_add {
+                    self.events.publish(
+                        Event::new(
+                            EventKind::HotplugAdd,
+                            Some(addr),
+                            device.as_ref().map(|d| d.id.clone()),
+                        )
+                        .driver(function.driver.clone()),
+                    );
+                }
+                let Some(device) = device else { return };
+                if device.identity_mismatch {
+                    tracing::error!(device = %addr, expected = format!("{:04x}:{:04x}", device.vendor_id, device.device_id), found = format!("{:04x}:{:04x}", function.vendor_id, function.device_id), "a different device answers at a registered address; leaving it alone");
+                    self.events
+                        .publish(self.publish(EventKind::IdentityMismatch, &device).detail(
+                            format!(
+                                "found {:04x}:{:04x} subsystem {:04x}:{:04x}",
+                                function.vendor_id,
+                                function.device_id,
+                                function.subsystem_vendor_id,
+                                function.subsystem_device_id
+                            ),
+                        ));
+                } else if is_add && self.wants_vfio(&device) && !device.bound_to_vfio() {
+                    self.spawn_rebind(device);
+                }
+            }
+            HotplugEvent::Bind { address, driver } => {
+                let driver = driver.or_else(|| self.sysfs().driver(&address));
+                let device = self
+                    .update_device(address, |d| d.current_driver = driver.clone())
+                    .await
+                    .ok()
+                    .flatten();
+                self.events.publish(
+                    Event::new(
+                        EventKind::DriverBound,
+                        Some(address),
+                        device.as_ref().map(|d| d.id.clone()),
+                    )
+                    .driver(driver.clone()),
+                );
+                if let Some(d) = device {
+                    let stolen = d.bound_by_vfiod
+                        && d.pending.is_none()
+                        && !d.stuck
+                        && !driver.as_deref().is_some_and(is_vfio_driver);
+                    if stolen {
+                        tracing::warn!(device = %address, driver = ?driver, "a device vfiod holds on vfio was bound to another driver by someone else");
+                        self.events
+                            .publish(self.publish(EventKind::DriverStolen, &d).driver(driver));
+                        if self.options.reclaim {
+                            self.spawn_rebind(d);
+                        }
+                    }
+                }
+            }
+            HotplugEvent::Unbind(addr) => {
+                let device = self
+                    .update_device(addr, |d| d.current_driver = None)
+                    .await
+                    .ok()
+                    .flatten();
+                self.events.publish(Event::new(
+                    EventKind::DriverUnbound,
+                    Some(addr),
+                    device.map(|d| d.id),
+                ));
+            }
+        }
+    }
+}

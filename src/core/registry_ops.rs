@@ -1,0 +1,139 @@
+//! Registry edits: register, rename/retag, unregister.
+
+use chrono::Utc;
+
+use super::attach::ensure_not_attached;
+use super::{Caller, Core, RegisterRequest, UpdateRequest};
+use crate::error::CoreError;
+use crate::events::EventKind;
+use crate::registry::{is_vfio_driver, DeviceRecord, RegistryConflict};
+
+fn conflict(e: RegistryConflict) -> CoreError {
+    CoreError::Conflict(e.to_string())
+}
+
+impl Core {
+    pub async fn register(
+        &self,
+        caller: Caller,
+        req: RegisterRequest,
+    ) -> Result<DeviceRecord, CoreError> {
+        self.owned(move |core| async move { core.register_owned(caller, req).await })
+            .await
+    }
+
+    async fn register_owned(
+        &self,
+        caller: Caller,
+        req: RegisterRequest,
+    ) -> Result<DeviceRecord, CoreError> {
+        let addr = req.pci_address;
+        let function = self
+            .sysfs()
+            .read_function(&addr)
+            .map_err(|e| CoreError::Internal(e.to_string()))?
+            .ok_or(CoreError::PciDeviceNotFound(addr))?;
+        if function.is_bridge() {
+            return Err(CoreError::Bridge(addr, function.class));
+        }
+        let name = req.name.map(|n| n.0).unwrap_or_else(|| addr.default_name());
+        let driver = function.driver.clone();
+        let record = DeviceRecord {
+            id: cuid2::create_id(),
+            name,
+            pci_address: addr,
+            vendor_id: function.vendor_id,
+            device_id: function.device_id,
+            subsystem_vendor_id: function.subsystem_vendor_id,
+            subsystem_device_id: function.subsystem_device_id,
+            class: function.class,
+            iommu_group: function.iommu_group,
+            created_at: Utc::now(),
+            tags: req.tags.into_inner(),
+            attached_to: None,
+            attached_uid: None,
+            attached_pid: None,
+            original_driver: driver.clone().filter(|d| !is_vfio_driver(d)),
+            bound_by_vfiod: false,
+            vfio_driver: None,
+            companions: vec![],
+            released_consoles: vec![],
+            pending: None,
+            present: true,
+            current_driver: driver,
+            stuck: false,
+            identity_mismatch: false,
+        };
+        let stored = record.clone();
+        self.commit(move |reg| reg.insert(stored).map_err(conflict))
+            .await?;
+        tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, id = %record.id, name = %record.name, "registered {addr} as {} (id {}) for {caller}", record.name, record.id);
+        self.events
+            .publish(self.publish(EventKind::Registered, &record));
+        Ok(record)
+    }
+
+    pub async fn update(
+        &self,
+        caller: Caller,
+        id_or_name: &str,
+        req: UpdateRequest,
+    ) -> Result<DeviceRecord, CoreError> {
+        let id = id_or_name.to_owned();
+        self.owned(move |core| async move { core.update_owned(caller, &id, req).await })
+            .await
+    }
+
+    async fn update_owned(
+        &self,
+        caller: Caller,
+        id_or_name: &str,
+        req: UpdateRequest,
+    ) -> Result<DeviceRecord, CoreError> {
+        let addr = self.resolve(id_or_name)?.pci_address;
+        let updated = self
+            .commit(|reg| {
+                if let Some(name) = &req.name {
+                    reg.rename(&addr, name.as_str()).map_err(conflict)?;
+                }
+                let d = reg
+                    .get_mut_by_address(&addr)
+                    .ok_or_else(|| CoreError::NotFound(id_or_name.to_owned()))?;
+                if let Some(tags) = req.tags {
+                    d.tags = tags.into_inner();
+                }
+                Ok(d.clone())
+            })
+            .await?;
+        tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, name = %updated.name, "updated {addr} ({}) for {caller}", updated.name);
+        self.events
+            .publish(self.publish(EventKind::Updated, &updated));
+        Ok(updated)
+    }
+
+    /// Unregisters a device, first giving back a driver vfiod took. If that
+    /// fails the device stays registered.
+    pub async fn delete(&self, caller: Caller, id_or_name: &str) -> Result<(), CoreError> {
+        let id = id_or_name.to_owned();
+        self.owned(move |core| async move { core.delete_owned(caller, &id).await })
+            .await
+    }
+
+    async fn delete_owned(&self, caller: Caller, id_or_name: &str) -> Result<(), CoreError> {
+        let (_group, record) = self.lock_device_for_move(id_or_name).await?;
+        ensure_not_attached(&record)?;
+        if record.bound_by_vfiod && record.present {
+            self.unbind_locked(caller, &record).await?;
+        }
+        let addr = record.pci_address;
+        self.commit(|reg| {
+            reg.remove(&addr);
+            Ok(())
+        })
+        .await?;
+        tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, id = %record.id, "unregistered {addr} ({}) for {caller}", record.name);
+        self.events
+            .publish(self.publish(EventKind::Unregistered, &record));
+        Ok(())
+    }
+}
