@@ -689,6 +689,13 @@ async fn allocate_moves_binds_and_attaches_and_returns_the_vfio_nodes_and_env() 
     assert_ne!(dev["attached_to"].as_str().unwrap(), first_instance);
     assert_eq!(dev["bound_to_vfio"], true);
 
+    // With iommufd, the kernel gives the T4 a device cdev and there is a
+    // /dev/iommu: both are named too.
+    std::fs::create_dir_all(h.fs.path(&format!("bus/pci/devices/{T4}/vfio-dev/vfio0"))).unwrap();
+    std::fs::create_dir_all(h.fs.devfs.join("vfio/devices")).unwrap();
+    std::fs::write(h.fs.devfs.join("vfio/devices/vfio0"), "").unwrap();
+    std::fs::write(h.fs.devfs.join("iommu"), "").unwrap();
+
     // Both GPUs in one container: two groups, both addresses.
     let resp = gpu
         .allocate(allocate(&["gpu-a", "gpu-b"]))
@@ -702,7 +709,24 @@ async fn allocate_moves_binds_and_attaches_and_returns_the_vfio_nodes_and_env() 
         .iter()
         .map(|s| s.container_path.as_str())
         .collect();
-    assert_eq!(paths, ["/dev/vfio/vfio", "/dev/vfio/1", "/dev/vfio/4"]);
+    assert_eq!(
+        paths,
+        [
+            "/dev/vfio/vfio",
+            "/dev/vfio/1",
+            "/dev/vfio/4",
+            "/dev/iommu",
+            "/dev/vfio/devices/vfio0"
+        ]
+    );
+    for s in &c.devices {
+        assert!(
+            Path::new(&s.host_path).exists(),
+            "{} is missing",
+            s.host_path
+        );
+        assert_eq!(s.permissions, "mrw");
+    }
 
     // A device attached outside kubelet turns Unhealthy, and allocating it
     // anyway fails with vfiod's own message.
