@@ -120,7 +120,11 @@ fn a_client_that_hangs_up_mid_failed_bind_still_gets_the_rollback() {
         (dev["pending"].is_null() && dev["current_driver"] == "e1000e").then_some(dev)
     });
     assert_eq!(fs.driver_of(NIC).as_deref(), Some("e1000e"));
-    assert_eq!(fs.tree().override_of(NIC), None, "vfiod's override left behind");
+    assert_eq!(
+        fs.tree().override_of(NIC),
+        None,
+        "vfiod's override left behind"
+    );
     assert_eq!(dev["bound_by_vfiod"], false);
     let events = events_since(&d, since);
     assert!(
