@@ -12,18 +12,32 @@
 //!    writes done directly: vfiod's overhead per cycle.
 //! 4. Uevent to visible state: an injected event until `GET /devices` and
 //!    the event stream show it.
+//! 5. Fair share (as root only): what root and an access group member get
+//!    (answered, p99) and vfiod's RSS, without a flood and under floods of
+//!    unprivileged uids (`tests/common/flood.rs`, the same scenarios
+//!    `tests/fairshare.rs` asserts on).
+//! 6. The holder scan a move pays before it writes: a fake `/proc` of 2,000
+//!    processes with 100 descriptors each (sockets, pipes, anonymous
+//!    inodes, regular files, `/dev/null`, a few device nodes) and a maps
+//!    file each; then, for scale, the real `/proc` of this machine (read
+//!    only, like every scan).
+//!
+//! `VFIOD_BENCH_ONLY=holders` (or `api`, `bind`, `events`, `fairshare`,
+//! comma-separated) runs only those sections.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::convert::Infallible;
 use std::io::Write;
+use std::num::NonZeroUsize;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::fakeproc::{alias_node, dev_numbers, FakeProc};
 use common::fakesys::{DeviceSpec, FakeSys, TempDir};
 use common::simkernel::SimKernel;
 use common::Daemon;
@@ -37,6 +51,9 @@ fn main() {
     if let Ok(spec) = std::env::var("VFIOD_BENCH_CEILING") {
         return ceiling_server(&spec);
     }
+    if let Ok(spec) = std::env::var(common::flood::HELPER_ENV) {
+        return common::flood::helper_main(&spec);
+    }
     let seconds: u64 = std::env::var("VFIOD_BENCH_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -47,9 +64,35 @@ fn main() {
             .map(|n| n.get())
             .unwrap_or(1)
     );
-    api_benchmark(seconds);
-    bind_benchmark();
-    event_benchmark();
+    let only = std::env::var("VFIOD_BENCH_ONLY").unwrap_or_default();
+    let run = |section: &str| only.is_empty() || only.split(',').any(|s| s.trim() == section);
+    if run("api") {
+        api_benchmark(seconds);
+    }
+    if run("bind") {
+        bind_benchmark();
+    }
+    if run("events") {
+        event_benchmark();
+    }
+    if run("fairshare") {
+        fair_share_benchmark();
+    }
+    if run("holders") {
+        holder_scan_benchmark();
+    }
+}
+
+fn fair_share_benchmark() {
+    println!("\n5. Fair share: root and an access group member asking while unprivileged uids flood the socket");
+    if !common::flood::is_root() {
+        println!("  skipped: needs root to start the flooding clients as other uids");
+        return;
+    }
+    let (_fs, d, group_gid) = common::flood::start_daemon();
+    let baseline = common::flood::status_kib(d.pid(), "VmRSS:");
+    let rows = common::flood::run_floods(&d, group_gid);
+    common::flood::print_table(baseline, &rows);
 }
 
 /// The minimal hyper server: every request gets the same body.
@@ -415,4 +458,194 @@ fn event_benchmark() {
         median(to_list.clone()).as_secs_f64() * 1000.0,
         to_list.iter().max().unwrap().as_secs_f64() * 1000.0
     );
+}
+
+const SCAN_PROCESSES: u32 = 2000;
+const SCAN_FDS_PER_PROCESS: u32 = 100;
+
+/// A maps file the size of a small daemon's: the binary, libc and friends.
+fn background_maps(pid: u32) -> String {
+    let mut maps = String::new();
+    for (i, lib) in [
+        "/usr/bin/daemon",
+        "/usr/lib/x86_64-linux-gnu/libc.so.6",
+        "/usr/lib/x86_64-linux-gnu/libm.so.6",
+        "/usr/lib/x86_64-linux-gnu/libssl.so.3",
+        "/usr/lib/x86_64-linux-gnu/libcrypto.so.3",
+        "/usr/lib/x86_64-linux-gnu/libz.so.1",
+        "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+    ]
+    .iter()
+    .enumerate()
+    {
+        for (j, perms) in ["r--p", "r-xp", "r--p", "rw-p"].iter().enumerate() {
+            maps.push_str(&format!(
+                "7f{pid:04x}{i:02x}{j:x}000-7f{pid:04x}{i:02x}{j:x}fff {perms} 00000000 fe:01 {}    {lib}\n",
+                1000 + i
+            ));
+        }
+    }
+    maps.push_str("7ffd1c000000-7ffd1c021000 rw-p 00000000 00:00 0          [stack]\n");
+    maps
+}
+
+fn holder_scan_benchmark() {
+    use vfiod::pci::holders::{self, ProcFs};
+    use vfiod::pci::{PciAddress, Sysfs};
+
+    println!(
+        "\n6. Holder scan: fake /proc of {SCAN_PROCESSES} processes x {SCAN_FDS_PER_PROCESS} descriptors"
+    );
+    let fs = FakeSys::standard_host();
+    let proc = FakeProc::new();
+    // The moved functions: the T4 on vfio-pci (its group node) and the AMD
+    // GPU (DRM nodes, a framebuffer, the console on it).
+    let group_node = fs.dev_path("vfio/4");
+    alias_node(&group_node, "/dev/urandom");
+    let amd = "0000:00:05.0";
+    fs.add_class_device(amd, "drm/card0", "drm", Some(&dev_numbers("/dev/full")));
+    fs.add_class_device(
+        amd,
+        "drm/renderD128",
+        "drm",
+        Some(&dev_numbers("/dev/random")),
+    );
+    fs.add_class_device(
+        amd,
+        "graphics/fb0",
+        "graphics",
+        Some(&dev_numbers("/dev/tty")),
+    );
+    fs.add_vtconsole(1, "(M) frame buffer device", true);
+    let card = fs.dev_path("dri/card0");
+    alias_node(&card, "/dev/full");
+    let other_node = fs.dev_path("dri/card1");
+    alias_node(&other_node, "/dev/zero");
+    let files: Vec<PathBuf> = (0..64)
+        .map(|i| {
+            let path = proc.root.parent().unwrap().join(format!("files/log{i}"));
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, "x").unwrap();
+            path
+        })
+        .collect();
+
+    let t = Instant::now();
+    for pid in 1..=SCAN_PROCESSES {
+        let mut p = proc.process(pid, &format!("proc{pid}"));
+        p.maps(&background_maps(pid));
+        for n in 0..SCAN_FDS_PER_PROCESS {
+            match n % 20 {
+                0..=6 => p.fd(format!("socket:[{}]", pid * 1000 + n)),
+                7..=9 => p.fd(format!("pipe:[{}]", pid * 1000 + n)),
+                10 => p.fd("anon_inode:[eventfd]"),
+                11 => p.fd("anon_inode:[eventpoll]"),
+                12 => p.fd("anon_inode:[timerfd]"),
+                13..=16 => p.fd(&files[((pid + n) % 64) as usize]),
+                17 | 18 => p.fd("/dev/null"),
+                // A few device nodes, none of them the moved functions'.
+                _ => p.fd(&other_node),
+            };
+        }
+        // A handful of real holders.
+        if pid % 500 == 0 {
+            p.fd(&card);
+        }
+        if pid == 1234 {
+            p.fd(&group_node);
+        }
+    }
+    println!(
+        "  building the fake tree: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    let sysfs = Sysfs::new(&fs.sysfs, &fs.devfs);
+    let procfs = ProcFs::new(&proc.root);
+    let functions: Vec<PciAddress> = ["0000:00:04.0", amd]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    // The first scan fills the dentry cache for the fake tree (the real
+    // /proc builds its entries on every lookup anyway): not counted.
+    let found = holders::scan(&sysfs, &procfs, &functions).unwrap().len();
+    println!("  {found} holders found (6 expected)");
+    let default = holders::default_threads();
+    let mut thread_counts = vec![NonZeroUsize::MIN];
+    if default.get() > 1 {
+        thread_counts.push(default);
+    }
+    for &threads in &thread_counts {
+        let (wall, cpu) = time_scans(11, || {
+            holders::scan_report_with_threads(&sysfs, &procfs, &functions, threads).unwrap();
+        });
+        println!(
+            "  scan of 2 functions, {threads} thread(s): wall median {:.1} ms (min {:.1}, max {:.1}); CPU {:.1} ms per scan",
+            median(wall.clone()).as_secs_f64() * 1000.0,
+            wall.iter().min().unwrap().as_secs_f64() * 1000.0,
+            wall.iter().max().unwrap().as_secs_f64() * 1000.0,
+            cpu.as_secs_f64() * 1000.0
+        );
+    }
+
+    // The same scan on this machine's real /proc (reads only), for what a
+    // descriptor costs there.
+    let real_proc = ProcFs::new("/proc");
+    let (processes, descriptors) = count_real_descriptors();
+    let (wall, cpu) = time_scans(11, || {
+        holders::scan(&sysfs, &real_proc, &functions).unwrap();
+    });
+    println!(
+        "  same scan on this machine's /proc ({processes} processes, {descriptors} descriptors): wall median {:.1} ms; CPU {:.1} ms per scan ({:.2} us per descriptor)",
+        median(wall).as_secs_f64() * 1000.0,
+        cpu.as_secs_f64() * 1000.0,
+        cpu.as_secs_f64() * 1e6 / descriptors.max(1) as f64
+    );
+    println!(
+        "  (load average now: {}; wall time on a shared machine includes waiting for a CPU, CPU time does not)",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+}
+
+/// `runs` timings of `scan`, and the process CPU time (every thread) per
+/// run, averaged.
+fn time_scans(runs: u32, mut scan: impl FnMut()) -> (Vec<Duration>, Duration) {
+    let cpu_now = || {
+        Duration::from(
+            nix::time::clock_gettime(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID).unwrap(),
+        )
+    };
+    let mut wall = Vec::new();
+    let cpu_start = cpu_now();
+    for _ in 0..runs {
+        let t = Instant::now();
+        scan();
+        wall.push(t.elapsed());
+    }
+    (wall, (cpu_now() - cpu_start) / runs)
+}
+
+fn count_real_descriptors() -> (usize, usize) {
+    let mut processes = 0;
+    let mut descriptors = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+            .is_none()
+        {
+            continue;
+        }
+        processes += 1;
+        descriptors += std::fs::read_dir(entry.path().join("fd"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+    }
+    (processes, descriptors)
 }

@@ -40,9 +40,19 @@ pub struct Config {
     pub modules_dir: PathBuf,
     /// Test hook: read uevents from this FIFO instead of netlink.
     pub uevent_fifo: Option<PathBuf>,
+    /// `reset_on_release = "auto"`: reset a device after a detach and
+    /// before giving back a device vfiod bound; `"never"`: do not.
+    pub reset_on_release: bool,
+    /// Consecutive failed resets after which a device is quarantined.
+    pub quarantine_after: u32,
     /// When an attachment's VMM exits, also give the device back to its
     /// driver (by default it stays on vfio for the next VM).
     pub unbind_on_vmm_exit: bool,
+    /// What one unprivileged uid, and all of them together, may hold.
+    pub limits: crate::api::Limits,
+    /// Time to deliver a request head, counted from when the connection
+    /// starts waiting for one; so also the idle keep-alive timeout.
+    pub header_timeout: Duration,
 }
 
 /// The file's shape: every key optional, unknown keys rejected so a typo is
@@ -62,7 +72,13 @@ struct FileConfig {
     log_level: Option<String>,
     reclaim: Option<bool>,
     modules_dir: Option<PathBuf>,
+    reset_on_release: Option<String>,
+    quarantine_after: Option<u32>,
     unbind_on_vmm_exit: Option<bool>,
+    max_connections_per_uid: Option<usize>,
+    max_event_streams_per_uid: Option<usize>,
+    max_unprivileged_connections: Option<usize>,
+    header_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -97,11 +113,26 @@ OPTIONS (override the config file):
   --udev-rules-dir DIR where to keep the boot-time udev rule ('' disables)
                        [default: /etc/udev/rules.d as root; disabled otherwise]
   --reclaim            take back a vfio device another actor moves away
+  --reset-on-release auto|never
+                       reset a device after detach and before giving it
+                       back to its driver [default: auto]
+  --quarantine-after N consecutive failed resets that quarantine a device
+                       (1 to 1000) [default: 3]
   --unbind-on-vmm-exit give a device back to its driver when its VMM exits
                        [default: it stays on vfio for the next VM]
   --modules-dir DIR    where modules.alias names vfio variant drivers
                        [default: /lib/modules/$(uname -r)]
   --log-level LEVEL    error|warn|info|debug|trace [default: info]
+  --max-connections-per-uid N
+                       connections one unprivileged uid may hold [default: 64]
+  --max-event-streams-per-uid N
+                       GET /events streams one unprivileged uid may hold [default: 16]
+  --max-unprivileged-connections N
+                       connections all unprivileged uids together may hold
+                       [default: 1024; less if the fd limit leaves no room]
+  --header-timeout-ms N
+                       time to send a request head, and to idle between
+                       requests [default: 10000]
   --uevent-fifo PATH   read uevents from a FIFO instead of netlink (tests)
   -h, --help           this text
   -V, --version        print the version
@@ -155,7 +186,11 @@ impl Config {
             reclaim: false,
             modules_dir: running_kernel_modules(),
             uevent_fifo: None,
+            reset_on_release: true,
+            quarantine_after: 3,
             unbind_on_vmm_exit: false,
+            limits: crate::api::Limits::default(),
+            header_timeout: crate::api::server::DEFAULT_HEADER_TIMEOUT,
         }
     }
 
@@ -202,8 +237,26 @@ impl Config {
         if let Some(v) = f.modules_dir {
             self.modules_dir = v;
         }
+        if let Some(v) = f.reset_on_release {
+            self.reset_on_release = reset_on_release(&v).map_err(file_err)?;
+        }
+        if let Some(v) = f.quarantine_after {
+            self.quarantine_after = quarantine_after(v).map_err(file_err)?;
+        }
         if let Some(v) = f.unbind_on_vmm_exit {
             self.unbind_on_vmm_exit = v;
+        }
+        if let Some(v) = f.max_connections_per_uid {
+            self.limits.connections_per_uid = v;
+        }
+        if let Some(v) = f.max_event_streams_per_uid {
+            self.limits.event_streams_per_uid = v;
+        }
+        if let Some(v) = f.max_unprivileged_connections {
+            self.limits.unprivileged_connections = v;
+        }
+        if let Some(v) = f.header_timeout_ms {
+            self.header_timeout = header_timeout_from_ms(v).map_err(file_err)?;
         }
         Ok(())
     }
@@ -262,12 +315,36 @@ impl Config {
                 "--reclaim" => config.reclaim = true,
                 "--unbind-on-vmm-exit" => config.unbind_on_vmm_exit = true,
                 "--modules-dir" => config.modules_dir = value()?.into(),
+                "--reset-on-release" => {
+                    config.reset_on_release =
+                        reset_on_release(&value()?).map_err(ConfigError::Usage)?
+                }
+                "--quarantine-after" => {
+                    let v = value()?;
+                    let n = v.parse().map_err(|_| {
+                        ConfigError::Usage(format!("--quarantine-after: not a number: {v:?}"))
+                    })?;
+                    config.quarantine_after = quarantine_after(n).map_err(ConfigError::Usage)?;
+                }
                 "--uevent-fifo" => config.uevent_fifo = Some(value()?.into()),
                 "--udev-rules-dir" => {
                     let v = value()?;
                     config.udev_rules_dir = (!v.is_empty()).then(|| v.into());
                 }
                 "--log-level" => config.log_level = value()?,
+                "--max-connections-per-uid" => {
+                    config.limits.connections_per_uid = number(flag, &value()?)?
+                }
+                "--max-event-streams-per-uid" => {
+                    config.limits.event_streams_per_uid = number(flag, &value()?)?
+                }
+                "--max-unprivileged-connections" => {
+                    config.limits.unprivileged_connections = number(flag, &value()?)?
+                }
+                "--header-timeout-ms" => {
+                    config.header_timeout = header_timeout_from_ms(number(flag, &value()?)?)
+                        .map_err(ConfigError::Usage)?
+                }
                 other => {
                     return Err(ConfigError::Usage(format!(
                         "unknown argument {other:?}; see vfiod --help"
@@ -284,6 +361,7 @@ impl Config {
                 config.log_level
             )));
         }
+        config.limits.validate().map_err(ConfigError::Usage)?;
         Ok(Invocation::Run(Box::new(config)))
     }
 }
@@ -300,6 +378,37 @@ fn timeout_from_ms(ms: u64) -> Result<Duration, String> {
         Ok(Duration::from_millis(ms))
     } else {
         Err(format!("op_timeout_ms {ms} is outside 10..=600000"))
+    }
+}
+
+fn reset_on_release(v: &str) -> Result<bool, String> {
+    match v {
+        "auto" => Ok(true),
+        "never" => Ok(false),
+        other => Err(format!(
+            "reset_on_release {other:?} is not \"auto\" or \"never\""
+        )),
+    }
+}
+
+fn quarantine_after(n: u32) -> Result<u32, String> {
+    if (1..=1000).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("quarantine_after {n} is outside 1..=1000"))
+    }
+}
+
+fn number<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, ConfigError> {
+    v.parse()
+        .map_err(|_| ConfigError::Usage(format!("{flag}: not a number: {v:?}")))
+}
+
+fn header_timeout_from_ms(ms: u64) -> Result<Duration, String> {
+    if (100..=600_000).contains(&ms) {
+        Ok(Duration::from_millis(ms))
+    } else {
+        Err(format!("header_timeout_ms {ms} is outside 100..=600000"))
     }
 }
 
@@ -349,6 +458,28 @@ mod tests {
         assert_eq!(c.group, "gpu-admins");
         assert_eq!(c.op_timeout, Duration::from_millis(900));
         assert_eq!(c.state_dir, PathBuf::from(SYSTEM_STATE_DIR));
+        assert!(c.reset_on_release);
+        assert_eq!(c.quarantine_after, 3);
+        std::fs::write(
+            &file,
+            "reset_on_release = \"never\"\nquarantine_after = 5\n",
+        )
+        .unwrap();
+        let c = run(&["--config", f]).unwrap();
+        assert!(!c.reset_on_release);
+        assert_eq!(c.quarantine_after, 5);
+        let c = run(&["--config", f, "--reset-on-release", "auto"]).unwrap();
+        assert!(c.reset_on_release);
+        std::fs::write(&file, "reset_on_release = \"sometimes\"\n").unwrap();
+        assert!(matches!(
+            run(&["--config", f]),
+            Err(ConfigError::File { .. })
+        ));
+        std::fs::write(&file, "quarantine_after = 0\n").unwrap();
+        assert!(matches!(
+            run(&["--config", f]),
+            Err(ConfigError::File { .. })
+        ));
         std::fs::write(&file, "grup = \"typo\"\n").unwrap();
         let err = run(&["--config", f]).unwrap_err();
         assert!(
@@ -378,6 +509,57 @@ mod tests {
             run(&["--sysfs=/tmp/s"]).unwrap().sysfs,
             PathBuf::from("/tmp/s")
         );
+    }
+
+    #[test]
+    fn the_packaged_file_shows_the_defaults() {
+        let text = include_str!("../packaging/config.toml");
+        let settings: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix('#'))
+            .filter(|l| !l.starts_with(' ') && l.contains(" = "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(settings.contains("reset_on_release") && settings.contains("quarantine_after"));
+        let mut c = Config::defaults(true);
+        c.apply_file(Path::new("config.toml"), &settings).unwrap();
+        assert_eq!(c, Config::defaults(true), "{settings}");
+    }
+
+    #[test]
+    fn connection_limits_from_file_and_flags() {
+        let dir = std::env::temp_dir().join(format!("vfiod-config-lim-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "max_connections_per_uid = 8\nmax_event_streams_per_uid = 2\nheader_timeout_ms = 2500\n",
+        )
+        .unwrap();
+        let f = file.to_str().unwrap();
+        let c = run(&["--config", f, "--max-unprivileged-connections", "100"]).unwrap();
+        assert_eq!(
+            c.limits,
+            crate::api::Limits {
+                connections_per_uid: 8,
+                event_streams_per_uid: 2,
+                unprivileged_connections: 100,
+            }
+        );
+        assert_eq!(c.header_timeout, Duration::from_millis(2500));
+        assert!(matches!(
+            run(&["--config", f, "--max-unprivileged-connections", "4"]),
+            Err(ConfigError::Usage(m)) if m.contains("larger than")
+        ));
+        assert!(matches!(
+            run(&["--max-connections-per-uid", "0"]),
+            Err(ConfigError::Usage(_))
+        ));
+        assert!(matches!(
+            run(&["--header-timeout-ms", "5"]),
+            Err(ConfigError::Usage(_))
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

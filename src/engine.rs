@@ -16,6 +16,12 @@
 //! would queue behind the kernel's device lock. The thread is left to
 //! finish on its own; the caller gets a [`LateWrite`] to learn when it does.
 //!
+//! Resetting a function: if a method is chosen, write it to `reset_method`
+//! (the kernel then tries only the methods listed, in that order), write
+//! `1` to `reset` (the kernel returns once the reset is done, or failed),
+//! and put the previous `reset_method` list back. The same timeout and
+//! late-write handling applies as to the moves.
+//!
 //! The engine holds no state and takes no locks; the core serialises
 //! operations per IOMMU group.
 
@@ -38,6 +44,9 @@ pub enum Step {
     VerifyGroupNode,
     ClearOverride,
     Bind,
+    SelectResetMethod,
+    Reset,
+    RestoreResetMethod,
     /// Unbinding the framebuffer console from a device's framebuffer.
     ReleaseConsole,
     /// Binding it back once the device is returned.
@@ -54,6 +63,9 @@ impl fmt::Display for Step {
             Step::VerifyGroupNode => "verify VFIO group node",
             Step::ClearOverride => "clear driver_override",
             Step::Bind => "bind",
+            Step::SelectResetMethod => "select reset_method",
+            Step::Reset => "reset",
+            Step::RestoreResetMethod => "restore reset_method",
             Step::ReleaseConsole => "release framebuffer console",
             Step::RestoreConsole => "restore framebuffer console",
         };
@@ -285,6 +297,58 @@ impl Engine {
             self.restore_one(m).await?;
         }
         Ok(())
+    }
+
+    /// Resets `addr`. With `select`, writes it to `reset_method` first and
+    /// `restore` back afterwards, also when the reset failed (not after a
+    /// timeout: the kernel holds the device lock, and the write would queue
+    /// behind it; whoever settles the stuck write restores it).
+    pub async fn reset(
+        &self,
+        addr: PciAddress,
+        select: Option<&str>,
+        restore: Option<&str>,
+    ) -> Result<(), EngineError> {
+        let method_path = self.sysfs.reset_method_path(&addr);
+        if let Some(methods) = select {
+            self.write(Step::SelectResetMethod, addr, method_path.clone(), methods)
+                .await?;
+        }
+        let result = self
+            .write(Step::Reset, addr, self.sysfs.reset_path(&addr), "1")
+            .await;
+        if matches!(&result, Err(e) if e.is_timeout()) {
+            return result;
+        }
+        if let (Some(_), Some(previous)) = (select, restore) {
+            self.restore_reset_method(addr, previous).await?;
+        }
+        result
+    }
+
+    /// Puts a function's `reset_method` list back (an empty list is how the
+    /// kernel shows "no method"; writing "default" restores its own order).
+    pub async fn restore_reset_method(
+        &self,
+        addr: PciAddress,
+        previous: &str,
+    ) -> Result<(), EngineError> {
+        let value = if previous.trim().is_empty() {
+            "default"
+        } else {
+            previous
+        };
+        let path = self.sysfs.reset_method_path(&addr);
+        match self
+            .write(Step::RestoreResetMethod, addr, path, value)
+            .await
+        {
+            Err(e) if !e.is_timeout() => {
+                tracing::error!(device = %addr, error = %e, "could not put reset_method back");
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     async fn move_one_to_vfio(&self, m: &Move) -> Result<(), EngineError> {

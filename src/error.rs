@@ -20,6 +20,16 @@ pub enum CoreError {
     InvalidRequest(String),
     #[error("{0}")]
     InvalidJson(String),
+    #[error("{0}")]
+    InvalidQuery(String),
+    /// The caller's uid holds as many connections as it may.
+    #[error("{0}")]
+    TooManyConnections(String),
+    /// The caller's uid holds as many event streams as it may.
+    #[error("{0}")]
+    TooManyEventStreams(String),
+    #[error("{0}")]
+    HeaderTooLarge(String),
     #[error("{0} is a PCI bridge (class {1:06x}): bridges cannot be passed through, and taking one from its driver would take hotplug and error reporting from everything below it")]
     Bridge(PciAddress, u32),
     #[error("no PCI device at {0} on this host")]
@@ -72,6 +82,21 @@ pub enum CoreError {
     DeviceStuck(PciAddress),
     #[error("{0}")]
     DriverMoveFailed(Box<MoveFailure>),
+    #[error("a {method} reset of {device} would also reset {}; refused", list_functions(.conflicts))]
+    ResetScopeConflict {
+        device: PciAddress,
+        method: String,
+        /// Each function in the scope that may not be reset, and why.
+        conflicts: Vec<(PciAddress, String)>,
+    },
+    #[error("{0}")]
+    ResetMethodUnsupported(String),
+    #[error("device {device} is quarantined ({reason}); a successful POST /devices/{device}/reset clears it")]
+    DeviceQuarantined { device: String, reason: String },
+    #[error("device {device} needs a host reboot ({reason})")]
+    NeedsHostReboot { device: String, reason: String },
+    #[error("{0}")]
+    ResetVerifyFailed(Box<ResetVerifyFailure>),
     #[error("saving the registry failed, nothing was changed: {0}")]
     Storage(#[from] StoreError),
     #[error("internal error: {0}")]
@@ -87,6 +112,39 @@ pub struct MoveFailure {
     pub device: PciAddress,
     pub error: EngineError,
     pub rollback: Option<Result<(), EngineError>>,
+}
+
+/// Which check after a reset failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResetCheck {
+    /// Config space does not answer (vendor ID 0xffff, or unreadable).
+    ConfigSpace,
+    /// `power_state` is D3cold or error.
+    PowerState,
+    /// The function is not on the driver it had before the reset.
+    Driver,
+}
+
+impl std::fmt::Display for ResetCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ResetCheck::ConfigSpace => "config space",
+            ResetCheck::PowerState => "power state",
+            ResetCheck::Driver => "driver",
+        })
+    }
+}
+
+/// A reset the kernel reported done, after which a function failed a check.
+#[derive(Debug, thiserror::Error)]
+#[error("reset of {device} by {method}: check {check} failed for {function}: {detail}")]
+pub struct ResetVerifyFailure {
+    pub device: PciAddress,
+    pub method: String,
+    pub function: PciAddress,
+    pub check: ResetCheck,
+    pub detail: String,
 }
 
 fn list_functions(others: &[(PciAddress, String)]) -> String {
@@ -186,6 +244,14 @@ impl CoreError {
     pub fn step(&self) -> Option<Step> {
         match self {
             CoreError::DriverMoveFailed(f) => Some(f.error.step()),
+            _ => None,
+        }
+    }
+
+    /// For a reset that failed verification: which check.
+    pub fn failed_check(&self) -> Option<ResetCheck> {
+        match self {
+            CoreError::ResetVerifyFailed(f) => Some(f.check),
             _ => None,
         }
     }

@@ -40,6 +40,12 @@ pub enum EventKind {
     IdentityMismatch,
     DeviceStuck,
     DeviceUnstuck,
+    /// A reset done and verified (detail: method and duration).
+    Reset,
+    /// A reset that failed or failed verification (detail: why).
+    ResetFailed,
+    /// `health` changed (detail: the new health and its reason).
+    HealthChanged,
     Lagged,
 }
 

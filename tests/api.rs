@@ -223,6 +223,14 @@ fn tags_filter_percent_encoded_like_the_sdks() {
     assert_eq!(names("?tags%5Bteam%5D=ml+ops&tags%5Bzone%5D=2"), ["bb"]);
     assert_eq!(names("?tags[team]=nobody"), Vec::<String>::new());
     assert_eq!(names("").len(), 3);
+    // Unknown parameters are ignored, as hypeman does...
+    assert_eq!(names("?limit=1&tagsx=2").len(), 3);
+    // ...but a tag filter that is not tags[KEY]=VALUE never lists everything.
+    for bad in ["?tags[team=ml", "?tags=team:ml", "?tags%5Bteam=ml"] {
+        d.get(&format!("/devices{bad}"))
+            .expect_error(400, "invalid_query")
+            .expect_message_contains("tags[KEY]=VALUE");
+    }
 }
 
 #[test]
@@ -550,28 +558,10 @@ fn stale_socket_file_is_replaced() {
 }
 
 /// Runs `vfioctl` as another user (and optionally with supplementary groups).
-fn vfioctl_as(
-    d: &Daemon,
-    uid: u32,
-    gid: u32,
-    groups: &[u32],
-    args: &[&str],
-) -> (i32, String, String) {
-    let groups: Vec<nix::unistd::Gid> = groups
-        .iter()
-        .map(|g| nix::unistd::Gid::from_raw(*g))
-        .collect();
+fn vfioctl_as(d: &Daemon, uid: u32, groups: &[u32], args: &[&str]) -> (i32, String, String) {
     let mut cmd = Command::new(common::vfioctl_bin());
     cmd.arg("--socket").arg(&d.socket).args(args);
-    // SAFETY: only async-signal-safe syscalls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::unistd::setgroups(&groups).map_err(std::io::Error::from)?;
-            nix::unistd::setgid(nix::unistd::Gid::from_raw(gid)).map_err(std::io::Error::from)?;
-            nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)).map_err(std::io::Error::from)?;
-            Ok(())
-        });
-    }
+    common::run_as(&mut cmd, uid, groups);
     let out = cmd.output().unwrap();
     (
         out.status.code().unwrap_or(-1),
@@ -587,14 +577,14 @@ fn callers_outside_the_group_read_but_cannot_change() {
     // through a supplementary group, uid 4243 not at all.
     let d = Daemon::start(&fs, &["--group", "nogroup"]);
     // The temp dir must be reachable for other users.
-    let (code, out, err) = vfioctl_as(&d, 4243, 4243, &[], &["--json", "list"]);
+    let (code, out, err) = vfioctl_as(&d, 4243, &[], &["--json", "list"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), "[]");
-    let (code, _, err) = vfioctl_as(&d, 4243, 4243, &[], &["--json", "register", GPU]);
+    let (code, _, err) = vfioctl_as(&d, 4243, &[], &["--json", "register", GPU]);
     assert_eq!(code, 1);
     let e: Value = serde_json::from_str(err.trim()).unwrap();
     assert_eq!(e["code"], "forbidden");
-    let (code, out, err) = vfioctl_as(&d, 4242, 4242, &[65534], &["--json", "register", GPU]);
+    let (code, out, err) = vfioctl_as(&d, 4242, &[65534], &["--json", "register", GPU]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(
         serde_json::from_str::<Value>(out.trim()).unwrap()["pci_address"],
@@ -604,7 +594,7 @@ fn callers_outside_the_group_read_but_cannot_change() {
         d.log_text().contains("uid=4242"),
         "mutation logged with the caller's uid"
     );
-    let (code, _, _) = vfioctl_as(&d, 4243, 4243, &[], &["delete", "pci-0000-01-00-0"]);
+    let (code, _, _) = vfioctl_as(&d, 4243, &[], &["delete", "pci-0000-01-00-0"]);
     assert_eq!(code, 1);
     assert_eq!(d.get("/devices").json().as_array().unwrap().len(), 1);
 }

@@ -60,7 +60,7 @@ fn vmm_as(uid: u32) -> Child {
 }
 
 /// A request sent as `uid` (with the access group as a supplementary
-/// group), through curl.
+/// A request sent as `uid` (with supplementary `groups`), through curl.
 fn request_as(
     d: &Daemon,
     uid: u32,
@@ -69,10 +69,6 @@ fn request_as(
     path: &str,
     body: &str,
 ) -> (u16, Value) {
-    let groups: Vec<nix::unistd::Gid> = groups
-        .iter()
-        .map(|g| nix::unistd::Gid::from_raw(*g))
-        .collect();
     let mut cmd = Command::new("curl");
     cmd.args(["-s", "-w", "\n%{http_code}", "--unix-socket"])
         .arg(&d.socket)
@@ -85,15 +81,7 @@ fn request_as(
             body,
         ])
         .arg(format!("http://vfiod{path}"));
-    // SAFETY: only async-signal-safe syscalls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::unistd::setgroups(&groups).map_err(std::io::Error::from)?;
-            nix::unistd::setgid(nix::unistd::Gid::from_raw(uid)).map_err(std::io::Error::from)?;
-            nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)).map_err(std::io::Error::from)?;
-            Ok(())
-        });
-    }
+    common::run_as(&mut cmd, uid, groups);
     let out = cmd.output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').expect("curl output");

@@ -1223,3 +1223,55 @@ fn sim_parallel_trees() {
         assert_eq!(writes.len(), 30, "{writes:#?}");
     }
 }
+
+#[test]
+fn sim_reset_returns_only_once_done_and_sees_the_selected_method() {
+    let fs = FakeSys::new();
+    fs.add_device(
+        DeviceSpec::new("0000:00:02.0", 0x8086, 0x10d3, 0x020000)
+            .driver("e1000e")
+            .group(2)
+            .reset_methods("flr pm bus"),
+    );
+    fs.add_device(DeviceSpec::new("0000:00:03.0", 0x1234, 0x11e8, 0x00ff00).group(3));
+    let dir = fs.device_dir("0000:00:02.0").unwrap();
+    assert_eq!(read(&dir.join("reset_method")), "flr pm bus\n");
+    assert_eq!(read(&dir.join("power_state")), "D0\n");
+    let config = fs::read(dir.join("config")).unwrap();
+    assert_eq!(&config[..4], &[0x86, 0x80, 0xd3, 0x10]);
+    let plain = fs.device_dir("0000:00:03.0").unwrap();
+    assert!(!plain.join("reset").exists() && !plain.join("reset_method").exists());
+
+    let sim = SimKernel::start(&fs);
+    let all_ones = |d: &Path| fs::read(d.join("config")).unwrap()[..2] == [0xff, 0xff];
+    for round in 0..20 {
+        sim.set_reset_outcome("0000:00:02.0", Some(simkernel::ResetOutcome::AllOnes));
+        fs::write(dir.join("reset_method"), "pm").unwrap();
+        fs::write(dir.join("reset"), "1").unwrap();
+        // No waiting: the write returned, so the reset is done.
+        assert!(
+            all_ones(&dir),
+            "round {round}: the write returned before the reset"
+        );
+        sim.set_reset_outcome("0000:00:02.0", None);
+        fs::write(dir.join("reset_method"), "flr pm bus").unwrap();
+        fs::write(dir.join("reset"), "1").unwrap();
+        assert!(
+            !all_ones(&dir),
+            "round {round}: a good reset restores config space"
+        );
+    }
+    let resets = sim.resets();
+    assert_eq!(resets.len(), 40);
+    for pair in resets.chunks(2) {
+        assert_eq!(pair[0], ("0000:00:02.0".to_string(), "pm".to_string()));
+        assert_eq!(pair[1], ("0000:00:02.0".to_string(), "flr".to_string()));
+    }
+    assert!(sim.wait_idle(Duration::from_secs(5)));
+    let logged = sim
+        .writes()
+        .iter()
+        .filter(|(p, _)| p.ends_with("/reset"))
+        .count();
+    assert_eq!(logged, 40);
+}

@@ -665,3 +665,33 @@ fn holders_serialise_with_a_kind_tag() {
                            "addresses": [], "routes": 2})
     );
 }
+
+#[test]
+fn several_threads_find_what_one_thread_finds() {
+    let fs = FakeSys::standard_host();
+    let proc = FakeProc::new();
+    let node = t4_group_node(&fs);
+    let mut expected = Vec::new();
+    for pid in 1..=1200 {
+        let mut p = proc.process(pid, "p");
+        p.fd("socket:[1]");
+        p.fd("/dev/null");
+        if pid % 97 == 0 {
+            p.fd(&node);
+            expected.push(process(T4, pid, "p", &node, Some("p.service")));
+        }
+    }
+    let sysfs = Sysfs::new(&fs.sysfs, &fs.devfs);
+    let procfs = ProcFs::new(&proc.root);
+    for threads in [1, 2, 4] {
+        let report = holders::scan_report_with_threads(
+            &sysfs,
+            &procfs,
+            &[addr(T4)],
+            std::num::NonZeroUsize::new(threads).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(report.holders, expected, "{threads} threads");
+        assert!(report.uninspected.is_empty());
+    }
+}

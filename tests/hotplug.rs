@@ -105,6 +105,33 @@ fn removed_device_stays_registered_and_comes_back_on_vfio() {
 }
 
 #[test]
+fn a_device_that_comes_back_reading_all_ones_needs_a_host_reboot() {
+    let h = host(&[]);
+    let (mut events, _) = h.bound_nic_unplugged();
+    h.fs.add_device(nic_spec());
+    h.fs.set_config_all_ones(NIC, true);
+    h.uevent(&format!("add {NIC}"));
+    let e = events.until(|e| e["type"] == "health_changed");
+    assert!(
+        e["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("needs_host_reboot: config space reads all ones"),
+        "{e}"
+    );
+    let dev = h.device("nic");
+    assert_eq!(dev["health"], "needs_host_reboot");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        h.fs.driver_of(NIC).as_deref(),
+        Some("e1000e"),
+        "a dead function is not moved"
+    );
+    h.d.post("/devices/nic/attach", r#"{"instance_id":"vm"}"#)
+        .expect_error(409, "device_needs_host_reboot");
+}
+
+#[test]
 fn a_different_device_at_a_registered_address_is_left_alone() {
     let h = host(&[]);
     let (mut events, _) = h.bound_nic_unplugged();
@@ -327,4 +354,49 @@ fn vfioctl_events_follows_the_stream() {
     let (code, _, err) = common::vfioctl(&h.d.socket, &["events", "--since", "soon"]);
     assert_eq!(code, 1);
     assert!(err.contains("--since"), "{err}");
+}
+
+/// A re-plugged device that was attached gets its VMM's access back with
+/// its vfio binding (the unplug took the node, and with it the grant).
+#[test]
+fn an_attached_device_gets_its_grant_back_after_a_replug() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: granting to another uid needs root");
+        return;
+    }
+    let h = host(&[]);
+    let (mut events, _) = h.bound_nic_unplugged();
+    h.fs.add_device(nic_spec());
+    h.uevent(&format!("add {NIC}"));
+    events.until(|e| e["type"] == "bind" && e["pci_address"] == NIC);
+    let r = h.d.post(
+        "/devices/nic/attach",
+        r#"{"instance_id":"vm-1","uid":4242}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let node = h.fs.tree().vfio_node(2);
+    let granted = |node: &std::path::Path| {
+        posix_acl::PosixACL::read_acl(node)
+            .map(|acl| acl.get(posix_acl::Qualifier::User(4242)).is_some())
+            .unwrap_or(false)
+    };
+    assert!(granted(&node));
+
+    h.fs.remove_device(NIC);
+    let _ = std::fs::remove_file(&node);
+    h.uevent(&format!("remove {NIC}"));
+    events.until(|e| e["type"] == "hotplug_remove");
+    assert_eq!(
+        h.device("nic")["attached_uid"],
+        4242,
+        "the attachment stays"
+    );
+
+    h.fs.add_device(nic_spec());
+    h.uevent(&format!("add {NIC}"));
+    events.until(|e| e["type"] == "bind" && e["pci_address"] == NIC);
+    eventually(5, "the grant on the new node", || {
+        granted(&node).then_some(())
+    });
+    assert_eq!(h.device("nic")["attached_to"], "vm-1");
 }

@@ -66,18 +66,25 @@ fn events_since(d: &Daemon, since: u64) -> Vec<Value> {
         .collect()
 }
 
+/// Starts a bind of the NIC, waits until it is in the middle (probe hung)
+/// and hangs up, as a control plane that timed out would; returns the
+/// event sequence number from before the bind.
+fn bind_and_hang_up_mid_way(d: &Daemon, fs: &FakeSys, sim: &SimKernel) -> u64 {
+    d.register(NIC, "nic");
+    let since = last_seq(d);
+    sim.hang_write(PROBE);
+    let client = send(&d.socket, "POST", "/devices/nic/bind", "{}");
+    wait_mid_bind(fs);
+    drop(client);
+    since
+}
+
 #[test]
 fn a_client_that_hangs_up_mid_bind_does_not_cancel_it() {
     let fs = FakeSys::standard_host();
     let sim = SimKernel::start(&fs);
     let d = Daemon::start(&fs, &["--op-timeout-ms", "10000"]);
-    d.register(NIC, "nic");
-    let since = last_seq(&d);
-    sim.hang_write(PROBE);
-    let client = send(&d.socket, "POST", "/devices/nic/bind", "{}");
-    wait_mid_bind(&fs);
-    // The control plane times out and goes away.
-    drop(client);
+    let since = bind_and_hang_up_mid_way(&d, &fs, &sim);
     std::thread::sleep(Duration::from_millis(300));
     sim.release(PROBE);
     let dev = eventually(10, "the bind to finish without its client", || {
@@ -106,12 +113,7 @@ fn a_client_that_hangs_up_mid_failed_bind_still_gets_the_rollback() {
     let sim = SimKernel::start(&fs);
     // The failed verification waits one op timeout: keep it short.
     let d = Daemon::start(&fs, &["--op-timeout-ms", "4000"]);
-    d.register(NIC, "nic");
-    let since = last_seq(&d);
-    sim.hang_write(PROBE);
-    let client = send(&d.socket, "POST", "/devices/nic/bind", "{}");
-    wait_mid_bind(&fs);
-    drop(client);
+    let since = bind_and_hang_up_mid_way(&d, &fs, &sim);
     // The probe binds the wrong driver: the bind fails and rolls back.
     sim.bind_wrong_driver(NIC, "e1000e");
     sim.release(PROBE);

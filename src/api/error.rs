@@ -4,7 +4,7 @@ use hyper::StatusCode;
 use serde::Serialize;
 
 use crate::engine::Step;
-use crate::error::CoreError;
+use crate::error::{CoreError, ResetCheck};
 use crate::registry::store::StoreError;
 
 /// Every error body: `{"code", "message"}` plus optional detail.
@@ -18,6 +18,9 @@ pub struct ErrorBody {
     pub errno: Option<i32>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub conflicting_functions: Vec<ConflictingFunction>,
+    /// After a reset: the check that failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_check: Option<ResetCheck>,
     /// For `device_busy`: what holds the device, each with a `kind`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub holders: Vec<crate::pci::holders::Holder>,
@@ -26,7 +29,11 @@ pub struct ErrorBody {
 #[derive(Debug, Serialize)]
 pub struct ConflictingFunction {
     pub pci_address: String,
-    pub driver: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+    /// Why a reset may not touch it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl ErrorBody {
@@ -37,6 +44,7 @@ impl ErrorBody {
             step: None,
             errno: None,
             conflicting_functions: Vec::new(),
+            failed_check: None,
             holders: Vec::new(),
         }
     }
@@ -53,6 +61,13 @@ pub fn status_and_code(e: &CoreError) -> (StatusCode, &'static str) {
         InvalidTags(_) => (StatusCode::BAD_REQUEST, "invalid_tags"),
         InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
         InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
+        InvalidQuery(_) => (StatusCode::BAD_REQUEST, "invalid_query"),
+        TooManyConnections(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_connections"),
+        TooManyEventStreams(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_event_streams"),
+        HeaderTooLarge(_) => (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "header_too_large",
+        ),
         PciDeviceNotFound(_) => (StatusCode::NOT_FOUND, "device_not_found"),
         Bridge(..) => (StatusCode::BAD_REQUEST, "unsupported_device"),
         NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
@@ -78,10 +93,17 @@ pub fn status_and_code(e: &CoreError) -> (StatusCode, &'static str) {
                 (StatusCode::GATEWAY_TIMEOUT, "driver_timeout")
             } else if f.op == "bind" {
                 (StatusCode::INTERNAL_SERVER_ERROR, "bind_failed")
+            } else if f.op == "reset" {
+                (StatusCode::INTERNAL_SERVER_ERROR, "reset_failed")
             } else {
                 (StatusCode::INTERNAL_SERVER_ERROR, "unbind_failed")
             }
         }
+        ResetScopeConflict { .. } => (StatusCode::CONFLICT, "reset_scope_conflict"),
+        ResetMethodUnsupported(_) => (StatusCode::CONFLICT, "reset_method_unsupported"),
+        DeviceQuarantined { .. } => (StatusCode::CONFLICT, "device_quarantined"),
+        NeedsHostReboot { .. } => (StatusCode::CONFLICT, "device_needs_host_reboot"),
+        ResetVerifyFailed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "reset_failed"),
         Storage(StoreError::Io(e)) if matches!(e.errno(), Some(ENOSPC) | Some(EDQUOT)) => {
             (StatusCode::INSUFFICIENT_STORAGE, "storage_full")
         }
@@ -95,6 +117,7 @@ pub fn to_body(e: &CoreError) -> (StatusCode, ErrorBody) {
     let mut body = ErrorBody::new(code, e.to_string());
     body.step = e.step();
     body.errno = e.errno();
+    body.failed_check = e.failed_check();
     if let CoreError::DeviceBusy { holders, .. } = e {
         body.holders = holders.clone();
     }
@@ -103,7 +126,18 @@ pub fn to_body(e: &CoreError) -> (StatusCode, ErrorBody) {
             .iter()
             .map(|(a, d)| ConflictingFunction {
                 pci_address: a.to_string(),
-                driver: d.clone(),
+                driver: Some(d.clone()),
+                reason: None,
+            })
+            .collect();
+    }
+    if let CoreError::ResetScopeConflict { conflicts, .. } = e {
+        body.conflicting_functions = conflicts
+            .iter()
+            .map(|(a, why)| ConflictingFunction {
+                pci_address: a.to_string(),
+                driver: None,
+                reason: Some(why.clone()),
             })
             .collect();
     }
@@ -162,6 +196,22 @@ mod tests {
             (CoreError::InvalidName("x".into()), 400, "invalid_name"),
             (CoreError::InvalidTags("x".into()), 400, "invalid_tags"),
             (CoreError::InvalidJson("x".into()), 400, "invalid_json"),
+            (CoreError::InvalidQuery("x".into()), 400, "invalid_query"),
+            (
+                CoreError::TooManyConnections("x".into()),
+                429,
+                "too_many_connections",
+            ),
+            (
+                CoreError::TooManyEventStreams("x".into()),
+                429,
+                "too_many_event_streams",
+            ),
+            (
+                CoreError::HeaderTooLarge("x".into()),
+                431,
+                "header_too_large",
+            ),
             (
                 CoreError::InvalidRequest("x".into()),
                 400,
@@ -220,6 +270,50 @@ mod tests {
                 CoreError::move_failed("unbind", addr(), timeout, None),
                 504,
                 "driver_timeout",
+            ),
+            (
+                CoreError::ResetScopeConflict {
+                    device: addr(),
+                    method: "bus".into(),
+                    conflicts: vec![(
+                        "0000:01:00.1".parse().unwrap(),
+                        "attached to instance vm-1".into(),
+                    )],
+                },
+                409,
+                "reset_scope_conflict",
+            ),
+            (
+                CoreError::ResetMethodUnsupported("x".into()),
+                409,
+                "reset_method_unsupported",
+            ),
+            (
+                CoreError::DeviceQuarantined {
+                    device: "g".into(),
+                    reason: "r".into(),
+                },
+                409,
+                "device_quarantined",
+            ),
+            (
+                CoreError::NeedsHostReboot {
+                    device: "g".into(),
+                    reason: "r".into(),
+                },
+                409,
+                "device_needs_host_reboot",
+            ),
+            (
+                CoreError::ResetVerifyFailed(Box::new(crate::error::ResetVerifyFailure {
+                    device: addr(),
+                    method: "flr".into(),
+                    function: addr(),
+                    check: ResetCheck::PowerState,
+                    detail: "D3cold".into(),
+                })),
+                500,
+                "reset_failed",
             ),
             (CoreError::Storage(io_err(28)), 507, "storage_full"),
             (CoreError::Storage(io_err(5)), 500, "storage_error"),

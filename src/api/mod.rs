@@ -7,8 +7,10 @@
 //! them against the [`AccessPolicy`] before reading the body.
 
 pub mod error;
+pub mod limits;
 pub mod parse;
 pub mod peer;
+pub mod server;
 pub mod wire;
 
 use std::convert::Infallible;
@@ -23,18 +25,21 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Frame, Incoming};
 use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
-use tokio::net::UnixListener;
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::core::{Caller, Core};
 use crate::error::CoreError;
 use crate::events::Event;
 use crate::registry::Registry;
+pub use limits::{Accounting, Limits};
 pub use peer::{AccessPolicy, Peer};
+pub use server::serve;
 
 pub const MAX_BODY: usize = 64 * 1024;
+/// A request body of at most [`MAX_BODY`] from a local process arrives in
+/// microseconds; one that takes this long is stalled or malicious.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const OPENAPI_YAML: &str = include_str!("openapi.yaml");
 /// The newest event's sequence number when a list was taken, so a client
 /// can follow `GET /events?since=` without a gap.
@@ -56,6 +61,7 @@ pub enum Route {
     Unbind(String),
     Attach(String),
     Detach(String),
+    Reset(String),
     Holders(String),
     Events,
     Health,
@@ -89,6 +95,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/devices/{id_or_name}/unbind"),
     ("POST", "/devices/{id_or_name}/attach"),
     ("POST", "/devices/{id_or_name}/detach"),
+    ("POST", "/devices/{id_or_name}/reset"),
     ("GET", "/devices/{id_or_name}/holders"),
     ("GET", "/events"),
     ("GET", "/health"),
@@ -135,6 +142,7 @@ pub fn route(method: &Method, path: &str) -> Result<Route, RouteError> {
                 "unbind" => Route::Unbind,
                 "attach" => Route::Attach,
                 "detach" => Route::Detach,
+                "reset" => Route::Reset,
                 _ => return Err(RouteError::NotFound),
             };
             match m {
@@ -227,6 +235,10 @@ pub struct Api {
     /// The unfiltered `GET /devices` body of one registry version: shared
     /// by every request until the registry changes.
     list_cache: Arc<std::sync::Mutex<Option<CachedList>>>,
+    /// Connections and event streams held per uid.
+    accounting: Arc<Accounting>,
+    /// See [`server`]: the time to deliver a request head, and to idle.
+    header_timeout: Duration,
 }
 
 impl Api {
@@ -236,7 +248,16 @@ impl Api {
             policy,
             shutdown,
             list_cache: Arc::default(),
+            accounting: Accounting::new(Limits::default()),
+            header_timeout: server::DEFAULT_HEADER_TIMEOUT,
         }
+    }
+
+    /// Bounds per unprivileged uid, and the header/idle timeout.
+    pub fn with_limits(mut self, limits: Limits, header_timeout: Duration) -> Api {
+        self.accounting = Accounting::new(limits);
+        self.header_timeout = header_timeout;
+        self
     }
 
     /// The JSON list of every device, serialised once per registry version.
@@ -268,7 +289,7 @@ impl Api {
             return Err(too_large());
         }
         let limited = Limited::new(req.into_body(), MAX_BODY);
-        match tokio::time::timeout(Duration::from_secs(30), limited.collect()).await {
+        match tokio::time::timeout(BODY_READ_TIMEOUT, limited.collect()).await {
             Ok(Ok(collected)) => Ok(collected.to_bytes()),
             Ok(Err(e))
                 if e.downcast_ref::<http_body_util::LengthLimitError>()
@@ -284,7 +305,10 @@ impl Api {
             Err(_) => Err(plain_error(
                 StatusCode::REQUEST_TIMEOUT,
                 "request_timeout",
-                "the request body did not arrive within 30 s",
+                format!(
+                    "the request body did not arrive within {} s",
+                    BODY_READ_TIMEOUT.as_secs()
+                ),
             )),
         }
     }
@@ -336,7 +360,10 @@ impl Api {
             uid: peer.uid,
             pid: peer.pid,
         };
-        match self.dispatch(route, caller, query.as_deref(), &body).await {
+        match self
+            .dispatch(route, peer, caller, query.as_deref(), &body)
+            .await
+        {
             Ok(resp) => resp,
             Err(e) => error_response(&e),
         }
@@ -345,6 +372,7 @@ impl Api {
     async fn dispatch(
         &self,
         route: Route,
+        peer: &Peer,
         caller: Caller,
         query: Option<&str>,
         body: &[u8],
@@ -428,6 +456,22 @@ impl Api {
                 let keep_bound = parse::detach(body)?;
                 device(StatusCode::OK, &core.detach(caller, &id, keep_bound).await?)
             }
+            Route::Reset(id) => {
+                let req = parse::reset(body)?;
+                let outcome = core.reset(caller, &id, req).await?;
+                if req.dry_run {
+                    json_response(
+                        StatusCode::OK,
+                        &wire::ResetDryRun {
+                            dry_run: true,
+                            device: wire::Device::new(&outcome.device, ids),
+                            plan: &outcome.plan,
+                        },
+                    )
+                } else {
+                    device(StatusCode::OK, &outcome.device)
+                }
+            }
             Route::Holders(id) => {
                 let (record, holders) = core.holders(&id).await?;
                 json_response(
@@ -440,7 +484,13 @@ impl Api {
                     },
                 )
             }
-            Route::Events => self.events(parse::events_query(query)?),
+            Route::Events => {
+                let since = parse::events_query(query)?;
+                let permit = self
+                    .accounting
+                    .open_event_stream(peer.uid, self.policy.may_mutate(peer))?;
+                self.events(since, permit)
+            }
             Route::Health => {
                 let health = core.health();
                 json_response(
@@ -460,11 +510,14 @@ impl Api {
         })
     }
 
-    fn events(&self, since: Option<u64>) -> Response<ResponseBody> {
+    /// The stream holds `permit` (its slot in the caller's share) until
+    /// the client goes away or vfiod stops.
+    fn events(&self, since: Option<u64>, permit: limits::Permit) -> Response<ResponseBody> {
         let (backlog, mut live) = self.core.events().subscribe(since);
         let (tx, rx) = mpsc::channel::<Bytes>(16);
         let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut shutdown_seen = std::pin::pin!(async move {
                 let _ = shutdown.wait_for(|stop| *stop).await;
             });
@@ -495,95 +548,6 @@ impl Api {
         );
         resp
     }
-}
-
-/// How long a connection accepted just before shutdown may take to deliver
-/// its first request; it is then answered rather than dropped.
-const FIRST_REQUEST_GRACE: Duration = Duration::from_millis(500);
-
-/// Serves connections until `shutdown` turns true, then stops accepting,
-/// lets in-flight requests finish (up to `grace`), and returns.
-///
-/// Shutdown is per connection: an idle keep-alive connection closes at
-/// once; one with a request in progress finishes it first; and one that
-/// was accepted but has not delivered its first request yet (the client
-/// connected and is writing) gets [`FIRST_REQUEST_GRACE`] to do so and is
-/// answered. Without that, a client whose connect raced the shutdown would
-/// see its connection closed with no answer.
-pub async fn serve(listener: UnixListener, api: Api, grace: Duration) {
-    let mut shutdown = api.shutdown.clone();
-    // Every connection task holds a clone; when all are gone, recv() ends.
-    let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
-    loop {
-        tokio::select! {
-            _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => spawn_connection(stream, &api, alive_tx.clone()),
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-        }
-    }
-    // Connections already queued on the socket were promised an answer by
-    // their successful connect(): take and serve them before closing.
-    while let Ok(Ok((stream, _))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await {
-        spawn_connection(stream, &api, alive_tx.clone());
-    }
-    drop(listener);
-    drop(alive_tx);
-    if tokio::time::timeout(grace, alive_rx.recv()).await.is_err() {
-        tracing::warn!("in-flight requests did not finish within {grace:?}; exiting anyway");
-    }
-}
-
-fn spawn_connection(stream: tokio::net::UnixStream, api: &Api, alive: mpsc::Sender<()>) {
-    let peer = match Peer::of(&stream) {
-        Ok(p) => Arc::new(p),
-        Err(e) => {
-            tracing::warn!(error = %e, "could not read peer credentials; dropping connection");
-            return;
-        }
-    };
-    let first_request = Arc::new(tokio::sync::Notify::new());
-    let notify = first_request.clone();
-    let api_for_requests = api.clone();
-    let service = hyper::service::service_fn(move |req| {
-        notify.notify_one();
-        let api = api_for_requests.clone();
-        let peer = peer.clone();
-        async move { Ok::<_, Infallible>(api.handle(&peer, req).await) }
-    });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
-        .serve_connection(TokioIo::new(stream), service);
-    let mut shutdown = api.shutdown.clone();
-    tokio::spawn(async move {
-        let _alive = alive;
-        tokio::pin!(conn);
-        let result = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => {
-                // A connection that already delivered a request has a stored
-                // permit and goes on at once; a fresh one gets a moment, with
-                // the connection still polled so it can read that request.
-                let first = tokio::time::timeout(FIRST_REQUEST_GRACE, first_request.notified());
-                tokio::select! {
-                    r = conn.as_mut() => r,
-                    _ = first => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
-                }
-            }
-        };
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "connection ended with an error");
-        }
-    });
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value};
 
 use crate::core::{
-    AttachRequest, BindRequest, DeviceName, InstanceId, RegisterRequest, Tags, UpdateRequest,
+    AttachRequest, BindRequest, DeviceName, InstanceId, RegisterRequest, ResetMethod, ResetRequest,
+    Tags, UpdateRequest,
 };
 use crate::error::CoreError;
 use crate::pci::PciAddress;
@@ -117,10 +118,60 @@ pub fn register(body: &[u8]) -> Result<RegisterRequest, CoreError> {
 /// `PATCH /devices/{id_or_name}`.
 pub fn update(body: &[u8]) -> Result<UpdateRequest, CoreError> {
     let map = object(body, false)?;
-    deny_unknown(&map, &["name", "tags"])?;
+    deny_unknown(&map, &["name", "tags", "reset_method"])?;
     Ok(UpdateRequest {
         name: name_field(&map)?,
         tags: tags_field(&map)?,
+        reset_method: reset_method_field(&map)?,
+    })
+}
+
+/// `"reset_method": ["flr", "pm"]` (the kernel's names, in the order to
+/// try them), or `null` for the kernel's own order.
+fn reset_method_field(
+    map: &Map<String, Value>,
+) -> Result<Option<Option<Vec<ResetMethod>>>, CoreError> {
+    let bad = || {
+        CoreError::InvalidRequest(
+            "reset_method must be null or a non-empty list of distinct methods from device_specific, acpi, flr, af_flr, pm, bus".into(),
+        )
+    };
+    match map.get("reset_method") {
+        None => Ok(None),
+        Some(Value::Null) => Ok(Some(None)),
+        Some(Value::Array(items)) => {
+            let mut methods = Vec::new();
+            for item in items {
+                let Value::String(s) = item else {
+                    return Err(bad());
+                };
+                let m = ResetMethod::parse(s)?;
+                if m == ResetMethod::Auto || methods.contains(&m) {
+                    return Err(bad());
+                }
+                methods.push(m);
+            }
+            if methods.is_empty() {
+                return Err(bad());
+            }
+            Ok(Some(Some(methods)))
+        }
+        Some(_) => Err(bad()),
+    }
+}
+
+/// `POST /devices/{id_or_name}/reset`; an empty body means `auto`.
+pub fn reset(body: &[u8]) -> Result<ResetRequest, CoreError> {
+    let map = object(body, true)?;
+    deny_unknown(&map, &["method", "dry_run"])?;
+    let method = match map.get("method") {
+        None | Some(Value::Null) => ResetMethod::Auto,
+        Some(Value::String(s)) => ResetMethod::parse(s)?,
+        Some(_) => return Err(CoreError::InvalidRequest("method must be a string".into())),
+    };
+    Ok(ResetRequest {
+        method,
+        dry_run: optional_bool(&map, "dry_run")?,
     })
 }
 
@@ -247,14 +298,23 @@ fn query_pairs(query: Option<&str>) -> Result<Vec<(String, String)>, CoreError> 
 pub fn list_query(query: Option<&str>) -> Result<Vec<(String, String)>, CoreError> {
     let mut filter = Vec::new();
     for (k, v) in query_pairs(query)? {
-        if let Some(key) = k.strip_prefix("tags[").and_then(|r| r.strip_suffix(']')) {
-            if key.is_empty() {
-                return Err(CoreError::InvalidTags(
-                    "tag filter tags[] needs a key".into(),
-                ));
-            }
-            filter.push((key.to_owned(), v));
+        // Only `tags` parameters are checked: hypeman ignores unknown ones,
+        // but a malformed tag filter ignored would silently list everything.
+        if k != "tags" && !k.starts_with("tags[") {
+            continue;
         }
+        let Some(key) = k.strip_prefix("tags[").and_then(|r| r.strip_suffix(']')) else {
+            return Err(CoreError::InvalidQuery(format!(
+                "query parameter {:?} is not a tag filter: write tags[KEY]=VALUE",
+                k.chars().take(140).collect::<String>()
+            )));
+        };
+        if key.is_empty() {
+            return Err(CoreError::InvalidTags(
+                "tag filter tags[] needs a key".into(),
+            ));
+        }
+        filter.push((key.to_owned(), v));
     }
     if filter.len() > crate::core::MAX_TAGS {
         return Err(CoreError::InvalidTags("too many tag filters".into()));
@@ -450,6 +510,32 @@ mod tests {
         assert!(u.tags.is_none());
         assert_eq!(code(update(br#"{"nmae":"x"}"#)), "invalid_request");
         assert_eq!(code(update(br#"{"name":"!"}"#)), "invalid_name");
+        let u = update(br#"{"reset_method":["flr","pm"]}"#).unwrap();
+        assert_eq!(
+            u.reset_method,
+            Some(Some(vec![ResetMethod::Flr, ResetMethod::Pm]))
+        );
+        assert_eq!(
+            update(br#"{"reset_method":null}"#).unwrap().reset_method,
+            Some(None)
+        );
+        for bad in [
+            r#"{"reset_method":[]}"#,
+            r#"{"reset_method":["auto"]}"#,
+            r#"{"reset_method":["flr","flr"]}"#,
+            r#"{"reset_method":["warm"]}"#,
+            r#"{"reset_method":"flr"}"#,
+            r#"{"reset_method":[1]}"#,
+        ] {
+            assert_eq!(code(update(bad.as_bytes())), "invalid_request", "{bad}");
+        }
+        let r = reset(b"").unwrap();
+        assert!(r.method == ResetMethod::Auto && !r.dry_run);
+        let r = reset(br#"{"method":"af_flr","dry_run":true}"#).unwrap();
+        assert!(r.method == ResetMethod::AfFlr && r.dry_run);
+        assert_eq!(code(reset(br#"{"method":"hard"}"#)), "invalid_request");
+        assert_eq!(code(reset(br#"{"method":1}"#)), "invalid_request");
+        assert_eq!(code(reset(br#"{"force":true}"#)), "invalid_request");
     }
 
     #[test]
@@ -464,6 +550,10 @@ mod tests {
         );
         assert!(list_query(None).unwrap().is_empty());
         assert_eq!(code(list_query(Some("tags%5B%5D=x"))), "invalid_tags");
+        assert_eq!(code(list_query(Some("tags[pool=a"))), "invalid_query");
+        assert_eq!(code(list_query(Some("tags=pool:a"))), "invalid_query");
+        assert_eq!(code(list_query(Some("tags[a]x=1"))), "invalid_query");
+        assert!(list_query(Some("tagsx=1&limit=5")).unwrap().is_empty());
         assert_eq!(code(list_query(Some("tags[a]=%zz"))), "invalid_request");
         assert_eq!(code(list_query(Some("tags[a]=%ff"))), "invalid_request");
     }

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use chrono::SecondsFormat;
 use serde::Serialize;
 
-use crate::core::{BindPlan, Health};
+use crate::core::{BindPlan, Health, ResetPlan};
 use crate::pci::{is_gpu_class, PciAddress, PciFunction, PciIds};
-use crate::registry::{is_vfio_driver, DeviceRecord, PendingOp};
+use crate::registry::{is_vfio_driver, DeviceRecord, LastReset, PendingOp, ResetResult};
 
 #[derive(Debug, Serialize)]
 pub struct Device<'a> {
@@ -45,6 +45,32 @@ pub struct Device<'a> {
     pub attached_uid: Option<u32>,
     /// The VMM process whose exit ends the attachment, if one was named.
     pub attached_pid: Option<u32>,
+    /// ok, needs_reset, quarantined, needs_host_reboot.
+    pub health: &'static str,
+    pub health_reason: Option<&'a str>,
+    pub last_reset: Option<LastResetWire<'a>>,
+    /// The device's own reset method order (PATCH), or null for the
+    /// kernel's.
+    pub reset_method: Option<&'a [String]>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LastResetWire<'a> {
+    pub method: &'a str,
+    pub at: String,
+    pub result: ResetResult,
+    pub duration_ms: u64,
+}
+
+impl<'a> LastResetWire<'a> {
+    fn new(r: &'a LastReset) -> Self {
+        LastResetWire {
+            method: &r.method,
+            at: r.at.to_rfc3339_opts(SecondsFormat::Millis, true),
+            result: r.result,
+            duration_ms: r.duration_ms,
+        }
+    }
 }
 
 fn hex4(v: u16) -> String {
@@ -89,10 +115,15 @@ impl<'a> Device<'a> {
             pending: d.pending.as_ref().map(|p| match p {
                 PendingOp::Bind { .. } => "bind",
                 PendingOp::Unbind => "unbind",
+                PendingOp::Reset { .. } => "reset",
             }),
             stuck: d.stuck,
             identity_mismatch: d.identity_mismatch,
             group_companions: d.companions.iter().map(|c| c.pci_address).collect(),
+            health: d.health.as_str(),
+            health_reason: d.health_reason.as_deref(),
+            last_reset: d.last_reset.as_ref().map(LastResetWire::new),
+            reset_method: d.reset_method.as_deref(),
             attached_uid: d.attached_to.as_ref().and(d.attached_uid),
             attached_pid: d.attached_pid.map(|p| p.pid),
         }
@@ -146,6 +177,14 @@ pub struct DryRun<'a> {
     pub dry_run: bool,
     pub device: Device<'a>,
     pub plan: &'a BindPlan,
+}
+
+/// `POST .../reset` with `dry_run`: the method and scope, and nothing done.
+#[derive(Debug, Serialize)]
+pub struct ResetDryRun<'a> {
+    pub dry_run: bool,
+    pub device: Device<'a>,
+    pub plan: &'a ResetPlan,
 }
 
 #[derive(Debug, Serialize)]

@@ -269,7 +269,8 @@ fn names(v: &Value) -> String {
 fn devices_table(list: &[Value]) -> String {
     table(
         &[
-            "NAME", "ADDRESS", "TYPE", "GROUP", "DRIVER", "VFIO", "ATTACHED", "DEVICE", "ID",
+            "NAME", "ADDRESS", "TYPE", "GROUP", "DRIVER", "VFIO", "ATTACHED", "HEALTH", "DEVICE",
+            "ID",
         ],
         list.iter()
             .map(|d| {
@@ -289,6 +290,7 @@ fn devices_table(list: &[Value]) -> String {
                         "no".into()
                     },
                     s(d, "attached_to"),
+                    s(d, "health"),
                     names(d),
                     s(d, "id"),
                 ]
@@ -319,6 +321,8 @@ fn show_device(d: &Value) -> String {
         "created_at",
         "stuck",
         "identity_mismatch",
+        "health",
+        "health_reason",
     ] {
         out.push_str(&format!("{:<18}{}\n", format!("{key}:"), s(d, key)));
     }

@@ -35,6 +35,27 @@ fn main() -> ExitCode {
         }
     };
     systemd::init_logging(&config.log_level);
+    let fd_limit = match api::limits::raise_fd_limit() {
+        Ok(limit) => limit,
+        Err(e) => {
+            let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map(|(soft, _)| soft)
+                .unwrap_or(1024);
+            tracing::warn!(error = %e, "cannot raise the soft file descriptor limit above {soft}: {e}");
+            soft
+        }
+    };
+    let mut config = config;
+    let (limits, shrunk) = api::limits::fit_to_fd_limit(config.limits, fd_limit);
+    if shrunk {
+        tracing::warn!(
+            fd_limit,
+            "the file descriptor limit ({fd_limit}) leaves room for {} unprivileged connections, not the {} configured; raise LimitNOFILE=",
+            limits.unprivileged_connections,
+            config.limits.unprivileged_connections
+        );
+    }
+    config.limits = limits;
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -106,6 +127,8 @@ async fn run(config: Config, is_root: bool) -> Result<(), StartupFailure> {
         vfio_aliases,
         load_modules: config.load_modules,
         reclaim: config.reclaim,
+        reset_on_release: config.reset_on_release,
+        quarantine_after: config.quarantine_after,
         proc_root: config.proc.clone(),
         unbind_on_vmm_exit: config.unbind_on_vmm_exit,
         privileged,
@@ -158,7 +181,8 @@ async fn run(config: Config, is_root: bool) -> Result<(), StartupFailure> {
         group_gid: gid,
         owner_uid: nix::unistd::geteuid().as_raw(),
     };
-    let api = Api::new(core.clone(), policy, shutdown_rx.clone());
+    let api = Api::new(core.clone(), policy, shutdown_rx.clone())
+        .with_limits(config.limits, config.header_timeout);
 
     let hotplug_core = core.clone();
     tokio::spawn(async move {
@@ -188,6 +212,9 @@ async fn run(config: Config, is_root: bool) -> Result<(), StartupFailure> {
         loaded_ms,
         reconciled_ms,
         startup_ms = started.elapsed().as_millis() as u64,
+        connections_per_uid = config.limits.connections_per_uid,
+        event_streams_per_uid = config.limits.event_streams_per_uid,
+        unprivileged_connections = config.limits.unprivileged_connections,
         "ready: {status}"
     );
     systemd::notify_ready(&status);

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use tokio::io::unix::AsyncFd;
 
+use super::reset::refuse_unhealthy;
 use super::{AttachRequest, BindRequest, Caller, Core};
 use crate::error::CoreError;
 use crate::events::EventKind;
@@ -128,6 +129,7 @@ impl Core {
                 })
             };
         }
+        refuse_unhealthy(&record)?;
         self.ensure_group_attachable_by(&record, uid)?;
         let addr = record.pci_address;
         let on_vfio = self
@@ -139,6 +141,8 @@ impl Core {
             self.bind_locked(caller, &record, BindRequest::default())
                 .await?;
         }
+        let current = self.resolve(&record.id)?;
+        self.reset_before_attach(caller, &current).await?;
         let mut attached = self
             .snapshot()
             .get_by_address(&addr)
@@ -218,19 +222,7 @@ impl Core {
         let Some((uid, nodes)) = self.grant_nodes(record) else {
             return Ok(());
         };
-        let addr = record.pci_address;
-        tokio::task::spawn_blocking(move || {
-            nodes
-                .iter()
-                .try_for_each(|node| vfio_access::grant(node, uid))
-        })
-        .await
-        .map_err(|e| CoreError::Internal(format!("grant task: {e}")))?
-        .map_err(|e| {
-            CoreError::GrantFailed(format!(
-                "opening the VFIO nodes of {addr} to uid {uid}: {e}"
-            ))
-        })
+        change_nodes(record.pci_address, nodes, uid, NodeChange::Grant).await
     }
 
     /// Takes the attachment's uid off the device's nodes, except the
@@ -257,19 +249,7 @@ impl Core {
             .filter(|n| !(group_shared && Some(n) == group_node.as_ref()))
             .filter(|n| !(iommu_shared && *n == iommu_node))
             .collect();
-        let addr = record.pci_address;
-        tokio::task::spawn_blocking(move || {
-            nodes
-                .iter()
-                .try_for_each(|node| vfio_access::revoke(node, uid))
-        })
-        .await
-        .map_err(|e| CoreError::Internal(format!("revoke task: {e}")))?
-        .map_err(|e| {
-            CoreError::GrantFailed(format!(
-                "closing the VFIO nodes of {addr} to uid {uid}: {e}"
-            ))
-        })
+        change_nodes(record.pci_address, nodes, uid, NodeChange::Revoke).await
     }
 
     /// Revokes and clears an attachment (lock held). `why` goes to the log
@@ -328,6 +308,9 @@ impl Core {
                 .end_attachment(&record, EventKind::Detach, format!("detached for {caller}"))
                 .await?;
         }
+        if record.attached_to.is_some() || (!keep_bound && device.bound_by_vfiod) {
+            device = self.reset_on_release(caller, &device, "detach").await;
+        }
         if !keep_bound && device.bound_by_vfiod && device.present {
             device = self.unbind_locked(caller, &device).await?;
         }
@@ -375,7 +358,14 @@ impl Core {
         else {
             return;
         };
-        if self.options.unbind_on_vmm_exit && device.bound_by_vfiod && device.present {
+        let device = self
+            .reset_on_release(Caller::AGENT, &device, "its VMM exited")
+            .await;
+        if self.options.unbind_on_vmm_exit
+            && device.bound_by_vfiod
+            && device.present
+            && !device.stuck
+        {
             if let Err(e) = self.unbind_locked(Caller::AGENT, &device).await {
                 tracing::error!(device = %addr, error = %e, "could not give the device back after its VMM exited");
             }
@@ -400,9 +390,13 @@ impl Core {
                     let _group = lock.lock().await;
                     let why = format!("VMM pid {} exited while vfiod was not running", process.pid);
                     tracing::info!(device = %addr, pid = process.pid, "attachment of {addr} ended: {why}");
-                    let _ = self
+                    if let Ok(device) = self
                         .end_attachment(&record, EventKind::AttachmentEnded, why)
-                        .await;
+                        .await
+                    {
+                        self.reset_on_release(Caller::AGENT, &device, "its VMM exited")
+                            .await;
+                    }
                     continue;
                 }
                 Some(process) => self.follow_vmm(addr, process),
@@ -415,6 +409,31 @@ impl Core {
             }
         }
     }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum NodeChange {
+    Grant,
+    Revoke,
+}
+
+/// Grants or revokes `uid`'s access to `nodes` of `addr`, off the runtime.
+async fn change_nodes(
+    addr: PciAddress,
+    nodes: Vec<PathBuf>,
+    uid: u32,
+    change: NodeChange,
+) -> Result<(), CoreError> {
+    let (apply, what): (fn(&Path, u32) -> _, _) = match change {
+        NodeChange::Grant => (vfio_access::grant, "opening"),
+        NodeChange::Revoke => (vfio_access::revoke, "closing"),
+    };
+    tokio::task::spawn_blocking(move || nodes.iter().try_for_each(|node| apply(node, uid)))
+        .await
+        .map_err(|e| CoreError::Internal(format!("VFIO node access task: {e}")))?
+        .map_err(|e| {
+            CoreError::GrantFailed(format!("{what} the VFIO nodes of {addr} to uid {uid}: {e}"))
+        })
 }
 
 /// Resolves when `process` has exited. Errors when no pidfd can be had

@@ -17,13 +17,15 @@
 //! One file per stage of a device's life: [`types`] (requests validated at
 //! the edge), `registry_ops` (register, rename, unregister), `moves`
 //! (binding to vfio and giving back, and settling slow writes), `attach`
-//! (attachments), `reconcile` (startup and hotplug).
+//! (attachments), `reset` (reset, its scope check, device health and
+//! quarantine), `reconcile` (startup and hotplug).
 
 mod attach;
 mod holders;
 mod moves;
 mod reconcile;
 mod registry_ops;
+mod reset;
 mod types;
 
 pub use reconcile::HotplugEvent;
@@ -104,6 +106,10 @@ pub struct CoreOptions {
     pub udev_rules_dir: Option<std::path::PathBuf>,
     /// `vfio_pci:` aliases of vendor variant drivers.
     pub vfio_aliases: crate::pci::VfioAliases,
+    /// Reset a device when it is released (detach, unbind).
+    pub reset_on_release: bool,
+    /// Consecutive failed resets that quarantine a device.
+    pub quarantine_after: u32,
     /// procfs root, for VMM processes (and holders).
     pub proc_root: std::path::PathBuf,
     /// Give a device back to its driver when its VMM exits.

@@ -3,6 +3,7 @@
 use std::time::Instant;
 
 use super::attach::ensure_not_attached;
+use super::reset::refuse_unhealthy;
 use super::{BindOutcome, BindPlan, BindRequest, Caller, Core, VFIO_PCI};
 use crate::engine::{EngineError, Move};
 use crate::error::CoreError;
@@ -194,6 +195,7 @@ impl Core {
         let id = id_or_name.to_owned();
         self.owned(move |core| async move {
             let (_group, record) = core.lock_device_for_move(&id).await?;
+            refuse_unhealthy(&record)?;
             core.bind_locked(caller, &record, req).await
         })
         .await
@@ -349,6 +351,15 @@ impl Core {
         self.owned(move |core| async move {
             let (_group, record) = core.lock_device_for_move(&id).await?;
             ensure_not_attached(&record)?;
+            // Reset while still on vfio, before the host driver gets it back.
+            let record = if record.bound_by_vfiod && !record.stuck {
+                core.reset_on_release(caller, &record, "unbind").await
+            } else {
+                record
+            };
+            if record.stuck {
+                return Err(CoreError::DeviceStuck(record.pci_address));
+            }
             core.unbind_locked(caller, &record).await
         })
         .await
@@ -524,6 +535,8 @@ impl Core {
                 .filter(|a| !on_vfio.contains(a) && self.sysfs().driver(a).is_some())
                 .collect(),
             PendingOp::Unbind => on_vfio,
+            // Settling a reset takes nothing from a driver.
+            PendingOp::Reset { .. } => Vec::new(),
         };
         match self.scan_holders(taken).await {
             Ok(holders) => {
@@ -565,6 +578,9 @@ impl Core {
                     self.restore_consoles(addr, &record.released_consoles).await;
                 }
             }
+            PendingOp::Reset {
+                restore_reset_method,
+            } => self.settle_reset(record, restore_reset_method).await,
             PendingOp::Unbind => {
                 if record.attached_to.is_some() {
                     return;

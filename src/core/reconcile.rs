@@ -62,6 +62,12 @@ impl Core {
             tracing::info!(device = %d.pci_address, present = d.present, driver = ?d.current_driver, "reconciled with the bus");
         }
         for record in self.snapshot().iter().cloned().collect::<Vec<_>>() {
+            if record.present {
+                self.check_config_space(record.pci_address, "at startup")
+                    .await;
+            }
+        }
+        for record in self.snapshot().iter().cloned().collect::<Vec<_>>() {
             if record.pending.is_some() {
                 self.settle_pending(&record).await;
             } else if self.wants_vfio(&record) && !record.bound_to_vfio() {
@@ -158,7 +164,13 @@ impl Core {
                         .driver(function.driver.clone()),
                     );
                 }
-                let Some(device) = device else { return };
+                let Some(mut device) = device else { return };
+                if is_add && !device.identity_mismatch {
+                    self.check_config_space(addr, "after a re-plug").await;
+                    if let Some(d) = self.snapshot().get_by_address(&addr) {
+                        device = d.clone();
+                    }
+                }
                 if device.identity_mismatch {
                     tracing::error!(device = %addr, expected = format!("{:04x}:{:04x}", device.vendor_id, device.device_id), found = format!("{:04x}:{:04x}", function.vendor_id, function.device_id), "a different device answers at a registered address; leaving it alone");
                     self.events
@@ -171,6 +183,8 @@ impl Core {
                                 function.subsystem_device_id
                             ),
                         ));
+                } else if device.health == crate::registry::Health::NeedsHostReboot {
+                    tracing::error!(device = %addr, "a registered device came back but its config space reads all ones; leaving it alone until the host reboots");
                 } else if is_add && self.wants_vfio(&device) && !device.bound_to_vfio() {
                     self.spawn_rebind(device);
                 }

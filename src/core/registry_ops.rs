@@ -6,7 +6,7 @@ use super::attach::ensure_not_attached;
 use super::{Caller, Core, RegisterRequest, UpdateRequest};
 use crate::error::CoreError;
 use crate::events::EventKind;
-use crate::registry::{is_vfio_driver, DeviceRecord, RegistryConflict};
+use crate::registry::{is_vfio_driver, DeviceRecord, Health, RegistryConflict};
 
 fn conflict(e: RegistryConflict) -> CoreError {
     CoreError::Conflict(e.to_string())
@@ -63,6 +63,11 @@ impl Core {
             current_driver: driver,
             stuck: false,
             identity_mismatch: false,
+            health: Health::Ok,
+            health_reason: None,
+            last_reset: None,
+            reset_failures: 0,
+            reset_method: None,
         };
         let stored = record.clone();
         self.commit(move |reg| reg.insert(stored).map_err(conflict))
@@ -102,6 +107,10 @@ impl Core {
                 if let Some(tags) = req.tags {
                     d.tags = tags.into_inner();
                 }
+                if let Some(methods) = req.reset_method {
+                    d.reset_method =
+                        methods.map(|list| list.iter().map(|m| m.as_str().to_owned()).collect());
+                }
                 Ok(d.clone())
             })
             .await?;
@@ -123,6 +132,12 @@ impl Core {
         let (_group, record) = self.lock_device_for_move(id_or_name).await?;
         ensure_not_attached(&record)?;
         if record.bound_by_vfiod && record.present {
+            // Giving back a device vfiod bound is a release: reset it while
+            // it is still on vfio.
+            let record = self.reset_on_release(caller, &record, "delete").await;
+            if record.stuck {
+                return Err(CoreError::DeviceStuck(record.pci_address));
+            }
             self.unbind_locked(caller, &record).await?;
         }
         let addr = record.pci_address;

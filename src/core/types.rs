@@ -128,6 +128,92 @@ pub struct RegisterRequest {
 pub struct UpdateRequest {
     pub name: Option<DeviceName>,
     pub tags: Option<Tags>,
+    /// `Some(None)`: back to the kernel's order.
+    pub reset_method: Option<Option<Vec<ResetMethod>>>,
+}
+
+/// A reset method as the kernel names it in `reset_method`, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ResetMethod {
+    /// The kernel's order for the function (or the device's own list).
+    #[default]
+    Auto,
+    DeviceSpecific,
+    Acpi,
+    Flr,
+    AfFlr,
+    Pm,
+    Bus,
+}
+
+impl ResetMethod {
+    pub const KERNEL: [ResetMethod; 6] = [
+        ResetMethod::DeviceSpecific,
+        ResetMethod::Acpi,
+        ResetMethod::Flr,
+        ResetMethod::AfFlr,
+        ResetMethod::Pm,
+        ResetMethod::Bus,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResetMethod::Auto => "auto",
+            ResetMethod::DeviceSpecific => "device_specific",
+            ResetMethod::Acpi => "acpi",
+            ResetMethod::Flr => "flr",
+            ResetMethod::AfFlr => "af_flr",
+            ResetMethod::Pm => "pm",
+            ResetMethod::Bus => "bus",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<ResetMethod, CoreError> {
+        std::iter::once(ResetMethod::Auto)
+            .chain(ResetMethod::KERNEL)
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| {
+                CoreError::InvalidRequest(format!(
+                    "unknown reset method {:?}; expected auto, device_specific, acpi, flr, af_flr, pm or bus",
+                    s.chars().take(40).collect::<String>()
+                ))
+            })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ResetRequest {
+    pub method: ResetMethod,
+    pub dry_run: bool,
+}
+
+/// One function a reset touches.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScopeFunction {
+    pub pci_address: PciAddress,
+    pub driver: Option<String>,
+    pub iommu_group: Option<u32>,
+}
+
+/// What a reset does or would do.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResetPlan {
+    /// The method asked for.
+    pub method: String,
+    /// The methods the kernel will try, in order.
+    pub methods: Vec<String>,
+    /// Every function the reset may reset, the device first. For a bus
+    /// reset: every function below the bridge the device sits behind, as
+    /// sysfs shows the topology.
+    pub scope: Vec<ScopeFunction>,
+    /// The sysfs writes, in order.
+    pub steps: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ResetOutcome {
+    pub device: DeviceRecord,
+    pub plan: ResetPlan,
 }
 
 #[derive(Debug, Clone, Copy, Default)]

@@ -107,6 +107,94 @@ impl Sysfs {
         self.device_dir(addr).join("driver_override")
     }
 
+    pub fn reset_path(&self, addr: &PciAddress) -> PathBuf {
+        self.device_dir(addr).join("reset")
+    }
+
+    pub fn reset_method_path(&self, addr: &PciAddress) -> PathBuf {
+        self.device_dir(addr).join("reset_method")
+    }
+
+    /// The kernel's reset methods for a function, in the order it tries
+    /// them; empty when it has none (Linux then hides `reset_method`).
+    pub fn reset_methods(&self, addr: &PciAddress) -> Vec<String> {
+        read_trimmed(&self.reset_method_path(addr))
+            .map(|s| s.split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default()
+    }
+
+    /// The vendor ID as config space answers it now (the first two bytes
+    /// of `config`): 0xffff when the function does not answer.
+    pub fn config_vendor_id(&self, addr: &PciAddress) -> Result<u16, SysfsError> {
+        use std::io::Read;
+        let path = self.device_dir(addr).join("config");
+        let err = |op, source| SysfsError {
+            op,
+            path: path.clone(),
+            source,
+        };
+        let mut bytes = [0u8; 2];
+        fs::File::open(&path)
+            .and_then(|mut f| f.read_exact(&mut bytes))
+            .map_err(|e| err("read", e))?;
+        Ok(u16::from_le_bytes(bytes))
+    }
+
+    /// `power_state` (D0, D3hot, D3cold, error, ...); `None` if the kernel
+    /// does not show it.
+    pub fn power_state(&self, addr: &PciAddress) -> Option<String> {
+        read_trimmed(&self.device_dir(addr).join("power_state")).ok()
+    }
+
+    /// The functions a secondary bus reset of `addr`'s bus would reset:
+    /// every function below the bridge `addr` sits behind, at any depth,
+    /// in address order. `None` when `addr` is on a root bus (its parent in
+    /// the device tree is a `pciDDDD:BB` host bridge, not a function), where
+    /// there is no bridge to reset the bus with.
+    pub fn bus_reset_scope(
+        &self,
+        addr: &PciAddress,
+    ) -> Result<Option<Vec<PciAddress>>, SysfsError> {
+        let link = self.device_dir(addr);
+        let dir = fs::canonicalize(&link).map_err(|source| SysfsError {
+            op: "resolve",
+            path: link.clone(),
+            source,
+        })?;
+        let Some(parent) = dir.parent() else {
+            return Ok(None);
+        };
+        let parent_is_bridge = parent
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.parse::<PciAddress>().is_ok());
+        if !parent_is_bridge {
+            return Ok(None);
+        }
+        let mut found = Vec::new();
+        let mut pending = vec![parent.to_path_buf()];
+        while let Some(d) = pending.pop() {
+            let entries = fs::read_dir(&d).map_err(|source| SysfsError {
+                op: "list",
+                path: d.clone(),
+                source,
+            })?;
+            for e in entries.flatten() {
+                let is_dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
+                let function = e
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<PciAddress>().ok());
+                if let (true, Some(f)) = (is_dir, function) {
+                    found.push(f);
+                    pending.push(e.path());
+                }
+            }
+        }
+        found.sort();
+        Ok(Some(found))
+    }
+
     pub fn vfio_group_node(&self, group: u32) -> PathBuf {
         self.devfs.join("vfio").join(group.to_string())
     }

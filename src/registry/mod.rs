@@ -40,8 +40,63 @@ pub struct AttachedProcess {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "op")]
 pub enum PendingOp {
-    Bind { vfio_driver: String },
+    Bind {
+        vfio_driver: String,
+    },
     Unbind,
+    /// A reset; `restore_reset_method` is the kernel's `reset_method` list
+    /// to put back if vfiod changed it to select a method.
+    Reset {
+        #[serde(default)]
+        restore_reset_method: Option<String>,
+    },
+}
+
+/// Whether a device is fit to be handed out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    #[default]
+    Ok,
+    /// Released (or a reset failed) and not reset successfully since: it is
+    /// reset before it is attached again.
+    NeedsReset,
+    /// Too many consecutive failed resets: never attached or bound until a
+    /// successful explicit reset.
+    Quarantined,
+    /// Config space read all ones: the function is gone until the host
+    /// reboots (or it is re-plugged and answers again).
+    NeedsHostReboot,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Ok => "ok",
+            Health::NeedsReset => "needs_reset",
+            Health::Quarantined => "quarantined",
+            Health::NeedsHostReboot => "needs_host_reboot",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResetResult {
+    Ok,
+    Failed,
+    /// The write did not return in time; the device was marked stuck.
+    Timeout,
+}
+
+/// The last reset vfiod did (or tried) on a device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastReset {
+    /// The method asked for (`auto` or a kernel method name).
+    pub method: String,
+    pub at: DateTime<Utc>,
+    pub result: ResetResult,
+    pub duration_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +154,19 @@ pub struct DeviceRecord {
     /// Something else answered at this address after a hot-unplug.
     #[serde(default)]
     pub identity_mismatch: bool,
+    #[serde(default)]
+    pub health: Health,
+    #[serde(default)]
+    pub health_reason: Option<String>,
+    #[serde(default)]
+    pub last_reset: Option<LastReset>,
+    /// Failed resets since the last successful one.
+    #[serde(default)]
+    pub reset_failures: u32,
+    /// The operator's reset method order for this device (`PATCH
+    /// reset_method`), used instead of the kernel's for `auto`.
+    #[serde(default)]
+    pub reset_method: Option<Vec<String>>,
 }
 
 impl DeviceRecord {
@@ -254,6 +322,11 @@ pub(crate) mod tests {
             current_driver: Some("nvidia".into()),
             stuck: false,
             identity_mismatch: false,
+            health: Health::Ok,
+            health_reason: None,
+            last_reset: None,
+            reset_failures: 0,
+            reset_method: None,
         }
     }
 

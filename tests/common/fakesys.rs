@@ -225,6 +225,9 @@ pub struct DeviceSpec {
     pub iommu_group: Option<u32>,
     /// Address of the bridge this function sits behind (must already exist).
     pub parent: Option<String>,
+    /// The kernel's `reset_method` list, e.g. "flr pm bus"; `None` or empty:
+    /// no reset method, so no `reset` and `reset_method` attributes.
+    pub reset_methods: Option<String>,
 }
 
 impl DeviceSpec {
@@ -239,7 +242,28 @@ impl DeviceSpec {
             driver: None,
             iommu_group: None,
             parent: None,
+            reset_methods: None,
         }
+    }
+
+    pub fn reset_methods(mut self, methods: &str) -> Self {
+        self.reset_methods = Some(methods.to_string());
+        self
+    }
+
+    /// The first 64 bytes of config space (type 0 header): IDs, class,
+    /// subsystem IDs, little-endian as the `config` attribute shows them.
+    pub fn config_space(&self) -> Vec<u8> {
+        let mut c = vec![0u8; 64];
+        c[0..2].copy_from_slice(&self.vendor.to_le_bytes());
+        c[2..4].copy_from_slice(&self.device.to_le_bytes());
+        c[8] = 0xa1;
+        c[9] = (self.class & 0xff) as u8;
+        c[10] = ((self.class >> 8) & 0xff) as u8;
+        c[11] = ((self.class >> 16) & 0xff) as u8;
+        c[0x2c..0x2e].copy_from_slice(&self.subsystem_vendor.to_le_bytes());
+        c[0x2e..0x30].copy_from_slice(&self.subsystem_device.to_le_bytes());
+        c
     }
 
     pub fn driver(mut self, d: &str) -> Self {
@@ -440,6 +464,11 @@ impl Tree {
     /// written under a scratch name, hard-linked to `dest`, and the scratch
     /// name is removed.
     pub fn stage_file(&self, dest: &Path, content: &str) -> io::Result<()> {
+        self.stage_bytes(dest, content.as_bytes())
+    }
+
+    /// [`Tree::stage_file`] for binary content (`config`).
+    pub fn stage_bytes(&self, dest: &Path, content: &[u8]) -> io::Result<()> {
         let tmp = self.scratch_path();
         fs::write(&tmp, content)?;
         let linked = fs::hard_link(&tmp, dest);
@@ -451,9 +480,14 @@ impl Tree {
     /// (staged in the scratch dir, then renamed), so no IN_CLOSE_WRITE is
     /// ever raised in `path`'s directory (see [`Tree::stage_file`]).
     pub fn write_file(&self, path: &Path, content: &str) -> io::Result<()> {
+        self.write_bytes(path, content.as_bytes())
+    }
+
+    /// [`Tree::write_file`] for binary content.
+    pub fn write_bytes(&self, path: &Path, content: &[u8]) -> io::Result<()> {
         self.assert_inside(path);
         let tmp = self.scratch_path();
-        self.stage_file(&tmp, content)?;
+        self.stage_bytes(&tmp, content)?;
         if path.is_dir() && !path.is_symlink() {
             let _ = fs::remove_dir(path);
         }
@@ -605,6 +639,8 @@ pub trait Hook: Send + Sync {
 pub struct State {
     /// The driver each device had when added ("native"); `None` = none.
     pub native: HashMap<String, Option<String>>,
+    /// Each device's healthy config space, which a good reset restores.
+    pub config: HashMap<String, Vec<u8>>,
     pub hook: Option<Arc<dyn Hook>>,
 }
 
@@ -688,6 +724,7 @@ impl FakeSys {
                 tree,
                 state: Mutex::new(State {
                     native: HashMap::new(),
+                    config: HashMap::new(),
                     hook: None,
                 }),
                 _tmp: tmp,
@@ -822,7 +859,8 @@ impl FakeSys {
         };
         let dir = parent_dir.join(&spec.addr);
         let hex4 = |v: u16| format!("0x{v:04x}\n");
-        let files: [(&str, String); 12] = [
+        let reset_methods = spec.reset_methods.clone().filter(|m| !m.trim().is_empty());
+        let mut files: Vec<(&str, String)> = vec![
             ("vendor", hex4(spec.vendor)),
             ("device", hex4(spec.device)),
             ("subsystem_vendor", hex4(spec.subsystem_vendor)),
@@ -838,7 +876,14 @@ impl FakeSys {
             ("numa_node", "-1\n".to_string()),
             ("irq", format!("{}\n", 16 + (unique() % 100))),
             ("uevent", format!("PCI_SLOT_NAME={}\n", spec.addr)),
+            ("power_state", "D0\n".to_string()),
         ];
+        // As in Linux, `reset` and `reset_method` exist only for a function
+        // with at least one reset method.
+        if let Some(methods) = &reset_methods {
+            files.push(("reset_method", format!("{}\n", methods.trim())));
+            files.push(("reset", String::new()));
+        }
         // Build the directory in scratch and rename it in, complete.
         let tmp = tree.scratch_path();
         fs::create_dir(&tmp).expect("fakesys: mkdir device");
@@ -846,6 +891,8 @@ impl FakeSys {
             tree.stage_file(&tmp.join(name), content)
                 .expect("fakesys: write attribute");
         }
+        tree.stage_bytes(&tmp.join("config"), &spec.config_space())
+            .expect("fakesys: write config");
         tree.assert_inside(&dir);
         fs::rename(&tmp, &dir).expect("fakesys: place device dir");
         tree.symlink(&dir.join("subsystem"), &tree.sysfs.join("bus/pci"))
@@ -864,6 +911,7 @@ impl FakeSys {
                 .expect("fakesys: iommu_group link");
         }
         state.native.insert(spec.addr.clone(), spec.driver.clone());
+        state.config.insert(spec.addr.clone(), spec.config_space());
         if let Some(hook) = state.hook.clone() {
             hook.device_added(tree, &mut state, &spec.addr, &dir);
         }
@@ -921,6 +969,7 @@ impl FakeSys {
             .expect("fakesys: remove bus link");
         tree.remove(dir).expect("fakesys: remove device dir");
         state.native.remove(addr);
+        state.config.remove(addr);
     }
 
     /// Creates `bus/pci/drivers/<name>` (no-op if present), like loading the
@@ -1032,6 +1081,43 @@ impl FakeSys {
         };
         tree.write_file(&dir.join("driver_override"), &content)
             .expect("fakesys: write driver_override");
+    }
+
+    /// Sets `power_state` (prepared state, e.g. "D3hot", "D3cold", "error").
+    pub fn set_power_state(&self, addr: &str, value: &str) {
+        let _state = self.lock_state();
+        let tree = self.tree();
+        let dir = tree
+            .device_dir(addr)
+            .unwrap_or_else(|| panic!("fakesys: no device {addr}"));
+        tree.write_file(&dir.join("power_state"), &format!("{value}\n"))
+            .expect("fakesys: write power_state");
+    }
+
+    /// Makes config space read all ones (a function that fell off the bus)
+    /// or, with `false`, what it read when added.
+    pub fn set_config_all_ones(&self, addr: &str, all_ones: bool) {
+        let state = self.lock_state();
+        let tree = self.tree();
+        let dir = tree
+            .device_dir(addr)
+            .unwrap_or_else(|| panic!("fakesys: no device {addr}"));
+        let good = state.config.get(addr).cloned().unwrap_or_default();
+        let bytes = if all_ones {
+            vec![0xff; good.len()]
+        } else {
+            good
+        };
+        tree.write_bytes(&dir.join("config"), &bytes)
+            .expect("fakesys: write config");
+    }
+
+    /// The content of `reset_method`, trimmed; `None` when it has none.
+    pub fn reset_method_of(&self, addr: &str) -> Option<String> {
+        let dir = self.tree().device_dir(addr)?;
+        fs::read_to_string(dir.join("reset_method"))
+            .ok()
+            .map(|s| s.trim().to_string())
     }
 
     /// The IOMMU group of `addr`, read from its `iommu_group` link.

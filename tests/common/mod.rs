@@ -5,6 +5,7 @@
 
 pub mod fakeproc;
 pub mod fakesys;
+pub mod flood;
 pub mod simkernel;
 
 use std::io::{Read, Write};
@@ -186,6 +187,8 @@ pub struct Daemon {
     pub devfs: PathBuf,
     pub log: PathBuf,
     pub extra_args: Vec<String>,
+    /// RLIMIT_NOFILE (soft, hard) to start the daemon with; None inherits.
+    pub nofile: Option<(u64, u64)>,
     _dir: std::sync::Arc<TempDir>,
     dir_path: PathBuf,
 }
@@ -193,6 +196,12 @@ pub struct Daemon {
 impl Daemon {
     /// Starts vfiod on `fs` with a fresh state directory.
     pub fn start(fs: &FakeSys, extra: &[&str]) -> Daemon {
+        Daemon::start_with_nofile(fs, extra, None)
+    }
+
+    /// Starts vfiod with the file descriptor limits `nofile` (soft, hard),
+    /// like the ones systemd gives a service.
+    pub fn start_with_nofile(fs: &FakeSys, extra: &[&str], nofile: Option<(u64, u64)>) -> Daemon {
         let dir = std::sync::Arc::new(TempDir::new("vfiod-test").unwrap());
         let dir_path = dir.path().to_owned();
         let mut d = Daemon {
@@ -203,6 +212,7 @@ impl Daemon {
             devfs: fs.devfs.clone(),
             log: dir_path.join("vfiod.log"),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            nofile,
             _dir: dir,
             dir_path,
         };
@@ -241,11 +251,21 @@ impl Daemon {
             .env("VFIOD_LOG", "debug");
         // If the test process dies (a timeout, a panic in another thread),
         // the daemon must not outlive it.
-        // SAFETY: prctl is async-signal-safe.
+        let nofile = self.nofile;
+        // SAFETY: prctl and setrlimit are async-signal-safe.
         unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                    .map_err(std::io::Error::from)
+                    .map_err(std::io::Error::from)?;
+                if let Some((soft, hard)) = nofile {
+                    nix::sys::resource::setrlimit(
+                        nix::sys::resource::Resource::RLIMIT_NOFILE,
+                        soft,
+                        hard,
+                    )
+                    .map_err(std::io::Error::from)?;
+                }
+                Ok(())
             });
         }
         cmd
@@ -363,6 +383,25 @@ impl Drop for Daemon {
 }
 
 /// Runs vfioctl against `socket`; returns (exit code, stdout, stderr).
+/// Makes `cmd` run as `uid` (primary group `uid`) with the supplementary
+/// `groups`, as a local user's client would.
+pub fn run_as(cmd: &mut Command, uid: u32, groups: &[u32]) {
+    use std::os::unix::process::CommandExt;
+    let groups: Vec<nix::unistd::Gid> = groups
+        .iter()
+        .map(|g| nix::unistd::Gid::from_raw(*g))
+        .collect();
+    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setgroups(&groups).map_err(std::io::Error::from)?;
+            nix::unistd::setgid(nix::unistd::Gid::from_raw(uid)).map_err(std::io::Error::from)?;
+            nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)).map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+}
+
 pub fn vfioctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(vfioctl_bin())
         .arg("--socket")

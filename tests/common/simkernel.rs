@@ -213,6 +213,13 @@ struct Pipe {
     /// closed late: not a write. (Our own reader opens go through a scratch
     /// link and are not seen here.)
     opens: usize,
+    /// A `reset` attribute: Linux returns from a reset write only once the
+    /// reset is done, so the writer must not get past its write before the
+    /// simulator has acted. `filler` is our own writer that keeps the pipe
+    /// full: a client's write blocks until we drain it, which we do on the
+    /// client's IN_OPEN, after doing the reset.
+    sync: bool,
+    filler: Option<File>,
 }
 
 impl Pipe {
@@ -223,13 +230,22 @@ impl Pipe {
             credits: 0,
             restore: None,
             opens: 0,
+            sync: false,
+            filler: None,
         }
     }
 
     fn fill(&mut self, attr: &str) {
+        // A full sync pipe holds only our filler: reading would empty it
+        // and let the next writer through before its reset.
+        if self.filler.is_some() {
+            return;
+        }
         if let Some(r) = self.reader.as_mut() {
             let mut data = Vec::new();
             read_available(r, &mut data);
+            // The filler of a sync pipe is NUL bytes, never part of a value.
+            data.retain(|b| *b != 0);
             if !data.is_empty() {
                 let text = String::from_utf8_lossy(&data);
                 self.values.extend(split_values(attr, &text));
@@ -291,6 +307,21 @@ struct Sim {
     ignore_probe: HashSet<String>,
     /// Highest wait_idle marker seen in the event stream.
     marker_seen: u64,
+    /// Every reset done: (address, method in effect).
+    resets: Vec<(String, String)>,
+    /// What a reset of a device leaves behind (absent: a healthy function).
+    reset_outcome: HashMap<String, ResetOutcome>,
+}
+
+/// What a reset leaves behind; see [`SimKernel::set_reset_outcome`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResetOutcome {
+    /// Config space reads all ones (the function fell off the bus).
+    AllOnes,
+    /// `power_state` reads D3cold.
+    D3cold,
+    /// The function comes back without its driver.
+    LosesDriver,
 }
 
 struct Shared {
@@ -368,9 +399,8 @@ impl SimKernel {
             for addr in tree.devices() {
                 if let Some(dir) = tree.device_dir(&addr) {
                     shared
-                        .watch(&mut sim, &dir, AddWatchFlags::IN_CLOSE_WRITE)
+                        .setup_device_dir(&mut sim, &dir)
                         .expect("simkernel: watch device dir");
-                    shared.stamp_device(&mut sim, &dir);
                 }
             }
             drop(sim);
@@ -548,6 +578,23 @@ impl SimKernel {
         true
     }
 
+    /// Every reset the simulated kernel did, in order: (address, the
+    /// method in effect, i.e. the first one `reset_method` listed then).
+    pub fn resets(&self) -> Vec<(String, String)> {
+        lock(&self.shared.sim).resets.clone()
+    }
+
+    /// What every following reset of `addr` leaves behind; `None`: a good
+    /// reset, which also undoes what an earlier bad one left (config space
+    /// answers again, D0).
+    pub fn set_reset_outcome(&self, addr: &str, outcome: Option<ResetOutcome>) {
+        let mut sim = lock(&self.shared.sim);
+        match outcome {
+            Some(o) => sim.reset_outcome.insert(addr.to_string(), o),
+            None => sim.reset_outcome.remove(addr),
+        };
+    }
+
     /// The tree this simulator runs on.
     pub fn fakesys(&self) -> &FakeSys {
         &self.fs
@@ -572,6 +619,7 @@ impl Drop for SimKernel {
         // regular file.
         let pipes: Vec<(PathBuf, Pipe)> = sim.pipes.drain().collect();
         for (path, mut pipe) in pipes {
+            pipe.filler = None;
             if let Some(mut r) = pipe.reader.take() {
                 let deadline = Instant::now() + Duration::from_millis(500);
                 let mut sink = Vec::new();
@@ -611,6 +659,124 @@ impl Shared {
         Ok(())
     }
 
+    /// Watches a device directory (IN_OPEN too, for a `reset` attribute)
+    /// and turns its `reset` into a sync pipe.
+    fn setup_device_dir(&self, sim: &mut Sim, dir: &Path) -> io::Result<()> {
+        let reset = dir.join("reset");
+        if fs::symlink_metadata(&reset).is_ok_and(|m| m.is_file()) {
+            self.make_pipe(sim, &reset)?;
+            if let Some(pipe) = sim.pipes.get_mut(&reset) {
+                pipe.sync = true;
+            }
+            self.refill(sim, &reset);
+        }
+        self.watch(sim, dir, FIFO_DIR_MASK)
+            .map_err(io::Error::from)?;
+        self.stamp_device(sim, dir);
+        Ok(())
+    }
+
+    /// Fills a sync pipe (see [`Pipe::sync`]) so that the next writer
+    /// blocks. Only while no writer has it open.
+    fn refill(&self, sim: &mut Sim, path: &Path) {
+        if sim.pipes.get(path).is_some_and(|p| p.opens == 0) {
+            self.refill_now(sim, path);
+        }
+    }
+
+    /// [`Shared::refill`] also while a writer has it open (one that has
+    /// written already).
+    fn refill_now(&self, sim: &mut Sim, path: &Path) {
+        let Some(pipe) = sim.pipes.get_mut(path) else {
+            return;
+        };
+        if !pipe.sync || pipe.filler.is_some() || pipe.reader.is_none() {
+            return;
+        }
+        let link = self.tree.scratch_path();
+        if fs::hard_link(path, &link).is_err() {
+            return;
+        }
+        let opened = OpenOptions::new()
+            .write(true)
+            .custom_flags(OFlag::O_NONBLOCK.bits())
+            .open(&link);
+        let _ = fs::remove_file(&link);
+        let Ok(mut filler) = opened else { return };
+        // One page: the smallest pipe; a full one blocks any write.
+        let _ = fcntl(&filler, FcntlArg::F_SETPIPE_SZ(4096));
+        let zeros = [0u8; 4096];
+        let mut filled = 0;
+        loop {
+            match io::Write::write(&mut filler, &zeros) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => filled += n,
+            }
+        }
+        dbg_log!(self, "{}: filled with {filled} bytes", path.display());
+        pipe.filler = Some(filler);
+    }
+
+    /// A client opened a device's `reset`: do the reset now, then let its
+    /// write through (drain the filler), so the write returns after it.
+    fn reset_started(&self, state: &mut State, sim: &mut Sim, path: &Path) {
+        let Some(dir) = path.parent() else { return };
+        let Some(addr) = dir.file_name().and_then(|a| a.to_str()).map(str::to_string) else {
+            return;
+        };
+        let method = fs::read_to_string(dir.join("reset_method"))
+            .ok()
+            .and_then(|m| m.split_whitespace().next().map(str::to_string))
+            .unwrap_or_default();
+        dbg_log!(self, "reset {addr} by {method:?}");
+        sim.resets.push((addr.clone(), method));
+        let tree = &self.tree;
+        match sim.reset_outcome.get(&addr) {
+            None => {
+                if let Some(good) = state.config.get(&addr) {
+                    let _ = tree.write_bytes(&dir.join("config"), good);
+                }
+                let _ = tree.write_file(&dir.join("power_state"), "D0\n");
+            }
+            Some(ResetOutcome::AllOnes) => {
+                let len = state.config.get(&addr).map_or(64, Vec::len);
+                let _ = tree.write_bytes(&dir.join("config"), &vec![0xff; len]);
+            }
+            Some(ResetOutcome::D3cold) => {
+                let _ = tree.write_file(&dir.join("power_state"), "D3cold\n");
+            }
+            Some(ResetOutcome::LosesDriver) => {
+                let _ = tree.unbind(&addr);
+            }
+        }
+        let Some(pipe) = sim.pipes.get_mut(path) else {
+            return;
+        };
+        let had_filler = pipe.filler.take().is_some();
+        // Take the writer's value as soon as it is in the pipe (its write
+        // has then returned), and fill the pipe again right away, before
+        // the next writer can come: the close may be processed much later.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut data = Vec::new();
+        if let Some(reader) = pipe.reader.as_mut() {
+            loop {
+                let drain = read_available(reader, &mut data);
+                data.retain(|b| *b != 0);
+                if !data.is_empty() || matches!(drain, Drain::Eof) || Instant::now() >= deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+        if !data.is_empty() {
+            pipe.values
+                .extend(split_values("reset", &String::from_utf8_lossy(&data)));
+        }
+        if had_filler && !data.is_empty() {
+            self.refill_now(sim, path);
+        }
+    }
+
     fn setup_driver_dir(&self, sim: &mut Sim, name: &str) -> io::Result<()> {
         let dir = self.tree.driver_dir(name);
         for attr in DRIVER_ATTRS {
@@ -627,6 +793,7 @@ impl Shared {
     /// to restore later.
     fn take_attr(&self, sim: &mut Sim, path: &Path, rel: &str) -> Saved {
         if let Some(pipe) = sim.pipes.get_mut(path) {
+            pipe.filler = None;
             pipe.fill(&attr_name(path));
             pipe.reader = None;
             Saved::Fifo
@@ -657,6 +824,7 @@ impl Shared {
                         if let Some(pipe) = sim.pipes.get_mut(path) {
                             pipe.reader = open_reader(&self.tree, path).ok();
                         }
+                        self.refill(sim, path);
                     }
                     Saved::Regular(content) => {
                         let _ = tree.write_file(path, &content);
@@ -680,6 +848,8 @@ impl Shared {
                 pipe.reader = Some(reader);
                 seen
             }
+            // (A released `reset` writer's IN_OPEN does the reset; the
+            // filler comes back once its close is processed.)
             Fault::Hang(Saved::Regular(content)) => {
                 let Ok(mut reader) = open_reader(&self.tree, path) else {
                     let _ = tree.write_file(path, &content);
@@ -754,6 +924,9 @@ impl Shared {
             if pipe.restore.is_none() {
                 if ev.mask.contains(AddWatchFlags::IN_OPEN) {
                     pipe.opens += 1;
+                    if pipe.sync {
+                        self.reset_started(state, sim, &path);
+                    }
                     return;
                 }
                 if closed {
@@ -770,6 +943,7 @@ impl Shared {
             }
             if closed {
                 self.pipe_closed(state, sim, &path);
+                self.refill(sim, &path);
             }
             return;
         }
@@ -1136,10 +1310,9 @@ impl Hook for SimHook {
     fn device_added(&self, _tree: &Tree, _state: &mut State, _addr: &str, dir: &Path) {
         if let Some(sh) = self.shared.upgrade() {
             let mut sim = lock(&sh.sim);
-            if let Err(e) = sh.watch(&mut sim, dir, AddWatchFlags::IN_CLOSE_WRITE) {
+            if let Err(e) = sh.setup_device_dir(&mut sim, dir) {
                 eprintln!("simkernel: cannot watch {}: {e}", dir.display());
             }
-            sh.stamp_device(&mut sim, dir);
         }
     }
 

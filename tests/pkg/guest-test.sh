@@ -180,6 +180,67 @@ else
 	nok "found a PCI device to register" "$(ls /sys/bus/pci/devices)"
 fi
 
+# --- fair share: an unprivileged user's idle connections --------------------
+# outsider holds 600 idle connections, far over its share (64, see
+# vfiod(8) LIMITS); root and a group member must still be answered and vfiod
+# must stay small. perl-base (Essential) has IO::Socket::UNIX.
+pid=$(prop vfiod.service MainPID)
+is "LimitNOFILE from the unit" "$(prop vfiod.service LimitNOFILE)" 65536
+# The container's own hard limit may be lower than 65536 (systemd then
+# caps it): what matters is that vfiod may use all of it.
+nofile=$(awk '/^Max open files/ {print $4 "/" $5}' /proc/"$pid"/limits)
+echo "# vfiod's fd limit (soft/hard): $nofile"
+is "vfiod's soft fd limit is the hard one" "${nofile%/*}" "${nofile#*/}"
+cat >/tmp/flood.pl <<'PERL'
+use strict;
+use IO::Socket::UNIX;
+$| = 1;
+my @held;
+for (1 .. $ARGV[0]) {
+	my $s = IO::Socket::UNIX->new(Type => SOCK_STREAM(), Peer => "/run/vfiod/vfiod.sock") or next;
+	push @held, $s;
+}
+sleep 1;
+my ($open, $refused, $other) = (0, 0, 0);
+for my $s (@held) {
+	$s->blocking(0);
+	my $r = sysread($s, my $buf, 12);
+	if (!defined $r) { $open++ } elsif ($buf =~ m{^HTTP/1\.1 429}) { $refused++ } else { $other++ }
+}
+print "held=$open refused=$refused other=$other\n";
+sleep 1 while 1;
+PERL
+runuser -u outsider -- perl /tmp/flood.pl 600 >/tmp/flood.out 2>&1 &
+flood_pid=$!
+for ((i = 0; i < 200; i++)); do grep -q held= /tmp/flood.out && break; sleep 0.1; done
+flood=$(cat /tmp/flood.out)
+echo "# outsider's 600 connections: $flood"
+held=$(sed -n 's/.*held=\([0-9]*\).*/\1/p' <<<"$flood")
+refusals=$(sed -n 's/.*refused=\([0-9]*\).*/\1/p' <<<"$flood")
+if [ -n "$held" ] && [ "$held" -le 64 ] && [ "${refusals:-0}" -gt 0 ]; then ok "outsider holds at most its share, the rest get 429"
+else nok "outsider holds at most its share, the rest get 429" "$flood"; fi
+# timed USER N: N vfioctl health calls; prints "answered/N max_ms"
+timed() {
+	local u=$1 count=$2 good=0 max=0 t ms k
+	for ((k = 0; k < count; k++)); do
+		t=$(date +%s%N)
+		runuser -u "$u" -- vfioctl health >/dev/null 2>&1 && good=$((good + 1))
+		ms=$((($(date +%s%N) - t) / 1000000))
+		[ "$ms" -gt "$max" ] && max=$ms
+	done
+	echo "$good/$count $max"
+}
+read -r root_ans root_max < <(timed root 50)
+read -r member_ans member_max < <(timed member 50)
+rss=$(awk '/^VmRSS:/ {print $2}' /proc/"$pid"/status)
+echo "# during the flood: root answered $root_ans (slowest ${root_max} ms, vfioctl start included), member $member_ans (slowest ${member_max} ms), vfiod RSS $((rss / 1024)) MiB"
+is "root answered during the flood" "$root_ans" 50/50
+is "group member answered during the flood" "$member_ans" 50/50
+if [ "$rss" -lt $((64 * 1024)) ]; then ok "vfiod under 64 MiB during the flood"; else nok "vfiod under 64 MiB during the flood" "VmRSS ${rss} kB"; fi
+pkill -P "$flood_pid" 2>/dev/null; kill "$flood_pid" 2>/dev/null; wait "$flood_pid" 2>/dev/null
+for ((i = 0; i < 50; i++)); do runuser -u outsider -- vfioctl health >/dev/null 2>&1 && break; sleep 0.1; done
+allowed "outsider served again after the flood" outsider vfioctl health
+
 # --- stop, socket activation, restart ------------------------------------
 pid1=$(prop vfiod.service MainPID)
 # An event-stream client stays connected across the stop: it must not hold

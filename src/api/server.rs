@@ -1,0 +1,482 @@
+//! Connection handling: accepting on the listener, reading each peer's
+//! credentials, admitting the connection against its uid's fair share
+//! ([`limits`](super::limits)), serving HTTP/1.1 on it with bounded time
+//! and buffers, and shutting down without dropping a request that was
+//! already promised an answer.
+//!
+//! Bounds on one connection:
+//! - over its uid's share, a connection is answered 429
+//!   `too_many_connections` at once, without reading its request, and
+//!   closed: it costs one accept and one write;
+//! - the request head must be complete within the header timeout
+//!   (`header_timeout_ms`). Hyper starts that timer whenever the connection
+//!   waits for a request, so it is also the idle keep-alive timeout: an
+//!   idle connection, new or kept alive, is closed when it runs out;
+//! - the head may be at most [`MAX_HEADER_BYTES`]; hyper stops reading
+//!   there and answers 431, which `JsonAutoErrors` turns into JSON;
+//! - a body must arrive within [`BODY_READ_TIMEOUT`](super::BODY_READ_TIMEOUT).
+//!
+//! Concurrency: the accept loop and privileged callers' connections run on
+//! the daemon's runtime; unprivileged callers' connections run on a
+//! runtime thread of their own (`unprivileged_runtime`), so the CPU they
+//! make vfiod spend is shared with, not taken from, everyone else.
+
+use std::convert::Infallible;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+
+use super::{Api, Peer};
+use crate::error::CoreError;
+
+/// Largest request head (request line and headers) read: 8 KiB, hyper's
+/// initial read buffer, so a head never makes a connection's buffer grow.
+/// vfiod's clients send heads of a few hundred bytes (a bearer token
+/// included); this bounds what one connection makes the daemon hold.
+pub const MAX_HEADER_BYTES: usize = 8 * 1024;
+
+/// The default time a connection has to deliver a complete request head,
+/// counted from when it starts waiting for one (so also the idle
+/// keep-alive timeout). A local client sends its head in microseconds.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accept failures (EMFILE, ENFILE, ENOBUFS) back off from this...
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// ...doubling up to this, until an accept succeeds.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// How long a connection accepted just before shutdown may take to deliver
+/// its first request; it is then answered rather than dropped.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_millis(500);
+
+/// Serves connections until `shutdown` turns true, then stops accepting,
+/// lets in-flight requests finish (up to `grace`), and returns.
+///
+/// Shutdown is per connection: an idle keep-alive connection closes at
+/// once; one with a request in progress finishes it first; and one that
+/// was accepted but has not delivered its first request yet (the client
+/// connected and is writing) gets [`FIRST_REQUEST_GRACE`] to do so and is
+/// answered. Without that, a client whose connect raced the shutdown would
+/// see its connection closed with no answer.
+pub async fn serve(listener: UnixListener, api: Api, grace: Duration) {
+    let mut shutdown = api.shutdown.clone();
+    // Every connection task holds a clone; when all are gone, recv() ends.
+    let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
+    let mut backoff = AcceptBackoff::default();
+    loop {
+        tokio::select! {
+            _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    backoff.succeeded();
+                    spawn_connection(stream, &api, alive_tx.clone());
+                }
+                Err(e) => {
+                    // The listener stays readable while accept fails for
+                    // lack of descriptors: retrying at once would spin.
+                    let delay = backoff.failed(&e);
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
+                    }
+                }
+            },
+        }
+    }
+    // Connections already queued on the socket were promised an answer by
+    // their successful connect(): take and serve them before closing.
+    while let Ok(Ok((stream, _))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await {
+        spawn_connection(stream, &api, alive_tx.clone());
+    }
+    drop(listener);
+    drop(alive_tx);
+    if tokio::time::timeout(grace, alive_rx.recv()).await.is_err() {
+        tracing::warn!("in-flight requests did not finish within {grace:?}; exiting anyway");
+    }
+}
+
+/// Says how long to wait before the next accept after a failure, and
+/// keeps the log quiet: the first failure is logged, then at most one line
+/// per [`ACCEPT_LOG_INTERVAL`] (with how many went unlogged), and one line
+/// when accepting works again after a logged failure. Descriptors running
+/// out tends to flap (one freed, one taken), which must not flood the log.
+#[derive(Default)]
+struct AcceptBackoff {
+    /// Failures since the last successful accept: sets the delay.
+    consecutive: u32,
+    last_logged: Option<Instant>,
+    unlogged: u64,
+    /// A failure was logged and its recovery not yet.
+    recovery_due: bool,
+}
+
+/// See [`AcceptBackoff`].
+const ACCEPT_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+impl AcceptBackoff {
+    fn failed(&mut self, e: &io::Error) -> Duration {
+        if self
+            .last_logged
+            .is_none_or(|t| t.elapsed() >= ACCEPT_LOG_INTERVAL)
+        {
+            tracing::warn!(error = %e, unlogged = self.unlogged, "accept failed: {e}; backing off ({} failures since the last report; the next one is logged in {} s at the earliest)", self.unlogged, ACCEPT_LOG_INTERVAL.as_secs());
+            self.last_logged = Some(Instant::now());
+            self.unlogged = 0;
+            self.recovery_due = true;
+        } else {
+            self.unlogged += 1;
+        }
+        let delay = ACCEPT_BACKOFF_MIN
+            .saturating_mul(1 << self.consecutive.min(16))
+            .min(ACCEPT_BACKOFF_MAX);
+        self.consecutive = self.consecutive.saturating_add(1);
+        delay
+    }
+
+    fn succeeded(&mut self) {
+        if self.recovery_due {
+            tracing::warn!(
+                failures = self.consecutive,
+                "accepting connections again (after {} failed accepts in a row)",
+                self.consecutive
+            );
+            self.recovery_due = false;
+        }
+        self.consecutive = 0;
+    }
+}
+
+/// A whole HTTP/1.1 error response, for a connection answered outside
+/// hyper. It closes the connection.
+fn raw_error_response(e: &CoreError) -> Vec<u8> {
+    let (status, body) = super::error::to_body(e);
+    let mut json = serde_json::to_vec(&body).expect("error bodies serialise");
+    json.push(b'\n');
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        status.as_str(),
+        status.canonical_reason().unwrap_or(""),
+        json.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(&json);
+    out
+}
+
+/// Answers a connection over its uid's share and closes it, without
+/// waiting for anything: one non-blocking write into a fresh socket
+/// buffer always fits. What the client already sent is read off first,
+/// so closing does not turn into ECONNRESET before it reads the answer.
+fn refuse(stream: UnixStream, peer: &Peer, e: &CoreError) {
+    if super::refusals_log_budget() {
+        tracing::warn!(
+            uid = peer.uid,
+            pid = peer.pid,
+            "refused a connection from uid {} pid {}: {e}",
+            peer.uid,
+            peer.pid
+        );
+    }
+    let mut sink = [0u8; 4096];
+    for _ in 0..4 {
+        match stream.try_read(&mut sink) {
+            Ok(n) if n == sink.len() => continue,
+            _ => break,
+        }
+    }
+    let _ = stream.try_write(&raw_error_response(e));
+}
+
+fn spawn_connection(stream: UnixStream, api: &Api, alive: mpsc::Sender<()>) {
+    let peer = match Peer::of(&stream) {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read peer credentials; dropping connection");
+            return;
+        }
+    };
+    let privileged = api.policy.may_mutate(&peer);
+    let permit = match api.accounting.open_connection(peer.uid, privileged) {
+        Ok(permit) => permit,
+        Err(e) => return refuse(stream, &peer, &e),
+    };
+    let api = api.clone();
+    if privileged {
+        tokio::spawn(serve_connection(stream, api, peer, permit, alive));
+        return;
+    }
+    // Re-registered with the other runtime's reactor, so that its events
+    // are handled there too.
+    let std_stream = match stream.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not hand a connection over; dropping it");
+            return;
+        }
+    };
+    unprivileged_runtime().spawn(async move {
+        match UnixStream::from_std(std_stream) {
+            Ok(stream) => serve_connection(stream, api, peer, permit, alive).await,
+            Err(e) => tracing::warn!(error = %e, "could not register a connection; dropping it"),
+        }
+    });
+}
+
+/// Where unprivileged callers' connections are served: a runtime on a
+/// thread of its own, with at most two threads for blocking work. However
+/// much work they cause (oversized heads, reconnecting in a loop, many
+/// reads), the kernel shares the CPU between that thread and the daemon's
+/// own workers, which stay free for the accept loop, root, the access
+/// group and hotplug. Falls back to the daemon's runtime if the thread
+/// cannot be started.
+fn unprivileged_runtime() -> tokio::runtime::Handle {
+    static HANDLE: std::sync::OnceLock<Option<tokio::runtime::Handle>> = std::sync::OnceLock::new();
+    let handle = HANDLE.get_or_init(|| {
+        let started = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .max_blocking_threads(2)
+            .thread_name("vfiod-unprivileged")
+            .build()
+            .and_then(|rt| {
+                let handle = rt.handle().clone();
+                std::thread::Builder::new()
+                    .name("vfiod-unprivileged".into())
+                    .spawn(move || rt.block_on(std::future::pending::<()>()))
+                    .map(|_| handle)
+            });
+        match started {
+            Ok(handle) => Some(handle),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the runtime for unprivileged callers; serving them with everyone else");
+                None
+            }
+        }
+    });
+    handle
+        .clone()
+        .unwrap_or_else(tokio::runtime::Handle::current)
+}
+
+/// Serves one admitted connection until it ends or vfiod stops; `permit`
+/// and `alive` are held until then.
+async fn serve_connection(
+    stream: UnixStream,
+    api: Api,
+    peer: Arc<Peer>,
+    permit: super::limits::Permit,
+    alive: mpsc::Sender<()>,
+) {
+    let first_request = Arc::new(tokio::sync::Notify::new());
+    let notify = first_request.clone();
+    let api_for_requests = api.clone();
+    let service = hyper::service::service_fn(move |req| {
+        notify.notify_one();
+        let api = api_for_requests.clone();
+        let peer = peer.clone();
+        async move { Ok::<_, Infallible>(api.handle(&peer, req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(api.header_timeout)
+        .max_header_size(MAX_HEADER_BYTES)
+        .serve_connection(TokioIo::new(JsonAutoErrors::new(stream)), service);
+    let mut shutdown = api.shutdown.clone();
+    {
+        let _alive = alive;
+        let _permit = permit;
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => {
+                // A connection that already delivered a request has a stored
+                // permit and goes on at once; a fresh one gets a moment, with
+                // the connection still polled so it can read that request.
+                let first = tokio::time::timeout(FIRST_REQUEST_GRACE, first_request.notified());
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = first => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                }
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    }
+}
+
+/// The connection's stream, with hyper's own error answers made JSON.
+///
+/// Hyper answers a request it cannot parse itself, before any service
+/// runs: 431 for a head over [`MAX_HEADER_BYTES`], 400 for one that is not
+/// HTTP/1.1, always with an empty body, and then closes. Every vfiod error
+/// is a JSON body with a code, so this recognises such an answer as it is
+/// written (a 4xx head with no body and no content type, which vfiod's own
+/// handlers never send) and writes the JSON error in its place.
+struct JsonAutoErrors {
+    inner: UnixStream,
+    /// A replacement answer not yet fully written, and how much of it is.
+    pending: Option<(Vec<u8>, usize)>,
+}
+
+impl JsonAutoErrors {
+    fn new(inner: UnixStream) -> Self {
+        JsonAutoErrors {
+            inner,
+            pending: None,
+        }
+    }
+
+    /// The JSON answer that replaces `head`, if `head` is one of hyper's
+    /// bodiless automatic error answers.
+    fn replacement(head: &[u8]) -> Option<Vec<u8>> {
+        let is_error_status = head.starts_with(b"HTTP/1.1 4") || head.starts_with(b"HTTP/1.0 4");
+        let end = head.windows(4).position(|w| w == b"\r\n\r\n")?;
+        if !is_error_status || end + 4 != head.len() {
+            return None;
+        }
+        let text = std::str::from_utf8(head).ok()?.to_ascii_lowercase();
+        if text.contains("\r\ncontent-type:") || !text.contains("\r\ncontent-length: 0\r\n") {
+            return None;
+        }
+        let error = match &text[9..12] {
+            "431" => CoreError::HeaderTooLarge(format!(
+                "the request head is larger than {MAX_HEADER_BYTES} bytes"
+            )),
+            status => CoreError::InvalidRequest(format!(
+                "the request is not valid HTTP/1.1 (hyper answered {status})"
+            )),
+        };
+        Some(raw_error_response(&error))
+    }
+
+    /// Writes what is left of a replacement answer.
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some((bytes, written)) = &mut self.pending {
+            if *written == bytes.len() {
+                self.pending = None;
+                break;
+            }
+            let n =
+                std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, &bytes[*written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            *written += n;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncRead for JsonAutoErrors {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for JsonAutoErrors {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        std::task::ready!(self.poll_pending(cx))?;
+        if let Some(replacement) = Self::replacement(buf) {
+            self.pending = Some((replacement, 0));
+            // Hyper's bytes count as written; ours go out in their place.
+            let _ = self.poll_pending(cx)?;
+            return Poll::Ready(Ok(buf.len()));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        std::task::ready!(self.poll_pending(cx))?;
+        if let [only] = bufs {
+            if let Some(replacement) = Self::replacement(only) {
+                self.pending = Some((replacement, 0));
+                let _ = self.poll_pending(cx)?;
+                return Poll::Ready(Ok(only.len()));
+            }
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.poll_pending(cx))?;
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.poll_pending(cx))?;
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_hypers_bodiless_error_answers_are_replaced() {
+        let auto = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\ndate: Tue, 01 Dec 2026 03:00:00 GMT\r\n\r\n";
+        let replaced = String::from_utf8(JsonAutoErrors::replacement(auto).unwrap()).unwrap();
+        assert!(replaced.starts_with("HTTP/1.1 431 "), "{replaced}");
+        assert!(replaced.contains("content-type: application/json"));
+        assert!(
+            replaced.contains(r#""code":"header_too_large""#),
+            "{replaced}"
+        );
+        let bad = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n";
+        let replaced = String::from_utf8(JsonAutoErrors::replacement(bad).unwrap()).unwrap();
+        assert!(
+            replaced.contains(r#""code":"invalid_request""#),
+            "{replaced}"
+        );
+        // vfiod's own answers carry a content type and a body.
+        let ours = b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 0\r\n\r\n";
+        assert!(JsonAutoErrors::replacement(ours).is_none());
+        let with_body = b"HTTP/1.1 431 X\r\ncontent-length: 0\r\n\r\n{}";
+        assert!(JsonAutoErrors::replacement(with_body).is_none());
+        let ok = b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n";
+        assert!(JsonAutoErrors::replacement(ok).is_none());
+    }
+
+    #[test]
+    fn accept_backoff_grows_bounded_and_resets() {
+        let mut b = AcceptBackoff::default();
+        let e = io::Error::from_raw_os_error(24);
+        let delays: Vec<Duration> = (0..12).map(|_| b.failed(&e)).collect();
+        assert_eq!(delays[0], ACCEPT_BACKOFF_MIN);
+        assert!(delays.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(*delays.last().unwrap(), ACCEPT_BACKOFF_MAX);
+        assert!(b.recovery_due);
+        b.succeeded();
+        assert!(!b.recovery_due);
+        assert_eq!(b.failed(&e), ACCEPT_BACKOFF_MIN);
+        // A failure right after a recovery is not logged again.
+        assert!(!b.recovery_due);
+        assert_eq!(b.unlogged, 12);
+    }
+}
