@@ -96,6 +96,9 @@ impl DevicePlugin for Endpoint {
 
     /// The whole list at once, then again on every change of this
     /// resource's devices, until kubelet hangs up or the endpoint stops.
+    /// An endpoint stops when its resource is gone, and the change that
+    /// removed it is sent first (an empty list), so kubelet drops the
+    /// devices at once instead of after its grace period.
     async fn list_and_watch(
         &self,
         _: Request<Empty>,
@@ -106,6 +109,7 @@ impl DevicePlugin for Endpoint {
         let stop = self.stop.clone();
         tokio::spawn(async move {
             let mut last: Option<Vec<Device>> = None;
+            let mut stopping = false;
             loop {
                 let list = device_list(&inventory.borrow_and_update(), &resource);
                 if last.as_ref() != Some(&list) {
@@ -118,9 +122,15 @@ impl DevicePlugin for Endpoint {
                     }
                     last = Some(list);
                 }
+                if stopping {
+                    return;
+                }
                 tokio::select! {
+                    // The stop and the inventory change that caused it
+                    // arrive together: take the change first.
+                    biased;
                     changed = inventory.changed() => if changed.is_err() { return },
-                    _ = stop.cancelled() => return,
+                    _ = stop.cancelled() => stopping = true,
                     _ = tx.closed() => return,
                 }
             }
