@@ -489,6 +489,50 @@ fn nvme_multipath_resolves_the_path_device_to_its_mounted_head() {
     );
 }
 
+/// Before Linux 6.14 the head has no `multipath/` directory (measured on
+/// 6.12): it is found through the controller's NVMe subsystem, which links
+/// back to the controller by name.
+#[test]
+fn nvme_head_is_found_through_the_subsystem_on_kernels_without_multipath_links() {
+    let fs = FakeSys::standard_host();
+    let proc = FakeProc::new();
+    let controller = fs.add_class_device(NVME, "nvme/nvme0", "nvme", Some("241:0"));
+    fs.add_class_device(NVME, "nvme/nvme0/nvme0c0n1", "block", None);
+    let subsys = fs.path("devices/virtual/nvme-subsystem/nvme-subsys0");
+    let head = subsys.join("nvme0n1");
+    fs.write_attr(&head.join("dev"), "259:0\n");
+    fs.write_attr(&subsys.join("ng0n1/dev"), "240:0\n");
+    let tree = fs.tree();
+    tree.symlink(&head.join("subsystem"), &fs.path("class/block"))
+        .unwrap();
+    tree.mkdir(&fs.path("class/nvme-generic")).unwrap();
+    tree.symlink(
+        &subsys.join("ng0n1/subsystem"),
+        &fs.path("class/nvme-generic"),
+    )
+    .unwrap();
+    tree.symlink(&subsys.join("nvme0"), &controller).unwrap();
+    tree.mkdir(&fs.path("class/nvme-subsystem")).unwrap();
+    tree.symlink(&fs.path("class/nvme-subsystem/nvme-subsys0"), &subsys)
+        .unwrap();
+
+    proc.append_line(
+        "1/mountinfo",
+        "40 22 259:0 / /mnt rw - ext4 /dev/nvme0n1 rw",
+    );
+    assert_eq!(
+        scan(&fs, &proc, &[NVME]),
+        vec![Holder::Mount {
+            pci_address: addr(NVME),
+            device: "nvme0n1".into(),
+            mount_point: "/mnt".into(),
+            fstype: "ext4".into(),
+        }]
+    );
+    // Another function's controller is not in this subsystem.
+    assert_eq!(scan(&fs, &proc, &[NIC]), vec![]);
+}
+
 // ---------------------------------------------------------------------------
 // Network
 // ---------------------------------------------------------------------------

@@ -54,7 +54,9 @@
 //!   entries in its sysfs `holders/` (md, dm, LVM). With NVMe multipath the
 //!   function's disk is the hidden path device `nvmeXcYnZ`; the disk that is
 //!   mounted is the head `nvmeXnZ`, found as the `class/block/*` disk whose
-//!   `multipath/` names the path device, and its partitions count too;
+//!   `multipath/` names the path device (Linux 6.14 and later), or else in
+//!   the `class/nvme-subsystem/*` that links to the function's controller;
+//!   its partitions count too;
 //! - a network interface of the function (`net/IFNAME` below it) that is up
 //!   (`flags` has IFF_UP) with an address other than IPv6 link-local
 //!   (`<proc>/net/if_inet6`), or that carries a route (`<proc>/net/route`,
@@ -488,19 +490,63 @@ fn multipath_heads(sysfs: &Sysfs, path_disks: &[&str]) -> Vec<ChildDevice> {
         ) else {
             continue;
         };
-        let partitions: Vec<ChildDevice> = fs::read_dir(&dir)
-            .map(|d| {
-                d.flatten()
-                    .filter(|e| e.path().join("partition").exists())
-                    .filter_map(|e| {
-                        let name = e.file_name().to_str()?.to_owned();
-                        Some(read_child(&e.path(), &name))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        heads.push(read_child(&dir, &name));
-        heads.extend(partitions);
+        heads.extend(disk_with_partitions(&dir, &name));
+    }
+    heads
+}
+
+/// A disk and its partitions (the directories below it with a `partition`).
+fn disk_with_partitions(dir: &Path, name: &str) -> Vec<ChildDevice> {
+    let partitions = fs::read_dir(dir).into_iter().flatten().flatten();
+    std::iter::once(read_child(dir, name))
+        .chain(
+            partitions
+                .filter(|e| e.path().join("partition").exists())
+                .filter_map(|e| {
+                    let name = e.file_name().to_str()?.to_owned();
+                    Some(read_child(&e.path(), &name))
+                }),
+        )
+        .collect()
+}
+
+/// NVMe multipath before Linux 6.14 (no `multipath/` directory): the head
+/// disks `nvmeXnZ` (and their generic nodes `ngXnZ`) live in the
+/// controller's subsystem, `class/nvme-subsystem/nvme-subsysN/`, which
+/// links back to each of its controllers by name.
+fn nvme_subsystem_heads(sysfs: &Sysfs, controllers: &[&str]) -> Vec<ChildDevice> {
+    let class = sysfs.root().join("class/nvme-subsystem");
+    let Ok(subsystems) = fs::read_dir(&class) else {
+        return Vec::new();
+    };
+    let mut heads = Vec::new();
+    for subsystem in subsystems.flatten() {
+        let Ok(dir) = fs::canonicalize(subsystem.path()) else {
+            continue;
+        };
+        let ours = controllers
+            .iter()
+            .any(|c| fs::symlink_metadata(dir.join(c)).is_ok());
+        if !ours {
+            continue;
+        }
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            let path = entry.path();
+            // Controllers are links back to the PCI functions; the heads
+            // and generic nodes are directories of the subsystem.
+            if fs::symlink_metadata(&path).map_or(true, |m| !m.is_dir()) {
+                continue;
+            }
+            let child = read_child(&path, &name);
+            match child.subsystem.as_deref() {
+                Some("block") => heads.extend(disk_with_partitions(&path, &name)),
+                Some("nvme-generic") if child.node.is_some() => heads.push(child),
+                _ => {}
+            }
+        }
     }
     heads
 }
@@ -543,11 +589,19 @@ impl FunctionNodes {
             .filter(|c| c.subsystem.as_deref() == Some("block"))
             .map(|c| c.name.as_str())
             .collect();
-        let heads = if path_disks.is_empty() {
+        let mut heads = if path_disks.is_empty() {
             Vec::new()
         } else {
             multipath_heads(sysfs, &path_disks)
         };
+        let controllers: Vec<&str> = children
+            .iter()
+            .filter(|c| c.subsystem.as_deref() == Some("nvme"))
+            .map(|c| c.name.as_str())
+            .collect();
+        if heads.is_empty() && !controllers.is_empty() {
+            heads = nvme_subsystem_heads(sysfs, &controllers);
+        }
         children.extend(heads);
         nodes.extend(children.iter().filter_map(|c| c.node));
 

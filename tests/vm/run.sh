@@ -24,6 +24,11 @@
 #   VFIOD_VM_BIOS       qboot (default, if QEMU ships it), seabios, or a path
 #   VFIOD_VM_BZIMAGE=1  boot the bzImage instead of the extracted vmlinux (PVH)
 #   VFIOD_VM_SCENARIO_TIMEOUT, VFIOD_VM_BOOT_TIMEOUT  seconds (240, 180)
+#   VFIOD_VM_KERNEL     6.12 (default: bookworm's linux-image-6.12-amd64) or 6.1
+#                       (bookworm's linux-image-amd64); VFIOD_VM_KERNEL_PKG
+#                       names an exact linux-image-*-amd64 package instead
+#   VFIOD_VM_NO_VMM=1   do not put the host's QEMU into the guest (scenarios
+#                       that run a VMM inside the guest then fail)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -36,9 +41,9 @@ BIN_DIR=${VFIOD_BIN_DIR:-target/release}
 case $BIN_DIR in /*) ;; *) BIN_DIR=$REPO/$BIN_DIR ;; esac
 
 # Bump when the layout of the cached base initramfs changes.
-BASE_FORMAT=4
+BASE_FORMAT=5
 # Kernel modules the guest needs (the closure is computed with modprobe).
-MODULES="vfio-pci vfio_iommu_type1 e1000e e1000 virtio_pci virtio_rng snd_hda_intel bochs 9p 9pnet_virtio"
+MODULES="vfio-pci vfio_iommu_type1 e1000e e1000 igb virtio_pci virtio_rng snd_hda_intel bochs nvme ext4 9p 9pnet_virtio"
 
 T_START=$(date +%s.%N)
 trap 'rm -rf "$CACHE"/tmp.*.$$' EXIT
@@ -92,7 +97,7 @@ apt_update() {
 
 install_packages() {
     local need=() p qemu=0
-    for p in busybox-static kmod cpio pci.ids; do
+    for p in busybox-static kmod cpio pci.ids zstd xz-utils e2fsprogs; do
         [ -n "$(pkg_version "$p")" ] || need+=("$p")
     done
     command -v qemu-system-x86_64 >/dev/null || qemu=1
@@ -136,12 +141,22 @@ fi
 # ---------------------------------------------------------------------------
 # 3. Guest kernel (cached by package name and version).
 # ---------------------------------------------------------------------------
+# Debian 12 carries two kernels: 6.1 (linux-image-amd64) and 6.12
+# (linux-image-6.12-amd64, from bookworm-security). 6.12 is the default: the
+# measured facts in the docs are from it, and only newer kernels name the
+# device in the fdinfo of a VFIO device descriptor.
+KSERIES=${VFIOD_VM_KERNEL:-6.12}
+case $KSERIES in
+    6.12) KMETA=linux-image-6.12-amd64 ;;
+    6.1) KMETA=linux-image-amd64 ;;
+    *) die "VFIOD_VM_KERNEL must be 6.12 or 6.1, not '$KSERIES'" ;;
+esac
 resolve_kernel() {
     if [ -n "${VFIOD_VM_KERNEL_PKG:-}" ]; then
         KPKG=$VFIOD_VM_KERNEL_PKG
     else
-        KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null |
-            awk '/Depends: linux-image-6\.1\..*-amd64$/{print $2; exit}')
+        KPKG=$(apt-cache depends "$KMETA" 2>/dev/null |
+            awk -v p="linux-image-$KSERIES." '$1=="Depends:" && index($2, p) == 1 && $2 ~ /-amd64$/ {print $2; exit}')
     fi
     [ -n "$KPKG" ] && KVER=$(apt-cache policy "$KPKG" 2>/dev/null | awk '/Candidate:/{print $2}')
     if [ -z "${KPKG:-}" ] || [ -z "${KVER:-}" ] || [ "$KVER" = "(none)" ]; then
@@ -150,7 +165,7 @@ resolve_kernel() {
 }
 if ! resolve_kernel; then
     apt_update
-    resolve_kernel || die "cannot resolve the bookworm linux-image-6.1.*-amd64 package"
+    resolve_kernel || die "cannot resolve the bookworm $KMETA package (a linux-image-$KSERIES.*-amd64)"
 fi
 KREL=${KPKG#linux-image-}                      # e.g. 6.1.0-56-amd64
 MODHASH=$(echo "$MODULES" | sha256sum | cut -c1-12)
@@ -178,6 +193,10 @@ build_kernel() {
         mkdir -p "$tmp/out/modroot$(dirname "$rel")"
         cp "$f" "$tmp/out/modroot$rel"
     done
+    # 6.12's modules are XZ-compressed; busybox's modprobe loads plain .ko
+    # only, so store them decompressed (depmod below indexes the new names).
+    find "$tmp/out/modroot" -name '*.ko.xz' -exec xz -d {} +
+    find "$tmp/out/modroot" -name '*.ko.zst' -exec zstd -q -d --rm {} +
     for f in modules.order modules.builtin modules.builtin.modinfo; do
         [ -e "$tmp/root/lib/modules/$KREL/$f" ] && cp "$tmp/root/lib/modules/$KREL/$f" "$tmp/out/modroot/lib/modules/$KREL/"
     done
@@ -204,7 +223,10 @@ UDEV_VER=$(candidate udev)
 # The guest's jq is gojq (a static Go binary): jq 1.6 takes 0.3-0.5 s to
 # start under TCG, gojq a tenth of that.
 GOJQ_VER=$(candidate gojq)
-BASE_KEY=$( { echo "$BASE_FORMAT $KPKG $KVER $MODHASH $BB_VER $GOJQ_VER $UDEV_VER"; cat "$HERE/guest/vmtool.c"; } | sha256sum | cut -c1-16)
+# setfacl/getfacl: to grant a uid access to /dev/vfio/N by hand (what vfiod's
+# attach does), and to read the ACL vfiod leaves.
+ACL_VER=$(candidate acl)
+BASE_KEY=$( { echo "$BASE_FORMAT $KPKG $KVER $MODHASH $BB_VER $GOJQ_VER $UDEV_VER $ACL_VER"; cat "$HERE/guest/vmtool.c"; } | sha256sum | cut -c1-16)
 BASE=$CACHE/initramfs/base-$BASE_KEY.cpio
 
 # Copy ELF binaries' shared libraries (as ldd resolves them) into ROOT.
@@ -235,9 +257,12 @@ build_base() {
     gcc -O2 -static -Wall -o "$r/bin/vmtool" "$HERE/guest/vmtool.c"
     # udev: from the Debian package, not installed on this machine (a udevd
     # here would be of no use and not harmless).
-    (cd "$tmp/dl" && apt_retry apt-get "${APT_OPTS[@]}" download -qq "udev=$UDEV_VER" "gojq=$GOJQ_VER" 2>/dev/null)
+    (cd "$tmp/dl" && apt_retry apt-get "${APT_OPTS[@]}" download -qq "udev=$UDEV_VER" "gojq=$GOJQ_VER" "acl=$ACL_VER" 2>/dev/null)
     dpkg-deb -x "$tmp"/dl/udev_*.deb "$tmp/udev"
     dpkg-deb -x "$tmp"/dl/gojq_*.deb "$tmp/gojq"
+    dpkg-deb -x "$tmp"/dl/acl_*.deb "$tmp/acl"
+    cp "$tmp/acl/bin/setfacl" "$tmp/acl/bin/getfacl" "$r/usr/bin/"
+    copy_libs "$r" "$r/usr/bin/setfacl" "$r/usr/bin/getfacl"
     cp "$tmp/udev/bin/udevadm" "$r/bin/udevadm"
     mkdir -p "$r/lib/systemd" "$r/lib/udev" "$r/etc/udev"
     ln -s /bin/udevadm "$r/lib/systemd/systemd-udevd"
@@ -252,9 +277,41 @@ build_base() {
     rm -rf "$tmp"
 }
 [ -e "$BASE" ] || build_base
+
+# ---------------------------------------------------------------------------
+# 4b. The host's QEMU for the guest (a VMM that uses a device through VFIO):
+# the binary, the libraries ldd names and the firmware it boots, under
+# /opt/vmm, as a cpio of its own (~60 MB) appended to the initramfs only when
+# a selected scenario runs a VMM. (Read over 9p instead, QEMU takes ~7 s just
+# to print its version; from the initramfs, under 1 s.) Cached by content.
+# ---------------------------------------------------------------------------
+VMM_CPIO=
+build_vmm() {
+    local qemu libs key tmp fw
+    qemu=$(command -v qemu-system-x86_64)
+    libs=$(ldd "$qemu" | awk '/=> \//{print $3}' | sort -u)
+    fw="/usr/share/qemu/qboot.rom /usr/share/qemu/kvmvapic.bin"
+    key=$( { echo 2; sha256sum "$qemu" $fw $libs; } | sha256sum | cut -c1-16)
+    VMM_CPIO=$CACHE/vmm/vmm-$key.cpio
+    [ -e "$VMM_CPIO" ] && return 0
+    log "building the guest's VMM cpio ($key)"
+    tmp=$CACHE/tmp.vmm.$$
+    rm -rf "$tmp"; mkdir -p "$tmp/opt/vmm/bin" "$tmp/opt/vmm/lib" "$tmp/opt/vmm/share"
+    cp "$qemu" "$tmp/opt/vmm/bin/"
+    cp -L $libs "$tmp/opt/vmm/lib/"
+    cp -L $fw "$tmp/opt/vmm/share/"
+    mkdir -p "$(dirname "$VMM_CPIO")"
+    (cd "$tmp" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) >"$tmp.cpio"
+    mv "$tmp.cpio" "$VMM_CPIO"
+    rm -rf "$tmp"
+}
+if [ "${VFIOD_VM_NO_VMM:-0}" != 1 ]; then
+    build_vmm || { log "WARNING: no VMM for the guest"; VMM_CPIO=; }
+fi
 # Drop cache entries of other inputs (older kernels, older base layouts).
 for d in "$CACHE"/kernel/*; do [ "$d" = "$KDIR" ] || rm -rf "$d"; done
 for f in "$CACHE"/initramfs/base-*.cpio; do [ "$f" = "$BASE" ] || rm -f "$f"; done
+for f in "$CACHE"/vmm/*; do [ -e "$f" ] && [ "$f" != "$VMM_CPIO" ] && rm -rf "$f"; done
 
 # ---------------------------------------------------------------------------
 # 5. Per-run overlay: vfiod binaries, scripts, users.
@@ -299,6 +356,10 @@ esac
 # "raw" first, then the rest in alphabetical order.
 sel=$(for s in $sel; do [ -e "$HERE/guest/scenarios/$s.sh" ] || die "unknown scenario '$s' (have: $ALL_SCENARIOS)"; echo "$s"; done |
     awk '{print ($1=="raw" ? "0" : "1") " " $1}' | sort -u | cut -d' ' -f2 | tr '\n' ' ')
+# The VMM cpio only when a selected scenario starts a VMM (vmm_start, vmm_spawn).
+if [ -n "$VMM_CPIO" ] && (cd "$HERE/guest/scenarios" && for x in $sel; do echo "$x.sh"; done | xargs grep -l -q -e vmm_start -e vmm_spawn); then
+    cat "$VMM_CPIO" >>"$OUT/initrd.cpio"
+fi
 gate=()
 if [ "${VFIOD_VM_GATE:-selected}" = enabled ]; then
     gate=(--gate "$ENABLED")

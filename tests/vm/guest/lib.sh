@@ -308,3 +308,133 @@ hotadd_e1000e() {
     HOTADDED=$(dev_under "$PORT_hp0")
     wait_until 10 has_driver "$HOTADDED" e1000e || fail "$what: $HOTADDED on $(drv "$HOTADDED")"
 }
+
+# --- a VMM inside the guest (the host's QEMU, /opt/vmm from run.sh's VMM cpio) ---
+VMM=/opt/vmm
+vmm_available() { [ -x $VMM/bin/qemu-system-x86_64 ] && [ -e $VMM/share/qboot.rom ]; }
+# vmm_start TAG root|UID ADDR [QEMU-ARGS..]: start QEMU stopped (-S) with ADDR
+# as a vfio-pci device, as root or as UID (its memlock limit raised to
+# VMM_MEMLOCK_KB, 256 MiB by default, or left as it is with "default"), with
+# QMP on its stdin/stdout (a fifo held open on fd 3), and wait until its
+# query-pci answers. Sets VMM_PID (QEMU's own pid, for `attach --pid`),
+# VMM_PCI (the query-pci answer), VMM_START_MS (start -> answer); returns 1
+# with VMM_ERR (QEMU's stderr) if QEMU exits first.
+vmm_start() { vmm_spawn "$@" && vmm_wait; }
+# vmm_spawn ...: the first half. With VMM_GATE=1 the process already runs as
+# UID under its final pid but waits (as a shell) before it execs QEMU, until
+# vmm_open_gate: a test can name that pid to vfiod before QEMU opens the node.
+vmm_spawn() {
+    local tag=$1 who=$2 addr=$3 run=
+    shift 3
+    VMM_RUN=/tmp/vm.vmm.$tag
+    rm -rf $VMM_RUN; mkdir -p $VMM_RUN; chmod 755 $VMM_RUN
+    mkfifo $VMM_RUN/qmp.in
+    mkfifo -m 666 $VMM_RUN/gate
+    [ "$who" != root ] && run="vmtool runas $who $who -"
+    trap '' PIPE
+    VMM_ERR= VMM_PCI= VMM_START_MS=
+    set -- $VMM/bin/qemu-system-x86_64 -S -nodefaults -m 64 -display none \
+        -machine q35 -accel tcg -L $VMM/share -bios $VMM/share/qboot.rom \
+        -device "vfio-pci,host=$addr,id=hostdev0" -qmp stdio "$@"
+    [ "${VMM_GATE:-0}" = 1 ] && set -- sh -c 'read go <"$0"; exec "$@"' $VMM_RUN/gate "$@"
+    mark vmm0
+    (
+        [ "${VMM_MEMLOCK_KB:-262144}" = default ] || ulimit -l "${VMM_MEMLOCK_KB:-262144}"
+        export LD_LIBRARY_PATH=$VMM/lib
+        exec $run "$@"
+    ) <$VMM_RUN/qmp.in >$VMM_RUN/qmp.out 2>$VMM_RUN/err &
+    VMM_PID=$!
+    exec 3>$VMM_RUN/qmp.in
+    if [ "${VMM_GATE:-0}" = 1 ] && [ "$who" != root ]; then
+        # Named to vfiod only once it runs as UID (it starts as root in vmtool).
+        wait_until 10 eval 'grep -q "^Uid:[[:space:]]*$who[[:space:]]" /proc/$VMM_PID/status' ||
+            fail "the gated VMM process $VMM_PID did not switch to uid $who"
+    fi
+}
+vmm_open_gate() { mark vmm0; echo go >$VMM_RUN/gate; }
+# vmm_wait: the second half (see vmm_start).
+vmm_wait() {
+    echo '{"execute": "qmp_capabilities"}' >&3
+    echo '{"execute": "query-pci"}' >&3
+    if ! wait_until 60 eval 'grep -q "\"return\": \[" $VMM_RUN/qmp.out || ! kill -0 $VMM_PID 2>/dev/null'; then
+        VMM_ERR="no query-pci answer in 60 s: $(tr '\n' ' ' <$VMM_RUN/err)"
+        vmm_stop
+        return 1
+    fi
+    mark vmm1
+    if ! grep -q '"return": \[' $VMM_RUN/qmp.out; then
+        wait $VMM_PID 2>/dev/null
+        VMM_ERR="exit $?: $(tr '\n' ' ' <$VMM_RUN/err)"
+        exec 3>&-
+        VMM_PID=
+        return 1
+    fi
+    VMM_START_MS=$(mark_ms vmm0 vmm1)
+    VMM_PCI=$(grep '"return": \[' $VMM_RUN/qmp.out | head -1)
+}
+# vmm_query_has VENDOR DEVICE (0x....): the last query-pci lists that device;
+# VMM_DEV is its entry.
+vmm_query_has() {
+    VMM_DEV=$(echo "$VMM_PCI" | jq -c --argjson v "$(($1))" --argjson d "$(($2))" \
+        '[.return[].devices[] | select(.id.vendor == $v and .id.device == $d) | {qdev_id, bus, slot, vendor: .id.vendor, device: .id.device}] | first // empty')
+    [ -n "$VMM_DEV" ]
+}
+vmm_fds() { ls -l /proc/$VMM_PID/fd 2>/dev/null | awk '/vfio/ {print $(NF-2), $NF}' | tr '\n' ' '; }
+# vmm_stop: QMP quit, then SIGKILL if QEMU is still there after 10 s.
+vmm_stop() {
+    [ -n "$VMM_PID" ] || return 0
+    echo '{"execute": "quit"}' >&3 2>/dev/null
+    wait_until 10 eval '! kill -0 $VMM_PID 2>/dev/null' || kill -9 $VMM_PID 2>/dev/null
+    wait $VMM_PID 2>/dev/null
+    exec 3>&-
+    VMM_PID=
+}
+
+# --- features of vfiod that scenarios written ahead of them need ------------
+# api METHOD PATH [JSON]: one request straight to the API (vmtool http), for
+# fields vfioctl has no option for yet; like vc: OUT, ERR, RC.
+api() {
+    OUT=$(vmtool http $SOCK "$@" 2>/tmp/vm.api.err)
+    RC=$?
+    ERR=$(cat /tmp/vm.api.err)
+    return $RC
+}
+api_ok() { api "$@" || fail "$1 $2 $3 failed (rc=$RC): $ERR"; }
+# need_holders_api ID: vfiod serves GET /devices/ID/holders, or the scenario
+# is PENDING (written against a contract vfiod does not have yet).
+need_holders_api() {
+    need_vfiod
+    api GET "/devices/$1/holders" && return 0
+    printf '%s' "$ERR" | grep -q 'no such endpoint' && pending "vfiod has no GET /devices/{id}/holders yet (issue 9)"
+    fail "GET /devices/$1/holders failed: $ERR"
+}
+# need_attach_grants ID: the Device has attached_uid (attach takes a uid).
+need_attach_grants() {
+    need_vfiod
+    api_ok GET "/devices/$1"
+    printf '%s' "$OUT" | jq -e 'has("attached_uid") and has("attached_pid")' >/dev/null ||
+        pending "vfiod's Device has no attached_uid/attached_pid yet (issue 10)"
+}
+# holders_of ID: GET /devices/ID/holders into OUT; with a vfioctl that has the
+# holders command, its table must also name every process holder's pid.
+holders_of() {
+    local json
+    api_ok GET "/devices/$1/holders"
+    json=$OUT
+    if vfioctl --help 2>&1 | grep -q '^ *holders'; then
+        vfioctl --socket $SOCK holders "$1" >/tmp/vm.holders.txt 2>&1 || fail "vfioctl holders $1: $(cat /tmp/vm.holders.txt)"
+        for p in $(printf '%s' "$json" | jq -r '.. | objects | select(.kind == "process") | .pid'); do
+            grep -qw "$p" /tmp/vm.holders.txt || fail "vfioctl holders $1 does not show pid $p: $(cat /tmp/vm.holders.txt)"
+        done
+    fi
+    OUT=$json
+}
+# The 409 device_busy body in $ERR (or JSON given) lists a process holder
+# with pid PID and comm COMM.
+busy_names_pid() { # PID COMM [JSON]
+    printf '%s' "${3:-$ERR}" | jq -e --argjson p "$1" --arg c "$2" \
+        '.code == "device_busy" and ([.holders[]? | select(.kind == "process" and .pid == $p and .comm == $c)] | length > 0)' >/dev/null 2>&1
+}
+# Kernel pci uevents for ADDR since uevmon_start (one per line; none: empty).
+uevents_of() { grep "/$1\( \|\$\)" $UEVENTS; }
+override_of() { local o; o=$(cat "/sys/bus/pci/devices/$1/driver_override"); [ "$o" = "(null)" ] && o=; echo "$o"; }

@@ -10,15 +10,32 @@
  *                              line per event, stamped with CLOCK_REALTIME at
  *                              the moment recv returned:
  *                              "<sec.nsec> <ACTION> <DEVPATH> [DRIVER=..]"
- *   vmtool vfiohold GROUP ADDR  open /dev/vfio/GROUP, attach it to a type1
- *                              container and hold ADDR's VFIO device fd open
- *                              (as a VM would) until killed; prints "holding"
+ *   vmtool vfiohold GROUP ADDR  open /dev/vfio/vfio (the container) and
+ *                              /dev/vfio/GROUP, VFIO_SET_IOMMU (type1v2), get
+ *                              ADDR's device fd (VFIO_GROUP_GET_DEVICE_FD) and
+ *                              hold all three open (as a VM would) until
+ *                              killed; prints "holding ... pid N fds C G D"
+ *                              once everything is open, or the failing step
+ *                              and its errno and exits 1
+ *   vmtool hold PATH [ro]      open PATH (read-write, or read-only with "ro")
+ *                              and hold it until killed; prints "holding PATH
+ *                              pid N fd F", or "open PATH: <errno text>" and
+ *                              exits 1 (13 for EACCES/EPERM: a permission
+ *                              refusal a test can tell from other failures)
+ *   vmtool http SOCKET METHOD PATH [BODY]
+ *                              one HTTP/1.1 request to vfiod's Unix socket
+ *                              (JSON body if given); like `vfioctl --json`:
+ *                              a 2xx answer's body on stdout and exit 0,
+ *                              any other on stderr and exit 1 (2: no answer).
+ *                              For API fields a scenario needs before vfioctl
+ *                              has an option for them.
  *   vmtool runas UID GID GID,GID,.. CMD [ARGS..]
  *                              setgroups+setgid+setuid, then exec CMD
  *
  * It never writes to sysfs: it reads clocks and netlink, and opens VFIO nodes.
  */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
 #include <linux/vfio.h>
@@ -28,6 +45,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -89,10 +107,10 @@ static int uevmon(const char *want_subsys, int udev_group) {
 static int vfiohold(const char *group, const char *addr) {
 	char path[64];
 	snprintf(path, sizeof path, "/dev/vfio/%s", group);
-	int container = open("/dev/vfio/vfio", O_RDWR);
+	int container = open("/dev/vfio/vfio", O_RDWR | O_CLOEXEC);
 	if (container < 0) { perror("/dev/vfio/vfio"); return 1; }
-	int g = open(path, O_RDWR);
-	if (g < 0) { perror(path); return 1; }
+	int g = open(path, O_RDWR | O_CLOEXEC);
+	if (g < 0) { perror(path); return (errno == EACCES || errno == EPERM) ? 13 : 1; }
 	struct vfio_group_status st = { .argsz = sizeof st };
 	if (ioctl(g, VFIO_GROUP_GET_STATUS, &st) < 0) { perror("VFIO_GROUP_GET_STATUS"); return 1; }
 	if (!(st.flags & VFIO_GROUP_FLAGS_VIABLE)) { fprintf(stderr, "group %s is not viable\n", group); return 1; }
@@ -100,13 +118,68 @@ static int vfiohold(const char *group, const char *addr) {
 	if (ioctl(container, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU) < 0) { perror("VFIO_SET_IOMMU"); return 1; }
 	int dev = ioctl(g, VFIO_GROUP_GET_DEVICE_FD, addr);
 	if (dev < 0) { perror("VFIO_GROUP_GET_DEVICE_FD"); return 1; }
-	printf("holding %s in group %s (fd %d)\n", addr, group, dev);
+	printf("holding %s in group %s pid %d fds %d %d %d\n", addr, group, (int)getpid(), container, g, dev);
 	fflush(stdout);
 	for (;;) pause();
 }
 
+static int hold(const char *path, int readonly) {
+	int fd = open(path, (readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+	if (fd < 0) {
+		int e = errno;
+		printf("open %s: %s\n", path, strerror(e));
+		fflush(stdout);
+		return (e == EACCES || e == EPERM) ? 13 : 1;
+	}
+	printf("holding %s pid %d fd %d\n", path, (int)getpid(), fd);
+	fflush(stdout);
+	for (;;) pause();
+}
+
+static int http(const char *sock, const char *method, const char *path, const char *body) {
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	snprintf(sa.sun_path, sizeof sa.sun_path, "%s", sock);
+	if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) { perror(sock); return 2; }
+	size_t blen = body ? strlen(body) : 0;
+	char head[1024];
+	int hlen = snprintf(head, sizeof head,
+			    "%s %s HTTP/1.1\r\nHost: vfiod\r\nConnection: close\r\n%s"
+			    "Content-Length: %zu\r\n\r\n",
+			    method, path, body ? "Content-Type: application/json\r\n" : "", blen);
+	if (write(fd, head, hlen) != hlen || (blen && write(fd, body, blen) != (ssize_t)blen)) { perror("write"); return 2; }
+	static char buf[1 << 20];
+	size_t n = 0;
+	for (ssize_t r; n < sizeof buf - 1 && (r = read(fd, buf + n, sizeof buf - 1 - n)) > 0;) n += r;
+	buf[n] = 0;
+	int status = 0;
+	char *p = strstr(buf, "\r\n\r\n");
+	if (sscanf(buf, "HTTP/1.%*d %d", &status) != 1 || !p) { fprintf(stderr, "no HTTP answer: %s\n", buf); return 2; }
+	*p = 0;
+	char *payload = p + 4;
+	/* Chunked answers: join the chunks in place. */
+	if (strcasestr(buf, "transfer-encoding: chunked")) {
+		char *in = payload, *out = payload;
+		for (;;) {
+			unsigned long len = strtoul(in, &in, 16);
+			in = strstr(in, "\r\n");
+			if (!len || !in) break;
+			in += 2;
+			memmove(out, in, len);
+			out += len;
+			in += len + 2;
+		}
+		*out = 0;
+	}
+	FILE *to = status >= 200 && status < 300 ? stdout : stderr;
+	fprintf(to, "%s\n", payload);
+	return to == stdout ? 0 : 1;
+}
+
 int main(int argc, char **argv) {
 	if (argc >= 4 && !strcmp(argv[1], "vfiohold")) return vfiohold(argv[2], argv[3]);
+	if (argc >= 5 && !strcmp(argv[1], "http")) return http(argv[2], argv[3], argv[4], argc >= 6 ? argv[5] : NULL);
+	if (argc >= 3 && !strcmp(argv[1], "hold")) return hold(argv[2], argc >= 4 && !strcmp(argv[3], "ro"));
 	if (argc >= 2 && !strcmp(argv[1], "now")) { print_clock(CLOCK_REALTIME); return 0; }
 	if (argc >= 2 && !strcmp(argv[1], "mono")) { print_clock(CLOCK_MONOTONIC); return 0; }
 	if (argc >= 2 && !strcmp(argv[1], "uevmon")) return uevmon(argc >= 3 ? argv[2] : NULL, argc >= 4 && !strcmp(argv[3], "udev"));
@@ -123,6 +196,6 @@ int main(int argc, char **argv) {
 		perror("exec");
 		return 127;
 	}
-	fprintf(stderr, "usage: vmtool now|mono|uevmon [SUBSYSTEM [udev]]|vfiohold GROUP ADDR|runas UID GID G1,G2 CMD..\n");
+	fprintf(stderr, "usage: vmtool now|mono|uevmon [SUBSYSTEM [udev]]|vfiohold GROUP ADDR|hold PATH [ro]|http SOCK METHOD PATH [BODY]|runas UID GID G1,G2 CMD..\n");
 	return 2;
 }

@@ -15,9 +15,6 @@ vc_ok register "$EDU" --name edu0
 vc_ok bind nic0
 has_driver "$NIC" vfio-pci || fail "bind nic0: kernel has $(drv "$NIC")"
 
-# The emulated IOMMU runs with intremap=off: type1 refuses a container
-# without interrupt remapping unless told it may.
-echo 1 >/sys/module/vfio_iommu_type1/parameters/allow_unsafe_interrupts
 vmtool vfiohold "$G" "$NIC" >/tmp/vm.hold 2>&1 &
 HOLD=$!
 wait_until 10 grep -q holding /tmp/vm.hold || fail "could not open the VFIO device: $(cat /tmp/vm.hold)"
