@@ -4,9 +4,11 @@
 //! under `$XDG_RUNTIME_DIR` and `$XDG_STATE_HOME` so the agent runs without
 //! privileges (read-only towards the hardware).
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use clap::{Parser, ValueHint};
 use serde::Deserialize;
 
 pub const DEFAULT_CONFIG: &str = "/etc/vfiod/config.toml";
@@ -53,6 +55,11 @@ pub struct Config {
     /// Time to deliver a request head, counted from when the connection
     /// starts waiting for one; so also the idle keep-alive timeout.
     pub header_timeout: Duration,
+    /// A TCP address that serves `GET /metrics` only (Prometheus cannot
+    /// scrape a Unix socket); off unless set.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Allow `metrics_listen` on an address other hosts can reach.
+    pub metrics_listen_public: bool,
 }
 
 /// The file's shape: every key optional, unknown keys rejected so a typo is
@@ -79,74 +86,135 @@ struct FileConfig {
     max_event_streams_per_uid: Option<usize>,
     max_unprivileged_connections: Option<usize>,
     header_timeout_ms: Option<u64>,
+    metrics_listen: Option<SocketAddr>,
+    metrics_listen_public: Option<bool>,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The command line did not parse, or asked for `--help`/`--version`:
+    /// clap renders it and knows whether it goes to stdout (exit 0) or
+    /// stderr (exit 2).
+    #[error("{0}")]
+    Cli(#[from] clap::Error),
     #[error("{0}")]
     Usage(String),
     #[error("config file {path}: {detail}")]
     File { path: PathBuf, detail: String },
 }
 
-pub const USAGE: &str = "\
-vfiod: PCI passthrough host agent
+/// The command line. Every option is optional so that a flag that is not
+/// given leaves the config file's value alone; the defaults shown in
+/// `--help` are the built-in ones, applied in [`Config::defaults`].
+#[derive(Debug, Parser)]
+#[command(
+    name = "vfiod",
+    args_override_self = true,
+    version,
+    about = "PCI passthrough host agent",
+    long_about = "PCI passthrough host agent\n\n\
+        Keeps a registry of PCI devices set aside for passthrough, moves them \
+        between their native driver and vfio-pci on request, and serves an \
+        HTTP+JSON API on a Unix socket (see vfioctl(1) for the client).\n\n\
+        Options override the config file.",
+    after_help = "Under systemd it takes the socket from vfiod.socket, notifies readiness \
+        (Type=notify), pings the watchdog and logs to the journal."
+)]
+pub struct Flags {
+    /// Config file [default: /etc/vfiod/config.toml; missing is fine]
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Unix socket to serve on
+    /// [root: /run/vfiod/vfiod.sock; others: $XDG_RUNTIME_DIR/vfiod/vfiod.sock]
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
+    pub socket: Option<PathBuf>,
+    /// Where the registry lives [root: /var/lib/vfiod; others: $XDG_STATE_HOME/vfiod]
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+    pub state_dir: Option<PathBuf>,
+    /// Sysfs root [default: /sys]; tests point it at a fake tree
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+    pub sysfs: Option<PathBuf>,
+    /// Devfs root [default: /dev]
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+    pub devfs: Option<PathBuf>,
+    /// Procfs root [default: /proc]; tests point it at a fake tree
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+    pub proc: Option<PathBuf>,
+    /// Group whose members may change things [default: vfiod]
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
+    /// Limit for one sysfs write or driver settle, 10..=600000 [default: 5000]
+    #[arg(long, value_name = "N", value_parser = parse_op_timeout_ms)]
+    pub op_timeout_ms: Option<u64>,
+    /// Run modprobe vfio-pci when a bind needs it
+    #[arg(long)]
+    pub load_modules: bool,
+    /// Where to keep the boot-time udev rule ('' disables)
+    /// [default: /etc/udev/rules.d as root; disabled otherwise]
+    // A String, not a PathBuf: clap refuses an empty path, and '' is meaningful.
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+    pub udev_rules_dir: Option<String>,
+    /// Take back a vfio device another actor moves away
+    #[arg(long)]
+    pub reclaim: bool,
+    /// Reset a device after detach and before giving it back to its driver
+    /// [default: auto]
+    #[arg(long, value_name = "WHEN", value_parser = ["auto", "never"])]
+    pub reset_on_release: Option<String>,
+    /// Consecutive failed resets that quarantine a device, 1..=1000 [default: 3]
+    #[arg(long, value_name = "N", value_parser = parse_quarantine_after)]
+    pub quarantine_after: Option<u32>,
+    /// Give a device back to its driver when its VMM exits [default: it stays
+    /// on vfio for the next VM]
+    #[arg(long)]
+    pub unbind_on_vmm_exit: bool,
+    /// Where modules.alias names vfio variant drivers [default: /lib/modules/$(uname -r)]
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+    pub modules_dir: Option<PathBuf>,
+    /// Log level [default: info]
+    #[arg(long, value_name = "LEVEL", value_parser = LOG_LEVELS)]
+    pub log_level: Option<String>,
+    /// Connections one unprivileged uid may hold [default: 64]
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_uid: Option<usize>,
+    /// GET /events streams one unprivileged uid may hold [default: 16]
+    #[arg(long, value_name = "N")]
+    pub max_event_streams_per_uid: Option<usize>,
+    /// Connections all unprivileged uids together may hold [default: 1024; less
+    /// if the fd limit leaves no room]
+    #[arg(long, value_name = "N")]
+    pub max_unprivileged_connections: Option<usize>,
+    /// Time to send a request head, and to idle between requests, 100..=600000
+    /// [default: 10000]
+    #[arg(long, value_name = "N", value_parser = parse_header_timeout_ms)]
+    pub header_timeout_ms: Option<u64>,
+    /// Read uevents from a FIFO instead of netlink (tests)
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
+    pub uevent_fifo: Option<PathBuf>,
+    /// Also serve GET /metrics (only) on this TCP address [default: off]
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Allow --metrics-listen on a non-loopback address
+    #[arg(long)]
+    pub metrics_listen_public: bool,
+}
 
-Keeps a registry of PCI devices set aside for passthrough, moves them
-between their native driver and vfio-pci on request, and serves an
-HTTP+JSON API on a Unix socket (see vfioctl(1) for the client).
+const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
 
-USAGE: vfiod [OPTIONS]
+fn parse_quarantine_after(v: &str) -> Result<u32, String> {
+    quarantine_after(v.parse().map_err(|_| format!("not a number: {v:?}"))?)
+}
 
-OPTIONS (override the config file):
-  --config FILE        config file [default: /etc/vfiod/config.toml; missing is fine]
-  --socket PATH        Unix socket to serve on
-                       [root: /run/vfiod/vfiod.sock; others: $XDG_RUNTIME_DIR/vfiod/vfiod.sock]
-  --state-dir DIR      where the registry lives
-                       [root: /var/lib/vfiod; others: $XDG_STATE_HOME/vfiod]
-  --sysfs DIR          sysfs root [default: /sys]; tests point it at a fake tree
-  --devfs DIR          devfs root [default: /dev]
-  --proc DIR           procfs root [default: /proc]; tests point it at a fake tree
-  --group NAME         group whose members may change things [default: vfiod]
-  --op-timeout-ms N    limit for one sysfs write or driver settle [default: 5000]
-  --load-modules       modprobe vfio-pci when a bind needs it
-  --udev-rules-dir DIR where to keep the boot-time udev rule ('' disables)
-                       [default: /etc/udev/rules.d as root; disabled otherwise]
-  --reclaim            take back a vfio device another actor moves away
-  --reset-on-release auto|never
-                       reset a device after detach and before giving it
-                       back to its driver [default: auto]
-  --quarantine-after N consecutive failed resets that quarantine a device
-                       (1 to 1000) [default: 3]
-  --unbind-on-vmm-exit give a device back to its driver when its VMM exits
-                       [default: it stays on vfio for the next VM]
-  --modules-dir DIR    where modules.alias names vfio variant drivers
-                       [default: /lib/modules/$(uname -r)]
-  --log-level LEVEL    error|warn|info|debug|trace [default: info]
-  --max-connections-per-uid N
-                       connections one unprivileged uid may hold [default: 64]
-  --max-event-streams-per-uid N
-                       GET /events streams one unprivileged uid may hold [default: 16]
-  --max-unprivileged-connections N
-                       connections all unprivileged uids together may hold
-                       [default: 1024; less if the fd limit leaves no room]
-  --header-timeout-ms N
-                       time to send a request head, and to idle between
-                       requests [default: 10000]
-  --uevent-fifo PATH   read uevents from a FIFO instead of netlink (tests)
-  -h, --help           this text
-  -V, --version        print the version
+fn parse_header_timeout_ms(v: &str) -> Result<u64, String> {
+    let ms = v.parse().map_err(|_| format!("not a number: {v:?}"))?;
+    header_timeout_from_ms(ms)?;
+    Ok(ms)
+}
 
-Under systemd it takes the socket from vfiod.socket, notifies readiness
-(Type=notify), pings the watchdog and logs to the journal.
-";
-
-/// What the command line asked for besides configuration.
-#[derive(Debug, PartialEq)]
-pub enum Invocation {
-    Run(Box<Config>),
-    Help,
-    Version,
+fn parse_op_timeout_ms(v: &str) -> Result<u64, String> {
+    let ms = v.parse().map_err(|_| format!("not a number: {v:?}"))?;
+    timeout_from_ms(ms)?;
+    Ok(ms)
 }
 
 fn xdg_dir(var: &str, fallback_under_home: &str) -> PathBuf {
@@ -191,6 +259,8 @@ impl Config {
             unbind_on_vmm_exit: false,
             limits: crate::api::Limits::default(),
             header_timeout: crate::api::server::DEFAULT_HEADER_TIMEOUT,
+            metrics_listen: None,
+            metrics_listen_public: false,
         }
     }
 
@@ -258,16 +328,28 @@ impl Config {
         if let Some(v) = f.header_timeout_ms {
             self.header_timeout = header_timeout_from_ms(v).map_err(file_err)?;
         }
+        if let Some(v) = f.metrics_listen {
+            self.metrics_listen = Some(v);
+        }
+        if let Some(v) = f.metrics_listen_public {
+            self.metrics_listen_public = v;
+        }
         Ok(())
     }
 
     /// Parses `args` (without the program name), reading the config file
-    /// they name or the default one.
-    pub fn from_args(args: &[String], is_root: bool) -> Result<Invocation, ConfigError> {
+    /// they name or the default one. `--help` and `--version` come back as
+    /// a [`ConfigError::Cli`] that is not an error (`use_stderr()` false).
+    pub fn from_args(args: &[String], is_root: bool) -> Result<Config, ConfigError> {
+        let flags =
+            Flags::try_parse_from(std::iter::once("vfiod").chain(args.iter().map(String::as_str)))?;
+        Config::from_flags(flags, is_root)
+    }
+
+    pub fn from_flags(flags: Flags, is_root: bool) -> Result<Config, ConfigError> {
         let mut config = Config::defaults(is_root);
-        let config_path = flag_value(args, "--config")?;
-        let (path, must_exist) = match config_path {
-            Some(p) => (PathBuf::from(p), true),
+        let (path, must_exist) = match flags.config {
+            Some(p) => (p, true),
             None => (PathBuf::from(DEFAULT_CONFIG), false),
         };
         match std::fs::read_to_string(&path) {
@@ -280,89 +362,82 @@ impl Config {
                 })
             }
         }
-        let mut it = args.iter();
-        while let Some(arg) = it.next() {
-            let (flag, inline) = match arg.split_once('=') {
-                Some((f, v)) if f.starts_with("--") => (f, Some(v.to_owned())),
-                _ => (arg.as_str(), None),
-            };
-            let mut value = || -> Result<String, ConfigError> {
-                inline
-                    .clone()
-                    .or_else(|| it.next().cloned())
-                    .ok_or_else(|| ConfigError::Usage(format!("{flag} needs a value")))
-            };
-            match flag {
-                "-h" | "--help" => return Ok(Invocation::Help),
-                "-V" | "--version" => return Ok(Invocation::Version),
-                "--config" => {
-                    value()?;
-                }
-                "--socket" => config.socket = value()?.into(),
-                "--state-dir" => config.state_dir = value()?.into(),
-                "--sysfs" => config.sysfs = value()?.into(),
-                "--devfs" => config.devfs = value()?.into(),
-                "--proc" => config.proc = value()?.into(),
-                "--group" => config.group = value()?,
-                "--op-timeout-ms" => {
-                    let v = value()?;
-                    let ms = v.parse().map_err(|_| {
-                        ConfigError::Usage(format!("--op-timeout-ms: not a number: {v:?}"))
-                    })?;
-                    config.op_timeout = timeout_from_ms(ms).map_err(ConfigError::Usage)?;
-                }
-                "--load-modules" => config.load_modules = true,
-                "--reclaim" => config.reclaim = true,
-                "--unbind-on-vmm-exit" => config.unbind_on_vmm_exit = true,
-                "--modules-dir" => config.modules_dir = value()?.into(),
-                "--reset-on-release" => {
-                    config.reset_on_release =
-                        reset_on_release(&value()?).map_err(ConfigError::Usage)?
-                }
-                "--quarantine-after" => {
-                    let v = value()?;
-                    let n = v.parse().map_err(|_| {
-                        ConfigError::Usage(format!("--quarantine-after: not a number: {v:?}"))
-                    })?;
-                    config.quarantine_after = quarantine_after(n).map_err(ConfigError::Usage)?;
-                }
-                "--uevent-fifo" => config.uevent_fifo = Some(value()?.into()),
-                "--udev-rules-dir" => {
-                    let v = value()?;
-                    config.udev_rules_dir = (!v.is_empty()).then(|| v.into());
-                }
-                "--log-level" => config.log_level = value()?,
-                "--max-connections-per-uid" => {
-                    config.limits.connections_per_uid = number(flag, &value()?)?
-                }
-                "--max-event-streams-per-uid" => {
-                    config.limits.event_streams_per_uid = number(flag, &value()?)?
-                }
-                "--max-unprivileged-connections" => {
-                    config.limits.unprivileged_connections = number(flag, &value()?)?
-                }
-                "--header-timeout-ms" => {
-                    config.header_timeout = header_timeout_from_ms(number(flag, &value()?)?)
-                        .map_err(ConfigError::Usage)?
-                }
-                other => {
-                    return Err(ConfigError::Usage(format!(
-                        "unknown argument {other:?}; see vfiod --help"
-                    )))
-                }
+        if let Some(v) = flags.socket {
+            config.socket = v;
+        }
+        if let Some(v) = flags.state_dir {
+            config.state_dir = v;
+        }
+        if let Some(v) = flags.sysfs {
+            config.sysfs = v;
+        }
+        if let Some(v) = flags.devfs {
+            config.devfs = v;
+        }
+        if let Some(v) = flags.proc {
+            config.proc = v;
+        }
+        if let Some(v) = flags.group {
+            config.group = v;
+        }
+        if let Some(ms) = flags.op_timeout_ms {
+            config.op_timeout = timeout_from_ms(ms).map_err(ConfigError::Usage)?;
+        }
+        config.load_modules |= flags.load_modules;
+        config.reclaim |= flags.reclaim;
+        config.unbind_on_vmm_exit |= flags.unbind_on_vmm_exit;
+        if let Some(v) = flags.reset_on_release {
+            config.reset_on_release = reset_on_release(&v).map_err(ConfigError::Usage)?;
+        }
+        if let Some(n) = flags.quarantine_after {
+            config.quarantine_after = n;
+        }
+        if let Some(v) = flags.max_connections_per_uid {
+            config.limits.connections_per_uid = v;
+        }
+        if let Some(v) = flags.max_event_streams_per_uid {
+            config.limits.event_streams_per_uid = v;
+        }
+        if let Some(v) = flags.max_unprivileged_connections {
+            config.limits.unprivileged_connections = v;
+        }
+        if let Some(ms) = flags.header_timeout_ms {
+            config.header_timeout = header_timeout_from_ms(ms).map_err(ConfigError::Usage)?;
+        }
+        if let Some(v) = flags.modules_dir {
+            config.modules_dir = v;
+        }
+        if let Some(v) = flags.uevent_fifo {
+            config.uevent_fifo = Some(v);
+        }
+        if let Some(v) = flags.udev_rules_dir {
+            config.udev_rules_dir = (!v.is_empty()).then(|| v.into());
+        }
+        if let Some(v) = flags.log_level {
+            config.log_level = v;
+        }
+        if let Some(v) = flags.metrics_listen {
+            config.metrics_listen = Some(v);
+        }
+        config.metrics_listen_public |= flags.metrics_listen_public;
+        if let Some(addr) = config.metrics_listen {
+            // The metrics name every registered device and its state:
+            // other hosts see them only when the operator says so.
+            if !addr.ip().is_loopback() && !config.metrics_listen_public {
+                return Err(ConfigError::Usage(format!(
+                    "metrics_listen {addr} is not a loopback address; set metrics_listen_public = true (or --metrics-listen-public) to serve metrics to other hosts"
+                )));
             }
         }
-        if !matches!(
-            config.log_level.as_str(),
-            "error" | "warn" | "info" | "debug" | "trace"
-        ) {
+        // The flag is checked by clap; the file's value is checked here.
+        if !LOG_LEVELS.contains(&config.log_level.as_str()) {
             return Err(ConfigError::Usage(format!(
                 "log level {:?} is not one of error, warn, info, debug, trace",
                 config.log_level
             )));
         }
         config.limits.validate().map_err(ConfigError::Usage)?;
-        Ok(Invocation::Run(Box::new(config)))
+        Ok(config)
     }
 }
 
@@ -371,14 +446,6 @@ fn running_kernel_modules() -> PathBuf {
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
     PathBuf::from("/lib/modules").join(release)
-}
-
-fn timeout_from_ms(ms: u64) -> Result<Duration, String> {
-    if (10..=600_000).contains(&ms) {
-        Ok(Duration::from_millis(ms))
-    } else {
-        Err(format!("op_timeout_ms {ms} is outside 10..=600000"))
-    }
 }
 
 fn reset_on_release(v: &str) -> Result<bool, String> {
@@ -399,11 +466,6 @@ fn quarantine_after(n: u32) -> Result<u32, String> {
     }
 }
 
-fn number<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, ConfigError> {
-    v.parse()
-        .map_err(|_| ConfigError::Usage(format!("{flag}: not a number: {v:?}")))
-}
-
 fn header_timeout_from_ms(ms: u64) -> Result<Duration, String> {
     if (100..=600_000).contains(&ms) {
         Ok(Duration::from_millis(ms))
@@ -412,19 +474,12 @@ fn header_timeout_from_ms(ms: u64) -> Result<Duration, String> {
     }
 }
 
-fn flag_value<'a>(args: &'a [String], flag: &str) -> Result<Option<&'a str>, ConfigError> {
-    for (i, arg) in args.iter().enumerate() {
-        if arg == flag {
-            return args
-                .get(i + 1)
-                .map(|v| Some(v.as_str()))
-                .ok_or_else(|| ConfigError::Usage(format!("{flag} needs a value")));
-        }
-        if let Some(v) = arg.strip_prefix(flag).and_then(|r| r.strip_prefix('=')) {
-            return Ok(Some(v));
-        }
+fn timeout_from_ms(ms: u64) -> Result<Duration, String> {
+    if (10..=600_000).contains(&ms) {
+        Ok(Duration::from_millis(ms))
+    } else {
+        Err(format!("op_timeout_ms {ms} is outside 10..=600000"))
     }
-    Ok(None)
 }
 
 #[cfg(test)]
@@ -436,10 +491,7 @@ mod tests {
     }
 
     fn run(a: &[&str]) -> Result<Config, ConfigError> {
-        match Config::from_args(&args(a), true)? {
-            Invocation::Run(c) => Ok(*c),
-            other => panic!("{other:?}"),
-        }
+        Config::from_args(&args(a), true)
     }
 
     #[test]
@@ -491,16 +543,20 @@ mod tests {
 
     #[test]
     fn bad_flags_are_usage_errors() {
-        assert!(matches!(run(&["--bogus"]), Err(ConfigError::Usage(_))));
-        assert!(matches!(run(&["--socket"]), Err(ConfigError::Usage(_))));
-        assert!(matches!(
-            run(&["--op-timeout-ms", "abc"]),
-            Err(ConfigError::Usage(_))
-        ));
-        assert!(matches!(
-            run(&["--op-timeout-ms", "0"]),
-            Err(ConfigError::Usage(_))
-        ));
+        let usage_error = |a: &[&str], what: &str| match run(a) {
+            Err(ConfigError::Cli(e)) => {
+                assert!(e.use_stderr(), "{a:?} is an error, not --help");
+                assert_eq!(e.exit_code(), 2, "{a:?}");
+                let text = e.to_string();
+                assert!(text.contains(what), "{a:?}: {text}");
+            }
+            other => panic!("{a:?}: {other:?}"),
+        };
+        usage_error(&["--bogus"], "--bogus");
+        usage_error(&["--socket"], "--socket");
+        usage_error(&["--op-timeout-ms", "abc"], "not a number");
+        usage_error(&["--op-timeout-ms", "0"], "outside 10..=600000");
+        usage_error(&["--log-level", "loud"], "loud");
         assert!(matches!(
             run(&["--config", "/nonexistent/x.toml"]),
             Err(ConfigError::File { .. })
@@ -509,6 +565,14 @@ mod tests {
             run(&["--sysfs=/tmp/s"]).unwrap().sysfs,
             PathBuf::from("/tmp/s")
         );
+        assert_eq!(run(&["--udev-rules-dir", ""]).unwrap().udev_rules_dir, None);
+        match run(&["--help"]) {
+            Err(ConfigError::Cli(e)) => {
+                assert!(!e.use_stderr());
+                assert!(e.to_string().contains("--op-timeout-ms"));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -557,9 +621,32 @@ mod tests {
         ));
         assert!(matches!(
             run(&["--header-timeout-ms", "5"]),
-            Err(ConfigError::Usage(_))
+            Err(ConfigError::Cli(e)) if e.to_string().contains("outside 100..=600000")
         ));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn metrics_listener_stays_on_loopback_unless_made_public() {
+        assert_eq!(run(&[]).unwrap().metrics_listen, None);
+        let c = run(&["--metrics-listen", "127.0.0.1:9847"]).unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9847".parse().unwrap()));
+        assert!(run(&["--metrics-listen", "[::1]:9847"]).is_ok());
+        let err = run(&["--metrics-listen", "0.0.0.0:9847"]).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Usage(m) if m.contains("metrics_listen_public")),
+            "{err}"
+        );
+        assert!(run(&[
+            "--metrics-listen",
+            "0.0.0.0:9847",
+            "--metrics-listen-public"
+        ])
+        .is_ok());
+        assert!(matches!(
+            run(&["--metrics-listen", "localhost"]),
+            Err(ConfigError::Cli(_))
+        ));
     }
 
     #[test]

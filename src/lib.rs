@@ -23,6 +23,7 @@ pub mod error;
 pub mod events;
 pub mod hotplug;
 pub mod lockfile;
+pub mod metrics;
 pub mod path_error;
 pub mod pci;
 pub mod registry;

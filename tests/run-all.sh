@@ -15,7 +15,10 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==== %s (%s)\n' "$*" "$(date -u +%H:%M:%S)"; }
 
 need_apt=()
-for pkg in libudev-dev libacl1-dev pkg-config pci.ids curl protobuf-compiler; do
+# zsh and fish: the completion tests run them; prometheus: promtool lints
+# the metrics exposition in the fast tier; protobuf-compiler: the kubelet
+# plugin's build generates its gRPC code with protoc.
+for pkg in libudev-dev libacl1-dev pkg-config pci.ids curl zsh fish prometheus protobuf-compiler; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if [ "${#need_apt[@]}" -gt 0 ]; then
@@ -25,7 +28,7 @@ if [ "${#need_apt[@]}" -gt 0 ]; then
         exit 1
     fi
     apt-get update -q
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_apt[@]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need_apt[@]}"
 fi
 
 step "cargo fmt --check"

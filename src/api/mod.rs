@@ -66,6 +66,7 @@ pub enum Route {
     Events,
     Health,
     OpenApi,
+    Metrics,
 }
 
 impl Route {
@@ -79,9 +80,35 @@ impl Route {
                 | Route::Events
                 | Route::Health
                 | Route::OpenApi
+                | Route::Metrics
         )
     }
+
+    /// The route's path template in [`ROUTES`]: the `route` label of
+    /// `vfiod_http_requests_total`.
+    pub fn template(&self) -> &'static str {
+        match self {
+            Route::ListDevices | Route::Register => "/devices",
+            Route::Available => "/devices/available",
+            Route::GetDevice(_) | Route::UpdateDevice(_) | Route::DeleteDevice(_) => {
+                "/devices/{id_or_name}"
+            }
+            Route::Bind(_) => "/devices/{id_or_name}/bind",
+            Route::Unbind(_) => "/devices/{id_or_name}/unbind",
+            Route::Attach(_) => "/devices/{id_or_name}/attach",
+            Route::Detach(_) => "/devices/{id_or_name}/detach",
+            Route::Holders(_) => "/devices/{id_or_name}/holders",
+            Route::Reset(_) => "/devices/{id_or_name}/reset",
+            Route::Events => "/events",
+            Route::Health => "/health",
+            Route::OpenApi => "/openapi.yaml",
+            Route::Metrics => "/metrics",
+        }
+    }
 }
+
+/// The `route` label of a request that matched no route.
+const UNMATCHED_ROUTE: &str = "unmatched";
 
 /// Every route as `(method, path template)`; the OpenAPI file must match.
 pub const ROUTES: &[(&str, &str)] = &[
@@ -100,6 +127,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/events"),
     ("GET", "/health"),
     ("GET", "/openapi.yaml"),
+    ("GET", "/metrics"),
 ];
 
 #[derive(Debug, PartialEq, Eq)]
@@ -150,10 +178,11 @@ pub fn route(method: &Method, path: &str) -> Result<Route, RouteError> {
                 _ => Err(RouteError::MethodNotAllowed("POST")),
             }
         }
-        ["events"] | ["health"] | ["openapi.yaml"] => match m {
+        ["events"] | ["health"] | ["openapi.yaml"] | ["metrics"] => match m {
             Method::GET => Ok(match segments[0] {
                 "events" => Route::Events,
                 "health" => Route::Health,
+                "metrics" => Route::Metrics,
                 _ => Route::OpenApi,
             }),
             _ => Err(RouteError::MethodNotAllowed("GET")),
@@ -314,6 +343,14 @@ impl Api {
     }
 
     pub async fn handle(&self, peer: &Peer, req: Request<Incoming>) -> Response<ResponseBody> {
+        let template =
+            route(req.method(), req.uri().path()).map_or(UNMATCHED_ROUTE, |r| r.template());
+        let resp = self.answer(peer, req).await;
+        crate::metrics::record_request(template, resp.status().as_u16());
+        resp
+    }
+
+    async fn answer(&self, peer: &Peer, req: Request<Incoming>) -> Response<ResponseBody> {
         let route = match route(req.method(), req.uri().path()) {
             Ok(r) => r,
             Err(RouteError::NotFound) => {
@@ -348,6 +385,7 @@ impl Api {
             )));
         }
         let query = req.uri().query().map(str::to_owned);
+        let accept = req.headers().get(hyper::header::ACCEPT).cloned();
         let body = if route.mutates() {
             match Self::read_body(req).await {
                 Ok(b) => b,
@@ -361,7 +399,14 @@ impl Api {
             pid: peer.pid,
         };
         match self
-            .dispatch(route, peer, caller, query.as_deref(), &body)
+            .dispatch(
+                route,
+                peer,
+                caller,
+                query.as_deref(),
+                accept.as_ref(),
+                &body,
+            )
             .await
         {
             Ok(resp) => resp,
@@ -375,6 +420,7 @@ impl Api {
         peer: &Peer,
         caller: Caller,
         query: Option<&str>,
+        accept: Option<&HeaderValue>,
         body: &[u8],
     ) -> Result<Response<ResponseBody>, CoreError> {
         let core = &self.core;
@@ -406,7 +452,7 @@ impl Api {
                 device(StatusCode::CREATED, &core.register(caller, req).await?)
             }
             Route::Available => {
-                let functions = core.available().await?;
+                let functions = core.available(parse::available_query(query)?).await?;
                 let registry = core.snapshot();
                 let wire: Vec<_> = functions
                     .iter()
@@ -501,6 +547,7 @@ impl Api {
                     },
                 )
             }
+            Route::Metrics => self.metrics(accept),
             Route::OpenApi => {
                 let mut resp = Response::new(full(OPENAPI_YAML));
                 resp.headers_mut()
@@ -510,13 +557,25 @@ impl Api {
         })
     }
 
+    /// `GET /metrics`, on the API socket and on the metrics listener.
+    fn metrics(&self, accept: Option<&HeaderValue>) -> Response<ResponseBody> {
+        let openmetrics = crate::metrics::wants_openmetrics(accept.and_then(|a| a.to_str().ok()));
+        let (content_type, text) = crate::metrics::render(&self.core.snapshot(), openmetrics);
+        let mut resp = Response::new(full(text));
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        resp
+    }
+
     /// The stream holds `permit` (its slot in the caller's share) until
     /// the client goes away or vfiod stops.
     fn events(&self, since: Option<u64>, permit: limits::Permit) -> Response<ResponseBody> {
         let (backlog, mut live) = self.core.events().subscribe(since);
         let (tx, rx) = mpsc::channel::<Bytes>(16);
         let mut shutdown = self.shutdown.clone();
+        let subscriber = crate::metrics::subscriber_added();
         tokio::spawn(async move {
+            let _subscriber = subscriber;
             let _permit = permit;
             let mut shutdown_seen = std::pin::pin!(async move {
                 let _ = shutdown.wait_for(|stop| *stop).await;
@@ -550,6 +609,84 @@ impl Api {
     }
 }
 
+/// Connections the metrics listener serves at once; more wait in the
+/// backlog. A scraper needs one.
+const METRICS_CONNECTIONS: usize = 8;
+
+/// Serves `GET /metrics`, and nothing else, on the opt-in TCP listener
+/// (`metrics_listen`), until shutdown. It reads no peer credentials: the
+/// metrics are readable by every local user on the socket as well.
+pub async fn serve_metrics(listener: tokio::net::TcpListener, api: Api) {
+    let mut shutdown = api.shutdown.clone();
+    let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let stream = tokio::select! {
+            _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics listener: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let api = api.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let api = api.clone();
+                async move {
+                    let resp = match (req.method(), req.uri().path()) {
+                        (&Method::GET, "/metrics") => {
+                            api.metrics(req.headers().get(hyper::header::ACCEPT))
+                        }
+                        (_, "/metrics") => {
+                            let mut resp = plain_error(
+                                StatusCode::METHOD_NOT_ALLOWED,
+                                "method_not_allowed",
+                                format!(
+                                    "{} is not allowed on /metrics; allowed: GET",
+                                    req.method()
+                                ),
+                            );
+                            resp.headers_mut()
+                                .insert(ALLOW, HeaderValue::from_static("GET"));
+                            resp
+                        }
+                        (_, path) => plain_error(
+                            StatusCode::NOT_FOUND,
+                            "not_found",
+                            format!("no such endpoint: {path}; this listener serves /metrics only"),
+                        ),
+                    };
+                    let template = if req.uri().path() == "/metrics" {
+                        Route::Metrics.template()
+                    } else {
+                        UNMATCHED_ROUTE
+                    };
+                    crate::metrics::record_request(template, resp.status().as_u16());
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "metrics connection ended with an error");
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -560,6 +697,8 @@ mod tests {
             let path = template.replace("{id_or_name}", "gpu0");
             let m: Method = method.parse().unwrap();
             assert!(route(&m, &path).is_ok(), "{method} {path}");
+            // The metrics label is the table's own template.
+            assert_eq!(route(&m, &path).unwrap().template(), *template);
         }
     }
 

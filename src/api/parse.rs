@@ -334,6 +334,26 @@ pub fn events_query(query: Option<&str>) -> Result<Option<u64>, CoreError> {
     Ok(None)
 }
 
+/// `GET /devices/available?all=true`: every PCI function of the host
+/// instead of only the passthrough candidates.
+pub fn available_query(query: Option<&str>) -> Result<bool, CoreError> {
+    let mut all = false;
+    for (k, v) in query_pairs(query)? {
+        if k == "all" {
+            all = match v.as_str() {
+                "true" | "1" | "" => true,
+                "false" | "0" => false,
+                _ => {
+                    return Err(CoreError::InvalidRequest(format!(
+                        "all must be true or false, not {v:?}"
+                    )))
+                }
+            };
+        }
+    }
+    Ok(all)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -273,6 +273,7 @@ async fn serve_connection(
     permit: super::limits::Permit,
     alive: mpsc::Sender<()>,
 ) {
+    let _open = crate::metrics::connection_opened(api.policy.may_mutate(&peer));
     let first_request = Arc::new(tokio::sync::Notify::new());
     let notify = first_request.clone();
     let api_for_requests = api.clone();

@@ -81,7 +81,7 @@ fn hex6(v: u32) -> String {
     format!("{v:06x}")
 }
 
-fn device_type(class: u32) -> &'static str {
+pub(crate) fn device_type(class: u32) -> &'static str {
     if is_gpu_class(class) {
         "gpu"
     } else {

@@ -5,6 +5,11 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use bytes::Bytes;
+use clap::error::ErrorKind;
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum, ValueHint};
+use clap_complete::engine::{ArgValueCandidates, CompletionCandidate};
+use clap_complete::env::EnvCompleter;
+use clap_complete::CompleteEnv;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
@@ -12,52 +17,217 @@ use hyperlocal::{UnixClientExt, UnixConnector, Uri};
 use serde_json::{json, Value};
 
 const DEFAULT_SOCKET: &str = "/run/vfiod/vfiod.sock";
+/// The environment variable that turns a run into a completion request
+/// (set by the scripts `vfioctl completion SHELL` prints).
+const COMPLETE_VAR: &str = "VFIOCTL_COMPLETE";
 
-const USAGE: &str = "\
-vfioctl: command-line client for vfiod, the PCI passthrough host agent
-
-USAGE: vfioctl [--socket PATH] [--json] COMMAND [ARGS]
-
-COMMANDS:
-  list [--tag KEY=VALUE]...        registered devices (all tags must match)
-  available                        passthrough candidates on this host
-  register ADDRESS [--name NAME] [--tag KEY=VALUE]...
-                                   set a PCI device aside (e.g. 0000:a2:00.0)
-  show ID|NAME                     one registered device
-  update ID|NAME [--name NAME] [--tag KEY=VALUE]...
-                                   rename, or replace all tags
-  delete ID|NAME                   unregister (gives back a driver vfiod took)
-  bind ID|NAME [--with-group] [--dry-run]
-                                   move the device to vfio-pci
-  unbind ID|NAME                   give it back to its original driver
-  attach ID|NAME INSTANCE          bind if needed, mark attached to INSTANCE
-  detach ID|NAME [--keep-bound]    clear the attachment, restore the driver
-  events [--since SEQ]             follow the event stream (Ctrl-C to stop); with
-                                   --since, first replay the retained events after
-                                   SEQ (0: all of them; see X-Vfiod-Event-Seq)
-  health                           agent version, IOMMU and vfio-pci status
-
-OPTIONS:
-  --socket PATH   vfiod's socket [env VFIOD_SOCKET; default /run/vfiod/vfiod.sock,
-                  or $XDG_RUNTIME_DIR/vfiod/vfiod.sock when that exists and the default does not]
-  --json          print the API's JSON instead of tables
-  -h, --help      this text
-
-Reads work for any local user; changes need root or membership of the
-vfiod group. Errors print the server's code and message and exit 1.
-";
-
+#[derive(Debug, Parser)]
+#[command(
+    name = "vfioctl",
+    args_override_self = true,
+    version,
+    about = "Command-line client for vfiod, the PCI passthrough host agent",
+    after_help = "A device is named by its registry id or its name. Reads work for any \
+        local user; changes need root or membership of the vfiod group. Errors print \
+        the server's code and message and exit 1.",
+    arg_required_else_help = true
+)]
 struct Cli {
-    socket: String,
+    /// vfiod's socket [default: /run/vfiod/vfiod.sock, or
+    /// $XDG_RUNTIME_DIR/vfiod/vfiod.sock when that exists and the default does not]
+    #[arg(
+        long,
+        global = true,
+        env = "VFIOD_SOCKET",
+        value_name = "PATH",
+        value_hint = ValueHint::FilePath,
+        help_heading = "Global options"
+    )]
+    socket: Option<String>,
+    /// Print the API's JSON instead of tables
+    #[arg(long, global = true, help_heading = "Global options")]
     json: bool,
-    command: String,
-    args: Vec<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// A registered device, completed from the running agent.
+#[derive(Debug, Args)]
+struct DeviceArg {
+    /// Registry id or name of the device
+    #[arg(value_name = "ID|NAME", add = ArgValueCandidates::new(registered_devices))]
+    device: String,
+}
+
+#[derive(Debug, Args)]
+struct NameAndTags {
+    /// Device name
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// A tag; repeat for more
+    #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
+    tags: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+#[value(rename_all = "snake_case")]
+enum ResetMethod {
+    /// The kernel's order for the function (its reset_method)
+    Auto,
+    DeviceSpecific,
+    Acpi,
+    Flr,
+    AfFlr,
+    Pm,
+    Bus,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Registered devices (all given tags must match)
+    List {
+        /// Only devices that carry this tag; repeat for more
+        #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
+    },
+    /// Passthrough candidates on this host
+    Available {
+        /// Every PCI function of the host (class, names, driver, IOMMU group),
+        /// like lspci -nn
+        #[arg(long)]
+        all: bool,
+    },
+    /// Set a PCI device aside (e.g. 0000:a2:00.0)
+    Register {
+        /// PCI address DDDD:BB:DD.F
+        #[arg(value_name = "ADDRESS", add = ArgValueCandidates::new(unregistered_candidates))]
+        address: String,
+        #[command(flatten)]
+        name_tags: NameAndTags,
+    },
+    /// One registered device
+    Show(DeviceArg),
+    /// Rename, or replace all tags
+    Update {
+        #[command(flatten)]
+        device: DeviceArg,
+        #[command(flatten)]
+        name_tags: NameAndTags,
+    },
+    /// Unregister (gives back a driver vfiod took)
+    Delete(DeviceArg),
+    /// Move the device to vfio-pci
+    Bind {
+        #[command(flatten)]
+        device: DeviceArg,
+        /// Move the other functions of its IOMMU group along
+        #[arg(long)]
+        with_group: bool,
+        /// Print the plan; change nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Take a network interface in use (up with an address, or carrying a
+        /// route) off its driver anyway; other holders always refuse (see
+        /// `vfioctl holders`)
+        #[arg(long)]
+        force: bool,
+    },
+    /// Give it back to its original driver
+    Unbind(DeviceArg),
+    /// Bind if needed, mark attached to INSTANCE
+    #[command(
+        long_about = "Bind the device if needed and mark it attached to the virtual machine \
+            INSTANCE. While attached, the VMM's user (--uid, by default yours) and no other \
+            unprivileged user may open the device's VFIO nodes; with --pid, the attachment \
+            also ends when that process exits.",
+        after_help = "VFIO pins all of the guest's memory for DMA and charges it against the \
+            VMM process's RLIMIT_MEMLOCK: raise that limit to at least the guest's memory \
+            size (LimitMEMLOCK= in the VMM's systemd unit, or ulimit -l), or the VMM fails \
+            to map the device."
+    )]
+    Attach {
+        #[command(flatten)]
+        device: DeviceArg,
+        /// Virtual machine the device goes to
+        #[arg(value_name = "INSTANCE")]
+        instance: String,
+        /// Uid of the VMM that may open the device [default: yours; only root
+        /// may name another]
+        #[arg(long, value_name = "N")]
+        uid: Option<u32>,
+        /// Pid of the VMM (running as that uid); the attachment ends when it
+        /// exits
+        #[arg(long, value_name = "N")]
+        pid: Option<u32>,
+    },
+    /// Clear the attachment, restore the driver
+    Detach {
+        #[command(flatten)]
+        device: DeviceArg,
+        /// Leave the device on vfio-pci
+        #[arg(long)]
+        keep_bound: bool,
+    },
+    /// Reset the function
+    Reset {
+        #[command(flatten)]
+        device: DeviceArg,
+        /// Reset method [default: the agent's choice, auto]
+        #[arg(long, value_enum)]
+        method: Option<ResetMethod>,
+        /// Print the method and the functions the reset would reach; change nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Processes, mounts, swap, block stacks, network interfaces and consoles
+    /// that use the device
+    Holders(DeviceArg),
+    /// Follow the event stream (Ctrl-C to stop)
+    Events {
+        /// First replay the retained events after SEQ (0: all of them; see
+        /// X-Vfiod-Event-Seq)
+        #[arg(long, value_name = "SEQ")]
+        since: Option<u64>,
+    },
+    /// Agent version, IOMMU and vfio-pci status
+    Health,
+    /// Print a shell completion script
+    #[command(
+        long_about = "Print a completion script for SHELL. By default the script asks \
+            vfioctl itself for candidates at each TAB, so the names and ids of the devices \
+            registered with the running agent complete too (bash, zsh and fish). With \
+            --static it prints a self-contained script that completes commands and \
+            options only.\n\n\
+            bash:  vfioctl completion bash > ~/.local/share/bash-completion/completions/vfioctl\n\
+            zsh:   vfioctl completion zsh > ~/.zfunc/_vfioctl   (with ~/.zfunc in fpath)\n\
+            fish:  vfioctl completion fish > ~/.config/fish/completions/vfioctl.fish"
+    )]
+    Completion {
+        #[arg(value_enum)]
+        shell: CompletionShell,
+        /// Self-contained script without device names
+        #[arg(long = "static")]
+        static_script: bool,
+        /// Program the script runs for candidates [default: vfioctl, from PATH]
+        #[arg(long, value_name = "PATH", value_hint = ValueHint::ExecutablePath)]
+        completer: Option<String>,
+    },
+}
+
+fn parse_tag(kv: &str) -> Result<(String, String), String> {
+    kv.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{kv:?}: expected KEY=VALUE"))
 }
 
 fn default_socket() -> String {
-    if let Ok(s) = std::env::var("VFIOD_SOCKET") {
-        return s;
-    }
     if !std::path::Path::new(DEFAULT_SOCKET).exists() {
         if let Some(run) = std::env::var_os("XDG_RUNTIME_DIR") {
             let user = std::path::Path::new(&run).join("vfiod/vfiod.sock");
@@ -67,80 +237,6 @@ fn default_socket() -> String {
         }
     }
     DEFAULT_SOCKET.into()
-}
-
-fn parse_cli(args: Vec<String>) -> Result<Option<Cli>, String> {
-    let mut socket = None;
-    let mut json = false;
-    let mut rest = Vec::new();
-    let mut it = args.into_iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "-h" | "--help" | "help" if rest.is_empty() => return Ok(None),
-            "--socket" => socket = Some(it.next().ok_or("--socket needs a path")?),
-            "--json" => json = true,
-            _ if a.starts_with("--socket=") => socket = Some(a["--socket=".len()..].to_owned()),
-            _ => rest.push(a),
-        }
-    }
-    if rest.is_empty() {
-        return Ok(None);
-    }
-    let command = rest.remove(0);
-    Ok(Some(Cli {
-        socket: socket.unwrap_or_else(default_socket),
-        json,
-        command,
-        args: rest,
-    }))
-}
-
-/// Splits a command's arguments into positionals, `--flag`s and repeated
-/// `--tag K=V`/`--name N` values.
-#[derive(Default)]
-struct Args {
-    positional: Vec<String>,
-    flags: Vec<String>,
-    tags: Vec<(String, String)>,
-    name: Option<String>,
-}
-
-fn split_args(
-    args: &[String],
-    allowed_flags: &[&str],
-    allow_name_tags: bool,
-) -> Result<Args, String> {
-    let mut out = Args::default();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--tag" if allow_name_tags => {
-                let kv = it.next().ok_or("--tag needs KEY=VALUE")?;
-                let (k, v) = kv
-                    .split_once('=')
-                    .ok_or_else(|| format!("--tag {kv:?}: expected KEY=VALUE"))?;
-                out.tags.push((k.to_owned(), v.to_owned()));
-            }
-            "--name" if allow_name_tags => {
-                out.name = Some(it.next().ok_or("--name needs a value")?.clone())
-            }
-            f if f.starts_with("--") => {
-                if !allowed_flags.contains(&f) {
-                    return Err(format!("unknown option {f}; see vfioctl --help"));
-                }
-                out.flags.push(f.to_owned());
-            }
-            _ => out.positional.push(a.clone()),
-        }
-    }
-    Ok(out)
-}
-
-fn one_positional(a: &Args, what: &str) -> Result<String, String> {
-    match a.positional.as_slice() {
-        [one] => Ok(one.clone()),
-        _ => Err(format!("expected exactly one {what}; see vfioctl --help")),
-    }
 }
 
 /// Percent-encodes a path segment or query component.
@@ -355,27 +451,171 @@ fn tags_object(tags: &[(String, String)]) -> Value {
     )
 }
 
-async fn run(cli: Cli) -> Result<(), Failure> {
-    let conn = Conn {
-        client: Client::unix(),
-        socket: cli.socket.clone(),
+/// One line per holder: what it is, and the details that identify it.
+fn holders_table(holders: &[Value]) -> String {
+    let detail = |h: &Value| -> String {
+        let field = |k: &str| s(h, k);
+        match h["kind"].as_str().unwrap_or("") {
+            "process" => {
+                let mut d = format!(
+                    "pid {} ({}) uid {} has {} open",
+                    field("pid"),
+                    field("comm"),
+                    field("uid"),
+                    field("path")
+                );
+                if !h["unit"].is_null() {
+                    d.push_str(&format!(", unit {}", field("unit")));
+                }
+                d
+            }
+            "mount" => format!(
+                "{} mounted on {} ({})",
+                field("device"),
+                field("mount_point"),
+                field("fstype")
+            ),
+            "swap" => format!("{} is swap in use", field("device")),
+            "block_stack" => format!("{} is held by {}", field("device"), field("holder")),
+            "net_interface" => {
+                let addresses = h["addresses"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| x.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
+                    .filter(|l| !l.is_empty())
+                    .unwrap_or_else(|| "none".into());
+                format!(
+                    "{} addresses: {addresses}; routes: {}",
+                    field("interface"),
+                    field("routes")
+                )
+            }
+            "framebuffer_console" => format!(
+                "{} on framebuffer {}",
+                field("vtconsole"),
+                field("framebuffer")
+            ),
+            // A kind this client does not know yet: show what it carries.
+            _ => h
+                .as_object()
+                .map(|o| {
+                    o.iter()
+                        .filter(|(k, _)| *k != "kind" && *k != "pci_address")
+                        .map(|(k, _)| format!("{k}={}", s(h, k)))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_default(),
+        }
     };
-    let local = Failure::Local;
+    table(
+        &["FUNCTION", "KIND", "HOLDER"],
+        holders
+            .iter()
+            .map(|h| vec![s(h, "pci_address"), s(h, "kind"), detail(h)])
+            .collect(),
+    )
+}
+
+/// Key/value lines for an answer whose shape this client does not know.
+fn key_values(v: &Value) -> String {
+    v.as_object()
+        .map(|o| {
+            o.iter()
+                .map(|(k, _)| format!("{:<20}{}\n", format!("{k}:"), s(v, k)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn available_table(list: &[Value], all: bool) -> String {
+    if all {
+        // lspci -nn's columns, plus what passthrough needs to know.
+        let rows = list
+            .iter()
+            .map(|d| {
+                let class = s(d, "class");
+                vec![
+                    s(d, "pci_address"),
+                    format!("{} [{}]", s(d, "type"), class.get(..4).unwrap_or(&class)),
+                    format!("{} [{}:{}]", names(d), s(d, "vendor_id"), s(d, "device_id")),
+                    s(d, "current_driver"),
+                    s(d, "iommu_group"),
+                    s(d, "registered_id"),
+                ]
+            })
+            .collect();
+        return table(
+            &[
+                "ADDRESS",
+                "CLASS",
+                "DEVICE",
+                "DRIVER",
+                "GROUP",
+                "REGISTERED",
+            ],
+            rows,
+        );
+    }
+    let rows = list
+        .iter()
+        .map(|d| {
+            vec![
+                s(d, "pci_address"),
+                s(d, "type"),
+                s(d, "iommu_group"),
+                s(d, "current_driver"),
+                if d["registered_id"].is_null() {
+                    "no".into()
+                } else {
+                    "yes".into()
+                },
+                names(d),
+            ]
+        })
+        .collect();
+    table(
+        &["ADDRESS", "TYPE", "GROUP", "DRIVER", "REGISTERED", "DEVICE"],
+        rows,
+    )
+}
+
+fn name_tags_body(body: &mut Value, nt: &NameAndTags) {
+    if let Some(n) = &nt.name {
+        body["name"] = json!(n);
+    }
+    if !nt.tags.is_empty() {
+        body["tags"] = tags_object(&nt.tags);
+    }
+}
+
+fn dry_run_steps(v: &Value) -> Vec<String> {
+    v["plan"]["steps"]
+        .as_array()
+        .map(|s| {
+            s.iter()
+                .filter_map(|x| x.as_str().map(|x| format!("  {x}\n")))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn run(conn: Conn, json_out: bool, command: Command) -> Result<(), Failure> {
     let dev_path = |id: &str, action: &str| format!("/devices/{}{action}", encode(id));
     let out = |v: &Value, human: String| {
-        if cli.json {
+        if json_out {
             println!("{v}");
         } else {
             print!("{human}");
         }
     };
-    let a =
-        |flags: &[&str], name_tags: bool| split_args(&cli.args, flags, name_tags).map_err(local);
-    match cli.command.as_str() {
-        "list" => {
-            let args = a(&[], true)?;
-            let query: Vec<String> = args
-                .tags
+    match command {
+        Command::List { tags } => {
+            let query: Vec<String> = tags
                 .iter()
                 .map(|(k, v)| format!("{}={}", encode(&format!("tags[{k}]")), encode(v)))
                 .collect();
@@ -395,93 +635,58 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 },
             );
         }
-        "available" => {
-            a(&[], false)?;
-            let v = conn.json(Method::GET, "/devices/available", None).await?;
+        Command::Available { all } => {
+            let path = if all {
+                "/devices/available?all=true"
+            } else {
+                "/devices/available"
+            };
+            let v = conn.json(Method::GET, path, None).await?;
             let list = v.as_array().cloned().unwrap_or_default();
-            let rows = list
-                .iter()
-                .map(|d| {
-                    vec![
-                        s(d, "pci_address"),
-                        s(d, "type"),
-                        s(d, "iommu_group"),
-                        s(d, "current_driver"),
-                        if d["registered_id"].is_null() {
-                            "no".into()
-                        } else {
-                            "yes".into()
-                        },
-                        names(d),
-                    ]
-                })
-                .collect();
-            out(
-                &v,
-                table(
-                    &["ADDRESS", "TYPE", "GROUP", "DRIVER", "REGISTERED", "DEVICE"],
-                    rows,
-                ),
-            );
+            out(&v, available_table(&list, all));
         }
-        "register" => {
-            let args = a(&[], true)?;
-            let addr = one_positional(&args, "PCI address").map_err(local)?;
-            let mut body = json!({"pci_address": addr});
-            if let Some(n) = &args.name {
-                body["name"] = json!(n);
-            }
-            if !args.tags.is_empty() {
-                body["tags"] = tags_object(&args.tags);
-            }
+        Command::Register { address, name_tags } => {
+            let mut body = json!({"pci_address": address});
+            name_tags_body(&mut body, &name_tags);
             let v = conn.json(Method::POST, "/devices", Some(body)).await?;
             out(&v, show_device(&v));
         }
-        "show" => {
-            let id = one_positional(&a(&[], false)?, "device id or name").map_err(local)?;
-            let v = conn.json(Method::GET, &dev_path(&id, ""), None).await?;
-            out(&v, show_device(&v));
-        }
-        "update" => {
-            let args = a(&[], true)?;
-            let id = one_positional(&args, "device id or name").map_err(local)?;
-            let mut body = json!({});
-            if let Some(n) = &args.name {
-                body["name"] = json!(n);
-            }
-            if !args.tags.is_empty() {
-                body["tags"] = tags_object(&args.tags);
-            }
+        Command::Show(d) => {
             let v = conn
-                .json(Method::PATCH, &dev_path(&id, ""), Some(body))
+                .json(Method::GET, &dev_path(&d.device, ""), None)
                 .await?;
             out(&v, show_device(&v));
         }
-        "delete" => {
-            let id = one_positional(&a(&[], false)?, "device id or name").map_err(local)?;
+        Command::Update { device, name_tags } => {
+            let mut body = json!({});
+            name_tags_body(&mut body, &name_tags);
+            let v = conn
+                .json(Method::PATCH, &dev_path(&device.device, ""), Some(body))
+                .await?;
+            out(&v, show_device(&v));
+        }
+        Command::Delete(d) => {
+            let id = d.device;
             conn.json(Method::DELETE, &dev_path(&id, ""), None).await?;
             out(&json!({"deleted": id}), format!("deleted {id}\n"));
         }
-        "bind" => {
-            let args = a(&["--with-group", "--dry-run"], false)?;
-            let id = one_positional(&args, "device id or name").map_err(local)?;
-            let dry_run = args.flags.iter().any(|f| f == "--dry-run");
-            let body = json!({
-                "with_group": args.flags.iter().any(|f| f == "--with-group"),
-                "dry_run": dry_run,
-            });
+        Command::Bind {
+            device,
+            with_group,
+            dry_run,
+            force,
+        } => {
+            let mut body = json!({"with_group": with_group, "dry_run": dry_run});
+            // Only when asked for, so that a plain bind sends the body it
+            // always did.
+            if force {
+                body["force"] = json!(true);
+            }
             let v = conn
-                .json(Method::POST, &dev_path(&id, "/bind"), Some(body))
+                .json(Method::POST, &dev_path(&device.device, "/bind"), Some(body))
                 .await?;
             let human = if dry_run {
-                let steps: Vec<String> = v["plan"]["steps"]
-                    .as_array()
-                    .map(|s| {
-                        s.iter()
-                            .filter_map(|x| x.as_str().map(|x| format!("  {x}\n")))
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let steps = dry_run_steps(&v);
                 if steps.is_empty() {
                     "nothing to do: already on vfio\n".into()
                 } else {
@@ -495,129 +700,331 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             };
             out(&v, human);
         }
-        "unbind" => {
-            let id = one_positional(&a(&[], false)?, "device id or name").map_err(local)?;
+        Command::Unbind(d) => {
             let v = conn
-                .json(Method::POST, &dev_path(&id, "/unbind"), None)
+                .json(Method::POST, &dev_path(&d.device, "/unbind"), None)
                 .await?;
             out(&v, show_device(&v));
         }
-        "attach" => {
-            let args = a(&[], false)?;
-            let [id, instance] = args.positional.as_slice() else {
-                return Err(local("usage: vfioctl attach ID|NAME INSTANCE".into()));
-            };
+        Command::Attach {
+            device,
+            instance,
+            uid,
+            pid,
+        } => {
+            let mut body = json!({"instance_id": instance});
+            if let Some(uid) = uid {
+                body["uid"] = json!(uid);
+            }
+            if let Some(pid) = pid {
+                body["pid"] = json!(pid);
+            }
             let v = conn
                 .json(
                     Method::POST,
-                    &dev_path(id, "/attach"),
-                    Some(json!({"instance_id": instance})),
+                    &dev_path(&device.device, "/attach"),
+                    Some(body),
                 )
                 .await?;
             out(&v, show_device(&v));
         }
-        "detach" => {
-            let args = a(&["--keep-bound"], false)?;
-            let id = one_positional(&args, "device id or name").map_err(local)?;
-            let body = json!({"keep_bound": args.flags.iter().any(|f| f == "--keep-bound")});
+        Command::Detach { device, keep_bound } => {
+            let body = json!({"keep_bound": keep_bound});
             let v = conn
-                .json(Method::POST, &dev_path(&id, "/detach"), Some(body))
+                .json(
+                    Method::POST,
+                    &dev_path(&device.device, "/detach"),
+                    Some(body),
+                )
                 .await?;
             out(&v, show_device(&v));
         }
-        "health" => {
-            a(&[], false)?;
-            let v = conn.json(Method::GET, "/health", None).await?;
-            let human = v
-                .as_object()
-                .map(|o| {
-                    o.iter()
-                        .map(|(k, _)| format!("{:<20}{}\n", format!("{k}:"), s(&v, k)))
-                        .collect()
-                })
-                .unwrap_or_default();
+        Command::Reset {
+            device,
+            method,
+            dry_run,
+        } => {
+            let mut body = json!({"dry_run": dry_run});
+            if let Some(m) = method {
+                body["method"] = json!(m
+                    .to_possible_value()
+                    .expect("no variant is skipped")
+                    .get_name());
+            }
+            let v = conn
+                .json(
+                    Method::POST,
+                    &dev_path(&device.device, "/reset"),
+                    Some(body),
+                )
+                .await?;
+            let human = if dry_run {
+                let list = |k: &str| {
+                    v["plan"][k]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .map(|x| match x.as_str() {
+                                    Some(m) => m.to_owned(),
+                                    // A function of the scope.
+                                    None => format!("{} ({})", s(x, "pci_address"), s(x, "driver")),
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                        .unwrap_or_default()
+                };
+                format!(
+                    "dry run, nothing changed; a reset would try {} and reach:\n{}",
+                    list("methods").join(", "),
+                    list("scope")
+                        .iter()
+                        .map(|f| format!("  {f}\n"))
+                        .collect::<String>()
+                )
+            } else if v.get("pci_address").is_some() && v.get("id").is_some() {
+                show_device(&v)
+            } else {
+                key_values(&v)
+            };
             out(&v, human);
         }
-        "events" => {
-            let path = match cli.args.as_slice() {
-                [] => "/events".to_owned(),
-                [flag, seq] if flag == "--since" => {
-                    let seq: u64 = seq.parse().map_err(|_| {
-                        local(format!(
-                            "--since {seq:?}: expected an event sequence number"
-                        ))
-                    })?;
-                    format!("/events?since={seq}")
-                }
-                _ => return Err(local("usage: vfioctl events [--since SEQ]".into())),
-            };
-            let (status, mut body) = conn.call(Method::GET, &path, None).await.map_err(local)?;
-            if !status.is_success() {
-                return Err(Failure::Server(status, String::new()));
-            }
-            let mut pending = Vec::new();
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(|e| local(format!("event stream broke: {e}")))?;
-                let Some(data) = frame.data_ref() else {
-                    continue;
-                };
-                pending.extend_from_slice(data);
-                while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
-                    let line: Vec<u8> = pending.drain(..=pos).collect();
-                    let text = String::from_utf8_lossy(&line);
-                    let text = text.trim();
-                    if cli.json {
-                        println!("{text}");
-                    } else if let Ok(e) = serde_json::from_str::<Value>(text) {
-                        let mut extra = BTreeMap::new();
-                        for k in ["driver", "instance_id", "detail", "missed"] {
-                            if !e[k].is_null() {
-                                extra.insert(k, s(&e, k));
-                            }
-                        }
-                        let extra: Vec<String> =
-                            extra.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                        // The sequence number first: `--since` resumes from it.
-                        println!(
-                            "{:>6}  {}  {:<18} {:<13} {}",
-                            s(&e, "seq"),
-                            s(&e, "at"),
-                            s(&e, "type"),
-                            s(&e, "pci_address"),
-                            extra.join(" ")
-                        );
-                    }
-                    let _ = std::io::stdout().flush();
-                }
-            }
+        Command::Holders(d) => {
+            let v = conn
+                .json(Method::GET, &dev_path(&d.device, "/holders"), None)
+                .await?;
+            let holders = v["holders"].as_array().cloned().unwrap_or_default();
+            out(
+                &v,
+                if holders.is_empty() {
+                    format!("nothing holds {}\n", d.device)
+                } else {
+                    holders_table(&holders)
+                },
+            );
         }
-        other => {
-            return Err(local(format!(
-                "unknown command {other:?}; see vfioctl --help"
-            )))
+        Command::Health => {
+            let v = conn.json(Method::GET, "/health", None).await?;
+            out(&v, key_values(&v));
+        }
+        Command::Events { since } => follow_events(&conn, json_out, since).await?,
+        Command::Completion { .. } => unreachable!("handled before connecting"),
+    }
+    Ok(())
+}
+
+async fn follow_events(conn: &Conn, json_out: bool, since: Option<u64>) -> Result<(), Failure> {
+    let path = match since {
+        Some(seq) => format!("/events?since={seq}"),
+        None => "/events".to_owned(),
+    };
+    let (status, mut body) = conn
+        .call(Method::GET, &path, None)
+        .await
+        .map_err(Failure::Local)?;
+    if !status.is_success() {
+        return Err(Failure::Server(status, String::new()));
+    }
+    let mut pending = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Failure::Local(format!("event stream broke: {e}")))?;
+        let Some(data) = frame.data_ref() else {
+            continue;
+        };
+        pending.extend_from_slice(data);
+        while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=pos).collect();
+            let text = String::from_utf8_lossy(&line);
+            let text = text.trim();
+            if json_out {
+                println!("{text}");
+            } else if let Ok(e) = serde_json::from_str::<Value>(text) {
+                let mut extra = BTreeMap::new();
+                for k in ["driver", "instance_id", "detail", "missed"] {
+                    if !e[k].is_null() {
+                        extra.insert(k, s(&e, k));
+                    }
+                }
+                let extra: Vec<String> = extra.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                // The sequence number first: `--since` resumes from it.
+                println!(
+                    "{:>6}  {}  {:<18} {:<13} {}",
+                    s(&e, "seq"),
+                    s(&e, "at"),
+                    s(&e, "type"),
+                    s(&e, "pci_address"),
+                    extra.join(" ")
+                );
+            }
+            let _ = std::io::stdout().flush();
         }
     }
     Ok(())
 }
 
+// ---- shell completion ----
+
+fn print_completion(shell: CompletionShell, static_script: bool, completer: Option<&str>) {
+    let mut stdout = std::io::stdout().lock();
+    if static_script {
+        let shell = match shell {
+            CompletionShell::Bash => clap_complete::Shell::Bash,
+            CompletionShell::Zsh => clap_complete::Shell::Zsh,
+            CompletionShell::Fish => clap_complete::Shell::Fish,
+        };
+        clap_complete::generate(shell, &mut Cli::command(), "vfioctl", &mut stdout);
+        return;
+    }
+    let completer = completer.unwrap_or("vfioctl");
+    let registration: &dyn EnvCompleter = match shell {
+        CompletionShell::Bash => &clap_complete::env::Bash,
+        CompletionShell::Zsh => &clap_complete::env::Zsh,
+        CompletionShell::Fish => &clap_complete::env::Fish,
+    };
+    let _ =
+        registration.write_registration(COMPLETE_VAR, "vfioctl", "vfioctl", completer, &mut stdout);
+    if matches!(shell, CompletionShell::Zsh) {
+        // Autoloaded from fpath as `_vfioctl`, the file's body runs on the
+        // first TAB: it must complete then too, not only register.
+        let _ = writeln!(
+            stdout,
+            "if [ \"$funcstack[1]\" = \"_vfioctl\" ]; then\n    _clap_dynamic_completer_vfioctl \"$@\"\nfi"
+        );
+    }
+}
+
+/// The socket a completion request asks: the `--socket` among the words
+/// being completed, else `VFIOD_SOCKET`, else the default.
+fn completion_socket() -> String {
+    let words: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .skip_while(|a| a != "--")
+        .collect();
+    let mut it = words.iter();
+    while let Some(w) = it.next() {
+        if w == "--socket" {
+            if let Some(v) = it.next() {
+                return v.clone();
+            }
+        } else if let Some(v) = w.strip_prefix("--socket=") {
+            return v.to_owned();
+        }
+    }
+    std::env::var("VFIOD_SOCKET").unwrap_or_else(|_| default_socket())
+}
+
+/// A GET for a completion: a second at most, and nothing on any failure
+/// (no agent means no candidates, never an error under the cursor).
+fn completion_get(path: &str) -> Vec<Value> {
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return Vec::new();
+    };
+    let conn = Conn {
+        client: Client::unix(),
+        socket: completion_socket(),
+    };
+    runtime.block_on(async {
+        match tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            conn.json(Method::GET, path, None),
+        )
+        .await
+        {
+            Ok(Ok(Value::Array(list))) => list,
+            _ => Vec::new(),
+        }
+    })
+}
+
+/// Names first; ids are offered only when no name matches what is typed.
+fn registered_devices() -> Vec<CompletionCandidate> {
+    let list = completion_get("/devices");
+    let names = list.iter().filter_map(|d| {
+        let name = d["name"].as_str()?;
+        Some(CompletionCandidate::new(name).help(Some(
+            format!("{} {}", s(d, "pci_address"), s(d, "id")).into(),
+        )))
+    });
+    let ids = list.iter().filter_map(|d| {
+        let id = d["id"].as_str()?;
+        Some(
+            CompletionCandidate::new(id)
+                .help(Some(
+                    format!("{} {}", s(d, "pci_address"), s(d, "name")).into(),
+                ))
+                .hide(true),
+        )
+    });
+    names.chain(ids).collect()
+}
+
+fn unregistered_candidates() -> Vec<CompletionCandidate> {
+    completion_get("/devices/available")
+        .iter()
+        .filter(|d| d["registered_id"].is_null())
+        .filter_map(|d| {
+            let addr = d["pci_address"].as_str()?;
+            Some(CompletionCandidate::new(addr).help(Some(names(d).into())))
+        })
+        .collect()
+}
+
+/// Exit 2 for an option before the command (the global ones), 1 for
+/// everything about a command, as before clap: scripts tell a broken
+/// invocation of vfioctl from a refused request that way.
+fn usage_exit_code(e: &clap::Error) -> u8 {
+    use clap::error::{ContextKind, ContextValue};
+    let global = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(arg)) => arg.starts_with("--socket") || arg.starts_with("--json"),
+        _ => false,
+    };
+    if global {
+        2
+    } else {
+        1
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = match parse_cli(std::env::args().skip(1).collect()) {
-        Ok(Some(cli)) => cli,
-        Ok(None) => {
-            print!("{USAGE}");
+    CompleteEnv::with_factory(Cli::command)
+        .var(COMPLETE_VAR)
+        .complete();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Without a command, the help goes to stdout like --help's.
+        Err(e) if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = Cli::command().print_help();
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!("vfioctl: {e}");
-            return ExitCode::from(2);
+            let _ = e.print();
+            return match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+                _ => ExitCode::from(usage_exit_code(&e)),
+            };
         }
     };
+    if let Command::Completion {
+        shell,
+        static_script,
+        completer,
+    } = &cli.command
+    {
+        print_completion(*shell, *static_script, completer.as_deref());
+        return ExitCode::SUCCESS;
+    }
     let json_mode = cli.json;
+    let conn = Conn {
+        client: Client::unix(),
+        socket: cli.socket.unwrap_or_else(default_socket),
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(conn, json_mode, cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Local(msg)) => {
             eprintln!("vfioctl: {msg}");

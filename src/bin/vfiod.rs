@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use vfiod::api::{self, AccessPolicy, Api};
-use vfiod::config::{Config, Invocation, USAGE};
+use vfiod::config::{Config, ConfigError};
 use vfiod::core::{Core, CoreOptions};
 use vfiod::engine::Engine;
 use vfiod::pci::{PciIds, Sysfs};
@@ -20,14 +20,11 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let is_root = nix::unistd::geteuid().is_root() || runs_as_the_system_agent();
     let config = match Config::from_args(&args, is_root) {
-        Ok(Invocation::Run(c)) => *c,
-        Ok(Invocation::Help) => {
-            print!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Ok(Invocation::Version) => {
-            println!("vfiod {}", env!("CARGO_PKG_VERSION"));
-            return ExitCode::SUCCESS;
+        Ok(c) => c,
+        Err(ConfigError::Cli(e)) => {
+            // --help and --version land here too, on stdout with exit 0.
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
         Err(e) => {
             eprintln!("vfiod: {e}");
@@ -176,6 +173,12 @@ async fn run(config: Config, is_root: bool) -> Result<(), StartupFailure> {
     }
     let (listener, socket_guard) =
         systemd::listen(&config.socket, gid).map_err(|e| e.to_string())?;
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            format!("metrics listener on {addr}: {e} (under systemd, RestrictAddressFamilies= and IPAddressDeny= must allow it: see vfiod(8))")
+        })?),
+        None => None,
+    };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let policy = AccessPolicy {
         group_gid: gid,
@@ -211,6 +214,7 @@ async fn run(config: Config, is_root: bool) -> Result<(), StartupFailure> {
         privileged,
         loaded_ms,
         reconciled_ms,
+        metrics_listen = ?config.metrics_listen,
         startup_ms = started.elapsed().as_millis() as u64,
         connections_per_uid = config.limits.connections_per_uid,
         event_streams_per_uid = config.limits.event_streams_per_uid,
@@ -219,6 +223,9 @@ async fn run(config: Config, is_root: bool) -> Result<(), StartupFailure> {
     );
     systemd::notify_ready(&status);
 
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(api::serve_metrics(listener, api.clone()));
+    }
     let server = tokio::spawn(api::serve(listener, api, Duration::from_secs(10)));
     stop_signals.wait().await;
     tracing::info!("shutting down: no new connections, finishing requests and moves in flight");

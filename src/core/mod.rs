@@ -389,13 +389,17 @@ impl Core {
     }
 
     /// Passthrough candidates on the bus now, registered or not.
-    pub async fn available(&self) -> Result<Vec<PciFunction>, CoreError> {
+    /// With `all`, every function of the bus.
+    pub async fn available(&self, all: bool) -> Result<Vec<PciFunction>, CoreError> {
         let sysfs = self.sysfs().clone();
-        let all = tokio::task::spawn_blocking(move || sysfs.scan())
+        let functions = tokio::task::spawn_blocking(move || sysfs.scan())
             .await
             .map_err(|e| CoreError::Internal(format!("scan: {e}")))?
             .map_err(|e| CoreError::Internal(e.to_string()))?;
-        Ok(all.into_values().filter(is_passthrough_candidate).collect())
+        Ok(functions
+            .into_values()
+            .filter(|f| all || is_passthrough_candidate(f))
+            .collect())
     }
 
     pub fn health(&self) -> Health {

@@ -8,6 +8,7 @@ use super::{BindOutcome, BindPlan, BindRequest, Caller, Core, VFIO_PCI};
 use crate::engine::{EngineError, Move};
 use crate::error::CoreError;
 use crate::events::EventKind;
+use crate::metrics::{self, MoveResult};
 use crate::pci::holders::Holder;
 use crate::pci::{PciAddress, PciFunction, Sysfs};
 use crate::registry::{is_vfio_driver, Companion, DeviceRecord, PendingOp};
@@ -261,6 +262,8 @@ impl Core {
         .await?;
         for console in &consoles {
             if let Err(error) = self.engine.bind_console(addr, console.clone(), false).await {
+                let result = MoveResult::failed(error.is_timeout());
+                metrics::record_move("bind", result, started.elapsed());
                 return Err(self
                     .record_failed_move(caller, record, "bind", error, None, |d| {
                         d.pending = None;
@@ -291,12 +294,15 @@ impl Core {
                     tracing::error!(device = %addr, error = %e, "could not re-apply the VFIO node grant of the attachment");
                 }
                 let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+                metrics::record_move("bind", MoveResult::Ok, started.elapsed());
                 tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, driver = ?current, elapsed_ms, "bound {addr} to {} for {caller} in {elapsed_ms:.1} ms", current.as_deref().unwrap_or("no driver"));
                 self.events
                     .publish(self.publish(EventKind::Bind, &device).driver(current));
                 Ok(BindOutcome { device, plan })
             }
             Err(failure) => {
+                let result = MoveResult::failed(failure.error.is_timeout());
+                metrics::record_move("bind", result, started.elapsed());
                 // A rolled-back bind gives the console back too; a stuck
                 // one keeps it released until the move is settled.
                 let rolled_back = failure.rollback.is_some();
@@ -418,17 +424,22 @@ impl Core {
                     .unwrap_or_else(|| record.clone());
                 self.restore_consoles(addr, &record.released_consoles).await;
                 let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+                metrics::record_move("unbind", MoveResult::Ok, started.elapsed());
                 tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, driver = ?current, elapsed_ms, "gave {addr} back to {} for {caller} in {elapsed_ms:.1} ms", current.as_deref().unwrap_or("no driver"));
                 self.events
                     .publish(self.publish(EventKind::Unbind, &device).driver(current));
                 Ok(device)
             }
-            Err(error) => Err(self
-                .record_failed_move(caller, record, "unbind", error, None, |d| {
-                    d.pending = None;
-                    d.bound_by_vfiod = d.current_driver.as_deref().is_some_and(is_vfio_driver);
-                })
-                .await),
+            Err(error) => {
+                let result = MoveResult::failed(error.is_timeout());
+                metrics::record_move("unbind", result, started.elapsed());
+                Err(self
+                    .record_failed_move(caller, record, "unbind", error, None, |d| {
+                        d.pending = None;
+                        d.bound_by_vfiod = d.current_driver.as_deref().is_some_and(is_vfio_driver);
+                    })
+                    .await)
+            }
         }
     }
 

@@ -19,6 +19,19 @@ pub enum HotplugEvent {
     Change(PciAddress),
 }
 
+impl HotplugEvent {
+    /// The kernel's name for the uevent action.
+    pub fn action(&self) -> &'static str {
+        match self {
+            HotplugEvent::Add(_) => "add",
+            HotplugEvent::Remove(_) => "remove",
+            HotplugEvent::Bind { .. } => "bind",
+            HotplugEvent::Unbind(_) => "unbind",
+            HotplugEvent::Change(_) => "change",
+        }
+    }
+}
+
 impl Core {
     /// Brings the registry in line with the bus: presence and drivers,
     /// unfinished operations, and devices that should be on vfio but are
@@ -120,6 +133,7 @@ impl Core {
     }
 
     pub async fn handle_hotplug(&self, event: HotplugEvent) {
+        crate::metrics::record_hotplug(event.action());
         match event {
             HotplugEvent::Remove(addr) => {
                 let device = self

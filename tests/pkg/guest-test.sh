@@ -180,6 +180,81 @@ else
 	nok "found a PCI device to register" "$(ls /sys/bus/pci/devices)"
 fi
 
+# --- shell completion ----------------------------------------------------
+for f in /usr/share/bash-completion/completions/vfioctl /usr/share/zsh/vendor-completions/_vfioctl \
+	/usr/share/fish/vendor_completions.d/vfioctl.fish; do
+	check "completion installed: $f" test -s "$f"
+done
+# bash-completion loads a command's file at its first TAB; a login shell
+# asks its loader (_completion_loader in 2.11, _comp_load in 2.12+).
+spec=$(bash -lic 'complete -p vfioctl >/dev/null 2>&1 || _comp_load vfioctl >/dev/null 2>&1 || _completion_loader vfioctl >/dev/null 2>&1; complete -p vfioctl' 2>/dev/null)
+if grep -q '_clap_complete_vfioctl vfioctl$' <<<"$spec"; then ok "complete -p vfioctl in a bash login shell"; else nok "complete -p vfioctl in a bash login shell" "$spec"; fi
+if [ -n "$addr" ]; then
+	# A TAB after "vfioctl show pk": the script asks vfioctl, which asks vfiod.
+	# shellcheck disable=SC2016
+	words=$(runuser -u outsider -- bash -c 'source /usr/share/bash-completion/completions/vfioctl
+		COMP_WORDS=(vfioctl show pk); COMP_CWORD=2; COMP_TYPE=9
+		_clap_complete_vfioctl vfioctl pk show; printf "%s\n" "${COMPREPLY[@]}"' 2>&1)
+	is "bash completes the registered name from the running vfiod" "$words" pkgtest
+fi
+
+# --- metrics, scraped by Prometheus --------------------------------------
+# The packaged unit allows no IP: the listener needs the drop-in vfiod(8)
+# gives. Undone at the end of this section.
+cp /etc/vfiod/config.toml /tmp/config.toml.orig
+echo 'metrics_listen = "127.0.0.1:9847"' >>/etc/vfiod/config.toml
+mkdir -p /etc/systemd/system/vfiod.service.d
+printf '[Service]\nRestrictAddressFamilies=AF_INET AF_INET6\nIPAddressAllow=localhost\n' \
+	>/etc/systemd/system/vfiod.service.d/metrics.conf
+systemctl daemon-reload
+systemctl restart vfiod.service
+if wait_active vfiod.service 10; then ok "vfiod restarted with metrics_listen"; else nok "vfiod restarted with metrics_listen" "$(systemctl status vfiod.service 2>&1)"; fi
+# GET /metrics over bash's /dev/tcp: a minbase system has no HTTP client.
+scrape() {
+	exec 3<>/dev/tcp/127.0.0.1/9847 || return 1
+	printf 'GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n' >&3
+	sed '1,/^\r$/d' <&3
+	exec 3<&-
+}
+scrape >/tmp/metrics.txt
+check "the TCP listener serves the exposition" grep -q '^vfiod_build_info{' /tmp/metrics.txt
+check "promtool check metrics finds no problem" sh -c 'promtool check metrics </tmp/metrics.txt'
+[ -z "$addr" ] || refused "outsider may not delete (counted as a 403)" outsider vfioctl delete pkgtest
+printf '%s\n' 'global: {scrape_interval: 1s}' 'scrape_configs:' '  - job_name: vfiod' \
+	'    static_configs: [{targets: ["127.0.0.1:9847"]}]' >/tmp/prometheus.yml
+prometheus --config.file=/tmp/prometheus.yml --storage.tsdb.path=/tmp/prometheus \
+	--web.listen-address=127.0.0.1:9091 >/tmp/prometheus.log 2>&1 &
+prom_pid=$!
+# query EXPR: the value Prometheus's HTTP API has for EXPR now ("" if none).
+query() { promtool query instant http://127.0.0.1:9091 "$1" 2>/dev/null | sed -n 's/.* => \([^ ]*\) @.*/\1/p' | head -n1; }
+for ((i = 0; i < 120; i++)); do [ "$(query 'up{job="vfiod"}')" = 1 ] && break; sleep 0.5; done
+is "Prometheus scraped vfiod (up)" "$(query 'up{job="vfiod"}')" 1
+version=$(vfioctl --json health | grep -o '"version":"[^"]*"' | cut -d'"' -f4)
+is "vfiod_build_info has the version /health gives ($version)" "$(query "vfiod_build_info{version=\"$version\"}")" 1
+if [ -n "$addr" ]; then
+	show=$(vfioctl --json show pkgtest)
+	id=$(grep -o '"id":"[^"]*"' <<<"$show" | cut -d'"' -f4)
+	is "vfiod_device_info of pkgtest (id $id, $addr)" "$(query "vfiod_device_info{name=\"pkgtest\",id=\"$id\",pci_address=\"$addr\"}")" 1
+	present=0; grep -q '"present":true' <<<"$show" && present=1
+	is "vfiod_device_present as the API shows" "$(query 'vfiod_device_present{name="pkgtest"}')" "$present"
+	bound=0; grep -q '"bound_to_vfio":true' <<<"$show" && bound=1
+	is "vfiod_device_bound_to_vfio as the API shows" "$(query 'vfiod_device_bound_to_vfio{name="pkgtest"}')" "$bound"
+	is "the refused request, counted by route template" \
+		"$(query 'vfiod_http_requests_total{route="/devices/{id_or_name}",code="403"}')" 1
+fi
+start=$(query 'process_start_time_seconds{job="vfiod"}')
+if [ -n "$start" ] && awk -v s="$start" -v now="$(date +%s)" 'BEGIN { exit !(s > now - 600 && s <= now + 1) }'; then
+	ok "process_start_time_seconds is this start ($start)"
+else
+	nok "process_start_time_seconds is this start" "'$start'; $(tail -n 5 /tmp/prometheus.log)"
+fi
+kill "$prom_pid" 2>/dev/null
+wait "$prom_pid" 2>/dev/null
+cp /tmp/config.toml.orig /etc/vfiod/config.toml
+rm -r /etc/systemd/system/vfiod.service.d
+systemctl daemon-reload
+systemctl restart vfiod.service
+wait_active vfiod.service 10 || nok "vfiod back without the metrics listener" "$(systemctl status vfiod.service 2>&1)"
 # --- fair share: an unprivileged user's idle connections --------------------
 # outsider holds 600 idle connections, far over its share (64, see
 # vfiod(8) LIMITS); root and a group member must still be answered and vfiod

@@ -11,7 +11,8 @@
 # 5. for Debian 12 (bookworm) and 13 (trixie): boots a cached mmdebstrap
 #    minbase tree with systemd in `systemd-nspawn -b` whose oneshot unit runs
 #    tests/pkg/guest-test.sh: install, unit state, socket owner/mode, access
-#    control, socket activation, upgrade restart, remove, purge.
+#    control, shell completion, metrics scraped by Debian's Prometheus,
+#    socket activation, upgrade restart, remove, purge.
 #
 # Environment:
 #   VFIOD_PKG_CACHE        where base trees are cached (default tests/pkg/.cache)
@@ -86,10 +87,10 @@ log "tools ready"
 # hash: change the recipe and the tree is rebuilt.
 recipe() {
 	printf '%s\n' --variant=minbase \
-		--include=systemd-sysv,udev,kmod,dbus,pci.ids,libudev1 \
+		--include=systemd-sysv,udev,kmod,dbus,pci.ids,libudev1,bash-completion,prometheus \
 		'--customize-hook=mkdir -p "$1/var/log/journal"' \
 		'--customize-hook=rm -f "$1/etc/hostname"' \
-		'--customize-hook=systemctl --root="$1" mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer dpkg-db-backup.timer' \
+		'--customize-hook=systemctl --root="$1" mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer dpkg-db-backup.timer prometheus.service' \
 		--format=directory
 }
 recipe_key() { { echo recipe-v1 "$1" "$mirror"; recipe; } | sha256sum | cut -c1-16; }

@@ -1,0 +1,481 @@
+//! Prometheus metrics.
+//!
+//! Two kinds of families, kept apart on purpose:
+//! - **Event counts** (driver moves and their durations, hotplug events,
+//!   HTTP requests, open connections, event subscribers) are recorded as
+//!   they happen, into one process-wide set, by small calls from the core
+//!   and the API ([`record_move`], [`record_hotplug`], ...). A process-wide
+//!   set because every recording site would otherwise need a handle
+//!   threaded through it, and a daemon has exactly one set of counters.
+//! - **State** (the per-device gauges and the `process_*` families) is
+//!   computed at scrape time from the registry snapshot and `/proc/self`,
+//!   so it can never drift from what `GET /devices` shows.
+//!
+//! [`render`] writes both in the Prometheus text format (0.0.4), or in
+//! OpenMetrics when the scraper's `Accept` asks for it.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::{text, EncodeLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::registry::{Health, Registry as DeviceRegistry};
+
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const TEXT_CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// Move durations: a bind takes milliseconds when nothing is in the way and
+/// up to the op timeout (5 s by default) when a driver drags its feet.
+const MOVE_BUCKETS: [f64; 13] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MoveLabels {
+    op: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabels {
+    action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    route: &'static str,
+    code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PrivilegedLabels {
+    privileged: &'static str,
+}
+
+struct Recorded {
+    registry: Registry,
+    driver_moves: Family<MoveLabels, Counter>,
+    move_duration: Family<OpLabels, Histogram>,
+    hotplug_events: Family<ActionLabels, Counter>,
+    http_requests: Family<HttpLabels, Counter>,
+    connections: Family<PrivilegedLabels, Gauge>,
+    event_subscribers: Gauge,
+}
+
+static RECORDED: LazyLock<Recorded> = LazyLock::new(|| {
+    let mut registry = Registry::default();
+    let build_info = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
+    build_info
+        .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION"))])
+        .set(1);
+    registry.register(
+        "vfiod_build_info",
+        "The running vfiod's version (always 1)",
+        build_info,
+    );
+    let driver_moves = Family::<MoveLabels, Counter>::default();
+    registry.register(
+        "vfiod_driver_moves",
+        "Driver moves of a function (op bind or unbind) by result (ok, error, timeout)",
+        driver_moves.clone(),
+    );
+    let move_duration: Family<OpLabels, Histogram> =
+        Family::new_with_constructor(|| Histogram::new(MOVE_BUCKETS));
+    registry.register_with_unit(
+        "vfiod_driver_move_duration",
+        "Time a driver move took inside vfiod, from the first sysfs write to the verified result",
+        Unit::Seconds,
+        move_duration.clone(),
+    );
+    let hotplug_events = Family::<ActionLabels, Counter>::default();
+    registry.register(
+        "vfiod_hotplug_events",
+        "PCI uevents handled, by action",
+        hotplug_events.clone(),
+    );
+    let http_requests = Family::<HttpLabels, Counter>::default();
+    registry.register(
+        "vfiod_http_requests",
+        "API requests answered, by route template and HTTP status",
+        http_requests.clone(),
+    );
+    let connections = Family::<PrivilegedLabels, Gauge>::default();
+    registry.register(
+        "vfiod_http_connections",
+        "Open connections on the API socket, by whether the peer may change things",
+        connections.clone(),
+    );
+    let event_subscribers = Gauge::default();
+    registry.register(
+        "vfiod_event_subscribers",
+        "Clients following GET /events",
+        event_subscribers.clone(),
+    );
+    Recorded {
+        registry,
+        driver_moves,
+        move_duration,
+        hotplug_events,
+        http_requests,
+        connections,
+        event_subscribers,
+    }
+});
+
+/// How a driver move ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoveResult {
+    Ok,
+    /// The kernel refused or the result did not verify; rolled back.
+    Error,
+    /// A sysfs write did not return within the op timeout.
+    Timeout,
+}
+
+impl MoveResult {
+    pub fn failed(timed_out: bool) -> MoveResult {
+        if timed_out {
+            MoveResult::Timeout
+        } else {
+            MoveResult::Error
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            MoveResult::Ok => "ok",
+            MoveResult::Error => "error",
+            MoveResult::Timeout => "timeout",
+        }
+    }
+}
+
+/// One driver move of one function: `op` is `"bind"` or `"unbind"`.
+pub fn record_move(op: &'static str, result: MoveResult, took: Duration) {
+    let m = &*RECORDED;
+    m.driver_moves
+        .get_or_create(&MoveLabels {
+            op,
+            result: result.label(),
+        })
+        .inc();
+    m.move_duration
+        .get_or_create(&OpLabels { op })
+        .observe(took.as_secs_f64());
+}
+
+/// One PCI uevent handled: `action` is the kernel's (`add`, `remove`, ...).
+pub fn record_hotplug(action: &'static str) {
+    RECORDED
+        .hotplug_events
+        .get_or_create(&ActionLabels { action })
+        .inc();
+}
+
+/// One answered request; `route` is a template from the route table, never
+/// the raw path (a label per device name would grow without bound).
+pub fn record_request(route: &'static str, code: u16) {
+    RECORDED
+        .http_requests
+        .get_or_create(&HttpLabels { route, code })
+        .inc();
+}
+
+/// Counts a connection as open until the guard is dropped.
+pub fn connection_opened(privileged: bool) -> GaugeGuard {
+    let gauge = RECORDED
+        .connections
+        .get_or_create(&PrivilegedLabels {
+            privileged: if privileged { "true" } else { "false" },
+        })
+        .clone();
+    GaugeGuard::new(gauge)
+}
+
+/// Counts an event subscriber until the guard is dropped.
+pub fn subscriber_added() -> GaugeGuard {
+    GaugeGuard::new(RECORDED.event_subscribers.clone())
+}
+
+/// Raises a gauge while alive, so that every way out of a connection or a
+/// stream (end, error, panic, cancellation) lowers it again.
+#[derive(Debug)]
+pub struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    fn new(gauge: Gauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeviceInfoLabels {
+    id: String,
+    name: String,
+    pci_address: String,
+    vendor_id: String,
+    device_id: String,
+    iommu_group: String,
+    r#type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeviceLabels {
+    name: String,
+    pci_address: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HealthLabels {
+    name: String,
+    pci_address: String,
+    health: &'static str,
+}
+
+/// Every health a device can have: each is a series, 1 for the current one.
+const HEALTH_STATES: [Health; 4] = [
+    Health::Ok,
+    Health::NeedsReset,
+    Health::Quarantined,
+    Health::NeedsHostReboot,
+];
+
+/// A 0/1 state of a registered device.
+type DeviceFlag = fn(&crate::registry::DeviceRecord) -> bool;
+
+/// The per-device families, from one registry snapshot.
+fn device_registry(devices: &DeviceRegistry) -> Registry {
+    let mut registry = Registry::default();
+    let info = Family::<DeviceInfoLabels, Gauge>::default();
+    let flags: [(&str, &str, DeviceFlag); 4] = [
+        (
+            "vfiod_device_present",
+            "Whether the registered function is on the bus (0/1)",
+            |d| d.present,
+        ),
+        (
+            "vfiod_device_bound_to_vfio",
+            "Whether the function's driver is vfio-pci or a vfio variant (0/1)",
+            |d| d.bound_to_vfio(),
+        ),
+        (
+            "vfiod_device_attached",
+            "Whether the device is attached to a virtual machine (0/1)",
+            |d| d.attached_to.is_some(),
+        ),
+        (
+            "vfiod_device_stuck",
+            "Whether a sysfs write for the device timed out in the kernel (0/1)",
+            |d| d.stuck,
+        ),
+    ];
+    let families: Vec<Family<DeviceLabels, Gauge>> =
+        flags.iter().map(|_| Family::default()).collect();
+    let health = Family::<HealthLabels, Gauge>::default();
+    for d in devices.iter() {
+        info.get_or_create(&DeviceInfoLabels {
+            id: d.id.clone(),
+            name: d.name.clone(),
+            pci_address: d.pci_address.to_string(),
+            vendor_id: format!("{:04x}", d.vendor_id),
+            device_id: format!("{:04x}", d.device_id),
+            iommu_group: d.iommu_group.map_or("-1".into(), |g| g.to_string()),
+            r#type: crate::api::wire::device_type(d.class),
+        })
+        .set(1);
+        let labels = DeviceLabels {
+            name: d.name.clone(),
+            pci_address: d.pci_address.to_string(),
+        };
+        for ((_, _, value), family) in flags.iter().zip(&families) {
+            family.get_or_create(&labels).set(i64::from(value(d)));
+        }
+        for state in HEALTH_STATES {
+            health
+                .get_or_create(&HealthLabels {
+                    name: d.name.clone(),
+                    pci_address: d.pci_address.to_string(),
+                    health: state.as_str(),
+                })
+                .set(i64::from(d.health == state));
+        }
+    }
+    registry.register(
+        "vfiod_device_info",
+        "A registered device and its identity (always 1)",
+        info,
+    );
+    for ((name, help, _), family) in flags.iter().zip(families) {
+        registry.register(*name, *help, family);
+    }
+    registry.register(
+        "vfiod_device_health",
+        "The device's health (ok, needs_reset, quarantined, needs_host_reboot): 1 for the current one",
+        health,
+    );
+    registry
+}
+
+/// The standard `process_*` families, read from `/proc/self` at scrape
+/// time. Nothing here reads `/proc/stat` or `/proc/uptime`: the packaged
+/// unit's `ProcSubset=pid` hides them, so boot time comes from the clocks.
+fn process_registry() -> Registry {
+    let mut registry = Registry::default();
+    let Ok(me) = procfs::process::Process::myself() else {
+        return registry;
+    };
+    let ticks = procfs::ticks_per_second() as f64;
+    if let Ok(stat) = me.stat() {
+        let cpu = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+        cpu.inc_by((stat.utime + stat.stime) as f64 / ticks);
+        registry.register_with_unit(
+            "process_cpu",
+            "Total user and system CPU time spent",
+            Unit::Seconds,
+            cpu,
+        );
+        let rss = Gauge::<i64>::default();
+        rss.set(stat.rss as i64 * procfs::page_size() as i64);
+        registry.register_with_unit(
+            "process_resident_memory",
+            "Resident memory size",
+            Unit::Bytes,
+            rss,
+        );
+        let vsize = Gauge::<i64>::default();
+        vsize.set(stat.vsize as i64);
+        registry.register_with_unit(
+            "process_virtual_memory",
+            "Virtual memory size",
+            Unit::Bytes,
+            vsize,
+        );
+        if let Some(boot) = boot_time() {
+            let start = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+            start.set(boot + stat.starttime as f64 / ticks);
+            registry.register_with_unit(
+                "process_start_time",
+                "Start time of the process since the Unix epoch",
+                Unit::Seconds,
+                start,
+            );
+        }
+    }
+    if let Ok(n) = me.fd_count() {
+        let fds = Gauge::<i64>::default();
+        fds.set(n as i64);
+        registry.register("process_open_fds", "Open file descriptors", fds);
+    }
+    if let Ok(limits) = me.limits() {
+        if let procfs::process::LimitValue::Value(max) = limits.max_open_files.soft_limit {
+            let max_fds = Gauge::<i64>::default();
+            max_fds.set(max as i64);
+            registry.register("process_max_fds", "Limit of open file descriptors", max_fds);
+        }
+    }
+    registry
+}
+
+/// Seconds since the epoch at boot: the wall clock less the time since boot.
+fn boot_time() -> Option<f64> {
+    use nix::time::{clock_gettime, ClockId};
+    let secs = |c: ClockId| {
+        clock_gettime(c)
+            .ok()
+            .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
+    };
+    Some(secs(ClockId::CLOCK_REALTIME)? - secs(ClockId::CLOCK_BOOTTIME)?)
+}
+
+/// Whether an `Accept` header asks for OpenMetrics (Prometheus sends it
+/// first, with the classic text format as a fallback).
+pub fn wants_openmetrics(accept: Option<&str>) -> bool {
+    accept.is_some_and(|a| a.contains("application/openmetrics-text"))
+}
+
+/// The whole exposition and its content type.
+pub fn render(devices: &DeviceRegistry, openmetrics: bool) -> (&'static str, String) {
+    let per_scrape = [device_registry(devices), process_registry()];
+    let mut out = String::new();
+    // Writing to a String cannot fail; an error here would be a bug in the
+    // encoder, and a partial exposition is still better than none.
+    if openmetrics {
+        let _ = text::encode_registry(&mut out, &RECORDED.registry);
+        for r in &per_scrape {
+            let _ = text::encode_registry(&mut out, r);
+        }
+        let _ = text::encode_eof(&mut out);
+        (OPENMETRICS_CONTENT_TYPE, out)
+    } else {
+        use prometheus_client::encoding::prometheus_text;
+        let _ = prometheus_text::encode(&mut out, &RECORDED.registry);
+        for r in &per_scrape {
+            let _ = prometheus_text::encode(&mut out, r);
+        }
+        (TEXT_CONTENT_TYPE, out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_formats_carry_the_recorded_and_the_process_families() {
+        record_move("bind", MoveResult::Ok, Duration::from_millis(30));
+        record_hotplug("add");
+        let devices = DeviceRegistry::default();
+        let (ct, text) = render(&devices, false);
+        assert!(ct.starts_with("text/plain"));
+        assert!(
+            text.contains("# TYPE vfiod_driver_moves_total counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vfiod_driver_moves_total{op=\"bind\",result=\"ok\"}"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vfiod_driver_move_duration_seconds_bucket{le=\"0.05\",op=\"bind\"}")
+                || text
+                    .contains("vfiod_driver_move_duration_seconds_bucket{op=\"bind\",le=\"0.05\"}"),
+            "{text}"
+        );
+        assert!(text.contains("vfiod_build_info{version=\""), "{text}");
+        assert!(text.contains("process_resident_memory_bytes "), "{text}");
+        assert!(text.contains("process_open_fds "), "{text}");
+        assert!(text.contains("process_start_time_seconds "), "{text}");
+        assert!(!text.contains("# EOF"));
+        let (ct, om) = render(&devices, true);
+        assert!(ct.starts_with("application/openmetrics-text"));
+        assert!(om.ends_with("# EOF\n"), "{om}");
+        assert_eq!(om.matches("# EOF").count(), 1);
+    }
+
+    #[test]
+    fn accept_header_picks_the_format() {
+        assert!(wants_openmetrics(Some(
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+        )));
+        assert!(!wants_openmetrics(Some("text/plain")));
+        assert!(!wants_openmetrics(None));
+    }
+}
