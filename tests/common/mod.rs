@@ -149,20 +149,22 @@ pub fn request(socket: &Path, method: &str, path: &str, body: Option<&str>) -> R
     raw_request(socket, raw.as_bytes())
 }
 
-pub fn vfiod_bin() -> PathBuf {
-    built_bin(option_env!("CARGO_BIN_EXE_vfiod"), "vfiod")
+pub fn vfiod_bin() -> &'static str {
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| built_bin(option_env!("CARGO_BIN_EXE_vfiod"), "vfiod"))
 }
 
-pub fn vfioctl_bin() -> PathBuf {
-    built_bin(option_env!("CARGO_BIN_EXE_vfioctl"), "vfioctl")
+pub fn vfioctl_bin() -> &'static str {
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| built_bin(option_env!("CARGO_BIN_EXE_vfioctl"), "vfioctl"))
 }
 
 /// Cargo names the binaries only to this package's own tests; another
 /// workspace member's tests (the kubelet plugin's) find them in the
 /// profile directory their own executable sits under (`target/debug/deps/..`).
-fn built_bin(from_cargo: Option<&str>, name: &str) -> PathBuf {
+fn built_bin(from_cargo: Option<&str>, name: &str) -> String {
     if let Some(path) = from_cargo {
-        return PathBuf::from(path);
+        return path.to_owned();
     }
     let exe = std::env::current_exe().expect("the test's own path");
     let path = exe
@@ -175,7 +177,7 @@ fn built_bin(from_cargo: Option<&str>, name: &str) -> PathBuf {
         "{} is not built: `cargo build --bin {name}` (cargo test --workspace builds it)",
         path.display()
     );
-    path
+    path.display().to_string()
 }
 
 /// A `vfiod` process on a fake tree, killed when dropped.
