@@ -2,6 +2,7 @@
 # Build the vfiod Debian package from this repository.
 #
 #   packaging/build-deb.sh            -> build/deb/vfiod_<version>_<arch>.deb
+#                                        build/deb/vfiod-kubelet-plugin_<version>_<arch>.deb
 #
 # Steps: install the Debian build tools if missing (needs root and apt),
 # `cargo build --release --locked` (a no-op when target/release is fresh),
@@ -31,6 +32,10 @@ done
 if [ "${VFIOD_SKIP_CARGO:-0}" != 1 ] && ! pkg-config --exists libudev 2>/dev/null; then
 	need+=(libudev-dev)
 fi
+# The kubelet plugin's build generates its gRPC code with protoc.
+if [ "${VFIOD_SKIP_CARGO:-0}" != 1 ] && [ -z "${PROTOC:-}" ] && ! command -v protoc >/dev/null; then
+	need+=(protobuf-compiler)
+fi
 # posix-acl links libacl (the VFIO node grants of attachments).
 if [ "${VFIOD_SKIP_CARGO:-0}" != 1 ] && ! pkg-config --exists libacl 2>/dev/null; then
 	need+=(libacl1-dev)
@@ -48,10 +53,10 @@ fi
 t0=$(date +%s)
 if [ "${VFIOD_SKIP_CARGO:-0}" != 1 ]; then
 	command -v cargo >/dev/null || { log "cargo not found (install Rust with rustup, or set VFIOD_SKIP_CARGO=1 to package target/release as it is)"; exit 1; }
-	log "cargo build --release --locked"
-	(cd "$repo" && cargo build --release --locked --bins)
+	log "cargo build --release --locked --workspace"
+	(cd "$repo" && cargo build --release --locked --workspace --bins)
 fi
-for b in vfiod vfioctl; do
+for b in vfiod vfioctl vfiod-kubelet-plugin; do
 	[ -x "$target_dir/release/$b" ] || { log "missing $target_dir/release/$b"; exit 1; }
 done
 t1=$(date +%s)
@@ -70,7 +75,7 @@ fi
 stamp=$( {
 	echo "$version"
 	cd "$repo" && find packaging systemd man -type f ! -name '*.md' -print0 | sort -z | xargs -0 sha256sum
-	sha256sum "$target_dir/release/vfiod" "$target_dir/release/vfioctl" | cut -d' ' -f1
+	sha256sum "$target_dir/release/vfiod" "$target_dir/release/vfioctl" "$target_dir/release/vfiod-kubelet-plugin" | cut -d' ' -f1
 } | sha256sum | cut -c1-32)
 if [ "${VFIOD_DEB_FORCE:-0}" != 1 ] && [ -f "$out/.stamp" ] && [ "$(cat "$out/.stamp")" = "$stamp" ] &&
 	ls "$out"/vfiod_"${version#*:}"_*.deb >/dev/null 2>&1; then
@@ -84,7 +89,7 @@ rm -rf "$stage_root"
 src=$stage_root/vfiod-${version%-*}
 mkdir -p "$src/bin" "$src/conf"
 cp -a "$repo/packaging/debian" "$src/debian"
-install -m 0755 "$target_dir/release/vfiod" "$target_dir/release/vfioctl" "$src/bin/"
+install -m 0755 "$target_dir/release/vfiod" "$target_dir/release/vfioctl" "$target_dir/release/vfiod-kubelet-plugin" "$src/bin/"
 cp -a "$repo/systemd" "$repo/man" "$src/"
 install -m 0644 "$repo/packaging/config.toml" "$src/conf/config.toml"
 if [ -n "${VFIOD_DEB_VERSION:-}" ]; then

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian 12 machine, as root:
-#   1. build dependencies from apt;
-#   2. cargo fmt --check, cargo clippy -D warnings;
-#   3. the fast tier: cargo test (real vfiod over a fake sysfs + simulated kernel);
+#   1. build dependencies from apt (protobuf-compiler: the kubelet plugin's
+#      build generates its gRPC code with protoc);
+#   2. cargo fmt --check, cargo clippy -D warnings, over the whole workspace;
+#   3. the fast tier: cargo test --workspace (real vfiod over a fake sysfs +
+#      simulated kernel; the kubelet plugin against a kubelet stand-in);
 #   4. the real-kernel tier: tests/vm/run.sh (QEMU guest with an IOMMU);
 #   5. the package tier: tests/pkg/run.sh (lintian, systemd-nspawn installs);
 #   6. the installed package in a QEMU guest booted with systemd.
@@ -14,8 +16,9 @@ step() { printf '\n==== %s (%s)\n' "$*" "$(date -u +%H:%M:%S)"; }
 
 need_apt=()
 # zsh and fish: the completion tests run them; prometheus: promtool lints
-# the metrics exposition in the fast tier.
-for pkg in libudev-dev libacl1-dev pkg-config pci.ids curl zsh fish prometheus; do
+# the metrics exposition in the fast tier; protobuf-compiler: the kubelet
+# plugin's build generates its gRPC code with protoc.
+for pkg in libudev-dev libacl1-dev pkg-config pci.ids curl zsh fish prometheus protobuf-compiler; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if [ "${#need_apt[@]}" -gt 0 ]; then
@@ -29,14 +32,14 @@ if [ "${#need_apt[@]}" -gt 0 ]; then
 fi
 
 step "cargo fmt --check"
-cargo fmt --check
+cargo fmt --all --check
 
 step "cargo clippy"
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "fast tier: cargo test"
-cargo build --release --locked --bins
-cargo test --locked
+step "fast tier: cargo test --workspace"
+cargo build --release --locked --workspace --bins
+cargo test --workspace --locked
 
 if [ "${VFIOD_SKIP_VM:-0}" != 1 ]; then
     step "real-kernel tier: tests/vm/run.sh"

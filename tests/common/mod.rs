@@ -150,11 +150,34 @@ pub fn request(socket: &Path, method: &str, path: &str, body: Option<&str>) -> R
 }
 
 pub fn vfiod_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_vfiod")
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| built_bin(option_env!("CARGO_BIN_EXE_vfiod"), "vfiod"))
 }
 
 pub fn vfioctl_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_vfioctl")
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| built_bin(option_env!("CARGO_BIN_EXE_vfioctl"), "vfioctl"))
+}
+
+/// Cargo names the binaries only to this package's own tests; another
+/// workspace member's tests (the kubelet plugin's) find them in the
+/// profile directory their own executable sits under (`target/debug/deps/..`).
+fn built_bin(from_cargo: Option<&str>, name: &str) -> String {
+    if let Some(path) = from_cargo {
+        return path.to_owned();
+    }
+    let exe = std::env::current_exe().expect("the test's own path");
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("a test executable under target/PROFILE/deps")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: `cargo build --bin {name}` (cargo test --workspace builds it)",
+        path.display()
+    );
+    path.display().to_string()
 }
 
 /// A `vfiod` process on a fake tree, killed when dropped.

@@ -132,8 +132,9 @@ command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not installe
 # date (a no-op when they are): testing stale binaries is a trap. An explicit
 # VFIOD_BIN_DIR is used as it is, built only if missing.
 if [ "${VFIOD_VM_NO_BUILD:-0}" != 1 ] && { [ -z "${VFIOD_BIN_DIR:-}" ] || [ ! -x "$BIN_DIR/vfiod" ] || [ ! -x "$BIN_DIR/vfioctl" ]; }; then
-    log "cargo build --release --bins"
-    (cd "$REPO" && cargo build --release --bins --quiet) >&2 ||
+    log "cargo build --release --workspace --bins; the kubelet stand-in example"
+    (cd "$REPO" && cargo build --release --workspace --bins --quiet &&
+        cargo build --release -p vfiod-kubelet-plugin --examples --quiet) >&2 ||
         log "WARNING: cargo build failed; scenarios that need vfiod will fail"
 fi
 
@@ -320,13 +321,16 @@ rm -rf "$OUT/overlay" "$OUT/share"
 mkdir -p "$OUT/overlay" "$OUT/share"
 ov=$OUT/overlay
 mkdir -p "$ov/usr/bin" "$ov/vm" "$ov/etc" "$ov/usr/share/misc"
-for b in vfiod vfioctl; do
+for b in vfiod vfioctl vfiod-kubelet-plugin examples/kubelet-standin; do
     if [ -x "$BIN_DIR/$b" ]; then
-        objcopy --strip-debug "$BIN_DIR/$b" "$ov/usr/bin/$b"
+        objcopy --strip-debug "$BIN_DIR/$b" "$ov/usr/bin/${b#examples/}"
     fi
 done
 if [ -x "$ov/usr/bin/vfiod" ]; then
     copy_libs "$ov" "$ov/usr/bin/vfiod" "$ov/usr/bin/vfioctl"
+fi
+if [ -x "$ov/usr/bin/vfiod-kubelet-plugin" ] && [ -x "$ov/usr/bin/kubelet-standin" ]; then
+    copy_libs "$ov" "$ov/usr/bin/vfiod-kubelet-plugin" "$ov/usr/bin/kubelet-standin"
 fi
 [ -e /usr/share/misc/pci.ids ] && cp /usr/share/misc/pci.ids "$ov/usr/share/misc/pci.ids"
 cp "$HERE/guest/init" "$ov/init"; chmod 755 "$ov/init"
