@@ -61,8 +61,9 @@ struct DeviceArg {
 
 #[derive(Debug, Args)]
 struct NameAndTags {
-    /// Device name
-    #[arg(long, value_name = "NAME")]
+    /// Device name (taken as given, even if it starts with '-': the agent
+    /// says what is wrong with it)
+    #[arg(long, value_name = "NAME", allow_hyphen_values = true)]
     name: Option<String>,
     /// A tag; repeat for more
     #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]

@@ -16,7 +16,12 @@
  *                              hold all three open (as a VM would) until
  *                              killed; prints "holding ... pid N fds C G D"
  *                              once everything is open, or the failing step
- *                              and its errno and exits 1
+ *                              and its errno and exits 1. With "devonly" it
+ *                              then closes the container and group fds and
+ *                              keeps only the device fd (the device stays
+ *                              open: a device fd holds its group), a holder
+ *                              that /proc cannot tie to the device on
+ *                              kernels before 6.18
  *   vmtool hold PATH [ro]      open PATH (read-write, or read-only with "ro")
  *                              and hold it until killed; prints "holding PATH
  *                              pid N fd F", or "open PATH: <errno text>" and
@@ -104,7 +109,7 @@ static int uevmon(const char *want_subsys, int udev_group) {
 	}
 }
 
-static int vfiohold(const char *group, const char *addr) {
+static int vfiohold(const char *group, const char *addr, int device_only) {
 	char path[64];
 	snprintf(path, sizeof path, "/dev/vfio/%s", group);
 	int container = open("/dev/vfio/vfio", O_RDWR | O_CLOEXEC);
@@ -118,6 +123,13 @@ static int vfiohold(const char *group, const char *addr) {
 	if (ioctl(container, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU) < 0) { perror("VFIO_SET_IOMMU"); return 1; }
 	int dev = ioctl(g, VFIO_GROUP_GET_DEVICE_FD, addr);
 	if (dev < 0) { perror("VFIO_GROUP_GET_DEVICE_FD"); return 1; }
+	if (device_only) {
+		close(g);
+		close(container);
+		printf("holding %s in group %s pid %d fd %d (device only)\n", addr, group, (int)getpid(), dev);
+		fflush(stdout);
+		for (;;) pause();
+	}
 	printf("holding %s in group %s pid %d fds %d %d %d\n", addr, group, (int)getpid(), container, g, dev);
 	fflush(stdout);
 	for (;;) pause();
@@ -177,7 +189,7 @@ static int http(const char *sock, const char *method, const char *path, const ch
 }
 
 int main(int argc, char **argv) {
-	if (argc >= 4 && !strcmp(argv[1], "vfiohold")) return vfiohold(argv[2], argv[3]);
+	if (argc >= 4 && !strcmp(argv[1], "vfiohold")) return vfiohold(argv[2], argv[3], argc >= 5 && !strcmp(argv[4], "devonly"));
 	if (argc >= 5 && !strcmp(argv[1], "http")) return http(argv[2], argv[3], argv[4], argc >= 6 ? argv[5] : NULL);
 	if (argc >= 3 && !strcmp(argv[1], "hold")) return hold(argv[2], argc >= 4 && !strcmp(argv[3], "ro"));
 	if (argc >= 2 && !strcmp(argv[1], "now")) { print_clock(CLOCK_REALTIME); return 0; }
