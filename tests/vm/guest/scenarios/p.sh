@@ -39,12 +39,8 @@ say "unattached: $VMM_ERR"
 
 # Attached to uid 1000.
 mark a0
-attach_uid() { # INSTANCE UID [PID]: through vfioctl once it has --uid, else the API
-    if vfioctl --help 2>&1 | grep -q -e '--uid'; then
-        vc_ok attach nic0 "$1" --uid "$2" ${3:+--pid "$3"}
-    else
-        api_ok POST /devices/nic0/attach "{\"instance_id\": \"$1\", \"uid\": $2${3:+, \"pid\": $3}}"
-    fi
+attach_uid() { # INSTANCE UID [PID]
+    vc_ok attach nic0 "$1" --uid "$2" ${3:+--pid "$3"}
 }
 attach_uid vm-p 1000
 mark a1
@@ -54,7 +50,7 @@ acl_of | grep -q 'user:1000:rw' || fail "after attach --uid 1000 the node's ACL 
 say "attached in $(mark_ms a0 a1) ms; $NODE: $(stat -c %A $NODE), acl: $(acl_of)"
 vmm_start attached 1000 "$NIC" || fail "QEMU as uid 1000 after attach --uid 1000: $VMM_ERR"
 vmm_query_has "$VID" "$DID" || fail "QEMU as uid 1000: query-pci does not show $VID:$DID: $VMM_PCI"
-metric attach_ms "$(mark_ms a0 a1)" ms "attach with uid 1000 (vfioctl, or the API while vfioctl has no --uid; device already on vfio-pci)"
+metric attach_ms "$(mark_ms a0 a1)" ms "attach with uid 1000 (vfioctl; device already on vfio-pci)"
 metric vmm_user_start_ms "$VMM_START_MS" ms "uid-1000 QEMU started -> query-pci answered"
 say "uid-1000 QEMU pid $VMM_PID: $VMM_DEV; fds $(vmm_fds)"
 vmtool runas 1001 1001 - vmtool hold $NODE >/tmp/vm.p.o 2>&1
