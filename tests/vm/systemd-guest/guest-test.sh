@@ -106,7 +106,9 @@ if vc --json attach sgnic vm-sg --uid 1000; then
     as_uid 1000 sh -c "exec 3<>/dev/vfio/$GRP" && ok "uid 1000 opens /dev/vfio/$GRP through the grant ($(node_mode))" || bad "uid 1000 cannot open /dev/vfio/$GRP after the attach ($(node_mode))"
     as_uid 1001 sh -c "exec 3<>/dev/vfio/$GRP" 2>/dev/null && bad "uid 1001 opened /dev/vfio/$GRP while it is uid 1000's" || ok "uid 1001 still cannot open /dev/vfio/$GRP"
     # The VMM (uid 1000) keeps the group open across the detach below.
-    as_uid 1000 sh -c "exec 3<>/dev/vfio/$GRP; exec sleep 300" &
+    # setpriv directly, not the as_uid function: a backgrounded function is a
+    # forked subshell, so $! would not be the holder's pid.
+    setpriv --reuid=1000 --regid=1000 --clear-groups sh -c "exec 3<>/dev/vfio/$GRP; exec sleep 300" &
     HOLDER=$!
     sleep 0.5
     vc detach sgnic --keep-bound && ok "detach --keep-bound" || bad "detach failed"
