@@ -1275,3 +1275,40 @@ fn sim_reset_returns_only_once_done_and_sees_the_selected_method() {
         .count();
     assert_eq!(logged, 40);
 }
+
+#[test]
+fn sim_hung_reset_uses_the_method_in_effect_while_it_hung() {
+    let fs = FakeSys::new();
+    fs.add_device(
+        DeviceSpec::new("0000:00:02.0", 0x8086, 0x10d3, 0x020000)
+            .driver("e1000e")
+            .group(2)
+            .reset_methods("flr pm bus"),
+    );
+    let dir = fs.device_dir("0000:00:02.0").unwrap();
+    let sim = SimKernel::start(&fs);
+    let rel = "bus/pci/devices/0000:00:02.0/reset";
+    for round in 0..10 {
+        fs::write(dir.join("reset_method"), "pm").unwrap();
+        sim.hang_write(rel);
+        let reset = dir.join("reset");
+        let writer = std::thread::spawn(move || fs::write(reset, "1"));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !writer.is_finished(),
+            "round {round}: a hung reset returned"
+        );
+        sim.release(rel);
+        writer.join().unwrap().unwrap();
+        // What vfiod does once the write returns: put the list back. The
+        // reset was done with the method selected while it hung.
+        fs::write(dir.join("reset_method"), "flr pm bus").unwrap();
+        assert!(sim.wait_idle(Duration::from_secs(5)));
+        assert_eq!(
+            sim.resets().last(),
+            Some(&("0000:00:02.0".to_string(), "pm".to_string())),
+            "round {round}"
+        );
+    }
+    assert_eq!(sim.resets().len(), 10);
+}

@@ -197,6 +197,15 @@ fn split_values(attr: &str, chunk: &str) -> Vec<String> {
     out
 }
 
+/// The reset method a reset of the function in `dir` uses now: the first
+/// one its `reset_method` lists.
+fn reset_method_in_effect(dir: &Path) -> String {
+    fs::read_to_string(dir.join("reset_method"))
+        .ok()
+        .and_then(|m| m.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default()
+}
+
 /// One FIFO-backed attribute.
 struct Pipe {
     /// `None` while a fault is armed on it.
@@ -220,6 +229,11 @@ struct Pipe {
     /// client's IN_OPEN, after doing the reset.
     sync: bool,
     filler: Option<File>,
+    /// The method a hung `reset` write that was released uses: the one in
+    /// effect while it hung, read before its writer was let through. Linux
+    /// picks the method before the write returns; the writer's IN_OPEN is
+    /// processed later, when the writer may already have put the list back.
+    released_reset_method: Option<String>,
 }
 
 impl Pipe {
@@ -232,6 +246,7 @@ impl Pipe {
             opens: 0,
             sync: false,
             filler: None,
+            released_reset_method: None,
         }
     }
 
@@ -724,10 +739,11 @@ impl Shared {
         let Some(addr) = dir.file_name().and_then(|a| a.to_str()).map(str::to_string) else {
             return;
         };
-        let method = fs::read_to_string(dir.join("reset_method"))
-            .ok()
-            .and_then(|m| m.split_whitespace().next().map(str::to_string))
-            .unwrap_or_default();
+        let method = sim
+            .pipes
+            .get_mut(path)
+            .and_then(|pipe| pipe.released_reset_method.take())
+            .unwrap_or_else(|| reset_method_in_effect(dir));
         dbg_log!(self, "reset {addr} by {method:?}");
         sim.resets.push((addr.clone(), method));
         let tree = &self.tree;
@@ -838,11 +854,18 @@ impl Shared {
                 let Some(pipe) = sim.pipes.get_mut(path) else {
                     return false;
                 };
+                let method_now = pipe
+                    .sync
+                    .then(|| path.parent().map(reset_method_in_effect))
+                    .flatten();
                 let Ok(mut reader) = open_reader(&self.tree, path) else {
                     return false;
                 };
                 let mut data = Vec::new();
                 let seen = wait_for_writers(&mut reader, &mut data);
+                if seen {
+                    pipe.released_reset_method = method_now;
+                }
                 pipe.values
                     .extend(split_values(&attr, &String::from_utf8_lossy(&data)));
                 pipe.reader = Some(reader);
