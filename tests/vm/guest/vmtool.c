@@ -22,6 +22,12 @@
  *                              open: a device fd holds its group), a holder
  *                              that /proc cannot tie to the device on
  *                              kernels before 6.18
+ *   vmtool hotreset GROUP ADDR  like vfiohold up to the device fd, then ask the
+ *                              kernel which functions a hot (bus or slot)
+ *                              reset of ADDR would reach
+ *                              (VFIO_DEVICE_GET_PCI_HOT_RESET_INFO) and print
+ *                              one "DDDD:BB:DD.F GROUP" line each, then close
+ *                              everything; exits 1 naming the failing step
  *   vmtool hold PATH [ro]      open PATH (read-write, or read-only with "ro")
  *                              and hold it until killed; prints "holding PATH
  *                              pid N fd F", or "open PATH: <errno text>" and
@@ -37,7 +43,8 @@
  *   vmtool runas UID GID GID,GID,.. CMD [ARGS..]
  *                              setgroups+setgid+setuid, then exec CMD
  *
- * It never writes to sysfs: it reads clocks and netlink, and opens VFIO nodes.
+ * It never writes to sysfs: it reads clocks and netlink, and opens VFIO nodes
+ * (opening a device fd may reset the function, as it does for a VMM).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -109,20 +116,55 @@ static int uevmon(const char *want_subsys, int udev_group) {
 	}
 }
 
-static int vfiohold(const char *group, const char *addr, int device_only) {
+/* Container + group + device fd of ADDR, as a VMM gets them; -1 (after
+ * saying which step failed) or 13 for a permission refusal. */
+static int vfio_open_device(const char *group, const char *addr, int *container_out, int *group_out) {
 	char path[64];
 	snprintf(path, sizeof path, "/dev/vfio/%s", group);
 	int container = open("/dev/vfio/vfio", O_RDWR | O_CLOEXEC);
-	if (container < 0) { perror("/dev/vfio/vfio"); return 1; }
+	if (container < 0) { perror("/dev/vfio/vfio"); return -1; }
 	int g = open(path, O_RDWR | O_CLOEXEC);
-	if (g < 0) { perror(path); return (errno == EACCES || errno == EPERM) ? 13 : 1; }
+	if (g < 0) { perror(path); return (errno == EACCES || errno == EPERM) ? -13 : -1; }
 	struct vfio_group_status st = { .argsz = sizeof st };
-	if (ioctl(g, VFIO_GROUP_GET_STATUS, &st) < 0) { perror("VFIO_GROUP_GET_STATUS"); return 1; }
-	if (!(st.flags & VFIO_GROUP_FLAGS_VIABLE)) { fprintf(stderr, "group %s is not viable\n", group); return 1; }
-	if (ioctl(g, VFIO_GROUP_SET_CONTAINER, &container) < 0) { perror("VFIO_GROUP_SET_CONTAINER"); return 1; }
-	if (ioctl(container, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU) < 0) { perror("VFIO_SET_IOMMU"); return 1; }
+	if (ioctl(g, VFIO_GROUP_GET_STATUS, &st) < 0) { perror("VFIO_GROUP_GET_STATUS"); return -1; }
+	if (!(st.flags & VFIO_GROUP_FLAGS_VIABLE)) { fprintf(stderr, "group %s is not viable\n", group); return -1; }
+	if (ioctl(g, VFIO_GROUP_SET_CONTAINER, &container) < 0) { perror("VFIO_GROUP_SET_CONTAINER"); return -1; }
+	if (ioctl(container, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU) < 0) { perror("VFIO_SET_IOMMU"); return -1; }
 	int dev = ioctl(g, VFIO_GROUP_GET_DEVICE_FD, addr);
-	if (dev < 0) { perror("VFIO_GROUP_GET_DEVICE_FD"); return 1; }
+	if (dev < 0) { perror("VFIO_GROUP_GET_DEVICE_FD"); return -1; }
+	*container_out = container;
+	*group_out = g;
+	return dev;
+}
+
+static int hotreset(const char *group, const char *addr) {
+	int container, g;
+	int dev = vfio_open_device(group, addr, &container, &g);
+	if (dev < 0) return dev == -13 ? 13 : 1;
+	/* First call with no room: the kernel answers ENOSPC and the count. */
+	struct vfio_pci_hot_reset_info probe = { .argsz = sizeof probe };
+	if (ioctl(dev, VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, &probe) < 0 && errno != ENOSPC) {
+		perror("VFIO_DEVICE_GET_PCI_HOT_RESET_INFO");
+		return 1;
+	}
+	size_t size = sizeof probe + probe.count * sizeof(struct vfio_pci_dependent_device);
+	struct vfio_pci_hot_reset_info *info = calloc(1, size);
+	info->argsz = size;
+	if (ioctl(dev, VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, info) < 0) { perror("VFIO_DEVICE_GET_PCI_HOT_RESET_INFO"); return 1; }
+	for (unsigned i = 0; i < info->count; i++) {
+		struct vfio_pci_dependent_device *d = &info->devices[i];
+		printf("%04x:%02x:%02x.%x %u\n", d->segment, d->bus, d->devfn >> 3, d->devfn & 7, d->group_id);
+	}
+	close(dev);
+	close(g);
+	close(container);
+	return 0;
+}
+
+static int vfiohold(const char *group, const char *addr, int device_only) {
+	int container, g;
+	int dev = vfio_open_device(group, addr, &container, &g);
+	if (dev < 0) return dev == -13 ? 13 : 1;
 	if (device_only) {
 		close(g);
 		close(container);
@@ -190,6 +232,7 @@ static int http(const char *sock, const char *method, const char *path, const ch
 
 int main(int argc, char **argv) {
 	if (argc >= 4 && !strcmp(argv[1], "vfiohold")) return vfiohold(argv[2], argv[3], argc >= 5 && !strcmp(argv[4], "devonly"));
+	if (argc >= 4 && !strcmp(argv[1], "hotreset")) return hotreset(argv[2], argv[3]);
 	if (argc >= 5 && !strcmp(argv[1], "http")) return http(argv[2], argv[3], argv[4], argc >= 6 ? argv[5] : NULL);
 	if (argc >= 3 && !strcmp(argv[1], "hold")) return hold(argv[2], argc >= 4 && !strcmp(argv[3], "ro"));
 	if (argc >= 2 && !strcmp(argv[1], "now")) { print_clock(CLOCK_REALTIME); return 0; }
@@ -208,6 +251,6 @@ int main(int argc, char **argv) {
 		perror("exec");
 		return 127;
 	}
-	fprintf(stderr, "usage: vmtool now|mono|uevmon [SUBSYSTEM [udev]]|vfiohold GROUP ADDR|hold PATH [ro]|http SOCK METHOD PATH [BODY]|runas UID GID G1,G2 CMD..\n");
+	fprintf(stderr, "usage: vmtool now|mono|uevmon [SUBSYSTEM [udev]]|vfiohold GROUP ADDR|hotreset GROUP ADDR|hold PATH [ro]|http SOCK METHOD PATH [BODY]|runas UID GID G1,G2 CMD..\n");
 	return 2;
 }

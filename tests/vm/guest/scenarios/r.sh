@@ -1,4 +1,4 @@
-# r: resets on a real kernel (issue 11). Not in scenarios.enabled yet.
+# r: resets on a real kernel (issue 11).
 #
 # - the igb (if the harness has an igb root port, PORT_igb0) on vfio-pci is
 #   reset with FLR and verified: config space answers, the driver stays;
@@ -11,13 +11,12 @@
 #   device is quarantined, attach is refused, and it stays quarantined across
 #   a restart;
 # - detach of the e1000e resets it (reset on release) while on vfio-pci.
+# - vfiod's bus-reset scope, which it reads from the sysfs topology, is the
+#   list the kernel gives through VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, for the
+#   igb behind its root port and for the function behind the bridge.
 # Reset durations per method are reported as metrics.
-#
-# Needs `vfioctl reset ID [--method M] [--dry-run]`: until vfioctl has it,
-# the scenario is pending.
 . /vm/lib.sh
 need_vfiod
-vfioctl --help 2>&1 | grep -qw reset || pending "vfioctl has no 'reset' subcommand yet"
 
 NIC=$(dev_under "$PORT_nic0")
 BR=$(dev_under "$PORT_br0")
@@ -40,6 +39,21 @@ vendor_ok() { # ADDR: config space answers
 # reset_ms NAME: the duration vfiod measured for the last reset
 reset_ms() { vc_ok show "$1"; jget .last_reset.duration_ms; }
 
+# scope_matches_kernel NAME ADDR: the functions vfiod's dry run of a bus reset
+# of ADDR names are those the kernel's VFIO hot-reset info names (ADDR on
+# vfio-pci, its group viable and not open elsewhere).
+scope_matches_kernel() {
+    vc_ok reset "$1" --method bus --dry-run
+    local ours kernel grp
+    ours=$(echo "$OUT" | jq -r '[.plan.scope[].pci_address] | sort | join(" ")')
+    grp=$(basename "$(readlink "/sys/bus/pci/devices/$2/iommu_group")")
+    vmtool hotreset "$grp" "$2" >/tmp/vm.r.hotreset 2>&1 || fail "VFIO hot-reset info of $2: $(cat /tmp/vm.r.hotreset)"
+    kernel=$(cut -d' ' -f1 /tmp/vm.r.hotreset | sort | tr '\n' ' ' | sed 's/ $//')
+    [ -n "$kernel" ] && [ "$ours" = "$kernel" ] ||
+        fail "bus reset scope of $2: vfiod says [$ours], the kernel's VFIO hot-reset info [$kernel]"
+    say "bus reset scope of $2 is the kernel's VFIO hot-reset list: [$kernel]"
+}
+
 vfiod_start --op-timeout-ms 10000
 events_start
 
@@ -57,6 +71,11 @@ if [ -n "$PORT_igb0" ] && IGB=$(dev_under "$PORT_igb0") && [ -n "$IGB" ]; then
     [ "$(attr "$IGB" reset_method)" = "$BEFORE" ] || fail "igb: reset_method left as '$(attr "$IGB" reset_method)', was '$BEFORE'"
     say "igb power_state after flr: $(attr "$IGB" power_state)"
     metric reset_flr_igb_ms "$(reset_ms igb0)" ms "igb on vfio-pci"
+    if grep -qw bus "/sys/bus/pci/devices/$IGB/reset_method"; then
+        scope_matches_kernel igb0 "$IGB"
+    else
+        say "igb has no bus reset ($(attr "$IGB" reset_method)): scope not compared"
+    fi
     vc_ok unbind igb0
 else
     say "no igb root port in this harness (PORT_igb0 unset): FLR case skipped"
@@ -81,6 +100,7 @@ say "nic0 bus reset scope: $(echo "$OUT" | jq -c '[.plan.scope[].pci_address]')"
 vc_ok register "$BUSDEV" --name busdev
 vc_ok register "$OTHER" --name other
 vc_ok bind other --with-group
+scope_matches_kernel busdev "$BUSDEV"
 vc_ok attach other vm-r
 vc_err reset_scope_conflict reset busdev --method bus
 echo "$ERR" | grep -q "$OTHER" || fail "the refusal does not name $OTHER: $ERR"
