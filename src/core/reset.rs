@@ -5,8 +5,12 @@
 //! `device_specific`) resets the function alone; `bus` (a secondary bus
 //! reset) resets every function below the bridge the function sits behind.
 //! vfiod computes that set from the sysfs topology (the device directory's
-//! parent bridge and everything below it), not from VFIO's hot-reset info,
-//! which needs an open device fd. A reset is refused (409
+//! parent bridge and everything below it), not from VFIO's hot-reset info:
+//! that needs a device fd, and getting one takes the group exclusively
+//! (a VMM starting then would get EBUSY) and makes vfio-pci reset the
+//! function on open. The real-kernel scenario `r` checks that both give
+//! the same functions (behind a root port, and behind a PCIe-to-PCI
+//! bridge). A reset is refused (409
 //! `reset_scope_conflict`) when its scope holds a function outside the
 //! device's IOMMU group, one that is attached, or one that something holds
 //! (the holder scan of the moves: processes, mounts, swap, block stacks,
