@@ -1224,8 +1224,9 @@ fn sim_parallel_trees() {
     }
 }
 
-#[test]
-fn sim_reset_returns_only_once_done_and_sees_the_selected_method() {
+/// A fake tree with an e1000e at 0000:00:02.0 whose kernel lists the reset
+/// methods "flr pm bus".
+fn with_resettable_nic() -> FakeSys {
     let fs = FakeSys::new();
     fs.add_device(
         DeviceSpec::new("0000:00:02.0", 0x8086, 0x10d3, 0x020000)
@@ -1233,6 +1234,12 @@ fn sim_reset_returns_only_once_done_and_sees_the_selected_method() {
             .group(2)
             .reset_methods("flr pm bus"),
     );
+    fs
+}
+
+#[test]
+fn sim_reset_returns_only_once_done_and_sees_the_selected_method() {
+    let fs = with_resettable_nic();
     fs.add_device(DeviceSpec::new("0000:00:03.0", 0x1234, 0x11e8, 0x00ff00).group(3));
     let dir = fs.device_dir("0000:00:02.0").unwrap();
     assert_eq!(read(&dir.join("reset_method")), "flr pm bus\n");
@@ -1278,13 +1285,7 @@ fn sim_reset_returns_only_once_done_and_sees_the_selected_method() {
 
 #[test]
 fn sim_hung_reset_uses_the_method_in_effect_while_it_hung() {
-    let fs = FakeSys::new();
-    fs.add_device(
-        DeviceSpec::new("0000:00:02.0", 0x8086, 0x10d3, 0x020000)
-            .driver("e1000e")
-            .group(2)
-            .reset_methods("flr pm bus"),
-    );
+    let fs = with_resettable_nic();
     let dir = fs.device_dir("0000:00:02.0").unwrap();
     let sim = SimKernel::start(&fs);
     let rel = "bus/pci/devices/0000:00:02.0/reset";
