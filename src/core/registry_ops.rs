@@ -1,12 +1,10 @@
 //! Registry edits: register, rename/retag, unregister.
 
-use chrono::Utc;
-
 use super::attach::ensure_not_attached;
 use super::{Caller, Core, RegisterRequest, UpdateRequest};
 use crate::error::CoreError;
 use crate::events::EventKind;
-use crate::registry::{is_vfio_driver, DeviceRecord, Health, RegistryConflict};
+use crate::registry::{DeviceRecord, RegistryConflict};
 
 fn conflict(e: RegistryConflict) -> CoreError {
     CoreError::Conflict(e.to_string())
@@ -37,38 +35,8 @@ impl Core {
             return Err(CoreError::Bridge(addr, function.class));
         }
         let name = req.name.map(|n| n.0).unwrap_or_else(|| addr.default_name());
-        let driver = function.driver.clone();
-        let record = DeviceRecord {
-            id: cuid2::create_id(),
-            name,
-            pci_address: addr,
-            vendor_id: function.vendor_id,
-            device_id: function.device_id,
-            subsystem_vendor_id: function.subsystem_vendor_id,
-            subsystem_device_id: function.subsystem_device_id,
-            class: function.class,
-            iommu_group: function.iommu_group,
-            created_at: Utc::now(),
-            tags: req.tags.into_inner(),
-            attached_to: None,
-            attached_uid: None,
-            attached_pid: None,
-            original_driver: driver.clone().filter(|d| !is_vfio_driver(d)),
-            bound_by_vfiod: false,
-            vfio_driver: None,
-            companions: vec![],
-            released_consoles: vec![],
-            pending: None,
-            present: true,
-            current_driver: driver,
-            stuck: false,
-            identity_mismatch: false,
-            health: Health::Ok,
-            health_reason: None,
-            last_reset: None,
-            reset_failures: 0,
-            reset_method: None,
-        };
+        let record =
+            DeviceRecord::registered(cuid2::create_id(), name, &function, req.tags.into_inner());
         let stored = record.clone();
         self.commit(move |reg| reg.insert(stored).map_err(conflict))
             .await?;

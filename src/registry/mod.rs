@@ -170,6 +170,47 @@ pub struct DeviceRecord {
 }
 
 impl DeviceRecord {
+    /// The record of function `f` as it is registered: identity and driver
+    /// as sysfs shows them now, nothing attached, moved or reset yet.
+    pub fn registered(
+        id: String,
+        name: String,
+        f: &crate::pci::PciFunction,
+        tags: BTreeMap<String, String>,
+    ) -> DeviceRecord {
+        DeviceRecord {
+            id,
+            name,
+            pci_address: f.address,
+            vendor_id: f.vendor_id,
+            device_id: f.device_id,
+            subsystem_vendor_id: f.subsystem_vendor_id,
+            subsystem_device_id: f.subsystem_device_id,
+            class: f.class,
+            iommu_group: f.iommu_group,
+            created_at: Utc::now(),
+            tags,
+            attached_to: None,
+            attached_uid: None,
+            attached_pid: None,
+            original_driver: f.driver.clone().filter(|d| !is_vfio_driver(d)),
+            bound_by_vfiod: false,
+            vfio_driver: None,
+            companions: vec![],
+            released_consoles: vec![],
+            pending: None,
+            present: true,
+            current_driver: f.driver.clone(),
+            stuck: false,
+            identity_mismatch: false,
+            health: Health::Ok,
+            health_reason: None,
+            last_reset: None,
+            reset_failures: 0,
+            reset_method: None,
+        }
+    }
+
     /// Whether `f` is the device that was registered (vendor, device and
     /// subsystem IDs); checked when something reappears at its address.
     pub fn is_same_device(&self, f: &crate::pci::PciFunction) -> bool {
@@ -297,37 +338,18 @@ pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn record(addr: &str, name: &str, id: &str) -> DeviceRecord {
-        DeviceRecord {
-            id: id.into(),
-            name: name.into(),
-            pci_address: addr.parse().unwrap(),
+        let gpu = crate::pci::PciFunction {
+            address: addr.parse().unwrap(),
             vendor_id: 0x10de,
             device_id: 0x2236,
             subsystem_vendor_id: 0,
             subsystem_device_id: 0,
             class: 0x030200,
+            driver: Some("nvidia".into()),
             iommu_group: Some(1),
-            created_at: Utc::now(),
-            tags: BTreeMap::new(),
-            attached_to: None,
-            attached_uid: None,
-            attached_pid: None,
-            original_driver: None,
-            bound_by_vfiod: false,
-            vfio_driver: None,
-            companions: vec![],
-            released_consoles: vec![],
-            pending: None,
-            present: true,
-            current_driver: Some("nvidia".into()),
-            stuck: false,
-            identity_mismatch: false,
-            health: Health::Ok,
-            health_reason: None,
-            last_reset: None,
-            reset_failures: 0,
-            reset_method: None,
-        }
+            modalias: None,
+        };
+        DeviceRecord::registered(id.into(), name.into(), &gpu, BTreeMap::new())
     }
 
     #[test]
