@@ -476,6 +476,36 @@ fn completion_offers_the_registered_devices_of_the_running_agent() {
     } else {
         eprintln!("fish not installed: its completion was not run");
     }
+
+    // zsh: the completer function of its registration, run with compsys's
+    // `_describe` replaced by one that prints the candidates it is given.
+    if Command::new("zsh").arg("--version").output().is_ok() {
+        let (_, zsh_script, _) = run(
+            common::vfioctl_bin(),
+            &["completion", "zsh", "--completer", common::vfioctl_bin()],
+        );
+        let zsh_file = dir.path().join("_vfioctl");
+        std::fs::write(&zsh_file, zsh_script).unwrap();
+        let program = format!(
+            "compdef() {{ : }}; _describe() {{ local a=${{@[-1]}}; print -rl -- \"${{(@P)a}}\" }}; \
+             source '{}'; words=(vfioctl --socket '{socket}' show ''); CURRENT=5; \
+             _clap_dynamic_completer_vfioctl",
+            zsh_file.display()
+        );
+        let out = Command::new("zsh")
+            .args(["-f", "-c", &program])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let names: Vec<&str> = text.lines().filter_map(|l| l.split(':').next()).collect();
+        assert!(
+            names.contains(&"gpu0") && names.contains(&"nic0"),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        eprintln!("zsh not installed: its completion was not run");
+    }
 }
 
 #[test]
