@@ -5,8 +5,10 @@
 //! Kubelet never says when an allocation ends; it only ever allocates a
 //! device no running pod holds. So a device still attached to an earlier
 //! allocation of this plugin (its instance id starts with
-//! [`INSTANCE_PREFIX`]) is detached, kept on vfio, and attached anew. A
-//! device attached to anything else is reported Unhealthy and refused.
+//! [`INSTANCE_PREFIX`]) is detached, kept on vfio, and attached anew (the
+//! releaser, [`crate::release`], usually has detached it already, once
+//! kubelet's PodResources API stopped listing it). A device attached to
+//! anything else is reported Unhealthy and refused.
 
 use std::collections::BTreeSet;
 use std::path::Path;

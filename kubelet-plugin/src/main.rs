@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
 use tokio::sync::watch;
@@ -10,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use vfiod_kubelet_plugin::follow::Follower;
 use vfiod_kubelet_plugin::inventory::Inventory;
 use vfiod_kubelet_plugin::plugin::{Manager, Settings};
+use vfiod_kubelet_plugin::release::Releaser;
 use vfiod_kubelet_plugin::vfiod::VfiodClient;
 
 /// Kubelet device plugin for vfiod: advertises the PCI devices registered
@@ -51,6 +53,19 @@ struct Cli {
     /// Root of the device nodes named in Allocate's DeviceSpecs.
     #[arg(long, default_value = "/dev")]
     devfs: PathBuf,
+    /// Kubelet's PodResources socket, asked which devices the pods it runs
+    /// still hold.
+    #[arg(long, default_value = "/var/lib/kubelet/pod-resources/kubelet.sock")]
+    pod_resources_socket: PathBuf,
+    /// How often to release (detach, so that vfiod resets them) the devices
+    /// of allocations no pod holds any more, in milliseconds; 0: never.
+    #[arg(long, default_value_t = 10_000)]
+    release_interval_ms: u64,
+    /// An allocation younger than this is never released (kubelet lists a
+    /// container's devices only once their Allocate has returned), in
+    /// milliseconds.
+    #[arg(long, default_value_t = 60_000)]
+    release_grace_ms: u64,
     /// Log filter (tracing's env-filter syntax), e.g. info or debug.
     #[arg(long, env = "VFIOD_PLUGIN_LOG", default_value = "info")]
     log_level: String,
@@ -133,14 +148,25 @@ async fn run(cli: Cli) -> Result<(), String> {
         inventory: inventory_rx,
         reconnects: reconnects_rx,
     };
+    let releaser = (cli.release_interval_ms > 0).then(|| Releaser {
+        vfiod: manager.vfiod.clone(),
+        pod_resources: cli.pod_resources_socket.clone(),
+        tag_key: cli.tag_key.clone(),
+        interval: Duration::from_millis(cli.release_interval_ms),
+        grace: Duration::from_millis(cli.release_grace_ms),
+    });
     let follow_task = tokio::spawn(follower.run(cancel.clone()));
     let manager_task = tokio::spawn(manager.run(cancel.clone()));
+    let release_task = releaser.map(|r| tokio::spawn(r.run(cancel.clone())));
 
     wait_for_signal().await?;
     tracing::info!("stopping: removing the endpoint sockets");
     cancel.cancel();
     let _ = follow_task.await;
     let _ = manager_task.await;
+    if let Some(task) = release_task {
+        let _ = task.await;
+    }
     Ok(())
 }
 

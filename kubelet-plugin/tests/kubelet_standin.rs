@@ -36,6 +36,13 @@ use vfiod_kubelet_plugin::api::{
     AllocateRequest, ContainerAllocateRequest, ContainerPreferredAllocationRequest, Device,
     DevicePluginOptions, Empty, PreferredAllocationRequest, RegisterRequest,
 };
+use vfiod_kubelet_plugin::podresources::pod_resources_lister_server::{
+    PodResourcesLister, PodResourcesListerServer,
+};
+use vfiod_kubelet_plugin::podresources::{
+    ContainerDevices, ContainerResources, ListPodResourcesRequest, ListPodResourcesResponse,
+    PodResources,
+};
 
 const NIC: &str = "0000:00:02.0";
 const GPU: &str = "0000:01:00.0";
@@ -356,7 +363,26 @@ impl Host {
     /// vfio-pci) with no node. nic0 is an intel.com/e1000e, gpu-a and
     /// gpu-b are nvidia.com/gpu; the AMD GPU is registered untagged.
     fn new() -> Host {
-        let fs = FakeSys::standard_host();
+        Host::on(FakeSys::standard_host())
+    }
+
+    /// The standard host, but the NIC has an FLR, so vfiod resets it when
+    /// it is released.
+    fn with_resettable_nic() -> Host {
+        let fs = FakeSys::new();
+        fs.load_vfio();
+        for spec in FakeSys::standard_devices() {
+            let spec = if spec.addr == NIC {
+                spec.reset_methods("flr")
+            } else {
+                spec
+            };
+            fs.add_device(spec);
+        }
+        Host::on(fs)
+    }
+
+    fn on(fs: FakeSys) -> Host {
         set_numa(&fs, NIC, 0);
         set_numa(&fs, GPU, 1);
         let sim = SimKernel::start(&fs);
@@ -850,4 +876,143 @@ async fn kubelet_and_vfiod_restarts_lead_to_registration_again_and_change_no_dev
         assert!(!e.exists(), "{} left behind", e.display());
     }
     eprintln!("kubelet restart: both resources registered again {reregistered:?} after the new kubelet.sock");
+}
+
+// ---- kubelet's PodResources service ---------------------------------------
+
+/// Kubelet's PodResources `List`: the pods it runs and the devices each
+/// holds, as the test sets them.
+/// pod name -> (resource, device ids)
+type PodDevices = BTreeMap<String, (String, Vec<String>)>;
+
+#[derive(Clone, Default)]
+struct PodResourcesService {
+    pods: std::sync::Arc<std::sync::Mutex<PodDevices>>,
+}
+
+#[tonic::async_trait]
+impl PodResourcesLister for PodResourcesService {
+    async fn list(
+        &self,
+        _: Request<ListPodResourcesRequest>,
+    ) -> Result<Response<ListPodResourcesResponse>, Status> {
+        let pods = self.pods.lock().unwrap();
+        let pod_resources = pods
+            .iter()
+            .map(|(name, (resource, ids))| PodResources {
+                name: name.clone(),
+                namespace: "default".into(),
+                containers: vec![ContainerResources {
+                    name: "compute".into(),
+                    devices: vec![ContainerDevices {
+                        resource_name: resource.clone(),
+                        device_ids: ids.clone(),
+                    }],
+                }],
+            })
+            .collect();
+        Ok(Response::new(ListPodResourcesResponse { pod_resources }))
+    }
+}
+
+impl PodResourcesService {
+    fn serve(&self, socket: &Path) -> CancellationToken {
+        let listener = UnixListener::bind(socket).unwrap();
+        let stop = CancellationToken::new();
+        let shutdown = stop.clone();
+        let service = self.clone();
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(PodResourcesListerServer::new(service))
+                .serve_with_incoming_shutdown(
+                    UnixListenerStream::new(listener),
+                    shutdown.cancelled_owned(),
+                )
+                .await
+                .unwrap();
+        });
+        stop
+    }
+
+    fn set(&self, pod: &str, resource: &str, ids: &[&str]) {
+        self.pods.lock().unwrap().insert(
+            pod.into(),
+            (resource.into(), ids.iter().map(|s| s.to_string()).collect()),
+        );
+    }
+
+    fn end(&self, pod: &str) {
+        self.pods.lock().unwrap().remove(pod);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_device_whose_pod_is_gone_is_released_and_reset_and_one_a_pod_holds_is_not() {
+    let h = Host::with_resettable_nic();
+    let mut kubelet = Kubelet::start(h.dir());
+    let pod_socket = h.fs.tmp_root().join("pod-resources.sock");
+    let pod_socket_arg = pod_socket.display().to_string();
+    let plugin = h.plugin(&[
+        "--pod-resources-socket",
+        &pod_socket_arg,
+        "--release-interval-ms",
+        "100",
+        "--release-grace-ms",
+        "500",
+    ]);
+    let mut eps = connect_all(&mut kubelet).await;
+    let (_, nic, _, _) = eps.get_mut(NIC_RES).unwrap();
+    nic.allocate(AllocateRequest {
+        container_requests: vec![ContainerAllocateRequest {
+            devices_ids: vec!["nic0".into()],
+        }],
+    })
+    .await
+    .expect("Allocate");
+    let attached_to = |h: &Host| h.device("nic0")["attached_to"].as_str().map(str::to_owned);
+    let instance = attached_to(&h).expect("attached by Allocate");
+
+    // No PodResources API to ask: nothing is released, however long.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(attached_to(&h).as_deref(), Some(instance.as_str()));
+    assert!(
+        plugin.log_text().contains("none is released"),
+        "{}",
+        plugin.log_text()
+    );
+
+    // Kubelet runs the pod: it stays attached past the grace time.
+    let pods = PodResourcesService::default();
+    pods.set("virt-launcher-vm-a", NIC_RES, &["nic0"]);
+    let _server = pods.serve(&pod_socket);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(attached_to(&h).as_deref(), Some(instance.as_str()));
+    let dev = h.device("nic0");
+    assert!(dev["last_reset"].is_null(), "{dev}");
+
+    // The pod ends: the device is released, stays on vfio, and vfiod
+    // resets it on release (right after the detach has answered).
+    pods.end("virt-launcher-vm-a");
+    let started = Instant::now();
+    let dev = loop {
+        let dev = h.device("nic0");
+        if dev["attached_to"].is_null() && !dev["last_reset"].is_null() {
+            break dev;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "not released and reset 10 s after its pod ended: {dev}\n{}",
+            plugin.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!(
+        "released and reset {:?} after its pod ended",
+        started.elapsed()
+    );
+    assert_eq!(dev["bound_to_vfio"], true, "{dev}");
+    assert_eq!(dev["last_reset"]["result"], "ok", "{dev}");
+    assert_eq!(dev["health"], "ok", "{dev}");
+    assert_eq!(h.fs.driver_of(NIC).as_deref(), Some("vfio-pci"));
+    assert!(plugin.log_text().contains("no pod holds it"));
 }
