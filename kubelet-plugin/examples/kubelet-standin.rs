@@ -3,15 +3,19 @@
 //! on `kubelet.sock`, waits for RESOURCE to register, dials its endpoint,
 //! reads the first ListAndWatch list and allocates the given devices.
 //!
-//!   kubelet-standin DIR RESOURCE DEVICE_ID...
+//!   kubelet-standin DIR RESOURCE DEVICE_ID... [--pod-resources SOCKET HOLD_MS]
 //!
 //! Prints `list ID HEALTH`, `allocate_ms MS`, `env NAME=VALUE` and
 //! `spec CONTAINER_PATH HOST_PATH PERMISSIONS` lines; exits 1 with the
-//! plugin's message when the allocation fails.
+//! plugin's message when the allocation fails. With `--pod-resources` it
+//! then also plays kubelet's PodResources API on SOCKET: a pod holds the
+//! allocated devices for HOLD_MS (`pod_running`), then ends (`pod_ended
+//! UNIX_MS`), and the stand-in keeps answering (with no pods) until killed.
 
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hyper_util::rt::TokioIo;
 use tokio::net::{UnixListener, UnixStream};
@@ -22,6 +26,13 @@ use vfiod_kubelet_plugin::api::device_plugin_client::DevicePluginClient;
 use vfiod_kubelet_plugin::api::registration_server::{Registration, RegistrationServer};
 use vfiod_kubelet_plugin::api::{
     AllocateRequest, ContainerAllocateRequest, Empty, RegisterRequest,
+};
+use vfiod_kubelet_plugin::podresources::pod_resources_lister_server::{
+    PodResourcesLister, PodResourcesListerServer,
+};
+use vfiod_kubelet_plugin::podresources::{
+    ContainerDevices, ContainerResources, ListPodResourcesRequest, ListPodResourcesResponse,
+    PodResources,
 };
 
 struct Kubelet(mpsc::UnboundedSender<RegisterRequest>);
@@ -38,11 +49,60 @@ impl Registration for Kubelet {
     }
 }
 
+/// One pod holding `held` devices of `resource`, while `held` is not empty.
+#[derive(Clone)]
+struct Pods {
+    resource: String,
+    held: Arc<Mutex<Vec<String>>>,
+}
+
+#[tonic::async_trait]
+impl PodResourcesLister for Pods {
+    async fn list(
+        &self,
+        _: Request<ListPodResourcesRequest>,
+    ) -> Result<Response<ListPodResourcesResponse>, Status> {
+        let held = self.held.lock().unwrap().clone();
+        let pod_resources = if held.is_empty() {
+            vec![]
+        } else {
+            vec![PodResources {
+                name: "standin-pod".into(),
+                namespace: "default".into(),
+                containers: vec![ContainerResources {
+                    name: "compute".into(),
+                    devices: vec![ContainerDevices {
+                        resource_name: self.resource.clone(),
+                        device_ids: held,
+                    }],
+                }],
+            }]
+        };
+        Ok(Response::new(ListPodResourcesResponse { pod_resources }))
+    }
+}
+
+const USAGE: &str =
+    "usage: kubelet-standin DIR RESOURCE DEVICE_ID... [--pod-resources SOCKET HOLD_MS]";
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let pod_resources = match args.iter().position(|a| a == "--pod-resources") {
+        Some(i) => {
+            let tail = args.split_off(i);
+            let [_, socket, hold_ms] = tail.as_slice() else {
+                return Err(USAGE.into());
+            };
+            Some((
+                PathBuf::from(socket),
+                Duration::from_millis(hold_ms.parse()?),
+            ))
+        }
+        None => None,
+    };
     let [dir, resource, ids @ ..] = args.as_slice() else {
-        return Err("usage: kubelet-standin DIR RESOURCE DEVICE_ID...".into());
+        return Err(USAGE.into());
     };
     let dir = PathBuf::from(dir);
     for e in std::fs::read_dir(&dir)? {
@@ -112,6 +172,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 s.container_path, s.host_path, s.permissions
             );
         }
+    }
+    if let Some((socket, hold)) = pod_resources {
+        let pods = Pods {
+            resource: resource.clone(),
+            held: Arc::new(Mutex::new(ids.to_vec())),
+        };
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket)?;
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(PodResourcesListerServer::new(pods.clone()))
+                .serve_with_incoming(UnixListenerStream::new(listener)),
+        );
+        println!("pod_running");
+        tokio::time::sleep(hold).await;
+        pods.held.lock().unwrap().clear();
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis();
+        println!("pod_ended {now_ms}");
+        std::future::pending::<()>().await;
     }
     Ok(())
 }
