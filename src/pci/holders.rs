@@ -79,12 +79,13 @@
 //! `fstatat`), and processes are shared out over one thread per CPU (at
 //! most [`MAX_SCAN_THREADS`]). The benchmark (`benches/vfiod.rs`, section
 //! 5) measures it on a fake `/proc` of 2,000 processes with 100
-//! descriptors each: 550 to 650 ms of CPU per scan on the 2-vCPU
-//! development VM under heavy load (load average 14), of which listing the
-//! `fd` directories and one `readlink` per descriptor alone take about
-//! 430 ms. A host with 200,000 open descriptors pays hundreds of
-//! milliseconds per move. The same VM's own `/proc` (about 120 processes,
-//! 750 descriptors) costs about 11 ms of CPU, most of it reading `maps`.
+//! descriptors each: 475 ms of CPU per scan on the 2-vCPU development VM
+//! when quiet (247 ms wall on two threads), 550 to 650 ms under heavy load
+//! (load average 14), of which listing the `fd` directories and one
+//! `readlink` per descriptor alone take about 430 ms. A host with 200,000
+//! open descriptors pays hundreds of milliseconds per move. The same VM's
+//! own `/proc` (70 to 120 processes, 300 to 750 descriptors) costs 2 to
+//! 11 ms of CPU, most of it reading `maps`.
 //!
 //! # Limits (what the kernel does not expose, or what is not looked at)
 //!
