@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use vfiod_kubelet_plugin::follow::Follower;
 use vfiod_kubelet_plugin::inventory::Inventory;
-use vfiod_kubelet_plugin::plugin::{Manager, Settings};
+use vfiod_kubelet_plugin::plugin::{AttachmentLock, Manager, Settings};
 use vfiod_kubelet_plugin::release::Releaser;
 use vfiod_kubelet_plugin::vfiod::VfiodClient;
 
@@ -136,6 +136,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         inventory: inventory_tx,
         reconnects: reconnects_tx,
     };
+    let attachments = AttachmentLock::default();
     let manager = Manager {
         settings: Arc::new(Settings {
             plugin_dir: cli.plugin_dir.clone(),
@@ -147,6 +148,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         vfiod,
         inventory: inventory_rx,
         reconnects: reconnects_rx,
+        attachments: attachments.clone(),
     };
     let releaser = (cli.release_interval_ms > 0).then(|| Releaser {
         vfiod: manager.vfiod.clone(),
@@ -154,6 +156,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         tag_key: cli.tag_key.clone(),
         interval: Duration::from_millis(cli.release_interval_ms),
         grace: Duration::from_millis(cli.release_grace_ms),
+        attachments,
     });
     let follow_task = tokio::spawn(follower.run(cancel.clone()));
     let manager_task = tokio::spawn(manager.run(cancel.clone()));

@@ -43,6 +43,11 @@ pub const API_VERSION: &str = "v1beta1";
 const WATCH_PERIOD: Duration = Duration::from_millis(200);
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Allocations and releases change this plugin's attachments one at a time,
+/// so that a release, which decides on what it read a moment before, never
+/// detaches an allocation made after it looked.
+pub type AttachmentLock = Arc<tokio::sync::Mutex<()>>;
+
 pub struct Settings {
     pub plugin_dir: PathBuf,
     pub kubelet_socket: PathBuf,
@@ -78,6 +83,7 @@ struct Endpoint {
     vfiod: VfiodClient,
     settings: Arc<Settings>,
     inventory: watch::Receiver<Arc<Inventory>>,
+    attachments: AttachmentLock,
     stop: CancellationToken,
 }
 
@@ -167,6 +173,7 @@ impl DevicePlugin for Endpoint {
         request: Request<AllocateRequest>,
     ) -> Result<Response<AllocateResponse>, Status> {
         let inventory = self.inventory.borrow().clone();
+        let _one_at_a_time = self.attachments.lock().await;
         let allocator = Allocator {
             vfiod: &self.vfiod,
             resource: &self.resource,
@@ -218,6 +225,7 @@ pub struct Manager {
     pub vfiod: VfiodClient,
     pub inventory: watch::Receiver<Arc<Inventory>>,
     pub reconnects: watch::Receiver<u64>,
+    pub attachments: AttachmentLock,
 }
 
 /// Identity of a socket file, to notice it being recreated.
@@ -332,6 +340,7 @@ impl Manager {
             vfiod: self.vfiod.clone(),
             settings: self.settings.clone(),
             inventory: self.inventory.clone(),
+            attachments: self.attachments.clone(),
             stop: stop.clone(),
         };
         let shutdown = stop.clone();

@@ -29,7 +29,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 
 use crate::inventory::INSTANCE_PREFIX;
-use crate::plugin::dial;
+use crate::plugin::{dial, AttachmentLock};
 use crate::podresources::pod_resources_lister_client::PodResourcesListerClient;
 use crate::podresources::ListPodResourcesRequest;
 use crate::vfiod::{Device, VfiodClient};
@@ -44,6 +44,8 @@ pub struct Releaser {
     pub tag_key: String,
     pub interval: Duration,
     pub grace: Duration,
+    /// Held from the last look at a device to its detach.
+    pub attachments: AttachmentLock,
 }
 
 /// (resource name, device id) pairs that kubelet's pods hold.
@@ -80,19 +82,9 @@ impl Releaser {
                     continue;
                 }
             };
-            let now_ms = unix_ms();
             for d in devices {
-                if !self.releasable(&d, &held, now_ms) {
-                    continue;
-                }
-                let instance = d.attached_to.as_deref().unwrap_or_default();
-                match self.vfiod.detach_keep_bound(&d.name).await {
-                    Ok(_) => {
-                        tracing::info!(device = %d.name, instance = %instance, "released {}: no pod holds it any more", d.name)
-                    }
-                    Err(e) => {
-                        tracing::warn!(device = %d.name, instance = %instance, "releasing {}: {e}", d.name)
-                    }
+                if self.releasable(&d, &held, unix_ms()) {
+                    self.release(&d.name, &held).await;
                 }
             }
         }
@@ -114,6 +106,29 @@ impl Releaser {
             return false;
         }
         !held.contains(&(resource.to_owned(), d.name.clone()))
+    }
+
+    /// Detaches `name` if it is still releasable once no allocation can
+    /// run: an Allocate may have given it to a new pod since the list.
+    async fn release(&self, name: &str, held: &Held) {
+        let _one_at_a_time = self.attachments.lock().await;
+        let d = match self.vfiod.device(name).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(device = %name, "reading {name} before releasing it: {e}");
+                return;
+            }
+        };
+        if !self.releasable(&d, held, unix_ms()) {
+            return;
+        }
+        let instance = d.attached_to.as_deref().unwrap_or_default();
+        match self.vfiod.detach_keep_bound(name).await {
+            Ok(_) => {
+                tracing::info!(device = %name, instance = %instance, "released {name}: no pod holds it any more")
+            }
+            Err(e) => tracing::warn!(device = %name, instance = %instance, "releasing {name}: {e}"),
+        }
     }
 
     async fn held_by_pods(&self) -> Result<Held, String> {
@@ -171,6 +186,7 @@ mod tests {
             tag_key: "resource".into(),
             interval: Duration::from_secs(10),
             grace: Duration::from_secs(60),
+            attachments: AttachmentLock::default(),
         }
     }
 
