@@ -704,6 +704,16 @@ fn vfioctl_list_shows_health() {
     let row = out.lines().find(|l| l.starts_with("igb")).unwrap();
     let col = header.find("HEALTH").expect("HEALTH column");
     assert!(row[col..].starts_with("needs_reset"), "{out}");
+    // show says how the last reset went.
+    let (code, out, err) = common::vfioctl(&h.d.socket, &["show", "igb"]);
+    assert_eq!(code, 0, "{err}");
+    let line = out.lines().find(|l| l.starts_with("last reset:")).unwrap();
+    assert!(line.contains("auto: failed in "), "{out}");
+    h.sim.set_reset_outcome(IGB, None);
+    assert_eq!(h.reset("igb", "").status, 200);
+    let (_, out, _) = common::vfioctl(&h.d.socket, &["show", "igb"]);
+    let line = out.lines().find(|l| l.starts_with("last reset:")).unwrap();
+    assert!(line.contains("auto: ok in "), "{out}");
 }
 
 #[test]

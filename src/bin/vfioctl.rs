@@ -441,8 +441,27 @@ fn show_device(d: &Value) -> String {
             .collect();
         out.push_str(&format!("{:<18}{}\n", "moved with:", c.join(", ")));
     }
+    out.push_str(&format!("{:<18}{}\n", "last reset:", last_reset(d)));
     out.push_str(&format!("{:<18}{}\n", "may open:", who_may_open(d)));
     out
+}
+
+/// `flr: ok in 139 ms at 2026-12-01T07:12:41Z`, or `-` before any reset.
+fn last_reset(d: &Value) -> String {
+    let r = &d["last_reset"];
+    if r.is_null() {
+        return "-".into();
+    }
+    let duration = r["duration_ms"]
+        .as_u64()
+        .map(|ms| format!(" in {ms} ms"))
+        .unwrap_or_default();
+    format!(
+        "{}: {}{duration} at {}",
+        s(r, "method"),
+        s(r, "result"),
+        s(r, "at")
+    )
 }
 
 /// Who may open the device's VFIO nodes: root always; while attached,
