@@ -106,6 +106,15 @@ pub struct Held {
     pub event_streams: usize,
 }
 
+impl Held {
+    fn count_mut(&mut self, kind: Kind) -> &mut usize {
+        match kind {
+            Kind::Connection => &mut self.connections,
+            Kind::EventStream => &mut self.event_streams,
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     per_uid: HashMap<u32, Held>,
@@ -146,30 +155,7 @@ impl Accounting {
         uid: u32,
         privileged: bool,
     ) -> Result<Permit, CoreError> {
-        if privileged {
-            return Ok(Permit::unaccounted());
-        }
-        let mut state = self.lock();
-        let held = state.per_uid.get(&uid).copied().unwrap_or_default();
-        if held.connections >= self.limits.connections_per_uid {
-            return Err(CoreError::TooManyConnections(format!(
-                "uid {uid} already holds {} connections, the most an unprivileged user may; close some and retry",
-                held.connections
-            )));
-        }
-        if state.unprivileged_connections >= self.limits.unprivileged_connections {
-            return Err(CoreError::TooManyConnections(format!(
-                "unprivileged users hold {} connections, the most vfiod serves for them at once; retry later",
-                state.unprivileged_connections
-            )));
-        }
-        state.unprivileged_connections += 1;
-        state.per_uid.entry(uid).or_default().connections += 1;
-        Ok(Permit {
-            accounting: Some(self.clone()),
-            uid,
-            kind: Kind::Connection,
-        })
+        self.admit(uid, privileged, Kind::Connection)
     }
 
     /// Admits a new event stream, or says why not.
@@ -178,25 +164,54 @@ impl Accounting {
         uid: u32,
         privileged: bool,
     ) -> Result<Permit, CoreError> {
+        self.admit(uid, privileged, Kind::EventStream)
+    }
+
+    fn admit(
+        self: &Arc<Self>,
+        uid: u32,
+        privileged: bool,
+        kind: Kind,
+    ) -> Result<Permit, CoreError> {
         if privileged {
             return Ok(Permit::unaccounted());
         }
         let mut state = self.lock();
-        let held = state.per_uid.entry(uid).or_default();
-        if held.event_streams >= self.limits.event_streams_per_uid {
-            let n = held.event_streams;
-            if held.connections == 0 && held.event_streams == 0 {
-                state.per_uid.remove(&uid);
-            }
-            return Err(CoreError::TooManyEventStreams(format!(
-                "uid {uid} already holds {n} event streams, the most an unprivileged user may; close some and retry"
+        let mut held = state.per_uid.get(&uid).copied().unwrap_or_default();
+        let (count, limit, what, refusal): (_, _, _, fn(String) -> CoreError) = match kind {
+            Kind::Connection => (
+                held.connections,
+                self.limits.connections_per_uid,
+                "connections",
+                CoreError::TooManyConnections,
+            ),
+            Kind::EventStream => (
+                held.event_streams,
+                self.limits.event_streams_per_uid,
+                "event streams",
+                CoreError::TooManyEventStreams,
+            ),
+        };
+        if count >= limit {
+            return Err(refusal(format!(
+                "uid {uid} already holds {count} {what}, the most an unprivileged user may; close some and retry"
             )));
         }
-        held.event_streams += 1;
+        if kind == Kind::Connection {
+            if state.unprivileged_connections >= self.limits.unprivileged_connections {
+                return Err(CoreError::TooManyConnections(format!(
+                    "unprivileged users hold {} connections, the most vfiod serves for them at once; retry later",
+                    state.unprivileged_connections
+                )));
+            }
+            state.unprivileged_connections += 1;
+        }
+        *held.count_mut(kind) += 1;
+        state.per_uid.insert(uid, held);
         Ok(Permit {
             accounting: Some(self.clone()),
             uid,
-            kind: Kind::EventStream,
+            kind,
         })
     }
 
@@ -206,10 +221,8 @@ impl Accounting {
             state.unprivileged_connections = state.unprivileged_connections.saturating_sub(1);
         }
         if let Some(held) = state.per_uid.get_mut(&uid) {
-            match kind {
-                Kind::Connection => held.connections = held.connections.saturating_sub(1),
-                Kind::EventStream => held.event_streams = held.event_streams.saturating_sub(1),
-            }
+            let count = held.count_mut(kind);
+            *count = count.saturating_sub(1);
             if *held == Held::default() {
                 state.per_uid.remove(&uid);
             }
