@@ -15,6 +15,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyperlocal::{UnixClientExt, UnixConnector, Uri};
 use serde_json::{json, Value};
+use vfiod::core::ResetMethod;
 
 const DEFAULT_SOCKET: &str = "/run/vfiod/vfiod.sock";
 /// The environment variable that turns a run into a completion request
@@ -70,17 +71,12 @@ struct NameAndTags {
     tags: Vec<(String, String)>,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-#[value(rename_all = "snake_case")]
-enum ResetMethod {
-    /// The kernel's order for the function (its reset_method)
-    Auto,
-    DeviceSpecific,
-    Acpi,
-    Flr,
-    AfFlr,
-    Pm,
-    Bus,
+/// The method names the agent takes: `auto` and the kernel's.
+fn reset_methods() -> clap::builder::PossibleValuesParser {
+    let names = std::iter::once(ResetMethod::Auto)
+        .chain(ResetMethod::KERNEL)
+        .map(ResetMethod::as_str);
+    clap::builder::PossibleValuesParser::new(names)
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -180,9 +176,10 @@ enum Command {
     Reset {
         #[command(flatten)]
         device: DeviceArg,
-        /// Reset method [default: the agent's choice, auto]
-        #[arg(long, value_enum)]
-        method: Option<ResetMethod>,
+        /// Reset method [default: the agent's choice, auto: the kernel's order
+        /// for the function]
+        #[arg(long, value_parser = reset_methods())]
+        method: Option<String>,
         /// Print the method and the functions the reset would reach; change nothing
         #[arg(long)]
         dry_run: bool,
@@ -782,10 +779,7 @@ async fn run(conn: Conn, json_out: bool, command: Command) -> Result<(), Failure
         } => {
             let mut body = json!({"dry_run": dry_run});
             if let Some(m) = method {
-                body["method"] = json!(m
-                    .to_possible_value()
-                    .expect("no variant is skipped")
-                    .get_name());
+                body["method"] = json!(m);
             }
             let v = conn
                 .json(
