@@ -256,6 +256,25 @@ events_start() {
     kill -0 $EVENTS_PID 2>/dev/null || fail "vfioctl events exited: $(cat /tmp/vm.events.err)"
 }
 # Kernel uevents (pci), stamped on arrival with the guest's realtime clock.
+# holder_start VMTOOL-ARGS...: a process that holds something open
+# (`vmtool vfiohold GROUP ADDR [devonly]`: ADDR's VFIO fds, as a VM does;
+# `vmtool hold PATH`: one node), started and waited for until it holds it;
+# HOLD is its pid, HOLD_OUT what it printed.
+HOLDERS=0
+holder_start() {
+    HOLDERS=$((HOLDERS + 1))
+    HOLD_OUT=/tmp/vm.hold.$HOLDERS
+    vmtool "$@" >"$HOLD_OUT" 2>&1 &
+    HOLD=$!
+    wait_until 10 grep -q holding "$HOLD_OUT" || fail "vmtool $*: $(cat "$HOLD_OUT")"
+    say "$(cat "$HOLD_OUT")"
+}
+# pci_write_stamped VALUE PATH MARK: pci_write in a background child that
+# stamps MARK in the kernel log when its write returns; UNB is its pid.
+pci_write_stamped() {
+    ( pci_write "$1" "$2"; mark "$3" ) &
+    UNB=$!
+}
 uevmon_start() {
     : >$UEVENTS
     vmtool uevmon pci >>$UEVENTS 2>/tmp/vm.uevmon.err &

@@ -19,10 +19,7 @@ vc_ok register "$EDU" --name edu0
 vc_ok bind nic0
 has_driver "$NIC" vfio-pci || fail "bind nic0: kernel has $(drv "$NIC")"
 
-vmtool vfiohold "$G" "$NIC" devonly >/tmp/vm.hold 2>&1 &
-HOLD=$!
-wait_until 10 grep -q holding /tmp/vm.hold || fail "could not open the VFIO device: $(cat /tmp/vm.hold)"
-say "$(cat /tmp/vm.hold)"
+holder_start vfiohold "$G" "$NIC" devonly
 
 # The unbind hangs in the kernel: vfiod must give up on the request in time.
 vfioctl --socket $SOCK --json unbind nic0 >/tmp/vm.h.out 2>/tmp/vm.h.err &
@@ -79,9 +76,8 @@ hotadd_e1000e hph
 A=$HOTADDED
 vc_ok register "$A" --name hph
 vc_ok bind hph
-vmtool vfiohold "$(grp "$A")" "$A" >/tmp/vm.hold2 2>&1 &
-HOLD2=$!
-wait_until 10 grep -q holding /tmp/vm.hold2 || fail "could not open the VFIO device of $A: $(cat /tmp/vm.hold2)"
+holder_start vfiohold "$(grp "$A")" "$A"
+HOLD2=$HOLD
 device_del hph >/dev/null
 usleep 2000000
 present "$A" || say "note: $A went away although its VFIO fd is open"

@@ -16,10 +16,7 @@ vc_ok bind nic0
 has_driver "$NIC" vfio-pci || fail "bind nic0: kernel has $(drv "$NIC")"
 G=$(grp "$NIC")
 
-vmtool vfiohold "$G" "$NIC" >/tmp/vm.hold 2>&1 &
-HOLD=$!
-wait_until 10 grep -q holding /tmp/vm.hold || fail "could not open the VFIO device: $(cat /tmp/vm.hold)"
-say "$(cat /tmp/vm.hold)"
+holder_start vfiohold "$G" "$NIC"
 uevmon_start
 
 i=0

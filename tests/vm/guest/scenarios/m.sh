@@ -27,9 +27,7 @@ say "$GPU: $CARD, graphics $(ls "$D/graphics" 2>/dev/null | tr '\n' ' '); consol
 vfiod_start
 vc_ok register "$GPU" --name gpu0
 need_holders_api gpu0
-vmtool hold "/dev/dri/$CARD" >/tmp/vm.hold 2>&1 &
-HOLD=$!
-wait_until 10 grep -q holding /tmp/vm.hold || fail "hold /dev/dri/$CARD: $(cat /tmp/vm.hold)"
+holder_start hold "/dev/dri/$CARD"
 uevmon_start
 
 mark b0; vc bind gpu0; rc=$?; mark b1

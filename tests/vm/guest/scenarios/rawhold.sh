@@ -20,11 +20,8 @@ note() { echo "$*" >>$REPORT; }
 sysfs_to_vfio "$NIC"
 has_driver "$NIC" vfio-pci || fail "$NIC on $(drv "$NIC") after the move to vfio-pci"
 G=$(grp "$NIC")
-vmtool vfiohold "$G" "$NIC" >/tmp/vm.hold 2>&1 &
-HOLD=$!
-wait_until 10 grep -q holding /tmp/vm.hold || fail "vfiohold: $(cat /tmp/vm.hold)"
-say "$(cat /tmp/vm.hold)"
-note "== kernel $(uname -r); holder of $NIC (group $G): $(cat /tmp/vm.hold)"
+holder_start vfiohold "$G" "$NIC"
+note "== kernel $(uname -r); holder of $NIC (group $G): $(cat "$HOLD_OUT")"
 note "$(ls -l /proc/$HOLD/fd | sed 1d)"
 DEVFD=
 for fd in /proc/$HOLD/fd/*; do
@@ -48,8 +45,7 @@ note "-- /dev/vfio: $(ls -l /dev/vfio | sed 1d | tr '\n' ';')"
 
 # The unbind, in a child whose write is stamped by the kernel on return.
 mark ub0
-sh -c "echo $NIC >/sys/bus/pci/drivers/vfio-pci/unbind; echo '<6>vmmark ub1' >/dev/kmsg" &
-UNB=$!
+pci_write_stamped "$NIC" drivers/vfio-pci/unbind ub1
 usleep 2000000
 kill -0 $UNB 2>/dev/null || fail "the unbind returned although the VFIO device fd is open"
 state=$(sed -n 's/^State:[[:space:]]*//p' /proc/$UNB/status 2>/dev/null)
@@ -72,12 +68,9 @@ has_driver "$NIC" e1000e || fail "$NIC did not get back to e1000e: $(drv "$NIC")
 # --- the group fd alone does not block -------------------------------------
 sysfs_to_vfio "$NIC"
 G=$(grp "$NIC")
-vmtool hold "/dev/vfio/$G" >/tmp/vm.hold 2>&1 &
-HOLD=$!
-wait_until 10 grep -q holding /tmp/vm.hold || fail "hold /dev/vfio/$G: $(cat /tmp/vm.hold)"
+holder_start hold "/dev/vfio/$G"
 mark ug0
-sh -c "echo $NIC >/sys/bus/pci/drivers/vfio-pci/unbind; echo '<6>vmmark ug1' >/dev/kmsg" &
-UNB=$!
+pci_write_stamped "$NIC" drivers/vfio-pci/unbind ug1
 if ! wait_until 10 eval '! kill -0 $UNB 2>/dev/null'; then
     kill $HOLD; wait_until 10 eval '! kill -0 $UNB 2>/dev/null'
     fail "the unbind blocked with only the group node /dev/vfio/$G open"
@@ -101,14 +94,11 @@ grep -q 1 $(grep -l 'frame buffer' /sys/class/vtconsole/vtcon*/name 2>/dev/null 
 say "vt consoles: $(vtcons)"
 metric rawhold_fbcon_on_bochs "$FBCON" - "a framebuffer console is bound at boot (bochs-display fb ${FB:-none}), kernel $(uname -r)"
 note "== display $GPU: $(ls "$D/drm" | tr '\n' ' '); graphics ${FB:-none}; $(vtcons)"
-vmtool hold "/dev/dri/$CARD" >/tmp/vm.hold 2>&1 &
-HOLD=$!
-wait_until 10 grep -q holding /tmp/vm.hold || fail "hold /dev/dri/$CARD: $(cat /tmp/vm.hold)"
+holder_start hold "/dev/dri/$CARD"
 note "-- holder of /dev/dri/$CARD: $(ls -l /proc/$HOLD/fd | sed 1d | tr '\n' ';') fdinfo: $(tr '\n' ' ' </proc/$HOLD/fdinfo/3)"
 # Does an open DRM node (an X server, a compositor) block bochs' unbind?
 mark gu0
-sh -c "echo $GPU >/sys/bus/pci/drivers/bochs-drm/unbind; echo '<6>vmmark gu1' >/dev/kmsg" &
-UNB=$!
+pci_write_stamped "$GPU" drivers/bochs-drm/unbind gu1
 if wait_until 10 eval '! kill -0 $UNB 2>/dev/null'; then
     GPU_BLOCKS=no
     metric rawhold_drm_held_unbind_ms "$(mark_ms gu0 gu1)" ms "bochs-drm unbind while /dev/dri/$CARD is open (the kernel does not wait for it)"
