@@ -237,6 +237,9 @@ impl Core {
         }
         let group = sysfs.iommu_group(&addr).or(record.iommu_group);
         let mut scope = vec![addr];
+        // The conflicts of `scope`, once known: a bus scope's check covers
+        // the function itself too, so its holders are scanned only once.
+        let mut scope_checked: Option<Vec<(PciAddress, String)>> = None;
         if methods.iter().any(|m| resets_bus(m)) {
             let below = sysfs
                 .bus_reset_scope(&addr)
@@ -247,6 +250,15 @@ impl Core {
                 ))),
                 Some(functions) => {
                     let conflicts = self.scope_conflicts(record, group, &functions).await?;
+                    // Were bus left out, the function alone would meet
+                    // these (the group check never counts the function).
+                    scope_checked = Some(
+                        conflicts
+                            .iter()
+                            .filter(|(f, _)| *f == addr)
+                            .cloned()
+                            .collect(),
+                    );
                     if conflicts.is_empty() {
                         scope.extend(functions.into_iter().filter(|f| *f != addr));
                         None
@@ -273,7 +285,10 @@ impl Core {
                 tracing::info!(device = %addr, reason = %refusal, "leaving bus out of the reset methods");
             }
         }
-        let conflicts = self.scope_conflicts(record, group, &scope).await?;
+        let conflicts = match scope_checked {
+            Some(conflicts) => conflicts,
+            None => self.scope_conflicts(record, group, &scope).await?,
+        };
         if !conflicts.is_empty() {
             return Err(CoreError::ResetScopeConflict {
                 device: addr,
