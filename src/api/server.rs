@@ -340,9 +340,12 @@ impl JsonAutoErrors {
     /// The JSON answer that replaces `head`, if `head` is one of hyper's
     /// bodiless automatic error answers.
     fn replacement(head: &[u8]) -> Option<Vec<u8>> {
-        let is_error_status = head.starts_with(b"HTTP/1.1 4") || head.starts_with(b"HTTP/1.0 4");
+        // Checked first: this runs on every write, event chunks included.
+        if !(head.starts_with(b"HTTP/1.1 4") || head.starts_with(b"HTTP/1.0 4")) {
+            return None;
+        }
         let end = head.windows(4).position(|w| w == b"\r\n\r\n")?;
-        if !is_error_status || end + 4 != head.len() {
+        if end + 4 != head.len() {
             return None;
         }
         let text = std::str::from_utf8(head).ok()?.to_ascii_lowercase();

@@ -38,13 +38,7 @@ struct ProcessIdentity {
 fn process_identity(proc_root: &Path, pid: u32) -> Option<ProcessIdentity> {
     let dir = proc_root.join(pid.to_string());
     let status = std::fs::read_to_string(dir.join("status")).ok()?;
-    let uid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
+    let uid = crate::pci::holders::real_uid(&status)?;
     // Field 22 of stat, counted after the command name, which may itself
     // hold spaces and parentheses: split after the last ')'.
     let stat = std::fs::read_to_string(dir.join("stat")).ok()?;

@@ -125,6 +125,7 @@ use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{makedev, Mode, SFlag};
 use serde::Serialize;
 
+use super::sysfs::{link_name, parse_hex};
 use super::{PciAddress, Sysfs};
 use crate::path_error::PathError;
 
@@ -397,10 +398,6 @@ struct FunctionNodes {
     framebuffers: Vec<String>,
     /// `<canonical device dir>/resource`, as `maps` shows it.
     resource_prefix: Option<Vec<u8>>,
-}
-
-fn link_name(path: &Path) -> Option<String> {
-    Some(fs::read_link(path).ok()?.file_name()?.to_str()?.to_owned())
 }
 
 fn parse_dev(text: &str) -> Option<u64> {
@@ -809,10 +806,6 @@ fn storage_consumers(
 const IFF_UP: u32 = 0x1;
 const RTF_LOCAL: u32 = 0x8000_0000;
 
-fn hex_u32(text: &str) -> Option<u32> {
-    u32::from_str_radix(text.trim().trim_start_matches("0x"), 16).ok()
-}
-
 /// An IPv6 address as `/proc/net` writes it: 32 hex digits.
 fn ipv6_from_hex(hex: &str) -> Option<std::net::Ipv6Addr> {
     u128::from_str_radix(hex, 16)
@@ -843,7 +836,7 @@ fn net_consumers(
             let name = nic.name.as_str();
             let up = fs::read_to_string(nic.dir.join("flags"))
                 .ok()
-                .and_then(|t| hex_u32(&t))
+                .and_then(|t| parse_hex(&t))
                 .is_some_and(|flags| flags & IFF_UP != 0);
             let addresses: Vec<String> = if_inet6
                 .lines()
@@ -865,7 +858,7 @@ fn net_consumers(
                     let fields: Vec<&str> = l.split_whitespace().collect();
                     fields.len() == 10
                         && fields[9] == name
-                        && hex_u32(fields[8]).is_some_and(|flags| flags & RTF_LOCAL == 0)
+                        && parse_hex(fields[8]).is_some_and(|flags| flags & RTF_LOCAL == 0)
                         && ipv6_from_hex(fields[0]).is_some_and(|d| !is_link_local_or_multicast(&d))
                 })
                 .count();
@@ -1026,6 +1019,8 @@ fn inspect_process(pid_dir: &Dir, targets: &Targets) -> ProcessOutcome {
     let mut holds = Vec::new();
     let mut groups_held: Vec<PciAddress> = Vec::new();
     let mut unattributed_vfio_devices = false;
+    // Opened on the first VFIO device descriptor; a VMM may have several.
+    let mut fdinfo: Option<Dir> = None;
     for name in &names {
         let Ok(target) = nix::fcntl::readlinkat(&fd_dir, name.as_c_str()) else {
             continue;
@@ -1054,10 +1049,13 @@ fn inspect_process(pid_dir: &Dir, targets: &Targets) -> ProcessOutcome {
                 groups_held.extend(addrs);
             }
         } else if bytes == VFIO_DEVICE_ANON {
-            let Ok(fdinfo) = open_dir_at(pid_dir, c"fdinfo") else {
+            if fdinfo.is_none() {
+                fdinfo = open_dir_at(pid_dir, c"fdinfo").ok();
+            }
+            let Some(fdinfo) = &fdinfo else {
                 continue;
             };
-            let Ok(text) = read_at(&fdinfo, name.as_c_str()) else {
+            let Ok(text) = read_at(fdinfo, name.as_c_str()) else {
                 continue;
             };
             match fdinfo_syspath_address(&String::from_utf8_lossy(&text)) {
@@ -1126,7 +1124,7 @@ fn unit_from_cgroup(text: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-fn real_uid(status: &str) -> Option<u32> {
+pub(crate) fn real_uid(status: &str) -> Option<u32> {
     status
         .lines()
         .find_map(|l| l.strip_prefix("Uid:"))?

@@ -58,11 +58,11 @@ fn read_trimmed(path: &Path) -> Result<String, SysfsError> {
         })
 }
 
-fn parse_hex(s: &str) -> Option<u32> {
+pub(super) fn parse_hex(s: &str) -> Option<u32> {
     u32::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok()
 }
 
-fn link_name(path: &Path) -> Option<String> {
+pub(super) fn link_name(path: &Path) -> Option<String> {
     let target = fs::read_link(path).ok()?;
     Some(target.file_name()?.to_str()?.to_owned())
 }
