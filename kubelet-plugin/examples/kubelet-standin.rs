@@ -17,8 +17,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use hyper_util::rt::TokioIo;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
@@ -128,12 +127,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let endpoint = dir.join(&registration.endpoint);
-    let channel = tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = endpoint.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-        }))
-        .await?;
+    let channel = vfiod_kubelet_plugin::plugin::dial(&endpoint).await?;
     let mut plugin = DevicePluginClient::new(channel);
     plugin.get_device_plugin_options(Empty {}).await?;
     let mut stream = plugin.list_and_watch(Empty {}).await?.into_inner();

@@ -31,17 +31,30 @@ pub struct Allocator<'a> {
     pub devfs: &'a Path,
 }
 
-/// `kubelet:<resource>:<unix ms>:<device ids>`, cut to vfiod's limit.
+/// `kubelet:<resource>:<unix ms>:<device ids>`, cut to vfiod's limit:
+/// the ids first, so that [`parse_instance`] still reads the rest back.
 pub fn instance_id(resource: &str, ids: &[String]) -> String {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    let mut id = format!("{INSTANCE_PREFIX}{resource}:{ms}:{}", ids.join(","));
-    if id.len() > INSTANCE_ID_MAX {
-        // Every part is ASCII (vfiod names and tag values are).
-        id.truncate(INSTANCE_ID_MAX);
-    }
+    let mut id = format!("{INSTANCE_PREFIX}{resource}:{}:", unix_ms());
+    id.push_str(&ids.join(","));
+    // Every part is ASCII (vfiod names and tag values are).
+    id.truncate(INSTANCE_ID_MAX);
     id
+}
+
+/// The resource and allocation time of an [`instance_id`], or `None` for
+/// an attachment this plugin did not make.
+pub fn parse_instance(instance: &str) -> Option<(&str, u128)> {
+    let rest = instance.strip_prefix(INSTANCE_PREFIX)?;
+    let mut parts = rest.splitn(3, ':');
+    let resource = parts.next().filter(|r| !r.is_empty())?;
+    let ms = parts.next()?.parse().ok()?;
+    Some((resource, ms))
+}
+
+pub fn unix_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
 }
 
 impl Allocator<'_> {

@@ -208,8 +208,9 @@ struct Running {
     stop: CancellationToken,
     task: JoinHandle<()>,
     registered: bool,
-    /// Failed registrations in a row; only the first is a warning.
-    failures: u32,
+    /// A failed registration was warned about; the next ones are debug
+    /// lines until one succeeds.
+    warned: bool,
 }
 
 impl Running {
@@ -302,15 +303,14 @@ impl Manager {
                         Ok(()) => {
                             tracing::info!(resource = %res, endpoint = %r.socket.display(), "registered with kubelet");
                             r.registered = true;
-                            r.failures = 0;
+                            r.warned = false;
                         }
-                        Err(e) if r.failures == 0 => {
+                        Err(e) if !r.warned => {
                             tracing::warn!(resource = %res, "registration with kubelet failed (retrying every {} ms): {e}", WATCH_PERIOD.as_millis());
-                            r.failures = 1;
+                            r.warned = true;
                         }
                         Err(e) => {
                             tracing::debug!(resource = %res, "registration with kubelet failed again: {e}");
-                            r.failures = r.failures.saturating_add(1);
                         }
                     }
                 }
@@ -363,7 +363,7 @@ impl Manager {
             stop,
             task,
             registered: false,
-            failures: 0,
+            warned: false,
         })
     }
 }

@@ -19,16 +19,16 @@
 //!   devices of a container only after Allocate has returned, so a fresh
 //!   allocation can be missing from `List` for a moment;
 //! - only attachments this plugin made (their instance id starts with
-//!   [`INSTANCE_PREFIX`] and names the resource) are ever touched, and only
+//!   [`INSTANCE_PREFIX`](crate::inventory::INSTANCE_PREFIX) and names the resource) are ever touched, and only
 //!   when the device is still tagged with that resource.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::inventory::INSTANCE_PREFIX;
+use crate::allocate::{parse_instance, unix_ms};
 use crate::plugin::{dial, AttachmentLock};
 use crate::podresources::pod_resources_lister_client::PodResourcesListerClient;
 use crate::podresources::ListPodResourcesRequest;
@@ -159,21 +159,6 @@ impl Releaser {
     }
 }
 
-/// `kubelet:<resource>:<unix ms>:<ids>` -> (resource, ms).
-fn parse_instance(instance: &str) -> Option<(&str, u128)> {
-    let rest = instance.strip_prefix(INSTANCE_PREFIX)?;
-    let mut parts = rest.splitn(3, ':');
-    let resource = parts.next().filter(|r| !r.is_empty())?;
-    let ms = parts.next()?.parse().ok()?;
-    Some((resource, ms))
-}
-
-fn unix_ms() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,6 +192,11 @@ mod tests {
         let (resource, ms) = parse_instance(&id).unwrap();
         assert_eq!(resource, "nvidia.com/L4");
         assert!(unix_ms() - ms < 10_000);
+        // Many devices: the ids are cut, the resource and time are kept.
+        let many: Vec<String> = (0..100).map(|i| format!("gpu-{i:03}")).collect();
+        let id = instance_id("nvidia.com/L4", &many);
+        assert_eq!(id.len(), 256);
+        assert_eq!(parse_instance(&id).map(|(r, _)| r), Some("nvidia.com/L4"));
         assert_eq!(parse_instance("vm-1"), None);
         assert_eq!(parse_instance("kubelet:x.io/a:notms:a"), None);
     }

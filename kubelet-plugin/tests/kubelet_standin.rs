@@ -22,9 +22,8 @@ use std::time::{Duration, Instant};
 use common::fakesys::{DeviceSpec, FakeSys, TempDir};
 use common::simkernel::SimKernel;
 use common::Daemon;
-use hyper_util::rt::TokioIo;
 use nix::errno::Errno;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -180,16 +179,9 @@ impl Kubelet {
     /// Kubelet's side after a registration: dial the plugin's endpoint.
     async fn dial(&self, r: &RegisterRequest) -> DevicePluginClient<Channel> {
         let path = self.dir.join(&r.endpoint);
-        let channel =
-            tonic::transport::Endpoint::from_static("http://localhost")
-                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                    let path = path.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
-                    }
-                }))
-                .await
-                .unwrap_or_else(|e| panic!("dialing {}: {e}", r.endpoint));
+        let channel = vfiod_kubelet_plugin::plugin::dial(&path)
+            .await
+            .unwrap_or_else(|e| panic!("dialing {}: {e}", r.endpoint));
         DevicePluginClient::new(channel)
     }
 }
