@@ -343,15 +343,20 @@ impl Api {
     }
 
     pub async fn handle(&self, peer: &Peer, req: Request<Incoming>) -> Response<ResponseBody> {
-        let template =
-            route(req.method(), req.uri().path()).map_or(UNMATCHED_ROUTE, |r| r.template());
-        let resp = self.answer(peer, req).await;
+        let routed = route(req.method(), req.uri().path());
+        let template = routed.as_ref().map_or(UNMATCHED_ROUTE, |r| r.template());
+        let resp = self.answer(peer, req, routed).await;
         crate::metrics::record_request(template, resp.status().as_u16());
         resp
     }
 
-    async fn answer(&self, peer: &Peer, req: Request<Incoming>) -> Response<ResponseBody> {
-        let route = match route(req.method(), req.uri().path()) {
+    async fn answer(
+        &self,
+        peer: &Peer,
+        req: Request<Incoming>,
+        routed: Result<Route, RouteError>,
+    ) -> Response<ResponseBody> {
+        let route = match routed {
             Ok(r) => r,
             Err(RouteError::NotFound) => {
                 return plain_error(
@@ -641,6 +646,7 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, api: Api) {
         let api = api.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let api_for_conn = api.clone();
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let api = api.clone();
                 async move {
@@ -676,9 +682,7 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, api: Api) {
                     Ok::<_, Infallible>(resp)
                 }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
+            let conn = server::http1_builder(&api_for_conn)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "metrics connection ended with an error");

@@ -207,7 +207,7 @@ pub fn attach(body: &[u8]) -> Result<AttachRequest, CoreError> {
             ))
         }
     };
-    let pid = optional_u32(&map, "pid")?;
+    let pid = optional_u32(&map, "pid").map_err(|e| CoreError::InvalidPid(e.to_string()))?;
     if pid == Some(0) {
         return Err(CoreError::InvalidPid(
             "pid must be a process id, not 0".into(),
@@ -230,12 +230,9 @@ fn optional_u32(map: &Map<String, Value>, field: &str) -> Result<Option<u32>, Co
             .filter(|n| *n != u32::MAX)
             .map(Some)
             .ok_or_else(|| {
-                let message = format!("{field} must be an integer from 0 to 4294967294");
-                if field == "pid" {
-                    CoreError::InvalidPid(message)
-                } else {
-                    CoreError::InvalidRequest(message)
-                }
+                CoreError::InvalidRequest(format!(
+                    "{field} must be an integer from 0 to 4294967294"
+                ))
             }),
     }
 }

@@ -42,6 +42,17 @@ use crate::error::CoreError;
 /// included); this bounds what one connection makes the daemon hold.
 pub const MAX_HEADER_BYTES: usize = 8 * 1024;
 
+/// HTTP/1 as every listener of vfiod serves it: the head's timeout and
+/// size bound.
+pub(super) fn http1_builder(api: &Api) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(api.header_timeout)
+        .max_header_size(MAX_HEADER_BYTES);
+    builder
+}
+
 /// The default time a connection has to deliver a complete request head,
 /// counted from when it starts waiting for one (so also the idle
 /// keep-alive timeout). A local client sends its head in microseconds.
@@ -283,11 +294,8 @@ async fn serve_connection(
         let peer = peer.clone();
         async move { Ok::<_, Infallible>(api.handle(&peer, req).await) }
     });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(api.header_timeout)
-        .max_header_size(MAX_HEADER_BYTES)
-        .serve_connection(TokioIo::new(JsonAutoErrors::new(stream)), service);
+    let conn =
+        http1_builder(&api).serve_connection(TokioIo::new(JsonAutoErrors::new(stream)), service);
     let mut shutdown = api.shutdown.clone();
     {
         let _alive = alive;
