@@ -742,3 +742,36 @@ fn a_reset_under_a_process_that_holds_the_function_is_refused() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(sim.resets(), pairs(&[(NIC, "pm")]));
 }
+
+#[test]
+fn a_quarantined_device_is_not_put_back_on_vfio_at_startup() {
+    let mut h = host(&[]);
+    h.d.register(IGB, "igb");
+    assert_eq!(h.d.post("/devices/igb/bind", "").status, 200);
+    h.sim.set_reset_outcome(IGB, Some(ResetOutcome::D3cold));
+    for _ in 0..3 {
+        h.reset("igb", "").expect_error(500, "reset_failed");
+    }
+    assert_eq!(h.device("igb")["health"], "quarantined");
+    h.d.kill9();
+    // While vfiod is down the device comes back on its own driver, as
+    // after a reboot without vfiod's udev rule.
+    std::fs::write(
+        h.fs.path(&format!("bus/pci/devices/{IGB}/driver_override")),
+        "\n",
+    )
+    .unwrap();
+    std::fs::write(h.fs.path("bus/pci/drivers/vfio-pci/unbind"), IGB).unwrap();
+    std::fs::write(h.fs.path("bus/pci/drivers_probe"), IGB).unwrap();
+    eventually(5, "igb back on its driver", || {
+        (h.fs.driver_of(IGB).as_deref() == Some("igb")).then_some(())
+    });
+    h.d.spawn();
+    let dev = h.device("igb");
+    assert_eq!(dev["health"], "quarantined", "{dev}");
+    assert_eq!(
+        h.fs.driver_of(IGB).as_deref(),
+        Some("igb"),
+        "vfiod's startup rebind put a quarantined device on vfio"
+    );
+}

@@ -132,6 +132,9 @@ impl Core {
         if record.identity_mismatch {
             return Err(CoreError::IdentityMismatch(addr));
         }
+        // Here, not at the API: vfiod's own rebinds (startup, re-plug,
+        // reclaim) must not put an unfit device on vfio either.
+        refuse_unhealthy(record)?;
         let function = sysfs
             .read_function(&addr)
             .map_err(|e| CoreError::Internal(e.to_string()))?
@@ -196,7 +199,6 @@ impl Core {
         let id = id_or_name.to_owned();
         self.owned(move |core| async move {
             let (_group, record) = core.lock_device_for_move(&id).await?;
-            refuse_unhealthy(&record)?;
             core.bind_locked(caller, &record, req).await
         })
         .await
