@@ -8,11 +8,12 @@
 //! framebuffer as the first step of the bind and put back when the device
 //! is given back.
 
-use std::path::PathBuf;
+use std::collections::BTreeSet;
 use std::time::Instant;
 
 use super::{Caller, Core};
 use crate::error::CoreError;
+use crate::pci::holders::vtconsole_bind_path;
 use crate::pci::holders::{self, Disposition, Holder, ProcFs};
 use crate::pci::PciAddress;
 use crate::registry::{is_vfio_driver, DeviceRecord};
@@ -80,12 +81,22 @@ impl Core {
         Ok(())
     }
 
-    /// The `bind` files of the framebuffer consoles a move releases.
-    pub(super) fn console_bind_paths(&self, holders: &[Holder]) -> Vec<PathBuf> {
-        holders
+    /// The framebuffer consoles (`vtconN`) a move releases, each once (a
+    /// console shows up once per framebuffer of the moved functions).
+    pub(super) fn released_consoles(&self, holders: &[Holder]) -> Vec<String> {
+        let sysfs = self.sysfs();
+        let names: BTreeSet<String> = holders
             .iter()
-            .filter_map(|h| h.vtconsole_bind_path(self.sysfs()))
-            .collect()
+            .filter_map(|h| match h {
+                Holder::FramebufferConsole { vtconsole, .. }
+                    if vtconsole_bind_path(sysfs, vtconsole).is_some() =>
+                {
+                    Some(vtconsole.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        names.into_iter().collect()
     }
 
     /// The functions of `record` (with its companions) that a give-back

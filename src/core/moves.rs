@@ -9,7 +9,7 @@ use crate::engine::{EngineError, Move};
 use crate::error::CoreError;
 use crate::events::EventKind;
 use crate::metrics::{self, MoveResult};
-use crate::pci::holders::Holder;
+use crate::pci::holders::vtconsole_bind_path;
 use crate::pci::{PciAddress, PciFunction, Sysfs};
 use crate::registry::{is_vfio_driver, Companion, DeviceRecord, PendingOp};
 
@@ -223,9 +223,11 @@ impl Core {
                 .map(|m| m.pci_address)
                 .collect();
             plan.holders = self.scan_holders(taken).await?;
-            consoles = self.console_bind_paths(&plan.holders);
+            consoles = self.released_consoles(&plan.holders);
+            let sysfs = self.sysfs();
             let releases = consoles
                 .iter()
+                .filter_map(|c| vtconsole_bind_path(sysfs, c))
                 .map(|p| format!("write \"0\" to {}", p.display()));
             plan.steps = releases.chain(plan.steps.drain(..)).collect();
         }
@@ -259,11 +261,14 @@ impl Core {
                 d.original_driver = Some(from);
             }
             d.companions = companions;
-            d.released_consoles = console_names(&consoles);
+            d.released_consoles = consoles.clone();
         })
         .await?;
-        for console in &consoles {
-            if let Err(error) = self.engine.bind_console(addr, console.clone(), false).await {
+        for path in consoles
+            .iter()
+            .filter_map(|c| vtconsole_bind_path(self.sysfs(), c))
+        {
+            if let Err(error) = self.engine.bind_console(addr, path, false).await {
                 let result = MoveResult::failed(error.is_timeout());
                 metrics::record_move("bind", result, started.elapsed());
                 return Err(self
@@ -323,7 +328,7 @@ impl Core {
                     )
                     .await;
                 if rolled_back {
-                    self.restore_consoles(addr, &console_names(&consoles)).await;
+                    self.restore_consoles(addr, &consoles).await;
                 }
                 Err(err)
             }
@@ -336,12 +341,7 @@ impl Core {
     /// `echo 1 > /sys/class/vtconsole/vtconN/bind`.
     async fn restore_consoles(&self, addr: PciAddress, names: &[String]) {
         for name in names {
-            let holder = Holder::FramebufferConsole {
-                pci_address: addr,
-                vtconsole: name.clone(),
-                framebuffer: String::new(),
-            };
-            let Some(path) = holder.vtconsole_bind_path(self.sysfs()) else {
+            let Some(path) = vtconsole_bind_path(self.sysfs(), name) else {
                 continue;
             };
             if let Err(e) = self.engine.bind_console(addr, path, true).await {
@@ -622,14 +622,6 @@ impl Core {
             }
         }
     }
-}
-
-/// The vtconsole names of console `bind` paths (`.../vtconN/bind`).
-fn console_names(paths: &[std::path::PathBuf]) -> Vec<String> {
-    paths
-        .iter()
-        .filter_map(|p| p.parent()?.file_name()?.to_str().map(str::to_owned))
-        .collect()
 }
 
 pub(super) fn restore_moves(record: &DeviceRecord) -> Vec<Move> {

@@ -239,20 +239,27 @@ impl Holder {
         let Holder::FramebufferConsole { vtconsole, .. } = self else {
             return None;
         };
-        // The name was read from a directory listing; it is checked again
-        // so that nothing but `vtconN` is ever joined into a write path.
-        let number = vtconsole.strip_prefix("vtcon")?;
-        if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        Some(
-            sysfs
-                .root()
-                .join("class/vtconsole")
-                .join(vtconsole)
-                .join("bind"),
-        )
+        vtconsole_bind_path(sysfs, vtconsole)
     }
+}
+
+/// The `bind` file of framebuffer console `vtconsole` (`vtconN`), or `None`
+/// for any other name.
+pub fn vtconsole_bind_path(sysfs: &Sysfs, vtconsole: &str) -> Option<PathBuf> {
+    // The name was read from a directory listing or the state file; it is
+    // checked again so that nothing but `vtconN` is ever joined into a
+    // write path.
+    let number = vtconsole.strip_prefix("vtcon")?;
+    if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(
+        sysfs
+            .root()
+            .join("class/vtconsole")
+            .join(vtconsole)
+            .join("bind"),
+    )
 }
 
 /// A failed read the scan cannot do without (listing `/proc`, the mount
