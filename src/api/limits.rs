@@ -135,16 +135,13 @@ impl Accounting {
         })
     }
 
-    pub fn limits(&self) -> Limits {
-        self.limits
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// What an unprivileged uid holds now.
-    pub fn held(&self, uid: u32) -> Held {
+    #[cfg(test)]
+    fn held(&self, uid: u32) -> Held {
         self.lock().per_uid.get(&uid).copied().unwrap_or_default()
     }
 

@@ -811,10 +811,8 @@ async fn run(conn: Conn, json_out: bool, command: Command) -> Result<(), Failure
                         .map(|f| format!("  {f}\n"))
                         .collect::<String>()
                 )
-            } else if v.get("pci_address").is_some() && v.get("id").is_some() {
-                show_device(&v)
             } else {
-                key_values(&v)
+                show_device(&v)
             };
             out(&v, human);
         }
