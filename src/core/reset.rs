@@ -395,25 +395,22 @@ impl Core {
             Err(error) if error.is_timeout() => {
                 // Stuck like a hung move: the late write's return settles
                 // it (settle_pending), which puts reset_method back.
-                let health_before = self.health_of(addr);
                 let reason = error.to_string();
                 let quarantine_after = self.options.quarantine_after;
                 let last = last(ResetResult::Timeout);
-                let updated = self
-                    .update_device(addr, |d| {
-                        d.last_reset = Some(last);
-                        d.reset_failures += 1;
-                        apply_failure(d, &reason, false, quarantine_after);
-                    })
-                    .await?;
-                self.publish_health_change(health_before, updated.as_ref());
+                self.update_health(addr, |d| {
+                    d.last_reset = Some(last);
+                    d.reset_failures += 1;
+                    apply_failure(d, &reason, false, quarantine_after);
+                })
+                .await?;
                 return Err(self
                     .record_failed_move(caller, record, "reset", error, None, |_| {})
                     .await);
             }
             Err(error) => Err(CoreError::move_failed("reset", addr, error, None)),
         };
-        let health_before = self.health_of(addr);
+        let mut health_before = None;
         let result = if outcome.is_ok() {
             ResetResult::Ok
         } else {
@@ -426,6 +423,7 @@ impl Core {
         let last = last(result);
         let device = self
             .update_device(addr, |d| {
+                health_before = Some(d.health);
                 d.pending = None;
                 d.current_driver = current;
                 d.last_reset = Some(last);
@@ -521,19 +519,28 @@ impl Core {
         Ok(())
     }
 
-    fn health_of(&self, addr: PciAddress) -> Option<(Health, Option<String>)> {
-        self.snapshot()
-            .get_by_address(&addr)
-            .map(|d| (d.health, d.health_reason.clone()))
+    /// `update_device` for a change that may move the device's health: the
+    /// health before is read in the same commit, and a change is logged and
+    /// published.
+    async fn update_health(
+        &self,
+        addr: PciAddress,
+        change: impl FnOnce(&mut DeviceRecord),
+    ) -> Result<Option<DeviceRecord>, CoreError> {
+        let mut before = None;
+        let updated = self
+            .update_device(addr, |d| {
+                before = Some(d.health);
+                change(d);
+            })
+            .await?;
+        self.publish_health_change(before, updated.as_ref());
+        Ok(updated)
     }
 
-    fn publish_health_change(
-        &self,
-        before: Option<(Health, Option<String>)>,
-        after: Option<&DeviceRecord>,
-    ) {
+    fn publish_health_change(&self, before: Option<Health>, after: Option<&DeviceRecord>) {
         let Some(d) = after else { return };
-        if before.is_some_and(|(h, _)| h == d.health) {
+        if before == Some(d.health) {
             return;
         }
         let detail = match &d.health_reason {
@@ -564,10 +571,9 @@ impl Core {
             tracing::info!(device = %addr, "the kernel offers no reset method for {addr}; not reset on release");
             return record.clone();
         }
-        let before = self.health_of(addr);
         let marked_why = why.to_owned();
         let marked = match self
-            .update_device(addr, |d| {
+            .update_health(addr, |d| {
                 if d.health == Health::Ok {
                     d.health = Health::NeedsReset;
                     d.health_reason = Some(format!("released ({marked_why}) and not reset yet"));
@@ -582,7 +588,6 @@ impl Core {
                 return record.clone();
             }
         };
-        self.publish_health_change(before, Some(&marked));
         match self
             .reset_locked(caller, &marked, ResetRequest::default(), Trigger::Release)
             .await
@@ -649,10 +654,9 @@ impl Core {
             }
         }
         let all_ones = matches!(self.sysfs().config_vendor_id(&addr), Ok(0xffff));
-        let before = self.health_of(addr);
         let current = self.sysfs().driver(&addr);
         let updated = self
-            .update_device(addr, |d| {
+            .update_health(addr, |d| {
                 d.pending = None;
                 d.current_driver = current;
                 if all_ones {
@@ -667,8 +671,8 @@ impl Core {
                 }
             })
             .await;
-        if let Ok(updated) = updated {
-            self.publish_health_change(before, updated.as_ref());
+        if let Err(e) = updated {
+            tracing::error!(device = %addr, error = %e, "could not record how a stuck reset ended");
         }
     }
 
@@ -680,10 +684,9 @@ impl Core {
         let Ok(vendor) = self.sysfs().config_vendor_id(&addr) else {
             return;
         };
-        let before = self.health_of(addr);
         let when = when.to_owned();
         let updated = self
-            .update_device(addr, |d| {
+            .update_health(addr, |d| {
                 if vendor == 0xffff {
                     if d.health != Health::NeedsHostReboot {
                         d.health = Health::NeedsHostReboot;
@@ -697,8 +700,8 @@ impl Core {
                 }
             })
             .await;
-        if let Ok(updated) = updated {
-            self.publish_health_change(before, updated.as_ref());
+        if let Err(e) = updated {
+            tracing::error!(device = %addr, error = %e, "could not record the device's health");
         }
     }
 }
