@@ -371,3 +371,35 @@ fn health_says_whether_the_vfio_container_is_usable_by_everyone() {
         false
     );
 }
+
+#[test]
+fn a_vmm_gone_while_vfiod_was_down_gives_the_device_back_with_unbind_on_vmm_exit() {
+    if !is_root() {
+        eprintln!("skipped: attachments to other uids need root");
+        return;
+    }
+    let fs = FakeSys::standard_host();
+    let _sim = SimKernel::start(&fs);
+    let mut d = Daemon::start(&fs, &["--group", "nogroup", "--unbind-on-vmm-exit"]);
+    d.register(NIC, "nic");
+    let mut vmm = vmm_as(VMM_UID);
+    let r = attach(
+        &d,
+        "nic",
+        &format!(
+            r#"{{"instance_id":"vm-1","uid":{VMM_UID},"pid":{}}}"#,
+            vmm.id()
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(fs.driver_of(NIC).as_deref(), Some("vfio-pci"));
+    d.kill9();
+    vmm.kill().unwrap();
+    vmm.wait().unwrap();
+    d.spawn();
+    // The same as when the VMM exits while vfiod runs.
+    eventually(5, "the NIC given back to e1000e", || {
+        (fs.driver_of(NIC).as_deref() == Some("e1000e")).then_some(())
+    });
+    assert_eq!(d.get("/devices/nic").json()["attached_to"], Value::Null);
+}

@@ -345,9 +345,17 @@ impl Core {
             process.pid,
             record.attached_uid.unwrap_or(0)
         );
-        tracing::info!(device = %addr, pid = process.pid, instance = ?record.attached_to, "attachment of {addr} ended: {why}");
+        self.release_after_vmm_exit(&record, why).await;
+    }
+
+    /// Ends the attachment of `record`, whose VMM exited, and releases the
+    /// device as configured: reset on release, then the give-back with
+    /// `unbind_on_vmm_exit` (group lock held).
+    async fn release_after_vmm_exit(&self, record: &DeviceRecord, why: String) {
+        let addr = record.pci_address;
+        tracing::info!(device = %addr, instance = ?record.attached_to, "attachment of {addr} ended: {why}");
         let Ok(device) = self
-            .end_attachment(&record, EventKind::AttachmentEnded, why)
+            .end_attachment(record, EventKind::AttachmentEnded, why)
             .await
         else {
             return;
@@ -383,14 +391,7 @@ impl Core {
                     let lock = self.op_lock(Self::lock_key(&record));
                     let _group = lock.lock().await;
                     let why = format!("VMM pid {} exited while vfiod was not running", process.pid);
-                    tracing::info!(device = %addr, pid = process.pid, "attachment of {addr} ended: {why}");
-                    if let Ok(device) = self
-                        .end_attachment(&record, EventKind::AttachmentEnded, why)
-                        .await
-                    {
-                        self.reset_on_release(Caller::AGENT, &device, "its VMM exited")
-                            .await;
-                    }
+                    self.release_after_vmm_exit(&record, why).await;
                     continue;
                 }
                 Some(process) => self.follow_vmm(addr, process),
