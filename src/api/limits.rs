@@ -87,17 +87,37 @@ pub fn fit_to_fd_limit(limits: Limits, fd_limit: u64) -> (Limits, bool) {
     (fitted, true)
 }
 
-/// Raises the soft RLIMIT_NOFILE to the hard limit, so the daemon has the
-/// descriptors its limits assume. Returns the soft limit in force after.
-pub fn raise_fd_limit() -> std::io::Result<u64> {
+/// At startup: raises the soft RLIMIT_NOFILE to the hard limit, so the
+/// daemon has the descriptors its limits assume, and returns `configured`
+/// fitted to the limit it got (both shortfalls are logged).
+pub fn fit_to_descriptors(configured: Limits) -> Limits {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
-    if soft >= hard {
-        // Nothing to gain, and the packaged unit forbids setrlimit().
-        return Ok(soft);
+    let fd_limit = match getrlimit(Resource::RLIMIT_NOFILE) {
+        // Already at the hard limit: nothing to gain, and the packaged unit
+        // forbids setrlimit().
+        Ok((soft, hard)) if soft >= hard => soft,
+        Ok((soft, hard)) => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot raise the soft file descriptor limit above {soft}: {e}");
+                soft
+            }
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the file descriptor limit; assuming 1024: {e}");
+            1024
+        }
+    };
+    let (limits, shrunk) = fit_to_fd_limit(configured, fd_limit);
+    if shrunk {
+        tracing::warn!(
+            fd_limit,
+            "the file descriptor limit ({fd_limit}) leaves room for {} unprivileged connections, not the {} configured; raise LimitNOFILE=",
+            limits.unprivileged_connections,
+            configured.unprivileged_connections
+        );
     }
-    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
-    Ok(hard)
+    limits
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

@@ -19,7 +19,7 @@ use vfiod::{hotplug, systemd};
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let is_root = nix::unistd::geteuid().is_root() || runs_as_the_system_agent();
-    let config = match Config::from_args(&args, is_root) {
+    let mut config = match Config::from_args(&args, is_root) {
         Ok(c) => c,
         Err(ConfigError::Cli(e)) => {
             // --help and --version land here too, on stdout with exit 0.
@@ -32,27 +32,7 @@ fn main() -> ExitCode {
         }
     };
     systemd::init_logging(&config.log_level);
-    let fd_limit = match api::limits::raise_fd_limit() {
-        Ok(limit) => limit,
-        Err(e) => {
-            let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-                .map(|(soft, _)| soft)
-                .unwrap_or(1024);
-            tracing::warn!(error = %e, "cannot raise the soft file descriptor limit above {soft}: {e}");
-            soft
-        }
-    };
-    let mut config = config;
-    let (limits, shrunk) = api::limits::fit_to_fd_limit(config.limits, fd_limit);
-    if shrunk {
-        tracing::warn!(
-            fd_limit,
-            "the file descriptor limit ({fd_limit}) leaves room for {} unprivileged connections, not the {} configured; raise LimitNOFILE=",
-            limits.unprivileged_connections,
-            config.limits.unprivileged_connections
-        );
-    }
-    config.limits = limits;
+    config.limits = api::limits::fit_to_descriptors(config.limits);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -79,13 +59,9 @@ fn main() -> ExitCode {
 /// agent as root would be: system paths, driver moves.
 fn runs_as_the_system_agent() -> bool {
     const CAP_DAC_OVERRIDE: u32 = 1;
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
-            u64::from_str_radix(hex.trim(), 16).ok()
-        })
-        .is_some_and(|effective| effective & (1 << CAP_DAC_OVERRIDE) != 0)
+    procfs::process::Process::myself()
+        .and_then(|me| me.status())
+        .is_ok_and(|status| status.capeff & (1 << CAP_DAC_OVERRIDE) != 0)
 }
 
 /// Why startup failed, and the exit status that tells systemd whether a
