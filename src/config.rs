@@ -90,6 +90,36 @@ struct FileConfig {
     metrics_listen_public: Option<bool>,
 }
 
+/// The command line as settings over the file's: a switch that is not
+/// given leaves the file's value alone.
+impl From<Flags> for FileConfig {
+    fn from(f: Flags) -> FileConfig {
+        FileConfig {
+            socket: f.socket,
+            state_dir: f.state_dir,
+            sysfs: f.sysfs,
+            devfs: f.devfs,
+            proc: f.proc,
+            group: f.group,
+            op_timeout_ms: f.op_timeout_ms,
+            load_modules: f.load_modules.then_some(true),
+            udev_rules_dir: f.udev_rules_dir.map(PathBuf::from),
+            log_level: f.log_level,
+            reclaim: f.reclaim.then_some(true),
+            modules_dir: f.modules_dir,
+            reset_on_release: f.reset_on_release,
+            quarantine_after: f.quarantine_after,
+            unbind_on_vmm_exit: f.unbind_on_vmm_exit.then_some(true),
+            max_connections_per_uid: f.max_connections_per_uid,
+            max_event_streams_per_uid: f.max_event_streams_per_uid,
+            max_unprivileged_connections: f.max_unprivileged_connections,
+            header_timeout_ms: f.header_timeout_ms,
+            metrics_listen: f.metrics_listen,
+            metrics_listen_public: f.metrics_listen_public.then_some(true),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The command line did not parse, or asked for `--help`/`--version`:
@@ -271,67 +301,73 @@ impl Config {
         };
         let f: FileConfig =
             toml::from_str(text).map_err(|e| file_err(e.to_string().trim().to_owned()))?;
-        if let Some(v) = f.socket {
+        self.apply(f).map_err(file_err)
+    }
+
+    /// Applies the settings `o` has over what is set: the file's over the
+    /// defaults, then the command line's over both.
+    fn apply(&mut self, o: FileConfig) -> Result<(), String> {
+        if let Some(v) = o.socket {
             self.socket = v;
         }
-        if let Some(v) = f.state_dir {
+        if let Some(v) = o.state_dir {
             self.state_dir = v;
         }
-        if let Some(v) = f.sysfs {
+        if let Some(v) = o.sysfs {
             self.sysfs = v;
         }
-        if let Some(v) = f.devfs {
+        if let Some(v) = o.devfs {
             self.devfs = v;
         }
-        if let Some(v) = f.proc {
+        if let Some(v) = o.proc {
             self.proc = v;
         }
-        if let Some(v) = f.group {
+        if let Some(v) = o.group {
             self.group = v;
         }
-        if let Some(v) = f.op_timeout_ms {
-            self.op_timeout = timeout_from_ms(v).map_err(file_err)?;
+        if let Some(v) = o.op_timeout_ms {
+            self.op_timeout = timeout_from_ms(v)?;
         }
-        if let Some(v) = f.load_modules {
+        if let Some(v) = o.load_modules {
             self.load_modules = v;
         }
-        if let Some(v) = f.udev_rules_dir {
+        if let Some(v) = o.udev_rules_dir {
             self.udev_rules_dir = (!v.as_os_str().is_empty()).then_some(v);
         }
-        if let Some(v) = f.log_level {
+        if let Some(v) = o.log_level {
             self.log_level = v;
         }
-        if let Some(v) = f.reclaim {
+        if let Some(v) = o.reclaim {
             self.reclaim = v;
         }
-        if let Some(v) = f.modules_dir {
+        if let Some(v) = o.modules_dir {
             self.modules_dir = v;
         }
-        if let Some(v) = f.reset_on_release {
-            self.reset_on_release = reset_on_release(&v).map_err(file_err)?;
+        if let Some(v) = o.reset_on_release {
+            self.reset_on_release = reset_on_release(&v)?;
         }
-        if let Some(v) = f.quarantine_after {
-            self.quarantine_after = quarantine_after(v).map_err(file_err)?;
+        if let Some(v) = o.quarantine_after {
+            self.quarantine_after = quarantine_after(v)?;
         }
-        if let Some(v) = f.unbind_on_vmm_exit {
+        if let Some(v) = o.unbind_on_vmm_exit {
             self.unbind_on_vmm_exit = v;
         }
-        if let Some(v) = f.max_connections_per_uid {
+        if let Some(v) = o.max_connections_per_uid {
             self.limits.connections_per_uid = v;
         }
-        if let Some(v) = f.max_event_streams_per_uid {
+        if let Some(v) = o.max_event_streams_per_uid {
             self.limits.event_streams_per_uid = v;
         }
-        if let Some(v) = f.max_unprivileged_connections {
+        if let Some(v) = o.max_unprivileged_connections {
             self.limits.unprivileged_connections = v;
         }
-        if let Some(v) = f.header_timeout_ms {
-            self.header_timeout = header_timeout_from_ms(v).map_err(file_err)?;
+        if let Some(v) = o.header_timeout_ms {
+            self.header_timeout = header_timeout_from_ms(v)?;
         }
-        if let Some(v) = f.metrics_listen {
+        if let Some(v) = o.metrics_listen {
             self.metrics_listen = Some(v);
         }
-        if let Some(v) = f.metrics_listen_public {
+        if let Some(v) = o.metrics_listen_public {
             self.metrics_listen_public = v;
         }
         Ok(())
@@ -348,7 +384,7 @@ impl Config {
 
     pub fn from_flags(flags: Flags, is_root: bool) -> Result<Config, ConfigError> {
         let mut config = Config::defaults(is_root);
-        let (path, must_exist) = match flags.config {
+        let (path, must_exist) = match flags.config.clone() {
             Some(p) => (p, true),
             None => (PathBuf::from(DEFAULT_CONFIG), false),
         };
@@ -362,64 +398,10 @@ impl Config {
                 })
             }
         }
-        if let Some(v) = flags.socket {
-            config.socket = v;
-        }
-        if let Some(v) = flags.state_dir {
-            config.state_dir = v;
-        }
-        if let Some(v) = flags.sysfs {
-            config.sysfs = v;
-        }
-        if let Some(v) = flags.devfs {
-            config.devfs = v;
-        }
-        if let Some(v) = flags.proc {
-            config.proc = v;
-        }
-        if let Some(v) = flags.group {
-            config.group = v;
-        }
-        if let Some(ms) = flags.op_timeout_ms {
-            config.op_timeout = timeout_from_ms(ms).map_err(ConfigError::Usage)?;
-        }
-        config.load_modules |= flags.load_modules;
-        config.reclaim |= flags.reclaim;
-        config.unbind_on_vmm_exit |= flags.unbind_on_vmm_exit;
-        if let Some(v) = flags.reset_on_release {
-            config.reset_on_release = reset_on_release(&v).map_err(ConfigError::Usage)?;
-        }
-        if let Some(n) = flags.quarantine_after {
-            config.quarantine_after = n;
-        }
-        if let Some(v) = flags.max_connections_per_uid {
-            config.limits.connections_per_uid = v;
-        }
-        if let Some(v) = flags.max_event_streams_per_uid {
-            config.limits.event_streams_per_uid = v;
-        }
-        if let Some(v) = flags.max_unprivileged_connections {
-            config.limits.unprivileged_connections = v;
-        }
-        if let Some(ms) = flags.header_timeout_ms {
-            config.header_timeout = header_timeout_from_ms(ms).map_err(ConfigError::Usage)?;
-        }
-        if let Some(v) = flags.modules_dir {
-            config.modules_dir = v;
-        }
-        if let Some(v) = flags.uevent_fifo {
+        if let Some(v) = flags.uevent_fifo.clone() {
             config.uevent_fifo = Some(v);
         }
-        if let Some(v) = flags.udev_rules_dir {
-            config.udev_rules_dir = (!v.is_empty()).then(|| v.into());
-        }
-        if let Some(v) = flags.log_level {
-            config.log_level = v;
-        }
-        if let Some(v) = flags.metrics_listen {
-            config.metrics_listen = Some(v);
-        }
-        config.metrics_listen_public |= flags.metrics_listen_public;
+        config.apply(flags.into()).map_err(ConfigError::Usage)?;
         if let Some(addr) = config.metrics_listen {
             // The metrics name every registered device and its state:
             // other hosts see them only when the operator says so.
