@@ -118,7 +118,8 @@ pub enum EngineError {
     },
 }
 
-fn show(driver: &Option<String>) -> &str {
+/// A driver for a message: its name, or "no driver".
+pub(crate) fn show(driver: &Option<String>) -> &str {
     driver.as_deref().unwrap_or("no driver")
 }
 

@@ -68,10 +68,6 @@ struct Selection {
     restore: Option<String>,
 }
 
-fn show(driver: &Option<String>) -> &str {
-    driver.as_deref().unwrap_or("no driver")
-}
-
 /// Health after a failed reset. `reason` says what failed.
 fn apply_failure(d: &mut DeviceRecord, reason: &str, all_ones: bool, quarantine_after: u32) {
     if all_ones {
@@ -510,8 +506,8 @@ impl Core {
                     ResetCheck::Driver,
                     format!(
                         "bound to {} before the reset, to {} after",
-                        show(driver),
-                        show(&now)
+                        crate::engine::show(driver),
+                        crate::engine::show(&now)
                     ),
                 );
             }
