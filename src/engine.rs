@@ -32,7 +32,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use crate::pci::{PciAddress, Sysfs, SysfsError};
+use crate::pci::{PciAddress, Sysfs, SysfsError, VFIO_PCI};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -196,8 +196,6 @@ impl Move {
         self.to.as_deref().unwrap_or(VFIO_PCI)
     }
 }
-
-pub const VFIO_PCI: &str = "vfio-pci";
 
 /// A failed move to vfio: what failed, and how the rollback went.
 #[derive(Debug)]

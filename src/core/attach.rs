@@ -21,8 +21,8 @@ use super::reset::refuse_unhealthy;
 use super::{AttachRequest, BindRequest, Caller, Core};
 use crate::error::CoreError;
 use crate::events::EventKind;
-use crate::pci::{vfio_access, PciAddress};
-use crate::registry::{is_vfio_driver, AttachedProcess, DeviceRecord};
+use crate::pci::{is_vfio_driver, vfio_access, PciAddress};
+use crate::registry::{AttachedProcess, DeviceRecord};
 
 /// What `/proc/PID` says about a process we may follow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
