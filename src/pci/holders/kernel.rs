@@ -40,56 +40,13 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io;
-use std::path::Path;
+use std::net::Ipv6Addr;
 
-use super::nodes::{node_of, parse_dev, FunctionNodes, NodeKind};
-use super::{Holder, HolderScanError, ProcFs};
-use crate::path_error::PathError;
+use super::nodes::{node_of, FunctionNodes, NodeKind};
+use super::{Holder, HolderScanError};
 use crate::pci::sysfs::parse_hex;
 use crate::pci::{PciAddress, Sysfs};
-
-fn read_optional(path: &Path) -> Result<Option<String>, HolderScanError> {
-    match fs::read_to_string(path) {
-        Ok(text) => Ok(Some(text)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(PathError {
-            op: "read",
-            path: path.to_owned(),
-            source: e,
-        }),
-    }
-}
-
-/// `\040` and friends: how `mountinfo` and `swaps` escape spaces, tabs,
-/// newlines and backslashes in paths.
-fn unescape_octal(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let escape = bytes
-            .get(i + 1..i + 4)
-            .filter(|digits| bytes[i] == b'\\' && digits.iter().all(|d| (b'0'..=b'7').contains(d)))
-            .and_then(|digits| {
-                let value = digits
-                    .iter()
-                    .fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
-                u8::try_from(value).ok()
-            });
-        match escape {
-            Some(byte) => {
-                out.push(byte);
-                i += 4;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+use crate::proc::{self, ProcFs, RTF_LOCAL};
 
 pub(super) fn kernel_consumers(
     sysfs: &Sysfs,
@@ -140,64 +97,23 @@ fn storage_consumers(
         by_name.get_key_value(name).map(|(n, a)| (*a, *n))
     };
 
-    // The init process's mount namespace is the host's; ours may be a
-    // private one (ProtectSystem= and friends give the unit its own).
-    let mountinfo_paths = [
-        proc.root().join("1/mountinfo"),
-        proc.root().join("self/mountinfo"),
-    ];
-    let mut mountinfo = None;
-    let mut last_error = None;
-    for path in &mountinfo_paths {
-        match fs::read_to_string(path) {
-            Ok(text) => {
-                mountinfo = Some(text);
-                break;
-            }
-            Err(e) => last_error = Some((path.clone(), e)),
-        }
-    }
-    let Some(mountinfo) = mountinfo else {
-        let (path, source) = last_error.expect("two paths were tried");
-        return Err(PathError {
-            op: "read",
-            path,
-            source,
-        });
-    };
-    for line in mountinfo.lines() {
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        let fields: Vec<&str> = left.split(' ').collect();
-        let mut right = right.split(' ');
-        let (Some(fstype), Some(source)) = (right.next(), right.next()) else {
-            continue;
-        };
-        if fields.len() < 5 {
-            continue;
-        }
-        let source = unescape_octal(source);
-        let found = parse_dev(fields[2])
+    for mount in proc::mounts(&proc.host_mountinfo()?) {
+        let found = mount
+            .device_number
             .and_then(|rdev| by_rdev.get(&rdev).copied())
-            .or_else(|| by_dev_path(&source));
+            .or_else(|| by_dev_path(&mount.source));
         if let Some((addr, device)) = found {
             out.push(Holder::Mount {
                 pci_address: addr,
                 device: device.to_owned(),
-                mount_point: unescape_octal(fields[4]),
-                fstype: fstype.to_owned(),
+                mount_point: mount.mount_point,
+                fstype: mount.fstype.to_owned(),
             });
         }
     }
 
-    let swaps_path = proc.root().join("swaps");
-    let swaps = read_optional(&swaps_path)?.unwrap_or_default();
-    for line in swaps.lines().skip(1) {
-        let Some(field) = line.split_whitespace().next() else {
-            continue;
-        };
-        let path = unescape_octal(field);
+    let swaps = proc.read_optional("swaps")?.unwrap_or_default();
+    for path in proc::swap_paths(&swaps) {
         let found = fs::metadata(&path)
             .ok()
             .as_ref()
@@ -216,17 +132,8 @@ fn storage_consumers(
 }
 
 const IFF_UP: u32 = 0x1;
-const RTF_LOCAL: u32 = 0x8000_0000;
 
-/// An IPv6 address as `/proc/net` writes it: 32 hex digits.
-fn ipv6_from_hex(hex: &str) -> Option<std::net::Ipv6Addr> {
-    u128::from_str_radix(hex, 16)
-        .ok()
-        .filter(|_| hex.len() == 32)
-        .map(std::net::Ipv6Addr::from)
-}
-
-fn is_link_local_or_multicast(addr: &std::net::Ipv6Addr) -> bool {
+fn is_link_local_or_multicast(addr: &Ipv6Addr) -> bool {
     let first = addr.segments()[0];
     first & 0xffc0 == 0xfe80 || first & 0xff00 == 0xff00
 }
@@ -236,12 +143,11 @@ fn net_consumers(
     functions: &[FunctionNodes],
     out: &mut Vec<Holder>,
 ) -> Result<(), HolderScanError> {
-    let net = proc.root().join("net");
     // Each file is missing when its protocol is not built in (IPv6
     // disabled): that is "no addresses, no routes", not an error.
-    let if_inet6 = read_optional(&net.join("if_inet6"))?.unwrap_or_default();
-    let route = read_optional(&net.join("route"))?.unwrap_or_default();
-    let ipv6_route = read_optional(&net.join("ipv6_route"))?.unwrap_or_default();
+    let if_inet6 = proc.read_optional("net/if_inet6")?.unwrap_or_default();
+    let route = proc.read_optional("net/route")?.unwrap_or_default();
+    let ipv6_route = proc.read_optional("net/ipv6_route")?.unwrap_or_default();
 
     for f in functions {
         for nic in &f.nets {
@@ -250,28 +156,18 @@ fn net_consumers(
                 .ok()
                 .and_then(|t| parse_hex(&t))
                 .is_some_and(|flags| flags & IFF_UP != 0);
-            let addresses: Vec<String> = if_inet6
-                .lines()
-                .filter_map(|l| {
-                    let fields: Vec<&str> = l.split_whitespace().collect();
-                    (fields.len() == 6 && fields[5] == name).then(|| ipv6_from_hex(fields[0]))?
-                })
-                .filter(|a| !is_link_local_or_multicast(a))
-                .map(|a| a.to_string())
+            let addresses: Vec<String> = proc::ipv6_addresses(&if_inet6)
+                .filter(|(interface, a)| *interface == name && !is_link_local_or_multicast(a))
+                .map(|(_, a)| a.to_string())
                 .collect();
-            let v4_routes = route
-                .lines()
-                .skip(1)
-                .filter(|l| l.split_whitespace().next() == Some(name))
+            let v4_routes = proc::ipv4_route_interfaces(&route)
+                .filter(|interface| *interface == name)
                 .count();
-            let v6_routes = ipv6_route
-                .lines()
-                .filter(|l| {
-                    let fields: Vec<&str> = l.split_whitespace().collect();
-                    fields.len() == 10
-                        && fields[9] == name
-                        && parse_hex(fields[8]).is_some_and(|flags| flags & RTF_LOCAL == 0)
-                        && ipv6_from_hex(fields[0]).is_some_and(|d| !is_link_local_or_multicast(&d))
+            let v6_routes = proc::ipv6_routes(&ipv6_route)
+                .filter(|r| {
+                    r.interface == name
+                        && r.flags & RTF_LOCAL == 0
+                        && !is_link_local_or_multicast(&r.destination)
                 })
                 .count();
             let routes = u32::try_from(v4_routes + v6_routes).unwrap_or(u32::MAX);
@@ -321,21 +217,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn octal_escapes_are_decoded() {
-        assert_eq!(unescape_octal("/mnt/my\\040disk"), "/mnt/my disk");
-        assert_eq!(unescape_octal("/a\\134b"), "/a\\b");
-        assert_eq!(unescape_octal("/trailing\\04"), "/trailing\\04");
-        assert_eq!(unescape_octal("/plain"), "/plain");
-    }
-
-    #[test]
     fn link_local_and_multicast_are_not_addresses() {
-        let ll = ipv6_from_hex("fe800000000000000000000000000001").unwrap();
-        let mc = ipv6_from_hex("ff020000000000000000000000000001").unwrap();
-        let global = ipv6_from_hex("20010db8000000000000000000000001").unwrap();
+        let ll: Ipv6Addr = "fe80::1".parse().unwrap();
+        let mc: Ipv6Addr = "ff02::1".parse().unwrap();
+        let global: Ipv6Addr = "2001:db8::1".parse().unwrap();
         assert!(is_link_local_or_multicast(&ll));
         assert!(is_link_local_or_multicast(&mc));
         assert!(!is_link_local_or_multicast(&global));
-        assert_eq!(global.to_string(), "2001:db8::1");
     }
 }

@@ -30,30 +30,14 @@ mod processes;
 
 use std::collections::BTreeSet;
 use std::num::NonZeroUsize;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::Serialize;
 
 use super::{PciAddress, Sysfs};
 use crate::path_error::PathError;
-pub(crate) use processes::real_uid;
+pub use crate::proc::ProcFs;
 pub use processes::{default_threads, MAX_SCAN_THREADS};
-
-/// The `/proc` filesystem (or a fake tree with the same layout).
-#[derive(Debug, Clone)]
-pub struct ProcFs {
-    root: PathBuf,
-}
-
-impl ProcFs {
-    pub fn new(root: impl Into<PathBuf>) -> Self {
-        ProcFs { root: root.into() }
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-}
 
 /// Something that holds a PCI function. Serialised with a `kind` tag for
 /// the API's `holders` lists.

@@ -29,9 +29,9 @@ use std::path::{Path, PathBuf};
 
 use nix::sys::stat::{makedev, SFlag};
 
-use super::ProcFs;
-use crate::pci::sysfs::link_name;
+use crate::pci::sysfs::{link_name, parse_device_number};
 use crate::pci::{PciAddress, Sysfs};
+use crate::proc::ProcFs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) enum NodeKind {
@@ -86,11 +86,6 @@ pub(super) struct FunctionNodes {
     pub(super) resource_prefix: Option<Vec<u8>>,
 }
 
-pub(super) fn parse_dev(text: &str) -> Option<u64> {
-    let (major, minor) = text.trim().split_once(':')?;
-    Some(makedev(major.parse().ok()?, minor.parse().ok()?))
-}
-
 pub(super) fn node_of(meta: &fs::Metadata) -> Option<NodeKey> {
     let file_type = meta.file_type();
     if file_type.is_char_device() {
@@ -106,7 +101,7 @@ fn read_child(dir: &Path, name: &str) -> ChildDevice {
     let subsystem = link_name(&dir.join("subsystem"));
     let node = fs::read_to_string(dir.join("dev"))
         .ok()
-        .and_then(|t| parse_dev(&t))
+        .and_then(|t| parse_device_number(&t))
         .map(|rdev| {
             let kind = if subsystem.as_deref() == Some("block") {
                 NodeKind::Block
@@ -236,19 +231,7 @@ fn nvme_subsystem_heads(sysfs: &Sysfs, controllers: &[&str]) -> Vec<ChildDevice>
 }
 
 fn nvidia_node(proc: &ProcFs, addr: PciAddress) -> Option<NodeKey> {
-    let info = fs::read_to_string(
-        proc.root()
-            .join("driver/nvidia/gpus")
-            .join(addr.to_string())
-            .join("information"),
-    )
-    .ok()?;
-    let minor = info
-        .lines()
-        .find_map(|l| l.strip_prefix("Device Minor:"))?
-        .trim()
-        .parse()
-        .ok()?;
+    let minor = proc.nvidia_device_minor(&addr.to_string())?;
     Some((NodeKind::Char, makedev(NVIDIA_MAJOR, minor)))
 }
 

@@ -28,7 +28,8 @@
 //! that are paths, one read of `maps` per process. Each process is read
 //! relative to its own `/proc/PID` directory (`openat`, `readlinkat`,
 //! `fstatat`), and processes are shared out over one thread per CPU (at
-//! most [`MAX_SCAN_THREADS`]). The benchmark
+//! most [`MAX_SCAN_THREADS`]). The file formats are [`crate::proc`]'s; only
+//! the reading is done here, the fast way. The benchmark
 //! (`benches/vfiod.rs`, section 5) measures it on a fake `/proc` of 2,000
 //! processes with 100 descriptors each: 475 ms of CPU per scan on the
 //! 2-vCPU development VM when quiet (247 ms wall on two threads), 550 to
@@ -68,9 +69,10 @@ use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::Mode;
 
 use super::nodes::{node_of_stat, FunctionNodes, NodeKey};
-use super::{Holder, HolderScanError, ProcFs};
+use super::{Holder, HolderScanError};
 use crate::path_error::PathError;
 use crate::pci::PciAddress;
+use crate::proc::{self, ProcFs};
 
 /// The number of threads [`scan_report`](super::scan_report) reads `/proc`
 /// with: one per CPU, at most [`MAX_SCAN_THREADS`].
@@ -117,7 +119,6 @@ impl Targets {
 }
 
 const VFIO_DEVICE_ANON: &[u8] = b"anon_inode:[vfio-device]";
-const FDINFO_SYSPATH: &str = "vfio-device-syspath:";
 
 /// A descriptor or mapping of a process that holds a function.
 struct Hold {
@@ -135,10 +136,13 @@ fn is_denied(errno: Errno) -> bool {
     matches!(errno, Errno::EACCES | Errno::EPERM)
 }
 
+/// The function a VFIO device descriptor's `fdinfo` names: `None` when
+/// the kernel does not name it, `Some(None)` when it names a device that is
+/// no PCI function.
 fn fdinfo_syspath_address(text: &str) -> Option<Option<PciAddress>> {
-    let syspath = text.lines().find_map(|l| l.strip_prefix(FDINFO_SYSPATH))?;
+    let syspath = proc::fdinfo_vfio_device_syspath(text)?;
     Some(
-        Path::new(syspath.trim())
+        Path::new(syspath)
             .file_name()
             .and_then(OsStr::to_str)
             .and_then(|n| n.parse().ok()),
@@ -257,50 +261,13 @@ fn inspect_process(pid_dir: &Dir, targets: &Targets) -> ProcessOutcome {
 
 fn mapped_resources(maps: &[u8], targets: &Targets, holds: &mut Vec<Hold>) {
     for (prefix, addr) in &targets.resource_prefixes {
-        if memchr::memmem::find(maps, prefix).is_none() {
-            continue;
-        }
-        for line in maps.split(|b| *b == b'\n') {
-            let Some(at) = memchr::memmem::find(line, prefix) else {
-                continue;
-            };
-            // The path is the line's last field: it must start there, not
-            // inside some other path that happens to contain it.
-            if at == 0 || line[at - 1] != b' ' {
-                continue;
-            }
+        for path in proc::mapped_paths_with_prefix(maps, prefix) {
             holds.push(Hold {
                 addr: *addr,
-                path: String::from_utf8_lossy(&line[at..]).into_owned(),
+                path: String::from_utf8_lossy(path).into_owned(),
             });
         }
     }
-}
-
-/// The systemd unit a process runs in: the last `.service` or `.scope`
-/// component of its cgroup path (the unified hierarchy's, else systemd's
-/// named v1 hierarchy's).
-fn unit_from_cgroup(text: &str) -> Option<String> {
-    let path = text
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .or_else(|| {
-            text.lines()
-                .find_map(|l| l.split_once(":name=systemd:").map(|(_, p)| p))
-        })?;
-    path.rsplit('/')
-        .find(|c| c.ends_with(".service") || c.ends_with(".scope"))
-        .map(str::to_owned)
-}
-
-pub(crate) fn real_uid(status: &str) -> Option<u32> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 /// Processes per thread below which another thread costs more than it
@@ -400,15 +367,13 @@ fn scan_pids<'a>(
         else {
             continue;
         };
-        let Some(uid) = real_uid(&String::from_utf8_lossy(&status)) else {
+        let Some(uid) = proc::real_uid(&String::from_utf8_lossy(&status)) else {
             continue;
         };
         let unit = read_at(&pid_dir, c"cgroup")
             .ok()
-            .and_then(|t| unit_from_cgroup(&String::from_utf8_lossy(&t)));
-        let comm = String::from_utf8_lossy(&comm)
-            .trim_end_matches('\n')
-            .to_owned();
+            .and_then(|t| proc::systemd_unit(&String::from_utf8_lossy(&t)));
+        let comm = proc::comm(&String::from_utf8_lossy(&comm)).to_owned();
         for hold in holds {
             out.push(Holder::Process {
                 pci_address: hold.addr,
@@ -427,30 +392,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn unit_is_the_last_service_or_scope_component() {
-        assert_eq!(
-            unit_from_cgroup("0::/system.slice/nvidia-persistenced.service\n").as_deref(),
-            Some("nvidia-persistenced.service")
-        );
-        assert_eq!(
-            unit_from_cgroup(
-                "0::/user.slice/user-1000.slice/user@1000.service/app.slice/app-x.scope\n"
-            )
-            .as_deref(),
-            Some("app-x.scope")
-        );
-        assert_eq!(
-            unit_from_cgroup("12:cpu:/x\n1:name=systemd:/system.slice/dcgm.service/sub\n")
-                .as_deref(),
-            Some("dcgm.service")
-        );
-        assert_eq!(unit_from_cgroup("0::/init.scope-not\n"), None);
-        assert_eq!(unit_from_cgroup("0::/\n"), None);
-    }
-
-    #[test]
-    fn fdinfo_names_the_device_by_its_syspath() {
-        let text = "pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t1057\nvfio-device-syspath: /sys/devices/pci0000:00/0000:00:02.0\n";
+    fn fdinfo_names_the_function_by_its_syspath() {
+        let text = "pos:\t0\nvfio-device-syspath: /sys/devices/pci0000:00/0000:00:02.0\n";
         assert_eq!(
             fdinfo_syspath_address(text),
             Some(Some("0000:00:02.0".parse().unwrap()))
