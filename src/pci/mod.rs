@@ -1,5 +1,6 @@
 //! The PCI model: addresses, what sysfs says about each function, IOMMU
-//! groups, which driver is vfio, and `pci.ids` names.
+//! groups, which driver is vfio, what holds a function, and `pci.ids`
+//! names.
 
 mod address;
 pub mod holders;

@@ -18,9 +18,10 @@
 //!   expensive part (every descriptor of every process), the one bounded
 //!   by permissions, and the only one that runs on several threads.
 //!
-//! This module holds what the parts share: the [`Holder`] they report,
-//! what a move does about each kind ([`Disposition`]), and the entry
-//! points.
+//! This module holds what the parts share: the [`Holder`] they report, in
+//! the API's wire form and in the words an operator reads (its `Display`,
+//! used by busy errors, reset refusals and clients), what a move does
+//! about each kind ([`Disposition`]), and the entry points.
 //!
 //! The scan is a snapshot: a process may open a node right after it.
 
@@ -29,10 +30,11 @@ mod nodes;
 mod processes;
 
 use std::collections::BTreeSet;
+use std::fmt;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{PciAddress, Sysfs};
 use crate::path_error::PathError;
@@ -40,8 +42,8 @@ pub use crate::proc::ProcFs;
 pub use processes::{default_threads, MAX_SCAN_THREADS};
 
 /// Something that holds a PCI function. Serialised with a `kind` tag for
-/// the API's `holders` lists.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+/// the API's `holders` lists; clients read the same form back.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Holder {
     /// A process with a descriptor open on (or a mapping of) one of the
@@ -52,7 +54,7 @@ pub enum Holder {
         comm: String,
         uid: u32,
         path: String,
-        #[serde(skip_serializing_if = "Option::is_none")]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         unit: Option<String>,
     },
     /// A mounted block device (or partition) of the function.
@@ -86,6 +88,63 @@ pub enum Holder {
         vtconsole: String,
         framebuffer: String,
     },
+}
+
+/// A holder as an operator reads it, in a message, a log line or a
+/// table: what holds the function and how, with everything the record
+/// carries but the function itself ([`Holder::pci_address`]), which a
+/// table shows in a column of its own and a message names where it lists
+/// holders of several functions.
+impl fmt::Display for Holder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Holder::Process {
+                pid,
+                comm,
+                uid,
+                path,
+                unit,
+                ..
+            } => {
+                write!(f, "pid {pid} ({comm}) uid {uid} has {path} open")?;
+                match unit {
+                    Some(unit) => write!(f, ", unit {unit}"),
+                    None => Ok(()),
+                }
+            }
+            Holder::Mount {
+                device,
+                mount_point,
+                fstype,
+                ..
+            } => write!(f, "{device} mounted on {mount_point} ({fstype})"),
+            Holder::Swap { device, .. } => write!(f, "{device} is in use as swap"),
+            Holder::BlockStack { device, holder, .. } => {
+                write!(f, "{device} is part of {holder} (md/dm/LVM)")
+            }
+            Holder::NetInterface {
+                interface,
+                addresses,
+                routes,
+                ..
+            } => {
+                let addresses = if addresses.is_empty() {
+                    "none".to_owned()
+                } else {
+                    addresses.join(", ")
+                };
+                write!(
+                    f,
+                    "network interface {interface} addresses: {addresses}; routes: {routes}"
+                )
+            }
+            Holder::FramebufferConsole {
+                vtconsole,
+                framebuffer,
+                ..
+            } => write!(f, "framebuffer console {vtconsole} is on {framebuffer}"),
+        }
+    }
 }
 
 /// What a move does about a holder.
@@ -237,6 +296,79 @@ pub fn scan_report_with_threads(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_holder_reads_as_what_holds_the_function_and_how() {
+        let addr: PciAddress = "0000:00:05.0".parse().unwrap();
+        let process = |unit: Option<&str>| Holder::Process {
+            pci_address: addr,
+            pid: 2001,
+            comm: "Xorg".into(),
+            uid: 1000,
+            path: "/dev/dri/card0".into(),
+            unit: unit.map(str::to_owned),
+        };
+        assert_eq!(
+            process(Some("display-manager.service")).to_string(),
+            "pid 2001 (Xorg) uid 1000 has /dev/dri/card0 open, unit display-manager.service"
+        );
+        assert_eq!(
+            process(None).to_string(),
+            "pid 2001 (Xorg) uid 1000 has /dev/dri/card0 open"
+        );
+        let nic = |addresses: &[&str]| Holder::NetInterface {
+            pci_address: addr,
+            interface: "eno1".into(),
+            addresses: addresses.iter().map(|a| a.to_string()).collect(),
+            routes: 2,
+        };
+        assert_eq!(
+            nic(&["2001:db8::1", "2001:db8::2"]).to_string(),
+            "network interface eno1 addresses: 2001:db8::1, 2001:db8::2; routes: 2"
+        );
+        assert_eq!(
+            nic(&[]).to_string(),
+            "network interface eno1 addresses: none; routes: 2"
+        );
+        let mount = Holder::Mount {
+            pci_address: addr,
+            device: "nvme0n1p2".into(),
+            mount_point: "/srv".into(),
+            fstype: "ext4".into(),
+        };
+        assert_eq!(mount.to_string(), "nvme0n1p2 mounted on /srv (ext4)");
+    }
+
+    #[test]
+    fn the_wire_form_reads_back_as_the_same_holder() {
+        let addr: PciAddress = "0000:00:05.0".parse().unwrap();
+        let holders = vec![
+            Holder::Process {
+                pci_address: addr,
+                pid: 7,
+                comm: "qemu".into(),
+                uid: 0,
+                path: "/dev/vfio/3".into(),
+                unit: None,
+            },
+            Holder::BlockStack {
+                pci_address: addr,
+                device: "nvme0n1".into(),
+                holder: "dm-0".into(),
+            },
+            Holder::FramebufferConsole {
+                pci_address: addr,
+                vtconsole: "vtcon1".into(),
+                framebuffer: "fb0".into(),
+            },
+        ];
+        let wire = serde_json::to_value(&holders).unwrap();
+        assert_eq!(wire[0]["kind"], "process");
+        assert!(wire[0].get("unit").is_none(), "{wire}");
+        assert_eq!(wire[1]["kind"], "block_stack");
+        let back: Vec<Holder> = serde_json::from_value(wire).unwrap();
+        assert_eq!(back, holders);
+    }
 
     #[test]
     fn only_the_console_holder_has_a_bind_path_and_only_for_vtcon_names() {
