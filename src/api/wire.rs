@@ -7,8 +7,8 @@ use chrono::SecondsFormat;
 use serde::Serialize;
 
 use crate::core::{BindPlan, Health, ResetPlan};
-use crate::pci::{is_gpu_class, PciAddress, PciFunction, PciIds};
-use crate::registry::{is_vfio_driver, DeviceRecord, LastReset, PendingOp, ResetResult};
+use crate::pci::{is_gpu_class, is_vfio_driver, PciAddress, PciFunction, PciIds};
+use crate::registry::{DeviceRecord, LastReset, PendingOp, ResetResult};
 
 #[derive(Debug, Serialize)]
 pub struct Device<'a> {
