@@ -7,7 +7,7 @@ use chrono::SecondsFormat;
 use serde::Serialize;
 
 use crate::core::{BindPlan, Health, ResetPlan};
-use crate::pci::{is_gpu_class, PciAddress, PciFunction, PciIds};
+use crate::pci::{device_type, PciAddress, PciFunction, PciIds};
 use crate::registry::{is_vfio_driver, DeviceRecord, LastReset, PendingOp, ResetResult};
 
 #[derive(Debug, Serialize)]
@@ -79,14 +79,6 @@ fn hex4(v: u16) -> String {
 
 fn hex6(v: u32) -> String {
     format!("{v:06x}")
-}
-
-pub(crate) fn device_type(class: u32) -> &'static str {
-    if is_gpu_class(class) {
-        "gpu"
-    } else {
-        "pci"
-    }
 }
 
 impl<'a> Device<'a> {
