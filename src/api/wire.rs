@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use chrono::SecondsFormat;
 use serde::Serialize;
 
-use crate::core::{BindPlan, Health, ResetPlan};
+use crate::core::Health;
 use crate::pci::{device_type, PciAddress, PciFunction, PciIds};
 use crate::registry::{is_vfio_driver, DeviceRecord, LastReset, PendingOp, ResetResult};
 
@@ -163,20 +163,23 @@ impl<'a> AvailableDevice<'a> {
     }
 }
 
-/// `POST .../bind` with `dry_run`: the plan, and nothing done.
+/// A change asked for with `dry_run` (`POST .../bind`: a `BindPlan`;
+/// `POST .../reset`: a `ResetPlan`): the device, the plan, nothing done.
 #[derive(Debug, Serialize)]
-pub struct DryRun<'a> {
+pub struct DryRun<'a, Plan> {
     pub dry_run: bool,
     pub device: Device<'a>,
-    pub plan: &'a BindPlan,
+    pub plan: &'a Plan,
 }
 
-/// `POST .../reset` with `dry_run`: the method and scope, and nothing done.
-#[derive(Debug, Serialize)]
-pub struct ResetDryRun<'a> {
-    pub dry_run: bool,
-    pub device: Device<'a>,
-    pub plan: &'a ResetPlan,
+impl<'a, Plan> DryRun<'a, Plan> {
+    pub fn new(device: Device<'a>, plan: &'a Plan) -> Self {
+        DryRun {
+            dry_run: true,
+            device,
+            plan,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
