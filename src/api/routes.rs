@@ -64,6 +64,12 @@ impl Route {
     }
 }
 
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.method, self.template)
+    }
+}
+
 macro_rules! routes {
     ($($method:ident $template:literal $access:ident $handler:path;)*) => {
         /// Every endpoint; `openapi.yaml` documents exactly these.
@@ -104,12 +110,6 @@ pub const UNMATCHED: &str = "unmatched";
 pub struct Matched {
     pub route: &'static Route,
     pub id: String,
-}
-
-impl std::fmt::Debug for Route {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}", self.method, self.template)
-    }
 }
 
 /// The row for `method` on `path` among those `listener` serves. A
@@ -155,22 +155,20 @@ pub fn route(listener: Listener, method: &Method, path: &str) -> Result<Matched,
 /// Whether `template` fits the path's segments: `None` if not, else the
 /// raw `{id_or_name}` segment, if the template has one.
 fn fit<'p>(template: &str, segments: &[&'p str]) -> Option<Option<&'p str>> {
-    let parts: Vec<&str> = template.split('/').skip(1).collect();
-    if parts.len() != segments.len() {
-        return None;
-    }
+    let mut parts = template.split('/').skip(1);
     let mut id = None;
-    for (part, segment) in parts.iter().zip(segments) {
+    for segment in segments {
+        let part = parts.next()?;
         if part.starts_with('{') {
             if segment.is_empty() {
                 return None;
             }
             id = Some(*segment);
-        } else if part != segment {
+        } else if part != *segment {
             return None;
         }
     }
-    Some(id)
+    parts.next().is_none().then_some(id)
 }
 
 #[cfg(test)]
