@@ -1,5 +1,5 @@
 //! Building responses: every body vfiod sends is JSON, YAML, Prometheus
-//! text or an event stream, and every error goes through [`error`].
+//! text or an event stream, and every error goes through [`error()`].
 
 use std::convert::Infallible;
 

@@ -7,7 +7,7 @@
 //! which listener serves a route, the `Allow` header of a 405, and the
 //! test that `openapi.yaml` documents exactly these routes. Adding an
 //! endpoint is one row here, a parse function, a handler in
-//! [`dispatch`](super::dispatch) and its `openapi.yaml` entry.
+//! [`dispatch`] and its `openapi.yaml` entry.
 
 use std::future::Future;
 use std::pin::Pin;

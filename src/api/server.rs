@@ -2,7 +2,7 @@
 //! socket, and the opt-in TCP metrics listener): accepting, admitting,
 //! serving HTTP/1.1 with bounded time and buffers, and shutting down
 //! without dropping a request that was already promised an answer. What
-//! differs is a [`Transport`]: the API socket reads each peer's
+//! differs is a `Transport`: the API socket reads each peer's
 //! credentials and admits the connection against its uid's fair share
 //! ([`limits`](super::limits)); the metrics listener knows no peer, serves
 //! [`METRICS_CONNECTIONS`] at a time and leaves the rest in the backlog,
@@ -69,13 +69,13 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// its first request; it is then answered rather than dropped.
 const FIRST_REQUEST_GRACE: Duration = Duration::from_millis(500);
 
-/// Serves the API socket until vfiod stops; see [`accept_loop`].
+/// Serves the API socket until vfiod stops; see `accept_loop`.
 pub async fn serve(listener: UnixListener, api: Api, grace: Duration) {
     accept_loop(ApiSocket(listener), api, grace).await
 }
 
 /// Serves the metrics listener (`metrics_listen`) until vfiod stops; see
-/// [`accept_loop`].
+/// `accept_loop`.
 pub async fn serve_metrics(listener: TcpListener, api: Api, grace: Duration) {
     let transport = MetricsTcp {
         listener,
