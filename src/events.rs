@@ -185,6 +185,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn event_wire_bytes() {
+        let mut e = Event::new(
+            EventKind::ResetFailed,
+            Some("0000:00:02.0".parse().unwrap()),
+            Some("kcxxnjc9fpi40a4jvh16kedd".into()),
+        )
+        .driver(Some("e1000e".into()))
+        .detail("flr: config space reads all ones");
+        e.seq = 8;
+        e.at = "2026-12-07T01:35:00.5Z".parse().unwrap();
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"seq":8,"type":"reset_failed","pci_address":"0000:00:02.0","device_id":"kcxxnjc9fpi40a4jvh16kedd","at":"2026-12-07T01:35:00.500000Z","driver":"e1000e","detail":"flr: config space reads all ones"}"#
+        );
+        let mut lagged = Event::lagged(12);
+        lagged.seq = 9;
+        lagged.at = "2026-12-07T01:36:00Z".parse().unwrap();
+        assert_eq!(
+            serde_json::to_string(&lagged).unwrap(),
+            r#"{"seq":9,"type":"lagged","pci_address":null,"device_id":null,"at":"2026-12-07T01:36:00.000000Z","missed":12}"#
+        );
+    }
+
+    #[test]
     fn since_replays_then_live_feed_continues_without_gap() {
         let bus = EventBus::default();
         for _ in 0..3 {

@@ -365,4 +365,29 @@ mod tests {
         assert_eq!(body.conflicting_functions.len(), 1);
         assert!(body.message.contains("0000:01:00.1 on snd_hda_intel"));
     }
+
+    #[test]
+    fn error_body_wire_bytes() {
+        let mut body = ErrorBody::new("device_busy", "0000:01:00.0 is in use");
+        assert_eq!(
+            serde_json::to_string(&body).unwrap(),
+            r#"{"code":"device_busy","message":"0000:01:00.0 is in use"}"#
+        );
+        body.step = Some(Step::Unbind);
+        body.errno = Some(16);
+        body.failed_check = Some(ResetCheck::PowerState);
+        body.conflicting_functions = vec![ConflictingFunction {
+            pci_address: "0000:01:00.1".into(),
+            driver: Some("snd_hda_intel".into()),
+            reason: None,
+        }];
+        body.holders = vec![crate::pci::holders::Holder::Swap {
+            pci_address: addr(),
+            device: "/dev/nvme0n1p3".into(),
+        }];
+        assert_eq!(
+            serde_json::to_string(&body).unwrap(),
+            r#"{"code":"device_busy","message":"0000:01:00.0 is in use","step":"unbind","errno":16,"conflicting_functions":[{"pci_address":"0000:01:00.1","driver":"snd_hda_intel"}],"failed_check":"power_state","holders":[{"kind":"swap","pci_address":"0000:01:00.0","device":"/dev/nvme0n1p3"}]}"#
+        );
+    }
 }

@@ -202,3 +202,272 @@ pub struct Holders<'a> {
     pub pci_address: PciAddress,
     pub holders: &'a [crate::pci::holders::Holder],
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::ScopeFunction;
+    use crate::engine::Move;
+    use crate::pci::holders::Holder;
+    use crate::registry::tests::record;
+    use crate::registry::{AttachedProcess, Companion, Health as DeviceHealth, PendingOp};
+
+    fn ids() -> PciIds {
+        PciIds::parse("10de  NVIDIA Corporation\n\t2236  GA102GL [A10]\n8086  Intel Corporation\n")
+    }
+
+    fn addr(s: &str) -> PciAddress {
+        s.parse().unwrap()
+    }
+
+    /// Every optional part of a device set: attached for a uid and a VMM,
+    /// moved with a companion, a reset pending after one that timed out.
+    fn attached() -> DeviceRecord {
+        let mut d = record("0000:01:00.0", "gpu0", "m2lp93h0ru0rrfojug4e64rk");
+        d.created_at = "2026-12-07T01:34:48Z".parse().unwrap();
+        d.tags = [("team".to_owned(), "ml".to_owned())].into();
+        d.attached_to = Some("vm-7".into());
+        d.attached_uid = Some(64055);
+        d.attached_pid = Some(AttachedProcess {
+            pid: 4242,
+            start_time: 99,
+        });
+        d.bound_by_vfiod = true;
+        d.vfio_driver = Some("vfio-pci".into());
+        d.current_driver = Some("vfio-pci".into());
+        d.companions = vec![Companion {
+            pci_address: addr("0000:01:00.1"),
+            original_driver: Some("snd_hda_intel".into()),
+        }];
+        d.pending = Some(PendingOp::Reset {
+            restore_reset_method: None,
+        });
+        d.present = true;
+        d.stuck = true;
+        d.health = DeviceHealth::NeedsReset;
+        d.health_reason = Some("reset timed out".into());
+        d.last_reset = Some(LastReset {
+            method: "flr".into(),
+            at: "2026-12-07T01:40:02.125Z".parse().unwrap(),
+            result: ResetResult::Timeout,
+            duration_ms: 139,
+        });
+        d.reset_method = Some(vec!["flr".into(), "pm".into()]);
+        d
+    }
+
+    /// Nothing optional: unnamed in pci.ids, no IOMMU group, never moved,
+    /// unplugged.
+    fn bare() -> DeviceRecord {
+        let mut d = record("0000:00:03.0", "edu", "q0v4x7yd1p2oq8m5lbn3zr6c");
+        d.created_at = "2026-12-05T08:00:00Z".parse().unwrap();
+        d.vendor_id = 0x1234;
+        d.device_id = 0x11e8;
+        d.class = 0x00ff00;
+        d.iommu_group = None;
+        d.original_driver = None;
+        d.current_driver = None;
+        d.present = false;
+        d
+    }
+
+    const ATTACHED: &str = r#"{"id":"m2lp93h0ru0rrfojug4e64rk","name":"gpu0","type":"gpu","pci_address":"0000:01:00.0","vendor_id":"10de","device_id":"2236","iommu_group":1,"bound_to_vfio":true,"attached_to":"vm-7","created_at":"2026-12-07T01:34:48Z","tags":{"team":"ml"},"present":true,"current_driver":"vfio-pci","original_driver":"nvidia","bound_by_vfiod":true,"vendor_name":"NVIDIA Corporation","device_name":"GA102GL [A10]","class":"030200","subsystem_vendor_id":"0000","subsystem_device_id":"0000","pending":"reset","stuck":true,"identity_mismatch":false,"group_companions":["0000:01:00.1"],"attached_uid":64055,"attached_pid":4242,"health":"needs_reset","health_reason":"reset timed out","last_reset":{"method":"flr","at":"2026-12-07T01:40:02.125Z","result":"timeout","duration_ms":139},"reset_method":["flr","pm"]}"#;
+
+    const BARE: &str = r#"{"id":"q0v4x7yd1p2oq8m5lbn3zr6c","name":"edu","type":"pci","pci_address":"0000:00:03.0","vendor_id":"1234","device_id":"11e8","iommu_group":-1,"bound_to_vfio":false,"attached_to":null,"created_at":"2026-12-05T08:00:00Z","tags":{},"present":false,"current_driver":null,"original_driver":null,"bound_by_vfiod":false,"vendor_name":null,"device_name":null,"class":"00ff00","subsystem_vendor_id":"0000","subsystem_device_id":"0000","stuck":false,"identity_mismatch":false,"attached_uid":null,"attached_pid":null,"health":"ok","health_reason":null,"last_reset":null,"reset_method":null}"#;
+
+    fn json(value: &impl Serialize) -> String {
+        serde_json::to_string(value).unwrap()
+    }
+
+    #[test]
+    fn device_wire_bytes() {
+        let ids = ids();
+        assert_eq!(json(&Device::new(&attached(), &ids)), ATTACHED);
+        assert_eq!(json(&Device::new(&bare(), &ids)), BARE);
+    }
+
+    #[test]
+    fn available_device_leaves_out_missing_names() {
+        let ids = ids();
+        let function = |address: &str, vendor_id, device_id, driver: Option<&str>| PciFunction {
+            address: addr(address),
+            vendor_id,
+            device_id,
+            subsystem_vendor_id: 0,
+            subsystem_device_id: 0,
+            class: 0x030200,
+            driver: driver.map(str::to_owned),
+            iommu_group: Some(1),
+            modalias: None,
+        };
+        let named = function("0000:01:00.0", 0x10de, 0x2236, Some("vfio-pci"));
+        assert_eq!(
+            json(&AvailableDevice::new(
+                &named,
+                &ids,
+                Some("m2lp93h0ru0rrfojug4e64rk")
+            )),
+            r#"{"pci_address":"0000:01:00.0","vendor_id":"10de","device_id":"2236","vendor_name":"NVIDIA Corporation","device_name":"GA102GL [A10]","iommu_group":1,"current_driver":"vfio-pci","type":"gpu","class":"030200","bound_to_vfio":true,"registered_id":"m2lp93h0ru0rrfojug4e64rk"}"#
+        );
+        let vendor_only = function("0000:00:02.0", 0x8086, 0x10d3, None);
+        assert_eq!(
+            json(&AvailableDevice::new(&vendor_only, &ids, None)),
+            r#"{"pci_address":"0000:00:02.0","vendor_id":"8086","device_id":"10d3","vendor_name":"Intel Corporation","iommu_group":1,"current_driver":null,"type":"gpu","class":"030200","bound_to_vfio":false,"registered_id":null}"#
+        );
+    }
+
+    fn console() -> Holder {
+        Holder::FramebufferConsole {
+            pci_address: addr("0000:01:00.0"),
+            vtconsole: "vtcon1".into(),
+            framebuffer: "fb0".into(),
+        }
+    }
+
+    #[test]
+    fn dry_run_wire_bytes() {
+        let ids = ids();
+        let record = bare();
+        let plan = BindPlan {
+            vfio_driver: "vfio-pci".into(),
+            iommu_group: 3,
+            moves: vec![
+                Move {
+                    pci_address: addr("0000:00:03.0"),
+                    from: None,
+                    to: Some("vfio-pci".into()),
+                },
+                Move::restore(addr("0000:00:03.1"), Some("snd_hda_intel".into())),
+            ],
+            steps: vec!["write 0000:00:03.0 to /sys/bus/pci/drivers_probe".into()],
+            holders: vec![console()],
+            already_bound: false,
+        };
+        let dry_run = DryRun {
+            dry_run: true,
+            device: Device::new(&record, &ids),
+            plan: &plan,
+        };
+        assert_eq!(
+            json(&dry_run),
+            format!(
+                r#"{{"dry_run":true,"device":{BARE},"plan":{{"vfio_driver":"vfio-pci","iommu_group":3,"moves":[{{"pci_address":"0000:00:03.0","from":null,"to":"vfio-pci"}},{{"pci_address":"0000:00:03.1","from":"snd_hda_intel"}}],"steps":["write 0000:00:03.0 to /sys/bus/pci/drivers_probe"],"holders":[{{"kind":"framebuffer_console","pci_address":"0000:01:00.0","vtconsole":"vtcon1","framebuffer":"fb0"}}],"already_bound":false}}}}"#
+            )
+        );
+        let plan = ResetPlan {
+            method: "auto".into(),
+            methods: vec!["flr".into(), "pm".into()],
+            scope: vec![
+                ScopeFunction {
+                    pci_address: addr("0000:00:03.0"),
+                    driver: None,
+                    iommu_group: None,
+                },
+                ScopeFunction {
+                    pci_address: addr("0000:00:03.1"),
+                    driver: Some("snd_hda_intel".into()),
+                    iommu_group: Some(3),
+                },
+            ],
+            steps: vec!["write \"1\" to /sys/bus/pci/devices/0000:00:03.0/reset".into()],
+        };
+        let dry_run = ResetDryRun {
+            dry_run: true,
+            device: Device::new(&record, &ids),
+            plan: &plan,
+        };
+        assert_eq!(
+            json(&dry_run),
+            format!(
+                r#"{{"dry_run":true,"device":{BARE},"plan":{{"method":"auto","methods":["flr","pm"],"scope":[{{"pci_address":"0000:00:03.0","driver":null,"iommu_group":null}},{{"pci_address":"0000:00:03.1","driver":"snd_hda_intel","iommu_group":3}}],"steps":["write \"1\" to /sys/bus/pci/devices/0000:00:03.0/reset"]}}}}"#
+            )
+        );
+    }
+
+    fn every_holder() -> Vec<Holder> {
+        let gpu = addr("0000:01:00.0");
+        vec![
+            Holder::Process {
+                pci_address: gpu,
+                pid: 812,
+                comm: "Xorg".into(),
+                uid: 0,
+                path: "/dev/dri/card0".into(),
+                unit: Some("gdm.service".into()),
+            },
+            Holder::Process {
+                pci_address: gpu,
+                pid: 4410,
+                comm: "nvidia-smi".into(),
+                uid: 1000,
+                path: "/dev/nvidia0".into(),
+                unit: None,
+            },
+            Holder::Mount {
+                pci_address: gpu,
+                device: "/dev/nvme0n1p2".into(),
+                mount_point: "/".into(),
+                fstype: "ext4".into(),
+            },
+            Holder::Swap {
+                pci_address: gpu,
+                device: "/dev/nvme0n1p3".into(),
+            },
+            Holder::BlockStack {
+                pci_address: gpu,
+                device: "nvme0n1p4".into(),
+                holder: "dm-0".into(),
+            },
+            Holder::NetInterface {
+                pci_address: gpu,
+                interface: "eno1".into(),
+                addresses: vec!["192.0.2.4/24".into()],
+                routes: 2,
+            },
+            console(),
+        ]
+    }
+
+    #[test]
+    fn holders_wire_bytes() {
+        let holders = every_holder();
+        let answer = Holders {
+            id: "m2lp93h0ru0rrfojug4e64rk",
+            name: "gpu0",
+            pci_address: addr("0000:01:00.0"),
+            holders: &holders,
+        };
+        assert_eq!(
+            json(&answer),
+            r#"{"id":"m2lp93h0ru0rrfojug4e64rk","name":"gpu0","pci_address":"0000:01:00.0","holders":[{"kind":"process","pci_address":"0000:01:00.0","pid":812,"comm":"Xorg","uid":0,"path":"/dev/dri/card0","unit":"gdm.service"},{"kind":"process","pci_address":"0000:01:00.0","pid":4410,"comm":"nvidia-smi","uid":1000,"path":"/dev/nvidia0"},{"kind":"mount","pci_address":"0000:01:00.0","device":"/dev/nvme0n1p2","mount_point":"/","fstype":"ext4"},{"kind":"swap","pci_address":"0000:01:00.0","device":"/dev/nvme0n1p3"},{"kind":"block_stack","pci_address":"0000:01:00.0","device":"nvme0n1p4","holder":"dm-0"},{"kind":"net_interface","pci_address":"0000:01:00.0","interface":"eno1","addresses":["192.0.2.4/24"],"routes":2},{"kind":"framebuffer_console","pci_address":"0000:01:00.0","vtconsole":"vtcon1","framebuffer":"fb0"}]}"#
+        );
+    }
+
+    fn health() -> Health {
+        Health {
+            version: "0.1.0",
+            uptime_s: 5012,
+            vfio_pci_available: true,
+            iommu_enabled: true,
+            privileged: false,
+            registered_devices: 2,
+            hotplug: "udev".into(),
+            pci_ids: None,
+            last_event_seq: 41,
+            vfio_container_usable_by_all: false,
+        }
+    }
+
+    #[test]
+    fn health_wire_bytes() {
+        let health = health();
+        let body = HealthBody {
+            status: "ok",
+            health: &health,
+        };
+        assert_eq!(
+            json(&body),
+            r#"{"status":"ok","version":"0.1.0","uptime_s":5012,"vfio_pci_available":true,"iommu_enabled":true,"privileged":false,"registered_devices":2,"hotplug":"udev","pci_ids":null,"last_event_seq":41,"vfio_container_usable_by_all":false}"#
+        );
+    }
+}
