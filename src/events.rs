@@ -12,12 +12,12 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 use tokio::sync::broadcast;
 
 use crate::pci::PciAddress;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     HotplugAdd,
@@ -49,18 +49,23 @@ pub enum EventKind {
     Lagged,
 }
 
-fn rfc3339<S: Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&at.to_rfc3339_opts(SecondsFormat::Micros, true))
+/// An event's time as the wire carries it: RFC 3339, microseconds, UTC.
+pub fn wire_time(at: &DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
-#[derive(Debug, Clone, Serialize)]
+fn serialize_time<S: Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&wire_time(at))
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     pub seq: u64,
     #[serde(rename = "type")]
     pub kind: EventKind,
     pub pci_address: Option<PciAddress>,
     pub device_id: Option<String>,
-    #[serde(serialize_with = "rfc3339")]
+    #[serde(serialize_with = "serialize_time")]
     pub at: DateTime<Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub driver: Option<String>,
@@ -206,6 +211,12 @@ mod tests {
             serde_json::to_string(&lagged).unwrap(),
             r#"{"seq":9,"type":"lagged","pci_address":null,"device_id":null,"at":"2026-12-07T01:36:00.000000Z","missed":12}"#
         );
+        for sent in [e, lagged] {
+            let text = serde_json::to_string(&sent).unwrap();
+            let read: Event = serde_json::from_str(&text).unwrap();
+            assert_eq!(read, sent);
+            assert_eq!(wire_time(&read.at), wire_time(&sent.at));
+        }
     }
 
     #[test]

@@ -1,32 +1,34 @@
 //! The one place core errors become HTTP statuses and stable codes.
 
 use hyper::StatusCode;
-use serde::Serialize;
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
 
 use crate::engine::Step;
 use crate::error::{CoreError, ResetCheck};
 use crate::registry::store::StoreError;
 
 /// Every error body: `{"code", "message"}` plus optional detail.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ErrorBody {
-    pub code: &'static str,
+    pub code: Cow<'static, str>,
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub step: Option<Step>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub errno: Option<i32>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conflicting_functions: Vec<ConflictingFunction>,
     /// After a reset: the check that failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failed_check: Option<ResetCheck>,
     /// For `device_busy`: what holds the device, each with a `kind`.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub holders: Vec<crate::pci::holders::Holder>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ConflictingFunction {
     pub pci_address: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -39,7 +41,7 @@ pub struct ConflictingFunction {
 impl ErrorBody {
     pub fn new(code: &'static str, message: impl Into<String>) -> Self {
         ErrorBody {
-            code,
+            code: Cow::Borrowed(code),
             message: message.into(),
             step: None,
             errno: None,
@@ -331,7 +333,7 @@ mod tests {
             .collect();
         for (err, status, code) in cases {
             let (s, body) = to_body(&err);
-            assert_eq!((s.as_u16(), body.code), (status, code), "{err:?}");
+            assert_eq!((s.as_u16(), &*body.code), (status, code), "{err:?}");
             assert!(!body.message.is_empty());
             assert!(
                 documented.iter().any(|c| c == code),
@@ -389,5 +391,8 @@ mod tests {
             serde_json::to_string(&body).unwrap(),
             r#"{"code":"device_busy","message":"0000:01:00.0 is in use","step":"unbind","errno":16,"conflicting_functions":[{"pci_address":"0000:01:00.1","driver":"snd_hda_intel"}],"failed_check":"power_state","holders":[{"kind":"swap","pci_address":"0000:01:00.0","device":"/dev/nvme0n1p3"}]}"#
         );
+        let text = serde_json::to_string(&body).unwrap();
+        let read: ErrorBody = serde_json::from_str(&text).unwrap();
+        assert_eq!(serde_json::to_string(&read).unwrap(), text);
     }
 }

@@ -13,6 +13,7 @@ pub mod peer;
 pub mod server;
 pub mod wire;
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -488,7 +489,7 @@ impl Api {
                         &wire::DryRun {
                             dry_run: true,
                             device: wire::Device::new(&outcome.device, ids),
-                            plan: &outcome.plan,
+                            plan: Cow::Borrowed(&outcome.plan),
                         },
                     )
                 } else {
@@ -516,7 +517,7 @@ impl Api {
                         &wire::ResetDryRun {
                             dry_run: true,
                             device: wire::Device::new(&outcome.device, ids),
-                            plan: &outcome.plan,
+                            plan: Cow::Borrowed(&outcome.plan),
                         },
                     )
                 } else {
@@ -528,10 +529,10 @@ impl Api {
                 json_response(
                     StatusCode::OK,
                     &wire::Holders {
-                        id: &record.id,
-                        name: &record.name,
+                        id: Cow::Borrowed(&record.id),
+                        name: Cow::Borrowed(&record.name),
                         pci_address: record.pci_address,
-                        holders: &holders,
+                        holders: Cow::Borrowed(&holders),
                     },
                 )
             }
@@ -547,8 +548,8 @@ impl Api {
                 json_response(
                     StatusCode::OK,
                     &wire::HealthBody {
-                        status: "ok",
-                        health: &health,
+                        status: Cow::Borrowed("ok"),
+                        health: Cow::Borrowed(&health),
                     },
                 )
             }

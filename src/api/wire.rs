@@ -1,62 +1,103 @@
 //! The JSON shapes on the wire. `Device` carries hypeman's fields exactly
 //! (names, types, `null`s) followed by vfiod's extensions.
+//!
+//! vfiod serialises these borrowing from its records (`Cow::Borrowed`, no
+//! copies); vfioctl deserialises the same types, owned. Field order is the
+//! order on the wire.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use chrono::SecondsFormat;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::core::{BindPlan, Health, ResetPlan};
+use crate::pci::holders::Holder;
 use crate::pci::{is_gpu_class, PciAddress, PciFunction, PciIds};
-use crate::registry::{is_vfio_driver, DeviceRecord, LastReset, PendingOp, ResetResult};
+use crate::registry::{
+    is_vfio_driver, DeviceRecord, Health as DeviceHealth, LastReset, PendingOp, ResetResult,
+};
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Device<'a> {
-    pub id: &'a str,
-    pub name: &'a str,
+    pub id: Cow<'a, str>,
+    pub name: Cow<'a, str>,
     #[serde(rename = "type")]
-    pub kind: &'static str,
+    pub kind: DeviceType,
     pub pci_address: PciAddress,
     pub vendor_id: String,
     pub device_id: String,
     /// -1 when the device has no IOMMU group (IOMMU off).
     pub iommu_group: i64,
     pub bound_to_vfio: bool,
-    pub attached_to: Option<&'a str>,
+    pub attached_to: Option<Cow<'a, str>>,
     pub created_at: String,
-    pub tags: &'a BTreeMap<String, String>,
+    pub tags: Cow<'a, BTreeMap<String, String>>,
     // Extensions.
     pub present: bool,
-    pub current_driver: Option<&'a str>,
-    pub original_driver: Option<&'a str>,
+    pub current_driver: Option<Cow<'a, str>>,
+    pub original_driver: Option<Cow<'a, str>>,
     pub bound_by_vfiod: bool,
-    pub vendor_name: Option<&'a str>,
-    pub device_name: Option<&'a str>,
+    pub vendor_name: Option<Cow<'a, str>>,
+    pub device_name: Option<Cow<'a, str>>,
     pub class: String,
     pub subsystem_vendor_id: String,
     pub subsystem_device_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub pending: Option<&'static str>,
+    pub pending: Option<Pending>,
     pub stuck: bool,
     pub identity_mismatch: bool,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub group_companions: Vec<PciAddress>,
     /// The uid the attachment opens the VFIO nodes to; null when detached.
     pub attached_uid: Option<u32>,
     /// The VMM process whose exit ends the attachment, if one was named.
     pub attached_pid: Option<u32>,
-    /// ok, needs_reset, quarantined, needs_host_reboot.
-    pub health: &'static str,
-    pub health_reason: Option<&'a str>,
+    pub health: DeviceHealth,
+    pub health_reason: Option<Cow<'a, str>>,
     pub last_reset: Option<LastResetWire<'a>>,
     /// The device's own reset method order (PATCH), or null for the
     /// kernel's.
-    pub reset_method: Option<&'a [String]>,
+    pub reset_method: Option<Cow<'a, [String]>>,
 }
 
-#[derive(Debug, Serialize)]
+/// `gpu` for display controllers, `pci` for every other function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceType {
+    Gpu,
+    Pci,
+}
+
+impl DeviceType {
+    pub fn of_class(class: u32) -> DeviceType {
+        if is_gpu_class(class) {
+            DeviceType::Gpu
+        } else {
+            DeviceType::Pci
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceType::Gpu => "gpu",
+            DeviceType::Pci => "pci",
+        }
+    }
+}
+
+/// The driver move a device has recorded and not finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pending {
+    Bind,
+    Unbind,
+    Reset,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LastResetWire<'a> {
-    pub method: &'a str,
+    pub method: Cow<'a, str>,
     pub at: String,
     pub result: ResetResult,
     pub duration_ms: u64,
@@ -65,7 +106,7 @@ pub struct LastResetWire<'a> {
 impl<'a> LastResetWire<'a> {
     fn new(r: &'a LastReset) -> Self {
         LastResetWire {
-            method: &r.method,
+            method: Cow::Borrowed(&r.method),
             at: r.at.to_rfc3339_opts(SecondsFormat::Millis, true),
             result: r.result,
             duration_ms: r.duration_ms,
@@ -81,56 +122,49 @@ fn hex6(v: u32) -> String {
     format!("{v:06x}")
 }
 
-pub(crate) fn device_type(class: u32) -> &'static str {
-    if is_gpu_class(class) {
-        "gpu"
-    } else {
-        "pci"
-    }
-}
-
 impl<'a> Device<'a> {
     pub fn new(d: &'a DeviceRecord, ids: &'a PciIds) -> Device<'a> {
+        let borrowed = |s: &'a Option<String>| s.as_deref().map(Cow::Borrowed);
         Device {
-            id: &d.id,
-            name: &d.name,
-            kind: device_type(d.class),
+            id: Cow::Borrowed(&d.id),
+            name: Cow::Borrowed(&d.name),
+            kind: DeviceType::of_class(d.class),
             pci_address: d.pci_address,
             vendor_id: hex4(d.vendor_id),
             device_id: hex4(d.device_id),
             iommu_group: d.iommu_group.map_or(-1, i64::from),
             bound_to_vfio: d.bound_to_vfio(),
-            attached_to: d.attached_to.as_deref(),
+            attached_to: borrowed(&d.attached_to),
             created_at: d.created_at.to_rfc3339_opts(SecondsFormat::Secs, true),
-            tags: &d.tags,
+            tags: Cow::Borrowed(&d.tags),
             present: d.present,
-            current_driver: d.current_driver.as_deref(),
-            original_driver: d.original_driver.as_deref(),
+            current_driver: borrowed(&d.current_driver),
+            original_driver: borrowed(&d.original_driver),
             bound_by_vfiod: d.bound_by_vfiod,
-            vendor_name: ids.vendor_name(d.vendor_id),
-            device_name: ids.device_name(d.vendor_id, d.device_id),
+            vendor_name: ids.vendor_name(d.vendor_id).map(Cow::Borrowed),
+            device_name: ids.device_name(d.vendor_id, d.device_id).map(Cow::Borrowed),
             class: hex6(d.class),
             subsystem_vendor_id: hex4(d.subsystem_vendor_id),
             subsystem_device_id: hex4(d.subsystem_device_id),
             pending: d.pending.as_ref().map(|p| match p {
-                PendingOp::Bind { .. } => "bind",
-                PendingOp::Unbind => "unbind",
-                PendingOp::Reset { .. } => "reset",
+                PendingOp::Bind { .. } => Pending::Bind,
+                PendingOp::Unbind => Pending::Unbind,
+                PendingOp::Reset { .. } => Pending::Reset,
             }),
             stuck: d.stuck,
             identity_mismatch: d.identity_mismatch,
             group_companions: d.companions.iter().map(|c| c.pci_address).collect(),
-            health: d.health.as_str(),
-            health_reason: d.health_reason.as_deref(),
+            health: d.health,
+            health_reason: borrowed(&d.health_reason),
             last_reset: d.last_reset.as_ref().map(LastResetWire::new),
-            reset_method: d.reset_method.as_deref(),
+            reset_method: d.reset_method.as_deref().map(Cow::Borrowed),
             attached_uid: d.attached_to.as_ref().and(d.attached_uid),
             attached_pid: d.attached_pid.map(|p| p.pid),
         }
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AvailableDevice<'a> {
     pub pci_address: PciAddress,
     pub vendor_id: String,
@@ -138,19 +172,19 @@ pub struct AvailableDevice<'a> {
     /// Left out, not `null`, when `pci.ids` has no name: hypeman's schema
     /// has these as optional strings that are never null.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub vendor_name: Option<&'a str>,
+    pub vendor_name: Option<Cow<'a, str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub device_name: Option<&'a str>,
+    pub device_name: Option<Cow<'a, str>>,
     /// -1 when the device has no IOMMU group.
     pub iommu_group: i64,
-    pub current_driver: Option<&'a str>,
+    pub current_driver: Option<Cow<'a, str>>,
     // Extensions.
     #[serde(rename = "type")]
-    pub kind: &'static str,
+    pub kind: DeviceType,
     pub class: String,
     pub bound_to_vfio: bool,
     /// The registered device's id, if any.
-    pub registered_id: Option<&'a str>,
+    pub registered_id: Option<Cow<'a, str>>,
 }
 
 impl<'a> AvailableDevice<'a> {
@@ -159,48 +193,48 @@ impl<'a> AvailableDevice<'a> {
             pci_address: f.address,
             vendor_id: hex4(f.vendor_id),
             device_id: hex4(f.device_id),
-            vendor_name: ids.vendor_name(f.vendor_id),
-            device_name: ids.device_name(f.vendor_id, f.device_id),
+            vendor_name: ids.vendor_name(f.vendor_id).map(Cow::Borrowed),
+            device_name: ids.device_name(f.vendor_id, f.device_id).map(Cow::Borrowed),
             iommu_group: f.iommu_group.map_or(-1, i64::from),
-            current_driver: f.driver.as_deref(),
-            kind: device_type(f.class),
+            current_driver: f.driver.as_deref().map(Cow::Borrowed),
+            kind: DeviceType::of_class(f.class),
             class: hex6(f.class),
             bound_to_vfio: f.driver.as_deref().is_some_and(is_vfio_driver),
-            registered_id,
+            registered_id: registered_id.map(Cow::Borrowed),
         }
     }
 }
 
 /// `POST .../bind` with `dry_run`: the plan, and nothing done.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DryRun<'a> {
     pub dry_run: bool,
     pub device: Device<'a>,
-    pub plan: &'a BindPlan,
+    pub plan: Cow<'a, BindPlan>,
 }
 
 /// `POST .../reset` with `dry_run`: the method and scope, and nothing done.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ResetDryRun<'a> {
     pub dry_run: bool,
     pub device: Device<'a>,
-    pub plan: &'a ResetPlan,
+    pub plan: Cow<'a, ResetPlan>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HealthBody<'a> {
-    pub status: &'static str,
+    pub status: Cow<'a, str>,
     #[serde(flatten)]
-    pub health: &'a Health,
+    pub health: Cow<'a, Health>,
 }
 
 /// `GET /devices/{id_or_name}/holders`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Holders<'a> {
-    pub id: &'a str,
-    pub name: &'a str,
+    pub id: Cow<'a, str>,
+    pub name: Cow<'a, str>,
     pub pci_address: PciAddress,
-    pub holders: &'a [crate::pci::holders::Holder],
+    pub holders: Cow<'a, [Holder]>,
 }
 
 #[cfg(test)]
@@ -346,7 +380,7 @@ mod tests {
         let dry_run = DryRun {
             dry_run: true,
             device: Device::new(&record, &ids),
-            plan: &plan,
+            plan: Cow::Borrowed(&plan),
         };
         assert_eq!(
             json(&dry_run),
@@ -374,7 +408,7 @@ mod tests {
         let dry_run = ResetDryRun {
             dry_run: true,
             device: Device::new(&record, &ids),
-            plan: &plan,
+            plan: Cow::Borrowed(&plan),
         };
         assert_eq!(
             json(&dry_run),
@@ -432,10 +466,10 @@ mod tests {
     fn holders_wire_bytes() {
         let holders = every_holder();
         let answer = Holders {
-            id: "m2lp93h0ru0rrfojug4e64rk",
-            name: "gpu0",
+            id: "m2lp93h0ru0rrfojug4e64rk".into(),
+            name: "gpu0".into(),
             pci_address: addr("0000:01:00.0"),
-            holders: &holders,
+            holders: Cow::Borrowed(&holders),
         };
         assert_eq!(
             json(&answer),
@@ -445,7 +479,7 @@ mod tests {
 
     fn health() -> Health {
         Health {
-            version: "0.1.0",
+            version: "0.1.0".into(),
             uptime_s: 5012,
             vfio_pci_available: true,
             iommu_enabled: true,
@@ -462,12 +496,102 @@ mod tests {
     fn health_wire_bytes() {
         let health = health();
         let body = HealthBody {
-            status: "ok",
-            health: &health,
+            status: "ok".into(),
+            health: Cow::Borrowed(&health),
         };
         assert_eq!(
             json(&body),
             r#"{"status":"ok","version":"0.1.0","uptime_s":5012,"vfio_pci_available":true,"iommu_enabled":true,"privileged":false,"registered_devices":2,"hotplug":"udev","pci_ids":null,"last_event_seq":41,"vfio_container_usable_by_all":false}"#
         );
+    }
+
+    /// What vfioctl reads back from `text`, serialised again.
+    fn reread<T: Serialize + serde::de::DeserializeOwned>(text: &str) -> (T, String) {
+        let read: T = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        let again = json(&read);
+        (read, again)
+    }
+
+    #[test]
+    fn device_deserialises_to_the_value_serialised() {
+        let ids = ids();
+        for record in [attached(), bare()] {
+            let sent = Device::new(&record, &ids);
+            let text = json(&sent);
+            let (read, again) = reread::<Device<'static>>(&text);
+            assert_eq!(read, sent);
+            assert_eq!(again, text);
+        }
+    }
+
+    #[test]
+    fn every_answer_reads_back_to_its_own_bytes() {
+        let ids = ids();
+        let record = attached();
+        let function = PciFunction {
+            address: addr("0000:00:02.0"),
+            vendor_id: 0x8086,
+            device_id: 0x10d3,
+            subsystem_vendor_id: 0,
+            subsystem_device_id: 0,
+            class: 0x020000,
+            driver: None,
+            iommu_group: None,
+            modalias: None,
+        };
+        let available = AvailableDevice::new(&function, &ids, None);
+        let (read, again) = reread::<AvailableDevice<'static>>(&json(&available));
+        assert_eq!(read, available);
+        assert_eq!(again, json(&available));
+
+        let bind_plan = BindPlan {
+            vfio_driver: "vfio-pci".into(),
+            iommu_group: 1,
+            moves: vec![Move::restore(addr("0000:01:00.0"), None)],
+            steps: vec!["check /dev/vfio/1 exists".into()],
+            holders: every_holder(),
+            already_bound: false,
+        };
+        let text = json(&DryRun {
+            dry_run: true,
+            device: Device::new(&record, &ids),
+            plan: Cow::Borrowed(&bind_plan),
+        });
+        assert_eq!(reread::<DryRun<'static>>(&text).1, text);
+
+        let reset_plan = ResetPlan {
+            method: "flr".into(),
+            methods: vec!["flr".into()],
+            scope: vec![ScopeFunction {
+                pci_address: addr("0000:01:00.0"),
+                driver: None,
+                iommu_group: Some(1),
+            }],
+            steps: vec![],
+        };
+        let text = json(&ResetDryRun {
+            dry_run: true,
+            device: Device::new(&record, &ids),
+            plan: Cow::Borrowed(&reset_plan),
+        });
+        assert_eq!(reread::<ResetDryRun<'static>>(&text).1, text);
+
+        let holders = every_holder();
+        let text = json(&Holders {
+            id: "m2lp93h0ru0rrfojug4e64rk".into(),
+            name: "gpu0".into(),
+            pci_address: addr("0000:01:00.0"),
+            holders: Cow::Borrowed(&holders),
+        });
+        let (read, again) = reread::<Holders<'static>>(&text);
+        assert_eq!(read.holders, holders);
+        assert_eq!(again, text);
+
+        let health = health();
+        let text = json(&HealthBody {
+            status: "ok".into(),
+            health: Cow::Borrowed(&health),
+        });
+        assert_eq!(reread::<HealthBody<'static>>(&text).1, text);
     }
 }

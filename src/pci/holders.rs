@@ -123,7 +123,7 @@ use nix::dir::Dir;
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{makedev, Mode, SFlag};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::sysfs::{link_name, parse_hex};
 use super::{PciAddress, Sysfs};
@@ -147,7 +147,7 @@ impl ProcFs {
 
 /// Something that holds a PCI function. Serialised with a `kind` tag for
 /// the API's `holders` lists.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Holder {
     /// A process with a descriptor open on (or a mapping of) one of the
