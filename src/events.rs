@@ -49,6 +49,13 @@ pub enum EventKind {
     Lagged,
 }
 
+/// The wire name (`driver_bound`), serde's own so the two cannot differ.
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.serialize(f)
+    }
+}
+
 /// An event's time as the wire carries it: RFC 3339, microseconds, UTC.
 pub fn wire_time(at: &DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)
