@@ -32,6 +32,16 @@ pub fn is_gpu_class(class: u32) -> bool {
     matches!(class >> 8, 0x0300 | 0x0302)
 }
 
+/// A function's `type` as the API and the metrics name it: hypeman's
+/// `gpu` for a VGA or 3D controller, else `pci`.
+pub fn device_type(class: u32) -> &'static str {
+    if is_gpu_class(class) {
+        "gpu"
+    } else {
+        "pci"
+    }
+}
+
 /// Whether a function belongs in `GET /devices/available`: display and 3D
 /// controllers, processing accelerators, and anything from an accelerator
 /// vendor; never a bridge.
@@ -67,6 +77,8 @@ mod tests {
         assert!(is_gpu_class(0x030200));
         assert!(!is_gpu_class(0x038000));
         assert!(!is_gpu_class(0x040300));
+        assert_eq!(device_type(0x030200), "gpu");
+        assert_eq!(device_type(0x038000), "pci");
     }
 
     #[test]
