@@ -13,10 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::core::{BindPlan, Health, ResetPlan};
 use crate::pci::holders::Holder;
-use crate::pci::{is_gpu_class, PciAddress, PciFunction, PciIds};
-use crate::registry::{
-    is_vfio_driver, DeviceRecord, Health as DeviceHealth, LastReset, PendingOp, ResetResult,
-};
+use crate::pci::{is_gpu_class, is_vfio_driver, PciAddress, PciFunction, PciIds};
+use crate::registry::{DeviceRecord, Health as DeviceHealth, LastReset, PendingOp, ResetResult};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Device<'a> {

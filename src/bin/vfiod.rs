@@ -59,9 +59,8 @@ fn main() -> ExitCode {
 /// agent as root would be: system paths, driver moves.
 fn runs_as_the_system_agent() -> bool {
     const CAP_DAC_OVERRIDE: u32 = 1;
-    procfs::process::Process::myself()
-        .and_then(|me| me.status())
-        .is_ok_and(|status| status.capeff & (1 << CAP_DAC_OVERRIDE) != 0)
+    vfiod::proc::own_effective_capabilities()
+        .is_some_and(|caps| caps & (1 << CAP_DAC_OVERRIDE) != 0)
 }
 
 /// Why startup failed, and the exit status that tells systemd whether a

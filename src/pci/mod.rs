@@ -1,5 +1,6 @@
 //! The PCI model: addresses, what sysfs says about each function, IOMMU
-//! groups, and `pci.ids` names.
+//! groups, which driver is vfio, what holds a function, and `pci.ids`
+//! names.
 
 mod address;
 pub mod holders;
@@ -7,12 +8,14 @@ pub mod ids;
 pub mod sysfs;
 pub mod variant;
 pub mod vfio_access;
+mod vfio_driver;
 
 pub use address::{InvalidPciAddress, PciAddress};
 pub use holders::{Disposition, Holder, HolderScanError, ProcFs, ScanReport};
 pub use ids::PciIds;
 pub use sysfs::{PciFunction, Sysfs, SysfsError};
 pub use variant::VfioAliases;
+pub use vfio_driver::{is_vfio_driver, VFIO_PCI, VFIO_PCI_MODULE};
 
 /// Vendors whose every function is worth offering for passthrough
 /// (accelerator makers: a GPU's audio or USB-C function goes with it).
