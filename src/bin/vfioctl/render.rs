@@ -319,3 +319,31 @@ pub fn event(e: &Event) -> String {
         details.join(" ")
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_holder_s_kind_is_its_wire_tag() {
+        let holders: Vec<Holder> = serde_json::from_str(
+            r#"[
+            {"kind": "process", "pci_address": "0000:01:00.0", "pid": 1, "comm": "x",
+             "uid": 0, "path": "/dev/x"},
+            {"kind": "mount", "pci_address": "0000:01:00.0", "device": "/dev/x",
+             "mount_point": "/", "fstype": "ext4"},
+            {"kind": "swap", "pci_address": "0000:01:00.0", "device": "/dev/x"},
+            {"kind": "block_stack", "pci_address": "0000:01:00.0", "device": "x",
+             "holder": "dm-0"},
+            {"kind": "net_interface", "pci_address": "0000:01:00.0", "interface": "x",
+             "addresses": [], "routes": 0},
+            {"kind": "framebuffer_console", "pci_address": "0000:01:00.0",
+             "vtconsole": "vtcon1", "framebuffer": "fb0"}
+        ]"#,
+        )
+        .unwrap();
+        for h in &holders {
+            assert_eq!(serde_json::to_value(h).unwrap()["kind"], kind(h), "{h:?}");
+        }
+    }
+}
