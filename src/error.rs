@@ -1,7 +1,9 @@
 //! The one error type the core returns. The HTTP layer maps each variant to
 //! a status and a stable machine `code` in exactly one place
-//! (`api::error`); everything a caller can get wrong or the host can refuse
-//! is a variant here, so nothing reaches the wire as a bare 500.
+//! (`api::error`); everything a typed request can get wrong or the host can
+//! refuse is a variant here, so nothing reaches the wire as a bare 500.
+//! What only the HTTP layer can get wrong (a body, a head, a path, JSON
+//! syntax, the caller's share of the socket) is `api::error::ApiError`.
 
 use crate::engine::{EngineError, Step};
 use crate::pci::holders::{Disposition, Holder};
@@ -11,25 +13,11 @@ use crate::registry::store::StoreError;
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
     #[error("{0}")]
-    InvalidPciAddress(String),
-    #[error("{0}")]
     InvalidName(String),
     #[error("{0}")]
     InvalidTags(String),
     #[error("{0}")]
     InvalidRequest(String),
-    #[error("{0}")]
-    InvalidJson(String),
-    #[error("{0}")]
-    InvalidQuery(String),
-    /// The caller's uid holds as many connections as it may.
-    #[error("{0}")]
-    TooManyConnections(String),
-    /// The caller's uid holds as many event streams as it may.
-    #[error("{0}")]
-    TooManyEventStreams(String),
-    #[error("{0}")]
-    HeaderTooLarge(String),
     #[error("{0} is a PCI bridge (class {1:06x}): bridges cannot be passed through, and taking one from its driver would take hotplug and error reporting from everything below it")]
     Bridge(PciAddress, u32),
     #[error("no PCI device at {0} on this host")]

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::core::{BindPlan, Health, ResetPlan};
 use crate::pci::holders::Holder;
-use crate::pci::{is_gpu_class, is_vfio_driver, PciAddress, PciFunction, PciIds};
+use crate::pci::{is_vfio_driver, DeviceType, PciAddress, PciFunction, PciIds};
 use crate::registry::{DeviceRecord, Health as DeviceHealth, LastReset, PendingOp, ResetResult};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -59,31 +59,6 @@ pub struct Device<'a> {
     pub reset_method: Option<Cow<'a, [String]>>,
 }
 
-/// `gpu` for display controllers, `pci` for every other function.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DeviceType {
-    Gpu,
-    Pci,
-}
-
-impl DeviceType {
-    pub fn of_class(class: u32) -> DeviceType {
-        if is_gpu_class(class) {
-            DeviceType::Gpu
-        } else {
-            DeviceType::Pci
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeviceType::Gpu => "gpu",
-            DeviceType::Pci => "pci",
-        }
-    }
-}
-
 /// The driver move a device has recorded and not finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -126,7 +101,7 @@ impl<'a> Device<'a> {
         Device {
             id: Cow::Borrowed(&d.id),
             name: Cow::Borrowed(&d.name),
-            kind: DeviceType::of_class(d.class),
+            kind: crate::pci::device_type(d.class),
             pci_address: d.pci_address,
             vendor_id: hex4(d.vendor_id),
             device_id: hex4(d.device_id),
@@ -195,7 +170,7 @@ impl<'a> AvailableDevice<'a> {
             device_name: ids.device_name(f.vendor_id, f.device_id).map(Cow::Borrowed),
             iommu_group: f.iommu_group.map_or(-1, i64::from),
             current_driver: f.driver.as_deref().map(Cow::Borrowed),
-            kind: DeviceType::of_class(f.class),
+            kind: crate::pci::device_type(f.class),
             class: hex6(f.class),
             bound_to_vfio: f.driver.as_deref().is_some_and(is_vfio_driver),
             registered_id: registered_id.map(Cow::Borrowed),
@@ -203,20 +178,31 @@ impl<'a> AvailableDevice<'a> {
     }
 }
 
-/// `POST .../bind` with `dry_run`: the plan, and nothing done.
+/// A change asked for with `dry_run`: the device, the plan, nothing done.
+/// `POST .../bind` answers a [`BindPlan`] (the default), `POST .../reset`
+/// a [`ResetPlan`] ([`ResetDryRun`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DryRun<'a> {
+#[serde(bound(
+    serialize = "Plan: Serialize",
+    deserialize = "Plan: Deserialize<'de> + Clone"
+))]
+pub struct DryRun<'a, Plan: Clone = BindPlan> {
     pub dry_run: bool,
     pub device: Device<'a>,
-    pub plan: Cow<'a, BindPlan>,
+    pub plan: Cow<'a, Plan>,
 }
 
-/// `POST .../reset` with `dry_run`: the method and scope, and nothing done.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ResetDryRun<'a> {
-    pub dry_run: bool,
-    pub device: Device<'a>,
-    pub plan: Cow<'a, ResetPlan>,
+/// `POST .../reset` with `dry_run`: the method and scope, nothing done.
+pub type ResetDryRun<'a> = DryRun<'a, ResetPlan>;
+
+impl<'a, Plan: Clone> DryRun<'a, Plan> {
+    pub fn new(device: Device<'a>, plan: &'a Plan) -> Self {
+        DryRun {
+            dry_run: true,
+            device,
+            plan: Cow::Borrowed(plan),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
