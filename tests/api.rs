@@ -1,19 +1,15 @@
 //! API tests: HTTP over a real Unix socket to the real `vfiod` binary on a
 //! fake sysfs tree. Each test gets its own tree, state and socket.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Duration;
 
 use common::fakesys::FakeSys;
+use common::standard::{GPU, NIC};
 use common::{parse_response, raw_request, vfioctl, Daemon};
 use serde_json::Value;
-
-const GPU: &str = "0000:01:00.0";
-const NIC: &str = "0000:00:02.0";
 
 fn host() -> (FakeSys, Daemon) {
     let fs = FakeSys::standard_host();

@@ -6,8 +6,6 @@
 //! These tests run processes and requests as other uids, so they need root
 //! (CI runs as root); as another user they say so and pass nothing.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -16,13 +14,10 @@ use std::time::{Duration, Instant};
 
 use common::fakesys::FakeSys;
 use common::simkernel::SimKernel;
+use common::standard::{AMD, GPU, GPU_AUDIO, NIC};
 use common::{eventually, Daemon};
 use serde_json::Value;
 
-const GPU: &str = "0000:01:00.0";
-const AUDIO: &str = "0000:01:00.1";
-const NIC: &str = "0000:00:02.0";
-const AMD: &str = "0000:00:05.0";
 const VMM_UID: u32 = 4242;
 const OTHER_UID: u32 = 4343;
 
@@ -308,7 +303,7 @@ fn a_restart_keeps_live_attachments_and_ends_those_whose_vmm_is_gone() {
 fn functions_of_one_group_are_handed_to_one_uid_only() {
     let Some((fs, _sim, d)) = host() else { return };
     d.register(GPU, "gpu");
-    d.register(AUDIO, "audio");
+    d.register(GPU_AUDIO, "audio");
     assert_eq!(
         d.post("/devices/gpu/bind", r#"{"with_group":true}"#).status,
         200

@@ -3,16 +3,12 @@
 //! `device_busy`, names every holder, and writes nothing; a framebuffer
 //! console becomes a step of the move and comes back with the device.
 
-mod common;
-
 use common::fakeproc::{alias_node, dev_numbers, FakeProc};
 use common::fakesys::FakeSys;
 use common::simkernel::SimKernel;
+use common::standard::{AMD, NIC};
 use common::Daemon;
 use serde_json::Value;
-
-const NIC: &str = "0000:00:02.0";
-const AMD: &str = "0000:00:05.0";
 
 struct Host {
     fs: FakeSys,

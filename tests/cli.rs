@@ -3,8 +3,6 @@
 //! stand-in server that records them), and shell completion of device
 //! names from a running vfiod on a fake tree.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixListener;
@@ -14,12 +12,9 @@ use std::process::Command;
 use common::fakeproc::{alias_node, dev_numbers, FakeProc};
 use common::fakesys::{DeviceSpec, FakeSys, TempDir};
 use common::simkernel::SimKernel;
+use common::standard::{AMD, GPU, NIC};
 use common::{vfioctl, Daemon};
 use serde_json::{json, Value};
-
-const GPU: &str = "0000:01:00.0";
-const NIC: &str = "0000:00:02.0";
-const AMD: &str = "0000:00:05.0";
 
 fn run(bin: &str, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(bin)

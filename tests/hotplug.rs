@@ -2,19 +2,15 @@
 //! vfiod's test FIFO (`--uevent-fifo`), which feeds the same channel the
 //! udev watcher does; the udev adapter itself runs in the QEMU tier.
 
-mod common;
-
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::fakesys::{DeviceSpec, FakeSys};
 use common::simkernel::SimKernel;
+use common::standard::{GPU, NIC};
 use common::{eventually, Daemon, EventStream};
 use serde_json::Value;
-
-const NIC: &str = "0000:00:02.0";
-const GPU: &str = "0000:01:00.0";
 
 fn nic_spec() -> DeviceSpec {
     DeviceSpec::new(NIC, 0x8086, 0x10d3, 0x020000)
@@ -322,7 +318,7 @@ fn event_stream_two_subscribers_one_slow_and_since() {
     // The slow one subscribes and then does not read at all for a while.
     let mut slow = EventStream::open(&h.d.socket, "");
     let dev = h.d.register(NIC, "nic");
-    let e = fast.next();
+    let e = fast.next_event();
     assert_eq!(e["type"], "registered");
     assert_eq!(e["pci_address"], NIC);
     assert_eq!(e["device_id"], dev["id"]);
@@ -343,7 +339,7 @@ fn event_stream_two_subscribers_one_slow_and_since() {
     // missed if the machine was too slow: nothing vanishes silently.
     let (mut seen, mut missed, mut last_seq) = (0u64, 0u64, first_seq);
     while seen + missed < n {
-        let e = fast.next();
+        let e = fast.next_event();
         if e["type"] == "lagged" {
             missed += e["missed"].as_u64().unwrap();
             continue;
@@ -364,7 +360,7 @@ fn event_stream_two_subscribers_one_slow_and_since() {
 
     // ?since= replays what came after a given event.
     let mut replay = EventStream::open(&h.d.socket, &format!("?since={}", last_seq - 1));
-    assert_eq!(replay.next()["seq"].as_u64().unwrap(), last_seq);
+    assert_eq!(replay.next_event()["seq"].as_u64().unwrap(), last_seq);
     let list = h.d.get("/devices");
     let seq_header: u64 = list.header("x-vfiod-event-seq").unwrap().parse().unwrap();
     assert!(seq_header >= last_seq);

@@ -3,8 +3,6 @@
 //! happens: a registration, a bind, an unbind, a failed bind, a hotplug
 //! removal and a refused request; and the opt-in TCP listener.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -12,11 +10,10 @@ use std::process::{Command, Stdio};
 
 use common::fakesys::{DeviceSpec, FakeSys};
 use common::simkernel::SimKernel;
+use common::standard::NIC;
 use common::{eventually, raw_request, Daemon, EventStream, Response};
 use nix::errno::Errno;
 use openmetrics_parser::{MetricsExposition, PrometheusType, PrometheusValue};
-
-const NIC: &str = "0000:00:02.0";
 
 struct Host {
     fs: FakeSys,

@@ -7,18 +7,16 @@
 //! `drivers_probe` write), which is exactly the state the first round left
 //! behind: no driver, vfiod's `driver_override` in place.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use common::fakesys::FakeSys;
 use common::simkernel::SimKernel;
+use common::standard::NIC;
 use common::{eventually, Daemon};
 use serde_json::Value;
 
-const NIC: &str = "0000:00:02.0";
 const PROBE: &str = "bus/pci/drivers_probe";
 
 /// Sends a request on a raw connection and returns it unread.

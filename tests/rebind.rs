@@ -3,22 +3,14 @@
 //! `drivers_probe` the way Linux does, and can fail or hang on demand.
 //! Every assertion reads the tree (the "kernel"), not only vfiod's answer.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use common::fakesys::FakeSys;
 use common::simkernel::SimKernel;
+use common::standard::{AMD, EDU, GPU, GPU_AUDIO, NIC, T4};
 use common::Daemon;
 use nix::errno::Errno;
 use serde_json::Value;
-
-const GPU: &str = "0000:01:00.0";
-const AUDIO: &str = "0000:01:00.1";
-const NIC: &str = "0000:00:02.0";
-const EDU: &str = "0000:00:03.0";
-const T4: &str = "0000:00:04.0";
-const AMD: &str = "0000:00:05.0";
 
 struct Host {
     fs: FakeSys,
@@ -55,7 +47,7 @@ fn gpu_with_audio_function_needs_with_group_and_moves_and_restores_both() {
     r.expect_error(409, "iommu_group_conflict")
         .expect_message_contains("0000:01:00.1 on snd_hda_intel");
     let e = r.json();
-    assert_eq!(e["conflicting_functions"][0]["pci_address"], AUDIO);
+    assert_eq!(e["conflicting_functions"][0]["pci_address"], GPU_AUDIO);
     assert_eq!(e["conflicting_functions"][0]["driver"], "snd_hda_intel");
     assert_eq!(
         h.fs.driver_of(GPU).as_deref(),
@@ -70,9 +62,9 @@ fn gpu_with_audio_function_needs_with_group_and_moves_and_restores_both() {
     assert_eq!(dev["bound_to_vfio"], true);
     assert_eq!(dev["current_driver"], "vfio-pci");
     assert_eq!(dev["original_driver"], "nvidia");
-    assert_eq!(dev["group_companions"][0], AUDIO);
+    assert_eq!(dev["group_companions"][0], GPU_AUDIO);
     assert_eq!(h.fs.driver_of(GPU).as_deref(), Some("vfio-pci"));
-    assert_eq!(h.fs.driver_of(AUDIO).as_deref(), Some("vfio-pci"));
+    assert_eq!(h.fs.driver_of(GPU_AUDIO).as_deref(), Some("vfio-pci"));
     assert!(h.fs.vfio_group_node_exists(1));
     assert_eq!(
         h.fs.driver_of("0000:00:01.0").as_deref(),
@@ -85,9 +77,9 @@ fn gpu_with_audio_function_needs_with_group_and_moves_and_restores_both() {
     assert_eq!(r.json()["current_driver"], "nvidia");
     assert_eq!(r.json()["bound_to_vfio"], false);
     assert_eq!(h.fs.driver_of(GPU).as_deref(), Some("nvidia"));
-    assert_eq!(h.fs.driver_of(AUDIO).as_deref(), Some("snd_hda_intel"));
+    assert_eq!(h.fs.driver_of(GPU_AUDIO).as_deref(), Some("snd_hda_intel"));
     assert_eq!(h.fs.driver_override_of(GPU), None);
-    assert_eq!(h.fs.driver_override_of(AUDIO), None);
+    assert_eq!(h.fs.driver_override_of(GPU_AUDIO), None);
     assert!(!h.fs.vfio_group_node_exists(1));
     h.no_new_id_written();
 }
@@ -157,7 +149,7 @@ fn dry_run_returns_the_plan_and_changes_nothing() {
         .iter()
         .map(|m| m["pci_address"].as_str().unwrap())
         .collect();
-    assert_eq!(moves, [GPU, AUDIO]);
+    assert_eq!(moves, [GPU, GPU_AUDIO]);
     let steps = plan["steps"].as_array().unwrap();
     assert!(
         steps
@@ -352,7 +344,7 @@ fn hung_unbind_times_out_while_everything_else_keeps_working() {
 fn two_binds_in_one_group_are_serialised() {
     let h = host();
     h.d.register(GPU, "gpu0");
-    h.d.register(AUDIO, "audio0");
+    h.d.register(GPU_AUDIO, "audio0");
     let s1 = h.d.socket.clone();
     let s2 = h.d.socket.clone();
     let a = std::thread::spawn(move || {
@@ -383,7 +375,7 @@ fn two_binds_in_one_group_are_serialised() {
         .count();
     assert_eq!(overrides, 2, "{:?}", h.sim.writes());
     assert_eq!(h.fs.driver_of(GPU).as_deref(), Some("vfio-pci"));
-    assert_eq!(h.fs.driver_of(AUDIO).as_deref(), Some("vfio-pci"));
+    assert_eq!(h.fs.driver_of(GPU_AUDIO).as_deref(), Some("vfio-pci"));
 }
 
 #[test]
@@ -553,7 +545,7 @@ fn vfioctl_moves_devices_too() {
     let (code, _, _) = common::vfioctl(&h.d.socket, &["detach", "gpu0"]);
     assert_eq!(code, 0);
     assert_eq!(h.fs.driver_of(GPU).as_deref(), Some("nvidia"));
-    assert_eq!(h.fs.driver_of(AUDIO).as_deref(), Some("snd_hda_intel"));
+    assert_eq!(h.fs.driver_of(GPU_AUDIO).as_deref(), Some("snd_hda_intel"));
 }
 
 #[test]
@@ -584,7 +576,7 @@ fn a_vendor_vfio_variant_driver_is_preferred_when_the_kernel_names_one() {
     assert_eq!(r.json()["current_driver"], "nvgrace-gpu-vfio-pci");
     assert_eq!(r.json()["bound_to_vfio"], true);
     assert_eq!(fs.driver_of(GPU).as_deref(), Some("nvgrace-gpu-vfio-pci"));
-    assert_eq!(fs.driver_of(AUDIO).as_deref(), Some("vfio-pci"));
+    assert_eq!(fs.driver_of(GPU_AUDIO).as_deref(), Some("vfio-pci"));
     assert!(sim
         .writes()
         .iter()

@@ -4,19 +4,14 @@
 //! Assertions read the tree and the simulated kernel's record of resets,
 //! not only vfiod's answer.
 
-mod common;
-
 use common::fakeproc::{alias_node, FakeProc};
 use common::fakesys::{DeviceSpec, FakeSys};
 use common::simkernel::{ResetOutcome, SimKernel};
+use common::standard::{GPU, GPU_AUDIO, NIC};
 use common::{eventually, Daemon, EventStream};
 use nix::errno::Errno;
 use serde_json::Value;
 
-const GPU: &str = "0000:01:00.0";
-const AUDIO: &str = "0000:01:00.1";
-/// On the root bus, "pm bus" like QEMU's e1000e.
-const NIC: &str = "0000:00:02.0";
 /// Alone behind a root port, every method.
 const IGB: &str = "0000:03:00.0";
 /// Two conventional functions behind a PCIe-to-PCI bridge, one group.
@@ -55,7 +50,7 @@ fn reset_host() -> FakeSys {
             .group(1)
             .parent("0000:00:01.0")
             .reset_methods("flr bus"),
-        DeviceSpec::new(AUDIO, 0x10de, 0x1aef, 0x040300)
+        DeviceSpec::new(GPU_AUDIO, 0x10de, 0x1aef, 0x040300)
             .driver("snd_hda_intel")
             .group(1)
             .parent("0000:00:01.0")
@@ -167,7 +162,7 @@ fn dry_run_shows_method_and_scope_and_changes_nothing() {
         .collect();
     assert_eq!(
         scope,
-        [GPU, AUDIO],
+        [GPU, GPU_AUDIO],
         "a bus reset also resets the audio function"
     );
     assert_eq!(v["plan"]["scope"][1]["driver"], "snd_hda_intel");
@@ -283,10 +278,10 @@ fn bus_reset_of_the_gpu_resets_its_audio_function_and_verifies_both() {
     assert_eq!(h.sim.resets(), pairs(&[(GPU, "bus")]));
     // A bus reset is verified on every function it reached: the audio
     // function came back in D3cold.
-    h.fs.set_power_state(AUDIO, "D3cold");
+    h.fs.set_power_state(GPU_AUDIO, "D3cold");
     let r = h.reset("gpu", r#"{"method":"bus"}"#);
     r.expect_error(500, "reset_failed")
-        .expect_message_contains(&format!("power state failed for {AUDIO}"));
+        .expect_message_contains(&format!("power state failed for {GPU_AUDIO}"));
     assert_eq!(r.json()["failed_check"], "power_state");
     // A function-level reset does not reach it, so it passes.
     let r = h.reset("gpu", r#"{"method":"flr"}"#);

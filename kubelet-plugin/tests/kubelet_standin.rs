@@ -9,9 +9,6 @@
 //! GetPreferredAllocation and Allocate. A new registration for a resource
 //! replaces the old connection, as kubelet does.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
-
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::FileTypeExt;
@@ -21,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::fakesys::{DeviceSpec, FakeSys, TempDir};
 use common::simkernel::SimKernel;
+use common::standard::{AMD, GPU, GPU_AUDIO, NIC, T4};
 use common::Daemon;
 use nix::errno::Errno;
 use tokio::net::UnixListener;
@@ -43,11 +41,6 @@ use vfiod_kubelet_plugin::podresources::{
     PodResources,
 };
 
-const NIC: &str = "0000:00:02.0";
-const GPU: &str = "0000:01:00.0";
-const GPU_AUDIO: &str = "0000:01:00.1";
-const T4: &str = "0000:00:04.0";
-const AMD: &str = "0000:00:05.0";
 const NIC_RES: &str = "intel.com/e1000e";
 const GPU_RES: &str = "nvidia.com/gpu";
 const WAIT: Duration = Duration::from_secs(10);

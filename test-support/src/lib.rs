@@ -1,12 +1,16 @@
-//! Shared test support: the fake sysfs tree, the simulated kernel, a real
-//! `vfiod` process on a real Unix socket, and a raw HTTP/1.1 client (raw so
-//! tests can also send what no well-behaved client would).
-#![allow(dead_code)]
+//! vfiod's test kit, shared by the integration tests, the benchmark and the
+//! kubelet plugin's tests: the fake sysfs tree ([`fakesys`]), the simulated
+//! kernel ([`simkernel`]), the standard host's device addresses
+//! ([`standard`]), a fake `/proc` ([`fakeproc`]), floods from
+//! unprivileged uids ([`flood`]), a real `vfiod` process on a real Unix
+//! socket ([`Daemon`]), and a raw HTTP/1.1 client (raw so tests can also send
+//! what no well-behaved client would).
 
 pub mod fakeproc;
 pub mod fakesys;
 pub mod flood;
 pub mod simkernel;
+pub mod standard;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -149,23 +153,25 @@ pub fn request(socket: &Path, method: &str, path: &str, body: Option<&str>) -> R
     raw_request(socket, raw.as_bytes())
 }
 
+/// The `vfiod` binary of the build the running test belongs to.
 pub fn vfiod_bin() -> &'static str {
     static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    PATH.get_or_init(|| built_bin(option_env!("CARGO_BIN_EXE_vfiod"), "vfiod"))
+    PATH.get_or_init(|| built_bin("vfiod"))
 }
 
+/// The `vfioctl` binary of the build the running test belongs to.
 pub fn vfioctl_bin() -> &'static str {
     static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    PATH.get_or_init(|| built_bin(option_env!("CARGO_BIN_EXE_vfioctl"), "vfioctl"))
+    PATH.get_or_init(|| built_bin("vfioctl"))
 }
 
-/// Cargo names the binaries only to this package's own tests; another
-/// workspace member's tests (the kubelet plugin's) find them in the
-/// profile directory their own executable sits under (`target/debug/deps/..`).
-fn built_bin(from_cargo: Option<&str>, name: &str) -> String {
-    if let Some(path) = from_cargo {
-        return path.to_owned();
-    }
+/// Cargo names the binaries (`CARGO_BIN_EXE_*`) only when compiling the
+/// vfiod package's own tests and benchmarks, never a library such as this
+/// kit; every user (vfiod's tests and benchmark, the kubelet plugin's
+/// tests) finds them in the profile directory its own executable sits
+/// under (`target/PROFILE/deps/..`), where cargo puts the workspace's
+/// binaries before it runs a test or a benchmark.
+fn built_bin(name: &str) -> String {
     let exe = std::env::current_exe().expect("the test's own path");
     let path = exe
         .parent()
@@ -455,7 +461,7 @@ impl EventStream {
     }
 
     /// The next event, waiting up to the read timeout.
-    pub fn next(&mut self) -> Value {
+    pub fn next_event(&mut self) -> Value {
         use std::io::BufRead;
         loop {
             if let Some(pos) = self.pending.iter().position(|&b| b == b'\n') {
@@ -474,7 +480,7 @@ impl EventStream {
     /// Events until one satisfies `pred` (which is returned).
     pub fn until(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
         loop {
-            let e = self.next();
+            let e = self.next_event();
             if pred(&e) {
                 return e;
             }
