@@ -66,6 +66,7 @@ struct PrivilegedLabels {
 struct Recorded {
     registry: Registry,
     driver_moves: Family<MoveLabels, Counter>,
+    operations: Family<MoveLabels, Counter>,
     move_duration: Family<OpLabels, Histogram>,
     hotplug_events: Family<ActionLabels, Counter>,
     http_requests: Family<HttpLabels, Counter>,
@@ -98,6 +99,12 @@ static RECORDED: LazyLock<Recorded> = LazyLock::new(|| {
         Unit::Seconds,
         move_duration.clone(),
     );
+    let operations = Family::<MoveLabels, Counter>::default();
+    registry.register(
+        "vfiod_operations",
+        "Operations run (API requests that change something, and vfiod's own), by operation and result",
+        operations.clone(),
+    );
     let hotplug_events = Family::<ActionLabels, Counter>::default();
     registry.register(
         "vfiod_hotplug_events",
@@ -126,6 +133,7 @@ static RECORDED: LazyLock<Recorded> = LazyLock::new(|| {
         registry,
         driver_moves,
         move_duration,
+        operations,
         hotplug_events,
         http_requests,
         connections,
@@ -173,6 +181,19 @@ pub fn record_move(op: &'static str, result: MoveResult, took: Duration) {
     m.move_duration
         .get_or_create(&OpLabels { op })
         .observe(took.as_secs_f64());
+}
+
+/// One operation run by the core's executor: `op` is its kind (`bind`,
+/// `attach`, `settle`, ...), `ok` whether it succeeded (a refusal counts
+/// as an error: it did not do what was asked).
+pub fn record_operation(op: &'static str, ok: bool) {
+    RECORDED
+        .operations
+        .get_or_create(&MoveLabels {
+            op,
+            result: if ok { "ok" } else { "error" },
+        })
+        .inc();
 }
 
 /// One PCI uevent handled: `action` is the kernel's (`add`, `remove`, ...).

@@ -28,7 +28,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, watch};
 
-use crate::core::{Caller, Core};
+use crate::core::{Caller, Core, Operation};
 use crate::error::CoreError;
 use crate::events::Event;
 use crate::registry::Registry;
@@ -454,7 +454,13 @@ impl Api {
             }
             Route::Register => {
                 let req = parse::register(body)?;
-                device(StatusCode::CREATED, &core.register(caller, req).await?)
+                device(
+                    StatusCode::CREATED,
+                    &core
+                        .execute(caller, Operation::Register(req))
+                        .await?
+                        .device()?,
+                )
             }
             Route::Available => {
                 let functions = core.available(parse::available_query(query)?).await?;
@@ -471,17 +477,22 @@ impl Api {
             Route::GetDevice(id) => device(StatusCode::OK, &core.get(&id)?),
             Route::UpdateDevice(id) => {
                 let req = parse::update(body)?;
-                device(StatusCode::OK, &core.update(caller, &id, req).await?)
+                let op = Operation::Update { device: id, req };
+                device(StatusCode::OK, &core.execute(caller, op).await?.device()?)
             }
             Route::DeleteDevice(id) => {
-                core.delete(caller, &id).await?;
+                core.execute(caller, Operation::Delete { device: id })
+                    .await?;
                 let mut resp = Response::new(full(Bytes::new()));
                 *resp.status_mut() = StatusCode::NO_CONTENT;
                 resp
             }
             Route::Bind(id) => {
                 let req = parse::bind(body)?;
-                let outcome = core.bind(caller, &id, req).await?;
+                let outcome = core
+                    .execute(caller, Operation::Bind { device: id, req })
+                    .await?
+                    .bound()?;
                 if req.dry_run {
                     json_response(
                         StatusCode::OK,
@@ -497,19 +508,28 @@ impl Api {
             }
             Route::Unbind(id) => {
                 parse::unbind(body)?;
-                device(StatusCode::OK, &core.unbind(caller, &id).await?)
+                let op = Operation::Unbind { device: id };
+                device(StatusCode::OK, &core.execute(caller, op).await?.device()?)
             }
             Route::Attach(id) => {
                 let req = parse::attach(body)?;
-                device(StatusCode::OK, &core.attach(caller, &id, req).await?)
+                let op = Operation::Attach { device: id, req };
+                device(StatusCode::OK, &core.execute(caller, op).await?.device()?)
             }
             Route::Detach(id) => {
                 let keep_bound = parse::detach(body)?;
-                device(StatusCode::OK, &core.detach(caller, &id, keep_bound).await?)
+                let op = Operation::Detach {
+                    device: id,
+                    keep_bound,
+                };
+                device(StatusCode::OK, &core.execute(caller, op).await?.device()?)
             }
             Route::Reset(id) => {
                 let req = parse::reset(body)?;
-                let outcome = core.reset(caller, &id, req).await?;
+                let outcome = core
+                    .execute(caller, Operation::Reset { device: id, req })
+                    .await?
+                    .reset()?;
                 if req.dry_run {
                     json_response(
                         StatusCode::OK,

@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 
 use tokio::io::unix::AsyncFd;
 
-use super::reset::refuse_unhealthy;
+use super::operation::{ensure_fit, OpContext, Operation};
+use super::release::Release;
 use super::{AttachRequest, BindRequest, Caller, Core};
 use crate::crashpoint::{self, StepKind};
 use crate::error::CoreError;
@@ -60,17 +61,6 @@ fn still_running(proc_root: &Path, process: AttachedProcess) -> bool {
 }
 
 impl Core {
-    pub async fn attach(
-        &self,
-        caller: Caller,
-        id_or_name: &str,
-        req: AttachRequest,
-    ) -> Result<DeviceRecord, CoreError> {
-        let id = id_or_name.to_owned();
-        self.owned(move |core| async move { core.attach_owned(caller, &id, req).await })
-            .await
-    }
-
     /// The uid an attachment is for: the caller's own unless root names
     /// another.
     fn attachment_uid(caller: Caller, requested: Option<u32>) -> Result<u32, CoreError> {
@@ -101,13 +91,18 @@ impl Core {
         })
     }
 
-    async fn attach_owned(
+    /// The attach operation: plan (who for, fit, group), bind if needed,
+    /// reset if the last release was not, then record the attachment and
+    /// grant its nodes.
+    pub(super) async fn attach_device(
         &self,
-        caller: Caller,
-        id_or_name: &str,
+        ctx: &OpContext<'_>,
+        record: &DeviceRecord,
         req: AttachRequest,
     ) -> Result<DeviceRecord, CoreError> {
-        let (_group, record) = self.lock_device_for_move(id_or_name).await?;
+        let caller = ctx.caller;
+        let id_or_name = record.id.as_str();
+        let record = record.clone();
         let uid = Self::attachment_uid(caller, req.uid)?;
         let process = req.pid.map(|pid| self.vmm_process(pid, uid)).transpose()?;
         let instance = req.instance.0;
@@ -124,7 +119,7 @@ impl Core {
                 })
             };
         }
-        refuse_unhealthy(&record)?;
+        ensure_fit(&record)?;
         self.ensure_group_attachable_by(&record, uid)?;
         let addr = record.pci_address;
         let on_vfio = self
@@ -133,11 +128,11 @@ impl Core {
             .as_deref()
             .is_some_and(is_vfio_driver);
         if !on_vfio {
-            self.bind_locked(caller, &record, BindRequest::default())
+            self.apply_bind(ctx, &record, BindRequest::default())
                 .await?;
         }
         let current = self.resolve(&record.id)?;
-        self.reset_before_attach(caller, &current).await?;
+        self.reset_before_attach(ctx, &current).await?;
         // The attachment is on disk before its grant is written: a crash in
         // between restarts into a recorded attachment, whose grant startup
         // re-applies (or revokes with it, if its VMM is gone). The other
@@ -164,15 +159,15 @@ impl Core {
             return Err(e);
         }
         if let Some(process) = process {
-            self.follow_vmm(addr, process);
+            self.follow_vmm(addr, process, uid);
         }
         let vmm = match process {
             Some(p) => format!("uid {uid}, VMM pid {}", p.pid),
             None => format!("uid {uid}"),
         };
         tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, instance = %instance, granted_uid = uid, vmm_pid = ?req.pid, "attached {addr} to instance {instance} ({vmm}) for {caller}");
-        self.events.publish(
-            self.publish(EventKind::Attach, &device)
+        ctx.publish(
+            ctx.event(EventKind::Attach, &device)
                 .instance(Some(instance))
                 .detail(format!("VFIO nodes open to {vmm}")),
         );
@@ -257,8 +252,9 @@ impl Core {
 
     /// Revokes and clears an attachment (lock held). `why` goes to the log
     /// and the event.
-    async fn end_attachment(
+    pub(super) async fn end_attachment(
         &self,
+        ctx: &OpContext<'_>,
         record: &DeviceRecord,
         kind: EventKind,
         why: String,
@@ -277,52 +273,38 @@ impl Core {
             })
             .await?
             .unwrap_or_else(|| record.clone());
-        self.events.publish(
-            self.publish(kind, &device)
+        ctx.publish(
+            ctx.event(kind, &device)
                 .instance(record.attached_to.clone())
                 .detail(why),
         );
         Ok(device)
     }
 
-    pub async fn detach(
+    /// The detach operation: the release sequence, giving the device back
+    /// unless `keep_bound`.
+    pub(super) async fn detach_device(
         &self,
-        caller: Caller,
-        id_or_name: &str,
+        ctx: &OpContext<'_>,
+        record: &DeviceRecord,
         keep_bound: bool,
     ) -> Result<DeviceRecord, CoreError> {
-        let id = id_or_name.to_owned();
-        self.owned(move |core| async move { core.detach_owned(caller, &id, keep_bound).await })
-            .await
-    }
-
-    async fn detach_owned(
-        &self,
-        caller: Caller,
-        id_or_name: &str,
-        keep_bound: bool,
-    ) -> Result<DeviceRecord, CoreError> {
-        let (_group, record) = self.lock_device_for_move(id_or_name).await?;
-        let addr = record.pci_address;
-        let mut device = record.clone();
-        if let Some(instance) = record.attached_to.clone() {
+        let caller = ctx.caller;
+        if let Some(instance) = &record.attached_to {
+            let addr = record.pci_address;
             tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, instance = %instance, "detaching {addr} from instance {instance} for {caller}");
-            device = self
-                .end_attachment(&record, EventKind::Detach, format!("detached for {caller}"))
-                .await?;
         }
-        if record.attached_to.is_some() || (!keep_bound && device.bound_by_vfiod) {
-            device = self.reset_on_release(caller, &device, "detach").await;
-        }
-        if !keep_bound && device.bound_by_vfiod && device.present {
-            device = self.unbind_locked(caller, &device).await?;
-        }
-        Ok(device)
+        let how = Release {
+            why: "detach".into(),
+            ends_attachment: Some((EventKind::Detach, format!("detached for {caller}"))),
+            give_back: !keep_bound,
+        };
+        self.release(ctx, record, how).await
     }
 
     /// Ends the attachment when its VMM exits. Waiting for the exit is not
     /// an operation (shutdown does not wait for a VM); ending it is.
-    fn follow_vmm(&self, addr: PciAddress, process: AttachedProcess) {
+    fn follow_vmm(&self, addr: PciAddress, process: AttachedProcess, uid: u32) {
         let Some(core) = self.me.upgrade() else {
             return;
         };
@@ -331,55 +313,38 @@ impl Core {
             if let Err(e) = &exited {
                 tracing::warn!(device = %addr, pid = process.pid, error = %e, "cannot follow the VMM with a pidfd; checking whether it still runs");
             }
-            let ending = core.clone();
-            core.operations
-                .spawn(async move { ending.end_attachment_of_exited_vmm(addr, process).await });
+            let why = format!("VMM pid {} (uid {uid}) exited", process.pid);
+            core.execute_in_background(Operation::EndAttachment {
+                address: addr,
+                process,
+                why,
+            });
         });
     }
 
-    async fn end_attachment_of_exited_vmm(&self, addr: PciAddress, process: AttachedProcess) {
-        let Some(record) = self.snapshot().get_by_address(&addr).cloned() else {
-            return;
-        };
-        let lock = self.op_lock(Self::lock_key(&record));
-        let _group = lock.lock().await;
-        let Some(record) = self.snapshot().get_by_address(&addr).cloned() else {
-            return;
-        };
+    /// The end-attachment operation (vfiod's own): if `record` is still
+    /// attached to `process` and that process is gone, its attachment ends
+    /// and the device is released as configured (reset on release, and
+    /// given back with `unbind_on_vmm_exit`).
+    pub(super) async fn end_attachment_of_exited_vmm(
+        &self,
+        ctx: &OpContext<'_>,
+        record: &DeviceRecord,
+        process: AttachedProcess,
+        why: String,
+    ) {
         if record.attached_pid != Some(process) || still_running(&self.options.proc_root, process) {
             return;
         }
-        let why = format!(
-            "VMM pid {} (uid {}) exited",
-            process.pid,
-            record.attached_uid.unwrap_or(0)
-        );
-        self.release_after_vmm_exit(&record, why).await;
-    }
-
-    /// Ends the attachment of `record`, whose VMM exited, and releases the
-    /// device as configured: reset on release, then the give-back with
-    /// `unbind_on_vmm_exit` (group lock held).
-    async fn release_after_vmm_exit(&self, record: &DeviceRecord, why: String) {
         let addr = record.pci_address;
         tracing::info!(device = %addr, instance = ?record.attached_to, "attachment of {addr} ended: {why}");
-        let Ok(device) = self
-            .end_attachment(record, EventKind::AttachmentEnded, why)
-            .await
-        else {
-            return;
+        let how = Release {
+            why: "its VMM exited".into(),
+            ends_attachment: Some((EventKind::AttachmentEnded, why)),
+            give_back: self.options.unbind_on_vmm_exit,
         };
-        let device = self
-            .reset_on_release(Caller::AGENT, &device, "its VMM exited")
-            .await;
-        if self.options.unbind_on_vmm_exit
-            && device.bound_by_vfiod
-            && device.present
-            && !device.stuck
-        {
-            if let Err(e) = self.unbind_locked(Caller::AGENT, &device).await {
-                tracing::error!(device = %addr, error = %e, "could not give the device back after its VMM exited");
-            }
+        if let Err(e) = self.release(ctx, record, how).await {
+            tracing::error!(device = %addr, error = %e, "could not release the device after its VMM exited");
         }
     }
 
@@ -397,13 +362,18 @@ impl Core {
             let addr = record.pci_address;
             match record.attached_pid {
                 Some(process) if !still_running(&self.options.proc_root, process) => {
-                    let lock = self.op_lock(Self::lock_key(&record));
-                    let _group = lock.lock().await;
                     let why = format!("VMM pid {} exited while vfiod was not running", process.pid);
-                    self.release_after_vmm_exit(&record, why).await;
+                    let op = Operation::EndAttachment {
+                        address: addr,
+                        process,
+                        why,
+                    };
+                    if let Err(e) = self.execute(Caller::AGENT, op).await {
+                        tracing::error!(device = %addr, error = %e, "could not end the attachment of a VMM that exited");
+                    }
                     continue;
                 }
-                Some(process) => self.follow_vmm(addr, process),
+                Some(process) => self.follow_vmm(addr, process, record.attached_uid.unwrap_or(0)),
                 None => {}
             }
             if record.present {
@@ -509,14 +479,4 @@ async fn wait_for_exit(proc_root: &Path, process: AttachedProcess) -> std::io::R
         .map_err(|e| e.into_parts().1)?;
     let _ = watched.readable().await?;
     Ok(())
-}
-
-pub(super) fn ensure_not_attached(record: &DeviceRecord) -> Result<(), CoreError> {
-    match &record.attached_to {
-        Some(instance) => Err(CoreError::InUse {
-            device: record.name.clone(),
-            instance: instance.clone(),
-        }),
-        None => Ok(()),
-    }
 }
