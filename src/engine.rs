@@ -33,8 +33,7 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::crashpoint::{self, StepKind};
-use crate::pci::{PciAddress, Sysfs, SysfsError};
-use crate::registry::is_vfio_driver;
+use crate::pci::{is_vfio_driver, PciAddress, Sysfs, SysfsError, VFIO_PCI};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -198,8 +197,6 @@ impl Move {
         self.to.as_deref().unwrap_or(VFIO_PCI)
     }
 }
-
-pub const VFIO_PCI: &str = "vfio-pci";
 
 /// A failed move to vfio: what failed, and how the rollback went.
 #[derive(Debug)]

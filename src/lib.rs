@@ -3,6 +3,8 @@
 //! The crate is laid out by concern:
 //! - [`pci`]: addresses, the sysfs model (functions, drivers, IOMMU
 //!   groups) over a configurable root, and `pci.ids` names;
+//! - [`proc`]: the `/proc` file formats, for the holder scan, the
+//!   processes attachments follow and the agent's own metrics;
 //! - [`engine`]: the exact sysfs sequences that move a device to vfio and
 //!   back, with timeouts, verification and rollback;
 //! - [`registry`]: the device records and their durable store;
@@ -28,6 +30,7 @@ pub mod lockfile;
 pub mod metrics;
 pub mod path_error;
 pub mod pci;
+pub mod proc;
 pub mod registry;
 pub mod systemd;
 pub mod udev_rule;

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use chrono::SecondsFormat;
 use serde::Serialize;
 
-use crate::core::{BindPlan, Health, ResetPlan};
-use crate::pci::{is_gpu_class, PciAddress, PciFunction, PciIds};
-use crate::registry::{is_vfio_driver, DeviceRecord, LastReset, PendingOp, ResetResult};
+use crate::core::Health;
+use crate::pci::{device_type, is_vfio_driver, PciAddress, PciFunction, PciIds};
+use crate::registry::{DeviceRecord, LastReset, PendingOp, ResetResult};
 
 #[derive(Debug, Serialize)]
 pub struct Device<'a> {
@@ -79,14 +79,6 @@ fn hex4(v: u16) -> String {
 
 fn hex6(v: u32) -> String {
     format!("{v:06x}")
-}
-
-pub(crate) fn device_type(class: u32) -> &'static str {
-    if is_gpu_class(class) {
-        "gpu"
-    } else {
-        "pci"
-    }
 }
 
 impl<'a> Device<'a> {
@@ -171,20 +163,23 @@ impl<'a> AvailableDevice<'a> {
     }
 }
 
-/// `POST .../bind` with `dry_run`: the plan, and nothing done.
+/// A change asked for with `dry_run` (`POST .../bind`: a `BindPlan`;
+/// `POST .../reset`: a `ResetPlan`): the device, the plan, nothing done.
 #[derive(Debug, Serialize)]
-pub struct DryRun<'a> {
+pub struct DryRun<'a, Plan> {
     pub dry_run: bool,
     pub device: Device<'a>,
-    pub plan: &'a BindPlan,
+    pub plan: &'a Plan,
 }
 
-/// `POST .../reset` with `dry_run`: the method and scope, and nothing done.
-#[derive(Debug, Serialize)]
-pub struct ResetDryRun<'a> {
-    pub dry_run: bool,
-    pub device: Device<'a>,
-    pub plan: &'a ResetPlan,
+impl<'a, Plan> DryRun<'a, Plan> {
+    pub fn new(device: Device<'a>, plan: &'a Plan) -> Self {
+        DryRun {
+            dry_run: true,
+            device,
+            plan,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]

@@ -23,40 +23,14 @@ use super::{AttachRequest, BindRequest, Caller, Core};
 use crate::crashpoint::{self, StepKind};
 use crate::error::CoreError;
 use crate::events::EventKind;
-use crate::pci::{vfio_access, PciAddress};
-use crate::registry::{is_vfio_driver, AttachedProcess, DeviceRecord};
-
-/// What `/proc/PID` says about a process we may follow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct ProcessIdentity {
-    uid: u32,
-    start_time: u64,
-    /// Exited, and only waiting for its parent to reap it.
-    zombie: bool,
-}
-
-/// The real uid and start time of `pid` under `proc_root`, or `None` if
-/// there is no such process.
-fn process_identity(proc_root: &Path, pid: u32) -> Option<ProcessIdentity> {
-    let dir = proc_root.join(pid.to_string());
-    let status = std::fs::read_to_string(dir.join("status")).ok()?;
-    let uid = crate::pci::holders::real_uid(&status)?;
-    // Field 22 of stat, counted after the command name, which may itself
-    // hold spaces and parentheses: split after the last ')'.
-    let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
-    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
-    let state = fields.next()?;
-    let start_time = fields.nth(18)?.parse().ok()?;
-    Some(ProcessIdentity {
-        uid,
-        start_time,
-        zombie: matches!(state, "Z" | "X"),
-    })
-}
+use crate::pci::{is_vfio_driver, vfio_access, PciAddress};
+use crate::proc::ProcFs;
+use crate::registry::{AttachedProcess, DeviceRecord};
 
 /// Whether `process` is still the process that was attached.
 fn still_running(proc_root: &Path, process: AttachedProcess) -> bool {
-    process_identity(proc_root, process.pid)
+    ProcFs::new(proc_root)
+        .process_identity(process.pid)
         .is_some_and(|p| p.start_time == process.start_time && !p.zombie)
 }
 
@@ -77,7 +51,8 @@ impl Core {
     }
 
     fn vmm_process(&self, pid: u32, uid: u32) -> Result<AttachedProcess, CoreError> {
-        let identity = process_identity(&self.options.proc_root, pid)
+        let identity = ProcFs::new(&self.options.proc_root)
+            .process_identity(pid)
             .ok_or_else(|| CoreError::InvalidPid(format!("no process with pid {pid}")))?;
         if identity.uid != uid {
             return Err(CoreError::InvalidPid(format!(

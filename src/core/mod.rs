@@ -52,7 +52,7 @@ use crate::pci::{is_passthrough_candidate, PciAddress, PciFunction, PciIds, Sysf
 use crate::registry::store::Store;
 use crate::registry::{DeviceRecord, Registry};
 
-pub use crate::engine::VFIO_PCI;
+use crate::pci::VFIO_PCI;
 
 /// Who asked, from the connection's peer credentials; logged with every
 /// mutation.

@@ -10,8 +10,8 @@ use crate::error::CoreError;
 use crate::events::EventKind;
 use crate::metrics::{self, MoveResult};
 use crate::pci::holders::vtconsole_bind_path;
-use crate::pci::{PciAddress, PciFunction, Sysfs};
-use crate::registry::{is_vfio_driver, Companion, DeviceRecord, PendingOp};
+use crate::pci::{is_vfio_driver, PciAddress, PciFunction, Sysfs};
+use crate::registry::{Companion, DeviceRecord, PendingOp};
 
 fn plan_steps(sysfs: &Sysfs, moves: &[Move], group: u32) -> Vec<String> {
     let mut steps = Vec::new();
@@ -101,7 +101,7 @@ impl Core {
         if self.sysfs().driver_loaded(VFIO_PCI) {
             return Ok(VFIO_PCI.into());
         }
-        if self.modprobe("vfio-pci").await && self.sysfs().driver_loaded(VFIO_PCI) {
+        if self.modprobe(VFIO_PCI).await && self.sysfs().driver_loaded(VFIO_PCI) {
             return Ok(VFIO_PCI.into());
         }
         Err(CoreError::VfioUnavailable(format!(

@@ -4,8 +4,8 @@ use super::operation::{device_event, OpContext, Operation, Outcome};
 use super::{BindRequest, Caller, Core};
 use crate::error::CoreError;
 use crate::events::{Event, EventKind};
-use crate::pci::PciAddress;
-use crate::registry::{is_vfio_driver, DeviceRecord};
+use crate::pci::{is_vfio_driver, PciAddress};
+use crate::registry::DeviceRecord;
 
 /// What a hotplug or driver uevent says happened.
 #[derive(Debug, Clone, PartialEq, Eq)]

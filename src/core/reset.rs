@@ -40,7 +40,6 @@ use super::operation::{device_event, OpContext, OpKind};
 use super::{Core, ResetMethod, ResetOutcome, ResetPlan, ResetRequest, ScopeFunction};
 use crate::error::{CoreError, ResetCheck, ResetVerifyFailure};
 use crate::events::EventKind;
-use crate::pci::holders::Holder;
 use crate::pci::PciAddress;
 use crate::registry::{DeviceRecord, Health, LastReset, PendingOp, ResetResult};
 
@@ -92,32 +91,6 @@ fn apply_failure(d: &mut DeviceRecord, reason: &str, all_ones: bool, quarantine_
 /// `bus`, and `cxl_bus` (newer kernels, CXL ports) which is one too.
 fn resets_bus(method: &str) -> bool {
     matches!(method, "bus" | "cxl_bus")
-}
-
-/// A holder, as a reason a reset may not touch its function.
-fn held_by(holder: &Holder) -> String {
-    match holder {
-        Holder::Process {
-            pid,
-            comm,
-            uid,
-            path,
-            ..
-        } => format!("held by process {comm} (pid {pid}, uid {uid}) through {path}"),
-        Holder::Mount {
-            device,
-            mount_point,
-            ..
-        } => format!("{device} is mounted on {mount_point}"),
-        Holder::Swap { device, .. } => format!("{device} is in use as swap"),
-        Holder::BlockStack { device, holder, .. } => format!("{device} is under {holder}"),
-        Holder::NetInterface { interface, .. } => {
-            format!("network interface {interface} is in use")
-        }
-        Holder::FramebufferConsole { vtconsole, .. } => {
-            format!("the console {vtconsole} is drawn on its framebuffer")
-        }
-    }
 }
 
 impl Core {
@@ -172,7 +145,7 @@ impl Core {
             }
         }
         for holder in self.scan_holders(scope.to_vec()).await? {
-            conflicts.push((holder.pci_address(), held_by(&holder)));
+            conflicts.push((holder.pci_address(), holder.to_string()));
         }
         Ok(conflicts)
     }
