@@ -3,79 +3,36 @@
 //! udev watcher does; the udev adapter itself runs in the QEMU tier.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::fakesys::{DeviceSpec, FakeSys};
-use common::simkernel::SimKernel;
+use common::host::Host;
 use common::standard::{GPU, NIC};
-use common::{eventually, Daemon, EventStream};
+use common::{eventually, EventStream};
 use serde_json::Value;
 
-fn nic_spec() -> DeviceSpec {
-    DeviceSpec::new(NIC, 0x8086, 0x10d3, 0x020000)
-        .subsystem(0x8086, 0xa01f)
-        .driver("e1000e")
-        .group(2)
-}
-
-struct Host {
-    fs: FakeSys,
-    sim: SimKernel,
-    d: Daemon,
-    fifo: PathBuf,
-}
-
+/// The standard host, vfiod reading uevents from the test's FIFO.
 fn host(extra: &[&str]) -> Host {
-    let fs = FakeSys::new();
-    fs.load_vfio();
-    fs.add_device(nic_spec());
-    for spec in FakeSys::standard_devices()
-        .into_iter()
-        .filter(|s| s.addr != NIC)
-    {
-        fs.add_device(spec);
-    }
-    let sim = SimKernel::start(&fs);
-    let fifo = fs.tmp_root().join("uevents");
-    let fifo_arg = fifo.display().to_string();
-    let mut args = vec!["--uevent-fifo", &fifo_arg];
-    args.extend_from_slice(extra);
-    let d = Daemon::start(&fs, &args);
-    Host { fs, sim, d, fifo }
+    Host::builder().uevent_fifo().args(extra).start()
 }
 
-impl Host {
-    fn uevent(&self, line: &str) {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&self.fifo)
-            .unwrap();
-        writeln!(f, "{line}").unwrap();
-    }
-
-    fn device(&self, name: &str) -> Value {
-        self.d.get(&format!("/devices/{name}")).json()
-    }
-
-    /// Registers the NIC as "nic", binds it, then pulls it out of the bus;
-    /// returns the event stream, opened before the unplug, and the
-    /// hotplug_remove event.
-    fn bound_nic_unplugged(&self) -> (EventStream, Value) {
-        self.d.register(NIC, "nic");
-        assert_eq!(self.d.post("/devices/nic/bind", "").status, 200);
-        let mut events = EventStream::open(&self.d.socket, "");
-        self.fs.remove_device(NIC);
-        self.uevent(&format!("remove {NIC}"));
-        let removed = events.until(|e| e["type"] == "hotplug_remove");
-        (events, removed)
-    }
+/// Registers the NIC as "nic", binds it, then pulls it out of the bus;
+/// returns the event stream, opened before the unplug, and the
+/// hotplug_remove event.
+fn bound_nic_unplugged(h: &Host) -> (EventStream, Value) {
+    h.d.register(NIC, "nic");
+    assert_eq!(h.d.post("/devices/nic/bind", "").status, 200);
+    let mut events = EventStream::open(&h.d.socket, "");
+    h.fs.remove_device(NIC);
+    h.uevent(&format!("remove {NIC}"));
+    let removed = events.until(|e| e["type"] == "hotplug_remove");
+    (events, removed)
 }
 
 #[test]
 fn removed_device_stays_registered_and_comes_back_on_vfio() {
     let h = host(&[]);
-    let (mut events, e) = h.bound_nic_unplugged();
+    let (mut events, e) = bound_nic_unplugged(&h);
     assert_eq!(e["pci_address"], NIC);
     assert_eq!(e["device_id"], h.device("nic")["id"]);
     let dev = h.device("nic");
@@ -84,7 +41,7 @@ fn removed_device_stays_registered_and_comes_back_on_vfio() {
     assert_eq!(dev["bound_by_vfiod"], true, "intent survives the unplug");
 
     // Back in the slot, the kernel gives it to e1000e; vfiod takes it back.
-    h.fs.add_device(nic_spec());
+    h.fs.add_device(FakeSys::standard_device(NIC));
     h.uevent(&format!("add {NIC}"));
     events.until(|e| e["type"] == "hotplug_add");
     events.until(|e| e["type"] == "bind" && e["pci_address"] == NIC);
@@ -105,8 +62,8 @@ fn removed_device_stays_registered_and_comes_back_on_vfio() {
 #[test]
 fn a_replugged_device_whose_native_probe_wins_the_race_still_ends_on_vfio() {
     let h = host(&[]);
-    let (mut events, _) = h.bound_nic_unplugged();
-    h.fs.add_device(nic_spec());
+    let (mut events, _) = bound_nic_unplugged(&h);
+    h.fs.add_device(FakeSys::standard_device(NIC));
     // Back on the bus, not probed yet; the kernel's probe, already under
     // way, picks e1000e whatever the override says by the time it runs.
     {
@@ -136,8 +93,8 @@ fn a_replugged_device_whose_native_probe_wins_the_race_still_ends_on_vfio() {
 #[test]
 fn a_failed_rebind_of_a_replugged_device_gives_it_its_recorded_driver() {
     let h = host(&[]);
-    let (mut events, _) = h.bound_nic_unplugged();
-    h.fs.add_device(nic_spec());
+    let (mut events, _) = bound_nic_unplugged(&h);
+    h.fs.add_device(FakeSys::standard_device(NIC));
     {
         let _state = h.fs.lock_state();
         h.fs.tree().unbind(NIC).unwrap();
@@ -159,8 +116,8 @@ fn a_failed_rebind_of_a_replugged_device_gives_it_its_recorded_driver() {
 #[test]
 fn a_device_that_comes_back_reading_all_ones_needs_a_host_reboot() {
     let h = host(&[]);
-    let (mut events, _) = h.bound_nic_unplugged();
-    h.fs.add_device(nic_spec());
+    let (mut events, _) = bound_nic_unplugged(&h);
+    h.fs.add_device(FakeSys::standard_device(NIC));
     h.fs.set_config_all_ones(NIC, true);
     h.uevent(&format!("add {NIC}"));
     let e = events.until(|e| e["type"] == "health_changed");
@@ -186,7 +143,7 @@ fn a_device_that_comes_back_reading_all_ones_needs_a_host_reboot() {
 #[test]
 fn a_different_device_at_a_registered_address_is_left_alone() {
     let h = host(&[]);
-    let (mut events, _) = h.bound_nic_unplugged();
+    let (mut events, _) = bound_nic_unplugged(&h);
     h.fs.add_device(
         DeviceSpec::new(NIC, 0x8086, 0x1533, 0x020000)
             .driver("igb")
@@ -329,7 +286,7 @@ fn event_stream_two_subscribers_one_slow_and_since() {
     let n: u64 = 6000;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .open(&h.fifo)
+        .open(h.uevent_fifo())
         .unwrap();
     let flood: String = (0..n).map(|_| format!("add {GPU}\n")).collect();
     f.write_all(flood.as_bytes()).unwrap();
@@ -417,8 +374,8 @@ fn an_attached_device_gets_its_grant_back_after_a_replug() {
         return;
     }
     let h = host(&[]);
-    let (mut events, _) = h.bound_nic_unplugged();
-    h.fs.add_device(nic_spec());
+    let (mut events, _) = bound_nic_unplugged(&h);
+    h.fs.add_device(FakeSys::standard_device(NIC));
     h.uevent(&format!("add {NIC}"));
     events.until(|e| e["type"] == "bind" && e["pci_address"] == NIC);
     let r = h.d.post(
@@ -444,7 +401,7 @@ fn an_attached_device_gets_its_grant_back_after_a_replug() {
         "the attachment stays"
     );
 
-    h.fs.add_device(nic_spec());
+    h.fs.add_device(FakeSys::standard_device(NIC));
     h.uevent(&format!("add {NIC}"));
     events.until(|e| e["type"] == "bind" && e["pci_address"] == NIC);
     eventually(5, "the grant on the new node", || {

@@ -6,33 +6,19 @@
 use std::time::{Duration, Instant};
 
 use common::fakesys::FakeSys;
+use common::host::Host;
 use common::simkernel::SimKernel;
 use common::standard::{AMD, EDU, GPU, GPU_AUDIO, NIC, T4};
 use common::Daemon;
 use nix::errno::Errno;
 use serde_json::Value;
 
-struct Host {
-    fs: FakeSys,
-    sim: SimKernel,
-    d: Daemon,
-}
-
-fn host() -> Host {
-    let fs = FakeSys::standard_host();
-    let sim = SimKernel::start(&fs);
-    let d = Daemon::start(&fs, &[]);
-    Host { fs, sim, d }
-}
-
-impl Host {
-    fn no_new_id_written(&self) {
-        assert!(
-            !self.sim.writes().iter().any(|(p, _)| p.ends_with("new_id")),
-            "new_id must never be written: {:?}",
-            self.sim.writes()
-        );
-    }
+fn no_new_id_written(h: &Host) {
+    assert!(
+        !h.sim.writes().iter().any(|(p, _)| p.ends_with("new_id")),
+        "new_id must never be written: {:?}",
+        h.sim.writes()
+    );
 }
 
 fn bind(d: &Daemon, name: &str, body: &str) -> common::Response {
@@ -41,7 +27,7 @@ fn bind(d: &Daemon, name: &str, body: &str) -> common::Response {
 
 #[test]
 fn gpu_with_audio_function_needs_with_group_and_moves_and_restores_both() {
-    let h = host();
+    let h = Host::standard(&[]);
     h.d.register(GPU, "gpu0");
     let r = bind(&h.d, "gpu0", "{}");
     r.expect_error(409, "iommu_group_conflict")
@@ -81,12 +67,12 @@ fn gpu_with_audio_function_needs_with_group_and_moves_and_restores_both() {
     assert_eq!(h.fs.driver_override_of(GPU), None);
     assert_eq!(h.fs.driver_override_of(GPU_AUDIO), None);
     assert!(!h.fs.vfio_group_node_exists(1));
-    h.no_new_id_written();
+    no_new_id_written(&h);
 }
 
 #[test]
 fn bind_sequence_is_override_unbind_probe_in_that_order() {
-    let h = host();
+    let h = Host::standard(&[]);
     h.d.register(AMD, "amd");
     assert_eq!(bind(&h.d, "amd", "").status, 200);
     let writes: Vec<String> = h
@@ -107,7 +93,7 @@ fn bind_sequence_is_override_unbind_probe_in_that_order() {
 
 #[test]
 fn device_without_a_driver_goes_to_vfio_and_back_to_no_driver() {
-    let h = host();
+    let h = Host::standard(&[]);
     h.d.register(EDU, "edu");
     let r = bind(&h.d, "edu", "{}");
     assert_eq!(r.status, 200, "{}", r.body);
@@ -121,7 +107,7 @@ fn device_without_a_driver_goes_to_vfio_and_back_to_no_driver() {
 
 #[test]
 fn device_already_on_vfio_is_left_there() {
-    let h = host();
+    let h = Host::standard(&[]);
     let dev = h.d.register(T4, "t4");
     assert_eq!(dev["bound_to_vfio"], true);
     assert_eq!(dev["original_driver"], Value::Null);
@@ -136,7 +122,7 @@ fn device_already_on_vfio_is_left_there() {
 
 #[test]
 fn dry_run_returns_the_plan_and_changes_nothing() {
-    let h = host();
+    let h = Host::standard(&[]);
     h.d.register(GPU, "gpu0");
     let r = bind(&h.d, "gpu0", r#"{"with_group":true,"dry_run":true}"#);
     assert_eq!(r.status, 200, "{}", r.body);
@@ -183,7 +169,7 @@ fn assert_rolled_back(h: &Host, r: &common::Response, step: &str) {
 
 #[test]
 fn rollback_when_the_override_write_fails() {
-    let h = host();
+    let h = Host::standard(&[]);
     h.d.register(NIC, "nic");
     h.sim.fail_write(
         &format!("bus/pci/devices/{NIC}/driver_override"),
@@ -207,7 +193,7 @@ fn rollback_when_the_override_write_fails() {
 
 #[test]
 fn rollback_when_unbind_fails() {
-    let h = host();
+    let h = Host::standard(&[]);
     h.d.register(NIC, "nic");
     h.sim
         .fail_write("bus/pci/drivers/e1000e/unbind", Errno::EISDIR);
@@ -218,7 +204,7 @@ fn rollback_when_unbind_fails() {
 
 #[test]
 fn rollback_when_probe_fails() {
-    let h = host();
+    let h = Host::standard(&[]);
     h.d.register(NIC, "nic");
     h.sim.fail_write("bus/pci/drivers_probe", Errno::ENOSPC);
     let r = bind(&h.d, "nic", "{}");
@@ -228,11 +214,9 @@ fn rollback_when_probe_fails() {
 
 #[test]
 fn rollback_when_the_kernel_binds_the_wrong_driver() {
-    let h = host();
-    h.fs.add_driver("pci-stub");
-    drop(h.d);
-    let d = Daemon::start(&h.fs, &[]);
-    let h = Host { d, ..h };
+    let fs = FakeSys::standard_host();
+    fs.add_driver("pci-stub");
+    let h = Host::builder().on(fs).start();
     h.d.register(NIC, "nic");
     h.sim.bind_wrong_driver_always(NIC, "pci-stub");
     let r = bind(&h.d, "nic", "{}");
@@ -242,7 +226,7 @@ fn rollback_when_the_kernel_binds_the_wrong_driver() {
 
 #[test]
 fn a_device_no_driver_will_take_is_reported_with_the_failed_rollback() {
-    let h = host();
+    let h = Host::standard(&[]);
     h.d.register(NIC, "nic");
     // Neither vfio-pci nor, on rollback, e1000e will take it.
     h.sim.ignore_probe(NIC);
@@ -277,11 +261,8 @@ fn a_device_no_driver_will_take_is_reported_with_the_failed_rollback() {
 
 #[test]
 fn hung_unbind_times_out_while_everything_else_keeps_working() {
-    let fs = FakeSys::standard_host();
-    let sim = SimKernel::start(&fs);
     // A longer limit leaves room for the other requests on a busy machine.
-    let d = Daemon::start(&fs, &["--op-timeout-ms", "4000"]);
-    let h = Host { fs, sim, d };
+    let h = Host::standard(&["--op-timeout-ms", "4000"]);
     h.d.register(GPU, "gpu0");
     h.d.register(NIC, "nic");
     h.sim.hang_write("bus/pci/drivers/nvidia/unbind");
@@ -342,7 +323,7 @@ fn hung_unbind_times_out_while_everything_else_keeps_working() {
 
 #[test]
 fn two_binds_in_one_group_are_serialised() {
-    let h = host();
+    let h = Host::standard(&[]);
     h.d.register(GPU, "gpu0");
     h.d.register(GPU_AUDIO, "audio0");
     let s1 = h.d.socket.clone();
@@ -380,7 +361,7 @@ fn two_binds_in_one_group_are_serialised() {
 
 #[test]
 fn attach_and_detach() {
-    let h = host();
+    let h = Host::standard(&[]);
     h.d.register(NIC, "nic");
     let r = h.d.post("/devices/nic/attach", r#"{"instance_id":"vm-1"}"#);
     assert_eq!(r.status, 200, "{}", r.body);
@@ -410,7 +391,7 @@ fn attach_and_detach() {
 
 #[test]
 fn delete_gives_the_driver_back_first() {
-    let h = host();
+    let h = Host::standard(&[]);
     h.d.register(NIC, "nic");
     assert_eq!(bind(&h.d, "nic", "").status, 200);
     assert_eq!(h.d.req("DELETE", "/devices/nic", None).status, 204);
@@ -419,7 +400,7 @@ fn delete_gives_the_driver_back_first() {
 
 #[test]
 fn delete_keeps_the_device_registered_when_the_restore_fails() {
-    let h = host();
+    let h = Host::standard(&[]);
     h.d.register(NIC, "nic");
     assert_eq!(bind(&h.d, "nic", "").status, 200);
     h.sim
@@ -438,7 +419,7 @@ fn delete_keeps_the_device_registered_when_the_restore_fails() {
 
 #[test]
 fn kill_9_mid_bind_is_finished_at_restart() {
-    let mut h = host();
+    let mut h = Host::standard(&[]);
     h.d.register(NIC, "nic");
     h.sim.hang_write("bus/pci/drivers/e1000e/unbind");
     let socket = h.d.socket.clone();
@@ -477,7 +458,7 @@ fn kill_9_mid_bind_is_finished_at_restart() {
 
 #[test]
 fn restart_never_unbinds_an_attached_device() {
-    let mut h = host();
+    let mut h = Host::standard(&[]);
     h.d.register(NIC, "nic");
     assert_eq!(
         h.d.post("/devices/nic/attach", r#"{"instance_id":"vm-1"}"#)
@@ -523,7 +504,7 @@ fn vfio_unavailable_and_no_iommu_group_are_clear_errors() {
 
 #[test]
 fn vfioctl_moves_devices_too() {
-    let h = host();
+    let h = Host::standard(&[]);
     h.d.register(GPU, "gpu0");
     let (code, out, _) =
         common::vfioctl(&h.d.socket, &["bind", "gpu0", "--with-group", "--dry-run"]);
@@ -588,7 +569,7 @@ fn a_vendor_vfio_variant_driver_is_preferred_when_the_kernel_names_one() {
 
 #[test]
 fn bridges_are_refused_before_any_write() {
-    let h = host();
+    let h = Host::standard(&[]);
     let r = h.d.post("/devices", r#"{"pci_address":"0000:00:01.0"}"#);
     r.expect_error(400, "unsupported_device");
     r.expect_message_contains("bridge");
@@ -598,7 +579,7 @@ fn bridges_are_refused_before_any_write() {
 
 #[test]
 fn unbind_twice_is_fine_and_a_missing_original_driver_is_named() {
-    let h = host();
+    let h = Host::standard(&[]);
     h.d.register(NIC, "nic");
     assert_eq!(bind(&h.d, "nic", "").status, 200);
     assert_eq!(h.d.post("/devices/nic/unbind", "").status, 200);

@@ -6,6 +6,7 @@
 
 use common::fakeproc::{alias_node, FakeProc};
 use common::fakesys::{DeviceSpec, FakeSys};
+use common::host::Host;
 use common::simkernel::{ResetOutcome, SimKernel};
 use common::standard::{GPU, GPU_AUDIO, NIC};
 use common::{eventually, Daemon, EventStream};
@@ -101,31 +102,22 @@ fn reset_host() -> FakeSys {
     fs
 }
 
-struct Host {
-    fs: FakeSys,
-    sim: SimKernel,
-    d: Daemon,
-}
-
 fn host(extra: &[&str]) -> Host {
-    let fs = reset_host();
-    let sim = SimKernel::start(&fs);
-    let d = Daemon::start(&fs, extra);
-    Host { fs, sim, d }
+    Host::builder().on(reset_host()).args(extra).start()
 }
 
-impl Host {
+/// Reset requests, and the simulated kernel's record of the writes they make.
+trait Resets {
+    fn reset(&self, name: &str, body: &str) -> common::Response;
+    /// The writes to `reset` and `reset_method` of `addr`, in order.
+    fn reset_writes(&self, addr: &str) -> Vec<(String, String)>;
+}
+
+impl Resets for Host {
     fn reset(&self, name: &str, body: &str) -> common::Response {
         self.d.post(&format!("/devices/{name}/reset"), body)
     }
 
-    fn device(&self, name: &str) -> Value {
-        let r = self.d.get(&format!("/devices/{name}"));
-        assert_eq!(r.status, 200, "{}", r.body);
-        r.json()
-    }
-
-    /// The writes to `reset` and `reset_method` of `addr`, in order.
     fn reset_writes(&self, addr: &str) -> Vec<(String, String)> {
         let prefix = format!("bus/pci/devices/{addr}/");
         self.sim

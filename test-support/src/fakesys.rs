@@ -746,12 +746,26 @@ impl FakeSys {
     /// | 0000:00:05.0 AMD GPU | 1002:73bf | 030000 | amdgpu | 5 |
     /// | 0000:00:06.0 NVMe | 144d:a808 | 010802 | nvme | 6 |
     pub fn standard_host() -> FakeSys {
+        FakeSys::with_devices(FakeSys::standard_devices())
+    }
+
+    /// A host with vfio-pci loaded and `specs`, added in that order.
+    pub fn with_devices(specs: impl IntoIterator<Item = DeviceSpec>) -> FakeSys {
         let fs = FakeSys::new();
         fs.load_vfio();
-        for spec in FakeSys::standard_devices() {
+        for spec in specs {
             fs.add_device(spec);
         }
         fs
+    }
+
+    /// The standard host's device at `addr` (one of [`crate::standard`]).
+    #[track_caller]
+    pub fn standard_device(addr: &str) -> DeviceSpec {
+        FakeSys::standard_devices()
+            .into_iter()
+            .find(|spec| spec.addr == addr)
+            .unwrap_or_else(|| panic!("the standard host has no device at {addr}"))
     }
 
     /// The devices of [`FakeSys::standard_host`], in creation order.

@@ -1,14 +1,16 @@
 //! vfiod's test kit, shared by the integration tests, the benchmark and the
 //! kubelet plugin's tests: the fake sysfs tree ([`fakesys`]), the simulated
 //! kernel ([`simkernel`]), the standard host's device addresses
-//! ([`standard`]), a fake `/proc` ([`fakeproc`]), floods from
-//! unprivileged uids ([`flood`]), a real `vfiod` process on a real Unix
-//! socket ([`Daemon`]), and a raw HTTP/1.1 client (raw so tests can also send
-//! what no well-behaved client would).
+//! ([`standard`]), a fake `/proc` ([`fakeproc`]), floods from unprivileged
+//! uids ([`flood`]), a real `vfiod` process on a real Unix socket
+//! ([`Daemon`]), a tree, its kernel and vfiod together ([`host::Host`]),
+//! and a raw HTTP/1.1 client (raw so tests can also send what no
+//! well-behaved client would).
 
 pub mod fakeproc;
 pub mod fakesys;
 pub mod flood;
+pub mod host;
 pub mod simkernel;
 pub mod standard;
 
