@@ -7,19 +7,14 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::fakesys::FakeSys;
+use common::host::standard_daemon;
 use common::standard::{GPU, NIC};
 use common::{parse_response, raw_request, vfioctl, Daemon};
 use serde_json::Value;
 
-fn host() -> (FakeSys, Daemon) {
-    let fs = FakeSys::standard_host();
-    let d = Daemon::start(&fs, &[]);
-    (fs, d)
-}
-
 #[test]
 fn empty_registry_lists_an_empty_array() {
-    let (_fs, d) = host();
+    let (_fs, d) = standard_daemon();
     let r = d.get("/devices");
     assert_eq!(r.status, 200);
     assert_eq!(r.body.trim(), "[]");
@@ -29,7 +24,7 @@ fn empty_registry_lists_an_empty_array() {
 
 #[test]
 fn register_returns_a_hypeman_device() {
-    let (_fs, d) = host();
+    let (_fs, d) = standard_daemon();
     let r = d.post(
         "/devices",
         r#"{"pci_address":"0000:01:00.0","name":"l4-gpu","tags":{"team":"ml"}}"#,
@@ -90,7 +85,7 @@ fn register_returns_a_hypeman_device() {
 
 #[test]
 fn default_name_type_and_address_normalisation() {
-    let (_fs, d) = host();
+    let (_fs, d) = standard_daemon();
     let r = d.post("/devices", r#"{"pci_address":"0000:00:02.0"}"#);
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(r.json()["name"], "pci-0000-00-02-0");
@@ -116,7 +111,7 @@ fn default_name_type_and_address_normalisation() {
 
 #[test]
 fn every_registration_error_has_its_code() {
-    let (_fs, d) = host();
+    let (_fs, d) = standard_daemon();
     d.register(GPU, "gpu0");
     let cases: &[(&str, u16, &str)] = &[
         (r#"{"pci_address":"zz"}"#, 400, "invalid_pci_address"),
@@ -162,7 +157,7 @@ fn every_registration_error_has_its_code() {
 
 #[test]
 fn protocol_errors_are_json_too() {
-    let (_fs, d) = host();
+    let (_fs, d) = standard_daemon();
     let r = d.get("/nope");
     r.expect_error(404, "not_found");
     let r = d.get("/devices/does-not-exist");
@@ -194,7 +189,7 @@ fn protocol_errors_are_json_too() {
 
 #[test]
 fn tags_filter_percent_encoded_like_the_sdks() {
-    let (_fs, d) = host();
+    let (_fs, d) = standard_daemon();
     d.post(
         "/devices",
         r#"{"pci_address":"0000:01:00.0","name":"aa","tags":{"team":"ml ops","zone":"1"}}"#,
@@ -231,7 +226,7 @@ fn tags_filter_percent_encoded_like_the_sdks() {
 
 #[test]
 fn patch_renames_and_replaces_tags() {
-    let (_fs, d) = host();
+    let (_fs, d) = standard_daemon();
     d.register(GPU, "gpu0");
     d.register(NIC, "nic0");
     let r = d.req(
@@ -254,7 +249,7 @@ fn patch_renames_and_replaces_tags() {
 
 #[test]
 fn delete_is_204_then_404() {
-    let (_fs, d) = host();
+    let (_fs, d) = standard_daemon();
     let dev = d.register(GPU, "gpu0");
     let r = d.req(
         "DELETE",
@@ -271,7 +266,7 @@ fn delete_is_204_then_404() {
 
 #[test]
 fn available_lists_candidates_only() {
-    let (_fs, d) = host();
+    let (_fs, d) = standard_daemon();
     d.register(GPU, "gpu0");
     let r = d.get("/devices/available");
     assert_eq!(r.status, 200);
@@ -315,7 +310,7 @@ fn available_lists_candidates_only() {
 /// a name `pci.ids` does not know (or no `pci.ids` at all) is left out.
 #[test]
 fn available_leaves_out_names_pci_ids_does_not_know() {
-    let (fs, d) = host();
+    let (fs, d) = standard_daemon();
     // An NVIDIA device ID no pci.ids lists.
     fs.add_device(
         common::fakesys::DeviceSpec::new("0000:00:1e.0", 0x10de, 0xfffe, 0x030200).group(9),
@@ -337,7 +332,7 @@ fn available_leaves_out_names_pci_ids_does_not_know() {
 
 #[test]
 fn health_and_openapi() {
-    let (_fs, d) = host();
+    let (_fs, d) = standard_daemon();
     let h = d.get("/health");
     assert_eq!(h.status, 200);
     let h = h.json();
@@ -353,7 +348,7 @@ fn health_and_openapi() {
 #[test]
 fn keep_alive_serves_many_requests_on_one_connection() {
     use std::io::{BufRead, BufReader, Read, Write};
-    let (_fs, d) = host();
+    let (_fs, d) = standard_daemon();
     let stream = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -385,7 +380,7 @@ fn keep_alive_serves_many_requests_on_one_connection() {
 
 #[test]
 fn restart_keeps_the_registry() {
-    let (_fs, mut d) = host();
+    let (_fs, mut d) = standard_daemon();
     let dev = d.register(GPU, "gpu0");
     d.register(NIC, "nic0");
     let status = d.terminate();
@@ -467,7 +462,7 @@ fn kill_9_during_a_burst_keeps_every_acknowledged_registration() {
 
 #[test]
 fn fifty_parallel_registrations_of_one_address_give_one_201() {
-    let (_fs, d) = host();
+    let (_fs, d) = standard_daemon();
     let socket = d.socket.clone();
     let handles: Vec<_> = (0..50)
         .map(|_| {
@@ -498,7 +493,7 @@ fn fifty_parallel_registrations_of_one_address_give_one_201() {
 
 #[test]
 fn corrupt_state_stops_startup_and_is_left_alone() {
-    let (_fs, mut d) = host();
+    let (_fs, mut d) = standard_daemon();
     d.register(GPU, "gpu0");
     d.kill9();
     let path = d.state_dir.join("state.json");
@@ -526,7 +521,7 @@ fn corrupt_state_stops_startup_and_is_left_alone() {
 
 #[test]
 fn second_daemon_on_the_same_socket_is_refused() {
-    let (_fs, d) = host();
+    let (_fs, d) = standard_daemon();
     let mut cmd = d.command();
     // Another state dir, same socket.
     cmd.arg("--state-dir").arg(d.dir().join("other-state"));
@@ -546,7 +541,7 @@ fn second_daemon_on_the_same_socket_is_refused() {
 
 #[test]
 fn stale_socket_file_is_replaced() {
-    let (_fs, mut d) = host();
+    let (_fs, mut d) = standard_daemon();
     d.kill9();
     assert!(d.socket.exists(), "kill -9 leaves the socket file behind");
     d.spawn();
@@ -597,7 +592,7 @@ fn callers_outside_the_group_read_but_cannot_change() {
 
 #[test]
 fn vfioctl_tables_json_and_errors() {
-    let (_fs, d) = host();
+    let (_fs, d) = standard_daemon();
     let (code, out, err) = vfioctl(
         &d.socket,
         &["register", GPU, "--name", "gpu0", "--tag", "team=ml"],
@@ -730,7 +725,7 @@ fn raw_response_parser_sanity() {
 
 #[test]
 fn hundreds_of_concurrent_connections() {
-    let (_fs, d) = host();
+    let (_fs, d) = standard_daemon();
     let socket = d.socket.clone();
     // Open them all first, then use them: 300 connections at once.
     let streams: Vec<std::os::unix::net::UnixStream> = (0..300)
@@ -758,8 +753,7 @@ fn hundreds_of_concurrent_connections() {
 #[test]
 fn systemd_notifications() {
     use std::os::unix::net::UnixDatagram;
-    let fs = FakeSys::standard_host();
-    let mut d = Daemon::start(&fs, &[]);
+    let (_fs, mut d) = standard_daemon();
     d.kill9();
     let notify_path = d.dir().join("notify");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
@@ -808,8 +802,7 @@ fn socket_activation() {
         eprintln!("skipped: systemd-socket-activate not installed");
         return;
     };
-    let fs = FakeSys::standard_host();
-    let mut d = Daemon::start(&fs, &[]);
+    let (_fs, mut d) = standard_daemon();
     d.kill9();
     let passed = d.dir().join("passed.sock");
     let own = d.command();
@@ -864,8 +857,7 @@ fn full_disk_refuses_changes_and_loses_nothing() {
         eprintln!("skipped: mounting a small tmpfs needs root");
         return;
     }
-    let fs = FakeSys::standard_host();
-    let mut d = Daemon::start(&fs, &[]);
+    let (_fs, mut d) = standard_daemon();
     d.kill9();
     let small = d.dir().join("small");
     std::fs::create_dir_all(&small).unwrap();
@@ -930,7 +922,7 @@ fn full_disk_refuses_changes_and_loses_nothing() {
 #[test]
 fn shutdown_answers_connections_that_raced_it() {
     use std::io::{Read, Write};
-    let (_fs, mut d) = host();
+    let (_fs, mut d) = standard_daemon();
     let streams: Vec<std::os::unix::net::UnixStream> = (0..20)
         .map(|_| std::os::unix::net::UnixStream::connect(&d.socket).unwrap())
         .collect();

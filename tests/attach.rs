@@ -12,9 +12,7 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::fakesys::FakeSys;
 use common::host::Host;
-use common::simkernel::SimKernel;
 use common::standard::{AMD, GPU, GPU_AUDIO, NIC};
 use common::{eventually, Daemon};
 use serde_json::Value;
@@ -405,9 +403,12 @@ fn a_vmm_gone_while_vfiod_was_down_gives_the_device_back_with_unbind_on_vmm_exit
         eprintln!("skipped: attachments to other uids need root");
         return;
     }
-    let fs = FakeSys::standard_host();
-    let _sim = SimKernel::start(&fs);
-    let mut d = Daemon::start(&fs, &["--group", "nogroup", "--unbind-on-vmm-exit"]);
+    let Host {
+        fs,
+        sim: _sim,
+        mut d,
+        ..
+    } = Host::standard(&["--group", "nogroup", "--unbind-on-vmm-exit"]);
     d.register(NIC, "nic");
     let mut vmm = vmm_as(VMM_UID);
     let r = attach(

@@ -9,8 +9,9 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::Command;
 
-use common::fakeproc::{alias_node, dev_numbers, FakeProc};
+use common::fakeproc::{alias_node, dev_numbers};
 use common::fakesys::{DeviceSpec, FakeSys, TempDir};
+use common::host::{standard_daemon, Host};
 use common::simkernel::SimKernel;
 use common::standard::{AMD, GPU, NIC};
 use common::{vfioctl, Daemon};
@@ -329,8 +330,7 @@ fn new_commands_send_the_bodies_of_the_contract() {
 
 #[test]
 fn available_all_lists_every_function_like_lspci() {
-    let fs = FakeSys::standard_host();
-    let d = Daemon::start(&fs, &[]);
+    let (_fs, d) = standard_daemon();
     d.register(GPU, "gpu0");
     let (code, out, err) = vfioctl(&d.socket, &["available", "--all"]);
     assert_eq!(code, 0, "{err}");
@@ -360,8 +360,7 @@ fn available_all_lists_every_function_like_lspci() {
 
 #[test]
 fn completion_offers_the_registered_devices_of_the_running_agent() {
-    let fs = FakeSys::standard_host();
-    let d = Daemon::start(&fs, &[]);
+    let (_fs, d) = standard_daemon();
     let id = d.register(GPU, "gpu0")["id"].as_str().unwrap().to_owned();
     d.register(NIC, "nic0");
     let dir = TempDir::new("vfioctl-completion").unwrap();
@@ -535,11 +534,8 @@ fn static_and_zsh_scripts_are_valid_shell() {
 
 #[test]
 fn holders_of_a_busy_gpu_through_vfioctl() {
-    let fs = FakeSys::standard_host();
-    let proc = FakeProc::new();
-    let _sim = SimKernel::start(&fs);
-    let root = proc.root.display().to_string();
-    let d = Daemon::start(&fs, &["--proc", &root]);
+    let h = Host::builder().fake_proc().start();
+    let (fs, proc, d) = (&h.fs, h.proc(), &h.d);
     d.register(AMD, "amd");
     let (_, out, _) = vfioctl(&d.socket, &["holders", "amd"]);
     assert_eq!(out, "nothing holds amd\n");

@@ -23,13 +23,13 @@ pub fn standard_daemon() -> (FakeSys, Daemon) {
 }
 
 /// A fake tree, the simulated kernel reacting to writes into it, and vfiod
-/// serving it. Fields drop in this order: the test's handle on the tree,
-/// the kernel, then vfiod (the tree lives until the last handle on it).
+/// serving it. Fields drop in this order: vfiod first, so that it never
+/// writes to a kernel that is gone, then the kernel, then the trees.
 pub struct Host {
+    pub d: Daemon,
+    pub sim: SimKernel,
     pub fs: FakeSys,
     proc: Option<FakeProc>,
-    pub sim: SimKernel,
-    pub d: Daemon,
     uevent_fifo: Option<PathBuf>,
 }
 
@@ -137,10 +137,10 @@ impl HostBuilder {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let d = Daemon::start(&fs, &args);
         Host {
+            d,
+            sim,
             fs,
             proc,
-            sim,
-            d,
             uevent_fifo,
         }
     }
