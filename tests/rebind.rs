@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use common::fakesys::FakeSys;
 use common::host::Host;
 use common::simkernel::SimKernel;
-use common::standard::{AMD, EDU, GPU, GPU_AUDIO, NIC, T4};
+use common::standard::{AMD, EDU, GPU, GPU_AUDIO, NIC, ROOT_PORT, T4};
 use common::Daemon;
 use nix::errno::Errno;
 use serde_json::Value;
@@ -53,7 +53,7 @@ fn gpu_with_audio_function_needs_with_group_and_moves_and_restores_both() {
     assert_eq!(h.fs.driver_of(GPU_AUDIO).as_deref(), Some("vfio-pci"));
     assert!(h.fs.vfio_group_node_exists(1));
     assert_eq!(
-        h.fs.driver_of("0000:00:01.0").as_deref(),
+        h.fs.driver_of(ROOT_PORT).as_deref(),
         Some("pcieport"),
         "the bridge stays"
     );
@@ -574,7 +574,7 @@ fn bridges_are_refused_before_any_write() {
     r.expect_error(400, "unsupported_device");
     r.expect_message_contains("bridge");
     assert!(h.sim.writes().is_empty());
-    assert_eq!(h.fs.driver_of("0000:00:01.0").as_deref(), Some("pcieport"));
+    assert_eq!(h.fs.driver_of(ROOT_PORT).as_deref(), Some("pcieport"));
 }
 
 #[test]

@@ -397,7 +397,6 @@ impl Drop for Daemon {
     }
 }
 
-/// Runs vfioctl against `socket`; returns (exit code, stdout, stderr).
 /// Makes `cmd` run as `uid` (primary group `uid`) with the supplementary
 /// `groups`, as a local user's client would.
 pub fn run_as(cmd: &mut Command, uid: u32, groups: &[u32]) {
@@ -417,6 +416,7 @@ pub fn run_as(cmd: &mut Command, uid: u32, groups: &[u32]) {
     }
 }
 
+/// Runs vfioctl against `socket`; returns (exit code, stdout, stderr).
 pub fn vfioctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(vfioctl_bin())
         .arg("--socket")
@@ -424,6 +424,21 @@ pub fn vfioctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
         .args(args)
         .output()
         .expect("run vfioctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs `bin` with `args` and no `VFIOD_SOCKET` from the test's
+/// environment; returns (exit code, stdout, stderr).
+pub fn run(bin: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin)
+        .args(args)
+        .env_remove("VFIOD_SOCKET")
+        .output()
+        .unwrap_or_else(|e| panic!("run {bin}: {e}"));
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -499,5 +514,26 @@ pub fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) ->
         }
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_response_without_a_body() {
+        let r = parse_response(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n");
+        assert_eq!(r.status, 204);
+        assert_eq!(r.header("Content-Length"), Some("0"));
+        assert!(r.body.is_empty());
+    }
+
+    #[test]
+    fn decodes_a_chunked_body() {
+        let r = parse_response(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        );
+        assert_eq!((r.status, r.body.as_str()), (200, "abcde"));
     }
 }
