@@ -1,16 +1,17 @@
-//! Self-tests of the test kit's fake sysfs builder
-//! (`test-support/src/fakesys.rs`) and simulated kernel
-//! (`test-support/src/simkernel.rs`).
+//! The kit's fakes act like the kernel they stand in for: the fake sysfs
+//! builder (`fakesys`) lays out the kernel's PCI tree and never touches the
+//! real `/sys`; the simulated kernel (`simkernel`) reacts to each write as
+//! Linux does, and fails or hangs one on demand.
 
-use common::fakesys::{self, DeviceSpec, FakeSys, TempDir};
-use common::simkernel::{self, SimKernel};
-use common::standard::{EDU, GPU, GPU_AUDIO, NIC, ROOT_PORT, T4};
 use nix::errno::Errno;
 use std::fs;
 use std::io::{self, Write};
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+use vfiod_test_support::fakesys::{self, DeviceSpec, FakeSys, TempDir};
+use vfiod_test_support::simkernel::{self, SimKernel};
+use vfiod_test_support::standard::{EDU, GPU, GPU_AUDIO, NIC, ROOT_PORT, T4};
 
 fn link_name(p: &Path) -> String {
     fs::read_link(p)
