@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use common::fakesys::FakeSys;
 use common::host::Host;
-use common::simkernel::SimKernel;
 use common::standard::{AMD, EDU, GPU, GPU_AUDIO, NIC, ROOT_PORT, T4};
 use common::Daemon;
 use nix::errno::Errno;
@@ -490,8 +489,9 @@ fn vfio_unavailable_and_no_iommu_group_are_clear_errors() {
     fs.add_device(common::fakesys::DeviceSpec::new(
         EDU, 0x1234, 0x11e8, 0x00ff00,
     ));
-    let _sim = SimKernel::start(&fs);
-    let d = Daemon::start(&fs, &[]);
+    let Host {
+        fs, sim: _sim, d, ..
+    } = Host::builder().on(fs).start();
     d.register(NIC, "nic");
     let r = bind(&d, "nic", "");
     r.expect_error(503, "vfio_unavailable");
@@ -541,9 +541,11 @@ fn a_vendor_vfio_variant_driver_is_preferred_when_the_kernel_names_one() {
          alias vfio_pci:v000010DEd00002236sv*sd*bc*sc*i* nvgrace_gpu_vfio_pci\n",
     )
     .unwrap();
-    let sim = SimKernel::start(&fs);
     let modules_arg = modules.display().to_string();
-    let d = Daemon::start(&fs, &["--modules-dir", &modules_arg]);
+    let Host { fs, sim, d, .. } = Host::builder()
+        .on(fs)
+        .args(&["--modules-dir", &modules_arg])
+        .start();
     d.register(GPU, "gpu0");
     let r = bind(&d, "gpu0", r#"{"with_group":true,"dry_run":true}"#);
     let moves = &r.json()["plan"]["moves"];

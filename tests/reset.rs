@@ -4,12 +4,12 @@
 //! Assertions read the tree and the simulated kernel's record of resets,
 //! not only vfiod's answer.
 
-use common::fakeproc::{alias_node, FakeProc};
+use common::fakeproc::alias_node;
 use common::fakesys::{DeviceSpec, FakeSys};
 use common::host::Host;
-use common::simkernel::{ResetOutcome, SimKernel};
+use common::simkernel::ResetOutcome;
 use common::standard::{GPU, GPU_AUDIO, NIC};
-use common::{eventually, Daemon, EventStream};
+use common::{eventually, EventStream};
 use nix::errno::Errno;
 use serde_json::Value;
 
@@ -705,11 +705,8 @@ fn vfioctl_list_shows_health() {
 
 #[test]
 fn a_reset_under_a_process_that_holds_the_function_is_refused() {
-    let fs = reset_host();
-    let proc = FakeProc::new();
-    let sim = SimKernel::start(&fs);
-    let root = proc.root.display().to_string();
-    let d = Daemon::start(&fs, &["--proc", &root]);
+    let h = Host::builder().on(reset_host()).fake_proc().start();
+    let (fs, proc, sim, d) = (&h.fs, h.proc(), &h.sim, &h.d);
     d.register(NIC, "nic");
     assert_eq!(d.post("/devices/nic/bind", "").status, 200);
     // A VMM that still has the group open (the VM did not stop yet).

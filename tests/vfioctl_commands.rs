@@ -8,9 +8,8 @@ use std::os::unix::net::UnixListener;
 use common::fakeproc::{alias_node, dev_numbers};
 use common::fakesys::{DeviceSpec, FakeSys, TempDir};
 use common::host::{standard_daemon, Host};
-use common::simkernel::SimKernel;
 use common::standard::{AMD, GPU, NIC, ROOT_PORT};
-use common::{vfioctl, Daemon};
+use common::vfioctl;
 use serde_json::{json, Value};
 
 /// What a stand-in server saw of one request.
@@ -218,16 +217,16 @@ fn holders_of_a_busy_gpu_through_vfioctl() {
 
 #[test]
 fn reset_through_vfioctl() {
-    let fs = FakeSys::new();
-    fs.load_vfio();
-    fs.add_device(
-        DeviceSpec::new(NIC, 0x8086, 0x10d3, 0x020000)
-            .driver("e1000e")
-            .group(2)
-            .reset_methods("flr pm"),
-    );
-    let _sim = SimKernel::start(&fs);
-    let d = Daemon::start(&fs, &[]);
+    let nic = DeviceSpec::new(NIC, 0x8086, 0x10d3, 0x020000)
+        .driver("e1000e")
+        .group(2)
+        .reset_methods("flr pm");
+    let Host {
+        fs: _fs,
+        sim: _sim,
+        d,
+        ..
+    } = Host::builder().on(FakeSys::with_devices([nic])).start();
     d.register(NIC, "nic");
     let (code, out, err) = vfioctl(&d.socket, &["reset", "nic", "--method", "pm", "--dry-run"]);
     assert_eq!(code, 0, "{err}");
