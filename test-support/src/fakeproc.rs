@@ -27,15 +27,6 @@ use std::path::{Path, PathBuf};
 
 use crate::fakesys::{assert_not_real_sysfs, TempDir};
 
-/// Real character nodes with distinct device numbers, for fake devices.
-pub const REAL_NODES: [&str; 5] = [
-    "/dev/zero",
-    "/dev/full",
-    "/dev/random",
-    "/dev/urandom",
-    "/dev/tty",
-];
-
 /// `major:minor` of a real character node, as a sysfs `dev` file says it.
 pub fn dev_numbers(real_node: &str) -> String {
     let meta = fs::metadata(real_node).unwrap_or_else(|e| panic!("stat {real_node}: {e}"));
