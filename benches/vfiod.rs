@@ -14,7 +14,7 @@
 //!    the event stream show it.
 //! 5. Fair share (as root only): what root and an access group member get
 //!    (answered, p99) and vfiod's RSS, without a flood and under floods of
-//!    unprivileged uids (`tests/common/flood.rs`, the same scenarios
+//!    unprivileged uids (`test-support/src/flood.rs`, the same scenarios
 //!    `tests/fairshare.rs` asserts on).
 //! 6. The holder scan a move pays before it writes: a fake `/proc` of 2,000
 //!    processes with 100 descriptors each (sockets, pipes, anonymous
@@ -24,9 +24,6 @@
 //!
 //! `VFIOD_BENCH_ONLY=holders` (or `api`, `bind`, `events`, `fairshare`,
 //! comma-separated) runs only those sections.
-
-#[path = "../tests/common/mod.rs"]
-mod common;
 
 use std::convert::Infallible;
 use std::io::Write;

@@ -3,8 +3,6 @@
 //! stand-in server that records them), and shell completion of device
 //! names from a running vfiod on a fake tree.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixListener;

@@ -19,8 +19,6 @@
 //! here. These tests run processes as another uid (the VMM), so they need
 //! root, as CI has.
 
-mod common;
-
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command};
@@ -28,10 +26,10 @@ use std::time::{Duration, Instant};
 
 use common::fakesys::FakeSys;
 use common::simkernel::SimKernel;
+use common::standard::NIC;
 use common::{eventually, Daemon};
 use serde_json::Value;
 
-const NIC: &str = "0000:00:02.0";
 const VMM_UID: u32 = 4242;
 
 fn is_root() -> bool {

@@ -3,8 +3,6 @@
 //! devices come back as they were registered, bound and attached, and the
 //! file is rewritten as version 2 at the next change.
 
-mod common;
-
 use common::fakesys::FakeSys;
 use common::simkernel::SimKernel;
 use common::{eventually, Daemon};

@@ -20,22 +20,12 @@
 //! shows the fake path. Only nodes every Linux system (containers
 //! included) has are used, never opened, only stat'ed. `/dev/null` is left
 //! to the background noise every process holds.
-#![allow(dead_code)]
 
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use super::fakesys::{assert_not_real_sysfs, TempDir};
-
-/// Real character nodes with distinct device numbers, for fake devices.
-pub const REAL_NODES: [&str; 5] = [
-    "/dev/zero",
-    "/dev/full",
-    "/dev/random",
-    "/dev/urandom",
-    "/dev/tty",
-];
+use crate::fakesys::{assert_not_real_sysfs, TempDir};
 
 /// `major:minor` of a real character node, as a sysfs `dev` file says it.
 pub fn dev_numbers(real_node: &str) -> String {

@@ -87,9 +87,8 @@
 //!   cannot know it by itself.
 //!
 //! Set `VFIOD_SIM_DEBUG=1` for a trace on stderr (`simkernel:` prefix).
-#![allow(dead_code)]
 
-use super::fakesys::{self, FakeSys, Hook, State, Tree, BUS_ATTRS, DRIVER_ATTRS, VFIO_PCI};
+use crate::fakesys::{self, FakeSys, Hook, State, Tree, BUS_ATTRS, DRIVER_ATTRS, VFIO_PCI};
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent, WatchDescriptor};
@@ -279,14 +278,16 @@ enum Saved {
 
 #[derive(Clone, Debug)]
 enum Fault {
-    Fail(Errno, Saved),
+    /// A write fails (the errno is in the tree's shape: no file, a
+    /// directory, a link to `/dev/full`).
+    Fail(Saved),
     Hang(Saved),
 }
 
 impl Fault {
     fn saved(&self) -> &Saved {
         match self {
-            Fault::Fail(_, s) | Fault::Hang(s) => s,
+            Fault::Fail(s) | Fault::Hang(s) => s,
         }
     }
 }
@@ -475,7 +476,7 @@ impl SimKernel {
             _ => unreachable!(),
         }
         dbg_log!(self.shared, "fail_write {rel_path} -> {errno:?}");
-        sim.faults.insert(path, Fault::Fail(errno, saved));
+        sim.faults.insert(path, Fault::Fail(saved));
     }
 
     /// Makes writes to `rel_path` block in `open()` until
@@ -845,7 +846,7 @@ impl Shared {
         let tree = &self.tree;
         let attr = attr_name(path);
         match fault {
-            Fault::Fail(_, saved) => {
+            Fault::Fail(saved) => {
                 let _ = tree.remove(path);
                 match saved {
                     Saved::Fifo => {

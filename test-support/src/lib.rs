@@ -1,12 +1,18 @@
-//! Shared test support: the fake sysfs tree, the simulated kernel, a real
-//! `vfiod` process on a real Unix socket, and a raw HTTP/1.1 client (raw so
-//! tests can also send what no well-behaved client would).
-#![allow(dead_code)]
+//! vfiod's test kit, shared by the integration tests, the benchmark and the
+//! kubelet plugin's tests: the fake sysfs tree ([`fakesys`]), the simulated
+//! kernel ([`simkernel`]), the standard host's device addresses
+//! ([`standard`]), a fake `/proc` ([`fakeproc`]), floods from unprivileged
+//! uids ([`flood`]), a real `vfiod` process on a real Unix socket
+//! ([`Daemon`]), a tree, its kernel and vfiod together ([`host::Host`]),
+//! and a raw HTTP/1.1 client (raw so tests can also send what no
+//! well-behaved client would).
 
 pub mod fakeproc;
 pub mod fakesys;
 pub mod flood;
+pub mod host;
 pub mod simkernel;
+pub mod standard;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -149,23 +155,25 @@ pub fn request(socket: &Path, method: &str, path: &str, body: Option<&str>) -> R
     raw_request(socket, raw.as_bytes())
 }
 
+/// The `vfiod` binary of the build the running test belongs to.
 pub fn vfiod_bin() -> &'static str {
     static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    PATH.get_or_init(|| built_bin(option_env!("CARGO_BIN_EXE_vfiod"), "vfiod"))
+    PATH.get_or_init(|| built_bin("vfiod"))
 }
 
+/// The `vfioctl` binary of the build the running test belongs to.
 pub fn vfioctl_bin() -> &'static str {
     static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    PATH.get_or_init(|| built_bin(option_env!("CARGO_BIN_EXE_vfioctl"), "vfioctl"))
+    PATH.get_or_init(|| built_bin("vfioctl"))
 }
 
-/// Cargo names the binaries only to this package's own tests; another
-/// workspace member's tests (the kubelet plugin's) find them in the
-/// profile directory their own executable sits under (`target/debug/deps/..`).
-fn built_bin(from_cargo: Option<&str>, name: &str) -> String {
-    if let Some(path) = from_cargo {
-        return path.to_owned();
-    }
+/// Cargo names the binaries (`CARGO_BIN_EXE_*`) only when compiling the
+/// vfiod package's own tests and benchmarks, never a library such as this
+/// kit; every user (vfiod's tests and benchmark, the kubelet plugin's
+/// tests) finds them in the profile directory its own executable sits
+/// under (`target/PROFILE/deps/..`), where cargo puts the workspace's
+/// binaries before it runs a test or a benchmark.
+fn built_bin(name: &str) -> String {
     let exe = std::env::current_exe().expect("the test's own path");
     let path = exe
         .parent()
@@ -389,7 +397,6 @@ impl Drop for Daemon {
     }
 }
 
-/// Runs vfioctl against `socket`; returns (exit code, stdout, stderr).
 /// Makes `cmd` run as `uid` (primary group `uid`) with the supplementary
 /// `groups`, as a local user's client would.
 pub fn run_as(cmd: &mut Command, uid: u32, groups: &[u32]) {
@@ -409,6 +416,7 @@ pub fn run_as(cmd: &mut Command, uid: u32, groups: &[u32]) {
     }
 }
 
+/// Runs vfioctl against `socket`; returns (exit code, stdout, stderr).
 pub fn vfioctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(vfioctl_bin())
         .arg("--socket")
@@ -416,6 +424,21 @@ pub fn vfioctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
         .args(args)
         .output()
         .expect("run vfioctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs `bin` with `args` and no `VFIOD_SOCKET` from the test's
+/// environment; returns (exit code, stdout, stderr).
+pub fn run(bin: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin)
+        .args(args)
+        .env_remove("VFIOD_SOCKET")
+        .output()
+        .unwrap_or_else(|e| panic!("run {bin}: {e}"));
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -455,7 +478,7 @@ impl EventStream {
     }
 
     /// The next event, waiting up to the read timeout.
-    pub fn next(&mut self) -> Value {
+    pub fn next_event(&mut self) -> Value {
         use std::io::BufRead;
         loop {
             if let Some(pos) = self.pending.iter().position(|&b| b == b'\n') {
@@ -474,7 +497,7 @@ impl EventStream {
     /// Events until one satisfies `pred` (which is returned).
     pub fn until(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
         loop {
-            let e = self.next();
+            let e = self.next_event();
             if pred(&e) {
                 return e;
             }
@@ -491,5 +514,26 @@ pub fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) ->
         }
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_response_without_a_body() {
+        let r = parse_response(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n");
+        assert_eq!(r.status, 204);
+        assert_eq!(r.header("Content-Length"), Some("0"));
+        assert!(r.body.is_empty());
+    }
+
+    #[test]
+    fn decodes_a_chunked_body() {
+        let r = parse_response(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        );
+        assert_eq!((r.status, r.body.as_str()), (200, "abcde"));
     }
 }

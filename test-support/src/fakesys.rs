@@ -42,7 +42,6 @@
 //! a root that resolves to `/sys` or anything under it is refused with a
 //! panic before anything is created. Every write helper also asserts that its
 //! target lies inside the tree's temporary directory.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::fs;
@@ -732,7 +731,8 @@ impl FakeSys {
         }
     }
 
-    /// A typical host, vfio-pci loaded:
+    /// A typical host, vfio-pci loaded (addresses named in
+    /// [`crate::standard`]):
     ///
     /// | addr | ids | class | driver | group |
     /// |------|-----|-------|--------|-------|
@@ -746,50 +746,65 @@ impl FakeSys {
     /// | 0000:00:05.0 AMD GPU | 1002:73bf | 030000 | amdgpu | 5 |
     /// | 0000:00:06.0 NVMe | 144d:a808 | 010802 | nvme | 6 |
     pub fn standard_host() -> FakeSys {
+        FakeSys::with_devices(FakeSys::standard_devices())
+    }
+
+    /// A host with vfio-pci loaded and `specs`, added in that order.
+    pub fn with_devices(specs: impl IntoIterator<Item = DeviceSpec>) -> FakeSys {
         let fs = FakeSys::new();
         fs.load_vfio();
-        for spec in FakeSys::standard_devices() {
+        for spec in specs {
             fs.add_device(spec);
         }
         fs
     }
 
+    /// The standard host's device at `addr` (one of [`crate::standard`]).
+    #[track_caller]
+    pub fn standard_device(addr: &str) -> DeviceSpec {
+        FakeSys::standard_devices()
+            .into_iter()
+            .find(|spec| spec.addr == addr)
+            .unwrap_or_else(|| panic!("the standard host has no device at {addr}"))
+    }
+
     /// The devices of [`FakeSys::standard_host`], in creation order.
     pub fn standard_devices() -> Vec<DeviceSpec> {
+        use crate::standard::*;
         vec![
-            DeviceSpec::new("0000:00:00.0", 0x8086, 0x1237, 0x060000)
+            DeviceSpec::new(HOST_BRIDGE, 0x8086, 0x1237, 0x060000)
                 .subsystem(0x1af4, 0x1100)
                 .group(0),
-            DeviceSpec::new("0000:00:01.0", 0x8086, 0x7c10, 0x060400)
+            DeviceSpec::new(ROOT_PORT, 0x8086, 0x7c10, 0x060400)
                 .subsystem(0x8086, 0x7270)
                 .driver("pcieport")
                 .group(1),
-            DeviceSpec::new("0000:01:00.0", 0x10de, 0x2236, 0x030200)
+            DeviceSpec::new(GPU, 0x10de, 0x2236, 0x030200)
                 .subsystem(0x10de, 0x1482)
                 .driver("nvidia")
                 .group(1)
-                .parent("0000:00:01.0"),
-            DeviceSpec::new("0000:01:00.1", 0x10de, 0x1aef, 0x040300)
+                .parent(ROOT_PORT),
+            DeviceSpec::new(GPU_AUDIO, 0x10de, 0x1aef, 0x040300)
                 .subsystem(0x10de, 0x1482)
                 .driver("snd_hda_intel")
                 .group(1)
-                .parent("0000:00:01.0"),
-            DeviceSpec::new("0000:00:02.0", 0x8086, 0x10d3, 0x020000)
+                .parent(ROOT_PORT),
+            DeviceSpec::new(NIC, 0x8086, 0x10d3, 0x020000)
                 .subsystem(0x8086, 0xa01f)
                 .driver("e1000e")
                 .group(2),
-            DeviceSpec::new("0000:00:03.0", 0x1234, 0x11e8, 0x00ff00)
+            DeviceSpec::new(EDU, 0x1234, 0x11e8, 0x00ff00)
                 .subsystem(0x1af4, 0x1100)
                 .group(3),
-            DeviceSpec::new("0000:00:04.0", 0x10de, 0x1eb8, 0x030200)
+            DeviceSpec::new(T4, 0x10de, 0x1eb8, 0x030200)
                 .subsystem(0x10de, 0x12a2)
                 .driver(VFIO_PCI)
                 .group(4),
-            DeviceSpec::new("0000:00:05.0", 0x1002, 0x73bf, 0x030000)
+            DeviceSpec::new(AMD, 0x1002, 0x73bf, 0x030000)
                 .subsystem(0x1002, 0x0e3a)
                 .driver("amdgpu")
                 .group(5),
-            DeviceSpec::new("0000:00:06.0", 0x144d, 0xa808, 0x010802)
+            DeviceSpec::new(NVME, 0x144d, 0xa808, 0x010802)
                 .subsystem(0x144d, 0xa801)
                 .driver("nvme")
                 .group(6),

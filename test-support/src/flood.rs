@@ -11,8 +11,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::fakesys::{DeviceSpec, FakeSys};
-use super::Daemon;
+use crate::fakesys::{DeviceSpec, FakeSys};
+use crate::Daemon;
 
 pub const HELPER_ENV: &str = "VFIOD_FAIRSHARE_HELPER";
 /// Unprivileged flooders get uids (and gids) from here up.
@@ -197,7 +197,7 @@ pub static HELPER_ARGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::
 /// group `uid`) with the supplementary `groups`.
 fn helper(uid: u32, groups: &[u32], spec: &str) -> (Child, BufReader<std::process::ChildStdout>) {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    super::run_as(&mut cmd, uid, groups);
+    crate::run_as(&mut cmd, uid, groups);
     let mut child = cmd
         .args(HELPER_ARGS.get().cloned().unwrap_or_default())
         .env(HELPER_ENV, spec)
@@ -385,7 +385,7 @@ pub fn check_shares(kind: &str, flooders: &[Flooder]) {
 /// back) and the daemon is healthy.
 pub fn everyone_served_again(d: &Daemon) {
     let socket = d.socket.display().to_string();
-    super::eventually(
+    crate::eventually(
         10,
         "an unprivileged uid to be served after the flood",
         || {

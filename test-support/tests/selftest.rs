@@ -1,31 +1,17 @@
-//! Self-tests of the fake sysfs builder (`tests/common/fakesys.rs`) and of
-//! the simulated kernel (`tests/common/simkernel.rs`).
-//!
-//! The two files are included as siblings of one `common` module, the way
-//! other test crates include them.
+//! The kit's fakes act like the kernel they stand in for: the fake sysfs
+//! builder (`fakesys`) lays out the kernel's PCI tree and never touches the
+//! real `/sys`; the simulated kernel (`simkernel`) reacts to each write as
+//! Linux does, and fails or hangs one on demand.
 
-mod common {
-    #[path = "../common/fakesys.rs"]
-    pub mod fakesys;
-    #[path = "../common/simkernel.rs"]
-    pub mod simkernel;
-}
-
-use common::fakesys::{self, DeviceSpec, FakeSys, TempDir};
-use common::simkernel::{self, SimKernel};
 use nix::errno::Errno;
 use std::fs;
 use std::io::{self, Write};
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-const GPU: &str = "0000:01:00.0";
-const AUDIO: &str = "0000:01:00.1";
-const ROOT_PORT: &str = "0000:00:01.0";
-const NIC: &str = "0000:00:02.0";
-const EDU: &str = "0000:00:03.0";
-const T4: &str = "0000:00:04.0";
+use vfiod_test_support::fakesys::{self, DeviceSpec, FakeSys, TempDir};
+use vfiod_test_support::simkernel::{self, SimKernel};
+use vfiod_test_support::standard::{EDU, GPU, GPU_AUDIO, NIC, ROOT_PORT, T4};
 
 fn link_name(p: &Path) -> String {
     fs::read_link(p)
@@ -94,7 +80,7 @@ fn standard_host_device_attributes() {
         ("0000:00:00.0", None, Some(0)),
         (ROOT_PORT, Some("pcieport"), Some(1)),
         (GPU, Some("nvidia"), Some(1)),
-        (AUDIO, Some("snd_hda_intel"), Some(1)),
+        (GPU_AUDIO, Some("snd_hda_intel"), Some(1)),
         (NIC, Some("e1000e"), Some(2)),
         (EDU, None, Some(3)),
         (T4, Some("vfio-pci"), Some(4)),
@@ -199,21 +185,21 @@ fn symlinks_are_relative_and_resolve_like_the_kernels() {
         gpu_dir
     );
     assert_eq!(
-        fs::canonicalize(fs.path("bus/pci/drivers/snd_hda_intel").join(AUDIO)).unwrap(),
-        fs.device_dir(AUDIO).unwrap()
+        fs::canonicalize(fs.path("bus/pci/drivers/snd_hda_intel").join(GPU_AUDIO)).unwrap(),
+        fs.device_dir(GPU_AUDIO).unwrap()
     );
 }
 
 #[test]
 fn iommu_groups_and_drivers() {
     let fs = FakeSys::standard_host();
-    assert_eq!(fs.group_members(1), vec![ROOT_PORT, GPU, AUDIO]);
+    assert_eq!(fs.group_members(1), vec![ROOT_PORT, GPU, GPU_AUDIO]);
     let mut listed: Vec<String> = fs::read_dir(fs.path("kernel/iommu_groups/1/devices"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     listed.sort();
-    assert_eq!(listed, vec![ROOT_PORT, GPU, AUDIO]);
+    assert_eq!(listed, vec![ROOT_PORT, GPU, GPU_AUDIO]);
     for addr in &listed {
         assert_eq!(
             fs::canonicalize(fs.path("kernel/iommu_groups/1/devices").join(addr)).unwrap(),
@@ -291,7 +277,7 @@ fn add_and_remove_device() {
     assert!(fs::symlink_metadata(fs.path("bus/pci/devices").join(GPU)).is_err());
     assert!(fs::symlink_metadata(fs.path("bus/pci/drivers/nvidia").join(GPU)).is_err());
     assert!(fs::symlink_metadata(fs.path("kernel/iommu_groups/1/devices").join(GPU)).is_err());
-    assert_eq!(fs.group_members(1), vec![ROOT_PORT, AUDIO]);
+    assert_eq!(fs.group_members(1), vec![ROOT_PORT, GPU_AUDIO]);
     assert_eq!(fs.driver_of(GPU), None);
     assert!(
         fs.path("bus/pci/drivers/nvidia").is_dir(),
@@ -306,9 +292,11 @@ fn add_and_remove_device() {
 
     // Removing a bridge removes what is behind it.
     fs.remove_device(ROOT_PORT);
-    assert!(fs.device_dir(AUDIO).is_none());
+    assert!(fs.device_dir(GPU_AUDIO).is_none());
     assert!(!fs.path("kernel/iommu_groups/1").exists());
-    assert!(fs::symlink_metadata(fs.path("bus/pci/drivers/snd_hda_intel").join(AUDIO)).is_err());
+    assert!(
+        fs::symlink_metadata(fs.path("bus/pci/drivers/snd_hda_intel").join(GPU_AUDIO)).is_err()
+    );
     assert_eq!(
         fs.devices(),
         vec!["0000:00:00.0", NIC, EDU, "0000:00:05.0", "0000:00:06.0"]
@@ -542,7 +530,7 @@ fn sim_moves_gpu_to_vfio_and_back() {
         fs.device_dir(GPU).unwrap()
     );
     // The audio function was not touched.
-    assert_eq!(fs.driver_of(AUDIO).as_deref(), Some("snd_hda_intel"));
+    assert_eq!(fs.driver_of(GPU_AUDIO).as_deref(), Some("snd_hda_intel"));
 
     // And back.
     move_back(&fs, GPU);
@@ -573,14 +561,14 @@ fn sim_back_to_back_writes_of_one_attribute_are_all_applied() {
     let sim = SimKernel::start(&fs);
     // Whole group, writes batched per step: two probes in a row.
     w(&fs, &override_path(GPU), "vfio-pci\n");
-    w(&fs, &override_path(AUDIO), "vfio-pci\n");
+    w(&fs, &override_path(GPU_AUDIO), "vfio-pci\n");
     w(&fs, "bus/pci/drivers/nvidia/unbind", GPU);
-    w(&fs, "bus/pci/drivers/snd_hda_intel/unbind", AUDIO);
+    w(&fs, "bus/pci/drivers/snd_hda_intel/unbind", GPU_AUDIO);
     w(&fs, "bus/pci/drivers_probe", GPU);
-    w(&fs, "bus/pci/drivers_probe", AUDIO);
+    w(&fs, "bus/pci/drivers_probe", GPU_AUDIO);
     assert!(sim.wait_idle(IDLE));
     assert_eq!(fs.driver_of(GPU).as_deref(), Some("vfio-pci"));
-    assert_eq!(fs.driver_of(AUDIO).as_deref(), Some("vfio-pci"));
+    assert_eq!(fs.driver_of(GPU_AUDIO).as_deref(), Some("vfio-pci"));
     assert_eq!(fs.driver_of(ROOT_PORT).as_deref(), Some("pcieport"));
     assert!(fs.vfio_group_node_exists(1));
     let probes: Vec<String> = sim
@@ -589,14 +577,14 @@ fn sim_back_to_back_writes_of_one_attribute_are_all_applied() {
         .filter(|(p, _)| p == "bus/pci/drivers_probe")
         .map(|(_, v)| v)
         .collect();
-    assert_eq!(probes, vec![GPU, AUDIO]);
+    assert_eq!(probes, vec![GPU, GPU_AUDIO]);
 
     // /dev/vfio/1 stays while one function of group 1 is on vfio-pci.
     w(&fs, "bus/pci/drivers/vfio-pci/unbind", GPU);
     assert!(sim.wait_idle(IDLE));
     assert_eq!(fs.driver_of(GPU), None);
     assert!(fs.vfio_group_node_exists(1));
-    w(&fs, "bus/pci/drivers/vfio-pci/unbind", AUDIO);
+    w(&fs, "bus/pci/drivers/vfio-pci/unbind", GPU_AUDIO);
     assert!(sim.wait_idle(IDLE));
     assert!(!fs.vfio_group_node_exists(1));
 }
@@ -770,11 +758,11 @@ fn sim_override_rules_and_bind_file() {
     assert!(sim.wait_idle(IDLE));
     assert_eq!(fs.driver_of(NIC), None);
     // Unbinding from a driver it is not bound to does nothing.
-    w(&fs, "bus/pci/drivers/nvidia/unbind", AUDIO);
+    w(&fs, "bus/pci/drivers/nvidia/unbind", GPU_AUDIO);
     w(&fs, "bus/pci/drivers/e1000e/bind", NIC);
     assert!(sim.wait_idle(IDLE));
     assert_eq!(fs.driver_of(NIC).as_deref(), Some("e1000e"));
-    assert_eq!(fs.driver_of(AUDIO).as_deref(), Some("snd_hda_intel"));
+    assert_eq!(fs.driver_of(GPU_AUDIO).as_deref(), Some("snd_hda_intel"));
     // Binding an already-bound device does nothing.
     w(&fs, "bus/pci/drivers/vfio-pci/bind", NIC);
     assert!(sim.wait_idle(IDLE));
@@ -893,7 +881,7 @@ fn sim_fail_write_gives_the_errno() {
     for (rel, _) in cases {
         sim.release(rel);
     }
-    for addr in [GPU, AUDIO, NIC] {
+    for addr in [GPU, GPU_AUDIO, NIC] {
         assert_eq!(read(&fs.path(&override_path(addr))), "(null)\n");
     }
     assert!(fs.path("bus/pci/drivers_probe").exists());
@@ -1067,13 +1055,13 @@ fn sim_hang_and_release_driver_override() {
     assert!(sim.wait_idle(IDLE));
     assert_eq!(read(&fs.path(&rel)), "vfio-pci\n");
     // Release with no writer waiting: just restored.
-    sim.hang_write(&override_path(AUDIO));
-    sim.release(&override_path(AUDIO));
-    assert!(fs.path(&override_path(AUDIO)).is_file());
-    assert_eq!(read(&fs.path(&override_path(AUDIO))), "(null)\n");
-    w(&fs, &override_path(AUDIO), "vfio-pci");
+    sim.hang_write(&override_path(GPU_AUDIO));
+    sim.release(&override_path(GPU_AUDIO));
+    assert!(fs.path(&override_path(GPU_AUDIO)).is_file());
+    assert_eq!(read(&fs.path(&override_path(GPU_AUDIO))), "(null)\n");
+    w(&fs, &override_path(GPU_AUDIO), "vfio-pci");
     assert!(sim.wait_idle(IDLE));
-    assert_eq!(read(&fs.path(&override_path(AUDIO))), "vfio-pci\n");
+    assert_eq!(read(&fs.path(&override_path(GPU_AUDIO))), "vfio-pci\n");
 }
 
 #[test]
