@@ -13,11 +13,13 @@
 //! - [`udev_rule`]: the generated rule that claims vfio devices at boot;
 //! - [`api`]: HTTP over a Unix socket, a thin translation to the core;
 //! - [`systemd`]: socket activation, readiness, watchdog, journald;
-//! - [`config`]: defaults, config file and flags.
+//! - [`config`]: defaults, config file and flags;
+//! - [`crashpoint`]: numbered steps for the crash-point tests.
 
 pub mod api;
 pub mod config;
 pub mod core;
+pub mod crashpoint;
 pub mod engine;
 pub mod error;
 pub mod events;

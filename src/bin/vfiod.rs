@@ -89,6 +89,7 @@ async fn run(config: Config, is_root: bool) -> Result<(), StartupFailure> {
         .map_err(|e| format!("cannot install the SIGTERM/SIGINT handlers: {e}"))?;
     let sysfs = Sysfs::new(&config.sysfs, &config.devfs);
     let real_sysfs = sysfs.is_real();
+    vfiod::crashpoint::init(!real_sysfs);
     let privileged = is_root || !real_sysfs;
     let ids = tokio::task::spawn_blocking(PciIds::load_default);
     let store = Store::open(&config.state_dir).map_err(|e| e.to_string())?;

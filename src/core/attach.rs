@@ -19,6 +19,7 @@ use tokio::io::unix::AsyncFd;
 
 use super::reset::refuse_unhealthy;
 use super::{AttachRequest, BindRequest, Caller, Core};
+use crate::crashpoint::{self, StepKind};
 use crate::error::CoreError;
 use crate::events::EventKind;
 use crate::pci::{vfio_access, PciAddress};
@@ -137,15 +138,10 @@ impl Core {
         }
         let current = self.resolve(&record.id)?;
         self.reset_before_attach(caller, &current).await?;
-        let mut attached = self
-            .snapshot()
-            .get_by_address(&addr)
-            .cloned()
-            .ok_or_else(|| CoreError::NotFound(id_or_name.to_owned()))?;
-        attached.attached_to = Some(instance.clone());
-        attached.attached_uid = Some(uid);
-        attached.attached_pid = process;
-        self.apply_grant(&attached).await?;
+        // The attachment is on disk before its grant is written: a crash in
+        // between restarts into a recorded attachment, whose grant startup
+        // re-applies (or revokes with it, if its VMM is gone). The other
+        // order could leave an entry on the node that no record explains.
         let device = self
             .update_device(addr, |d| {
                 d.attached_to = Some(instance.clone());
@@ -154,6 +150,19 @@ impl Core {
             })
             .await?
             .ok_or_else(|| CoreError::NotFound(id_or_name.to_owned()))?;
+        if let Err(e) = self.apply_grant(&device).await {
+            // Undo both halves: the entries written so far, then the record.
+            if let Err(revoke) = self.revoke_grant(&device).await {
+                tracing::error!(device = %addr, error = %revoke, "could not take back a partly written grant");
+            }
+            self.update_device(addr, |d| {
+                d.attached_to = None;
+                d.attached_uid = None;
+                d.attached_pid = None;
+            })
+            .await?;
+            return Err(e);
+        }
         if let Some(process) = process {
             self.follow_vmm(addr, process);
         }
@@ -403,6 +412,49 @@ impl Core {
                 }
             }
         }
+        self.revoke_unexplained_grants().await;
+    }
+
+    /// Takes away every named-user entry on a registered device's VFIO
+    /// nodes that no live attachment explains. vfiod owns access to the
+    /// nodes of the devices it manages, and an entry nobody can account
+    /// for is a tenant that kept access after its attachment ended (a
+    /// crash between a revoke and its record, an older vfiod's crash
+    /// between a grant and its record, or someone's hand).
+    async fn revoke_unexplained_grants(&self) {
+        let registry = self.snapshot();
+        let mut stray: Vec<(PciAddress, PathBuf, u32)> = Vec::new();
+        for record in registry.iter().filter(|d| d.present) {
+            let Some(group) = self.sysfs().iommu_group(&record.pci_address) else {
+                continue;
+            };
+            let group_node = self.sysfs().vfio_group_node(group);
+            let iommu_node = self.sysfs().devfs().join("iommu");
+            for node in vfio_access::vfio_nodes(self.sysfs(), &record.pci_address, group) {
+                for uid in vfio_access::granted_uids(&node) {
+                    let explained = registry.iter().any(|d| {
+                        d.attached_to.is_some()
+                            && d.attached_uid == Some(uid)
+                            && if node == group_node {
+                                d.iommu_group == Some(group)
+                            } else if node == iommu_node {
+                                true
+                            } else {
+                                d.pci_address == record.pci_address
+                            }
+                    });
+                    if !explained && !stray.iter().any(|(_, n, u)| *n == node && *u == uid) {
+                        stray.push((record.pci_address, node.clone(), uid));
+                    }
+                }
+            }
+        }
+        for (addr, node, uid) in stray {
+            tracing::warn!(device = %addr, node = %node.display(), granted_uid = uid, "revoking a VFIO node grant that no live attachment explains");
+            if let Err(e) = change_nodes(addr, vec![node], uid, NodeChange::Revoke).await {
+                tracing::error!(device = %addr, error = %e, "could not revoke a stray VFIO node grant");
+            }
+        }
     }
 }
 
@@ -423,12 +475,21 @@ async fn change_nodes(
         NodeChange::Grant => (vfio_access::grant, "opening"),
         NodeChange::Revoke => (vfio_access::revoke, "closing"),
     };
-    tokio::task::spawn_blocking(move || nodes.iter().try_for_each(|node| apply(node, uid)))
-        .await
-        .map_err(|e| CoreError::Internal(format!("VFIO node access task: {e}")))?
-        .map_err(|e| {
-            CoreError::GrantFailed(format!("{what} the VFIO nodes of {addr} to uid {uid}: {e}"))
+    tokio::task::spawn_blocking(move || {
+        nodes.iter().try_for_each(|node| {
+            let applied = apply(node, uid);
+            crashpoint::step(
+                StepKind::Acl,
+                format_args!("{what} {} to uid {uid}", node.display()),
+            );
+            applied
         })
+    })
+    .await
+    .map_err(|e| CoreError::Internal(format!("VFIO node access task: {e}")))?
+    .map_err(|e| {
+        CoreError::GrantFailed(format!("{what} the VFIO nodes of {addr} to uid {uid}: {e}"))
+    })
 }
 
 /// Resolves when `process` has exited. Errors when no pidfd can be had

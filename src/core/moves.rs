@@ -25,10 +25,12 @@ fn plan_steps(sysfs: &Sysfs, moves: &[Move], group: u32) -> Vec<String> {
             "write {vfio:?} to {}",
             sysfs.driver_override_path(&a).display()
         ));
-        if let Some(d) = &m.from {
+        // The driver it is on now, which for a device found driverless is
+        // not the recorded one it is given back to (`from`).
+        if let Some(d) = sysfs.driver(&a) {
             steps.push(format!(
                 "write {a} to {}",
-                sysfs.driver_dir(d).join("unbind").display()
+                sysfs.driver_dir(&d).join("unbind").display()
             ));
         }
         steps.push(format!(
@@ -145,9 +147,16 @@ impl Core {
         }
         let vfio_driver = self.vfio_driver_for(&function).await?;
         let group = function.iommu_group.ok_or(CoreError::NoIommuGroup(addr))?;
+        // A device found without a driver (re-plugged before the kernel
+        // probed it, or left so by a failed rollback) still belongs to the
+        // driver recorded for it: that is what a rollback gives it back to.
+        let from = function
+            .driver
+            .clone()
+            .or_else(|| record.original_driver.clone());
         let mut moves = vec![Move {
             pci_address: addr,
-            from: function.driver.clone(),
+            from,
             to: Some(vfio_driver.clone()),
         }];
         let mut others = Vec::new();

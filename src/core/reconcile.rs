@@ -83,7 +83,13 @@ impl Core {
         for record in self.snapshot().iter().cloned().collect::<Vec<_>>() {
             if record.pending.is_some() {
                 self.settle_pending(&record).await;
-            } else if self.wants_vfio(&record) && !record.bound_to_vfio() {
+            }
+            // Settling (a reset, say) does not put a device back on vfio;
+            // whatever it left, a device vfiod holds goes back there.
+            let Some(record) = self.snapshot().get_by_address(&record.pci_address).cloned() else {
+                continue;
+            };
+            if record.pending.is_none() && self.wants_vfio(&record) && !record.bound_to_vfio() {
                 self.rebind_to_vfio(&record).await;
             }
         }
