@@ -5,12 +5,12 @@
 # with attached_to: null, a grant nothing would ever revoke, across restarts.
 #   - the e1000e bound to vfio-pci; a process (sleep) runs as uid 1000;
 #   - three undisturbed attaches measure how long one takes here;
-#   - VM_ATTACH_KILL_TRIES tries (26; host: VFIOD_VM_ATTACH_KILL_TRIES): send
+#   - VM_ATTACH_KILL_TRIES tries (24; host: VFIOD_VM_ATTACH_KILL_TRIES): send
 #     POST /devices/nic0/attach {"uid": 1000, "pid": <sleep>} and SIGKILL
 #     vfiod after a delay swept over 0..VM_ATTACH_KILL_MAX_US (10000 us, or
 #     as long as an undisturbed attach if that is longer: under a loaded TCG
 #     an attach can take longer than 10 ms and the sweep must reach its end);
-#     then VM_ATTACH_KILL_ONGRANT tries (4) that kill vfiod the moment the
+#     then VM_ATTACH_KILL_ONGRANT tries (6) that kill vfiod the moment the
 #     node's ACL names uid 1000 (`vmtool killongrant`, polling the xattr), the
 #     instant the old code left unrecorded; after each kill, restart vfiod,
 #     wait for /health, then:
@@ -26,9 +26,9 @@
 #     (after all tries, so the count shows how often).
 . /vm/lib.sh
 NIC=$(dev_under "$PORT_nic0") || fail "no e1000e below $PORT_nic0"
-TRIES=${VM_ATTACH_KILL_TRIES:-26}
+TRIES=${VM_ATTACH_KILL_TRIES:-24}
 MAX_US=${VM_ATTACH_KILL_MAX_US:-10000}
-ONGRANT=${VM_ATTACH_KILL_ONGRANT:-4}
+ONGRANT=${VM_ATTACH_KILL_ONGRANT:-6}
 [ "$TRIES" -ge 2 ] || fail "VM_ATTACH_KILL_TRIES must be at least 2"
 vfiod_start
 vc_ok register "$NIC" --name nic0
