@@ -8,7 +8,7 @@
 #
 # Environment:
 #   VFIOD_VM_SCENARIOS  "all" (default), "enabled" (tests/vm/scenarios.enabled)
-#                       or a list like "raw a b"
+#                       or a list like "raw bind-unbind hotplug"
 #   VFIOD_VM_GATE       "selected" (default: every selected scenario must pass)
 #                       or "enabled" (only failures of scenarios listed in
 #                       scenarios.enabled make the exit code non-zero)
