@@ -15,6 +15,11 @@
 //! - [`systemd`]: socket activation, readiness, watchdog, journald;
 //! - [`config`]: defaults, config file and flags.
 
+/// Worker threads of the daemon's async runtime: the API, the core and
+/// the hotplug loop share them (blocking work goes to tokio's blocking
+/// pool). The benchmark gives its ceilings as many.
+pub const RUNTIME_WORKER_THREADS: usize = 2;
+
 pub mod api;
 pub mod config;
 pub mod core;
