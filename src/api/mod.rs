@@ -8,6 +8,7 @@
 
 pub mod error;
 pub mod limits;
+pub mod list_cache;
 pub mod parse;
 pub mod peer;
 pub mod server;
@@ -31,7 +32,6 @@ use tokio::sync::{broadcast, mpsc, watch};
 use crate::core::{Caller, Core};
 use crate::error::CoreError;
 use crate::events::Event;
-use crate::registry::Registry;
 pub use limits::{Accounting, Limits};
 pub use peer::{AccessPolicy, Peer};
 pub use server::serve;
@@ -46,8 +46,6 @@ pub const OPENAPI_YAML: &str = include_str!("openapi.yaml");
 pub const EVENT_SEQ_HEADER: &str = "x-vfiod-event-seq";
 
 type ResponseBody = BoxBody<Bytes, Infallible>;
-/// A registry version and its serialised device list.
-type CachedList = (Arc<Registry>, Bytes);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
@@ -261,9 +259,9 @@ pub struct Api {
     core: Arc<Core>,
     policy: AccessPolicy,
     shutdown: watch::Receiver<bool>,
-    /// The unfiltered `GET /devices` body of one registry version: shared
-    /// by every request until the registry changes.
-    list_cache: Arc<std::sync::Mutex<Option<CachedList>>>,
+    /// The device list of the current registry version, serialised once:
+    /// `GET /devices` (filtered or not) and `GET /devices/{id_or_name}`.
+    lists: Arc<list_cache::ListCache>,
     /// Connections and event streams held per uid.
     accounting: Arc<Accounting>,
     /// See [`server`]: the time to deliver a request head, and to idle.
@@ -276,7 +274,7 @@ impl Api {
             core,
             policy,
             shutdown,
-            list_cache: Arc::default(),
+            lists: Arc::default(),
             accounting: Accounting::new(Limits::default()),
             header_timeout: server::DEFAULT_HEADER_TIMEOUT,
         }
@@ -289,21 +287,8 @@ impl Api {
         self
     }
 
-    /// The JSON list of every device, serialised once per registry version.
-    fn full_list(&self, registry: Arc<Registry>) -> Bytes {
-        let mut cache = self.list_cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((cached, body)) = cache.as_ref() {
-            if Arc::ptr_eq(cached, &registry) {
-                return body.clone();
-            }
-        }
-        let ids = self.core.ids();
-        let wire: Vec<_> = registry.iter().map(|d| wire::Device::new(d, ids)).collect();
-        let mut body = serde_json::to_vec(&wire).expect("wire types serialise");
-        body.push(b'\n');
-        let body = Bytes::from(body);
-        *cache = Some((registry, body.clone()));
-        body
+    fn lists(&self) -> Arc<list_cache::ListVersion> {
+        self.lists.version(|| self.core.snapshot(), self.core.ids())
     }
 
     async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<ResponseBody>> {
@@ -437,17 +422,10 @@ impl Api {
             Route::ListDevices => {
                 let filter = parse::list_query(query)?;
                 let seq = core.events().last_seq();
-                let mut resp = if filter.is_empty() {
-                    let body = self.full_list(core.snapshot());
-                    let mut resp = Response::new(full(body));
-                    resp.headers_mut()
-                        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                    resp
-                } else {
-                    let devices = core.list(&filter);
-                    let wire: Vec<_> = devices.iter().map(|d| wire::Device::new(d, ids)).collect();
-                    json_response(StatusCode::OK, &wire)
-                };
+                let body = self.lists().filtered(&filter);
+                let mut resp = Response::new(full(body));
+                resp.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
                 resp.headers_mut()
                     .insert(EVENT_SEQ_HEADER, HeaderValue::from(seq));
                 resp
@@ -468,7 +446,16 @@ impl Api {
                     .collect();
                 json_response(StatusCode::OK, &wire)
             }
-            Route::GetDevice(id) => device(StatusCode::OK, &core.get(&id)?),
+            Route::GetDevice(id) => {
+                let body = self
+                    .lists()
+                    .device(&id)
+                    .ok_or_else(|| CoreError::NotFound(id.chars().take(80).collect()))?;
+                let mut resp = Response::new(full(body));
+                resp.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                resp
+            }
             Route::UpdateDevice(id) => {
                 let req = parse::update(body)?;
                 device(StatusCode::OK, &core.update(caller, &id, req).await?)
