@@ -288,7 +288,10 @@ fn host_address(i: usize) -> String {
 /// has a slot of its own.
 fn bench_tags(i: usize) -> [(&'static str, String); 2] {
     [
-        ("pool", if i.is_multiple_of(2) { "a" } else { "b" }.to_owned()),
+        (
+            "pool",
+            if i.is_multiple_of(2) { "a" } else { "b" }.to_owned(),
+        ),
         ("slot", format!("s{i}")),
     ]
 }

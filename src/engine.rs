@@ -29,12 +29,13 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::pci::{PciAddress, Sysfs, SysfsError};
+use crate::crashpoint::{self, StepKind};
+use crate::pci::{is_vfio_driver, PciAddress, Sysfs, SysfsError, VFIO_PCI};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Step {
     SetOverride,
@@ -175,7 +176,7 @@ impl EngineError {
 
 /// One function to move: the driver it had before (and gets back), and
 /// the vfio driver it goes to (`None`: plain vfio-pci).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Move {
     pub pci_address: PciAddress,
     pub from: Option<String>,
@@ -197,8 +198,6 @@ impl Move {
     }
 }
 
-pub const VFIO_PCI: &str = "vfio-pci";
-
 /// A failed move to vfio: what failed, and how the rollback went.
 #[derive(Debug)]
 pub struct BindFailure {
@@ -215,6 +214,10 @@ pub struct Engine {
 }
 
 const POLL_INTERVAL: Duration = Duration::from_millis(1);
+/// How often a move to vfio takes a device off a driver whose probe raced
+/// the override (see `move_one_to_vfio`); one race per add is all the
+/// kernel can produce, the second retry is margin.
+const NATIVE_PROBE_RACE_RETRIES: usize = 2;
 
 impl Engine {
     pub fn new(sysfs: Sysfs, write_timeout: Duration) -> Self {
@@ -369,14 +372,55 @@ impl Engine {
         if let Some(driver) = current {
             self.unbind(addr, &driver).await?;
         }
-        self.write(
-            Step::Probe,
-            addr,
-            self.sysfs.drivers_probe_path(),
-            &addr.to_string(),
-        )
+        // The kernel's own probe of a device that was just added (its `add`
+        // uevent comes before the probe) can still be running when the
+        // override is written: that probe has already chosen the native
+        // driver, and ours then finds the device taken. The override is in
+        // place now, so taking the device off that driver once more and
+        // probing again lands it on vfio.
+        for attempt in 0..=NATIVE_PROBE_RACE_RETRIES {
+            self.write(
+                Step::Probe,
+                addr,
+                self.sysfs.drivers_probe_path(),
+                &addr.to_string(),
+            )
+            .await?;
+            let found = self.wait_for_any_driver(addr, vfio_driver).await?;
+            if found == vfio_driver {
+                return Ok(());
+            }
+            if attempt == NATIVE_PROBE_RACE_RETRIES {
+                return Err(EngineError::Verify {
+                    step: Step::VerifyDriver,
+                    device: addr,
+                    expected: Some(vfio_driver.to_owned()),
+                    found: Some(found),
+                });
+            }
+            tracing::warn!(device = %addr, driver = %found, "another probe bound the device while it was being moved to {vfio_driver}; taking it off {found} again");
+            self.unbind(addr, &found).await?;
+        }
+        unreachable!("the loop returns on its last attempt")
+    }
+
+    /// Waits until `addr` has a driver (polling: the probe may be
+    /// asynchronous) and returns its name; `Verify` if it has none in time.
+    async fn wait_for_any_driver(
+        &self,
+        addr: PciAddress,
+        expected: &str,
+    ) -> Result<String, EngineError> {
+        self.wait_until(Step::VerifyDriver, addr, Some(expected), || {
+            self.sysfs.driver(&addr).is_some()
+        })
         .await?;
-        self.wait_for_driver(addr, Some(vfio_driver)).await
+        self.sysfs.driver(&addr).ok_or_else(|| EngineError::Verify {
+            step: Step::VerifyDriver,
+            device: addr,
+            expected: Some(expected.to_owned()),
+            found: None,
+        })
     }
 
     async fn restore_one(&self, m: &Move) -> Result<(), EngineError> {
@@ -391,6 +435,12 @@ impl Engine {
         .await?;
         let current = self.sysfs.driver(&addr);
         if current == m.from {
+            return Ok(());
+        }
+        // Restoring "no driver" never takes a device off its native driver:
+        // a host driver that bound meanwhile (the kernel's own probe after a
+        // re-plug) is where the device belongs, not nowhere.
+        if m.from.is_none() && current.as_deref().is_some_and(|d| !is_vfio_driver(d)) {
             return Ok(());
         }
         if let Some(driver) = current {
@@ -510,6 +560,10 @@ impl Engine {
             .name("sysfs-write".into())
             .spawn(move || {
                 let result = Sysfs::write_attr(&thread_path, &value);
+                crashpoint::step(
+                    StepKind::SysfsWrite,
+                    format_args!("{} {value:?}", thread_path.display()),
+                );
                 // Whoever is still listening gets the result: the caller
                 // within the timeout, the late-write watcher after it.
                 if let Err(result) = tx.send(result) {

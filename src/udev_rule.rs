@@ -14,6 +14,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
+use crate::pci::VFIO_PCI;
 use crate::registry::{DeviceRecord, Registry};
 
 pub const RULE_FILE: &str = "70-vfiod.rules";
@@ -31,7 +32,7 @@ pub fn render(registry: &Registry) -> String {
          # set to their vfio driver as they appear, before a native driver loads.\n",
     );
     for d in registry.iter().filter(|d| wants_vfio(d)) {
-        let vfio = d.vfio_driver.as_deref().unwrap_or("vfio-pci");
+        let vfio = d.vfio_driver.as_deref().unwrap_or(VFIO_PCI);
         out.push_str(&format!(
             "ACTION==\"add\", SUBSYSTEM==\"pci\", KERNEL==\"{}\", ATTR{{vendor}}==\"0x{:04x}\", ATTR{{device}}==\"0x{:04x}\", ATTR{{driver_override}}=\"{vfio}\"\n",
             d.pci_address, d.vendor_id, d.device_id

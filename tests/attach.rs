@@ -403,3 +403,51 @@ fn a_vmm_gone_while_vfiod_was_down_gives_the_device_back_with_unbind_on_vmm_exit
     });
     assert_eq!(d.get("/devices/nic").json()["attached_to"], Value::Null);
 }
+
+/// A grant no live attachment explains (left by an older vfiod's crash
+/// between the grant and its record, or by hand) is taken away at
+/// startup, on every registered device; nodes of devices vfiod does not
+/// manage are not its business.
+#[test]
+fn startup_revokes_grants_that_no_live_attachment_explains() {
+    let Some((fs, _sim, mut d)) = host() else {
+        return;
+    };
+    d.register(NIC, "nic");
+    d.register(AMD, "amd");
+    assert_eq!(d.post("/devices/nic/bind", "{}").status, 200);
+    assert_eq!(d.post("/devices/amd/bind", "{}").status, 200);
+    let r = attach(
+        &d,
+        "amd",
+        &format!(r#"{{"instance_id":"vm-1","uid":{VMM_UID}}}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    d.kill9();
+    let nic_node = fs.tree().vfio_node(2);
+    let amd_node = fs.tree().vfio_node(5);
+    // Not registered: the Tesla T4 on vfio-pci since boot, group 4.
+    let foreign_node = fs.tree().vfio_node(4);
+    for node in [&nic_node, &amd_node, &foreign_node] {
+        grant(node, OTHER_UID);
+    }
+    grant(&nic_node, VMM_UID);
+    d.spawn();
+    assert_eq!(acl_users(&nic_node), Vec::<u32>::new(), "stray grants kept");
+    assert_eq!(
+        acl_users(&amd_node),
+        vec![VMM_UID],
+        "only the live attachment's entry stays"
+    );
+    assert_eq!(acl_users(&foreign_node), vec![OTHER_UID]);
+    assert!(d.log_text().contains("no live attachment explains"));
+}
+
+fn grant(node: &Path, uid: u32) {
+    let mut acl = posix_acl::PosixACL::read_acl(node).unwrap();
+    acl.set(
+        posix_acl::Qualifier::User(uid),
+        posix_acl::ACL_READ | posix_acl::ACL_WRITE,
+    );
+    acl.write_acl(node).unwrap();
+}

@@ -25,7 +25,7 @@ fn nic_spec() -> DeviceSpec {
 
 struct Host {
     fs: FakeSys,
-    _sim: SimKernel,
+    sim: SimKernel,
     d: Daemon,
     fifo: PathBuf,
 }
@@ -46,12 +46,7 @@ fn host(extra: &[&str]) -> Host {
     let mut args = vec!["--uevent-fifo", &fifo_arg];
     args.extend_from_slice(extra);
     let d = Daemon::start(&fs, &args);
-    Host {
-        fs,
-        _sim: sim,
-        d,
-        fifo,
-    }
+    Host { fs, sim, d, fifo }
 }
 
 impl Host {
@@ -102,6 +97,67 @@ fn removed_device_stays_registered_and_comes_back_on_vfio() {
     assert_eq!(dev["present"], true);
     assert_eq!(dev["bound_to_vfio"], true);
     assert_eq!(dev["original_driver"], "e1000e");
+}
+
+/// Issue 18's re-plug defect. After a rescan the kernel sends a device's
+/// `add` uevent before it probes the native driver, so vfiod can find the
+/// device driverless and plan its rebind "from no driver" while the
+/// kernel's own probe is already on its way to e1000e; vfiod's
+/// `drivers_probe` then finds the device taken. vfiod used to fail the
+/// verification, "roll back" by unbinding e1000e, and leave the device
+/// with no driver at all, still marked as vfiod's.
+#[test]
+fn a_replugged_device_whose_native_probe_wins_the_race_still_ends_on_vfio() {
+    let h = host(&[]);
+    let (mut events, _) = h.bound_nic_unplugged();
+    h.fs.add_device(nic_spec());
+    // Back on the bus, not probed yet; the kernel's probe, already under
+    // way, picks e1000e whatever the override says by the time it runs.
+    {
+        let _state = h.fs.lock_state();
+        h.fs.tree().unbind(NIC).unwrap();
+    }
+    h.sim.bind_wrong_driver(NIC, "e1000e");
+    h.uevent(&format!("add {NIC}"));
+    let outcome = events.until(|e| {
+        matches!(e["type"].as_str(), Some("bind" | "bind_failed")) && e["pci_address"] == NIC
+    });
+    assert_eq!(outcome["type"], "bind", "{outcome}");
+    assert!(h.sim.wait_idle(Duration::from_secs(5)));
+    assert_eq!(h.fs.driver_of(NIC).as_deref(), Some("vfio-pci"));
+    let dev = h.device("nic");
+    assert_eq!(dev["bound_to_vfio"], true, "{dev}");
+    assert_eq!(dev["original_driver"], "e1000e", "{dev}");
+    // Given back, it goes to e1000e: the recorded driver survived the race.
+    let r = h.d.post("/devices/nic/unbind", "");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(h.fs.driver_of(NIC).as_deref(), Some("e1000e"));
+}
+
+/// A bind that fails on a device found driverless gives it back to its
+/// recorded driver, not to "no driver" (the same re-plug, with vfio-pci's
+/// probe failing this time).
+#[test]
+fn a_failed_rebind_of_a_replugged_device_gives_it_its_recorded_driver() {
+    let h = host(&[]);
+    let (mut events, _) = h.bound_nic_unplugged();
+    h.fs.add_device(nic_spec());
+    {
+        let _state = h.fs.lock_state();
+        h.fs.tree().unbind(NIC).unwrap();
+    }
+    // vfio-pci will not take it: the probe binds nothing.
+    h.sim.bind_wrong_driver(NIC, "no-such-driver");
+    h.uevent(&format!("add {NIC}"));
+    let outcome = events.until(|e| e["type"] == "bind_failed" && e["pci_address"] == NIC);
+    assert!(h.sim.wait_idle(Duration::from_secs(5)));
+    assert_eq!(
+        h.fs.driver_of(NIC).as_deref(),
+        Some("e1000e"),
+        "left driverless: {outcome}"
+    );
+    let dev = h.device("nic");
+    assert_eq!(dev["current_driver"], "e1000e", "{dev}");
 }
 
 #[test]

@@ -354,11 +354,11 @@ fn openmetrics_when_the_scraper_asks() {
     assert_eq!(present.iter_samples().count(), 1);
 }
 
-fn tcp_get(port: u16, path: &str) -> Response {
+fn tcp_request(port: u16, method: &str, path: &str) -> Response {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut raw = Vec::new();
@@ -375,9 +375,9 @@ fn tcp_listener_serves_metrics_only_and_stays_on_loopback() {
         .unwrap()
         .port();
     let listen = format!("127.0.0.1:{port}");
-    let h = host(&["--metrics-listen", &listen]);
+    let mut h = host(&["--metrics-listen", &listen]);
     h.d.register(NIC, "nic");
-    let r = tcp_get(port, "/metrics");
+    let r = tcp_request(port, "GET", "/metrics");
     assert_eq!(r.status, 200);
     let m = Metrics::parse(r.body);
     assert_eq!(
@@ -387,9 +387,13 @@ fn tcp_listener_serves_metrics_only_and_stays_on_loopback() {
         ),
         1.0
     );
-    let r = tcp_get(port, "/devices");
+    let r = tcp_request(port, "GET", "/devices");
     r.expect_error(404, "not_found");
     assert!(r.message().contains("/metrics only"), "{}", r.body);
+    // The socket's 405, Allow header included.
+    let r = tcp_request(port, "DELETE", "/metrics");
+    r.expect_error(405, "method_not_allowed");
+    assert_eq!(r.header("allow"), Some("GET"));
 
     // Anything but loopback needs metrics_listen_public.
     let out =
@@ -400,4 +404,14 @@ fn tcp_listener_serves_metrics_only_and_stays_on_loopback() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("metrics_listen_public"), "{err}");
+
+    // An idle scraper connection does not hold up a stop: the listener
+    // and its connections stop with the socket's (else vfiod waits out
+    // its 10 s grace).
+    let idle = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let asked = std::time::Instant::now();
+    assert!(h.d.terminate().success());
+    let took = asked.elapsed();
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    drop(idle);
 }

@@ -114,8 +114,8 @@ fn a_client_that_hangs_up_mid_failed_bind_still_gets_the_rollback() {
     // The failed verification waits one op timeout: keep it short.
     let d = Daemon::start(&fs, &["--op-timeout-ms", "4000"]);
     let since = bind_and_hang_up_mid_way(&d, &fs, &sim);
-    // The probe binds the wrong driver: the bind fails and rolls back.
-    sim.bind_wrong_driver(NIC, "e1000e");
+    // Every probe binds the wrong driver: the bind fails and rolls back.
+    sim.bind_wrong_driver_always(NIC, "e1000e");
     sim.release(PROBE);
     let dev = eventually(30, "the failed bind to be rolled back", || {
         let dev = d.get("/devices/nic").json();

@@ -242,7 +242,7 @@ fn rollback_when_the_kernel_binds_the_wrong_driver() {
     let d = Daemon::start(&h.fs, &[]);
     let h = Host { d, ..h };
     h.d.register(NIC, "nic");
-    h.sim.bind_wrong_driver(NIC, "pci-stub");
+    h.sim.bind_wrong_driver_always(NIC, "pci-stub");
     let r = bind(&h.d, "nic", "{}");
     r.expect_message_contains("found pci-stub");
     assert_rolled_back(&h, &r, "verify_driver");

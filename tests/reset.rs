@@ -775,3 +775,34 @@ fn a_quarantined_device_is_not_put_back_on_vfio_at_startup() {
         "vfiod's startup rebind put a quarantined device on vfio"
     );
 }
+
+/// Issue 18's re-plug defect, at a restart: reconcile used to settle a
+/// pending reset *instead of* putting a device vfiod holds back on vfio, so
+/// a device that came out of that reset without a driver stayed so.
+#[test]
+fn a_restart_settles_a_pending_reset_and_then_puts_the_device_back_on_vfio() {
+    let mut h = host(&["--op-timeout-ms", "400"]);
+    h.d.register(IGB, "igb");
+    assert_eq!(h.d.post("/devices/igb/bind", "").status, 200);
+    let attr = format!("bus/pci/devices/{IGB}/reset");
+    h.sim.hang_write(&attr);
+    h.reset("igb", r#"{"method":"flr"}"#)
+        .expect_error(504, "driver_timeout");
+    assert_eq!(h.device("igb")["pending"], "reset");
+    h.d.kill9();
+    // The reset completes while vfiod is down and leaves the function
+    // without its driver.
+    h.sim
+        .set_reset_outcome(IGB, Some(ResetOutcome::LosesDriver));
+    h.sim.release_completing(&attr, "1");
+    assert!(h.sim.wait_idle(std::time::Duration::from_secs(5)));
+    assert_eq!(h.fs.driver_of(IGB), None);
+    h.sim.set_reset_outcome(IGB, None);
+    h.d.spawn();
+    let dev = eventually(10, "igb back on vfio", || {
+        let d = h.device("igb");
+        (d["bound_to_vfio"] == true).then_some(d)
+    });
+    assert!(dev.get("pending").is_none(), "{dev}");
+    assert_eq!(h.fs.driver_of(IGB).as_deref(), Some("vfio-pci"));
+}

@@ -17,59 +17,24 @@ use std::path::{Path, PathBuf};
 
 use tokio::io::unix::AsyncFd;
 
-use super::reset::refuse_unhealthy;
+use super::operation::{ensure_fit, OpContext, Operation};
+use super::release::Release;
 use super::{AttachRequest, BindRequest, Caller, Core};
+use crate::crashpoint::{self, StepKind};
 use crate::error::CoreError;
 use crate::events::EventKind;
-use crate::pci::{vfio_access, PciAddress};
-use crate::registry::{is_vfio_driver, AttachedProcess, DeviceRecord};
-
-/// What `/proc/PID` says about a process we may follow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct ProcessIdentity {
-    uid: u32,
-    start_time: u64,
-    /// Exited, and only waiting for its parent to reap it.
-    zombie: bool,
-}
-
-/// The real uid and start time of `pid` under `proc_root`, or `None` if
-/// there is no such process.
-fn process_identity(proc_root: &Path, pid: u32) -> Option<ProcessIdentity> {
-    let dir = proc_root.join(pid.to_string());
-    let status = std::fs::read_to_string(dir.join("status")).ok()?;
-    let uid = crate::pci::holders::real_uid(&status)?;
-    // Field 22 of stat, counted after the command name, which may itself
-    // hold spaces and parentheses: split after the last ')'.
-    let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
-    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
-    let state = fields.next()?;
-    let start_time = fields.nth(18)?.parse().ok()?;
-    Some(ProcessIdentity {
-        uid,
-        start_time,
-        zombie: matches!(state, "Z" | "X"),
-    })
-}
+use crate::pci::{is_vfio_driver, vfio_access, PciAddress};
+use crate::proc::ProcFs;
+use crate::registry::{AttachedProcess, DeviceRecord};
 
 /// Whether `process` is still the process that was attached.
 fn still_running(proc_root: &Path, process: AttachedProcess) -> bool {
-    process_identity(proc_root, process.pid)
+    ProcFs::new(proc_root)
+        .process_identity(process.pid)
         .is_some_and(|p| p.start_time == process.start_time && !p.zombie)
 }
 
 impl Core {
-    pub async fn attach(
-        &self,
-        caller: Caller,
-        id_or_name: &str,
-        req: AttachRequest,
-    ) -> Result<DeviceRecord, CoreError> {
-        let id = id_or_name.to_owned();
-        self.owned(move |core| async move { core.attach_owned(caller, &id, req).await })
-            .await
-    }
-
     /// The uid an attachment is for: the caller's own unless root names
     /// another.
     fn attachment_uid(caller: Caller, requested: Option<u32>) -> Result<u32, CoreError> {
@@ -86,7 +51,8 @@ impl Core {
     }
 
     fn vmm_process(&self, pid: u32, uid: u32) -> Result<AttachedProcess, CoreError> {
-        let identity = process_identity(&self.options.proc_root, pid)
+        let identity = ProcFs::new(&self.options.proc_root)
+            .process_identity(pid)
             .ok_or_else(|| CoreError::InvalidPid(format!("no process with pid {pid}")))?;
         if identity.uid != uid {
             return Err(CoreError::InvalidPid(format!(
@@ -100,13 +66,18 @@ impl Core {
         })
     }
 
-    async fn attach_owned(
+    /// The attach operation: plan (who for, fit, group), bind if needed,
+    /// reset if the last release was not, then record the attachment and
+    /// grant its nodes.
+    pub(super) async fn attach_device(
         &self,
-        caller: Caller,
-        id_or_name: &str,
+        ctx: &OpContext<'_>,
+        record: &DeviceRecord,
         req: AttachRequest,
     ) -> Result<DeviceRecord, CoreError> {
-        let (_group, record) = self.lock_device_for_move(id_or_name).await?;
+        let caller = ctx.caller;
+        let id_or_name = record.id.as_str();
+        let record = record.clone();
         let uid = Self::attachment_uid(caller, req.uid)?;
         let process = req.pid.map(|pid| self.vmm_process(pid, uid)).transpose()?;
         let instance = req.instance.0;
@@ -123,7 +94,7 @@ impl Core {
                 })
             };
         }
-        refuse_unhealthy(&record)?;
+        ensure_fit(&record)?;
         self.ensure_group_attachable_by(&record, uid)?;
         let addr = record.pci_address;
         let on_vfio = self
@@ -132,20 +103,15 @@ impl Core {
             .as_deref()
             .is_some_and(is_vfio_driver);
         if !on_vfio {
-            self.bind_locked(caller, &record, BindRequest::default())
+            self.apply_bind(ctx, &record, BindRequest::default())
                 .await?;
         }
         let current = self.resolve(&record.id)?;
-        self.reset_before_attach(caller, &current).await?;
-        let mut attached = self
-            .snapshot()
-            .get_by_address(&addr)
-            .cloned()
-            .ok_or_else(|| CoreError::NotFound(id_or_name.to_owned()))?;
-        attached.attached_to = Some(instance.clone());
-        attached.attached_uid = Some(uid);
-        attached.attached_pid = process;
-        self.apply_grant(&attached).await?;
+        self.reset_before_attach(ctx, &current).await?;
+        // The attachment is on disk before its grant is written: a crash in
+        // between restarts into a recorded attachment, whose grant startup
+        // re-applies (or revokes with it, if its VMM is gone). The other
+        // order could leave an entry on the node that no record explains.
         let device = self
             .update_device(addr, |d| {
                 d.attached_to = Some(instance.clone());
@@ -154,16 +120,29 @@ impl Core {
             })
             .await?
             .ok_or_else(|| CoreError::NotFound(id_or_name.to_owned()))?;
+        if let Err(e) = self.apply_grant(&device).await {
+            // Undo both halves: the entries written so far, then the record.
+            if let Err(revoke) = self.revoke_grant(&device).await {
+                tracing::error!(device = %addr, error = %revoke, "could not take back a partly written grant");
+            }
+            self.update_device(addr, |d| {
+                d.attached_to = None;
+                d.attached_uid = None;
+                d.attached_pid = None;
+            })
+            .await?;
+            return Err(e);
+        }
         if let Some(process) = process {
-            self.follow_vmm(addr, process);
+            self.follow_vmm(addr, process, uid);
         }
         let vmm = match process {
             Some(p) => format!("uid {uid}, VMM pid {}", p.pid),
             None => format!("uid {uid}"),
         };
         tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, instance = %instance, granted_uid = uid, vmm_pid = ?req.pid, "attached {addr} to instance {instance} ({vmm}) for {caller}");
-        self.events.publish(
-            self.publish(EventKind::Attach, &device)
+        ctx.publish(
+            ctx.event(EventKind::Attach, &device)
                 .instance(Some(instance))
                 .detail(format!("VFIO nodes open to {vmm}")),
         );
@@ -248,8 +227,9 @@ impl Core {
 
     /// Revokes and clears an attachment (lock held). `why` goes to the log
     /// and the event.
-    async fn end_attachment(
+    pub(super) async fn end_attachment(
         &self,
+        ctx: &OpContext<'_>,
         record: &DeviceRecord,
         kind: EventKind,
         why: String,
@@ -268,52 +248,38 @@ impl Core {
             })
             .await?
             .unwrap_or_else(|| record.clone());
-        self.events.publish(
-            self.publish(kind, &device)
+        ctx.publish(
+            ctx.event(kind, &device)
                 .instance(record.attached_to.clone())
                 .detail(why),
         );
         Ok(device)
     }
 
-    pub async fn detach(
+    /// The detach operation: the release sequence, giving the device back
+    /// unless `keep_bound`.
+    pub(super) async fn detach_device(
         &self,
-        caller: Caller,
-        id_or_name: &str,
+        ctx: &OpContext<'_>,
+        record: &DeviceRecord,
         keep_bound: bool,
     ) -> Result<DeviceRecord, CoreError> {
-        let id = id_or_name.to_owned();
-        self.owned(move |core| async move { core.detach_owned(caller, &id, keep_bound).await })
-            .await
-    }
-
-    async fn detach_owned(
-        &self,
-        caller: Caller,
-        id_or_name: &str,
-        keep_bound: bool,
-    ) -> Result<DeviceRecord, CoreError> {
-        let (_group, record) = self.lock_device_for_move(id_or_name).await?;
-        let addr = record.pci_address;
-        let mut device = record.clone();
-        if let Some(instance) = record.attached_to.clone() {
+        let caller = ctx.caller;
+        if let Some(instance) = &record.attached_to {
+            let addr = record.pci_address;
             tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, instance = %instance, "detaching {addr} from instance {instance} for {caller}");
-            device = self
-                .end_attachment(&record, EventKind::Detach, format!("detached for {caller}"))
-                .await?;
         }
-        if record.attached_to.is_some() || (!keep_bound && device.bound_by_vfiod) {
-            device = self.reset_on_release(caller, &device, "detach").await;
-        }
-        if !keep_bound && device.bound_by_vfiod && device.present {
-            device = self.unbind_locked(caller, &device).await?;
-        }
-        Ok(device)
+        let how = Release {
+            why: "detach".into(),
+            ends_attachment: Some((EventKind::Detach, format!("detached for {caller}"))),
+            give_back: !keep_bound,
+        };
+        self.release(ctx, record, how).await
     }
 
     /// Ends the attachment when its VMM exits. Waiting for the exit is not
     /// an operation (shutdown does not wait for a VM); ending it is.
-    fn follow_vmm(&self, addr: PciAddress, process: AttachedProcess) {
+    fn follow_vmm(&self, addr: PciAddress, process: AttachedProcess, uid: u32) {
         let Some(core) = self.me.upgrade() else {
             return;
         };
@@ -322,55 +288,38 @@ impl Core {
             if let Err(e) = &exited {
                 tracing::warn!(device = %addr, pid = process.pid, error = %e, "cannot follow the VMM with a pidfd; checking whether it still runs");
             }
-            let ending = core.clone();
-            core.operations
-                .spawn(async move { ending.end_attachment_of_exited_vmm(addr, process).await });
+            let why = format!("VMM pid {} (uid {uid}) exited", process.pid);
+            core.execute_in_background(Operation::EndAttachment {
+                address: addr,
+                process,
+                why,
+            });
         });
     }
 
-    async fn end_attachment_of_exited_vmm(&self, addr: PciAddress, process: AttachedProcess) {
-        let Some(record) = self.snapshot().get_by_address(&addr).cloned() else {
-            return;
-        };
-        let lock = self.op_lock(Self::lock_key(&record));
-        let _group = lock.lock().await;
-        let Some(record) = self.snapshot().get_by_address(&addr).cloned() else {
-            return;
-        };
+    /// The end-attachment operation (vfiod's own): if `record` is still
+    /// attached to `process` and that process is gone, its attachment ends
+    /// and the device is released as configured (reset on release, and
+    /// given back with `unbind_on_vmm_exit`).
+    pub(super) async fn end_attachment_of_exited_vmm(
+        &self,
+        ctx: &OpContext<'_>,
+        record: &DeviceRecord,
+        process: AttachedProcess,
+        why: String,
+    ) {
         if record.attached_pid != Some(process) || still_running(&self.options.proc_root, process) {
             return;
         }
-        let why = format!(
-            "VMM pid {} (uid {}) exited",
-            process.pid,
-            record.attached_uid.unwrap_or(0)
-        );
-        self.release_after_vmm_exit(&record, why).await;
-    }
-
-    /// Ends the attachment of `record`, whose VMM exited, and releases the
-    /// device as configured: reset on release, then the give-back with
-    /// `unbind_on_vmm_exit` (group lock held).
-    async fn release_after_vmm_exit(&self, record: &DeviceRecord, why: String) {
         let addr = record.pci_address;
         tracing::info!(device = %addr, instance = ?record.attached_to, "attachment of {addr} ended: {why}");
-        let Ok(device) = self
-            .end_attachment(record, EventKind::AttachmentEnded, why)
-            .await
-        else {
-            return;
+        let how = Release {
+            why: "its VMM exited".into(),
+            ends_attachment: Some((EventKind::AttachmentEnded, why)),
+            give_back: self.options.unbind_on_vmm_exit,
         };
-        let device = self
-            .reset_on_release(Caller::AGENT, &device, "its VMM exited")
-            .await;
-        if self.options.unbind_on_vmm_exit
-            && device.bound_by_vfiod
-            && device.present
-            && !device.stuck
-        {
-            if let Err(e) = self.unbind_locked(Caller::AGENT, &device).await {
-                tracing::error!(device = %addr, error = %e, "could not give the device back after its VMM exited");
-            }
+        if let Err(e) = self.release(ctx, record, how).await {
+            tracing::error!(device = %addr, error = %e, "could not release the device after its VMM exited");
         }
     }
 
@@ -388,19 +337,67 @@ impl Core {
             let addr = record.pci_address;
             match record.attached_pid {
                 Some(process) if !still_running(&self.options.proc_root, process) => {
-                    let lock = self.op_lock(Self::lock_key(&record));
-                    let _group = lock.lock().await;
                     let why = format!("VMM pid {} exited while vfiod was not running", process.pid);
-                    self.release_after_vmm_exit(&record, why).await;
+                    let op = Operation::EndAttachment {
+                        address: addr,
+                        process,
+                        why,
+                    };
+                    if let Err(e) = self.execute(Caller::AGENT, op).await {
+                        tracing::error!(device = %addr, error = %e, "could not end the attachment of a VMM that exited");
+                    }
                     continue;
                 }
-                Some(process) => self.follow_vmm(addr, process),
+                Some(process) => self.follow_vmm(addr, process, record.attached_uid.unwrap_or(0)),
                 None => {}
             }
             if record.present {
                 if let Err(e) = self.apply_grant(&record).await {
                     tracing::error!(device = %addr, error = %e, "could not re-apply the VFIO node grant of an attachment");
                 }
+            }
+        }
+        self.revoke_unexplained_grants().await;
+    }
+
+    /// Takes away every named-user entry on a registered device's VFIO
+    /// nodes that no live attachment explains. vfiod owns access to the
+    /// nodes of the devices it manages, and an entry nobody can account
+    /// for is a tenant that kept access after its attachment ended (a
+    /// crash between a revoke and its record, an older vfiod's crash
+    /// between a grant and its record, or someone's hand).
+    async fn revoke_unexplained_grants(&self) {
+        let registry = self.snapshot();
+        let mut stray: Vec<(PciAddress, PathBuf, u32)> = Vec::new();
+        for record in registry.iter().filter(|d| d.present) {
+            let Some(group) = self.sysfs().iommu_group(&record.pci_address) else {
+                continue;
+            };
+            let group_node = self.sysfs().vfio_group_node(group);
+            let iommu_node = self.sysfs().devfs().join("iommu");
+            for node in vfio_access::vfio_nodes(self.sysfs(), &record.pci_address, group) {
+                for uid in vfio_access::granted_uids(&node) {
+                    let explained = registry.iter().any(|d| {
+                        d.attached_to.is_some()
+                            && d.attached_uid == Some(uid)
+                            && if node == group_node {
+                                d.iommu_group == Some(group)
+                            } else if node == iommu_node {
+                                true
+                            } else {
+                                d.pci_address == record.pci_address
+                            }
+                    });
+                    if !explained && !stray.iter().any(|(_, n, u)| *n == node && *u == uid) {
+                        stray.push((record.pci_address, node.clone(), uid));
+                    }
+                }
+            }
+        }
+        for (addr, node, uid) in stray {
+            tracing::warn!(device = %addr, node = %node.display(), granted_uid = uid, "revoking a VFIO node grant that no live attachment explains");
+            if let Err(e) = change_nodes(addr, vec![node], uid, NodeChange::Revoke).await {
+                tracing::error!(device = %addr, error = %e, "could not revoke a stray VFIO node grant");
             }
         }
     }
@@ -423,12 +420,21 @@ async fn change_nodes(
         NodeChange::Grant => (vfio_access::grant, "opening"),
         NodeChange::Revoke => (vfio_access::revoke, "closing"),
     };
-    tokio::task::spawn_blocking(move || nodes.iter().try_for_each(|node| apply(node, uid)))
-        .await
-        .map_err(|e| CoreError::Internal(format!("VFIO node access task: {e}")))?
-        .map_err(|e| {
-            CoreError::GrantFailed(format!("{what} the VFIO nodes of {addr} to uid {uid}: {e}"))
+    tokio::task::spawn_blocking(move || {
+        nodes.iter().try_for_each(|node| {
+            let applied = apply(node, uid);
+            crashpoint::step(
+                StepKind::Acl,
+                format_args!("{what} {} to uid {uid}", node.display()),
+            );
+            applied
         })
+    })
+    .await
+    .map_err(|e| CoreError::Internal(format!("VFIO node access task: {e}")))?
+    .map_err(|e| {
+        CoreError::GrantFailed(format!("{what} the VFIO nodes of {addr} to uid {uid}: {e}"))
+    })
 }
 
 /// Resolves when `process` has exited. Errors when no pidfd can be had
@@ -448,14 +454,4 @@ async fn wait_for_exit(proc_root: &Path, process: AttachedProcess) -> std::io::R
         .map_err(|e| e.into_parts().1)?;
     let _ = watched.readable().await?;
     Ok(())
-}
-
-pub(super) fn ensure_not_attached(record: &DeviceRecord) -> Result<(), CoreError> {
-    match &record.attached_to {
-        Some(instance) => Err(CoreError::InUse {
-            device: record.name.clone(),
-            instance: instance.clone(),
-        }),
-        None => Ok(()),
-    }
 }

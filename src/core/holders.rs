@@ -15,8 +15,8 @@ use super::{Caller, Core};
 use crate::error::CoreError;
 use crate::pci::holders::vtconsole_bind_path;
 use crate::pci::holders::{self, Disposition, Holder, ProcFs};
-use crate::pci::PciAddress;
-use crate::registry::{is_vfio_driver, DeviceRecord};
+use crate::pci::{is_vfio_driver, PciAddress};
+use crate::registry::DeviceRecord;
 
 impl Core {
     /// What holds `functions` now. Runs off the runtime and is bounded by

@@ -1,10 +1,11 @@
 //! Startup reconcile and hotplug: bringing the registry in line with the bus, and putting returning devices back on vfio.
 
+use super::operation::{device_event, OpContext, Operation, Outcome};
 use super::{BindRequest, Caller, Core};
 use crate::error::CoreError;
 use crate::events::{Event, EventKind};
-use crate::pci::PciAddress;
-use crate::registry::{is_vfio_driver, DeviceRecord};
+use crate::pci::{is_vfio_driver, PciAddress};
+use crate::registry::DeviceRecord;
 
 /// What a hotplug or driver uevent says happened.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,10 +82,17 @@ impl Core {
             }
         }
         for record in self.snapshot().iter().cloned().collect::<Vec<_>>() {
+            let address = record.pci_address;
             if record.pending.is_some() {
-                self.settle_pending(&record).await;
-            } else if self.wants_vfio(&record) && !record.bound_to_vfio() {
-                self.rebind_to_vfio(&record).await;
+                self.run_own(Operation::Settle { address }).await;
+            }
+            // Settling (a reset, say) does not put a device back on vfio;
+            // whatever it left, a device vfiod holds goes back there.
+            let Some(record) = self.snapshot().get_by_address(&address).cloned() else {
+                continue;
+            };
+            if record.pending.is_none() && self.wants_vfio(&record) && !record.bound_to_vfio() {
+                self.run_own(Operation::Rebind { address }).await;
             }
         }
         self.resume_attachments().await;
@@ -97,39 +105,45 @@ impl Core {
             && (record.bound_by_vfiod || record.attached_to.is_some())
     }
 
-    /// Puts a device back on vfio after it came back (boot, hotplug), with
-    /// the full checks of a bind.
-    async fn rebind_to_vfio(&self, record: &DeviceRecord) {
-        if !self.options.privileged {
-            return;
+    /// Runs one of vfiod's own operations at startup and waits for it; a
+    /// failure is logged by the executor and left for the next start.
+    async fn run_own(&self, op: Operation) {
+        let _ = self.execute(Caller::AGENT, op).await;
+    }
+
+    /// The rebind operation: puts a device vfiod holds back on vfio after
+    /// it came back (boot, hotplug, a reclaim), with the full checks of a
+    /// bind, and gives an attached device's VMM its access back (a
+    /// re-plug or a restart may have made the nodes anew).
+    pub(super) async fn rebind_device(
+        &self,
+        ctx: &OpContext<'_>,
+        record: &DeviceRecord,
+    ) -> Result<Outcome, CoreError> {
+        if !self.options.privileged || !self.wants_vfio(record) || record.bound_to_vfio() {
+            return Ok(Outcome::Nothing);
         }
-        let lock = self.op_lock(Self::lock_key(record));
-        let _group = lock.lock().await;
-        let Some(current) = self.snapshot().get_by_address(&record.pci_address).cloned() else {
-            return;
-        };
-        let with_group = !current.companions.is_empty();
-        // It is ours again to restore: take the driver it came back with as
-        // the one to return to only if we have none recorded.
+        let addr = record.pci_address;
         // Never forced: vfiod's own moves respect every holder.
         let req = BindRequest {
-            with_group,
+            with_group: !record.companions.is_empty(),
             ..BindRequest::default()
         };
-        tracing::info!(device = %record.pci_address, "restoring the vfio binding vfiod holds for this device (vfiod's own action: after a restart, a re-plug or a reclaim)");
-        let mut current = current;
+        tracing::info!(device = %addr, "restoring the vfio binding vfiod holds for this device (vfiod's own action: after a restart, a re-plug or a reclaim)");
+        let mut current = record.clone();
         current.bound_by_vfiod = false;
-        if let Err(e) = self.bind_locked(Caller::AGENT, &current, req).await {
-            tracing::error!(device = %record.pci_address, error = %e, "could not put a returning device back on vfio");
+        let outcome = self.apply_bind(ctx, &current, req).await?;
+        if let Err(e) = self.apply_grant(&outcome.device).await {
+            tracing::error!(device = %addr, error = %e, "could not re-apply the VFIO node grant of the attachment");
         }
+        Ok(Outcome::Bound(outcome))
     }
 
     /// Rebinds in the background so the event loop keeps up with the bus.
-    pub(super) fn spawn_rebind(&self, record: DeviceRecord) {
-        if let Some(core) = self.me.upgrade() {
-            self.operations
-                .spawn(async move { core.rebind_to_vfio(&record).await });
-        }
+    fn spawn_rebind(&self, record: DeviceRecord) {
+        self.execute_in_background(Operation::Rebind {
+            address: record.pci_address,
+        });
     }
 
     pub async fn handle_hotplug(&self, event: HotplugEvent) {
@@ -188,7 +202,7 @@ impl Core {
                 if device.identity_mismatch {
                     tracing::error!(device = %addr, expected = format!("{:04x}:{:04x}", device.vendor_id, device.device_id), found = format!("{:04x}:{:04x}", function.vendor_id, function.device_id), "a different device answers at a registered address; leaving it alone");
                     self.events
-                        .publish(self.publish(EventKind::IdentityMismatch, &device).detail(
+                        .publish(device_event(EventKind::IdentityMismatch, &device).detail(
                             format!(
                                 "found {:04x}:{:04x} subsystem {:04x}:{:04x}",
                                 function.vendor_id,
@@ -226,7 +240,7 @@ impl Core {
                     if stolen {
                         tracing::warn!(device = %address, driver = ?driver, "a device vfiod holds on vfio was bound to another driver by someone else");
                         self.events
-                            .publish(self.publish(EventKind::DriverStolen, &d).driver(driver));
+                            .publish(device_event(EventKind::DriverStolen, &d).driver(driver));
                         if self.options.reclaim {
                             self.spawn_rebind(d);
                         }

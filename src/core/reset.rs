@@ -36,10 +36,10 @@ use std::time::Instant;
 
 use chrono::Utc;
 
-use super::{Caller, Core, ResetMethod, ResetOutcome, ResetPlan, ResetRequest, ScopeFunction};
+use super::operation::{device_event, OpContext, OpKind};
+use super::{Core, ResetMethod, ResetOutcome, ResetPlan, ResetRequest, ScopeFunction};
 use crate::error::{CoreError, ResetCheck, ResetVerifyFailure};
 use crate::events::EventKind;
-use crate::pci::holders::Holder;
 use crate::pci::PciAddress;
 use crate::registry::{DeviceRecord, Health, LastReset, PendingOp, ResetResult};
 
@@ -93,62 +93,15 @@ fn resets_bus(method: &str) -> bool {
     matches!(method, "bus" | "cxl_bus")
 }
 
-/// A holder, as a reason a reset may not touch its function.
-fn held_by(holder: &Holder) -> String {
-    match holder {
-        Holder::Process {
-            pid,
-            comm,
-            uid,
-            path,
-            ..
-        } => format!("held by process {comm} (pid {pid}, uid {uid}) through {path}"),
-        Holder::Mount {
-            device,
-            mount_point,
-            ..
-        } => format!("{device} is mounted on {mount_point}"),
-        Holder::Swap { device, .. } => format!("{device} is in use as swap"),
-        Holder::BlockStack { device, holder, .. } => format!("{device} is under {holder}"),
-        Holder::NetInterface { interface, .. } => {
-            format!("network interface {interface} is in use")
-        }
-        Holder::FramebufferConsole { vtconsole, .. } => {
-            format!("the console {vtconsole} is drawn on its framebuffer")
-        }
-    }
-}
-
-/// Attach and bind hand a device out: refused while it is unfit.
-pub(super) fn refuse_unhealthy(record: &DeviceRecord) -> Result<(), CoreError> {
-    let reason = || record.health_reason.clone().unwrap_or_default();
-    match record.health {
-        Health::Quarantined => Err(CoreError::DeviceQuarantined {
-            device: record.name.clone(),
-            reason: reason(),
-        }),
-        Health::NeedsHostReboot => Err(CoreError::NeedsHostReboot {
-            device: record.name.clone(),
-            reason: reason(),
-        }),
-        Health::Ok | Health::NeedsReset => Ok(()),
-    }
-}
-
 impl Core {
-    pub async fn reset(
+    /// The reset operation.
+    pub(super) async fn reset_device(
         &self,
-        caller: Caller,
-        id_or_name: &str,
+        ctx: &OpContext<'_>,
+        record: &DeviceRecord,
         req: ResetRequest,
     ) -> Result<ResetOutcome, CoreError> {
-        let id = id_or_name.to_owned();
-        self.owned(move |core| async move {
-            let (_group, record) = core.lock_device_for_move(&id).await?;
-            core.reset_locked(caller, &record, req, Trigger::Explicit)
-                .await
-        })
-        .await
+        self.reset_locked(ctx, record, req, Trigger::Explicit).await
     }
 
     /// Functions in `scope` that a reset of `record` may not touch, and why:
@@ -192,7 +145,7 @@ impl Core {
             }
         }
         for holder in self.scan_holders(scope.to_vec()).await? {
-            conflicts.push((holder.pci_address(), held_by(&holder)));
+            conflicts.push((holder.pci_address(), holder.to_string()));
         }
         Ok(conflicts)
     }
@@ -343,11 +296,12 @@ impl Core {
     /// and the device's health.
     pub(super) async fn reset_locked(
         &self,
-        caller: Caller,
+        ctx: &OpContext<'_>,
         record: &DeviceRecord,
         req: ResetRequest,
         trigger: Trigger,
     ) -> Result<ResetOutcome, CoreError> {
+        let caller = ctx.caller;
         let (plan, selection) = self.plan_reset(record, req.method).await?;
         if req.dry_run {
             return Ok(ResetOutcome {
@@ -401,10 +355,15 @@ impl Core {
                 })
                 .await?;
                 return Err(self
-                    .record_failed_move(caller, record, "reset", error, None, |_| {})
+                    .record_failed_move(ctx, record, OpKind::Reset, error, None, |_| {})
                     .await);
             }
-            Err(error) => Err(CoreError::move_failed("reset", addr, error, None)),
+            Err(error) => Err(CoreError::move_failed(
+                OpKind::Reset.as_str(),
+                addr,
+                error,
+                None,
+            )),
         };
         let mut health_before = None;
         let result = if outcome.is_ok() {
@@ -442,15 +401,15 @@ impl Core {
         match &outcome {
             Ok(()) => {
                 tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, duration_ms, "reset {addr} by {} for {caller} in {duration_ms} ms", plan.methods.join(" "));
-                self.events.publish(
-                    self.publish(EventKind::Reset, &device)
+                ctx.publish(
+                    ctx.event(EventKind::Reset, &device)
                         .detail(format!("{} in {duration_ms} ms", plan.methods.join(" "))),
                 );
             }
             Err(e) => {
                 tracing::error!(uid = caller.uid, pid = caller.pid, device = %addr, error = %e, "reset of {addr} failed for {caller}: {e}");
-                self.events.publish(
-                    self.publish(EventKind::ResetFailed, &device)
+                ctx.publish(
+                    ctx.event(EventKind::ResetFailed, &device)
                         .detail(e.to_string()),
                 );
             }
@@ -545,7 +504,7 @@ impl Core {
         };
         tracing::warn!(device = %d.pci_address, health = d.health.as_str(), "health of {} is now {detail}", d.pci_address);
         self.events
-            .publish(self.publish(EventKind::HealthChanged, d).detail(detail));
+            .publish(device_event(EventKind::HealthChanged, d).detail(detail));
     }
 
     /// The release reset (`reset_on_release = "auto"`), after a detach or
@@ -555,7 +514,7 @@ impl Core {
     /// fail the release: it is recorded in `health` and published.
     pub(super) async fn reset_on_release(
         &self,
-        caller: Caller,
+        ctx: &OpContext<'_>,
         record: &DeviceRecord,
         why: &str,
     ) -> DeviceRecord {
@@ -585,7 +544,7 @@ impl Core {
             }
         };
         match self
-            .reset_locked(caller, &marked, ResetRequest::default(), Trigger::Release)
+            .reset_locked(ctx, &marked, ResetRequest::default(), Trigger::Release)
             .await
         {
             Ok(outcome) => outcome.device,
@@ -622,20 +581,15 @@ impl Core {
     /// and the attach fails if that fails.
     pub(super) async fn reset_before_attach(
         &self,
-        caller: Caller,
+        ctx: &OpContext<'_>,
         record: &DeviceRecord,
     ) -> Result<(), CoreError> {
         if record.health != Health::NeedsReset || !self.options.privileged {
             return Ok(());
         }
-        self.reset_locked(
-            caller,
-            record,
-            ResetRequest::default(),
-            Trigger::BeforeAttach,
-        )
-        .await
-        .map(|_| ())
+        self.reset_locked(ctx, record, ResetRequest::default(), Trigger::BeforeAttach)
+            .await
+            .map(|_| ())
     }
 
     /// Settles a reset whose write timed out (after it returned, or at the

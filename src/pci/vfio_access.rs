@@ -103,8 +103,7 @@ pub fn revoke(node: &Path, uid: u32) -> Result<(), PathError> {
 }
 
 /// The uids with a named entry on `node` (those vfiod or anyone granted).
-#[cfg(test)]
-fn granted_uids(node: &Path) -> Vec<u32> {
+pub fn granted_uids(node: &Path) -> Vec<u32> {
     let Ok(acl) = PosixACL::read_acl(node) else {
         return Vec::new();
     };

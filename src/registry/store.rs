@@ -138,6 +138,11 @@ impl Store {
         if result.is_err() {
             // A half-written temporary file must not linger on a full disk.
             let _ = fs::remove_file(&tmp);
+        } else {
+            crate::crashpoint::step(
+                crate::crashpoint::StepKind::Commit,
+                format_args!("{} devices", state.devices.len()),
+            );
         }
         result
     }

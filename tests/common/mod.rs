@@ -189,6 +189,9 @@ pub struct Daemon {
     pub devfs: PathBuf,
     pub log: PathBuf,
     pub extra_args: Vec<String>,
+    /// Extra environment of the next (re)start, e.g. the crash-point
+    /// variables (`vfiod::crashpoint`).
+    pub env: Vec<(String, String)>,
     /// RLIMIT_NOFILE (soft, hard) to start the daemon with; None inherits.
     pub nofile: Option<(u64, u64)>,
     _dir: std::sync::Arc<TempDir>,
@@ -214,6 +217,7 @@ impl Daemon {
             devfs: fs.devfs.clone(),
             log: dir_path.join("vfiod.log"),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             nofile,
             _dir: dir,
             dir_path,
@@ -250,7 +254,8 @@ impl Daemon {
             .args(&self.extra_args)
             .env_remove("NOTIFY_SOCKET")
             .env_remove("LISTEN_FDS")
-            .env("VFIOD_LOG", "debug");
+            .env("VFIOD_LOG", "debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         // If the test process dies (a timeout, a panic in another thread),
         // the daemon must not outlive it.
         let nofile = self.nofile;

@@ -319,6 +319,7 @@ struct Sim {
     pipes: HashMap<PathBuf, Pipe>,
     faults: HashMap<PathBuf, Fault>,
     wrong_driver: HashMap<String, String>,
+    always_wrong_driver: HashMap<String, String>,
     ignore_probe: HashSet<String>,
     /// Highest wait_idle marker seen in the event stream.
     marker_seen: u64,
@@ -537,10 +538,22 @@ impl SimKernel {
     }
 
     /// On the next `drivers_probe` of `addr`, bind `driver` instead of the
-    /// right one (if `driver` is loaded; otherwise the device stays unbound).
+    /// right one (if `driver` is loaded; otherwise the device stays unbound):
+    /// the kernel's own probe of a device just added winning the race
+    /// against vfiod's override.
     pub fn bind_wrong_driver(&self, addr: &str, driver: &str) {
         lock(&self.shared.sim)
             .wrong_driver
+            .insert(addr.to_string(), driver.to_string());
+    }
+
+    /// On every `drivers_probe` of `addr` from now on, bind `driver`
+    /// instead of the right one: a driver that keeps taking the device (a
+    /// dynamic id, a misconfigured host), which no retry gets past, unlike
+    /// the one-off race [`SimKernel::bind_wrong_driver`] models.
+    pub fn bind_wrong_driver_always(&self, addr: &str, driver: &str) {
+        lock(&self.shared.sim)
+            .always_wrong_driver
             .insert(addr.to_string(), driver.to_string());
     }
 
@@ -1219,7 +1232,11 @@ impl Shared {
             dbg_log!(self, "probe {addr} ignored");
             return;
         }
-        let target = match sim.wrong_driver.remove(addr) {
+        let wrong = sim
+            .wrong_driver
+            .remove(addr)
+            .or_else(|| sim.always_wrong_driver.get(addr).cloned());
+        let target = match wrong {
             Some(wrong) => Some(wrong),
             None => self
                 .override_for(sim, addr)
