@@ -29,13 +29,13 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::crashpoint::{self, StepKind};
 use crate::pci::{is_vfio_driver, PciAddress, Sysfs, SysfsError, VFIO_PCI};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Step {
     SetOverride,
@@ -176,7 +176,7 @@ impl EngineError {
 
 /// One function to move: the driver it had before (and gets back), and
 /// the vfio driver it goes to (`None`: plain vfio-pci).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Move {
     pub pci_address: PciAddress,
     pub from: Option<String>,

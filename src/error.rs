@@ -103,7 +103,7 @@ pub struct MoveFailure {
 }
 
 /// Which check after a reset failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ResetCheck {
     /// Config space does not answer (vendor ID 0xffff, or unreadable).

@@ -319,7 +319,7 @@ fn device_registry(devices: &DeviceRegistry) -> Registry {
             vendor_id: format!("{:04x}", d.vendor_id),
             device_id: format!("{:04x}", d.device_id),
             iommu_group: d.iommu_group.map_or("-1".into(), |g| g.to_string()),
-            r#type: crate::pci::device_type(d.class),
+            r#type: crate::pci::device_type(d.class).as_str(),
         })
         .set(1);
         let labels = DeviceLabels {

@@ -115,6 +115,47 @@ fn completion_offers_the_registered_devices_of_the_running_agent() {
             text.contains(GPU),
             "the help column shows the address: {text}"
         );
+        let nic_id = d.get("/devices/nic0").json()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let fish = |line: &str| -> Vec<String> {
+            let out = Command::new("fish")
+                .args([
+                    "--no-config",
+                    "-c",
+                    &format!(
+                        "source '{}'; complete -C'vfioctl --socket {socket} {line}'",
+                        fish_file.display()
+                    ),
+                ])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| !l.starts_with('-'))
+                .map(str::to_owned)
+                .collect()
+        };
+        // The help column: a name's address and id, an id's address and
+        // name, a candidate's vendor and device names.
+        let mut shown = fish("show ");
+        shown.sort();
+        assert_eq!(
+            shown,
+            [format!("gpu0\t{GPU} {id}"), format!("nic0\t{NIC} {nic_id}")]
+        );
+        assert_eq!(
+            fish(&format!("show {}", &id[..3])),
+            [format!("{id}\t{GPU} gpu0")]
+        );
+        assert_eq!(
+            fish("register 0000:00:0"),
+            [
+                "0000:00:04.0\tNVIDIA Corporation TU104GL [Tesla T4]",
+                "0000:00:05.0\tAdvanced Micro Devices, Inc. [AMD/ATI] Navi 21 [Radeon RX 6800/6800 XT / 6900 XT]"
+            ]
+        );
     } else {
         eprintln!("fish not installed: its completion was not run");
     }

@@ -2,6 +2,7 @@
 //! core call, shape the answer (see [`wire`]). Nothing here decides
 //! anything the core should.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -51,7 +52,7 @@ impl Call<'_> {
     }
 
     /// A change that may be a dry run: the plan then, else the device.
-    fn planned<Plan: Serialize>(
+    fn planned<Plan: Serialize + Clone>(
         &self,
         dry_run: bool,
         d: &DeviceRecord,
@@ -184,10 +185,10 @@ pub async fn reset(c: Call<'_>) -> Answer {
 pub async fn holders(c: Call<'_>) -> Answer {
     let (record, holders) = c.core().holders(&c.id).await?;
     let body = wire::Holders {
-        id: &record.id,
-        name: &record.name,
+        id: Cow::Borrowed(&record.id),
+        name: Cow::Borrowed(&record.name),
         pci_address: record.pci_address,
-        holders: &holders,
+        holders: Cow::Borrowed(&holders),
     };
     Ok(respond::json(StatusCode::OK, &body))
 }
@@ -210,8 +211,8 @@ pub async fn events(c: Call<'_>) -> Answer {
 pub async fn health(c: Call<'_>) -> Answer {
     let health = c.core().health();
     let body = wire::HealthBody {
-        status: "ok",
-        health: &health,
+        status: Cow::Borrowed("ok"),
+        health: Cow::Borrowed(&health),
     };
     Ok(respond::json(StatusCode::OK, &body))
 }

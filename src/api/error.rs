@@ -9,7 +9,9 @@
 use std::time::Duration;
 
 use hyper::StatusCode;
-use serde::Serialize;
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
 
 use crate::engine::Step;
 use crate::error::{CoreError, ResetCheck};
@@ -66,25 +68,25 @@ fn listener_note(serves: &Option<String>) -> String {
 }
 
 /// Every error body: `{"code", "message"}` plus optional detail.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ErrorBody {
-    pub code: &'static str,
+    pub code: Cow<'static, str>,
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub step: Option<Step>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub errno: Option<i32>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conflicting_functions: Vec<ConflictingFunction>,
     /// After a reset: the check that failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failed_check: Option<ResetCheck>,
     /// For `device_busy`: what holds the device, each with a `kind`.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub holders: Vec<crate::pci::holders::Holder>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ConflictingFunction {
     pub pci_address: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -97,7 +99,7 @@ pub struct ConflictingFunction {
 impl ErrorBody {
     fn new(code: &'static str, message: impl Into<String>) -> Self {
         ErrorBody {
-            code,
+            code: Cow::Borrowed(code),
             message: message.into(),
             step: None,
             errno: None,
@@ -456,7 +458,7 @@ mod tests {
         );
         for (err, status, code) in cases {
             let (s, body) = to_body(&err);
-            assert_eq!((s.as_u16(), body.code), (status, code), "{err:?}");
+            assert_eq!((s.as_u16(), &*body.code), (status, code), "{err:?}");
             assert!(!body.message.is_empty());
             assert!(
                 documented.iter().any(|c| c == code),
@@ -489,5 +491,33 @@ mod tests {
         let (_, body) = to_body(&err.into());
         assert_eq!(body.conflicting_functions.len(), 1);
         assert!(body.message.contains("0000:01:00.1 on snd_hda_intel"));
+    }
+
+    #[test]
+    fn error_body_wire_bytes() {
+        let mut body = ErrorBody::new("device_busy", "0000:01:00.0 is in use");
+        assert_eq!(
+            serde_json::to_string(&body).unwrap(),
+            r#"{"code":"device_busy","message":"0000:01:00.0 is in use"}"#
+        );
+        body.step = Some(Step::Unbind);
+        body.errno = Some(16);
+        body.failed_check = Some(ResetCheck::PowerState);
+        body.conflicting_functions = vec![ConflictingFunction {
+            pci_address: "0000:01:00.1".into(),
+            driver: Some("snd_hda_intel".into()),
+            reason: None,
+        }];
+        body.holders = vec![crate::pci::holders::Holder::Swap {
+            pci_address: addr(),
+            device: "/dev/nvme0n1p3".into(),
+        }];
+        assert_eq!(
+            serde_json::to_string(&body).unwrap(),
+            r#"{"code":"device_busy","message":"0000:01:00.0 is in use","step":"unbind","errno":16,"conflicting_functions":[{"pci_address":"0000:01:00.1","driver":"snd_hda_intel"}],"failed_check":"power_state","holders":[{"kind":"swap","pci_address":"0000:01:00.0","device":"/dev/nvme0n1p3"}]}"#
+        );
+        let text = serde_json::to_string(&body).unwrap();
+        let read: ErrorBody = serde_json::from_str(&text).unwrap();
+        assert_eq!(serde_json::to_string(&read).unwrap(), text);
     }
 }

@@ -37,13 +37,14 @@ pub use operation::{OpKind, Operation, Outcome};
 pub use reconcile::HotplugEvent;
 pub use types::*;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio_util::task::TaskTracker;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::engine::Engine;
 use crate::error::CoreError;
@@ -81,9 +82,9 @@ impl Caller {
 }
 
 /// Operational facts for `GET /health`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Health {
-    pub version: &'static str,
+    pub version: Cow<'static, str>,
     pub uptime_s: u64,
     pub vfio_pci_available: bool,
     pub iommu_enabled: bool,
@@ -401,7 +402,7 @@ impl Core {
     pub fn health(&self) -> Health {
         let sysfs = self.sysfs();
         Health {
-            version: env!("CARGO_PKG_VERSION"),
+            version: Cow::Borrowed(env!("CARGO_PKG_VERSION")),
             uptime_s: self.started.elapsed().as_secs(),
             vfio_pci_available: sysfs.driver_loaded(VFIO_PCI),
             iommu_enabled: sysfs.iommu_enabled(),

@@ -33,12 +33,29 @@ pub fn is_gpu_class(class: u32) -> bool {
 }
 
 /// A function's `type` as the API and the metrics name it: hypeman's
-/// `gpu` for a VGA or 3D controller, else `pci`.
-pub fn device_type(class: u32) -> &'static str {
+/// `gpu` for a VGA or 3D controller, `pci` for every other function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceType {
+    Gpu,
+    Pci,
+}
+
+impl DeviceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceType::Gpu => "gpu",
+            DeviceType::Pci => "pci",
+        }
+    }
+}
+
+/// The [`DeviceType`] of a function of PCI class `class`.
+pub fn device_type(class: u32) -> DeviceType {
     if is_gpu_class(class) {
-        "gpu"
+        DeviceType::Gpu
     } else {
-        "pci"
+        DeviceType::Pci
     }
 }
 
@@ -77,8 +94,8 @@ mod tests {
         assert!(is_gpu_class(0x030200));
         assert!(!is_gpu_class(0x038000));
         assert!(!is_gpu_class(0x040300));
-        assert_eq!(device_type(0x030200), "gpu");
-        assert_eq!(device_type(0x038000), "pci");
+        assert_eq!(device_type(0x030200).as_str(), "gpu");
+        assert_eq!(device_type(0x038000).as_str(), "pci");
     }
 
     #[test]

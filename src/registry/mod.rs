@@ -82,6 +82,13 @@ pub enum ResetResult {
     Timeout,
 }
 
+/// The wire name (`timeout`), serde's own so the two cannot differ.
+impl std::fmt::Display for ResetResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.serialize(f)
+    }
+}
+
 /// The last reset vfiod did (or tried) on a device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LastReset {

@@ -7,7 +7,8 @@
 //! device node.
 //!
 //! It is split by what it looks at, because each part reads a different
-//! source, at a different cost, and has limits of its own:
+//! source, at a different cost, and has limits of its own; what each
+//! detects and how, its cost and its limits are documented in its file:
 //! - `nodes`: the function's device nodes and child devices, from sysfs.
 //!   Cheap (one directory walk per function), and what the other two
 //!   parts look for.
@@ -38,6 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{PciAddress, Sysfs};
 use crate::path_error::PathError;
+/// The scan's callers pass one; it is [`crate::proc`]'s.
 pub use crate::proc::ProcFs;
 pub use processes::{default_threads, MAX_SCAN_THREADS};
 
@@ -229,8 +231,8 @@ pub struct ScanReport {
     pub uninspected: Vec<u32>,
 }
 
-/// What holds each of `functions`. See the module documentation for what
-/// is detected. Processes that vanish mid-scan and unreadable entries are
+/// What holds each of `functions` (what is detected: the parts' module
+/// documentation). Processes that vanish mid-scan and unreadable entries are
 /// skipped; processes that could not be inspected are logged.
 pub fn scan(
     sysfs: &Sysfs,
