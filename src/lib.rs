@@ -18,6 +18,11 @@
 //! - [`config`]: defaults, config file and flags;
 //! - [`crashpoint`]: numbered steps for the crash-point tests.
 
+/// Worker threads of the daemon's async runtime: the API, the core and
+/// the hotplug loop share them (blocking work goes to tokio's blocking
+/// pool). The benchmark gives its ceilings as many.
+pub const RUNTIME_WORKER_THREADS: usize = 2;
+
 pub mod api;
 pub mod config;
 pub mod core;

@@ -300,7 +300,7 @@ fn device_registry(devices: &DeviceRegistry) -> Registry {
         (
             "vfiod_device_attached",
             "Whether the device is attached to a virtual machine (0/1)",
-            |d| d.attached_to.is_some(),
+            |d| d.attached_to().is_some(),
         ),
         (
             "vfiod_device_stuck",
@@ -336,7 +336,7 @@ fn device_registry(devices: &DeviceRegistry) -> Registry {
                     pci_address: d.pci_address.to_string(),
                     health: state.as_str(),
                 })
-                .set(i64::from(d.health == state));
+                .set(i64::from(d.health.state == state));
         }
     }
     registry.register(

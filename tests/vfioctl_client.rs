@@ -568,6 +568,8 @@ ADDRESS       CLASS       DEVICE                                                
     assert_json_output(&["available", "--all"], &all);
 }
 
+/// The HOLDER column is `Holder`'s own `Display`, the words of vfiod's
+/// busy errors.
 #[test]
 fn holders_prints_one_line_per_holder_of_every_kind() {
     let answer = holders_answer();
@@ -578,11 +580,11 @@ FUNCTION      KIND                 HOLDER
 0000:01:00.0  process              pid 812 (Xorg) uid 0 has /dev/dri/card0 open, unit gdm.service
 0000:01:00.0  process              pid 4410 (nvidia-smi) uid 1000 has /dev/nvidia0 open
 0000:02:00.0  mount                /dev/nvme0n1p2 mounted on / (ext4)
-0000:02:00.0  swap                 /dev/nvme0n1p3 is swap in use
-0000:02:00.0  block_stack          nvme0n1p4 is held by dm-0
-0000:00:02.0  net_interface        eno1 addresses: 192.0.2.4/24, 2001:db8::4/64; routes: 2
-0000:00:02.0  net_interface        eno2 addresses: none; routes: 1
-0000:01:00.0  framebuffer_console  vtcon1 on framebuffer fb0
+0000:02:00.0  swap                 /dev/nvme0n1p3 is in use as swap
+0000:02:00.0  block_stack          nvme0n1p4 is part of dm-0 (md/dm/LVM)
+0000:00:02.0  net_interface        network interface eno1 addresses: 192.0.2.4/24, 2001:db8::4/64; routes: 2
+0000:00:02.0  net_interface        network interface eno2 addresses: none; routes: 1
+0000:01:00.0  framebuffer_console  framebuffer console vtcon1 is on fb0
 "
     );
     assert_json_output(&["holders", "gpu0"], &answer);

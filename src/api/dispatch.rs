@@ -3,7 +3,6 @@
 //! anything the core should.
 
 use std::borrow::Cow;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use hyper::header::HeaderValue;
@@ -14,7 +13,7 @@ use super::error::ApiError;
 use super::respond::{self, ResponseBody};
 use super::{event_stream, parse, wire, Api, Peer, EVENT_SEQ_HEADER, OPENAPI_YAML};
 use crate::core::{Caller, Core, Operation, Outcome};
-use crate::registry::{DeviceRecord, Registry};
+use crate::registry::DeviceRecord;
 
 /// A request as its handler gets it: routed, allowed, its body read
 /// (empty for a route that changes nothing).
@@ -68,37 +67,13 @@ impl Call<'_> {
 
 pub async fn list(c: Call<'_>) -> Answer {
     let core = c.core();
-    let ids = core.ids();
     let filter = parse::list_query(c.query)?;
     let seq = core.events().last_seq();
-    let mut resp = if filter.is_empty() {
-        let body = full_list(c.api, core.snapshot());
-        respond::bytes(StatusCode::OK, "application/json", body)
-    } else {
-        let devices = core.list(&filter);
-        let wire: Vec<_> = devices.iter().map(|d| wire::Device::new(d, ids)).collect();
-        respond::json(StatusCode::OK, &wire)
-    };
+    let body = c.api.lists().filtered(&filter);
+    let mut resp = respond::bytes(StatusCode::OK, "application/json", body);
     resp.headers_mut()
         .insert(EVENT_SEQ_HEADER, HeaderValue::from(seq));
     Ok(resp)
-}
-
-/// The JSON list of every device, serialised once per registry version.
-fn full_list(api: &Api, registry: Arc<Registry>) -> Bytes {
-    let mut cache = api.list_cache.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((cached, body)) = cache.as_ref() {
-        if Arc::ptr_eq(cached, &registry) {
-            return body.clone();
-        }
-    }
-    let ids = api.core.ids();
-    let wire: Vec<_> = registry.iter().map(|d| wire::Device::new(d, ids)).collect();
-    let mut body = serde_json::to_vec(&wire).expect("wire types serialise");
-    body.push(b'\n');
-    let body = Bytes::from(body);
-    *cache = Some((registry, body.clone()));
-    body
 }
 
 pub async fn register(c: Call<'_>) -> Answer {
@@ -122,7 +97,12 @@ pub async fn available(c: Call<'_>) -> Answer {
 }
 
 pub async fn get(c: Call<'_>) -> Answer {
-    Ok(c.device(StatusCode::OK, &c.core().get(&c.id)?))
+    let body = c
+        .api
+        .lists()
+        .device(&c.id)
+        .ok_or_else(|| crate::error::CoreError::NotFound(c.id.chars().take(80).collect()))?;
+    Ok(respond::bytes(StatusCode::OK, "application/json", body))
 }
 
 pub async fn update(c: Call<'_>) -> Answer {

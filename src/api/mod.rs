@@ -13,6 +13,7 @@ pub mod dispatch;
 pub mod error;
 pub mod event_stream;
 pub mod limits;
+pub mod list_cache;
 pub mod parse;
 pub mod peer;
 pub mod respond;
@@ -31,7 +32,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::Core;
 use crate::error::CoreError;
-use crate::registry::Registry;
 use error::ApiError;
 pub use limits::{Accounting, Limits};
 pub use peer::{AccessPolicy, Peer};
@@ -48,9 +48,6 @@ pub const OPENAPI_YAML: &str = include_str!("openapi.yaml");
 /// can follow `GET /events?since=` without a gap.
 pub const EVENT_SEQ_HEADER: &str = "x-vfiod-event-seq";
 
-/// A registry version and its serialised device list.
-type CachedList = (Arc<Registry>, Bytes);
-
 /// Everything a request handler needs.
 #[derive(Clone)]
 pub struct Api {
@@ -59,9 +56,9 @@ pub struct Api {
     /// Cancelled when vfiod stops: listeners stop accepting, connections
     /// finish, event streams end.
     shutdown: CancellationToken,
-    /// The unfiltered `GET /devices` body of one registry version: shared
-    /// by every request until the registry changes.
-    list_cache: Arc<std::sync::Mutex<Option<CachedList>>>,
+    /// The device list of the current registry version, serialised once:
+    /// `GET /devices` (filtered or not) and `GET /devices/{id_or_name}`.
+    lists: Arc<list_cache::ListCache>,
     /// Connections and event streams held per uid.
     accounting: Arc<Accounting>,
     /// See [`server`]: the time to deliver a request head, and to idle.
@@ -74,10 +71,15 @@ impl Api {
             core,
             policy,
             shutdown,
-            list_cache: Arc::default(),
+            lists: Arc::default(),
             accounting: Accounting::new(Limits::default()),
             header_timeout: server::DEFAULT_HEADER_TIMEOUT,
         }
+    }
+
+    /// The serialised device lists of the current registry version.
+    fn lists(&self) -> Arc<list_cache::ListVersion> {
+        self.lists.version(|| self.core.snapshot(), self.core.ids())
     }
 
     /// Bounds per unprivileged uid, and the header/idle timeout.

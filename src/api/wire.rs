@@ -107,13 +107,13 @@ impl<'a> Device<'a> {
             device_id: hex4(d.device_id),
             iommu_group: d.iommu_group.map_or(-1, i64::from),
             bound_to_vfio: d.bound_to_vfio(),
-            attached_to: borrowed(&d.attached_to),
+            attached_to: d.attached_to().map(Cow::Borrowed),
             created_at: d.created_at.to_rfc3339_opts(SecondsFormat::Secs, true),
             tags: Cow::Borrowed(&d.tags),
             present: d.present,
             current_driver: borrowed(&d.current_driver),
             original_driver: borrowed(&d.original_driver),
-            bound_by_vfiod: d.bound_by_vfiod,
+            bound_by_vfiod: d.bound_by_vfiod(),
             vendor_name: ids.vendor_name(d.vendor_id).map(Cow::Borrowed),
             device_name: ids.device_name(d.vendor_id, d.device_id).map(Cow::Borrowed),
             class: hex6(d.class),
@@ -126,13 +126,13 @@ impl<'a> Device<'a> {
             }),
             stuck: d.stuck,
             identity_mismatch: d.identity_mismatch,
-            group_companions: d.companions.iter().map(|c| c.pci_address).collect(),
-            health: d.health,
-            health_reason: borrowed(&d.health_reason),
-            last_reset: d.last_reset.as_ref().map(LastResetWire::new),
+            group_companions: d.companions().iter().map(|c| c.pci_address).collect(),
+            health: d.health.state,
+            health_reason: borrowed(&d.health.reason),
+            last_reset: d.health.last_reset.as_ref().map(LastResetWire::new),
             reset_method: d.reset_method.as_deref().map(Cow::Borrowed),
-            attached_uid: d.attached_to.as_ref().and(d.attached_uid),
-            attached_pid: d.attached_pid.map(|p| p.pid),
+            attached_uid: d.attached_uid(),
+            attached_pid: d.attached_pid().map(|p| p.pid),
         }
     }
 }
@@ -228,7 +228,9 @@ mod tests {
     use crate::engine::Move;
     use crate::pci::holders::Holder;
     use crate::registry::tests::record;
-    use crate::registry::{AttachedProcess, Companion, Health as DeviceHealth, PendingOp};
+    use crate::registry::{
+        AttachedProcess, Attachment, Binding, Companion, Health as DeviceHealth, PendingOp,
+    };
 
     fn ids() -> PciIds {
         PciIds::parse("10de  NVIDIA Corporation\n\t2236  GA102GL [A10]\n8086  Intel Corporation\n")
@@ -244,27 +246,31 @@ mod tests {
         let mut d = record("0000:01:00.0", "gpu0", "m2lp93h0ru0rrfojug4e64rk");
         d.created_at = "2026-12-07T01:34:48Z".parse().unwrap();
         d.tags = [("team".to_owned(), "ml".to_owned())].into();
-        d.attached_to = Some("vm-7".into());
-        d.attached_uid = Some(64055);
-        d.attached_pid = Some(AttachedProcess {
-            pid: 4242,
-            start_time: 99,
+        d.attachment = Some(Attachment {
+            instance: "vm-7".into(),
+            uid: Some(64055),
+            pid: Some(AttachedProcess {
+                pid: 4242,
+                start_time: 99,
+            }),
         });
-        d.bound_by_vfiod = true;
-        d.vfio_driver = Some("vfio-pci".into());
+        d.binding = Some(Binding {
+            vfio_driver: "vfio-pci".into(),
+            companions: vec![Companion {
+                pci_address: addr("0000:01:00.1"),
+                original_driver: Some("snd_hda_intel".into()),
+            }],
+            released_consoles: vec![],
+        });
         d.current_driver = Some("vfio-pci".into());
-        d.companions = vec![Companion {
-            pci_address: addr("0000:01:00.1"),
-            original_driver: Some("snd_hda_intel".into()),
-        }];
         d.pending = Some(PendingOp::Reset {
             restore_reset_method: None,
         });
         d.present = true;
         d.stuck = true;
-        d.health = DeviceHealth::NeedsReset;
-        d.health_reason = Some("reset timed out".into());
-        d.last_reset = Some(LastReset {
+        d.health.state = DeviceHealth::NeedsReset;
+        d.health.reason = Some("reset timed out".into());
+        d.health.last_reset = Some(LastReset {
             method: "flr".into(),
             at: "2026-12-07T01:40:02.125Z".parse().unwrap(),
             result: ResetResult::Timeout,

@@ -35,7 +35,7 @@ fn main() -> ExitCode {
     systemd::init_logging(&config.log_level);
     config.limits = api::limits::fit_to_descriptors(config.limits);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(vfiod::RUNTIME_WORKER_THREADS)
         .enable_all()
         .build()
     {

@@ -25,7 +25,7 @@ use crate::error::CoreError;
 use crate::events::EventKind;
 use crate::pci::{is_vfio_driver, vfio_access, PciAddress};
 use crate::proc::ProcFs;
-use crate::registry::{AttachedProcess, DeviceRecord};
+use crate::registry::{AttachedProcess, Attachment, DeviceRecord};
 
 /// Whether `process` is still the process that was attached.
 fn still_running(proc_root: &Path, process: AttachedProcess) -> bool {
@@ -81,16 +81,16 @@ impl Core {
         let uid = Self::attachment_uid(caller, req.uid)?;
         let process = req.pid.map(|pid| self.vmm_process(pid, uid)).transpose()?;
         let instance = req.instance.0;
-        if let Some(current) = &record.attached_to {
-            let same = *current == instance
-                && record.attached_uid.unwrap_or(0) == uid
-                && record.attached_pid.map(|p| p.pid) == req.pid;
+        if let Some(current) = &record.attachment {
+            let same = current.instance == instance
+                && current.uid.unwrap_or(0) == uid
+                && current.pid.map(|p| p.pid) == req.pid;
             return if same {
                 Ok(record)
             } else {
                 Err(CoreError::InUse {
                     device: record.name.clone(),
-                    instance: current.clone(),
+                    instance: current.instance.clone(),
                 })
             };
         }
@@ -114,9 +114,11 @@ impl Core {
         // order could leave an entry on the node that no record explains.
         let device = self
             .update_device(addr, |d| {
-                d.attached_to = Some(instance.clone());
-                d.attached_uid = Some(uid);
-                d.attached_pid = process;
+                d.attachment = Some(Attachment {
+                    instance: instance.clone(),
+                    uid: Some(uid),
+                    pid: process,
+                });
             })
             .await?
             .ok_or_else(|| CoreError::NotFound(id_or_name.to_owned()))?;
@@ -125,12 +127,7 @@ impl Core {
             if let Err(revoke) = self.revoke_grant(&device).await {
                 tracing::error!(device = %addr, error = %revoke, "could not take back a partly written grant");
             }
-            self.update_device(addr, |d| {
-                d.attached_to = None;
-                d.attached_uid = None;
-                d.attached_pid = None;
-            })
-            .await?;
+            self.update_device(addr, |d| d.attachment = None).await?;
             return Err(e);
         }
         if let Some(process) = process {
@@ -159,7 +156,7 @@ impl Core {
             .snapshot()
             .iter()
             .filter(|d| d.pci_address != record.pci_address && d.iommu_group == Some(group))
-            .filter_map(|d| match (&d.attached_to, d.attached_uid) {
+            .filter_map(|d| match (d.attached_to(), d.attached_uid()) {
                 (Some(_), Some(other)) if other != uid => Some((d.pci_address, other)),
                 (Some(_), None) if uid != 0 => Some((d.pci_address, 0)),
                 _ => None,
@@ -180,8 +177,7 @@ impl Core {
     /// The nodes `record`'s attachment opens, for its uid: every VFIO node
     /// of the device that exists now. Root needs no grant.
     fn grant_nodes(&self, record: &DeviceRecord) -> Option<(u32, Vec<PathBuf>)> {
-        let uid = record.attached_uid.filter(|uid| *uid != 0)?;
-        record.attached_to.as_ref()?;
+        let uid = record.attached_uid().filter(|uid| *uid != 0)?;
         let group = self.sysfs().iommu_group(&record.pci_address)?;
         Some((
             uid,
@@ -206,9 +202,7 @@ impl Core {
         };
         let registry = self.snapshot();
         let still_needed = |other: &&DeviceRecord| {
-            other.pci_address != record.pci_address
-                && other.attached_to.is_some()
-                && other.attached_uid == Some(uid)
+            other.pci_address != record.pci_address && other.attached_uid() == Some(uid)
         };
         let group_shared = registry
             .iter()
@@ -241,16 +235,12 @@ impl Core {
             tracing::error!(device = %addr, error = %e, "could not revoke the VFIO node grant");
         }
         let device = self
-            .update_device(addr, |d| {
-                d.attached_to = None;
-                d.attached_uid = None;
-                d.attached_pid = None;
-            })
+            .update_device(addr, |d| d.attachment = None)
             .await?
             .unwrap_or_else(|| record.clone());
         ctx.publish(
             ctx.event(kind, &device)
-                .instance(record.attached_to.clone())
+                .instance(record.attached_to().map(str::to_owned))
                 .detail(why),
         );
         Ok(device)
@@ -265,7 +255,7 @@ impl Core {
         keep_bound: bool,
     ) -> Result<DeviceRecord, CoreError> {
         let caller = ctx.caller;
-        if let Some(instance) = &record.attached_to {
+        if let Some(instance) = record.attached_to() {
             let addr = record.pci_address;
             tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, instance = %instance, "detaching {addr} from instance {instance} for {caller}");
         }
@@ -308,11 +298,12 @@ impl Core {
         process: AttachedProcess,
         why: String,
     ) {
-        if record.attached_pid != Some(process) || still_running(&self.options.proc_root, process) {
+        if record.attached_pid() != Some(process) || still_running(&self.options.proc_root, process)
+        {
             return;
         }
         let addr = record.pci_address;
-        tracing::info!(device = %addr, instance = ?record.attached_to, "attachment of {addr} ended: {why}");
+        tracing::info!(device = %addr, instance = ?record.attached_to(), "attachment of {addr} ended: {why}");
         let how = Release {
             why: "its VMM exited".into(),
             ends_attachment: Some((EventKind::AttachmentEnded, why)),
@@ -330,12 +321,12 @@ impl Core {
         let attached: Vec<DeviceRecord> = self
             .snapshot()
             .iter()
-            .filter(|d| d.attached_to.is_some())
+            .filter(|d| d.attachment.is_some())
             .cloned()
             .collect();
         for record in attached {
             let addr = record.pci_address;
-            match record.attached_pid {
+            match record.attached_pid() {
                 Some(process) if !still_running(&self.options.proc_root, process) => {
                     let why = format!("VMM pid {} exited while vfiod was not running", process.pid);
                     let op = Operation::EndAttachment {
@@ -348,7 +339,7 @@ impl Core {
                     }
                     continue;
                 }
-                Some(process) => self.follow_vmm(addr, process, record.attached_uid.unwrap_or(0)),
+                Some(process) => self.follow_vmm(addr, process, record.attached_uid().unwrap_or(0)),
                 None => {}
             }
             if record.present {
@@ -378,8 +369,7 @@ impl Core {
             for node in vfio_access::vfio_nodes(self.sysfs(), &record.pci_address, group) {
                 for uid in vfio_access::granted_uids(&node) {
                     let explained = registry.iter().any(|d| {
-                        d.attached_to.is_some()
-                            && d.attached_uid == Some(uid)
+                        d.attached_uid() == Some(uid)
                             && if node == group_node {
                                 d.iommu_group == Some(group)
                             } else if node == iommu_node {

@@ -373,14 +373,6 @@ impl Core {
 
     // ---- reads ----
 
-    pub fn list(&self, tag_filter: &[(String, String)]) -> Vec<DeviceRecord> {
-        self.snapshot()
-            .iter()
-            .filter(|d| tag_filter.iter().all(|(k, v)| d.tags.get(k) == Some(v)))
-            .cloned()
-            .collect()
-    }
-
     pub fn get(&self, id_or_name: &str) -> Result<DeviceRecord, CoreError> {
         self.resolve(id_or_name)
     }

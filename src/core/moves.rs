@@ -11,7 +11,7 @@ use crate::events::EventKind;
 use crate::metrics::{self, MoveResult};
 use crate::pci::holders::vtconsole_bind_path;
 use crate::pci::{is_vfio_driver, PciAddress, PciFunction, Sysfs};
-use crate::registry::{Companion, DeviceRecord, PendingOp};
+use crate::registry::{Binding, Companion, DeviceRecord, PendingOp};
 
 fn plan_steps(sysfs: &Sysfs, moves: &[Move], group: u32) -> Vec<String> {
     let mut steps = Vec::new();
@@ -243,6 +243,8 @@ impl Core {
         self.update_device(addr, |d| {
             d.pending = Some(PendingOp::Bind {
                 vfio_driver: vfio.clone(),
+                companions,
+                released_consoles: consoles.clone(),
             });
             // A device found without a driver keeps the one recorded
             // earlier (e.g. left driverless by a failed rollback): that is
@@ -250,8 +252,6 @@ impl Core {
             if let Some(from) = device_from.clone().filter(|d| !is_vfio_driver(d)) {
                 d.original_driver = Some(from);
             }
-            d.companions = companions;
-            d.released_consoles = consoles.clone();
         })
         .await?;
         for path in consoles
@@ -263,9 +263,7 @@ impl Core {
                 metrics::record_move(OpKind::Bind.as_str(), result, started.elapsed());
                 return Err(self
                     .record_failed_move(ctx, record, OpKind::Bind, error, None, |d| {
-                        d.pending = None;
-                        d.companions.clear();
-                        d.released_consoles.clear();
+                        d.pending = None
                     })
                     .await);
             }
@@ -277,9 +275,7 @@ impl Core {
                 let vfio = plan.vfio_driver.clone();
                 let device = self
                     .update_device(addr, |d| {
-                        d.pending = None;
-                        d.bound_by_vfiod = true;
-                        d.vfio_driver = Some(vfio);
+                        d.binding = Some(bound(d.pending.take(), vfio));
                         d.current_driver = current.clone();
                         d.present = true;
                     })
@@ -304,11 +300,7 @@ impl Core {
                         OpKind::Bind,
                         failure.error,
                         failure.rollback,
-                        |d| {
-                            d.pending = None;
-                            d.companions.clear();
-                            d.released_consoles.clear();
-                        },
+                        |d| d.pending = None,
                     )
                     .await;
                 if rolled_back {
@@ -344,7 +336,7 @@ impl Core {
     ) -> Result<DeviceRecord, CoreError> {
         ensure_not_attached(record)?;
         let addr = record.pci_address;
-        if !record.bound_by_vfiod {
+        if !record.bound_by_vfiod() {
             // Already back where vfiod would have put it: nothing to do.
             // On vfio by someone else's hand: not vfiod's to undo.
             let on_vfio = self
@@ -391,15 +383,13 @@ impl Core {
                 let device = self
                     .update_device(addr, |d| {
                         d.pending = None;
-                        d.bound_by_vfiod = false;
-                        d.vfio_driver = None;
-                        d.companions.clear();
-                        d.released_consoles.clear();
+                        d.binding = None;
                         d.current_driver = current.clone();
                     })
                     .await?
                     .unwrap_or_else(|| record.clone());
-                self.restore_consoles(addr, &record.released_consoles).await;
+                self.restore_consoles(addr, record.released_consoles())
+                    .await;
                 let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
                 metrics::record_move(OpKind::Unbind.as_str(), MoveResult::Ok, started.elapsed());
                 tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, driver = ?current, elapsed_ms, "gave {addr} back to {} for {caller} in {elapsed_ms:.1} ms", current.as_deref().unwrap_or("no driver"));
@@ -412,7 +402,10 @@ impl Core {
                 Err(self
                     .record_failed_move(ctx, record, OpKind::Unbind, error, None, |d| {
                         d.pending = None;
-                        d.bound_by_vfiod = d.current_driver.as_deref().is_some_and(is_vfio_driver);
+                        // Still on vfio: still vfiod's to give back.
+                        if !d.current_driver.as_deref().is_some_and(is_vfio_driver) {
+                            d.binding = None;
+                        }
                     })
                     .await)
             }
@@ -538,7 +531,7 @@ impl Core {
         }
         tracing::info!(device = %addr, op = ?op, "settling an operation left unfinished");
         match op {
-            PendingOp::Bind { vfio_driver } => {
+            PendingOp::Bind { vfio_driver, .. } => {
                 let group = self.sysfs().iommu_group(&addr).unwrap_or(u32::MAX);
                 let mut moves = restore_moves(record);
                 moves[0].to = Some(vfio_driver.clone());
@@ -550,25 +543,21 @@ impl Core {
                 }
                 let _ = self
                     .update_device(addr, |d| {
-                        d.pending = None;
-                        d.bound_by_vfiod = ok;
-                        d.vfio_driver = ok.then_some(vfio_driver.clone());
-                        if !ok {
-                            d.companions.clear();
-                            d.released_consoles.clear();
-                        }
+                        let pending = d.pending.take();
+                        d.binding = ok.then(|| bound(pending, vfio_driver.clone()));
                         d.current_driver = current;
                     })
                     .await;
                 if !ok {
-                    self.restore_consoles(addr, &record.released_consoles).await;
+                    self.restore_consoles(addr, record.released_consoles())
+                        .await;
                 }
             }
             PendingOp::Reset {
                 restore_reset_method,
             } => self.settle_reset(record, restore_reset_method).await,
             PendingOp::Unbind => {
-                if record.attached_to.is_some() {
+                if record.attachment.is_some() {
                     return;
                 }
                 let result = self.engine.restore(&restore_moves(record)).await;
@@ -580,20 +569,39 @@ impl Core {
                 let _ = self
                     .update_device(addr, |d| {
                         d.pending = None;
-                        d.bound_by_vfiod = still_vfio;
                         if !still_vfio {
-                            d.vfio_driver = None;
-                            d.companions.clear();
-                            d.released_consoles.clear();
+                            d.binding = None;
                         }
                         d.current_driver = current;
                     })
                     .await;
                 if !still_vfio {
-                    self.restore_consoles(addr, &record.released_consoles).await;
+                    self.restore_consoles(addr, record.released_consoles())
+                        .await;
                 }
             }
         }
+    }
+}
+
+/// The binding a finished bind leaves: its driver, and the companions and
+/// consoles its pending record carried.
+fn bound(pending: Option<PendingOp>, vfio_driver: String) -> Binding {
+    match pending {
+        Some(PendingOp::Bind {
+            companions,
+            released_consoles,
+            ..
+        }) => Binding {
+            vfio_driver,
+            companions,
+            released_consoles,
+        },
+        _ => Binding {
+            vfio_driver,
+            companions: Vec::new(),
+            released_consoles: Vec::new(),
+        },
     }
 }
 
@@ -604,7 +612,7 @@ pub(super) fn restore_moves(record: &DeviceRecord) -> Vec<Move> {
     )];
     moves.extend(
         record
-            .companions
+            .companions()
             .iter()
             .map(|c| Move::restore(c.pci_address, c.original_driver.clone())),
     );

@@ -254,8 +254,8 @@ pub(super) fn device_event(kind: EventKind, d: &DeviceRecord) -> Event {
 /// Attach and bind hand a device out: refused while it is unfit. (A
 /// device that needs a reset is fit: it is reset before it is attached.)
 pub(super) fn ensure_fit(record: &DeviceRecord) -> Result<(), CoreError> {
-    let reason = || record.health_reason.clone().unwrap_or_default();
-    match record.health {
+    let reason = || record.health.reason.clone().unwrap_or_default();
+    match record.health.state {
         Health::Quarantined => Err(CoreError::DeviceQuarantined {
             device: record.name.clone(),
             reason: reason(),
@@ -271,10 +271,10 @@ pub(super) fn ensure_fit(record: &DeviceRecord) -> Result<(), CoreError> {
 /// A device handed to an instance cannot be moved, reset or deleted
 /// under it.
 pub(super) fn ensure_not_attached(record: &DeviceRecord) -> Result<(), CoreError> {
-    match &record.attached_to {
+    match record.attached_to() {
         Some(instance) => Err(CoreError::InUse {
             device: record.name.clone(),
-            instance: instance.clone(),
+            instance: instance.to_owned(),
         }),
         None => Ok(()),
     }

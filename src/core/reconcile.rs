@@ -102,7 +102,7 @@ impl Core {
     fn wants_vfio(&self, record: &DeviceRecord) -> bool {
         record.present
             && !record.identity_mismatch
-            && (record.bound_by_vfiod || record.attached_to.is_some())
+            && (record.bound_by_vfiod() || record.attached_to().is_some())
     }
 
     /// Runs one of vfiod's own operations at startup and waits for it; a
@@ -126,13 +126,11 @@ impl Core {
         let addr = record.pci_address;
         // Never forced: vfiod's own moves respect every holder.
         let req = BindRequest {
-            with_group: !record.companions.is_empty(),
+            with_group: !record.companions().is_empty(),
             ..BindRequest::default()
         };
         tracing::info!(device = %addr, "restoring the vfio binding vfiod holds for this device (vfiod's own action: after a restart, a re-plug or a reclaim)");
-        let mut current = record.clone();
-        current.bound_by_vfiod = false;
-        let outcome = self.apply_bind(ctx, &current, req).await?;
+        let outcome = self.apply_bind(ctx, record, req).await?;
         if let Err(e) = self.apply_grant(&outcome.device).await {
             tracing::error!(device = %addr, error = %e, "could not re-apply the VFIO node grant of the attachment");
         }
@@ -159,7 +157,7 @@ impl Core {
                     .ok()
                     .flatten();
                 if let Some(d) = &device {
-                    tracing::warn!(device = %addr, id = %d.id, attached_to = ?d.attached_to, "registered device left the bus");
+                    tracing::warn!(device = %addr, id = %d.id, attached_to = ?d.attached_to(), "registered device left the bus");
                 }
                 self.events.publish(Event::new(
                     EventKind::HotplugRemove,
@@ -211,7 +209,7 @@ impl Core {
                                 function.subsystem_device_id
                             ),
                         ));
-                } else if device.health == crate::registry::Health::NeedsHostReboot {
+                } else if device.health.state == crate::registry::Health::NeedsHostReboot {
                     tracing::error!(device = %addr, "a registered device came back but its config space reads all ones; leaving it alone until the host reboots");
                 } else if is_add && self.wants_vfio(&device) && !device.bound_to_vfio() {
                     self.spawn_rebind(device);
@@ -233,7 +231,7 @@ impl Core {
                     .driver(driver.clone()),
                 );
                 if let Some(d) = device {
-                    let stolen = d.bound_by_vfiod
+                    let stolen = d.bound_by_vfiod()
                         && d.pending.is_none()
                         && !d.stuck
                         && !driver.as_deref().is_some_and(is_vfio_driver);

@@ -48,15 +48,15 @@ impl Core {
         record: &DeviceRecord,
         how: Release,
     ) -> Result<DeviceRecord, CoreError> {
-        let was_attached = record.attached_to.is_some();
+        let was_attached = record.attached_to().is_some();
         let mut device = record.clone();
         if let (true, Some((kind, detail))) = (was_attached, how.ends_attachment) {
             device = self.end_attachment(ctx, &device, kind, detail).await?;
         }
-        if !device.stuck && (was_attached || (how.give_back && device.bound_by_vfiod)) {
+        if !device.stuck && (was_attached || (how.give_back && device.bound_by_vfiod())) {
             device = self.reset_on_release(ctx, &device, &how.why).await;
         }
-        if how.give_back && device.bound_by_vfiod && device.present {
+        if how.give_back && device.bound_by_vfiod() && device.present {
             if device.stuck {
                 return Err(CoreError::DeviceStuck(device.pci_address));
             }

@@ -8,7 +8,7 @@
 //! parent bridge and everything below it), not from VFIO's hot-reset info:
 //! that needs a device fd, and getting one takes the group exclusively
 //! (a VMM starting then would get EBUSY) and makes vfio-pci reset the
-//! function on open. The real-kernel scenario `r` checks that both give
+//! function on open. The real-kernel scenario `resets` checks that both give
 //! the same functions (behind a root port, and behind a PCIe-to-PCI
 //! bridge). A reset is refused (409
 //! `reset_scope_conflict`) when its scope holds a function outside the
@@ -71,19 +71,22 @@ struct Selection {
 /// Health after a failed reset. `reason` says what failed.
 fn apply_failure(d: &mut DeviceRecord, reason: &str, all_ones: bool, quarantine_after: u32) {
     if all_ones {
-        d.health = Health::NeedsHostReboot;
-        d.health_reason = Some(format!(
+        d.health.state = Health::NeedsHostReboot;
+        d.health.reason = Some(format!(
             "config space reads all ones after a reset: {reason}"
         ));
-    } else if d.reset_failures >= quarantine_after {
-        d.health = Health::Quarantined;
-        d.health_reason = Some(format!(
+    } else if d.health.reset_failures >= quarantine_after {
+        d.health.state = Health::Quarantined;
+        d.health.reason = Some(format!(
             "{} consecutive failed resets; last: {reason}",
-            d.reset_failures
+            d.health.reset_failures
         ));
-    } else if !matches!(d.health, Health::Quarantined | Health::NeedsHostReboot) {
-        d.health = Health::NeedsReset;
-        d.health_reason = Some(format!("the last reset failed: {reason}"));
+    } else if !matches!(
+        d.health.state,
+        Health::Quarantined | Health::NeedsHostReboot
+    ) {
+        d.health.state = Health::NeedsReset;
+        d.health.reason = Some(format!("the last reset failed: {reason}"));
     }
 }
 
@@ -134,7 +137,7 @@ impl Core {
                 }
             }
             if let Some(owner) = registry.owner_of(f) {
-                if let Some(instance) = &owner.attached_to {
+                if let Some(instance) = &owner.attached_to() {
                     let via = if owner.pci_address == *f {
                         String::new()
                     } else {
@@ -349,8 +352,8 @@ impl Core {
                 let quarantine_after = self.options.quarantine_after;
                 let last = last(ResetResult::Timeout);
                 self.update_health(addr, |d| {
-                    d.last_reset = Some(last);
-                    d.reset_failures += 1;
+                    d.health.last_reset = Some(last);
+                    d.health.reset_failures += 1;
                     apply_failure(d, &reason, false, quarantine_after);
                 })
                 .await?;
@@ -378,20 +381,20 @@ impl Core {
         let last = last(result);
         let device = self
             .update_device(addr, |d| {
-                health_before = Some(d.health);
+                health_before = Some(d.health.state);
                 d.pending = None;
                 d.current_driver = current;
-                d.last_reset = Some(last);
+                d.health.last_reset = Some(last);
                 match &reason {
                     None => {
-                        d.reset_failures = 0;
-                        if d.health != Health::Quarantined || trigger == Trigger::Explicit {
-                            d.health = Health::Ok;
-                            d.health_reason = None;
+                        d.health.reset_failures = 0;
+                        if d.health.state != Health::Quarantined || trigger == Trigger::Explicit {
+                            d.health.state = Health::Ok;
+                            d.health.reason = None;
                         }
                     }
                     Some(reason) => {
-                        d.reset_failures += 1;
+                        d.health.reset_failures += 1;
                         apply_failure(d, reason, all_ones, quarantine_after);
                     }
                 }
@@ -485,7 +488,7 @@ impl Core {
         let mut before = None;
         let updated = self
             .update_device(addr, |d| {
-                before = Some(d.health);
+                before = Some(d.health.state);
                 change(d);
             })
             .await?;
@@ -495,14 +498,14 @@ impl Core {
 
     fn publish_health_change(&self, before: Option<Health>, after: Option<&DeviceRecord>) {
         let Some(d) = after else { return };
-        if before == Some(d.health) {
+        if before == Some(d.health.state) {
             return;
         }
-        let detail = match &d.health_reason {
-            Some(r) => format!("{}: {r}", d.health.as_str()),
-            None => d.health.as_str().to_owned(),
+        let detail = match &d.health.reason {
+            Some(r) => format!("{}: {r}", d.health.state.as_str()),
+            None => d.health.state.as_str().to_owned(),
         };
-        tracing::warn!(device = %d.pci_address, health = d.health.as_str(), "health of {} is now {detail}", d.pci_address);
+        tracing::warn!(device = %d.pci_address, health = d.health.state.as_str(), "health of {} is now {detail}", d.pci_address);
         self.events
             .publish(device_event(EventKind::HealthChanged, d).detail(detail));
     }
@@ -529,9 +532,9 @@ impl Core {
         let marked_why = why.to_owned();
         let marked = match self
             .update_health(addr, |d| {
-                if d.health == Health::Ok {
-                    d.health = Health::NeedsReset;
-                    d.health_reason = Some(format!("released ({marked_why}) and not reset yet"));
+                if d.health.state == Health::Ok {
+                    d.health.state = Health::NeedsReset;
+                    d.health.reason = Some(format!("released ({marked_why}) and not reset yet"));
                 }
             })
             .await
@@ -562,8 +565,8 @@ impl Core {
                     let reason = format!("released ({why}) and not reset: {e}");
                     let _ = self
                         .update_device(addr, |d| {
-                            if d.health == Health::NeedsReset {
-                                d.health_reason = Some(reason);
+                            if d.health.state == Health::NeedsReset {
+                                d.health.reason = Some(reason);
                             }
                         })
                         .await;
@@ -584,7 +587,7 @@ impl Core {
         ctx: &OpContext<'_>,
         record: &DeviceRecord,
     ) -> Result<(), CoreError> {
-        if record.health != Health::NeedsReset || !self.options.privileged {
+        if record.health.state != Health::NeedsReset || !self.options.privileged {
             return Ok(());
         }
         self.reset_locked(ctx, record, ResetRequest::default(), Trigger::BeforeAttach)
@@ -610,12 +613,12 @@ impl Core {
                 d.pending = None;
                 d.current_driver = current;
                 if all_ones {
-                    d.health = Health::NeedsHostReboot;
-                    d.health_reason =
+                    d.health.state = Health::NeedsHostReboot;
+                    d.health.reason =
                         Some("config space reads all ones after a reset that hung".into());
-                } else if d.health != Health::Quarantined {
-                    d.health = Health::NeedsReset;
-                    d.health_reason = Some(
+                } else if d.health.state != Health::Quarantined {
+                    d.health.state = Health::NeedsReset;
+                    d.health.reason = Some(
                         "a reset did not return within the time limit and finished later; its outcome is unknown".into(),
                     );
                 }
@@ -638,13 +641,13 @@ impl Core {
         let updated = self
             .update_health(addr, |d| {
                 if vendor == 0xffff {
-                    if d.health != Health::NeedsHostReboot {
-                        d.health = Health::NeedsHostReboot;
-                        d.health_reason = Some(format!("config space reads all ones ({when})"));
+                    if d.health.state != Health::NeedsHostReboot {
+                        d.health.state = Health::NeedsHostReboot;
+                        d.health.reason = Some(format!("config space reads all ones ({when})"));
                     }
-                } else if d.health == Health::NeedsHostReboot {
-                    d.health = Health::NeedsReset;
-                    d.health_reason = Some(format!(
+                } else if d.health.state == Health::NeedsHostReboot {
+                    d.health.state = Health::NeedsReset;
+                    d.health.reason = Some(format!(
                         "config space answers again ({when}); it is reset before it is handed out"
                     ));
                 }

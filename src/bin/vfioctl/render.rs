@@ -220,7 +220,8 @@ pub fn available(list: &[AvailableDevice], all: bool) -> String {
     )
 }
 
-/// One line per holder, or that nothing holds `device` (as the command
+/// One line per holder, worded by `Holder`'s own `Display` (as vfiod's
+/// busy errors word it), or that nothing holds `device` (as the command
 /// named it).
 pub fn holders(answer: &Holders, device: &str) -> String {
     if answer.holders.is_empty() {
@@ -231,7 +232,7 @@ pub fn holders(answer: &Holders, device: &str) -> String {
         answer
             .holders
             .iter()
-            .map(|h| vec![h.pci_address().to_string(), kind(h).into(), holder(h)])
+            .map(|h| vec![h.pci_address().to_string(), kind(h).into(), h.to_string()])
             .collect(),
     )
 }
@@ -245,57 +246,6 @@ fn kind(h: &Holder) -> &'static str {
         Holder::BlockStack { .. } => "block_stack",
         Holder::NetInterface { .. } => "net_interface",
         Holder::FramebufferConsole { .. } => "framebuffer_console",
-    }
-}
-
-/// What holds the function and the details that identify it, in
-/// vfioctl's words.
-///
-/// The one place the HOLDER column's wording comes from: when
-/// `vfiod::pci::holders::Holder` has a `Display` of its own (branch
-/// pci-shape), this becomes `h.to_string()`.
-fn holder(h: &Holder) -> String {
-    match h {
-        Holder::Process {
-            pid,
-            comm,
-            uid,
-            path,
-            unit,
-            ..
-        } => {
-            let unit = unit
-                .as_deref()
-                .map(|u| format!(", unit {u}"))
-                .unwrap_or_default();
-            format!("pid {pid} ({comm}) uid {uid} has {path} open{unit}")
-        }
-        Holder::Mount {
-            device,
-            mount_point,
-            fstype,
-            ..
-        } => format!("{device} mounted on {mount_point} ({fstype})"),
-        Holder::Swap { device, .. } => format!("{device} is swap in use"),
-        Holder::BlockStack { device, holder, .. } => format!("{device} is held by {holder}"),
-        Holder::NetInterface {
-            interface,
-            addresses,
-            routes,
-            ..
-        } => {
-            let addresses = if addresses.is_empty() {
-                "none".into()
-            } else {
-                addresses.join(", ")
-            };
-            format!("{interface} addresses: {addresses}; routes: {routes}")
-        }
-        Holder::FramebufferConsole {
-            vtconsole,
-            framebuffer,
-            ..
-        } => format!("{vtconsole} on framebuffer {framebuffer}"),
     }
 }
 
@@ -368,4 +318,32 @@ pub fn event(e: &Event) -> String {
         or_dash(e.pci_address),
         details.join(" ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_holder_s_kind_is_its_wire_tag() {
+        let holders: Vec<Holder> = serde_json::from_str(
+            r#"[
+            {"kind": "process", "pci_address": "0000:01:00.0", "pid": 1, "comm": "x",
+             "uid": 0, "path": "/dev/x"},
+            {"kind": "mount", "pci_address": "0000:01:00.0", "device": "/dev/x",
+             "mount_point": "/", "fstype": "ext4"},
+            {"kind": "swap", "pci_address": "0000:01:00.0", "device": "/dev/x"},
+            {"kind": "block_stack", "pci_address": "0000:01:00.0", "device": "x",
+             "holder": "dm-0"},
+            {"kind": "net_interface", "pci_address": "0000:01:00.0", "interface": "x",
+             "addresses": [], "routes": 0},
+            {"kind": "framebuffer_console", "pci_address": "0000:01:00.0",
+             "vtconsole": "vtcon1", "framebuffer": "fb0"}
+        ]"#,
+        )
+        .unwrap();
+        for h in &holders {
+            assert_eq!(serde_json::to_value(h).unwrap()["kind"], kind(h), "{h:?}");
+        }
+    }
 }

@@ -1,4 +1,4 @@
-# p: hand the device to an unprivileged VMM (issue 10). The host's QEMU runs
+# vmm-handover: hand the device to an unprivileged VMM (issue 10). The host's QEMU runs
 # as uid 1000 (op) with the e1000e as vfio-pci,host=ADDR, stopped (-S): its
 # query-pci over QMP showing the device's ids proves it opened the group,
 # set up the container and mapped its RAM for DMA.

@@ -1,4 +1,4 @@
-# e: crash safety. vfiod is killed with SIGKILL while a bind (then an
+# crash-recovery: crash safety. vfiod is killed with SIGKILL while a bind (then an
 # unbind) of the e1000e is in flight, at several delays; after a restart the
 # registry loads and the device ends fully on one driver, in agreement with
 # what vfiod reports:

@@ -1,8 +1,8 @@
-# h: an unbind that hangs in the kernel. A process holds the e1000e's VFIO
+# driver-timeout: an unbind that hangs in the kernel. A process holds the e1000e's VFIO
 # device fd open (as a running VM would), so the kernel's vfio-pci unbind
 # blocks until it is released. It keeps only the device fd: with the group
 # fd open too, vfiod's holder scan refuses the unbind before writing
-# (scenario l); the device fd alone is an anonymous inode that kernels
+# (scenario holder-vfio-fd); the device fd alone is an anonymous inode that kernels
 # before 6.18 do not tie to a device in /proc, the one holder the scan
 # cannot see, so the write is made and hangs. vfiod must answer 504 driver_timeout for that
 # request within its --op-timeout-ms, keep serving everyone else, let other

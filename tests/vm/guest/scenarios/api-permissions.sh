@@ -1,4 +1,4 @@
-# g: who may call. vfiod runs with --group vfiod; user "op" (uid 1000, in
+# api-permissions: who may call. vfiod runs with --group vfiod; user "op" (uid 1000, in
 # group vfiod) may mutate; user "guest" (uid 1001, not in the group) can read
 # (list, available, show, health) but gets 403 forbidden on every mutation,
 # and the kernel state does not change. Users run vfioctl through busybox su.

@@ -1,4 +1,4 @@
-# n: a disk in use (issue 9). The NVMe's namespace (/dev/nvme0n1; with NVMe
+# holder-mount: a disk in use (issue 9). The NVMe's namespace (/dev/nvme0n1; with NVMe
 # multipath the PCI function shows it as nvme0c0n1) carries a mounted ext4:
 # bind must be refused with 409 device_busy naming the mount (kind mount,
 # device, mount_point, fstype), nothing written (no uevent, still on nvme,

@@ -1,4 +1,4 @@
-# a: `vfioctl available` and `list` agree with what the guest kernel reports:
+# registry: `vfioctl available` and `list` agree with what the guest kernel reports:
 # the PCI functions, their IDs, IOMMU groups and drivers. Also the registry
 # basics (register/show/update/delete, error codes) on real devices.
 . /vm/lib.sh

@@ -1,4 +1,4 @@
-# f: hotplug events with and without systemd-udevd.
+# udev-events: hotplug events with and without systemd-udevd.
 #  1. no udevd: vfiod must fall back to the kernel's netlink group, say so in
 #     `vfioctl health` (.hotplug), and still see hotplug add/remove.
 #  2. systemd-udevd running (started, triggered, settled): vfiod, started

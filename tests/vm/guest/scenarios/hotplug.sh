@@ -1,4 +1,4 @@
-# d: PCI hotplug through QMP device_add/device_del on empty root ports.
+# hotplug: PCI hotplug through QMP device_add/device_del on empty root ports.
 #  1. a display device (bochs-display) is hot-added: `available` lists it and
 #     `vfioctl events` shows hotplug_add; hot-removed: gone from `available`,
 #     hotplug_remove. The kernel uevent -> vfiod event latency is measured.

@@ -1,4 +1,4 @@
-# k: what must be refused without touching the kernel. A PCIe root port (on
+# bridge-refused: what must be refused without touching the kernel. A PCIe root port (on
 # pcieport, carrying hotplug) and a PCIe-to-PCI bridge (no driver) must not be
 # moved: vfio-pci cannot drive a bridge, and unbinding pcieport, even for a
 # moment, takes hotplug and AER away from everything below. The check is on

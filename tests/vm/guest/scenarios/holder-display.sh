@@ -1,4 +1,4 @@
-# m: a display device in use (issue 9). The bochs-display's DRM node
+# holder-display: a display device in use (issue 9). The bochs-display's DRM node
 # /dev/dri/cardN is held open by a process (as an X server or a compositor
 # holds it): bind must be refused with 409 device_busy naming that process,
 # and nothing written (no uevent, still on bochs-drm, no driver_override).

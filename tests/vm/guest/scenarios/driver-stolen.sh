@@ -1,4 +1,4 @@
-# j: someone else moves a device that vfiod bound. An operator gives the
+# driver-stolen: someone else moves a device that vfiod bound. An operator gives the
 # e1000e back to its driver with plain sysfs writes behind vfiod's back:
 # vfiod must notice from the kernel's uevents (driver_stolen, current_driver,
 # bound_to_vfio false). Started with --reclaim, it takes the device back to

@@ -1,4 +1,4 @@
-# o: a move belongs to vfiod, not to the connection that asked for it
+# interrupted-move: a move belongs to vfiod, not to the connection that asked for it
 # (issue 9). vfiod runs in a cgroup limited to a few percent of one CPU, so a
 # bind (whose sysfs writes run in vfiod's threads) takes seconds and "the
 # middle" of it can be hit on purpose: the signal is sent once the kernel has
@@ -56,7 +56,7 @@ in_the_middle() {
 }
 
 # The throttled writes must not run into the op timeout: this is about who
-# owns a move, not about slow kernels (scenario h).
+# owns a move, not about slow kernels (scenario driver-timeout).
 vfiod_start --op-timeout-ms 60000
 vc_ok register "$NIC" --name nic0
 vc_ok register "$IGB" --name igb0
@@ -124,7 +124,7 @@ IGB_END=$(drv "$IGB")
 
 # --- after a restart the registry agrees with the kernel --------------------
 # The throttled writes must not run into the op timeout: this is about who
-# owns a move, not about slow kernels (scenario h).
+# owns a move, not about slow kernels (scenario driver-timeout).
 vfiod_start --op-timeout-ms 60000
 wait_until 10 settled "$NIC" nic0 e1000e || fail "after restart nic0 disagrees: $(state_of "$NIC")"
 [ "$(drv "$NIC")" = "$NIC_END" ] || fail "the restart moved nic0 from $NIC_END to $(drv "$NIC")"

@@ -1,4 +1,4 @@
-# l: holders found before any write (issue 9). A process holds the VFIO
+# holder-vfio-fd: holders found before any write (issue 9). A process holds the VFIO
 # device descriptor of the e1000e on vfio-pci (container + group + device fd,
 # as a VM does). vfiod must refuse the unbind with 409 device_busy within 1 s,
 # naming that process (pid, comm), write nothing (no uevent, the device stays

@@ -1,4 +1,4 @@
-# r: resets on a real kernel (issue 11).
+# resets: resets on a real kernel (issue 11).
 #
 # - the igb (if the harness has an igb root port, PORT_igb0) on vfio-pci is
 #   reset with FLR and verified: config space answers, the driver stays;

@@ -1,4 +1,4 @@
-# c: IOMMU group viability with two functions behind one PCIe-to-PCI bridge
+# group-conflict: IOMMU group viability with two functions behind one PCIe-to-PCI bridge
 # (ich9-intel-hda on snd_hda_intel, e1000 on e1000; the bridge is in the group
 # too). bind without --with-group fails with iommu_group_conflict naming the
 # other function, and changes nothing; with --with-group both move to

@@ -1,4 +1,4 @@
-# i: vfio-pci not loaded. Without --load-modules a bind fails with a clear
+# modules-missing: vfio-pci not loaded. Without --load-modules a bind fails with a clear
 # 503 vfio_unavailable and changes nothing, and health says so; with
 # --load-modules vfiod loads the module itself (modprobe) and binds.
 . /vm/lib.sh
