@@ -601,3 +601,35 @@ fn unbind_twice_is_fine_and_a_missing_original_driver_is_named() {
     r.expect_error(500, "unbind_failed");
     r.expect_message_contains("e1000e is not loaded");
 }
+
+/// Settling a stuck bind can time out in its turn (a loaded host): the
+/// device is then stuck again and settled once more when that write
+/// returns, rather than recorded as rolled back while the kernel still
+/// holds it, which left it with no driver and vfiod's override (seen in
+/// the real-kernel scenario interrupted-move under load).
+#[test]
+fn a_settle_that_times_out_is_settled_again_when_the_kernel_returns() {
+    let h = Host::standard(&["--op-timeout-ms", "400"]);
+    h.d.register(NIC, "nic");
+    h.sim.hang_write("bus/pci/drivers/e1000e/unbind");
+    bind(&h.d, "nic", "{}").expect_error(504, "driver_timeout");
+    assert_eq!(h.d.get("/devices/nic").json()["stuck"], true);
+    // The unbind returns; the settle's first write hangs in its turn.
+    let override_attr = format!("bus/pci/devices/{NIC}/driver_override");
+    h.sim.hang_write(&override_attr);
+    h.sim.release("bus/pci/drivers/e1000e/unbind");
+    std::thread::sleep(Duration::from_millis(1500));
+    h.sim.release(&override_attr);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let dev = h.d.get("/devices/nic").json();
+        if dev["stuck"] == false && dev["pending"].is_null() {
+            assert_eq!(h.fs.driver_of(NIC).as_deref(), Some("vfio-pci"), "{dev}");
+            assert_eq!(dev["bound_to_vfio"], true, "{dev}");
+            assert_eq!(dev["bound_by_vfiod"], true, "{dev}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never settled: {dev}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

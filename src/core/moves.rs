@@ -472,6 +472,28 @@ impl Core {
         });
     }
 
+    /// A write of a settling move that timed out in its turn: the device is
+    /// stuck again, keeps its pending operation, and is settled once more
+    /// when that write returns. Recording the move as finished or rolled
+    /// back would be a guess while the kernel still holds the device (a
+    /// host under load can take longer than the op timeout for a write that
+    /// does return). True if so.
+    async fn stuck_again(&self, addr: PciAddress, error: &mut EngineError) -> bool {
+        let Some(late) = error.take_late_write() else {
+            return false;
+        };
+        tracing::warn!(device = %addr, error = %error, "settling the unfinished operation timed out in its turn; settling again when the kernel returns");
+        self.watch_late_write(addr, late);
+        let current = self.sysfs().driver(&addr);
+        let _ = self
+            .update_device(addr, |d| {
+                d.stuck = true;
+                d.current_driver = current;
+            })
+            .await;
+        true
+    }
+
     /// The settle operation: a device whose write was stuck is unstuck, and
     /// the operation recorded as pending is finished.
     pub(super) async fn settle_device(&self, ctx: &OpContext<'_>, record: &DeviceRecord) {
@@ -535,7 +557,12 @@ impl Core {
                 let group = self.sysfs().iommu_group(&addr).unwrap_or(u32::MAX);
                 let mut moves = restore_moves(record);
                 moves[0].to = Some(vfio_driver.clone());
-                let result = self.engine.to_vfio(&moves, group).await;
+                let mut result = self.engine.to_vfio(&moves, group).await;
+                if let Err(failure) = &mut result {
+                    if self.stuck_again(addr, &mut failure.error).await {
+                        return;
+                    }
+                }
                 let current = self.sysfs().driver(&addr);
                 let ok = result.is_ok();
                 if let Err(f) = &result {
@@ -560,7 +587,12 @@ impl Core {
                 if record.attachment.is_some() {
                     return;
                 }
-                let result = self.engine.restore(&restore_moves(record)).await;
+                let mut result = self.engine.restore(&restore_moves(record)).await;
+                if let Err(error) = &mut result {
+                    if self.stuck_again(addr, error).await {
+                        return;
+                    }
+                }
                 let current = self.sysfs().driver(&addr);
                 if let Err(e) = &result {
                     tracing::error!(device = %addr, error = %e, "could not finish the recorded unbind");
