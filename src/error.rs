@@ -45,7 +45,12 @@ pub enum CoreError {
     /// 409 `in_use`: the device holds an attachment, which must be detached
     /// first.
     #[error("device {device} is attached to instance {instance:?}")]
-    InUse { device: String, instance: String },
+    InUse {
+        /// The device's name.
+        device: String,
+        /// The instance holding it, as the attaching caller named it.
+        instance: String,
+    },
     /// 403 `forbidden`: the caller's uid may not act on this device or
     /// instance.
     #[error("{0}")]
@@ -145,11 +150,21 @@ pub enum CoreError {
     /// 409 `device_quarantined`: too many resets failed in a row; only an
     /// explicit reset that verifies lifts it.
     #[error("device {device} is quarantined ({reason}); a successful POST /devices/{device}/reset clears it")]
-    DeviceQuarantined { device: String, reason: String },
+    DeviceQuarantined {
+        /// The device as the caller named it.
+        device: String,
+        /// The recorded health reason (the last reset's failure).
+        reason: String,
+    },
     /// 409 `device_needs_host_reboot`: config space read all ones; no reset
     /// helps, only a reboot or a re-plug that answers again.
     #[error("device {device} needs a host reboot ({reason})")]
-    NeedsHostReboot { device: String, reason: String },
+    NeedsHostReboot {
+        /// The device as the caller named it.
+        device: String,
+        /// The recorded health reason.
+        reason: String,
+    },
     /// 500 `reset_failed`: the kernel reported the reset done but a check
     /// afterwards failed.
     #[error("{0}")]
