@@ -146,7 +146,12 @@ pub enum ConfigError {
     Usage(String),
     /// The config file could not be read or parsed.
     #[error("config file {path}: {detail}")]
-    File { path: PathBuf, detail: String },
+    File {
+        /// The file named by `--config`, or the default one.
+        path: PathBuf,
+        /// The read error, or the parser's message.
+        detail: String,
+    },
 }
 
 /// The command line. Every option is optional so that a flag that is not

@@ -3,7 +3,7 @@
 //! Concurrency model:
 //! - Readers take an `Arc` snapshot of the registry and never wait for disk
 //!   or hardware.
-//! - Mutations of the registry go through [`Core::commit`]: one at a time
+//! - Mutations of the registry go through `Core::commit`: one at a time
 //!   (an async mutex), applied to a copy, saved durably, and only then made
 //!   visible. A failed save changes nothing, so an acknowledged change is
 //!   always on disk and an unacknowledged one never shows.
@@ -14,9 +14,9 @@
 //! - Hotplug and driver events arrive through [`Core::handle_hotplug`],
 //!   from the udev watcher or anything else that produces them.
 //!
-//! Every change is an [`Operation`], run by one executor ([`operation`]:
+//! Every change is an [`Operation`], run by one executor (`operation`:
 //! the task, the lock, the log, the metric, the events). One file per
-//! stage of a device's life: [`types`] (requests validated at the edge),
+//! stage of a device's life: `types` (requests validated at the edge),
 //! `registry_ops` (register, rename, unregister), `moves` (binding to vfio
 //! and giving back, and settling slow writes), `attach` (attachments and
 //! their grants), `reset` (reset, its scope check, device health and

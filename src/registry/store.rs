@@ -35,14 +35,27 @@ pub enum StoreError {
     /// The state file does not parse, or holds duplicate ids, names or
     /// addresses.
     #[error("state file {path} is corrupt ({detail}); refusing to start. Fix or move it away; vfiod never overwrites it")]
-    Corrupt { path: PathBuf, detail: String },
+    Corrupt {
+        /// The state file.
+        path: PathBuf,
+        /// The parser's message or the duplicate found.
+        detail: String,
+    },
     /// Written by a newer vfiod; this one will not guess at it.
     #[error("state file {path} has version {found}, this vfiod reads version {STATE_VERSION}; refusing to start")]
-    UnknownVersion { path: PathBuf, found: u32 },
+    UnknownVersion {
+        /// The state file.
+        path: PathBuf,
+        /// The version it declares.
+        found: u32,
+    },
     /// Another vfiod holds the directory's lock; two daemons would overwrite
     /// each other's registry.
     #[error("state directory {path} is in use by another vfiod (lock held)")]
-    Locked { path: PathBuf },
+    Locked {
+        /// The state directory.
+        path: PathBuf,
+    },
 }
 
 impl StoreError {
