@@ -1,192 +1,17 @@
-//! The command lines of both binaries: the man pages list what `--help`
-//! shows, exit codes, the requests vfioctl's commands send (against a
-//! stand-in server that records them), and shell completion of device
-//! names from a running vfiod on a fake tree.
+//! vfioctl as a client, against a stand-in vfiod that records the request
+//! and answers with vfiod's own shapes: the request each command sends, and
+//! what it prints for each answer (tables, `show`, `--json`, dry runs,
+//! events, errors). The stand-in answers are checked against a real vfiod.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixListener;
-use std::path::Path;
-use std::process::Command;
 
-use common::fakeproc::{alias_node, dev_numbers, FakeProc};
-use common::fakesys::{DeviceSpec, FakeSys, TempDir};
-use common::simkernel::SimKernel;
-use common::{vfioctl, Daemon};
+use common::fakesys::TempDir;
+use common::host::Host;
+use common::standard::{EDU, GPU, NIC, T4};
+use common::vfioctl;
 use serde_json::{json, Value};
-
-const GPU: &str = "0000:01:00.0";
-const NIC: &str = "0000:00:02.0";
-const AMD: &str = "0000:00:05.0";
-
-fn run(bin: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin)
-        .args(args)
-        .env_remove("VFIOD_SOCKET")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// The long options a `--help` text lists (`-h, --help` included).
-fn help_options(help: &str) -> BTreeSet<String> {
-    help.lines()
-        .filter_map(|l| {
-            let l = l.trim_start();
-            let l = l
-                .strip_prefix('-')
-                .filter(|r| !r.starts_with('-'))
-                .map_or(l, |r| r.get(3..).unwrap_or(""));
-            let opt = l.strip_prefix("--")?;
-            let name: String = opt
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
-                .collect();
-            (!name.is_empty()).then(|| format!("--{name}"))
-        })
-        .collect()
-}
-
-/// The `\-\-option` names in roff text.
-fn roff_options(text: &str) -> BTreeSet<String> {
-    let plain = text.replace("\\-", "-");
-    let mut out = BTreeSet::new();
-    let mut rest = plain.as_str();
-    while let Some(i) = rest.find("--") {
-        let name: String = rest[i + 2..]
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
-            .collect();
-        if !name.is_empty() {
-            out.insert(format!("--{name}"));
-        }
-        rest = &rest[i + 2..];
-    }
-    out
-}
-
-/// The `.TP` entries of a man page section: their tag lines (the macro
-/// lines right after `.TP`, before the prose starts).
-fn section_entries(page: &str, section: &str) -> Vec<String> {
-    let body = page
-        .split("\n.SH ")
-        .find(|s| s.starts_with(section))
-        .unwrap_or_else(|| panic!("no section {section}"));
-    body.split("\n.TP\n")
-        .skip(1)
-        .map(|entry| {
-            entry
-                .lines()
-                .take_while(|l| l.starts_with('.') && !l.starts_with(".PP"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        })
-        .collect()
-}
-
-fn man_page(name: &str) -> String {
-    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("man").join(name)).unwrap()
-}
-
-#[test]
-fn vfiod_man_page_lists_the_options_help_shows() {
-    let (code, help, _) = run(common::vfiod_bin(), &["--help"]);
-    assert_eq!(code, 0);
-    let man: BTreeSet<String> = section_entries(&man_page("vfiod.8"), "OPTIONS")
-        .iter()
-        .flat_map(|e| roff_options(e))
-        .collect();
-    assert_eq!(man, help_options(&help), "vfiod.8 OPTIONS vs vfiod --help");
-}
-
-#[test]
-fn vfioctl_man_page_lists_the_commands_and_options_help_shows() {
-    let page = man_page("vfioctl.1");
-    let (code, help, _) = run(common::vfioctl_bin(), &["--help"]);
-    assert_eq!(code, 0);
-    let global: BTreeSet<String> = section_entries(&page, "OPTIONS")
-        .iter()
-        .flat_map(|e| roff_options(e))
-        .collect();
-    assert_eq!(global, help_options(&help), "vfioctl.1 OPTIONS vs --help");
-
-    let commands: Vec<String> = help
-        .lines()
-        .skip_while(|l| !l.starts_with("Commands:"))
-        .skip(1)
-        .take_while(|l| !l.is_empty())
-        .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
-        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
-        .filter(|c| c != "help")
-        .collect();
-    assert!(commands.len() >= 15, "{commands:?}");
-    let entries = section_entries(&page, "COMMANDS");
-    let man_commands: Vec<String> = entries
-        .iter()
-        .filter_map(|e| {
-            let first = e.lines().next()?;
-            let word = first.split_whitespace().nth(1)?;
-            Some(word.trim_matches('"').to_owned())
-        })
-        .collect();
-    assert_eq!(
-        man_commands.iter().collect::<BTreeSet<_>>(),
-        commands.iter().collect::<BTreeSet<_>>(),
-        "vfioctl.1 COMMANDS vs --help"
-    );
-    for (command, entry) in man_commands.iter().zip(&entries) {
-        let (code, sub_help, err) = run(common::vfioctl_bin(), &[command, "--help"]);
-        assert_eq!(code, 0, "{command}: {err}");
-        let mut options = help_options(&sub_help);
-        for g in &global {
-            options.remove(g);
-        }
-        assert_eq!(
-            roff_options(entry),
-            options,
-            "vfioctl.1 entry of {command} vs vfioctl {command} --help"
-        );
-    }
-}
-
-#[test]
-fn exit_codes_are_the_ones_before_clap() {
-    let ctl = common::vfioctl_bin();
-    let (code, out, _) = run(ctl, &[]);
-    assert_eq!(code, 0, "no command prints the help");
-    assert!(out.contains("Usage: vfioctl"), "{out}");
-    let (code, _, err) = run(ctl, &["--socket"]);
-    assert_eq!(code, 2, "a broken global option: {err}");
-    let (code, _, err) = run(ctl, &["frobnicate"]);
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("frobnicate"), "{err}");
-    let (code, _, err) = run(ctl, &["show"]);
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("ID|NAME"), "{err}");
-    let (code, _, err) = run(ctl, &["reset", "gpu0", "--method", "warm"]);
-    assert_eq!(code, 1, "{err}");
-    assert!(
-        err.contains("af_flr") && err.contains("device_specific"),
-        "{err}"
-    );
-    let (code, _, err) = run(ctl, &["list", "--tag", "novalue"]);
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("KEY=VALUE"), "{err}");
-    let (code, out, _) = run(ctl, &["--version"]);
-    assert_eq!((code, out.trim()), (0, "vfioctl 0.1.0"));
-
-    let (code, out, _) = run(common::vfiod_bin(), &["--version"]);
-    assert_eq!((code, out.trim()), (0, "vfiod 0.1.0"));
-    let (code, _, err) = run(common::vfiod_bin(), &["--op-timeout-ms", "5"]);
-    assert_eq!(code, 2, "{err}");
-    assert!(err.contains("outside 10..=600000"), "{err}");
-    let (code, _, err) = run(common::vfiod_bin(), &["--log-level", "loud"]);
-    assert_eq!(code, 2, "{err}");
-}
 
 /// What a stand-in server saw of one request.
 #[derive(Debug)]
@@ -353,327 +178,12 @@ fn new_commands_send_the_bodies_of_the_contract() {
     assert_eq!(out, "nothing holds gpu0\n");
 }
 
-#[test]
-fn available_all_lists_every_function_like_lspci() {
-    let fs = FakeSys::standard_host();
-    let d = Daemon::start(&fs, &[]);
-    d.register(GPU, "gpu0");
-    let (code, out, err) = vfioctl(&d.socket, &["available", "--all"]);
-    assert_eq!(code, 0, "{err}");
-    let all = FakeSys::standard_devices();
-    assert_eq!(out.lines().count(), all.len() + 1, "{out}");
-    let nic = out.lines().find(|l| l.starts_with(NIC)).expect(NIC);
-    assert!(
-        nic.contains("[0200]") && nic.contains("[8086:10d3]") && nic.contains("e1000e"),
-        "{nic}"
-    );
-    let bridge = out.lines().find(|l| l.starts_with("0000:00:01.0")).unwrap();
-    assert!(
-        bridge.contains("pcieport") && bridge.contains("[0604]"),
-        "{bridge}"
-    );
-    let gpu = out.lines().find(|l| l.starts_with(GPU)).unwrap();
-    let id = d.get("/devices/gpu0").json()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert!(gpu.contains(&id) && gpu.contains("nvidia"), "{gpu}");
-    let (_, out, _) = vfioctl(&d.socket, &["available"]);
-    assert!(!out.contains(NIC), "without --all only candidates: {out}");
-    let r = d.get("/devices/available?all=maybe");
-    r.expect_error(400, "invalid_request");
-}
-
-#[test]
-fn completion_offers_the_registered_devices_of_the_running_agent() {
-    let fs = FakeSys::standard_host();
-    let d = Daemon::start(&fs, &[]);
-    let id = d.register(GPU, "gpu0")["id"].as_str().unwrap().to_owned();
-    d.register(NIC, "nic0");
-    let dir = TempDir::new("vfioctl-completion").unwrap();
-    let script = dir.path().join("vfioctl.bash");
-    let (code, text, err) = run(
-        common::vfioctl_bin(),
-        &["completion", "bash", "--completer", common::vfioctl_bin()],
-    );
-    assert_eq!(code, 0, "{err}");
-    std::fs::write(&script, text).unwrap();
-    let socket = d.socket.to_str().unwrap();
-    // Bash calls the completion function with the command, the word under
-    // the cursor and the one before; COMP_WORDS/COMP_CWORD hold the line.
-    let complete = |words: &[&str]| -> Vec<String> {
-        let mut line = vec!["vfioctl", "--socket", socket];
-        line.extend_from_slice(words);
-        let cword = line.len() - 1;
-        let quoted: Vec<String> = line.iter().map(|w| format!("'{w}'")).collect();
-        let program = format!(
-            "source '{}'; COMP_WORDS=({}); COMP_CWORD={cword}; COMP_TYPE=9; \
-             _clap_complete_vfioctl vfioctl '{}' '{}'; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
-            script.display(),
-            quoted.join(" "),
-            line[cword],
-            line[cword - 1]
-        );
-        let out = Command::new("bash")
-            .args(["--norc", "-c", &program])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| l.trim().to_owned())
-            .filter(|l| !l.is_empty())
-            .collect()
-    };
-    let mut names: Vec<String> = complete(&["show", ""])
-        .into_iter()
-        .filter(|w| !w.starts_with('-'))
-        .collect();
-    names.sort();
-    assert_eq!(names, ["gpu0", "nic0"], "names, and the ids stay hidden");
-    assert_eq!(complete(&["bind", "g"]), ["gpu0"]);
-    assert_eq!(
-        complete(&["unbind", &id[..3]]),
-        std::slice::from_ref(&id),
-        "an id completes when no name matches"
-    );
-    assert!(complete(&["res"]).contains(&"reset".to_owned()));
-    assert!(complete(&["bind", "gpu0", "--f"]).contains(&"--force".to_owned()));
-    // register offers the candidates that are not registered yet.
-    let register = complete(&["register", ""]);
-    assert!(
-        register.contains(&"0000:00:05.0".to_owned()),
-        "{register:?}"
-    );
-    assert!(!register.contains(&GPU.to_owned()), "{register:?}");
-    // No agent: no device names, and no error under the cursor.
-    let gone = dir.path().join("none.sock");
-    let program = format!(
-        "source '{}'; COMP_WORDS=(vfioctl --socket '{}' show ''); COMP_CWORD=4; \
-         _clap_complete_vfioctl vfioctl '' show; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
-        script.display(),
-        gone.display()
-    );
-    let out = Command::new("bash")
-        .args(["--norc", "-c", &program])
-        .output()
-        .unwrap();
-    let offered = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        offered.lines().all(|w| w.trim().starts_with('-')),
-        "options only: {offered}"
-    );
-    assert!(
-        out.stderr.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-
-    // fish runs the same request through its own registration.
-    if Command::new("fish").arg("--version").output().is_ok() {
-        let (_, fish_script, _) = run(
-            common::vfioctl_bin(),
-            &["completion", "fish", "--completer", common::vfioctl_bin()],
-        );
-        let fish_file = dir.path().join("vfioctl.fish");
-        std::fs::write(&fish_file, fish_script).unwrap();
-        let out = Command::new("fish")
-            .args([
-                "--no-config",
-                "-c",
-                &format!(
-                    "source '{}'; complete -C'vfioctl --socket {socket} show '",
-                    fish_file.display()
-                ),
-            ])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let names: Vec<&str> = text.lines().filter_map(|l| l.split('\t').next()).collect();
-        assert!(names.contains(&"gpu0") && names.contains(&"nic0"), "{text}");
-        assert!(
-            text.contains(GPU),
-            "the help column shows the address: {text}"
-        );
-        let nic_id = d.get("/devices/nic0").json()["id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        let fish = |line: &str| -> Vec<String> {
-            let out = Command::new("fish")
-                .args([
-                    "--no-config",
-                    "-c",
-                    &format!(
-                        "source '{}'; complete -C'vfioctl --socket {socket} {line}'",
-                        fish_file.display()
-                    ),
-                ])
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter(|l| !l.starts_with('-'))
-                .map(str::to_owned)
-                .collect()
-        };
-        // The help column: a name's address and id, an id's address and
-        // name, a candidate's vendor and device names.
-        let mut shown = fish("show ");
-        shown.sort();
-        assert_eq!(
-            shown,
-            [format!("gpu0\t{GPU} {id}"), format!("nic0\t{NIC} {nic_id}")]
-        );
-        assert_eq!(
-            fish(&format!("show {}", &id[..3])),
-            [format!("{id}\t{GPU} gpu0")]
-        );
-        assert_eq!(
-            fish("register 0000:00:0"),
-            [
-                "0000:00:04.0\tNVIDIA Corporation TU104GL [Tesla T4]",
-                "0000:00:05.0\tAdvanced Micro Devices, Inc. [AMD/ATI] Navi 21 [Radeon RX 6800/6800 XT / 6900 XT]"
-            ]
-        );
-    } else {
-        eprintln!("fish not installed: its completion was not run");
-    }
-
-    // zsh: the completer function of its registration, run with compsys's
-    // `_describe` replaced by one that prints the candidates it is given.
-    if Command::new("zsh").arg("--version").output().is_ok() {
-        let (_, zsh_script, _) = run(
-            common::vfioctl_bin(),
-            &["completion", "zsh", "--completer", common::vfioctl_bin()],
-        );
-        let zsh_file = dir.path().join("_vfioctl");
-        std::fs::write(&zsh_file, zsh_script).unwrap();
-        let program = format!(
-            "compdef() {{ : }}; _describe() {{ local a=${{@[-1]}}; print -rl -- \"${{(@P)a}}\" }}; \
-             source '{}'; words=(vfioctl --socket '{socket}' show ''); CURRENT=5; \
-             _clap_dynamic_completer_vfioctl",
-            zsh_file.display()
-        );
-        let out = Command::new("zsh")
-            .args(["-f", "-c", &program])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let names: Vec<&str> = text.lines().filter_map(|l| l.split(':').next()).collect();
-        assert!(
-            names.contains(&"gpu0") && names.contains(&"nic0"),
-            "{text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    } else {
-        eprintln!("zsh not installed: its completion was not run");
-    }
-}
-
-#[test]
-fn static_and_zsh_scripts_are_valid_shell() {
-    for (shell, check) in [("bash", "bash"), ("zsh", "zsh"), ("fish", "fish")] {
-        for mode in [
-            &["completion", shell][..],
-            &["completion", shell, "--static"][..],
-        ] {
-            let (code, text, err) = run(common::vfioctl_bin(), mode);
-            assert_eq!(code, 0, "{mode:?}: {err}");
-            assert!(text.contains("vfioctl"), "{mode:?}");
-            if Command::new(check).arg("--version").output().is_err() {
-                eprintln!("{check} not installed: {mode:?} not syntax-checked");
-                continue;
-            }
-            let dir = TempDir::new("vfioctl-script").unwrap();
-            let file = dir.path().join("script");
-            std::fs::write(&file, &text).unwrap();
-            let out = Command::new(check).arg("-n").arg(&file).output().unwrap();
-            assert!(
-                out.status.success(),
-                "{mode:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
-    let (_, text, _) = run(common::vfioctl_bin(), &["completion", "zsh"]);
-    assert!(text.starts_with("#compdef vfioctl"), "{text}");
-    assert!(text.contains("VFIOCTL_COMPLETE=\"zsh\""), "{text}");
-}
-
-#[test]
-fn holders_of_a_busy_gpu_through_vfioctl() {
-    let fs = FakeSys::standard_host();
-    let proc = FakeProc::new();
-    let _sim = SimKernel::start(&fs);
-    let root = proc.root.display().to_string();
-    let d = Daemon::start(&fs, &["--proc", &root]);
-    d.register(AMD, "amd");
-    let (_, out, _) = vfioctl(&d.socket, &["holders", "amd"]);
-    assert_eq!(out, "nothing holds amd\n");
-    // An X server has the GPU's DRM node open.
-    fs.add_class_device(AMD, "drm/card0", "drm", Some(&dev_numbers("/dev/full")));
-    let node = fs.dev_path("dri/card0");
-    alias_node(&node, "/dev/full");
-    let mut p = proc.process(2001, "Xorg");
-    p.uid(1000)
-        .cgroup("0::/system.slice/display-manager.service\n");
-    p.fd(&node);
-    let (code, out, err) = vfioctl(&d.socket, &["holders", "amd"]);
-    assert_eq!(code, 0, "{err}");
-    let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), 2, "{out}");
-    assert!(
-        lines[1].starts_with(AMD)
-            && lines[1].contains("process")
-            && lines[1].contains("pid 2001 (Xorg) uid 1000 has ")
-            && lines[1].ends_with("dri/card0 open, unit display-manager.service"),
-        "{out}"
-    );
-    let (code, _, err) = vfioctl(&d.socket, &["bind", "amd"]);
-    assert_eq!(code, 1);
-    assert!(err.contains("device_busy") && err.contains("Xorg"), "{err}");
-}
-
-#[test]
-fn reset_through_vfioctl() {
-    let fs = FakeSys::new();
-    fs.load_vfio();
-    fs.add_device(
-        DeviceSpec::new(NIC, 0x8086, 0x10d3, 0x020000)
-            .driver("e1000e")
-            .group(2)
-            .reset_methods("flr pm"),
-    );
-    let _sim = SimKernel::start(&fs);
-    let d = Daemon::start(&fs, &[]);
-    d.register(NIC, "nic");
-    let (code, out, err) = vfioctl(&d.socket, &["reset", "nic", "--method", "pm", "--dry-run"]);
-    assert_eq!(code, 0, "{err}");
-    assert_eq!(
-        out,
-        format!("dry run, nothing changed; a reset would try pm and reach:\n  {NIC} (e1000e)\n")
-    );
-    let (code, out, err) = vfioctl(&d.socket, &["reset", "nic", "--method", "pm"]);
-    assert_eq!(code, 0, "{err}");
-    assert!(
-        out.contains(NIC) && out.contains("health:") && out.contains("ok"),
-        "{out}"
-    );
-    let last = &d.get("/devices/nic").json()["last_reset"];
-    assert_eq!(last["method"], "pm", "{last}");
-    let (code, _, err) = vfioctl(&d.socket, &["reset", "nic", "--method", "bus"]);
-    assert_eq!(code, 1, "no bus reset offered by the kernel: {err}");
-}
-
 // ---- vfioctl's output for each command, table and --json ----
 //
 // The stand-in answers are vfiod's own (captured from a daemon on a fake
 // tree, `fixtures_carry_the_fields_vfiod_sends` keeps them so), chosen to
 // reach every branch of the renderers: attached or not, on vfio or not,
 // absent, unknown names, a last reset, tags and group companions.
-
-const T4: &str = "0000:00:04.0";
-const QEMU: &str = "0000:00:03.0";
 
 /// On vfio, attached to vm-7 for uid 64055 and its VMM pid, moved with its
 /// audio function, reset once.
@@ -718,7 +228,7 @@ fn nic_device() -> Value {
 fn absent_device() -> Value {
     json!({
         "id": "q0v4x7yd1p2oq8m5lbn3zr6c", "name": "qemu-edu", "type": "pci",
-        "pci_address": QEMU, "vendor_id": "1234", "device_id": "11e8", "iommu_group": 3,
+        "pci_address": EDU, "vendor_id": "1234", "device_id": "11e8", "iommu_group": 3,
         "bound_to_vfio": true, "attached_to": "vm-9", "created_at": "2026-12-05T08:00:00Z",
         "tags": {"owner": "qa"}, "present": false, "current_driver": null,
         "original_driver": null, "bound_by_vfiod": true, "vendor_name": null,
@@ -753,7 +263,7 @@ fn available_all() -> Value {
          "vendor_name": "Intel Corporation", "iommu_group": 1,
          "current_driver": "pcieport", "type": "pci", "class": "060400",
          "bound_to_vfio": false, "registered_id": null},
-        {"pci_address": QEMU, "vendor_id": "1234", "device_id": "11e8", "iommu_group": 3,
+        {"pci_address": EDU, "vendor_id": "1234", "device_id": "11e8", "iommu_group": 3,
          "current_driver": null, "type": "pci", "class": "00ff00", "bound_to_vfio": false,
          "registered_id": null},
         {"pci_address": "0000:00:05.0", "vendor_id": "1002", "device_id": "73bf",
@@ -1220,9 +730,12 @@ fn errors_print_the_agent_s_code_and_message() {
 #[test]
 fn fixtures_carry_the_fields_vfiod_sends() {
     let keys = |v: &Value| -> BTreeSet<String> { v.as_object().unwrap().keys().cloned().collect() };
-    let fs = FakeSys::standard_host();
-    let _sim = SimKernel::start(&fs);
-    let d = Daemon::start(&fs, &[]);
+    let Host {
+        fs: _fs,
+        sim: _sim,
+        d,
+        ..
+    } = Host::standard(&[]);
     d.register(GPU, "gpu0");
     let real = d.get("/devices/gpu0").json();
     let optional = ["pending", "group_companions"];

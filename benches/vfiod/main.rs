@@ -39,7 +39,6 @@
 //! `VFIOD_BENCH_SECONDS` is the length of one load run (default 2) and
 //! `VFIOD_BENCH_ROUNDS` the number of rounds (default 3).
 
-#[path = "support/nginx.rs"]
 mod nginx;
 
 use std::collections::HashMap;
