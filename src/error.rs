@@ -151,16 +151,16 @@ pub enum CoreError {
     /// explicit reset that verifies lifts it.
     #[error("device {device} is quarantined ({reason}); a successful POST /devices/{device}/reset clears it")]
     DeviceQuarantined {
-        /// The device as the caller named it.
+        /// The device's registered name.
         device: String,
-        /// The recorded health reason (the last reset's failure).
+        /// The recorded health reason.
         reason: String,
     },
     /// 409 `device_needs_host_reboot`: config space read all ones; no reset
     /// helps, only a reboot or a re-plug that answers again.
     #[error("device {device} needs a host reboot ({reason})")]
     NeedsHostReboot {
-        /// The device as the caller named it.
+        /// The device's registered name.
         device: String,
         /// The recorded health reason.
         reason: String,
