@@ -10,13 +10,22 @@ use crate::registry::DeviceRecord;
 /// What a hotplug or driver uevent says happened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HotplugEvent {
+    /// A function appeared: rescan it, and put a returning registered device
+    /// back on vfio.
     Add(PciAddress),
+    /// A function went away: its record stays, marked not present.
     Remove(PciAddress),
+    /// A driver took a function.
     Bind {
+        /// The function bound.
         address: PciAddress,
+        /// The uevent's `DRIVER`; `None` if it had none (then sysfs is read).
         driver: Option<String>,
     },
+    /// A function lost its driver.
     Unbind(PciAddress),
+    /// Attributes changed (e.g. after a driver reload): handled like `Add`, a
+    /// rescan of the function.
     Change(PciAddress),
 }
 
@@ -144,6 +153,8 @@ impl Core {
         });
     }
 
+    /// Applies one uevent to the registry and publishes the matching event;
+    /// never fails, a lost event is repaired by the next reconcile.
     pub async fn handle_hotplug(&self, event: HotplugEvent) {
         crate::metrics::record_hotplug(event.action());
         match event {

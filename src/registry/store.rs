@@ -25,19 +25,41 @@ use crate::path_error::PathError;
 pub const STATE_VERSION: u32 = 2;
 const STATE_FILE: &str = "state.json";
 
+/// Why the registry could not be loaded or saved; a load error stops startup.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The filesystem refused (read, write, fsync, rename); the path and errno
+    /// are inside.
     #[error(transparent)]
     Io(#[from] PathError),
+    /// The state file does not parse, or holds duplicate ids, names or
+    /// addresses.
     #[error("state file {path} is corrupt ({detail}); refusing to start. Fix or move it away; vfiod never overwrites it")]
-    Corrupt { path: PathBuf, detail: String },
+    Corrupt {
+        /// The state file.
+        path: PathBuf,
+        /// The parser's message or the duplicate found.
+        detail: String,
+    },
+    /// Written by a newer vfiod; this one will not guess at it.
     #[error("state file {path} has version {found}, this vfiod reads version {STATE_VERSION}; refusing to start")]
-    UnknownVersion { path: PathBuf, found: u32 },
+    UnknownVersion {
+        /// The state file.
+        path: PathBuf,
+        /// The version it declares.
+        found: u32,
+    },
+    /// Another vfiod holds the directory's lock; two daemons would overwrite
+    /// each other's registry.
     #[error("state directory {path} is in use by another vfiod (lock held)")]
-    Locked { path: PathBuf },
+    Locked {
+        /// The state directory.
+        path: PathBuf,
+    },
 }
 
 impl StoreError {
+    /// The errno of an I/O failure, to tell a full disk from a broken one.
     pub fn errno(&self) -> Option<i32> {
         match self {
             StoreError::Io(e) => e.errno(),
@@ -62,6 +84,8 @@ struct VersionOnly {
     version: u32,
 }
 
+/// The registry's durable copy: `state.json` in the state directory, held under
+/// an exclusive lock for the process's life.
 pub struct Store {
     dir: PathBuf,
     _lock: Flock<File>,
@@ -88,6 +112,7 @@ impl Store {
         })
     }
 
+    /// The state file's path, for messages.
     pub fn path(&self) -> PathBuf {
         self.dir.join(STATE_FILE)
     }
