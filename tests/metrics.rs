@@ -233,6 +233,22 @@ fn values_follow_registration_moves_hotplug_and_refusals() {
         m.observations("vfiod_driver_move_duration_seconds", &[("op", "bind")]),
         2
     );
+    // Every operation is counted once by the executor, its result with it.
+    assert_eq!(m.value("vfiod_operations_total", &bind_ok), 1.0);
+    assert_eq!(
+        m.value(
+            "vfiod_operations_total",
+            &[("op", "bind"), ("result", "error")]
+        ),
+        1.0
+    );
+    for op in ["attach", "detach", "unbind", "register"] {
+        assert_eq!(
+            m.value("vfiod_operations_total", &[("op", op), ("result", "ok")]),
+            1.0,
+            "{op}"
+        );
+    }
 
     // Hotplug: the NIC leaves the bus.
     let mut events = EventStream::open(&h.d.socket, "");
