@@ -56,12 +56,14 @@ fn stand_in(args: &[&str], status: &str, body: &str) -> Run {
         }
         let mut body = vec![0; length];
         reader.read_exact(&mut body).unwrap();
-        write!(
-            reader.get_mut(),
+        // One write: vfioctl may close as soon as it has read the head
+        // (an events request refused), and a later piece of a write!
+        // would then fail with EPIPE.
+        let answer = format!(
             "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reply}",
             reply.len()
-        )
-        .unwrap();
+        );
+        reader.get_mut().write_all(answer.as_bytes()).unwrap();
         let mut parts = request_line.split_whitespace();
         Seen {
             method: parts.next().unwrap().to_owned(),
