@@ -242,12 +242,23 @@ impl Core {
         &self,
         change: impl FnOnce(&mut Registry) -> Result<(T, bool), CoreError>,
     ) -> Result<T, CoreError> {
-        let _one_writer = self.commit_lock.lock().await;
+        let one_writer = self.commit_lock.lock().await;
         let mut next = (*self.snapshot()).clone();
         let (out, changed) = change(&mut next)?;
-        if !changed {
-            return Ok(out);
+        if changed {
+            self.save_and_publish(next, &one_writer).await?;
         }
+        Ok(out)
+    }
+
+    /// Saves `next` durably, then makes it the registry everyone reads.
+    /// The caller holds the commit lock (`_one_writer`) and built `next`
+    /// from the snapshot it read under it.
+    async fn save_and_publish(
+        &self,
+        next: Registry,
+        _one_writer: &tokio::sync::MutexGuard<'_, ()>,
+    ) -> Result<(), CoreError> {
         let next = Arc::new(next);
         let store = self.store.clone();
         let to_save = next.clone();
@@ -256,7 +267,7 @@ impl Core {
             .map_err(|e| CoreError::Internal(format!("state writer: {e}")))??;
         *self.registry.write().unwrap_or_else(|p| p.into_inner()) = next.clone();
         self.sync_udev_rule(&next).await;
-        Ok(out)
+        Ok(())
     }
 
     /// Keeps the boot-time udev rule in step with the registry (only
@@ -295,16 +306,22 @@ impl Core {
         addr: PciAddress,
         change: impl FnOnce(&mut DeviceRecord),
     ) -> Result<Option<DeviceRecord>, CoreError> {
-        self.commit_if_changed(|reg| {
-            let Some(d) = reg.get_mut_by_address(&addr) else {
-                return Ok((None, false));
-            };
-            let before = d.clone();
-            change(d);
-            let changed = *d != before;
-            Ok((Some(d.clone()), changed))
-        })
-        .await
+        let one_writer = self.commit_lock.lock().await;
+        let current = self.snapshot();
+        let Some(before) = current.get_by_address(&addr) else {
+            return Ok(None);
+        };
+        let mut updated = before.clone();
+        change(&mut updated);
+        // Most hotplug and driver events change nothing: those copy one
+        // record, not the registry.
+        if updated == *before {
+            return Ok(Some(updated));
+        }
+        let mut next = (*current).clone();
+        *next.get_mut_by_address(&addr).expect("in the snapshot") = updated.clone();
+        self.save_and_publish(next, &one_writer).await?;
+        Ok(Some(updated))
     }
 
     fn op_lock(&self, key: LockKey) -> Arc<tokio::sync::Mutex<()>> {

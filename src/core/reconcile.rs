@@ -1,6 +1,9 @@
 //! Startup reconcile and hotplug: bringing the registry in line with the bus, and putting returning devices back on vfio.
 
+use std::collections::HashMap;
+
 use super::operation::{device_event, OpContext, Operation, Outcome};
+use super::reset::apply_config_space;
 use super::{BindRequest, Caller, Core};
 use crate::error::CoreError;
 use crate::events::{Event, EventKind};
@@ -44,14 +47,30 @@ impl HotplugEvent {
 
 impl Core {
     /// Brings the registry in line with the bus: presence and drivers,
-    /// unfinished operations, and devices that should be on vfio but are
-    /// not (after a reboot). Never unbinds a device from vfio.
+    /// health from config space, unfinished operations, and devices that
+    /// should be on vfio but are not (after a reboot). Never unbinds a
+    /// device from vfio.
+    ///
+    /// One pass, one commit: the bus and every registered device's config
+    /// space are read first (off the runtime), then applied to the registry
+    /// in one change, so startup costs one registry copy and one save
+    /// whatever the number of devices.
     pub async fn reconcile(&self) -> Result<(), CoreError> {
         let sysfs = self.sysfs().clone();
-        let bus = tokio::task::spawn_blocking(move || sysfs.scan())
-            .await
-            .map_err(|e| CoreError::Internal(format!("scan: {e}")))?
-            .map_err(|e| CoreError::Internal(e.to_string()))?;
+        let registered: Vec<PciAddress> = self.snapshot().iter().map(|d| d.pci_address).collect();
+        let (bus, config) = tokio::task::spawn_blocking(move || {
+            let bus = sysfs.scan()?;
+            // No config attribute to read: nothing to conclude.
+            let config: HashMap<PciAddress, u16> = registered
+                .iter()
+                .filter(|a| bus.contains_key(a))
+                .filter_map(|a| sysfs.config_vendor_id(a).ok().map(|v| (*a, v)))
+                .collect();
+            Ok::<_, crate::pci::SysfsError>((bus, config))
+        })
+        .await
+        .map_err(|e| CoreError::Internal(format!("scan: {e}")))?
+        .map_err(|e| CoreError::Internal(e.to_string()))?;
         let changed = self
             .commit_if_changed(|reg| {
                 let mut changed = Vec::new();
@@ -66,6 +85,9 @@ impl Core {
                             d.iommu_group = f.iommu_group;
                             d.stuck = false;
                             d.identity_mismatch = !d.is_same_device(f);
+                            if let Some(&vendor) = config.get(&addr) {
+                                apply_config_space(d, vendor, "at startup");
+                            }
                         }
                         None => {
                             d.present = false;
@@ -74,25 +96,31 @@ impl Core {
                         }
                     }
                     if *d != before {
-                        changed.push(d.clone());
+                        changed.push((before.health.state, d.clone()));
                     }
                 }
                 let any = !changed.is_empty();
                 Ok((changed, any))
             })
             .await?;
-        for d in &changed {
+        for (health_before, d) in &changed {
             tracing::info!(device = %d.pci_address, present = d.present, driver = ?d.current_driver, "reconciled with the bus");
+            self.publish_health_change(Some(*health_before), Some(d));
         }
-        for record in self.snapshot().iter().cloned().collect::<Vec<_>>() {
-            if record.present {
-                self.check_config_space(record.pci_address, "at startup")
-                    .await;
-            }
-        }
-        for record in self.snapshot().iter().cloned().collect::<Vec<_>>() {
-            let address = record.pci_address;
-            if record.pending.is_some() {
+        // Only devices with an operation to finish or a binding to
+        // restore need more than that pass.
+        let unfinished: Vec<PciAddress> = self
+            .snapshot()
+            .iter()
+            .filter(|d| d.pending.is_some() || (self.wants_vfio(d) && !d.bound_to_vfio()))
+            .map(|d| d.pci_address)
+            .collect();
+        for address in unfinished {
+            if self
+                .snapshot()
+                .get_by_address(&address)
+                .is_some_and(|d| d.pending.is_some())
+            {
                 self.run_own(Operation::Settle { address }).await;
             }
             // Settling (a reset, say) does not put a device back on vfio;
@@ -181,12 +209,22 @@ impl Core {
                     return;
                 };
                 let is_add = matches!(event, HotplugEvent::Add(_));
+                // A re-plugged device's config space is read now and its
+                // health recorded in the same commit as its presence.
+                let vendor = is_add
+                    .then(|| self.sysfs().config_vendor_id(&addr).ok())
+                    .flatten();
+                let mut health_before = None;
                 let device = self
                     .update_device(addr, |d| {
+                        health_before = Some(d.health.state);
                         d.present = true;
                         d.current_driver = function.driver.clone();
                         d.iommu_group = function.iommu_group;
                         d.identity_mismatch = !d.is_same_device(&function);
+                        if let (Some(vendor), false) = (vendor, d.identity_mismatch) {
+                            apply_config_space(d, vendor, "after a re-plug");
+                        }
                     })
                     .await
                     .ok()
@@ -201,13 +239,8 @@ impl Core {
                         .driver(function.driver.clone()),
                     );
                 }
-                let Some(mut device) = device else { return };
-                if is_add && !device.identity_mismatch {
-                    self.check_config_space(addr, "after a re-plug").await;
-                    if let Some(d) = self.snapshot().get_by_address(&addr) {
-                        device = d.clone();
-                    }
-                }
+                let Some(device) = device else { return };
+                self.publish_health_change(health_before, Some(&device));
                 if device.identity_mismatch {
                     tracing::error!(device = %addr, expected = format!("{:04x}:{:04x}", device.vendor_id, device.device_id), found = format!("{:04x}:{:04x}", function.vendor_id, function.device_id), "a different device answers at a registered address; leaving it alone");
                     self.events

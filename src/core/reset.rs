@@ -96,6 +96,25 @@ fn resets_bus(method: &str) -> bool {
     matches!(method, "bus" | "cxl_bus")
 }
 
+/// Health from a registered device's config space, read when it is (back)
+/// on the bus (`vendor`: its first two bytes): reading all ones means the
+/// function is gone until the host reboots; one that answers again after
+/// that needs a reset. Applied inside the commit that records the device's
+/// presence (startup reconcile, a re-plug), not in a commit of its own.
+pub(super) fn apply_config_space(d: &mut DeviceRecord, vendor: u16, when: &str) {
+    if vendor == 0xffff {
+        if d.health.state != Health::NeedsHostReboot {
+            d.health.state = Health::NeedsHostReboot;
+            d.health.reason = Some(format!("config space reads all ones ({when})"));
+        }
+    } else if d.health.state == Health::NeedsHostReboot {
+        d.health.state = Health::NeedsReset;
+        d.health.reason = Some(format!(
+            "config space answers again ({when}); it is reset before it is handed out"
+        ));
+    }
+}
+
 impl Core {
     /// The reset operation.
     pub(super) async fn reset_device(
@@ -496,7 +515,11 @@ impl Core {
         Ok(updated)
     }
 
-    fn publish_health_change(&self, before: Option<Health>, after: Option<&DeviceRecord>) {
+    pub(super) fn publish_health_change(
+        &self,
+        before: Option<Health>,
+        after: Option<&DeviceRecord>,
+    ) {
         let Some(d) = after else { return };
         if before == Some(d.health.state) {
             return;
@@ -626,35 +649,6 @@ impl Core {
             .await;
         if let Err(e) = updated {
             tracing::error!(device = %addr, error = %e, "could not record how a stuck reset ended");
-        }
-    }
-
-    /// Whether a registered device that is (back) on the bus answers:
-    /// config space reading all ones means the function is gone until the
-    /// host reboots; one that answers again after that needs a reset.
-    pub(super) async fn check_config_space(&self, addr: PciAddress, when: &str) {
-        // No config attribute to read: nothing to conclude.
-        let Ok(vendor) = self.sysfs().config_vendor_id(&addr) else {
-            return;
-        };
-        let when = when.to_owned();
-        let updated = self
-            .update_health(addr, |d| {
-                if vendor == 0xffff {
-                    if d.health.state != Health::NeedsHostReboot {
-                        d.health.state = Health::NeedsHostReboot;
-                        d.health.reason = Some(format!("config space reads all ones ({when})"));
-                    }
-                } else if d.health.state == Health::NeedsHostReboot {
-                    d.health.state = Health::NeedsReset;
-                    d.health.reason = Some(format!(
-                        "config space answers again ({when}); it is reset before it is handed out"
-                    ));
-                }
-            })
-            .await;
-        if let Err(e) = updated {
-            tracing::error!(device = %addr, error = %e, "could not record the device's health");
         }
     }
 }
