@@ -32,7 +32,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use crate::crashpoint::{self, StepKind};
+use crate::crashpoint::{self, Stage, StepKind};
 use crate::pci::{PciAddress, Sysfs, SysfsError};
 use crate::registry::is_vfio_driver;
 
@@ -562,11 +562,20 @@ impl Engine {
         let spawned = std::thread::Builder::new()
             .name("sysfs-write".into())
             .spawn(move || {
-                let result = Sysfs::write_attr(&thread_path, &value);
-                crashpoint::step(
-                    StepKind::SysfsWrite,
-                    format_args!("{} {value:?}", thread_path.display()),
-                );
+                let step = crashpoint::begin(StepKind::SysfsWrite);
+                let result = match step.injected(Stage::Write) {
+                    Some(source) => Err(SysfsError {
+                        op: "write",
+                        path: thread_path.clone(),
+                        source,
+                    }),
+                    None => Sysfs::write_attr(&thread_path, &value),
+                };
+                step.made(format_args!(
+                    "{} {value:?}{}",
+                    thread_path.display(),
+                    if result.is_err() { " (failed)" } else { "" }
+                ));
                 // Whoever is still listening gets the result: the caller
                 // within the timeout, the late-write watcher after it.
                 if let Err(result) = tx.send(result) {

@@ -19,7 +19,7 @@ use tokio::io::unix::AsyncFd;
 
 use super::reset::refuse_unhealthy;
 use super::{AttachRequest, BindRequest, Caller, Core};
-use crate::crashpoint::{self, StepKind};
+use crate::crashpoint::{self, Stage, StepKind};
 use crate::error::CoreError;
 use crate::events::EventKind;
 use crate::pci::{vfio_access, PciAddress};
@@ -477,11 +477,20 @@ async fn change_nodes(
     };
     tokio::task::spawn_blocking(move || {
         nodes.iter().try_for_each(|node| {
-            let applied = apply(node, uid);
-            crashpoint::step(
-                StepKind::Acl,
-                format_args!("{what} {} to uid {uid}", node.display()),
-            );
+            let step = crashpoint::begin(StepKind::Acl);
+            let applied = match step.injected(Stage::Write) {
+                Some(source) => Err(crate::path_error::PathError {
+                    op: "change ACL of",
+                    path: node.clone(),
+                    source,
+                }),
+                None => apply(node, uid),
+            };
+            step.made(format_args!(
+                "{what} {} to uid {uid}{}",
+                node.display(),
+                if applied.is_err() { " (failed)" } else { "" }
+            ));
             applied
         })
     })
