@@ -176,7 +176,10 @@ pub fn init(fake_tree: bool) {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         let parsed = |name: &'static str, ok: bool| {
             if !ok {
-                tracing::error!(variable = name, "ignoring a test variable that does not parse");
+                tracing::error!(
+                    variable = name,
+                    "ignoring a test variable that does not parse"
+                );
             }
         };
         let crash_after = var(CRASH_AFTER_STEP).and_then(|v| {
@@ -332,9 +335,6 @@ mod tests {
         assert_eq!(parse_fault("3:close:EIO"), None);
         assert_eq!(parse_fault("x:EIO"), None);
         assert_eq!(parse_fault("3:ENOTANERRNO"), None);
-        assert_eq!(
-            parse_pause("4:/tmp/p"),
-            Some((4, PathBuf::from("/tmp/p")))
-        );
+        assert_eq!(parse_pause("4:/tmp/p"), Some((4, PathBuf::from("/tmp/p"))));
     }
 }

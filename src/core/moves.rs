@@ -294,13 +294,16 @@ impl Core {
         match result {
             Ok(()) => {
                 let vfio = plan.vfio_driver.clone();
+                // Read, not assumed: the device may have left the bus since
+                // its move (its remove uevent is then already recorded).
+                let present = self.sysfs().is_present(&addr);
                 let device = self
                     .update_device(addr, |d| {
                         d.pending = None;
                         d.bound_by_vfiod = true;
                         d.vfio_driver = Some(vfio);
                         d.current_driver = current.clone();
-                        d.present = true;
+                        d.present = present;
                     })
                     .await?
                     .unwrap_or_else(|| record.clone());

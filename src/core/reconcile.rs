@@ -209,8 +209,17 @@ impl Core {
                     self.spawn_rebind(device);
                 }
             }
-            HotplugEvent::Bind { address, driver } => {
-                let driver = driver.or_else(|| self.sysfs().driver(&address));
+            HotplugEvent::Bind {
+                address,
+                driver: said,
+            } => {
+                // A uevent is history: read by the time it is handled, the
+                // device may have moved on (vfiod took it to vfio after the
+                // kernel's own probe). sysfs says where it is now.
+                let driver = self.sysfs().driver(&address);
+                if said.is_some() && said != driver {
+                    tracing::debug!(device = %address, uevent = ?said, now = ?driver, "a bind uevent older than the device's driver");
+                }
                 let device = self
                     .update_device(address, |d| d.current_driver = driver.clone())
                     .await
@@ -240,8 +249,9 @@ impl Core {
                 }
             }
             HotplugEvent::Unbind(addr) => {
+                let driver = self.sysfs().driver(&addr);
                 let device = self
-                    .update_device(addr, |d| d.current_driver = None)
+                    .update_device(addr, |d| d.current_driver = driver.clone())
                     .await
                     .ok()
                     .flatten();
