@@ -303,12 +303,6 @@ fn pause(n: u64, kind: StepKind, path: &std::path::Path) {
     }
 }
 
-/// Counts one step that cannot fail on purpose; dies after it if this is
-/// the step to crash after.
-pub fn step(kind: StepKind, what: impl Display) {
-    begin(kind).made(what)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -221,6 +221,9 @@ const POLL_INTERVAL: Duration = Duration::from_millis(1);
 /// the override (see `move_one_to_vfio`); one race per add is all the
 /// kernel can produce, the second retry is margin.
 const NATIVE_PROBE_RACE_RETRIES: usize = 2;
+/// Writes of a function's own `reset_method` list back, before vfiod gives
+/// up and leaves its choice in place (logged).
+const RESTORE_RESET_METHOD_ATTEMPTS: usize = 3;
 
 impl Engine {
     pub fn new(sysfs: Sysfs, write_timeout: Duration) -> Self {
@@ -346,15 +349,26 @@ impl Engine {
             previous
         };
         let path = self.sysfs.reset_method_path(&addr);
-        match self
-            .write(Step::RestoreResetMethod, addr, path, value)
-            .await
-        {
-            Err(e) if !e.is_timeout() => {
-                tracing::error!(device = %addr, error = %e, "could not put reset_method back");
-                Ok(())
+        // A method list left behind outlives vfiod (the kernel then resets
+        // the device only the way vfiod chose, for everyone): a refused
+        // write is tried again before it is given up on.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self
+                .write(Step::RestoreResetMethod, addr, path.clone(), value)
+                .await
+            {
+                Err(e) if !e.is_timeout() && attempt < RESTORE_RESET_METHOD_ATTEMPTS => {
+                    tracing::warn!(device = %addr, error = %e, attempt, "could not put reset_method back; trying again");
+                    tokio::time::sleep(Duration::from_millis(10 * attempt as u64)).await;
+                }
+                Err(e) if !e.is_timeout() => {
+                    tracing::error!(device = %addr, error = %e, "could not put reset_method back");
+                    return Ok(());
+                }
+                other => return other,
             }
-            other => other,
         }
     }
 

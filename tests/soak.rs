@@ -697,6 +697,29 @@ fn fail(seed: u64, ops: &[Op], at: usize, why: &str) -> ! {
     );
 }
 
+fn replay_must_pass(ops: &[Op]) {
+    if !is_root() {
+        eprintln!("skipped: attachments to other uids need root");
+        return;
+    }
+    if let (_, Err((at, why))) = replay(ops) {
+        panic!("fails at step {at} ({}): {why}", ops[at]);
+    }
+}
+
+/// Seed 1592590363 (shrunk): a GPU bound with its audio function, pulled
+/// from the bus, then deleted. vfiod forgot the audio function it had
+/// moved with it, which stayed on vfio-pci with vfiod's override.
+#[test]
+fn soak_regression_deleting_a_pulled_gpu_gives_its_companion_back() {
+    replay_must_pass(&[
+        Op::Register(Dev::Gpu),
+        Op::Bind(Dev::Gpu, true),
+        Op::Unplug(Dev::Gpu),
+        Op::Delete(Dev::Gpu),
+    ]);
+}
+
 #[test]
 fn a_seeded_random_soak_keeps_every_invariant() {
     if !is_root() {

@@ -264,11 +264,11 @@ impl Core {
         why: String,
     ) -> Result<DeviceRecord, CoreError> {
         let addr = record.pci_address;
-        if let Err(e) = self.revoke_grant(record).await {
-            // The attachment still ends: keeping a VM's label on a device
-            // because a node could not be changed helps nobody. Say so.
-            tracing::error!(device = %addr, error = %e, "could not revoke the VFIO node grant");
-        }
+        // The end is on disk before the grant is taken back, as an attach
+        // records before it grants: a crash in between leaves an entry no
+        // record explains, which startup revokes. The other order restarted
+        // into a live attachment whose grant was gone, or, with a failed
+        // revoke, recorded no attachment over a tenant's entry.
         let device = self
             .update_device(addr, |d| {
                 d.attached_to = None;
@@ -277,6 +277,13 @@ impl Core {
             })
             .await?
             .unwrap_or_else(|| record.clone());
+        if let Err(e) = self.revoke_grant(record).await {
+            // The attachment still ends: keeping a VM's label on a device
+            // because a node could not be changed helps nobody. The entry
+            // is taken back as soon as the node lets it.
+            tracing::error!(device = %addr, error = %e, "could not revoke the VFIO node grant; trying again");
+            self.revoke_later(record.clone());
+        }
         self.events.publish(
             self.publish(kind, &device)
                 .instance(record.attached_to.clone())
@@ -320,6 +327,41 @@ impl Core {
         Ok(device)
     }
 
+    /// Takes an ended attachment's grant back in the background (group
+    /// lock held for each try), unless the device is attached to that uid
+    /// again meanwhile. Tries for about 6 s; after that the next start
+    /// revokes it (`revoke_unexplained_grants`).
+    fn revoke_later(&self, ended: DeviceRecord) {
+        let Some(core) = self.me.upgrade() else {
+            return;
+        };
+        self.operations.spawn(async move {
+            let addr = ended.pci_address;
+            for attempt in 1..=REVOKE_ATTEMPTS {
+                tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+                let lock = core.op_lock(Self::lock_key(&ended));
+                let _group = lock.lock().await;
+                let again = core.snapshot().iter().any(|d| {
+                    d.attached_to.is_some()
+                        && d.attached_uid == ended.attached_uid
+                        && d.iommu_group == ended.iommu_group
+                });
+                if again {
+                    return;
+                }
+                match core.revoke_grant(&ended).await {
+                    Ok(()) => {
+                        tracing::info!(device = %addr, attempt, "revoked the VFIO node grant of an ended attachment");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::error!(device = %addr, error = %e, attempt, "could not revoke the VFIO node grant")
+                    }
+                }
+            }
+        });
+    }
+
     /// Ends the attachment when its VMM exits. Waiting for the exit is not
     /// an operation (shutdown does not wait for a VM); ending it is.
     fn follow_vmm(&self, addr: PciAddress, process: AttachedProcess) {
@@ -338,36 +380,52 @@ impl Core {
     }
 
     async fn end_attachment_of_exited_vmm(&self, addr: PciAddress, process: AttachedProcess) {
-        let Some(record) = self.snapshot().get_by_address(&addr).cloned() else {
-            return;
-        };
-        let lock = self.op_lock(Self::lock_key(&record));
-        let _group = lock.lock().await;
-        let Some(record) = self.snapshot().get_by_address(&addr).cloned() else {
-            return;
-        };
-        if record.attached_pid != Some(process) || still_running(&self.options.proc_root, process) {
-            return;
+        // An end the state file refused is tried again shortly: the VMM is
+        // gone all the same, and an attachment nobody holds should not wait
+        // for a restart.
+        for attempt in 1..=VMM_EXIT_ATTEMPTS {
+            let Some(record) = self.snapshot().get_by_address(&addr).cloned() else {
+                return;
+            };
+            let lock = self.op_lock(Self::lock_key(&record));
+            let group = lock.lock().await;
+            let Some(record) = self.snapshot().get_by_address(&addr).cloned() else {
+                return;
+            };
+            if record.attached_pid != Some(process)
+                || still_running(&self.options.proc_root, process)
+            {
+                return;
+            }
+            let why = format!(
+                "VMM pid {} (uid {}) exited",
+                process.pid,
+                record.attached_uid.unwrap_or(0)
+            );
+            if self.release_after_vmm_exit(&record, why).await {
+                return;
+            }
+            drop(group);
+            tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
         }
-        let why = format!(
-            "VMM pid {} (uid {}) exited",
-            process.pid,
-            record.attached_uid.unwrap_or(0)
-        );
-        self.release_after_vmm_exit(&record, why).await;
     }
 
     /// Ends the attachment of `record`, whose VMM exited, and releases the
     /// device as configured: reset on release, then the give-back with
     /// `unbind_on_vmm_exit` (group lock held).
-    async fn release_after_vmm_exit(&self, record: &DeviceRecord, why: String) {
+    /// False if the end could not be recorded.
+    async fn release_after_vmm_exit(&self, record: &DeviceRecord, why: String) -> bool {
         let addr = record.pci_address;
         tracing::info!(device = %addr, instance = ?record.attached_to, "attachment of {addr} ended: {why}");
-        let Ok(device) = self
+        let device = match self
             .end_attachment(record, EventKind::AttachmentEnded, why)
             .await
-        else {
-            return;
+        {
+            Ok(device) => device,
+            Err(e) => {
+                tracing::error!(device = %addr, error = %e, "could not end the attachment of an exited VMM");
+                return false;
+            }
         };
         let device = self
             .reset_on_release(Caller::AGENT, &device, "its VMM exited")
@@ -381,6 +439,7 @@ impl Core {
                 tracing::error!(device = %addr, error = %e, "could not give the device back after its VMM exited");
             }
         }
+        true
     }
 
     /// At startup: attachments whose VMM is gone end; the others are
@@ -457,6 +516,13 @@ impl Core {
         }
     }
 }
+
+/// Tries to record the end of an exited VMM's attachment, 100 ms apart
+/// more each time.
+const VMM_EXIT_ATTEMPTS: u64 = 10;
+
+/// Tries of [`Core::revoke_later`], 100 ms apart more each time.
+const REVOKE_ATTEMPTS: u64 = 10;
 
 #[derive(Debug, Clone, Copy)]
 enum NodeChange {

@@ -6,6 +6,9 @@ use crate::events::{Event, EventKind};
 use crate::pci::PciAddress;
 use crate::registry::{is_vfio_driver, DeviceRecord};
 
+/// Passes of [`Core::resync_later`], 100 ms apart more each time.
+const RESYNC_ATTEMPTS: u64 = 10;
+
 /// What a hotplug or driver uevent says happened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HotplugEvent {
@@ -95,6 +98,82 @@ impl Core {
         }
         self.resume_attachments().await;
         Ok(())
+    }
+
+    /// After a commit failed: in the background, brings every device's
+    /// record back in line with the bus as a restart would (presence,
+    /// driver, an operation left pending, a device vfiod holds put back on
+    /// vfio), each under its group's lock, until a pass records all of it
+    /// (about 6 s of tries; after that the next start does it).
+    pub(super) fn resync_later(&self) {
+        use std::sync::atomic::Ordering;
+        let Some(core) = self.me.upgrade() else {
+            return;
+        };
+        if self.resync_scheduled.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.operations.spawn(async move {
+            for attempt in 1..=RESYNC_ATTEMPTS {
+                tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+                if core.resync().await {
+                    tracing::info!(
+                        attempt,
+                        "the registry is in line with the bus again after a failed commit"
+                    );
+                    break;
+                }
+            }
+            core.resync_scheduled.store(false, Ordering::SeqCst);
+        });
+    }
+
+    /// One pass of [`Core::resync_later`]; true if nothing is left to do.
+    async fn resync(&self) -> bool {
+        let mut done = true;
+        let addrs: Vec<PciAddress> = self.snapshot().iter().map(|d| d.pci_address).collect();
+        for addr in addrs {
+            let Some(record) = self.snapshot().get_by_address(&addr).cloned() else {
+                continue;
+            };
+            let lock = self.op_lock(Self::lock_key(&record));
+            let group = lock.lock().await;
+            let Some(record) = self.snapshot().get_by_address(&addr).cloned() else {
+                continue;
+            };
+            if record.stuck {
+                // The stuck write's return settles it.
+                continue;
+            }
+            let present = self.sysfs().is_present(&addr);
+            let driver = self.sysfs().driver(&addr);
+            let Ok(Some(record)) = self
+                .update_device(addr, |d| {
+                    d.present = present;
+                    d.current_driver = driver.clone();
+                })
+                .await
+            else {
+                done = false;
+                continue;
+            };
+            if record.pending.is_some() {
+                self.settle_pending(&record).await;
+            }
+            drop(group);
+            let Some(record) = self.snapshot().get_by_address(&addr).cloned() else {
+                continue;
+            };
+            if record.pending.is_some() && record.present {
+                done = false;
+            } else if record.pending.is_none()
+                && self.wants_vfio(&record)
+                && !record.bound_to_vfio()
+            {
+                self.rebind_to_vfio(&record).await;
+            }
+        }
+        done
     }
 
     fn wants_vfio(&self, record: &DeviceRecord) -> bool {

@@ -107,6 +107,24 @@ impl Core {
                 return Err(CoreError::DeviceStuck(record.pci_address));
             }
             self.unbind_locked(caller, &record).await?;
+        } else if record.bound_by_vfiod && !record.companions.is_empty() {
+            // Off the bus itself, its group's other functions vfiod moved
+            // with it are not: they go back to their drivers now, or the
+            // record that holds them stays. Forgotten, they would stay on
+            // vfio with vfiod's override for good.
+            let sysfs = self.sysfs();
+            let moves: Vec<_> = super::moves::restore_moves(&record)
+                .into_iter()
+                .skip(1)
+                .filter(|m| sysfs.is_present(&m.pci_address))
+                .collect();
+            if !moves.is_empty() {
+                self.require_privileged()?;
+                self.engine
+                    .restore(&moves)
+                    .await
+                    .map_err(|e| CoreError::move_failed("unbind", record.pci_address, e, None))?;
+            }
         }
         let addr = record.pci_address;
         self.commit(|reg| {
