@@ -171,6 +171,9 @@ struct DevState {
 struct Model {
     devs: [DevState; 3],
     present: [bool; 3],
+    /// The GPU's audio companion was given back while the GPU itself,
+    /// off the bus, stayed recorded as vfiod's (a delete cut short).
+    companion_back: bool,
 }
 
 impl Model {
@@ -178,6 +181,7 @@ impl Model {
         Model {
             devs: [DevState::default(); 3],
             present: [true; 3],
+            companion_back: false,
         }
     }
 
@@ -188,12 +192,15 @@ impl Model {
     fn with(&self, d: Dev, f: impl FnOnce(&mut DevState)) -> Model {
         let mut m = self.clone();
         f(&mut m.devs[d.index()]);
+        if d == Dev::Gpu && !m.devs[d.index()].bound {
+            m.companion_back = false;
+        }
         m
     }
 
     /// The audio function moves only with the GPU, as its companion.
     fn audio_on_vfio(&self) -> bool {
-        self.dev(Dev::Gpu).bound
+        self.dev(Dev::Gpu).bound && !self.companion_back
     }
 }
 
@@ -233,6 +240,11 @@ fn predict(m: &Model, op: Op) -> (Expect, Vec<Model>) {
                 let given_back = m.with(d, |s| s.bound = false);
                 let first_half = if s.bound && m.present[d.index()] {
                     vec![given_back]
+                } else if s.bound && d == Dev::Gpu {
+                    // Off the bus: its companion given back, not the GPU.
+                    let mut back = m.clone();
+                    back.companion_back = true;
+                    vec![back]
                 } else {
                     vec![]
                 };
@@ -247,7 +259,11 @@ fn predict(m: &Model, op: Op) -> (Expect, Vec<Model>) {
             if d == Dev::Gpu && !with_group && !m.audio_on_vfio() {
                 return (Refused, none());
             }
-            (Ok(m.with(d, |s| s.bound = true)), none())
+            let mut bound = m.with(d, |s| s.bound = true);
+            if d == Dev::Gpu {
+                bound.companion_back = false;
+            }
+            (Ok(bound), none())
         }
         Op::Unbind(d) => {
             let s = m.dev(d);
