@@ -1,37 +1,52 @@
 //! Measures vfiod, it does not judge it: run with `cargo bench --bench vfiod`
-//! and read the table. Everything runs on this machine over Unix sockets,
+//! and read the tables. Everything runs on this machine over Unix sockets,
 //! against a fake sysfs tree (never the real /sys).
 //!
-//! 1. API throughput and latency: 1,000 registered devices, 64 concurrent
-//!    keep-alive connections, `GET /devices` and `GET /devices/{name}`,
-//!    side by side with a minimal hyper server (a second process, same
-//!    kind of socket) answering a fixed body of the same size: the ceiling.
-//! 2. Peak RSS of vfiod, and time from exec to READY (sd_notify) with
-//!    1,000 registered devices.
-//! 3. Bind/unbind cycles on the simulated kernel, versus the same sysfs
-//!    writes done directly: vfiod's overhead per cycle.
+//! 1. API throughput and latency against nginx: 1,000 registered devices,
+//!    64 concurrent keep-alive connections, six kinds of request (the full
+//!    list; one device by name; a tag-filtered list matching half of the
+//!    devices; one matching a single device; `GET /devices/available` on a
+//!    host of 1,000 functions; `/metrics`). The ceiling is nginx from Debian
+//!    (installed if missing) serving vfiod's own answers as static files
+//!    over the same kind of socket, with as many workers as vfiod has
+//!    runtime threads; a minimal hyper server answering the same bytes is a
+//!    second column. vfiod, nginx and hyper take turns request kind by
+//!    request kind, in rounds whose order rotates, so that noise from the
+//!    rest of the machine falls on all three; the table shows the medians
+//!    of the rounds and vfiod's peak RSS under all of it.
+//! 2. Startup with 1,000 and 10,000 registered devices: exec to READY
+//!    (sd_notify) and exec to the first answer on the socket.
+//! 3. A move's own cost: bind/unbind cycles through the API on the
+//!    simulated kernel (holder scan included), against the same sysfs
+//!    writes done directly.
 //! 4. Uevent to visible state: an injected event until `GET /devices` and
 //!    the event stream show it.
-//! 5. Fair share (as root only): what root and an access group member get
+//! 5. Event fan-out: 1,000 subscribers of `GET /events`, a burst of 1,000
+//!    registry changes; delay from change to delivery, and whether every
+//!    subscriber got every event.
+//! 6. Fair share (as root only): what root and an access group member get
 //!    (answered, p99) and vfiod's RSS, without a flood and under floods of
-//!    unprivileged uids (`tests/common/flood.rs`, the same scenarios
+//!    unprivileged uids (`test-support/src/flood.rs`, the same scenarios
 //!    `tests/fairshare.rs` asserts on).
-//! 6. The holder scan a move pays before it writes: a fake `/proc` of 2,000
+//! 7. The holder scan a move pays before it writes: a fake `/proc` of 2,000
 //!    processes with 100 descriptors each (sockets, pipes, anonymous
 //!    inodes, regular files, `/dev/null`, a few device nodes) and a maps
 //!    file each; then, for scale, the real `/proc` of this machine (read
 //!    only, like every scan).
 //!
-//! `VFIOD_BENCH_ONLY=holders` (or `api`, `bind`, `events`, `fairshare`,
-//! comma-separated) runs only those sections.
+//! `VFIOD_BENCH_ONLY=api` (or `startup`, `bind`, `events`, `fanout`,
+//! `fairshare`, `holders`, comma-separated) runs only those sections;
+//! `VFIOD_BENCH_SECONDS` is the length of one load run (default 2) and
+//! `VFIOD_BENCH_ROUNDS` the number of rounds (default 3).
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+#[path = "support/nginx.rs"]
+mod nginx;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::num::NonZeroUsize;
-use std::os::unix::net::UnixDatagram;
+use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,20 +69,29 @@ fn main() {
     if let Ok(spec) = std::env::var(common::flood::HELPER_ENV) {
         return common::flood::helper_main(&spec);
     }
-    let seconds: u64 = std::env::var("VFIOD_BENCH_SECONDS")
+    let seconds: f64 = std::env::var("VFIOD_BENCH_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
+        .unwrap_or(2.0);
+    let rounds: usize = std::env::var("VFIOD_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|&r| r > 0)
+        .unwrap_or(3);
     println!(
-        "vfiod benchmark ({} cores, {seconds} s per load run)",
+        "vfiod benchmark ({} cores, {seconds} s per load run, {rounds} rounds; load average at start: {})",
         std::thread::available_parallelism()
             .map(|n| n.get())
-            .unwrap_or(1)
+            .unwrap_or(1),
+        load_average()
     );
     let only = std::env::var("VFIOD_BENCH_ONLY").unwrap_or_default();
     let run = |section: &str| only.is_empty() || only.split(',').any(|s| s.trim() == section);
     if run("api") {
-        api_benchmark(seconds);
+        api_benchmark(Duration::from_secs_f64(seconds), rounds);
+    }
+    if run("startup") {
+        startup_benchmark();
     }
     if run("bind") {
         bind_benchmark();
@@ -75,16 +99,29 @@ fn main() {
     if run("events") {
         event_benchmark();
     }
+    if run("fanout") {
+        fanout_benchmark();
+    }
     if run("fairshare") {
         fair_share_benchmark();
     }
     if run("holders") {
         holder_scan_benchmark();
     }
+    println!("\nload average at the end: {}", load_average());
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn fair_share_benchmark() {
-    println!("\n5. Fair share: root and an access group member asking while unprivileged uids flood the socket");
+    println!("\n6. Fair share: root and an access group member asking while unprivileged uids flood the socket");
     if !common::flood::is_root() {
         println!("  skipped: needs root to start the flooding clients as other uids");
         return;
@@ -95,12 +132,29 @@ fn fair_share_benchmark() {
     common::flood::print_table(baseline, &rows);
 }
 
-/// The minimal hyper server: every request gets the same body.
+/// The minimal hyper server: answers each path with the file of that name
+/// under a directory (read once at start), like nginx does from disk.
 fn ceiling_server(spec: &str) {
-    let (socket, body_file) = spec.split_once(',').unwrap();
-    let body = Bytes::from(std::fs::read(body_file).unwrap());
+    let (socket, root) = spec.split_once(',').unwrap();
+    let mut bodies = HashMap::new();
+    let mut dirs = vec![PathBuf::from(root)];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                let rel = path.strip_prefix(root).unwrap().display().to_string();
+                bodies.insert(
+                    format!("/{rel}"),
+                    Bytes::from(std::fs::read(&path).unwrap()),
+                );
+            }
+        }
+    }
+    let bodies = Arc::new(bodies);
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(vfiod::RUNTIME_WORKER_THREADS)
         .enable_all()
         .build()
         .unwrap();
@@ -108,12 +162,16 @@ fn ceiling_server(spec: &str) {
         let listener = tokio::net::UnixListener::bind(socket).unwrap();
         loop {
             let (stream, _) = listener.accept().await.unwrap();
-            let body = body.clone();
+            let bodies = bodies.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req| {
-                    let body = body.clone();
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let body = bodies.get(req.uri().path()).cloned();
                     async move {
-                        let mut resp = hyper::Response::new(Full::new(body));
+                        let mut resp =
+                            hyper::Response::new(Full::new(body.clone().unwrap_or_default()));
+                        if body.is_none() {
+                            *resp.status_mut() = hyper::StatusCode::NOT_FOUND;
+                        }
                         resp.headers_mut()
                             .insert("content-type", "application/json".parse().unwrap());
                         Ok::<_, Infallible>(resp)
@@ -127,16 +185,23 @@ fn ceiling_server(spec: &str) {
     });
 }
 
+#[derive(Clone, Copy)]
 struct LoadResult {
     requests: u64,
     seconds: f64,
-    p50_us: f64,
     p99_us: f64,
     bytes_per_response: usize,
 }
 
-/// `CONNECTIONS` keep-alive connections hammering `paths` (round robin).
-fn load(socket: &Path, paths: &[String], seconds: u64) -> LoadResult {
+impl LoadResult {
+    fn rps(&self) -> f64 {
+        self.requests as f64 / self.seconds
+    }
+}
+
+/// `CONNECTIONS` keep-alive connections hammering `paths` (round robin)
+/// for `duration`.
+fn load(socket: &Path, paths: &[String], duration: Duration) -> LoadResult {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -144,7 +209,7 @@ fn load(socket: &Path, paths: &[String], seconds: u64) -> LoadResult {
         .unwrap();
     let paths = Arc::new(paths.to_vec());
     rt.block_on(async move {
-        let deadline = Instant::now() + Duration::from_secs(seconds);
+        let deadline = Instant::now() + duration;
         let mut tasks = Vec::new();
         for c in 0..CONNECTIONS {
             let socket = socket.to_owned();
@@ -189,39 +254,23 @@ fn load(socket: &Path, paths: &[String], seconds: u64) -> LoadResult {
         LoadResult {
             requests: all.len() as u64,
             seconds,
-            p50_us: pct(0.50),
             p99_us: pct(0.99),
             bytes_per_response: size,
         }
     })
 }
 
-fn print_load(label: &str, r: &LoadResult) {
-    println!(
-        "  {label:<34} {:>9.0} req/s   p50 {:>7.2} ms   p99 {:>7.2} ms   {:>7} B/resp",
-        r.requests as f64 / r.seconds,
-        r.p50_us / 1000.0,
-        r.p99_us / 1000.0,
-        r.bytes_per_response
-    );
-}
-
 fn peak_rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    common::flood::status_kib(pid, "VmHWM:")
 }
 
-fn big_host() -> FakeSys {
+/// A fake host of `n` GPUs, each in its own IOMMU group, on nvidia.
+fn big_host(n: usize) -> FakeSys {
     let fs = FakeSys::new();
     fs.load_vfio();
-    for i in 0..DEVICES {
-        let addr = format!("0000:{:02x}:{:02x}.{}", 0x10 + i / 64, (i % 64) / 2, i % 2);
+    for i in 0..n {
         fs.add_device(
-            DeviceSpec::new(&addr, 0x10de, 0x2236, 0x030200)
+            DeviceSpec::new(&host_address(i), 0x10de, 0x2236, 0x030200)
                 .driver("nvidia")
                 .group(100 + i as u32),
         );
@@ -229,49 +278,69 @@ fn big_host() -> FakeSys {
     fs
 }
 
-/// Time from exec to READY=1 on a notify socket.
-fn time_to_ready(d: &mut Daemon) -> Duration {
-    let dir = TempDir::new("vfiod-bench-notify").unwrap();
-    let notify_path = dir.path().join("notify");
-    let notify = UnixDatagram::bind(&notify_path).unwrap();
-    notify
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    d.kill9();
-    let mut cmd = d.command();
-    cmd.env("NOTIFY_SOCKET", &notify_path)
-        .env("VFIOD_LOG", "warn");
-    let t = Instant::now();
-    let child = cmd.stderr(std::process::Stdio::null()).spawn().unwrap();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = notify.recv(&mut buf).unwrap();
-        if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
-            break;
-        }
-    }
-    let elapsed = t.elapsed();
-    d.child = Some(child);
-    d.wait_ready();
-    elapsed
+fn host_address(i: usize) -> String {
+    format!("0000:{:02x}:{:02x}.{}", 0x10 + i / 64, (i % 64) / 2, i % 2)
 }
 
-fn api_benchmark(seconds: u64) {
+/// The tags of the benchmark's device `i`: half are in pool `a`, and each
+/// has a slot of its own.
+fn bench_tags(i: usize) -> [(&'static str, String); 2] {
+    [
+        (
+            "pool",
+            if i.is_multiple_of(2) { "a" } else { "b" }.to_owned(),
+        ),
+        ("slot", format!("s{i}")),
+    ]
+}
+
+/// Starts (again) the daemon's process with `VFIOD_LOG` at `level` and
+/// waits until its socket answers.
+fn respawn(d: &mut Daemon, level: &str) {
+    d.kill9();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&d.log)
+        .unwrap();
+    let child = d
+        .command()
+        .env("VFIOD_LOG", level)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    d.child = Some(child);
+    d.wait_ready();
+}
+
+/// One kind of request: the path vfiod is asked, the file nginx and hyper
+/// answer with vfiod's own answer to it, and the target (vfiod / nginx).
+struct Kind {
+    label: &'static str,
+    vfiod_paths: Vec<String>,
+    static_paths: Vec<String>,
+    target: Option<f64>,
+}
+
+fn api_benchmark(run_for: Duration, rounds: usize) {
     println!("\n1. API over the Unix socket: {DEVICES} registered devices, {CONNECTIONS} keep-alive connections");
-    let fs = big_host();
+    let fs = big_host(DEVICES);
     let mut d = Daemon::start(&fs, &[]);
-    let addrs: Vec<String> = std::fs::read_dir(fs.path("bus/pci/devices"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().into_string().unwrap())
-        .collect();
+    // At the level a user runs it (the test harness logs at debug).
+    respawn(&mut d, "info");
     let t = Instant::now();
-    for (i, a) in addrs.iter().enumerate() {
+    for i in 0..DEVICES {
+        let tags: Vec<String> = bench_tags(i)
+            .iter()
+            .map(|(k, v)| format!(r#""{k}":"{v}""#))
+            .collect();
         let r = d.post(
             "/devices",
             &format!(
-                r#"{{"pci_address":"{a}","name":"gpu{i}","tags":{{"pool":"p{}"}}}}"#,
-                i % 8
+                r#"{{"pci_address":"{}","name":"gpu{i}","tags":{{{}}}}}"#,
+                host_address(i),
+                tags.join(",")
             ),
         );
         assert_eq!(r.status, 201, "{}", r.body);
@@ -282,67 +351,322 @@ fn api_benchmark(seconds: u64) {
         reg.as_secs_f64(),
         reg.as_secs_f64() * 1000.0 / DEVICES as f64
     );
-    let ready: Vec<Duration> = (0..5).map(|_| time_to_ready(&mut d)).collect();
-    let mut sorted = ready.clone();
-    sorted.sort();
-    println!(
-        "  exec to READY with {DEVICES} devices: median {:.1} ms (of 5: {:?})",
-        sorted[2].as_secs_f64() * 1000.0,
-        ready
-            .iter()
-            .map(|r| format!("{:.1}", r.as_secs_f64() * 1000.0))
-            .collect::<Vec<_>>()
-    );
 
-    let list = load(&d.socket, &["/devices".to_string()], seconds);
-    let names: Vec<String> = (0..DEVICES).map(|i| format!("/devices/gpu{i}")).collect();
-    let one = load(&d.socket, &names, seconds);
-    let rss = peak_rss_kib(d.pid());
+    let kinds = vec![
+        Kind {
+            label: "GET /devices",
+            vfiod_paths: vec!["/devices".into()],
+            static_paths: vec!["/list.json".into()],
+            target: Some(0.9),
+        },
+        Kind {
+            label: "GET /devices/{name}",
+            vfiod_paths: (0..DEVICES).map(|i| format!("/devices/gpu{i}")).collect(),
+            static_paths: (0..DEVICES)
+                .map(|i| format!("/devices/gpu{i}.json"))
+                .collect(),
+            target: Some(1.2),
+        },
+        Kind {
+            label: "GET /devices?tags[pool]=a (half)",
+            vfiod_paths: vec!["/devices?tags%5Bpool%5D=a".into()],
+            static_paths: vec!["/half.json".into()],
+            target: Some(0.9),
+        },
+        Kind {
+            label: "GET /devices?tags[slot]=sN (one)",
+            vfiod_paths: (0..DEVICES)
+                .map(|i| format!("/devices?tags%5Bslot%5D=s{i}"))
+                .collect(),
+            static_paths: (0..DEVICES).map(|i| format!("/slot/s{i}.json")).collect(),
+            target: Some(0.9),
+        },
+        Kind {
+            label: "GET /devices/available",
+            vfiod_paths: vec!["/devices/available".into()],
+            static_paths: vec!["/available.json".into()],
+            target: None,
+        },
+        Kind {
+            label: "GET /metrics",
+            vfiod_paths: vec!["/metrics".into()],
+            static_paths: vec!["/metrics.txt".into()],
+            target: None,
+        },
+    ];
 
-    // The ceiling: same kind of socket, fixed bodies of the same sizes.
+    // vfiod's own answers, as files.
     let dir = TempDir::new("vfiod-bench-ceiling").unwrap();
-    let list_body = d.get("/devices").body;
-    let one_body = d.get("/devices/gpu1").body;
-    let mut ceilings = Vec::new();
-    for (tag, body) in [("list", &list_body), ("one", &one_body)] {
-        let body_file = dir.path().join(format!("{tag}.json"));
-        std::fs::File::create(&body_file)
-            .unwrap()
-            .write_all(body.as_bytes())
-            .unwrap();
-        let socket = dir.path().join(format!("{tag}.sock"));
-        let mut server = std::process::Command::new(std::env::current_exe().unwrap())
-            .env(
-                "VFIOD_BENCH_CEILING",
-                format!("{},{}", socket.display(), body_file.display()),
-            )
-            .spawn()
-            .unwrap();
-        common::eventually(10, "ceiling server", || {
-            std::os::unix::net::UnixStream::connect(&socket)
-                .ok()
-                .map(|_| ())
-        });
-        let r = load(&socket, &["/".to_string()], seconds);
-        let _ = server.kill();
-        let _ = server.wait();
-        ceilings.push(r);
+    let root = dir.path().join("root");
+    for kind in &kinds {
+        for (asked, file) in kind.vfiod_paths.iter().zip(&kind.static_paths) {
+            let r = d.get(asked);
+            assert_eq!(r.status, 200, "{asked}: {}", r.body);
+            let path = root.join(file.trim_start_matches('/'));
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, r.body.as_bytes()).unwrap();
+        }
     }
-    print_load("vfiod GET /devices", &list);
-    print_load("ceiling, same body size", &ceilings[0]);
-    print_load("vfiod GET /devices/{name}", &one);
-    print_load("ceiling, same body size", &ceilings[1]);
+    let half = d.get("/devices?tags%5Bpool%5D=a").json();
+    assert_eq!(half.as_array().map(Vec::len), Some(DEVICES / 2));
+
+    let nginx = match nginx::ensure_installed().and_then(|bin| {
+        let ndir = dir.path().join("nginx");
+        std::fs::create_dir_all(&ndir).unwrap();
+        nginx::Nginx::start(&bin, &ndir, &root, vfiod::RUNTIME_WORKER_THREADS)
+    }) {
+        Ok(n) => Some(n),
+        Err(why) => {
+            println!("  no nginx ceiling: {why}");
+            None
+        }
+    };
+    let hyper_socket = dir.path().join("hyper.sock");
+    let mut hyper_server = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(
+            "VFIOD_BENCH_CEILING",
+            format!("{},{}", hyper_socket.display(), root.display()),
+        )
+        .spawn()
+        .unwrap();
+    common::eventually(10, "hyper ceiling server", || {
+        UnixStream::connect(&hyper_socket).ok().map(|_| ())
+    });
+
+    // results[kind][server] = one LoadResult per round; servers: vfiod,
+    // nginx, hyper.
+    let mut results: Vec<[Vec<LoadResult>; 3]> = kinds.iter().map(|_| Default::default()).collect();
+    for round in 0..rounds {
+        for (k, kind) in kinds.iter().enumerate() {
+            for turn in 0..3 {
+                let server = (turn + round + k) % 3;
+                let r = match server {
+                    0 => load(&d.socket, &kind.vfiod_paths, run_for),
+                    1 => match &nginx {
+                        Some(n) => load(&n.socket, &kind.static_paths, run_for),
+                        None => continue,
+                    },
+                    _ => load(&hyper_socket, &kind.static_paths, run_for),
+                };
+                results[k][server].push(r);
+            }
+        }
+    }
+    let rss = peak_rss_kib(d.pid());
+    let _ = hyper_server.kill();
+    let _ = hyper_server.wait();
+    drop(nginx);
+
     println!(
-        "  throughput vs ceiling: list {:.0}%, one device {:.0}%",
-        100.0 * (list.requests as f64 / list.seconds)
-            / (ceilings[0].requests as f64 / ceilings[0].seconds),
-        100.0 * (one.requests as f64 / one.seconds)
-            / (ceilings[1].requests as f64 / ceilings[1].seconds)
+        "  medians of {rounds} rounds, {:.1} s per run; vfiod/nginx is the median of each round's ratio",
+        run_for.as_secs_f64()
     );
     println!(
-        "  vfiod peak RSS (VmHWM) after the load: {:.1} MiB",
+        "  {:<34} {:>9} | {:>9} {:>8} | {:>9} {:>8} | {:>11} {:>6} | {:>9} {:>11}",
+        "request",
+        "body",
+        "vfiod/s",
+        "p99 ms",
+        "nginx/s",
+        "p99 ms",
+        "vfiod/nginx",
+        "target",
+        "hyper/s",
+        "vfiod/hyper"
+    );
+    for (kind, per_server) in kinds.iter().zip(&results) {
+        let [v, n, h] = per_server;
+        let med = |rs: &[LoadResult], f: fn(&LoadResult) -> f64| {
+            let mut xs: Vec<f64> = rs.iter().map(f).collect();
+            xs.sort_by(f64::total_cmp);
+            xs.get(xs.len() / 2).copied()
+        };
+        let ratio = |other: &[LoadResult]| {
+            let mut xs: Vec<f64> = v
+                .iter()
+                .zip(other)
+                .map(|(a, b)| a.rps() / b.rps())
+                .collect();
+            xs.sort_by(f64::total_cmp);
+            xs.get(xs.len() / 2).copied()
+        };
+        let show =
+            |x: Option<f64>, digits: usize| x.map_or("-".to_owned(), |x| format!("{x:.digits$}"));
+        let to_nginx = ratio(n);
+        let target = kind.target.map_or("-".to_owned(), |t| {
+            let met = to_nginx.map_or("", |r| if r >= t { " ok" } else { " no" });
+            format!(">={t}{met}")
+        });
+        println!(
+            "  {:<34} {:>9} | {:>9} {:>8} | {:>9} {:>8} | {:>11} {:>6} | {:>9} {:>11}",
+            kind.label,
+            human_bytes(v.first().map_or(0, |r| r.bytes_per_response)),
+            show(med(v, LoadResult::rps), 0),
+            show(med(v, |r| r.p99_us / 1000.0), 2),
+            show(med(n, LoadResult::rps), 0),
+            show(med(n, |r| r.p99_us / 1000.0), 2),
+            show(to_nginx, 2),
+            target,
+            show(med(h, LoadResult::rps), 0),
+            show(ratio(h), 2),
+        );
+    }
+    println!(
+        "  vfiod peak RSS (VmHWM) after registering and all of the load: {:.1} MiB (target <= 32 MiB)",
         rss as f64 / 1024.0
     );
+    println!("  load average now: {}", load_average());
+}
+
+fn human_bytes(n: usize) -> String {
+    if n >= 10_000 {
+        format!("{} KB", n / 1000)
+    } else {
+        format!("{n} B")
+    }
+}
+
+/// Writes a registry of `n` devices of `big_host(n)` straight into the
+/// state directory (registering 10,000 through the API would take longer
+/// than the benchmark is meant to).
+fn write_registry(state_dir: &Path, n: usize) {
+    use vfiod::registry::{store::Store, DeviceRecord, Registry};
+    let records = (0..n).map(|i| {
+        let f = vfiod::pci::PciFunction {
+            address: host_address(i).parse().unwrap(),
+            vendor_id: 0x10de,
+            device_id: 0x2236,
+            subsystem_vendor_id: 0,
+            subsystem_device_id: 0,
+            class: 0x030200,
+            driver: Some("nvidia".into()),
+            iommu_group: Some(100 + i as u32),
+            modalias: None,
+        };
+        let tags = bench_tags(i)
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        DeviceRecord::registered(format!("bench{i:05}"), format!("gpu{i}"), &f, tags)
+    });
+    let registry = Registry::from_records(records).unwrap();
+    Store::open(state_dir).unwrap().save(&registry).unwrap();
+}
+
+/// How long one start may take before the benchmark gives up on it.
+const STARTUP_BOUND: Duration = Duration::from_secs(30);
+
+/// Exec to READY=1 on a notify socket, and exec to the first answer on
+/// the API socket, measured in the same start; `None` if READY did not
+/// come within [`STARTUP_BOUND`] (the process is then killed).
+fn time_startup(d: &mut Daemon) -> Option<(Duration, Duration)> {
+    let dir = TempDir::new("vfiod-bench-notify").unwrap();
+    let notify_path = dir.path().join("notify");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    d.kill9();
+    let mut cmd = d.command();
+    cmd.env("NOTIFY_SOCKET", &notify_path)
+        .env("VFIOD_LOG", "warn");
+    let socket = d.socket.clone();
+    let t = Instant::now();
+    let child = cmd.stderr(std::process::Stdio::null()).spawn().unwrap();
+    d.child = Some(child);
+    let first_answer = std::thread::spawn(move || {
+        while t.elapsed() < STARTUP_BOUND {
+            if let Ok(mut s) = UnixStream::connect(&socket) {
+                let _ =
+                    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                let mut head = [0u8; 12];
+                if s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200") {
+                    return Some(t.elapsed());
+                }
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        None
+    });
+    let mut buf = [0u8; 4096];
+    let ready = loop {
+        let left = STARTUP_BOUND.saturating_sub(t.elapsed());
+        if left.is_zero() {
+            break None;
+        }
+        notify.set_read_timeout(Some(left)).unwrap();
+        match notify.recv(&mut buf) {
+            Ok(n) if String::from_utf8_lossy(&buf[..n]).contains("READY=1") => {
+                break Some(t.elapsed())
+            }
+            Ok(_) => continue,
+            Err(_) => break None,
+        }
+    };
+    if ready.is_none() {
+        d.kill9();
+    }
+    let answer = first_answer.join().unwrap();
+    ready.zip(answer)
+}
+
+fn startup_benchmark() {
+    println!("\n2. Startup: exec to READY (sd_notify) and to the first answer, registered devices all present");
+    let mut medians = Vec::new();
+    for n in [1000, 10_000] {
+        let t = Instant::now();
+        let fs = big_host(n);
+        let built = t.elapsed();
+        let mut d = Daemon::start(&fs, &[]);
+        d.kill9();
+        write_registry(&d.state_dir, n);
+        let mut ready = Vec::new();
+        let mut answer = Vec::new();
+        for _ in 0..5 {
+            match time_startup(&mut d) {
+                Some((r, a)) => {
+                    ready.push(r);
+                    answer.push(a);
+                }
+                None => break,
+            }
+        }
+        if ready.is_empty() {
+            println!(
+                "  {n:>6} devices: not READY within {} s (fake tree built in {:.1} s)",
+                STARTUP_BOUND.as_secs(),
+                built.as_secs_f64()
+            );
+            medians.push(None);
+            continue;
+        }
+        assert_eq!(
+            d.get("/health").json()["registered_devices"],
+            n,
+            "the registry written for the benchmark was loaded"
+        );
+        let ms = |v: &[Duration]| {
+            v.iter()
+                .map(|x| format!("{:.0}", x.as_secs_f64() * 1000.0))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let (r, a) = (median(ready.clone()), median(answer.clone()));
+        println!(
+            "  {n:>6} devices: READY median {:>7.1} ms ({} ms), first answer median {:>7.1} ms ({} ms); fake tree built in {:.1} s",
+            r.as_secs_f64() * 1000.0,
+            ms(&ready),
+            a.as_secs_f64() * 1000.0,
+            ms(&answer),
+            built.as_secs_f64()
+        );
+        medians.push(Some((r, a)));
+    }
+    if let [Some(small), Some(large)] = medians[..] {
+        println!(
+            "  10,000 / 1,000: READY {:.1}x, first answer {:.1}x (linear is 10x; target <= 12x, and 10,000 under 500 ms)",
+            large.0.as_secs_f64() / small.0.as_secs_f64(),
+            large.1.as_secs_f64() / small.1.as_secs_f64()
+        );
+    }
+    println!("  load average now: {}", load_average());
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -359,7 +683,7 @@ fn wait_driver(fs: &FakeSys, addr: &str, want: Option<&str>) {
 }
 
 fn bind_benchmark() {
-    println!("\n2. Bind/unbind cycle on the simulated kernel (one NIC-like function)");
+    println!("\n3. Bind/unbind cycle on the simulated kernel (one NIC-like function)");
     let fs = FakeSys::new();
     fs.load_vfio();
     let addr = "0000:00:02.0";
@@ -403,21 +727,22 @@ fn bind_benchmark() {
     drop(sim);
     let (a, r) = (median(api), median(raw));
     println!(
-        "  through the API (bind + unbind, 2 requests, 4 registry saves): median {:.2} ms",
+        "  through the API (bind + unbind, 2 requests, holder scans of this machine's /proc, 4 registry saves): median {:.2} ms",
         a.as_secs_f64() * 1000.0
     );
     println!(
-        "  same writes done directly:                                     median {:.2} ms",
+        "  the same sysfs writes done directly:                                                               median {:.2} ms",
         r.as_secs_f64() * 1000.0
     );
     println!(
-        "  vfiod's overhead per cycle: {:.2} ms",
+        "  API / direct: {:.2}x; vfiod's own cost per cycle: {:.2} ms",
+        a.as_secs_f64() / r.as_secs_f64(),
         (a.as_secs_f64() - r.as_secs_f64()) * 1000.0
     );
 }
 
 fn event_benchmark() {
-    println!("\n3. Uevent to visible state (registered device, remove/add alternating)");
+    println!("\n4. Uevent to visible state (registered device, remove/add alternating)");
     let fs = FakeSys::new();
     fs.load_vfio();
     let addr = "0000:00:03.0";
@@ -460,6 +785,177 @@ fn event_benchmark() {
     );
 }
 
+const SUBSCRIBERS: usize = 1000;
+const CHANGES: usize = 1000;
+
+/// What one subscriber of `GET /events` got.
+#[derive(Default)]
+struct Delivered {
+    seqs: Vec<u64>,
+    /// Change (the event's `at`) to the moment its bytes arrived, in µs.
+    delays_us: Vec<i64>,
+    missed: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct WireEvent<'a> {
+    seq: u64,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    at: &'a str,
+    missed: Option<u64>,
+}
+
+async fn subscribe(socket: PathBuf, subscribed: tokio::sync::mpsc::Sender<()>) -> Delivered {
+    let stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/events")
+        .header("host", "x")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert!(resp.status().is_success(), "GET /events: {}", resp.status());
+    subscribed.send(()).await.unwrap();
+    let mut body = resp.into_body();
+    let mut pending = Vec::new();
+    let mut got = Delivered::default();
+    while got.seqs.len() + (got.missed as usize) < CHANGES {
+        let frame = match tokio::time::timeout(Duration::from_secs(60), body.frame()).await {
+            Ok(Some(Ok(frame))) => frame,
+            _ => break,
+        };
+        let now = chrono::Utc::now();
+        if let Some(data) = frame.data_ref() {
+            pending.extend_from_slice(data);
+        }
+        let mut consumed = 0;
+        while let Some(end) = memchr::memchr(b'\n', &pending[consumed..]) {
+            let line = &pending[consumed..consumed + end];
+            consumed += end + 1;
+            let e: WireEvent = serde_json::from_slice(line).unwrap();
+            if e.kind == "lagged" {
+                got.missed += e.missed.unwrap_or(0);
+                continue;
+            }
+            let at = chrono::DateTime::parse_from_rfc3339(e.at).unwrap();
+            got.delays_us.push(
+                (now - at.with_timezone(&chrono::Utc))
+                    .num_microseconds()
+                    .unwrap(),
+            );
+            got.seqs.push(e.seq);
+        }
+        pending.drain(..consumed);
+    }
+    got
+}
+
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
+fn fanout_benchmark() {
+    println!("\n5. Event fan-out: {SUBSCRIBERS} subscribers of GET /events, a burst of {CHANGES} registry changes (uevents written at once)");
+    raise_fd_limit();
+    let fs = FakeSys::new();
+    fs.load_vfio();
+    let addrs: Vec<String> = (0..8).map(host_address).collect();
+    for (i, a) in addrs.iter().enumerate() {
+        fs.add_device(
+            DeviceSpec::new(a, 0x10de, 0x2236, 0x030200)
+                .driver("nvidia")
+                .group(100 + i as u32),
+        );
+    }
+    let fifo: PathBuf = fs.tmp_root().join("uevents");
+    let fifo_arg = fifo.display().to_string();
+    let mut d = Daemon::start(&fs, &["--uevent-fifo", &fifo_arg]);
+    respawn(&mut d, "info");
+    for (i, a) in addrs.iter().enumerate() {
+        d.register(a, &format!("gpu{i}"));
+    }
+    let first_seq = d.get("/health").json()["last_event_seq"].as_u64().unwrap() + 1;
+    // Each line flips a registered device's presence: one registry change
+    // and one event each.
+    let burst: String = (0..CHANGES)
+        .map(|i| {
+            let action = if i % 2 == 0 { "remove" } else { "add" };
+            format!("{action} {}\n", addrs[(i / 2) % addrs.len()])
+        })
+        .collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let socket = d.socket.clone();
+    let (subscribed_in, burst_took, delivered) = rt.block_on(async move {
+        let t = Instant::now();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(SUBSCRIBERS);
+        let tasks: Vec<_> = (0..SUBSCRIBERS)
+            .map(|_| tokio::spawn(subscribe(socket.clone(), tx.clone())))
+            .collect();
+        for _ in 0..SUBSCRIBERS {
+            rx.recv().await.unwrap();
+        }
+        let subscribed_in = t.elapsed();
+        let t = Instant::now();
+        tokio::task::spawn_blocking(move || {
+            let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+            w.write_all(burst.as_bytes()).unwrap();
+        })
+        .await
+        .unwrap();
+        let mut delivered = Vec::new();
+        for task in tasks {
+            delivered.push(task.await.unwrap());
+        }
+        (subscribed_in, t.elapsed(), delivered)
+    });
+    let expected: Vec<u64> = (first_seq..first_seq + CHANGES as u64).collect();
+    let complete = delivered.iter().filter(|g| g.seqs == expected).count();
+    let missed: u64 = delivered.iter().map(|g| g.missed).sum();
+    let short = delivered
+        .iter()
+        .filter(|g| g.seqs.len() + (g.missed as usize) < CHANGES)
+        .count();
+    let mut delays: Vec<i64> = delivered
+        .iter()
+        .flat_map(|g| g.delays_us.iter().copied())
+        .collect();
+    delays.sort_unstable();
+    let pct = |p: f64| {
+        delays
+            .get(((delays.len() as f64 * p) as usize).min(delays.len().saturating_sub(1)))
+            .map_or(f64::NAN, |&us| us as f64 / 1000.0)
+    };
+    println!(
+        "  {SUBSCRIBERS} subscribed in {:.2} s; the burst was delivered to all in {:.2} s ({} deliveries)",
+        subscribed_in.as_secs_f64(),
+        burst_took.as_secs_f64(),
+        delays.len()
+    );
+    println!(
+        "  change to delivery: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        pct(0.5),
+        pct(0.99),
+        pct(1.0)
+    );
+    println!(
+        "  subscribers that got every event in order: {complete} of {SUBSCRIBERS}; events reported missed (lagged): {missed}; subscribers cut short: {short}"
+    );
+    println!("  load average now: {}", load_average());
+}
+
 const SCAN_PROCESSES: u32 = 2000;
 const SCAN_FDS_PER_PROCESS: u32 = 100;
 
@@ -494,7 +990,7 @@ fn holder_scan_benchmark() {
     use vfiod::pci::{PciAddress, Sysfs};
 
     println!(
-        "\n6. Holder scan: fake /proc of {SCAN_PROCESSES} processes x {SCAN_FDS_PER_PROCESS} descriptors"
+        "\n7. Holder scan: fake /proc of {SCAN_PROCESSES} processes x {SCAN_FDS_PER_PROCESS} descriptors"
     );
     let fs = FakeSys::standard_host();
     let proc = FakeProc::new();

@@ -29,14 +29,13 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::crashpoint::{self, Stage, StepKind};
-use crate::pci::{PciAddress, Sysfs, SysfsError};
-use crate::registry::is_vfio_driver;
+use crate::pci::{is_vfio_driver, PciAddress, Sysfs, SysfsError, VFIO_PCI};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Step {
     SetOverride,
@@ -177,7 +176,7 @@ impl EngineError {
 
 /// One function to move: the driver it had before (and gets back), and
 /// the vfio driver it goes to (`None`: plain vfio-pci).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Move {
     pub pci_address: PciAddress,
     pub from: Option<String>,
@@ -198,8 +197,6 @@ impl Move {
         self.to.as_deref().unwrap_or(VFIO_PCI)
     }
 }
-
-pub const VFIO_PCI: &str = "vfio-pci";
 
 /// A failed move to vfio: what failed, and how the rollback went.
 #[derive(Debug)]

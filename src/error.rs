@@ -1,35 +1,23 @@
 //! The one error type the core returns. The HTTP layer maps each variant to
 //! a status and a stable machine `code` in exactly one place
-//! (`api::error`); everything a caller can get wrong or the host can refuse
-//! is a variant here, so nothing reaches the wire as a bare 500.
+//! (`api::error`); everything a typed request can get wrong or the host can
+//! refuse is a variant here, so nothing reaches the wire as a bare 500.
+//! What only the HTTP layer can get wrong (a body, a head, a path, JSON
+//! syntax, the caller's share of the socket) is `api::error::ApiError`.
 
 use crate::engine::{EngineError, Step};
-use crate::pci::holders::Holder;
+use crate::pci::holders::{Disposition, Holder};
 use crate::pci::PciAddress;
 use crate::registry::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
     #[error("{0}")]
-    InvalidPciAddress(String),
-    #[error("{0}")]
     InvalidName(String),
     #[error("{0}")]
     InvalidTags(String),
     #[error("{0}")]
     InvalidRequest(String),
-    #[error("{0}")]
-    InvalidJson(String),
-    #[error("{0}")]
-    InvalidQuery(String),
-    /// The caller's uid holds as many connections as it may.
-    #[error("{0}")]
-    TooManyConnections(String),
-    /// The caller's uid holds as many event streams as it may.
-    #[error("{0}")]
-    TooManyEventStreams(String),
-    #[error("{0}")]
-    HeaderTooLarge(String),
     #[error("{0} is a PCI bridge (class {1:06x}): bridges cannot be passed through, and taking one from its driver would take hotplug and error reporting from everything below it")]
     Bridge(PciAddress, u32),
     #[error("no PCI device at {0} on this host")]
@@ -73,7 +61,7 @@ pub enum CoreError {
     NotPresent(PciAddress),
     #[error("a different device now answers at {0} than the one registered there; delete and register it again to use it")]
     IdentityMismatch(PciAddress),
-    #[error("{device} is in use, nothing was changed: {}", list_holders(.holders))]
+    #[error("{device} is in use, nothing was changed: {}", list_holders(.device, .holders))]
     DeviceBusy {
         device: PciAddress,
         holders: Vec<Holder>,
@@ -115,7 +103,7 @@ pub struct MoveFailure {
 }
 
 /// Which check after a reset failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ResetCheck {
     /// Config space does not answer (vendor ID 0xffff, or unreadable).
@@ -155,58 +143,26 @@ fn list_functions(others: &[(PciAddress, String)]) -> String {
         .join(", ")
 }
 
-fn list_holders(holders: &[Holder]) -> String {
+/// The holders of a busy device, each as it reads
+/// ([`Holder`]'s `Display`), naming the function where it is not the
+/// device itself (a group companion), and saying so where `force` would
+/// let the move go.
+fn list_holders(device: &PciAddress, holders: &[Holder]) -> String {
     holders
         .iter()
-        .map(describe_holder)
+        .map(|h| {
+            let on = match h.pci_address() {
+                a if a == *device => String::new(),
+                a => format!("{a}: "),
+            };
+            let forcible = match h.disposition() {
+                Disposition::RefuseUnlessForced => " (force: true moves it anyway)",
+                Disposition::Refuse | Disposition::PlanStep => "",
+            };
+            format!("{on}{h}{forcible}")
+        })
         .collect::<Vec<_>>()
         .join("; ")
-}
-
-/// One holder, as an operator reads it in a message or a log line.
-fn describe_holder(h: &Holder) -> String {
-    match h {
-        Holder::Process {
-            pci_address,
-            pid,
-            comm,
-            uid,
-            path,
-            unit,
-        } => {
-            let unit = unit.as_deref().map(|u| format!(", {u}")).unwrap_or_default();
-            format!("process {pid} ({comm}, uid {uid}{unit}) holds {path} of {pci_address}")
-        }
-        Holder::Mount {
-            pci_address,
-            device,
-            mount_point,
-            fstype,
-        } => format!("{device} of {pci_address} is mounted on {mount_point} ({fstype})"),
-        Holder::Swap {
-            pci_address,
-            device,
-        } => format!("{device} of {pci_address} is in use as swap"),
-        Holder::BlockStack {
-            pci_address,
-            device,
-            holder,
-        } => format!("{device} of {pci_address} is part of {holder} (md/dm/LVM)"),
-        Holder::NetInterface {
-            pci_address,
-            interface,
-            addresses,
-            routes,
-        } => format!(
-            "network interface {interface} of {pci_address} is up with {} address(es) and {routes} route(s); force: true moves it anyway",
-            addresses.len()
-        ),
-        Holder::FramebufferConsole {
-            pci_address,
-            vtconsole,
-            framebuffer,
-        } => format!("the framebuffer console ({vtconsole}) is on {framebuffer} of {pci_address}"),
-    }
 }
 
 fn list_uids(others: &[(PciAddress, u32)]) -> String {
@@ -262,5 +218,42 @@ impl CoreError {
             CoreError::Storage(e) => e.errno(),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_message_names_each_holder_and_the_companion_it_holds() {
+        let device: PciAddress = "0000:00:02.0".parse().unwrap();
+        let companion: PciAddress = "0000:00:02.1".parse().unwrap();
+        let e = CoreError::DeviceBusy {
+            device,
+            holders: vec![
+                Holder::Process {
+                    pci_address: device,
+                    pid: 3001,
+                    comm: "qemu-system-x86".into(),
+                    uid: 0,
+                    path: "/dev/vfio/2".into(),
+                    unit: None,
+                },
+                Holder::NetInterface {
+                    pci_address: companion,
+                    interface: "enp0s2".into(),
+                    addresses: vec!["2001:db8::42".into()],
+                    routes: 1,
+                },
+            ],
+        };
+        assert_eq!(
+            e.to_string(),
+            "0000:00:02.0 is in use, nothing was changed: \
+             pid 3001 (qemu-system-x86) uid 0 has /dev/vfio/2 open; \
+             0000:00:02.1: network interface enp0s2 addresses: 2001:db8::42; routes: 1 \
+             (force: true moves it anyway)"
+        );
     }
 }

@@ -12,12 +12,12 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 use tokio::sync::broadcast;
 
 use crate::pci::PciAddress;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     HotplugAdd,
@@ -49,18 +49,30 @@ pub enum EventKind {
     Lagged,
 }
 
-fn rfc3339<S: Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&at.to_rfc3339_opts(SecondsFormat::Micros, true))
+/// The wire name (`driver_bound`), serde's own so the two cannot differ.
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.serialize(f)
+    }
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// An event's time as the wire carries it: RFC 3339, microseconds, UTC.
+pub fn wire_time(at: &DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+fn serialize_time<S: Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&wire_time(at))
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     pub seq: u64,
     #[serde(rename = "type")]
     pub kind: EventKind,
     pub pci_address: Option<PciAddress>,
     pub device_id: Option<String>,
-    #[serde(serialize_with = "rfc3339")]
+    #[serde(serialize_with = "serialize_time")]
     pub at: DateTime<Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub driver: Option<String>,
@@ -183,6 +195,36 @@ impl EventBus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_wire_bytes() {
+        let mut e = Event::new(
+            EventKind::ResetFailed,
+            Some("0000:00:02.0".parse().unwrap()),
+            Some("kcxxnjc9fpi40a4jvh16kedd".into()),
+        )
+        .driver(Some("e1000e".into()))
+        .detail("flr: config space reads all ones");
+        e.seq = 8;
+        e.at = "2026-12-07T01:35:00.5Z".parse().unwrap();
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"seq":8,"type":"reset_failed","pci_address":"0000:00:02.0","device_id":"kcxxnjc9fpi40a4jvh16kedd","at":"2026-12-07T01:35:00.500000Z","driver":"e1000e","detail":"flr: config space reads all ones"}"#
+        );
+        let mut lagged = Event::lagged(12);
+        lagged.seq = 9;
+        lagged.at = "2026-12-07T01:36:00Z".parse().unwrap();
+        assert_eq!(
+            serde_json::to_string(&lagged).unwrap(),
+            r#"{"seq":9,"type":"lagged","pci_address":null,"device_id":null,"at":"2026-12-07T01:36:00.000000Z","missed":12}"#
+        );
+        for sent in [e, lagged] {
+            let text = serde_json::to_string(&sent).unwrap();
+            let read: Event = serde_json::from_str(&text).unwrap();
+            assert_eq!(read, sent);
+            assert_eq!(wire_time(&read.at), wire_time(&sent.at));
+        }
+    }
 
     #[test]
     fn since_replays_then_live_feed_continues_without_gap() {

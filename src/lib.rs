@@ -3,6 +3,8 @@
 //! The crate is laid out by concern:
 //! - [`pci`]: addresses, the sysfs model (functions, drivers, IOMMU
 //!   groups) over a configurable root, and `pci.ids` names;
+//! - [`proc`]: the `/proc` file formats, for the holder scan, the
+//!   processes attachments follow and the agent's own metrics;
 //! - [`engine`]: the exact sysfs sequences that move a device to vfio and
 //!   back, with timeouts, verification and rollback;
 //! - [`registry`]: the device records and their durable store;
@@ -16,6 +18,11 @@
 //! - [`config`]: defaults, config file and flags;
 //! - [`crashpoint`]: numbered steps for the crash-point tests.
 
+/// Worker threads of the daemon's async runtime: the API, the core and
+/// the hotplug loop share them (blocking work goes to tokio's blocking
+/// pool). The benchmark gives its ceilings as many.
+pub const RUNTIME_WORKER_THREADS: usize = 2;
+
 pub mod api;
 pub mod config;
 pub mod core;
@@ -28,6 +35,7 @@ pub mod lockfile;
 pub mod metrics;
 pub mod path_error;
 pub mod pci;
+pub mod proc;
 pub mod registry;
 pub mod systemd;
 pub mod udev_rule;

@@ -66,6 +66,7 @@ struct PrivilegedLabels {
 struct Recorded {
     registry: Registry,
     driver_moves: Family<MoveLabels, Counter>,
+    operations: Family<MoveLabels, Counter>,
     move_duration: Family<OpLabels, Histogram>,
     hotplug_events: Family<ActionLabels, Counter>,
     http_requests: Family<HttpLabels, Counter>,
@@ -98,6 +99,12 @@ static RECORDED: LazyLock<Recorded> = LazyLock::new(|| {
         Unit::Seconds,
         move_duration.clone(),
     );
+    let operations = Family::<MoveLabels, Counter>::default();
+    registry.register(
+        "vfiod_operations",
+        "Operations run (API requests that change something, and vfiod's own), by operation and result",
+        operations.clone(),
+    );
     let hotplug_events = Family::<ActionLabels, Counter>::default();
     registry.register(
         "vfiod_hotplug_events",
@@ -126,6 +133,7 @@ static RECORDED: LazyLock<Recorded> = LazyLock::new(|| {
         registry,
         driver_moves,
         move_duration,
+        operations,
         hotplug_events,
         http_requests,
         connections,
@@ -173,6 +181,19 @@ pub fn record_move(op: &'static str, result: MoveResult, took: Duration) {
     m.move_duration
         .get_or_create(&OpLabels { op })
         .observe(took.as_secs_f64());
+}
+
+/// One operation run by the core's executor: `op` is its kind (`bind`,
+/// `attach`, `settle`, ...), `ok` whether it succeeded (a refusal counts
+/// as an error: it did not do what was asked).
+pub fn record_operation(op: &'static str, ok: bool) {
+    RECORDED
+        .operations
+        .get_or_create(&MoveLabels {
+            op,
+            result: if ok { "ok" } else { "error" },
+        })
+        .inc();
 }
 
 /// One PCI uevent handled: `action` is the kernel's (`add`, `remove`, ...).
@@ -279,7 +300,7 @@ fn device_registry(devices: &DeviceRegistry) -> Registry {
         (
             "vfiod_device_attached",
             "Whether the device is attached to a virtual machine (0/1)",
-            |d| d.attached_to.is_some(),
+            |d| d.attached_to().is_some(),
         ),
         (
             "vfiod_device_stuck",
@@ -298,7 +319,7 @@ fn device_registry(devices: &DeviceRegistry) -> Registry {
             vendor_id: format!("{:04x}", d.vendor_id),
             device_id: format!("{:04x}", d.device_id),
             iommu_group: d.iommu_group.map_or("-1".into(), |g| g.to_string()),
-            r#type: crate::api::wire::device_type(d.class),
+            r#type: crate::pci::device_type(d.class).as_str(),
         })
         .set(1);
         let labels = DeviceLabels {
@@ -315,7 +336,7 @@ fn device_registry(devices: &DeviceRegistry) -> Registry {
                     pci_address: d.pci_address.to_string(),
                     health: state.as_str(),
                 })
-                .set(i64::from(d.health == state));
+                .set(i64::from(d.health.state == state));
         }
     }
     registry.register(
@@ -339,13 +360,12 @@ fn device_registry(devices: &DeviceRegistry) -> Registry {
 /// unit's `ProcSubset=pid` hides them, so boot time comes from the clocks.
 fn process_registry() -> Registry {
     let mut registry = Registry::default();
-    let Ok(me) = procfs::process::Process::myself() else {
+    let Some(me) = crate::proc::own_usage() else {
         return registry;
     };
-    let ticks = procfs::ticks_per_second() as f64;
-    if let Ok(stat) = me.stat() {
+    if let Some(stat) = me.stat {
         let cpu = Counter::<f64, std::sync::atomic::AtomicU64>::default();
-        cpu.inc_by((stat.utime + stat.stime) as f64 / ticks);
+        cpu.inc_by(stat.cpu_seconds);
         registry.register_with_unit(
             "process_cpu",
             "Total user and system CPU time spent",
@@ -353,7 +373,7 @@ fn process_registry() -> Registry {
             cpu,
         );
         let rss = Gauge::<i64>::default();
-        rss.set(stat.rss as i64 * procfs::page_size() as i64);
+        rss.set(stat.resident_bytes as i64);
         registry.register_with_unit(
             "process_resident_memory",
             "Resident memory size",
@@ -361,7 +381,7 @@ fn process_registry() -> Registry {
             rss,
         );
         let vsize = Gauge::<i64>::default();
-        vsize.set(stat.vsize as i64);
+        vsize.set(stat.virtual_bytes as i64);
         registry.register_with_unit(
             "process_virtual_memory",
             "Virtual memory size",
@@ -370,7 +390,7 @@ fn process_registry() -> Registry {
         );
         if let Some(boot) = boot_time() {
             let start = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
-            start.set(boot + stat.starttime as f64 / ticks);
+            start.set(boot + stat.started_after_boot_seconds);
             registry.register_with_unit(
                 "process_start_time",
                 "Start time of the process since the Unix epoch",
@@ -379,17 +399,15 @@ fn process_registry() -> Registry {
             );
         }
     }
-    if let Ok(n) = me.fd_count() {
+    if let Some(n) = me.open_fds {
         let fds = Gauge::<i64>::default();
         fds.set(n as i64);
         registry.register("process_open_fds", "Open file descriptors", fds);
     }
-    if let Ok(limits) = me.limits() {
-        if let procfs::process::LimitValue::Value(max) = limits.max_open_files.soft_limit {
-            let max_fds = Gauge::<i64>::default();
-            max_fds.set(max as i64);
-            registry.register("process_max_fds", "Limit of open file descriptors", max_fds);
-        }
+    if let Some(max) = me.max_open_files {
+        let max_fds = Gauge::<i64>::default();
+        max_fds.set(max as i64);
+        registry.register("process_max_fds", "Limit of open file descriptors", max_fds);
     }
     registry
 }

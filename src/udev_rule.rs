@@ -14,12 +14,13 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
+use crate::pci::VFIO_PCI;
 use crate::registry::{DeviceRecord, Registry};
 
 pub const RULE_FILE: &str = "70-vfiod.rules";
 
 fn wants_vfio(d: &DeviceRecord) -> bool {
-    !d.identity_mismatch && (d.bound_by_vfiod || d.attached_to.is_some())
+    !d.identity_mismatch && (d.bound_by_vfiod() || d.attached_to().is_some())
 }
 
 /// The rule file for `registry`: one line per function vfiod keeps on
@@ -31,12 +32,15 @@ pub fn render(registry: &Registry) -> String {
          # set to their vfio driver as they appear, before a native driver loads.\n",
     );
     for d in registry.iter().filter(|d| wants_vfio(d)) {
-        let vfio = d.vfio_driver.as_deref().unwrap_or("vfio-pci");
+        let vfio = d
+            .binding
+            .as_ref()
+            .map_or(VFIO_PCI, |b| b.vfio_driver.as_str());
         out.push_str(&format!(
             "ACTION==\"add\", SUBSYSTEM==\"pci\", KERNEL==\"{}\", ATTR{{vendor}}==\"0x{:04x}\", ATTR{{device}}==\"0x{:04x}\", ATTR{{driver_override}}=\"{vfio}\"\n",
             d.pci_address, d.vendor_id, d.device_id
         ));
-        for c in &d.companions {
+        for c in d.companions() {
             out.push_str(&format!(
                 "ACTION==\"add\", SUBSYSTEM==\"pci\", KERNEL==\"{}\", ATTR{{driver_override}}=\"{vfio}\"\n",
                 c.pci_address
@@ -69,22 +73,28 @@ pub fn write(dir: &Path, content: &str) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use crate::registry::tests::record;
-    use crate::registry::Companion;
+    use crate::registry::{Binding, Companion};
 
     #[test]
     fn lists_only_devices_vfiod_holds_on_vfio_with_their_ids() {
         let mut reg = Registry::default();
         let mut bound = record("0000:01:00.0", "gpu0", "a");
-        bound.bound_by_vfiod = true;
-        bound.vfio_driver = Some("vfio-pci".into());
-        bound.companions = vec![Companion {
-            pci_address: "0000:01:00.1".parse().unwrap(),
-            original_driver: Some("snd_hda_intel".into()),
-        }];
+        bound.binding = Some(Binding {
+            vfio_driver: "vfio-pci".into(),
+            companions: vec![Companion {
+                pci_address: "0000:01:00.1".parse().unwrap(),
+                original_driver: Some("snd_hda_intel".into()),
+            }],
+            released_consoles: vec![],
+        });
         reg.insert(bound).unwrap();
         reg.insert(record("0000:02:00.0", "native", "b")).unwrap();
         let mut mismatched = record("0000:03:00.0", "moved", "c");
-        mismatched.bound_by_vfiod = true;
+        mismatched.binding = Some(Binding {
+            vfio_driver: "vfio-pci".into(),
+            companions: vec![],
+            released_consoles: vec![],
+        });
         mismatched.identity_mismatch = true;
         reg.insert(mismatched).unwrap();
         let text = render(&reg);

@@ -25,7 +25,6 @@
 //! Operations vfiod does not have yet get a scenario here when they land
 //! (see `MUTATING_ROUTES`): SR-IOV VF count changes and claims.
 
-mod common;
 mod crashkit;
 
 use std::path::Path;

@@ -3,44 +3,25 @@
 //! happens: a registration, a bind, an unbind, a failed bind, a hotplug
 //! removal and a refused request; and the opt-in TCP listener.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use common::fakesys::{DeviceSpec, FakeSys};
-use common::simkernel::SimKernel;
+use common::fakesys::FakeSys;
+use common::host::Host;
+use common::standard::NIC;
 use common::{eventually, raw_request, Daemon, EventStream, Response};
 use nix::errno::Errno;
 use openmetrics_parser::{MetricsExposition, PrometheusType, PrometheusValue};
 
-const NIC: &str = "0000:00:02.0";
-
-struct Host {
-    fs: FakeSys,
-    sim: SimKernel,
-    d: Daemon,
-    fifo: PathBuf,
-}
-
+/// A host with only the standard NIC, vfiod reading uevents from the
+/// test's FIFO.
 fn host(extra: &[&str]) -> Host {
-    let fs = FakeSys::new();
-    fs.load_vfio();
-    fs.add_device(
-        DeviceSpec::new(NIC, 0x8086, 0x10d3, 0x020000)
-            .subsystem(0x8086, 0xa01f)
-            .driver("e1000e")
-            .group(2),
-    );
-    let sim = SimKernel::start(&fs);
-    let fifo = fs.tmp_root().join("uevents");
-    let fifo_arg = fifo.display().to_string();
-    let mut args = vec!["--uevent-fifo", fifo_arg.as_str()];
-    args.extend_from_slice(extra);
-    let d = Daemon::start(&fs, &args);
-    Host { fs, sim, d, fifo }
+    Host::builder()
+        .on(FakeSys::with_devices([FakeSys::standard_device(NIC)]))
+        .uevent_fifo()
+        .args(extra)
+        .start()
 }
 
 /// A scrape, parsed by a strict parser of the text format.
@@ -259,11 +240,7 @@ fn values_follow_registration_moves_hotplug_and_refusals() {
     assert_eq!(m.value("vfiod_event_subscribers", &[]), 1.0);
     assert!(m.value("vfiod_http_connections", &[("privileged", "true")]) >= 2.0);
     h.fs.remove_device(NIC);
-    let mut fifo = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&h.fifo)
-        .unwrap();
-    writeln!(fifo, "remove {NIC}").unwrap();
+    h.uevent(&format!("remove {NIC}"));
     events.until(|e| e["type"] == "hotplug_remove");
     drop(events);
     let m = scrape(&h.d);
@@ -354,11 +331,11 @@ fn openmetrics_when_the_scraper_asks() {
     assert_eq!(present.iter_samples().count(), 1);
 }
 
-fn tcp_get(port: u16, path: &str) -> Response {
+fn tcp_request(port: u16, method: &str, path: &str) -> Response {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut raw = Vec::new();
@@ -375,9 +352,9 @@ fn tcp_listener_serves_metrics_only_and_stays_on_loopback() {
         .unwrap()
         .port();
     let listen = format!("127.0.0.1:{port}");
-    let h = host(&["--metrics-listen", &listen]);
+    let mut h = host(&["--metrics-listen", &listen]);
     h.d.register(NIC, "nic");
-    let r = tcp_get(port, "/metrics");
+    let r = tcp_request(port, "GET", "/metrics");
     assert_eq!(r.status, 200);
     let m = Metrics::parse(r.body);
     assert_eq!(
@@ -387,9 +364,13 @@ fn tcp_listener_serves_metrics_only_and_stays_on_loopback() {
         ),
         1.0
     );
-    let r = tcp_get(port, "/devices");
+    let r = tcp_request(port, "GET", "/devices");
     r.expect_error(404, "not_found");
     assert!(r.message().contains("/metrics only"), "{}", r.body);
+    // The socket's 405, Allow header included.
+    let r = tcp_request(port, "DELETE", "/metrics");
+    r.expect_error(405, "method_not_allowed");
+    assert_eq!(r.header("allow"), Some("GET"));
 
     // Anything but loopback needs metrics_listen_public.
     let out =
@@ -400,4 +381,14 @@ fn tcp_listener_serves_metrics_only_and_stays_on_loopback() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("metrics_listen_public"), "{err}");
+
+    // An idle scraper connection does not hold up a stop: the listener
+    // and its connections stop with the socket's (else vfiod waits out
+    // its 10 s grace).
+    let idle = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let asked = std::time::Instant::now();
+    assert!(h.d.terminate().success());
+    let took = asked.elapsed();
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    drop(idle);
 }

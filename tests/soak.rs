@@ -17,7 +17,6 @@
 //! in any state the operation may leave (all, nothing, or its documented
 //! first half), and the model takes the one vfiod shows.
 
-mod common;
 mod crashkit;
 
 use std::fmt;

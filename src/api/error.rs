@@ -1,32 +1,92 @@
-//! The one place core errors become HTTP statuses and stable codes.
+//! The API's errors, and the one place any error becomes an HTTP status
+//! and a stable code.
+//!
+//! [`ApiError`] is what a request can fail with: the core's refusal
+//! ([`CoreError`]), or what only the HTTP layer can get wrong (the path,
+//! the method, the body, the head, the caller's share of the socket). The
+//! core never sees a transport error, so its error type has none.
+
+use std::time::Duration;
 
 use hyper::StatusCode;
-use serde::Serialize;
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
 
 use crate::engine::Step;
 use crate::error::{CoreError, ResetCheck};
 use crate::registry::store::StoreError;
 
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    /// No route's path template matches the path.
+    #[error("no such endpoint: {path}{}", listener_note(.listener_serves))]
+    NoSuchEndpoint {
+        path: String,
+        /// On a listener that serves only some routes: which.
+        listener_serves: Option<String>,
+    },
+    /// A template matches the path, but none with this method.
+    #[error("{method} is not allowed on {path}; allowed: {allow}")]
+    MethodNotAllowed {
+        method: String,
+        path: String,
+        /// The methods the path has, as the `Allow` header lists them.
+        allow: String,
+    },
+    #[error("request body is larger than {0} bytes")]
+    BodyTooLarge(usize),
+    #[error("the request body did not arrive within {} s", .0.as_secs())]
+    BodyTimeout(Duration),
+    /// Not HTTP/1.1 as hyper reads it, or a body that broke off.
+    #[error("{0}")]
+    Malformed(String),
+    #[error("the request head is larger than {0} bytes")]
+    HeaderTooLarge(usize),
+    #[error("{0}")]
+    InvalidJson(String),
+    #[error("{0}")]
+    InvalidQuery(String),
+    /// The core takes typed addresses: only a request's text can be wrong.
+    #[error("{0}")]
+    InvalidPciAddress(String),
+    /// The caller's uid holds as many connections as it may.
+    #[error("{0}")]
+    TooManyConnections(String),
+    /// The caller's uid holds as many event streams as it may.
+    #[error("{0}")]
+    TooManyEventStreams(String),
+}
+
+fn listener_note(serves: &Option<String>) -> String {
+    serves
+        .as_ref()
+        .map(|s| format!("; this listener serves {s} only"))
+        .unwrap_or_default()
+}
+
 /// Every error body: `{"code", "message"}` plus optional detail.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ErrorBody {
-    pub code: &'static str,
+    pub code: Cow<'static, str>,
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub step: Option<Step>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub errno: Option<i32>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conflicting_functions: Vec<ConflictingFunction>,
     /// After a reset: the check that failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failed_check: Option<ResetCheck>,
     /// For `device_busy`: what holds the device, each with a `kind`.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub holders: Vec<crate::pci::holders::Holder>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ConflictingFunction {
     pub pci_address: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -37,9 +97,9 @@ pub struct ConflictingFunction {
 }
 
 impl ErrorBody {
-    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+    fn new(code: &'static str, message: impl Into<String>) -> Self {
         ErrorBody {
-            code,
+            code: Cow::Borrowed(code),
             message: message.into(),
             step: None,
             errno: None,
@@ -53,21 +113,33 @@ impl ErrorBody {
 const ENOSPC: i32 = 28;
 const EDQUOT: i32 = 122;
 
-pub fn status_and_code(e: &CoreError) -> (StatusCode, &'static str) {
-    use CoreError::*;
+pub fn status_and_code(e: &ApiError) -> (StatusCode, &'static str) {
+    use ApiError::*;
     match e {
-        InvalidPciAddress(_) => (StatusCode::BAD_REQUEST, "invalid_pci_address"),
-        InvalidName(_) => (StatusCode::BAD_REQUEST, "invalid_name"),
-        InvalidTags(_) => (StatusCode::BAD_REQUEST, "invalid_tags"),
-        InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
-        InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
-        InvalidQuery(_) => (StatusCode::BAD_REQUEST, "invalid_query"),
-        TooManyConnections(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_connections"),
-        TooManyEventStreams(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_event_streams"),
+        Core(e) => core_status_and_code(e),
+        NoSuchEndpoint { .. } => (StatusCode::NOT_FOUND, "not_found"),
+        MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+        BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+        BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
+        Malformed(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
         HeaderTooLarge(_) => (
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "header_too_large",
         ),
+        InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
+        InvalidQuery(_) => (StatusCode::BAD_REQUEST, "invalid_query"),
+        InvalidPciAddress(_) => (StatusCode::BAD_REQUEST, "invalid_pci_address"),
+        TooManyConnections(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_connections"),
+        TooManyEventStreams(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_event_streams"),
+    }
+}
+
+fn core_status_and_code(e: &CoreError) -> (StatusCode, &'static str) {
+    use CoreError::*;
+    match e {
+        InvalidName(_) => (StatusCode::BAD_REQUEST, "invalid_name"),
+        InvalidTags(_) => (StatusCode::BAD_REQUEST, "invalid_tags"),
+        InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
         PciDeviceNotFound(_) => (StatusCode::NOT_FOUND, "device_not_found"),
         Bridge(..) => (StatusCode::BAD_REQUEST, "unsupported_device"),
         NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
@@ -112,9 +184,12 @@ pub fn status_and_code(e: &CoreError) -> (StatusCode, &'static str) {
     }
 }
 
-pub fn to_body(e: &CoreError) -> (StatusCode, ErrorBody) {
+pub fn to_body(e: &ApiError) -> (StatusCode, ErrorBody) {
     let (status, code) = status_and_code(e);
     let mut body = ErrorBody::new(code, e.to_string());
+    let ApiError::Core(e) = e else {
+        return (status, body);
+    };
     body.step = e.step();
     body.errno = e.errno();
     body.failed_check = e.failed_check();
@@ -187,35 +262,63 @@ mod tests {
             timeout_ms: 5000,
             late: None,
         };
-        let cases: Vec<(CoreError, u16, &str)> = vec![
+        let transport: Vec<(ApiError, u16, &str)> = vec![
             (
-                CoreError::InvalidPciAddress("x".into()),
+                ApiError::NoSuchEndpoint {
+                    path: "/x".into(),
+                    listener_serves: None,
+                },
+                404,
+                "not_found",
+            ),
+            (
+                ApiError::MethodNotAllowed {
+                    method: "PUT".into(),
+                    path: "/devices".into(),
+                    allow: "GET, POST".into(),
+                },
+                405,
+                "method_not_allowed",
+            ),
+            (ApiError::BodyTooLarge(1), 413, "body_too_large"),
+            (
+                ApiError::BodyTimeout(Duration::from_secs(1)),
+                408,
+                "request_timeout",
+            ),
+            (ApiError::Malformed("x".into()), 400, "invalid_request"),
+            (ApiError::HeaderTooLarge(1), 431, "header_too_large"),
+            (ApiError::InvalidJson("x".into()), 400, "invalid_json"),
+            (ApiError::InvalidQuery("x".into()), 400, "invalid_query"),
+            (
+                ApiError::InvalidPciAddress("x".into()),
                 400,
                 "invalid_pci_address",
             ),
-            (CoreError::InvalidName("x".into()), 400, "invalid_name"),
-            (CoreError::InvalidTags("x".into()), 400, "invalid_tags"),
-            (CoreError::InvalidJson("x".into()), 400, "invalid_json"),
-            (CoreError::InvalidQuery("x".into()), 400, "invalid_query"),
             (
-                CoreError::TooManyConnections("x".into()),
+                ApiError::TooManyConnections("x".into()),
                 429,
                 "too_many_connections",
             ),
             (
-                CoreError::TooManyEventStreams("x".into()),
+                ApiError::TooManyEventStreams("x".into()),
                 429,
                 "too_many_event_streams",
             ),
-            (
-                CoreError::HeaderTooLarge("x".into()),
-                431,
-                "header_too_large",
-            ),
+        ];
+        let core: Vec<(CoreError, u16, &str)> = vec![
+            (CoreError::InvalidName("x".into()), 400, "invalid_name"),
+            (CoreError::InvalidTags("x".into()), 400, "invalid_tags"),
             (
                 CoreError::InvalidRequest("x".into()),
                 400,
                 "invalid_request",
+            ),
+            (CoreError::InvalidPid("x".into()), 400, "invalid_pid"),
+            (
+                CoreError::Bridge(addr(), 0x060400),
+                400,
+                "unsupported_device",
             ),
             (
                 CoreError::PciDeviceNotFound(addr()),
@@ -318,6 +421,26 @@ mod tests {
             (CoreError::Storage(io_err(28)), 507, "storage_full"),
             (CoreError::Storage(io_err(5)), 500, "storage_error"),
             (CoreError::Internal("x".into()), 500, "internal_error"),
+            (
+                CoreError::GroupAttachedToOtherUid {
+                    device: addr(),
+                    group: 1,
+                    uid: 1000,
+                    others: vec![("0000:01:00.1".parse().unwrap(), 1001)],
+                },
+                409,
+                "iommu_group_conflict",
+            ),
+            (CoreError::GrantFailed("x".into()), 500, "grant_failed"),
+            (CoreError::HolderScan("x".into()), 500, "holder_scan_failed"),
+            (
+                CoreError::DeviceBusy {
+                    device: addr(),
+                    holders: Vec::new(),
+                },
+                409,
+                "device_busy",
+            ),
         ];
         let spec = crate::api::OPENAPI_YAML;
         let documented: Vec<String> = spec
@@ -329,9 +452,13 @@ mod tests {
             .split(", ")
             .map(str::to_owned)
             .collect();
+        let cases = transport.into_iter().chain(
+            core.into_iter()
+                .map(|(e, status, code)| (ApiError::Core(e), status, code)),
+        );
         for (err, status, code) in cases {
             let (s, body) = to_body(&err);
-            assert_eq!((s.as_u16(), body.code), (status, code), "{err:?}");
+            assert_eq!((s.as_u16(), &*body.code), (status, code), "{err:?}");
             assert!(!body.message.is_empty());
             assert!(
                 documented.iter().any(|c| c == code),
@@ -343,7 +470,7 @@ mod tests {
     #[test]
     fn bind_failure_names_step_errno_and_rollback() {
         let err = CoreError::move_failed("bind", addr(), unbind_ebusy(), Some(Ok(())));
-        let (_, body) = to_body(&err);
+        let (_, body) = to_body(&err.into());
         assert_eq!(body.step, Some(Step::Unbind));
         assert_eq!(body.errno, Some(16));
         assert!(
@@ -361,8 +488,36 @@ mod tests {
             group: 1,
             others: vec![("0000:01:00.1".parse().unwrap(), "snd_hda_intel".into())],
         };
-        let (_, body) = to_body(&err);
+        let (_, body) = to_body(&err.into());
         assert_eq!(body.conflicting_functions.len(), 1);
         assert!(body.message.contains("0000:01:00.1 on snd_hda_intel"));
+    }
+
+    #[test]
+    fn error_body_wire_bytes() {
+        let mut body = ErrorBody::new("device_busy", "0000:01:00.0 is in use");
+        assert_eq!(
+            serde_json::to_string(&body).unwrap(),
+            r#"{"code":"device_busy","message":"0000:01:00.0 is in use"}"#
+        );
+        body.step = Some(Step::Unbind);
+        body.errno = Some(16);
+        body.failed_check = Some(ResetCheck::PowerState);
+        body.conflicting_functions = vec![ConflictingFunction {
+            pci_address: "0000:01:00.1".into(),
+            driver: Some("snd_hda_intel".into()),
+            reason: None,
+        }];
+        body.holders = vec![crate::pci::holders::Holder::Swap {
+            pci_address: addr(),
+            device: "/dev/nvme0n1p3".into(),
+        }];
+        assert_eq!(
+            serde_json::to_string(&body).unwrap(),
+            r#"{"code":"device_busy","message":"0000:01:00.0 is in use","step":"unbind","errno":16,"conflicting_functions":[{"pci_address":"0000:01:00.1","driver":"snd_hda_intel"}],"failed_check":"power_state","holders":[{"kind":"swap","pci_address":"0000:01:00.0","device":"/dev/nvme0n1p3"}]}"#
+        );
+        let text = serde_json::to_string(&body).unwrap();
+        let read: ErrorBody = serde_json::from_str(&text).unwrap();
+        assert_eq!(serde_json::to_string(&read).unwrap(), text);
     }
 }

@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::error::CoreError;
+use super::error::ApiError;
 
 /// File descriptors kept back from the unprivileged pool: privileged
 /// callers' connections, the listener, state and sysfs files, netlink.
@@ -171,7 +171,7 @@ impl Accounting {
         self: &Arc<Self>,
         uid: u32,
         privileged: bool,
-    ) -> Result<Permit, CoreError> {
+    ) -> Result<Permit, ApiError> {
         self.admit(uid, privileged, Kind::Connection)
     }
 
@@ -180,33 +180,28 @@ impl Accounting {
         self: &Arc<Self>,
         uid: u32,
         privileged: bool,
-    ) -> Result<Permit, CoreError> {
+    ) -> Result<Permit, ApiError> {
         self.admit(uid, privileged, Kind::EventStream)
     }
 
-    fn admit(
-        self: &Arc<Self>,
-        uid: u32,
-        privileged: bool,
-        kind: Kind,
-    ) -> Result<Permit, CoreError> {
+    fn admit(self: &Arc<Self>, uid: u32, privileged: bool, kind: Kind) -> Result<Permit, ApiError> {
         if privileged {
             return Ok(Permit::unaccounted());
         }
         let mut state = self.lock();
         let mut held = state.per_uid.get(&uid).copied().unwrap_or_default();
-        let (count, limit, what, refusal): (_, _, _, fn(String) -> CoreError) = match kind {
+        let (count, limit, what, refusal): (_, _, _, fn(String) -> ApiError) = match kind {
             Kind::Connection => (
                 held.connections,
                 self.limits.connections_per_uid,
                 "connections",
-                CoreError::TooManyConnections,
+                ApiError::TooManyConnections,
             ),
             Kind::EventStream => (
                 held.event_streams,
                 self.limits.event_streams_per_uid,
                 "event streams",
-                CoreError::TooManyEventStreams,
+                ApiError::TooManyEventStreams,
             ),
         };
         if count >= limit {
@@ -216,7 +211,7 @@ impl Accounting {
         }
         if kind == Kind::Connection {
             if state.unprivileged_connections >= self.limits.unprivileged_connections {
-                return Err(CoreError::TooManyConnections(format!(
+                return Err(ApiError::TooManyConnections(format!(
                     "unprivileged users hold {} connections, the most vfiod serves for them at once; retry later",
                     state.unprivileged_connections
                 )));

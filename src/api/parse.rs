@@ -1,11 +1,12 @@
 //! One parse function per endpoint: raw body bytes or query strings in,
-//! a typed core request or a `CoreError` with the right code out. Nothing
+//! a typed core request or an error with the right code out. Nothing
 //! here touches state; every value is validated before the core sees it.
 
 use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
+use super::error::ApiError;
 use crate::core::{
     AttachRequest, BindRequest, DeviceName, InstanceId, RegisterRequest, ResetMethod, ResetRequest,
     Tags, UpdateRequest,
@@ -14,22 +15,22 @@ use crate::error::CoreError;
 use crate::pci::PciAddress;
 
 /// Parses a JSON object body; an empty body is `{}` when `empty_ok`.
-fn object(body: &[u8], empty_ok: bool) -> Result<Map<String, Value>, CoreError> {
+fn object(body: &[u8], empty_ok: bool) -> Result<Map<String, Value>, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return if empty_ok {
             Ok(Map::new())
         } else {
-            Err(CoreError::InvalidJson(
+            Err(ApiError::InvalidJson(
                 "request body is empty; expected a JSON object".into(),
             ))
         };
     }
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(CoreError::InvalidJson(
+        Ok(_) => Err(ApiError::InvalidJson(
             "request body must be a JSON object".into(),
         )),
-        Err(e) => Err(CoreError::InvalidJson(format!(
+        Err(e) => Err(ApiError::InvalidJson(format!(
             "request body is not valid JSON: {e}"
         ))),
     }
@@ -87,23 +88,23 @@ fn tags_field(map: &Map<String, Value>) -> Result<Option<Tags>, CoreError> {
     }
 }
 
-pub fn pci_address(s: &str) -> Result<PciAddress, CoreError> {
+pub fn pci_address(s: &str) -> Result<PciAddress, ApiError> {
     s.parse()
-        .map_err(|e: crate::pci::InvalidPciAddress| CoreError::InvalidPciAddress(e.to_string()))
+        .map_err(|e: crate::pci::InvalidPciAddress| ApiError::InvalidPciAddress(e.to_string()))
 }
 
 /// `POST /devices`. Unknown fields are ignored, as hypeman does.
-pub fn register(body: &[u8]) -> Result<RegisterRequest, CoreError> {
+pub fn register(body: &[u8]) -> Result<RegisterRequest, ApiError> {
     let map = object(body, false)?;
     let pci_address = match map.get("pci_address") {
         Some(Value::String(s)) => pci_address(s)?,
         None | Some(Value::Null) => {
-            return Err(CoreError::InvalidPciAddress(
+            return Err(ApiError::InvalidPciAddress(
                 "pci_address is required, e.g. \"0000:a2:00.0\"".into(),
             ))
         }
         Some(_) => {
-            return Err(CoreError::InvalidPciAddress(
+            return Err(ApiError::InvalidPciAddress(
                 "pci_address must be a string".into(),
             ))
         }
@@ -116,7 +117,7 @@ pub fn register(body: &[u8]) -> Result<RegisterRequest, CoreError> {
 }
 
 /// `PATCH /devices/{id_or_name}`.
-pub fn update(body: &[u8]) -> Result<UpdateRequest, CoreError> {
+pub fn update(body: &[u8]) -> Result<UpdateRequest, ApiError> {
     let map = object(body, false)?;
     deny_unknown(&map, &["name", "tags", "reset_method"])?;
     Ok(UpdateRequest {
@@ -161,13 +162,13 @@ fn reset_method_field(
 }
 
 /// `POST /devices/{id_or_name}/reset`; an empty body means `auto`.
-pub fn reset(body: &[u8]) -> Result<ResetRequest, CoreError> {
+pub fn reset(body: &[u8]) -> Result<ResetRequest, ApiError> {
     let map = object(body, true)?;
     deny_unknown(&map, &["method", "dry_run"])?;
     let method = match map.get("method") {
         None | Some(Value::Null) => ResetMethod::Auto,
         Some(Value::String(s)) => ResetMethod::parse(s)?,
-        Some(_) => return Err(CoreError::InvalidRequest("method must be a string".into())),
+        Some(_) => return Err(CoreError::InvalidRequest("method must be a string".into()).into()),
     };
     Ok(ResetRequest {
         method,
@@ -176,7 +177,7 @@ pub fn reset(body: &[u8]) -> Result<ResetRequest, CoreError> {
 }
 
 /// `POST /devices/{id_or_name}/bind`; an empty body means the defaults.
-pub fn bind(body: &[u8]) -> Result<BindRequest, CoreError> {
+pub fn bind(body: &[u8]) -> Result<BindRequest, ApiError> {
     let map = object(body, true)?;
     deny_unknown(&map, &["with_group", "dry_run", "force"])?;
     Ok(BindRequest {
@@ -187,31 +188,27 @@ pub fn bind(body: &[u8]) -> Result<BindRequest, CoreError> {
 }
 
 /// `POST /devices/{id_or_name}/unbind`: no fields.
-pub fn unbind(body: &[u8]) -> Result<(), CoreError> {
+pub fn unbind(body: &[u8]) -> Result<(), ApiError> {
     let map = object(body, true)?;
-    deny_unknown(&map, &[])
+    Ok(deny_unknown(&map, &[])?)
 }
 
 /// `POST /devices/{id_or_name}/attach`.
-pub fn attach(body: &[u8]) -> Result<AttachRequest, CoreError> {
+pub fn attach(body: &[u8]) -> Result<AttachRequest, ApiError> {
     let map = object(body, false)?;
     deny_unknown(&map, &["instance_id", "uid", "pid"])?;
     let instance = match map.get("instance_id") {
         Some(Value::String(s)) => InstanceId::parse(s)?,
         None | Some(Value::Null) => {
-            return Err(CoreError::InvalidRequest("instance_id is required".into()))
+            return Err(CoreError::InvalidRequest("instance_id is required".into()).into())
         }
         Some(_) => {
-            return Err(CoreError::InvalidRequest(
-                "instance_id must be a string".into(),
-            ))
+            return Err(CoreError::InvalidRequest("instance_id must be a string".into()).into())
         }
     };
     let pid = optional_u32(&map, "pid").map_err(|e| CoreError::InvalidPid(e.to_string()))?;
     if pid == Some(0) {
-        return Err(CoreError::InvalidPid(
-            "pid must be a process id, not 0".into(),
-        ));
+        return Err(CoreError::InvalidPid("pid must be a process id, not 0".into()).into());
     }
     Ok(AttachRequest {
         instance,
@@ -238,10 +235,10 @@ fn optional_u32(map: &Map<String, Value>, field: &str) -> Result<Option<u32>, Co
 }
 
 /// `POST /devices/{id_or_name}/detach`; returns `keep_bound`.
-pub fn detach(body: &[u8]) -> Result<bool, CoreError> {
+pub fn detach(body: &[u8]) -> Result<bool, ApiError> {
     let map = object(body, true)?;
     deny_unknown(&map, &["keep_bound"])?;
-    optional_bool(&map, "keep_bound")
+    Ok(optional_bool(&map, "keep_bound")?)
 }
 
 /// Decodes `%XX` escapes (and `+` as a space in query strings). Invalid
@@ -292,7 +289,7 @@ fn query_pairs(query: Option<&str>) -> Result<Vec<(String, String)>, CoreError> 
 
 /// `GET /devices?tags[KEY]=VALUE&...`: every pair must match. Other
 /// parameters are ignored.
-pub fn list_query(query: Option<&str>) -> Result<Vec<(String, String)>, CoreError> {
+pub fn list_query(query: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
     let mut filter = Vec::new();
     for (k, v) in query_pairs(query)? {
         // Only `tags` parameters are checked: hypeman ignores unknown ones,
@@ -301,20 +298,18 @@ pub fn list_query(query: Option<&str>) -> Result<Vec<(String, String)>, CoreErro
             continue;
         }
         let Some(key) = k.strip_prefix("tags[").and_then(|r| r.strip_suffix(']')) else {
-            return Err(CoreError::InvalidQuery(format!(
+            return Err(ApiError::InvalidQuery(format!(
                 "query parameter {:?} is not a tag filter: write tags[KEY]=VALUE",
                 k.chars().take(140).collect::<String>()
             )));
         };
         if key.is_empty() {
-            return Err(CoreError::InvalidTags(
-                "tag filter tags[] needs a key".into(),
-            ));
+            return Err(CoreError::InvalidTags("tag filter tags[] needs a key".into()).into());
         }
         filter.push((key.to_owned(), v));
     }
     if filter.len() > crate::core::MAX_TAGS {
-        return Err(CoreError::InvalidTags("too many tag filters".into()));
+        return Err(CoreError::InvalidTags("too many tag filters".into()).into());
     }
     Ok(filter)
 }
@@ -356,8 +351,8 @@ mod tests {
     use super::*;
     use crate::api::error::status_and_code;
 
-    fn code<T: std::fmt::Debug>(r: Result<T, CoreError>) -> &'static str {
-        status_and_code(&r.unwrap_err()).1
+    fn code<T: std::fmt::Debug, E: Into<ApiError>>(r: Result<T, E>) -> &'static str {
+        status_and_code(&r.unwrap_err().into()).1
     }
 
     #[test]

@@ -25,6 +25,18 @@ impl Peer {
             groups: peer_groups(stream.as_raw_fd()),
         })
     }
+
+    /// A peer the kernel vouches for nothing about (the metrics listener's,
+    /// over TCP): uid and gid (uid_t)-1, which no process can have, and no
+    /// groups, so it is never privileged.
+    pub fn unknown() -> Peer {
+        Peer {
+            uid: u32::MAX,
+            gid: u32::MAX,
+            pid: 0,
+            groups: Vec::new(),
+        }
+    }
 }
 
 fn peer_groups(fd: i32) -> Vec<u32> {
@@ -104,6 +116,8 @@ mod tests {
         };
         assert!(no_group.may_mutate(&peer(1000, 1000, &[])));
         assert!(!no_group.may_mutate(&peer(1001, 1001, &[])));
+        assert!(!policy.may_mutate(&Peer::unknown()));
+        assert!(!no_group.may_mutate(&Peer::unknown()));
     }
 
     #[tokio::test]

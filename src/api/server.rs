@@ -1,11 +1,15 @@
-//! Connection handling: accepting on the listener, reading each peer's
-//! credentials, admitting the connection against its uid's fair share
-//! ([`limits`](super::limits)), serving HTTP/1.1 on it with bounded time
-//! and buffers, and shutting down without dropping a request that was
-//! already promised an answer.
+//! Connection handling, the same for both of vfiod's listeners (the API
+//! socket, and the opt-in TCP metrics listener): accepting, admitting,
+//! serving HTTP/1.1 with bounded time and buffers, and shutting down
+//! without dropping a request that was already promised an answer. What
+//! differs is a `Transport`: the API socket reads each peer's
+//! credentials and admits the connection against its uid's fair share
+//! ([`limits`](super::limits)); the metrics listener knows no peer, serves
+//! [`METRICS_CONNECTIONS`] at a time and leaves the rest in the backlog,
+//! and is routed to its own rows of the route table.
 //!
 //! Bounds on one connection:
-//! - over its uid's share, a connection is answered 429
+//! - on the API socket, over its uid's share, a connection is answered 429
 //!   `too_many_connections` at once, without reading its request, and
 //!   closed: it costs one accept and one write;
 //! - the request head must be complete within the header timeout
@@ -22,6 +26,7 @@
 //! make vfiod spend is shared with, not taken from, everyone else.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -30,11 +35,15 @@ use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc;
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
+use super::error::ApiError;
+use super::respond;
+use super::routes::Listener;
 use super::{Api, Peer};
-use crate::error::CoreError;
 
 /// Largest request head (request line and headers) read: 8 KiB, hyper's
 /// initial read buffer, so a head never makes a connection's buffer grow.
@@ -42,21 +51,14 @@ use crate::error::CoreError;
 /// included); this bounds what one connection makes the daemon hold.
 pub const MAX_HEADER_BYTES: usize = 8 * 1024;
 
-/// HTTP/1 as every listener of vfiod serves it: the head's timeout and
-/// size bound.
-pub(super) fn http1_builder(api: &Api) -> hyper::server::conn::http1::Builder {
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(api.header_timeout)
-        .max_header_size(MAX_HEADER_BYTES);
-    builder
-}
-
 /// The default time a connection has to deliver a complete request head,
 /// counted from when it starts waiting for one (so also the idle
 /// keep-alive timeout). A local client sends its head in microseconds.
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections the metrics listener serves at once; more wait in the
+/// backlog. A scraper needs one.
+pub const METRICS_CONNECTIONS: usize = 8;
 
 /// Accept failures (EMFILE, ENFILE, ENOBUFS) back off from this...
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
@@ -67,8 +69,35 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// its first request; it is then answered rather than dropped.
 const FIRST_REQUEST_GRACE: Duration = Duration::from_millis(500);
 
-/// Serves connections until `shutdown` turns true, then stops accepting,
-/// lets in-flight requests finish (up to `grace`), and returns.
+/// Serves the API socket until vfiod stops; see `accept_loop`.
+pub async fn serve(listener: UnixListener, api: Api, grace: Duration) {
+    accept_loop(ApiSocket(listener), api, grace).await
+}
+
+/// Serves the metrics listener (`metrics_listen`) until vfiod stops; see
+/// `accept_loop`.
+pub async fn serve_metrics(listener: TcpListener, api: Api, grace: Duration) {
+    let transport = MetricsTcp {
+        listener,
+        slots: Arc::new(Semaphore::new(METRICS_CONNECTIONS)),
+    };
+    accept_loop(transport, api, grace).await
+}
+
+/// What differs between vfiod's listeners.
+trait Transport: Send + 'static {
+    /// Names the listener in the accept loop's log lines.
+    const NAME: &'static str;
+    type Accepted: Send;
+    /// The next connection, with whatever it holds while it is served.
+    fn accept(&self) -> impl Future<Output = io::Result<Self::Accepted>> + Send;
+    /// Admits an accepted connection and starts serving it on a task
+    /// `tasks` tracks, or refuses it.
+    fn start(&self, accepted: Self::Accepted, api: &Api, tasks: &TaskTracker);
+}
+
+/// Serves connections until `api.shutdown` is cancelled, then stops
+/// accepting, lets in-flight requests finish (up to `grace`), and returns.
 ///
 /// Shutdown is per connection: an idle keep-alive connection closes at
 /// once; one with a request in progress finishes it first; and one that
@@ -76,18 +105,24 @@ const FIRST_REQUEST_GRACE: Duration = Duration::from_millis(500);
 /// connected and is writing) gets [`FIRST_REQUEST_GRACE`] to do so and is
 /// answered. Without that, a client whose connect raced the shutdown would
 /// see its connection closed with no answer.
-pub async fn serve(listener: UnixListener, api: Api, grace: Duration) {
-    let mut shutdown = api.shutdown.clone();
-    // Every connection task holds a clone; when all are gone, recv() ends.
-    let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
+async fn accept_loop<T: Transport>(transport: T, api: Api, grace: Duration) {
+    let span = tracing::info_span!("accept", listener = T::NAME);
+    accept_until_shutdown(transport, api, grace)
+        .instrument(span)
+        .await
+}
+
+async fn accept_until_shutdown(transport: impl Transport, api: Api, grace: Duration) {
+    let shutdown = api.shutdown.clone();
+    let connections = TaskTracker::new();
     let mut backoff = AcceptBackoff::default();
     loop {
         tokio::select! {
-            _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
+            _ = shutdown.cancelled() => break,
+            accepted = transport.accept() => match accepted {
+                Ok(accepted) => {
                     backoff.succeeded();
-                    spawn_connection(stream, &api, alive_tx.clone());
+                    transport.start(accepted, &api, &connections);
                 }
                 Err(e) => {
                     // The listener stays readable while accept fails for
@@ -95,7 +130,7 @@ pub async fn serve(listener: UnixListener, api: Api, grace: Duration) {
                     let delay = backoff.failed(&e);
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
+                        _ = shutdown.cancelled() => break,
                     }
                 }
             },
@@ -103,13 +138,103 @@ pub async fn serve(listener: UnixListener, api: Api, grace: Duration) {
     }
     // Connections already queued on the socket were promised an answer by
     // their successful connect(): take and serve them before closing.
-    while let Ok(Ok((stream, _))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await {
-        spawn_connection(stream, &api, alive_tx.clone());
+    while let Ok(Ok(accepted)) = tokio::time::timeout(Duration::ZERO, transport.accept()).await {
+        transport.start(accepted, &api, &connections);
     }
-    drop(listener);
-    drop(alive_tx);
-    if tokio::time::timeout(grace, alive_rx.recv()).await.is_err() {
+    drop(transport);
+    connections.close();
+    if tokio::time::timeout(grace, connections.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("in-flight requests did not finish within {grace:?}; exiting anyway");
+    }
+}
+
+/// The API socket: every route, for local peers known by their
+/// credentials and admitted against their uid's share.
+struct ApiSocket(UnixListener);
+
+impl Transport for ApiSocket {
+    const NAME: &'static str = "api_socket";
+    type Accepted = UnixStream;
+
+    async fn accept(&self) -> io::Result<UnixStream> {
+        Ok(self.0.accept().await?.0)
+    }
+
+    fn start(&self, stream: UnixStream, api: &Api, tasks: &TaskTracker) {
+        let peer = match Peer::of(&stream) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read peer credentials; dropping connection");
+                return;
+            }
+        };
+        let privileged = api.policy.may_mutate(&peer);
+        let permit = match api.accounting.open_connection(peer.uid, privileged) {
+            Ok(permit) => permit,
+            Err(e) => return refuse(stream, &peer, &e),
+        };
+        let held = (permit, crate::metrics::connection_opened(privileged));
+        let api = api.clone();
+        if privileged {
+            let served = serve_connection(stream, api, Listener::Socket, peer, held);
+            tasks.spawn(served);
+            return;
+        }
+        // Re-registered with the other runtime's reactor, so that its events
+        // are handled there too.
+        let std_stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not hand a connection over; dropping it");
+                return;
+            }
+        };
+        unprivileged_runtime().spawn(tasks.track_future(async move {
+            match UnixStream::from_std(std_stream) {
+                Ok(stream) => serve_connection(stream, api, Listener::Socket, peer, held).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not register a connection; dropping it")
+                }
+            }
+        }));
+    }
+}
+
+/// The metrics listener: its own rows of the route table, for peers it
+/// knows nothing about. It reads no credentials: what it serves is
+/// readable by every local user on the socket as well.
+struct MetricsTcp {
+    listener: TcpListener,
+    /// A connection holds one while served; the next accept waits for one.
+    slots: Arc<Semaphore>,
+}
+
+impl Transport for MetricsTcp {
+    const NAME: &'static str = "metrics_listener";
+    type Accepted = (TcpStream, OwnedSemaphorePermit);
+
+    async fn accept(&self) -> io::Result<Self::Accepted> {
+        let slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(io::Error::other)?;
+        Ok((self.listener.accept().await?.0, slot))
+    }
+
+    fn start(&self, (stream, slot): Self::Accepted, api: &Api, tasks: &TaskTracker) {
+        let served = serve_connection(
+            stream,
+            api.clone(),
+            Listener::Metrics,
+            Peer::unknown(),
+            slot,
+        );
+        tasks.spawn(served);
     }
 }
 
@@ -164,28 +289,11 @@ impl AcceptBackoff {
     }
 }
 
-/// A whole HTTP/1.1 error response, for a connection answered outside
-/// hyper. It closes the connection.
-fn raw_error_response(e: &CoreError) -> Vec<u8> {
-    let (status, body) = super::error::to_body(e);
-    let mut json = serde_json::to_vec(&body).expect("error bodies serialise");
-    json.push(b'\n');
-    let mut out = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        status.as_str(),
-        status.canonical_reason().unwrap_or(""),
-        json.len()
-    )
-    .into_bytes();
-    out.extend_from_slice(&json);
-    out
-}
-
 /// Answers a connection over its uid's share and closes it, without
 /// waiting for anything: one non-blocking write into a fresh socket
 /// buffer always fits. What the client already sent is read off first,
 /// so closing does not turn into ECONNRESET before it reads the answer.
-fn refuse(stream: UnixStream, peer: &Peer, e: &CoreError) {
+fn refuse(stream: UnixStream, peer: &Peer, e: &ApiError) {
     if super::refusals_log_budget() {
         tracing::warn!(
             uid = peer.uid,
@@ -202,42 +310,7 @@ fn refuse(stream: UnixStream, peer: &Peer, e: &CoreError) {
             _ => break,
         }
     }
-    let _ = stream.try_write(&raw_error_response(e));
-}
-
-fn spawn_connection(stream: UnixStream, api: &Api, alive: mpsc::Sender<()>) {
-    let peer = match Peer::of(&stream) {
-        Ok(p) => Arc::new(p),
-        Err(e) => {
-            tracing::warn!(error = %e, "could not read peer credentials; dropping connection");
-            return;
-        }
-    };
-    let privileged = api.policy.may_mutate(&peer);
-    let permit = match api.accounting.open_connection(peer.uid, privileged) {
-        Ok(permit) => permit,
-        Err(e) => return refuse(stream, &peer, &e),
-    };
-    let api = api.clone();
-    if privileged {
-        tokio::spawn(serve_connection(stream, api, peer, permit, alive));
-        return;
-    }
-    // Re-registered with the other runtime's reactor, so that its events
-    // are handled there too.
-    let std_stream = match stream.into_std() {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "could not hand a connection over; dropping it");
-            return;
-        }
-    };
-    unprivileged_runtime().spawn(async move {
-        match UnixStream::from_std(std_stream) {
-            Ok(stream) => serve_connection(stream, api, peer, permit, alive).await,
-            Err(e) => tracing::warn!(error = %e, "could not register a connection; dropping it"),
-        }
-    });
+    let _ = stream.try_write(&respond::raw_error(e));
 }
 
 /// Where unprivileged callers' connections are served: a runtime on a
@@ -275,16 +348,30 @@ fn unprivileged_runtime() -> tokio::runtime::Handle {
         .unwrap_or_else(tokio::runtime::Handle::current)
 }
 
-/// Serves one admitted connection until it ends or vfiod stops; `permit`
-/// and `alive` are held until then.
-async fn serve_connection(
-    stream: UnixStream,
+/// HTTP/1 as every listener of vfiod serves it: the head's timeout and
+/// size bound.
+fn http1_builder(api: &Api) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(api.header_timeout)
+        .max_header_size(MAX_HEADER_BYTES);
+    builder
+}
+
+/// Serves one admitted connection until it ends or vfiod stops; `held`
+/// (its slot, and the like) is kept until then.
+async fn serve_connection<S>(
+    stream: S,
     api: Api,
-    peer: Arc<Peer>,
-    permit: super::limits::Permit,
-    alive: mpsc::Sender<()>,
-) {
-    let _open = crate::metrics::connection_opened(api.policy.may_mutate(&peer));
+    listener: Listener,
+    peer: Peer,
+    held: impl Send + 'static,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let _held = held;
+    let peer = Arc::new(peer);
     let first_request = Arc::new(tokio::sync::Notify::new());
     let notify = first_request.clone();
     let api_for_requests = api.clone();
@@ -292,34 +379,29 @@ async fn serve_connection(
         notify.notify_one();
         let api = api_for_requests.clone();
         let peer = peer.clone();
-        async move { Ok::<_, Infallible>(api.handle(&peer, req).await) }
+        async move { Ok::<_, Infallible>(api.handle(listener, &peer, req).await) }
     });
     let conn =
         http1_builder(&api).serve_connection(TokioIo::new(JsonAutoErrors::new(stream)), service);
-    let mut shutdown = api.shutdown.clone();
-    {
-        let _alive = alive;
-        let _permit = permit;
-        tokio::pin!(conn);
-        let result = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => {
-                // A connection that already delivered a request has a stored
-                // permit and goes on at once; a fresh one gets a moment, with
-                // the connection still polled so it can read that request.
-                let first = tokio::time::timeout(FIRST_REQUEST_GRACE, first_request.notified());
-                tokio::select! {
-                    r = conn.as_mut() => r,
-                    _ = first => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = api.shutdown.cancelled() => {
+            // A connection that already delivered a request has a stored
+            // permit and goes on at once; a fresh one gets a moment, with
+            // the connection still polled so it can read that request.
+            let first = tokio::time::timeout(FIRST_REQUEST_GRACE, first_request.notified());
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = first => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
                 }
             }
-        };
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "connection ended with an error");
         }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "connection ended with an error");
     }
 }
 
@@ -331,44 +413,18 @@ async fn serve_connection(
 /// is a JSON body with a code, so this recognises such an answer as it is
 /// written (a 4xx head with no body and no content type, which vfiod's own
 /// handlers never send) and writes the JSON error in its place.
-struct JsonAutoErrors {
-    inner: UnixStream,
+struct JsonAutoErrors<S> {
+    inner: S,
     /// A replacement answer not yet fully written, and how much of it is.
     pending: Option<(Vec<u8>, usize)>,
 }
 
-impl JsonAutoErrors {
-    fn new(inner: UnixStream) -> Self {
+impl<S: AsyncWrite + Unpin> JsonAutoErrors<S> {
+    fn new(inner: S) -> Self {
         JsonAutoErrors {
             inner,
             pending: None,
         }
-    }
-
-    /// The JSON answer that replaces `head`, if `head` is one of hyper's
-    /// bodiless automatic error answers.
-    fn replacement(head: &[u8]) -> Option<Vec<u8>> {
-        // Checked first: this runs on every write, event chunks included.
-        if !(head.starts_with(b"HTTP/1.1 4") || head.starts_with(b"HTTP/1.0 4")) {
-            return None;
-        }
-        let end = head.windows(4).position(|w| w == b"\r\n\r\n")?;
-        if end + 4 != head.len() {
-            return None;
-        }
-        let text = std::str::from_utf8(head).ok()?.to_ascii_lowercase();
-        if text.contains("\r\ncontent-type:") || !text.contains("\r\ncontent-length: 0\r\n") {
-            return None;
-        }
-        let error = match &text[9..12] {
-            "431" => CoreError::HeaderTooLarge(format!(
-                "the request head is larger than {MAX_HEADER_BYTES} bytes"
-            )),
-            status => CoreError::InvalidRequest(format!(
-                "the request is not valid HTTP/1.1 (hyper answered {status})"
-            )),
-        };
-        Some(raw_error_response(&error))
     }
 
     /// Writes what is left of a replacement answer.
@@ -389,7 +445,31 @@ impl JsonAutoErrors {
     }
 }
 
-impl AsyncRead for JsonAutoErrors {
+/// The JSON answer that replaces `head`, if `head` is one of hyper's
+/// bodiless automatic error answers.
+fn json_replacement(head: &[u8]) -> Option<Vec<u8>> {
+    // Checked first: this runs on every write, event chunks included.
+    if !(head.starts_with(b"HTTP/1.1 4") || head.starts_with(b"HTTP/1.0 4")) {
+        return None;
+    }
+    let end = head.windows(4).position(|w| w == b"\r\n\r\n")?;
+    if end + 4 != head.len() {
+        return None;
+    }
+    let text = std::str::from_utf8(head).ok()?.to_ascii_lowercase();
+    if text.contains("\r\ncontent-type:") || !text.contains("\r\ncontent-length: 0\r\n") {
+        return None;
+    }
+    let error = match &text[9..12] {
+        "431" => ApiError::HeaderTooLarge(MAX_HEADER_BYTES),
+        status => ApiError::Malformed(format!(
+            "the request is not valid HTTP/1.1 (hyper answered {status})"
+        )),
+    };
+    Some(respond::raw_error(&error))
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for JsonAutoErrors<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -399,14 +479,14 @@ impl AsyncRead for JsonAutoErrors {
     }
 }
 
-impl AsyncWrite for JsonAutoErrors {
+impl<S: AsyncWrite + Unpin> AsyncWrite for JsonAutoErrors<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         std::task::ready!(self.poll_pending(cx))?;
-        if let Some(replacement) = Self::replacement(buf) {
+        if let Some(replacement) = json_replacement(buf) {
             self.pending = Some((replacement, 0));
             // Hyper's bytes count as written; ours go out in their place.
             let _ = self.poll_pending(cx)?;
@@ -422,7 +502,7 @@ impl AsyncWrite for JsonAutoErrors {
     ) -> Poll<io::Result<usize>> {
         std::task::ready!(self.poll_pending(cx))?;
         if let [only] = bufs {
-            if let Some(replacement) = Self::replacement(only) {
+            if let Some(replacement) = json_replacement(only) {
                 self.pending = Some((replacement, 0));
                 let _ = self.poll_pending(cx)?;
                 return Poll::Ready(Ok(only.len()));
@@ -453,7 +533,7 @@ mod tests {
     #[test]
     fn only_hypers_bodiless_error_answers_are_replaced() {
         let auto = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\ndate: Tue, 01 Dec 2026 03:00:00 GMT\r\n\r\n";
-        let replaced = String::from_utf8(JsonAutoErrors::replacement(auto).unwrap()).unwrap();
+        let replaced = String::from_utf8(json_replacement(auto).unwrap()).unwrap();
         assert!(replaced.starts_with("HTTP/1.1 431 "), "{replaced}");
         assert!(replaced.contains("content-type: application/json"));
         assert!(
@@ -461,18 +541,18 @@ mod tests {
             "{replaced}"
         );
         let bad = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n";
-        let replaced = String::from_utf8(JsonAutoErrors::replacement(bad).unwrap()).unwrap();
+        let replaced = String::from_utf8(json_replacement(bad).unwrap()).unwrap();
         assert!(
             replaced.contains(r#""code":"invalid_request""#),
             "{replaced}"
         );
         // vfiod's own answers carry a content type and a body.
         let ours = b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 0\r\n\r\n";
-        assert!(JsonAutoErrors::replacement(ours).is_none());
+        assert!(json_replacement(ours).is_none());
         let with_body = b"HTTP/1.1 431 X\r\ncontent-length: 0\r\n\r\n{}";
-        assert!(JsonAutoErrors::replacement(with_body).is_none());
+        assert!(json_replacement(with_body).is_none());
         let ok = b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n";
-        assert!(JsonAutoErrors::replacement(ok).is_none());
+        assert!(json_replacement(ok).is_none());
     }
 
     #[test]

@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use vfiod::api::{self, AccessPolicy, Api};
 use vfiod::config::{Config, ConfigError};
 use vfiod::core::{Core, CoreOptions};
@@ -34,7 +35,7 @@ fn main() -> ExitCode {
     systemd::init_logging(&config.log_level);
     config.limits = api::limits::fit_to_descriptors(config.limits);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(vfiod::RUNTIME_WORKER_THREADS)
         .enable_all()
         .build()
     {
@@ -59,9 +60,8 @@ fn main() -> ExitCode {
 /// agent as root would be: system paths, driver moves.
 fn runs_as_the_system_agent() -> bool {
     const CAP_DAC_OVERRIDE: u32 = 1;
-    procfs::process::Process::myself()
-        .and_then(|me| me.status())
-        .is_ok_and(|status| status.capeff & (1 << CAP_DAC_OVERRIDE) != 0)
+    vfiod::proc::own_effective_capabilities()
+        .is_some_and(|caps| caps & (1 << CAP_DAC_OVERRIDE) != 0)
 }
 
 /// Why startup failed, and the exit status that tells systemd whether a
@@ -156,12 +156,12 @@ async fn run(config: Config, is_root: bool) -> Result<(), StartupFailure> {
         })?),
         None => None,
     };
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shutdown = CancellationToken::new();
     let policy = AccessPolicy {
         group_gid: gid,
         owner_uid: nix::unistd::geteuid().as_raw(),
     };
-    let api = Api::new(core.clone(), policy, shutdown_rx.clone())
+    let api = Api::new(core.clone(), policy, shutdown.clone())
         .with_limits(config.limits, config.header_timeout);
 
     let hotplug_core = core.clone();
@@ -200,15 +200,18 @@ async fn run(config: Config, is_root: bool) -> Result<(), StartupFailure> {
     );
     systemd::notify_ready(&status);
 
-    if let Some(listener) = metrics_listener {
-        tokio::spawn(api::serve_metrics(listener, api.clone()));
-    }
-    let server = tokio::spawn(api::serve(listener, api, Duration::from_secs(10)));
+    let grace = Duration::from_secs(10);
+    let metrics_server = metrics_listener
+        .map(|listener| tokio::spawn(api::serve_metrics(listener, api.clone(), grace)));
+    let server = tokio::spawn(api::serve(listener, api, grace));
     stop_signals.wait().await;
     tracing::info!("shutting down: no new connections, finishing requests and moves in flight");
     systemd::notify_stopping();
-    let _ = shutdown_tx.send(true);
+    shutdown.cancel();
     let _ = server.await;
+    if let Some(metrics_server) = metrics_server {
+        let _ = metrics_server.await;
+    }
     // A move is never cut off half-way: each write in it is bounded by the
     // op timeout, and a write the kernel keeps is left recorded as stuck
     // for the next start to settle.

@@ -17,60 +17,24 @@ use std::path::{Path, PathBuf};
 
 use tokio::io::unix::AsyncFd;
 
-use super::reset::refuse_unhealthy;
+use super::operation::{ensure_fit, OpContext, Operation};
+use super::release::Release;
 use super::{AttachRequest, BindRequest, Caller, Core};
 use crate::crashpoint::{self, Stage, StepKind};
 use crate::error::CoreError;
 use crate::events::EventKind;
-use crate::pci::{vfio_access, PciAddress};
-use crate::registry::{is_vfio_driver, AttachedProcess, DeviceRecord};
-
-/// What `/proc/PID` says about a process we may follow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct ProcessIdentity {
-    uid: u32,
-    start_time: u64,
-    /// Exited, and only waiting for its parent to reap it.
-    zombie: bool,
-}
-
-/// The real uid and start time of `pid` under `proc_root`, or `None` if
-/// there is no such process.
-fn process_identity(proc_root: &Path, pid: u32) -> Option<ProcessIdentity> {
-    let dir = proc_root.join(pid.to_string());
-    let status = std::fs::read_to_string(dir.join("status")).ok()?;
-    let uid = crate::pci::holders::real_uid(&status)?;
-    // Field 22 of stat, counted after the command name, which may itself
-    // hold spaces and parentheses: split after the last ')'.
-    let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
-    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
-    let state = fields.next()?;
-    let start_time = fields.nth(18)?.parse().ok()?;
-    Some(ProcessIdentity {
-        uid,
-        start_time,
-        zombie: matches!(state, "Z" | "X"),
-    })
-}
+use crate::pci::{is_vfio_driver, vfio_access, PciAddress};
+use crate::proc::ProcFs;
+use crate::registry::{AttachedProcess, Attachment, DeviceRecord};
 
 /// Whether `process` is still the process that was attached.
 fn still_running(proc_root: &Path, process: AttachedProcess) -> bool {
-    process_identity(proc_root, process.pid)
+    ProcFs::new(proc_root)
+        .process_identity(process.pid)
         .is_some_and(|p| p.start_time == process.start_time && !p.zombie)
 }
 
 impl Core {
-    pub async fn attach(
-        &self,
-        caller: Caller,
-        id_or_name: &str,
-        req: AttachRequest,
-    ) -> Result<DeviceRecord, CoreError> {
-        let id = id_or_name.to_owned();
-        self.owned(move |core| async move { core.attach_owned(caller, &id, req).await })
-            .await
-    }
-
     /// The uid an attachment is for: the caller's own unless root names
     /// another.
     fn attachment_uid(caller: Caller, requested: Option<u32>) -> Result<u32, CoreError> {
@@ -87,7 +51,8 @@ impl Core {
     }
 
     fn vmm_process(&self, pid: u32, uid: u32) -> Result<AttachedProcess, CoreError> {
-        let identity = process_identity(&self.options.proc_root, pid)
+        let identity = ProcFs::new(&self.options.proc_root)
+            .process_identity(pid)
             .ok_or_else(|| CoreError::InvalidPid(format!("no process with pid {pid}")))?;
         if identity.uid != uid {
             return Err(CoreError::InvalidPid(format!(
@@ -101,30 +66,35 @@ impl Core {
         })
     }
 
-    async fn attach_owned(
+    /// The attach operation: plan (who for, fit, group), bind if needed,
+    /// reset if the last release was not, then record the attachment and
+    /// grant its nodes.
+    pub(super) async fn attach_device(
         &self,
-        caller: Caller,
-        id_or_name: &str,
+        ctx: &OpContext<'_>,
+        record: &DeviceRecord,
         req: AttachRequest,
     ) -> Result<DeviceRecord, CoreError> {
-        let (_group, record) = self.lock_device_for_move(id_or_name).await?;
+        let caller = ctx.caller;
+        let id_or_name = record.id.as_str();
+        let record = record.clone();
         let uid = Self::attachment_uid(caller, req.uid)?;
         let process = req.pid.map(|pid| self.vmm_process(pid, uid)).transpose()?;
         let instance = req.instance.0;
-        if let Some(current) = &record.attached_to {
-            let same = *current == instance
-                && record.attached_uid.unwrap_or(0) == uid
-                && record.attached_pid.map(|p| p.pid) == req.pid;
+        if let Some(current) = &record.attachment {
+            let same = current.instance == instance
+                && current.uid.unwrap_or(0) == uid
+                && current.pid.map(|p| p.pid) == req.pid;
             return if same {
                 Ok(record)
             } else {
                 Err(CoreError::InUse {
                     device: record.name.clone(),
-                    instance: current.clone(),
+                    instance: current.instance.clone(),
                 })
             };
         }
-        refuse_unhealthy(&record)?;
+        ensure_fit(&record)?;
         self.ensure_group_attachable_by(&record, uid)?;
         let addr = record.pci_address;
         let on_vfio = self
@@ -133,20 +103,22 @@ impl Core {
             .as_deref()
             .is_some_and(is_vfio_driver);
         if !on_vfio {
-            self.bind_locked(caller, &record, BindRequest::default())
+            self.apply_bind(ctx, &record, BindRequest::default())
                 .await?;
         }
         let current = self.resolve(&record.id)?;
-        self.reset_before_attach(caller, &current).await?;
+        self.reset_before_attach(ctx, &current).await?;
         // The attachment is on disk before its grant is written: a crash in
         // between restarts into a recorded attachment, whose grant startup
         // re-applies (or revokes with it, if its VMM is gone). The other
         // order could leave an entry on the node that no record explains.
         let device = self
             .update_device(addr, |d| {
-                d.attached_to = Some(instance.clone());
-                d.attached_uid = Some(uid);
-                d.attached_pid = process;
+                d.attachment = Some(Attachment {
+                    instance: instance.clone(),
+                    uid: Some(uid),
+                    pid: process,
+                });
             })
             .await?
             .ok_or_else(|| CoreError::NotFound(id_or_name.to_owned()))?;
@@ -155,24 +127,19 @@ impl Core {
             if let Err(revoke) = self.revoke_grant(&device).await {
                 tracing::error!(device = %addr, error = %revoke, "could not take back a partly written grant");
             }
-            self.update_device(addr, |d| {
-                d.attached_to = None;
-                d.attached_uid = None;
-                d.attached_pid = None;
-            })
-            .await?;
+            self.update_device(addr, |d| d.attachment = None).await?;
             return Err(e);
         }
         if let Some(process) = process {
-            self.follow_vmm(addr, process);
+            self.follow_vmm(addr, process, uid);
         }
         let vmm = match process {
             Some(p) => format!("uid {uid}, VMM pid {}", p.pid),
             None => format!("uid {uid}"),
         };
         tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, instance = %instance, granted_uid = uid, vmm_pid = ?req.pid, "attached {addr} to instance {instance} ({vmm}) for {caller}");
-        self.events.publish(
-            self.publish(EventKind::Attach, &device)
+        ctx.publish(
+            ctx.event(EventKind::Attach, &device)
                 .instance(Some(instance))
                 .detail(format!("VFIO nodes open to {vmm}")),
         );
@@ -189,7 +156,7 @@ impl Core {
             .snapshot()
             .iter()
             .filter(|d| d.pci_address != record.pci_address && d.iommu_group == Some(group))
-            .filter_map(|d| match (&d.attached_to, d.attached_uid) {
+            .filter_map(|d| match (d.attached_to(), d.attached_uid()) {
                 (Some(_), Some(other)) if other != uid => Some((d.pci_address, other)),
                 (Some(_), None) if uid != 0 => Some((d.pci_address, 0)),
                 _ => None,
@@ -210,8 +177,7 @@ impl Core {
     /// The nodes `record`'s attachment opens, for its uid: every VFIO node
     /// of the device that exists now. Root needs no grant.
     fn grant_nodes(&self, record: &DeviceRecord) -> Option<(u32, Vec<PathBuf>)> {
-        let uid = record.attached_uid.filter(|uid| *uid != 0)?;
-        record.attached_to.as_ref()?;
+        let uid = record.attached_uid().filter(|uid| *uid != 0)?;
         let group = self.sysfs().iommu_group(&record.pci_address)?;
         Some((
             uid,
@@ -236,9 +202,7 @@ impl Core {
         };
         let registry = self.snapshot();
         let still_needed = |other: &&DeviceRecord| {
-            other.pci_address != record.pci_address
-                && other.attached_to.is_some()
-                && other.attached_uid == Some(uid)
+            other.pci_address != record.pci_address && other.attached_uid() == Some(uid)
         };
         let group_shared = registry
             .iter()
@@ -257,8 +221,9 @@ impl Core {
 
     /// Revokes and clears an attachment (lock held). `why` goes to the log
     /// and the event.
-    async fn end_attachment(
+    pub(super) async fn end_attachment(
         &self,
+        ctx: &OpContext<'_>,
         record: &DeviceRecord,
         kind: EventKind,
         why: String,
@@ -270,11 +235,7 @@ impl Core {
         // into a live attachment whose grant was gone, or, with a failed
         // revoke, recorded no attachment over a tenant's entry.
         let device = self
-            .update_device(addr, |d| {
-                d.attached_to = None;
-                d.attached_uid = None;
-                d.attached_pid = None;
-            })
+            .update_device(addr, |d| d.attachment = None)
             .await?
             .unwrap_or_else(|| record.clone());
         if let Err(e) = self.revoke_grant(record).await {
@@ -284,47 +245,33 @@ impl Core {
             tracing::error!(device = %addr, error = %e, "could not revoke the VFIO node grant; trying again");
             self.revoke_later(record.clone());
         }
-        self.events.publish(
-            self.publish(kind, &device)
-                .instance(record.attached_to.clone())
+        ctx.publish(
+            ctx.event(kind, &device)
+                .instance(record.attached_to().map(str::to_owned))
                 .detail(why),
         );
         Ok(device)
     }
 
-    pub async fn detach(
+    /// The detach operation: the release sequence, giving the device back
+    /// unless `keep_bound`.
+    pub(super) async fn detach_device(
         &self,
-        caller: Caller,
-        id_or_name: &str,
+        ctx: &OpContext<'_>,
+        record: &DeviceRecord,
         keep_bound: bool,
     ) -> Result<DeviceRecord, CoreError> {
-        let id = id_or_name.to_owned();
-        self.owned(move |core| async move { core.detach_owned(caller, &id, keep_bound).await })
-            .await
-    }
-
-    async fn detach_owned(
-        &self,
-        caller: Caller,
-        id_or_name: &str,
-        keep_bound: bool,
-    ) -> Result<DeviceRecord, CoreError> {
-        let (_group, record) = self.lock_device_for_move(id_or_name).await?;
-        let addr = record.pci_address;
-        let mut device = record.clone();
-        if let Some(instance) = record.attached_to.clone() {
+        let caller = ctx.caller;
+        if let Some(instance) = record.attached_to() {
+            let addr = record.pci_address;
             tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, instance = %instance, "detaching {addr} from instance {instance} for {caller}");
-            device = self
-                .end_attachment(&record, EventKind::Detach, format!("detached for {caller}"))
-                .await?;
         }
-        if record.attached_to.is_some() || (!keep_bound && device.bound_by_vfiod) {
-            device = self.reset_on_release(caller, &device, "detach").await;
-        }
-        if !keep_bound && device.bound_by_vfiod && device.present {
-            device = self.unbind_locked(caller, &device).await?;
-        }
-        Ok(device)
+        let how = Release {
+            why: "detach".into(),
+            ends_attachment: Some((EventKind::Detach, format!("detached for {caller}"))),
+            give_back: !keep_bound,
+        };
+        self.release(ctx, record, how).await
     }
 
     /// Takes an ended attachment's grant back in the background (group
@@ -342,8 +289,8 @@ impl Core {
                 let lock = core.op_lock(Self::lock_key(&ended));
                 let _group = lock.lock().await;
                 let again = core.snapshot().iter().any(|d| {
-                    d.attached_to.is_some()
-                        && d.attached_uid == ended.attached_uid
+                    d.attachment.is_some()
+                        && d.attached_uid() == ended.attached_uid()
                         && d.iommu_group == ended.iommu_group
                 });
                 if again {
@@ -364,7 +311,7 @@ impl Core {
 
     /// Ends the attachment when its VMM exits. Waiting for the exit is not
     /// an operation (shutdown does not wait for a VM); ending it is.
-    fn follow_vmm(&self, addr: PciAddress, process: AttachedProcess) {
+    fn follow_vmm(&self, addr: PciAddress, process: AttachedProcess, uid: u32) {
         let Some(core) = self.me.upgrade() else {
             return;
         };
@@ -373,73 +320,54 @@ impl Core {
             if let Err(e) = &exited {
                 tracing::warn!(device = %addr, pid = process.pid, error = %e, "cannot follow the VMM with a pidfd; checking whether it still runs");
             }
-            let ending = core.clone();
-            core.operations
-                .spawn(async move { ending.end_attachment_of_exited_vmm(addr, process).await });
+            let why = format!("VMM pid {} (uid {uid}) exited", process.pid);
+            // An end the state file refused is tried again shortly: the VMM
+            // is gone all the same, and an attachment nobody holds should
+            // not wait for a restart.
+            for attempt in 1..=VMM_EXIT_ATTEMPTS {
+                let op = Operation::EndAttachment {
+                    address: addr,
+                    process,
+                    why: why.clone(),
+                };
+                let _ = core.execute(Caller::AGENT, op).await;
+                let still_attached = core
+                    .snapshot()
+                    .get_by_address(&addr)
+                    .is_some_and(|d| d.attached_pid() == Some(process));
+                if !still_attached {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+            }
         });
     }
 
-    async fn end_attachment_of_exited_vmm(&self, addr: PciAddress, process: AttachedProcess) {
-        // An end the state file refused is tried again shortly: the VMM is
-        // gone all the same, and an attachment nobody holds should not wait
-        // for a restart.
-        for attempt in 1..=VMM_EXIT_ATTEMPTS {
-            let Some(record) = self.snapshot().get_by_address(&addr).cloned() else {
-                return;
-            };
-            let lock = self.op_lock(Self::lock_key(&record));
-            let group = lock.lock().await;
-            let Some(record) = self.snapshot().get_by_address(&addr).cloned() else {
-                return;
-            };
-            if record.attached_pid != Some(process)
-                || still_running(&self.options.proc_root, process)
-            {
-                return;
-            }
-            let why = format!(
-                "VMM pid {} (uid {}) exited",
-                process.pid,
-                record.attached_uid.unwrap_or(0)
-            );
-            if self.release_after_vmm_exit(&record, why).await {
-                return;
-            }
-            drop(group);
-            tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+    /// The end-attachment operation (vfiod's own): if `record` is still
+    /// attached to `process` and that process is gone, its attachment ends
+    /// and the device is released as configured (reset on release, and
+    /// given back with `unbind_on_vmm_exit`).
+    pub(super) async fn end_attachment_of_exited_vmm(
+        &self,
+        ctx: &OpContext<'_>,
+        record: &DeviceRecord,
+        process: AttachedProcess,
+        why: String,
+    ) {
+        if record.attached_pid() != Some(process) || still_running(&self.options.proc_root, process)
+        {
+            return;
         }
-    }
-
-    /// Ends the attachment of `record`, whose VMM exited, and releases the
-    /// device as configured: reset on release, then the give-back with
-    /// `unbind_on_vmm_exit` (group lock held).
-    /// False if the end could not be recorded.
-    async fn release_after_vmm_exit(&self, record: &DeviceRecord, why: String) -> bool {
         let addr = record.pci_address;
-        tracing::info!(device = %addr, instance = ?record.attached_to, "attachment of {addr} ended: {why}");
-        let device = match self
-            .end_attachment(record, EventKind::AttachmentEnded, why)
-            .await
-        {
-            Ok(device) => device,
-            Err(e) => {
-                tracing::error!(device = %addr, error = %e, "could not end the attachment of an exited VMM");
-                return false;
-            }
+        tracing::info!(device = %addr, instance = ?record.attached_to(), "attachment of {addr} ended: {why}");
+        let how = Release {
+            why: "its VMM exited".into(),
+            ends_attachment: Some((EventKind::AttachmentEnded, why)),
+            give_back: self.options.unbind_on_vmm_exit,
         };
-        let device = self
-            .reset_on_release(Caller::AGENT, &device, "its VMM exited")
-            .await;
-        if self.options.unbind_on_vmm_exit
-            && device.bound_by_vfiod
-            && device.present
-            && !device.stuck
-        {
-            if let Err(e) = self.unbind_locked(Caller::AGENT, &device).await {
-                tracing::error!(device = %addr, error = %e, "could not give the device back after its VMM exited");
-            }
+        if let Err(e) = self.release(ctx, record, how).await {
+            tracing::error!(device = %addr, error = %e, "could not release the device after its VMM exited");
         }
-        true
     }
 
     /// At startup: attachments whose VMM is gone end; the others are
@@ -449,20 +377,25 @@ impl Core {
         let attached: Vec<DeviceRecord> = self
             .snapshot()
             .iter()
-            .filter(|d| d.attached_to.is_some())
+            .filter(|d| d.attachment.is_some())
             .cloned()
             .collect();
         for record in attached {
             let addr = record.pci_address;
-            match record.attached_pid {
+            match record.attached_pid() {
                 Some(process) if !still_running(&self.options.proc_root, process) => {
-                    let lock = self.op_lock(Self::lock_key(&record));
-                    let _group = lock.lock().await;
                     let why = format!("VMM pid {} exited while vfiod was not running", process.pid);
-                    self.release_after_vmm_exit(&record, why).await;
+                    let op = Operation::EndAttachment {
+                        address: addr,
+                        process,
+                        why,
+                    };
+                    if let Err(e) = self.execute(Caller::AGENT, op).await {
+                        tracing::error!(device = %addr, error = %e, "could not end the attachment of a VMM that exited");
+                    }
                     continue;
                 }
-                Some(process) => self.follow_vmm(addr, process),
+                Some(process) => self.follow_vmm(addr, process, record.attached_uid().unwrap_or(0)),
                 None => {}
             }
             if record.present {
@@ -492,8 +425,7 @@ impl Core {
             for node in vfio_access::vfio_nodes(self.sysfs(), &record.pci_address, group) {
                 for uid in vfio_access::granted_uids(&node) {
                     let explained = registry.iter().any(|d| {
-                        d.attached_to.is_some()
-                            && d.attached_uid == Some(uid)
+                        d.attached_uid() == Some(uid)
                             && if node == group_node {
                                 d.iommu_group == Some(group)
                             } else if node == iommu_node {
@@ -584,14 +516,4 @@ async fn wait_for_exit(proc_root: &Path, process: AttachedProcess) -> std::io::R
         .map_err(|e| e.into_parts().1)?;
     let _ = watched.readable().await?;
     Ok(())
-}
-
-pub(super) fn ensure_not_attached(record: &DeviceRecord) -> Result<(), CoreError> {
-    match &record.attached_to {
-        Some(instance) => Err(CoreError::InUse {
-            device: record.name.clone(),
-            instance: instance.clone(),
-        }),
-        None => Ok(()),
-    }
 }

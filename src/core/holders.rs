@@ -15,8 +15,8 @@ use super::{Caller, Core};
 use crate::error::CoreError;
 use crate::pci::holders::vtconsole_bind_path;
 use crate::pci::holders::{self, Disposition, Holder, ProcFs};
-use crate::pci::PciAddress;
-use crate::registry::{is_vfio_driver, DeviceRecord};
+use crate::pci::{is_vfio_driver, PciAddress};
+use crate::registry::DeviceRecord;
 
 impl Core {
     /// What holds `functions` now. Runs off the runtime and is bounded by
@@ -103,7 +103,7 @@ impl Core {
     /// would take from a vfio driver now.
     pub(super) fn functions_on_vfio(&self, record: &DeviceRecord) -> Vec<PciAddress> {
         std::iter::once(record.pci_address)
-            .chain(record.companions.iter().map(|c| c.pci_address))
+            .chain(record.companions().iter().map(|c| c.pci_address))
             .filter(|a| {
                 self.sysfs()
                     .driver(a)
@@ -121,7 +121,7 @@ impl Core {
     ) -> Result<(DeviceRecord, Vec<Holder>), CoreError> {
         let record = self.resolve(id_or_name)?;
         let functions = std::iter::once(record.pci_address)
-            .chain(record.companions.iter().map(|c| c.pci_address))
+            .chain(record.companions().iter().map(|c| c.pci_address))
             .filter(|a| self.sysfs().is_present(a))
             .collect();
         let holders = self.scan_holders(functions).await?;

@@ -14,40 +14,46 @@
 //! - Hotplug and driver events arrive through [`Core::handle_hotplug`],
 //!   from the udev watcher or anything else that produces them.
 //!
-//! One file per stage of a device's life: [`types`] (requests validated at
-//! the edge), `registry_ops` (register, rename, unregister), `moves`
-//! (binding to vfio and giving back, and settling slow writes), `attach`
-//! (attachments), `reset` (reset, its scope check, device health and
-//! quarantine), `reconcile` (startup and hotplug).
+//! Every change is an [`Operation`], run by one executor ([`operation`]:
+//! the task, the lock, the log, the metric, the events). One file per
+//! stage of a device's life: [`types`] (requests validated at the edge),
+//! `registry_ops` (register, rename, unregister), `moves` (binding to vfio
+//! and giving back, and settling slow writes), `attach` (attachments and
+//! their grants), `reset` (reset, its scope check, device health and
+//! quarantine), `release` (the one sequence that ends a device's use:
+//! attachment, reset, give-back), `reconcile` (startup and hotplug).
 
 mod attach;
 mod holders;
 mod moves;
+mod operation;
 mod reconcile;
 mod registry_ops;
+mod release;
 mod reset;
 mod types;
 
+pub use operation::{OpKind, Operation, Outcome};
 pub use reconcile::HotplugEvent;
 pub use types::*;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio_util::task::TaskTracker;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::engine::Engine;
 use crate::error::CoreError;
-use crate::events::{Event, EventBus, EventKind};
+use crate::events::EventBus;
 use crate::pci::{is_passthrough_candidate, PciAddress, PciFunction, PciIds, Sysfs};
 use crate::registry::store::Store;
 use crate::registry::{DeviceRecord, Registry};
 
-pub use crate::engine::VFIO_PCI;
+use crate::pci::VFIO_PCI;
 
 /// Who asked, from the connection's peer credentials; logged with every
 /// mutation.
@@ -76,9 +82,9 @@ impl Caller {
 }
 
 /// Operational facts for `GET /health`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Health {
-    pub version: &'static str,
+    pub version: Cow<'static, str>,
     pub uptime_s: u64,
     pub vfio_pci_available: bool,
     pub iommu_enabled: bool,
@@ -331,36 +337,6 @@ impl Core {
         Ok((guard, record))
     }
 
-    /// Runs `op` as a task of the daemon and waits for its result.
-    ///
-    /// The request that asked may go away (a client hang-up or time-out
-    /// drops its future); the task does not: it runs to its end (success,
-    /// rollback, or stuck and later settled), records the outcome and
-    /// publishes it. [`Core::finish_operations`] waits for these tasks at
-    /// shutdown. Every public mutation goes through here, so no caller can
-    /// leave a device half-moved by forgetting to.
-    fn owned<T, Fut>(
-        &self,
-        op: impl FnOnce(Arc<Core>) -> Fut,
-    ) -> impl Future<Output = Result<T, CoreError>> + Send + 'static
-    where
-        Fut: Future<Output = Result<T, CoreError>> + Send + 'static,
-        T: Send + 'static,
-    {
-        let task = self
-            .me
-            .upgrade()
-            .map(|core| self.operations.spawn(op(core)));
-        async move {
-            match task {
-                Some(task) => task.await.map_err(|e| {
-                    CoreError::Internal(format!("operation task ended abnormally: {e}"))
-                })?,
-                None => Err(CoreError::Internal("vfiod is shutting down".into())),
-            }
-        }
-    }
-
     /// Waits, up to `bound`, for every operation in flight (moves started
     /// by requests, hotplug rebinds) to finish; false if some did not.
     pub async fn finish_operations(&self, bound: Duration) -> bool {
@@ -381,19 +357,32 @@ impl Core {
             .ok_or_else(|| CoreError::NotFound(id_or_name.chars().take(80).collect()))
     }
 
-    fn publish(&self, kind: EventKind, d: &DeviceRecord) -> Event {
-        Event::new(kind, Some(d.pci_address), Some(d.id.clone()))
+    /// Takes the group lock of a device vfiod acts on by itself, and reads
+    /// the record again under it; `None` if it is not registered (then
+    /// there is nothing to lock or do).
+    async fn lock_address(
+        &self,
+        addr: PciAddress,
+    ) -> Option<(tokio::sync::OwnedMutexGuard<()>, Option<DeviceRecord>)> {
+        let record = self.snapshot().get_by_address(&addr).cloned()?;
+        let guard = self.op_lock(Self::lock_key(&record)).lock_owned().await;
+        let record = self.snapshot().get_by_address(&addr).cloned();
+        Some((guard, record))
+    }
+
+    /// Moves need the hardware: refused, before any write, when vfiod
+    /// runs without the privileges to make them.
+    fn require_privileged(&self) -> Result<(), CoreError> {
+        if self.options.privileged {
+            Ok(())
+        } else {
+            Err(CoreError::NotPrivileged(
+                "vfiod runs without root privileges, so it serves reads and registry changes but cannot move drivers; run it as root (systemctl start vfiod)".into(),
+            ))
+        }
     }
 
     // ---- reads ----
-
-    pub fn list(&self, tag_filter: &[(String, String)]) -> Vec<DeviceRecord> {
-        self.snapshot()
-            .iter()
-            .filter(|d| tag_filter.iter().all(|(k, v)| d.tags.get(k) == Some(v)))
-            .cloned()
-            .collect()
-    }
 
     pub fn get(&self, id_or_name: &str) -> Result<DeviceRecord, CoreError> {
         self.resolve(id_or_name)
@@ -416,7 +405,7 @@ impl Core {
     pub fn health(&self) -> Health {
         let sysfs = self.sysfs();
         Health {
-            version: env!("CARGO_PKG_VERSION"),
+            version: Cow::Borrowed(env!("CARGO_PKG_VERSION")),
             uptime_s: self.started.elapsed().as_secs(),
             vfio_pci_available: sysfs.driver_loaded(VFIO_PCI),
             iommu_enabled: sysfs.iommu_enabled(),

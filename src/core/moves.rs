@@ -2,16 +2,16 @@
 
 use std::time::Instant;
 
-use super::attach::ensure_not_attached;
-use super::reset::refuse_unhealthy;
+use super::operation::{ensure_fit, ensure_not_attached, OpContext, OpKind, Operation};
+use super::release::Release;
 use super::{BindOutcome, BindPlan, BindRequest, Caller, Core, VFIO_PCI};
 use crate::engine::{EngineError, Move};
 use crate::error::CoreError;
 use crate::events::EventKind;
 use crate::metrics::{self, MoveResult};
 use crate::pci::holders::vtconsole_bind_path;
-use crate::pci::{PciAddress, PciFunction, Sysfs};
-use crate::registry::{is_vfio_driver, Companion, DeviceRecord, PendingOp};
+use crate::pci::{is_vfio_driver, PciAddress, PciFunction, Sysfs};
+use crate::registry::{Binding, Companion, DeviceRecord, PendingOp};
 
 fn plan_steps(sysfs: &Sysfs, moves: &[Move], group: u32) -> Vec<String> {
     let mut steps = Vec::new();
@@ -48,16 +48,6 @@ fn plan_steps(sysfs: &Sysfs, moves: &[Move], group: u32) -> Vec<String> {
     steps
 }
 impl Core {
-    pub(super) fn require_privileged(&self) -> Result<(), CoreError> {
-        if self.options.privileged {
-            Ok(())
-        } else {
-            Err(CoreError::NotPrivileged(
-                "vfiod runs without root privileges, so it serves reads and registry changes but cannot move drivers; run it as root (systemctl start vfiod)".into(),
-            ))
-        }
-    }
-
     /// A loaded driver provided by `module` (driver names use '-' where
     /// module names use '_', or not, depending on the driver).
     fn loaded_driver_of_module(&self, module: &str) -> Option<String> {
@@ -111,7 +101,7 @@ impl Core {
         if self.sysfs().driver_loaded(VFIO_PCI) {
             return Ok(VFIO_PCI.into());
         }
-        if self.modprobe("vfio-pci").await && self.sysfs().driver_loaded(VFIO_PCI) {
+        if self.modprobe(VFIO_PCI).await && self.sysfs().driver_loaded(VFIO_PCI) {
             return Ok(VFIO_PCI.into());
         }
         Err(CoreError::VfioUnavailable(format!(
@@ -136,7 +126,7 @@ impl Core {
         }
         // Here, not at the API: vfiod's own rebinds (startup, re-plug,
         // reclaim) must not put an unfit device on vfio either.
-        refuse_unhealthy(record)?;
+        ensure_fit(record)?;
         let function = sysfs
             .read_function(&addr)
             .map_err(|e| CoreError::Internal(e.to_string()))?
@@ -199,26 +189,17 @@ impl Core {
         })
     }
 
-    pub async fn bind(
+    /// Moves `record` (and, `with_group`, its group companions) to vfio
+    /// (group lock held): plan, holder check, the intent on disk, the
+    /// writes, the outcome on disk. Grants are not this stage's business:
+    /// whoever hands the device out applies them after it returns.
+    pub(super) async fn apply_bind(
         &self,
-        caller: Caller,
-        id_or_name: &str,
-        req: BindRequest,
-    ) -> Result<BindOutcome, CoreError> {
-        let id = id_or_name.to_owned();
-        self.owned(move |core| async move {
-            let (_group, record) = core.lock_device_for_move(&id).await?;
-            core.bind_locked(caller, &record, req).await
-        })
-        .await
-    }
-
-    pub(super) async fn bind_locked(
-        &self,
-        caller: Caller,
+        ctx: &OpContext<'_>,
         record: &DeviceRecord,
         req: BindRequest,
     ) -> Result<BindOutcome, CoreError> {
+        let caller = ctx.caller;
         // Time inside vfiod from here to the durable result, for the log.
         let started = Instant::now();
         let mut plan = self.plan_bind(record, req.with_group).await?;
@@ -265,7 +246,7 @@ impl Core {
         let sysfs = self.sysfs();
         companions.extend(
             record
-                .companions
+                .companions()
                 .iter()
                 .filter(|c| !companions.iter().any(|n| n.pci_address == c.pci_address))
                 .filter(|c| {
@@ -281,6 +262,8 @@ impl Core {
         self.update_device(addr, |d| {
             d.pending = Some(PendingOp::Bind {
                 vfio_driver: vfio.clone(),
+                companions,
+                released_consoles: consoles.clone(),
             });
             // A device found without a driver keeps the one recorded
             // earlier (e.g. left driverless by a failed rollback): that is
@@ -288,8 +271,6 @@ impl Core {
             if let Some(from) = device_from.clone().filter(|d| !is_vfio_driver(d)) {
                 d.original_driver = Some(from);
             }
-            d.companions = companions;
-            d.released_consoles = consoles.clone();
         })
         .await?;
         for path in consoles
@@ -298,12 +279,10 @@ impl Core {
         {
             if let Err(error) = self.engine.bind_console(addr, path, false).await {
                 let result = MoveResult::failed(error.is_timeout());
-                metrics::record_move("bind", result, started.elapsed());
+                metrics::record_move(OpKind::Bind.as_str(), result, started.elapsed());
                 return Err(self
-                    .record_failed_move(caller, record, "bind", error, None, |d| {
-                        d.pending = None;
-                        d.companions.clear();
-                        d.released_consoles.clear();
+                    .record_failed_move(ctx, record, OpKind::Bind, error, None, |d| {
+                        d.pending = None
                     })
                     .await);
             }
@@ -318,9 +297,7 @@ impl Core {
                 let present = self.sysfs().is_present(&addr);
                 let device = self
                     .update_device(addr, |d| {
-                        d.pending = None;
-                        d.bound_by_vfiod = true;
-                        d.vfio_driver = Some(vfio);
+                        d.binding = Some(bound(d.pending.take(), vfio));
                         d.current_driver = current.clone();
                         d.present = present;
                     })
@@ -333,36 +310,26 @@ impl Core {
                     tracing::warn!(device = %addr, driver = ?current, "the device came back on another driver while it was being bound; binding it again");
                     self.spawn_rebind(device.clone());
                 }
-                // A device that comes back attached (re-plug, restart) gets
-                // its VMM's access back with the binding.
-                if let Err(e) = self.apply_grant(&device).await {
-                    tracing::error!(device = %addr, error = %e, "could not re-apply the VFIO node grant of the attachment");
-                }
                 let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-                metrics::record_move("bind", MoveResult::Ok, started.elapsed());
+                metrics::record_move(OpKind::Bind.as_str(), MoveResult::Ok, started.elapsed());
                 tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, driver = ?current, elapsed_ms, "bound {addr} to {} for {caller} in {elapsed_ms:.1} ms", current.as_deref().unwrap_or("no driver"));
-                self.events
-                    .publish(self.publish(EventKind::Bind, &device).driver(current));
+                ctx.publish(ctx.event(EventKind::Bind, &device).driver(current));
                 Ok(BindOutcome { device, plan })
             }
             Err(failure) => {
                 let result = MoveResult::failed(failure.error.is_timeout());
-                metrics::record_move("bind", result, started.elapsed());
+                metrics::record_move(OpKind::Bind.as_str(), result, started.elapsed());
                 // A rolled-back bind gives the console back too; a stuck
                 // one keeps it released until the move is settled.
                 let rolled_back = failure.rollback.is_some();
                 let err = self
                     .record_failed_move(
-                        caller,
+                        ctx,
                         record,
-                        "bind",
+                        OpKind::Bind,
                         failure.error,
                         failure.rollback,
-                        |d| {
-                            d.pending = None;
-                            d.companions.clear();
-                            d.released_consoles.clear();
-                        },
+                        |d| d.pending = None,
                     )
                     .await;
                 if rolled_back {
@@ -388,37 +355,17 @@ impl Core {
         }
     }
 
-    pub async fn unbind(
+    /// The unbind operation: the device goes back to the driver it had
+    /// before vfiod bound it, through the release sequence (reset first).
+    /// vfiod only undoes its own binds.
+    pub(super) async fn unbind_device(
         &self,
-        caller: Caller,
-        id_or_name: &str,
-    ) -> Result<DeviceRecord, CoreError> {
-        let id = id_or_name.to_owned();
-        self.owned(move |core| async move {
-            let (_group, record) = core.lock_device_for_move(&id).await?;
-            ensure_not_attached(&record)?;
-            // Reset while still on vfio, before the host driver gets it back.
-            let record = if record.bound_by_vfiod && !record.stuck {
-                core.reset_on_release(caller, &record, "unbind").await
-            } else {
-                record
-            };
-            if record.stuck {
-                return Err(CoreError::DeviceStuck(record.pci_address));
-            }
-            core.unbind_locked(caller, &record).await
-        })
-        .await
-    }
-
-    pub(super) async fn unbind_locked(
-        &self,
-        caller: Caller,
+        ctx: &OpContext<'_>,
         record: &DeviceRecord,
     ) -> Result<DeviceRecord, CoreError> {
-        let started = Instant::now();
+        ensure_not_attached(record)?;
         let addr = record.pci_address;
-        if !record.bound_by_vfiod {
+        if !record.bound_by_vfiod() {
             // Already back where vfiod would have put it: nothing to do.
             // On vfio by someone else's hand: not vfiod's to undo.
             let on_vfio = self
@@ -432,12 +379,23 @@ impl Core {
                 Ok(record.clone())
             };
         }
-        if record.stuck {
-            return Err(CoreError::DeviceStuck(addr));
-        }
         if !self.sysfs().is_present(&addr) {
             return Err(CoreError::NotPresent(addr));
         }
+        self.release(ctx, record, Release::give_back("unbind"))
+            .await
+    }
+
+    /// Gives a device vfiod bound back to its original driver (group lock
+    /// held; the release sequence decides when).
+    pub(super) async fn give_back(
+        &self,
+        ctx: &OpContext<'_>,
+        record: &DeviceRecord,
+    ) -> Result<DeviceRecord, CoreError> {
+        let caller = ctx.caller;
+        let started = Instant::now();
+        let addr = record.pci_address;
         self.require_privileged()?;
         // A VMM that still has the device open would hang the unbind in
         // the kernel: refuse first, naming it.
@@ -454,29 +412,29 @@ impl Core {
                 let device = self
                     .update_device(addr, |d| {
                         d.pending = None;
-                        d.bound_by_vfiod = false;
-                        d.vfio_driver = None;
-                        d.companions.clear();
-                        d.released_consoles.clear();
+                        d.binding = None;
                         d.current_driver = current.clone();
                     })
                     .await?
                     .unwrap_or_else(|| record.clone());
-                self.restore_consoles(addr, &record.released_consoles).await;
+                self.restore_consoles(addr, record.released_consoles())
+                    .await;
                 let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-                metrics::record_move("unbind", MoveResult::Ok, started.elapsed());
+                metrics::record_move(OpKind::Unbind.as_str(), MoveResult::Ok, started.elapsed());
                 tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, driver = ?current, elapsed_ms, "gave {addr} back to {} for {caller} in {elapsed_ms:.1} ms", current.as_deref().unwrap_or("no driver"));
-                self.events
-                    .publish(self.publish(EventKind::Unbind, &device).driver(current));
+                ctx.publish(ctx.event(EventKind::Unbind, &device).driver(current));
                 Ok(device)
             }
             Err(error) => {
                 let result = MoveResult::failed(error.is_timeout());
-                metrics::record_move("unbind", result, started.elapsed());
+                metrics::record_move(OpKind::Unbind.as_str(), result, started.elapsed());
                 Err(self
-                    .record_failed_move(caller, record, "unbind", error, None, |d| {
+                    .record_failed_move(ctx, record, OpKind::Unbind, error, None, |d| {
                         d.pending = None;
-                        d.bound_by_vfiod = d.current_driver.as_deref().is_some_and(is_vfio_driver);
+                        // Still on vfio: still vfiod's to give back.
+                        if !d.current_driver.as_deref().is_some_and(is_vfio_driver) {
+                            d.binding = None;
+                        }
                     })
                     .await)
             }
@@ -490,9 +448,9 @@ impl Core {
     /// `settle` says what the failure leaves behind for this operation.
     pub(super) async fn record_failed_move(
         &self,
-        caller: Caller,
+        ctx: &OpContext<'_>,
         record: &DeviceRecord,
-        op: &'static str,
+        op: OpKind,
         mut error: EngineError,
         rollback: Option<Result<(), EngineError>>,
         settle: impl FnOnce(&mut DeviceRecord),
@@ -516,20 +474,20 @@ impl Core {
         if let Err(e) = recorded {
             return e;
         }
-        let err = CoreError::move_failed(op, addr, error, rollback);
+        let caller = ctx.caller;
+        let err = CoreError::move_failed(op.as_str(), addr, error, rollback);
         tracing::error!(uid = caller.uid, pid = caller.pid, device = %addr, error = %err, "{op} failed for {caller}: {err}");
         let kind = match (timed_out, op) {
             (true, _) => EventKind::DeviceStuck,
-            (false, "bind") => EventKind::BindFailed,
+            (false, OpKind::Bind) => EventKind::BindFailed,
             (false, _) => EventKind::UnbindFailed,
         };
-        self.events
-            .publish(self.publish(kind, record).detail(err.to_string()));
+        ctx.publish(ctx.event(kind, record).detail(err.to_string()));
         err
     }
 
-    /// When a write that timed out finally returns, re-reads the device,
-    /// clears `stuck` and settles the recorded operation.
+    /// When a write that timed out finally returns, the device is settled
+    /// (an operation of vfiod's own: `settle_device`).
     pub(super) fn watch_late_write(&self, addr: PciAddress, late: crate::engine::LateWrite) {
         let Some(core) = self.me.upgrade() else {
             return;
@@ -539,36 +497,35 @@ impl Core {
         tokio::spawn(async move {
             let result = late.await;
             tracing::warn!(device = %addr, result = ?result.as_ref().map(|r| r.as_ref().map_err(|e| e.to_string())), "stuck sysfs write returned");
-            let settling = core.clone();
-            core.operations
-                .spawn(async move { settling.settle_after_late_write(addr).await });
+            core.execute_in_background(Operation::Settle { address: addr });
         });
     }
 
-    async fn settle_after_late_write(&self, addr: PciAddress) {
-        let Some(record) = self.snapshot().get_by_address(&addr).cloned() else {
-            return;
-        };
-        let lock = self.op_lock(Self::lock_key(&record));
-        let _group = lock.lock().await;
-        let current = self.sysfs().driver(&addr);
-        if let Ok(Some(d)) = self
-            .update_device(addr, |d| {
-                d.stuck = false;
-                d.current_driver = current.clone();
-            })
-            .await
-        {
-            self.events
-                .publish(self.publish(EventKind::DeviceUnstuck, &d).driver(current));
-            self.settle_pending(&d).await;
+    /// The settle operation: a device whose write was stuck is unstuck, and
+    /// the operation recorded as pending is finished.
+    pub(super) async fn settle_device(&self, ctx: &OpContext<'_>, record: &DeviceRecord) {
+        let addr = record.pci_address;
+        let mut record = record.clone();
+        if record.stuck {
+            let current = self.sysfs().driver(&addr);
+            if let Ok(Some(d)) = self
+                .update_device(addr, |d| {
+                    d.stuck = false;
+                    d.current_driver = current.clone();
+                })
+                .await
+            {
+                ctx.publish(ctx.event(EventKind::DeviceUnstuck, &d).driver(current));
+                record = d;
+            }
         }
+        self.settle_pending(&record).await;
     }
 
     /// Finishes an operation recorded before a crash or a stuck write: a
     /// bind is completed, an unbind is completed. Never touches an attached
     /// device's driver unless to put it (back) on vfio.
-    pub(super) async fn settle_pending(&self, record: &DeviceRecord) {
+    async fn settle_pending(&self, record: &DeviceRecord) {
         let addr = record.pci_address;
         let Some(op) = record.pending.clone() else {
             return;
@@ -603,7 +560,7 @@ impl Core {
         }
         tracing::info!(device = %addr, op = ?op, "settling an operation left unfinished");
         match op {
-            PendingOp::Bind { vfio_driver } => {
+            PendingOp::Bind { vfio_driver, .. } => {
                 let group = self.sysfs().iommu_group(&addr).unwrap_or(u32::MAX);
                 let mut moves = restore_moves(record);
                 moves[0].to = Some(vfio_driver.clone());
@@ -615,25 +572,21 @@ impl Core {
                 }
                 let _ = self
                     .update_device(addr, |d| {
-                        d.pending = None;
-                        d.bound_by_vfiod = ok;
-                        d.vfio_driver = ok.then_some(vfio_driver.clone());
-                        if !ok {
-                            d.companions.clear();
-                            d.released_consoles.clear();
-                        }
+                        let pending = d.pending.take();
+                        d.binding = ok.then(|| bound(pending, vfio_driver.clone()));
                         d.current_driver = current;
                     })
                     .await;
                 if !ok {
-                    self.restore_consoles(addr, &record.released_consoles).await;
+                    self.restore_consoles(addr, record.released_consoles())
+                        .await;
                 }
             }
             PendingOp::Reset {
                 restore_reset_method,
             } => self.settle_reset(record, restore_reset_method).await,
             PendingOp::Unbind => {
-                if record.attached_to.is_some() {
+                if record.attachment.is_some() {
                     return;
                 }
                 let result = self.engine.restore(&restore_moves(record)).await;
@@ -645,20 +598,39 @@ impl Core {
                 let _ = self
                     .update_device(addr, |d| {
                         d.pending = None;
-                        d.bound_by_vfiod = still_vfio;
                         if !still_vfio {
-                            d.vfio_driver = None;
-                            d.companions.clear();
-                            d.released_consoles.clear();
+                            d.binding = None;
                         }
                         d.current_driver = current;
                     })
                     .await;
                 if !still_vfio {
-                    self.restore_consoles(addr, &record.released_consoles).await;
+                    self.restore_consoles(addr, record.released_consoles())
+                        .await;
                 }
             }
         }
+    }
+}
+
+/// The binding a finished bind leaves: its driver, and the companions and
+/// consoles its pending record carried.
+fn bound(pending: Option<PendingOp>, vfio_driver: String) -> Binding {
+    match pending {
+        Some(PendingOp::Bind {
+            companions,
+            released_consoles,
+            ..
+        }) => Binding {
+            vfio_driver,
+            companions,
+            released_consoles,
+        },
+        _ => Binding {
+            vfio_driver,
+            companions: Vec::new(),
+            released_consoles: Vec::new(),
+        },
     }
 }
 
@@ -669,7 +641,7 @@ pub(super) fn restore_moves(record: &DeviceRecord) -> Vec<Move> {
     )];
     moves.extend(
         record
-            .companions
+            .companions()
             .iter()
             .map(|c| Move::restore(c.pci_address, c.original_driver.clone())),
     );

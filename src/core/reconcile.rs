@@ -1,10 +1,11 @@
 //! Startup reconcile and hotplug: bringing the registry in line with the bus, and putting returning devices back on vfio.
 
+use super::operation::{device_event, OpContext, Operation, Outcome};
 use super::{BindRequest, Caller, Core};
 use crate::error::CoreError;
 use crate::events::{Event, EventKind};
-use crate::pci::PciAddress;
-use crate::registry::{is_vfio_driver, DeviceRecord};
+use crate::pci::{is_vfio_driver, PciAddress};
+use crate::registry::DeviceRecord;
 
 /// Passes of [`Core::resync_later`], 100 ms apart more each time.
 const RESYNC_ATTEMPTS: u64 = 10;
@@ -84,16 +85,17 @@ impl Core {
             }
         }
         for record in self.snapshot().iter().cloned().collect::<Vec<_>>() {
+            let address = record.pci_address;
             if record.pending.is_some() {
-                self.settle_pending(&record).await;
+                self.run_own(Operation::Settle { address }).await;
             }
             // Settling (a reset, say) does not put a device back on vfio;
             // whatever it left, a device vfiod holds goes back there.
-            let Some(record) = self.snapshot().get_by_address(&record.pci_address).cloned() else {
+            let Some(record) = self.snapshot().get_by_address(&address).cloned() else {
                 continue;
             };
             if record.pending.is_none() && self.wants_vfio(&record) && !record.bound_to_vfio() {
-                self.rebind_to_vfio(&record).await;
+                self.run_own(Operation::Rebind { address }).await;
             }
         }
         self.resume_attachments().await;
@@ -157,10 +159,10 @@ impl Core {
                 done = false;
                 continue;
             };
-            if record.pending.is_some() {
-                self.settle_pending(&record).await;
-            }
             drop(group);
+            if record.pending.is_some() {
+                self.run_own(Operation::Settle { address: addr }).await;
+            }
             let Some(record) = self.snapshot().get_by_address(&addr).cloned() else {
                 continue;
             };
@@ -170,7 +172,7 @@ impl Core {
                 && self.wants_vfio(&record)
                 && !record.bound_to_vfio()
             {
-                self.rebind_to_vfio(&record).await;
+                self.run_own(Operation::Rebind { address: addr }).await;
             }
         }
         done
@@ -179,42 +181,46 @@ impl Core {
     fn wants_vfio(&self, record: &DeviceRecord) -> bool {
         record.present
             && !record.identity_mismatch
-            && (record.bound_by_vfiod || record.attached_to.is_some())
+            && (record.bound_by_vfiod() || record.attached_to().is_some())
     }
 
-    /// Puts a device back on vfio after it came back (boot, hotplug), with
-    /// the full checks of a bind.
-    async fn rebind_to_vfio(&self, record: &DeviceRecord) {
-        if !self.options.privileged {
-            return;
+    /// Runs one of vfiod's own operations at startup and waits for it; a
+    /// failure is logged by the executor and left for the next start.
+    async fn run_own(&self, op: Operation) {
+        let _ = self.execute(Caller::AGENT, op).await;
+    }
+
+    /// The rebind operation: puts a device vfiod holds back on vfio after
+    /// it came back (boot, hotplug, a reclaim), with the full checks of a
+    /// bind, and gives an attached device's VMM its access back (a
+    /// re-plug or a restart may have made the nodes anew).
+    pub(super) async fn rebind_device(
+        &self,
+        ctx: &OpContext<'_>,
+        record: &DeviceRecord,
+    ) -> Result<Outcome, CoreError> {
+        if !self.options.privileged || !self.wants_vfio(record) || record.bound_to_vfio() {
+            return Ok(Outcome::Nothing);
         }
-        let lock = self.op_lock(Self::lock_key(record));
-        let _group = lock.lock().await;
-        let Some(current) = self.snapshot().get_by_address(&record.pci_address).cloned() else {
-            return;
-        };
-        let with_group = !current.companions.is_empty();
-        // It is ours again to restore: take the driver it came back with as
-        // the one to return to only if we have none recorded.
+        let addr = record.pci_address;
         // Never forced: vfiod's own moves respect every holder.
         let req = BindRequest {
-            with_group,
+            with_group: !record.companions().is_empty(),
             ..BindRequest::default()
         };
-        tracing::info!(device = %record.pci_address, "restoring the vfio binding vfiod holds for this device (vfiod's own action: after a restart, a re-plug or a reclaim)");
-        let mut current = current;
-        current.bound_by_vfiod = false;
-        if let Err(e) = self.bind_locked(Caller::AGENT, &current, req).await {
-            tracing::error!(device = %record.pci_address, error = %e, "could not put a returning device back on vfio");
+        tracing::info!(device = %addr, "restoring the vfio binding vfiod holds for this device (vfiod's own action: after a restart, a re-plug or a reclaim)");
+        let outcome = self.apply_bind(ctx, record, req).await?;
+        if let Err(e) = self.apply_grant(&outcome.device).await {
+            tracing::error!(device = %addr, error = %e, "could not re-apply the VFIO node grant of the attachment");
         }
+        Ok(Outcome::Bound(outcome))
     }
 
     /// Rebinds in the background so the event loop keeps up with the bus.
     pub(super) fn spawn_rebind(&self, record: DeviceRecord) {
-        if let Some(core) = self.me.upgrade() {
-            self.operations
-                .spawn(async move { core.rebind_to_vfio(&record).await });
-        }
+        self.execute_in_background(Operation::Rebind {
+            address: record.pci_address,
+        });
     }
 
     pub async fn handle_hotplug(&self, event: HotplugEvent) {
@@ -230,7 +236,7 @@ impl Core {
                     .ok()
                     .flatten();
                 if let Some(d) = &device {
-                    tracing::warn!(device = %addr, id = %d.id, attached_to = ?d.attached_to, "registered device left the bus");
+                    tracing::warn!(device = %addr, id = %d.id, attached_to = ?d.attached_to(), "registered device left the bus");
                 }
                 self.events.publish(Event::new(
                     EventKind::HotplugRemove,
@@ -273,7 +279,7 @@ impl Core {
                 if device.identity_mismatch {
                     tracing::error!(device = %addr, expected = format!("{:04x}:{:04x}", device.vendor_id, device.device_id), found = format!("{:04x}:{:04x}", function.vendor_id, function.device_id), "a different device answers at a registered address; leaving it alone");
                     self.events
-                        .publish(self.publish(EventKind::IdentityMismatch, &device).detail(
+                        .publish(device_event(EventKind::IdentityMismatch, &device).detail(
                             format!(
                                 "found {:04x}:{:04x} subsystem {:04x}:{:04x}",
                                 function.vendor_id,
@@ -282,7 +288,7 @@ impl Core {
                                 function.subsystem_device_id
                             ),
                         ));
-                } else if device.health == crate::registry::Health::NeedsHostReboot {
+                } else if device.health.state == crate::registry::Health::NeedsHostReboot {
                     tracing::error!(device = %addr, "a registered device came back but its config space reads all ones; leaving it alone until the host reboots");
                 } else if is_add && self.wants_vfio(&device) && !device.bound_to_vfio() {
                     self.spawn_rebind(device);
@@ -313,14 +319,14 @@ impl Core {
                     .driver(driver.clone()),
                 );
                 if let Some(d) = device {
-                    let stolen = d.bound_by_vfiod
+                    let stolen = d.bound_by_vfiod()
                         && d.pending.is_none()
                         && !d.stuck
                         && !driver.as_deref().is_some_and(is_vfio_driver);
                     if stolen {
                         tracing::warn!(device = %address, driver = ?driver, "a device vfiod holds on vfio was bound to another driver by someone else");
                         self.events
-                            .publish(self.publish(EventKind::DriverStolen, &d).driver(driver));
+                            .publish(device_event(EventKind::DriverStolen, &d).driver(driver));
                         if self.options.reclaim {
                             self.spawn_rebind(d);
                         }

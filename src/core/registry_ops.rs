@@ -1,7 +1,8 @@
 //! Registry edits: register, rename/retag, unregister.
 
-use super::attach::ensure_not_attached;
-use super::{Caller, Core, RegisterRequest, UpdateRequest};
+use super::operation::{ensure_not_attached, OpContext};
+use super::release::Release;
+use super::{Core, RegisterRequest, UpdateRequest};
 use crate::error::CoreError;
 use crate::events::EventKind;
 use crate::registry::{DeviceRecord, RegistryConflict};
@@ -11,20 +12,12 @@ fn conflict(e: RegistryConflict) -> CoreError {
 }
 
 impl Core {
-    pub async fn register(
+    pub(super) async fn register_device(
         &self,
-        caller: Caller,
+        ctx: &OpContext<'_>,
         req: RegisterRequest,
     ) -> Result<DeviceRecord, CoreError> {
-        self.owned(move |core| async move { core.register_owned(caller, req).await })
-            .await
-    }
-
-    async fn register_owned(
-        &self,
-        caller: Caller,
-        req: RegisterRequest,
-    ) -> Result<DeviceRecord, CoreError> {
+        let caller = ctx.caller;
         let addr = req.pci_address;
         let function = self
             .sysfs()
@@ -41,28 +34,17 @@ impl Core {
         self.commit(move |reg| reg.insert(stored).map_err(conflict))
             .await?;
         tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, id = %record.id, name = %record.name, "registered {addr} as {} (id {}) for {caller}", record.name, record.id);
-        self.events
-            .publish(self.publish(EventKind::Registered, &record));
+        ctx.publish(ctx.event(EventKind::Registered, &record));
         Ok(record)
     }
 
-    pub async fn update(
+    pub(super) async fn update_device_record(
         &self,
-        caller: Caller,
+        ctx: &OpContext<'_>,
         id_or_name: &str,
         req: UpdateRequest,
     ) -> Result<DeviceRecord, CoreError> {
-        let id = id_or_name.to_owned();
-        self.owned(move |core| async move { core.update_owned(caller, &id, req).await })
-            .await
-    }
-
-    async fn update_owned(
-        &self,
-        caller: Caller,
-        id_or_name: &str,
-        req: UpdateRequest,
-    ) -> Result<DeviceRecord, CoreError> {
+        let caller = ctx.caller;
         let addr = self.resolve(id_or_name)?.pci_address;
         let updated = self
             .commit(|reg| {
@@ -83,31 +65,23 @@ impl Core {
             })
             .await?;
         tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, name = %updated.name, "updated {addr} ({}) for {caller}", updated.name);
-        self.events
-            .publish(self.publish(EventKind::Updated, &updated));
+        ctx.publish(ctx.event(EventKind::Updated, &updated));
         Ok(updated)
     }
 
-    /// Unregisters a device, first giving back a driver vfiod took. If that
-    /// fails the device stays registered.
-    pub async fn delete(&self, caller: Caller, id_or_name: &str) -> Result<(), CoreError> {
-        let id = id_or_name.to_owned();
-        self.owned(move |core| async move { core.delete_owned(caller, &id).await })
-            .await
-    }
-
-    async fn delete_owned(&self, caller: Caller, id_or_name: &str) -> Result<(), CoreError> {
-        let (_group, record) = self.lock_device_for_move(id_or_name).await?;
-        ensure_not_attached(&record)?;
-        if record.bound_by_vfiod && record.present {
-            // Giving back a device vfiod bound is a release: reset it while
-            // it is still on vfio.
-            let record = self.reset_on_release(caller, &record, "delete").await;
-            if record.stuck {
-                return Err(CoreError::DeviceStuck(record.pci_address));
-            }
-            self.unbind_locked(caller, &record).await?;
-        } else if record.bound_by_vfiod && !record.companions.is_empty() {
+    /// Unregisters a device, first giving back a driver vfiod took (the
+    /// release sequence). If that fails the device stays registered.
+    pub(super) async fn delete_device(
+        &self,
+        ctx: &OpContext<'_>,
+        record: &DeviceRecord,
+    ) -> Result<(), CoreError> {
+        let caller = ctx.caller;
+        ensure_not_attached(record)?;
+        let record = self
+            .release(ctx, record, Release::give_back("delete"))
+            .await?;
+        if record.bound_by_vfiod() && !record.present && !record.companions().is_empty() {
             // Off the bus itself, its group's other functions vfiod moved
             // with it are not: they go back to their drivers now, or the
             // record that holds them stays. Forgotten, they would stay on
@@ -123,7 +97,7 @@ impl Core {
                 self.engine
                     .restore(&moves)
                     .await
-                    .map_err(|e| CoreError::move_failed("unbind", record.pci_address, e, None))?;
+                    .map_err(|e| CoreError::move_failed("delete", record.pci_address, e, None))?;
             }
         }
         let addr = record.pci_address;
@@ -133,8 +107,7 @@ impl Core {
         })
         .await?;
         tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, id = %record.id, "unregistered {addr} ({}) for {caller}", record.name);
-        self.events
-            .publish(self.publish(EventKind::Unregistered, &record));
+        ctx.publish(ctx.event(EventKind::Unregistered, &record));
         Ok(())
     }
 }

@@ -8,7 +8,7 @@
 //! parent bridge and everything below it), not from VFIO's hot-reset info:
 //! that needs a device fd, and getting one takes the group exclusively
 //! (a VMM starting then would get EBUSY) and makes vfio-pci reset the
-//! function on open. The real-kernel scenario `r` checks that both give
+//! function on open. The real-kernel scenario `resets` checks that both give
 //! the same functions (behind a root port, and behind a PCIe-to-PCI
 //! bridge). A reset is refused (409
 //! `reset_scope_conflict`) when its scope holds a function outside the
@@ -36,10 +36,10 @@ use std::time::Instant;
 
 use chrono::Utc;
 
-use super::{Caller, Core, ResetMethod, ResetOutcome, ResetPlan, ResetRequest, ScopeFunction};
+use super::operation::{device_event, OpContext, OpKind};
+use super::{Core, ResetMethod, ResetOutcome, ResetPlan, ResetRequest, ScopeFunction};
 use crate::error::{CoreError, ResetCheck, ResetVerifyFailure};
 use crate::events::EventKind;
-use crate::pci::holders::Holder;
 use crate::pci::PciAddress;
 use crate::registry::{DeviceRecord, Health, LastReset, PendingOp, ResetResult};
 
@@ -71,19 +71,22 @@ struct Selection {
 /// Health after a failed reset. `reason` says what failed.
 fn apply_failure(d: &mut DeviceRecord, reason: &str, all_ones: bool, quarantine_after: u32) {
     if all_ones {
-        d.health = Health::NeedsHostReboot;
-        d.health_reason = Some(format!(
+        d.health.state = Health::NeedsHostReboot;
+        d.health.reason = Some(format!(
             "config space reads all ones after a reset: {reason}"
         ));
-    } else if d.reset_failures >= quarantine_after {
-        d.health = Health::Quarantined;
-        d.health_reason = Some(format!(
+    } else if d.health.reset_failures >= quarantine_after {
+        d.health.state = Health::Quarantined;
+        d.health.reason = Some(format!(
             "{} consecutive failed resets; last: {reason}",
-            d.reset_failures
+            d.health.reset_failures
         ));
-    } else if !matches!(d.health, Health::Quarantined | Health::NeedsHostReboot) {
-        d.health = Health::NeedsReset;
-        d.health_reason = Some(format!("the last reset failed: {reason}"));
+    } else if !matches!(
+        d.health.state,
+        Health::Quarantined | Health::NeedsHostReboot
+    ) {
+        d.health.state = Health::NeedsReset;
+        d.health.reason = Some(format!("the last reset failed: {reason}"));
     }
 }
 
@@ -93,62 +96,15 @@ fn resets_bus(method: &str) -> bool {
     matches!(method, "bus" | "cxl_bus")
 }
 
-/// A holder, as a reason a reset may not touch its function.
-fn held_by(holder: &Holder) -> String {
-    match holder {
-        Holder::Process {
-            pid,
-            comm,
-            uid,
-            path,
-            ..
-        } => format!("held by process {comm} (pid {pid}, uid {uid}) through {path}"),
-        Holder::Mount {
-            device,
-            mount_point,
-            ..
-        } => format!("{device} is mounted on {mount_point}"),
-        Holder::Swap { device, .. } => format!("{device} is in use as swap"),
-        Holder::BlockStack { device, holder, .. } => format!("{device} is under {holder}"),
-        Holder::NetInterface { interface, .. } => {
-            format!("network interface {interface} is in use")
-        }
-        Holder::FramebufferConsole { vtconsole, .. } => {
-            format!("the console {vtconsole} is drawn on its framebuffer")
-        }
-    }
-}
-
-/// Attach and bind hand a device out: refused while it is unfit.
-pub(super) fn refuse_unhealthy(record: &DeviceRecord) -> Result<(), CoreError> {
-    let reason = || record.health_reason.clone().unwrap_or_default();
-    match record.health {
-        Health::Quarantined => Err(CoreError::DeviceQuarantined {
-            device: record.name.clone(),
-            reason: reason(),
-        }),
-        Health::NeedsHostReboot => Err(CoreError::NeedsHostReboot {
-            device: record.name.clone(),
-            reason: reason(),
-        }),
-        Health::Ok | Health::NeedsReset => Ok(()),
-    }
-}
-
 impl Core {
-    pub async fn reset(
+    /// The reset operation.
+    pub(super) async fn reset_device(
         &self,
-        caller: Caller,
-        id_or_name: &str,
+        ctx: &OpContext<'_>,
+        record: &DeviceRecord,
         req: ResetRequest,
     ) -> Result<ResetOutcome, CoreError> {
-        let id = id_or_name.to_owned();
-        self.owned(move |core| async move {
-            let (_group, record) = core.lock_device_for_move(&id).await?;
-            core.reset_locked(caller, &record, req, Trigger::Explicit)
-                .await
-        })
-        .await
+        self.reset_locked(ctx, record, req, Trigger::Explicit).await
     }
 
     /// Functions in `scope` that a reset of `record` may not touch, and why:
@@ -181,7 +137,7 @@ impl Core {
                 }
             }
             if let Some(owner) = registry.owner_of(f) {
-                if let Some(instance) = &owner.attached_to {
+                if let Some(instance) = &owner.attached_to() {
                     let via = if owner.pci_address == *f {
                         String::new()
                     } else {
@@ -192,7 +148,7 @@ impl Core {
             }
         }
         for holder in self.scan_holders(scope.to_vec()).await? {
-            conflicts.push((holder.pci_address(), held_by(&holder)));
+            conflicts.push((holder.pci_address(), holder.to_string()));
         }
         Ok(conflicts)
     }
@@ -343,11 +299,12 @@ impl Core {
     /// and the device's health.
     pub(super) async fn reset_locked(
         &self,
-        caller: Caller,
+        ctx: &OpContext<'_>,
         record: &DeviceRecord,
         req: ResetRequest,
         trigger: Trigger,
     ) -> Result<ResetOutcome, CoreError> {
+        let caller = ctx.caller;
         let (plan, selection) = self.plan_reset(record, req.method).await?;
         if req.dry_run {
             return Ok(ResetOutcome {
@@ -395,16 +352,21 @@ impl Core {
                 let quarantine_after = self.options.quarantine_after;
                 let last = last(ResetResult::Timeout);
                 self.update_health(addr, |d| {
-                    d.last_reset = Some(last);
-                    d.reset_failures += 1;
+                    d.health.last_reset = Some(last);
+                    d.health.reset_failures += 1;
                     apply_failure(d, &reason, false, quarantine_after);
                 })
                 .await?;
                 return Err(self
-                    .record_failed_move(caller, record, "reset", error, None, |_| {})
+                    .record_failed_move(ctx, record, OpKind::Reset, error, None, |_| {})
                     .await);
             }
-            Err(error) => Err(CoreError::move_failed("reset", addr, error, None)),
+            Err(error) => Err(CoreError::move_failed(
+                OpKind::Reset.as_str(),
+                addr,
+                error,
+                None,
+            )),
         };
         let mut health_before = None;
         let result = if outcome.is_ok() {
@@ -419,20 +381,20 @@ impl Core {
         let last = last(result);
         let device = self
             .update_device(addr, |d| {
-                health_before = Some(d.health);
+                health_before = Some(d.health.state);
                 d.pending = None;
                 d.current_driver = current;
-                d.last_reset = Some(last);
+                d.health.last_reset = Some(last);
                 match &reason {
                     None => {
-                        d.reset_failures = 0;
-                        if d.health != Health::Quarantined || trigger == Trigger::Explicit {
-                            d.health = Health::Ok;
-                            d.health_reason = None;
+                        d.health.reset_failures = 0;
+                        if d.health.state != Health::Quarantined || trigger == Trigger::Explicit {
+                            d.health.state = Health::Ok;
+                            d.health.reason = None;
                         }
                     }
                     Some(reason) => {
-                        d.reset_failures += 1;
+                        d.health.reset_failures += 1;
                         apply_failure(d, reason, all_ones, quarantine_after);
                     }
                 }
@@ -442,15 +404,15 @@ impl Core {
         match &outcome {
             Ok(()) => {
                 tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, duration_ms, "reset {addr} by {} for {caller} in {duration_ms} ms", plan.methods.join(" "));
-                self.events.publish(
-                    self.publish(EventKind::Reset, &device)
+                ctx.publish(
+                    ctx.event(EventKind::Reset, &device)
                         .detail(format!("{} in {duration_ms} ms", plan.methods.join(" "))),
                 );
             }
             Err(e) => {
                 tracing::error!(uid = caller.uid, pid = caller.pid, device = %addr, error = %e, "reset of {addr} failed for {caller}: {e}");
-                self.events.publish(
-                    self.publish(EventKind::ResetFailed, &device)
+                ctx.publish(
+                    ctx.event(EventKind::ResetFailed, &device)
                         .detail(e.to_string()),
                 );
             }
@@ -526,7 +488,7 @@ impl Core {
         let mut before = None;
         let updated = self
             .update_device(addr, |d| {
-                before = Some(d.health);
+                before = Some(d.health.state);
                 change(d);
             })
             .await?;
@@ -536,16 +498,16 @@ impl Core {
 
     fn publish_health_change(&self, before: Option<Health>, after: Option<&DeviceRecord>) {
         let Some(d) = after else { return };
-        if before == Some(d.health) {
+        if before == Some(d.health.state) {
             return;
         }
-        let detail = match &d.health_reason {
-            Some(r) => format!("{}: {r}", d.health.as_str()),
-            None => d.health.as_str().to_owned(),
+        let detail = match &d.health.reason {
+            Some(r) => format!("{}: {r}", d.health.state.as_str()),
+            None => d.health.state.as_str().to_owned(),
         };
-        tracing::warn!(device = %d.pci_address, health = d.health.as_str(), "health of {} is now {detail}", d.pci_address);
+        tracing::warn!(device = %d.pci_address, health = d.health.state.as_str(), "health of {} is now {detail}", d.pci_address);
         self.events
-            .publish(self.publish(EventKind::HealthChanged, d).detail(detail));
+            .publish(device_event(EventKind::HealthChanged, d).detail(detail));
     }
 
     /// The release reset (`reset_on_release = "auto"`), after a detach or
@@ -555,7 +517,7 @@ impl Core {
     /// fail the release: it is recorded in `health` and published.
     pub(super) async fn reset_on_release(
         &self,
-        caller: Caller,
+        ctx: &OpContext<'_>,
         record: &DeviceRecord,
         why: &str,
     ) -> DeviceRecord {
@@ -570,9 +532,9 @@ impl Core {
         let marked_why = why.to_owned();
         let marked = match self
             .update_health(addr, |d| {
-                if d.health == Health::Ok {
-                    d.health = Health::NeedsReset;
-                    d.health_reason = Some(format!("released ({marked_why}) and not reset yet"));
+                if d.health.state == Health::Ok {
+                    d.health.state = Health::NeedsReset;
+                    d.health.reason = Some(format!("released ({marked_why}) and not reset yet"));
                 }
             })
             .await
@@ -585,7 +547,7 @@ impl Core {
             }
         };
         match self
-            .reset_locked(caller, &marked, ResetRequest::default(), Trigger::Release)
+            .reset_locked(ctx, &marked, ResetRequest::default(), Trigger::Release)
             .await
         {
             Ok(outcome) => outcome.device,
@@ -603,8 +565,8 @@ impl Core {
                     let reason = format!("released ({why}) and not reset: {e}");
                     let _ = self
                         .update_device(addr, |d| {
-                            if d.health == Health::NeedsReset {
-                                d.health_reason = Some(reason);
+                            if d.health.state == Health::NeedsReset {
+                                d.health.reason = Some(reason);
                             }
                         })
                         .await;
@@ -622,20 +584,15 @@ impl Core {
     /// and the attach fails if that fails.
     pub(super) async fn reset_before_attach(
         &self,
-        caller: Caller,
+        ctx: &OpContext<'_>,
         record: &DeviceRecord,
     ) -> Result<(), CoreError> {
-        if record.health != Health::NeedsReset || !self.options.privileged {
+        if record.health.state != Health::NeedsReset || !self.options.privileged {
             return Ok(());
         }
-        self.reset_locked(
-            caller,
-            record,
-            ResetRequest::default(),
-            Trigger::BeforeAttach,
-        )
-        .await
-        .map(|_| ())
+        self.reset_locked(ctx, record, ResetRequest::default(), Trigger::BeforeAttach)
+            .await
+            .map(|_| ())
     }
 
     /// Settles a reset whose write timed out (after it returned, or at the
@@ -656,12 +613,12 @@ impl Core {
                 d.pending = None;
                 d.current_driver = current;
                 if all_ones {
-                    d.health = Health::NeedsHostReboot;
-                    d.health_reason =
+                    d.health.state = Health::NeedsHostReboot;
+                    d.health.reason =
                         Some("config space reads all ones after a reset that hung".into());
-                } else if d.health != Health::Quarantined {
-                    d.health = Health::NeedsReset;
-                    d.health_reason = Some(
+                } else if d.health.state != Health::Quarantined {
+                    d.health.state = Health::NeedsReset;
+                    d.health.reason = Some(
                         "a reset did not return within the time limit and finished later; its outcome is unknown".into(),
                     );
                 }
@@ -684,13 +641,13 @@ impl Core {
         let updated = self
             .update_health(addr, |d| {
                 if vendor == 0xffff {
-                    if d.health != Health::NeedsHostReboot {
-                        d.health = Health::NeedsHostReboot;
-                        d.health_reason = Some(format!("config space reads all ones ({when})"));
+                    if d.health.state != Health::NeedsHostReboot {
+                        d.health.state = Health::NeedsHostReboot;
+                        d.health.reason = Some(format!("config space reads all ones ({when})"));
                     }
-                } else if d.health == Health::NeedsHostReboot {
-                    d.health = Health::NeedsReset;
-                    d.health_reason = Some(format!(
+                } else if d.health.state == Health::NeedsHostReboot {
+                    d.health.state = Health::NeedsReset;
+                    d.health.reason = Some(format!(
                         "config space answers again ({when}); it is reset before it is handed out"
                     ));
                 }

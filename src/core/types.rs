@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::engine::Move;
 use crate::error::CoreError;
@@ -188,7 +188,7 @@ pub struct ResetRequest {
 }
 
 /// One function a reset touches.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScopeFunction {
     pub pci_address: PciAddress,
     pub driver: Option<String>,
@@ -196,7 +196,7 @@ pub struct ScopeFunction {
 }
 
 /// What a reset does or would do.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ResetPlan {
     /// The method asked for.
     pub method: String,
@@ -226,7 +226,7 @@ pub struct BindRequest {
 }
 
 /// What a bind does or would do.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BindPlan {
     pub vfio_driver: String,
     pub iommu_group: u32,

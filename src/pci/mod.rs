@@ -1,5 +1,6 @@
 //! The PCI model: addresses, what sysfs says about each function, IOMMU
-//! groups, and `pci.ids` names.
+//! groups, which driver is vfio, what holds a function, and `pci.ids`
+//! names.
 
 mod address;
 pub mod holders;
@@ -7,12 +8,14 @@ pub mod ids;
 pub mod sysfs;
 pub mod variant;
 pub mod vfio_access;
+mod vfio_driver;
 
 pub use address::{InvalidPciAddress, PciAddress};
 pub use holders::{Disposition, Holder, HolderScanError, ProcFs, ScanReport};
 pub use ids::PciIds;
 pub use sysfs::{PciFunction, Sysfs, SysfsError};
 pub use variant::VfioAliases;
+pub use vfio_driver::{is_vfio_driver, VFIO_PCI, VFIO_PCI_MODULE};
 
 /// Vendors whose every function is worth offering for passthrough
 /// (accelerator makers: a GPU's audio or USB-C function goes with it).
@@ -27,6 +30,33 @@ const ACCELERATOR_VENDORS: &[u16] = &[
 
 pub fn is_gpu_class(class: u32) -> bool {
     matches!(class >> 8, 0x0300 | 0x0302)
+}
+
+/// A function's `type` as the API and the metrics name it: hypeman's
+/// `gpu` for a VGA or 3D controller, `pci` for every other function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceType {
+    Gpu,
+    Pci,
+}
+
+impl DeviceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceType::Gpu => "gpu",
+            DeviceType::Pci => "pci",
+        }
+    }
+}
+
+/// The [`DeviceType`] of a function of PCI class `class`.
+pub fn device_type(class: u32) -> DeviceType {
+    if is_gpu_class(class) {
+        DeviceType::Gpu
+    } else {
+        DeviceType::Pci
+    }
 }
 
 /// Whether a function belongs in `GET /devices/available`: display and 3D
@@ -64,6 +94,8 @@ mod tests {
         assert!(is_gpu_class(0x030200));
         assert!(!is_gpu_class(0x038000));
         assert!(!is_gpu_class(0x040300));
+        assert_eq!(device_type(0x030200).as_str(), "gpu");
+        assert_eq!(device_type(0x038000).as_str(), "pci");
     }
 
     #[test]

@@ -62,6 +62,16 @@ pub(super) fn parse_hex(s: &str) -> Option<u32> {
     u32::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok()
 }
 
+/// A device number as sysfs `dev` files and `mountinfo` write it:
+/// `major:minor`.
+pub(crate) fn parse_device_number(text: &str) -> Option<u64> {
+    let (major, minor) = text.trim().split_once(':')?;
+    Some(nix::sys::stat::makedev(
+        major.parse().ok()?,
+        minor.parse().ok()?,
+    ))
+}
+
 pub(super) fn link_name(path: &Path) -> Option<String> {
     let target = fs::read_link(path).ok()?;
     Some(target.file_name()?.to_str()?.to_owned())

@@ -7,6 +7,8 @@
 
 use std::path::Path;
 
+use super::VFIO_PCI_MODULE;
+
 #[derive(Debug, Default, Clone)]
 pub struct VfioAliases {
     /// (pattern after `vfio_pci:`, module name)
@@ -25,10 +27,13 @@ impl VfioAliases {
         let entries = text
             .lines()
             .filter_map(|line| {
-                let rest = line.strip_prefix("alias vfio_pci:")?;
+                let rest = line
+                    .strip_prefix("alias ")?
+                    .strip_prefix(VFIO_PCI_MODULE)?
+                    .strip_prefix(':')?;
                 let (pattern, module) = rest.split_once(' ')?;
                 let module = module.trim();
-                (module != "vfio_pci").then(|| (pattern.to_owned(), module.to_owned()))
+                (module != VFIO_PCI_MODULE).then(|| (pattern.to_owned(), module.to_owned()))
             })
             .collect();
         VfioAliases { entries }

@@ -4,20 +4,14 @@
 //! sees it.
 
 pub mod store;
+mod v1;
 
 use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::pci::PciAddress;
-
-/// The drivers vfiod treats as "on vfio": plain vfio-pci and its vendor
-/// variants (`mlx5_vfio_pci`, `nvgrace-gpu-vfio-pci`, ...).
-pub fn is_vfio_driver(driver: &str) -> bool {
-    let normalised = driver.replace('_', "-");
-    normalised == "vfio-pci" || normalised.ends_with("-vfio-pci")
-}
+use crate::pci::{is_vfio_driver, PciAddress};
 
 /// A function that vfiod moved together with a registered device because
 /// they share its IOMMU group (`with_group`); restored with it.
@@ -40,8 +34,14 @@ pub struct AttachedProcess {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "op")]
 pub enum PendingOp {
+    /// A move to vfio: the functions it takes along and the consoles it
+    /// releases are recorded with it, so that a crash can be undone.
     Bind {
         vfio_driver: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        companions: Vec<Companion>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        released_consoles: Vec<String>,
     },
     Unbind,
     /// A reset; `restore_reset_method` is the kernel's `reset_method` list
@@ -89,6 +89,13 @@ pub enum ResetResult {
     Timeout,
 }
 
+/// The wire name (`timeout`), serde's own so the two cannot differ.
+impl std::fmt::Display for ResetResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.serialize(f)
+    }
+}
+
 /// The last reset vfiod did (or tried) on a device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LastReset {
@@ -99,6 +106,65 @@ pub struct LastReset {
     pub duration_ms: u64,
 }
 
+/// vfiod's own binding of a device to vfio: there exactly when vfiod put
+/// the device on vfio and owes it a give-back. A device found on vfio-pci
+/// at registration has none: it is not vfiod's to undo.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    /// The vfio driver vfiod bound (plain vfio-pci or a variant).
+    pub vfio_driver: String,
+    /// Functions of the device's IOMMU group moved with it (`with_group`),
+    /// given back with it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub companions: Vec<Companion>,
+    /// Framebuffer consoles (`vtconN`) vfiod took off the device's
+    /// framebuffer to move it; bound again when the device is given back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub released_consoles: Vec<String>,
+}
+
+/// The device is handed to one instance: there exactly while it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub instance: String,
+    /// The uid the attachment grants the VFIO nodes to (the VMM's user);
+    /// `None` only in records from before grants existed.
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// The VMM process whose exit ends the attachment, with its start time
+    /// (clock ticks since boot, /proc/PID/stat) so that a reused pid is
+    /// never taken for it.
+    #[serde(default)]
+    pub pid: Option<AttachedProcess>,
+}
+
+/// How fit the device is to be handed out, with why, and its resets.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthRecord {
+    #[serde(default)]
+    pub state: Health,
+    /// Why it is not `ok` (none when it is).
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub last_reset: Option<LastReset>,
+    /// Failed resets since the last successful one.
+    #[serde(default)]
+    pub reset_failures: u32,
+}
+
+impl HealthRecord {
+    /// Sets the state and its reason together (back to `ok` clears it).
+    pub fn set(&mut self, state: Health, reason: Option<String>) {
+        self.state = state;
+        self.reason = if state == Health::Ok { None } else { reason };
+    }
+}
+
+/// One registered device. What vfiod did to it is in parts that are there
+/// or absent ([`Binding`], [`Attachment`], a [`PendingOp`]), so the record
+/// cannot say a device is attached without saying to whom, or bound by
+/// vfiod without the driver to give it back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceRecord {
     pub id: String,
@@ -113,32 +179,13 @@ pub struct DeviceRecord {
     pub created_at: DateTime<Utc>,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
-    #[serde(default)]
-    pub attached_to: Option<String>,
-    /// The uid the attachment grants the VFIO nodes to (the VMM's user).
-    #[serde(default)]
-    pub attached_uid: Option<u32>,
-    /// The VMM process whose exit ends the attachment, with its start time
-    /// (clock ticks since boot, /proc/PID/stat) so that a reused pid is
-    /// never taken for it.
-    #[serde(default)]
-    pub attached_pid: Option<AttachedProcess>,
     /// The driver to give the device back to; recorded before a bind.
     #[serde(default)]
     pub original_driver: Option<String>,
-    /// vfiod put this device on vfio and owes it a restore. A device found
-    /// on vfio-pci at registration is not ours to undo.
     #[serde(default)]
-    pub bound_by_vfiod: bool,
-    /// The vfio driver vfiod bound (plain vfio-pci or a variant).
+    pub binding: Option<Binding>,
     #[serde(default)]
-    pub vfio_driver: Option<String>,
-    #[serde(default)]
-    pub companions: Vec<Companion>,
-    /// Framebuffer consoles (`vtconN`) vfiod took off the device's
-    /// framebuffer to move it; bound again when the device is given back.
-    #[serde(default)]
-    pub released_consoles: Vec<String>,
+    pub attachment: Option<Attachment>,
     #[serde(default)]
     pub pending: Option<PendingOp>,
     /// Last observed state of the hardware; refreshed from sysfs at startup
@@ -155,14 +202,7 @@ pub struct DeviceRecord {
     #[serde(default)]
     pub identity_mismatch: bool,
     #[serde(default)]
-    pub health: Health,
-    #[serde(default)]
-    pub health_reason: Option<String>,
-    #[serde(default)]
-    pub last_reset: Option<LastReset>,
-    /// Failed resets since the last successful one.
-    #[serde(default)]
-    pub reset_failures: u32,
+    pub health: HealthRecord,
     /// The operator's reset method order for this device (`PATCH
     /// reset_method`), used instead of the kernel's for `auto`.
     #[serde(default)]
@@ -190,23 +230,15 @@ impl DeviceRecord {
             iommu_group: f.iommu_group,
             created_at: Utc::now(),
             tags,
-            attached_to: None,
-            attached_uid: None,
-            attached_pid: None,
             original_driver: f.driver.clone().filter(|d| !is_vfio_driver(d)),
-            bound_by_vfiod: false,
-            vfio_driver: None,
-            companions: vec![],
-            released_consoles: vec![],
+            binding: None,
+            attachment: None,
             pending: None,
             present: true,
             current_driver: f.driver.clone(),
             stuck: false,
             identity_mismatch: false,
-            health: Health::Ok,
-            health_reason: None,
-            last_reset: None,
-            reset_failures: 0,
+            health: HealthRecord::default(),
             reset_method: None,
         }
     }
@@ -222,6 +254,50 @@ impl DeviceRecord {
 
     pub fn bound_to_vfio(&self) -> bool {
         self.present && self.current_driver.as_deref().is_some_and(is_vfio_driver)
+    }
+
+    /// vfiod put the device on vfio and owes it a give-back.
+    pub fn bound_by_vfiod(&self) -> bool {
+        self.binding.is_some()
+    }
+
+    /// The instance the device is attached to.
+    pub fn attached_to(&self) -> Option<&str> {
+        self.attachment.as_ref().map(|a| a.instance.as_str())
+    }
+
+    /// The uid an attachment grants the VFIO nodes to.
+    pub fn attached_uid(&self) -> Option<u32> {
+        self.attachment.as_ref().and_then(|a| a.uid)
+    }
+
+    /// The VMM process an attachment follows.
+    pub fn attached_pid(&self) -> Option<AttachedProcess> {
+        self.attachment.as_ref().and_then(|a| a.pid)
+    }
+
+    /// The functions moved with the device: those of its binding, or of the
+    /// bind it has pending.
+    pub fn companions(&self) -> &[Companion] {
+        match (&self.pending, &self.binding) {
+            (Some(PendingOp::Bind { companions, .. }), _) => companions,
+            (_, Some(b)) => &b.companions,
+            _ => &[],
+        }
+    }
+
+    /// The consoles released for the device's binding, or its pending bind.
+    pub fn released_consoles(&self) -> &[String] {
+        match (&self.pending, &self.binding) {
+            (
+                Some(PendingOp::Bind {
+                    released_consoles, ..
+                }),
+                _,
+            ) => released_consoles,
+            (_, Some(b)) => &b.released_consoles,
+            _ => &[],
+        }
     }
 }
 
@@ -328,7 +404,7 @@ impl Registry {
         self.devices.get(addr).or_else(|| {
             self.devices
                 .values()
-                .find(|d| d.companions.iter().any(|c| &c.pci_address == addr))
+                .find(|d| d.companions().iter().any(|c| &c.pci_address == addr))
         })
     }
 }
@@ -383,14 +459,5 @@ pub(crate) mod tests {
         r.remove(&addr).unwrap();
         assert!(r.resolve("a").is_none() && r.resolve("renamed").is_none());
         assert!(r.is_empty());
-    }
-
-    #[test]
-    fn vfio_variants_count_as_vfio() {
-        assert!(is_vfio_driver("vfio-pci"));
-        assert!(is_vfio_driver("mlx5_vfio_pci"));
-        assert!(is_vfio_driver("nvgrace-gpu-vfio-pci"));
-        assert!(!is_vfio_driver("nvidia"));
-        assert!(!is_vfio_driver("vfio"));
     }
 }

@@ -21,7 +21,9 @@ use super::{DeviceRecord, Registry};
 use crate::crashpoint::{self, Stage, StepKind};
 use crate::path_error::PathError;
 
-pub const STATE_VERSION: u32 = 1;
+/// Version 2 splits a record into its parts (binding, attachment,
+/// health); version 1 files are migrated when read.
+pub const STATE_VERSION: u32 = 2;
 const STATE_FILE: &str = "state.json";
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +51,11 @@ impl StoreError {
 struct StateFile {
     version: u32,
     devices: Vec<DeviceRecord>,
+}
+
+#[derive(Deserialize)]
+struct StateFileV1 {
+    devices: Vec<super::v1::RecordV1>,
 }
 
 #[derive(Deserialize)]
@@ -100,15 +107,21 @@ impl Store {
         };
         let version: VersionOnly =
             serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
-        if version.version != STATE_VERSION {
-            return Err(StoreError::UnknownVersion {
-                path,
-                found: version.version,
-            });
-        }
-        let state: StateFile =
-            serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
-        Registry::from_records(state.devices).map_err(|e| corrupt(e.to_string()))
+        let devices = match version.version {
+            STATE_VERSION => {
+                let state: StateFile =
+                    serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+                state.devices
+            }
+            1 => {
+                let state: StateFileV1 =
+                    serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+                tracing::info!(path = %path.display(), devices = state.devices.len(), "migrating the state file from version 1 to {STATE_VERSION} (written at the next change)");
+                state.devices.into_iter().map(DeviceRecord::from).collect()
+            }
+            found => return Err(StoreError::UnknownVersion { path, found }),
+        };
+        Registry::from_records(devices).map_err(|e| corrupt(e.to_string()))
     }
 
     /// Durably replaces the state file with `registry`. Blocking.
@@ -156,6 +169,7 @@ impl Store {
 mod tests {
     use super::*;
     use crate::registry::tests::record;
+    use crate::registry::PendingOp;
 
     fn temp_dir(tag: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("vfiod-store-{tag}-{}", std::process::id()));
@@ -175,6 +189,78 @@ mod tests {
         let loaded = store.load().unwrap();
         assert_eq!(loaded.resolve("gpu0"), reg.resolve("gpu0"));
         assert!(!dir.join("state.json.tmp").exists());
+        drop(store);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The state file of the last release with the flat record (version
+    /// 1) loads into the parts, and is written back as version 2.
+    #[test]
+    fn a_version_1_state_file_is_migrated_into_parts() {
+        let dir = temp_dir("v1");
+        let store = Store::open(&dir).unwrap();
+        let fixture = include_str!("../../tests/fixtures/state-v1.json");
+        fs::write(store.path(), fixture).unwrap();
+        let reg = store.load().unwrap();
+        assert_eq!(reg.len(), 5);
+        let nic = reg.resolve("nic").unwrap();
+        let attachment = nic.attachment.as_ref().unwrap();
+        assert_eq!(attachment.instance, "vm-1");
+        assert_eq!(attachment.uid, Some(4242));
+        assert!(attachment.pid.is_some());
+        assert_eq!(nic.binding.as_ref().unwrap().vfio_driver, "vfio-pci");
+        assert_eq!(nic.original_driver.as_deref(), Some("e1000e"));
+        let gpu = reg.resolve("gpu").unwrap();
+        assert_eq!(
+            gpu.companions()
+                .iter()
+                .map(|c| (c.pci_address.to_string(), c.original_driver.clone()))
+                .collect::<Vec<_>>(),
+            vec![("0000:01:00.1".to_owned(), Some("snd_hda_intel".to_owned()))]
+        );
+        assert!(gpu.attachment.is_none());
+        let t4 = reg.resolve("t4").unwrap();
+        assert!(t4.binding.is_none(), "found on vfio-pci: not vfiod's");
+        let nvme = reg.resolve("nvme").unwrap();
+        assert_eq!(nvme.tags.get("pool").map(String::as_str), Some("a"));
+        assert_eq!(
+            nvme.reset_method.as_deref(),
+            Some(&["flr".to_owned(), "bus".to_owned()][..])
+        );
+        assert_eq!(nvme.health, crate::registry::HealthRecord::default());
+        store.save(&reg).unwrap();
+        let written: serde_json::Value =
+            serde_json::from_slice(&fs::read(store.path()).unwrap()).unwrap();
+        assert_eq!(written["version"], STATE_VERSION);
+        assert_eq!(store.load().unwrap().resolve("gpu"), Some(gpu));
+        drop(store);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Version 1 kept a pending bind's companions flat; they go with the
+    /// pending bind, whose rollback needs them.
+    #[test]
+    fn a_version_1_pending_bind_keeps_its_companions() {
+        let mut v1: serde_json::Value =
+            serde_json::from_str(include_str!("../../tests/fixtures/state-v1.json")).unwrap();
+        let gpu = v1["devices"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .find(|d| d["name"] == "gpu")
+            .unwrap();
+        gpu["bound_by_vfiod"] = false.into();
+        gpu["pending"] = serde_json::json!({"op": "bind", "vfio_driver": "vfio-pci"});
+        let dir = temp_dir("v1-pending");
+        let store = Store::open(&dir).unwrap();
+        fs::write(store.path(), v1.to_string()).unwrap();
+        let reg = store.load().unwrap();
+        let gpu = reg.resolve("gpu").unwrap();
+        assert!(gpu.binding.is_none());
+        match &gpu.pending {
+            Some(PendingOp::Bind { companions, .. }) => assert_eq!(companions.len(), 1),
+            other => panic!("pending: {other:?}"),
+        }
         drop(store);
         fs::remove_dir_all(&dir).unwrap();
     }

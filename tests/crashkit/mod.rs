@@ -31,14 +31,12 @@ use std::process::{Child, Command};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::common::fakesys::{DeviceSpec, FakeSys, TempDir};
-use crate::common::simkernel::SimKernel;
-use crate::common::{parse_response, Daemon, Response};
+use common::fakesys::{DeviceSpec, FakeSys, TempDir};
+use common::simkernel::SimKernel;
+use common::{parse_response, Daemon, Response};
 use serde_json::Value;
 
-pub const NIC: &str = "0000:00:02.0";
-pub const GPU: &str = "0000:01:00.0";
-pub const AUDIO: &str = "0000:01:00.1";
+pub use common::standard::{GPU, GPU_AUDIO as AUDIO, NIC};
 pub const VMM_UID: u32 = 4242;
 pub const VFIO: &str = "vfio-pci";
 
@@ -49,7 +47,7 @@ pub fn is_root() -> bool {
 /// The standard host's devices, the NIC and the GPU's two functions with
 /// function-level resets (so that reset on release has work to do).
 pub fn host_devices() -> Vec<DeviceSpec> {
-    crate::common::fakesys::FakeSys::standard_devices()
+    common::fakesys::FakeSys::standard_devices()
         .into_iter()
         .map(|spec| match spec.addr.as_str() {
             NIC | GPU => spec.reset_methods("flr pm"),

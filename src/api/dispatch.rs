@@ -1,0 +1,213 @@
+//! One handler per route: parse the request (see [`parse`]), make the
+//! core call, shape the answer (see [`wire`]). Nothing here decides
+//! anything the core should.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use hyper::header::HeaderValue;
+use hyper::{Response, StatusCode};
+use serde::Serialize;
+
+use super::error::ApiError;
+use super::respond::{self, ResponseBody};
+use super::{event_stream, parse, wire, Api, Peer, EVENT_SEQ_HEADER, OPENAPI_YAML};
+use crate::core::{Caller, Core, Operation, Outcome};
+use crate::registry::DeviceRecord;
+
+/// A request as its handler gets it: routed, allowed, its body read
+/// (empty for a route that changes nothing).
+pub struct Call<'a> {
+    pub api: &'a Api,
+    pub peer: &'a Peer,
+    /// The path's `{id_or_name}`, decoded; empty if the template has none.
+    pub id: String,
+    pub query: Option<&'a str>,
+    pub accept: Option<&'a HeaderValue>,
+    pub body: Bytes,
+}
+
+type Answer = Result<Response<ResponseBody>, ApiError>;
+
+impl Call<'_> {
+    fn core(&self) -> &Core {
+        &self.api.core
+    }
+
+    fn caller(&self) -> Caller {
+        Caller {
+            uid: self.peer.uid,
+            pid: self.peer.pid,
+        }
+    }
+
+    /// Runs `op` for this call's caller.
+    async fn execute(&self, op: Operation) -> Result<Outcome, ApiError> {
+        Ok(self.core().execute(self.caller(), op).await?)
+    }
+
+    fn device(&self, status: StatusCode, d: &DeviceRecord) -> Response<ResponseBody> {
+        respond::json(status, &wire::Device::new(d, self.core().ids()))
+    }
+
+    /// A change that may be a dry run: the plan then, else the device.
+    fn planned<Plan: Serialize + Clone>(
+        &self,
+        dry_run: bool,
+        d: &DeviceRecord,
+        plan: &Plan,
+    ) -> Response<ResponseBody> {
+        if !dry_run {
+            return self.device(StatusCode::OK, d);
+        }
+        let device = wire::Device::new(d, self.core().ids());
+        respond::json(StatusCode::OK, &wire::DryRun::new(device, plan))
+    }
+}
+
+pub async fn list(c: Call<'_>) -> Answer {
+    let core = c.core();
+    let filter = parse::list_query(c.query)?;
+    let seq = core.events().last_seq();
+    let body = c.api.lists().filtered(&filter);
+    let mut resp = respond::bytes(StatusCode::OK, "application/json", body);
+    resp.headers_mut()
+        .insert(EVENT_SEQ_HEADER, HeaderValue::from(seq));
+    Ok(resp)
+}
+
+pub async fn register(c: Call<'_>) -> Answer {
+    let req = parse::register(&c.body)?;
+    let d = c.execute(Operation::Register(req)).await?.device()?;
+    Ok(c.device(StatusCode::CREATED, &d))
+}
+
+pub async fn available(c: Call<'_>) -> Answer {
+    let core = c.core();
+    let functions = core.available(parse::available_query(c.query)?).await?;
+    let registry = core.snapshot();
+    let wire: Vec<_> = functions
+        .iter()
+        .map(|f| {
+            let id = registry.get_by_address(&f.address).map(|d| d.id.as_str());
+            wire::AvailableDevice::new(f, core.ids(), id)
+        })
+        .collect();
+    Ok(respond::json(StatusCode::OK, &wire))
+}
+
+pub async fn get(c: Call<'_>) -> Answer {
+    let body = c
+        .api
+        .lists()
+        .device(&c.id)
+        .ok_or_else(|| crate::error::CoreError::NotFound(c.id.chars().take(80).collect()))?;
+    Ok(respond::bytes(StatusCode::OK, "application/json", body))
+}
+
+pub async fn update(c: Call<'_>) -> Answer {
+    let req = parse::update(&c.body)?;
+    let device = c.id.clone();
+    let d = c
+        .execute(Operation::Update { device, req })
+        .await?
+        .device()?;
+    Ok(c.device(StatusCode::OK, &d))
+}
+
+pub async fn delete(c: Call<'_>) -> Answer {
+    let device = c.id.clone();
+    c.execute(Operation::Delete { device }).await?;
+    Ok(respond::no_content())
+}
+
+pub async fn bind(c: Call<'_>) -> Answer {
+    let req = parse::bind(&c.body)?;
+    let device = c.id.clone();
+    let outcome = c.execute(Operation::Bind { device, req }).await?.bound()?;
+    Ok(c.planned(req.dry_run, &outcome.device, &outcome.plan))
+}
+
+pub async fn unbind(c: Call<'_>) -> Answer {
+    parse::unbind(&c.body)?;
+    let device = c.id.clone();
+    let d = c.execute(Operation::Unbind { device }).await?.device()?;
+    Ok(c.device(StatusCode::OK, &d))
+}
+
+pub async fn attach(c: Call<'_>) -> Answer {
+    let req = parse::attach(&c.body)?;
+    let device = c.id.clone();
+    let d = c
+        .execute(Operation::Attach { device, req })
+        .await?
+        .device()?;
+    Ok(c.device(StatusCode::OK, &d))
+}
+
+pub async fn detach(c: Call<'_>) -> Answer {
+    let keep_bound = parse::detach(&c.body)?;
+    let device = c.id.clone();
+    let d = c
+        .execute(Operation::Detach { device, keep_bound })
+        .await?
+        .device()?;
+    Ok(c.device(StatusCode::OK, &d))
+}
+
+pub async fn reset(c: Call<'_>) -> Answer {
+    let req = parse::reset(&c.body)?;
+    let device = c.id.clone();
+    let outcome = c.execute(Operation::Reset { device, req }).await?.reset()?;
+    Ok(c.planned(req.dry_run, &outcome.device, &outcome.plan))
+}
+
+pub async fn holders(c: Call<'_>) -> Answer {
+    let (record, holders) = c.core().holders(&c.id).await?;
+    let body = wire::Holders {
+        id: Cow::Borrowed(&record.id),
+        name: Cow::Borrowed(&record.name),
+        pci_address: record.pci_address,
+        holders: Cow::Borrowed(&holders),
+    };
+    Ok(respond::json(StatusCode::OK, &body))
+}
+
+pub async fn events(c: Call<'_>) -> Answer {
+    let since = parse::events_query(c.query)?;
+    let api = c.api;
+    let permit = api
+        .accounting
+        .open_event_stream(c.peer.uid, api.policy.may_mutate(c.peer))?;
+    let bus = c.core().events();
+    Ok(event_stream::respond(
+        bus,
+        since,
+        permit,
+        api.shutdown.clone(),
+    ))
+}
+
+pub async fn health(c: Call<'_>) -> Answer {
+    let health = c.core().health();
+    let body = wire::HealthBody {
+        status: Cow::Borrowed("ok"),
+        health: Cow::Borrowed(&health),
+    };
+    Ok(respond::json(StatusCode::OK, &body))
+}
+
+pub async fn openapi(_: Call<'_>) -> Answer {
+    Ok(respond::bytes(
+        StatusCode::OK,
+        "application/yaml",
+        OPENAPI_YAML,
+    ))
+}
+
+pub async fn metrics(c: Call<'_>) -> Answer {
+    let accept = c.accept.and_then(|a| a.to_str().ok());
+    let openmetrics = crate::metrics::wants_openmetrics(accept);
+    let (content_type, text) = crate::metrics::render(&c.core().snapshot(), openmetrics);
+    Ok(respond::bytes(StatusCode::OK, content_type, text))
+}

@@ -1,0 +1,228 @@
+//! vfioctl's command line: the commands, their options and help texts
+//! (clap). The man page vfioctl(1) lists the same, which tests/cli.rs
+//! checks.
+
+use clap::{Args, Parser, Subcommand, ValueEnum, ValueHint};
+use clap_complete::engine::ArgValueCandidates;
+use vfiod::core::ResetMethod;
+
+use crate::complete::{registered_devices, unregistered_candidates};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vfioctl",
+    args_override_self = true,
+    version,
+    about = "Command-line client for vfiod, the PCI passthrough host agent",
+    after_help = "A device is named by its registry id or its name. Reads work for any \
+        local user; changes need root or membership of the vfiod group. Errors print \
+        the server's code and message and exit 1.",
+    arg_required_else_help = true
+)]
+pub struct Cli {
+    /// vfiod's socket [default: /run/vfiod/vfiod.sock, or
+    /// $XDG_RUNTIME_DIR/vfiod/vfiod.sock when that exists and the default does not]
+    #[arg(
+        long,
+        global = true,
+        env = "VFIOD_SOCKET",
+        value_name = "PATH",
+        value_hint = ValueHint::FilePath,
+        help_heading = "Global options"
+    )]
+    pub socket: Option<String>,
+    /// Print the API's JSON instead of tables
+    #[arg(long, global = true, help_heading = "Global options")]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// A registered device, completed from the running agent.
+#[derive(Debug, Args)]
+pub struct DeviceArg {
+    /// Registry id or name of the device
+    #[arg(value_name = "ID|NAME", add = ArgValueCandidates::new(registered_devices))]
+    pub device: String,
+}
+
+#[derive(Debug, Args)]
+pub struct NameAndTags {
+    /// Device name (taken as given, even if it starts with '-': the agent
+    /// says what is wrong with it)
+    #[arg(long, value_name = "NAME", allow_hyphen_values = true)]
+    pub name: Option<String>,
+    /// A tag; repeat for more
+    #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
+    pub tags: Vec<(String, String)>,
+}
+
+/// The method names the agent takes: `auto` and the kernel's.
+fn reset_methods() -> clap::builder::PossibleValuesParser {
+    let names = std::iter::once(ResetMethod::Auto)
+        .chain(ResetMethod::KERNEL)
+        .map(ResetMethod::as_str);
+    clap::builder::PossibleValuesParser::new(names)
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Registered devices (all given tags must match)
+    List {
+        /// Only devices that carry this tag; repeat for more
+        #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
+    },
+    /// Passthrough candidates on this host
+    Available {
+        /// Every PCI function of the host (class, names, driver, IOMMU group),
+        /// like lspci -nn
+        #[arg(long)]
+        all: bool,
+    },
+    /// Set a PCI device aside (e.g. 0000:a2:00.0)
+    Register {
+        /// PCI address DDDD:BB:DD.F
+        #[arg(value_name = "ADDRESS", add = ArgValueCandidates::new(unregistered_candidates))]
+        address: String,
+        #[command(flatten)]
+        name_tags: NameAndTags,
+    },
+    /// One registered device
+    Show(DeviceArg),
+    /// Rename, or replace all tags
+    Update {
+        #[command(flatten)]
+        device: DeviceArg,
+        #[command(flatten)]
+        name_tags: NameAndTags,
+    },
+    /// Unregister (gives back a driver vfiod took)
+    Delete(DeviceArg),
+    /// Move the device to vfio-pci
+    Bind {
+        #[command(flatten)]
+        device: DeviceArg,
+        /// Move the other functions of its IOMMU group along
+        #[arg(long)]
+        with_group: bool,
+        /// Print the plan; change nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Take a network interface in use (up with an address, or carrying a
+        /// route) off its driver anyway; other holders always refuse (see
+        /// `vfioctl holders`)
+        #[arg(long)]
+        force: bool,
+    },
+    /// Give it back to its original driver
+    Unbind(DeviceArg),
+    /// Bind if needed, mark attached to INSTANCE
+    #[command(
+        long_about = "Bind the device if needed and mark it attached to the virtual machine \
+            INSTANCE. While attached, the VMM's user (--uid, by default yours) and no other \
+            unprivileged user may open the device's VFIO nodes; with --pid, the attachment \
+            also ends when that process exits.",
+        after_help = "VFIO pins all of the guest's memory for DMA and charges it against the \
+            VMM process's RLIMIT_MEMLOCK: raise that limit to at least the guest's memory \
+            size (LimitMEMLOCK= in the VMM's systemd unit, or ulimit -l), or the VMM fails \
+            to map the device."
+    )]
+    Attach {
+        #[command(flatten)]
+        device: DeviceArg,
+        /// Virtual machine the device goes to
+        #[arg(value_name = "INSTANCE")]
+        instance: String,
+        /// Uid of the VMM that may open the device [default: yours; only root
+        /// may name another]
+        #[arg(long, value_name = "N")]
+        uid: Option<u32>,
+        /// Pid of the VMM (running as that uid); the attachment ends when it
+        /// exits
+        #[arg(long, value_name = "N")]
+        pid: Option<u32>,
+    },
+    /// Clear the attachment, restore the driver
+    Detach {
+        #[command(flatten)]
+        device: DeviceArg,
+        /// Leave the device on vfio-pci
+        #[arg(long)]
+        keep_bound: bool,
+    },
+    /// Reset the function
+    Reset {
+        #[command(flatten)]
+        device: DeviceArg,
+        /// Reset method [default: the agent's choice, auto: the kernel's order
+        /// for the function]
+        #[arg(long, value_parser = reset_methods())]
+        method: Option<String>,
+        /// Print the method and the functions the reset would reach; change nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Processes, mounts, swap, block stacks, network interfaces and consoles
+    /// that use the device
+    Holders(DeviceArg),
+    /// Follow the event stream (Ctrl-C to stop)
+    Events {
+        /// First replay the retained events after SEQ (0: all of them; see
+        /// X-Vfiod-Event-Seq)
+        #[arg(long, value_name = "SEQ")]
+        since: Option<u64>,
+    },
+    /// Agent version, IOMMU and vfio-pci status
+    Health,
+    /// Print a shell completion script
+    #[command(
+        long_about = "Print a completion script for SHELL. By default the script asks \
+            vfioctl itself for candidates at each TAB, so the names and ids of the devices \
+            registered with the running agent complete too (bash, zsh and fish). With \
+            --static it prints a self-contained script that completes commands and \
+            options only.\n\n\
+            bash:  vfioctl completion bash > ~/.local/share/bash-completion/completions/vfioctl\n\
+            zsh:   vfioctl completion zsh > ~/.zfunc/_vfioctl   (with ~/.zfunc in fpath)\n\
+            fish:  vfioctl completion fish > ~/.config/fish/completions/vfioctl.fish"
+    )]
+    Completion {
+        #[arg(value_enum)]
+        shell: CompletionShell,
+        /// Self-contained script without device names
+        #[arg(long = "static")]
+        static_script: bool,
+        /// Program the script runs for candidates [default: vfioctl, from PATH]
+        #[arg(long, value_name = "PATH", value_hint = ValueHint::ExecutablePath)]
+        completer: Option<String>,
+    },
+}
+
+fn parse_tag(kv: &str) -> Result<(String, String), String> {
+    kv.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{kv:?}: expected KEY=VALUE"))
+}
+
+/// Exit 2 for an option before the command (the global ones), 1 for
+/// everything about a command, as before clap: scripts tell a broken
+/// invocation of vfioctl from a refused request that way.
+pub fn usage_exit_code(e: &clap::Error) -> u8 {
+    use clap::error::{ContextKind, ContextValue};
+    let global = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(arg)) => arg.starts_with("--socket") || arg.starts_with("--json"),
+        _ => false,
+    };
+    if global {
+        2
+    } else {
+        1
+    }
+}

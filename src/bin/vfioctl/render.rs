@@ -1,0 +1,349 @@
+//! What vfioctl prints without `--json`: tables and `key: value` lines,
+//! read from the daemon's own wire types. `-` stands for none.
+
+use std::fmt::Display;
+
+use vfiod::api::wire::{AvailableDevice, Device, HealthBody, Holders, LastResetWire};
+use vfiod::core::{BindPlan, ResetPlan};
+use vfiod::events::{wire_time, Event};
+use vfiod::pci::holders::Holder;
+
+fn or_dash(value: Option<impl Display>) -> String {
+    value.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+fn yes_no(value: bool) -> String {
+    if value { "yes" } else { "no" }.into()
+}
+
+/// Columns as wide as their widest cell, two spaces apart.
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<String>, out: &mut String| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(parts.join("  ").trim_end());
+        out.push('\n');
+    };
+    line(headers.iter().map(|h| h.to_string()).collect(), &mut out);
+    for r in rows {
+        line(r, &mut out);
+    }
+    out
+}
+
+/// `key:` padded to `width`, then the value (a key as long as the width
+/// runs into its value, as it always has).
+fn field(out: &mut String, width: usize, key: &str, value: impl Display) {
+    out.push_str(&format!("{:<width$}{value}\n", format!("{key}:")));
+}
+
+/// The vendor's and device's names from pci.ids, the ids where it has none.
+fn names(vendor_name: Option<&str>, device_name: Option<&str>, ids: (&str, &str)) -> String {
+    let (vendor_id, device_id) = ids;
+    match (vendor_name.unwrap_or(""), device_name.unwrap_or("")) {
+        ("", "") => format!("{vendor_id}:{device_id}"),
+        (vendor, "") => format!("{vendor} {vendor_id}:{device_id}"),
+        (vendor, device) => format!("{vendor} {device}"),
+    }
+}
+
+fn device_names(d: &Device) -> String {
+    names(
+        d.vendor_name.as_deref(),
+        d.device_name.as_deref(),
+        (&d.vendor_id, &d.device_id),
+    )
+}
+
+pub fn available_names(d: &AvailableDevice) -> String {
+    names(
+        d.vendor_name.as_deref(),
+        d.device_name.as_deref(),
+        (&d.vendor_id, &d.device_id),
+    )
+}
+
+pub fn devices(list: &[Device]) -> String {
+    if list.is_empty() {
+        return "no registered devices\n".into();
+    }
+    table(
+        &[
+            "NAME", "ADDRESS", "TYPE", "GROUP", "DRIVER", "VFIO", "ATTACHED", "HEALTH", "DEVICE",
+            "ID",
+        ],
+        list.iter()
+            .map(|d| {
+                vec![
+                    d.name.to_string(),
+                    d.pci_address.to_string(),
+                    d.kind.as_str().into(),
+                    d.iommu_group.to_string(),
+                    if d.present {
+                        or_dash(d.current_driver.as_deref())
+                    } else {
+                        "(absent)".into()
+                    },
+                    yes_no(d.bound_to_vfio),
+                    or_dash(d.attached_to.as_deref()),
+                    d.health.as_str().into(),
+                    device_names(d),
+                    d.id.to_string(),
+                ]
+            })
+            .collect(),
+    )
+}
+
+/// Every field of a device, one per line, then what the fields mean
+/// together: tags, companions, the last reset, who may open it.
+pub fn device(d: &Device) -> String {
+    let mut out = String::new();
+    let mut line = |key: &str, value: &dyn Display| field(&mut out, 18, key, value);
+    line("id", &d.id);
+    line("name", &d.name);
+    line("type", &d.kind.as_str());
+    line("pci_address", &d.pci_address);
+    line("vendor_id", &d.vendor_id);
+    line("device_id", &d.device_id);
+    line("vendor_name", &or_dash(d.vendor_name.as_deref()));
+    line("device_name", &or_dash(d.device_name.as_deref()));
+    line("class", &d.class);
+    line("iommu_group", &d.iommu_group);
+    line("present", &d.present);
+    line("current_driver", &or_dash(d.current_driver.as_deref()));
+    line("original_driver", &or_dash(d.original_driver.as_deref()));
+    line("bound_to_vfio", &d.bound_to_vfio);
+    line("bound_by_vfiod", &d.bound_by_vfiod);
+    line("attached_to", &or_dash(d.attached_to.as_deref()));
+    line("created_at", &d.created_at);
+    line("stuck", &d.stuck);
+    line("identity_mismatch", &d.identity_mismatch);
+    line("health", &d.health.as_str());
+    line("health_reason", &or_dash(d.health_reason.as_deref()));
+    let tags: Vec<String> = d.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    line(
+        "tags",
+        &or_dash((!tags.is_empty()).then(|| tags.join(", "))),
+    );
+    if !d.group_companions.is_empty() {
+        let companions: Vec<String> = d.group_companions.iter().map(|a| a.to_string()).collect();
+        line("moved with", &companions.join(", "));
+    }
+    line(
+        "last reset",
+        &or_dash(d.last_reset.as_ref().map(last_reset)),
+    );
+    line("may open", &who_may_open(d));
+    out
+}
+
+/// `flr: ok in 139 ms at 2026-12-01T07:12:41.000Z`.
+fn last_reset(r: &LastResetWire) -> String {
+    format!(
+        "{}: {} in {} ms at {}",
+        r.method, r.result, r.duration_ms, r.at
+    )
+}
+
+/// Who may open the device's VFIO nodes: root always; while attached,
+/// the attachment's uid through its ACL grant (and its VMM's pid).
+fn who_may_open(d: &Device) -> String {
+    if !d.bound_to_vfio {
+        return "nobody: not on vfio".into();
+    }
+    match d.attached_uid {
+        Some(0) | None => "root only".into(),
+        Some(uid) => match d.attached_pid {
+            Some(pid) => format!("root and uid {uid} (until VMM pid {pid} exits)"),
+            None => format!("root and uid {uid}"),
+        },
+    }
+}
+
+/// Candidates, or with `all` every function with lspci -nn's columns plus
+/// what passthrough needs to know.
+pub fn available(list: &[AvailableDevice], all: bool) -> String {
+    if all {
+        let rows = list
+            .iter()
+            .map(|d| {
+                let class = d.class.get(..4).unwrap_or(&d.class);
+                vec![
+                    d.pci_address.to_string(),
+                    format!("{} [{class}]", d.kind.as_str()),
+                    format!("{} [{}:{}]", available_names(d), d.vendor_id, d.device_id),
+                    or_dash(d.current_driver.as_deref()),
+                    d.iommu_group.to_string(),
+                    or_dash(d.registered_id.as_deref()),
+                ]
+            })
+            .collect();
+        return table(
+            &[
+                "ADDRESS",
+                "CLASS",
+                "DEVICE",
+                "DRIVER",
+                "GROUP",
+                "REGISTERED",
+            ],
+            rows,
+        );
+    }
+    let rows = list
+        .iter()
+        .map(|d| {
+            vec![
+                d.pci_address.to_string(),
+                d.kind.as_str().into(),
+                d.iommu_group.to_string(),
+                or_dash(d.current_driver.as_deref()),
+                yes_no(d.registered_id.is_some()),
+                available_names(d),
+            ]
+        })
+        .collect();
+    table(
+        &["ADDRESS", "TYPE", "GROUP", "DRIVER", "REGISTERED", "DEVICE"],
+        rows,
+    )
+}
+
+/// One line per holder, worded by `Holder`'s own `Display` (as vfiod's
+/// busy errors word it), or that nothing holds `device` (as the command
+/// named it).
+pub fn holders(answer: &Holders, device: &str) -> String {
+    if answer.holders.is_empty() {
+        return format!("nothing holds {device}\n");
+    }
+    table(
+        &["FUNCTION", "KIND", "HOLDER"],
+        answer
+            .holders
+            .iter()
+            .map(|h| vec![h.pci_address().to_string(), kind(h).into(), h.to_string()])
+            .collect(),
+    )
+}
+
+/// A holder's `kind` on the wire.
+fn kind(h: &Holder) -> &'static str {
+    match h {
+        Holder::Process { .. } => "process",
+        Holder::Mount { .. } => "mount",
+        Holder::Swap { .. } => "swap",
+        Holder::BlockStack { .. } => "block_stack",
+        Holder::NetInterface { .. } => "net_interface",
+        Holder::FramebufferConsole { .. } => "framebuffer_console",
+    }
+}
+
+/// `bind --dry-run`: the sysfs writes a bind would do.
+pub fn bind_plan(plan: &BindPlan) -> String {
+    if plan.steps.is_empty() {
+        return "nothing to do: already on vfio\n".into();
+    }
+    let steps: String = plan.steps.iter().map(|s| format!("  {s}\n")).collect();
+    format!("dry run, nothing changed; a bind would:\n{steps}")
+}
+
+/// `reset --dry-run`: the methods a reset would try and every function it
+/// would reach.
+pub fn reset_plan(plan: &ResetPlan) -> String {
+    let scope: String = plan
+        .scope
+        .iter()
+        .map(|f| format!("  {} ({})\n", f.pci_address, or_dash(f.driver.as_deref())))
+        .collect();
+    format!(
+        "dry run, nothing changed; a reset would try {} and reach:\n{scope}",
+        plan.methods.join(", ")
+    )
+}
+
+/// Every field of `GET /health`, in alphabetical order.
+pub fn health(body: &HealthBody) -> String {
+    let h = &body.health;
+    let mut out = String::new();
+    let mut line = |key: &str, value: &dyn Display| field(&mut out, 20, key, value);
+    line("hotplug", &h.hotplug);
+    line("iommu_enabled", &h.iommu_enabled);
+    line("last_event_seq", &h.last_event_seq);
+    line("pci_ids", &or_dash(h.pci_ids.as_deref()));
+    line("privileged", &h.privileged);
+    line("registered_devices", &h.registered_devices);
+    line("status", &body.status);
+    line("uptime_s", &h.uptime_s);
+    line("version", &h.version);
+    line(
+        "vfio_container_usable_by_all",
+        &h.vfio_container_usable_by_all,
+    );
+    line("vfio_pci_available", &h.vfio_pci_available);
+    out
+}
+
+/// One event: its number first (what `--since` resumes from), then time,
+/// type, function and the details it carries, by name.
+pub fn event(e: &Event) -> String {
+    let mut details = Vec::new();
+    if let Some(detail) = &e.detail {
+        details.push(format!("detail={detail}"));
+    }
+    if let Some(driver) = &e.driver {
+        details.push(format!("driver={driver}"));
+    }
+    if let Some(instance) = &e.instance_id {
+        details.push(format!("instance_id={instance}"));
+    }
+    if let Some(missed) = e.missed {
+        details.push(format!("missed={missed}"));
+    }
+    format!(
+        "{:>6}  {}  {:<18} {:<13} {}",
+        e.seq,
+        wire_time(&e.at),
+        e.kind.to_string(),
+        or_dash(e.pci_address),
+        details.join(" ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_holder_s_kind_is_its_wire_tag() {
+        let holders: Vec<Holder> = serde_json::from_str(
+            r#"[
+            {"kind": "process", "pci_address": "0000:01:00.0", "pid": 1, "comm": "x",
+             "uid": 0, "path": "/dev/x"},
+            {"kind": "mount", "pci_address": "0000:01:00.0", "device": "/dev/x",
+             "mount_point": "/", "fstype": "ext4"},
+            {"kind": "swap", "pci_address": "0000:01:00.0", "device": "/dev/x"},
+            {"kind": "block_stack", "pci_address": "0000:01:00.0", "device": "x",
+             "holder": "dm-0"},
+            {"kind": "net_interface", "pci_address": "0000:01:00.0", "interface": "x",
+             "addresses": [], "routes": 0},
+            {"kind": "framebuffer_console", "pci_address": "0000:01:00.0",
+             "vtconsole": "vtcon1", "framebuffer": "fb0"}
+        ]"#,
+        )
+        .unwrap();
+        for h in &holders {
+            assert_eq!(serde_json::to_value(h).unwrap()["kind"], kind(h), "{h:?}");
+        }
+    }
+}

@@ -1,0 +1,415 @@
+//! Operations: every change to a device is one typed [`Operation`], run by
+//! [`Core::execute`].
+//!
+//! The executor is the one place that, for every operation alike:
+//! - owns the task: the operation runs as a task of the daemon, so a client
+//!   that hangs up (its request future dropped) cannot stop it half-way;
+//!   shutdown waits for these tasks ([`Core::finish_operations`]);
+//! - takes the lock the operation needs (see [`Operation::lock`]);
+//! - logs who asked, and how it ended;
+//! - counts it in the metrics;
+//! - hands the stages an [`OpContext`] through which every event of the
+//!   operation is published, in the order things happened.
+//!
+//! Inside, the stages run one way: plan (checks, what would be written),
+//! apply (driver moves, reset, grant), release (reset on release, give
+//! back), record (the registry commit that makes the outcome durable). No
+//! stage calls back into the one that called it. Adding an operation means
+//! a variant here, its stage code, a route-table row and its parse
+//! function in the API, and its OpenAPI entry.
+
+use std::time::Instant;
+
+use super::{
+    AttachRequest, BindOutcome, BindRequest, Caller, Core, RegisterRequest, ResetOutcome,
+    ResetRequest, UpdateRequest,
+};
+use crate::error::CoreError;
+use crate::events::{Event, EventKind};
+use crate::metrics;
+use crate::pci::PciAddress;
+use crate::registry::{AttachedProcess, DeviceRecord, Health};
+
+/// What an operation is, for logs, metrics and error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OpKind {
+    Register,
+    Update,
+    Delete,
+    Bind,
+    Unbind,
+    Attach,
+    Detach,
+    Reset,
+    /// vfiod's own: finishing an operation a crash or a stuck write left
+    /// unfinished.
+    Settle,
+    /// vfiod's own: putting a device it holds back on vfio (restart,
+    /// re-plug, reclaim).
+    Rebind,
+    /// vfiod's own: ending an attachment whose VMM exited.
+    EndAttachment,
+}
+
+impl OpKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpKind::Register => "register",
+            OpKind::Update => "update",
+            OpKind::Delete => "delete",
+            OpKind::Bind => "bind",
+            OpKind::Unbind => "unbind",
+            OpKind::Attach => "attach",
+            OpKind::Detach => "detach",
+            OpKind::Reset => "reset",
+            OpKind::Settle => "settle",
+            OpKind::Rebind => "rebind",
+            OpKind::EndAttachment => "end_attachment",
+        }
+    }
+}
+
+impl std::fmt::Display for OpKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One change, typed. `device` is an id or a name as the caller gave it;
+/// vfiod's own operations name the device by address.
+#[derive(Debug, Clone)]
+pub enum Operation {
+    Register(RegisterRequest),
+    Update {
+        device: String,
+        req: UpdateRequest,
+    },
+    Delete {
+        device: String,
+    },
+    Bind {
+        device: String,
+        req: BindRequest,
+    },
+    Unbind {
+        device: String,
+    },
+    Attach {
+        device: String,
+        req: AttachRequest,
+    },
+    Detach {
+        device: String,
+        keep_bound: bool,
+    },
+    Reset {
+        device: String,
+        req: ResetRequest,
+    },
+    Settle {
+        address: PciAddress,
+    },
+    Rebind {
+        address: PciAddress,
+    },
+    EndAttachment {
+        address: PciAddress,
+        process: AttachedProcess,
+        why: String,
+    },
+}
+
+/// The lock an operation runs under.
+pub(super) enum Lock<'a> {
+    /// Registry edits only: the commit lock serialises them.
+    None,
+    /// The device's IOMMU group lock, refused while a write to the device
+    /// is still in the kernel (`device_stuck`): that write's return
+    /// settles the device, and anything done meanwhile would race it.
+    Move(&'a str),
+    /// The group lock of a device vfiod itself acts on; a vanished device
+    /// makes the operation a no-op.
+    Own(PciAddress),
+}
+
+impl Operation {
+    pub fn kind(&self) -> OpKind {
+        match self {
+            Operation::Register(_) => OpKind::Register,
+            Operation::Update { .. } => OpKind::Update,
+            Operation::Delete { .. } => OpKind::Delete,
+            Operation::Bind { .. } => OpKind::Bind,
+            Operation::Unbind { .. } => OpKind::Unbind,
+            Operation::Attach { .. } => OpKind::Attach,
+            Operation::Detach { .. } => OpKind::Detach,
+            Operation::Reset { .. } => OpKind::Reset,
+            Operation::Settle { .. } => OpKind::Settle,
+            Operation::Rebind { .. } => OpKind::Rebind,
+            Operation::EndAttachment { .. } => OpKind::EndAttachment,
+        }
+    }
+
+    pub(super) fn lock(&self) -> Lock<'_> {
+        match self {
+            Operation::Register(_) | Operation::Update { .. } => Lock::None,
+            Operation::Delete { device }
+            | Operation::Bind { device, .. }
+            | Operation::Unbind { device }
+            | Operation::Attach { device, .. }
+            | Operation::Detach { device, .. }
+            | Operation::Reset { device, .. } => Lock::Move(device),
+            Operation::Settle { address }
+            | Operation::Rebind { address }
+            | Operation::EndAttachment { address, .. } => Lock::Own(*address),
+        }
+    }
+
+    /// The device as the caller named it, for the log.
+    fn target(&self) -> String {
+        match self {
+            Operation::Register(req) => req.pci_address.to_string(),
+            Operation::Update { device, .. }
+            | Operation::Delete { device }
+            | Operation::Bind { device, .. }
+            | Operation::Unbind { device }
+            | Operation::Attach { device, .. }
+            | Operation::Detach { device, .. }
+            | Operation::Reset { device, .. } => device.chars().take(80).collect(),
+            Operation::Settle { address }
+            | Operation::Rebind { address }
+            | Operation::EndAttachment { address, .. } => address.to_string(),
+        }
+    }
+}
+
+/// How an operation ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// The device as the operation left it.
+    Device(DeviceRecord),
+    /// The device is no longer registered.
+    Deleted,
+    Bound(BindOutcome),
+    Reset(ResetOutcome),
+    /// vfiod's own operation found nothing to do (the device went away or
+    /// no longer needs it).
+    Nothing,
+}
+
+impl Outcome {
+    /// The plan and device of a bind.
+    pub fn bound(self) -> Result<BindOutcome, CoreError> {
+        match self {
+            Outcome::Bound(b) => Ok(b),
+            other => Err(CoreError::Internal(format!("a bind ended as {other:?}"))),
+        }
+    }
+
+    /// The plan and device of a reset.
+    pub fn reset(self) -> Result<ResetOutcome, CoreError> {
+        match self {
+            Outcome::Reset(r) => Ok(r),
+            other => Err(CoreError::Internal(format!("a reset ended as {other:?}"))),
+        }
+    }
+
+    /// The device record of an outcome that has one.
+    pub fn device(self) -> Result<DeviceRecord, CoreError> {
+        match self {
+            Outcome::Device(d) => Ok(d),
+            Outcome::Bound(b) => Ok(b.device),
+            Outcome::Reset(r) => Ok(r.device),
+            Outcome::Deleted | Outcome::Nothing => {
+                Err(CoreError::Internal("the operation left no device".into()))
+            }
+        }
+    }
+}
+
+/// What the stages of one operation share: who asked, and the way out
+/// for its events.
+pub(super) struct OpContext<'a> {
+    pub caller: Caller,
+    core: &'a Core,
+}
+
+impl OpContext<'_> {
+    /// Publishes an event about `device` now, and returns nothing: an
+    /// operation's events go out in the order its stages reach them.
+    pub fn publish(&self, event: Event) {
+        self.core.events.publish(event);
+    }
+
+    /// An event about `device`, to be completed and published.
+    pub fn event(&self, kind: EventKind, device: &DeviceRecord) -> Event {
+        device_event(kind, device)
+    }
+}
+
+/// An event about a registered device.
+pub(super) fn device_event(kind: EventKind, d: &DeviceRecord) -> Event {
+    Event::new(kind, Some(d.pci_address), Some(d.id.clone()))
+}
+
+/// Attach and bind hand a device out: refused while it is unfit. (A
+/// device that needs a reset is fit: it is reset before it is attached.)
+pub(super) fn ensure_fit(record: &DeviceRecord) -> Result<(), CoreError> {
+    let reason = || record.health.reason.clone().unwrap_or_default();
+    match record.health.state {
+        Health::Quarantined => Err(CoreError::DeviceQuarantined {
+            device: record.name.clone(),
+            reason: reason(),
+        }),
+        Health::NeedsHostReboot => Err(CoreError::NeedsHostReboot {
+            device: record.name.clone(),
+            reason: reason(),
+        }),
+        Health::Ok | Health::NeedsReset => Ok(()),
+    }
+}
+
+/// A device handed to an instance cannot be moved, reset or deleted
+/// under it.
+pub(super) fn ensure_not_attached(record: &DeviceRecord) -> Result<(), CoreError> {
+    match record.attached_to() {
+        Some(instance) => Err(CoreError::InUse {
+            device: record.name.clone(),
+            instance: instance.to_owned(),
+        }),
+        None => Ok(()),
+    }
+}
+
+impl Core {
+    /// Runs `op` for `caller` as a task of the daemon and waits for its
+    /// outcome (see the module docs).
+    pub async fn execute(&self, caller: Caller, op: Operation) -> Result<Outcome, CoreError> {
+        let task = self.me.upgrade().map(|core| {
+            self.operations
+                .spawn(async move { core.run(caller, op).await })
+        });
+        match task {
+            Some(task) => task.await.map_err(|e| {
+                CoreError::Internal(format!("operation task ended abnormally: {e}"))
+            })?,
+            None => Err(CoreError::Internal("vfiod is shutting down".into())),
+        }
+    }
+
+    /// Starts one of vfiod's own operations without waiting for it (from
+    /// the hotplug loop, a late write's return, a VMM's exit); its outcome
+    /// is logged by the executor.
+    pub(super) fn execute_in_background(&self, op: Operation) {
+        if let Some(core) = self.me.upgrade() {
+            self.operations
+                .spawn(async move { core.run(Caller::AGENT, op).await });
+        }
+    }
+
+    async fn run(&self, caller: Caller, op: Operation) -> Result<Outcome, CoreError> {
+        let kind = op.kind();
+        let target = op.target();
+        let started = Instant::now();
+        if caller != Caller::AGENT {
+            tracing::debug!(uid = caller.uid, pid = caller.pid, op = %kind, device = %target, "{kind} of {target} requested by {caller}");
+        }
+        let ctx = OpContext { caller, core: self };
+        let locked = match op.lock() {
+            Lock::None => Ok(None),
+            Lock::Move(device) => self
+                .lock_device_for_move(device)
+                .await
+                .map(|(guard, record)| Some((guard, Some(record)))),
+            Lock::Own(address) => Ok(self.lock_address(address).await),
+        };
+        let result = match locked {
+            Err(e) => Err(e),
+            Ok(held) => {
+                let (_guard, record) = match held {
+                    Some((guard, record)) => (Some(guard), record),
+                    None => (None, None),
+                };
+                self.apply(&ctx, op, record).await
+            }
+        };
+        let took = started.elapsed();
+        metrics::record_operation(kind.as_str(), result.is_ok());
+        let elapsed_ms = took.as_secs_f64() * 1000.0;
+        match &result {
+            Ok(_) => {
+                tracing::debug!(uid = caller.uid, pid = caller.pid, op = %kind, device = %target, elapsed_ms, "{kind} of {target} for {caller} done in {elapsed_ms:.1} ms")
+            }
+            Err(e) if caller == Caller::AGENT => {
+                tracing::warn!(op = %kind, device = %target, error = %e, "{kind} of {target} (vfiod's own) failed: {e}")
+            }
+            Err(e) => {
+                tracing::info!(uid = caller.uid, pid = caller.pid, op = %kind, device = %target, error = %e, "{kind} of {target} for {caller} refused or failed: {e}")
+            }
+        }
+        result
+    }
+
+    /// Dispatches to the operation's stages, the lock held. `record` is the
+    /// device read again under the lock (`None` for operations without a
+    /// device lock, or one of vfiod's own whose device went away).
+    async fn apply(
+        &self,
+        ctx: &OpContext<'_>,
+        op: Operation,
+        record: Option<DeviceRecord>,
+    ) -> Result<Outcome, CoreError> {
+        let locked = |record: Option<DeviceRecord>| {
+            record.ok_or_else(|| CoreError::Internal("operation without its device".into()))
+        };
+        match op {
+            Operation::Register(req) => self.register_device(ctx, req).await.map(Outcome::Device),
+            Operation::Update { device, req } => self
+                .update_device_record(ctx, &device, req)
+                .await
+                .map(Outcome::Device),
+            Operation::Delete { .. } => self
+                .delete_device(ctx, &locked(record)?)
+                .await
+                .map(|()| Outcome::Deleted),
+            Operation::Bind { req, .. } => self
+                .apply_bind(ctx, &locked(record)?, req)
+                .await
+                .map(Outcome::Bound),
+            Operation::Unbind { .. } => self
+                .unbind_device(ctx, &locked(record)?)
+                .await
+                .map(Outcome::Device),
+            Operation::Attach { req, .. } => self
+                .attach_device(ctx, &locked(record)?, req)
+                .await
+                .map(Outcome::Device),
+            Operation::Detach { keep_bound, .. } => self
+                .detach_device(ctx, &locked(record)?, keep_bound)
+                .await
+                .map(Outcome::Device),
+            Operation::Reset { req, .. } => self
+                .reset_device(ctx, &locked(record)?, req)
+                .await
+                .map(Outcome::Reset),
+            Operation::Settle { .. } => match record {
+                Some(record) => {
+                    self.settle_device(ctx, &record).await;
+                    Ok(Outcome::Nothing)
+                }
+                None => Ok(Outcome::Nothing),
+            },
+            Operation::Rebind { .. } => match record {
+                Some(record) => self.rebind_device(ctx, &record).await,
+                None => Ok(Outcome::Nothing),
+            },
+            Operation::EndAttachment { process, why, .. } => match record {
+                Some(record) => {
+                    self.end_attachment_of_exited_vmm(ctx, &record, process, why)
+                        .await;
+                    Ok(Outcome::Nothing)
+                }
+                None => Ok(Outcome::Nothing),
+            },
+        }
+    }
+}
