@@ -3,7 +3,7 @@
 //! model of what vfiod should report, checked against the model, the
 //! simulated kernel and the invariants of `crashkit` after every step.
 //!
-//! CI runs a bounded budget (`VFIOD_SOAK_SECS`, 60 s by default) of seeds
+//! CI runs a bounded budget (`VFIOD_SOAK_SECS`, 30 s by default) of seeds
 //! from a fixed base (`VFIOD_SOAK_SEED`, or the seed each run prints), after
 //! the seeds that once failed (`REGRESSION_SEEDS`). A failure prints its seed
 //! and the shortest sequence found that still fails (the sequence shrunk
@@ -689,7 +689,7 @@ fn soak_secs() -> u64 {
     std::env::var("VFIOD_SOAK_SECS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(60)
+        .unwrap_or(30)
 }
 
 fn base_seed() -> u64 {
