@@ -816,7 +816,7 @@ fn faults_for(sc: &Scenario, k: usize, step: &str) -> Vec<Fault> {
     if all_errnos() {
         faults.push(Fault::Unplug);
         faults.push(Fault::ReplugRacing);
-    } else if k % 4 == 0 {
+    } else if k.is_multiple_of(4) {
         faults.push(Fault::Unplug);
     } else if k % 4 == 2 {
         faults.push(Fault::ReplugRacing);
