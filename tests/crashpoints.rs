@@ -925,7 +925,7 @@ fn known_gap(sc: &Scenario, fault: Fault, step: &str) -> Option<&'static str> {
             "a group unbind that fails because the device left strands its companion on vfio-pci with vfiod's override",
         ),
         ("unbind a group (GPU + audio, reset on release)", Fault::Errno(_))
-            if step.contains("0000:01:00.1/") =>
+            if step.contains("0000:01:00.1") =>
         {
             Some(
                 "a group give-back whose write for the companion fails (its override cleared, its unbind from vfio-pci) gives the GPU back and unregisters nothing, but leaves the companion on vfio-pci while no record holds it",
