@@ -32,7 +32,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::crashpoint::{self, StepKind};
+use crate::crashpoint::{self, Stage, StepKind};
 use crate::pci::{is_vfio_driver, PciAddress, Sysfs, SysfsError, VFIO_PCI};
 
 /// The sysfs step a move or reset was at; the wire's `step` field on a failed
@@ -280,6 +280,9 @@ const POLL_INTERVAL: Duration = Duration::from_millis(1);
 /// the override (see `move_one_to_vfio`); one race per add is all the
 /// kernel can produce, the second retry is margin.
 const NATIVE_PROBE_RACE_RETRIES: usize = 2;
+/// Writes of a function's own `reset_method` list back, before vfiod gives
+/// up and leaves its choice in place (logged).
+const RESTORE_RESET_METHOD_ATTEMPTS: usize = 3;
 
 impl Engine {
     /// `write_timeout` bounds each sysfs write and the settling after it (the
@@ -408,15 +411,26 @@ impl Engine {
             previous
         };
         let path = self.sysfs.reset_method_path(&addr);
-        match self
-            .write(Step::RestoreResetMethod, addr, path, value)
-            .await
-        {
-            Err(e) if !e.is_timeout() => {
-                tracing::error!(device = %addr, error = %e, "could not put reset_method back");
-                Ok(())
+        // A method list left behind outlives vfiod (the kernel then resets
+        // the device only the way vfiod chose, for everyone): a refused
+        // write is tried again before it is given up on.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self
+                .write(Step::RestoreResetMethod, addr, path.clone(), value)
+                .await
+            {
+                Err(e) if !e.is_timeout() && attempt < RESTORE_RESET_METHOD_ATTEMPTS => {
+                    tracing::warn!(device = %addr, error = %e, attempt, "could not put reset_method back; trying again");
+                    tokio::time::sleep(Duration::from_millis(10 * attempt as u64)).await;
+                }
+                Err(e) if !e.is_timeout() => {
+                    tracing::error!(device = %addr, error = %e, "could not put reset_method back");
+                    return Ok(());
+                }
+                other => return other,
             }
-            other => other,
         }
     }
 
@@ -624,11 +638,20 @@ impl Engine {
         let spawned = std::thread::Builder::new()
             .name("sysfs-write".into())
             .spawn(move || {
-                let result = Sysfs::write_attr(&thread_path, &value);
-                crashpoint::step(
-                    StepKind::SysfsWrite,
-                    format_args!("{} {value:?}", thread_path.display()),
-                );
+                let step = crashpoint::begin(StepKind::SysfsWrite);
+                let result = match step.injected(Stage::Write) {
+                    Some(source) => Err(SysfsError {
+                        op: "write",
+                        path: thread_path.clone(),
+                        source,
+                    }),
+                    None => Sysfs::write_attr(&thread_path, &value),
+                };
+                step.made(format_args!(
+                    "{} {value:?}{}",
+                    thread_path.display(),
+                    if result.is_err() { " (failed)" } else { "" }
+                ));
                 // Whoever is still listening gets the result: the caller
                 // within the timeout, the late-write watcher after it.
                 if let Err(result) = tx.send(result) {

@@ -206,6 +206,41 @@ fn driver_events_update_current_driver_and_a_stolen_device_is_reported_and_recla
     });
 }
 
+/// Issue 18 (found by tests/crashpoints.rs, bind with a re-plug racing the
+/// native probe): a `bind` uevent can be processed after the device has
+/// moved on. The kernel's own probe after a re-plug bound e1000e, vfiod
+/// took the device to vfio, and only then was the uevent of that probe
+/// read: vfiod recorded e1000e on a device that was on vfio-pci and
+/// reported its own device as stolen. What a uevent says is history; the
+/// driver is read from sysfs when the event is handled.
+#[test]
+fn a_late_bind_uevent_neither_overwrites_the_driver_nor_cries_stolen() {
+    let h = host(&[]);
+    h.d.register(NIC, "nic");
+    assert_eq!(h.d.post("/devices/nic/bind", "").status, 200);
+    let mut events = EventStream::open(&h.d.socket, "");
+    // The uevent of a probe that happened before vfiod's move.
+    h.uevent(&format!("bind {NIC} e1000e"));
+    let bound = events.until(|e| e["type"] == "driver_bound");
+    assert_eq!(bound["driver"], "vfio-pci", "{bound}");
+    // A marker event: anything published for the late uevent came before.
+    let r =
+        h.d.req("PATCH", "/devices/nic", Some(r#"{"tags":{"k":"v"}}"#));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut seen = Vec::new();
+    loop {
+        let e = events.next_event();
+        seen.push(e["type"].as_str().unwrap_or("").to_owned());
+        if e["type"] == "updated" {
+            break;
+        }
+    }
+    assert!(!seen.iter().any(|t| t == "driver_stolen"), "{seen:?}");
+    let dev = h.device("nic");
+    assert_eq!(dev["current_driver"], "vfio-pci", "{dev}");
+    assert_eq!(dev["bound_to_vfio"], true, "{dev}");
+}
+
 #[test]
 fn startup_reconciles_with_what_changed_while_down() {
     let mut h = host(&[]);

@@ -165,6 +165,8 @@ pub struct Core {
     /// task of the daemon (see [`Core::owned`]).
     operations: TaskTracker,
     udev_rule_written: Mutex<Option<String>>,
+    /// A resync after a failed commit is scheduled (`resync_later`).
+    resync_scheduled: std::sync::atomic::AtomicBool,
 }
 
 impl Core {
@@ -181,6 +183,7 @@ impl Core {
             me: me.clone(),
             operations: TaskTracker::new(),
             udev_rule_written: Mutex::new(None),
+            resync_scheduled: std::sync::atomic::AtomicBool::new(false),
             engine,
             ids: Arc::new(ids),
             store: Arc::new(store),
@@ -262,9 +265,17 @@ impl Core {
         let next = Arc::new(next);
         let store = self.store.clone();
         let to_save = next.clone();
-        tokio::task::spawn_blocking(move || store.save(&to_save))
+        let saved = tokio::task::spawn_blocking(move || store.save(&to_save))
             .await
-            .map_err(|e| CoreError::Internal(format!("state writer: {e}")))??;
+            .map_err(|e| CoreError::Internal(format!("state writer: {e}")))?;
+        if let Err(e) = saved {
+            // Whatever this commit was to record (a move's outcome, a
+            // device leaving the bus) is not recorded; the hardware may
+            // have changed all the same. Bring the registry back in line
+            // with it once the disk takes writes again.
+            self.resync_later();
+            return Err(e.into());
+        }
         *self.registry.write().unwrap_or_else(|p| p.into_inner()) = next.clone();
         self.sync_udev_rule(&next).await;
         Ok(())

@@ -18,6 +18,7 @@ use nix::fcntl::Flock;
 use serde::{Deserialize, Serialize};
 
 use super::{DeviceRecord, Registry};
+use crate::crashpoint::{self, Stage, StepKind};
 use crate::path_error::PathError;
 
 /// Version 2 splits a record into its parts (binding, attachment,
@@ -156,6 +157,7 @@ impl Store {
         };
         let bytes = serde_json::to_vec_pretty(&state).expect("registry serialises");
         let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
+        let step = crashpoint::begin(StepKind::Commit);
         let result = (|| {
             let mut file = OpenOptions::new()
                 .create(true)
@@ -164,11 +166,13 @@ impl Store {
                 .mode(0o600)
                 .open(&tmp)
                 .map_err(PathError::at("create", &tmp))?;
-            file.write_all(&bytes)
+            step.run(Stage::Write, || file.write_all(&bytes))
                 .map_err(PathError::at("write", &tmp))?;
-            file.sync_all().map_err(PathError::at("fsync", &tmp))?;
+            step.run(Stage::Fsync, || file.sync_all())
+                .map_err(PathError::at("fsync", &tmp))?;
             let path = self.path();
-            fs::rename(&tmp, &path).map_err(PathError::at("rename", &path))?;
+            step.run(Stage::Rename, || fs::rename(&tmp, &path))
+                .map_err(PathError::at("rename", &path))?;
             let dir = File::open(&self.dir).map_err(PathError::at("open", &self.dir))?;
             nix::unistd::fsync(dir.as_fd())
                 .map_err(|e| PathError::at("fsync", &self.dir)(io::Error::from(e)).into())
@@ -176,12 +180,12 @@ impl Store {
         if result.is_err() {
             // A half-written temporary file must not linger on a full disk.
             let _ = fs::remove_file(&tmp);
-        } else {
-            crate::crashpoint::step(
-                crate::crashpoint::StepKind::Commit,
-                format_args!("{} devices", state.devices.len()),
-            );
         }
+        step.made(format_args!(
+            "{} devices{}",
+            state.devices.len(),
+            if result.is_err() { " (failed)" } else { "" }
+        ));
         result
     }
 }
