@@ -81,8 +81,11 @@ impl StepKind {
 /// only [`Stage::Write`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
+    /// The write itself (the temporary state file's bytes, for a commit).
     Write,
+    /// The state file's fsync: the bytes may be in the cache, not on disk.
     Fsync,
+    /// The rename over the old state file, which makes the commit visible.
     Rename,
 }
 
