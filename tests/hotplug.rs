@@ -53,6 +53,22 @@ fn removed_device_stays_registered_and_comes_back_on_vfio() {
     assert_eq!(dev["original_driver"], "e1000e");
 }
 
+/// The bound NIC pulled and back on the bus, its `add` uevent sent before
+/// the kernel probed it: the next `drivers_probe` binds `probe_binds`
+/// (the native probe winning the race, or a driver nobody has). Returns
+/// the event stream opened before the unplug.
+fn replugged_before_its_probe(h: &Host, probe_binds: &str) -> EventStream {
+    let (events, _) = bound_nic_unplugged(h);
+    h.fs.add_device(FakeSys::standard_device(NIC));
+    {
+        let _state = h.fs.lock_state();
+        h.fs.tree().unbind(NIC).unwrap();
+    }
+    h.sim.bind_wrong_driver(NIC, probe_binds);
+    h.uevent(&format!("add {NIC}"));
+    events
+}
+
 /// Issue 18's re-plug defect. After a rescan the kernel sends a device's
 /// `add` uevent before it probes the native driver, so vfiod can find the
 /// device driverless and plan its rebind "from no driver" while the
@@ -63,16 +79,9 @@ fn removed_device_stays_registered_and_comes_back_on_vfio() {
 #[test]
 fn a_replugged_device_whose_native_probe_wins_the_race_still_ends_on_vfio() {
     let h = host(&[]);
-    let (mut events, _) = bound_nic_unplugged(&h);
-    h.fs.add_device(FakeSys::standard_device(NIC));
-    // Back on the bus, not probed yet; the kernel's probe, already under
-    // way, picks e1000e whatever the override says by the time it runs.
-    {
-        let _state = h.fs.lock_state();
-        h.fs.tree().unbind(NIC).unwrap();
-    }
-    h.sim.bind_wrong_driver(NIC, "e1000e");
-    h.uevent(&format!("add {NIC}"));
+    // The kernel's probe, already under way, picks e1000e whatever the
+    // override says by the time it runs.
+    let mut events = replugged_before_its_probe(&h, "e1000e");
     let outcome = events.until(|e| {
         matches!(e["type"].as_str(), Some("bind" | "bind_failed")) && e["pci_address"] == NIC
     });
@@ -94,15 +103,8 @@ fn a_replugged_device_whose_native_probe_wins_the_race_still_ends_on_vfio() {
 #[test]
 fn a_failed_rebind_of_a_replugged_device_gives_it_its_recorded_driver() {
     let h = host(&[]);
-    let (mut events, _) = bound_nic_unplugged(&h);
-    h.fs.add_device(FakeSys::standard_device(NIC));
-    {
-        let _state = h.fs.lock_state();
-        h.fs.tree().unbind(NIC).unwrap();
-    }
     // vfio-pci will not take it: the probe binds nothing.
-    h.sim.bind_wrong_driver(NIC, "no-such-driver");
-    h.uevent(&format!("add {NIC}"));
+    let mut events = replugged_before_its_probe(&h, "no-such-driver");
     let outcome = events.until(|e| e["type"] == "bind_failed" && e["pci_address"] == NIC);
     assert!(h.sim.wait_idle(Duration::from_secs(5)));
     assert_eq!(
