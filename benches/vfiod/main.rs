@@ -555,20 +555,49 @@ fn write_registry(state_dir: &Path, n: usize) {
 /// How long one start may take before the benchmark gives up on it.
 const STARTUP_BOUND: Duration = Duration::from_secs(30);
 
-/// Exec to READY=1 on a notify socket, and exec to the first answer on
-/// the API socket, measured in the same start; `None` if READY did not
-/// come within [`STARTUP_BOUND`] (the process is then killed).
-fn time_startup(d: &mut Daemon) -> Option<(Duration, Duration)> {
+/// User + system CPU time a process has used, from `/proc/PID/stat`.
+fn cpu_time(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the
+    // 14th field of the line, stime the 15th.
+    let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    let ticks: u64 = fields
+        .get(11..13)
+        .map_or(0, |f| f.iter().filter_map(|t| t.parse::<u64>().ok()).sum());
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+/// One start: exec to READY=1 on a notify socket, exec to the first
+/// answer on the API socket, and the CPU time used until READY.
+struct Start {
+    ready: Duration,
+    answer: Duration,
+    cpu: Duration,
+}
+
+/// Measures one start; `None` if READY did not come within
+/// [`STARTUP_BOUND`] (the process is then killed).
+fn time_startup(d: &mut Daemon) -> Option<Start> {
     let dir = TempDir::new("vfiod-bench-notify").unwrap();
     let notify_path = dir.path().join("notify");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     d.kill9();
     let mut cmd = d.command();
     cmd.env("NOTIFY_SOCKET", &notify_path)
-        .env("VFIOD_LOG", "warn");
+        .env("VFIOD_LOG", "info");
     let socket = d.socket.clone();
     let t = Instant::now();
-    let child = cmd.stderr(std::process::Stdio::null()).spawn().unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open("/tmp/perf-startup-daemon.log")
+        .unwrap();
+    let child = cmd.stderr(log).spawn().unwrap();
     d.child = Some(child);
     let first_answer = std::thread::spawn(move || {
         while t.elapsed() < STARTUP_BOUND {
@@ -599,11 +628,16 @@ fn time_startup(d: &mut Daemon) -> Option<(Duration, Duration)> {
             Err(_) => break None,
         }
     };
+    let cpu = cpu_time(d.pid());
     if ready.is_none() {
         d.kill9();
     }
     let answer = first_answer.join().unwrap();
-    ready.zip(answer)
+    Some(Start {
+        ready: ready?,
+        answer: answer?,
+        cpu,
+    })
 }
 
 fn startup_benchmark() {
@@ -618,11 +652,13 @@ fn startup_benchmark() {
         write_registry(&d.state_dir, n);
         let mut ready = Vec::new();
         let mut answer = Vec::new();
+        let mut cpu = Vec::new();
         for _ in 0..5 {
             match time_startup(&mut d) {
-                Some((r, a)) => {
-                    ready.push(r);
-                    answer.push(a);
+                Some(start) => {
+                    ready.push(start.ready);
+                    answer.push(start.answer);
+                    cpu.push(start.cpu);
                 }
                 None => break,
             }
@@ -649,11 +685,12 @@ fn startup_benchmark() {
         };
         let (r, a) = (median(ready.clone()), median(answer.clone()));
         println!(
-            "  {n:>6} devices: READY median {:>7.1} ms ({} ms), first answer median {:>7.1} ms ({} ms); fake tree built in {:.1} s",
+            "  {n:>6} devices: READY median {:>7.1} ms ({} ms), first answer median {:>7.1} ms ({} ms); CPU until READY median {:.0} ms; fake tree built in {:.1} s",
             r.as_secs_f64() * 1000.0,
             ms(&ready),
             a.as_secs_f64() * 1000.0,
             ms(&answer),
+            median(cpu).as_secs_f64() * 1000.0,
             built.as_secs_f64()
         );
         medians.push(Some((r, a)));

@@ -13,6 +13,7 @@
 //! when no device of the group is attached to that uid any more (and
 //! `/dev/iommu`'s when no device at all is).
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use tokio::io::unix::AsyncFd;
@@ -415,26 +416,44 @@ impl Core {
     /// between a grant and its record, or someone's hand).
     async fn revoke_unexplained_grants(&self) {
         let registry = self.snapshot();
+        // Who may hold what, from the attachments: a uid attached to a
+        // device may hold that device's nodes, its group's node, and the
+        // shared /dev/iommu. Looked up per grant found, so a host with
+        // thousands of attachments is not checked attachment by attachment.
+        let mut by_group = HashSet::new();
+        let mut attached_uids = HashSet::new();
+        for d in registry.iter() {
+            if let Some(uid) = d.attached_uid() {
+                attached_uids.insert(uid);
+                if let Some(group) = d.iommu_group {
+                    by_group.insert((uid, group));
+                }
+            }
+        }
+        let iommu_node = self.sysfs().devfs().join("iommu");
+        let mut seen = HashSet::new();
         let mut stray: Vec<(PciAddress, PathBuf, u32)> = Vec::new();
+        // The group as the reconcile pass just read it from the bus.
         for record in registry.iter().filter(|d| d.present) {
-            let Some(group) = self.sysfs().iommu_group(&record.pci_address) else {
+            let Some(group) = record.iommu_group else {
                 continue;
             };
             let group_node = self.sysfs().vfio_group_node(group);
-            let iommu_node = self.sysfs().devfs().join("iommu");
             for node in vfio_access::vfio_nodes(self.sysfs(), &record.pci_address, group) {
+                // The group's and /dev/iommu's entries are read once, not
+                // once per device that shares them.
+                if !seen.insert(node.clone()) {
+                    continue;
+                }
                 for uid in vfio_access::granted_uids(&node) {
-                    let explained = registry.iter().any(|d| {
-                        d.attached_uid() == Some(uid)
-                            && if node == group_node {
-                                d.iommu_group == Some(group)
-                            } else if node == iommu_node {
-                                true
-                            } else {
-                                d.pci_address == record.pci_address
-                            }
-                    });
-                    if !explained && !stray.iter().any(|(_, n, u)| *n == node && *u == uid) {
+                    let explained = if node == group_node {
+                        by_group.contains(&(uid, group))
+                    } else if node == iommu_node {
+                        attached_uids.contains(&uid)
+                    } else {
+                        record.attached_uid() == Some(uid)
+                    };
+                    if !explained {
                         stray.push((record.pci_address, node.clone(), uid));
                     }
                 }

@@ -64,11 +64,15 @@ impl Core {
         let (bus, config) = tokio::task::spawn_blocking(move || {
             let bus = sysfs.scan()?;
             // No config attribute to read: nothing to conclude.
-            let config: HashMap<PciAddress, u16> = registered
-                .iter()
+            let present: Vec<PciAddress> = registered
+                .into_iter()
                 .filter(|a| bus.contains_key(a))
-                .filter_map(|a| sysfs.config_vendor_id(a).ok().map(|v| (*a, v)))
                 .collect();
+            let config: HashMap<PciAddress, u16> = crate::pci::sysfs::per_function(&present, |a| {
+                sysfs.config_vendor_id(a).ok().map(|v| (*a, v))
+            })
+            .into_iter()
+            .collect();
             Ok::<_, crate::pci::SysfsError>((bus, config))
         })
         .await
