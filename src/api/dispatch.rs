@@ -193,6 +193,24 @@ pub async fn holders(c: Call<'_>) -> Answer {
     Ok(respond::json(StatusCode::OK, &body))
 }
 
+/// `GET /devices/{id_or_name}/sriov`: the kernel's VF count and the
+/// declared one, fresh from sysfs.
+pub async fn sriov(c: Call<'_>) -> Answer {
+    let status = c.core().sriov_status(&c.id).await?;
+    Ok(respond::json(StatusCode::OK, &status))
+}
+
+/// `PUT /devices/{id_or_name}/sriov`: sets the VF count; idempotent.
+pub async fn set_sriov(c: Call<'_>) -> Answer {
+    let req = parse::sriov(&c.body)?;
+    let device = c.id.clone();
+    let status = c
+        .execute(Operation::SetVfs { device, req })
+        .await?
+        .sriov()?;
+    Ok(respond::json(StatusCode::OK, &status))
+}
+
 /// `GET /events`: a streaming response; the per-uid stream limit is taken here
 /// and held for the stream's life.
 pub async fn events(c: Call<'_>) -> Answer {

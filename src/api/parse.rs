@@ -9,10 +9,11 @@ use serde_json::{Map, Value};
 use super::error::ApiError;
 use crate::core::{
     AttachRequest, BindRequest, DeviceName, InstanceId, RegisterRequest, ResetMethod, ResetRequest,
-    Tags, UpdateRequest,
+    SriovRequest, Tags, UpdateRequest,
 };
 use crate::error::CoreError;
 use crate::pci::PciAddress;
+use crate::registry::VfDriver;
 
 /// Parses a JSON object body; an empty body is `{}` when `empty_ok`.
 fn object(body: &[u8], empty_ok: bool) -> Result<Map<String, Value>, ApiError> {
@@ -215,6 +216,40 @@ pub fn attach(body: &[u8]) -> Result<AttachRequest, ApiError> {
         instance,
         uid: optional_u32(&map, "uid")?,
         pid,
+    })
+}
+
+/// `PUT /devices/{id_or_name}/sriov`: `num_vfs` required, `vf_driver`
+/// optional.
+pub fn sriov(body: &[u8]) -> Result<SriovRequest, ApiError> {
+    let map = object(body, false)?;
+    deny_unknown(&map, &["num_vfs", "vf_driver"])?;
+    let num_vfs = match map.get("num_vfs") {
+        None | Some(Value::Null) => {
+            return Err(CoreError::InvalidRequest("num_vfs is required".into()).into())
+        }
+        Some(v) => v
+            .as_u64()
+            .and_then(|n| u16::try_from(n).ok())
+            .ok_or_else(|| {
+                CoreError::InvalidRequest("num_vfs must be an integer from 0 to 65535".into())
+            })?,
+    };
+    let vf_driver = match map.get("vf_driver") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(VfDriver::parse(s).ok_or_else(|| {
+            CoreError::InvalidRequest(format!(
+                "vf_driver must be \"vfio-pci\", \"none\" or \"native\", not {:?}",
+                s.chars().take(40).collect::<String>()
+            ))
+        })?),
+        Some(_) => {
+            return Err(CoreError::InvalidRequest("vf_driver must be a string".into()).into())
+        }
+    };
+    Ok(SriovRequest {
+        num_vfs: u32::from(num_vfs),
+        vf_driver,
     })
 }
 

@@ -104,6 +104,8 @@ routes! {
     POST   "/devices/{id_or_name}/detach"   Change          dispatch::detach;
     POST   "/devices/{id_or_name}/reset"    Change          dispatch::reset;
     GET    "/devices/{id_or_name}/holders"  Read            dispatch::holders;
+    GET    "/devices/{id_or_name}/sriov"    Read            dispatch::sriov;
+    PUT    "/devices/{id_or_name}/sriov"    Change          dispatch::set_sriov;
     GET    "/events"                        Read            dispatch::events;
     GET    "/health"                        Read            dispatch::health;
     GET    "/openapi.yaml"                  Read            dispatch::openapi;

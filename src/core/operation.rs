@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use super::{
     AttachRequest, BindOutcome, BindRequest, Caller, Core, RegisterRequest, ResetOutcome,
-    ResetRequest, UpdateRequest,
+    ResetRequest, SriovRequest, SriovStatus, UpdateRequest,
 };
 use crate::error::CoreError;
 use crate::events::{Event, EventKind};
@@ -49,6 +49,11 @@ pub enum OpKind {
     Detach,
     /// `POST /devices/{id}/reset`.
     Reset,
+    /// `PUT /devices/{id}/sriov`.
+    SetVfs,
+    /// vfiod's own: making a PF's declared VF count again (startup, re-plug,
+    /// a stuck count write returning).
+    ConvergeVfs,
     /// vfiod's own: finishing an operation a crash or a stuck write left
     /// unfinished.
     Settle,
@@ -72,6 +77,8 @@ impl OpKind {
             OpKind::Attach => "attach",
             OpKind::Detach => "detach",
             OpKind::Reset => "reset",
+            OpKind::SetVfs => "sriov",
+            OpKind::ConvergeVfs => "converge_vfs",
             OpKind::Settle => "settle",
             OpKind::Rebind => "rebind",
             OpKind::EndAttachment => "end_attachment",
@@ -137,6 +144,18 @@ pub enum Operation {
         /// Method and dry-run.
         req: ResetRequest,
     },
+    /// Set a PF's VF count and what its VFs are given.
+    SetVfs {
+        /// Id or name as the caller gave it.
+        device: String,
+        /// The count and `vf_driver`.
+        req: SriovRequest,
+    },
+    /// Make a PF's declared VF count again.
+    ConvergeVfs {
+        /// The registered PF's address.
+        address: PciAddress,
+    },
     /// Finish or undo a recorded move after a crash or a stuck write returning.
     Settle {
         /// The registered device's address.
@@ -184,6 +203,8 @@ impl Operation {
             Operation::Attach { .. } => OpKind::Attach,
             Operation::Detach { .. } => OpKind::Detach,
             Operation::Reset { .. } => OpKind::Reset,
+            Operation::SetVfs { .. } => OpKind::SetVfs,
+            Operation::ConvergeVfs { .. } => OpKind::ConvergeVfs,
             Operation::Settle { .. } => OpKind::Settle,
             Operation::Rebind { .. } => OpKind::Rebind,
             Operation::EndAttachment { .. } => OpKind::EndAttachment,
@@ -198,11 +219,25 @@ impl Operation {
             | Operation::Unbind { device }
             | Operation::Attach { device, .. }
             | Operation::Detach { device, .. }
-            | Operation::Reset { device, .. } => Lock::Move(device),
+            | Operation::Reset { device, .. }
+            | Operation::SetVfs { device, .. } => Lock::Move(device),
             Operation::Settle { address }
+            | Operation::ConvergeVfs { address }
             | Operation::Rebind { address }
             | Operation::EndAttachment { address, .. } => Lock::Own(*address),
         }
+    }
+
+    /// Takes the device from its driver, resets it or unregisters it: on a
+    /// PF, that would tear down or disturb its VFs.
+    fn disturbs_vfs(&self) -> bool {
+        matches!(
+            self,
+            Operation::Delete { .. }
+                | Operation::Bind { .. }
+                | Operation::Unbind { .. }
+                | Operation::Reset { .. }
+        )
     }
 
     /// The device as the caller named it, for the log.
@@ -215,8 +250,10 @@ impl Operation {
             | Operation::Unbind { device }
             | Operation::Attach { device, .. }
             | Operation::Detach { device, .. }
-            | Operation::Reset { device, .. } => device.chars().take(80).collect(),
+            | Operation::Reset { device, .. }
+            | Operation::SetVfs { device, .. } => device.chars().take(80).collect(),
             Operation::Settle { address }
+            | Operation::ConvergeVfs { address }
             | Operation::Rebind { address }
             | Operation::EndAttachment { address, .. } => address.to_string(),
         }
@@ -236,6 +273,8 @@ pub enum Outcome {
     /// The device after the reset, with the plan (or just the plan, on dry
     /// run).
     Reset(ResetOutcome),
+    /// A PF's SR-IOV state after a VF count change.
+    Sriov(SriovStatus),
     /// vfiod's own operation found nothing to do (the device went away or
     /// no longer needs it).
     Nothing,
@@ -258,13 +297,23 @@ impl Outcome {
         }
     }
 
+    /// The SR-IOV state after a VF count change.
+    pub fn sriov(self) -> Result<SriovStatus, CoreError> {
+        match self {
+            Outcome::Sriov(s) => Ok(s),
+            other => Err(CoreError::Internal(format!(
+                "a VF count change ended as {other:?}"
+            ))),
+        }
+    }
+
     /// The device record of an outcome that has one.
     pub fn device(self) -> Result<DeviceRecord, CoreError> {
         match self {
             Outcome::Device(d) => Ok(d),
             Outcome::Bound(b) => Ok(b.device),
             Outcome::Reset(r) => Ok(r.device),
-            Outcome::Deleted | Outcome::Nothing => {
+            Outcome::Deleted | Outcome::Nothing | Outcome::Sriov(_) => {
                 Err(CoreError::Internal("the operation left no device".into()))
             }
         }
@@ -406,6 +455,9 @@ impl Core {
         let locked = |record: Option<DeviceRecord>| {
             record.ok_or_else(|| CoreError::Internal("operation without its device".into()))
         };
+        if let (Some(record), true) = (&record, op.disturbs_vfs()) {
+            self.ensure_vfs_undisturbed(record, op.kind()).await?;
+        }
         match op {
             Operation::Register(req) => self.register_device(ctx, req).await.map(Outcome::Device),
             Operation::Update { device, req } => self
@@ -436,6 +488,16 @@ impl Core {
                 .reset_device(ctx, &locked(record)?, req)
                 .await
                 .map(Outcome::Reset),
+            Operation::SetVfs { req, .. } => {
+                self.converge_vfs(ctx, &locked(record)?, Some(req)).await
+            }
+            Operation::ConvergeVfs { address } => {
+                self.converge_started(&address);
+                match record {
+                    Some(record) => self.converge_vfs(ctx, &record, None).await,
+                    None => Ok(Outcome::Nothing),
+                }
+            }
             Operation::Settle { .. } => match record {
                 Some(record) => {
                     self.settle_device(ctx, &record).await;

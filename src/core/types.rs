@@ -300,3 +300,60 @@ pub struct BindOutcome {
     /// What was done.
     pub plan: BindPlan,
 }
+
+/// `PUT /devices/{id_or_name}/sriov`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SriovRequest {
+    /// The VF count wanted (0 removes them all).
+    pub num_vfs: u32,
+    /// What new VFs are given; `None` keeps the recorded choice (vfio-pci
+    /// at first).
+    pub vf_driver: Option<crate::registry::VfDriver>,
+}
+
+/// One VF of a PF, as `GET .../sriov` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VfStatus {
+    /// N of the PF's `virtfnN`.
+    pub index: u32,
+    /// The VF's address.
+    pub pci_address: PciAddress,
+    /// Its registry id, once registered.
+    pub id: Option<String>,
+    /// Its registry name, once registered.
+    pub name: Option<String>,
+    /// Its driver now.
+    pub driver: Option<String>,
+    /// Why it is not on the driver `vf_driver` asks for, if it is not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A PF's SR-IOV state: the kernel's and the declared one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SriovStatus {
+    /// The PF's id.
+    pub id: String,
+    /// The PF's name.
+    pub name: String,
+    /// The PF's address.
+    pub pci_address: PciAddress,
+    /// `sriov_totalvfs`.
+    pub total_vfs: u32,
+    /// VFs enabled now.
+    pub num_vfs: u32,
+    /// The count vfiod keeps; `None` until one is set.
+    pub desired_vfs: Option<u32>,
+    /// The VFs' device ID, four hex digits.
+    pub vf_device_id: Option<String>,
+    /// What new VFs are given.
+    pub vf_driver: crate::registry::VfDriver,
+    /// The PF's `sriov_drivers_autoprobe` now.
+    pub drivers_autoprobe: Option<bool>,
+    /// Each VF, in index order.
+    pub vfs: Vec<VfStatus>,
+    /// What did not go as asked (fewer VFs enabled than asked, a VF left off
+    /// vfio), for people.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}

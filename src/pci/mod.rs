@@ -5,6 +5,7 @@
 mod address;
 pub mod holders;
 pub mod ids;
+pub mod sriov;
 pub mod sysfs;
 pub mod variant;
 pub mod vfio_access;
@@ -13,6 +14,7 @@ mod vfio_driver;
 pub use address::{InvalidPciAddress, PciAddress};
 pub use holders::{Disposition, Holder, HolderScanError, ProcFs, ScanReport};
 pub use ids::PciIds;
+pub use sriov::SriovState;
 pub use sysfs::{PciFunction, Sysfs, SysfsError};
 pub use variant::VfioAliases;
 pub use vfio_driver::{is_vfio_driver, VFIO_PCI, VFIO_PCI_MODULE};
