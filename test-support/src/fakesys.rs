@@ -764,32 +764,62 @@ impl Tree {
     /// to [`Tree::uevent_fifo`] if it exists. With no reader (the listener
     /// is down) the line is lost, as a real uevent nobody listens to; a
     /// full FIFO is retried for up to a second, then the line is dropped.
-    pub fn send_uevent(&self, line: &str) {
-        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    ///
+    /// The write end stays open between lines (in `state`), so a reader
+    /// that reopens the FIFO at end-of-file never sees one between two
+    /// lines of a burst and cannot miss the second (an open with
+    /// O_NONBLOCK fails with ENXIO while no reader has it open). It is
+    /// reopened when the FIFO was replaced or its reader went away.
+    pub fn send_uevent(&self, state: &mut State, line: &str) {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
         let path = self.uevent_fifo();
-        if !fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_fifo()) {
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            state.uevent_writer = None;
+            return;
+        };
+        if !meta.file_type().is_fifo() {
             return;
         }
-        let opened = fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
-            .open(&path);
-        let Ok(mut fifo) = opened else {
-            return; // ENXIO: no reader
+        let same_fifo = |f: &fs::File| {
+            f.metadata()
+                .is_ok_and(|m| (m.dev(), m.ino()) == (meta.dev(), meta.ino()))
         };
         let msg = format!("{line}\n");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
-        loop {
-            match io::Write::write(&mut fifo, msg.as_bytes()) {
-                Err(e)
-                    if e.kind() == io::ErrorKind::WouldBlock
-                        && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(1));
+        for attempt in 0..2 {
+            if !state.uevent_writer.as_ref().is_some_and(same_fifo) {
+                let opened = fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+                    .open(&path);
+                // ENXIO: no reader, the line is lost.
+                state.uevent_writer = opened.ok();
+            }
+            let Some(fifo) = state.uevent_writer.as_mut() else {
+                return;
+            };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            loop {
+                match io::Write::write(fifo, msg.as_bytes()) {
+                    // Short writes cannot happen: a line is below PIPE_BUF.
+                    Ok(_) => return,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e)
+                        if e.kind() == io::ErrorKind::WouldBlock
+                            && std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    // EPIPE: the reader that had it went away; a new one
+                    // may have opened it since.
+                    Err(_) => {
+                        state.uevent_writer = None;
+                        if attempt == 1 {
+                            return;
+                        }
+                        break;
+                    }
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // Short writes cannot happen: the line is below PIPE_BUF.
-                _ => return,
             }
         }
     }
@@ -989,6 +1019,8 @@ pub struct State {
     pub config: HashMap<String, Vec<u8>>,
     /// Every SR-IOV PF in the tree, by address.
     pub sriov: HashMap<String, PfState>,
+    /// The write end of the uevent FIFO (see [`Tree::send_uevent`]).
+    pub uevent_writer: Option<fs::File>,
     pub hook: Option<Arc<dyn Hook>>,
 }
 
@@ -1095,6 +1127,7 @@ impl FakeSys {
                     native: HashMap::new(),
                     config: HashMap::new(),
                     sriov: HashMap::new(),
+                    uevent_writer: None,
                     hook: None,
                 }),
                 _tmp: tmp,
@@ -1333,7 +1366,7 @@ impl FakeSys {
             }
             tree.remove_device_entry(state, vf, &vdir);
             if uevents {
-                tree.send_uevent(&format!("remove {vf}"));
+                tree.send_uevent(state, &format!("remove {vf}"));
             }
         }
     }

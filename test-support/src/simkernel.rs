@@ -1561,10 +1561,10 @@ impl Shared {
                 eprintln!("simkernel: {addr}: bus link: {e}");
             }
             dbg_log!(self, "{pf}: added VF {addr}");
-            self.tree.send_uevent(&format!("add {addr}"));
+            self.tree.send_uevent(state, &format!("add {addr}"));
             self.probe(state, sim, &addr);
             if let Some(d) = self.tree.driver_of(&addr) {
-                self.tree.send_uevent(&format!("bind {addr} {d}"));
+                self.tree.send_uevent(state, &format!("bind {addr} {d}"));
             }
         }
     }
@@ -1585,7 +1585,7 @@ impl Shared {
             };
             self.forget_under(sim, &dir);
             self.tree.remove_device_entry(state, vf, &dir);
-            self.tree.send_uevent(&format!("remove {vf}"));
+            self.tree.send_uevent(state, &format!("remove {vf}"));
         }
     }
 
