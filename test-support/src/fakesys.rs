@@ -18,6 +18,7 @@
 //! R/kernel/iommu_groups/<N>/devices/<addr> -> ../../../../devices/...
 //! R/kernel/iommu_groups/<N>/type
 //! R/module/vfio_pci/               (iff vfio-pci is "loaded")
+//! R/module/vfio_pci/parameters/enable_sriov   "N\n" / "Y\n"
 //! D/vfio/vfio                      (iff vfio-pci is "loaded")
 //! D/vfio/<N>                       (while a device of group N is on vfio-pci)
 //! <device dir>/<rel>/{uevent,dev,subsystem}   class devices (add_class_device:
@@ -25,6 +26,32 @@
 //! R/class/<subsystem>/<name>       -> the class device's directory
 //! R/class/vtconsole/vtcon<N>/{name,bind}      (add_vtconsole)
 //! ```
+//!
+//! An SR-IOV physical function ([`DeviceSpec::sriov`]) also has
+//!
+//! ```text
+//! <PF dir>/sriov_totalvfs sriov_numvfs ("0\n") sriov_drivers_autoprobe ("1\n")
+//!          sriov_vf_device ("10ca\n") sriov_offset sriov_stride
+//! <PF dir>/virtfn<i>  -> ../<VF addr>        (while VF i exists)
+//! <VF dir>/physfn     -> ../<PF addr>
+//! ```
+//!
+//! VF directories are siblings of the PF's (same parent), at routing ID =
+//! PF's + offset + stride * i. A VF has the PF's vendor, class and
+//! subsystem IDs, device ID `sriov_vf_device`, the PF's `numa_node`,
+//! `reset_method` "flr", and its own new IOMMU group (the lowest free
+//! number, as Linux's IDA gives) or, with [`DeviceSpec::vfs_share_group`],
+//! the PF's. VFs are created and removed only by a simulated kernel
+//! reacting to `sriov_numvfs` writes, by [`FakeSys::remove_device`] of the
+//! PF (VFs first, a `remove` uevent each) and by [`FakeSys::reboot_sriov`]
+//! (no uevents). What the kernel holds (the VF list, autoprobe) lives in
+//! [`State::sriov`]; [`FakeSys::sriov_numvfs`], [`FakeSys::vfs_of`] and
+//! [`FakeSys::autoprobe_of`] read it there, never from the files (a
+//! `sriov_numvfs` armed with `hang_write` blocks readers).
+//!
+//! `<tmp root>/uevents`: when a FIFO exists there (vfiod's
+//! `--uevent-fifo`), VF changes are written to it as uevent lines, `add
+//! ADDR`, `remove ADDR`, `bind ADDR DRIVER` ([`Tree::send_uevent`]).
 //!
 //! Every symlink is relative, like the kernel's, so `read_link` +
 //! `file_name()` yields the driver name / group number and `canonicalize`

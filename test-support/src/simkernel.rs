@@ -17,6 +17,31 @@
 //!   override is set (and that driver is loaded), else the device's "native"
 //!   driver (the one it had in `add_device`; none = stays unbound). Binding
 //!   vfio-pci creates `D/vfio/<group>`.
+//! * `<PF>/sriov_numvfs` `N` (Linux 6.12's `sriov_numvfs_store`, checks in
+//!   its order): not a number: EINVAL; above `sriov_totalvfs`: ERANGE;
+//!   the current count: nothing; PF without a driver, or whose driver has
+//!   no `sriov_configure`: ENOENT (the native driver has one unless
+//!   [`DeviceSpec::sriov_capable_driver`]`(false)`; vfio-pci only while
+//!   `module/vfio_pci/parameters/enable_sriov` is "Y"; any other driver
+//!   never); 0: every VF is unbound and removed, last first (its group
+//!   dir and `D/vfio/<group>` go with their last member), a `remove`
+//!   uevent each; N while VFs are enabled: EBUSY; else N VFs are created
+//!   (at most [`SimKernel::limit_vfs`], as a driver that enables fewer),
+//!   one after the other: on the bus, an `add` uevent, then probed if
+//!   `pci_device_can_probe` allows it (below), a `bind` uevent if that
+//!   bound it. The file then reads the count enabled.
+//! * `<PF>/sriov_drivers_autoprobe`: a kernel boolean (1/0/y/n/on/off)
+//!   sets it; anything else is EINVAL. It reads back "1\n"/"0\n".
+//! * **VF probing** follows `pci_device_can_probe`: a VF is probed (at its
+//!   creation, by `drivers_probe`, `bind` or a driver registering) only
+//!   when it has a `driver_override` or its PF's autoprobe is 1. vfio-pci
+//!   owning the PF sets each new VF's override to vfio-pci (its bus
+//!   notifier does), so those are probed at creation whatever autoprobe
+//!   says. The PF's [`DeviceSpec::vf_driver`] is "loaded" (driver dir
+//!   created) when VFs are created, as udev loads it from their modalias on
+//!   a real host: it is there, and autoprobe 0 is what keeps it off.
+//! * Unbinding a PF with VFs enabled removes them first (igb's and
+//!   vfio-pci's remove disable SR-IOV); autoprobe keeps its value.
 //! * `new_id`, `remove_id`, `rescan`, any other attribute: logged only.
 //! * A driver directory that appears while running (`add_driver`,
 //!   `load_vfio`) triggers a probe of the unbound devices it matches
@@ -65,6 +90,23 @@
 //! * Writes that fail in Linux (ENODEV on a bad unbind, EINVAL, ...) succeed
 //!   here and are ignored; use [`SimKernel::fail_write`] to make a write
 //!   fail.
+//! * **SR-IOV refusals cannot reach the writer.** The simulator sees a
+//!   write to `sriov_numvfs` / `sriov_drivers_autoprobe` after the
+//!   writer's `write()` returned, so a write Linux refuses (EBUSY, ERANGE,
+//!   ENOENT, EINVAL) succeeds for the writer; the simulator changes
+//!   nothing, puts the old content back and records it:
+//!   [`SimKernel::refused_writes`]. A test asserts that list is empty to
+//!   show the code under test never made a write the kernel would refuse
+//!   (and uses a real kernel, tests/vm, to see its handling of the errno).
+//!   Both are regular files (they must stay readable): until the simulator
+//!   processed a write, a reader sees the value as written, and a second
+//!   write before that may hide the first, as for `driver_override`.
+//!   While a write is acted on, the file is leased, so a concurrent open
+//!   waits (as a read of `sriov_numvfs` blocks in Linux during a change).
+//! * VF creation is instant (about 0.5 s for two under TCG in Linux), and
+//!   a 4 -> 0 write that hangs ([`SimKernel::hang_write`]) has not started
+//!   removing VFs, where Linux has already taken the ones before the held
+//!   VF off their driver.
 //!
 //! # Faults
 //!
@@ -88,6 +130,8 @@
 //!
 //! Set `VFIOD_SIM_DEBUG=1` for a trace on stderr (`simkernel:` prefix).
 
+#[cfg(doc)]
+use crate::fakesys::DeviceSpec;
 use crate::fakesys::{self, FakeSys, Hook, State, Tree, BUS_ATTRS, DRIVER_ATTRS, VFIO_PCI};
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
