@@ -723,10 +723,9 @@ impl Tree {
     /// `pci_iov_add_virtfn` does, up to but excluding its appearance on the
     /// bus: directory next to the PF's (same parent), IDs from the PF
     /// (device ID = `sriov_vf_device`), `numa_node` inherited, reset by
-    /// FLR, its IOMMU group (the PF's or a new one), `physfn` and the PF's
-    /// `virtfn<i>` links. The caller then links it into `bus/pci/devices`
-    /// (after setting up whatever must see it first). Returns its address
-    /// and directory.
+    /// FLR, its IOMMU group (the PF's or a new one). The caller then
+    /// makes it visible with [`Tree::publish_vf`] (after setting up
+    /// whatever must see it first). Returns its address and directory.
     pub fn create_vf(
         &self,
         state: &mut State,
@@ -769,8 +768,6 @@ impl Tree {
         vf.iommu_group = group;
         let parent = pf_dir.parent().expect("PF dir has a parent").to_path_buf();
         let dir = self.create_device_dir(&vf, &parent, driver_override);
-        self.symlink(&dir.join("physfn"), &pf_dir)?;
-        self.symlink(&pf_dir.join(format!("virtfn{index}")), &dir)?;
         state.native.insert(addr.clone(), sriov.vf_driver.clone());
         state.config.insert(addr.clone(), vf.config_space());
         state
@@ -780,6 +777,19 @@ impl Tree {
             .vfs
             .push(addr.clone());
         Ok((addr, dir))
+    }
+
+    /// Puts VF `index` of `pf` (made by [`Tree::create_vf`]) on the bus, as
+    /// `pci_iov_add_virtfn` does: the device first (`device_add`), then the
+    /// `physfn` and `virtfn<index>` links, so whoever counts a PF's
+    /// `virtfnN` links finds each VF complete.
+    pub fn publish_vf(&self, pf: &str, index: usize, addr: &str, dir: &Path) -> io::Result<()> {
+        let pf_dir = self
+            .device_dir(pf)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no PF {pf}")))?;
+        self.symlink(&self.bus_link(addr), dir)?;
+        self.symlink(&dir.join("physfn"), &pf_dir)?;
+        self.symlink(&pf_dir.join(format!("virtfn{index}")), dir)
     }
 
     /// The FIFO a uevent listener (vfiod's `--uevent-fifo`) reads.

@@ -1601,8 +1601,9 @@ impl Shared {
             if let Err(e) = self.setup_device_dir(sim, &dir) {
                 eprintln!("simkernel: cannot watch {}: {e}", dir.display());
             }
-            if let Err(e) = self.tree.symlink(&self.tree.bus_link(&addr), &dir) {
-                eprintln!("simkernel: {addr}: bus link: {e}");
+            let index = state.sriov.get(pf).map_or(0, |p| p.vfs.len() - 1);
+            if let Err(e) = self.tree.publish_vf(pf, index, &addr, &dir) {
+                eprintln!("simkernel: {addr}: cannot put it on the bus: {e}");
             }
             dbg_log!(self, "{pf}: added VF {addr}");
             self.tree.send_uevent(state, &format!("add {addr}"));
