@@ -23,14 +23,14 @@
 //! the report of issue 18.
 //!
 //! Operations vfiod does not have yet get a scenario here when they land
-//! (see `MUTATING_ROUTES`): SR-IOV VF count changes and claims.
+//! (see `MUTATING_ROUTES`): claims.
 
 mod crashkit;
 
 use std::path::Path;
 use std::time::Duration;
 
-use crashkit::{is_root, trace_lines, wait_for_file, Host, AUDIO, GPU, NIC, VMM_UID};
+use crashkit::{is_root, trace_lines, wait_for_file, Host, AUDIO, GPU, NIC, PF, VMM_UID};
 use serde_json::Value;
 
 /// How an operation left the host, judged after it (and recovery) ended.
@@ -124,6 +124,10 @@ fn setup_gpu(h: &Host) {
 fn setup_bound_gpu(h: &Host) {
     setup_gpu(h);
     ok(h, "POST", "/devices/gpu/bind", r#"{"with_group":true}"#);
+}
+
+fn setup_pf(h: &Host) {
+    register(h, PF, "pf");
 }
 
 /// A bound NIC pulled from the bus (vfiod knows).
@@ -364,6 +368,27 @@ fn vmm_exit_unbind_effect(h: &Host) -> Result<Effect, String> {
     )
 }
 
+/// Two VFs made (each on vfio-pci or, after a failed bind, on no driver:
+/// invariants 1, 2 and 8 say the records agree), the count and the
+/// autoprobe vfiod changed recorded; or nothing changed at all.
+fn vfs_made_effect(h: &Host) -> Result<Effect, String> {
+    let pf = h.record(PF).ok_or("the PF's record is gone")?;
+    let made =
+        h.fs.sriov_numvfs(PF) == 2 && pf["sriov"]["desired_vfs"] == 2 && !h.fs.autoprobe_of(PF);
+    let untouched = h.fs.sriov_numvfs(PF) == 0 && pf["sriov"].is_null() && h.fs.autoprobe_of(PF);
+    judge(
+        &[(made, Effect::Complete), (untouched, Effect::None)],
+        || {
+            format!(
+                "sriov_numvfs {}, autoprobe {}, {}",
+                h.fs.sriov_numvfs(PF),
+                h.fs.autoprobe_of(PF),
+                describe(h, &[PF])
+            )
+        },
+    )
+}
+
 fn replug_effect(h: &Host) -> Result<Effect, String> {
     let present = field(h, NIC, "present") == true;
     judge(
@@ -597,6 +622,19 @@ fn scenarios() -> Vec<Scenario> {
             retry: false,
         },
         Scenario {
+            name: "set a PF's VF count",
+            args: &[],
+            route: "PUT /devices/{id_or_name}/sriov",
+            setup: setup_pf,
+            operation: |h| h.status_of("PUT", "/devices/pf/sriov", r#"{"num_vfs":2}"#),
+            before: &["pf"],
+            after: &["pf", "pf-vf0", "pf-vf1"],
+            effect: vfs_made_effect,
+            target: PF,
+            has_vmm: false,
+            retry: true,
+        },
+        Scenario {
             name: "re-plug racing the native probe",
             args: &[],
             route: "add uevent",
@@ -632,6 +670,7 @@ const MUTATING_ROUTES: &[&str] = &[
     "POST /devices/{id_or_name}/attach",
     "POST /devices/{id_or_name}/detach",
     "POST /devices/{id_or_name}/reset",
+    "PUT /devices/{id_or_name}/sriov",
 ];
 
 fn scenario(name: &str) -> Scenario {
@@ -1082,4 +1121,9 @@ fn vmm_exit() {
 #[test]
 fn replug() {
     crash_and_fault("re-plug racing the native probe");
+}
+
+#[test]
+fn sriov_count() {
+    crash_and_fault("set a PF's VF count");
 }
