@@ -128,6 +128,7 @@ impl Core {
             tracing::info!(device = %d.pci_address, present = d.present, driver = ?d.current_driver, "reconciled with the bus");
             self.publish_health_change(Some(*health_before), Some(d));
         }
+        self.drop_unfinished_claims().await;
         // Only devices with an operation to finish or a binding to
         // restore need more than that pass.
         let unfinished: Vec<PciAddress> = self
