@@ -21,8 +21,8 @@
 use std::time::Instant;
 
 use super::{
-    AttachRequest, BindOutcome, BindRequest, Caller, Core, RegisterRequest, ResetOutcome,
-    ResetRequest, UpdateRequest,
+    AttachRequest, BindOutcome, BindRequest, Caller, ClaimRequest, Core, RegisterRequest,
+    ResetOutcome, ResetRequest, SriovRequest, SriovStatus, UpdateRequest,
 };
 use crate::error::CoreError;
 use crate::events::{Event, EventKind};
@@ -49,6 +49,13 @@ pub enum OpKind {
     Detach,
     /// `POST /devices/{id}/reset`.
     Reset,
+    /// `PUT /devices/{id}/sriov`.
+    SetVfs,
+    /// `POST /devices/claim`.
+    Claim,
+    /// vfiod's own: making a PF's declared VF count again (startup, re-plug,
+    /// a stuck count write returning).
+    ConvergeVfs,
     /// vfiod's own: finishing an operation a crash or a stuck write left
     /// unfinished.
     Settle,
@@ -72,6 +79,9 @@ impl OpKind {
             OpKind::Attach => "attach",
             OpKind::Detach => "detach",
             OpKind::Reset => "reset",
+            OpKind::SetVfs => "sriov",
+            OpKind::Claim => "claim",
+            OpKind::ConvergeVfs => "converge_vfs",
             OpKind::Settle => "settle",
             OpKind::Rebind => "rebind",
             OpKind::EndAttachment => "end_attachment",
@@ -137,6 +147,20 @@ pub enum Operation {
         /// Method and dry-run.
         req: ResetRequest,
     },
+    /// Pick a free device like the one asked for and hand it out.
+    Claim(ClaimRequest),
+    /// Set a PF's VF count and what its VFs are given.
+    SetVfs {
+        /// Id or name as the caller gave it.
+        device: String,
+        /// The count and `vf_driver`.
+        req: SriovRequest,
+    },
+    /// Make a PF's declared VF count again.
+    ConvergeVfs {
+        /// The registered PF's address.
+        address: PciAddress,
+    },
     /// Finish or undo a recorded move after a crash or a stuck write returning.
     Settle {
         /// The registered device's address.
@@ -184,6 +208,9 @@ impl Operation {
             Operation::Attach { .. } => OpKind::Attach,
             Operation::Detach { .. } => OpKind::Detach,
             Operation::Reset { .. } => OpKind::Reset,
+            Operation::SetVfs { .. } => OpKind::SetVfs,
+            Operation::Claim(_) => OpKind::Claim,
+            Operation::ConvergeVfs { .. } => OpKind::ConvergeVfs,
             Operation::Settle { .. } => OpKind::Settle,
             Operation::Rebind { .. } => OpKind::Rebind,
             Operation::EndAttachment { .. } => OpKind::EndAttachment,
@@ -192,31 +219,52 @@ impl Operation {
 
     pub(super) fn lock(&self) -> Lock<'_> {
         match self {
-            Operation::Register(_) | Operation::Update { .. } => Lock::None,
+            // A claim takes the lock of the device it picks.
+            Operation::Register(_) | Operation::Update { .. } | Operation::Claim(_) => Lock::None,
             Operation::Delete { device }
             | Operation::Bind { device, .. }
             | Operation::Unbind { device }
             | Operation::Attach { device, .. }
             | Operation::Detach { device, .. }
-            | Operation::Reset { device, .. } => Lock::Move(device),
+            | Operation::Reset { device, .. }
+            | Operation::SetVfs { device, .. } => Lock::Move(device),
             Operation::Settle { address }
+            | Operation::ConvergeVfs { address }
             | Operation::Rebind { address }
             | Operation::EndAttachment { address, .. } => Lock::Own(*address),
         }
+    }
+
+    /// Takes the device from its driver, resets it or unregisters it: on a
+    /// PF, that would tear down or disturb its VFs.
+    fn disturbs_vfs(&self) -> bool {
+        matches!(
+            self,
+            Operation::Delete { .. }
+                | Operation::Bind { .. }
+                | Operation::Unbind { .. }
+                | Operation::Reset { .. }
+        )
     }
 
     /// The device as the caller named it, for the log.
     fn target(&self) -> String {
         match self {
             Operation::Register(req) => req.pci_address.to_string(),
+            Operation::Claim(req) => format!(
+                "a claim for instance {}",
+                req.instance_id.chars().take(80).collect::<String>()
+            ),
             Operation::Update { device, .. }
             | Operation::Delete { device }
             | Operation::Bind { device, .. }
             | Operation::Unbind { device }
             | Operation::Attach { device, .. }
             | Operation::Detach { device, .. }
-            | Operation::Reset { device, .. } => device.chars().take(80).collect(),
+            | Operation::Reset { device, .. }
+            | Operation::SetVfs { device, .. } => device.chars().take(80).collect(),
             Operation::Settle { address }
+            | Operation::ConvergeVfs { address }
             | Operation::Rebind { address }
             | Operation::EndAttachment { address, .. } => address.to_string(),
         }
@@ -236,6 +284,16 @@ pub enum Outcome {
     /// The device after the reset, with the plan (or just the plan, on dry
     /// run).
     Reset(ResetOutcome),
+    /// A PF's SR-IOV state after a VF count change.
+    Sriov(SriovStatus),
+    /// The device a claim got, and whether the claim is new (not the same
+    /// instance's again).
+    Claimed {
+        /// The device, handed out.
+        device: DeviceRecord,
+        /// False when the same instance's claim was asked again.
+        created: bool,
+    },
     /// vfiod's own operation found nothing to do (the device went away or
     /// no longer needs it).
     Nothing,
@@ -258,13 +316,24 @@ impl Outcome {
         }
     }
 
+    /// The SR-IOV state after a VF count change.
+    pub fn sriov(self) -> Result<SriovStatus, CoreError> {
+        match self {
+            Outcome::Sriov(s) => Ok(s),
+            other => Err(CoreError::Internal(format!(
+                "a VF count change ended as {other:?}"
+            ))),
+        }
+    }
+
     /// The device record of an outcome that has one.
     pub fn device(self) -> Result<DeviceRecord, CoreError> {
         match self {
             Outcome::Device(d) => Ok(d),
             Outcome::Bound(b) => Ok(b.device),
             Outcome::Reset(r) => Ok(r.device),
-            Outcome::Deleted | Outcome::Nothing => {
+            Outcome::Claimed { device, .. } => Ok(device),
+            Outcome::Deleted | Outcome::Nothing | Outcome::Sriov(_) => {
                 Err(CoreError::Internal("the operation left no device".into()))
             }
         }
@@ -406,8 +475,15 @@ impl Core {
         let locked = |record: Option<DeviceRecord>| {
             record.ok_or_else(|| CoreError::Internal("operation without its device".into()))
         };
+        if let (Some(record), true) = (&record, op.disturbs_vfs()) {
+            self.ensure_vfs_undisturbed(record, op.kind()).await?;
+        }
         match op {
             Operation::Register(req) => self.register_device(ctx, req).await.map(Outcome::Device),
+            Operation::Claim(req) => self
+                .claim(ctx, req)
+                .await
+                .map(|(device, created)| Outcome::Claimed { device, created }),
             Operation::Update { device, req } => self
                 .update_device_record(ctx, &device, req)
                 .await
@@ -436,6 +512,16 @@ impl Core {
                 .reset_device(ctx, &locked(record)?, req)
                 .await
                 .map(Outcome::Reset),
+            Operation::SetVfs { req, .. } => {
+                self.converge_vfs(ctx, &locked(record)?, Some(req)).await
+            }
+            Operation::ConvergeVfs { address } => {
+                self.converge_started(&address);
+                match record {
+                    Some(record) => self.converge_vfs(ctx, &record, None).await,
+                    None => Ok(Outcome::Nothing),
+                }
+            }
             Operation::Settle { .. } => match record {
                 Some(record) => {
                     self.settle_device(ctx, &record).await;

@@ -85,7 +85,7 @@ pub struct Sysfs {
     devfs: PathBuf,
 }
 
-fn read_trimmed(path: &Path) -> Result<String, SysfsError> {
+pub(super) fn read_trimmed(path: &Path) -> Result<String, SysfsError> {
     read_attribute(path)
         .map(|s| s.trim().to_owned())
         .map_err(|source| SysfsError {
