@@ -374,6 +374,21 @@ impl CoreError {
         }))
     }
 
+    /// Whether the same operation may succeed if tried again unchanged: a
+    /// write the kernel refused, a commit the disk refused, a scan that
+    /// failed. A refusal (the device is held, attached, unfit, ...) or a
+    /// write stuck in the kernel (its return settles the device) is not.
+    pub fn may_pass(&self) -> bool {
+        match self {
+            CoreError::DriverMoveFailed(f) => !f.error.is_timeout(),
+            CoreError::Storage(_)
+            | CoreError::HolderScan(_)
+            | CoreError::GrantFailed(_)
+            | CoreError::Internal(_) => true,
+            _ => false,
+        }
+    }
+
     /// For a failed driver move: which step, errno, as structured detail.
     pub fn step(&self) -> Option<Step> {
         match self {

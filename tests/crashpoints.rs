@@ -990,9 +990,6 @@ fn check_hotplug_aware(
 /// list short; an entry is an open bug.
 fn known_gap(sc: &Scenario, fault: Fault, step: &str) -> Option<&'static str> {
     match (sc.name, fault) {
-        ("re-plug racing the native probe", Fault::Errno(_)) => Some(
-            "a rebind of a returning device that fails once (a write or a commit) is not reliably tried again before the next hotplug event or restart",
-        ),
         ("unbind a group (GPU + audio, reset on release)", Fault::Unplug | Fault::ReplugRacing) => Some(
             "a group unbind that fails because the device left strands its companion on vfio-pci with vfiod's override",
         ),

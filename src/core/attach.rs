@@ -330,25 +330,15 @@ impl Core {
                 tracing::warn!(device = %addr, pid = process.pid, error = %e, "cannot follow the VMM with a pidfd; checking whether it still runs");
             }
             let why = format!("VMM pid {} (uid {uid}) exited", process.pid);
-            // An end the state file refused is tried again shortly: the VMM
-            // is gone all the same, and an attachment nobody holds should
-            // not wait for a restart.
-            for attempt in 1..=VMM_EXIT_ATTEMPTS {
-                let op = Operation::EndAttachment {
-                    address: addr,
-                    process,
-                    why: why.clone(),
-                };
-                let _ = core.execute(Caller::AGENT, op).await;
-                let still_attached = core
-                    .snapshot()
-                    .get_by_address(&addr)
-                    .is_some_and(|d| d.attached_pid() == Some(process));
-                if !still_attached {
-                    return;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
-            }
+            // An end the state file refused is tried again shortly (the
+            // executor sees its own operations through): the VMM is gone
+            // all the same, and an attachment nobody holds should not wait
+            // for a restart.
+            core.execute_in_background(Operation::EndAttachment {
+                address: addr,
+                process,
+                why,
+            });
         });
     }
 
@@ -478,7 +468,6 @@ impl Core {
 
 /// Tries to record the end of an exited VMM's attachment, 100 ms apart
 /// more each time.
-const VMM_EXIT_ATTEMPTS: u64 = 10;
 
 /// Tries of [`Core::revoke_later`], 100 ms apart more each time.
 const REVOKE_ATTEMPTS: u64 = 10;

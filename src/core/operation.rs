@@ -183,6 +183,10 @@ pub enum Operation {
     },
 }
 
+/// Runs of one of vfiod's own operations before it is left to the next
+/// hotplug event or start (`execute_in_background`).
+const OWN_OP_ATTEMPTS: u64 = 10;
+
 /// The lock an operation runs under.
 pub(super) enum Lock<'a> {
     /// Registry edits only: the commit lock serialises them.
@@ -248,7 +252,7 @@ impl Operation {
     }
 
     /// The device as the caller named it, for the log.
-    fn target(&self) -> String {
+    pub(super) fn target(&self) -> String {
         match self {
             Operation::Register(req) => req.pci_address.to_string(),
             Operation::Claim(req) => format!(
@@ -411,12 +415,60 @@ impl Core {
     }
 
     /// Starts one of vfiod's own operations without waiting for it (from
-    /// the hotplug loop, a late write's return, a VMM's exit); its outcome
-    /// is logged by the executor.
+    /// the hotplug loop, a late write's return, a VMM's exit) and sees it
+    /// through: while it fails for a reason that may pass (a write or a
+    /// commit refused, a scan that failed) and the state it is for is not
+    /// reached, it runs again after a growing pause, [`OWN_OP_ATTEMPTS`]
+    /// times in all (about 6 s); after that the next hotplug event or start
+    /// takes it up. Its outcomes are logged by the executor.
     pub(super) fn execute_in_background(&self, op: Operation) {
-        if let Some(core) = self.me.upgrade() {
-            self.operations
-                .spawn(async move { core.run(Caller::AGENT, op).await });
+        let Some(core) = self.me.upgrade() else {
+            return;
+        };
+        self.operations.spawn(async move {
+            for attempt in 1..=OWN_OP_ATTEMPTS {
+                let result = core.run(Caller::AGENT, op.clone()).await;
+                let again = match &result {
+                    Ok(_) => !core.reached(&op),
+                    Err(e) => e.may_pass() && !core.reached(&op),
+                };
+                if !again {
+                    return;
+                }
+                tracing::info!(op = %op.kind(), device = %op.target(), attempt, "vfiod's own {} of {} is not done yet; trying again", op.kind(), op.target());
+                tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+            }
+        });
+    }
+
+    /// Whether the state one of vfiod's own operations is for holds now (or
+    /// can no longer be reached by it: the device went away, or a write of
+    /// it is stuck, whose return settles it).
+    fn reached(&self, op: &Operation) -> bool {
+        let registry = self.snapshot();
+        let record = |a: &PciAddress| registry.get_by_address(a);
+        match op {
+            Operation::Rebind { address } => record(address).is_none_or(|d| {
+                d.stuck
+                    || !self.wants_vfio(d)
+                    || d.bound_to_vfio()
+                    || ensure_fit(d).is_err()
+                    || self.sysfs().is_vgpu_vf(address)
+            }),
+            Operation::Settle { address } => {
+                record(address).is_none_or(|d| d.stuck || d.pending.is_none())
+            }
+            Operation::EndAttachment {
+                address, process, ..
+            } => record(address).is_none_or(|d| d.attached_pid() != Some(*process)),
+            Operation::ConvergeVfs { address } => record(address).is_none_or(|d| {
+                let Some(config) = &d.sriov else { return true };
+                d.stuck
+                    || !d.present
+                    || self.sysfs().virtfns(address).len() as u32 == config.desired_vfs
+            }),
+            // Requests are not retried by vfiod: their callers are told.
+            _ => true,
         }
     }
 

@@ -245,7 +245,7 @@ impl Core {
         done
     }
 
-    fn wants_vfio(&self, record: &DeviceRecord) -> bool {
+    pub(super) fn wants_vfio(&self, record: &DeviceRecord) -> bool {
         record.present
             && !record.identity_mismatch
             && (record.bound_by_vfiod() || record.attached_to().is_some())
