@@ -466,9 +466,6 @@ impl Core {
     }
 }
 
-/// Tries to record the end of an exited VMM's attachment, 100 ms apart
-/// more each time.
-
 /// Tries of [`Core::revoke_later`], 100 ms apart more each time.
 const REVOKE_ATTEMPTS: u64 = 10;
 
