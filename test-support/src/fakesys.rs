@@ -1135,8 +1135,7 @@ impl Tree {
         addr: &str,
         before_publish: &mut dyn FnMut(&Path, &Path),
     ) -> io::Result<bool> {
-        if state.vgpu_types_of(addr).is_empty() || self.driver_of(addr).as_deref() != Some(NVIDIA)
-        {
+        if state.vgpu_types_of(addr).is_empty() || self.driver_of(addr).as_deref() != Some(NVIDIA) {
             return Ok(false);
         }
         let dir = self
@@ -1164,9 +1163,7 @@ impl Tree {
         self.stage_file(&cdev.join("dev"), &format!("{VFIO_CDEV_MAJOR}:{index}\n"))?;
         self.stage_file(
             &cdev.join("uevent"),
-            &format!(
-                "MAJOR={VFIO_CDEV_MAJOR}\nMINOR={index}\nDEVNAME=vfio/devices/vfio{index}\n"
-            ),
+            &format!("MAJOR={VFIO_CDEV_MAJOR}\nMINOR={index}\nDEVNAME=vfio/devices/vfio{index}\n"),
         )?;
         fs::rename(&staged, &vfio_dev)?;
         if let Some(g) = self.group_of(addr) {

@@ -153,9 +153,7 @@
 
 #[cfg(doc)]
 use crate::fakesys::DeviceSpec;
-use crate::fakesys::{
-    self, FakeSys, Hook, State, Tree, BUS_ATTRS, DRIVER_ATTRS, NVIDIA, VFIO_PCI,
-};
+use crate::fakesys::{self, FakeSys, Hook, State, Tree, BUS_ATTRS, DRIVER_ATTRS, NVIDIA, VFIO_PCI};
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent, WatchDescriptor};
@@ -1377,13 +1375,14 @@ impl Shared {
             return false;
         }
         if driver == NVIDIA {
-            let mut watch = |staged: &Path, dest: &Path| {
-                match self.inotify.add_watch(staged, AddWatchFlags::IN_CLOSE_WRITE) {
-                    Ok(wd) => {
-                        sim.wds.insert(wd, dest.to_path_buf());
-                    }
-                    Err(e) => eprintln!("simkernel: cannot watch {}: {e}", dest.display()),
+            let mut watch = |staged: &Path, dest: &Path| match self
+                .inotify
+                .add_watch(staged, AddWatchFlags::IN_CLOSE_WRITE)
+            {
+                Ok(wd) => {
+                    sim.wds.insert(wd, dest.to_path_buf());
                 }
+                Err(e) => eprintln!("simkernel: cannot watch {}: {e}", dest.display()),
             };
             match self.tree.vgpu_bound(state, addr, &mut watch) {
                 Ok(true) => {
@@ -1811,7 +1810,10 @@ impl Shared {
                 }
             }
             Err(errno) => {
-                dbg_log!(self, "{vf}: current_vgpu_type <- {written:?} refused: {errno}");
+                dbg_log!(
+                    self,
+                    "{vf}: current_vgpu_type <- {written:?} refused: {errno}"
+                );
                 sim.refused
                     .push((self.display(path), written.to_string(), errno));
             }
