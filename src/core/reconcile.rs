@@ -296,9 +296,15 @@ impl Core {
         crate::metrics::record_hotplug(event.action());
         match event {
             HotplugEvent::Remove(addr) => {
-                if self.forget_vf(addr).await.is_some() {
-                    self.events
-                        .publish(Event::new(EventKind::HotplugRemove, Some(addr), None));
+                let is_vf = self
+                    .snapshot()
+                    .get_by_address(&addr)
+                    .is_some_and(|d| d.vf.is_some());
+                if is_vf {
+                    if self.forget_vf(addr).await.is_some() {
+                        self.events
+                            .publish(Event::new(EventKind::HotplugRemove, Some(addr), None));
+                    }
                     return;
                 }
                 let device = self
