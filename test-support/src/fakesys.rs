@@ -1077,8 +1077,12 @@ impl Tree {
         Ok(())
     }
 
-    /// Unlinks `addr` from its driver; removes `D/vfio/<group>` when it was
-    /// the last device of its group on vfio-pci. Returns the old driver.
+    /// Unlinks `addr` from its driver; from `nvidia`, also removes its
+    /// `nvidia/` and `vfio-dev/` (a vGPU VF's). Removes `D/vfio/<group>`
+    /// when it was the last VFIO provider of its group (see
+    /// [`Tree::is_vfio_provider`]). Returns the old driver. Leaves
+    /// [`State::vgpu`] alone: a caller holding the state follows with
+    /// [`Tree::vgpu_unbound`], so that the siblings' lists are updated.
     pub fn unbind(&self, addr: &str) -> io::Result<Option<String>> {
         let Some(driver) = self.driver_of(addr) else {
             return Ok(None);
