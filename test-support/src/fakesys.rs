@@ -20,7 +20,8 @@
 //! R/module/vfio_pci/               (iff vfio-pci is "loaded")
 //! R/module/vfio_pci/parameters/enable_sriov   "N\n" / "Y\n"
 //! D/vfio/vfio                      (iff vfio-pci is "loaded")
-//! D/vfio/<N>                       (while a device of group N is on vfio-pci)
+//! D/vfio/<N>                       (while a device of group N is on vfio-pci,
+//!                                   or is a vGPU VF on nvidia: see below)
 //! <device dir>/<rel>/{uevent,dev,subsystem}   class devices (add_class_device:
 //!     drm/card0, graphics/fb0, net/eth0, nvme/nvme0/nvme0n1, ...)
 //! R/class/<subsystem>/<name>       -> the class device's directory
@@ -48,6 +49,25 @@
 //! [`State::sriov`]; [`FakeSys::sriov_numvfs`], [`FakeSys::vfs_of`] and
 //! [`FakeSys::autoprobe_of`] read it there, never from the files (a
 //! `sriov_numvfs` armed with `hang_write` blocks readers).
+//!
+//! An NVIDIA vGPU GPU ([`DeviceSpec::vgpu`]: an SR-IOV PF whose VF driver
+//! is `nvidia`, Ada/Hopper/Blackwell under R550+) gives each VF bound to
+//! `nvidia` (by the simulated kernel's probe) what that driver makes:
+//!
+//! ```text
+//! <VF dir>/nvidia/creatable_vgpu_types   "ID    : vGPU Name\n1162  : NVIDIA L40S-12Q\n..."
+//! <VF dir>/nvidia/current_vgpu_type      "0\n" (0: no vGPU)
+//! <VF dir>/vfio-dev/vfio<N>/{dev,uevent}  N: lowest free, as Linux's vfio cdev IDA
+//! D/vfio/<VF group>                       (nvidia is the VF's VFIO provider)
+//! ```
+//!
+//! The type set on each such VF lives in [`State::vgpu`]; the creatable
+//! lists are computed from it ([`State::vgpu_creatable`]: all vGPUs of a GPU
+//! share its framebuffer and its type) and rewritten on every change.
+//! Unbinding the VF from `nvidia` (or removing it) takes all of it away,
+//! the group node when no other member of the group still provides VFIO.
+//! [`FakeSys::current_vgpu_type`] and [`FakeSys::creatable_vgpu_types`]
+//! read the state, not the files.
 //!
 //! `<tmp root>/uevents`: when a FIFO exists there (vfiod's
 //! `--uevent-fifo`), VF changes are written to it as uevent lines, `add
@@ -80,6 +100,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Name of the vfio-pci driver directory.
 pub const VFIO_PCI: &str = "vfio-pci";
+/// The major number `vfio-dev/vfio<N>/dev` shows (dynamic in Linux).
+const VFIO_CDEV_MAJOR: u32 = 511;
+/// The NVIDIA driver: the VFIO provider of its vGPU VFs ([`DeviceSpec::vgpu`]).
+pub const NVIDIA: &str = "nvidia";
 /// Write-only attribute files of a driver directory.
 pub const DRIVER_ATTRS: [&str; 4] = ["bind", "unbind", "new_id", "remove_id"];
 /// Write-only attribute files of `bus/pci`.
@@ -279,6 +303,21 @@ pub struct SriovSpec {
     /// VFs join the PF's IOMMU group (a root port without ACS) instead of
     /// each getting a new one.
     pub vfs_share_group: bool,
+    /// NVIDIA vGPU types its VFs can take ([`DeviceSpec::vgpu`]); empty: no
+    /// vGPU.
+    pub vgpu_types: Vec<VgpuTypeSpec>,
+}
+
+/// One NVIDIA vGPU type a PF's VFs can take (see [`DeviceSpec::vgpu`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VgpuTypeSpec {
+    /// What `current_vgpu_type` takes (never 0: that means none).
+    pub id: u32,
+    /// As the driver names it, e.g. "NVIDIA L40S-12Q".
+    pub name: String,
+    /// How many VFs of the PF can hold this type at once: the PF's
+    /// framebuffer divided by the type's (L40S-12Q on a 48 GB L40S: 4).
+    pub share: u32,
 }
 
 impl Default for SriovSpec {
@@ -292,6 +331,7 @@ impl Default for SriovSpec {
             vf_driver: None,
             native_driver_configures: true,
             vfs_share_group: false,
+            vgpu_types: Vec::new(),
         }
     }
 }
@@ -358,6 +398,34 @@ impl DeviceSpec {
     /// Default: each VF gets a new group, the lowest free number.
     pub fn vfs_share_group(mut self) -> Self {
         self.sriov_mut().vfs_share_group = true;
+        self
+    }
+
+    /// Makes the PF an NVIDIA vGPU GPU (Ada, Hopper, Blackwell under driver
+    /// R550 and later): its VF driver is `nvidia`, which is also their VFIO
+    /// provider, and a VF bound to it can take one of `types`, each given as
+    /// (ID, name, share): the type's ID in `current_vgpu_type`, its name as
+    /// `creatable_vgpu_types` shows it ("NVIDIA L40S-12Q"), and how many VFs
+    /// of the PF can hold it at once (its framebuffer share: 4 for L40S-12Q
+    /// on a 48 GB board). What a simulated kernel makes of it is in its
+    /// module docs. Panics on an ID of 0, a share of 0 or a repeated ID.
+    pub fn vgpu(mut self, types: &[(u32, &str, u32)]) -> Self {
+        let mut seen = std::collections::HashSet::new();
+        for &(id, name, share) in types {
+            assert!(id != 0, "fakesys: vGPU type {name:?}: ID 0 means no type");
+            assert!(share != 0, "fakesys: vGPU type {name:?}: share 0");
+            assert!(seen.insert(id), "fakesys: vGPU type ID {id} given twice");
+        }
+        let s = self.sriov_mut();
+        s.vf_driver = Some(NVIDIA.to_string());
+        s.vgpu_types = types
+            .iter()
+            .map(|&(id, name, share)| VgpuTypeSpec {
+                id,
+                name: name.to_string(),
+                share,
+            })
+            .collect();
         self
     }
 
@@ -710,6 +778,10 @@ impl Tree {
                 }
             }
             pf_state.vfs.retain(|v| v != addr);
+            // Its vGPU goes with it, which may give its siblings types back.
+            if state.vgpu.remove(addr).is_some() {
+                self.vgpu_refresh(state, &pf);
+            }
         }
         self.remove(&self.bus_link(addr))
             .expect("fakesys: remove bus link");
@@ -1005,28 +1077,145 @@ impl Tree {
         Ok(())
     }
 
-    /// Unlinks `addr` from its driver; removes `D/vfio/<group>` when it was
-    /// the last device of its group on vfio-pci. Returns the old driver.
+    /// Unlinks `addr` from its driver; from `nvidia`, also removes its
+    /// `nvidia/` and `vfio-dev/` (a vGPU VF's). Removes `D/vfio/<group>`
+    /// when it was the last VFIO provider of its group (see
+    /// [`Tree::is_vfio_provider`]). Returns the old driver. Leaves
+    /// [`State::vgpu`] alone: a caller holding the state follows with
+    /// [`Tree::vgpu_unbound`], so that the siblings' lists are updated.
     pub fn unbind(&self, addr: &str) -> io::Result<Option<String>> {
         let Some(driver) = self.driver_of(addr) else {
             return Ok(None);
         };
-        if let Some(dev) = self.device_dir(addr) {
+        let was_provider = self.is_vfio_provider(addr);
+        let dev = self.device_dir(addr);
+        if let Some(dev) = &dev {
             self.remove(&dev.join("driver"))?;
         }
         self.remove(&self.driver_dir(&driver).join(addr))?;
-        if driver == VFIO_PCI {
+        // nvidia's remove takes its vGPU files and its VFIO device away.
+        if let (Some(dev), true) = (&dev, driver == NVIDIA) {
+            self.remove(&dev.join(NVIDIA))?;
+            self.remove(&dev.join("vfio-dev"))?;
+        }
+        if was_provider {
             if let Some(g) = self.group_of(addr) {
                 let still = self
                     .group_members(g)
                     .iter()
-                    .any(|m| m != addr && self.driver_of(m).as_deref() == Some(VFIO_PCI));
+                    .any(|m| m != addr && self.is_vfio_provider(m));
                 if !still {
                     self.remove(&self.vfio_node(g))?;
                 }
             }
         }
         Ok(Some(driver))
+    }
+
+    /// Whether `addr`'s driver gives it a VFIO device: vfio-pci, or a
+    /// driver that is its own VFIO provider (`nvidia` on a vGPU VF, which
+    /// then has `vfio-dev/`).
+    pub fn is_vfio_provider(&self, addr: &str) -> bool {
+        match self.driver_of(addr).as_deref() {
+            Some(VFIO_PCI) => true,
+            Some(_) => self
+                .device_dir(addr)
+                .is_some_and(|d| d.join("vfio-dev").is_dir()),
+            None => false,
+        }
+    }
+
+    /// What `nvidia`'s probe of a vGPU VF makes, once `addr` is bound to
+    /// it: `nvidia/creatable_vgpu_types` and `nvidia/current_vgpu_type`
+    /// ("0"), `vfio-dev/vfio<N>` (the lowest free N) and `D/vfio/<group>`;
+    /// the VF is entered in [`State::vgpu`]. `before_publish(staged,
+    /// final)` is called with the `nvidia/` directory, complete but still
+    /// in scratch, and where it goes, so that a simulated kernel watches
+    /// it before anyone can write to it. Returns false (nothing done) for
+    /// anything but a vGPU VF bound to `nvidia`.
+    pub fn vgpu_bound(
+        &self,
+        state: &mut State,
+        addr: &str,
+        before_publish: &mut dyn FnMut(&Path, &Path),
+    ) -> io::Result<bool> {
+        if state.vgpu_types_of(addr).is_empty() || self.driver_of(addr).as_deref() != Some(NVIDIA) {
+            return Ok(false);
+        }
+        let dir = self
+            .device_dir(addr)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no device {addr}")))?;
+        state.vgpu.insert(addr.to_string(), 0);
+        let creatable = state.vgpu_creatable(addr).unwrap_or_default();
+        let nvidia = dir.join(NVIDIA);
+        self.assert_inside(&nvidia);
+        let staged = self.scratch_path();
+        fs::create_dir(&staged)?;
+        self.stage_file(
+            &staged.join("creatable_vgpu_types"),
+            &creatable_vgpu_text(&creatable),
+        )?;
+        self.stage_file(&staged.join("current_vgpu_type"), "0\n")?;
+        before_publish(&staged, &nvidia);
+        fs::rename(&staged, &nvidia)?;
+        let index = self.lowest_free_vfio_dev();
+        let vfio_dev = dir.join("vfio-dev");
+        self.assert_inside(&vfio_dev);
+        let staged = self.scratch_path();
+        let cdev = staged.join(format!("vfio{index}"));
+        fs::create_dir_all(&cdev)?;
+        self.stage_file(&cdev.join("dev"), &format!("{VFIO_CDEV_MAJOR}:{index}\n"))?;
+        self.stage_file(
+            &cdev.join("uevent"),
+            &format!("MAJOR={VFIO_CDEV_MAJOR}\nMINOR={index}\nDEVNAME=vfio/devices/vfio{index}\n"),
+        )?;
+        fs::rename(&staged, &vfio_dev)?;
+        if let Some(g) = self.group_of(addr) {
+            let node = self.vfio_node(g);
+            self.mkdir(node.parent().expect("vfio dir"))?;
+            if !node.exists() {
+                self.write_file(&node, "")?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// `addr` lost its vGPU files (unbound from `nvidia`): forgets its
+    /// vGPU and updates its siblings' `creatable_vgpu_types`.
+    pub fn vgpu_unbound(&self, state: &mut State, addr: &str) {
+        if state.vgpu.remove(addr).is_some() {
+            if let Some(pf) = state.pf_of(addr).map(str::to_string) {
+                self.vgpu_refresh(state, &pf);
+            }
+        }
+    }
+
+    /// Rewrites `creatable_vgpu_types` of every vGPU VF of `pf` from
+    /// `state` (a VF whose file is gone is skipped).
+    pub fn vgpu_refresh(&self, state: &State, pf: &str) {
+        let Some(p) = state.sriov.get(pf) else { return };
+        for vf in &p.vfs {
+            let (Some(types), Some(dir)) = (state.vgpu_creatable(vf), self.device_dir(vf)) else {
+                continue;
+            };
+            let path = dir.join(NVIDIA).join("creatable_vgpu_types");
+            if path.is_file() {
+                let _ = self.write_file(&path, &creatable_vgpu_text(&types));
+            }
+        }
+    }
+
+    /// The lowest `vfio<N>` index no device's `vfio-dev/` uses (an IDA, as
+    /// Linux's vfio cdev numbering).
+    fn lowest_free_vfio_dev(&self) -> u32 {
+        let used: std::collections::HashSet<u32> = self
+            .devices()
+            .iter()
+            .filter_map(|a| fs::read_dir(self.device_dir(a)?.join("vfio-dev")).ok())
+            .flat_map(|d| d.flatten())
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix("vfio")?.parse().ok())
+            .collect();
+        (0..).find(|i| !used.contains(i)).expect("a free index")
     }
 }
 
@@ -1056,6 +1245,9 @@ pub struct State {
     pub config: HashMap<String, Vec<u8>>,
     /// Every SR-IOV PF in the tree, by address.
     pub sriov: HashMap<String, PfState>,
+    /// The vGPU type set on each vGPU VF bound to `nvidia` (0: none), by
+    /// address; a VF is here exactly while it has its `nvidia/` files.
+    pub vgpu: HashMap<String, u32>,
     /// The write end of the uevent FIFO (see [`Tree::send_uevent`]).
     pub uevent_writer: Option<fs::File>,
     pub hook: Option<Arc<dyn Hook>>,
@@ -1080,6 +1272,55 @@ impl State {
             .find(|(_, pf)| pf.vfs.iter().any(|v| v == vf))
             .map(|(addr, _)| addr.as_str())
     }
+
+    /// The vGPU types of `vf`'s PF; empty if `vf` is no VF of a vGPU PF.
+    pub fn vgpu_types_of(&self, vf: &str) -> &[VgpuTypeSpec] {
+        self.pf_of(vf)
+            .and_then(|pf| self.sriov.get(pf)?.spec.sriov.as_ref())
+            .map_or(&[], |s| s.vgpu_types.as_slice())
+    }
+
+    /// What `vf`'s `creatable_vgpu_types` lists now; `None` while it has no
+    /// `nvidia/` files (no vGPU VF, or not bound to `nvidia`).
+    ///
+    /// The VFs of one PF share its framebuffer, and all vGPUs on one GPU
+    /// are of the same type: with no vGPU on the VF's siblings, every type
+    /// is creatable; once siblings hold type T, only T, and only while
+    /// fewer of them than T's share hold it. The VF's own vGPU is left out
+    /// of the count: its list says what it could take once cleared (a
+    /// write of another type still needs 0 first).
+    pub fn vgpu_creatable(&self, vf: &str) -> Option<Vec<VgpuTypeSpec>> {
+        self.vgpu.get(vf)?;
+        let types = self.vgpu_types_of(vf);
+        let pf = self.pf_of(vf)?;
+        let held: Vec<u32> = self.sriov[pf]
+            .vfs
+            .iter()
+            .filter(|s| s.as_str() != vf)
+            .filter_map(|s| self.vgpu.get(s).copied())
+            .filter(|id| *id != 0)
+            .collect();
+        let Some(&first) = held.first() else {
+            return Some(types.to_vec());
+        };
+        Some(
+            types
+                .iter()
+                .filter(|t| t.id == first && (held.len() as u32) < t.share)
+                .cloned()
+                .collect(),
+        )
+    }
+}
+
+/// The text of a `creatable_vgpu_types` file: a header line, then one
+/// `ID : Name` row per type, as the NVIDIA driver prints them.
+pub fn creatable_vgpu_text(types: &[VgpuTypeSpec]) -> String {
+    let mut out = format!("{:<6}: vGPU Name\n", "ID");
+    for t in types {
+        out.push_str(&format!("{:<6}: {}\n", t.id, t.name));
+    }
+    out
 }
 
 struct Inner {
@@ -1164,6 +1405,7 @@ impl FakeSys {
                     native: HashMap::new(),
                     config: HashMap::new(),
                     sriov: HashMap::new(),
+                    vgpu: HashMap::new(),
                     uevent_writer: None,
                     hook: None,
                 }),
@@ -1491,8 +1733,10 @@ impl FakeSys {
         let tree = self.tree();
         tree.remove(&tree.sysfs.join("module/vfio_pci"))
             .expect("fakesys: remove module dir");
-        tree.remove(&tree.devfs.join("vfio"))
-            .expect("fakesys: remove devfs vfio");
+        // Group nodes of nvidia's vGPU VFs stay, and with them the directory.
+        tree.remove(&tree.devfs.join("vfio/vfio"))
+            .expect("fakesys: remove /dev/vfio/vfio");
+        let _ = fs::remove_dir(tree.devfs.join("vfio"));
     }
 
     pub fn vfio_loaded(&self) -> bool {
@@ -1589,6 +1833,37 @@ impl FakeSys {
 
     pub fn vfio_group_node_exists(&self, group: u32) -> bool {
         self.tree().vfio_node(group).exists()
+    }
+
+    /// The vGPU type set on `vf` as the driver holds it (0: none). Panics
+    /// if `vf` has no vGPU files (no VF of a [`DeviceSpec::vgpu`] PF, or
+    /// not bound to `nvidia`).
+    #[track_caller]
+    pub fn current_vgpu_type(&self, vf: &str) -> u32 {
+        *self
+            .lock_state()
+            .vgpu
+            .get(vf)
+            .unwrap_or_else(|| panic!("fakesys: {vf} is no vGPU VF bound to nvidia"))
+    }
+
+    /// The IDs `vf`'s `creatable_vgpu_types` lists now, in the PF's order
+    /// (see [`State::vgpu_creatable`]). Panics as
+    /// [`FakeSys::current_vgpu_type`] does.
+    #[track_caller]
+    pub fn creatable_vgpu_types(&self, vf: &str) -> Vec<u32> {
+        self.lock_state()
+            .vgpu_creatable(vf)
+            .unwrap_or_else(|| panic!("fakesys: {vf} is no vGPU VF bound to nvidia"))
+            .iter()
+            .map(|t| t.id)
+            .collect()
+    }
+
+    /// Whether `vf` has its vGPU files now (a VF of a [`DeviceSpec::vgpu`]
+    /// PF, bound to `nvidia`).
+    pub fn is_vgpu_vf(&self, vf: &str) -> bool {
+        self.lock_state().vgpu.contains_key(vf)
     }
 
     /// vfio-pci's `enable_sriov` module parameter ("Y"/"N"), which decides

@@ -42,6 +42,22 @@
 //!   a real host: it is there, and autoprobe 0 is what keeps it off.
 //! * Unbinding a PF with VFs enabled removes them first (igb's and
 //!   vfio-pci's remove disable SR-IOV); autoprobe keeps its value.
+//! * **NVIDIA vGPU VFs** (a PF with [`DeviceSpec::vgpu`]): binding one to
+//!   `nvidia` (any probe path) makes its `nvidia/` files, `vfio-dev/vfioN`
+//!   and `D/vfio/<group>` (see the fakesys module docs); vfio-pci's probe
+//!   of one fails (it stays unbound), as nvidia.ko is its only VFIO
+//!   provider. Unbinding it destroys its vGPU and removes all of that.
+//! * `<VF>/nvidia/current_vgpu_type` `N` (the driver's store): 0 destroys
+//!   the VF's vGPU (none: nothing); an ID creates one if the VF has none
+//!   (else EBUSY: the driver wants 0 first, also for the same ID) and its
+//!   `creatable_vgpu_types` lists it now (else EINVAL, as for a value that
+//!   is no number). The file then reads the type set ("1162\n"). After a
+//!   change, every VF of the PF gets its `creatable_vgpu_types` rewritten:
+//!   while siblings of a VF hold type T (all vGPUs of a GPU are of one
+//!   type), it lists only T, and only while fewer than T's share hold it;
+//!   once none holds one, every type again. A VF's own vGPU does not
+//!   count for its own list (it says what the VF can take once cleared).
+//!   Refused writes are recorded as SR-IOV ones are (below).
 //! * `new_id`, `remove_id`, `rescan`, any other attribute: logged only.
 //! * A driver directory that appears while running (`add_driver`,
 //!   `load_vfio`) triggers a probe of the unbound devices it matches
@@ -90,19 +106,24 @@
 //! * Writes that fail in Linux (ENODEV on a bad unbind, EINVAL, ...) succeed
 //!   here and are ignored; use [`SimKernel::fail_write`] to make a write
 //!   fail.
-//! * **SR-IOV refusals cannot reach the writer.** The simulator sees a
-//!   write to `sriov_numvfs` / `sriov_drivers_autoprobe` after the
-//!   writer's `write()` returned, so a write Linux refuses (EBUSY, ERANGE,
-//!   ENOENT, EINVAL) succeeds for the writer; the simulator changes
-//!   nothing, puts the old content back and records it:
-//!   [`SimKernel::refused_writes`]. A test asserts that list is empty to
-//!   show the code under test never made a write the kernel would refuse
-//!   (and uses a real kernel, tests/vm, to see its handling of the errno).
-//!   Both are regular files (they must stay readable): until the simulator
-//!   processed a write, a reader sees the value as written, and a second
-//!   write before that may hide the first, as for `driver_override`.
-//!   While a write is acted on, the file is leased, so a concurrent open
-//!   waits (as a read of `sriov_numvfs` blocks in Linux during a change).
+//! * **SR-IOV and vGPU refusals cannot reach the writer.** The simulator
+//!   sees a write to `sriov_numvfs` / `sriov_drivers_autoprobe` /
+//!   `current_vgpu_type` after the writer's `write()` returned, so a write
+//!   Linux or the NVIDIA driver refuses (EBUSY, ERANGE, ENOENT, EINVAL)
+//!   succeeds for the writer; the simulator changes nothing, puts the old
+//!   content back and records it: [`SimKernel::refused_writes`]. A test
+//!   asserts that list is empty to show the code under test never made a
+//!   write the kernel would refuse (and uses a real kernel, tests/vm, to
+//!   see its handling of the errno). A write that must fail for the
+//!   writer is armed with [`SimKernel::fail_write`] (`current_vgpu_type`
+//!   included). These are regular files (they must stay readable): until
+//!   the simulator processed a write, a reader sees the value as written,
+//!   so a read-back right after a refused write can still show it (a
+//!   read-back check cannot catch a refusal here; `refused_writes` can),
+//!   and a second write before that may hide the first, as for
+//!   `driver_override`. While a write is acted on, the file is leased, so
+//!   a concurrent open waits (as a read of `sriov_numvfs` blocks in Linux
+//!   during a change).
 //! * VF creation is instant (about 0.5 s for two under TCG in Linux), and
 //!   a 4 -> 0 write that hangs ([`SimKernel::hang_write`]) has not started
 //!   removing VFs, where Linux has already taken the ones before the held
@@ -132,7 +153,7 @@
 
 #[cfg(doc)]
 use crate::fakesys::DeviceSpec;
-use crate::fakesys::{self, FakeSys, Hook, State, Tree, BUS_ATTRS, DRIVER_ATTRS, VFIO_PCI};
+use crate::fakesys::{self, FakeSys, Hook, State, Tree, BUS_ATTRS, DRIVER_ATTRS, NVIDIA, VFIO_PCI};
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent, WatchDescriptor};
@@ -673,7 +694,9 @@ impl SimKernel {
     }
 
     /// Every write to an SR-IOV attribute (`sriov_numvfs`,
-    /// `sriov_drivers_autoprobe`) that Linux would have failed, in order:
+    /// `sriov_drivers_autoprobe`) or to a vGPU VF's `current_vgpu_type`
+    /// (named `bus/pci/devices/<vf>/nvidia/current_vgpu_type`) that Linux
+    /// or the NVIDIA driver would have failed, in order:
     /// (path as in [`SimKernel::writes`], value as written, the errno the
     /// writer would have got). The write itself succeeded here (see the
     /// module docs), but changed nothing.
@@ -765,6 +788,12 @@ impl Shared {
         }
         self.watch(sim, dir, FIFO_DIR_MASK)
             .map_err(io::Error::from)?;
+        // A vGPU VF bound to nvidia before this simulator started.
+        let nvidia = dir.join(NVIDIA);
+        if nvidia.join("current_vgpu_type").is_file() {
+            self.watch(sim, &nvidia, AddWatchFlags::IN_CLOSE_WRITE)
+                .map_err(io::Error::from)?;
+        }
         self.stamp_device(sim, dir);
         Ok(())
     }
@@ -841,6 +870,7 @@ impl Shared {
             }
             Some(ResetOutcome::LosesDriver) => {
                 let _ = tree.unbind(&addr);
+                self.vgpu_unbound(state, sim, &addr, dir);
             }
         }
         let Some(pipe) = sim.pipes.get_mut(path) else {
@@ -976,12 +1006,17 @@ impl Shared {
     fn display(&self, path: &Path) -> String {
         let rel = path.strip_prefix(&self.tree.sysfs).unwrap_or(path);
         if rel.starts_with("devices") {
-            if let (Some(dir), Some(attr)) = (path.parent(), path.file_name()) {
-                if let Some(addr) = dir.file_name().and_then(|a| a.to_str()) {
+            // The innermost device directory (`nvidia/current_vgpu_type`
+            // is two levels below its VF's).
+            let mut dir = path.parent();
+            while let Some(d) = dir {
+                if let Some(addr) = d.file_name().and_then(|a| a.to_str()) {
                     if fakesys::is_pci_addr(addr) {
+                        let attr = path.strip_prefix(d).unwrap_or(path);
                         return format!("bus/pci/devices/{addr}/{}", attr.to_string_lossy());
                     }
                 }
+                dir = d.parent();
             }
         }
         rel.to_string_lossy().into_owned()
@@ -1141,6 +1176,22 @@ impl Shared {
                 return;
             }
         }
+        if attr == "current_vgpu_type" {
+            let vf = path
+                .parent()
+                .filter(|d| d.file_name().is_some_and(|n| n == NVIDIA))
+                .and_then(Path::parent)
+                .and_then(|d| d.file_name())
+                .and_then(|a| a.to_str())
+                .unwrap_or_default()
+                .to_string();
+            if state.vgpu.contains_key(&vf) {
+                self.kernel_attr_written(state, sim, path, &mut |sh, state, sim, written| {
+                    sh.vgpu_apply(state, sim, path, &vf, written)
+                });
+                return;
+            }
+        }
         let last = sim.stamps.get(path).copied();
         let (content, stamp) = if attr_name(path) == "driver_override" {
             let leased = self.with_lease(path, |f| {
@@ -1194,7 +1245,12 @@ impl Shared {
     /// close of a descriptor inherited by a forked process (no new write)
     /// is not taken for a write.
     fn stamp_device(&self, sim: &mut Sim, dir: &Path) {
-        for attr in ["driver_override", "sriov_numvfs", "sriov_drivers_autoprobe"] {
+        for attr in [
+            "driver_override",
+            "sriov_numvfs",
+            "sriov_drivers_autoprobe",
+            "nvidia/current_vgpu_type",
+        ] {
             let path = dir.join(attr);
             if let Ok(meta) = fs::metadata(&path) {
                 sim.stamps.insert(path, Stamp::of(&meta));
@@ -1280,6 +1336,9 @@ impl Shared {
                     }
                     dbg_log!(self, "unbind {arg} from {driver}");
                     let _ = self.tree.unbind(arg);
+                    if let Some(dev) = self.tree.device_dir(arg) {
+                        self.vgpu_unbound(state, sim, arg, &dev);
+                    }
                 }
                 _ => {} // unbind from another driver (ENODEV), new_id, remove_id: recorded only
             }
@@ -1298,7 +1357,7 @@ impl Shared {
         self.tree.override_of(addr)
     }
 
-    fn try_bind(&self, addr: &str, driver: &str) -> bool {
+    fn try_bind(&self, state: &mut State, sim: &mut Sim, addr: &str, driver: &str) -> bool {
         if !self.tree.driver_loaded(driver) {
             dbg_log!(self, "{addr}: driver {driver} not loaded, stays unbound");
             return false;
@@ -1307,8 +1366,47 @@ impl Shared {
             dbg_log!(self, "{addr}: no IOMMU group, vfio-pci probe fails");
             return false;
         }
+        if driver == VFIO_PCI && !state.vgpu_types_of(addr).is_empty() {
+            dbg_log!(self, "{addr}: a vGPU VF, vfio-pci probe fails");
+            return false;
+        }
         dbg_log!(self, "bind {addr} to {driver}");
-        self.tree.bind(addr, driver).is_ok()
+        if self.tree.bind(addr, driver).is_err() {
+            return false;
+        }
+        if driver == NVIDIA {
+            let mut watch = |staged: &Path, dest: &Path| match self
+                .inotify
+                .add_watch(staged, AddWatchFlags::IN_CLOSE_WRITE)
+            {
+                Ok(wd) => {
+                    sim.wds.insert(wd, dest.to_path_buf());
+                }
+                Err(e) => eprintln!("simkernel: cannot watch {}: {e}", dest.display()),
+            };
+            match self.tree.vgpu_bound(state, addr, &mut watch) {
+                Ok(true) => {
+                    dbg_log!(self, "{addr}: vGPU VF on nvidia, /dev/vfio node made");
+                    if let Some(dir) = self.tree.device_dir(addr) {
+                        self.stamp_device(sim, &dir);
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => eprintln!("simkernel: {addr}: cannot make its vGPU files: {e}"),
+            }
+        }
+        true
+    }
+
+    /// `addr` (directory `dir`) was unbound: if it was a vGPU VF, its vGPU
+    /// is gone (faults armed on its `nvidia/` files with it) and its
+    /// siblings may take types again.
+    fn vgpu_unbound(&self, state: &mut State, sim: &mut Sim, addr: &str, dir: &Path) {
+        if state.vgpu.contains_key(addr) {
+            dbg_log!(self, "{addr}: left nvidia, its vGPU is gone");
+            self.forget_under(sim, &dir.join(NVIDIA));
+            self.tree.vgpu_unbound(state, addr);
+        }
     }
 
     fn probe(&self, state: &mut State, sim: &mut Sim, addr: &str) {
@@ -1333,7 +1431,7 @@ impl Shared {
                 .or_else(|| state.native.get(addr).cloned().flatten()),
         };
         if let Some(driver) = target {
-            self.try_bind(addr, &driver);
+            self.try_bind(state, sim, addr, &driver);
         }
     }
 
@@ -1349,7 +1447,7 @@ impl Shared {
                 dbg_log!(self, "bind {addr} to {driver} refused: override is {o}");
             }
             _ => {
-                self.try_bind(addr, driver);
+                self.try_bind(state, sim, addr, driver);
             }
         }
     }
@@ -1367,7 +1465,7 @@ impl Shared {
                 .override_for(sim, &addr)
                 .or_else(|| state.native.get(&addr).cloned().flatten());
             if wanted.as_deref() == Some(driver) {
-                self.try_bind(&addr, driver);
+                self.try_bind(state, sim, &addr, driver);
             }
         }
     }
@@ -1412,6 +1510,24 @@ impl Shared {
         pf: &str,
         attr: &str,
     ) {
+        self.kernel_attr_written(state, sim, path, &mut |sh, state, sim, written| {
+            sh.sriov_apply(state, sim, path, pf, attr, written)
+        });
+    }
+
+    /// A write to a regular attribute whose store the kernel decides
+    /// (`sriov_*`, `current_vgpu_type`): reads what was written, has
+    /// `apply` act on it, and puts what `apply` says the attribute reads
+    /// now back into the file, all under a write lease (see
+    /// `regular_written`) so that no client write can slip in between and
+    /// be overwritten.
+    fn kernel_attr_written(
+        &self,
+        state: &mut State,
+        sim: &mut Sim,
+        path: &Path,
+        apply: &mut dyn FnMut(&Self, &mut State, &mut Sim, &str) -> String,
+    ) {
         let last = sim.stamps.get(path).copied();
         // What the file must show, once the write was acted on.
         let mut shown: Option<String> = None;
@@ -1421,7 +1537,7 @@ impl Shared {
             }
             let mut written = String::new();
             f.read_to_string(&mut written)?;
-            let now = self.sriov_apply(state, sim, path, pf, attr, &written);
+            let now = apply(self, state, sim, &written);
             shown = Some(now.clone());
             f.set_len(0)?;
             f.write_all_at(now.as_bytes(), 0)?;
@@ -1446,7 +1562,7 @@ impl Shared {
                     return;
                 };
                 dbg_log!(self, "{}: no lease, rewritten by rename", path.display());
-                let now = self.sriov_apply(state, sim, path, pf, attr, &written);
+                let now = apply(self, state, sim, &written);
                 let _ = self.tree.write_file(path, &now);
             }
         }
@@ -1666,8 +1782,76 @@ impl Shared {
     }
 }
 
-/// `kstrtou16(text, 0)`: decimal, `0x` hex or `0` octal, an optional `+`.
-fn parse_kernel_u16(text: &str) -> Option<u16> {
+impl Shared {
+    // -----------------------------------------------------------------------
+    // NVIDIA vGPU
+    // -----------------------------------------------------------------------
+
+    /// Acts on `written` (a write to `vf`'s `nvidia/current_vgpu_type`) and
+    /// returns what the attribute reads afterwards. A write the driver
+    /// refuses changes nothing and is recorded in `refused`. A change
+    /// rewrites every sibling's `creatable_vgpu_types`.
+    fn vgpu_apply(
+        &self,
+        state: &mut State,
+        sim: &mut Sim,
+        path: &Path,
+        vf: &str,
+        written: &str,
+    ) -> String {
+        self.record(path, written);
+        let text = written.strip_suffix('\n').unwrap_or(written);
+        match self.vgpu_store(state, vf, text) {
+            Ok(changed) => {
+                if changed {
+                    if let Some(pf) = state.pf_of(vf).map(str::to_string) {
+                        self.tree.vgpu_refresh(state, &pf);
+                    }
+                }
+            }
+            Err(errno) => {
+                dbg_log!(
+                    self,
+                    "{vf}: current_vgpu_type <- {written:?} refused: {errno}"
+                );
+                sim.refused
+                    .push((self.display(path), written.to_string(), errno));
+            }
+        }
+        format!("{}\n", state.vgpu.get(vf).copied().unwrap_or(0))
+    }
+
+    /// The driver's store of `current_vgpu_type`: 0 destroys the VF's vGPU
+    /// (nothing to do if it has none); an ID creates one, only on a VF
+    /// without one (EBUSY: the driver wants 0 first) and only if the VF's
+    /// `creatable_vgpu_types` lists it now (EINVAL), as does a value that is
+    /// no number. Returns whether anything changed.
+    fn vgpu_store(&self, state: &mut State, vf: &str, text: &str) -> Result<bool, Errno> {
+        let wanted = parse_kernel_u32(text).ok_or(Errno::EINVAL)?;
+        let current = state.vgpu.get(vf).copied().ok_or(Errno::ENODEV)?;
+        if wanted == 0 {
+            if current == 0 {
+                return Ok(false);
+            }
+            dbg_log!(self, "{vf}: vGPU type {current} destroyed");
+            state.vgpu.insert(vf.to_string(), 0);
+            return Ok(true);
+        }
+        if current != 0 {
+            return Err(Errno::EBUSY);
+        }
+        let creatable = state.vgpu_creatable(vf).unwrap_or_default();
+        if !creatable.iter().any(|t| t.id == wanted) {
+            return Err(Errno::EINVAL);
+        }
+        dbg_log!(self, "{vf}: vGPU type {wanted} created");
+        state.vgpu.insert(vf.to_string(), wanted);
+        Ok(true)
+    }
+}
+
+/// `kstrtouint(text, 0)`: decimal, `0x` hex or `0` octal, an optional `+`.
+fn parse_kernel_u32(text: &str) -> Option<u32> {
     let t = text.strip_prefix('+').unwrap_or(text);
     let (digits, radix) = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
         (h, 16)
@@ -1679,7 +1863,12 @@ fn parse_kernel_u16(text: &str) -> Option<u16> {
     if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
         return None;
     }
-    u16::from_str_radix(digits, radix).ok()
+    u32::from_str_radix(digits, radix).ok()
+}
+
+/// `kstrtou16(text, 0)`: as [`parse_kernel_u32`], in range.
+fn parse_kernel_u16(text: &str) -> Option<u16> {
+    parse_kernel_u32(text).and_then(|v| u16::try_from(v).ok())
 }
 
 /// `kstrtobool`: y/Y/1/on true, n/N/0/off false.
