@@ -458,3 +458,145 @@ fn a_claim_whose_vmm_is_gone_at_restart_ends_like_an_attachment() {
     assert_eq!(again.status, 201, "{}", again.body);
     assert_eq!(again.json()["name"], "pfb");
 }
+
+/// An NVIDIA L40S-like board whose VFs take vGPU types (R550+): each VF
+/// stays on `nvidia`, its own VFIO provider.
+const GPU_PF: &str = "0000:41:00.0";
+const L40S_12Q: u32 = 1162;
+const L40S_24Q: u32 = 1164;
+const L40S_48Q: u32 = 1165;
+
+fn vgpu_host(vfs: u32) -> Host {
+    let gpu = DeviceSpec::new(GPU_PF, 0x10de, 0x26b9, 0x030200)
+        .driver("nvidia")
+        .group(40)
+        .reset_methods("flr")
+        .sriov(4, 0x26b9)
+        .vgpu(&[
+            (L40S_12Q, "NVIDIA L40S-12Q", 4),
+            (L40S_24Q, "NVIDIA L40S-24Q", 2),
+            (L40S_48Q, "NVIDIA L40S-48Q", 1),
+        ]);
+    let fs = FakeSys::with_devices([gpu]);
+    let h = Host::builder().on(fs).uevent_fifo().start();
+    register(&h, GPU_PF, "l40s", "vgpu");
+    let r = h.d.req(
+        "PUT",
+        "/devices/l40s/sriov",
+        Some(&json!({"num_vfs": vfs}).to_string()),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.json()["vf_driver"],
+        "native",
+        "an nvidia PF's VFs keep nvidia"
+    );
+    h
+}
+
+fn claim_vgpu(h: &Host, instance: &str, vgpu_type: &str) -> Response {
+    claim(
+        h,
+        json!({"tags": {"resource": "vgpu"}, "instance_id": instance, "uid": VMM_UID, "vgpu_type": vgpu_type}),
+    )
+}
+
+#[test]
+fn a_vgpu_claim_sets_the_type_on_a_vf_that_can_take_it_and_its_release_clears_it() {
+    let h = vgpu_host(3);
+    let types = h.d.get("/devices/l40s/vgpu_types").json();
+    let available: BTreeMap<String, u64> = types
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["name"].as_str().unwrap().to_owned(),
+                t["available"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(available["NVIDIA L40S-24Q"], 3, "{types}");
+
+    let first = claim_vgpu(&h, "vm-1", "L40S-24Q");
+    assert_eq!(first.status, 201, "{}", first.body);
+    let vf1 = first.json()["pci_address"].as_str().unwrap().to_owned();
+    assert_eq!(h.fs.current_vgpu_type(&vf1), L40S_24Q);
+    assert_eq!(
+        h.fs.driver_of(&vf1).as_deref(),
+        Some("nvidia"),
+        "never rebound"
+    );
+    // By ID works too; the board holds two 24Q.
+    let second = claim_vgpu(&h, "vm-2", &L40S_24Q.to_string());
+    assert_eq!(second.status, 201, "{}", second.body);
+    // Full: siblings can take no other type, and no third 24Q.
+    for (instance, t) in [("vm-3", "L40S-24Q"), ("vm-4", "L40S-12Q")] {
+        let r = claim_vgpu(&h, instance, t);
+        r.expect_error(409, "no_capacity")
+            .expect_message_contains("is not creatable on it now");
+    }
+    let capacity = h.d.get("/devices/capacity?tags[resource]=vgpu").json();
+    assert_eq!(capacity["resources"][0]["attached"], 2, "{capacity}");
+
+    let name = first.json()["name"].as_str().unwrap().to_owned();
+    assert_eq!(
+        h.d.post(&format!("/devices/{name}/detach"), "{}").status,
+        200
+    );
+    assert_eq!(
+        h.fs.current_vgpu_type(&vf1),
+        0,
+        "the release clears the type"
+    );
+    assert_eq!(
+        h.sim.refused_writes(),
+        vec![],
+        "no write the driver would refuse"
+    );
+}
+
+#[test]
+fn a_vf_carrying_another_type_is_cleared_first_and_a_failed_type_write_frees_the_vf() {
+    let h = vgpu_host(1);
+    let vf = h.fs.vfs_of(GPU_PF)[0].clone();
+    // Set by someone else while the VF is free.
+    std::fs::write(
+        h.fs.path(&format!("bus/pci/devices/{vf}/nvidia/current_vgpu_type")),
+        L40S_48Q.to_string(),
+    )
+    .unwrap();
+    common::eventually(5, "the type to be set", || {
+        (h.fs.current_vgpu_type(&vf) == L40S_48Q).then_some(())
+    });
+    h.sim.clear_writes();
+    let r = claim_vgpu(&h, "vm-1", "L40S-12Q");
+    assert_eq!(r.status, 201, "{}", r.body);
+    let writes: Vec<String> = h
+        .sim
+        .writes()
+        .into_iter()
+        .filter(|(p, _)| p.ends_with("current_vgpu_type"))
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(
+        writes,
+        vec!["0".to_owned(), L40S_12Q.to_string()],
+        "0 first"
+    );
+    assert_eq!(h.fs.current_vgpu_type(&vf), L40S_12Q);
+    assert_eq!(h.d.post("/devices/l40s-vf0/detach", "{}").status, 200);
+
+    // The driver refuses the write: the claim says so and the VF is free.
+    h.sim.fail_write(
+        &format!("bus/pci/devices/{vf}/nvidia/current_vgpu_type"),
+        nix::errno::Errno::ENOSPC,
+    );
+    let r = claim_vgpu(&h, "vm-2", "L40S-12Q");
+    r.expect_error(409, "vgpu_type_unavailable");
+    h.sim
+        .release(&format!("bus/pci/devices/{vf}/nvidia/current_vgpu_type"));
+    assert!(holders(&h).is_empty(), "no claim left behind");
+    let again = claim_vgpu(&h, "vm-2", "L40S-12Q");
+    assert_eq!(again.status, 201, "{}", again.body);
+}

@@ -34,6 +34,8 @@ use crate::pci::{is_vfio_driver, PciAddress, SriovState, VFIO_PCI};
 use crate::registry::{DeviceRecord, SriovConfig, VfDriver, VirtualFunction};
 
 const ENOENT: i32 = 2;
+/// NVIDIA's driver, the VFIO provider of its vGPU VFs.
+const NVIDIA: &str = "nvidia";
 const ERANGE: i32 = 34;
 
 impl Core {
@@ -287,12 +289,18 @@ impl Core {
             Err(e) => return Err(e),
         };
         let recorded = pf.sriov.clone();
+        // The VFs of a PF on the nvidia driver are their own VFIO providers
+        // (vGPU): vfio-pci refuses them, so by default they get theirs.
+        let default_driver = match self.sysfs().driver(&pf.pci_address).as_deref() {
+            Some(NVIDIA) => VfDriver::Native,
+            _ => VfDriver::VfioPci,
+        };
         let (wanted, vf_driver) = match (target, &recorded) {
             (Some(req), r) => (
                 req.num_vfs,
                 req.vf_driver
                     .or(r.as_ref().map(|c| c.vf_driver))
-                    .unwrap_or_default(),
+                    .unwrap_or(default_driver),
             ),
             (None, Some(c)) => (c.desired_vfs, c.vf_driver),
             (None, None) => return Ok(Outcome::Nothing),
