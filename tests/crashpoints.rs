@@ -287,11 +287,22 @@ fn gpu_bound_effect(h: &Host) -> Result<Effect, String> {
     })
 }
 
+/// A group give-back returns the companions first and the device last, so
+/// a failure in between leaves the device on vfio, still vfiod's to give
+/// back with its companions on their drivers: the first half, which doing
+/// it again finishes (never a companion on vfio-pci that no record holds).
 fn gpu_unbound_effect(h: &Host) -> Result<Effect, String> {
-    gpu_bound_effect(h).map(|e| match e {
-        Effect::Complete => Effect::None,
-        _ => Effect::Complete,
-    })
+    let on = bound(h, GPU) && h.on_vfio(GPU) && h.on_vfio(AUDIO);
+    let off = !bound(h, GPU) && h.native_clean(GPU) && h.native_clean(AUDIO);
+    let companions_back = bound(h, GPU) && h.on_vfio(GPU) && h.native_clean(AUDIO);
+    judge(
+        &[
+            (off, Effect::Complete),
+            (on, Effect::None),
+            (companions_back, Effect::FirstHalf),
+        ],
+        || describe(h, &[GPU, AUDIO]),
+    )
 }
 
 fn attach_effect(h: &Host) -> Result<Effect, String> {
@@ -990,16 +1001,6 @@ fn check_hotplug_aware(
 /// list short; an entry is an open bug.
 fn known_gap(sc: &Scenario, fault: Fault, step: &str) -> Option<&'static str> {
     match (sc.name, fault) {
-        ("unbind a group (GPU + audio, reset on release)", Fault::Unplug | Fault::ReplugRacing) => Some(
-            "a group unbind that fails because the device left strands its companion on vfio-pci with vfiod's override",
-        ),
-        ("unbind a group (GPU + audio, reset on release)", Fault::Errno(_))
-            if step.contains("0000:01:00.1") =>
-        {
-            Some(
-                "a group give-back whose write for the companion fails (its override cleared, its unbind from vfio-pci) gives the GPU back and unregisters nothing, but leaves the companion on vfio-pci while no record holds it",
-            )
-        }
         _ => None,
     }
 }

@@ -416,8 +416,7 @@ impl Core {
         tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, to = ?record.original_driver, "giving {addr} back to {} for {caller}", record.original_driver.as_deref().unwrap_or("no driver"));
         self.update_device(addr, |d| d.pending = Some(PendingOp::Unbind))
             .await?;
-        let moves = restore_moves(record);
-        let result = self.engine.restore(&moves).await;
+        let result = self.engine.restore(&give_back_moves(record)).await;
         let current = self.sysfs().driver(&addr);
         match result {
             Ok(()) => {
@@ -633,7 +632,7 @@ impl Core {
                 if record.attachment.is_some() {
                     return;
                 }
-                let mut result = self.engine.restore(&restore_moves(record)).await;
+                let mut result = self.engine.restore(&give_back_moves(record)).await;
                 if let Err(error) = &mut result {
                     if self.stuck_again(addr, error).await {
                         return;
@@ -681,6 +680,16 @@ fn bound(pending: Option<PendingOp>, vfio_driver: String) -> Binding {
             released_consoles: Vec::new(),
         },
     }
+}
+
+/// The moves of a give-back, companions first and the device last: should
+/// one fail (or the device leave the bus), whatever is still on vfio is
+/// the device's binding to give back later, never a companion stranded
+/// on vfio-pci that no record holds.
+fn give_back_moves(record: &DeviceRecord) -> Vec<Move> {
+    let mut moves = restore_moves(record);
+    moves.rotate_left(1);
+    moves
 }
 
 pub(super) fn restore_moves(record: &DeviceRecord) -> Vec<Move> {
