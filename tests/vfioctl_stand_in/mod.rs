@@ -8,8 +8,10 @@
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use common::fakesys::TempDir;
@@ -61,47 +63,72 @@ pub fn stand_in(args: &[&str], status: &str, body: &str) -> Run {
 /// with `answers` (status, body); a request beyond them is left
 /// unanswered. Returns every request vfioctl made.
 pub fn stand_in_answers(args: &[&str], answers: &[(&str, &str)]) -> Runs {
-    let dir = TempDir::new("vfioctl-stand-in").unwrap();
-    let socket = dir.path().join("s.sock");
-    let listener = UnixListener::bind(&socket).unwrap();
-    // Non-blocking, so that the server stops when vfioctl has exited
-    // having made fewer requests than there are answers.
-    listener.set_nonblocking(true).unwrap();
-    let answers: Vec<(String, String)> = answers
-        .iter()
-        .map(|(s, b)| (s.to_string(), b.to_string()))
-        .collect();
-    let client_done = Arc::new(AtomicBool::new(false));
-    let done = client_done.clone();
-    let server = std::thread::spawn(move || {
-        let mut seen = Vec::new();
-        for (status, reply) in answers {
-            let stream = loop {
-                match listener.accept() {
-                    Ok((stream, _)) => break Some(stream),
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        if done.load(Ordering::SeqCst) {
-                            break None;
-                        }
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err(e) => panic!("stand-in accept: {e}"),
-                }
-            };
-            let Some(stream) = stream else { break };
-            stream.set_nonblocking(false).unwrap();
-            seen.push(answer(stream, &status, &reply));
-        }
-        seen
-    });
-    let (code, out, err) = vfioctl(&socket, args);
-    client_done.store(true, Ordering::SeqCst);
-    let seen = server.join().unwrap();
+    let server = StandIn::start(answers);
+    let (code, out, err) = vfioctl(&server.socket, args);
     Runs {
-        seen,
+        seen: server.finish(),
         code,
         out,
         err,
+    }
+}
+
+/// A stand-in serving on its socket until [`StandIn::finish`].
+pub struct StandIn {
+    pub socket: PathBuf,
+    client_done: Arc<AtomicBool>,
+    server: JoinHandle<Vec<Seen>>,
+    _dir: TempDir,
+}
+
+impl StandIn {
+    /// Serves `answers` (status, body), one request each, in order.
+    pub fn start(answers: &[(&str, &str)]) -> StandIn {
+        let dir = TempDir::new("vfioctl-stand-in").unwrap();
+        let socket = dir.path().join("s.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        // Non-blocking, so that the server stops when its client is done
+        // having made fewer requests than there are answers.
+        listener.set_nonblocking(true).unwrap();
+        let answers: Vec<(String, String)> = answers
+            .iter()
+            .map(|(s, b)| (s.to_string(), b.to_string()))
+            .collect();
+        let client_done = Arc::new(AtomicBool::new(false));
+        let done = client_done.clone();
+        let server = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for (status, reply) in answers {
+                let stream = loop {
+                    match listener.accept() {
+                        Ok((stream, _)) => break Some(stream),
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                            if done.load(Ordering::SeqCst) {
+                                break None;
+                            }
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        Err(e) => panic!("stand-in accept: {e}"),
+                    }
+                };
+                let Some(stream) = stream else { break };
+                stream.set_nonblocking(false).unwrap();
+                seen.push(answer(stream, &status, &reply));
+            }
+            seen
+        });
+        StandIn {
+            socket,
+            client_done,
+            server,
+            _dir: dir,
+        }
+    }
+
+    /// Once the client has exited: the requests it made.
+    pub fn finish(self) -> Vec<Seen> {
+        self.client_done.store(true, Ordering::SeqCst);
+        self.server.join().unwrap()
     }
 }
 
