@@ -17,6 +17,31 @@
 //!   override is set (and that driver is loaded), else the device's "native"
 //!   driver (the one it had in `add_device`; none = stays unbound). Binding
 //!   vfio-pci creates `D/vfio/<group>`.
+//! * `<PF>/sriov_numvfs` `N` (Linux 6.12's `sriov_numvfs_store`, checks in
+//!   its order): not a number: EINVAL; above `sriov_totalvfs`: ERANGE;
+//!   the current count: nothing; PF without a driver, or whose driver has
+//!   no `sriov_configure`: ENOENT (the native driver has one unless
+//!   [`DeviceSpec::sriov_capable_driver`]`(false)`; vfio-pci only while
+//!   `module/vfio_pci/parameters/enable_sriov` is "Y"; any other driver
+//!   never); 0: every VF is unbound and removed, last first (its group
+//!   dir and `D/vfio/<group>` go with their last member), a `remove`
+//!   uevent each; N while VFs are enabled: EBUSY; else N VFs are created
+//!   (at most [`SimKernel::limit_vfs`], as a driver that enables fewer),
+//!   one after the other: on the bus, an `add` uevent, then probed if
+//!   `pci_device_can_probe` allows it (below), a `bind` uevent if that
+//!   bound it. The file then reads the count enabled.
+//! * `<PF>/sriov_drivers_autoprobe`: a kernel boolean (1/0/y/n/on/off)
+//!   sets it; anything else is EINVAL. It reads back "1\n"/"0\n".
+//! * **VF probing** follows `pci_device_can_probe`: a VF is probed (at its
+//!   creation, by `drivers_probe`, `bind` or a driver registering) only
+//!   when it has a `driver_override` or its PF's autoprobe is 1. vfio-pci
+//!   owning the PF sets each new VF's override to vfio-pci (its bus
+//!   notifier does), so those are probed at creation whatever autoprobe
+//!   says. The PF's [`DeviceSpec::vf_driver`] is "loaded" (driver dir
+//!   created) when VFs are created, as udev loads it from their modalias on
+//!   a real host: it is there, and autoprobe 0 is what keeps it off.
+//! * Unbinding a PF with VFs enabled removes them first (igb's and
+//!   vfio-pci's remove disable SR-IOV); autoprobe keeps its value.
 //! * `new_id`, `remove_id`, `rescan`, any other attribute: logged only.
 //! * A driver directory that appears while running (`add_driver`,
 //!   `load_vfio`) triggers a probe of the unbound devices it matches
@@ -65,6 +90,23 @@
 //! * Writes that fail in Linux (ENODEV on a bad unbind, EINVAL, ...) succeed
 //!   here and are ignored; use [`SimKernel::fail_write`] to make a write
 //!   fail.
+//! * **SR-IOV refusals cannot reach the writer.** The simulator sees a
+//!   write to `sriov_numvfs` / `sriov_drivers_autoprobe` after the
+//!   writer's `write()` returned, so a write Linux refuses (EBUSY, ERANGE,
+//!   ENOENT, EINVAL) succeeds for the writer; the simulator changes
+//!   nothing, puts the old content back and records it:
+//!   [`SimKernel::refused_writes`]. A test asserts that list is empty to
+//!   show the code under test never made a write the kernel would refuse
+//!   (and uses a real kernel, tests/vm, to see its handling of the errno).
+//!   Both are regular files (they must stay readable): until the simulator
+//!   processed a write, a reader sees the value as written, and a second
+//!   write before that may hide the first, as for `driver_override`.
+//!   While a write is acted on, the file is leased, so a concurrent open
+//!   waits (as a read of `sriov_numvfs` blocks in Linux during a change).
+//! * VF creation is instant (about 0.5 s for two under TCG in Linux), and
+//!   a 4 -> 0 write that hangs ([`SimKernel::hang_write`]) has not started
+//!   removing VFs, where Linux has already taken the ones before the held
+//!   VF off their driver.
 //!
 //! # Faults
 //!
@@ -88,6 +130,8 @@
 //!
 //! Set `VFIOD_SIM_DEBUG=1` for a trace on stderr (`simkernel:` prefix).
 
+#[cfg(doc)]
+use crate::fakesys::DeviceSpec;
 use crate::fakesys::{self, FakeSys, Hook, State, Tree, BUS_ATTRS, DRIVER_ATTRS, VFIO_PCI};
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -328,6 +372,10 @@ struct Sim {
     resets: Vec<(String, String)>,
     /// What a reset of a device leaves behind (absent: a healthy function).
     reset_outcome: HashMap<String, ResetOutcome>,
+    /// Writes Linux would have refused: (path as logged, value, errno).
+    refused: Vec<(String, String, Errno)>,
+    /// The most VFs a PF's driver enables (`limit_vfs`).
+    vf_limit: HashMap<String, u16>,
 }
 
 /// What a reset leaves behind; see [`SimKernel::set_reset_outcome`].
@@ -622,6 +670,22 @@ impl SimKernel {
             Some(o) => sim.reset_outcome.insert(addr.to_string(), o),
             None => sim.reset_outcome.remove(addr),
         };
+    }
+
+    /// Every write to an SR-IOV attribute (`sriov_numvfs`,
+    /// `sriov_drivers_autoprobe`) that Linux would have failed, in order:
+    /// (path as in [`SimKernel::writes`], value as written, the errno the
+    /// writer would have got). The write itself succeeded here (see the
+    /// module docs), but changed nothing.
+    pub fn refused_writes(&self) -> Vec<(String, String, Errno)> {
+        lock(&self.shared.sim).refused.clone()
+    }
+
+    /// From now on `pf`'s driver enables at most `n` VFs, whatever is
+    /// asked (as a driver short of resources does); `sriov_numvfs` then
+    /// reads how many it enabled.
+    pub fn limit_vfs(&self, pf: &str, n: u16) {
+        lock(&self.shared.sim).vf_limit.insert(pf.to_string(), n);
     }
 
     /// The tree this simulator runs on.
@@ -996,7 +1060,7 @@ impl Shared {
         if !meta.is_file() {
             return;
         }
-        self.regular_written(sim, &path);
+        self.regular_written(state, sim, &path);
     }
 
     /// A writer closed FIFO attribute `path`: apply its value.
@@ -1013,7 +1077,7 @@ impl Shared {
             let _ = self.tree.write_file(path, &saved);
             for v in values {
                 let _ = self.tree.write_file(path, &v);
-                self.regular_written(sim, path);
+                self.regular_written(state, sim, path);
             }
             return;
         }
@@ -1063,7 +1127,20 @@ impl Shared {
     /// The file is opened through a hard link in the scratch directory so
     /// this raises no inotify event in the device directory. Without a lease
     /// (busy for too long, or unsupported) the file is left as written.
-    fn regular_written(&self, sim: &mut Sim, path: &Path) {
+    fn regular_written(&self, state: &mut State, sim: &mut Sim, path: &Path) {
+        let attr = attr_name(path);
+        if matches!(attr.as_str(), "sriov_numvfs" | "sriov_drivers_autoprobe") {
+            let pf = path
+                .parent()
+                .and_then(|d| d.file_name())
+                .and_then(|a| a.to_str())
+                .unwrap_or_default()
+                .to_string();
+            if state.sriov.contains_key(&pf) {
+                self.sriov_attr_written(state, sim, path, &pf, &attr);
+                return;
+            }
+        }
         let last = sim.stamps.get(path).copied();
         let (content, stamp) = if attr_name(path) == "driver_override" {
             let leased = self.with_lease(path, |f| {
@@ -1117,9 +1194,11 @@ impl Shared {
     /// close of a descriptor inherited by a forked process (no new write)
     /// is not taken for a write.
     fn stamp_device(&self, sim: &mut Sim, dir: &Path) {
-        let path = dir.join("driver_override");
-        if let Ok(meta) = fs::metadata(&path) {
-            sim.stamps.insert(path, Stamp::of(&meta));
+        for attr in ["driver_override", "sriov_numvfs", "sriov_drivers_autoprobe"] {
+            let path = dir.join(attr);
+            if let Ok(meta) = fs::metadata(&path) {
+                sim.stamps.insert(path, Stamp::of(&meta));
+            }
         }
     }
 
@@ -1192,6 +1271,13 @@ impl Shared {
             match attr.as_str() {
                 "bind" => self.bind_cmd(state, sim, arg, driver),
                 "unbind" if self.tree.driver_of(arg).as_deref() == Some(driver) => {
+                    // A PF driver's remove disables SR-IOV (igb and
+                    // vfio-pci do): the VFs go first.
+                    if state.sriov.get(arg).is_some_and(|p| !p.vfs.is_empty()) {
+                        dbg_log!(self, "unbind {arg}: its VFs go first");
+                        self.sriov_disable(state, sim, arg);
+                        self.show_sriov_state(state, sim, arg);
+                    }
                     dbg_log!(self, "unbind {arg} from {driver}");
                     let _ = self.tree.unbind(arg);
                 }
@@ -1233,6 +1319,9 @@ impl Shared {
             dbg_log!(self, "probe {addr} ignored");
             return;
         }
+        if !self.can_probe(state, sim, addr) {
+            return;
+        }
         let wrong = sim
             .wrong_driver
             .remove(addr)
@@ -1248,11 +1337,11 @@ impl Shared {
         }
     }
 
-    fn bind_cmd(&self, _state: &mut State, sim: &mut Sim, addr: &str, driver: &str) {
+    fn bind_cmd(&self, state: &mut State, sim: &mut Sim, addr: &str, driver: &str) {
         if self.tree.device_dir(addr).is_none() || self.tree.driver_of(addr).is_some() {
             return;
         }
-        if sim.ignore_probe.contains(addr) {
+        if sim.ignore_probe.contains(addr) || !self.can_probe(state, sim, addr) {
             return;
         }
         match self.override_for(sim, addr) {
@@ -1268,7 +1357,10 @@ impl Shared {
     /// A driver registered: probe the unbound devices it matches.
     fn driver_registered(&self, state: &mut State, sim: &mut Sim, driver: &str) {
         for addr in self.tree.devices() {
-            if self.tree.driver_of(&addr).is_some() || sim.ignore_probe.contains(&addr) {
+            if self.tree.driver_of(&addr).is_some()
+                || sim.ignore_probe.contains(&addr)
+                || !self.can_probe(state, sim, &addr)
+            {
                 continue;
             }
             let wanted = self
@@ -1283,6 +1375,321 @@ impl Shared {
     fn forget_under(&self, sim: &mut Sim, dir: &Path) {
         sim.pipes.retain(|p, _| !p.starts_with(dir));
         sim.faults.retain(|p, _| !p.starts_with(dir));
+        sim.stamps.retain(|p, _| !p.starts_with(dir));
+    }
+    // -----------------------------------------------------------------------
+    // SR-IOV
+    // -----------------------------------------------------------------------
+
+    /// Linux's `pci_device_can_probe`: a VF is probed (by `drivers_probe`,
+    /// `bind`, driver registration or its creation) only when it has a
+    /// `driver_override` or its PF's `sriov_drivers_autoprobe` is 1.
+    fn can_probe(&self, state: &State, sim: &Sim, addr: &str) -> bool {
+        let Some(pf) = state.pf_of(addr) else {
+            return true;
+        };
+        if state.sriov.get(pf).is_some_and(|p| p.autoprobe)
+            || self.override_for(sim, addr).is_some()
+        {
+            return true;
+        }
+        dbg_log!(
+            self,
+            "{addr}: VF without override, {pf}'s autoprobe is 0: not probed"
+        );
+        false
+    }
+
+    /// A write to a PF's `sriov_numvfs` or `sriov_drivers_autoprobe`: read
+    /// what was written, act on it, and put the kernel's view back into the
+    /// file, all under a write lease (see `regular_written`) so that no
+    /// client write can slip in between and be overwritten.
+    fn sriov_attr_written(
+        &self,
+        state: &mut State,
+        sim: &mut Sim,
+        path: &Path,
+        pf: &str,
+        attr: &str,
+    ) {
+        let last = sim.stamps.get(path).copied();
+        // What the file must show, once the write was acted on.
+        let mut shown: Option<String> = None;
+        let leased = self.with_lease(path, |f| {
+            if Some(Stamp::of(&f.metadata()?)) == last {
+                return Ok(false);
+            }
+            let mut written = String::new();
+            f.read_to_string(&mut written)?;
+            let now = self.sriov_apply(state, sim, path, pf, attr, &written);
+            shown = Some(now.clone());
+            f.set_len(0)?;
+            f.write_all_at(now.as_bytes(), 0)?;
+            Ok(true)
+        });
+        match (leased, shown) {
+            (Some(false), _) => {
+                dbg_log!(self, "{}: unchanged, a late close", path.display());
+                return;
+            }
+            (Some(true), _) => {}
+            // Acted on, but the rewrite in place failed.
+            (None, Some(now)) => {
+                let _ = self.tree.write_file(path, &now);
+            }
+            (None, None) => {
+                let Ok(meta) = fs::metadata(path) else { return };
+                if Some(Stamp::of(&meta)) == last {
+                    return;
+                }
+                let Ok(written) = fs::read_to_string(path) else {
+                    return;
+                };
+                dbg_log!(self, "{}: no lease, rewritten by rename", path.display());
+                let now = self.sriov_apply(state, sim, path, pf, attr, &written);
+                let _ = self.tree.write_file(path, &now);
+            }
+        }
+        if let Ok(meta) = fs::metadata(path) {
+            sim.stamps.insert(path.to_path_buf(), Stamp::of(&meta));
+        }
+    }
+
+    /// Acts on `written` (a write to `attr` of `pf`) and returns what the
+    /// attribute reads afterwards. A write Linux refuses changes nothing
+    /// and is recorded in `refused`.
+    fn sriov_apply(
+        &self,
+        state: &mut State,
+        sim: &mut Sim,
+        path: &Path,
+        pf: &str,
+        attr: &str,
+        written: &str,
+    ) -> String {
+        self.record(path, written);
+        let text = written.strip_suffix('\n').unwrap_or(written);
+        let result = if attr == "sriov_numvfs" {
+            self.sriov_numvfs_store(state, sim, pf, text)
+        } else {
+            match parse_kernel_bool(text) {
+                Some(on) => {
+                    dbg_log!(self, "{pf}: sriov_drivers_autoprobe = {on}");
+                    if let Some(p) = state.sriov.get_mut(pf) {
+                        p.autoprobe = on;
+                    }
+                    Ok(())
+                }
+                None => Err(Errno::EINVAL),
+            }
+        };
+        if let Err(errno) = result {
+            dbg_log!(self, "{pf}: {attr} <- {written:?} refused: {errno}");
+            sim.refused
+                .push((self.display(path), written.to_string(), errno));
+        }
+        self.sriov_shown(state, pf, attr)
+    }
+
+    /// What `attr` of `pf` reads, from the kernel's state.
+    fn sriov_shown(&self, state: &State, pf: &str, attr: &str) -> String {
+        let Some(p) = state.sriov.get(pf) else {
+            return String::new();
+        };
+        if attr == "sriov_numvfs" {
+            format!("{}\n", p.vfs.len())
+        } else {
+            format!("{}\n", u8::from(p.autoprobe))
+        }
+    }
+
+    /// `sriov_numvfs_store` of Linux 6.12, checks in its order.
+    fn sriov_numvfs_store(
+        &self,
+        state: &mut State,
+        sim: &mut Sim,
+        pf: &str,
+        text: &str,
+    ) -> Result<(), Errno> {
+        let wanted = parse_kernel_u16(text).ok_or(Errno::EINVAL)?;
+        let Some(p) = state.sriov.get(pf) else {
+            return Err(Errno::ENODEV);
+        };
+        let total = p.spec.sriov.as_ref().map_or(0, |s| s.total_vfs);
+        if wanted > total {
+            return Err(Errno::ERANGE);
+        }
+        let current = p.vfs.len();
+        if usize::from(wanted) == current {
+            return Ok(());
+        }
+        let Some(driver) = self.tree.driver_of(pf) else {
+            return Err(Errno::ENOENT);
+        };
+        if !self.driver_configures_sriov(state, pf, &driver) {
+            return Err(Errno::ENOENT);
+        }
+        if wanted == 0 {
+            self.sriov_disable(state, sim, pf);
+            return Ok(());
+        }
+        if current != 0 {
+            return Err(Errno::EBUSY);
+        }
+        let enabled = sim.vf_limit.get(pf).map_or(wanted, |l| wanted.min(*l));
+        self.sriov_enable(state, sim, pf, &driver, enabled);
+        Ok(())
+    }
+
+    /// Whether `driver`, bound to `pf`, implements `sriov_configure`.
+    fn driver_configures_sriov(&self, state: &State, pf: &str, driver: &str) -> bool {
+        if driver == VFIO_PCI {
+            let param = self
+                .tree
+                .sysfs
+                .join("module/vfio_pci/parameters/enable_sriov");
+            return fs::read_to_string(param).is_ok_and(|v| v.trim() == "Y");
+        }
+        let native = state.native.get(pf).cloned().flatten();
+        native.as_deref() == Some(driver)
+            && state
+                .sriov
+                .get(pf)
+                .and_then(|p| p.spec.sriov.as_ref())
+                .is_some_and(|s| s.native_driver_configures)
+    }
+
+    /// Enables `count` VFs of `pf` (bound to `pf_driver`), one after the
+    /// other as `sriov_enable` + `pci_iov_add_virtfn` do: each appears on
+    /// the bus (uevent `add`), then is probed if it may be (uevent `bind`).
+    fn sriov_enable(
+        &self,
+        state: &mut State,
+        sim: &mut Sim,
+        pf: &str,
+        pf_driver: &str,
+        count: u16,
+    ) {
+        dbg_log!(self, "{pf}: enabling {count} VFs");
+        let vf_driver = state
+            .sriov
+            .get(pf)
+            .and_then(|p| p.spec.sriov.as_ref())
+            .and_then(|s| s.vf_driver.clone());
+        // udev loads the VF driver's module from the VFs' modalias
+        // whatever autoprobe says; autoprobe is what keeps it from binding.
+        if let Some(vd) = vf_driver {
+            if !self.tree.driver_loaded(&vd) && self.tree.create_driver_dir(&vd).is_ok() {
+                dbg_log!(self, "loaded VF driver {vd}");
+                if let Err(e) = self.setup_driver_dir(sim, &vd) {
+                    eprintln!("simkernel: cannot set up driver {vd}: {e}");
+                }
+                self.driver_registered(state, sim, &vd);
+            }
+        }
+        // vfio-pci's bus notifier sets the override of every VF of a PF it
+        // owns ("Captured SR-IOV VF ... driver_override").
+        let captured = (pf_driver == VFIO_PCI).then_some(VFIO_PCI);
+        for _ in 0..count {
+            let (addr, dir) = match self.tree.create_vf(state, pf, captured) {
+                Ok(vf) => vf,
+                Err(e) => {
+                    eprintln!("simkernel: {pf}: cannot add a VF: {e}");
+                    break;
+                }
+            };
+            if let Err(e) = self.setup_device_dir(sim, &dir) {
+                eprintln!("simkernel: cannot watch {}: {e}", dir.display());
+            }
+            let index = state.sriov.get(pf).map_or(0, |p| p.vfs.len() - 1);
+            if let Err(e) = self.tree.publish_vf(pf, index, &addr, &dir) {
+                eprintln!("simkernel: {addr}: cannot put it on the bus: {e}");
+            }
+            dbg_log!(self, "{pf}: added VF {addr}");
+            self.tree.send_uevent(state, &format!("add {addr}"));
+            self.probe(state, sim, &addr);
+            if let Some(d) = self.tree.driver_of(&addr) {
+                self.tree.send_uevent(state, &format!("bind {addr} {d}"));
+            }
+        }
+    }
+
+    /// Unbinds and removes every VF of `pf`, last one first (uevent
+    /// `remove` each). Does not touch the PF's `sriov_numvfs` file: see
+    /// [`Shared::show_sriov_state`].
+    fn sriov_disable(&self, state: &mut State, sim: &mut Sim, pf: &str) {
+        let vfs: Vec<String> = state
+            .sriov
+            .get(pf)
+            .map(|p| p.vfs.clone())
+            .unwrap_or_default();
+        dbg_log!(self, "{pf}: removing {} VFs", vfs.len());
+        for vf in vfs.iter().rev() {
+            let Some(dir) = self.tree.device_dir(vf) else {
+                continue;
+            };
+            self.forget_under(sim, &dir);
+            self.tree.remove_device_entry(state, vf, &dir);
+            self.tree.send_uevent(state, &format!("remove {vf}"));
+        }
+    }
+
+    /// Makes `pf`'s `sriov_numvfs` read the kernel's count after a change
+    /// that was no write to it (its driver unbound). While the attribute
+    /// is hung, the content it gets back on release is updated instead.
+    fn show_sriov_state(&self, state: &State, sim: &mut Sim, pf: &str) {
+        let Some(dir) = self.tree.device_dir(pf) else {
+            return;
+        };
+        let path = dir.join("sriov_numvfs");
+        let now = self.sriov_shown(state, pf, "sriov_numvfs");
+        if let Some(Fault::Hang(Saved::Regular(saved)) | Fault::Fail(Saved::Regular(saved))) =
+            sim.faults.get_mut(&path)
+        {
+            *saved = now;
+            return;
+        }
+        if let Some(restore) = sim.pipes.get_mut(&path).and_then(|p| p.restore.as_mut()) {
+            *restore = now;
+            return;
+        }
+        let rewritten = self.with_lease(&path, |f| {
+            f.set_len(0)?;
+            f.write_all_at(now.as_bytes(), 0)
+        });
+        if rewritten.is_none() {
+            let _ = self.tree.write_file(&path, &now);
+        }
+        if let Ok(meta) = fs::metadata(&path) {
+            sim.stamps.insert(path, Stamp::of(&meta));
+        }
+    }
+}
+
+/// `kstrtou16(text, 0)`: decimal, `0x` hex or `0` octal, an optional `+`.
+fn parse_kernel_u16(text: &str) -> Option<u16> {
+    let t = text.strip_prefix('+').unwrap_or(text);
+    let (digits, radix) = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        (h, 16)
+    } else if t.len() > 1 && t.starts_with('0') {
+        (&t[1..], 8)
+    } else {
+        (t, 10)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    u16::from_str_radix(digits, radix).ok()
+}
+
+/// `kstrtobool`: y/Y/1/on true, n/N/0/off false.
+fn parse_kernel_bool(text: &str) -> Option<bool> {
+    match text.as_bytes() {
+        [b'y' | b'Y' | b'1', ..] => Some(true),
+        [b'n' | b'N' | b'0', ..] => Some(false),
+        [b'o' | b'O', b'n' | b'N', ..] => Some(true),
+        [b'o' | b'O', b'f' | b'F', ..] => Some(false),
+        _ => None,
     }
 }
 
