@@ -2,13 +2,14 @@
 //! count, `vfioctl list` draws VFs under their PF, refusals print the
 //! agent's code and the VFs in the way. Against a stand-in vfiod answering
 //! with the shapes of vfiod's own types, and a real vfiod on a fake tree
-//! (its simulated kernel cannot make VFs here: only reads and refusals).
+//! whose simulated kernel makes VFs.
 
 mod vfioctl_stand_in;
 
 use std::collections::BTreeSet;
 
-use common::host::standard_daemon;
+use common::fakesys::{DeviceSpec, FakeSys};
+use common::host::{standard_daemon, Host};
 use common::standard::{GPU, NIC};
 use common::vfioctl;
 use serde_json::{json, Value};
@@ -476,4 +477,108 @@ no VFs enabled
     assert!(err.contains("not_found (404)"), "{err}");
     // Nothing was declared by the refusals.
     assert!(d.get("/devices/gpu0").json().get("sriov").is_none());
+}
+
+// ---- against a real vfiod whose simulated kernel makes VFs ----
+
+/// The QEMU guest's igb (8086:10c9, VFs 8086:10ca, at most 7) behind its
+/// root port, registered as `nic`.
+fn igb_host() -> Host {
+    const ROOT_PORT: &str = "0000:00:1c.0";
+    let root_port = DeviceSpec::new(ROOT_PORT, 0x8086, 0x7c10, 0x060400)
+        .driver("pcieport")
+        .group(10);
+    let igb = DeviceSpec::new(IGB, 0x8086, 0x10c9, 0x020000)
+        .subsystem(0x8086, 0xa03c)
+        .driver("igb")
+        .group(11)
+        .parent(ROOT_PORT)
+        .sriov(7, 0x10ca)
+        .vf_driver("igbvf");
+    let h = Host::builder()
+        .on(FakeSys::with_devices([root_port, igb]))
+        .uevent_fifo()
+        .start();
+    let r = h.d.post(
+        "/devices",
+        &json!({"pci_address": IGB, "name": "nic", "tags": {"pool": "a"}}).to_string(),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    h
+}
+
+const IGB: &str = "0000:0b:00.0";
+
+#[test]
+fn vfioctl_makes_vfs_lists_them_under_their_pf_and_is_refused_while_one_is_attached() {
+    let h = igb_host();
+    let socket = &h.d.socket;
+    let (code, out, err) = vfioctl(socket, &["sriov", "nic", "3"]);
+    assert_eq!(code, 0, "{err}");
+    let vfs = h.fs.vfs_of(IGB);
+    assert_eq!(vfs.len(), 3, "{out}");
+    assert!(
+        out.contains("\nnum_vfs:           3\ndesired_vfs:       3\nvf_device_id:      10ca\nvf_driver:         vfio-pci\ndrivers_autoprobe: false\n"),
+        "{out}"
+    );
+    for (i, vf) in vfs.iter().enumerate() {
+        let row = format!("{i}   {vf}  nic-vf{i}  vfio-pci\n");
+        assert!(out.contains(&row), "{row:?} in\n{out}");
+    }
+    assert!(!out.contains("warning:"), "{out}");
+    let (code, again, err) = vfioctl(socket, &["sriov", "nic"]);
+    assert_eq!((code, again.as_str()), (0, out.as_str()), "{err}");
+
+    let (code, out, err) = vfioctl(socket, &["list"]);
+    assert_eq!(code, 0, "{err}");
+    let names: Vec<&str> = out
+        .lines()
+        .skip(1)
+        .map(|l| l.split("  ").next().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["nic", "├ nic-vf0", "├ nic-vf1", "└ nic-vf2"],
+        "{out}"
+    );
+    assert!(out.lines().nth(1).unwrap().contains("(3/3 VFs)"), "{out}");
+    let (code, out, err) = vfioctl(socket, &["list", "--tag", "pool=a"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("(3/3 VFs)") && out.contains("└ nic-vf2"),
+        "{out}"
+    );
+
+    let (code, _, err) = vfioctl(socket, &["attach", "nic-vf1", "vm-7", "--uid", "0"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = vfioctl(socket, &["sriov", "nic", "1"]);
+    assert_eq!((code, out.as_str()), (1, ""));
+    assert_eq!(
+        err,
+        format!(
+            "vfioctl: vfs_in_use (409): the VF count of nic cannot change while its VFs are in \
+             use (a change destroys them all): {} (attached to instance \"vm-7\")\n",
+            vfs[1]
+        )
+    );
+    assert_eq!(h.fs.vfs_of(IGB), vfs, "nothing changed");
+    let (code, _, err) = vfioctl(socket, &["detach", "nic-vf1", "--keep-bound"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = vfioctl(socket, &["sriov", "nic", "1", "--vf-driver", "none"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(h.fs.vfs_of(IGB).len(), 1);
+    assert!(out.contains("\nvf_driver:         none\n"), "{out}");
+
+    // The stand-in answers carry the fields this vfiod sends.
+    let real_vf = keys(&h.d.get("/devices/nic-vf0").json());
+    assert_eq!(keys(&vf_device(0, VF0, None)), real_vf);
+    assert_eq!(keys(&pf_device()), keys(&h.d.get("/devices/nic").json()));
+    let real_status = h.d.get("/devices/nic/sriov").json();
+    let fixture = sriov_answer(Some(1), vec![vf(0, VF0, None)], vec![]);
+    assert_eq!(keys(&fixture), keys(&real_status));
+    assert_eq!(
+        keys(&fixture["vfs"][0]),
+        keys(&real_status["vfs"][0]),
+        "{real_status}"
+    );
 }
