@@ -22,15 +22,15 @@
 //! still usable. Each test prints what it enumerated; the totals are in
 //! the report of issue 18.
 //!
-//! Operations vfiod does not have yet get a scenario here when they land
-//! (see `MUTATING_ROUTES`): SR-IOV VF count changes and claims.
+//! A new mutating route fails `every_mutating_route_has_a_scenario` until
+//! it has a scenario here (see `MUTATING_ROUTES`).
 
 mod crashkit;
 
 use std::path::Path;
 use std::time::Duration;
 
-use crashkit::{is_root, trace_lines, wait_for_file, Host, AUDIO, GPU, NIC, VMM_UID};
+use crashkit::{is_root, trace_lines, wait_for_file, Host, AUDIO, GPU, NIC, PF, VMM_UID};
 use serde_json::Value;
 
 /// How an operation left the host, judged after it (and recovery) ended.
@@ -124,6 +124,29 @@ fn setup_gpu(h: &Host) {
 fn setup_bound_gpu(h: &Host) {
     setup_gpu(h);
     ok(h, "POST", "/devices/gpu/bind", r#"{"with_group":true}"#);
+}
+
+/// The NIC in pool `nic`, for claims.
+fn setup_pooled_nic(h: &Host) {
+    let r = h
+        .try_req(
+            "POST",
+            "/devices",
+            &format!(r#"{{"pci_address":"{NIC}","name":"nic","tags":{{"resource":"nic"}}}}"#),
+        )
+        .expect("register: no answer");
+    assert_eq!(r.status, 201, "{}", r.body);
+}
+
+fn claim_body(h: &Host) -> String {
+    format!(
+        r#"{{"tags":{{"resource":"nic"}},"instance_id":"vm-1","uid":{VMM_UID},"pid":{}}}"#,
+        h.vmm_pid()
+    )
+}
+
+fn setup_pf(h: &Host) {
+    register(h, PF, "pf");
 }
 
 /// A bound NIC pulled from the bus (vfiod knows).
@@ -364,6 +387,27 @@ fn vmm_exit_unbind_effect(h: &Host) -> Result<Effect, String> {
     )
 }
 
+/// Two VFs made (each on vfio-pci or, after a failed bind, on no driver:
+/// invariants 1, 2 and 8 say the records agree), the count and the
+/// autoprobe vfiod changed recorded; or nothing changed at all.
+fn vfs_made_effect(h: &Host) -> Result<Effect, String> {
+    let pf = h.record(PF).ok_or("the PF's record is gone")?;
+    let made =
+        h.fs.sriov_numvfs(PF) == 2 && pf["sriov"]["desired_vfs"] == 2 && !h.fs.autoprobe_of(PF);
+    let untouched = h.fs.sriov_numvfs(PF) == 0 && pf["sriov"].is_null() && h.fs.autoprobe_of(PF);
+    judge(
+        &[(made, Effect::Complete), (untouched, Effect::None)],
+        || {
+            format!(
+                "sriov_numvfs {}, autoprobe {}, {}",
+                h.fs.sriov_numvfs(PF),
+                h.fs.autoprobe_of(PF),
+                describe(h, &[PF])
+            )
+        },
+    )
+}
+
 fn replug_effect(h: &Host) -> Result<Effect, String> {
     let present = field(h, NIC, "present") == true;
     judge(
@@ -597,6 +641,32 @@ fn scenarios() -> Vec<Scenario> {
             retry: false,
         },
         Scenario {
+            name: "claim a device from a pool, binding first",
+            args: &[],
+            route: "POST /devices/claim",
+            setup: setup_pooled_nic,
+            operation: |h| h.status_of("POST", "/devices/claim", &claim_body(h)),
+            before: &["nic"],
+            after: &["nic"],
+            effect: attach_effect,
+            target: NIC,
+            has_vmm: true,
+            retry: true,
+        },
+        Scenario {
+            name: "set a PF's VF count",
+            args: &[],
+            route: "PUT /devices/{id_or_name}/sriov",
+            setup: setup_pf,
+            operation: |h| h.status_of("PUT", "/devices/pf/sriov", r#"{"num_vfs":2}"#),
+            before: &["pf"],
+            after: &["pf", "pf-vf0", "pf-vf1"],
+            effect: vfs_made_effect,
+            target: PF,
+            has_vmm: false,
+            retry: true,
+        },
+        Scenario {
             name: "re-plug racing the native probe",
             args: &[],
             route: "add uevent",
@@ -632,6 +702,8 @@ const MUTATING_ROUTES: &[&str] = &[
     "POST /devices/{id_or_name}/attach",
     "POST /devices/{id_or_name}/detach",
     "POST /devices/{id_or_name}/reset",
+    "PUT /devices/{id_or_name}/sriov",
+    "POST /devices/claim",
 ];
 
 fn scenario(name: &str) -> Scenario {
@@ -1082,4 +1154,14 @@ fn vmm_exit() {
 #[test]
 fn replug() {
     crash_and_fault("re-plug racing the native probe");
+}
+
+#[test]
+fn sriov_count() {
+    crash_and_fault("set a PF's VF count");
+}
+
+#[test]
+fn claim() {
+    crash_and_fault("claim a device from a pool, binding first");
 }

@@ -358,6 +358,56 @@ impl Core {
         if change {
             tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, from = enabled, to = wanted, vf_driver = vf_driver.as_str(), "changing the VF count of {addr} from {enabled} to {wanted} for {caller}");
         }
+        let written = self
+            .write_count(ctx, &pf, &state, wanted, vf_driver, vf_guards)
+            .await;
+        let (pf, mut warnings) = match written {
+            Ok(done) => done,
+            Err(e) => {
+                let stuck = matches!(&e, CoreError::DriverMoveFailed(f) if f.error.is_timeout());
+                if self.sysfs().virtfns(&addr).len() as u32 == wanted && wanted != enabled {
+                    // The kernel has the new count: what failed after it
+                    // (the autoprobe put back, a record) is finished by a
+                    // pass of vfiod's own, not undone.
+                    self.converge_later(addr);
+                } else if !own && !stuck {
+                    self.undo_count_change(ctx, addr, recorded).await;
+                }
+                return Err(e);
+            }
+        };
+        let records_changed = self.sync_vf_records(ctx, &pf).await?;
+        if vf_driver == VfDriver::VfioPci {
+            warnings.extend(self.bind_vfs(ctx, &pf).await);
+        }
+        let state = self.read_sriov(&pf).await?;
+        if change || records_changed {
+            let detail = format!(
+                "desired {wanted}, enabled {}, vf_driver {}",
+                state.num_vfs(),
+                vf_driver.as_str()
+            );
+            tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, desired = wanted, enabled = state.num_vfs(), "VFs of {addr} ({}): {detail}", pf.name);
+            ctx.publish(ctx.event(EventKind::SriovChanged, &pf).detail(detail));
+        }
+        Ok(Outcome::Sriov(self.status_of(&pf, &state, warnings)))
+    }
+
+    /// The writes of a count change (see the module docs, step 3), then
+    /// the PF's record as they left it and what did not go as asked.
+    async fn write_count(
+        &self,
+        ctx: &OpContext<'_>,
+        pf: &DeviceRecord,
+        state: &SriovState,
+        wanted: u32,
+        vf_driver: VfDriver,
+        vf_guards: Vec<tokio::sync::OwnedMutexGuard<()>>,
+    ) -> Result<(DeviceRecord, Vec<String>), CoreError> {
+        let addr = pf.pci_address;
+        let enabled = state.num_vfs();
+        let change = enabled != wanted;
+        let mut pf = pf.clone();
         let mut warnings = Vec::new();
         if change && enabled > 0 {
             if let Err(e) = self.engine.set_num_vfs(addr, 0).await {
@@ -398,21 +448,40 @@ impl Core {
         if wanted == 0 {
             pf = self.restore_autoprobe(ctx, &pf, state.total_vfs).await?;
         }
-        let records_changed = self.sync_vf_records(ctx, &pf).await?;
-        if vf_driver == VfDriver::VfioPci {
-            warnings.extend(self.bind_vfs(ctx, &pf).await);
+        Ok((pf, warnings))
+    }
+
+    /// After a count change that failed before the kernel had the new
+    /// count, for a caller: the count recorded before it is put back, and
+    /// so is the PF's autoprobe if it has no VFs now; the VF records follow
+    /// the kernel. A change from N to M that failed after the write of 0
+    /// leaves the PF without VFs until the next start (or PUT) makes its
+    /// recorded count again.
+    async fn undo_count_change(
+        &self,
+        ctx: &OpContext<'_>,
+        addr: PciAddress,
+        recorded: Option<SriovConfig>,
+    ) {
+        let Some(pf) = self.snapshot().get_by_address(&addr).cloned() else {
+            return;
+        };
+        let saved = pf.sriov.as_ref().and_then(|c| c.saved_autoprobe);
+        let kept_saved = recorded.as_ref().and_then(|c| c.saved_autoprobe);
+        if self.sysfs().virtfns(&addr).is_empty() && saved.is_some() && kept_saved.is_none() {
+            if let Some(saved) = saved {
+                if let Err(e) = self.engine.set_sriov_autoprobe(addr, saved).await {
+                    tracing::error!(device = %addr, error = %e, "could not put sriov_drivers_autoprobe back after a failed VF count change");
+                    return;
+                }
+            }
         }
-        let state = self.read_sriov(&pf).await?;
-        if change || records_changed {
-            let detail = format!(
-                "desired {wanted}, enabled {}, vf_driver {}",
-                state.num_vfs(),
-                vf_driver.as_str()
-            );
-            tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, desired = wanted, enabled = state.num_vfs(), "VFs of {addr} ({}): {detail}", pf.name);
-            ctx.publish(ctx.event(EventKind::SriovChanged, &pf).detail(detail));
+        if let Err(e) = self.update_device(addr, |d| d.sriov = recorded).await {
+            tracing::error!(device = %addr, error = %e, "could not record the VF count back after a failed change");
         }
-        Ok(Outcome::Sriov(self.status_of(&pf, &state, warnings)))
+        if let Some(pf) = self.snapshot().get_by_address(&addr).cloned() {
+            let _ = self.sync_vf_records(ctx, &pf).await;
+        }
     }
 
     /// Puts back the autoprobe value vfiod changed, once the PF has no VFs.
@@ -568,6 +637,11 @@ impl Core {
     /// A VF is gone from the bus (its PF's count was lowered, or the PF
     /// was unplugged): its record goes too.
     pub(super) async fn forget_vf(&self, addr: PciAddress) -> Option<DeviceRecord> {
+        // A uevent is history: a VF removed and made again since (a count
+        // change goes through 0) is on the bus now, and its record stays.
+        if self.sysfs().is_present(&addr) {
+            return None;
+        }
         let removed = self
             .commit_if_changed(|reg| {
                 let is_vf = reg.get_by_address(&addr).is_some_and(|d| d.vf.is_some());
