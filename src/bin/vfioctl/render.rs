@@ -1,7 +1,7 @@
 //! What vfioctl prints without `--json`: tables and `key: value` lines,
 //! read from the daemon's own wire types. `-` stands for none.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Display;
 
 use vfiod::api::wire::{AvailableDevice, Device, HealthBody, Holders, LastResetWire};
@@ -99,7 +99,7 @@ impl EnabledVfs {
 /// comes right after it (its PF's VFs in `vf_index` order) and is drawn
 /// as a branch of it.
 fn tree_order<'l, 'a>(list: &'l [Device<'a>]) -> Vec<(&'l Device<'a>, Option<Branch>)> {
-    let listed: std::collections::HashSet<&str> = list.iter().map(|d| d.id.as_ref()).collect();
+    let listed: HashSet<&str> = list.iter().map(|d| d.id.as_ref()).collect();
     let mut children: BTreeMap<&str, Vec<&Device>> = BTreeMap::new();
     for d in list {
         if let Some(parent) = d.parent.as_deref().filter(|p| listed.contains(p)) {
