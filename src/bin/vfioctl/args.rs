@@ -5,8 +5,9 @@
 use clap::{Args, Parser, Subcommand, ValueEnum, ValueHint};
 use clap_complete::engine::ArgValueCandidates;
 use vfiod::core::ResetMethod;
+use vfiod::registry::VfDriver;
 
-use crate::complete::{registered_devices, unregistered_candidates};
+use crate::complete::{registered_devices, registered_pfs, unregistered_candidates};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -62,6 +63,12 @@ fn reset_methods() -> clap::builder::PossibleValuesParser {
     let names = std::iter::once(ResetMethod::Auto)
         .chain(ResetMethod::KERNEL)
         .map(ResetMethod::as_str);
+    clap::builder::PossibleValuesParser::new(names)
+}
+
+/// What the agent may give new VFs, in its spelling.
+fn vf_drivers() -> clap::builder::PossibleValuesParser {
+    let names = [VfDriver::VfioPci, VfDriver::None, VfDriver::Native].map(VfDriver::as_str);
     clap::builder::PossibleValuesParser::new(names)
 }
 
@@ -173,6 +180,35 @@ pub enum Command {
     /// Processes, mounts, swap, block stacks, network interfaces and consoles
     /// that use the device
     Holders(DeviceArg),
+    /// A physical function's SR-IOV VFs: show them, or set how many vfiod
+    /// makes and keeps
+    #[command(
+        long_about = "Without COUNT, show the SR-IOV state of a registered physical function \
+            (PF): how many VFs it can have, how many are enabled, the count vfiod keeps, the \
+            VFs' device ID, what new VFs are given, the PF's sriov_drivers_autoprobe, and \
+            each VF.\n\n\
+            With COUNT, declare the VF count: vfiod makes the VFs, registers each as \
+            <pf-name>-vf<N> with the PF's tags, and makes them again after a reboot or a \
+            re-plug. Changing a count destroys every VF first (the kernel goes through 0), \
+            so it is refused while any VF is attached, held or busy. 0 removes them all. \
+            Setting the count it already has changes nothing.",
+        after_help = "Examples:\n  vfioctl sriov nic0\n  vfioctl sriov nic0 4\n  \
+            vfioctl sriov nic0 4 --vf-driver none\n  vfioctl sriov nic0 0"
+    )]
+    Sriov {
+        /// Registry id or name of the physical function
+        #[arg(value_name = "ID|NAME", add = ArgValueCandidates::new(registered_pfs))]
+        device: String,
+        /// VFs to make and keep (0 removes them all); without it, only show
+        #[arg(value_name = "COUNT")]
+        num_vfs: Option<u32>,
+        /// What new VFs are given: vfio-pci (bound straight to it, no host
+        /// driver probes them), none (left driverless), native (probed by
+        /// their host driver) [default: the choice recorded, vfio-pci at
+        /// first]
+        #[arg(long, value_name = "DRIVER", value_parser = vf_drivers(), requires = "num_vfs")]
+        vf_driver: Option<String>,
+    },
     /// Follow the event stream (Ctrl-C to stop)
     Events {
         /// First replay the retained events after SEQ (0: all of them; see

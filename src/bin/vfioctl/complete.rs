@@ -88,7 +88,17 @@ fn completion_get<T: DeserializeOwned>(path: &str) -> Vec<T> {
 
 /// Names first; ids are offered only when no name matches what is typed.
 pub fn registered_devices() -> Vec<CompletionCandidate> {
+    device_candidates(completion_get("/devices"))
+}
+
+/// The devices `sriov` can take: every registered device but the VFs
+/// (a VF cannot have VFs).
+pub fn registered_pfs() -> Vec<CompletionCandidate> {
     let list: Vec<Device> = completion_get("/devices");
+    device_candidates(list.into_iter().filter(|d| d.parent.is_none()).collect())
+}
+
+fn device_candidates(list: Vec<Device>) -> Vec<CompletionCandidate> {
     let names = list.iter().map(|d| {
         CompletionCandidate::new(d.name.as_ref())
             .help(Some(format!("{} {}", d.pci_address, d.id).into()))

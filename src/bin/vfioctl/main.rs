@@ -21,6 +21,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use vfiod::api::error::ErrorBody;
 use vfiod::api::wire::{AvailableDevice, Device, DryRun, HealthBody, Holders, ResetDryRun};
+use vfiod::core::SriovStatus;
 use vfiod::events::Event;
 
 use args::{Cli, Command, NameAndTags};
@@ -70,7 +71,13 @@ async fn run(client: Client, out: Output, command: Command) -> Result<(), Failur
     match command {
         Command::List { tags } => {
             let answer = client.request(Method::GET, &list_path(&tags), None).await?;
-            out.print::<Vec<Device>>(&answer, |list| render::devices(list))?;
+            if out.json {
+                println!("{}", answer.json()?);
+            } else {
+                let list: Vec<Device> = answer.read()?;
+                let enabled = enabled_vfs(&client, &list, !tags.is_empty()).await?;
+                print!("{}", render::devices(&list, &enabled));
+            }
         }
         Command::Available { all } => {
             let path = if all {
@@ -204,6 +211,26 @@ async fn run(client: Client, out: Output, command: Command) -> Result<(), Failur
                 .await?;
             out.print::<Holders>(&answer, |h| render::holders(h, &d.device))?;
         }
+        Command::Sriov {
+            device,
+            num_vfs,
+            vf_driver,
+        } => {
+            let path = device_path(&device, "/sriov");
+            let answer = match num_vfs {
+                None => client.request(Method::GET, &path, None).await?,
+                Some(n) => {
+                    let mut body = json!({"num_vfs": n});
+                    // Only when given: the agent keeps the recorded choice
+                    // otherwise.
+                    if let Some(d) = vf_driver {
+                        body["vf_driver"] = json!(d);
+                    }
+                    client.request(Method::PUT, &path, Some(body)).await?
+                }
+            };
+            out.print::<SriovStatus>(&answer, render::sriov)?;
+        }
         Command::Health => {
             let answer = client.request(Method::GET, "/health", None).await?;
             out.print::<HealthBody>(&answer, render::health)?;
@@ -227,6 +254,25 @@ async fn run(client: Client, out: Output, command: Command) -> Result<(), Failur
         Command::Completion { .. } => unreachable!("handled before connecting"),
     }
     Ok(())
+}
+
+/// How many VFs each PF with a declared count has now, by the PF's id:
+/// its VF records, which live exactly as long as the kernel's VFs. A list
+/// filtered by tags may leave some VFs out (a VF's tags can be changed),
+/// so then the VFs are counted in the whole registry.
+async fn enabled_vfs(
+    client: &Client,
+    listed: &[Device<'static>],
+    filtered: bool,
+) -> Result<render::EnabledVfs, Failure> {
+    if !listed.iter().any(|d| d.sriov.is_some()) {
+        return Ok(render::EnabledVfs::default());
+    }
+    if filtered {
+        let all: Vec<Device> = client.get(&list_path(&[])).await?;
+        return Ok(render::EnabledVfs::count(&all));
+    }
+    Ok(render::EnabledVfs::count(listed))
 }
 
 fn main() -> ExitCode {

@@ -1,10 +1,11 @@
 //! What vfioctl prints without `--json`: tables and `key: value` lines,
 //! read from the daemon's own wire types. `-` stands for none.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Display;
 
 use vfiod::api::wire::{AvailableDevice, Device, HealthBody, Holders, LastResetWire};
-use vfiod::core::{BindPlan, ResetPlan};
+use vfiod::core::{BindPlan, ResetPlan, SriovStatus};
 use vfiod::events::{wire_time, Event};
 use vfiod::pci::holders::Holder;
 
@@ -73,7 +74,69 @@ pub fn available_names(d: &AvailableDevice) -> String {
     )
 }
 
-pub fn devices(list: &[Device]) -> String {
+/// The VFs each PF has now, by the PF's id (see `enabled_vfs` in main).
+#[derive(Debug, Default)]
+pub struct EnabledVfs(HashMap<String, usize>);
+
+impl EnabledVfs {
+    /// Counts the VF records in `devices` that are on the bus.
+    pub fn count(devices: &[Device]) -> EnabledVfs {
+        let mut by_parent = HashMap::new();
+        for d in devices.iter().filter(|d| d.present) {
+            if let Some(parent) = &d.parent {
+                *by_parent.entry(parent.to_string()).or_insert(0) += 1;
+            }
+        }
+        EnabledVfs(by_parent)
+    }
+
+    fn of(&self, pf_id: &str) -> usize {
+        self.0.get(pf_id).copied().unwrap_or(0)
+    }
+}
+
+/// The list in the agent's order, except that a VF whose PF is listed
+/// comes right after it (its PF's VFs in `vf_index` order) and is drawn
+/// as a branch of it.
+fn tree_order<'l, 'a>(list: &'l [Device<'a>]) -> Vec<(&'l Device<'a>, Option<Branch>)> {
+    let listed: HashSet<&str> = list.iter().map(|d| d.id.as_ref()).collect();
+    let mut children: BTreeMap<&str, Vec<&Device>> = BTreeMap::new();
+    for d in list {
+        if let Some(parent) = d.parent.as_deref().filter(|p| listed.contains(p)) {
+            children.entry(parent).or_default().push(d);
+        }
+    }
+    for vfs in children.values_mut() {
+        vfs.sort_by_key(|d| (d.vf_index, d.pci_address));
+    }
+    let mut rows = Vec::with_capacity(list.len());
+    for d in list {
+        if d.parent.as_deref().is_some_and(|p| listed.contains(p)) {
+            continue;
+        }
+        rows.push((d, None));
+        if let Some(vfs) = children.get(d.id.as_ref()) {
+            for (i, vf) in vfs.iter().enumerate() {
+                let branch = if i + 1 == vfs.len() {
+                    Branch::Last
+                } else {
+                    Branch::Middle
+                };
+                rows.push((*vf, Some(branch)));
+            }
+        }
+    }
+    rows
+}
+
+/// How a VF row hangs off its PF's row.
+#[derive(Debug, Clone, Copy)]
+enum Branch {
+    Middle,
+    Last,
+}
+
+pub fn devices(list: &[Device], enabled: &EnabledVfs) -> String {
     if list.is_empty() {
         return "no registered devices\n".into();
     }
@@ -82,10 +145,24 @@ pub fn devices(list: &[Device]) -> String {
             "NAME", "ADDRESS", "TYPE", "GROUP", "DRIVER", "VFIO", "ATTACHED", "HEALTH", "DEVICE",
             "ID",
         ],
-        list.iter()
-            .map(|d| {
+        tree_order(list)
+            .into_iter()
+            .map(|(d, branch)| {
+                let name = match branch {
+                    None => d.name.to_string(),
+                    Some(Branch::Middle) => format!("\u{251c} {}", d.name),
+                    Some(Branch::Last) => format!("\u{2514} {}", d.name),
+                };
+                let mut description = device_names(d);
+                if let Some(sriov) = &d.sriov {
+                    description.push_str(&format!(
+                        " ({}/{} VFs)",
+                        enabled.of(&d.id),
+                        sriov.desired_vfs
+                    ));
+                }
                 vec![
-                    d.name.to_string(),
+                    name,
                     d.pci_address.to_string(),
                     d.kind.as_str().into(),
                     d.iommu_group.to_string(),
@@ -97,12 +174,59 @@ pub fn devices(list: &[Device]) -> String {
                     yes_no(d.bound_to_vfio),
                     or_dash(d.attached_to.as_deref()),
                     d.health.as_str().into(),
-                    device_names(d),
+                    description,
                     d.id.to_string(),
                 ]
             })
             .collect(),
     )
+}
+
+/// `vfioctl sriov`: the PF's SR-IOV state, one field a line, then one row
+/// per VF and what did not go as asked.
+pub fn sriov(s: &SriovStatus) -> String {
+    let mut out = String::new();
+    let mut line = |key: &str, value: &dyn Display| field(&mut out, 19, key, value);
+    line("name", &s.name);
+    line("id", &s.id);
+    line("pci_address", &s.pci_address);
+    line("total_vfs", &s.total_vfs);
+    line("num_vfs", &s.num_vfs);
+    line("desired_vfs", &or_dash(s.desired_vfs));
+    line("vf_device_id", &or_dash(s.vf_device_id.as_deref()));
+    line("vf_driver", &s.vf_driver.as_str());
+    line("drivers_autoprobe", &or_dash(s.drivers_autoprobe));
+    out.push('\n');
+    if s.vfs.is_empty() {
+        out.push_str("no VFs enabled\n");
+    } else {
+        let problems = s.vfs.iter().any(|v| v.error.is_some());
+        let mut headers = vec!["VF", "ADDRESS", "NAME", "DRIVER"];
+        if problems {
+            headers.push("PROBLEM");
+        }
+        let rows = s
+            .vfs
+            .iter()
+            .map(|v| {
+                let mut row = vec![
+                    v.index.to_string(),
+                    v.pci_address.to_string(),
+                    or_dash(v.name.as_deref()),
+                    or_dash(v.driver.as_deref()),
+                ];
+                if problems {
+                    row.push(or_dash(v.error.as_deref()));
+                }
+                row
+            })
+            .collect();
+        out.push_str(&table(&headers, rows));
+    }
+    for w in &s.warnings {
+        out.push_str(&format!("warning: {w}\n"));
+    }
+    out
 }
 
 /// Every field of a device, one per line, then what the fields mean
@@ -136,6 +260,23 @@ pub fn device(d: &Device) -> String {
         "tags",
         &or_dash((!tags.is_empty()).then(|| tags.join(", "))),
     );
+    if let Some(parent) = &d.parent {
+        line("parent", &parent);
+    }
+    if let Some(index) = d.vf_index {
+        line("vf_index", &index);
+    }
+    if let Some(sriov) = &d.sriov {
+        line(
+            "sriov",
+            &format!(
+                "{} VFs kept, given {} (vfioctl sriov {})",
+                sriov.desired_vfs,
+                sriov.vf_driver.as_str(),
+                d.name
+            ),
+        );
+    }
     if !d.group_companions.is_empty() {
         let companions: Vec<String> = d.group_companions.iter().map(|a| a.to_string()).collect();
         line("moved with", &companions.join(", "));
