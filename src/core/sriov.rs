@@ -372,7 +372,17 @@ impl Core {
             tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, from = enabled, to = wanted, vf_driver = vf_driver.as_str(), "changing the VF count of {addr} from {enabled} to {wanted} for {caller}");
         }
         let written = self
-            .write_count(ctx, &pf, &state, change, wanted, vf_driver, vf_guards)
+            .write_count(
+                ctx,
+                &pf,
+                &state,
+                CountChange {
+                    change,
+                    wanted,
+                    vf_driver,
+                },
+                vf_guards,
+            )
             .await;
         let (pf, mut warnings) = match written {
             Ok(done) => done,
@@ -413,11 +423,14 @@ impl Core {
         ctx: &OpContext<'_>,
         pf: &DeviceRecord,
         state: &SriovState,
-        change: bool,
-        wanted: u32,
-        vf_driver: VfDriver,
+        target: CountChange,
         vf_guards: Vec<tokio::sync::OwnedMutexGuard<()>>,
     ) -> Result<(DeviceRecord, Vec<String>), CoreError> {
+        let CountChange {
+            change,
+            wanted,
+            vf_driver,
+        } = target;
         let addr = pf.pci_address;
         let enabled = state.num_vfs();
         let mut pf = pf.clone();
@@ -698,6 +711,16 @@ impl Core {
             .unwrap_or_else(|p| p.into_inner())
             .remove(pf);
     }
+}
+
+/// What a pass over a PF's VFs is to write.
+struct CountChange {
+    /// Whether the count is written at all.
+    change: bool,
+    /// The count wanted.
+    wanted: u32,
+    /// What new VFs are given.
+    vf_driver: VfDriver,
 }
 
 /// `<pf-name>-vf<N>`, or with a suffix if another device has that name; the
