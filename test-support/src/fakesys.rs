@@ -282,6 +282,10 @@ pub struct DeviceSpec {
     pub numa_node: i32,
     /// Set for an SR-IOV physical function.
     pub sriov: Option<SriovSpec>,
+    /// A VF: its Vendor and Device ID registers read 0xffff in config
+    /// space, as the SR-IOV spec has them (sysfs `vendor`/`device` still
+    /// say the real IDs).
+    pub is_vf: bool,
 }
 
 /// The SR-IOV capability of a physical function (see [`DeviceSpec::sriov`]).
@@ -351,6 +355,7 @@ impl DeviceSpec {
             reset_methods: None,
             numa_node: -1,
             sriov: None,
+            is_vf: false,
         }
     }
 
@@ -464,8 +469,13 @@ impl DeviceSpec {
     /// subsystem IDs, little-endian as the `config` attribute shows them.
     pub fn config_space(&self) -> Vec<u8> {
         let mut c = vec![0u8; 64];
-        c[0..2].copy_from_slice(&self.vendor.to_le_bytes());
-        c[2..4].copy_from_slice(&self.device.to_le_bytes());
+        let (vendor, device) = if self.is_vf {
+            (0xffff, 0xffff)
+        } else {
+            (self.vendor, self.device)
+        };
+        c[0..2].copy_from_slice(&vendor.to_le_bytes());
+        c[2..4].copy_from_slice(&device.to_le_bytes());
         c[8] = 0xa1;
         c[9] = (self.class & 0xff) as u8;
         c[10] = ((self.class >> 8) & 0xff) as u8;
@@ -838,6 +848,7 @@ impl Tree {
             .reset_methods("flr")
             .numa_node(pf_spec.numa_node);
         vf.iommu_group = group;
+        vf.is_vf = true;
         let parent = pf_dir.parent().expect("PF dir has a parent").to_path_buf();
         let dir = self.create_device_dir(&vf, &parent, driver_override);
         state.native.insert(addr.clone(), sriov.vf_driver.clone());
