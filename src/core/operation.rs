@@ -461,11 +461,15 @@ impl Core {
             Operation::EndAttachment {
                 address, process, ..
             } => record(address).is_none_or(|d| d.attached_pid() != Some(*process)),
+            // Its own pass changes a count only where the kernel has none
+            // or too many (`converge_vfs`).
             Operation::ConvergeVfs { address } => record(address).is_none_or(|d| {
                 let Some(config) = &d.sriov else { return true };
+                let enabled = self.sysfs().virtfns(address).len() as u32;
                 d.stuck
                     || !d.present
-                    || self.sysfs().virtfns(address).len() as u32 == config.desired_vfs
+                    || (enabled > 0 && enabled <= config.desired_vfs)
+                    || enabled == config.desired_vfs
             }),
             // Requests are not retried by vfiod: their callers are told.
             _ => true,

@@ -313,7 +313,12 @@ impl Core {
             });
         }
         let enabled = state.num_vfs();
-        let change = enabled != wanted;
+        // vfiod's own pass makes the count again where the kernel has no
+        // VFs (a reboot, a re-plug, a crash after the write of 0) and
+        // lowers one a crash left too high; it leaves a count the driver
+        // gave short of the one asked for: asking again would only destroy
+        // and make the same VFs, over and over.
+        let change = enabled != wanted && !(own && enabled > 0 && enabled < wanted);
         if change && wanted > 0 {
             if let Some(why) = self.sriov_blocker(pf) {
                 return Err(CoreError::SriovUnsupported(why));
@@ -367,7 +372,17 @@ impl Core {
             tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, from = enabled, to = wanted, vf_driver = vf_driver.as_str(), "changing the VF count of {addr} from {enabled} to {wanted} for {caller}");
         }
         let written = self
-            .write_count(ctx, &pf, &state, wanted, vf_driver, vf_guards)
+            .write_count(
+                ctx,
+                &pf,
+                &state,
+                CountChange {
+                    change,
+                    wanted,
+                    vf_driver,
+                },
+                vf_guards,
+            )
             .await;
         let (pf, mut warnings) = match written {
             Ok(done) => done,
@@ -408,13 +423,16 @@ impl Core {
         ctx: &OpContext<'_>,
         pf: &DeviceRecord,
         state: &SriovState,
-        wanted: u32,
-        vf_driver: VfDriver,
+        target: CountChange,
         vf_guards: Vec<tokio::sync::OwnedMutexGuard<()>>,
     ) -> Result<(DeviceRecord, Vec<String>), CoreError> {
+        let CountChange {
+            change,
+            wanted,
+            vf_driver,
+        } = target;
         let addr = pf.pci_address;
         let enabled = state.num_vfs();
-        let change = enabled != wanted;
         let mut pf = pf.clone();
         let mut warnings = Vec::new();
         if change && enabled > 0 {
@@ -693,6 +711,16 @@ impl Core {
             .unwrap_or_else(|p| p.into_inner())
             .remove(pf);
     }
+}
+
+/// What a pass over a PF's VFs is to write.
+struct CountChange {
+    /// Whether the count is written at all.
+    change: bool,
+    /// The count wanted.
+    wanted: u32,
+    /// What new VFs are given.
+    vf_driver: VfDriver,
 }
 
 /// `<pf-name>-vf<N>`, or with a suffix if another device has that name; the
