@@ -1,5 +1,5 @@
 //! vfioctl's command line: the commands, their options and help texts
-//! (clap). The man page vfioctl(1) lists the same, which tests/cli.rs
+//! (clap). The man page vfioctl(1) lists the same, which tests/man_pages.rs
 //! checks.
 
 use clap::{Args, Parser, Subcommand, ValueEnum, ValueHint};
