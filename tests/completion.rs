@@ -264,6 +264,101 @@ fn sriov_completes_pfs_and_not_their_vfs() {
     );
 }
 
+/// `claim` and `capacity` complete `--tag` with the tags the registered
+/// devices carry, `claim --vgpu-type` with the types free VFs can take
+/// now, and `vgpu-types` with the devices that can have VFs.
+#[test]
+fn claim_completes_tags_and_vgpu_types_from_the_agent() {
+    let device = |name: &str, tags: serde_json::Value, parent: Option<&str>| {
+        let mut d = serde_json::json!({
+            "id": format!("{name}-id"), "name": name, "type": "gpu", "pci_address": GPU,
+            "vendor_id": "10de", "device_id": "26b9", "iommu_group": 7, "bound_to_vfio": false,
+            "attached_to": null, "created_at": "2026-12-07T04:00:00Z", "tags": tags,
+            "present": true, "current_driver": "nvidia", "original_driver": null,
+            "bound_by_vfiod": false, "vendor_name": null, "device_name": null,
+            "class": "030200", "subsystem_vendor_id": "10de", "subsystem_device_id": "1234",
+            "stuck": false, "identity_mismatch": false, "attached_uid": null,
+            "attached_pid": null, "health": "ok", "health_reason": null, "last_reset": null,
+            "reset_method": null
+        });
+        if let Some(p) = parent {
+            d["parent"] = serde_json::json!(p);
+            d["vf_index"] = serde_json::json!(0);
+        }
+        d
+    };
+    let list = serde_json::json!([
+        device("l40s", serde_json::json!({"resource": "vgpu"}), None),
+        device(
+            "l40s-vf0",
+            serde_json::json!({"resource": "vgpu", "site": "a"}),
+            Some("l40s-id")
+        ),
+        device("nic0", serde_json::json!({"resource": "nic"}), None),
+    ])
+    .to_string();
+    let capacity = serde_json::json!({"resources": [
+        {"resource": "nic", "total": 1, "free": 1, "attached": 0, "quarantined": 0, "needs_reset": 0},
+        {"resource": "vgpu", "total": 2, "free": 2, "attached": 0, "quarantined": 0,
+         "needs_reset": 0, "vgpu_types": {"NVIDIA L40S-12Q": 2, "NVIDIA L40S-48Q": 1}}
+    ]})
+    .to_string();
+    let dir = TempDir::new("vfioctl-completion").unwrap();
+    let script = dir.path().join("vfioctl.bash");
+    let (_, text, _) = run(
+        common::vfioctl_bin(),
+        &["completion", "bash", "--completer", common::vfioctl_bin()],
+    );
+    std::fs::write(&script, text).unwrap();
+    // The words after `vfioctl --socket S`, the last one under the cursor;
+    // what the agent is asked, and what is offered.
+    let offered = |words: &[&str], answer: &str| -> (Vec<String>, Vec<String>) {
+        let server = vfioctl_stand_in::StandIn::start(&[("200 OK", answer)]);
+        let socket = server.socket.display().to_string();
+        let mut line = vec!["vfioctl", "--socket", &socket];
+        line.extend_from_slice(words);
+        let cword = line.len() - 1;
+        let quoted: Vec<String> = line.iter().map(|w| format!("'{w}'")).collect();
+        let program = format!(
+            "source '{}'; COMP_WORDS=({}); COMP_CWORD={cword}; COMP_TYPE=9; \
+             _clap_complete_vfioctl vfioctl '{}' '{}'; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            script.display(),
+            quoted.join(" "),
+            line[cword],
+            line[cword - 1]
+        );
+        let out = Command::new("bash")
+            .args(["--norc", "-c", &program])
+            .output()
+            .unwrap();
+        let paths = server.finish().into_iter().map(|s| s.path).collect();
+        let words = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.trim().to_owned())
+            .filter(|l| !l.is_empty())
+            .collect();
+        (paths, words)
+    };
+    let (asked, tags) = offered(&["claim", "--tag", ""], &list);
+    assert_eq!(asked, ["/devices"]);
+    assert_eq!(tags, ["resource=nic", "resource=vgpu", "site=a"]);
+    let (_, tags) = offered(&["capacity", "--tag", "res"], &list);
+    assert_eq!(tags, ["resource=nic", "resource=vgpu"]);
+    let (asked, types) = offered(
+        &["claim", "--tag", "resource=vgpu", "--vgpu-type", ""],
+        &capacity,
+    );
+    assert_eq!(asked, ["/devices/capacity"]);
+    assert_eq!(types, ["NVIDIA L40S-12Q", "NVIDIA L40S-48Q"]);
+    let (_, words) = offered(&["vgpu-types", ""], &list);
+    let pfs: Vec<&String> = words.iter().filter(|w| !w.starts_with('-')).collect();
+    assert_eq!(pfs, ["l40s", "nic0"], "no VF");
+    let (_, options) = offered(&["claim", "--numa-"], "[]");
+    assert_eq!(options, ["--numa-required"]);
+    let (_, commands) = offered(&["vg"], "[]");
+    assert_eq!(commands, ["vgpu-types"]);
+}
+
 #[test]
 fn static_and_zsh_scripts_are_valid_shell() {
     for (shell, check) in [("bash", "bash"), ("zsh", "zsh"), ("fish", "fish")] {
@@ -294,6 +389,16 @@ fn static_and_zsh_scripts_are_valid_shell() {
         text.contains("sriov") && text.contains("vfio-pci none native"),
         "the static script knows sriov and its --vf-driver values"
     );
+    for word in [
+        "claim",
+        "--numa-required",
+        "--vgpu-type",
+        "--instance",
+        "capacity",
+        "vgpu-types",
+    ] {
+        assert!(text.contains(word), "the static script knows {word}");
+    }
     let (_, text, _) = run(common::vfioctl_bin(), &["completion", "zsh"]);
     assert!(text.starts_with("#compdef vfioctl"), "{text}");
     assert!(text.contains("VFIOCTL_COMPLETE=\"zsh\""), "{text}");

@@ -1,5 +1,5 @@
 //! vfioctl's command line: the commands, their options and help texts
-//! (clap). The man page vfioctl(1) lists the same, which tests/cli.rs
+//! (clap). The man page vfioctl(1) lists the same, which tests/man_pages.rs
 //! checks.
 
 use clap::{Args, Parser, Subcommand, ValueEnum, ValueHint};
@@ -7,7 +7,9 @@ use clap_complete::engine::ArgValueCandidates;
 use vfiod::core::ResetMethod;
 use vfiod::registry::VfDriver;
 
-use crate::complete::{registered_devices, registered_pfs, unregistered_candidates};
+use crate::complete::{
+    registered_devices, registered_pfs, registered_tags, unregistered_candidates, vgpu_type_names,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -165,6 +167,74 @@ pub enum Command {
         #[arg(long)]
         keep_bound: bool,
     },
+    /// Hand out a free device or VF with the given tags to INSTANCE
+    #[command(
+        long_about = "Ask vfiod for a free device or VF that carries every --tag and hand it \
+            out to the virtual machine --instance, in one operation: vfiod picks it under one \
+            lock (never the same device twice), records the claim, then binds and grants it \
+            exactly as attach does. Candidates are registered, present, fit devices and VFs \
+            that are not attached, claimed, busy or held; a PF with VFs is none itself, its \
+            VFs are. Preferred, in order: the --numa node, the PF with the most free VFs, a \
+            device whose last reset succeeded, the lowest address.\n\n\
+            The first line says whether the device is newly handed out or the instance's \
+            existing claim (the same instance asking the same again gets the same device; \
+            asking something else is refused with claim_conflict). When nothing fits \
+            (no_capacity), each candidate is printed with why it did not. Release the device \
+            with `vfioctl detach`.",
+        after_help = "Examples:\n  vfioctl claim --tag resource=vf --instance vm-1 --uid 64055\n  \
+            vfioctl claim --tag resource=vf --instance vm-2 --numa 1 --numa-required\n  \
+            vfioctl claim --tag resource=vgpu --instance vm-3 --vgpu-type L40S-12Q"
+    )]
+    Claim {
+        /// A tag the device must carry; repeat for more
+        #[arg(
+            long = "tag",
+            value_name = "KEY=VALUE",
+            value_parser = parse_tag,
+            required = true,
+            add = ArgValueCandidates::new(registered_tags)
+        )]
+        tags: Vec<(String, String)>,
+        /// Virtual machine the device goes to; the claim's key (asking again
+        /// under it gets the same device)
+        #[arg(long, value_name = "INSTANCE")]
+        instance: String,
+        /// Uid of the VMM that may open the device [default: yours; only root
+        /// may name another]
+        #[arg(long, value_name = "N")]
+        uid: Option<u32>,
+        /// Pid of the VMM (running as that uid); the claim ends when it exits
+        #[arg(long, value_name = "N")]
+        pid: Option<u32>,
+        /// NUMA node of the virtual machine: devices on it come first
+        #[arg(long, value_name = "N")]
+        numa: Option<u32>,
+        /// Only devices on the --numa node; the others are not considered
+        #[arg(long, requires = "numa")]
+        numa_required: bool,
+        /// NVIDIA vGPU type to set on the VF, by name (L40S-12Q) or ID: only
+        /// VFs that can take it now are candidates
+        #[arg(long, value_name = "TYPE", add = ArgValueCandidates::new(vgpu_type_names))]
+        vgpu_type: Option<String>,
+    },
+    /// Free, attached, quarantined devices per resource tag, and vGPU types
+    #[command(
+        long_about = "Count the registered devices per resource tag (devices without one \
+            under -): total, free (claimable now), attached (or claimed), quarantined (or \
+            needing a host reboot), needs_reset (free, reset before the next hand-out). A PF \
+            with VFs counts as its VFs. Then, for pools of vGPU VFs, how many free VFs can \
+            take each vGPU type now. With --tag, only the devices that carry every given tag."
+    )]
+    Capacity {
+        /// Only devices that carry this tag; repeat for more
+        #[arg(
+            long = "tag",
+            value_name = "KEY=VALUE",
+            value_parser = parse_tag,
+            add = ArgValueCandidates::new(registered_tags)
+        )]
+        tags: Vec<(String, String)>,
+    },
     /// Reset the function
     Reset {
         #[command(flatten)]
@@ -208,6 +278,19 @@ pub enum Command {
         /// first]
         #[arg(long, value_name = "DRIVER", value_parser = vf_drivers(), requires = "num_vfs")]
         vf_driver: Option<String>,
+    },
+    /// The vGPU types a PF's VFs can take now, and how many free VFs can take
+    /// each
+    #[command(
+        long_about = "List the NVIDIA vGPU types the VFs of a registered physical function \
+            can take (each VF's creatable_vgpu_types), with how many of its free VFs can take \
+            each now. Creating a vGPU can take types away from the sibling VFs, so the \
+            counts change as VFs are claimed."
+    )]
+    VgpuTypes {
+        /// Registry id or name of the physical function
+        #[arg(value_name = "ID|NAME", add = ArgValueCandidates::new(registered_pfs))]
+        device: String,
     },
     /// Follow the event stream (Ctrl-C to stop)
     Events {

@@ -4,8 +4,11 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Display;
 
+use hyper::StatusCode;
+use serde::Deserialize;
+use vfiod::api::error::ConflictingFunction;
 use vfiod::api::wire::{AvailableDevice, Device, HealthBody, Holders, LastResetWire};
-use vfiod::core::{BindPlan, ResetPlan, SriovStatus};
+use vfiod::core::{BindPlan, Capacity, ResetPlan, SriovStatus, VgpuTypeCount};
 use vfiod::events::{wire_time, Event};
 use vfiod::pci::holders::Holder;
 
@@ -287,6 +290,131 @@ pub fn device(d: &Device) -> String {
     );
     line("may open", &who_may_open(d));
     out
+}
+
+/// `vfioctl claim`: whether the device is newly handed out (201) or the
+/// instance's existing claim (200), then the device as `show` prints it.
+pub fn claimed(d: &Device, instance: &str, created: bool) -> String {
+    let headline = if created {
+        format!(
+            "claimed {} ({}) for instance {instance}",
+            d.name, d.pci_address
+        )
+    } else {
+        format!(
+            "instance {instance} already holds {} ({}): its claim, unchanged",
+            d.name, d.pci_address
+        )
+    };
+    format!("{headline}\n\n{}", device(d))
+}
+
+/// A refused claim's candidates: the error line, then one row per
+/// candidate and why it did not fit, with its registry name when known.
+pub fn no_capacity(
+    status: StatusCode,
+    candidates: &[ConflictingFunction],
+    names: &HashMap<String, String>,
+) -> String {
+    let mut out = format!(
+        "vfioctl: no_capacity ({}): no free device fits the claim; {} considered:\n",
+        status.as_u16(),
+        match candidates.len() {
+            1 => "1 candidate".to_owned(),
+            n => format!("{n} candidates"),
+        }
+    );
+    let with_names = !names.is_empty();
+    let mut headers = vec!["ADDRESS"];
+    if with_names {
+        headers.push("NAME");
+    }
+    headers.push("WHY NOT");
+    let rows = candidates
+        .iter()
+        .map(|c| {
+            let mut row = vec![c.pci_address.clone()];
+            if with_names {
+                row.push(or_dash(names.get(&c.pci_address)));
+            }
+            row.push(or_dash(c.reason.as_deref()));
+            row
+        })
+        .collect();
+    out.push_str(&table(&headers, rows));
+    out
+}
+
+/// `GET /devices/capacity` as it answers.
+#[derive(Debug, Deserialize)]
+pub struct CapacityAnswer {
+    pub resources: Vec<Capacity>,
+}
+
+/// `vfioctl capacity`: one row per pool (`-` for devices without a
+/// `resource` tag), then for the pools of vGPU VFs one row per type with
+/// the free VFs that can take it now.
+pub fn capacity(pools: &[Capacity], filtered: bool) -> String {
+    if pools.is_empty() {
+        return if filtered {
+            "no registered devices with these tags\n".into()
+        } else {
+            "no registered devices\n".into()
+        };
+    }
+    let resource = |p: &Capacity| or_dash(p.resource.as_deref());
+    let rows = pools
+        .iter()
+        .map(|p| {
+            vec![
+                resource(p),
+                p.total.to_string(),
+                p.free.to_string(),
+                p.attached.to_string(),
+                p.quarantined.to_string(),
+                p.needs_reset.to_string(),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &[
+            "RESOURCE",
+            "TOTAL",
+            "FREE",
+            "ATTACHED",
+            "QUARANTINED",
+            "NEEDS_RESET",
+        ],
+        rows,
+    );
+    let vgpu: Vec<Vec<String>> = pools
+        .iter()
+        .flat_map(|p| {
+            p.vgpu_types
+                .iter()
+                .map(move |(t, n)| vec![resource(p), t.clone(), n.to_string()])
+        })
+        .collect();
+    if !vgpu.is_empty() {
+        out.push('\n');
+        out.push_str(&table(&["RESOURCE", "VGPU TYPE", "FREE VFS"], vgpu));
+    }
+    out
+}
+
+/// `vfioctl vgpu-types`: each type the PF's VFs can take, with how many
+/// free VFs can take it now.
+pub fn vgpu_types(types: &[VgpuTypeCount], pf: &str) -> String {
+    if types.is_empty() {
+        return format!("no vGPU types: no VF of {pf} lists a creatable vGPU type\n");
+    }
+    table(
+        &["ID", "NAME", "FREE VFS"],
+        types
+            .iter()
+            .map(|t| vec![t.id.to_string(), t.name.clone(), t.available.to_string()])
+            .collect(),
+    )
 }
 
 /// `flr: ok in 139 ms at 2026-12-01T07:12:41.000Z`.
