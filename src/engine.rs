@@ -76,6 +76,8 @@ pub enum Step {
     SetNumVfs,
     /// Waiting for the VFs the count asks for to appear, or to go.
     VerifyVfs,
+    /// Writing a VF's `nvidia/current_vgpu_type`.
+    SetVgpuType,
 }
 
 impl fmt::Display for Step {
@@ -96,6 +98,7 @@ impl fmt::Display for Step {
             Step::SetAutoprobe => "set sriov_drivers_autoprobe",
             Step::SetNumVfs => "set sriov_numvfs",
             Step::VerifyVfs => "verify VFs",
+            Step::SetVgpuType => "set current_vgpu_type",
         };
         f.write_str(name)
     }
@@ -454,6 +457,13 @@ impl Engine {
                 other => return other,
             }
         }
+    }
+
+    /// Writes a VF's `nvidia/current_vgpu_type` (0 clears it).
+    pub async fn set_vgpu_type(&self, vf: PciAddress, id: u32) -> Result<(), EngineError> {
+        let path = self.sysfs.current_vgpu_type_path(&vf);
+        self.write(Step::SetVgpuType, vf, path, &id.to_string())
+            .await
     }
 
     /// Writes `pf`'s `sriov_drivers_autoprobe`.

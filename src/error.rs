@@ -202,6 +202,32 @@ pub enum CoreError {
         /// Each VF in the way, and why.
         vfs: Vec<(PciAddress, String)>,
     },
+    /// 409 `claim_conflict`: the instance already holds a claim made with
+    /// another request.
+    #[error("instance {instance:?} already claimed {device} with another request; detach it first to claim anew")]
+    ClaimConflict {
+        /// The instance id of the claim.
+        instance: String,
+        /// The device its earlier claim got.
+        device: String,
+    },
+    /// 409 `no_capacity`: no device fits the claim; why each candidate did
+    /// not.
+    #[error("no free device fits the claim{}", refused_note(.refused))]
+    NoCapacity {
+        /// Each device with the tags asked for, and why it was not taken.
+        refused: Vec<(PciAddress, String)>,
+    },
+    /// 409 `vgpu_type_unavailable`: the VF cannot take the vGPU type now.
+    #[error("{device} cannot take vGPU type {vgpu_type}: {detail}")]
+    VgpuTypeUnavailable {
+        /// The VF's name.
+        device: String,
+        /// The type asked for.
+        vgpu_type: String,
+        /// What the driver said.
+        detail: String,
+    },
     /// 507 `storage_full` on ENOSPC/EDQUOT, else 500 `storage_error`; the
     /// in-memory registry is left as it was.
     #[error("saving the registry failed, nothing was changed: {0}")]
@@ -305,6 +331,14 @@ fn list_functions_why(functions: &[(PciAddress, String)]) -> String {
         .map(|(a, why)| format!("{a} ({why})"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+fn refused_note(refused: &[(PciAddress, String)]) -> String {
+    if refused.is_empty() {
+        "; no registered device has the tags asked for".into()
+    } else {
+        format!(": {}", list_functions_why(refused))
+    }
 }
 
 fn list_uids(others: &[(PciAddress, u32)]) -> String {

@@ -22,8 +22,8 @@
 //! still usable. Each test prints what it enumerated; the totals are in
 //! the report of issue 18.
 //!
-//! Operations vfiod does not have yet get a scenario here when they land
-//! (see `MUTATING_ROUTES`): claims.
+//! A new mutating route fails `every_mutating_route_has_a_scenario` until
+//! it has a scenario here (see `MUTATING_ROUTES`).
 
 mod crashkit;
 
@@ -124,6 +124,25 @@ fn setup_gpu(h: &Host) {
 fn setup_bound_gpu(h: &Host) {
     setup_gpu(h);
     ok(h, "POST", "/devices/gpu/bind", r#"{"with_group":true}"#);
+}
+
+/// The NIC in pool `nic`, for claims.
+fn setup_pooled_nic(h: &Host) {
+    let r = h
+        .try_req(
+            "POST",
+            "/devices",
+            &format!(r#"{{"pci_address":"{NIC}","name":"nic","tags":{{"resource":"nic"}}}}"#),
+        )
+        .expect("register: no answer");
+    assert_eq!(r.status, 201, "{}", r.body);
+}
+
+fn claim_body(h: &Host) -> String {
+    format!(
+        r#"{{"tags":{{"resource":"nic"}},"instance_id":"vm-1","uid":{VMM_UID},"pid":{}}}"#,
+        h.vmm_pid()
+    )
 }
 
 fn setup_pf(h: &Host) {
@@ -622,6 +641,19 @@ fn scenarios() -> Vec<Scenario> {
             retry: false,
         },
         Scenario {
+            name: "claim a device from a pool, binding first",
+            args: &[],
+            route: "POST /devices/claim",
+            setup: setup_pooled_nic,
+            operation: |h| h.status_of("POST", "/devices/claim", &claim_body(h)),
+            before: &["nic"],
+            after: &["nic"],
+            effect: attach_effect,
+            target: NIC,
+            has_vmm: true,
+            retry: true,
+        },
+        Scenario {
             name: "set a PF's VF count",
             args: &[],
             route: "PUT /devices/{id_or_name}/sriov",
@@ -671,6 +703,7 @@ const MUTATING_ROUTES: &[&str] = &[
     "POST /devices/{id_or_name}/detach",
     "POST /devices/{id_or_name}/reset",
     "PUT /devices/{id_or_name}/sriov",
+    "POST /devices/claim",
 ];
 
 fn scenario(name: &str) -> Scenario {
@@ -1126,4 +1159,9 @@ fn replug() {
 #[test]
 fn sriov_count() {
     crash_and_fault("set a PF's VF count");
+}
+
+#[test]
+fn claim() {
+    crash_and_fault("claim a device from a pool, binding first");
 }

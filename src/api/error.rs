@@ -201,6 +201,9 @@ fn core_status_and_code(e: &CoreError) -> (StatusCode, &'static str) {
         SriovUnsupported(_) => (StatusCode::CONFLICT, "sriov_unsupported"),
         InvalidVfCount { .. } => (StatusCode::BAD_REQUEST, "invalid_vf_count"),
         VfsInUse { .. } => (StatusCode::CONFLICT, "vfs_in_use"),
+        ClaimConflict { .. } => (StatusCode::CONFLICT, "claim_conflict"),
+        NoCapacity { .. } => (StatusCode::CONFLICT, "no_capacity"),
+        VgpuTypeUnavailable { .. } => (StatusCode::CONFLICT, "vgpu_type_unavailable"),
         PfHasVfs { .. } => (StatusCode::CONFLICT, "pf_has_vfs"),
         ResetMethodUnsupported(_) => (StatusCode::CONFLICT, "reset_method_unsupported"),
         DeviceQuarantined { .. } => (StatusCode::CONFLICT, "device_quarantined"),
@@ -239,7 +242,8 @@ pub fn to_body(e: &ApiError) -> (StatusCode, ErrorBody) {
     }
     if let CoreError::ResetScopeConflict { conflicts, .. }
     | CoreError::VfsInUse { vfs: conflicts, .. }
-    | CoreError::PfHasVfs { vfs: conflicts, .. } = e
+    | CoreError::PfHasVfs { vfs: conflicts, .. }
+    | CoreError::NoCapacity { refused: conflicts } = e
     {
         body.conflicting_functions = conflicts
             .iter()

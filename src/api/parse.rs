@@ -11,6 +11,7 @@ use crate::core::{
     AttachRequest, BindRequest, DeviceName, InstanceId, RegisterRequest, ResetMethod, ResetRequest,
     SriovRequest, Tags, UpdateRequest,
 };
+use crate::core::{ClaimRequest, NumaPolicy};
 use crate::error::CoreError;
 use crate::pci::PciAddress;
 use crate::registry::VfDriver;
@@ -251,6 +252,85 @@ pub fn sriov(body: &[u8]) -> Result<SriovRequest, ApiError> {
         num_vfs: u32::from(num_vfs),
         vf_driver,
     })
+}
+
+/// `POST /devices/claim`: `tags` and `instance_id` required; `uid`,
+/// `pid`, `numa_node`, `numa` and `vgpu_type` optional.
+pub fn claim(body: &[u8]) -> Result<ClaimRequest, ApiError> {
+    let map = object(body, false)?;
+    deny_unknown(
+        &map,
+        &[
+            "tags",
+            "instance_id",
+            "uid",
+            "pid",
+            "numa_node",
+            "numa",
+            "vgpu_type",
+        ],
+    )?;
+    let tags = tags_field(&map)?
+        .ok_or_else(|| {
+            CoreError::InvalidRequest("tags is required (an object, may be empty)".into())
+        })?
+        .into_inner();
+    let instance = match map.get("instance_id") {
+        Some(Value::String(s)) => InstanceId::parse(s)?,
+        None | Some(Value::Null) => {
+            return Err(CoreError::InvalidRequest("instance_id is required".into()).into())
+        }
+        Some(_) => {
+            return Err(CoreError::InvalidRequest("instance_id must be a string".into()).into())
+        }
+    };
+    let pid = optional_u32(&map, "pid").map_err(|e| CoreError::InvalidPid(e.to_string()))?;
+    if pid == Some(0) {
+        return Err(CoreError::InvalidPid("pid must be a process id, not 0".into()).into());
+    }
+    let numa = match map.get("numa") {
+        None | Some(Value::Null) => NumaPolicy::Preferred,
+        Some(Value::String(s)) if s == "preferred" => NumaPolicy::Preferred,
+        Some(Value::String(s)) if s == "required" => NumaPolicy::Required,
+        Some(_) => {
+            return Err(CoreError::InvalidRequest(
+                "numa must be \"required\" or \"preferred\"".into(),
+            )
+            .into())
+        }
+    };
+    let numa_node = optional_u32(&map, "numa_node")?;
+    if numa == NumaPolicy::Required && numa_node.is_none() {
+        return Err(CoreError::InvalidRequest("numa \"required\" needs a numa_node".into()).into());
+    }
+    let vgpu_type = match map.get("vgpu_type") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if !s.trim().is_empty() && s.len() <= 128 => {
+            Some(s.trim().to_owned())
+        }
+        Some(_) => {
+            return Err(CoreError::InvalidRequest(
+                "vgpu_type must be a type name (L40S-12Q) or ID, 1 to 128 characters".into(),
+            )
+            .into())
+        }
+    };
+    Ok(ClaimRequest {
+        tags,
+        instance_id: instance.0,
+        uid: optional_u32(&map, "uid")?,
+        pid,
+        numa_node,
+        numa,
+        vgpu_type,
+    })
+}
+
+/// `GET /devices/capacity?tags[KEY]=VALUE&...`: the tag filter.
+pub fn capacity_query(
+    query: Option<&str>,
+) -> Result<std::collections::BTreeMap<String, String>, ApiError> {
+    Ok(list_query(query)?.into_iter().collect())
 }
 
 /// A non-negative integer that fits a uid or pid, or absent/null.

@@ -98,11 +98,13 @@ impl Core {
         ensure_fit(&record)?;
         self.ensure_group_attachable_by(&record, uid)?;
         let addr = record.pci_address;
+        // A vGPU VF is ready as it is: its own driver is its VFIO provider.
         let on_vfio = self
             .sysfs()
             .driver(&addr)
             .as_deref()
-            .is_some_and(is_vfio_driver);
+            .is_some_and(is_vfio_driver)
+            || self.sysfs().is_vgpu_vf(&addr);
         if !on_vfio {
             self.apply_bind(ctx, &record, BindRequest::default())
                 .await?;
@@ -236,9 +238,15 @@ impl Core {
         // into a live attachment whose grant was gone, or, with a failed
         // revoke, recorded no attachment over a tenant's entry.
         let device = self
-            .update_device(addr, |d| d.attachment = None)
+            .update_device(addr, |d| {
+                d.attachment = None;
+                d.claim = None;
+            })
             .await?
             .unwrap_or_else(|| record.clone());
+        if record.claim.as_ref().is_some_and(|c| c.vgpu_type.is_some()) {
+            self.clear_vgpu_type(addr).await;
+        }
         if let Err(e) = self.revoke_grant(record).await {
             // The attachment still ends: keeping a VM's label on a device
             // because a node could not be changed helps nobody. The entry

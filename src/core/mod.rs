@@ -21,10 +21,12 @@
 //! and giving back, and settling slow writes), `attach` (attachments and
 //! their grants), `reset` (reset, its scope check, device health and
 //! quarantine), `release` (the one sequence that ends a device's use:
-//! attachment, reset, give-back), `sriov` (a PF's VF count and its VFs as
+//! attachment, reset, give-back), `claim` (a free device picked and handed
+//! out atomically), `sriov` (a PF's VF count and its VFs as
 //! devices), `reconcile` (startup and hotplug).
 
 mod attach;
+mod claim;
 mod holders;
 mod moves;
 mod operation;
@@ -171,6 +173,8 @@ pub struct Core {
     resync_scheduled: std::sync::atomic::AtomicBool,
     /// PFs with a pass over their VFs queued (`converge_later`).
     vf_passes_queued: Mutex<std::collections::HashSet<PciAddress>>,
+    /// One claim picks at a time (`claim`).
+    claim_lock: tokio::sync::Mutex<()>,
 }
 
 impl Core {
@@ -189,6 +193,7 @@ impl Core {
             udev_rule_written: Mutex::new(None),
             resync_scheduled: std::sync::atomic::AtomicBool::new(false),
             vf_passes_queued: Mutex::new(Default::default()),
+            claim_lock: tokio::sync::Mutex::new(()),
             engine,
             ids: Arc::new(ids),
             store: Arc::new(store),

@@ -187,8 +187,10 @@ impl Core {
                 others,
             });
         }
-        let already_bound =
-            function.driver.as_deref().is_some_and(is_vfio_driver) && moves.len() == 1;
+        // A vGPU VF's own driver is its VFIO provider: never rebound.
+        let already_bound = (function.driver.as_deref().is_some_and(is_vfio_driver)
+            && moves.len() == 1)
+            || sysfs.is_vgpu_vf(&addr);
         Ok(BindPlan {
             steps: plan_steps(sysfs, &moves, group),
             holders: Vec::new(),

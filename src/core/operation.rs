@@ -21,8 +21,8 @@
 use std::time::Instant;
 
 use super::{
-    AttachRequest, BindOutcome, BindRequest, Caller, Core, RegisterRequest, ResetOutcome,
-    ResetRequest, SriovRequest, SriovStatus, UpdateRequest,
+    AttachRequest, BindOutcome, BindRequest, Caller, ClaimRequest, Core, RegisterRequest,
+    ResetOutcome, ResetRequest, SriovRequest, SriovStatus, UpdateRequest,
 };
 use crate::error::CoreError;
 use crate::events::{Event, EventKind};
@@ -51,6 +51,8 @@ pub enum OpKind {
     Reset,
     /// `PUT /devices/{id}/sriov`.
     SetVfs,
+    /// `POST /devices/claim`.
+    Claim,
     /// vfiod's own: making a PF's declared VF count again (startup, re-plug,
     /// a stuck count write returning).
     ConvergeVfs,
@@ -78,6 +80,7 @@ impl OpKind {
             OpKind::Detach => "detach",
             OpKind::Reset => "reset",
             OpKind::SetVfs => "sriov",
+            OpKind::Claim => "claim",
             OpKind::ConvergeVfs => "converge_vfs",
             OpKind::Settle => "settle",
             OpKind::Rebind => "rebind",
@@ -144,6 +147,8 @@ pub enum Operation {
         /// Method and dry-run.
         req: ResetRequest,
     },
+    /// Pick a free device like the one asked for and hand it out.
+    Claim(ClaimRequest),
     /// Set a PF's VF count and what its VFs are given.
     SetVfs {
         /// Id or name as the caller gave it.
@@ -204,6 +209,7 @@ impl Operation {
             Operation::Detach { .. } => OpKind::Detach,
             Operation::Reset { .. } => OpKind::Reset,
             Operation::SetVfs { .. } => OpKind::SetVfs,
+            Operation::Claim(_) => OpKind::Claim,
             Operation::ConvergeVfs { .. } => OpKind::ConvergeVfs,
             Operation::Settle { .. } => OpKind::Settle,
             Operation::Rebind { .. } => OpKind::Rebind,
@@ -213,7 +219,8 @@ impl Operation {
 
     pub(super) fn lock(&self) -> Lock<'_> {
         match self {
-            Operation::Register(_) | Operation::Update { .. } => Lock::None,
+            // A claim takes the lock of the device it picks.
+            Operation::Register(_) | Operation::Update { .. } | Operation::Claim(_) => Lock::None,
             Operation::Delete { device }
             | Operation::Bind { device, .. }
             | Operation::Unbind { device }
@@ -244,6 +251,10 @@ impl Operation {
     fn target(&self) -> String {
         match self {
             Operation::Register(req) => req.pci_address.to_string(),
+            Operation::Claim(req) => format!(
+                "a claim for instance {}",
+                req.instance_id.chars().take(80).collect::<String>()
+            ),
             Operation::Update { device, .. }
             | Operation::Delete { device }
             | Operation::Bind { device, .. }
@@ -275,6 +286,14 @@ pub enum Outcome {
     Reset(ResetOutcome),
     /// A PF's SR-IOV state after a VF count change.
     Sriov(SriovStatus),
+    /// The device a claim got, and whether the claim is new (not the same
+    /// instance's again).
+    Claimed {
+        /// The device, handed out.
+        device: DeviceRecord,
+        /// False when the same instance's claim was asked again.
+        created: bool,
+    },
     /// vfiod's own operation found nothing to do (the device went away or
     /// no longer needs it).
     Nothing,
@@ -313,6 +332,7 @@ impl Outcome {
             Outcome::Device(d) => Ok(d),
             Outcome::Bound(b) => Ok(b.device),
             Outcome::Reset(r) => Ok(r.device),
+            Outcome::Claimed { device, .. } => Ok(device),
             Outcome::Deleted | Outcome::Nothing | Outcome::Sriov(_) => {
                 Err(CoreError::Internal("the operation left no device".into()))
             }
@@ -460,6 +480,10 @@ impl Core {
         }
         match op {
             Operation::Register(req) => self.register_device(ctx, req).await.map(Outcome::Device),
+            Operation::Claim(req) => self
+                .claim(ctx, req)
+                .await
+                .map(|(device, created)| Outcome::Claimed { device, created }),
             Operation::Update { device, req } => self
                 .update_device_record(ctx, &device, req)
                 .await

@@ -128,6 +128,7 @@ impl Core {
             tracing::info!(device = %d.pci_address, present = d.present, driver = ?d.current_driver, "reconciled with the bus");
             self.publish_health_change(Some(*health_before), Some(d));
         }
+        self.drop_unfinished_claims().await;
         // Only devices with an operation to finish or a binding to
         // restore need more than that pass.
         let unfinished: Vec<PciAddress> = self
@@ -295,9 +296,15 @@ impl Core {
         crate::metrics::record_hotplug(event.action());
         match event {
             HotplugEvent::Remove(addr) => {
-                if self.forget_vf(addr).await.is_some() {
-                    self.events
-                        .publish(Event::new(EventKind::HotplugRemove, Some(addr), None));
+                let is_vf = self
+                    .snapshot()
+                    .get_by_address(&addr)
+                    .is_some_and(|d| d.vf.is_some());
+                if is_vf {
+                    if self.forget_vf(addr).await.is_some() {
+                        self.events
+                            .publish(Event::new(EventKind::HotplugRemove, Some(addr), None));
+                    }
                     return;
                 }
                 let device = self

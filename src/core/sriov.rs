@@ -637,6 +637,11 @@ impl Core {
     /// A VF is gone from the bus (its PF's count was lowered, or the PF
     /// was unplugged): its record goes too.
     pub(super) async fn forget_vf(&self, addr: PciAddress) -> Option<DeviceRecord> {
+        // A uevent is history: a VF removed and made again since (a count
+        // change goes through 0) is on the bus now, and its record stays.
+        if self.sysfs().is_present(&addr) {
+            return None;
+        }
         let removed = self
             .commit_if_changed(|reg| {
                 let is_vf = reg.get_by_address(&addr).is_some_and(|d| d.vf.is_some());

@@ -14,6 +14,9 @@ use crate::registry::DeviceRecord;
 /// paths sane.
 pub const MAX_NAME: usize = 255;
 
+/// Names no device can have: they are paths under `/devices`.
+pub const RESERVED_NAMES: &[&str] = &["available", "claim", "capacity"];
+
 /// A device name, validated: hypeman's `^[a-zA-Z0-9][a-zA-Z0-9_.-]+$`, at
 /// most [`MAX_NAME`] characters, and not a word the API uses as a path
 /// segment.
@@ -35,10 +38,10 @@ impl DeviceName {
                 s.chars().take(80).collect::<String>()
             )));
         }
-        if s == "available" {
-            return Err(CoreError::InvalidName(
-                "the name \"available\" is reserved (GET /devices/available)".into(),
-            ));
+        if let Some(path) = RESERVED_NAMES.iter().find(|r| **r == s) {
+            return Err(CoreError::InvalidName(format!(
+                "the name {path:?} is reserved: /devices/{path} is a path of the API"
+            )));
         }
         Ok(DeviceName(s.to_owned()))
     }
@@ -356,4 +359,38 @@ pub struct SriovStatus {
     /// vfio), for people.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+}
+
+pub use crate::registry::{Claim as ClaimRequest, NumaPolicy};
+
+/// One vGPU type of a PF's VFs (`GET /devices/{pf}/vgpu_types`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VgpuTypeCount {
+    /// What `current_vgpu_type` takes.
+    pub id: u32,
+    /// As the driver names it.
+    pub name: String,
+    /// Free VFs of the PF that can take it now.
+    pub available: u32,
+}
+
+/// `GET /devices/capacity`: one pool's counts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Capacity {
+    /// The pool's `resource` tag (`null` for devices without one).
+    pub resource: Option<String>,
+    /// Registered devices and VFs in the pool (PFs with VFs count as their
+    /// VFs).
+    pub total: u32,
+    /// Claimable now: present, fit, not attached, claimed, stuck or busy.
+    pub free: u32,
+    /// Attached or claimed.
+    pub attached: u32,
+    /// Quarantined or needing a host reboot.
+    pub quarantined: u32,
+    /// Free but owed a reset (done before the next hand-out).
+    pub needs_reset: u32,
+    /// vGPU types and how many free VFs can take each now.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vgpu_types: BTreeMap<String, u32>,
 }

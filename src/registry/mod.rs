@@ -230,6 +230,43 @@ pub struct SriovConfig {
     pub saved_autoprobe: Option<bool>,
 }
 
+/// How a claim's `numa_node` binds the pick.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NumaPolicy {
+    /// Only devices on that node are considered.
+    Required,
+    /// Devices on that node first, then the others.
+    #[default]
+    Preferred,
+}
+
+/// A claim as asked (`POST /devices/claim`), recorded on the device it
+/// picked before anything is written: the same instance asking the same
+/// again gets the same device, asking something else is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    /// Every tag must match (the `resource` tag names a pool).
+    pub tags: BTreeMap<String, String>,
+    /// The claim's key: the same instance asking again gets the same device.
+    pub instance_id: String,
+    /// The uid the VFIO nodes are opened to (default: the caller's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// The VMM whose exit ends the claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// The VM's NUMA node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numa_node: Option<u32>,
+    /// Whether `numa_node` is a must or a preference.
+    #[serde(default)]
+    pub numa: NumaPolicy,
+    /// An NVIDIA vGPU type (name or ID) the device must be able to take.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vgpu_type: Option<String>,
+}
+
 /// A VF vfiod made: its record lives exactly as long as the kernel's VF.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VirtualFunction {
@@ -311,6 +348,10 @@ pub struct DeviceRecord {
     /// On a VF vfiod made: its PF and index.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vf: Option<VirtualFunction>,
+    /// The claim that picked the device: recorded before it was bound and
+    /// granted, kept while its attachment lives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<Claim>,
 }
 
 impl DeviceRecord {
@@ -346,6 +387,7 @@ impl DeviceRecord {
             reset_method: None,
             sriov: None,
             vf: None,
+            claim: None,
         }
     }
 

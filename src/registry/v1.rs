@@ -151,6 +151,7 @@ impl From<RecordV1> for DeviceRecord {
             reset_method: v1.reset_method,
             sriov: None,
             vf: None,
+            claim: None,
         }
     }
 }

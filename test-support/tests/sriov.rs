@@ -880,3 +880,52 @@ fn all_seven_vfs_and_back_quickly() {
     assert_eq!(fs.sriov_numvfs(PF), 5);
     assert!(sim.refused_writes().is_empty());
 }
+
+#[test]
+fn a_reader_that_reopens_at_eof_like_vfiod_gets_every_line_of_a_burst() {
+    let (fs, sim) = host(igb());
+    let path = fs.uevent_fifo();
+    nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    // vfiod's read_fifo: blocking open, lines until EOF, open again.
+    let reader_path = path.clone();
+    std::thread::spawn(move || loop {
+        let Ok(file) = fs::File::open(&reader_path) else {
+            return;
+        };
+        for line in BufReader::new(file).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // Wait until the reader is in open() (a nonblocking writer's open then
+    // succeeds), then let the burst go.
+    assert!(wait_until(IDLE, || fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(&path)
+        .is_ok()));
+    let mut expected = Vec::new();
+    for _ in 0..3 {
+        set_numvfs(&fs, &sim, "7");
+        set_numvfs(&fs, &sim, "0");
+        for vf in VFS {
+            expected.push(format!("add {vf}"));
+            expected.push(format!("bind {vf} igbvf"));
+        }
+        expected.extend(VFS.iter().rev().map(|vf| format!("remove {vf}")));
+    }
+    let got: Vec<String> = (0..expected.len())
+        .map_while(|_| rx.recv_timeout(IDLE).ok())
+        .collect();
+    assert_eq!(got, expected);
+    // Leave no reader thread blocked in open() behind: give it a writer.
+    drop(rx);
+    let _ = fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(&path)
+        .map(|mut f| f.write_all(b"x\n"));
+}
