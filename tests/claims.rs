@@ -424,3 +424,37 @@ fn a_kill_in_the_middle_of_a_claim_burst_leaves_exactly_eight_distinct_claims() 
     assert_eq!(total.len(), 8, "exactly 8 distinct devices in all");
     assert_eq!(holders(&h).len(), 8);
 }
+
+#[test]
+fn a_claim_whose_vmm_is_gone_at_restart_ends_like_an_attachment() {
+    let mut h = vf_host(1, 0);
+    use std::os::unix::process::CommandExt;
+    let mut vmm = std::process::Command::new("sleep")
+        .arg("300")
+        .uid(VMM_UID)
+        .gid(VMM_UID)
+        .spawn()
+        .unwrap();
+    let r = claim(
+        &h,
+        json!({"tags": {"resource": "vf"}, "instance_id": "vm-1", "uid": VMM_UID, "pid": vmm.id()}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let addr = r.json()["pci_address"].as_str().unwrap().to_owned();
+    h.d.terminate();
+    vmm.kill().unwrap();
+    vmm.wait().unwrap();
+    h.d.spawn();
+    common::eventually(10, "the claim to end with its VMM", || {
+        holders(&h).is_empty().then_some(())
+    });
+    // The device is free: a new instance gets it.
+    let r = claim_vf(&h, "vm-2");
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.json()["pci_address"], addr.as_str());
+    // And the old instance's claim is gone: asking again is a new claim
+    // (pfb, with no VFs, is a whole device of the pool), not the old one.
+    let again = claim_vf(&h, "vm-1");
+    assert_eq!(again.status, 201, "{}", again.body);
+    assert_eq!(again.json()["name"], "pfb");
+}
