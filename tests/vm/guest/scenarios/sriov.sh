@@ -62,7 +62,7 @@ say "igbvf loaded; netdevs: $NETS0"
 # refused CODE HTTP WHAT: the last api call failed with that code and
 # status; its code and message are printed and kept for the closing note.
 refused() {
-    local code status
+    local code
     code=$(printf '%s' "$ERR" | jq -r .code 2>/dev/null)
     [ "$RC" != 0 ] && [ "$code" = "$1" ] && [ "$STATUS" = "$2" ] ||
         fail "$3: expected $2 $1, got rc=$RC status=$STATUS: $OUT $ERR"
