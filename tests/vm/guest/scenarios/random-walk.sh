@@ -65,8 +65,8 @@ while [ $i -lt $N ]; do
     eval "ADDR_$i=$a"
     has_driver "$a" "$nat" || fail "precondition: $n $a is on $(drv "$a"), not $nat"
     # The model: registered, kept on vfio-pci by vfiod, attached (instance),
-    # the attachment's VMM pid, the holder's pid.
-    eval "REG_$i=0 VFIO_$i=0 ATT_$i= APID_$i= HOLD_$i="
+    # the attachment's VMM pid, the holder's pid, removed from the bus.
+    eval "REG_$i=0 VFIO_$i=0 ATT_$i= APID_$i= HOLD_$i= GONE_$i=0"
     i=$((i + 1))
 done
 mounted=$(awk '$1 ~ "^/dev/nvme" {print $1 " on " $2}' /proc/mounts)
@@ -285,8 +285,26 @@ plan() {
     N_REG=$reg N_VFIO=$vfio N_ATT=- PARTIAL=0 EXP=ok ALSO=
     if [ "$reg" = 0 ]; then
         case $op in
-            register) N_REG=1 ;;
+            register) N_REG=1; [ "$(v GONE $i)" = 1 ] && EXP=device_not_found ;;
             *) EXP=not_found ;;
+        esac
+        return
+    fi
+    if [ "$(v GONE $i)" = 1 ]; then
+        # Removed from the bus: nothing moves; the record keeps the intent,
+        # carried out when the device returns.
+        case $op in
+            register) EXP=conflict ;;
+            delete)
+                if [ -n "$att" ]; then EXP=in_use; else N_REG=0 N_VFIO=0; fi ;;
+            bind|attach|reset) EXP=device_not_present ;;
+            unbind)
+                if [ -n "$att" ]; then EXP=in_use
+                elif [ "$vfio" = 1 ]; then EXP=device_not_present
+                fi ;;
+            detach|detach-keep)
+                [ -n "$att" ] && N_ATT=
+                [ $op = detach ] && N_VFIO=0 ;;
         esac
         return
     fi
@@ -406,15 +424,31 @@ api_step() {
 # Re-plug device I: remove, a pause, rescan (the kernel sends add before it
 # probes the native driver).
 replug() {
-    local i=$1 a pause
-    a=$(v ADDR $i)
+    local i=$1 pause
     rnd 6; pause=$((R * 100000))
-    pci_write 1 "devices/$a/remove"
-    wait_until 15 absent "$a" || walk_fail "replug $(v NAME $i): $a did not go away"
+    remove_dev $i
     [ $pause -gt 0 ] && usleep $pause
-    pci_write 1 rescan
-    wait_until 15 present "$a" || walk_fail "replug $(v NAME $i): $a did not come back after the rescan"
+    rescan
     REPLUG_NOTE="removed, $((pause / 1000)) ms, rescan"
+}
+remove_dev() {
+    local a
+    a=$(v ADDR $1)
+    pci_write 1 "devices/$a/remove"
+    wait_until 15 absent "$a" || walk_fail "remove $(v NAME $1): $a did not go away"
+    eval "GONE_$1=1"
+}
+# rescan: every removed device comes back.
+rescan() {
+    local i=0
+    pci_write 1 rescan
+    while [ $i -lt $N ]; do
+        if [ "$(v GONE $i)" = 1 ]; then
+            wait_until 15 present "$(v ADDR $i)" || walk_fail "$(v NAME $i) $(v ADDR $i) did not come back after the rescan"
+            eval "GONE_$i=0"
+        fi
+        i=$((i + 1))
+    done
 }
 # A device that may be removed: not held (a removal waits for the holder).
 pick_unheld() {
@@ -422,7 +456,7 @@ pick_unheld() {
     rnd $N
     while [ $k -lt $N ]; do
         j=$(((R + k) % N))
-        [ -z "$(v HOLD $j)" ] && { DEV=$j; return 0; }
+        [ -z "$(v HOLD $j)" ] && [ "$(v GONE $j)" = 0 ] && { DEV=$j; return 0; }
         k=$((k + 1))
     done
     DEV=
@@ -599,15 +633,63 @@ step_vmm_kill() {
     done
     log_step "VMM kill: nothing attached"
 }
+# A re-plug: remove and rescan, sometimes with vfiod killed (-9) or stopped
+# (TERM) in the middle of its rebind after the rescan; or a removal whose
+# rescan comes in a later step (the device stays absent meanwhile).
 step_replug() {
-    rnd 3
-    if pick_unheld; then
-        replug $DEV
-        log_step "re-plug $(v NAME $DEV) ($REPLUG_NOTE)"
-        check "$SETTLE"
-    else
-        log_step "re-plug: every device is held"
+    local how d vrc
+    rnd 6; how=$R
+    rnd 5; d=$((R * 60000))
+    if ! pick_unheld; then
+        log_step "re-plug: every device is held or gone"
+        return
     fi
+    case $how in
+        0|1)
+            remove_dev $DEV
+            log_step "remove $(v NAME $DEV) (rescan later)"
+            check "$SETTLE" ;;
+        2)
+            remove_dev $DEV
+            pci_write 1 rescan
+            [ $d -gt 0 ] && usleep $d
+            vfiod_kill9
+            rescan
+            restart_vfiod
+            log_step "re-plug $(v NAME $DEV), vfiod killed (-9) $((d / 1000)) ms after the rescan, restarted"
+            check "$SETTLE" ;;
+        3)
+            remove_dev $DEV
+            pci_write 1 rescan
+            [ $d -gt 0 ] && usleep $d
+            kill -TERM "$VFIOD_PID"
+            wait_until 60 eval '! kill -0 $VFIOD_PID 2>/dev/null' || walk_fail "vfiod did not exit within 60 s of SIGTERM after a rescan"
+            wait "$VFIOD_PID"
+            vrc=$?
+            [ $vrc = 0 ] || walk_fail "vfiod exited $vrc on SIGTERM after a rescan"
+            rescan
+            restart_vfiod
+            log_step "re-plug $(v NAME $DEV), vfiod stopped (TERM) $((d / 1000)) ms after the rescan, restarted"
+            check "$SETTLE" ;;
+        *)
+            replug $DEV
+            log_step "re-plug $(v NAME $DEV) ($REPLUG_NOTE)"
+            check "$SETTLE" ;;
+    esac
+}
+step_rescan() {
+    local i=0 gone=
+    while [ $i -lt $N ]; do
+        [ "$(v GONE $i)" = 1 ] && gone="$gone $(v NAME $i)"
+        i=$((i + 1))
+    done
+    if [ -z "$gone" ]; then
+        step_replug
+        return
+    fi
+    rescan
+    log_step "rescan:$gone back"
+    check "$SETTLE"
 }
 
 # The table of steps (weights out of 100).
@@ -623,7 +705,8 @@ choose_step() {
     elif [ $R -lt 64 ]; then KIND=kill9
     elif [ $R -lt 73 ]; then KIND=kill9-inflight
     elif [ $R -lt 78 ]; then KIND=sigterm
-    elif [ $R -lt 84 ]; then KIND=replug
+    elif [ $R -lt 81 ]; then KIND=replug
+    elif [ $R -lt 84 ]; then KIND=rescan
     elif [ $R -lt 90 ]; then KIND=holder
     elif [ $R -lt 95 ]; then KIND=holder-exit
     else KIND=vmm-kill
@@ -660,6 +743,7 @@ while [ $STEP -lt "$STEPS" ]; do
                 inflight_step TERM
             fi ;;
         replug) step_replug ;;
+        rescan) step_rescan ;;
         holder) step_holder_start ;;
         holder-exit) step_holder_stop ;;
         vmm-kill) step_vmm_kill ;;
@@ -675,7 +759,10 @@ metric walk_steps "$STEP" steps "seed $SEED, asked $STEPS: $mix"
 metric walk_secs "$SECS" s "the walk's $STEP steps with the checks after each"
 metric walk_step_ms "$(awk -v s="$SECS" -v n="$STEP" 'BEGIN{printf "%.0f", s * 1000 / n}')" ms "mean per step (operation + invariant check)"
 
-# Leave the devices as found: holders and VMMs gone, everything given back.
+# Leave the devices as found: removed ones back, holders and VMMs gone,
+# everything given back.
+rescan
+check "$SETTLE"
 i=0
 while [ $i -lt $N ]; do
     reap "$(v HOLD $i)"; eval "HOLD_$i="
