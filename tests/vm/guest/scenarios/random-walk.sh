@@ -74,14 +74,18 @@ mounted=$(awk '$1 ~ "^/dev/nvme" {print $1 " on " $2}' /proc/mounts)
 v() { eval "echo \"\$$1_$2\""; }   # v FIELD I
 
 # --- seeded choices ----------------------------------------------------------
-# A 31-bit LCG in shell arithmetic, the same on every busybox: R = a number
-# in [0, N). The choices depend only on the seed and the model, so a replay
-# makes the same ones as long as the outcomes of killed steps fall the same
-# way (the step log says how they fell).
-RNG=$SEED
+# Park and Miller's minimal standard generator (x = x * 48271 mod 2^31-1,
+# products below 2^47: plain shell arithmetic, the same on every busybox),
+# scaled rather than taken modulo: R = a number in [0, N) from the high
+# bits. (A power-of-two LCG's low bits made consecutive small draws
+# correlated.) The choices depend only on the seed and the model, so a
+# replay makes the same ones as long as the outcomes of killed steps fall
+# the same way (the step log says how they fell).
+RNG=$((SEED % 2147483647))
+[ $RNG = 0 ] && RNG=1
 rnd() {
-    RNG=$(((RNG * 1103515245 + 12345) % 2147483648))
-    R=$(((RNG >> 8) % $1))
+    RNG=$((RNG * 48271 % 2147483647))
+    R=$((RNG * $1 / 2147483647))
 }
 
 # --- the step log --------------------------------------------------------------
@@ -373,16 +377,25 @@ apply() {
 
 # --- the steps ---------------------------------------------------------------------
 OPS="register delete bind unbind attach detach reset"
-# pick_dev OP: the first device from a random one on whose model OP
-# succeeds; else the random one (the step then checks the refusal).
+# pick_dev OP: from a random device on, the first on which OP succeeds and
+# changes something (in the model), else the first on which it succeeds
+# (a no-op), else the random one (the step then checks the refusal).
 pick_dev() {
-    local op=$1 k=0 j
+    local op=$1 k j ok=
     rnd $N
-    while [ $k -lt $N ]; do
-        j=$(((R + k) % N))
-        plan "$op" $j
-        if [ "$EXP" = ok ]; then DEV=$j; return; fi
-        k=$((k + 1))
+    for pass in change ok; do
+        k=0
+        while [ $k -lt $N ]; do
+            j=$(((R + k) % N))
+            plan "$op" $j
+            if [ "$EXP" = ok ]; then
+                if [ $pass = ok ] || [ "$N_REG" != "$(v REG $j)" ] || [ "$N_VFIO" != "$(v VFIO $j)" ] || [ "$N_ATT" != - ]; then
+                    DEV=$j
+                    return
+                fi
+            fi
+            k=$((k + 1))
+        done
     done
     DEV=$R
     plan "$op" $DEV
