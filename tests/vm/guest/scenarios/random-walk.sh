@@ -53,7 +53,7 @@ say "seed $SEED (replay: VFIOD_VM_WALK_SEED=$SEED), steps $STEPS, budget $BUDGET
 need_vfiod
 
 # --- the devices -----------------------------------------------------------
-N=4
+N=4 PCISPECS=
 NAME_0=nic0 NATIVE_0=e1000e PORTV_0=$PORT_nic0
 NAME_1=igb0 NATIVE_1=igb PORTV_1=$PORT_igb0
 NAME_2=nvme0 NATIVE_2=nvme PORTV_2=$PORT_nvme0
@@ -67,6 +67,7 @@ while [ $i -lt $N ]; do
     # The model: registered, kept on vfio-pci by vfiod, attached (instance),
     # the attachment's VMM pid, the holder's pid, removed from the bus.
     eval "REG_$i=0 VFIO_$i=0 ATT_$i= APID_$i= HOLD_$i= GONE_$i=0"
+    PCISPECS="$PCISPECS $n=$a=$nat"
     i=$((i + 1))
 done
 mounted=$(awk '$1 ~ "^/dev/nvme" {print $1 " on " $2}' /proc/mounts)
@@ -120,48 +121,24 @@ vfiod_kill9() {
 
 # --- what the kernel says ------------------------------------------------------
 # KJ: {name: {addr, present, driver, native, group, override}} for the four
-# devices; AJ: {group: [uid, ...]} of the named-user ACL entries on every
-# /dev/vfio/N (one getfacl for all).
+# devices (driver_override read only on a device on its native driver: a
+# read blocks while an unbind waits in the kernel); AJ: {group: [uid, ...]}
+# of the named-user ACL entries on every /dev/vfio/N. One vmtool process
+# each: forking a dozen readlinks per check cost about a second under TCG.
 kernel_json() {
-    local i a n d g o pr
-    KJ={
-    i=0
-    while [ $i -lt $N ]; do
-        a=$(v ADDR $i) n=$(v NAME $i)
-        if present "$a"; then
-            pr=true d=$(drv "$a") g=$(grp "$a")
-            # driver_override is read only where no move can be under way
-            # (a read blocks while an unbind waits in the kernel).
-            o=
-            [ "$d" = "$(v NATIVE $i)" ] && o=$(override_of "$a")
-        else
-            pr=false d=none g=null o=
-        fi
-        KJ="$KJ\"$n\": {\"addr\": \"$a\", \"present\": $pr, \"driver\": \"$d\", \"native\": \"$(v NATIVE $i)\", \"group\": ${g:-null}, \"override\": \"$o\"}"
-        i=$((i + 1))
-        [ $i -lt $N ] && KJ="$KJ, "
-    done
-    KJ="$KJ}"
-    local nodes
-    nodes=$(ls /dev/vfio 2>/dev/null | grep '^[0-9][0-9]*$' | sed 's,^,/dev/vfio/,')
-    if [ -n "$nodes" ]; then
-        # shellcheck disable=SC2086
-        AJ=$(getfacl -p -n $nodes 2>/dev/null | awk '
-            /^# file: / { f = $3; sub(".*/", "", f); if (!(f in seen)) { seen[f] = 1; order[++n] = f; u[f] = "" } }
-            /^user:[0-9]+:/ { split($0, p, ":"); u[f] = u[f] (u[f] == "" ? "" : ", ") p[2] }
-            END { printf "{"; for (i = 1; i <= n; i++) printf "%s\"%s\": [%s]", (i > 1 ? ", " : ""), order[i], u[order[i]]; printf "}" }')
-    else
-        AJ={}
-    fi
+    KJ=$(vmtool pcistate $PCISPECS) || walk_fail "vmtool pcistate $PCISPECS failed"
+    AJ=$(vmtool vfioacls) || walk_fail "vmtool vfioacls failed"
 }
 model_json() {
-    local i att pid
+    local i n reg vfio att pid
     MJ={
     i=0
     while [ $i -lt $N ]; do
-        att=$(v ATT $i) pid=$(v APID $i)
+        eval "n=\$NAME_$i reg=\$REG_$i vfio=\$VFIO_$i att=\$ATT_$i pid=\$APID_$i"
         [ -n "$att" ] && att="\"$att\"" || att=null
-        MJ="$MJ\"$(v NAME $i)\": {\"reg\": $([ "$(v REG $i)" = 1 ] && echo true || echo false), \"vfio\": $([ "$(v VFIO $i)" = 1 ] && echo true || echo false), \"att\": $att, \"pid\": ${pid:-null}}"
+        [ "$reg" = 1 ] && reg=true || reg=false
+        [ "$vfio" = 1 ] && vfio=true || vfio=false
+        MJ="$MJ\"$n\": {\"reg\": $reg, \"vfio\": $vfio, \"att\": $att, \"pid\": ${pid:-null}}"
         i=$((i + 1))
         [ $i -lt $N ] && MJ="$MJ, "
     done
@@ -173,7 +150,7 @@ live_pids() {
     local i p out=
     i=0
     while [ $i -lt $N ]; do
-        p=$(v APID $i)
+        eval "p=\$APID_$i"
         [ -n "$p" ] && kill -0 "$p" 2>/dev/null && out="$out${out:+, }$p"
         i=$((i + 1))
     done
