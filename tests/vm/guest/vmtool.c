@@ -148,7 +148,11 @@ static int vfio_open_device(const char *group, const char *addr, int *container_
 	int container = open("/dev/vfio/vfio", O_RDWR | O_CLOEXEC);
 	if (container < 0) { perror("/dev/vfio/vfio"); return -1; }
 	int g = open(path, O_RDWR | O_CLOEXEC);
-	if (g < 0) { perror(path); return (errno == EACCES || errno == EPERM) ? -13 : -1; }
+	if (g < 0) {
+		int e = errno; /* perror may change errno */
+		perror(path);
+		return (e == EACCES || e == EPERM) ? -13 : -1;
+	}
 	struct vfio_group_status st = { .argsz = sizeof st };
 	if (ioctl(g, VFIO_GROUP_GET_STATUS, &st) < 0) { perror("VFIO_GROUP_GET_STATUS"); return -1; }
 	if (!(st.flags & VFIO_GROUP_FLAGS_VIABLE)) { fprintf(stderr, "group %s is not viable\n", group); return -1; }
