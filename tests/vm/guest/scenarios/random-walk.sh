@@ -35,7 +35,7 @@
 # to converge, and the time they took is logged.
 #
 # Knobs (host: VFIOD_VM_WALK_*): VM_WALK_SEED (default: random, printed
-# first), VM_WALK_STEPS (default 200), VM_WALK_BUDGET seconds (default 190:
+# first), VM_WALK_STEPS (default 250), VM_WALK_BUDGET seconds (default 190:
 # the walk stops early, saying how many steps ran, so that it ends inside the
 # scenario timeout; raise both for the full walk, see tests/vm/README.md).
 # A failure prints the seed and the whole step log; VFIOD_VM_WALK_SEED=S
@@ -46,7 +46,7 @@
 . /vm/lib.sh
 
 SEED=${VM_WALK_SEED:-$(($(od -An -N4 -tu4 /dev/urandom | tr -d ' ') % 2147483647 + 1))}
-STEPS=${VM_WALK_STEPS:-200}
+STEPS=${VM_WALK_STEPS:-250}
 BUDGET=${VM_WALK_BUDGET:-190}
 SETTLE=${VM_WALK_SETTLE:-20}
 say "seed $SEED (replay: VFIOD_VM_WALK_SEED=$SEED), steps $STEPS, budget $BUDGET s"
