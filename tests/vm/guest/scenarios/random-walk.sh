@@ -106,6 +106,20 @@ fail() {
     exit 1
 }
 walk_fail() { fail "seed $SEED step $STEP: $*"; }
+# Whatever ends the walk (a failure, the timeout's TERM), removed devices
+# come back: /init puts present devices back on their drivers between
+# scenarios, but cannot bring back one the walk took off the bus.
+walk_exit() {
+    local rc=$? i=0
+    pci_write 1 rescan 2>/dev/null
+    while [ $i -lt ${N:-0} ]; do
+        wait_until 10 present "$(v ADDR $i)"
+        i=$((i + 1))
+    done
+    (exit $rc)
+    scenario_exit
+}
+trap walk_exit EXIT
 
 # --- vfiod, started and stopped by the walk ------------------------------------
 RESTARTS=0
@@ -275,7 +289,9 @@ plan() {
         # Removed from the bus: nothing moves; the record keeps the intent,
         # carried out when the device returns.
         case $op in
-            register) EXP=conflict ;;
+            # Either refusal says something true: the address is taken,
+            # and there is no device at it now.
+            register) EXP=conflict ALSO=device_not_found ;;
             delete)
                 if [ -n "$att" ]; then EXP=in_use; else N_REG=0 N_VFIO=0; fi ;;
             bind|attach|reset) EXP=device_not_present ;;
@@ -550,6 +566,10 @@ observe() {
         return 1
     fi
     [ "$reg" = 0 ] && vfio=0
+    if [ "$reg $vfio $att" = "$(v REG $i) $(v VFIO $i) $(v ATT $i)" ]; then OBS="$OBS: as before"
+    elif [ "$reg $vfio $att" = "$N_REG $N_VFIO $new_att" ]; then OBS="$OBS: took effect"
+    else OBS="$OBS: in part"
+    fi
     eval "REG_$i=$reg VFIO_$i=$vfio"
     if [ "$att" != "$(v ATT $i)" ]; then
         if [ -n "$att" ]; then
