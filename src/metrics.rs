@@ -275,6 +275,12 @@ struct HealthLabels {
     health: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SriovLabels {
+    pf: String,
+    state: &'static str,
+}
+
 /// Every health a device can have: each is a series, 1 for the current one.
 const HEALTH_STATES: [Health; 4] = [
     Health::Ok,
@@ -315,7 +321,32 @@ fn device_registry(devices: &DeviceRegistry) -> Registry {
     let families: Vec<Family<DeviceLabels, Gauge>> =
         flags.iter().map(|_| Family::default()).collect();
     let health = Family::<HealthLabels, Gauge>::default();
+    let sriov = Family::<SriovLabels, Gauge>::default();
     for d in devices.iter() {
+        if let Some(c) = &d.sriov {
+            // A VF's record lives as long as the kernel's VF: counting the
+            // records counts what is enabled, without reading sysfs here.
+            let enabled = devices
+                .iter()
+                .filter(|v| {
+                    v.present
+                        && v.vf
+                            .as_ref()
+                            .is_some_and(|vf| vf.parent_address == d.pci_address)
+                })
+                .count();
+            for (state, value) in [
+                ("desired", c.desired_vfs as i64),
+                ("enabled", enabled as i64),
+            ] {
+                sriov
+                    .get_or_create(&SriovLabels {
+                        pf: d.name.clone(),
+                        state,
+                    })
+                    .set(value);
+            }
+        }
         info.get_or_create(&DeviceInfoLabels {
             id: d.id.clone(),
             name: d.name.clone(),
@@ -355,6 +386,11 @@ fn device_registry(devices: &DeviceRegistry) -> Registry {
         "vfiod_device_health",
         "The device's health (ok, needs_reset, quarantined, needs_host_reboot): 1 for the current one",
         health,
+    );
+    registry.register(
+        "vfiod_sriov_vfs",
+        "VFs of a PF whose count vfiod keeps: the count declared (desired) and the VFs there now (enabled)",
+        sriov,
     );
     registry
 }
