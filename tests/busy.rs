@@ -157,3 +157,33 @@ fn holders_of_an_idle_device_are_an_empty_list() {
     h.d.get("/devices/nope/holders")
         .expect_error(404, "not_found");
 }
+
+/// A detach that gives the device back is refused before anything
+/// changes: the attachment stays while the VMM still holds the device.
+#[test]
+fn a_refused_detach_leaves_the_attachment_as_it_was() {
+    let h = Host::builder().fake_proc().start();
+    h.d.register(NIC, "nic");
+    let attached = h.d.post("/devices/nic/attach", r#"{"instance_id":"vm-1"}"#);
+    assert_eq!(attached.status, 200, "{}", attached.body);
+    let node = h.fs.dev_path("vfio/2");
+    std::fs::remove_file(&node).unwrap();
+    alias_node(&node, "/dev/urandom");
+    let mut vmm = h.proc().process(3002, "qemu-system-x86");
+    vmm.fd("/dev/vfio/vfio");
+    vmm.fd(&node);
+    vmm.vfio_device_fd(None);
+    h.sim.clear_writes();
+    h.d.post("/devices/nic/detach", "{}")
+        .expect_error(409, "device_busy");
+    assert_eq!(
+        h.d.get("/devices/nic").json()["attached_to"],
+        "vm-1",
+        "a 409 changes nothing"
+    );
+    assert!(h.sim.writes().is_empty(), "wrote: {:?}", h.sim.writes());
+    vmm.exit();
+    let r = h.d.post("/devices/nic/detach", "{}");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["attached_to"], Value::Null);
+}

@@ -50,6 +50,14 @@ impl Core {
     ) -> Result<DeviceRecord, CoreError> {
         let was_attached = record.attached_to().is_some();
         let mut device = record.clone();
+        // A give-back a holder would refuse is refused before anything
+        // else happens: ending the attachment first would answer 409
+        // having changed something.
+        if how.give_back && device.bound_by_vfiod() && device.present && !device.stuck {
+            self.require_privileged()?;
+            let holders = self.scan_holders(self.functions_on_vfio(&device)).await?;
+            Self::refuse_if_held(device.pci_address, &holders, false, ctx.caller)?;
+        }
         if let (true, Some((kind, detail))) = (was_attached, how.ends_attachment) {
             device = self.end_attachment(ctx, &device, kind, detail).await?;
         }

@@ -216,8 +216,10 @@ fn enabling_creates_vfs_next_to_the_pf_with_links_ids_and_own_groups() {
         assert_eq!(attr(&fs, vf, "driver_override"), "(null)\n");
         assert_eq!(fs.reset_method_of(vf).as_deref(), Some("flr"));
         assert!(dir.join("reset").exists());
+        // The SR-IOV spec: a VF's Vendor and Device ID registers read
+        // ffff (sysfs `vendor` and `device` say the real IDs).
         let config = fs::read(dir.join("config")).unwrap();
-        assert_eq!(&config[0..4], &[0x86, 0x80, 0xca, 0x10]);
+        assert_eq!(&config[0..4], &[0xff, 0xff, 0xff, 0xff]);
         // No SR-IOV attributes of its own.
         assert!(!dir.join("sriov_numvfs").exists());
         assert_eq!(fs.driver_of(vf), None, "autoprobe 0: {vf} stays driverless");
