@@ -10,15 +10,15 @@
 #   3. node 1's two VFs claimed: numa required with node 1 -> 409
 #      no_capacity naming every VF with its reason (printed); preferred
 #      falls back to a VF of igb0;
-#   4. all detached, 8 claims at once (8 processes released by one gate)
+#   4. all detached (each VF stays on vfio-pci with its /dev/vfio/N, ready
+#      for the next VM), 8 claims at once (8 processes released by one gate)
 #      for the 4 VFs: exactly 4 x 201 on 4 distinct VFs, 4 x 409
 #      no_capacity, the 4 VFs on vfio-pci;
 #   5. a claim with uid 1000 and the pid of a sleeping uid-1000 process:
-#      uid 1000 opens /dev/vfio/N of the VF's group, uid 1001 is refused;
-#      after the detach uid 1000 is refused again;
-#   6. 20 sequential claim+detach cycles: claim latency p50/p99 (metrics),
-#      with the VF driverless between (plain detach: the claim binds it) and
-#      on vfio-pci (detach --keep-bound: pick, record and grant only).
+#      before it uid 1000 is refused every VF's /dev/vfio/N; after it uid
+#      1000 opens the claimed VF's node and uid 1001 is refused; after the
+#      detach uid 1000 is refused again;
+#   6. 20 sequential claim+detach cycles: claim latency p50/p99 (metrics).
 # Clean-up: VFs back to 0 through the API, both PFs deleted.
 . /vm/lib.sh
 need_vfiod
@@ -117,6 +117,13 @@ for n in $(vc_ok list; printf '%s' "$OUT" | jq -r '.[] | select(.attached_to != 
 done
 vc_ok list
 [ -z "$(printf '%s' "$OUT" | jq -r '.[] | select(.attached_to != null) | .name')" ] || fail "still attached after detach: $OUT"
+# VFs made for vfio-pci stay there between VMs (autoprobe 0: no native
+# driver would take them anyway).
+for a in $ALL; do
+    has_driver "$a" vfio-pci && vfio_node "$a" ||
+        fail "after the detach VF $a is on $(drv "$a") (/dev/vfio/$(grp "$a") $([ -e "/dev/vfio/$(grp "$a")" ] && echo present || echo absent)), not on vfio-pci"
+done
+say "all detached: the 4 VFs stay on vfio-pci with their nodes"
 PAR=/tmp/vm.claimpar
 rm -rf $PAR; mkdir -p $PAR
 mkfifo $PAR/gate
@@ -165,15 +172,12 @@ done
 vmtool runas 1000 1000 - sleep 600 &
 SLEEPER=$!
 wait_until 10 eval 'grep -q "^Uid:[[:space:]]*1000[[:space:]]" /proc/$SLEEPER/status' || fail "sleeper $SLEEPER is not uid 1000"
-# Detached VFs are left off any driver (autoprobe 0), so most have no node.
 for a in $ALL; do
-    n=/dev/vfio/$(grp "$a")
-    if [ -e "$n" ]; then
-        uid_can_open 1000 "$n"
-        [ $? = 1 ] || fail "before the claim uid 1000 is not refused $n of $a: $OPEN_ERR"
-    fi
-    say "before the claim: $a on $(drv "$a"), $n $([ -e "$n" ] && echo "refused to uid 1000" || echo absent)"
+    has_driver "$a" vfio-pci && vfio_node "$a" || fail "before the uid claim VF $a is on $(drv "$a") without its node"
+    uid_can_open 1000 "/dev/vfio/$(grp "$a")"
+    [ $? = 1 ] || fail "before the claim uid 1000 is not refused /dev/vfio/$(grp "$a") of $a: $OPEN_ERR"
 done
+say "before the claim uid 1000 is refused all 4 VF nodes"
 claim vm-uid "\"uid\": 1000, \"pid\": $SLEEPER" || fail "claim uid 1000 pid $SLEEPER: status $STATUS $ERR"
 jload
 AU=$J_pci_address NU=$J_name NODE=/dev/vfio/$(grp "$AU")
@@ -183,11 +187,10 @@ uid_can_open 1001 $NODE
 [ $? = 1 ] || fail "uid 1001 is not refused $NODE: $OPEN_ERR (ACL: $(acl_of $NODE))"
 say "claim uid 1000 -> $NU ($AU): uid 1000 opens $NODE, uid 1001 refused; ACL: $(acl_of $NODE)"
 vc_ok detach "$NU"
-if [ -e $NODE ]; then
-    uid_can_open 1000 $NODE
-    [ $? = 1 ] || fail "after the detach uid 1000 is not refused $NODE: $OPEN_ERR (ACL: $(acl_of $NODE))"
-fi
-say "after the detach: $AU on $(drv "$AU"), $NODE $([ -e $NODE ] && echo "refused to uid 1000" || echo absent)"
+has_driver "$AU" vfio-pci && [ -c $NODE ] || fail "after the detach $AU is on $(drv "$AU"), $NODE $(ls -l $NODE 2>&1)"
+uid_can_open 1000 $NODE
+[ $? = 1 ] || fail "after the detach uid 1000 is not refused $NODE: $OPEN_ERR (ACL: $(acl_of $NODE))"
+say "after the detach $AU stays on vfio-pci and uid 1000 is refused $NODE again; ACL: $(acl_of $NODE)"
 kill "$SLEEPER"; wait "$SLEEPER" 2>/dev/null
 
 # --- 6. claim latency ------------------------------------------------------------
@@ -198,6 +201,7 @@ while [ $i -lt "$VM_CLAIM_CYCLES" ]; do
     claim "lat-$i" '"numa_node": 1, "uid": 1000'
     mark lc1.$i
     [ "$STATUS" = 201 ] || fail "latency cycle $i: claim answered $STATUS $ERR"
+    has_driver "$(jget .pci_address)" vfio-pci || fail "latency cycle $i: claimed VF on $(drv "$(jget .pci_address)")"
     vc_ok detach "$(jget .name)"
 done
 # lat_of PREFIX: the sorted milliseconds between the marks PREFIX0.i and
@@ -212,25 +216,8 @@ LAT=$(lat_of lc)
 NLAT=$(echo "$LAT" | grep -c .)
 [ "$NLAT" = "$VM_CLAIM_CYCLES" ] || fail "latency: $NLAT intervals from the kernel log, not $VM_CLAIM_CYCLES"
 say "claim latencies (ms, sorted): $(echo $LAT)"
-metric claim_p50_ms "$(echo "$LAT" | p50)" ms "POST /devices/claim (numa_node 1, uid 1000) -> 201 (vmtool http): the VF, left driverless by the detach before, bound to vfio-pci and granted; $NLAT cycles"
+metric claim_p50_ms "$(echo "$LAT" | p50)" ms "POST /devices/claim (numa_node 1, uid 1000) -> 201, VF already on vfio-pci (pick, record, grant), client process start included; $NLAT cycles with detach between"
 metric claim_p99_ms "$(echo "$LAT" | p99)" ms "the same, p99 (nearest rank of $NLAT)"
-# The same with detach --keep-bound between: the VF stays on vfio-pci, so
-# the claim is the pick, the record and the grant, without a driver move.
-i=0
-while [ $i -lt "$VM_CLAIM_CYCLES" ]; do
-    i=$((i + 1))
-    mark lk0.$i
-    claim "latk-$i" '"numa_node": 1, "uid": 1000'
-    mark lk1.$i
-    [ "$STATUS" = 201 ] || fail "keep-bound latency cycle $i: claim answered $STATUS $ERR"
-    has_driver "$(jget .pci_address)" vfio-pci || fail "keep-bound cycle $i: claimed VF on $(drv "$(jget .pci_address)")"
-    vc_ok detach "$(jget .name)" --keep-bound
-done
-LATK=$(lat_of lk)
-[ "$(echo "$LATK" | grep -c .)" = "$VM_CLAIM_CYCLES" ] || fail "keep-bound latency: $(echo "$LATK" | grep -c .) intervals"
-say "claim latencies, VF already on vfio-pci (ms, sorted): $(echo $LATK)"
-metric claim_bound_p50_ms "$(echo "$LATK" | p50)" ms "POST /devices/claim (numa_node 1, uid 1000) -> 201 with the VF already on vfio-pci (detach --keep-bound between): pick, record, grant; $VM_CLAIM_CYCLES cycles"
-metric claim_bound_p99_ms "$(echo "$LATK" | p99)" ms "the same, p99 (nearest rank of $VM_CLAIM_CYCLES)"
 
 # --- clean-up: VFs to 0 through the API, PFs deleted ------------------------------
 for pf in igb0 igbnuma; do
