@@ -61,6 +61,17 @@ impl Core {
                 return Err(CoreError::DeviceStuck(device.pci_address));
             }
             device = self.give_back(ctx, &device).await?;
+        } else if how.give_back && device.bound_by_vfiod() && device.companions().is_empty() {
+            // Off the bus there is nothing to move: the record keeps the
+            // give-back instead, so that the device returns to the driver
+            // the kernel probes for it. Left bound, vfiod would take it
+            // back to vfio on its return, undoing what was asked. (With
+            // companions the binding also says what to give back of the
+            // rest of the group; it stays until the device returns.)
+            device = self
+                .update_device(device.pci_address, |d| d.binding = None)
+                .await?
+                .unwrap_or(device);
         }
         Ok(device)
     }

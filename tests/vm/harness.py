@@ -104,7 +104,7 @@ NINEP_SLOT = 0x09
 # Scenario knobs the host may set: VFIOD_VM_<NAME> here is VM_<NAME> in the
 # guest (through vfiodvm.env.VM_<NAME>=VALUE on the kernel command line).
 GUEST_KNOBS = ("REPLUG_ROUNDS", "REPLUG_BUDGET", "ATTACH_KILL_TRIES", "ATTACH_KILL_MAX_US",
-               "ATTACH_KILL_ONGRANT")
+               "ATTACH_KILL_ONGRANT", "WALK_SEED", "WALK_STEPS", "WALK_BUDGET", "WALK_SETTLE")
 
 
 def guest_env():

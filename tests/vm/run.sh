@@ -30,7 +30,8 @@
 #   VFIOD_VM_NO_VMM=1   do not put the host's QEMU into the guest (scenarios
 #                       that run a VMM inside the guest then fail)
 #   VFIOD_VM_REPLUG_ROUNDS, VFIOD_VM_REPLUG_BUDGET, VFIOD_VM_ATTACH_KILL_TRIES,
-#   VFIOD_VM_ATTACH_KILL_MAX_US, VFIOD_VM_ATTACH_KILL_ONGRANT
+#   VFIOD_VM_ATTACH_KILL_MAX_US, VFIOD_VM_ATTACH_KILL_ONGRANT, VFIOD_VM_WALK_SEED,
+#   VFIOD_VM_WALK_STEPS, VFIOD_VM_WALK_BUDGET, VFIOD_VM_WALK_SETTLE
 #                       scenario knobs, passed to the guest as VM_* (see the
 #                       scenario's header and GUEST_KNOBS in harness.py)
 set -euo pipefail

@@ -52,11 +52,24 @@
  *                              whatever the granter does next. Prints
  *                              "killed PID after N us (P polls)" and exits 0,
  *                              or "no grant in MS ms" and exits 1
+ *   vmtool pcistate NAME=ADDR=NATIVE..
+ *                              what the kernel says of each PCI function, as
+ *                              one JSON object keyed by NAME: {"addr",
+ *                              "present", "driver" ("none" without one),
+ *                              "native", "group" (null without one),
+ *                              "override"}; driver_override is read only
+ *                              when the function is on NATIVE (a read blocks
+ *                              while an unbind waits in the kernel), else "".
+ *                              One process instead of a dozen forks per
+ *                              check under TCG (the random walk's checks)
+ *   vmtool vfioacls            the named-user entries of the access ACL of
+ *                              every /dev/vfio/N, as JSON {"N": [uid, ..]}
  *
  * It never writes to sysfs: it reads clocks and netlink, and opens VFIO nodes
  * (opening a device fd may reset the function, as it does for a VMM).
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
@@ -137,7 +150,11 @@ static int vfio_open_device(const char *group, const char *addr, int *container_
 	int container = open("/dev/vfio/vfio", O_RDWR | O_CLOEXEC);
 	if (container < 0) { perror("/dev/vfio/vfio"); return -1; }
 	int g = open(path, O_RDWR | O_CLOEXEC);
-	if (g < 0) { perror(path); return (errno == EACCES || errno == EPERM) ? -13 : -1; }
+	if (g < 0) {
+		int e = errno; /* perror may change errno */
+		perror(path);
+		return (e == EACCES || e == EPERM) ? -13 : -1;
+	}
 	struct vfio_group_status st = { .argsz = sizeof st };
 	if (ioctl(g, VFIO_GROUP_GET_STATUS, &st) < 0) { perror("VFIO_GROUP_GET_STATUS"); return -1; }
 	if (!(st.flags & VFIO_GROUP_FLAGS_VIABLE)) { fprintf(stderr, "group %s is not viable\n", group); return -1; }
@@ -284,6 +301,83 @@ static int killongrant(const char *path, uint32_t uid, pid_t pid, long ms) {
 	return 1;
 }
 
+/* The last path component of the symlink PATH into OUT ("" if none). */
+static void link_base(const char *path, char *out, size_t len) {
+	char buf[4096];
+	ssize_t n = readlink(path, buf, sizeof buf - 1);
+	out[0] = 0;
+	if (n <= 0) return;
+	buf[n] = 0;
+	const char *b = strrchr(buf, '/');
+	b = b ? b + 1 : buf;
+	size_t l = strlen(b) < len ? strlen(b) : len - 1;
+	memcpy(out, b, l);
+	out[l] = 0;
+}
+
+static int pcistate(int argc, char **argv) {
+	printf("{");
+	for (int i = 0; i < argc; i++) {
+		char spec[256], path[512], drv[256], grp[64], ovr[256] = "";
+		snprintf(spec, sizeof spec, "%s", argv[i]);
+		char *addr = strchr(spec, '=');
+		char *native = addr ? strchr(addr + 1, '=') : NULL;
+		if (!addr || !native) { fprintf(stderr, "pcistate: NAME=ADDR=NATIVE, not %s\n", argv[i]); return 2; }
+		*addr++ = 0;
+		*native++ = 0;
+		snprintf(path, sizeof path, "/sys/bus/pci/devices/%s", addr);
+		int present = access(path, F_OK) == 0;
+		snprintf(path, sizeof path, "/sys/bus/pci/devices/%s/driver", addr);
+		link_base(path, drv, sizeof drv);
+		if (!drv[0]) snprintf(drv, sizeof drv, "none");
+		snprintf(path, sizeof path, "/sys/bus/pci/devices/%s/iommu_group", addr);
+		link_base(path, grp, sizeof grp);
+		if (present && !strcmp(drv, native)) {
+			snprintf(path, sizeof path, "/sys/bus/pci/devices/%s/driver_override", addr);
+			int fd = open(path, O_RDONLY | O_CLOEXEC);
+			if (fd >= 0) {
+				ssize_t n = read(fd, ovr, sizeof ovr - 1);
+				ovr[n > 0 ? n : 0] = 0;
+				close(fd);
+				ovr[strcspn(ovr, "\n")] = 0;
+				if (!strcmp(ovr, "(null)")) ovr[0] = 0;
+			}
+		}
+		printf("%s\"%s\": {\"addr\": \"%s\", \"present\": %s, \"driver\": \"%s\", \"native\": \"%s\", \"group\": %s, \"override\": \"%s\"}",
+		       i ? ", " : "", spec, addr, present ? "true" : "false", present ? drv : "none", native,
+		       present && grp[0] ? grp : "null", ovr);
+	}
+	printf("}\n");
+	return 0;
+}
+
+static int vfioacls(void) {
+	DIR *d = opendir("/dev/vfio");
+	int first = 1;
+	printf("{");
+	for (struct dirent *e; d && (e = readdir(d));) {
+		if (!e->d_name[0] || strspn(e->d_name, "0123456789") != strlen(e->d_name)) continue;
+		char path[300];
+		unsigned char buf[1024];
+		snprintf(path, sizeof path, "/dev/vfio/%s", e->d_name);
+		ssize_t n = getxattr(path, "system.posix_acl_access", buf, sizeof buf);
+		printf("%s\"%s\": [", first ? "" : ", ", e->d_name);
+		first = 0;
+		int one = 0;
+		for (ssize_t off = 4; n > 0 && off + 8 <= n; off += 8) {
+			uint16_t tag;
+			uint32_t id;
+			memcpy(&tag, buf + off, 2);
+			memcpy(&id, buf + off + 4, 4);
+			if (tag == 0x02 /* ACL_USER */) printf("%s%u", one++ ? ", " : "", id);
+		}
+		printf("]");
+	}
+	if (d) closedir(d);
+	printf("}\n");
+	return 0;
+}
+
 int main(int argc, char **argv) {
 	if (argc >= 4 && !strcmp(argv[1], "vfiohold")) return vfiohold(argv[2], argv[3], argc >= 5 && !strcmp(argv[4], "devonly"));
 	if (argc >= 4 && !strcmp(argv[1], "hotreset")) return hotreset(argv[2], argv[3]);
@@ -291,6 +385,8 @@ int main(int argc, char **argv) {
 	if (argc >= 6 && !strcmp(argv[1], "killongrant"))
 		return killongrant(argv[2], (uint32_t)strtoul(argv[3], NULL, 10), (pid_t)atoi(argv[4]), atol(argv[5]));
 	if (argc >= 3 && !strcmp(argv[1], "hold")) return hold(argv[2], argc >= 4 && !strcmp(argv[3], "ro"));
+	if (argc >= 2 && !strcmp(argv[1], "pcistate")) return pcistate(argc - 2, argv + 2);
+	if (argc >= 2 && !strcmp(argv[1], "vfioacls")) return vfioacls();
 	if (argc >= 2 && !strcmp(argv[1], "now")) { print_clock(CLOCK_REALTIME); return 0; }
 	if (argc >= 2 && !strcmp(argv[1], "mono")) { print_clock(CLOCK_MONOTONIC); return 0; }
 	if (argc >= 2 && !strcmp(argv[1], "uevmon")) return uevmon(argc >= 3 ? argv[2] : NULL, argc >= 4 && !strcmp(argv[3], "udev"));
@@ -307,6 +403,6 @@ int main(int argc, char **argv) {
 		perror("exec");
 		return 127;
 	}
-	fprintf(stderr, "usage: vmtool now|mono|uevmon [SUBSYSTEM [udev]]|vfiohold GROUP ADDR|hotreset GROUP ADDR|hold PATH [ro]|http SOCK METHOD PATH [BODY]|runas UID GID G1,G2 CMD..|killongrant PATH UID PID MS\n");
+	fprintf(stderr, "usage: vmtool now|mono|uevmon [SUBSYSTEM [udev]]|vfiohold GROUP ADDR|hotreset GROUP ADDR|hold PATH [ro]|http SOCK METHOD PATH [BODY]|runas UID GID G1,G2 CMD..|killongrant PATH UID PID MS|pcistate NAME=ADDR=NATIVE..|vfioacls\n");
 	return 2;
 }
