@@ -507,19 +507,16 @@ fn claim_vgpu(h: &Host, instance: &str, vgpu_type: &str) -> Response {
 #[test]
 fn a_vgpu_claim_sets_the_type_on_a_vf_that_can_take_it_and_its_release_clears_it() {
     let h = vgpu_host(3);
-    let types = h.d.get("/devices/l40s/vgpu_types").json();
-    let available: BTreeMap<String, u64> = types
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| {
-            (
-                t["name"].as_str().unwrap().to_owned(),
-                t["available"].as_u64().unwrap(),
-            )
-        })
-        .collect();
-    assert_eq!(available["NVIDIA L40S-24Q"], 3, "{types}");
+    // Each VF shows its types once nvidia has probed it (the bind uevent
+    // follows the count write).
+    common::eventually(10, "the three VFs to take 24Q", || {
+        let types = h.d.get("/devices/l40s/vgpu_types").json();
+        types
+            .as_array()?
+            .iter()
+            .any(|t| t["name"] == "NVIDIA L40S-24Q" && t["available"] == 3)
+            .then_some(())
+    });
 
     let first = claim_vgpu(&h, "vm-1", "L40S-24Q");
     assert_eq!(first.status, 201, "{}", first.body);
