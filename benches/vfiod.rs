@@ -36,8 +36,10 @@
 //!
 //! `VFIOD_BENCH_ONLY=api` (or `startup`, `bind`, `events`, `fanout`,
 //! `fairshare`, `holders`, comma-separated) runs only those sections;
-//! `VFIOD_BENCH_SECONDS` is the length of one load run (default 2) and
-//! `VFIOD_BENCH_ROUNDS` the number of rounds (default 3).
+//! `VFIOD_BENCH_SECONDS` is the length of one load run (default 2),
+//! `VFIOD_BENCH_ROUNDS` the number of rounds (default 3), and
+//! `VFIOD_BENCH_KINDS` (words of the request labels, comma-separated)
+//! keeps only some request kinds of section 1.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -203,40 +205,77 @@ impl LoadResult {
 
 /// `CONNECTIONS` keep-alive connections hammering `paths` (round robin)
 /// for `duration`.
+///
+/// The client is a plain HTTP/1.1 loop per connection (write the request,
+/// read the head, read `Content-Length` bytes), not hyper's client: with
+/// small answers the load generator shares the 2 cores with the server,
+/// and hyper's client hands every request and response between two tasks,
+/// which costs about as much as a small answer does to serve and hides
+/// the servers' differences.
 fn load(socket: &Path, paths: &[String], duration: Duration) -> LoadResult {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let paths = Arc::new(paths.to_vec());
+    let requests: Arc<Vec<Vec<u8>>> = Arc::new(
+        paths
+            .iter()
+            .map(|p| format!("GET {p} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes())
+            .collect(),
+    );
     rt.block_on(async move {
         let deadline = Instant::now() + duration;
         let mut tasks = Vec::new();
         for c in 0..CONNECTIONS {
             let socket = socket.to_owned();
-            let paths = paths.clone();
+            let requests = requests.clone();
             tasks.push(tokio::spawn(async move {
-                let stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
-                let (mut sender, conn) =
-                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                        .await
-                        .unwrap();
-                tokio::spawn(conn);
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
+                let mut buf = vec![0u8; 64 * 1024];
                 let mut latencies = Vec::new();
                 let mut size = 0;
                 let mut i = c;
                 while Instant::now() < deadline {
-                    let path = &paths[i % paths.len()];
+                    let request = &requests[i % requests.len()];
                     i += 1;
-                    let req = Request::get(path.as_str())
-                        .header("host", "x")
-                        .body(Full::new(Bytes::new()))
-                        .unwrap();
                     let t = Instant::now();
-                    let resp = sender.send_request(req).await.unwrap();
-                    assert!(resp.status().is_success(), "{path}: {}", resp.status());
-                    size = resp.into_body().collect().await.unwrap().to_bytes().len();
+                    stream.write_all(request).await.unwrap();
+                    // The head, then the rest of the body.
+                    let mut filled = 0;
+                    let head_end = loop {
+                        let n = stream.read(&mut buf[filled..]).await.unwrap();
+                        assert!(n > 0, "the server closed the connection");
+                        filled += n;
+                        if let Some(end) = memchr::memmem::find(&buf[..filled], b"\r\n\r\n") {
+                            break end + 4;
+                        }
+                        assert!(filled < buf.len(), "response head larger than 64 KiB");
+                    };
+                    let head = std::str::from_utf8(&buf[..head_end]).unwrap();
+                    assert!(
+                        head.starts_with("HTTP/1.1 200"),
+                        "{}: {}",
+                        String::from_utf8_lossy(&request[..request.len() - 4]),
+                        head.lines().next().unwrap_or("")
+                    );
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            let (name, value) = l.split_once(':')?;
+                            name.eq_ignore_ascii_case("content-length")
+                                .then(|| value.trim().parse().ok())?
+                        })
+                        .expect("a Content-Length");
+                    let mut left = length - (filled - head_end);
+                    while left > 0 {
+                        let want = left.min(buf.len());
+                        let n = stream.read(&mut buf[..want]).await.unwrap();
+                        assert!(n > 0, "the server closed the connection mid-body");
+                        left -= n;
+                    }
+                    size = length;
                     latencies.push(t.elapsed().as_micros() as u32);
                 }
                 (latencies, size)
@@ -396,6 +435,14 @@ fn api_benchmark(run_for: Duration, rounds: usize) {
             target: None,
         },
     ];
+
+    // `VFIOD_BENCH_KINDS=name,tags` keeps only the kinds whose label holds
+    // one of the words (for profiling one path).
+    let mut kinds = kinds;
+    if let Ok(words) = std::env::var("VFIOD_BENCH_KINDS") {
+        kinds.retain(|k| words.split(',').any(|w| k.label.contains(w.trim())));
+    }
+    println!("  vfiod pid {}", d.pid());
 
     // vfiod's own answers, as files.
     let dir = TempDir::new("vfiod-bench-ceiling").unwrap();

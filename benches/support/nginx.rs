@@ -80,7 +80,8 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 
 /// One nginx master with `workers` worker processes serving `root` on the
 /// Unix socket `socket`, as configured by a user who tuned it for this:
-/// keep-alive without a request limit, no access log.
+/// keep-alive without a request limit, no access log, and `sendfile` on as
+/// in Debian's own `nginx.conf`.
 pub struct Nginx {
     child: Child,
     pub socket: PathBuf,
@@ -110,6 +111,7 @@ error_log {d}/error.log warn;
 events {{ worker_connections 1024; }}
 http {{
     access_log off;
+    sendfile on;
     keepalive_requests 1000000000;
     keepalive_timeout 300s;
     types {{ text/plain txt; }}

@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 
 use super::wire;
-use crate::pci::{PciAddress, PciIds};
+use crate::pci::PciIds;
 use crate::registry::Registry;
 
 /// Filtered bodies this large or larger are kept for the version.
@@ -48,8 +48,9 @@ pub struct ListVersion {
     body: Bytes,
     /// Each record's JSON in `body`, in the registry's order.
     spans: Vec<Range<usize>>,
-    /// The records' addresses, in the same (ascending) order.
-    addresses: Vec<PciAddress>,
+    /// Ids and names → positions; an id wins over an equal name, as in
+    /// [`Registry::resolve`].
+    by_id_or_name: HashMap<String, u32>,
     by_tag: TagIndex,
     filtered: Mutex<SharedFiltered>,
 }
@@ -93,7 +94,7 @@ impl ListVersion {
         let n = registry.len();
         let mut body = Vec::with_capacity(previous.map_or(n * 700, |p| p.body.len() + 1024) + 3);
         let mut spans = Vec::with_capacity(n);
-        let mut addresses = Vec::with_capacity(n);
+        let mut by_id_or_name = HashMap::with_capacity(2 * n);
         let mut by_tag = TagIndex::new();
         // Both versions iterate by ascending address: walk them together.
         let mut before = previous.map(|p| (p.registry.iter().zip(&p.spans).peekable(), &p.body));
@@ -121,7 +122,7 @@ impl ListVersion {
                     .expect("wire types serialise"),
             }
             spans.push(start..body.len());
-            addresses.push(record.pci_address);
+            by_id_or_name.insert(record.name.clone(), position as u32);
             for (key, value) in &record.tags {
                 by_tag
                     .entry(key.clone())
@@ -132,11 +133,16 @@ impl ListVersion {
             }
         }
         body.extend_from_slice(b"]\n");
+        // After every name, so that an id equal to another device's name
+        // resolves to the id's device.
+        for (position, record) in registry.iter().enumerate() {
+            by_id_or_name.insert(record.id.clone(), position as u32);
+        }
         ListVersion {
             registry,
             body: Bytes::from(body),
             spans,
-            addresses,
+            by_id_or_name,
             by_tag,
             filtered: Mutex::default(),
         }
@@ -183,8 +189,7 @@ impl ListVersion {
     /// `GET /devices/{id_or_name}`: the device's JSON and a newline, or
     /// `None` if nothing of that id or name is registered.
     pub fn device(&self, id_or_name: &str) -> Option<Bytes> {
-        let address = self.registry.resolve(id_or_name)?.pci_address;
-        let position = self.addresses.binary_search(&address).ok()?;
+        let position = *self.by_id_or_name.get(id_or_name)? as usize;
         let span = &self.body[self.spans[position].clone()];
         let mut one = Vec::with_capacity(span.len() + 1);
         one.extend_from_slice(span);
@@ -385,6 +390,25 @@ mod tests {
             shared.bytes,
             shared.bodies.iter().map(|(_, b)| b.len()).sum::<usize>()
         );
+    }
+
+    /// As the registry resolves: by id first, then by name.
+    #[test]
+    fn a_device_is_found_by_id_before_name() {
+        let ids = ids();
+        let mut first = record(0, BTreeMap::new());
+        first.name = "shared".into();
+        let mut second = record(1, BTreeMap::new());
+        second.id = "shared".into();
+        let registry = Arc::new(Registry::from_records([first, second]).unwrap());
+        let v = ListCache::default().version(|| registry.clone(), &ids);
+        let found: serde_json::Value =
+            serde_json::from_slice(&v.device("shared").unwrap()).unwrap();
+        assert_eq!(found["id"], "shared");
+        assert_eq!(found["name"], "gpu1");
+        let by_name: serde_json::Value =
+            serde_json::from_slice(&v.device("gpu1").unwrap()).unwrap();
+        assert_eq!(by_name["id"], "shared");
     }
 
     #[test]

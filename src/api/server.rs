@@ -374,7 +374,10 @@ async fn serve_connection<S>(
     let peer = Arc::new(peer);
     let first_request = Arc::new(tokio::sync::Notify::new());
     let notify = first_request.clone();
-    let api_for_requests = api.clone();
+    // Shared by the connection's requests: cloning an `Api` per request
+    // (its cancellation token takes a lock) was a visible part of serving
+    // a small answer.
+    let api_for_requests = Arc::new(api.clone());
     let service = hyper::service::service_fn(move |req| {
         notify.notify_one();
         let api = api_for_requests.clone();
