@@ -11,17 +11,27 @@ use std::time::Duration;
 use clap::{Parser, ValueHint};
 use serde::Deserialize;
 
+/// Read when present; `--config` names another, which must then exist.
 pub const DEFAULT_CONFIG: &str = "/etc/vfiod/config.toml";
+/// The socket when running as root; others get one under `$XDG_RUNTIME_DIR`.
 pub const SYSTEM_SOCKET: &str = "/run/vfiod/vfiod.sock";
+/// The registry's directory when running as root; others use
+/// `$XDG_STATE_HOME/vfiod`.
 pub const SYSTEM_STATE_DIR: &str = "/var/lib/vfiod";
 /// Persistent, because the rule matters at boot, before vfiod runs.
 pub const DEFAULT_UDEV_RULES_DIR: &str = "/etc/udev/rules.d";
 
+/// The daemon's settings: built-in defaults, then the config file, then flags,
+/// each overriding the last.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// The API's Unix socket (unless socket-activated).
     pub socket: PathBuf,
+    /// Holds `state.json` and its lock; one daemon per directory.
     pub state_dir: PathBuf,
+    /// Root of the sysfs tree; tests point it at a fake tree.
     pub sysfs: PathBuf,
+    /// Root standing for `/dev`, where `vfio/N` nodes are awaited.
     pub devfs: PathBuf,
     /// procfs root: holders and VMM processes are looked up here.
     pub proc: PathBuf,
@@ -34,6 +44,8 @@ pub struct Config {
     /// Where the generated udev rule goes that claims vfio devices at boot;
     /// empty disables it.
     pub udev_rules_dir: Option<PathBuf>,
+    /// One of `error`, `warn`, `info`, `debug`, `trace`; checked when the
+    /// config is built.
     pub log_level: String,
     /// Take back a device that another actor moves off vfio while vfiod
     /// holds it there.
@@ -120,6 +132,7 @@ impl From<Flags> for FileConfig {
     }
 }
 
+/// Why the daemon could not get a config; it exits before touching anything.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The command line did not parse, or asked for `--help`/`--version`:
@@ -127,10 +140,18 @@ pub enum ConfigError {
     /// stderr (exit 2).
     #[error("{0}")]
     Cli(#[from] clap::Error),
+    /// A combination of settings that is refused (e.g. a public metrics address
+    /// without `metrics_listen_public`).
     #[error("{0}")]
     Usage(String),
+    /// The config file could not be read or parsed.
     #[error("config file {path}: {detail}")]
-    File { path: PathBuf, detail: String },
+    File {
+        /// The file named by `--config`, or the default one.
+        path: PathBuf,
+        /// The read error, or the parser's message.
+        detail: String,
+    },
 }
 
 /// The command line. Every option is optional so that a flag that is not
@@ -256,6 +277,8 @@ fn xdg_dir(var: &str, fallback_under_home: &str) -> PathBuf {
 }
 
 impl Config {
+    /// The built-in settings; root gets the system paths, others per-user ones
+    /// and no udev rule.
     pub fn defaults(is_root: bool) -> Config {
         let (socket, state_dir, udev_rules_dir) = if is_root {
             (
@@ -382,6 +405,8 @@ impl Config {
         Config::from_flags(flags, is_root)
     }
 
+    /// Defaults, overlaid with the config file (if any) and then `flags`, and
+    /// checked.
     pub fn from_flags(flags: Flags, is_root: bool) -> Result<Config, ConfigError> {
         let mut config = Config::defaults(is_root);
         let (path, must_exist) = match flags.config.clone() {

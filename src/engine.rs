@@ -32,21 +32,38 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::crashpoint::{self, StepKind};
+use crate::crashpoint::{self, Stage, StepKind};
 use crate::pci::{is_vfio_driver, PciAddress, Sysfs, SysfsError, VFIO_PCI};
 
+/// The sysfs step a move or reset was at; the wire's `step` field on a failed
+/// move, so a caller can tell where the kernel balked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Step {
+    /// Writing the vfio driver's name to `driver_override`, so only it may
+    /// probe the function.
     SetOverride,
+    /// Writing the address to the current driver's `unbind`; where a driver
+    /// refusing to let go hangs.
     Unbind,
+    /// Writing the address to `/sys/bus/pci/drivers_probe`.
     Probe,
+    /// Reading the `driver` link after a probe or bind to see who took the
+    /// function.
     VerifyDriver,
+    /// Waiting for `/dev/vfio/N` to appear once the group is on vfio.
     VerifyGroupNode,
+    /// Writing an empty `driver_override` so the original driver may probe
+    /// again.
     ClearOverride,
+    /// Writing the address to the original driver's `bind` when the probe
+    /// picked another.
     Bind,
+    /// Writing the chosen method(s) to `reset_method`.
     SelectResetMethod,
+    /// Writing `1` to `reset`; returns when the kernel finished or gave up.
     Reset,
+    /// Writing the previous `reset_method` list back.
     RestoreResetMethod,
     /// Unbinding the framebuffer console from a device's framebuffer.
     ReleaseConsole,
@@ -77,21 +94,35 @@ impl fmt::Display for Step {
 /// Resolves when a write that timed out finally returns from the kernel.
 pub type LateWrite = oneshot::Receiver<Result<(), SysfsError>>;
 
+/// A failed step, with the device and what was seen; the core adds the rollback
+/// outcome.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
+    /// The kernel refused a write; the errno is in `source`.
     #[error("{step} failed for {device}: {source}")]
     Write {
+        /// The step whose write failed.
         step: Step,
+        /// The function written for.
         device: PciAddress,
+        /// The write's error, with path and errno.
         #[source]
         source: SysfsError,
     },
+    /// The write did not return within the bound; no rollback is tried, since
+    /// later writes would queue behind it.
     #[error("{step} for {device}: write to {path} did not return within {timeout_ms} ms")]
     Timeout {
+        /// The step whose write hung.
         step: Step,
+        /// The function written for.
         device: PciAddress,
+        /// The sysfs file the write is stuck in.
         path: PathBuf,
+        /// The bound that passed, in milliseconds.
         timeout_ms: u64,
+        /// Learns when the write finally returns; taken once with
+        /// [`EngineError::take_late_write`].
         late: Option<LateWriteSlot>,
     },
     #[error(
@@ -99,22 +130,38 @@ pub enum EngineError {
         show(expected),
         show(found)
     )]
+    /// The write went through but the `driver` link names another driver than
+    /// intended.
     Verify {
+        /// The step that checked.
         step: Step,
+        /// The function checked.
         device: PciAddress,
+        /// The driver the step meant to leave it on (`None`: no driver).
         expected: Option<String>,
+        /// The driver the `driver` link names (`None`: none).
         found: Option<String>,
     },
+    /// The original driver is not in `/sys/bus/pci/drivers`, so a give-back
+    /// cannot bind it.
     #[error("{step} for {device}: the original driver {driver} is not loaded; the device is left without a driver until it is (modprobe it, and the kernel binds it)")]
     DriverNotLoaded {
+        /// The step that needed it.
         step: Step,
+        /// The function left without a driver.
         device: PciAddress,
+        /// The driver that would have taken it back.
         driver: String,
     },
+    /// The group is on vfio but its `/dev/vfio/N` node never appeared under the
+    /// devfs root.
     #[error("{step} for {device}: {path} did not appear")]
     GroupNode {
+        /// The step that waited.
         step: Step,
+        /// The function whose group it is.
         device: PciAddress,
+        /// The node waited for.
         path: PathBuf,
     },
 }
@@ -134,6 +181,7 @@ impl fmt::Debug for LateWriteSlot {
 }
 
 impl EngineError {
+    /// Where it failed, for the wire's `step` field.
     pub fn step(&self) -> Step {
         match self {
             EngineError::Write { step, .. }
@@ -144,6 +192,8 @@ impl EngineError {
         }
     }
 
+    /// The function the failing step acted on (may be a group companion, not
+    /// the requested device).
     pub fn device(&self) -> PciAddress {
         match self {
             EngineError::Write { device, .. }
@@ -154,6 +204,7 @@ impl EngineError {
         }
     }
 
+    /// Only a refused write has one; a timeout or a wrong driver does not.
     pub fn errno(&self) -> Option<i32> {
         match self {
             EngineError::Write { source, .. } => source.errno(),
@@ -161,6 +212,8 @@ impl EngineError {
         }
     }
 
+    /// A hung write: the device is stuck, and the wire code is
+    /// `driver_timeout`.
     pub fn is_timeout(&self) -> bool {
         matches!(self, EngineError::Timeout { .. })
     }
@@ -178,13 +231,18 @@ impl EngineError {
 /// the vfio driver it goes to (`None`: plain vfio-pci).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Move {
+    /// The function moved.
     pub pci_address: PciAddress,
+    /// The driver it had, and is given back to; `None`: it had none.
     pub from: Option<String>,
+    /// The vfio variant driver to bind; `None`: plain vfio-pci.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub to: Option<String>,
 }
 
 impl Move {
+    /// A give-back of `pci_address` to `from`; `to` does not matter for a
+    /// restore.
     pub fn restore(pci_address: PciAddress, from: Option<String>) -> Move {
         Move {
             pci_address,
@@ -193,6 +251,7 @@ impl Move {
         }
     }
 
+    /// The driver the move binds, defaulting to vfio-pci.
     pub fn vfio_driver(&self) -> &str {
         self.to.as_deref().unwrap_or(VFIO_PCI)
     }
@@ -201,11 +260,14 @@ impl Move {
 /// A failed move to vfio: what failed, and how the rollback went.
 #[derive(Debug)]
 pub struct BindFailure {
+    /// The first step that failed.
     pub error: EngineError,
     /// `None` when no rollback was attempted (timeouts).
     pub rollback: Option<Result<(), EngineError>>,
 }
 
+/// Runs the sysfs sequences; stateless and cheap to clone, so each operation
+/// carries its own.
 #[derive(Debug, Clone)]
 pub struct Engine {
     sysfs: Sysfs,
@@ -218,8 +280,13 @@ const POLL_INTERVAL: Duration = Duration::from_millis(1);
 /// the override (see `move_one_to_vfio`); one race per add is all the
 /// kernel can produce, the second retry is margin.
 const NATIVE_PROBE_RACE_RETRIES: usize = 2;
+/// Writes of a function's own `reset_method` list back, before vfiod gives
+/// up and leaves its choice in place (logged).
+const RESTORE_RESET_METHOD_ATTEMPTS: usize = 3;
 
 impl Engine {
+    /// `write_timeout` bounds each sysfs write and the settling after it (the
+    /// config's `op_timeout`).
     pub fn new(sysfs: Sysfs, write_timeout: Duration) -> Self {
         Engine {
             sysfs,
@@ -228,6 +295,7 @@ impl Engine {
         }
     }
 
+    /// The sysfs tree it writes to (real, or a test's fake root).
     pub fn sysfs(&self) -> &Sysfs {
         &self.sysfs
     }
@@ -343,15 +411,26 @@ impl Engine {
             previous
         };
         let path = self.sysfs.reset_method_path(&addr);
-        match self
-            .write(Step::RestoreResetMethod, addr, path, value)
-            .await
-        {
-            Err(e) if !e.is_timeout() => {
-                tracing::error!(device = %addr, error = %e, "could not put reset_method back");
-                Ok(())
+        // A method list left behind outlives vfiod (the kernel then resets
+        // the device only the way vfiod chose, for everyone): a refused
+        // write is tried again before it is given up on.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self
+                .write(Step::RestoreResetMethod, addr, path.clone(), value)
+                .await
+            {
+                Err(e) if !e.is_timeout() && attempt < RESTORE_RESET_METHOD_ATTEMPTS => {
+                    tracing::warn!(device = %addr, error = %e, attempt, "could not put reset_method back; trying again");
+                    tokio::time::sleep(Duration::from_millis(10 * attempt as u64)).await;
+                }
+                Err(e) if !e.is_timeout() => {
+                    tracing::error!(device = %addr, error = %e, "could not put reset_method back");
+                    return Ok(());
+                }
+                other => return other,
             }
-            other => other,
         }
     }
 
@@ -559,11 +638,20 @@ impl Engine {
         let spawned = std::thread::Builder::new()
             .name("sysfs-write".into())
             .spawn(move || {
-                let result = Sysfs::write_attr(&thread_path, &value);
-                crashpoint::step(
-                    StepKind::SysfsWrite,
-                    format_args!("{} {value:?}", thread_path.display()),
-                );
+                let step = crashpoint::begin(StepKind::SysfsWrite);
+                let result = match step.injected(Stage::Write) {
+                    Some(source) => Err(SysfsError {
+                        op: "write",
+                        path: thread_path.clone(),
+                        source,
+                    }),
+                    None => Sysfs::write_attr(&thread_path, &value),
+                };
+                step.made(format_args!(
+                    "{} {value:?}{}",
+                    thread_path.display(),
+                    if result.is_err() { " (failed)" } else { "" }
+                ));
                 // Whoever is still listening gets the result: the caller
                 // within the timeout, the late-write watcher after it.
                 if let Err(result) = tx.send(result) {

@@ -10,83 +10,171 @@ use crate::pci::holders::{Disposition, Holder};
 use crate::pci::PciAddress;
 use crate::registry::store::StoreError;
 
+/// Everything the core can refuse or fail at; `api::error` gives each variant
+/// its status and stable `code`, so a new variant needs a mapping there.
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
+    /// 400 `invalid_name`: the name breaks the naming rules (the message says
+    /// which).
     #[error("{0}")]
     InvalidName(String),
+    /// 400 `invalid_tags`: a tag or tag filter breaks the key/value rules or
+    /// the count limit.
     #[error("{0}")]
     InvalidTags(String),
+    /// 400 `invalid_request`: an unknown field, or a field of the wrong type,
+    /// in a request body.
     #[error("{0}")]
     InvalidRequest(String),
+    /// 400 `unsupported_device`: the class code (second field) says PCI-to-PCI
+    /// bridge.
     #[error("{0} is a PCI bridge (class {1:06x}): bridges cannot be passed through, and taking one from its driver would take hotplug and error reporting from everything below it")]
     Bridge(PciAddress, u32),
+    /// 404 `device_not_found`: nothing under `/sys/bus/pci/devices` at that
+    /// address; unlike [`CoreError::NotFound`], the registry is not involved.
     #[error("no PCI device at {0} on this host")]
     PciDeviceNotFound(PciAddress),
+    /// 404 `not_found`: no registry record matches; the string is what the
+    /// caller asked for.
     #[error("no registered device with id or name {0:?}")]
     NotFound(String),
+    /// 409 `conflict`: the registry refuses the edit (`RegistryConflict`: a
+    /// taken name, an address already registered).
     #[error("{0}")]
     Conflict(String),
+    /// 409 `in_use`: the device holds an attachment, which must be detached
+    /// first.
     #[error("device {device} is attached to instance {instance:?}")]
-    InUse { device: String, instance: String },
+    InUse {
+        /// The device's name.
+        device: String,
+        /// The instance holding it, as the attaching caller named it.
+        instance: String,
+    },
+    /// 403 `forbidden`: the caller's uid may not act on this device or
+    /// instance.
     #[error("{0}")]
     Forbidden(String),
+    /// 503 `vfio_unavailable`: `vfio-pci` is not loaded and could not be
+    /// loaded.
     #[error("{0}")]
     VfioUnavailable(String),
+    /// 503 `not_privileged`: the daemon runs without the rights to write sysfs
+    /// or chown device nodes.
     #[error("{0}")]
     NotPrivileged(String),
+    /// 409 `no_iommu_group`: without a group the kernel will not let vfio-pci
+    /// bind.
     #[error("device {0} has no IOMMU group: enable the IOMMU (intel_iommu=on or amd_iommu=on) and check the firmware's VT-d/AMD-Vi setting")]
     NoIommuGroup(PciAddress),
+    /// 409 `iommu_group_conflict`: vfio only hands out a group whole, so every
+    /// function in it must be on vfio (or no driver) first.
     #[error("IOMMU group {group} of {device} has functions on other drivers: {}; move them too with with_group, or unbind them first", list_functions(.others))]
     GroupConflict {
+        /// The function the caller asked for.
         device: PciAddress,
+        /// Kernel IOMMU group number (`/sys/kernel/iommu_groups/N`).
         group: u32,
+        /// Each other function of the group and the driver holding it.
         others: Vec<(PciAddress, String)>,
     },
+    /// 400 `invalid_pid`: the pid is 0, not a number, or names no live process.
     #[error("{0}")]
     InvalidPid(String),
+    /// 409 `iommu_group_conflict`: the group's `/dev/vfio/N` node has one
+    /// owner, so two uids cannot share a group.
     #[error("IOMMU group {group} of {device} is attached to another user ({}); all functions of a group share one VFIO node, so they can only be handed to one uid, here {uid}", list_uids(.others))]
     GroupAttachedToOtherUid {
+        /// The function the caller asked for.
         device: PciAddress,
+        /// Kernel IOMMU group number.
         group: u32,
+        /// The uid this request would hand the group to.
         uid: u32,
+        /// Functions of the group already attached, each with the uid holding
+        /// it.
         others: Vec<(PciAddress, u32)>,
     },
+    /// 500 `grant_failed`: chown/chmod of the VFIO nodes failed; the message
+    /// names node, uid and errno.
     #[error("{0}")]
     GrantFailed(String),
+    /// 500 `holder_scan_failed`: `/proc` could not be read, so "nobody holds
+    /// it" cannot be claimed and the move is not tried.
     #[error("finding what holds the device failed, nothing was changed: {0}")]
     HolderScan(String),
+    /// 409 `not_bound_by_vfiod`: releasing would hand back a driver vfiod never
+    /// took, so it refuses.
     #[error("device {0} was not bound to vfio by vfiod, so vfiod leaves its driver alone")]
     NotBoundByVfiod(String),
+    /// 409 `device_not_present`: registered, but currently unplugged.
     #[error("device {0} is not present on the bus")]
     NotPresent(PciAddress),
+    /// 409 `identity_mismatch`: vendor/device/subsystem IDs at the address
+    /// differ from the record's (a swapped card).
     #[error("a different device now answers at {0} than the one registered there; delete and register it again to use it")]
     IdentityMismatch(PciAddress),
+    /// 409 `device_busy`: something holds the device (or a group companion) and
+    /// the move was not started.
     #[error("{device} is in use, nothing was changed: {}", list_holders(.device, .holders))]
     DeviceBusy {
+        /// The function the caller asked for.
         device: PciAddress,
+        /// Every holder found, across the whole group; each says whether
+        /// `force` would override it.
         holders: Vec<Holder>,
     },
+    /// 409 `device_stuck`: an earlier `unbind`/`bind` write has not returned
+    /// from the kernel; another write would queue behind it.
     #[error("device {0} has a sysfs write still stuck in the kernel; retry when it returns (see GET /events)")]
     DeviceStuck(PciAddress),
+    /// A move that failed part-way; the code depends on the step
+    /// (`driver_timeout`, `bind_failed`, `unbind_failed`, `reset_failed`).
     #[error("{0}")]
     DriverMoveFailed(Box<MoveFailure>),
+    /// 409 `reset_scope_conflict`: the chosen reset method (a bus or slot
+    /// reset) reaches functions that are in use.
     #[error("a {method} reset of {device} would also reset {}; refused", list_functions(.conflicts))]
     ResetScopeConflict {
+        /// The function the caller asked to reset.
         device: PciAddress,
+        /// The kernel reset method, as in `reset_method` (`flr`, `bus`, ...).
         method: String,
         /// Each function in the scope that may not be reset, and why.
         conflicts: Vec<(PciAddress, String)>,
     },
+    /// 409 `reset_method_unsupported`: the kernel does not offer the requested
+    /// method for this function.
     #[error("{0}")]
     ResetMethodUnsupported(String),
+    /// 409 `device_quarantined`: too many resets failed in a row; only an
+    /// explicit reset that verifies lifts it.
     #[error("device {device} is quarantined ({reason}); a successful POST /devices/{device}/reset clears it")]
-    DeviceQuarantined { device: String, reason: String },
+    DeviceQuarantined {
+        /// The device's registered name.
+        device: String,
+        /// The recorded health reason.
+        reason: String,
+    },
+    /// 409 `device_needs_host_reboot`: config space read all ones; no reset
+    /// helps, only a reboot or a re-plug that answers again.
     #[error("device {device} needs a host reboot ({reason})")]
-    NeedsHostReboot { device: String, reason: String },
+    NeedsHostReboot {
+        /// The device's registered name.
+        device: String,
+        /// The recorded health reason.
+        reason: String,
+    },
+    /// 500 `reset_failed`: the kernel reported the reset done but a check
+    /// afterwards failed.
     #[error("{0}")]
     ResetVerifyFailed(Box<ResetVerifyFailure>),
+    /// 507 `storage_full` on ENOSPC/EDQUOT, else 500 `storage_error`; the
+    /// in-memory registry is left as it was.
     #[error("saving the registry failed, nothing was changed: {0}")]
     Storage(#[from] StoreError),
+    /// 500 `internal_error`: a broken invariant inside vfiod, never the
+    /// caller's fault.
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -96,9 +184,15 @@ pub enum CoreError {
 #[derive(Debug, thiserror::Error)]
 #[error("{op} {device}: {error}{}", rollback_note(.rollback))]
 pub struct MoveFailure {
+    /// The engine operation (`bind`, `unbind`, `reset`); `api::error` picks the
+    /// wire code from it.
     pub op: &'static str,
+    /// The function being moved.
     pub device: PciAddress,
+    /// The first step that failed.
     pub error: EngineError,
+    /// `None`: rollback not attempted (nothing had changed yet); `Some(Err)`:
+    /// the device is left mid-move.
     pub rollback: Option<Result<(), EngineError>>,
 }
 
@@ -128,10 +222,17 @@ impl std::fmt::Display for ResetCheck {
 #[derive(Debug, thiserror::Error)]
 #[error("reset of {device} by {method}: check {check} failed for {function}: {detail}")]
 pub struct ResetVerifyFailure {
+    /// The function the caller asked to reset.
     pub device: PciAddress,
+    /// The kernel reset method used (`flr`, `pm`, `bus`, ...).
     pub method: String,
+    /// The function that failed the check; may be a companion reset along with
+    /// `device`.
     pub function: PciAddress,
+    /// Which check failed.
     pub check: ResetCheck,
+    /// What was read, for the operator (e.g. the vendor ID or power state
+    /// seen).
     pub detail: String,
 }
 
@@ -182,6 +283,8 @@ fn rollback_note(rollback: &Option<Result<(), EngineError>>) -> String {
 }
 
 impl CoreError {
+    /// Boxes the failure so `CoreError` stays small on the happy path's
+    /// `Result`.
     pub fn move_failed(
         op: &'static str,
         device: PciAddress,
@@ -212,6 +315,8 @@ impl CoreError {
         }
     }
 
+    /// The OS errno behind a failed move or store write, for the wire's `errno`
+    /// field.
     pub fn errno(&self) -> Option<i32> {
         match self {
             CoreError::DriverMoveFailed(f) => f.error.errno(),

@@ -17,28 +17,51 @@ use tokio::sync::broadcast;
 
 use crate::pci::PciAddress;
 
+/// The event's `type` on the wire; clients switch on it, so names are never
+/// changed, only added.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
+    /// udev reported a function added; `pci_address` set, `device_id` only if
+    /// it is registered.
     HotplugAdd,
+    /// udev reported a function removed; a registered one stays in the
+    /// registry, not present.
     HotplugRemove,
+    /// A driver took a function (udev `bind`), whoever caused it; `driver`
+    /// names it.
     DriverBound,
+    /// A function lost its driver (udev `unbind`).
     DriverUnbound,
     /// A device vfiod holds on vfio was moved away by someone else.
     DriverStolen,
+    /// `POST /devices` succeeded.
     Registered,
+    /// `DELETE` succeeded; the device is no longer registered.
     Unregistered,
+    /// `PATCH` succeeded (name, tags or reset order).
     Updated,
+    /// vfiod moved the device to vfio; `driver` is the vfio driver.
     Bind,
+    /// A move to vfio failed; `detail` says the step and how the rollback went.
     BindFailed,
+    /// vfiod gave the device back; `driver` is the original driver.
     Unbind,
+    /// A give-back failed; `detail` says the step.
     UnbindFailed,
+    /// The device was handed to `instance_id`.
     Attach,
+    /// An attachment was ended by a caller.
     Detach,
     /// An attachment ended by itself: its VMM exited.
     AttachmentEnded,
+    /// A different device answers at a registered address after a re-plug; it
+    /// is not touched.
     IdentityMismatch,
+    /// A sysfs write for the device did not return in time; moves are refused
+    /// until it does.
     DeviceStuck,
+    /// The stuck write returned; the device is settled and usable again.
     DeviceUnstuck,
     /// A reset done and verified (detail: method and duration).
     Reset,
@@ -46,6 +69,8 @@ pub enum EventKind {
     ResetFailed,
     /// `health` changed (detail: the new health and its reason).
     HealthChanged,
+    /// Sent to one subscriber in place of `missed` events it was too slow to
+    /// take.
     Lagged,
 }
 
@@ -65,26 +90,39 @@ fn serialize_time<S: Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::E
     s.collect_str(&wire_time(at))
 }
 
+/// One line of `GET /events`; `seq` orders them and `?since=` resumes after
+/// one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
+    /// Set by [`EventBus::publish`], from 1, with no gaps; 0 until then.
     pub seq: u64,
+    /// What happened.
     #[serde(rename = "type")]
     pub kind: EventKind,
+    /// `None` only for `lagged`.
     pub pci_address: Option<PciAddress>,
+    /// The registered device's id; `None` for an unregistered function or
+    /// `lagged`.
     pub device_id: Option<String>,
+    /// When the event was made, sent as RFC 3339 UTC with microseconds.
     #[serde(serialize_with = "serialize_time")]
     pub at: DateTime<Utc>,
+    /// The driver involved, on driver and move events.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub driver: Option<String>,
+    /// The instance, on attach and detach events.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub instance_id: Option<String>,
+    /// Free text for people: a step, an errno, a reason. Not for parsing.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Only on `lagged`: how many events this subscriber lost.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub missed: Option<u64>,
 }
 
 impl Event {
+    /// An event stamped now; `seq` is set on publishing.
     pub fn new(
         kind: EventKind,
         pci_address: Option<PciAddress>,
@@ -103,16 +141,19 @@ impl Event {
         }
     }
 
+    /// Sets the driver involved.
     pub fn driver(mut self, driver: Option<String>) -> Event {
         self.driver = driver;
         self
     }
 
+    /// Sets the instance involved.
     pub fn instance(mut self, instance_id: Option<String>) -> Event {
         self.instance_id = instance_id;
         self
     }
 
+    /// Sets the free-text detail.
     pub fn detail(mut self, detail: impl Into<String>) -> Event {
         self.detail = Some(detail.into());
         self
@@ -127,10 +168,14 @@ impl Event {
     }
 }
 
+/// Events kept for `?since=` replays; a `since` older than the ring's oldest
+/// gets what is left.
 pub const RING_CAPACITY: usize = 1024;
 /// Per-subscriber backlog before it is told it lagged.
 pub const CHANNEL_CAPACITY: usize = 256;
 
+/// Publishes events in one order to every subscriber, with a replay ring so
+/// reconnecting clients miss nothing recent.
 pub struct EventBus {
     ring: Mutex<Ring>,
     live: broadcast::Sender<Arc<Event>>,
@@ -154,6 +199,7 @@ impl Default for EventBus {
 }
 
 impl EventBus {
+    /// Numbers the event and sends it; never blocks on slow subscribers.
     pub fn publish(&self, mut event: Event) {
         let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
         event.seq = ring.next_seq;

@@ -24,9 +24,13 @@ use crate::pci::PciAddress;
 /// Which source the watcher ended up on; shown in `/health`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
+    /// udevd's netlink group: events after udev has processed them.
     Udev,
+    /// The kernel's own uevents, when no udevd runs (containers, early boot).
     Kernel,
+    /// Test hook: uevents read from a FIFO, one per line.
     Fifo(PathBuf),
+    /// No watcher: a fake sysfs has no kernel behind it.
     Off,
 }
 

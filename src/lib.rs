@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! vfiod: a PCI passthrough host agent.
 //!
 //! The crate is laid out by concern:

@@ -26,8 +26,10 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::registry::{Health, Registry as DeviceRegistry};
 
+/// Sent when `Accept` asks for OpenMetrics.
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Prometheus text format 0.0.4, the default.
 pub const TEXT_CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// Move durations: a bind takes milliseconds when nothing is in the way and
@@ -144,6 +146,7 @@ static RECORDED: LazyLock<Recorded> = LazyLock::new(|| {
 /// How a driver move ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MoveResult {
+    /// Moved and verified.
     Ok,
     /// The kernel refused or the result did not verify; rolled back.
     Error,
@@ -152,6 +155,7 @@ pub enum MoveResult {
 }
 
 impl MoveResult {
+    /// `Timeout` if the write hung, else `Error`.
     pub fn failed(timed_out: bool) -> MoveResult {
         if timed_out {
             MoveResult::Timeout

@@ -5,11 +5,15 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+/// An I/O error with what was being done and to which file.
 #[derive(Debug, thiserror::Error)]
 #[error("{op} {path}: {source}")]
 pub struct PathError {
+    /// The operation, as a verb: `read`, `write`, `rename`, `fsync`.
     pub op: &'static str,
+    /// The file it was done to.
     pub path: PathBuf,
+    /// The OS error.
     #[source]
     pub source: io::Error,
 }
@@ -24,6 +28,8 @@ impl PathError {
         }
     }
 
+    /// The raw OS errno (`ENOSPC`, `EBUSY`, ...), for the wire and for telling
+    /// a full disk from a broken one.
     pub fn errno(&self) -> Option<i32> {
         self.source.raw_os_error()
     }

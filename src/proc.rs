@@ -38,10 +38,12 @@ pub struct ProcFs {
 }
 
 impl ProcFs {
+    /// `root` stands for `/proc`; tests pass a fake tree.
     pub fn new(root: impl Into<PathBuf>) -> Self {
         ProcFs { root: root.into() }
     }
 
+    /// The tree standing for `/proc`.
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -120,6 +122,7 @@ impl ProcFs {
 /// What `/proc/PID` says about a process vfiod may follow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProcessIdentity {
+    /// The real uid (first field of `Uid:` in `status`).
     pub uid: u32,
     /// Clock ticks since boot (field 22 of `stat`).
     pub start_time: u64,
@@ -204,7 +207,9 @@ pub struct Mount<'a> {
     /// `major:minor` of the mounted filesystem (an anonymous number for
     /// btrfs and others that span devices).
     pub device_number: Option<u64>,
+    /// Where it is mounted, with mountinfo's octal escapes (`\040`) undone.
     pub mount_point: String,
+    /// The filesystem type.
     pub fstype: &'a str,
     /// The mount source, e.g. `/dev/nvme0n1p2`.
     pub source: String,
@@ -294,9 +299,11 @@ pub fn ipv4_route_interfaces(route: &str) -> impl Iterator<Item = &str> {
 /// One route of `net/ipv6_route`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ipv6Route<'a> {
+    /// The route's destination prefix.
     pub destination: Ipv6Addr,
     /// `RTF_*` flags.
     pub flags: u32,
+    /// The device the route goes out of.
     pub interface: &'a str,
 }
 
@@ -331,7 +338,9 @@ fn ipv6_from_hex(hex: &str) -> Option<Ipv6Addr> {
 /// `process_*` metrics. A part the kernel would not give is `None`.
 #[derive(Debug, Clone, Default)]
 pub struct OwnUsage {
+    /// `None` when `/proc/self/stat` could not be read.
     pub stat: Option<OwnStat>,
+    /// Entries of `/proc/self/fd`; `None` when it could not be listed.
     pub open_fds: Option<usize>,
     /// The soft limit on open descriptors, when there is one.
     pub max_open_files: Option<u64>,
@@ -343,7 +352,9 @@ pub struct OwnUsage {
 pub struct OwnStat {
     /// User and system CPU time.
     pub cpu_seconds: f64,
+    /// Resident set size, from pages times the page size.
     pub resident_bytes: u64,
+    /// Virtual memory size.
     pub virtual_bytes: u64,
     /// When the agent started, in seconds after boot.
     pub started_after_boot_seconds: f64,

@@ -24,12 +24,18 @@ use crate::path_error::PathError;
 /// open); the API checks peer credentials before any change.
 pub const SOCKET_MODE: u32 = 0o666;
 
+/// Why the API socket could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
+    /// Creating, binding or chmodding the socket failed.
     #[error(transparent)]
     Io(#[from] PathError),
+    /// Another vfiod holds the socket's lock; removing its socket would cut it
+    /// off.
     #[error("another vfiod is already serving {0} (its lock is held)")]
     InUse(PathBuf),
+    /// The fd systemd passed is not a listening Unix stream socket (a unit file
+    /// mistake).
     #[error("systemd passed a socket that is not a listening Unix socket: {0}")]
     BadPassedSocket(io::Error),
 }
@@ -37,6 +43,7 @@ pub enum SocketError {
 /// Keeps a self-bound socket's lock, and removes the socket file when
 /// dropped; empty for a socket systemd passed.
 pub struct SocketGuard {
+    /// The socket came from systemd: vfiod neither locks nor removes it.
     pub activated: bool,
     _lock: Option<Flock<File>>,
     path: Option<PathBuf>,
@@ -139,14 +146,17 @@ pub fn notify_ready(status: &str) {
     let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
+/// Updates the status line `systemctl status` shows.
 pub fn notify_status(status: &str) {
     let _ = sd_notify::notify(&[NotifyState::Status(status)]);
 }
 
+/// Tells systemd shutdown has begun, so it waits instead of declaring a hang.
 pub fn notify_stopping() {
     let _ = sd_notify::notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
 }
 
+/// One watchdog ping; see [`watchdog_interval`] for how often.
 pub fn notify_watchdog() {
     let _ = sd_notify::notify(&[NotifyState::Watchdog]);
 }

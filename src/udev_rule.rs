@@ -17,6 +17,7 @@ use std::path::Path;
 use crate::pci::VFIO_PCI;
 use crate::registry::{DeviceRecord, Registry};
 
+/// Ordered before udev's `80-drivers.rules`, which loads the native drivers.
 pub const RULE_FILE: &str = "70-vfiod.rules";
 
 fn wants_vfio(d: &DeviceRecord) -> bool {

@@ -6,23 +6,17 @@
 //! These tests run processes and requests as other uids, so they need root
 //! (CI runs as root); as another user they say so and pass nothing.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::fakesys::FakeSys;
-use common::simkernel::SimKernel;
+use common::host::Host;
+use common::standard::{AMD, GPU, GPU_AUDIO, NIC};
 use common::{eventually, Daemon};
 use serde_json::Value;
 
-const GPU: &str = "0000:01:00.0";
-const AUDIO: &str = "0000:01:00.1";
-const NIC: &str = "0000:00:02.0";
-const AMD: &str = "0000:00:05.0";
 const VMM_UID: u32 = 4242;
 const OTHER_UID: u32 = 4343;
 
@@ -91,16 +85,13 @@ fn request_as(
     )
 }
 
-fn host() -> Option<(FakeSys, SimKernel, Daemon)> {
+fn host() -> Option<Host> {
     if !is_root() {
         eprintln!("skipped: attachments to other uids need root");
         return None;
     }
-    let fs = FakeSys::standard_host();
-    let sim = SimKernel::start(&fs);
     // Group 65534 (nogroup) is the access group for the unprivileged callers.
-    let d = Daemon::start(&fs, &["--group", "nogroup"]);
-    Some((fs, sim, d))
+    Some(Host::standard(&["--group", "nogroup"]))
 }
 
 fn attach(d: &Daemon, name: &str, body: &str) -> common::Response {
@@ -109,7 +100,12 @@ fn attach(d: &Daemon, name: &str, body: &str) -> common::Response {
 
 #[test]
 fn attach_opens_the_group_node_to_the_vmm_uid_and_detach_restores_it() {
-    let Some((fs, _sim, d)) = host() else { return };
+    let Some(Host {
+        fs, sim: _sim, d, ..
+    }) = host()
+    else {
+        return;
+    };
     d.register(NIC, "nic");
     let node = fs.tree().vfio_node(2);
     assert_eq!(d.post("/devices/nic/bind", "{}").status, 200);
@@ -171,7 +167,15 @@ fn has_no_access_acl(node: &Path) -> bool {
 
 #[test]
 fn only_root_attaches_for_another_uid_and_the_pid_must_be_that_users() {
-    let Some((_fs, _sim, d)) = host() else { return };
+    let Some(Host {
+        fs: _fs,
+        sim: _sim,
+        d,
+        ..
+    }) = host()
+    else {
+        return;
+    };
     d.register(NIC, "nic");
     let (code, body) = request_as(
         &d,
@@ -219,7 +223,12 @@ fn only_root_attaches_for_another_uid_and_the_pid_must_be_that_users() {
 
 #[test]
 fn the_attachment_ends_when_the_vmm_exits() {
-    let Some((fs, _sim, d)) = host() else { return };
+    let Some(Host {
+        fs, sim: _sim, d, ..
+    }) = host()
+    else {
+        return;
+    };
     d.register(NIC, "nic");
     let mut vmm = vmm_as(VMM_UID);
     let since = d.get("/health").json()["last_event_seq"].as_u64().unwrap();
@@ -258,7 +267,13 @@ fn the_attachment_ends_when_the_vmm_exits() {
 
 #[test]
 fn a_restart_keeps_live_attachments_and_ends_those_whose_vmm_is_gone() {
-    let Some((fs, _sim, mut d)) = host() else {
+    let Some(Host {
+        fs,
+        sim: _sim,
+        mut d,
+        ..
+    }) = host()
+    else {
         return;
     };
     d.register(NIC, "nic");
@@ -306,9 +321,14 @@ fn a_restart_keeps_live_attachments_and_ends_those_whose_vmm_is_gone() {
 
 #[test]
 fn functions_of_one_group_are_handed_to_one_uid_only() {
-    let Some((fs, _sim, d)) = host() else { return };
+    let Some(Host {
+        fs, sim: _sim, d, ..
+    }) = host()
+    else {
+        return;
+    };
     d.register(GPU, "gpu");
-    d.register(AUDIO, "audio");
+    d.register(GPU_AUDIO, "audio");
     assert_eq!(
         d.post("/devices/gpu/bind", r#"{"with_group":true}"#).status,
         200
@@ -357,7 +377,12 @@ fn functions_of_one_group_are_handed_to_one_uid_only() {
 
 #[test]
 fn health_says_whether_the_vfio_container_is_usable_by_everyone() {
-    let Some((fs, _sim, d)) = host() else { return };
+    let Some(Host {
+        fs, sim: _sim, d, ..
+    }) = host()
+    else {
+        return;
+    };
     let container = fs.devfs.join("vfio/vfio");
     std::fs::write(&container, "").unwrap();
     std::fs::set_permissions(&container, std::fs::Permissions::from_mode(0o666)).unwrap();
@@ -378,9 +403,12 @@ fn a_vmm_gone_while_vfiod_was_down_gives_the_device_back_with_unbind_on_vmm_exit
         eprintln!("skipped: attachments to other uids need root");
         return;
     }
-    let fs = FakeSys::standard_host();
-    let _sim = SimKernel::start(&fs);
-    let mut d = Daemon::start(&fs, &["--group", "nogroup", "--unbind-on-vmm-exit"]);
+    let Host {
+        fs,
+        sim: _sim,
+        mut d,
+        ..
+    } = Host::standard(&["--group", "nogroup", "--unbind-on-vmm-exit"]);
     d.register(NIC, "nic");
     let mut vmm = vmm_as(VMM_UID);
     let r = attach(
@@ -410,7 +438,13 @@ fn a_vmm_gone_while_vfiod_was_down_gives_the_device_back_with_unbind_on_vmm_exit
 /// manage are not its business.
 #[test]
 fn startup_revokes_grants_that_no_live_attachment_explains() {
-    let Some((fs, _sim, mut d)) = host() else {
+    let Some(Host {
+        fs,
+        sim: _sim,
+        mut d,
+        ..
+    }) = host()
+    else {
         return;
     };
     d.register(NIC, "nic");

@@ -3,39 +3,17 @@
 //! `device_busy`, names every holder, and writes nothing; a framebuffer
 //! console becomes a step of the move and comes back with the device.
 
-mod common;
-
-use common::fakeproc::{alias_node, dev_numbers, FakeProc};
-use common::fakesys::FakeSys;
-use common::simkernel::SimKernel;
-use common::Daemon;
+use common::fakeproc::{alias_node, dev_numbers};
+use common::host::Host;
+use common::standard::{AMD, NIC};
 use serde_json::Value;
-
-const NIC: &str = "0000:00:02.0";
-const AMD: &str = "0000:00:05.0";
-
-struct Host {
-    fs: FakeSys,
-    proc: FakeProc,
-    sim: SimKernel,
-    d: Daemon,
-}
-
-fn host() -> Host {
-    let fs = FakeSys::standard_host();
-    let proc = FakeProc::new();
-    let sim = SimKernel::start(&fs);
-    let root = proc.root.display().to_string();
-    let d = Daemon::start(&fs, &["--proc", &root]);
-    Host { fs, proc, sim, d }
-}
 
 /// The AMD GPU's DRM card node, held open by an X server.
 fn x_server_holds_the_gpu(h: &Host) -> u32 {
     h.fs.add_class_device(AMD, "drm/card0", "drm", Some(&dev_numbers("/dev/full")));
     let node = h.fs.dev_path("dri/card0");
     alias_node(&node, "/dev/full");
-    let mut p = h.proc.process(2001, "Xorg");
+    let mut p = h.proc().process(2001, "Xorg");
     p.uid(1000)
         .cgroup("0::/system.slice/display-manager.service\n");
     p.fd("/dev/null");
@@ -45,7 +23,7 @@ fn x_server_holds_the_gpu(h: &Host) -> u32 {
 
 #[test]
 fn a_held_gpu_is_refused_with_every_holder_named_and_nothing_written() {
-    let h = host();
+    let h = Host::builder().fake_proc().start();
     h.d.register(AMD, "amd");
     let pid = x_server_holds_the_gpu(&h);
     h.sim.clear_writes();
@@ -82,14 +60,14 @@ fn a_held_gpu_is_refused_with_every_holder_named_and_nothing_written() {
 
 #[test]
 fn a_vmm_holding_the_vfio_group_blocks_unbind_detach_and_delete_until_it_exits() {
-    let h = host();
+    let h = Host::builder().fake_proc().start();
     h.d.register(NIC, "nic");
     assert_eq!(h.d.post("/devices/nic/bind", "{}").status, 200);
     // The group node the kernel made, as a character node a VMM holds.
     let node = h.fs.dev_path("vfio/2");
     std::fs::remove_file(&node).unwrap();
     alias_node(&node, "/dev/urandom");
-    let mut vmm = h.proc.process(3001, "qemu-system-x86");
+    let mut vmm = h.proc().process(3001, "qemu-system-x86");
     vmm.uid(64055);
     vmm.fd("/dev/vfio/vfio");
     vmm.fd(&node);
@@ -116,11 +94,11 @@ fn a_vmm_holding_the_vfio_group_blocks_unbind_detach_and_delete_until_it_exits()
 
 #[test]
 fn a_nic_in_use_is_refused_unless_forced() {
-    let h = host();
+    let h = Host::builder().fake_proc().start();
     h.d.register(NIC, "nic");
     let dir = h.fs.add_class_device(NIC, "net/enp0s2", "net", None);
     h.fs.write_attr(&dir.join("flags"), "0x1003\n");
-    h.proc.append_line(
+    h.proc().append_line(
         "net/if_inet6",
         "20010db8000000000000000000000042 02 40 00 80    enp0s2",
     );
@@ -141,7 +119,7 @@ fn a_nic_in_use_is_refused_unless_forced() {
 
 #[test]
 fn the_framebuffer_console_is_released_for_the_move_and_given_back() {
-    let h = host();
+    let h = Host::builder().fake_proc().start();
     h.d.register(AMD, "amd");
     h.fs.add_class_device(AMD, "graphics/fb0", "graphics", Some("29:0"));
     h.fs.add_vtconsole(0, "(S) dummy device", true);
@@ -171,7 +149,7 @@ fn the_framebuffer_console_is_released_for_the_move_and_given_back() {
 
 #[test]
 fn holders_of_an_idle_device_are_an_empty_list() {
-    let h = host();
+    let h = Host::builder().fake_proc().start();
     h.d.register(NIC, "nic");
     let r = h.d.get("/devices/nic/holders");
     assert_eq!(r.status, 200, "{}", r.body);

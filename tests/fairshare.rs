@@ -8,8 +8,6 @@
 //! its own binary again (the ignored `flood_helper` test) with another uid
 //! and gid (see `common::flood`). Without root it is skipped with a message.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -194,6 +192,6 @@ fn idle_connections_are_closed_after_the_header_timeout() {
     let mut events = common::EventStream::open(&d.socket, "");
     std::thread::sleep(Duration::from_millis(900));
     d.register("0000:00:02.0", "nic");
-    let event = events.next();
+    let event = events.next_event();
     assert_eq!(event["pci_address"], "0000:00:02.0", "{event}");
 }

@@ -2,29 +2,17 @@
 //! `/proc`: each kind of holder, and the look-alikes that are not holders.
 //!
 //! Device numbers come from real character nodes of this machine (see
-//! `tests/common/fakeproc.rs`); the NVIDIA test needs `mknod` (root) for a
+//! `test-support/src/fakeproc.rs`); the NVIDIA test needs `mknod` (root) for a
 //! 195:N node and says so when it cannot run.
-
-mod common {
-    #[path = "../common/fakeproc.rs"]
-    pub mod fakeproc;
-    #[path = "../common/fakesys.rs"]
-    pub mod fakesys;
-}
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use common::fakeproc::{alias_node, dev_numbers, FakeProc};
 use common::fakesys::FakeSys;
+use common::standard::{AMD, GPU, NIC, NVME, T4};
 use vfiod::pci::holders::{self, Disposition, Holder, ProcFs};
 use vfiod::pci::{PciAddress, Sysfs};
-
-const GPU: &str = "0000:01:00.0";
-const NIC: &str = "0000:00:02.0";
-const T4: &str = "0000:00:04.0";
-const AMD: &str = "0000:00:05.0";
-const NVME: &str = "0000:00:06.0";
 
 fn addr(s: &str) -> PciAddress {
     s.parse().unwrap()

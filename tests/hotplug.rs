@@ -1,85 +1,39 @@
-//! Hotplug, restarts and the event stream. Uevents are injected through
+//! Hotplug and what changed while vfiod was down: a device that leaves and
+//! comes back, a driver that binds or unbinds under vfiod, a different
+//! device at a registered address. Uevents are injected through
 //! vfiod's test FIFO (`--uevent-fifo`), which feeds the same channel the
 //! udev watcher does; the udev adapter itself runs in the QEMU tier.
 
-mod common;
-
-use std::io::Write;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::fakesys::{DeviceSpec, FakeSys};
-use common::simkernel::SimKernel;
-use common::{eventually, Daemon, EventStream};
+use common::host::Host;
+use common::standard::{AMD, GPU, NIC};
+use common::{eventually, EventStream};
 use serde_json::Value;
 
-const NIC: &str = "0000:00:02.0";
-const GPU: &str = "0000:01:00.0";
-
-fn nic_spec() -> DeviceSpec {
-    DeviceSpec::new(NIC, 0x8086, 0x10d3, 0x020000)
-        .subsystem(0x8086, 0xa01f)
-        .driver("e1000e")
-        .group(2)
-}
-
-struct Host {
-    fs: FakeSys,
-    sim: SimKernel,
-    d: Daemon,
-    fifo: PathBuf,
-}
-
+/// The standard host, vfiod reading uevents from the test's FIFO.
 fn host(extra: &[&str]) -> Host {
-    let fs = FakeSys::new();
-    fs.load_vfio();
-    fs.add_device(nic_spec());
-    for spec in FakeSys::standard_devices()
-        .into_iter()
-        .filter(|s| s.addr != NIC)
-    {
-        fs.add_device(spec);
-    }
-    let sim = SimKernel::start(&fs);
-    let fifo = fs.tmp_root().join("uevents");
-    let fifo_arg = fifo.display().to_string();
-    let mut args = vec!["--uevent-fifo", &fifo_arg];
-    args.extend_from_slice(extra);
-    let d = Daemon::start(&fs, &args);
-    Host { fs, sim, d, fifo }
+    Host::builder().uevent_fifo().args(extra).start()
 }
 
-impl Host {
-    fn uevent(&self, line: &str) {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&self.fifo)
-            .unwrap();
-        writeln!(f, "{line}").unwrap();
-    }
-
-    fn device(&self, name: &str) -> Value {
-        self.d.get(&format!("/devices/{name}")).json()
-    }
-
-    /// Registers the NIC as "nic", binds it, then pulls it out of the bus;
-    /// returns the event stream, opened before the unplug, and the
-    /// hotplug_remove event.
-    fn bound_nic_unplugged(&self) -> (EventStream, Value) {
-        self.d.register(NIC, "nic");
-        assert_eq!(self.d.post("/devices/nic/bind", "").status, 200);
-        let mut events = EventStream::open(&self.d.socket, "");
-        self.fs.remove_device(NIC);
-        self.uevent(&format!("remove {NIC}"));
-        let removed = events.until(|e| e["type"] == "hotplug_remove");
-        (events, removed)
-    }
+/// Registers the NIC as "nic", binds it, then pulls it out of the bus;
+/// returns the event stream, opened before the unplug, and the
+/// hotplug_remove event.
+fn bound_nic_unplugged(h: &Host) -> (EventStream, Value) {
+    h.d.register(NIC, "nic");
+    assert_eq!(h.d.post("/devices/nic/bind", "").status, 200);
+    let mut events = EventStream::open(&h.d.socket, "");
+    h.fs.remove_device(NIC);
+    h.uevent(&format!("remove {NIC}"));
+    let removed = events.until(|e| e["type"] == "hotplug_remove");
+    (events, removed)
 }
 
 #[test]
 fn removed_device_stays_registered_and_comes_back_on_vfio() {
     let h = host(&[]);
-    let (mut events, e) = h.bound_nic_unplugged();
+    let (mut events, e) = bound_nic_unplugged(&h);
     assert_eq!(e["pci_address"], NIC);
     assert_eq!(e["device_id"], h.device("nic")["id"]);
     let dev = h.device("nic");
@@ -88,7 +42,7 @@ fn removed_device_stays_registered_and_comes_back_on_vfio() {
     assert_eq!(dev["bound_by_vfiod"], true, "intent survives the unplug");
 
     // Back in the slot, the kernel gives it to e1000e; vfiod takes it back.
-    h.fs.add_device(nic_spec());
+    h.fs.add_device(FakeSys::standard_device(NIC));
     h.uevent(&format!("add {NIC}"));
     events.until(|e| e["type"] == "hotplug_add");
     events.until(|e| e["type"] == "bind" && e["pci_address"] == NIC);
@@ -97,6 +51,22 @@ fn removed_device_stays_registered_and_comes_back_on_vfio() {
     assert_eq!(dev["present"], true);
     assert_eq!(dev["bound_to_vfio"], true);
     assert_eq!(dev["original_driver"], "e1000e");
+}
+
+/// The bound NIC pulled and back on the bus, its `add` uevent sent before
+/// the kernel probed it: the next `drivers_probe` binds `probe_binds`
+/// (the native probe winning the race, or a driver nobody has). Returns
+/// the event stream opened before the unplug.
+fn replugged_before_its_probe(h: &Host, probe_binds: &str) -> EventStream {
+    let (events, _) = bound_nic_unplugged(h);
+    h.fs.add_device(FakeSys::standard_device(NIC));
+    {
+        let _state = h.fs.lock_state();
+        h.fs.tree().unbind(NIC).unwrap();
+    }
+    h.sim.bind_wrong_driver(NIC, probe_binds);
+    h.uevent(&format!("add {NIC}"));
+    events
 }
 
 /// Issue 18's re-plug defect. After a rescan the kernel sends a device's
@@ -109,16 +79,9 @@ fn removed_device_stays_registered_and_comes_back_on_vfio() {
 #[test]
 fn a_replugged_device_whose_native_probe_wins_the_race_still_ends_on_vfio() {
     let h = host(&[]);
-    let (mut events, _) = h.bound_nic_unplugged();
-    h.fs.add_device(nic_spec());
-    // Back on the bus, not probed yet; the kernel's probe, already under
-    // way, picks e1000e whatever the override says by the time it runs.
-    {
-        let _state = h.fs.lock_state();
-        h.fs.tree().unbind(NIC).unwrap();
-    }
-    h.sim.bind_wrong_driver(NIC, "e1000e");
-    h.uevent(&format!("add {NIC}"));
+    // The kernel's probe, already under way, picks e1000e whatever the
+    // override says by the time it runs.
+    let mut events = replugged_before_its_probe(&h, "e1000e");
     let outcome = events.until(|e| {
         matches!(e["type"].as_str(), Some("bind" | "bind_failed")) && e["pci_address"] == NIC
     });
@@ -140,15 +103,8 @@ fn a_replugged_device_whose_native_probe_wins_the_race_still_ends_on_vfio() {
 #[test]
 fn a_failed_rebind_of_a_replugged_device_gives_it_its_recorded_driver() {
     let h = host(&[]);
-    let (mut events, _) = h.bound_nic_unplugged();
-    h.fs.add_device(nic_spec());
-    {
-        let _state = h.fs.lock_state();
-        h.fs.tree().unbind(NIC).unwrap();
-    }
     // vfio-pci will not take it: the probe binds nothing.
-    h.sim.bind_wrong_driver(NIC, "no-such-driver");
-    h.uevent(&format!("add {NIC}"));
+    let mut events = replugged_before_its_probe(&h, "no-such-driver");
     let outcome = events.until(|e| e["type"] == "bind_failed" && e["pci_address"] == NIC);
     assert!(h.sim.wait_idle(Duration::from_secs(5)));
     assert_eq!(
@@ -163,8 +119,8 @@ fn a_failed_rebind_of_a_replugged_device_gives_it_its_recorded_driver() {
 #[test]
 fn a_device_that_comes_back_reading_all_ones_needs_a_host_reboot() {
     let h = host(&[]);
-    let (mut events, _) = h.bound_nic_unplugged();
-    h.fs.add_device(nic_spec());
+    let (mut events, _) = bound_nic_unplugged(&h);
+    h.fs.add_device(FakeSys::standard_device(NIC));
     h.fs.set_config_all_ones(NIC, true);
     h.uevent(&format!("add {NIC}"));
     let e = events.until(|e| e["type"] == "health_changed");
@@ -190,7 +146,7 @@ fn a_device_that_comes_back_reading_all_ones_needs_a_host_reboot() {
 #[test]
 fn a_different_device_at_a_registered_address_is_left_alone() {
     let h = host(&[]);
-    let (mut events, _) = h.bound_nic_unplugged();
+    let (mut events, _) = bound_nic_unplugged(&h);
     h.fs.add_device(
         DeviceSpec::new(NIC, 0x8086, 0x1533, 0x020000)
             .driver("igb")
@@ -252,12 +208,47 @@ fn driver_events_update_current_driver_and_a_stolen_device_is_reported_and_recla
     });
 }
 
+/// Issue 18 (found by tests/crashpoints.rs, bind with a re-plug racing the
+/// native probe): a `bind` uevent can be processed after the device has
+/// moved on. The kernel's own probe after a re-plug bound e1000e, vfiod
+/// took the device to vfio, and only then was the uevent of that probe
+/// read: vfiod recorded e1000e on a device that was on vfio-pci and
+/// reported its own device as stolen. What a uevent says is history; the
+/// driver is read from sysfs when the event is handled.
+#[test]
+fn a_late_bind_uevent_neither_overwrites_the_driver_nor_cries_stolen() {
+    let h = host(&[]);
+    h.d.register(NIC, "nic");
+    assert_eq!(h.d.post("/devices/nic/bind", "").status, 200);
+    let mut events = EventStream::open(&h.d.socket, "");
+    // The uevent of a probe that happened before vfiod's move.
+    h.uevent(&format!("bind {NIC} e1000e"));
+    let bound = events.until(|e| e["type"] == "driver_bound");
+    assert_eq!(bound["driver"], "vfio-pci", "{bound}");
+    // A marker event: anything published for the late uevent came before.
+    let r =
+        h.d.req("PATCH", "/devices/nic", Some(r#"{"tags":{"k":"v"}}"#));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut seen = Vec::new();
+    loop {
+        let e = events.next_event();
+        seen.push(e["type"].as_str().unwrap_or("").to_owned());
+        if e["type"] == "updated" {
+            break;
+        }
+    }
+    assert!(!seen.iter().any(|t| t == "driver_stolen"), "{seen:?}");
+    let dev = h.device("nic");
+    assert_eq!(dev["current_driver"], "vfio-pci", "{dev}");
+    assert_eq!(dev["bound_to_vfio"], true, "{dev}");
+}
+
 #[test]
 fn startup_reconciles_with_what_changed_while_down() {
     let mut h = host(&[]);
     h.d.register(NIC, "nic");
     h.d.register(GPU, "gpu");
-    h.d.register("0000:00:05.0", "amd");
+    h.d.register(AMD, "amd");
     assert_eq!(h.d.post("/devices/amd/bind", "").status, 200);
     h.d.kill9();
     // While vfiod is down: the GPU is unplugged, the NIC loses its driver,
@@ -270,10 +261,10 @@ fn startup_reconciles_with_what_changed_while_down() {
         "\n",
     )
     .unwrap();
-    std::fs::write(h.fs.path("bus/pci/drivers/vfio-pci/unbind"), "0000:00:05.0").unwrap();
-    std::fs::write(h.fs.path("bus/pci/drivers_probe"), "0000:00:05.0").unwrap();
+    std::fs::write(h.fs.path("bus/pci/drivers/vfio-pci/unbind"), AMD).unwrap();
+    std::fs::write(h.fs.path("bus/pci/drivers_probe"), AMD).unwrap();
     eventually(5, "amdgpu back", || {
-        (h.fs.driver_of("0000:00:05.0").as_deref() == Some("amdgpu")).then_some(())
+        (h.fs.driver_of(AMD).as_deref() == Some("amdgpu")).then_some(())
     });
     let t = Instant::now();
     h.d.spawn();
@@ -282,134 +273,11 @@ fn startup_reconciles_with_what_changed_while_down() {
     assert_eq!(h.device("nic")["current_driver"], Value::Null);
     // Bound again before the socket answered: READY means reconciled.
     assert_eq!(
-        h.fs.driver_of("0000:00:05.0").as_deref(),
+        h.fs.driver_of(AMD).as_deref(),
         Some("vfio-pci"),
         "after {ready:?}"
     );
     assert_eq!(h.device("amd")["bound_to_vfio"], true);
-}
-
-#[test]
-fn udev_rule_lists_the_devices_vfiod_holds() {
-    let fs_dir = common::fakesys::TempDir::new("vfiod-rules").unwrap();
-    let rules = fs_dir.path().join("rules.d");
-    let rules_arg = rules.display().to_string();
-    let h = host(&["--udev-rules-dir", &rules_arg]);
-    h.d.register(GPU, "gpu");
-    assert_eq!(
-        h.d.post("/devices/gpu/bind", r#"{"with_group":true}"#)
-            .status,
-        200
-    );
-    let text = std::fs::read_to_string(rules.join("70-vfiod.rules")).unwrap();
-    assert!(
-        text.contains(r#"KERNEL=="0000:01:00.0", ATTR{vendor}=="0x10de", ATTR{device}=="0x2236", ATTR{driver_override}="vfio-pci""#),
-        "{text}"
-    );
-    assert!(
-        text.contains(r#"KERNEL=="0000:01:00.1", ATTR{driver_override}="vfio-pci""#),
-        "{text}"
-    );
-    assert_eq!(h.d.post("/devices/gpu/unbind", "").status, 200);
-    let text = std::fs::read_to_string(rules.join("70-vfiod.rules")).unwrap();
-    assert!(!text.contains("KERNEL=="), "{text}");
-}
-
-#[test]
-fn event_stream_two_subscribers_one_slow_and_since() {
-    let h = host(&[]);
-    let mut fast = EventStream::open(&h.d.socket, "");
-    // The slow one subscribes and then does not read at all for a while.
-    let mut slow = EventStream::open(&h.d.socket, "");
-    let dev = h.d.register(NIC, "nic");
-    let e = fast.next();
-    assert_eq!(e["type"], "registered");
-    assert_eq!(e["pci_address"], NIC);
-    assert_eq!(e["device_id"], dev["id"]);
-    chrono::DateTime::parse_from_rfc3339(e["at"].as_str().unwrap()).unwrap();
-    let first_seq = e["seq"].as_u64().unwrap();
-
-    // A flood of uevents: far more than a subscriber's buffer.
-    let n: u64 = 6000;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&h.fifo)
-        .unwrap();
-    let flood: String = (0..n).map(|_| format!("add {GPU}\n")).collect();
-    f.write_all(flood.as_bytes()).unwrap();
-    drop(f);
-    let t = Instant::now();
-    // The fast reader sees every event, or is told exactly how many it
-    // missed if the machine was too slow: nothing vanishes silently.
-    let (mut seen, mut missed, mut last_seq) = (0u64, 0u64, first_seq);
-    while seen + missed < n {
-        let e = fast.next();
-        if e["type"] == "lagged" {
-            missed += e["missed"].as_u64().unwrap();
-            continue;
-        }
-        assert_eq!(e["type"], "hotplug_add");
-        let seq = e["seq"].as_u64().unwrap();
-        assert!(seq > last_seq);
-        last_seq = seq;
-        seen += 1;
-    }
-    assert_eq!(seen + missed, n);
-    // The agent kept serving while the slow subscriber sat on its events.
-    assert_eq!(h.d.get("/health").status, 200);
-    assert!(t.elapsed() < Duration::from_secs(30));
-    // The slow one gets what it can, then learns how much it missed.
-    let lag = slow.until(|e| e["type"] == "lagged");
-    assert!(lag["missed"].as_u64().unwrap() > 0, "{lag}");
-
-    // ?since= replays what came after a given event.
-    let mut replay = EventStream::open(&h.d.socket, &format!("?since={}", last_seq - 1));
-    assert_eq!(replay.next()["seq"].as_u64().unwrap(), last_seq);
-    let list = h.d.get("/devices");
-    let seq_header: u64 = list.header("x-vfiod-event-seq").unwrap().parse().unwrap();
-    assert!(seq_header >= last_seq);
-    // /health gives the same position, for clients that do not list first.
-    let health = h.d.get("/health").json();
-    assert_eq!(health["last_event_seq"].as_u64(), Some(seq_header));
-}
-
-#[test]
-fn vfioctl_events_follows_the_stream() {
-    let h = host(&[]);
-    // --since makes the test independent of when vfioctl subscribes: the
-    // registration is replayed if it happened before.
-    let seq =
-        h.d.get("/devices")
-            .header("x-vfiod-event-seq")
-            .unwrap()
-            .to_owned();
-    h.d.register(NIC, "nic");
-    let mut child = std::process::Command::new(common::vfioctl_bin())
-        .arg("--socket")
-        .arg(&h.d.socket)
-        .args(["events", "--since", &seq])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
-    let line = lines.next().unwrap().unwrap();
-    assert!(line.contains("registered") && line.contains(NIC), "{line}");
-    // Each line starts with the event's number, to resume from with --since.
-    let first: u64 = line.split_whitespace().next().unwrap().parse().unwrap();
-    assert!(first > seq.parse().unwrap(), "{line}");
-    // ...and the live feed follows the replay.
-    assert_eq!(h.d.req("DELETE", "/devices/nic", None).status, 204);
-    let line = lines.next().unwrap().unwrap();
-    assert!(
-        line.contains("unregistered") && line.contains(NIC),
-        "{line}"
-    );
-    let _ = child.kill();
-    let _ = child.wait();
-    let (code, _, err) = common::vfioctl(&h.d.socket, &["events", "--since", "soon"]);
-    assert_eq!(code, 1);
-    assert!(err.contains("--since"), "{err}");
 }
 
 /// A re-plugged device that was attached gets its VMM's access back with
@@ -421,8 +289,8 @@ fn an_attached_device_gets_its_grant_back_after_a_replug() {
         return;
     }
     let h = host(&[]);
-    let (mut events, _) = h.bound_nic_unplugged();
-    h.fs.add_device(nic_spec());
+    let (mut events, _) = bound_nic_unplugged(&h);
+    h.fs.add_device(FakeSys::standard_device(NIC));
     h.uevent(&format!("add {NIC}"));
     events.until(|e| e["type"] == "bind" && e["pci_address"] == NIC);
     let r = h.d.post(
@@ -448,7 +316,7 @@ fn an_attached_device_gets_its_grant_back_after_a_replug() {
         "the attachment stays"
     );
 
-    h.fs.add_device(nic_spec());
+    h.fs.add_device(FakeSys::standard_device(NIC));
     h.uevent(&format!("add {NIC}"));
     events.until(|e| e["type"] == "bind" && e["pci_address"] == NIC);
     eventually(5, "the grant on the new node", || {

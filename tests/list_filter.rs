@@ -2,8 +2,6 @@
 //! what `GET /devices` filtered by hand answers, for random tag sets, and
 //! still does after devices change.
 
-mod common;
-
 use std::collections::BTreeMap;
 
 use common::fakesys::{DeviceSpec, FakeSys};

@@ -3,44 +3,25 @@
 //! happens: a registration, a bind, an unbind, a failed bind, a hotplug
 //! removal and a refused request; and the opt-in TCP listener.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use common::fakesys::{DeviceSpec, FakeSys};
-use common::simkernel::SimKernel;
+use common::fakesys::FakeSys;
+use common::host::Host;
+use common::standard::NIC;
 use common::{eventually, raw_request, Daemon, EventStream, Response};
 use nix::errno::Errno;
 use openmetrics_parser::{MetricsExposition, PrometheusType, PrometheusValue};
 
-const NIC: &str = "0000:00:02.0";
-
-struct Host {
-    fs: FakeSys,
-    sim: SimKernel,
-    d: Daemon,
-    fifo: PathBuf,
-}
-
+/// A host with only the standard NIC, vfiod reading uevents from the
+/// test's FIFO.
 fn host(extra: &[&str]) -> Host {
-    let fs = FakeSys::new();
-    fs.load_vfio();
-    fs.add_device(
-        DeviceSpec::new(NIC, 0x8086, 0x10d3, 0x020000)
-            .subsystem(0x8086, 0xa01f)
-            .driver("e1000e")
-            .group(2),
-    );
-    let sim = SimKernel::start(&fs);
-    let fifo = fs.tmp_root().join("uevents");
-    let fifo_arg = fifo.display().to_string();
-    let mut args = vec!["--uevent-fifo", fifo_arg.as_str()];
-    args.extend_from_slice(extra);
-    let d = Daemon::start(&fs, &args);
-    Host { fs, sim, d, fifo }
+    Host::builder()
+        .on(FakeSys::with_devices([FakeSys::standard_device(NIC)]))
+        .uevent_fifo()
+        .args(extra)
+        .start()
 }
 
 /// A scrape, parsed by a strict parser of the text format.
@@ -252,6 +233,22 @@ fn values_follow_registration_moves_hotplug_and_refusals() {
         m.observations("vfiod_driver_move_duration_seconds", &[("op", "bind")]),
         2
     );
+    // Every operation is counted once by the executor, its result with it.
+    assert_eq!(m.value("vfiod_operations_total", &bind_ok), 1.0);
+    assert_eq!(
+        m.value(
+            "vfiod_operations_total",
+            &[("op", "bind"), ("result", "error")]
+        ),
+        1.0
+    );
+    for op in ["attach", "detach", "unbind", "register"] {
+        assert_eq!(
+            m.value("vfiod_operations_total", &[("op", op), ("result", "ok")]),
+            1.0,
+            "{op}"
+        );
+    }
 
     // Hotplug: the NIC leaves the bus.
     let mut events = EventStream::open(&h.d.socket, "");
@@ -259,11 +256,7 @@ fn values_follow_registration_moves_hotplug_and_refusals() {
     assert_eq!(m.value("vfiod_event_subscribers", &[]), 1.0);
     assert!(m.value("vfiod_http_connections", &[("privileged", "true")]) >= 2.0);
     h.fs.remove_device(NIC);
-    let mut fifo = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&h.fifo)
-        .unwrap();
-    writeln!(fifo, "remove {NIC}").unwrap();
+    h.uevent(&format!("remove {NIC}"));
     events.until(|e| e["type"] == "hotplug_remove");
     drop(events);
     let m = scrape(&h.d);

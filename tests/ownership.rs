@@ -7,18 +7,17 @@
 //! `drivers_probe` write), which is exactly the state the first round left
 //! behind: no driver, vfiod's `driver_override` in place.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use common::fakesys::FakeSys;
+use common::host::Host;
 use common::simkernel::SimKernel;
+use common::standard::NIC;
 use common::{eventually, Daemon};
 use serde_json::Value;
 
-const NIC: &str = "0000:00:02.0";
 const PROBE: &str = "bus/pci/drivers_probe";
 
 /// Sends a request on a raw connection and returns it unread.
@@ -81,9 +80,7 @@ fn bind_and_hang_up_mid_way(d: &Daemon, fs: &FakeSys, sim: &SimKernel) -> u64 {
 
 #[test]
 fn a_client_that_hangs_up_mid_bind_does_not_cancel_it() {
-    let fs = FakeSys::standard_host();
-    let sim = SimKernel::start(&fs);
-    let d = Daemon::start(&fs, &["--op-timeout-ms", "10000"]);
+    let Host { fs, sim, d, .. } = Host::standard(&["--op-timeout-ms", "10000"]);
     let since = bind_and_hang_up_mid_way(&d, &fs, &sim);
     std::thread::sleep(Duration::from_millis(300));
     sim.release(PROBE);
@@ -109,10 +106,8 @@ fn a_client_that_hangs_up_mid_bind_does_not_cancel_it() {
 
 #[test]
 fn a_client_that_hangs_up_mid_failed_bind_still_gets_the_rollback() {
-    let fs = FakeSys::standard_host();
-    let sim = SimKernel::start(&fs);
     // The failed verification waits one op timeout: keep it short.
-    let d = Daemon::start(&fs, &["--op-timeout-ms", "4000"]);
+    let Host { fs, sim, d, .. } = Host::standard(&["--op-timeout-ms", "4000"]);
     let since = bind_and_hang_up_mid_way(&d, &fs, &sim);
     // Every probe binds the wrong driver: the bind fails and rolls back.
     sim.bind_wrong_driver_always(NIC, "e1000e");
@@ -137,9 +132,7 @@ fn a_client_that_hangs_up_mid_failed_bind_still_gets_the_rollback() {
 
 #[test]
 fn sigterm_mid_bind_finishes_the_move_then_exits_0() {
-    let fs = FakeSys::standard_host();
-    let sim = SimKernel::start(&fs);
-    let mut d = Daemon::start(&fs, &["--op-timeout-ms", "10000"]);
+    let Host { fs, sim, mut d, .. } = Host::standard(&["--op-timeout-ms", "10000"]);
     d.register(NIC, "nic");
     sim.hang_write(PROBE);
     let socket = d.socket.clone();
@@ -174,9 +167,7 @@ fn sigterm_mid_bind_finishes_the_move_then_exits_0() {
 
 #[test]
 fn a_stuck_device_refuses_every_move_and_delete_then_settles() {
-    let fs = FakeSys::standard_host();
-    let sim = SimKernel::start(&fs);
-    let d = Daemon::start(&fs, &["--op-timeout-ms", "1000"]);
+    let Host { fs, sim, d, .. } = Host::standard(&["--op-timeout-ms", "1000"]);
     d.register(NIC, "nic");
     sim.hang_write("bus/pci/drivers/e1000e/unbind");
     d.post("/devices/nic/bind", "{}")
@@ -216,9 +207,12 @@ fn a_stuck_device_refuses_every_move_and_delete_then_settles() {
 /// death by the signal's default action.
 #[test]
 fn sigterm_right_after_the_socket_appears_exits_0() {
-    let fs = FakeSys::standard_host();
-    let _sim = SimKernel::start(&fs);
-    let mut d = Daemon::start(&fs, &[]);
+    let Host {
+        fs: _fs,
+        sim: _sim,
+        mut d,
+        ..
+    } = Host::standard(&[]);
     d.kill9();
     for round in 0..8 {
         let _ = std::fs::remove_file(&d.socket);

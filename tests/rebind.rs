@@ -3,44 +3,21 @@
 //! `drivers_probe` the way Linux does, and can fail or hang on demand.
 //! Every assertion reads the tree (the "kernel"), not only vfiod's answer.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use common::fakesys::FakeSys;
-use common::simkernel::SimKernel;
+use common::host::Host;
+use common::standard::{AMD, EDU, GPU, GPU_AUDIO, NIC, ROOT_PORT, T4};
 use common::Daemon;
 use nix::errno::Errno;
 use serde_json::Value;
 
-const GPU: &str = "0000:01:00.0";
-const AUDIO: &str = "0000:01:00.1";
-const NIC: &str = "0000:00:02.0";
-const EDU: &str = "0000:00:03.0";
-const T4: &str = "0000:00:04.0";
-const AMD: &str = "0000:00:05.0";
-
-struct Host {
-    fs: FakeSys,
-    sim: SimKernel,
-    d: Daemon,
-}
-
-fn host() -> Host {
-    let fs = FakeSys::standard_host();
-    let sim = SimKernel::start(&fs);
-    let d = Daemon::start(&fs, &[]);
-    Host { fs, sim, d }
-}
-
-impl Host {
-    fn no_new_id_written(&self) {
-        assert!(
-            !self.sim.writes().iter().any(|(p, _)| p.ends_with("new_id")),
-            "new_id must never be written: {:?}",
-            self.sim.writes()
-        );
-    }
+fn no_new_id_written(h: &Host) {
+    assert!(
+        !h.sim.writes().iter().any(|(p, _)| p.ends_with("new_id")),
+        "new_id must never be written: {:?}",
+        h.sim.writes()
+    );
 }
 
 fn bind(d: &Daemon, name: &str, body: &str) -> common::Response {
@@ -49,13 +26,13 @@ fn bind(d: &Daemon, name: &str, body: &str) -> common::Response {
 
 #[test]
 fn gpu_with_audio_function_needs_with_group_and_moves_and_restores_both() {
-    let h = host();
+    let h = Host::standard(&[]);
     h.d.register(GPU, "gpu0");
     let r = bind(&h.d, "gpu0", "{}");
     r.expect_error(409, "iommu_group_conflict")
         .expect_message_contains("0000:01:00.1 on snd_hda_intel");
     let e = r.json();
-    assert_eq!(e["conflicting_functions"][0]["pci_address"], AUDIO);
+    assert_eq!(e["conflicting_functions"][0]["pci_address"], GPU_AUDIO);
     assert_eq!(e["conflicting_functions"][0]["driver"], "snd_hda_intel");
     assert_eq!(
         h.fs.driver_of(GPU).as_deref(),
@@ -70,12 +47,12 @@ fn gpu_with_audio_function_needs_with_group_and_moves_and_restores_both() {
     assert_eq!(dev["bound_to_vfio"], true);
     assert_eq!(dev["current_driver"], "vfio-pci");
     assert_eq!(dev["original_driver"], "nvidia");
-    assert_eq!(dev["group_companions"][0], AUDIO);
+    assert_eq!(dev["group_companions"][0], GPU_AUDIO);
     assert_eq!(h.fs.driver_of(GPU).as_deref(), Some("vfio-pci"));
-    assert_eq!(h.fs.driver_of(AUDIO).as_deref(), Some("vfio-pci"));
+    assert_eq!(h.fs.driver_of(GPU_AUDIO).as_deref(), Some("vfio-pci"));
     assert!(h.fs.vfio_group_node_exists(1));
     assert_eq!(
-        h.fs.driver_of("0000:00:01.0").as_deref(),
+        h.fs.driver_of(ROOT_PORT).as_deref(),
         Some("pcieport"),
         "the bridge stays"
     );
@@ -85,16 +62,16 @@ fn gpu_with_audio_function_needs_with_group_and_moves_and_restores_both() {
     assert_eq!(r.json()["current_driver"], "nvidia");
     assert_eq!(r.json()["bound_to_vfio"], false);
     assert_eq!(h.fs.driver_of(GPU).as_deref(), Some("nvidia"));
-    assert_eq!(h.fs.driver_of(AUDIO).as_deref(), Some("snd_hda_intel"));
+    assert_eq!(h.fs.driver_of(GPU_AUDIO).as_deref(), Some("snd_hda_intel"));
     assert_eq!(h.fs.driver_override_of(GPU), None);
-    assert_eq!(h.fs.driver_override_of(AUDIO), None);
+    assert_eq!(h.fs.driver_override_of(GPU_AUDIO), None);
     assert!(!h.fs.vfio_group_node_exists(1));
-    h.no_new_id_written();
+    no_new_id_written(&h);
 }
 
 #[test]
 fn bind_sequence_is_override_unbind_probe_in_that_order() {
-    let h = host();
+    let h = Host::standard(&[]);
     h.d.register(AMD, "amd");
     assert_eq!(bind(&h.d, "amd", "").status, 200);
     let writes: Vec<String> = h
@@ -115,7 +92,7 @@ fn bind_sequence_is_override_unbind_probe_in_that_order() {
 
 #[test]
 fn device_without_a_driver_goes_to_vfio_and_back_to_no_driver() {
-    let h = host();
+    let h = Host::standard(&[]);
     h.d.register(EDU, "edu");
     let r = bind(&h.d, "edu", "{}");
     assert_eq!(r.status, 200, "{}", r.body);
@@ -129,7 +106,7 @@ fn device_without_a_driver_goes_to_vfio_and_back_to_no_driver() {
 
 #[test]
 fn device_already_on_vfio_is_left_there() {
-    let h = host();
+    let h = Host::standard(&[]);
     let dev = h.d.register(T4, "t4");
     assert_eq!(dev["bound_to_vfio"], true);
     assert_eq!(dev["original_driver"], Value::Null);
@@ -144,7 +121,7 @@ fn device_already_on_vfio_is_left_there() {
 
 #[test]
 fn dry_run_returns_the_plan_and_changes_nothing() {
-    let h = host();
+    let h = Host::standard(&[]);
     h.d.register(GPU, "gpu0");
     let r = bind(&h.d, "gpu0", r#"{"with_group":true,"dry_run":true}"#);
     assert_eq!(r.status, 200, "{}", r.body);
@@ -157,7 +134,7 @@ fn dry_run_returns_the_plan_and_changes_nothing() {
         .iter()
         .map(|m| m["pci_address"].as_str().unwrap())
         .collect();
-    assert_eq!(moves, [GPU, AUDIO]);
+    assert_eq!(moves, [GPU, GPU_AUDIO]);
     let steps = plan["steps"].as_array().unwrap();
     assert!(
         steps
@@ -191,7 +168,7 @@ fn assert_rolled_back(h: &Host, r: &common::Response, step: &str) {
 
 #[test]
 fn rollback_when_the_override_write_fails() {
-    let h = host();
+    let h = Host::standard(&[]);
     h.d.register(NIC, "nic");
     h.sim.fail_write(
         &format!("bus/pci/devices/{NIC}/driver_override"),
@@ -215,7 +192,7 @@ fn rollback_when_the_override_write_fails() {
 
 #[test]
 fn rollback_when_unbind_fails() {
-    let h = host();
+    let h = Host::standard(&[]);
     h.d.register(NIC, "nic");
     h.sim
         .fail_write("bus/pci/drivers/e1000e/unbind", Errno::EISDIR);
@@ -226,7 +203,7 @@ fn rollback_when_unbind_fails() {
 
 #[test]
 fn rollback_when_probe_fails() {
-    let h = host();
+    let h = Host::standard(&[]);
     h.d.register(NIC, "nic");
     h.sim.fail_write("bus/pci/drivers_probe", Errno::ENOSPC);
     let r = bind(&h.d, "nic", "{}");
@@ -236,11 +213,9 @@ fn rollback_when_probe_fails() {
 
 #[test]
 fn rollback_when_the_kernel_binds_the_wrong_driver() {
-    let h = host();
-    h.fs.add_driver("pci-stub");
-    drop(h.d);
-    let d = Daemon::start(&h.fs, &[]);
-    let h = Host { d, ..h };
+    let fs = FakeSys::standard_host();
+    fs.add_driver("pci-stub");
+    let h = Host::builder().on(fs).start();
     h.d.register(NIC, "nic");
     h.sim.bind_wrong_driver_always(NIC, "pci-stub");
     let r = bind(&h.d, "nic", "{}");
@@ -250,7 +225,7 @@ fn rollback_when_the_kernel_binds_the_wrong_driver() {
 
 #[test]
 fn a_device_no_driver_will_take_is_reported_with_the_failed_rollback() {
-    let h = host();
+    let h = Host::standard(&[]);
     h.d.register(NIC, "nic");
     // Neither vfio-pci nor, on rollback, e1000e will take it.
     h.sim.ignore_probe(NIC);
@@ -285,11 +260,8 @@ fn a_device_no_driver_will_take_is_reported_with_the_failed_rollback() {
 
 #[test]
 fn hung_unbind_times_out_while_everything_else_keeps_working() {
-    let fs = FakeSys::standard_host();
-    let sim = SimKernel::start(&fs);
     // A longer limit leaves room for the other requests on a busy machine.
-    let d = Daemon::start(&fs, &["--op-timeout-ms", "4000"]);
-    let h = Host { fs, sim, d };
+    let h = Host::standard(&["--op-timeout-ms", "4000"]);
     h.d.register(GPU, "gpu0");
     h.d.register(NIC, "nic");
     h.sim.hang_write("bus/pci/drivers/nvidia/unbind");
@@ -350,9 +322,9 @@ fn hung_unbind_times_out_while_everything_else_keeps_working() {
 
 #[test]
 fn two_binds_in_one_group_are_serialised() {
-    let h = host();
+    let h = Host::standard(&[]);
     h.d.register(GPU, "gpu0");
-    h.d.register(AUDIO, "audio0");
+    h.d.register(GPU_AUDIO, "audio0");
     let s1 = h.d.socket.clone();
     let s2 = h.d.socket.clone();
     let a = std::thread::spawn(move || {
@@ -383,12 +355,12 @@ fn two_binds_in_one_group_are_serialised() {
         .count();
     assert_eq!(overrides, 2, "{:?}", h.sim.writes());
     assert_eq!(h.fs.driver_of(GPU).as_deref(), Some("vfio-pci"));
-    assert_eq!(h.fs.driver_of(AUDIO).as_deref(), Some("vfio-pci"));
+    assert_eq!(h.fs.driver_of(GPU_AUDIO).as_deref(), Some("vfio-pci"));
 }
 
 #[test]
 fn attach_and_detach() {
-    let h = host();
+    let h = Host::standard(&[]);
     h.d.register(NIC, "nic");
     let r = h.d.post("/devices/nic/attach", r#"{"instance_id":"vm-1"}"#);
     assert_eq!(r.status, 200, "{}", r.body);
@@ -418,7 +390,7 @@ fn attach_and_detach() {
 
 #[test]
 fn delete_gives_the_driver_back_first() {
-    let h = host();
+    let h = Host::standard(&[]);
     h.d.register(NIC, "nic");
     assert_eq!(bind(&h.d, "nic", "").status, 200);
     assert_eq!(h.d.req("DELETE", "/devices/nic", None).status, 204);
@@ -427,7 +399,7 @@ fn delete_gives_the_driver_back_first() {
 
 #[test]
 fn delete_keeps_the_device_registered_when_the_restore_fails() {
-    let h = host();
+    let h = Host::standard(&[]);
     h.d.register(NIC, "nic");
     assert_eq!(bind(&h.d, "nic", "").status, 200);
     h.sim
@@ -446,7 +418,7 @@ fn delete_keeps_the_device_registered_when_the_restore_fails() {
 
 #[test]
 fn kill_9_mid_bind_is_finished_at_restart() {
-    let mut h = host();
+    let mut h = Host::standard(&[]);
     h.d.register(NIC, "nic");
     h.sim.hang_write("bus/pci/drivers/e1000e/unbind");
     let socket = h.d.socket.clone();
@@ -485,7 +457,7 @@ fn kill_9_mid_bind_is_finished_at_restart() {
 
 #[test]
 fn restart_never_unbinds_an_attached_device() {
-    let mut h = host();
+    let mut h = Host::standard(&[]);
     h.d.register(NIC, "nic");
     assert_eq!(
         h.d.post("/devices/nic/attach", r#"{"instance_id":"vm-1"}"#)
@@ -517,8 +489,9 @@ fn vfio_unavailable_and_no_iommu_group_are_clear_errors() {
     fs.add_device(common::fakesys::DeviceSpec::new(
         EDU, 0x1234, 0x11e8, 0x00ff00,
     ));
-    let _sim = SimKernel::start(&fs);
-    let d = Daemon::start(&fs, &[]);
+    let Host {
+        fs, sim: _sim, d, ..
+    } = Host::builder().on(fs).start();
     d.register(NIC, "nic");
     let r = bind(&d, "nic", "");
     r.expect_error(503, "vfio_unavailable");
@@ -531,7 +504,7 @@ fn vfio_unavailable_and_no_iommu_group_are_clear_errors() {
 
 #[test]
 fn vfioctl_moves_devices_too() {
-    let h = host();
+    let h = Host::standard(&[]);
     h.d.register(GPU, "gpu0");
     let (code, out, _) =
         common::vfioctl(&h.d.socket, &["bind", "gpu0", "--with-group", "--dry-run"]);
@@ -553,7 +526,7 @@ fn vfioctl_moves_devices_too() {
     let (code, _, _) = common::vfioctl(&h.d.socket, &["detach", "gpu0"]);
     assert_eq!(code, 0);
     assert_eq!(h.fs.driver_of(GPU).as_deref(), Some("nvidia"));
-    assert_eq!(h.fs.driver_of(AUDIO).as_deref(), Some("snd_hda_intel"));
+    assert_eq!(h.fs.driver_of(GPU_AUDIO).as_deref(), Some("snd_hda_intel"));
 }
 
 #[test]
@@ -568,9 +541,11 @@ fn a_vendor_vfio_variant_driver_is_preferred_when_the_kernel_names_one() {
          alias vfio_pci:v000010DEd00002236sv*sd*bc*sc*i* nvgrace_gpu_vfio_pci\n",
     )
     .unwrap();
-    let sim = SimKernel::start(&fs);
     let modules_arg = modules.display().to_string();
-    let d = Daemon::start(&fs, &["--modules-dir", &modules_arg]);
+    let Host { fs, sim, d, .. } = Host::builder()
+        .on(fs)
+        .args(&["--modules-dir", &modules_arg])
+        .start();
     d.register(GPU, "gpu0");
     let r = bind(&d, "gpu0", r#"{"with_group":true,"dry_run":true}"#);
     let moves = &r.json()["plan"]["moves"];
@@ -584,7 +559,7 @@ fn a_vendor_vfio_variant_driver_is_preferred_when_the_kernel_names_one() {
     assert_eq!(r.json()["current_driver"], "nvgrace-gpu-vfio-pci");
     assert_eq!(r.json()["bound_to_vfio"], true);
     assert_eq!(fs.driver_of(GPU).as_deref(), Some("nvgrace-gpu-vfio-pci"));
-    assert_eq!(fs.driver_of(AUDIO).as_deref(), Some("vfio-pci"));
+    assert_eq!(fs.driver_of(GPU_AUDIO).as_deref(), Some("vfio-pci"));
     assert!(sim
         .writes()
         .iter()
@@ -596,17 +571,17 @@ fn a_vendor_vfio_variant_driver_is_preferred_when_the_kernel_names_one() {
 
 #[test]
 fn bridges_are_refused_before_any_write() {
-    let h = host();
+    let h = Host::standard(&[]);
     let r = h.d.post("/devices", r#"{"pci_address":"0000:00:01.0"}"#);
     r.expect_error(400, "unsupported_device");
     r.expect_message_contains("bridge");
     assert!(h.sim.writes().is_empty());
-    assert_eq!(h.fs.driver_of("0000:00:01.0").as_deref(), Some("pcieport"));
+    assert_eq!(h.fs.driver_of(ROOT_PORT).as_deref(), Some("pcieport"));
 }
 
 #[test]
 fn unbind_twice_is_fine_and_a_missing_original_driver_is_named() {
-    let h = host();
+    let h = Host::standard(&[]);
     h.d.register(NIC, "nic");
     assert_eq!(bind(&h.d, "nic", "").status, 200);
     assert_eq!(h.d.post("/devices/nic/unbind", "").status, 200);
@@ -625,4 +600,36 @@ fn unbind_twice_is_fine_and_a_missing_original_driver_is_named() {
     let r = h.d.post("/devices/nic/unbind", "");
     r.expect_error(500, "unbind_failed");
     r.expect_message_contains("e1000e is not loaded");
+}
+
+/// Settling a stuck bind can time out in its turn (a loaded host): the
+/// device is then stuck again and settled once more when that write
+/// returns, rather than recorded as rolled back while the kernel still
+/// holds it, which left it with no driver and vfiod's override (seen in
+/// the real-kernel scenario interrupted-move under load).
+#[test]
+fn a_settle_that_times_out_is_settled_again_when_the_kernel_returns() {
+    let h = Host::standard(&["--op-timeout-ms", "400"]);
+    h.d.register(NIC, "nic");
+    h.sim.hang_write("bus/pci/drivers/e1000e/unbind");
+    bind(&h.d, "nic", "{}").expect_error(504, "driver_timeout");
+    assert_eq!(h.d.get("/devices/nic").json()["stuck"], true);
+    // The unbind returns; the settle's first write hangs in its turn.
+    let override_attr = format!("bus/pci/devices/{NIC}/driver_override");
+    h.sim.hang_write(&override_attr);
+    h.sim.release("bus/pci/drivers/e1000e/unbind");
+    std::thread::sleep(Duration::from_millis(1500));
+    h.sim.release(&override_attr);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let dev = h.d.get("/devices/nic").json();
+        if dev["stuck"] == false && dev["pending"].is_null() {
+            assert_eq!(h.fs.driver_of(NIC).as_deref(), Some("vfio-pci"), "{dev}");
+            assert_eq!(dev["bound_to_vfio"], true, "{dev}");
+            assert_eq!(dev["bound_by_vfiod"], true, "{dev}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never settled: {dev}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -4,19 +4,15 @@
 //! Assertions read the tree and the simulated kernel's record of resets,
 //! not only vfiod's answer.
 
-mod common;
-
-use common::fakeproc::{alias_node, FakeProc};
+use common::fakeproc::alias_node;
 use common::fakesys::{DeviceSpec, FakeSys};
-use common::simkernel::{ResetOutcome, SimKernel};
-use common::{eventually, Daemon, EventStream};
+use common::host::Host;
+use common::simkernel::ResetOutcome;
+use common::standard::{GPU, GPU_AUDIO, NIC};
+use common::{eventually, EventStream};
 use nix::errno::Errno;
 use serde_json::Value;
 
-const GPU: &str = "0000:01:00.0";
-const AUDIO: &str = "0000:01:00.1";
-/// On the root bus, "pm bus" like QEMU's e1000e.
-const NIC: &str = "0000:00:02.0";
 /// Alone behind a root port, every method.
 const IGB: &str = "0000:03:00.0";
 /// Two conventional functions behind a PCIe-to-PCI bridge, one group.
@@ -55,7 +51,7 @@ fn reset_host() -> FakeSys {
             .group(1)
             .parent("0000:00:01.0")
             .reset_methods("flr bus"),
-        DeviceSpec::new(AUDIO, 0x10de, 0x1aef, 0x040300)
+        DeviceSpec::new(GPU_AUDIO, 0x10de, 0x1aef, 0x040300)
             .driver("snd_hda_intel")
             .group(1)
             .parent("0000:00:01.0")
@@ -106,31 +102,22 @@ fn reset_host() -> FakeSys {
     fs
 }
 
-struct Host {
-    fs: FakeSys,
-    sim: SimKernel,
-    d: Daemon,
-}
-
 fn host(extra: &[&str]) -> Host {
-    let fs = reset_host();
-    let sim = SimKernel::start(&fs);
-    let d = Daemon::start(&fs, extra);
-    Host { fs, sim, d }
+    Host::builder().on(reset_host()).args(extra).start()
 }
 
-impl Host {
+/// Reset requests, and the simulated kernel's record of the writes they make.
+trait Resets {
+    fn reset(&self, name: &str, body: &str) -> common::Response;
+    /// The writes to `reset` and `reset_method` of `addr`, in order.
+    fn reset_writes(&self, addr: &str) -> Vec<(String, String)>;
+}
+
+impl Resets for Host {
     fn reset(&self, name: &str, body: &str) -> common::Response {
         self.d.post(&format!("/devices/{name}/reset"), body)
     }
 
-    fn device(&self, name: &str) -> Value {
-        let r = self.d.get(&format!("/devices/{name}"));
-        assert_eq!(r.status, 200, "{}", r.body);
-        r.json()
-    }
-
-    /// The writes to `reset` and `reset_method` of `addr`, in order.
     fn reset_writes(&self, addr: &str) -> Vec<(String, String)> {
         let prefix = format!("bus/pci/devices/{addr}/");
         self.sim
@@ -167,7 +154,7 @@ fn dry_run_shows_method_and_scope_and_changes_nothing() {
         .collect();
     assert_eq!(
         scope,
-        [GPU, AUDIO],
+        [GPU, GPU_AUDIO],
         "a bus reset also resets the audio function"
     );
     assert_eq!(v["plan"]["scope"][1]["driver"], "snd_hda_intel");
@@ -283,10 +270,10 @@ fn bus_reset_of_the_gpu_resets_its_audio_function_and_verifies_both() {
     assert_eq!(h.sim.resets(), pairs(&[(GPU, "bus")]));
     // A bus reset is verified on every function it reached: the audio
     // function came back in D3cold.
-    h.fs.set_power_state(AUDIO, "D3cold");
+    h.fs.set_power_state(GPU_AUDIO, "D3cold");
     let r = h.reset("gpu", r#"{"method":"bus"}"#);
     r.expect_error(500, "reset_failed")
-        .expect_message_contains(&format!("power state failed for {AUDIO}"));
+        .expect_message_contains(&format!("power state failed for {GPU_AUDIO}"));
     assert_eq!(r.json()["failed_check"], "power_state");
     // A function-level reset does not reach it, so it passes.
     let r = h.reset("gpu", r#"{"method":"flr"}"#);
@@ -718,11 +705,8 @@ fn vfioctl_list_shows_health() {
 
 #[test]
 fn a_reset_under_a_process_that_holds_the_function_is_refused() {
-    let fs = reset_host();
-    let proc = FakeProc::new();
-    let sim = SimKernel::start(&fs);
-    let root = proc.root.display().to_string();
-    let d = Daemon::start(&fs, &["--proc", &root]);
+    let h = Host::builder().on(reset_host()).fake_proc().start();
+    let (fs, proc, sim, d) = (&h.fs, h.proc(), &h.sim, &h.d);
     d.register(NIC, "nic");
     assert_eq!(d.post("/devices/nic/bind", "").status, 200);
     // A VMM that still has the group open (the VM did not stop yet).

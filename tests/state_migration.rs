@@ -3,18 +3,19 @@
 //! devices come back as they were registered, bound and attached, and the
 //! file is rewritten as version 2 at the next change.
 
-mod common;
-
-use common::fakesys::FakeSys;
-use common::simkernel::SimKernel;
-use common::{eventually, Daemon};
+use common::eventually;
+use common::host::Host;
+use common::standard::GPU_AUDIO;
 use serde_json::Value;
 
 #[test]
 fn a_version_1_state_file_starts_vfiod_with_every_device_as_it_was() {
-    let fs = FakeSys::standard_host();
-    let _sim = SimKernel::start(&fs);
-    let mut d = Daemon::start(&fs, &[]);
+    let Host {
+        fs,
+        sim: _sim,
+        mut d,
+        ..
+    } = Host::standard(&[]);
     d.kill9();
     let state = d.state_dir.join("state.json");
     std::fs::write(&state, include_str!("fixtures/state-v1.json")).unwrap();
@@ -27,9 +28,9 @@ fn a_version_1_state_file_starts_vfiod_with_every_device_as_it_was() {
         (g["bound_to_vfio"] == true).then_some(g)
     });
     assert_eq!(gpu["bound_by_vfiod"], true);
-    assert_eq!(gpu["group_companions"], serde_json::json!(["0000:01:00.1"]));
+    assert_eq!(gpu["group_companions"], serde_json::json!([GPU_AUDIO]));
     assert_eq!(gpu["original_driver"], "nvidia");
-    assert_eq!(fs.driver_of("0000:01:00.1").as_deref(), Some("vfio-pci"));
+    assert_eq!(fs.driver_of(GPU_AUDIO).as_deref(), Some("vfio-pci"));
     // Attached for root without a VMM pid: still attached.
     let amd = device("amd");
     assert_eq!(amd["attached_to"], "vm-2");

@@ -9,9 +9,6 @@
 //! GetPreferredAllocation and Allocate. A new registration for a resource
 //! replaces the old connection, as kubelet does.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
-
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::FileTypeExt;
@@ -19,8 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::fakesys::{DeviceSpec, FakeSys, TempDir};
+use common::fakesys::{FakeSys, TempDir};
 use common::simkernel::SimKernel;
+use common::standard::{AMD, GPU, GPU_AUDIO, NIC, T4};
 use common::Daemon;
 use nix::errno::Errno;
 use tokio::net::UnixListener;
@@ -43,23 +41,11 @@ use vfiod_kubelet_plugin::podresources::{
     PodResources,
 };
 
-const NIC: &str = "0000:00:02.0";
-const GPU: &str = "0000:01:00.0";
-const GPU_AUDIO: &str = "0000:01:00.1";
-const T4: &str = "0000:00:04.0";
-const AMD: &str = "0000:00:05.0";
 const NIC_RES: &str = "intel.com/e1000e";
 const GPU_RES: &str = "nvidia.com/gpu";
 const WAIT: Duration = Duration::from_secs(10);
 /// The bound on how soon kubelet sees a health change.
 const KUBELET_SEES_WITHIN: Duration = Duration::from_secs(1);
-
-fn nic_spec() -> DeviceSpec {
-    DeviceSpec::new(NIC, 0x8086, 0x10d3, 0x020000)
-        .subsystem(0x8086, 0xa01f)
-        .driver("e1000e")
-        .group(2)
-}
 
 /// Blocking test helpers (std sockets) called from async tests.
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
@@ -361,17 +347,15 @@ impl Host {
     /// The standard host, but the NIC has an FLR, so vfiod resets it when
     /// it is released.
     fn with_resettable_nic() -> Host {
-        let fs = FakeSys::new();
-        fs.load_vfio();
-        for spec in FakeSys::standard_devices() {
-            let spec = if spec.addr == NIC {
-                spec.reset_methods("flr")
-            } else {
-                spec
-            };
-            fs.add_device(spec);
-        }
-        Host::on(fs)
+        Host::on(FakeSys::with_devices(
+            FakeSys::standard_devices().into_iter().map(|spec| {
+                if spec.addr == NIC {
+                    spec.reset_methods("flr")
+                } else {
+                    spec
+                }
+            }),
+        ))
     }
 
     fn on(fs: FakeSys) -> Host {
@@ -532,7 +516,7 @@ async fn registers_per_resource_and_list_and_watch_follows_unplug_replug_and_a_s
     assert_eq!(v, expect_view(&[("nic0", "Unhealthy")]));
 
     // Re-plug: Healthy again, with its NUMA node read afresh.
-    h.fs.add_device(nic_spec());
+    h.fs.add_device(FakeSys::standard_device(NIC));
     set_numa(&h.fs, NIC, 0);
     let sent = Instant::now();
     h.uevent(&format!("add {NIC}"));

@@ -18,12 +18,17 @@ use crate::registry::DeviceRecord;
 /// A request as its handler gets it: routed, allowed, its body read
 /// (empty for a route that changes nothing).
 pub struct Call<'a> {
+    /// The server's shared state: core, policy, accounting, list cache.
     pub api: &'a Api,
+    /// The caller's socket credentials, taken once per connection.
     pub peer: &'a Peer,
     /// The path's `{id_or_name}`, decoded; empty if the template has none.
     pub id: String,
+    /// The raw query string, undecoded; each handler parses its own.
     pub query: Option<&'a str>,
+    /// Only `/metrics` reads it, to choose OpenMetrics over Prometheus text.
     pub accept: Option<&'a HeaderValue>,
+    /// Already bounded by size and time when the handler gets it.
     pub body: Bytes,
 }
 
@@ -65,6 +70,8 @@ impl Call<'_> {
     }
 }
 
+/// `GET /devices`: the cached serialisation for this registry version, with the
+/// newest event's seq in a header so a client can follow on from it.
 pub async fn list(c: Call<'_>) -> Answer {
     let core = c.core();
     let filter = parse::list_query(c.query)?;
@@ -76,12 +83,15 @@ pub async fn list(c: Call<'_>) -> Answer {
     Ok(resp)
 }
 
+/// `POST /devices`: 201 with the new record.
 pub async fn register(c: Call<'_>) -> Answer {
     let req = parse::register(&c.body)?;
     let d = c.execute(Operation::Register(req)).await?.device()?;
     Ok(c.device(StatusCode::CREATED, &d))
 }
 
+/// `GET /devices/available`: candidates on the bus now (`?all` for every
+/// function), each with its registered id if any.
 pub async fn available(c: Call<'_>) -> Answer {
     let core = c.core();
     let functions = core.available(parse::available_query(c.query)?).await?;
@@ -96,6 +106,7 @@ pub async fn available(c: Call<'_>) -> Answer {
     Ok(respond::json(StatusCode::OK, &wire))
 }
 
+/// `GET /devices/{id_or_name}`.
 pub async fn get(c: Call<'_>) -> Answer {
     let body = c
         .api
@@ -105,6 +116,7 @@ pub async fn get(c: Call<'_>) -> Answer {
     Ok(respond::bytes(StatusCode::OK, "application/json", body))
 }
 
+/// `PATCH /devices/{id_or_name}`.
 pub async fn update(c: Call<'_>) -> Answer {
     let req = parse::update(&c.body)?;
     let device = c.id.clone();
@@ -115,12 +127,15 @@ pub async fn update(c: Call<'_>) -> Answer {
     Ok(c.device(StatusCode::OK, &d))
 }
 
+/// `DELETE /devices/{id_or_name}`: 204, after giving back any driver vfiod
+/// took.
 pub async fn delete(c: Call<'_>) -> Answer {
     let device = c.id.clone();
     c.execute(Operation::Delete { device }).await?;
     Ok(respond::no_content())
 }
 
+/// `POST /devices/{id_or_name}/bind`: the device, or the plan on `dry_run`.
 pub async fn bind(c: Call<'_>) -> Answer {
     let req = parse::bind(&c.body)?;
     let device = c.id.clone();
@@ -128,6 +143,7 @@ pub async fn bind(c: Call<'_>) -> Answer {
     Ok(c.planned(req.dry_run, &outcome.device, &outcome.plan))
 }
 
+/// `POST /devices/{id_or_name}/unbind`.
 pub async fn unbind(c: Call<'_>) -> Answer {
     parse::unbind(&c.body)?;
     let device = c.id.clone();
@@ -135,6 +151,7 @@ pub async fn unbind(c: Call<'_>) -> Answer {
     Ok(c.device(StatusCode::OK, &d))
 }
 
+/// `POST /devices/{id_or_name}/attach`.
 pub async fn attach(c: Call<'_>) -> Answer {
     let req = parse::attach(&c.body)?;
     let device = c.id.clone();
@@ -145,6 +162,7 @@ pub async fn attach(c: Call<'_>) -> Answer {
     Ok(c.device(StatusCode::OK, &d))
 }
 
+/// `POST /devices/{id_or_name}/detach`.
 pub async fn detach(c: Call<'_>) -> Answer {
     let keep_bound = parse::detach(&c.body)?;
     let device = c.id.clone();
@@ -155,6 +173,7 @@ pub async fn detach(c: Call<'_>) -> Answer {
     Ok(c.device(StatusCode::OK, &d))
 }
 
+/// `POST /devices/{id_or_name}/reset`: the device, or the plan on `dry_run`.
 pub async fn reset(c: Call<'_>) -> Answer {
     let req = parse::reset(&c.body)?;
     let device = c.id.clone();
@@ -162,6 +181,7 @@ pub async fn reset(c: Call<'_>) -> Answer {
     Ok(c.planned(req.dry_run, &outcome.device, &outcome.plan))
 }
 
+/// `GET /devices/{id_or_name}/holders`: a fresh scan, nothing changed.
 pub async fn holders(c: Call<'_>) -> Answer {
     let (record, holders) = c.core().holders(&c.id).await?;
     let body = wire::Holders {
@@ -173,6 +193,8 @@ pub async fn holders(c: Call<'_>) -> Answer {
     Ok(respond::json(StatusCode::OK, &body))
 }
 
+/// `GET /events`: a streaming response; the per-uid stream limit is taken here
+/// and held for the stream's life.
 pub async fn events(c: Call<'_>) -> Answer {
     let since = parse::events_query(c.query)?;
     let api = c.api;
@@ -188,6 +210,7 @@ pub async fn events(c: Call<'_>) -> Answer {
     ))
 }
 
+/// `GET /health`.
 pub async fn health(c: Call<'_>) -> Answer {
     let health = c.core().health();
     let body = wire::HealthBody {
@@ -197,6 +220,7 @@ pub async fn health(c: Call<'_>) -> Answer {
     Ok(respond::json(StatusCode::OK, &body))
 }
 
+/// `GET /openapi.yaml`: the spec compiled into the binary.
 pub async fn openapi(_: Call<'_>) -> Answer {
     Ok(respond::bytes(
         StatusCode::OK,
@@ -205,6 +229,7 @@ pub async fn openapi(_: Call<'_>) -> Answer {
     ))
 }
 
+/// `GET /metrics`: OpenMetrics when `Accept` asks for it, else Prometheus text.
 pub async fn metrics(c: Call<'_>) -> Answer {
     let accept = c.accept.and_then(|a| a.to_str().ok());
     let openmetrics = crate::metrics::wants_openmetrics(accept);

@@ -17,13 +17,17 @@ use crate::engine::Step;
 use crate::error::{CoreError, ResetCheck};
 use crate::registry::store::StoreError;
 
+/// What a request can fail with; [`status_and_code`] maps each to its status
+/// and stable code.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    /// The core's refusal; status and code from the core's variant.
     #[error(transparent)]
     Core(#[from] CoreError),
     /// No route's path template matches the path.
     #[error("no such endpoint: {path}{}", listener_note(.listener_serves))]
     NoSuchEndpoint {
+        /// The path as sent, for the message.
         path: String,
         /// On a listener that serves only some routes: which.
         listener_serves: Option<String>,
@@ -31,22 +35,31 @@ pub enum ApiError {
     /// A template matches the path, but none with this method.
     #[error("{method} is not allowed on {path}; allowed: {allow}")]
     MethodNotAllowed {
+        /// The method as sent.
         method: String,
+        /// The path as sent.
         path: String,
         /// The methods the path has, as the `Allow` header lists them.
         allow: String,
     },
+    /// 413 `body_too_large`; the limit in bytes.
     #[error("request body is larger than {0} bytes")]
     BodyTooLarge(usize),
+    /// 408 `request_timeout`: a slow client may not hold a connection open; the
+    /// limit that passed.
     #[error("the request body did not arrive within {} s", .0.as_secs())]
     BodyTimeout(Duration),
     /// Not HTTP/1.1 as hyper reads it, or a body that broke off.
     #[error("{0}")]
     Malformed(String),
+    /// 431 `header_too_large`; the limit in bytes.
     #[error("the request head is larger than {0} bytes")]
     HeaderTooLarge(usize),
+    /// 400 `invalid_json`: the body does not parse as JSON; the parser's
+    /// message.
     #[error("{0}")]
     InvalidJson(String),
+    /// 400 `invalid_query`: an unknown or malformed query parameter.
     #[error("{0}")]
     InvalidQuery(String),
     /// The core takes typed addresses: only a request's text can be wrong.
@@ -70,12 +83,18 @@ fn listener_note(serves: &Option<String>) -> String {
 /// Every error body: `{"code", "message"}` plus optional detail.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ErrorBody {
+    /// Stable, machine-readable; clients switch on it, never on `message`.
     pub code: Cow<'static, str>,
+    /// For people; wording may change.
     pub message: String,
+    /// The engine step a failed move stopped at.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub step: Option<Step>,
+    /// The OS errno of a failed write, when there was one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub errno: Option<i32>,
+    /// For `iommu_group_conflict` and `reset_scope_conflict`: the functions in
+    /// the way.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conflicting_functions: Vec<ConflictingFunction>,
     /// After a reset: the check that failed.
@@ -86,9 +105,12 @@ pub struct ErrorBody {
     pub holders: Vec<crate::pci::holders::Holder>,
 }
 
+/// A function that blocks a bind or reset of its group or bus.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ConflictingFunction {
+    /// Domain:bus:device.function.
     pub pci_address: String,
+    /// Its driver, for a group conflict (absent when it has none).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub driver: Option<String>,
     /// Why a reset may not touch it.
@@ -113,6 +135,8 @@ impl ErrorBody {
 const ENOSPC: i32 = 28;
 const EDQUOT: i32 = 122;
 
+/// The one mapping from error to HTTP status and stable code; tests pin every
+/// pair.
 pub fn status_and_code(e: &ApiError) -> (StatusCode, &'static str) {
     use ApiError::*;
     match e {
@@ -184,6 +208,7 @@ fn core_status_and_code(e: &CoreError) -> (StatusCode, &'static str) {
     }
 }
 
+/// The status and the JSON body, with the structured detail the error carries.
 pub fn to_body(e: &ApiError) -> (StatusCode, ErrorBody) {
     let (status, code) = status_and_code(e);
     let mut body = ErrorBody::new(code, e.to_string());

@@ -120,9 +120,13 @@ pub fn fit_to_descriptors(configured: Limits) -> Limits {
     limits
 }
 
+/// What one uid holds now, checked against [`Limits`] on each new connection or
+/// stream.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Held {
+    /// Open API connections.
     pub connections: usize,
+    /// Open `GET /events` streams (each also holds a connection).
     pub event_streams: usize,
 }
 
@@ -148,6 +152,8 @@ pub struct Accounting {
 }
 
 impl Accounting {
+    /// Behind an `Arc`: every connection of an [`Api`](super::Api) counts
+    /// in the same one.
     pub fn new(limits: Limits) -> Arc<Accounting> {
         Arc::new(Accounting {
             limits,

@@ -62,6 +62,8 @@ struct SharedFiltered {
     bytes: usize,
 }
 
+/// The device list serialised once per registry version, so a busy `GET
+/// /devices` costs no serialisation while nothing changes.
 #[derive(Default)]
 pub struct ListCache {
     current: Mutex<Option<Arc<ListVersion>>>,

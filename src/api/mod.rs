@@ -39,10 +39,13 @@ use respond::ResponseBody;
 use routes::{Listener, Matched};
 pub use server::{serve, serve_metrics};
 
+/// Largest request body read, in bytes; requests are small JSON objects.
 pub const MAX_BODY: usize = 64 * 1024;
 /// A request body of at most [`MAX_BODY`] from a local process arrives in
 /// microseconds; one that takes this long is stalled or malicious.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The spec served at `/openapi.yaml`, compiled in so it always matches the
+/// binary's routes.
 pub const OPENAPI_YAML: &str = include_str!("openapi.yaml");
 /// The newest event's sequence number when a list was taken, so a client
 /// can follow `GET /events?since=` without a gap.
@@ -66,6 +69,8 @@ pub struct Api {
 }
 
 impl Api {
+    /// Default limits and timeouts; `shutdown` ends listeners, connections and
+    /// event streams.
     pub fn new(core: Arc<Core>, policy: AccessPolicy, shutdown: CancellationToken) -> Api {
         Api {
             core,

@@ -88,6 +88,7 @@ fn tags_field(map: &Map<String, Value>) -> Result<Option<Tags>, CoreError> {
     }
 }
 
+/// A path or body address; a bad one is 400 `invalid_pci_address`, not a 404.
 pub fn pci_address(s: &str) -> Result<PciAddress, ApiError> {
     s.parse()
         .map_err(|e: crate::pci::InvalidPciAddress| ApiError::InvalidPciAddress(e.to_string()))

@@ -7,15 +7,22 @@ use std::os::fd::AsRawFd;
 
 use nix::libc;
 
+/// The caller's credentials as the kernel recorded them at `connect()`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
+    /// Effective uid; root and the daemon's own uid may mutate.
     pub uid: u32,
+    /// Primary gid; counts for the mutation group like `groups`.
     pub gid: u32,
+    /// 0 when the kernel could not say (a peer in another pid namespace).
     pub pid: i32,
+    /// Supplementary groups; empty if `SO_PEERGROUPS` failed, so only `gid`
+    /// counts then.
     pub groups: Vec<u32>,
 }
 
 impl Peer {
+    /// Reads both socket options; fails only if `SO_PEERCRED` does.
     pub fn of(stream: &tokio::net::UnixStream) -> std::io::Result<Peer> {
         let cred = stream.peer_cred()?;
         Ok(Peer {
@@ -73,11 +80,15 @@ fn peer_groups(fd: i32) -> Vec<u32> {
 /// or membership of the configured group.
 #[derive(Debug, Clone)]
 pub struct AccessPolicy {
+    /// Members of this group may mutate (the socket's group); `None`: root and
+    /// `owner_uid` only.
     pub group_gid: Option<u32>,
+    /// The daemon's own uid, which may always mutate.
     pub owner_uid: u32,
 }
 
 impl AccessPolicy {
+    /// Whether `peer` may call a route that changes something.
     pub fn may_mutate(&self, peer: &Peer) -> bool {
         peer.uid == 0
             || peer.uid == self.owner_uid

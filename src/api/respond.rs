@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use super::error::{self, ApiError};
 
+/// One body type for every answer, from a fixed buffer to the event stream.
 pub type ResponseBody = BoxBody<Bytes, Infallible>;
 
 /// `body` whole, with its content type.

@@ -42,19 +42,28 @@ pub enum Listener {
     Metrics,
 }
 
+/// What a handler returns: boxed so the route table can hold plain `fn`
+/// pointers.
 pub type Handled<'a> =
     Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, ApiError>> + Send + 'a>>;
+/// One endpoint's code; borrowed call data lives as long as the request.
 pub type Handler = for<'a> fn(Call<'a>) -> Handled<'a>;
 
+/// One row of [`ROUTES`]: how a method and path template reach a handler, and
+/// who may call it.
 pub struct Route {
+    /// The HTTP method in upper case, as hyper spells it.
     pub method: &'static str,
     /// The path, with `{id_or_name}` for the device segment.
     pub template: &'static str,
+    /// Who may call it, and over which listener.
     pub access: Access,
+    /// The handler function.
     pub handler: Handler,
 }
 
 impl Route {
+    /// Whether it needs the mutation policy (and a read body).
     pub fn changes(&self) -> bool {
         self.access == Access::Change
     }
@@ -108,7 +117,9 @@ pub const UNMATCHED: &str = "unmatched";
 /// a template without one).
 #[derive(Debug)]
 pub struct Matched {
+    /// The matched row.
     pub route: &'static Route,
+    /// The `{id_or_name}` segment, percent-decoded.
     pub id: String,
 }
 

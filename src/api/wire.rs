@@ -16,43 +16,74 @@ use crate::pci::holders::Holder;
 use crate::pci::{is_vfio_driver, DeviceType, PciAddress, PciFunction, PciIds};
 use crate::registry::{DeviceRecord, Health as DeviceHealth, LastReset, PendingOp, ResetResult};
 
+/// A registered device as `GET /devices` shows it: hypeman's fields, then
+/// vfiod's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Device<'a> {
+    /// Generated at registration; stable across renames.
     pub id: Cow<'a, str>,
+    /// Unique; usable wherever an id is.
     pub name: Cow<'a, str>,
+    /// `gpu` or `pci`, derived from the class code.
     #[serde(rename = "type")]
     pub kind: DeviceType,
+    /// Domain:bus:device.function, as sysfs names it.
     pub pci_address: PciAddress,
+    /// Four lower-case hex digits, no `0x` (hypeman's form).
     pub vendor_id: String,
+    /// Four lower-case hex digits, no `0x`.
     pub device_id: String,
     /// -1 when the device has no IOMMU group (IOMMU off).
     pub iommu_group: i64,
+    /// On a vfio driver now, whether or not vfiod put it there.
     pub bound_to_vfio: bool,
+    /// The instance holding it; null when detached.
     pub attached_to: Option<Cow<'a, str>>,
+    /// Registration time, RFC 3339 UTC to the second.
     pub created_at: String,
+    /// The caller's labels, in key order.
     pub tags: Cow<'a, BTreeMap<String, String>>,
     // Extensions.
+    /// False while unplugged; the record stays.
     pub present: bool,
+    /// Null when the function has no driver or is absent.
     pub current_driver: Option<Cow<'a, str>>,
+    /// Where a release gives it back; null if it had no driver or was on vfio
+    /// when registered.
     pub original_driver: Option<Cow<'a, str>>,
+    /// vfiod owes it a give-back; false for a device found already on vfio.
     pub bound_by_vfiod: bool,
+    /// From `pci.ids`; null when the host's database lacks it.
     pub vendor_name: Option<Cow<'a, str>>,
+    /// From `pci.ids`; null when the host's database lacks it.
     pub device_name: Option<Cow<'a, str>>,
+    /// 24-bit class code, six hex digits.
     pub class: String,
+    /// Four hex digits; tells apart boards that share a chip.
     pub subsystem_vendor_id: String,
+    /// Four hex digits.
     pub subsystem_device_id: String,
+    /// Left out unless a move is recorded and unfinished (a crash, or one in
+    /// flight).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pending: Option<Pending>,
+    /// A sysfs write for it is hung in the kernel; moves are refused until it
+    /// returns.
     pub stuck: bool,
+    /// A different device answers at the address now; delete and re-register.
     pub identity_mismatch: bool,
+    /// Functions moved with it by `with_group`; left out when none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub group_companions: Vec<PciAddress>,
     /// The uid the attachment opens the VFIO nodes to; null when detached.
     pub attached_uid: Option<u32>,
     /// The VMM process whose exit ends the attachment, if one was named.
     pub attached_pid: Option<u32>,
+    /// `ok`, `needs_reset`, `quarantined` or `needs_host_reboot`.
     pub health: DeviceHealth,
+    /// Why health is not `ok`; null when it is.
     pub health_reason: Option<Cow<'a, str>>,
+    /// Null until vfiod has reset it once.
     pub last_reset: Option<LastResetWire<'a>>,
     /// The device's own reset method order (PATCH), or null for the
     /// kernel's.
@@ -63,16 +94,24 @@ pub struct Device<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Pending {
+    /// Moving to vfio.
     Bind,
+    /// Giving back to the original driver.
     Unbind,
+    /// A reset, possibly with `reset_method` changed for it.
     Reset,
 }
 
+/// The last reset as sent: the time as an RFC 3339 string.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LastResetWire<'a> {
+    /// The method asked for (`auto` or a kernel method name).
     pub method: Cow<'a, str>,
+    /// RFC 3339 UTC with milliseconds.
     pub at: String,
+    /// `ok`, `failed` or `timeout`.
     pub result: ResetResult,
+    /// Milliseconds the reset took.
     pub duration_ms: u64,
 }
 
@@ -96,6 +135,8 @@ fn hex6(v: u32) -> String {
 }
 
 impl<'a> Device<'a> {
+    /// Borrows from the record; only the hex strings and timestamps are built.
+    /// `ids` supplies the names.
     pub fn new(d: &'a DeviceRecord, ids: &'a PciIds) -> Device<'a> {
         let borrowed = |s: &'a Option<String>| s.as_deref().map(Cow::Borrowed);
         Device {
@@ -137,30 +178,41 @@ impl<'a> Device<'a> {
     }
 }
 
+/// A function of `GET /devices/available`: any PCI function on the host,
+/// registered or not.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AvailableDevice<'a> {
+    /// Domain:bus:device.function.
     pub pci_address: PciAddress,
+    /// Four lower-case hex digits, no `0x`.
     pub vendor_id: String,
+    /// Four lower-case hex digits, no `0x`.
     pub device_id: String,
     /// Left out, not `null`, when `pci.ids` has no name: hypeman's schema
     /// has these as optional strings that are never null.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vendor_name: Option<Cow<'a, str>>,
+    /// Left out, not `null`, when `pci.ids` has no name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device_name: Option<Cow<'a, str>>,
     /// -1 when the device has no IOMMU group.
     pub iommu_group: i64,
+    /// Null when no driver is bound.
     pub current_driver: Option<Cow<'a, str>>,
     // Extensions.
+    /// `gpu` or `pci`, derived from the class code.
     #[serde(rename = "type")]
     pub kind: DeviceType,
+    /// 24-bit class code, six hex digits.
     pub class: String,
+    /// On a vfio driver now.
     pub bound_to_vfio: bool,
     /// The registered device's id, if any.
     pub registered_id: Option<Cow<'a, str>>,
 }
 
 impl<'a> AvailableDevice<'a> {
+    /// `registered_id` is the record at this address, if there is one.
     pub fn new(f: &'a PciFunction, ids: &'a PciIds, registered_id: Option<&'a str>) -> Self {
         AvailableDevice {
             pci_address: f.address,
@@ -187,8 +239,11 @@ impl<'a> AvailableDevice<'a> {
     deserialize = "Plan: Deserialize<'de> + Clone"
 ))]
 pub struct DryRun<'a, Plan: Clone = BindPlan> {
+    /// Always true: says the answer is a plan, not a result.
     pub dry_run: bool,
+    /// The device as it is now, before the plan.
     pub device: Device<'a>,
+    /// What would be done, step by step.
     pub plan: Cow<'a, Plan>,
 }
 
@@ -196,6 +251,7 @@ pub struct DryRun<'a, Plan: Clone = BindPlan> {
 pub type ResetDryRun<'a> = DryRun<'a, ResetPlan>;
 
 impl<'a, Plan: Clone> DryRun<'a, Plan> {
+    /// Marks the answer `dry_run: true`.
     pub fn new(device: Device<'a>, plan: &'a Plan) -> Self {
         DryRun {
             dry_run: true,
@@ -205,9 +261,12 @@ impl<'a, Plan: Clone> DryRun<'a, Plan> {
     }
 }
 
+/// `GET /health`: a status plus the daemon's facts flattened beside it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HealthBody<'a> {
+    /// Always `ok`: the daemon answered; the fields beside it say what works.
     pub status: Cow<'a, str>,
+    /// Version, uptime, VFIO and IOMMU availability, flattened into the body.
     #[serde(flatten)]
     pub health: Cow<'a, Health>,
 }
@@ -215,9 +274,13 @@ pub struct HealthBody<'a> {
 /// `GET /devices/{id_or_name}/holders`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Holders<'a> {
+    /// The registered device's id.
     pub id: Cow<'a, str>,
+    /// The registered device's name.
     pub name: Cow<'a, str>,
+    /// The device's address; holders may sit on group companions.
     pub pci_address: PciAddress,
+    /// Empty when nothing holds it or its group.
     pub holders: Cow<'a, [Holder]>,
 }
 

@@ -21,7 +21,7 @@ use tokio::io::unix::AsyncFd;
 use super::operation::{ensure_fit, OpContext, Operation};
 use super::release::Release;
 use super::{AttachRequest, BindRequest, Caller, Core};
-use crate::crashpoint::{self, StepKind};
+use crate::crashpoint::{self, Stage, StepKind};
 use crate::error::CoreError;
 use crate::events::EventKind;
 use crate::pci::{is_vfio_driver, vfio_access, PciAddress};
@@ -230,15 +230,22 @@ impl Core {
         why: String,
     ) -> Result<DeviceRecord, CoreError> {
         let addr = record.pci_address;
-        if let Err(e) = self.revoke_grant(record).await {
-            // The attachment still ends: keeping a VM's label on a device
-            // because a node could not be changed helps nobody. Say so.
-            tracing::error!(device = %addr, error = %e, "could not revoke the VFIO node grant");
-        }
+        // The end is on disk before the grant is taken back, as an attach
+        // records before it grants: a crash in between leaves an entry no
+        // record explains, which startup revokes. The other order restarted
+        // into a live attachment whose grant was gone, or, with a failed
+        // revoke, recorded no attachment over a tenant's entry.
         let device = self
             .update_device(addr, |d| d.attachment = None)
             .await?
             .unwrap_or_else(|| record.clone());
+        if let Err(e) = self.revoke_grant(record).await {
+            // The attachment still ends: keeping a VM's label on a device
+            // because a node could not be changed helps nobody. The entry
+            // is taken back as soon as the node lets it.
+            tracing::error!(device = %addr, error = %e, "could not revoke the VFIO node grant; trying again");
+            self.revoke_later(record.clone());
+        }
         ctx.publish(
             ctx.event(kind, &device)
                 .instance(record.attached_to().map(str::to_owned))
@@ -268,6 +275,41 @@ impl Core {
         self.release(ctx, record, how).await
     }
 
+    /// Takes an ended attachment's grant back in the background (group
+    /// lock held for each try), unless the device is attached to that uid
+    /// again meanwhile. Tries for about 6 s; after that the next start
+    /// revokes it (`revoke_unexplained_grants`).
+    fn revoke_later(&self, ended: DeviceRecord) {
+        let Some(core) = self.me.upgrade() else {
+            return;
+        };
+        self.operations.spawn(async move {
+            let addr = ended.pci_address;
+            for attempt in 1..=REVOKE_ATTEMPTS {
+                tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+                let lock = core.op_lock(Self::lock_key(&ended));
+                let _group = lock.lock().await;
+                let again = core.snapshot().iter().any(|d| {
+                    d.attachment.is_some()
+                        && d.attached_uid() == ended.attached_uid()
+                        && d.iommu_group == ended.iommu_group
+                });
+                if again {
+                    return;
+                }
+                match core.revoke_grant(&ended).await {
+                    Ok(()) => {
+                        tracing::info!(device = %addr, attempt, "revoked the VFIO node grant of an ended attachment");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::error!(device = %addr, error = %e, attempt, "could not revoke the VFIO node grant")
+                    }
+                }
+            }
+        });
+    }
+
     /// Ends the attachment when its VMM exits. Waiting for the exit is not
     /// an operation (shutdown does not wait for a VM); ending it is.
     fn follow_vmm(&self, addr: PciAddress, process: AttachedProcess, uid: u32) {
@@ -280,11 +322,25 @@ impl Core {
                 tracing::warn!(device = %addr, pid = process.pid, error = %e, "cannot follow the VMM with a pidfd; checking whether it still runs");
             }
             let why = format!("VMM pid {} (uid {uid}) exited", process.pid);
-            core.execute_in_background(Operation::EndAttachment {
-                address: addr,
-                process,
-                why,
-            });
+            // An end the state file refused is tried again shortly: the VMM
+            // is gone all the same, and an attachment nobody holds should
+            // not wait for a restart.
+            for attempt in 1..=VMM_EXIT_ATTEMPTS {
+                let op = Operation::EndAttachment {
+                    address: addr,
+                    process,
+                    why: why.clone(),
+                };
+                let _ = core.execute(Caller::AGENT, op).await;
+                let still_attached = core
+                    .snapshot()
+                    .get_by_address(&addr)
+                    .is_some_and(|d| d.attached_pid() == Some(process));
+                if !still_attached {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+            }
         });
     }
 
@@ -412,6 +468,13 @@ impl Core {
     }
 }
 
+/// Tries to record the end of an exited VMM's attachment, 100 ms apart
+/// more each time.
+const VMM_EXIT_ATTEMPTS: u64 = 10;
+
+/// Tries of [`Core::revoke_later`], 100 ms apart more each time.
+const REVOKE_ATTEMPTS: u64 = 10;
+
 #[derive(Debug, Clone, Copy)]
 enum NodeChange {
     Grant,
@@ -431,11 +494,20 @@ async fn change_nodes(
     };
     tokio::task::spawn_blocking(move || {
         nodes.iter().try_for_each(|node| {
-            let applied = apply(node, uid);
-            crashpoint::step(
-                StepKind::Acl,
-                format_args!("{what} {} to uid {uid}", node.display()),
-            );
+            let step = crashpoint::begin(StepKind::Acl);
+            let applied = match step.injected(Stage::Write) {
+                Some(source) => Err(crate::path_error::PathError {
+                    op: "change ACL of",
+                    path: node.clone(),
+                    source,
+                }),
+                None => apply(node, uid),
+            };
+            step.made(format_args!(
+                "{what} {} to uid {uid}{}",
+                node.display(),
+                if applied.is_err() { " (failed)" } else { "" }
+            ));
             applied
         })
     })

@@ -3,7 +3,7 @@
 //! Concurrency model:
 //! - Readers take an `Arc` snapshot of the registry and never wait for disk
 //!   or hardware.
-//! - Mutations of the registry go through [`Core::commit`]: one at a time
+//! - Mutations of the registry go through `Core::commit`: one at a time
 //!   (an async mutex), applied to a copy, saved durably, and only then made
 //!   visible. A failed save changes nothing, so an acknowledged change is
 //!   always on disk and an unacknowledged one never shows.
@@ -14,9 +14,9 @@
 //! - Hotplug and driver events arrive through [`Core::handle_hotplug`],
 //!   from the udev watcher or anything else that produces them.
 //!
-//! Every change is an [`Operation`], run by one executor ([`operation`]:
+//! Every change is an [`Operation`], run by one executor (`operation`:
 //! the task, the lock, the log, the metric, the events). One file per
-//! stage of a device's life: [`types`] (requests validated at the edge),
+//! stage of a device's life: `types` (requests validated at the edge),
 //! `registry_ops` (register, rename, unregister), `moves` (binding to vfio
 //! and giving back, and settling slow writes), `attach` (attachments and
 //! their grants), `reset` (reset, its scope check, device health and
@@ -59,7 +59,10 @@ use crate::pci::VFIO_PCI;
 /// mutation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caller {
+    /// From `SO_PEERCRED`; decides who may attach for whom.
     pub uid: u32,
+    /// From `SO_PEERCRED`; logged with each mutation, never trusted for access
+    /// (a pid can be reused).
     pub pid: i32,
 }
 
@@ -84,13 +87,25 @@ impl Caller {
 /// Operational facts for `GET /health`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Health {
+    /// The crate version of the running binary.
     pub version: Cow<'static, str>,
+    /// Seconds since the core started.
     pub uptime_s: u64,
+    /// `vfio-pci` is loaded now (its driver directory exists); binds may still
+    /// load it.
     pub vfio_pci_available: bool,
+    /// The kernel has IOMMU groups; without them no device can be passed
+    /// through.
     pub iommu_enabled: bool,
+    /// The daemon may write sysfs and chown nodes; false refuses every driver move
+    /// with `not_privileged`.
     pub privileged: bool,
+    /// Records in the registry, companions not counted.
     pub registered_devices: usize,
+    /// Where uevents come from (`udev`, `kernel (no udevd running)`, `fifo
+    /// PATH`, `off`); `none` before the watcher starts.
     pub hotplug: String,
+    /// The `pci.ids` file names come from; `None` when none was found.
     pub pci_ids: Option<String>,
     /// The newest event's sequence number: `GET /events?since=` with it
     /// follows the stream from this moment without a gap.
@@ -101,9 +116,12 @@ pub struct Health {
     pub vfio_container_usable_by_all: bool,
 }
 
+/// The settings the core acts on, taken from [`crate::config`].
 #[derive(Debug, Clone)]
 pub struct CoreOptions {
+    /// `modprobe vfio-pci` when a bind needs it and it is not loaded.
     pub load_modules: bool,
+    /// Take back a device another actor moves off vfio while vfiod holds it.
     pub reclaim: bool,
     /// Whether this process may write to the hardware (root, or a fake
     /// tree in tests).
@@ -128,6 +146,8 @@ enum LockKey {
     Device(PciAddress),
 }
 
+/// The one owner of the registry and of every driver move; see the module docs
+/// for the locking.
 pub struct Core {
     engine: Engine,
     ids: Arc<PciIds>,
@@ -145,6 +165,8 @@ pub struct Core {
     /// task of the daemon (see [`Core::owned`]).
     operations: TaskTracker,
     udev_rule_written: Mutex<Option<String>>,
+    /// A resync after a failed commit is scheduled (`resync_later`).
+    resync_scheduled: std::sync::atomic::AtomicBool,
 }
 
 impl Core {
@@ -161,6 +183,7 @@ impl Core {
             me: me.clone(),
             operations: TaskTracker::new(),
             udev_rule_written: Mutex::new(None),
+            resync_scheduled: std::sync::atomic::AtomicBool::new(false),
             engine,
             ids: Arc::new(ids),
             store: Arc::new(store),
@@ -174,18 +197,23 @@ impl Core {
         }))
     }
 
+    /// The sysfs tree the engine acts on.
     pub fn sysfs(&self) -> &Sysfs {
         self.engine.sysfs()
     }
 
+    /// Vendor and device names for display.
     pub fn ids(&self) -> &PciIds {
         &self.ids
     }
 
+    /// The bus every operation and hotplug event publishes to.
     pub fn events(&self) -> &EventBus {
         &self.events
     }
 
+    /// The registry as last committed: readers never wait for a writer, and
+    /// never see an unsaved version.
     pub fn snapshot(&self) -> Arc<Registry> {
         self.registry
             .read()
@@ -193,6 +221,7 @@ impl Core {
             .clone()
     }
 
+    /// Records where uevents come from, for `GET /health`.
     pub fn set_hotplug_source(&self, source: &str) {
         *self
             .hotplug_source
@@ -236,9 +265,17 @@ impl Core {
         let next = Arc::new(next);
         let store = self.store.clone();
         let to_save = next.clone();
-        tokio::task::spawn_blocking(move || store.save(&to_save))
+        let saved = tokio::task::spawn_blocking(move || store.save(&to_save))
             .await
-            .map_err(|e| CoreError::Internal(format!("state writer: {e}")))??;
+            .map_err(|e| CoreError::Internal(format!("state writer: {e}")))?;
+        if let Err(e) = saved {
+            // Whatever this commit was to record (a move's outcome, a
+            // device leaving the bus) is not recorded; the hardware may
+            // have changed all the same. Bring the registry back in line
+            // with it once the disk takes writes again.
+            self.resync_later();
+            return Err(e.into());
+        }
         *self.registry.write().unwrap_or_else(|p| p.into_inner()) = next.clone();
         self.sync_udev_rule(&next).await;
         Ok(())
@@ -390,6 +427,7 @@ impl Core {
 
     // ---- reads ----
 
+    /// By id, then by name; `NotFound` otherwise.
     pub fn get(&self, id_or_name: &str) -> Result<DeviceRecord, CoreError> {
         self.resolve(id_or_name)
     }
@@ -408,6 +446,7 @@ impl Core {
             .collect())
     }
 
+    /// Facts for `GET /health`, read fresh from sysfs on each call.
     pub fn health(&self) -> Health {
         let sysfs = self.sysfs();
         Health {

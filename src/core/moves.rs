@@ -232,13 +232,32 @@ impl Core {
         tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, group = plan.iommu_group, moves = plan.moves.len(), "binding {addr} to {} for {caller} ({} function(s) in IOMMU group {})", plan.vfio_driver, plan.moves.len(), plan.iommu_group);
         // The intent and the drivers to restore are on disk before any write.
         let device_from = plan.moves[0].from.clone();
-        let companions: Vec<Companion> = plan.moves[1..]
+        let mut companions: Vec<Companion> = plan.moves[1..]
             .iter()
             .map(|m| Companion {
                 pci_address: m.pci_address,
                 original_driver: m.from.clone(),
             })
             .collect();
+        // A companion vfiod moved earlier and that is still on vfio needs
+        // no move now (a rebind after the device's re-plug), but is still
+        // vfiod's to give back: dropping it from the record would leave it
+        // on vfio for good.
+        let sysfs = self.sysfs();
+        companions.extend(
+            record
+                .companions()
+                .iter()
+                .filter(|c| !companions.iter().any(|n| n.pci_address == c.pci_address))
+                .filter(|c| {
+                    sysfs
+                        .driver(&c.pci_address)
+                        .as_deref()
+                        .is_some_and(is_vfio_driver)
+                })
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
         let vfio = plan.vfio_driver.clone();
         self.update_device(addr, |d| {
             d.pending = Some(PendingOp::Bind {
@@ -273,14 +292,24 @@ impl Core {
         match result {
             Ok(()) => {
                 let vfio = plan.vfio_driver.clone();
+                // Read, not assumed: the device may have left the bus since
+                // its move (its remove uevent is then already recorded).
+                let present = self.sysfs().is_present(&addr);
                 let device = self
                     .update_device(addr, |d| {
                         d.binding = Some(bound(d.pending.take(), vfio));
                         d.current_driver = current.clone();
-                        d.present = true;
+                        d.present = present;
                     })
                     .await?
                     .unwrap_or_else(|| record.clone());
+                // Pulled and re-plugged while it moved, it came back on its
+                // native driver; its add found it not vfiod's yet (this
+                // bind had not recorded it), so nothing else puts it back.
+                if present && !current.as_deref().is_some_and(is_vfio_driver) {
+                    tracing::warn!(device = %addr, driver = ?current, "the device came back on another driver while it was being bound; binding it again");
+                    self.spawn_rebind(device.clone());
+                }
                 let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
                 metrics::record_move(OpKind::Bind.as_str(), MoveResult::Ok, started.elapsed());
                 tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, driver = ?current, elapsed_ms, "bound {addr} to {} for {caller} in {elapsed_ms:.1} ms", current.as_deref().unwrap_or("no driver"));
@@ -472,6 +501,28 @@ impl Core {
         });
     }
 
+    /// A write of a settling move that timed out in its turn: the device is
+    /// stuck again, keeps its pending operation, and is settled once more
+    /// when that write returns. Recording the move as finished or rolled
+    /// back would be a guess while the kernel still holds the device (a
+    /// host under load can take longer than the op timeout for a write that
+    /// does return). True if so.
+    async fn stuck_again(&self, addr: PciAddress, error: &mut EngineError) -> bool {
+        let Some(late) = error.take_late_write() else {
+            return false;
+        };
+        tracing::warn!(device = %addr, error = %error, "settling the unfinished operation timed out in its turn; settling again when the kernel returns");
+        self.watch_late_write(addr, late);
+        let current = self.sysfs().driver(&addr);
+        let _ = self
+            .update_device(addr, |d| {
+                d.stuck = true;
+                d.current_driver = current;
+            })
+            .await;
+        true
+    }
+
     /// The settle operation: a device whose write was stuck is unstuck, and
     /// the operation recorded as pending is finished.
     pub(super) async fn settle_device(&self, ctx: &OpContext<'_>, record: &DeviceRecord) {
@@ -535,7 +586,12 @@ impl Core {
                 let group = self.sysfs().iommu_group(&addr).unwrap_or(u32::MAX);
                 let mut moves = restore_moves(record);
                 moves[0].to = Some(vfio_driver.clone());
-                let result = self.engine.to_vfio(&moves, group).await;
+                let mut result = self.engine.to_vfio(&moves, group).await;
+                if let Err(failure) = &mut result {
+                    if self.stuck_again(addr, &mut failure.error).await {
+                        return;
+                    }
+                }
                 let current = self.sysfs().driver(&addr);
                 let ok = result.is_ok();
                 if let Err(f) = &result {
@@ -560,7 +616,12 @@ impl Core {
                 if record.attachment.is_some() {
                     return;
                 }
-                let result = self.engine.restore(&restore_moves(record)).await;
+                let mut result = self.engine.restore(&restore_moves(record)).await;
+                if let Err(error) = &mut result {
+                    if self.stuck_again(addr, error).await {
+                        return;
+                    }
+                }
                 let current = self.sysfs().driver(&addr);
                 if let Err(e) = &result {
                     tracing::error!(device = %addr, error = %e, "could not finish the recorded unbind");

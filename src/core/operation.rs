@@ -33,13 +33,21 @@ use crate::registry::{AttachedProcess, DeviceRecord, Health};
 /// What an operation is, for logs, metrics and error messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum OpKind {
+    /// `POST /devices`.
     Register,
+    /// `PATCH /devices/{id}`.
     Update,
+    /// `DELETE /devices/{id}`.
     Delete,
+    /// `POST /devices/{id}/bind`.
     Bind,
+    /// `POST /devices/{id}/unbind`.
     Unbind,
+    /// `POST /devices/{id}/attach`.
     Attach,
+    /// `POST /devices/{id}/detach`.
     Detach,
+    /// `POST /devices/{id}/reset`.
     Reset,
     /// vfiod's own: finishing an operation a crash or a stuck write left
     /// unfinished.
@@ -52,6 +60,8 @@ pub enum OpKind {
 }
 
 impl OpKind {
+    /// The `op` label of the metrics and the log; stable, as dashboards key on
+    /// it.
     pub fn as_str(self) -> &'static str {
         match self {
             OpKind::Register => "register",
@@ -79,42 +89,72 @@ impl std::fmt::Display for OpKind {
 /// vfiod's own operations name the device by address.
 #[derive(Debug, Clone)]
 pub enum Operation {
+    /// Set a function aside; no driver is touched.
     Register(RegisterRequest),
+    /// Rename, retag or set the reset order.
     Update {
+        /// Id or name as the caller gave it.
         device: String,
+        /// The fields to change.
         req: UpdateRequest,
     },
+    /// Unregister, giving back a driver vfiod took.
     Delete {
+        /// Id or name as the caller gave it.
         device: String,
     },
+    /// Move the device (and with `with_group` its group) to vfio.
     Bind {
+        /// Id or name as the caller gave it.
         device: String,
+        /// Group, dry-run and force options.
         req: BindRequest,
     },
+    /// Give the device back to its original driver.
     Unbind {
+        /// Id or name as the caller gave it.
         device: String,
     },
+    /// Hand the device to an instance, binding it first if needed.
     Attach {
+        /// Id or name as the caller gave it.
         device: String,
+        /// Instance, uid and pid.
         req: AttachRequest,
     },
+    /// End the attachment.
     Detach {
+        /// Id or name as the caller gave it.
         device: String,
+        /// Stay on vfio afterwards instead of going back to the original
+        /// driver.
         keep_bound: bool,
     },
+    /// Reset the device (and whatever the method's scope takes with it).
     Reset {
+        /// Id or name as the caller gave it.
         device: String,
+        /// Method and dry-run.
         req: ResetRequest,
     },
+    /// Finish or undo a recorded move after a crash or a stuck write returning.
     Settle {
+        /// The registered device's address.
         address: PciAddress,
     },
+    /// Put a device vfiod holds back on vfio.
     Rebind {
+        /// The registered device's address.
         address: PciAddress,
     },
+    /// Detach because the followed VMM exited.
     EndAttachment {
+        /// The registered device's address.
         address: PciAddress,
+        /// The process that exited; a newer attachment (another pid or start
+        /// time) is left alone.
         process: AttachedProcess,
+        /// Why it ended (for the log).
         why: String,
     },
 }
@@ -133,6 +173,7 @@ pub(super) enum Lock<'a> {
 }
 
 impl Operation {
+    /// For logs and metrics, without the request's payload.
     pub fn kind(&self) -> OpKind {
         match self {
             Operation::Register(_) => OpKind::Register,
@@ -189,7 +230,11 @@ pub enum Outcome {
     Device(DeviceRecord),
     /// The device is no longer registered.
     Deleted,
+    /// The device on vfio, with the plan that got it there (or would, on dry
+    /// run).
     Bound(BindOutcome),
+    /// The device after the reset, with the plan (or just the plan, on dry
+    /// run).
     Reset(ResetOutcome),
     /// vfiod's own operation found nothing to do (the device went away or
     /// no longer needs it).

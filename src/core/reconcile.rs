@@ -10,16 +10,28 @@ use crate::events::{Event, EventKind};
 use crate::pci::{is_vfio_driver, PciAddress};
 use crate::registry::DeviceRecord;
 
+/// Passes of [`Core::resync_later`], 100 ms apart more each time.
+const RESYNC_ATTEMPTS: u64 = 10;
+
 /// What a hotplug or driver uevent says happened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HotplugEvent {
+    /// A function appeared: rescan it, and put a returning registered device
+    /// back on vfio.
     Add(PciAddress),
+    /// A function went away: its record stays, marked not present.
     Remove(PciAddress),
+    /// A driver took a function.
     Bind {
+        /// The function bound.
         address: PciAddress,
+        /// The uevent's `DRIVER`; `None` if it had none (then sysfs is read).
         driver: Option<String>,
     },
+    /// A function lost its driver.
     Unbind(PciAddress),
+    /// Attributes changed (e.g. after a driver reload): handled like `Add`, a
+    /// rescan of the function.
     Change(PciAddress),
 }
 
@@ -131,6 +143,82 @@ impl Core {
         Ok(())
     }
 
+    /// After a commit failed: in the background, brings every device's
+    /// record back in line with the bus as a restart would (presence,
+    /// driver, an operation left pending, a device vfiod holds put back on
+    /// vfio), each under its group's lock, until a pass records all of it
+    /// (about 6 s of tries; after that the next start does it).
+    pub(super) fn resync_later(&self) {
+        use std::sync::atomic::Ordering;
+        let Some(core) = self.me.upgrade() else {
+            return;
+        };
+        if self.resync_scheduled.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.operations.spawn(async move {
+            for attempt in 1..=RESYNC_ATTEMPTS {
+                tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+                if core.resync().await {
+                    tracing::info!(
+                        attempt,
+                        "the registry is in line with the bus again after a failed commit"
+                    );
+                    break;
+                }
+            }
+            core.resync_scheduled.store(false, Ordering::SeqCst);
+        });
+    }
+
+    /// One pass of [`Core::resync_later`]; true if nothing is left to do.
+    async fn resync(&self) -> bool {
+        let mut done = true;
+        let addrs: Vec<PciAddress> = self.snapshot().iter().map(|d| d.pci_address).collect();
+        for addr in addrs {
+            let Some(record) = self.snapshot().get_by_address(&addr).cloned() else {
+                continue;
+            };
+            let lock = self.op_lock(Self::lock_key(&record));
+            let group = lock.lock().await;
+            let Some(record) = self.snapshot().get_by_address(&addr).cloned() else {
+                continue;
+            };
+            if record.stuck {
+                // The stuck write's return settles it.
+                continue;
+            }
+            let present = self.sysfs().is_present(&addr);
+            let driver = self.sysfs().driver(&addr);
+            let Ok(Some(record)) = self
+                .update_device(addr, |d| {
+                    d.present = present;
+                    d.current_driver = driver.clone();
+                })
+                .await
+            else {
+                done = false;
+                continue;
+            };
+            drop(group);
+            if record.pending.is_some() {
+                self.run_own(Operation::Settle { address: addr }).await;
+            }
+            let Some(record) = self.snapshot().get_by_address(&addr).cloned() else {
+                continue;
+            };
+            if record.pending.is_some() && record.present {
+                done = false;
+            } else if record.pending.is_none()
+                && self.wants_vfio(&record)
+                && !record.bound_to_vfio()
+            {
+                self.run_own(Operation::Rebind { address: addr }).await;
+            }
+        }
+        done
+    }
+
     fn wants_vfio(&self, record: &DeviceRecord) -> bool {
         record.present
             && !record.identity_mismatch
@@ -170,12 +258,14 @@ impl Core {
     }
 
     /// Rebinds in the background so the event loop keeps up with the bus.
-    fn spawn_rebind(&self, record: DeviceRecord) {
+    pub(super) fn spawn_rebind(&self, record: DeviceRecord) {
         self.execute_in_background(Operation::Rebind {
             address: record.pci_address,
         });
     }
 
+    /// Applies one uevent to the registry and publishes the matching event;
+    /// never fails, a lost event is repaired by the next reconcile.
     pub async fn handle_hotplug(&self, event: HotplugEvent) {
         crate::metrics::record_hotplug(event.action());
         match event {
@@ -252,8 +342,17 @@ impl Core {
                     self.spawn_rebind(device);
                 }
             }
-            HotplugEvent::Bind { address, driver } => {
-                let driver = driver.or_else(|| self.sysfs().driver(&address));
+            HotplugEvent::Bind {
+                address,
+                driver: said,
+            } => {
+                // A uevent is history: read by the time it is handled, the
+                // device may have moved on (vfiod took it to vfio after the
+                // kernel's own probe). sysfs says where it is now.
+                let driver = self.sysfs().driver(&address);
+                if said.is_some() && said != driver {
+                    tracing::debug!(device = %address, uevent = ?said, now = ?driver, "a bind uevent older than the device's driver");
+                }
                 let device = self
                     .update_device(address, |d| d.current_driver = driver.clone())
                     .await
@@ -283,8 +382,9 @@ impl Core {
                 }
             }
             HotplugEvent::Unbind(addr) => {
+                let driver = self.sysfs().driver(&addr);
                 let device = self
-                    .update_device(addr, |d| d.current_driver = None)
+                    .update_device(addr, |d| d.current_driver = driver.clone())
                     .await
                     .ok()
                     .flatten();

@@ -78,8 +78,28 @@ impl Core {
     ) -> Result<(), CoreError> {
         let caller = ctx.caller;
         ensure_not_attached(record)?;
-        self.release(ctx, record, Release::give_back("delete"))
+        let record = self
+            .release(ctx, record, Release::give_back("delete"))
             .await?;
+        if record.bound_by_vfiod() && !record.present && !record.companions().is_empty() {
+            // Off the bus itself, its group's other functions vfiod moved
+            // with it are not: they go back to their drivers now, or the
+            // record that holds them stays. Forgotten, they would stay on
+            // vfio with vfiod's override for good.
+            let sysfs = self.sysfs();
+            let moves: Vec<_> = super::moves::restore_moves(&record)
+                .into_iter()
+                .skip(1)
+                .filter(|m| sysfs.is_present(&m.pci_address))
+                .collect();
+            if !moves.is_empty() {
+                self.require_privileged()?;
+                self.engine
+                    .restore(&moves)
+                    .await
+                    .map_err(|e| CoreError::move_failed("delete", record.pci_address, e, None))?;
+            }
+        }
         let addr = record.pci_address;
         self.commit(|reg| {
             reg.remove(&addr);
@@ -87,7 +107,7 @@ impl Core {
         })
         .await?;
         tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, id = %record.id, "unregistered {addr} ({}) for {caller}", record.name);
-        ctx.publish(ctx.event(EventKind::Unregistered, record));
+        ctx.publish(ctx.event(EventKind::Unregistered, &record));
         Ok(())
     }
 }

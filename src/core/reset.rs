@@ -8,7 +8,7 @@
 //! parent bridge and everything below it), not from VFIO's hot-reset info:
 //! that needs a device fd, and getting one takes the group exclusively
 //! (a VMM starting then would get EBUSY) and makes vfio-pci reset the
-//! function on open. The real-kernel scenario `r` checks that both give
+//! function on open. The real-kernel scenario `resets` checks that both give
 //! the same functions (behind a root port, and behind a PCIe-to-PCI
 //! bridge). A reset is refused (409
 //! `reset_scope_conflict`) when its scope holds a function outside the

@@ -21,6 +21,8 @@ pub const MAX_NAME: usize = 255;
 pub struct DeviceName(pub(crate) String);
 
 impl DeviceName {
+    /// Refuses, with a message naming the rule, anything hypeman would refuse,
+    /// and `available`.
     pub fn parse(s: &str) -> Result<DeviceName, CoreError> {
         let mut chars = s.chars();
         let valid = s.len() >= 2
@@ -41,14 +43,18 @@ impl DeviceName {
         Ok(DeviceName(s.to_owned()))
     }
 
+    /// The validated name, for the registry.
     pub fn as_str(&self) -> &str {
         &self.0
     }
 }
 
 // hypeman's Tags schema, so that tags registered here are valid there too.
+/// Most tags on one device (hypeman's limit).
 pub const MAX_TAGS: usize = 50;
+/// Longest tag key, in bytes (hypeman's limit).
 pub const MAX_TAG_KEY: usize = 128;
+/// Longest tag value, in bytes; empty values are allowed.
 pub const MAX_TAG_VALUE: usize = 256;
 
 /// The characters hypeman allows in tag keys and values:
@@ -63,6 +69,8 @@ fn is_tag_char(c: char) -> bool {
 pub struct Tags(BTreeMap<String, String>);
 
 impl Tags {
+    /// Refuses the whole map on the first bad key or value; the message names
+    /// it.
     pub fn parse(map: BTreeMap<String, String>) -> Result<Tags, CoreError> {
         if map.len() > MAX_TAGS {
             return Err(CoreError::InvalidTags(format!(
@@ -88,6 +96,7 @@ impl Tags {
         Ok(Tags(map))
     }
 
+    /// The map for the registry record.
     pub fn into_inner(self) -> BTreeMap<String, String> {
         self.0
     }
@@ -98,6 +107,8 @@ impl Tags {
 pub struct InstanceId(pub(crate) String);
 
 impl InstanceId {
+    /// Refuses empty, over-long, or control-character ids, which would garble
+    /// logs and events.
     pub fn parse(s: &str) -> Result<InstanceId, CoreError> {
         if s.is_empty() || s.chars().count() > 256 || s.chars().any(char::is_control) {
             return Err(CoreError::InvalidRequest(
@@ -112,21 +123,33 @@ impl InstanceId {
 /// runs as (default: the caller's), and the VMM's pid to follow.
 #[derive(Debug, Clone)]
 pub struct AttachRequest {
+    /// Opaque to vfiod; the caller's handle for the VM.
     pub instance: InstanceId,
+    /// The uid to chown the VFIO nodes to; `None`: the caller's own (only root
+    /// may name another).
     pub uid: Option<u32>,
+    /// The VMM's pid, whose exit detaches the device; `None`: attached until
+    /// detached.
     pub pid: Option<u32>,
 }
 
+/// `POST /devices`: a function to set aside for passthrough.
 #[derive(Debug, Clone)]
 pub struct RegisterRequest {
+    /// Must be a function present on the host.
     pub pci_address: PciAddress,
+    /// `None`: named after the address (`PciAddress::default_name`).
     pub name: Option<DeviceName>,
+    /// Empty when none are given.
     pub tags: Tags,
 }
 
+/// `PATCH /devices/{id_or_name}`: each `None` field is left as it is.
 #[derive(Debug, Clone, Default)]
 pub struct UpdateRequest {
+    /// A new unique name.
     pub name: Option<DeviceName>,
+    /// Replaces the whole tag map, not merged.
     pub tags: Option<Tags>,
     /// `Some(None)`: back to the kernel's order.
     pub reset_method: Option<Option<Vec<ResetMethod>>>,
@@ -138,15 +161,23 @@ pub enum ResetMethod {
     /// The kernel's order for the function (or the device's own list).
     #[default]
     Auto,
+    /// A device-specific quirk in the kernel.
     DeviceSpecific,
+    /// The ACPI `_RST` method.
     Acpi,
+    /// PCIe Function Level Reset: this function only.
     Flr,
+    /// Advanced Features FLR, for conventional PCI functions.
     AfFlr,
+    /// D3hot and back to D0; offered only where the function does not advertise
+    /// No_Soft_Reset.
     Pm,
+    /// Secondary bus reset at the bridge above: resets every function below it.
     Bus,
 }
 
 impl ResetMethod {
+    /// The kernel's methods, in the kernel's default order of preference.
     pub const KERNEL: [ResetMethod; 6] = [
         ResetMethod::DeviceSpecific,
         ResetMethod::Acpi,
@@ -156,6 +187,7 @@ impl ResetMethod {
         ResetMethod::Bus,
     ];
 
+    /// The spelling in sysfs `reset_method` and on the wire.
     pub fn as_str(self) -> &'static str {
         match self {
             ResetMethod::Auto => "auto",
@@ -168,6 +200,7 @@ impl ResetMethod {
         }
     }
 
+    /// Accepts exactly the names [`ResetMethod::as_str`] gives.
     pub fn parse(s: &str) -> Result<ResetMethod, CoreError> {
         std::iter::once(ResetMethod::Auto)
             .chain(ResetMethod::KERNEL)
@@ -181,17 +214,24 @@ impl ResetMethod {
     }
 }
 
+/// `POST /devices/{id_or_name}/reset`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ResetRequest {
+    /// `Auto` leaves the order to the kernel (or the device's PATCHed list).
     pub method: ResetMethod,
+    /// Answer the plan and change nothing.
     pub dry_run: bool,
 }
 
 /// One function a reset touches.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScopeFunction {
+    /// Its address.
     pub pci_address: PciAddress,
+    /// Its driver now; a function on a host driver in scope of a bus reset may
+    /// refuse the reset.
     pub driver: Option<String>,
+    /// `None` when the IOMMU is off.
     pub iommu_group: Option<u32>,
 }
 
@@ -210,15 +250,22 @@ pub struct ResetPlan {
     pub steps: Vec<String>,
 }
 
+/// A reset done: the record after it and the plan it followed.
 #[derive(Debug, Clone)]
 pub struct ResetOutcome {
+    /// The record with the reset's outcome in `health`.
     pub device: DeviceRecord,
+    /// What was done.
     pub plan: ResetPlan,
 }
 
+/// `POST /devices/{id_or_name}/bind`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BindRequest {
+    /// Move the group's other functions to vfio too; without it, a group with
+    /// functions on other drivers is refused.
     pub with_group: bool,
+    /// Answer the plan and change nothing.
     pub dry_run: bool,
     /// Take a network interface that is in use (up with an address or a
     /// route) off its driver anyway.
@@ -228,7 +275,9 @@ pub struct BindRequest {
 /// What a bind does or would do.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BindPlan {
+    /// The driver the device goes to (vfio-pci or a variant driver for it).
     pub vfio_driver: String,
+    /// Its group: `/dev/vfio/N` is the node the VMM opens.
     pub iommu_group: u32,
     /// Every function that moves, the device first; `from` is the driver it
     /// leaves (and gets back on unbind).
@@ -243,8 +292,11 @@ pub struct BindPlan {
     pub already_bound: bool,
 }
 
+/// A bind done: the record after it and the plan it followed.
 #[derive(Debug, Clone)]
 pub struct BindOutcome {
+    /// The record with its binding.
     pub device: DeviceRecord,
+    /// What was done.
     pub plan: BindPlan,
 }

@@ -15,13 +15,17 @@ pub struct PciAddress {
     function: u8,
 }
 
+/// Text that is not `DDDD:BB:DD.F` in hex.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid PCI address {input:?}: expected DDDD:BB:DD.F in hex, e.g. 0000:a2:00.0")]
 pub struct InvalidPciAddress {
+    /// What was given, for the message.
     pub input: String,
 }
 
 impl PciAddress {
+    /// `None` when `device` is 32 or more or `function` 8 or more: PCI has 5
+    /// and 3 bits for them.
     pub fn new(domain: u16, bus: u8, device: u8, function: u8) -> Option<Self> {
         (device < 32 && function < 8).then_some(Self {
             domain,

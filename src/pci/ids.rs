@@ -11,6 +11,8 @@ pub const DEFAULT_LOCATIONS: &[&str] = &[
     "/usr/share/pci.ids",
 ];
 
+/// Vendor and device names from the `pci.ids` database, for display only; an
+/// empty one when the host has none.
 #[derive(Debug, Default)]
 pub struct PciIds {
     vendors: HashMap<u16, Vendor>,
@@ -38,6 +40,7 @@ impl PciIds {
             .unwrap_or_default()
     }
 
+    /// The file the names came from; `None` when none was found.
     pub fn source(&self) -> Option<&Path> {
         self.source.as_deref()
     }
@@ -84,10 +87,12 @@ impl PciIds {
         }
     }
 
+    /// `None` when the database lacks the vendor.
     pub fn vendor_name(&self, vendor: u16) -> Option<&str> {
         self.vendors.get(&vendor).map(|v| v.name.as_str())
     }
 
+    /// `None` when the database lacks the vendor or device.
     pub fn device_name(&self, vendor: u16, device: u16) -> Option<&str> {
         self.vendors
             .get(&vendor)?

@@ -28,6 +28,8 @@ const ACCELERATOR_VENDORS: &[u16] = &[
     0x10ee, // Xilinx/AMD FPGA accelerators
 ];
 
+/// Class 03h subclass 00h (VGA) or 02h (3D controller); other display
+/// subclasses (XGA, 80h "other") count as `pci`.
 pub fn is_gpu_class(class: u32) -> bool {
     matches!(class >> 8, 0x0300 | 0x0302)
 }
@@ -37,11 +39,14 @@ pub fn is_gpu_class(class: u32) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeviceType {
+    /// A VGA or 3D controller.
     Gpu,
+    /// Any other function.
     Pci,
 }
 
 impl DeviceType {
+    /// The wire and metrics spelling.
     pub fn as_str(self) -> &'static str {
         match self {
             DeviceType::Gpu => "gpu",

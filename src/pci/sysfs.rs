@@ -17,15 +17,24 @@ use super::PciAddress;
 /// What sysfs says about one PCI function right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PciFunction {
+    /// The directory name under `bus/pci/devices`.
     pub address: PciAddress,
+    /// sysfs `vendor`.
     pub vendor_id: u16,
+    /// sysfs `device`.
     pub device_id: u16,
+    /// sysfs `subsystem_vendor`: the board maker, where `vendor` is the chip's.
     pub subsystem_vendor_id: u16,
+    /// sysfs `subsystem_device`.
     pub subsystem_device_id: u16,
     /// 24-bit class code: base class, subclass, programming interface.
     pub class: u32,
+    /// The `driver` link's target name; `None` when unbound.
     pub driver: Option<String>,
+    /// The `iommu_group` link's number; `None` when the IOMMU is off.
     pub iommu_group: Option<u32>,
+    /// sysfs `modalias`, which variant vfio drivers are matched against; `None`
+    /// if unreadable.
     pub modalias: Option<String>,
 }
 
@@ -128,6 +137,8 @@ pub(super) fn link_name(path: &Path) -> Option<String> {
 }
 
 impl Sysfs {
+    /// `root` stands for `/sys` and `devfs` for `/dev`; tests pass a fake tree
+    /// for both.
     pub fn new(root: impl Into<PathBuf>, devfs: impl Into<PathBuf>) -> Self {
         Sysfs {
             root: root.into(),
@@ -135,10 +146,12 @@ impl Sysfs {
         }
     }
 
+    /// The tree standing for `/sys`.
     pub fn root(&self) -> &Path {
         &self.root
     }
 
+    /// The tree standing for `/dev`, where `vfio/N` nodes appear.
     pub fn devfs(&self) -> &Path {
         &self.devfs
     }
@@ -151,26 +164,35 @@ impl Sysfs {
             .unwrap_or(false)
     }
 
+    /// `bus/pci/devices/ADDR`: a symlink into the device tree, whose real path
+    /// shows the topology.
     pub fn device_dir(&self, addr: &PciAddress) -> PathBuf {
         self.root.join("bus/pci/devices").join(addr.to_string())
     }
 
+    /// `bus/pci/drivers/NAME`: exists exactly while the driver is loaded.
     pub fn driver_dir(&self, driver: &str) -> PathBuf {
         self.root.join("bus/pci/drivers").join(driver)
     }
 
+    /// Writing an address here makes the kernel probe drivers for it, honouring
+    /// `driver_override`.
     pub fn drivers_probe_path(&self) -> PathBuf {
         self.root.join("bus/pci/drivers_probe")
     }
 
+    /// While set, only the named driver may bind the function.
     pub fn driver_override_path(&self, addr: &PciAddress) -> PathBuf {
         self.device_dir(addr).join("driver_override")
     }
 
+    /// Writing `1` resets the function; the write returns when the reset is
+    /// done.
     pub fn reset_path(&self, addr: &PciAddress) -> PathBuf {
         self.device_dir(addr).join("reset")
     }
 
+    /// The methods `reset` tries, in order; absent when the function has none.
     pub fn reset_method_path(&self, addr: &PciAddress) -> PathBuf {
         self.device_dir(addr).join("reset_method")
     }
@@ -255,29 +277,36 @@ impl Sysfs {
         Ok(Some(found))
     }
 
+    /// `/dev/vfio/N` under the devfs root: what a VMM opens for group `N`.
     pub fn vfio_group_node(&self, group: u32) -> PathBuf {
         self.devfs.join("vfio").join(group.to_string())
     }
 
+    /// Whether the function is on the bus now (its directory exists).
     pub fn is_present(&self, addr: &PciAddress) -> bool {
         self.device_dir(addr).exists()
     }
 
+    /// The bound driver's name; `None` when unbound or absent.
     pub fn driver(&self, addr: &PciAddress) -> Option<String> {
         link_name(&self.device_dir(addr).join("driver"))
     }
 
+    /// `None` when the IOMMU is off or the function is absent.
     pub fn iommu_group(&self, addr: &PciAddress) -> Option<u32> {
         link_name(&self.device_dir(addr).join("iommu_group"))?
             .parse()
             .ok()
     }
 
+    /// `None` when unset; the kernel shows an unset override as `(null)`.
     pub fn driver_override(&self, addr: &PciAddress) -> Option<String> {
         let value = read_trimmed(&self.driver_override_path(addr)).ok()?;
         (!value.is_empty() && value != "(null)").then_some(value)
     }
 
+    /// Whether the driver's module is loaded (its directory under
+    /// `bus/pci/drivers` exists).
     pub fn driver_loaded(&self, driver: &str) -> bool {
         self.driver_dir(driver).is_dir()
     }

@@ -9,6 +9,8 @@ use std::path::Path;
 
 use super::VFIO_PCI_MODULE;
 
+/// The `vfio_pci:` aliases of `modules.alias`: which vendor variant vfio
+/// drivers claim which devices.
 #[derive(Debug, Default, Clone)]
 pub struct VfioAliases {
     /// (pattern after `vfio_pci:`, module name)
@@ -23,6 +25,8 @@ impl VfioAliases {
             .unwrap_or_default()
     }
 
+    /// Parses `modules.alias` text; lines that are not `vfio_pci:` aliases are
+    /// ignored.
     pub fn parse(text: &str) -> VfioAliases {
         let entries = text
             .lines()

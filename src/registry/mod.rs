@@ -17,14 +17,19 @@ use crate::pci::{is_vfio_driver, PciAddress};
 /// they share its IOMMU group (`with_group`); restored with it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Companion {
+    /// The companion's own address; it has no record of its own.
     pub pci_address: PciAddress,
+    /// The driver to give it back to; `None` if it had none.
     pub original_driver: Option<String>,
 }
 
 /// The process an attachment follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttachedProcess {
+    /// The VMM's pid; alone it could name a later process that reused it.
     pub pid: u32,
+    /// Field 22 of `/proc/PID/stat` (clock ticks since boot): with `pid`, names
+    /// one process for good.
     pub start_time: u64,
 }
 
@@ -37,16 +42,22 @@ pub enum PendingOp {
     /// A move to vfio: the functions it takes along and the consoles it
     /// releases are recorded with it, so that a crash can be undone.
     Bind {
+        /// The vfio driver being bound (vfio-pci or a variant driver).
         vfio_driver: String,
+        /// Group functions moved with it, with the drivers to give back.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         companions: Vec<Companion>,
+        /// `vtconN` consoles unbound so the framebuffer lets go.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         released_consoles: Vec<String>,
     },
+    /// A give-back to the original driver; the record's `original_driver` says
+    /// where to.
     Unbind,
     /// A reset; `restore_reset_method` is the kernel's `reset_method` list
     /// to put back if vfiod changed it to select a method.
     Reset {
+        /// `None`: vfiod left the kernel's `reset_method` alone.
         #[serde(default)]
         restore_reset_method: Option<String>,
     },
@@ -56,6 +67,7 @@ pub enum PendingOp {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Health {
+    /// Fit to be handed out; no reason recorded.
     #[default]
     Ok,
     /// Released (or a reset failed) and not reset successfully since: it is
@@ -70,6 +82,7 @@ pub enum Health {
 }
 
 impl Health {
+    /// The wire and metrics spelling, as serde writes it.
     pub fn as_str(self) -> &'static str {
         match self {
             Health::Ok => "ok",
@@ -80,10 +93,13 @@ impl Health {
     }
 }
 
+/// How the last reset ended, as shown in `last_reset.result`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ResetResult {
+    /// The reset went through.
     Ok,
+    /// The reset was refused or failed; counts in `reset_failures`.
     Failed,
     /// The write did not return in time; the device was marked stuck.
     Timeout,
@@ -101,8 +117,11 @@ impl std::fmt::Display for ResetResult {
 pub struct LastReset {
     /// The method asked for (`auto` or a kernel method name).
     pub method: String,
+    /// When the reset returned (UTC).
     pub at: DateTime<Utc>,
+    /// How it ended.
     pub result: ResetResult,
+    /// Wall time of the engine's reset, in milliseconds.
     pub duration_ms: u64,
 }
 
@@ -126,6 +145,7 @@ pub struct Binding {
 /// The device is handed to one instance: there exactly while it is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attachment {
+    /// The caller's instance id, opaque to vfiod; `InUse` errors name it.
     pub instance: String,
     /// The uid the attachment grants the VFIO nodes to (the VMM's user);
     /// `None` only in records from before grants existed.
@@ -141,11 +161,13 @@ pub struct Attachment {
 /// How fit the device is to be handed out, with why, and its resets.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthRecord {
+    /// `Ok` unless a reset is owed or failed; gates attach and bind.
     #[serde(default)]
     pub state: Health,
     /// Why it is not `ok` (none when it is).
     #[serde(default)]
     pub reason: Option<String>,
+    /// `None` until vfiod first resets the device.
     #[serde(default)]
     pub last_reset: Option<LastReset>,
     /// Failed resets since the last successful one.
@@ -167,31 +189,48 @@ impl HealthRecord {
 /// vfiod without the driver to give it back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceRecord {
+    /// Stable id given at registration, never reused; unique in the registry.
     pub id: String,
+    /// Operator-chosen, unique, changeable with PATCH; `resolve` tries it after
+    /// the id.
     pub name: String,
+    /// Unique key of the registry: one record per function.
     pub pci_address: PciAddress,
+    /// From config space at registration; with the three below, the identity
+    /// checked when the address reappears.
     pub vendor_id: u16,
+    /// From config space at registration.
     pub device_id: u16,
+    /// Tells apart boards that share a chip.
     pub subsystem_vendor_id: u16,
+    /// Tells apart boards that share a chip.
     pub subsystem_device_id: u16,
+    /// 24-bit class code (class, subclass, prog-if), as in sysfs `class`.
     pub class: u32,
+    /// `None` when the IOMMU is off; such a device cannot go to vfio.
     pub iommu_group: Option<u32>,
+    /// Registration time (UTC); never changed afterwards.
     pub created_at: DateTime<Utc>,
+    /// The caller's labels; checked by `core::types` before they get here.
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
     /// The driver to give the device back to; recorded before a bind.
     #[serde(default)]
     pub original_driver: Option<String>,
+    /// Present exactly while vfiod owes the device a give-back.
     #[serde(default)]
     pub binding: Option<Binding>,
+    /// Present exactly while the device is handed to an instance.
     #[serde(default)]
     pub attachment: Option<Attachment>,
+    /// A move written down before it started; startup finishes or undoes it.
     #[serde(default)]
     pub pending: Option<PendingOp>,
     /// Last observed state of the hardware; refreshed from sysfs at startup
     /// and by hotplug and driver events.
     #[serde(default)]
     pub present: bool,
+    /// The driver sysfs showed last; `None` when unbound or absent.
     #[serde(default)]
     pub current_driver: Option<String>,
     /// A sysfs write for this device timed out in the kernel; vfiod does not
@@ -201,6 +240,7 @@ pub struct DeviceRecord {
     /// Something else answered at this address after a hot-unplug.
     #[serde(default)]
     pub identity_mismatch: bool,
+    /// Reset bookkeeping; persisted so that quarantine survives restarts.
     #[serde(default)]
     pub health: HealthRecord,
     /// The operator's reset method order for this device (`PATCH
@@ -252,6 +292,8 @@ impl DeviceRecord {
             && self.subsystem_device_id == f.subsystem_device_id
     }
 
+    /// On a vfio driver now, whoever put it there (see
+    /// [`DeviceRecord::bound_by_vfiod`]).
     pub fn bound_to_vfio(&self) -> bool {
         self.present && self.current_driver.as_deref().is_some_and(is_vfio_driver)
     }
@@ -310,17 +352,24 @@ pub struct Registry {
     by_name: HashMap<String, PciAddress>,
 }
 
+/// Why a record cannot go in: each of id, name and address is unique.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryConflict {
+    /// Another device has the name.
     #[error("name {0:?} is already taken")]
     Name(String),
+    /// The function is already registered (under whatever name).
     #[error("PCI address {0} is already registered")]
     Address(PciAddress),
+    /// Only on loading a hand-edited or corrupt store: ids are generated
+    /// unique.
     #[error("id {0:?} is already taken")]
     Id(String),
 }
 
 impl Registry {
+    /// Rebuilds the indexes from stored records; a duplicate means a corrupt
+    /// store.
     pub fn from_records(
         records: impl IntoIterator<Item = DeviceRecord>,
     ) -> Result<Self, RegistryConflict> {
@@ -331,22 +380,29 @@ impl Registry {
         Ok(registry)
     }
 
+    /// Registered devices, companions not counted.
     pub fn len(&self) -> usize {
         self.devices.len()
     }
 
+    /// No device registered.
     pub fn is_empty(&self) -> bool {
         self.devices.is_empty()
     }
 
+    /// Records in address order, which the device list keeps.
     pub fn iter(&self) -> impl Iterator<Item = &DeviceRecord> {
         self.devices.values()
     }
 
+    /// By the record's own address only; companions are found with
+    /// [`Registry::owner_of`].
     pub fn get_by_address(&self, addr: &PciAddress) -> Option<&DeviceRecord> {
         self.devices.get(addr)
     }
 
+    /// Callers must not change `id`, `name` or `pci_address` through this: the
+    /// indexes would go stale (use `rename`).
     pub fn get_mut_by_address(&mut self, addr: &PciAddress) -> Option<&mut DeviceRecord> {
         self.devices.get_mut(addr)
     }
@@ -360,6 +416,8 @@ impl Registry {
         self.devices.get(addr)
     }
 
+    /// Adds a record, refusing a taken address, name or id; nothing changes on
+    /// refusal.
     pub fn insert(&mut self, record: DeviceRecord) -> Result<(), RegistryConflict> {
         if self.devices.contains_key(&record.pci_address) {
             return Err(RegistryConflict::Address(record.pci_address));
@@ -376,6 +434,7 @@ impl Registry {
         Ok(())
     }
 
+    /// Drops the record and its index entries.
     pub fn remove(&mut self, addr: &PciAddress) -> Option<DeviceRecord> {
         let record = self.devices.remove(addr)?;
         self.by_id.remove(&record.id);
@@ -383,6 +442,8 @@ impl Registry {
         Some(record)
     }
 
+    /// Renames keeping the name index true; renaming to its own name is a
+    /// no-op, an unknown address too.
     pub fn rename(&mut self, addr: &PciAddress, new_name: &str) -> Result<(), RegistryConflict> {
         match self.by_name.get(new_name) {
             Some(owner) if owner == addr => return Ok(()),

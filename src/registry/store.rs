@@ -18,6 +18,7 @@ use nix::fcntl::Flock;
 use serde::{Deserialize, Serialize};
 
 use super::{DeviceRecord, Registry};
+use crate::crashpoint::{self, Stage, StepKind};
 use crate::path_error::PathError;
 
 /// Version 2 splits a record into its parts (binding, attachment,
@@ -25,19 +26,41 @@ use crate::path_error::PathError;
 pub const STATE_VERSION: u32 = 2;
 const STATE_FILE: &str = "state.json";
 
+/// Why the registry could not be loaded or saved; a load error stops startup.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The filesystem refused (read, write, fsync, rename); the path and errno
+    /// are inside.
     #[error(transparent)]
     Io(#[from] PathError),
+    /// The state file does not parse, or holds duplicate ids, names or
+    /// addresses.
     #[error("state file {path} is corrupt ({detail}); refusing to start. Fix or move it away; vfiod never overwrites it")]
-    Corrupt { path: PathBuf, detail: String },
+    Corrupt {
+        /// The state file.
+        path: PathBuf,
+        /// The parser's message or the duplicate found.
+        detail: String,
+    },
+    /// Written by a newer vfiod; this one will not guess at it.
     #[error("state file {path} has version {found}, this vfiod reads version {STATE_VERSION}; refusing to start")]
-    UnknownVersion { path: PathBuf, found: u32 },
+    UnknownVersion {
+        /// The state file.
+        path: PathBuf,
+        /// The version it declares.
+        found: u32,
+    },
+    /// Another vfiod holds the directory's lock; two daemons would overwrite
+    /// each other's registry.
     #[error("state directory {path} is in use by another vfiod (lock held)")]
-    Locked { path: PathBuf },
+    Locked {
+        /// The state directory.
+        path: PathBuf,
+    },
 }
 
 impl StoreError {
+    /// The errno of an I/O failure, to tell a full disk from a broken one.
     pub fn errno(&self) -> Option<i32> {
         match self {
             StoreError::Io(e) => e.errno(),
@@ -62,6 +85,8 @@ struct VersionOnly {
     version: u32,
 }
 
+/// The registry's durable copy: `state.json` in the state directory, held under
+/// an exclusive lock for the process's life.
 pub struct Store {
     dir: PathBuf,
     _lock: Flock<File>,
@@ -88,6 +113,7 @@ impl Store {
         })
     }
 
+    /// The state file's path, for messages.
     pub fn path(&self) -> PathBuf {
         self.dir.join(STATE_FILE)
     }
@@ -131,6 +157,7 @@ impl Store {
         };
         let bytes = serde_json::to_vec_pretty(&state).expect("registry serialises");
         let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
+        let step = crashpoint::begin(StepKind::Commit);
         let result = (|| {
             let mut file = OpenOptions::new()
                 .create(true)
@@ -139,11 +166,13 @@ impl Store {
                 .mode(0o600)
                 .open(&tmp)
                 .map_err(PathError::at("create", &tmp))?;
-            file.write_all(&bytes)
+            step.run(Stage::Write, || file.write_all(&bytes))
                 .map_err(PathError::at("write", &tmp))?;
-            file.sync_all().map_err(PathError::at("fsync", &tmp))?;
+            step.run(Stage::Fsync, || file.sync_all())
+                .map_err(PathError::at("fsync", &tmp))?;
             let path = self.path();
-            fs::rename(&tmp, &path).map_err(PathError::at("rename", &path))?;
+            step.run(Stage::Rename, || fs::rename(&tmp, &path))
+                .map_err(PathError::at("rename", &path))?;
             let dir = File::open(&self.dir).map_err(PathError::at("open", &self.dir))?;
             nix::unistd::fsync(dir.as_fd())
                 .map_err(|e| PathError::at("fsync", &self.dir)(io::Error::from(e)).into())
@@ -151,12 +180,12 @@ impl Store {
         if result.is_err() {
             // A half-written temporary file must not linger on a full disk.
             let _ = fs::remove_file(&tmp);
-        } else {
-            crate::crashpoint::step(
-                crate::crashpoint::StepKind::Commit,
-                format_args!("{} devices", state.devices.len()),
-            );
         }
+        step.made(format_args!(
+            "{} devices{}",
+            state.devices.len(),
+            if result.is_err() { " (failed)" } else { "" }
+        ));
         result
     }
 }

@@ -13,6 +13,10 @@ kernel and initramfs. The harness:
   happens (and QEMU dies with the harness: PR_SET_PDEATHSIG);
 - boots again for the remaining scenarios when one hangs or crashes the guest;
 - prints results and measurements, and the console log on failure.
+
+The machine (`machine_args`, `KERNEL_APPEND`) and one QEMU process with its
+console and QMP (`Guest`) are also what systemd-guest/boot.py boots the
+systemd guest with.
 """
 import argparse
 import ctypes
@@ -56,8 +60,26 @@ DEVICES = [
     # SR-IOV capable NIC (PF with up to 7 VFs), for resets and VFs.
     "-device", "igb,id=igb0,bus=rp9",
 ]
+# Console lines the guest's /init and scenarios mark: "@@KIND REST".
+MARKER = re.compile(r"@@(\S+)\s*(.*)")
 NVME_IMAGE_MIB = 16
 NINEP_SLOT = 0x09
+# Scenario knobs the host may set: VFIOD_VM_<NAME> here is VM_<NAME> in the
+# guest (through vfiodvm.env.VM_<NAME>=VALUE on the kernel command line).
+GUEST_KNOBS = ("REPLUG_ROUNDS", "REPLUG_BUDGET", "ATTACH_KILL_TRIES", "ATTACH_KILL_MAX_US",
+               "ATTACH_KILL_ONGRANT")
+
+
+def guest_env():
+    out = []
+    for knob in GUEST_KNOBS:
+        val = os.environ.get(f"VFIOD_VM_{knob}")
+        if val is None:
+            continue
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", val):
+            raise SystemExit(f"harness: VFIOD_VM_{knob}={val!r}: only letters, digits, '.', '_', '-'")
+        out.append(f"vfiodvm.env.VM_{knob}={val}")
+    return out
 
 
 def log(msg):
@@ -145,25 +167,147 @@ def set_pdeathsig():
     os.setsid()
 
 
+# Kernel command line every guest of the tier starts with.
+KERNEL_APPEND = [
+    "console=ttyS0", "intel_iommu=on", "loglevel=4", "panic=-1",
+    # With interrupt remapping on, the kernel panics when its early check of
+    # the IO-APIC timer misses ticks, which TCG on a busy host does ("timer
+    # doesn't work through Interrupt-remapped IO-APIC"); the timer works,
+    # the check is what fails.
+    "no_timer_check",
+    "8250.nr_uarts=1", "mitigations=off",
+]
+
+
+def machine_args(smp, mem, qmp_path, single_thread=False):
+    """QEMU options for the machine every guest of the tier runs on: q35
+    under TCG with an Intel IOMMU, the serial console on stdio, QMP on
+    QMP_PATH, qboot when QEMU ships it. Devices, kernel and disks are the
+    caller's."""
+    cmd = [
+        # Interrupt remapping (intremap=on, which needs the split irqchip):
+        # without it VFIO_SET_IOMMU fails with EPERM, so nothing could
+        # really use a device on vfio-pci.
+        "-machine", "q35,kernel-irqchip=split",
+        # Single-threaded TCG: slower with 2 vCPUs but stable over hundreds
+        # of driver moves, where multi-threaded TCG once aborted and twice
+        # froze the guest (vm-testing.md).
+        "-accel", "tcg,thread=single" if single_thread else "tcg", "-cpu", "max",
+        "-smp", str(smp), "-m", str(mem),
+        "-nodefaults", "-display", "none", "-no-reboot",
+        "-serial", "stdio",
+        "-qmp", f"unix:{qmp_path},server=on,wait=off",
+        "-device", "intel-iommu,intremap=on",
+    ]
+    # Firmware: qboot when QEMU ships it (the guest reaches init ~4 s
+    # sooner than with SeaBIOS under TCG). With qboot the kernel sizes the
+    # bridge windows and a hot-added bochs-display gets no room for its
+    # 16 MiB BAR (no driver); SeaBIOS honours the ports' pref32-reserve.
+    bios = os.environ.get("VFIOD_VM_BIOS", "qboot")
+    if bios == "qboot":
+        bios = "/usr/share/qemu/qboot.rom" if os.path.exists("/usr/share/qemu/qboot.rom") else "seabios"
+    if bios != "seabios":
+        cmd += ["-bios", bios]
+    return cmd
+
+
+class Guest:
+    """One QEMU process: its console stamped into DIR/console.log, each
+    line that MARKER matches (a compiled regex) queued in `markers` as
+    (monotonic time, *groups), then ("EOF",) when the console closes; QMP
+    on DIR/qmp.sock, its events in DIR/qmp-events.jsonl. QEMU dies with
+    this process (PR_SET_PDEATHSIG) and on stop()."""
+
+    def __init__(self, cmd, dir, marker, name="guest", verbose=False):
+        self.cmd = cmd
+        self.dir = dir
+        self.marker = marker
+        self.name = name
+        self.verbose = verbose
+        self.console_path = os.path.join(dir, "console.log")
+        self.markers = queue.Queue()
+        self.proc = None
+        self.qmp = None
+        self.start_time = None
+
+    @staticmethod
+    def qmp_path(dir):
+        return os.path.join(dir, "qmp.sock")
+
+    def start(self):
+        """Starts QEMU and connects QMP (None if it never answers in 30 s)."""
+        with open(os.path.join(self.dir, "qemu-cmdline.txt"), "w") as f:
+            f.write(" ".join(self.cmd) + "\n")
+        self.start_time = time.monotonic()
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, preexec_fn=set_pdeathsig)
+        threading.Thread(target=self._console_reader, daemon=True).start()
+        try:
+            self.qmp = QMP(self.qmp_path(self.dir), time.monotonic() + 30,
+                           open(os.path.join(self.dir, "qmp-events.jsonl"), "w"))
+        except RuntimeError:
+            self.qmp = None
+
+    def _console_reader(self):
+        with open(self.console_path, "w", buffering=1) as out:
+            for raw in self.proc.stdout:
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                t = time.monotonic() - self.start_time
+                out.write(f"[{t:7.2f}] {line}\n")
+                if self.verbose:
+                    print(f"  {self.name}| {line}", file=sys.stderr, flush=True)
+                m = self.marker.search(line)
+                if m:
+                    self.markers.put((time.monotonic(), *m.groups()))
+        self.markers.put((time.monotonic(), "EOF", ""))
+
+    def exited(self):
+        return self.proc is not None and self.proc.poll() is not None
+
+    def wait_exit(self, timeout):
+        """Whether QEMU exited (by itself) within TIMEOUT seconds."""
+        try:
+            self.proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def stop(self):
+        if self.qmp:
+            self.qmp.close()
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            if not self.wait_exit(5):
+                self.proc.kill()
+                self.proc.wait()
+
+
+def exit_on_signals():
+    """SIGTERM, SIGINT and SIGHUP raise SystemExit, so `finally` blocks
+    stop QEMU."""
+    def on_signal(signum, _frame):
+        raise SystemExit(128 + signum)
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, on_signal)
+
+
 class Boot:
     """One QEMU run for a list of scenarios."""
 
-    def __init__(self, args, scenarios, boot_no):
+    def __init__(self, args, scenarios, boot_no, single_thread=False):
         self.args = args
         self.scenarios = scenarios
+        self.single_thread = single_thread
         self.dir = os.path.join(args.out, f"boot{boot_no}")
         shutil.rmtree(self.dir, ignore_errors=True)
         self.share = os.path.join(self.dir, "share")
         os.makedirs(os.path.join(self.share, "req"))
         os.makedirs(os.path.join(self.share, "out"))
         self.console_path = os.path.join(self.dir, "console.log")
-        self.qmp_path = os.path.join(self.dir, "qmp.sock")
-        self.markers = queue.Queue()
         self.added = []  # ids of hotplugged devices, for "reset"
         self.boot_secs = None
         self.init_uptime = None
-        self.proc = None
-        self.qmp = None
+        self.guest = None
         self.timed_out = None
         # A fresh ext4 image each boot: scenarios mount and write it.
         self.nvme_image = os.path.join(self.dir, "nvme0.img")
@@ -176,40 +320,14 @@ class Boot:
 
     def cmdline(self):
         a = self.args
-        append = " ".join([
-            "console=ttyS0", "intel_iommu=on", "loglevel=4", "panic=-1",
-            # With interrupt remapping on, the kernel panics when its early
-            # check of the IO-APIC timer misses ticks, which TCG on a busy
-            # host does ("timer doesn't work through Interrupt-remapped
-            # IO-APIC"); the timer works, the check is what fails.
-            "no_timer_check",
-            "8250.nr_uarts=1", "mitigations=off", "printk.devkmsg=on",
+        append = " ".join(KERNEL_APPEND + [
+            "printk.devkmsg=on",
             "vfiodvm.guest=1",
             "vfiodvm.scenarios=" + ",".join(self.scenarios),
             f"vfiodvm.rounds={a.rounds}", f"vfiodvm.timeout={a.scenario_timeout}",
-        ])
-        cmd = [
-            "qemu-system-x86_64",
-            # Interrupt remapping (intremap=on, which needs the split irqchip):
-            # without it VFIO_SET_IOMMU fails with EPERM, so nothing could
-            # really use a device on vfio-pci.
-            "-machine", "q35,kernel-irqchip=split", "-accel", "tcg", "-cpu", "max",
-            "-smp", str(a.smp), "-m", str(a.mem),
-            "-nodefaults", "-display", "none", "-no-reboot",
-            "-serial", "stdio",
-            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-            "-device", "intel-iommu,intremap=on",
-            "-kernel", a.kernel, "-initrd", a.initrd, "-append", append,
-        ]
-        # Firmware: qboot when QEMU ships it (the guest reaches init ~4 s
-        # sooner than with SeaBIOS under TCG). With qboot the kernel sizes the
-        # bridge windows and a hot-added bochs-display gets no room for its
-        # 16 MiB BAR (no driver); SeaBIOS honours the ports' pref32-reserve.
-        bios = os.environ.get("VFIOD_VM_BIOS", "qboot")
-        if bios == "qboot":
-            bios = "/usr/share/qemu/qboot.rom" if os.path.exists("/usr/share/qemu/qboot.rom") else "seabios"
-        if bios != "seabios":
-            cmd += ["-bios", bios]
+        ] + guest_env())
+        cmd = ["qemu-system-x86_64"] + machine_args(a.smp, a.mem, Guest.qmp_path(self.dir), self.single_thread)
+        cmd += ["-kernel", a.kernel, "-initrd", a.initrd, "-append", append]
         for i, (qid, slot, dev) in enumerate(ROOT_PORTS, 1):
             # Hotplug ports reserve room for a 16 MiB prefetchable BAR (bochs-display).
             extra = ",pref32-reserve=64M,mem-reserve=8M" if dev.startswith("hp") else ""
@@ -222,19 +340,6 @@ class Boot:
         ]
         return cmd
 
-    def _console_reader(self, start):
-        with open(self.console_path, "w", buffering=1) as out:
-            for raw in self.proc.stdout:
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                t = time.monotonic() - start
-                out.write(f"[{t:7.2f}] {line}\n")
-                if self.args.verbose:
-                    print(f"  guest| {line}", file=sys.stderr, flush=True)
-                m = re.search(r"@@(\S+)\s*(.*)", line)
-                if m:
-                    self.markers.put((time.monotonic(), m.group(1), m.group(2)))
-        self.markers.put((time.monotonic(), "EOF", ""))
-
     def _handle_req(self, path):
         try:
             with open(path) as f:
@@ -246,29 +351,29 @@ class Boot:
         resp = {"ok": False}
         try:
             if cmd == "device_add":
-                r = self.qmp.execute("device_add", args)
+                r = self.guest.qmp.execute("device_add", args)
                 resp = {"ok": "return" in r, "qmp": r}
                 if "return" in r:
                     self.added.append(args["id"])
             elif cmd == "device_del":
-                r = self.qmp.execute("device_del", args)
+                r = self.guest.qmp.execute("device_del", args)
                 resp = {"ok": "return" in r, "qmp": r}
                 if "return" in r:
-                    ev = self.qmp.wait_event("DEVICE_DELETED", lambda e: e.get("data", {}).get("device") == args["id"], 10)
+                    ev = self.guest.qmp.wait_event("DEVICE_DELETED", lambda e: e.get("data", {}).get("device") == args["id"], 10)
                     resp["deleted"] = ev is not None
                     if ev and args["id"] in self.added:
                         self.added.remove(args["id"])
             elif cmd == "reset":
                 gone = []
                 for dev in list(self.added):
-                    r = self.qmp.execute("device_del", {"id": dev})
+                    r = self.guest.qmp.execute("device_del", {"id": dev})
                     if "return" in r:
-                        self.qmp.wait_event("DEVICE_DELETED", lambda e, d=dev: e.get("data", {}).get("device") == d, 20)
+                        self.guest.qmp.wait_event("DEVICE_DELETED", lambda e, d=dev: e.get("data", {}).get("device") == d, 20)
                     gone.append(dev)
                     self.added.remove(dev)
                 resp = {"ok": True, "removed": gone}
             elif cmd == "qmp":
-                r = self.qmp.execute(args["execute"], args.get("arguments"))
+                r = self.guest.qmp.execute(args["execute"], args.get("arguments"))
                 resp = {"ok": "return" in r, "qmp": r}
             else:
                 resp = {"ok": False, "error": f"unknown request {cmd}"}
@@ -282,26 +387,17 @@ class Boot:
         os.rename(tmp, path[:-4] + ".resp")
 
     def run(self):
-        cmd = self.cmdline()
-        with open(os.path.join(self.dir, "qemu-cmdline.txt"), "w") as f:
-            f.write(" ".join(cmd) + "\n")
-        log(f"boot: {' '.join(self.scenarios)}")
-        start = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, preexec_fn=set_pdeathsig)
-        threading.Thread(target=self._console_reader, args=(start,), daemon=True).start()
-        try:
-            self.qmp = QMP(self.qmp_path, time.monotonic() + 30,
-                           open(os.path.join(self.dir, "qmp-events.jsonl"), "w"))
-        except RuntimeError:
-            self.qmp = None
+        log(f"boot: {' '.join(self.scenarios)}{' (single-threaded TCG)' if self.single_thread else ''}")
+        self.guest = Guest(self.cmdline(), self.dir, MARKER, verbose=self.args.verbose)
+        self.guest.start()
+        start = self.guest.start_time
         deadline = start + self.args.boot_timeout
         phase = "boot"
         current = None
         reqdir = os.path.join(self.share, "req")
         while True:
             try:
-                t, kind, rest = self.markers.get(timeout=0.03)
+                t, kind, rest = self.guest.markers.get(timeout=0.03)
                 if kind == "VFIODVM" and rest.startswith("INIT"):
                     self.boot_secs = t - start
                     m = re.search(r"uptime=([\d.]+)", rest)
@@ -328,11 +424,11 @@ class Boot:
                     break
             except queue.Empty:
                 pass
-            if self.qmp:
+            if self.guest.qmp:
                 for name in sorted(os.listdir(reqdir)):
                     if name.endswith(".req"):
                         self._handle_req(os.path.join(reqdir, name))
-            if self.proc.poll() is not None and self.markers.empty():
+            if self.guest.exited() and self.guest.markers.empty():
                 break
             if time.monotonic() > deadline:
                 self.timed_out = (phase, current)
@@ -342,15 +438,8 @@ class Boot:
         return current
 
     def stop(self):
-        if self.qmp:
-            self.qmp.close()
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.guest:
+            self.guest.stop()
 
     def results(self):
         res, metrics, msgs = {}, [], {}
@@ -382,6 +471,8 @@ def main():
     ap.add_argument("--scenario-timeout", type=int, default=int(os.environ.get("VFIOD_VM_SCENARIO_TIMEOUT", 240)))
     ap.add_argument("--tier-start", type=float, default=None)
     ap.add_argument("--gate", default=None, help="only these scenarios decide the exit code")
+    ap.add_argument("--single-thread", default="",
+                    help="these scenarios boot a guest of their own under single-threaded TCG")
     ap.add_argument("--verbose", action="store_true", default=os.environ.get("VFIOD_VM_VERBOSE") == "1")
     args = ap.parse_args()
     args.out = os.path.abspath(args.out)
@@ -389,53 +480,61 @@ def main():
         if old.startswith("boot"):
             shutil.rmtree(os.path.join(args.out, old), ignore_errors=True)
 
-    def on_signal(signum, _frame):
-        raise SystemExit(128 + signum)
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(s, on_signal)
+    exit_on_signals()
 
-    todo = args.scenarios.split()
+    single = set(args.single_thread.split())
+    groups = [(False, [s for s in args.scenarios.split() if s not in single]),
+              (True, [s for s in args.scenarios.split() if s in single])]
     results, metrics, msgs, boots = {}, [], {}, []
     boot_no = 0
     try:
-        while todo:
-            boot_no += 1
-            b = Boot(args, todo, boot_no)
-            boots.append(b)
-            try:
-                hung = b.run()
-            finally:
-                b.stop()
-            res, met, ms = b.results()
-            results.update(res)
-            metrics += met
-            for k, v in ms.items():
-                msgs.setdefault(k, []).extend(v)
-            if b.boot_secs is None:
-                for s in todo:
-                    if s not in results:
-                        results[s] = ("FAIL", "guest did not boot")
-                break
-            rest = [s for s in todo if s not in results]
-            if hung and hung in rest:
-                why = "guest hung (harness timeout)" if b.timed_out else "guest died"
-                results[hung] = ("FAIL", why)
-                rest.remove(hung)
-            elif rest and rest == todo:
-                for s in rest:
-                    results[s] = ("FAIL", "not run (guest stopped early)")
-                break
-            todo = rest
+        for single_thread, todo in groups:
+            boot_no = run_group(args, todo, single_thread, boot_no, results, metrics, msgs, boots)
     finally:
         for b in boots:
             b.stop()
+    report(args, results, metrics, msgs, boots)
 
-    # ---- report ----
-    failed_boots = set()
+
+def run_group(args, todo, single_thread, boot_no, results, metrics, msgs, boots):
+    """Boots for TODO until each has a result (again after a guest hung or
+    died, for the rest); returns the last boot number used."""
+    while todo:
+        boot_no += 1
+        b = Boot(args, todo, boot_no, single_thread)
+        boots.append(b)
+        try:
+            hung = b.run()
+        finally:
+            b.stop()
+        res, met, ms = b.results()
+        results.update(res)
+        metrics += met
+        for k, v in ms.items():
+            msgs.setdefault(k, []).extend(v)
+        if b.boot_secs is None:
+            for s in todo:
+                if s not in results:
+                    results[s] = ("FAIL", "guest did not boot")
+            break
+        rest = [s for s in todo if s not in results]
+        if hung and hung in rest:
+            why = "guest hung (harness timeout)" if b.timed_out else "guest died"
+            results[hung] = ("FAIL", why)
+            rest.remove(hung)
+        elif rest and rest == todo:
+            for s in rest:
+                results[s] = ("FAIL", "not run (guest stopped early)")
+            break
+        todo = rest
+    return boot_no
+
+
+def report(args, results, metrics, msgs, boots):
     print("\n==== vfiod real-kernel tier: results ====")
     for s in args.scenarios.split():
         st, detail = results.get(s, ("FAIL", "no result"))
-        print(f"  {s:<6} {st:<8} {detail}")
+        print(f"  {s:<15} {st:<8} {detail}")
         for m in msgs.get(s, []):
             print(f"         -> {m}")
     print("\n==== measurements ====")

@@ -8,7 +8,7 @@
 #
 # Environment:
 #   VFIOD_VM_SCENARIOS  "all" (default), "enabled" (tests/vm/scenarios.enabled)
-#                       or a list like "raw a b"
+#                       or a list like "raw bind-unbind hotplug"
 #   VFIOD_VM_GATE       "selected" (default: every selected scenario must pass)
 #                       or "enabled" (only failures of scenarios listed in
 #                       scenarios.enabled make the exit code non-zero)
@@ -29,6 +29,10 @@
 #                       names an exact linux-image-*-amd64 package instead
 #   VFIOD_VM_NO_VMM=1   do not put the host's QEMU into the guest (scenarios
 #                       that run a VMM inside the guest then fail)
+#   VFIOD_VM_REPLUG_ROUNDS, VFIOD_VM_REPLUG_BUDGET, VFIOD_VM_ATTACH_KILL_TRIES,
+#   VFIOD_VM_ATTACH_KILL_MAX_US, VFIOD_VM_ATTACH_KILL_ONGRANT
+#                       scenario knobs, passed to the guest as VM_* (see the
+#                       scenario's header and GUEST_KNOBS in harness.py)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -360,13 +364,16 @@ sel=$(for s in $sel; do [ -e "$HERE/guest/scenarios/$s.sh" ] || die "unknown sce
 if [ -n "$VMM_CPIO" ] && (cd "$HERE/guest/scenarios" && for x in $sel; do echo "$x.sh"; done | xargs grep -l -q -e vmm_start -e vmm_spawn); then
     cat "$VMM_CPIO" >>"$OUT/initrd.cpio"
 fi
+# Scenarios that say "# vm-boot: tcg-single" (many driver moves) get a boot
+# of their own under single-threaded TCG.
+single=$(cd "$HERE/guest/scenarios" && for x in $sel; do ! grep -q '^# vm-boot: tcg-single$' "$x.sh" || echo "$x"; done | tr '\n' ' ')
 gate=()
 if [ "${VFIOD_VM_GATE:-selected}" = enabled ]; then
     gate=(--gate "$ENABLED")
 fi
-log "kernel $KPKG $KVER ($(basename "$KERNEL")); scenarios: $sel"
+log "kernel $KPKG $KVER ($(basename "$KERNEL")); scenarios: $sel${single:+(single-threaded TCG: $single)}"
 exec python3 "$HERE/harness.py" \
     --kernel "$KERNEL" --initrd "$OUT/initrd.cpio" --out "$OUT" \
     --scenarios "$sel" --rounds "${VFIOD_VM_ROUNDS:-7}" \
     --smp "${VFIOD_VM_SMP:-2}" --mem "${VFIOD_VM_MEM:-1024}" \
-    --tier-start "$T_START" ${gate[@]+"${gate[@]}"}
+    --single-thread "$single" --tier-start "$T_START" ${gate[@]+"${gate[@]}"}

@@ -16,7 +16,9 @@
 # vfio_iommu_type1, e1000e; depmod) + the oneshot test unit, as an ext4 image
 # (mke2fs -d, no loop mount); a busybox initramfs (virtio_blk, ext4) that
 # switch_roots. Boots with -snapshot. Guest side: systemd-guest/guest-test.sh;
-# QEMU and the console: systemd-guest/boot.py.
+# QEMU and the console: systemd-guest/boot.py, on the machine and with the
+# QEMU/console/QMP code of tests/vm/harness.py (q35, IOMMU with interrupt
+# remapping, qboot).
 #
 # Nothing here writes to this machine's /sys: driver moves happen in the guest
 # only (the guest script refuses to run without /etc/vfiod-sg-guest and

@@ -51,43 +51,69 @@ pub enum Holder {
     /// A process with a descriptor open on (or a mapping of) one of the
     /// function's nodes.
     Process {
+        /// The function whose node it holds (the device or a group companion).
         pci_address: PciAddress,
+        /// The holding process.
         pid: u32,
+        /// `/proc/PID/comm`: the name the kernel shows, at most 15 bytes.
         comm: String,
+        /// The real uid, from `/proc/PID/status`.
         uid: u32,
+        /// The node held, e.g. `/dev/vfio/12` or `/dev/nvme0n1`.
         path: String,
+        /// The systemd unit (`.service` or `.scope`) from its cgroup, to tell
+        /// the operator what to stop; absent outside systemd.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         unit: Option<String>,
     },
     /// A mounted block device (or partition) of the function.
     Mount {
+        /// The function whose block device it is.
         pci_address: PciAddress,
+        /// The kernel's block device name (`nvme0n1p2`).
         device: String,
+        /// Where it is mounted, as the host's mountinfo shows it.
         mount_point: String,
+        /// The filesystem type.
         fstype: String,
     },
     /// A block device (or partition) of the function in use as swap.
     Swap {
+        /// The function whose block device it is.
         pci_address: PciAddress,
+        /// The block device name.
         device: String,
     },
     /// A block device of the function under an md/dm/LVM device.
     BlockStack {
+        /// The function whose block device it is.
         pci_address: PciAddress,
+        /// The block device that is a member.
         device: String,
+        /// The device stacked on it (its `holders/` entry, e.g. `dm-0`,
+        /// `md127`).
         holder: String,
     },
     /// A network interface of the function that is in use.
     NetInterface {
+        /// The function the interface belongs to.
         pci_address: PciAddress,
+        /// The kernel interface name.
         interface: String,
+        /// Its IPv4 and IPv6 addresses; may be empty when routes alone make it
+        /// in use.
         addresses: Vec<String>,
+        /// IPv4 and IPv6 routes through it.
         routes: u32,
     },
     /// The framebuffer console drawn on the function's framebuffer.
     FramebufferConsole {
+        /// The function with the framebuffer.
         pci_address: PciAddress,
+        /// The `vtconN` console bound to the framebuffer; vfiod unbinds it as a
+        /// plan step.
         vtconsole: String,
+        /// The function's framebuffer (`fbN`).
         framebuffer: String,
     },
 }
@@ -161,6 +187,8 @@ pub enum Disposition {
 }
 
 impl Holder {
+    /// The function held, which may be a group companion of the device asked
+    /// about.
     pub fn pci_address(&self) -> PciAddress {
         match self {
             Holder::Process { pci_address, .. }

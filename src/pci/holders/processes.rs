@@ -30,7 +30,7 @@
 //! `fstatat`), and processes are shared out over one thread per CPU (at
 //! most [`MAX_SCAN_THREADS`]). The file formats are [`crate::proc`]'s; only
 //! the reading is done here, the fast way. The benchmark
-//! (`benches/vfiod.rs`, section 5) measures it on a fake `/proc` of 2,000
+//! (`benches/vfiod/main.rs`, section 5) measures it on a fake `/proc` of 2,000
 //! processes with 100 descriptors each: 475 ms of CPU per scan on the
 //! 2-vCPU development VM when quiet (247 ms wall on two threads), 550 to
 //! 650 ms under heavy load (load average 14), of which listing the `fd`

@@ -454,6 +454,34 @@ busy_names_pid() { # PID COMM [JSON]
     printf '%s' "${3:-$ERR}" | jq -e --argjson p "$1" --arg c "$2" \
         '.code == "device_busy" and ([.holders[]? | select(.kind == "process" and .pid == $p and .comm == $c)] | length > 0)' >/dev/null 2>&1
 }
+# --- VFIO node access ---------------------------------------------------------
+# acl_of NODE: the node's ACL entries on one line (no comments).
+acl_of() { getfacl -p -n "$1" 2>/dev/null | grep -v '^#' | grep . | tr '\n' ' '; }
+# uid_can_open UID PATH: 0 if UID opens PATH (read-write), 1 if refused for
+# permissions (EACCES/EPERM), 2 on anything else (OPEN_ERR says what). The
+# opener is killed at once: it must not hold the node past the check.
+uid_can_open() {
+    local f=/tmp/vm.canopen.$$ p rc
+    vmtool runas "$1" "$1" - vmtool hold "$2" >$f 2>&1 &
+    p=$!
+    wait_until 10 eval 'grep -q holding $f || ! kill -0 $p 2>/dev/null'
+    if grep -q holding $f; then
+        kill -9 $p 2>/dev/null
+        wait $p 2>/dev/null
+        return 0
+    fi
+    if kill -0 $p 2>/dev/null; then
+        kill -9 $p 2>/dev/null
+        wait $p 2>/dev/null
+        OPEN_ERR="no answer in 10 s: $(cat $f)"
+        return 2
+    fi
+    wait $p
+    rc=$?
+    OPEN_ERR="rc=$rc $(cat $f)"
+    [ $rc = 13 ] && return 1
+    return 2
+}
 # Kernel pci uevents for ADDR since uevmon_start (one per line; none: empty).
 uevents_of() { grep "/$1\( \|\$\)" $UEVENTS; }
 override_of() { local o; o=$(cat "/sys/bus/pci/devices/$1/driver_override"); [ "$o" = "(null)" ] && o=; echo "$o"; }

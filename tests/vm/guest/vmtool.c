@@ -42,6 +42,14 @@
  *                              has an option for them.
  *   vmtool runas UID GID GID,GID,.. CMD [ARGS..]
  *                              setgroups+setgid+setuid, then exec CMD
+ *   vmtool killongrant PATH UID PID MS
+ *                              poll PATH's access ACL (the xattr
+ *                              system.posix_acl_access) without pause and
+ *                              SIGKILL PID the moment it has an entry for
+ *                              UID: a kill that lands between a grant and
+ *                              whatever the granter does next. Prints
+ *                              "killed PID after N us (P polls)" and exits 0,
+ *                              or "no grant in MS ms" and exits 1
  *
  * It never writes to sysfs: it reads clocks and netlink, and opens VFIO nodes
  * (opening a device fd may reset the function, as it does for a VMM).
@@ -58,6 +66,9 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <sys/xattr.h>
+#include <signal.h>
+#include <stdint.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -230,10 +241,48 @@ static int http(const char *sock, const char *method, const char *path, const ch
 	return to == stdout ? 0 : 1;
 }
 
+static double mono_us(void) {
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
+}
+
+/* Whether the POSIX ACL xattr value in BUF (version 2: a u32 header, then
+ * entries of u16 tag, u16 perm, u32 id) has an ACL_USER entry for UID. */
+static int acl_names_user(const unsigned char *buf, ssize_t n, uint32_t uid) {
+	for (ssize_t off = 4; off + 8 <= n; off += 8) {
+		uint16_t tag;
+		uint32_t id;
+		memcpy(&tag, buf + off, 2);
+		memcpy(&id, buf + off + 4, 4);
+		if (tag == 0x02 /* ACL_USER */ && id == uid) return 1;
+	}
+	return 0;
+}
+
+static int killongrant(const char *path, uint32_t uid, pid_t pid, long ms) {
+	unsigned char buf[1024];
+	double start = mono_us();
+	long polls = 0;
+	while (mono_us() - start < ms * 1000.0) {
+		polls++;
+		ssize_t n = getxattr(path, "system.posix_acl_access", buf, sizeof buf);
+		if (n > 0 && acl_names_user(buf, n, uid)) {
+			kill(pid, SIGKILL);
+			printf("killed %d after %.0f us (%ld polls)\n", (int)pid, mono_us() - start, polls);
+			return 0;
+		}
+	}
+	printf("no grant in %ld ms (%ld polls)\n", ms, polls);
+	return 1;
+}
+
 int main(int argc, char **argv) {
 	if (argc >= 4 && !strcmp(argv[1], "vfiohold")) return vfiohold(argv[2], argv[3], argc >= 5 && !strcmp(argv[4], "devonly"));
 	if (argc >= 4 && !strcmp(argv[1], "hotreset")) return hotreset(argv[2], argv[3]);
 	if (argc >= 5 && !strcmp(argv[1], "http")) return http(argv[2], argv[3], argv[4], argc >= 6 ? argv[5] : NULL);
+	if (argc >= 6 && !strcmp(argv[1], "killongrant"))
+		return killongrant(argv[2], (uint32_t)strtoul(argv[3], NULL, 10), (pid_t)atoi(argv[4]), atol(argv[5]));
 	if (argc >= 3 && !strcmp(argv[1], "hold")) return hold(argv[2], argc >= 4 && !strcmp(argv[3], "ro"));
 	if (argc >= 2 && !strcmp(argv[1], "now")) { print_clock(CLOCK_REALTIME); return 0; }
 	if (argc >= 2 && !strcmp(argv[1], "mono")) { print_clock(CLOCK_MONOTONIC); return 0; }
@@ -251,6 +300,6 @@ int main(int argc, char **argv) {
 		perror("exec");
 		return 127;
 	}
-	fprintf(stderr, "usage: vmtool now|mono|uevmon [SUBSYSTEM [udev]]|vfiohold GROUP ADDR|hotreset GROUP ADDR|hold PATH [ro]|http SOCK METHOD PATH [BODY]|runas UID GID G1,G2 CMD..\n");
+	fprintf(stderr, "usage: vmtool now|mono|uevmon [SUBSYSTEM [udev]]|vfiohold GROUP ADDR|hotreset GROUP ADDR|hold PATH [ro]|http SOCK METHOD PATH [BODY]|runas UID GID G1,G2 CMD..|killongrant PATH UID PID MS\n");
 	return 2;
 }

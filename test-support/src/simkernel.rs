@@ -1,0 +1,1450 @@
+//! A simulated kernel for a [`FakeSys`] tree: a background thread that
+//! reacts to writes into the fake sysfs the way Linux does.
+//!
+//! # What it does
+//!
+//! * `<dev>/driver_override`: "vfio-pci" (one trailing newline stripped)
+//!   sets the override; "" or "\n" resets it. The file is rewritten to the
+//!   kernel's form ("vfio-pci\n" / "(null)\n").
+//! * `drivers/<d>/unbind` `<addr>`: if bound to `d`, removes the device's
+//!   `driver` link and the driver's `<addr>` link; for vfio-pci, removes
+//!   `D/vfio/<group>` when no other device of the group is left on vfio-pci.
+//!   Not bound to `d`: nothing (the real kernel says ENODEV).
+//! * `drivers/<d>/bind` `<addr>`: binds if the device has no driver, `d` is
+//!   loaded, and `driver_override` is unset or names `d` (as Linux refuses a
+//!   driver the override excludes). vfio-pci needs an IOMMU group.
+//! * `drivers_probe` `<addr>`: if unbound, binds the override driver if an
+//!   override is set (and that driver is loaded), else the device's "native"
+//!   driver (the one it had in `add_device`; none = stays unbound). Binding
+//!   vfio-pci creates `D/vfio/<group>`.
+//! * `new_id`, `remove_id`, `rescan`, any other attribute: logged only.
+//! * A driver directory that appears while running (`add_driver`,
+//!   `load_vfio`) triggers a probe of the unbound devices it matches
+//!   (override names it, or no override and it is the native driver), as
+//!   driver registration does in Linux.
+//!
+//! # How
+//!
+//! Writes are seen with inotify. The write-only attributes (`bind`,
+//! `unbind`, `new_id`, `remove_id`, `drivers_probe`, `rescan`) are turned
+//! into FIFOs that the simulator keeps open for reading, so every single
+//! write's value is received, even when a client writes the same attribute
+//! twice in a row (a regular file would only hold the last one). Their
+//! `IN_CLOSE_WRITE` events, interleaved in one inotify queue with those of
+//! `driver_override` (a regular file, as it is readable), give the order in
+//! which writes happened; values are applied in that order. (`IN_OPEN` is
+//! watched on those directories to stop the kernel from merging two
+//! consecutive close events of the same file, and to tell a write from the
+//! late close of a descriptor inherited by a process forked meanwhile.)
+//! Writers never block on these
+//! FIFOs: the simulator always holds a reader. Reading one of them (nobody
+//! should: they are write-only in sysfs) would block.
+//!
+//! When the simulator is dropped, the FIFOs become empty regular files
+//! again, faults are undone, and writers blocked by `hang_write` are let
+//! through; the tree (kept alive by the simulator's own handle) stays
+//! usable.
+//!
+//! # Differences from Linux a test must know
+//!
+//! * **Asynchronous.** A write returns before the simulator acted on it
+//!   (usually within a millisecond). Code under test must poll for the
+//!   result (the `driver` link, `/dev/vfio/N`) with a timeout, which is what
+//!   verifying against a real kernel needs too (udev, async probing). Tests
+//!   can call [`SimKernel::wait_idle`].
+//! * `driver_override` is a regular file (it must stay readable): its value
+//!   is read when its event is processed, so two writes in quick succession
+//!   may be logged as the last value twice, and a probe uses the override
+//!   current when the probe is processed. So do not rewrite a device's
+//!   override before the probe that depends on it took effect (vfiod's
+//!   verify step waits for that anyway). The rewrite to the kernel's form is
+//!   done in place under a write lease (`F_SETLEASE`), which can never
+//!   overwrite a client's write: a client opening the file meanwhile waits
+//!   a few microseconds. (Lease-break signals are set to SIGURG, ignored by
+//!   default, and the lease owner is cleared.)
+//! * Writes that fail in Linux (ENODEV on a bad unbind, EINVAL, ...) succeed
+//!   here and are ignored; use [`SimKernel::fail_write`] to make a write
+//!   fail.
+//!
+//! # Faults
+//!
+//! * [`SimKernel::fail_write`]: ENOENT removes the attribute, EISDIR replaces
+//!   it with an empty directory, ENOSPC with a symlink to `/dev/full`
+//!   (reading the attribute then returns endless zeros: do not read a file
+//!   you armed with ENOSPC). Other errnos panic.
+//! * [`SimKernel::hang_write`]: writers block in `open()` (a FIFO nobody
+//!   reads). For `driver_override`, a *reader* would block too.
+//! * [`SimKernel::release`]: undoes either. A writer blocked by `hang_write`
+//!   is let through and **its write is applied** (the stuck kernel operation
+//!   finally completes: e.g. a hung unbind does unbind), in order with other
+//!   writes, like any other write. `release` returns once the released
+//!   writers have written (bounded wait), so `wait_idle` after it covers
+//!   them.
+//! * [`SimKernel::release_completing`]: the same, but if the blocked writer
+//!   is gone (its process was killed: in Linux the stuck operation would
+//!   still complete in the kernel), applies a given value instead. A writer
+//!   blocked in `open()` has not handed over its value yet, so the simulator
+//!   cannot know it by itself.
+//!
+//! Set `VFIOD_SIM_DEBUG=1` for a trace on stderr (`simkernel:` prefix).
+
+use crate::fakesys::{self, FakeSys, Hook, State, Tree, BUS_ATTRS, DRIVER_ATTRS, VFIO_PCI};
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent, WatchDescriptor};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn debug_enabled() -> bool {
+    std::env::var_os("VFIOD_SIM_DEBUG").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+macro_rules! dbg_log {
+    ($sh:expr, $($arg:tt)*) => {
+        if $sh.debug {
+            eprintln!("simkernel: {}", format!($($arg)*));
+        }
+    };
+}
+
+/// Opens a FIFO for reading without blocking (always succeeds on a FIFO),
+/// through a hard link in the scratch directory, so that our open raises no
+/// IN_OPEN where writers' opens are counted.
+fn open_reader(tree: &Tree, path: &Path) -> io::Result<File> {
+    let link = tree.scratch_path();
+    fs::hard_link(path, &link)?;
+    let opened = OpenOptions::new()
+        .read(true)
+        .custom_flags(OFlag::O_NONBLOCK.bits())
+        .open(&link);
+    let _ = fs::remove_file(&link);
+    opened
+}
+
+enum Drain {
+    /// No writer has the FIFO open.
+    Eof,
+    /// A writer has it open (possibly after writing).
+    WriterPresent,
+}
+
+/// Reads everything currently in a non-blocking FIFO reader.
+fn read_available(reader: &mut File, out: &mut Vec<u8>) -> Drain {
+    let mut buf = [0u8; 65536];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => return Drain::Eof,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drain::WriterPresent,
+            Err(_) => return Drain::Eof,
+        }
+    }
+}
+
+/// With a fresh reader on a FIFO: waits (up to 3 s) until every writer
+/// that was blocked in `open()` has written and closed. Returns whether
+/// there was any.
+fn wait_for_writers(reader: &mut File, data: &mut Vec<u8>) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut seen = false;
+    loop {
+        match read_available(reader, data) {
+            Drain::Eof => return seen || !data.is_empty(),
+            Drain::WriterPresent => seen = true,
+        }
+        if Instant::now() >= deadline {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Splits what was read from an attribute FIFO into single writes. Pipe
+/// writes are atomic, so a read holds whole writes; consecutive ones are
+/// told apart by a trailing newline or, for address attributes, by the
+/// fixed length of a PCI address.
+fn split_values(attr: &str, chunk: &str) -> Vec<String> {
+    let addr_attr = matches!(attr, "bind" | "unbind" | "drivers_probe");
+    let mut out = Vec::new();
+    let mut rest = chunk;
+    while !rest.is_empty() {
+        let end = match rest.get(..12) {
+            Some(head) if addr_attr && fakesys::is_pci_addr(head) => {
+                if rest[12..].starts_with('\n') {
+                    13
+                } else {
+                    12
+                }
+            }
+            _ => rest.find('\n').map(|i| i + 1).unwrap_or(rest.len()),
+        };
+        out.push(rest[..end].to_string());
+        rest = &rest[end..];
+    }
+    out
+}
+
+/// The reset method a reset of the function in `dir` uses now: the first
+/// one its `reset_method` lists.
+fn reset_method_in_effect(dir: &Path) -> String {
+    fs::read_to_string(dir.join("reset_method"))
+        .ok()
+        .and_then(|m| m.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// One FIFO-backed attribute.
+struct Pipe {
+    /// `None` while a fault is armed on it.
+    reader: Option<File>,
+    /// Received values not yet applied, oldest first.
+    values: VecDeque<String>,
+    /// Values applied ahead of their close event (see `flush`).
+    credits: usize,
+    /// For a regular attribute whose hung writer was released: the content
+    /// to restore once that write arrives.
+    restore: Option<String>,
+    /// Writers that opened it (IN_OPEN) and have not closed yet. A close
+    /// with none outstanding is a descriptor inherited by a forked process,
+    /// closed late: not a write. (Our own reader opens go through a scratch
+    /// link and are not seen here.)
+    opens: usize,
+    /// A `reset` attribute: Linux returns from a reset write only once the
+    /// reset is done, so the writer must not get past its write before the
+    /// simulator has acted. `filler` is our own writer that keeps the pipe
+    /// full: a client's write blocks until we drain it, which we do on the
+    /// client's IN_OPEN, after doing the reset.
+    sync: bool,
+    filler: Option<File>,
+    /// The method a hung `reset` write that was released uses: the one in
+    /// effect while it hung, read before its writer was let through. Linux
+    /// picks the method before the write returns; the writer's IN_OPEN is
+    /// processed later, when the writer may already have put the list back.
+    released_reset_method: Option<String>,
+}
+
+impl Pipe {
+    fn new(reader: Option<File>) -> Pipe {
+        Pipe {
+            reader,
+            values: VecDeque::new(),
+            credits: 0,
+            restore: None,
+            opens: 0,
+            sync: false,
+            filler: None,
+            released_reset_method: None,
+        }
+    }
+
+    fn fill(&mut self, attr: &str) {
+        // A full sync pipe holds only our filler: reading would empty it
+        // and let the next writer through before its reset.
+        if self.filler.is_some() {
+            return;
+        }
+        if let Some(r) = self.reader.as_mut() {
+            let mut data = Vec::new();
+            read_available(r, &mut data);
+            // The filler of a sync pipe is NUL bytes, never part of a value.
+            data.retain(|b| *b != 0);
+            if !data.is_empty() {
+                let text = String::from_utf8_lossy(&data);
+                self.values.extend(split_values(attr, &text));
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Saved {
+    /// A write-only attribute (a FIFO of ours).
+    Fifo,
+    /// A regular attribute with its content before the fault.
+    Regular(String),
+}
+
+#[derive(Clone, Debug)]
+enum Fault {
+    /// A write fails (the errno is in the tree's shape: no file, a
+    /// directory, a link to `/dev/full`).
+    Fail(Saved),
+    Hang(Saved),
+}
+
+impl Fault {
+    fn saved(&self) -> &Saved {
+        match self {
+            Fault::Fail(s) | Fault::Hang(s) => s,
+        }
+    }
+}
+
+/// What identifies the state of a regular file's content. (Not ctime: the
+/// hard link taken for a lease changes it.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(m: &fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Sim {
+    /// Regular attributes as last seen (see `regular_written`).
+    stamps: HashMap<PathBuf, Stamp>,
+    wds: HashMap<WatchDescriptor, PathBuf>,
+    pipes: HashMap<PathBuf, Pipe>,
+    faults: HashMap<PathBuf, Fault>,
+    wrong_driver: HashMap<String, String>,
+    always_wrong_driver: HashMap<String, String>,
+    ignore_probe: HashSet<String>,
+    /// Highest wait_idle marker seen in the event stream.
+    marker_seen: u64,
+    /// Every reset done: (address, method in effect).
+    resets: Vec<(String, String)>,
+    /// What a reset of a device leaves behind (absent: a healthy function).
+    reset_outcome: HashMap<String, ResetOutcome>,
+}
+
+/// What a reset leaves behind; see [`SimKernel::set_reset_outcome`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResetOutcome {
+    /// Config space reads all ones (the function fell off the bus).
+    AllOnes,
+    /// `power_state` reads D3cold.
+    D3cold,
+    /// The function comes back without its driver.
+    LosesDriver,
+}
+
+struct Shared {
+    tree: Tree,
+    inotify: Inotify,
+    /// Lock order: the FakeSys state lock first, then this.
+    sim: Mutex<Sim>,
+    log: Mutex<Vec<(String, String)>>,
+    /// Highest wait_idle marker fully processed.
+    idle: Mutex<u64>,
+    idle_cv: Condvar,
+    next_marker: AtomicU64,
+    stop: AtomicBool,
+    debug: bool,
+}
+
+const FIFO_DIR_MASK: AddWatchFlags = AddWatchFlags::IN_CLOSE_WRITE.union(AddWatchFlags::IN_OPEN);
+
+/// The simulated kernel. Runs a thread until dropped.
+pub struct SimKernel {
+    fs: FakeSys,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SimKernel {
+    /// Starts simulating on `fs`. Panics if a simulator already runs on it.
+    pub fn start(fs: &FakeSys) -> SimKernel {
+        let fs = fs.share();
+        let tree = fs.tree().clone();
+        let inotify =
+            Inotify::init(InitFlags::IN_CLOEXEC).expect("simkernel: inotify_init1 failed");
+        let shared = Arc::new(Shared {
+            tree: tree.clone(),
+            inotify,
+            sim: Mutex::new(Sim::default()),
+            log: Mutex::new(Vec::new()),
+            idle: Mutex::new(0),
+            idle_cv: Condvar::new(),
+            next_marker: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            debug: debug_enabled(),
+        });
+        {
+            let mut state = fs.lock_state();
+            assert!(
+                state.hook.is_none(),
+                "simkernel: a simulated kernel already runs on this tree"
+            );
+            let mut sim = lock(&shared.sim);
+            shared
+                .watch(&mut sim, &tree.ctl, AddWatchFlags::IN_CLOSE_WRITE)
+                .expect("simkernel: watch ctl dir");
+            let bus = tree.sysfs.join("bus/pci");
+            for attr in BUS_ATTRS {
+                shared
+                    .make_pipe(&mut sim, &bus.join(attr))
+                    .expect("simkernel: bus attribute FIFO");
+            }
+            shared
+                .watch(&mut sim, &bus, FIFO_DIR_MASK)
+                .expect("simkernel: watch bus/pci");
+            let drivers: Vec<String> = fs::read_dir(tree.sysfs.join("bus/pci/drivers"))
+                .map(|d| {
+                    d.flatten()
+                        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for d in drivers {
+                shared
+                    .setup_driver_dir(&mut sim, &d)
+                    .expect("simkernel: driver dir");
+            }
+            for addr in tree.devices() {
+                if let Some(dir) = tree.device_dir(&addr) {
+                    shared
+                        .setup_device_dir(&mut sim, &dir)
+                        .expect("simkernel: watch device dir");
+                }
+            }
+            drop(sim);
+            state.hook = Some(Arc::new(SimHook {
+                shared: Arc::downgrade(&shared),
+            }));
+        }
+        let thread_fs = fs.share();
+        let thread_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("simkernel".into())
+            .spawn(move || run(thread_fs, thread_shared))
+            .expect("simkernel: spawn thread");
+        dbg_log!(shared, "started on {}", tree.sysfs.display());
+        SimKernel {
+            fs,
+            shared,
+            thread: Some(thread),
+        }
+    }
+
+    /// The physical path of attribute `rel` (relative to sysfs; may go
+    /// through symlinks such as `bus/pci/devices/<addr>/...`).
+    fn resolve(&self, rel: &str) -> PathBuf {
+        let p = self.fs.sysfs.join(rel.trim_start_matches('/'));
+        let name = p
+            .file_name()
+            .unwrap_or_else(|| panic!("simkernel: bad attribute path {rel:?}"));
+        let parent = fs::canonicalize(p.parent().expect("parent"))
+            .unwrap_or_else(|e| panic!("simkernel: {rel}: parent directory: {e}"));
+        let out = parent.join(name);
+        self.shared.tree.assert_inside(&out);
+        out
+    }
+
+    /// Makes every write to `rel_path` fail with `errno` (ENOENT, EISDIR or
+    /// ENOSPC) until [`SimKernel::release`].
+    pub fn fail_write(&self, rel_path: &str, errno: Errno) {
+        assert!(
+            matches!(errno, Errno::ENOENT | Errno::EISDIR | Errno::ENOSPC),
+            "simkernel: cannot produce {errno:?} on a write (ENOENT, EISDIR, ENOSPC only)"
+        );
+        let path = self.resolve(rel_path);
+        let _state = self.fs.lock_state();
+        let mut sim = lock(&self.shared.sim);
+        self.shared.release_locked(&mut sim, &path);
+        let saved = self.shared.take_attr(&mut sim, &path, rel_path);
+        let tree = &self.shared.tree;
+        tree.remove(&path).expect("simkernel: remove attribute");
+        match errno {
+            Errno::ENOENT => {}
+            Errno::EISDIR => tree.mkdir(&path).expect("simkernel: mkdir"),
+            Errno::ENOSPC => {
+                std::os::unix::fs::symlink("/dev/full", &path).expect("simkernel: symlink")
+            }
+            _ => unreachable!(),
+        }
+        dbg_log!(self.shared, "fail_write {rel_path} -> {errno:?}");
+        sim.faults.insert(path, Fault::Fail(saved));
+    }
+
+    /// Makes writes to `rel_path` block in `open()` until
+    /// [`SimKernel::release`].
+    pub fn hang_write(&self, rel_path: &str) {
+        let path = self.resolve(rel_path);
+        let _state = self.fs.lock_state();
+        let mut sim = lock(&self.shared.sim);
+        self.shared.release_locked(&mut sim, &path);
+        let saved = self.shared.take_attr(&mut sim, &path, rel_path);
+        if let Saved::Regular(_) = saved {
+            self.shared
+                .tree
+                .make_fifo(&path)
+                .expect("simkernel: mkfifo");
+        }
+        dbg_log!(self.shared, "hang_write {rel_path}");
+        sim.faults.insert(path, Fault::Hang(saved));
+    }
+
+    /// Undoes `fail_write` / `hang_write` on `rel_path` (no-op if none).
+    /// Writers blocked by `hang_write` are let through, and this waits (up to
+    /// 3 s) until they have written; their writes are then applied in order
+    /// like any other (the stuck kernel operation completes), so a
+    /// `wait_idle` after `release` covers them.
+    pub fn release(&self, rel_path: &str) {
+        self.release_inner(rel_path);
+    }
+
+    /// Like [`SimKernel::release`], but if no writer was blocked (the process
+    /// that wrote was killed meanwhile: in Linux the stuck operation still
+    /// completes in the kernel), applies `value` as if it had been written.
+    /// Returns true if a blocked writer was let through instead.
+    pub fn release_completing(&self, rel_path: &str, value: &str) -> bool {
+        if self.release_inner(rel_path) {
+            return true;
+        }
+        let path = self.fs.sysfs.join(rel_path.trim_start_matches('/'));
+        if let Err(e) = fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .and_then(|mut f| io::Write::write_all(&mut f, value.as_bytes()))
+        {
+            panic!("simkernel: release_completing {rel_path}: {e}");
+        }
+        false
+    }
+
+    fn release_inner(&self, rel_path: &str) -> bool {
+        let path = self.resolve(rel_path);
+        let _state = self.fs.lock_state();
+        let mut sim = lock(&self.shared.sim);
+        let seen = self.shared.release_locked(&mut sim, &path);
+        dbg_log!(
+            self.shared,
+            "release {rel_path} (writer let through: {seen})"
+        );
+        seen
+    }
+
+    /// On the next `drivers_probe` of `addr`, bind `driver` instead of the
+    /// right one (if `driver` is loaded; otherwise the device stays unbound):
+    /// the kernel's own probe of a device just added winning the race
+    /// against vfiod's override.
+    pub fn bind_wrong_driver(&self, addr: &str, driver: &str) {
+        lock(&self.shared.sim)
+            .wrong_driver
+            .insert(addr.to_string(), driver.to_string());
+    }
+
+    /// On every `drivers_probe` of `addr` from now on, bind `driver`
+    /// instead of the right one: a driver that keeps taking the device (a
+    /// dynamic id, a misconfigured host), which no retry gets past, unlike
+    /// the one-off race [`SimKernel::bind_wrong_driver`] models.
+    pub fn bind_wrong_driver_always(&self, addr: &str, driver: &str) {
+        lock(&self.shared.sim)
+            .always_wrong_driver
+            .insert(addr.to_string(), driver.to_string());
+    }
+
+    /// From now on, probes of `addr` (`drivers_probe`, `bind`, driver
+    /// registration) do nothing.
+    pub fn ignore_probe(&self, addr: &str) {
+        lock(&self.shared.sim).ignore_probe.insert(addr.to_string());
+    }
+
+    /// Undoes [`SimKernel::ignore_probe`].
+    pub fn allow_probe(&self, addr: &str) {
+        lock(&self.shared.sim).ignore_probe.remove(addr);
+    }
+
+    /// Every write seen so far, in order: (path relative to sysfs, value as
+    /// written, newline included if any). Device attributes are named
+    /// `bus/pci/devices/<addr>/<attr>`, others by their real path
+    /// (`bus/pci/drivers/nvidia/unbind`, `bus/pci/drivers_probe`).
+    pub fn writes(&self) -> Vec<(String, String)> {
+        lock(&self.shared.log).clone()
+    }
+
+    /// Forgets the write log.
+    pub fn clear_writes(&self) {
+        lock(&self.shared.log).clear();
+    }
+
+    /// Waits until every write that completed before this call has been
+    /// processed. False on timeout.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let seq = self.shared.next_marker.fetch_add(1, Ordering::SeqCst) + 1;
+        let marker = self.shared.tree.ctl.join(format!("idle-{seq}"));
+        if fs::write(&marker, seq.to_string()).is_err() {
+            return false;
+        }
+        let deadline = Instant::now() + timeout;
+        let mut done = lock(&self.shared.idle);
+        while *done < seq {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            done = self
+                .shared
+                .idle_cv
+                .wait_timeout(done, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Every reset the simulated kernel did, in order: (address, the
+    /// method in effect, i.e. the first one `reset_method` listed then).
+    pub fn resets(&self) -> Vec<(String, String)> {
+        lock(&self.shared.sim).resets.clone()
+    }
+
+    /// What every following reset of `addr` leaves behind; `None`: a good
+    /// reset, which also undoes what an earlier bad one left (config space
+    /// answers again, D0).
+    pub fn set_reset_outcome(&self, addr: &str, outcome: Option<ResetOutcome>) {
+        let mut sim = lock(&self.shared.sim);
+        match outcome {
+            Some(o) => sim.reset_outcome.insert(addr.to_string(), o),
+            None => sim.reset_outcome.remove(addr),
+        };
+    }
+
+    /// The tree this simulator runs on.
+    pub fn fakesys(&self) -> &FakeSys {
+        &self.fs
+    }
+}
+
+impl Drop for SimKernel {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let _ = fs::write(self.shared.tree.ctl.join("stop"), "1");
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let mut state = self.fs.lock_state();
+        state.hook = None;
+        let mut sim = lock(&self.shared.sim);
+        let faulted: Vec<PathBuf> = sim.faults.keys().cloned().collect();
+        for path in faulted {
+            self.shared.release_locked(&mut sim, &path);
+        }
+        // Let released hung writers finish, then turn every FIFO back into a
+        // regular file.
+        let pipes: Vec<(PathBuf, Pipe)> = sim.pipes.drain().collect();
+        for (path, mut pipe) in pipes {
+            pipe.filler = None;
+            if let Some(mut r) = pipe.reader.take() {
+                let deadline = Instant::now() + Duration::from_millis(500);
+                let mut sink = Vec::new();
+                while let Drain::WriterPresent = read_available(&mut r, &mut sink) {
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            let content = pipe.restore.take().unwrap_or_default();
+            if fs::symlink_metadata(&path).is_ok() {
+                let _ = self.shared.tree.write_file(&path, &content);
+            }
+        }
+        dbg_log!(self.shared, "stopped");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Shared: the simulation proper (all called with both locks held)
+// ---------------------------------------------------------------------------
+
+impl Shared {
+    fn watch(&self, sim: &mut Sim, dir: &Path, mask: AddWatchFlags) -> nix::Result<()> {
+        let wd = self.inotify.add_watch(dir, mask)?;
+        sim.wds.insert(wd, dir.to_path_buf());
+        Ok(())
+    }
+
+    /// Turns `path` into a FIFO we hold open for reading.
+    fn make_pipe(&self, sim: &mut Sim, path: &Path) -> io::Result<()> {
+        self.tree.make_fifo(path)?;
+        let reader = open_reader(&self.tree, path)?;
+        sim.pipes
+            .insert(path.to_path_buf(), Pipe::new(Some(reader)));
+        Ok(())
+    }
+
+    /// Watches a device directory (IN_OPEN too, for a `reset` attribute)
+    /// and turns its `reset` into a sync pipe.
+    fn setup_device_dir(&self, sim: &mut Sim, dir: &Path) -> io::Result<()> {
+        let reset = dir.join("reset");
+        if fs::symlink_metadata(&reset).is_ok_and(|m| m.is_file()) {
+            self.make_pipe(sim, &reset)?;
+            if let Some(pipe) = sim.pipes.get_mut(&reset) {
+                pipe.sync = true;
+            }
+            self.refill(sim, &reset);
+        }
+        self.watch(sim, dir, FIFO_DIR_MASK)
+            .map_err(io::Error::from)?;
+        self.stamp_device(sim, dir);
+        Ok(())
+    }
+
+    /// Fills a sync pipe (see [`Pipe::sync`]) so that the next writer
+    /// blocks. Only while no writer has it open.
+    fn refill(&self, sim: &mut Sim, path: &Path) {
+        if sim.pipes.get(path).is_some_and(|p| p.opens == 0) {
+            self.refill_now(sim, path);
+        }
+    }
+
+    /// [`Shared::refill`] also while a writer has it open (one that has
+    /// written already).
+    fn refill_now(&self, sim: &mut Sim, path: &Path) {
+        let Some(pipe) = sim.pipes.get_mut(path) else {
+            return;
+        };
+        if !pipe.sync || pipe.filler.is_some() || pipe.reader.is_none() {
+            return;
+        }
+        let link = self.tree.scratch_path();
+        if fs::hard_link(path, &link).is_err() {
+            return;
+        }
+        let opened = OpenOptions::new()
+            .write(true)
+            .custom_flags(OFlag::O_NONBLOCK.bits())
+            .open(&link);
+        let _ = fs::remove_file(&link);
+        let Ok(mut filler) = opened else { return };
+        // One page: the smallest pipe; a full one blocks any write.
+        let _ = fcntl(&filler, FcntlArg::F_SETPIPE_SZ(4096));
+        let zeros = [0u8; 4096];
+        let mut filled = 0;
+        loop {
+            match io::Write::write(&mut filler, &zeros) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => filled += n,
+            }
+        }
+        dbg_log!(self, "{}: filled with {filled} bytes", path.display());
+        pipe.filler = Some(filler);
+    }
+
+    /// A client opened a device's `reset`: do the reset now, then let its
+    /// write through (drain the filler), so the write returns after it.
+    fn reset_started(&self, state: &mut State, sim: &mut Sim, path: &Path) {
+        let Some(dir) = path.parent() else { return };
+        let Some(addr) = dir.file_name().and_then(|a| a.to_str()).map(str::to_string) else {
+            return;
+        };
+        let method = sim
+            .pipes
+            .get_mut(path)
+            .and_then(|pipe| pipe.released_reset_method.take())
+            .unwrap_or_else(|| reset_method_in_effect(dir));
+        dbg_log!(self, "reset {addr} by {method:?}");
+        sim.resets.push((addr.clone(), method));
+        let tree = &self.tree;
+        match sim.reset_outcome.get(&addr) {
+            None => {
+                if let Some(good) = state.config.get(&addr) {
+                    let _ = tree.write_bytes(&dir.join("config"), good);
+                }
+                let _ = tree.write_file(&dir.join("power_state"), "D0\n");
+            }
+            Some(ResetOutcome::AllOnes) => {
+                let len = state.config.get(&addr).map_or(64, Vec::len);
+                let _ = tree.write_bytes(&dir.join("config"), &vec![0xff; len]);
+            }
+            Some(ResetOutcome::D3cold) => {
+                let _ = tree.write_file(&dir.join("power_state"), "D3cold\n");
+            }
+            Some(ResetOutcome::LosesDriver) => {
+                let _ = tree.unbind(&addr);
+            }
+        }
+        let Some(pipe) = sim.pipes.get_mut(path) else {
+            return;
+        };
+        let had_filler = pipe.filler.take().is_some();
+        // Take the writer's value as soon as it is in the pipe (its write
+        // has then returned), and fill the pipe again right away, before
+        // the next writer can come: the close may be processed much later.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut data = Vec::new();
+        if let Some(reader) = pipe.reader.as_mut() {
+            loop {
+                let drain = read_available(reader, &mut data);
+                data.retain(|b| *b != 0);
+                if !data.is_empty() || matches!(drain, Drain::Eof) || Instant::now() >= deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+        if !data.is_empty() {
+            pipe.values
+                .extend(split_values("reset", &String::from_utf8_lossy(&data)));
+        }
+        if had_filler && !data.is_empty() {
+            self.refill_now(sim, path);
+        }
+    }
+
+    fn setup_driver_dir(&self, sim: &mut Sim, name: &str) -> io::Result<()> {
+        let dir = self.tree.driver_dir(name);
+        for attr in DRIVER_ATTRS {
+            let p = dir.join(attr);
+            if !sim.pipes.contains_key(&p) {
+                self.make_pipe(sim, &p)?;
+            }
+        }
+        self.watch(sim, &dir, FIFO_DIR_MASK)
+            .map_err(io::Error::from)
+    }
+
+    /// Detaches `path` from normal processing before a fault: returns what
+    /// to restore later.
+    fn take_attr(&self, sim: &mut Sim, path: &Path, rel: &str) -> Saved {
+        if let Some(pipe) = sim.pipes.get_mut(path) {
+            pipe.filler = None;
+            pipe.fill(&attr_name(path));
+            pipe.reader = None;
+            Saved::Fifo
+        } else {
+            let meta = fs::symlink_metadata(path)
+                .unwrap_or_else(|e| panic!("simkernel: no attribute {rel}: {e}"));
+            assert!(meta.is_file(), "simkernel: {rel} is not a regular file");
+            Saved::Regular(fs::read_to_string(path).unwrap_or_default())
+        }
+    }
+
+    /// Undoes a fault on `path`, if any. For a hang, blocked writers are let
+    /// through and waited for (up to a few seconds) until they have written
+    /// and closed, so their close events are queued when this returns.
+    /// Returns whether any writer was let through.
+    fn release_locked(&self, sim: &mut Sim, path: &Path) -> bool {
+        let Some(fault) = sim.faults.remove(path) else {
+            return false;
+        };
+        let tree = &self.tree;
+        let attr = attr_name(path);
+        match fault {
+            Fault::Fail(saved) => {
+                let _ = tree.remove(path);
+                match saved {
+                    Saved::Fifo => {
+                        let _ = tree.make_fifo(path);
+                        if let Some(pipe) = sim.pipes.get_mut(path) {
+                            pipe.reader = open_reader(&self.tree, path).ok();
+                        }
+                        self.refill(sim, path);
+                    }
+                    Saved::Regular(content) => {
+                        let _ = tree.write_file(path, &content);
+                    }
+                }
+                false
+            }
+            Fault::Hang(Saved::Fifo) => {
+                // Blocked writers go through; their close events are
+                // processed like any write.
+                let Some(pipe) = sim.pipes.get_mut(path) else {
+                    return false;
+                };
+                let method_now = pipe
+                    .sync
+                    .then(|| path.parent().map(reset_method_in_effect))
+                    .flatten();
+                let Ok(mut reader) = open_reader(&self.tree, path) else {
+                    return false;
+                };
+                let mut data = Vec::new();
+                let seen = wait_for_writers(&mut reader, &mut data);
+                if seen {
+                    pipe.released_reset_method = method_now;
+                }
+                pipe.values
+                    .extend(split_values(&attr, &String::from_utf8_lossy(&data)));
+                pipe.reader = Some(reader);
+                seen
+            }
+            // (A released `reset` writer's IN_OPEN does the reset; the
+            // filler comes back once its close is processed.)
+            Fault::Hang(Saved::Regular(content)) => {
+                let Ok(mut reader) = open_reader(&self.tree, path) else {
+                    let _ = tree.write_file(path, &content);
+                    return false;
+                };
+                let mut data = Vec::new();
+                if !wait_for_writers(&mut reader, &mut data) {
+                    let _ = tree.write_file(path, &content);
+                    return false;
+                }
+                // Its close event restores the file and applies the value.
+                let mut pipe = Pipe::new(Some(reader));
+                pipe.restore = Some(content);
+                pipe.values
+                    .extend(split_values(&attr, &String::from_utf8_lossy(&data)));
+                sim.pipes.insert(path.to_path_buf(), pipe);
+                true
+            }
+        }
+    }
+
+    /// The name a write to `path` is logged under.
+    fn display(&self, path: &Path) -> String {
+        let rel = path.strip_prefix(&self.tree.sysfs).unwrap_or(path);
+        if rel.starts_with("devices") {
+            if let (Some(dir), Some(attr)) = (path.parent(), path.file_name()) {
+                if let Some(addr) = dir.file_name().and_then(|a| a.to_str()) {
+                    if fakesys::is_pci_addr(addr) {
+                        return format!("bus/pci/devices/{addr}/{}", attr.to_string_lossy());
+                    }
+                }
+            }
+        }
+        rel.to_string_lossy().into_owned()
+    }
+
+    fn record(&self, path: &Path, value: &str) {
+        let name = self.display(path);
+        dbg_log!(self, "write {name} <- {value:?}");
+        lock(&self.log).push((name, value.to_string()));
+    }
+
+    fn handle_event(&self, state: &mut State, sim: &mut Sim, ev: &InotifyEvent) {
+        if ev.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+            eprintln!("simkernel: inotify queue overflow: writes were lost");
+            return;
+        }
+        if ev.mask.contains(AddWatchFlags::IN_IGNORED) {
+            sim.wds.remove(&ev.wd);
+            return;
+        }
+        let Some(dir) = sim.wds.get(&ev.wd).cloned() else {
+            return;
+        };
+        let Some(name) = ev.name.as_ref() else {
+            return;
+        };
+        let path = dir.join(name);
+        if dir == self.tree.ctl {
+            if let Some(seq) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("idle-"))
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                sim.marker_seen = sim.marker_seen.max(seq);
+                let _ = fs::remove_file(&path);
+            }
+            return;
+        }
+        let closed = ev.mask.contains(AddWatchFlags::IN_CLOSE_WRITE);
+        if let Some(pipe) = sim.pipes.get_mut(&path) {
+            if pipe.restore.is_none() {
+                if ev.mask.contains(AddWatchFlags::IN_OPEN) {
+                    pipe.opens += 1;
+                    if pipe.sync {
+                        self.reset_started(state, sim, &path);
+                    }
+                    return;
+                }
+                if closed {
+                    if pipe.opens == 0 {
+                        // Keep whatever is in the pipe: it belongs to a write
+                        // whose own events were merged or are still to come;
+                        // `flush` applies it once everything before is done.
+                        pipe.fill(&attr_name(&path));
+                        dbg_log!(self, "{}: late close, not a write", path.display());
+                        return;
+                    }
+                    pipe.opens -= 1;
+                }
+            }
+            if closed {
+                self.pipe_closed(state, sim, &path);
+                self.refill(sim, &path);
+            }
+            return;
+        }
+        if !closed {
+            return;
+        }
+        if sim.faults.contains_key(&path) {
+            return;
+        }
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            return; // vanished
+        };
+        if !meta.is_file() {
+            return;
+        }
+        self.regular_written(sim, &path);
+    }
+
+    /// A writer closed FIFO attribute `path`: apply its value.
+    fn pipe_closed(&self, state: &mut State, sim: &mut Sim, path: &Path) {
+        let attr = attr_name(path);
+        let Some(pipe) = sim.pipes.get_mut(path) else {
+            return;
+        };
+        pipe.fill(&attr);
+        if let Some(saved) = pipe.restore.clone() {
+            // The released writer of a hung regular attribute.
+            let values: Vec<String> = pipe.values.drain(..).collect();
+            sim.pipes.remove(path);
+            let _ = self.tree.write_file(path, &saved);
+            for v in values {
+                let _ = self.tree.write_file(path, &v);
+                self.regular_written(sim, path);
+            }
+            return;
+        }
+        if pipe.credits > 0 {
+            pipe.credits -= 1;
+            return;
+        }
+        match pipe.values.pop_front() {
+            Some(v) => self.apply_value(state, sim, path, &v),
+            // No data: a descriptor inherited by a forked process, closed
+            // late; not a write.
+            None => dbg_log!(self, "{}: close without data", path.display()),
+        }
+    }
+
+    /// Applies buffered values whose close events were merged or have not
+    /// arrived yet. Only called right after a drain found the inotify queue
+    /// empty, with no FIFO read since: every write that finished before
+    /// these values were written has then been processed, so the order is
+    /// kept.
+    fn flush(&self, state: &mut State, sim: &mut Sim) {
+        let mut paths: Vec<PathBuf> = sim
+            .pipes
+            .iter()
+            .filter(|(_, p)| p.restore.is_none() && !p.values.is_empty())
+            .map(|(k, _)| k.clone())
+            .collect();
+        paths.sort();
+        for path in paths {
+            while let Some(v) = sim.pipes.get_mut(&path).and_then(|p| {
+                let v = p.values.pop_front()?;
+                p.credits += 1;
+                Some(v)
+            }) {
+                self.apply_value(state, sim, &path, &v);
+            }
+        }
+    }
+
+    /// A write to a regular attribute (`driver_override`, or anything else:
+    /// logged only). The content is read when the event is processed.
+    ///
+    /// `driver_override` is rewritten to the kernel's form ("vfio-pci\n",
+    /// "(null)\n") in place, under a write lease, so that a client's write
+    /// can never be overwritten: while the lease is held a client's `open()`
+    /// waits, and the lease is only granted while nobody has the file open.
+    /// The file is opened through a hard link in the scratch directory so
+    /// this raises no inotify event in the device directory. Without a lease
+    /// (busy for too long, or unsupported) the file is left as written.
+    fn regular_written(&self, sim: &mut Sim, path: &Path) {
+        let last = sim.stamps.get(path).copied();
+        let (content, stamp) = if attr_name(path) == "driver_override" {
+            let leased = self.with_lease(path, |f| {
+                if Some(Stamp::of(&f.metadata()?)) == last {
+                    return Ok(None);
+                }
+                let mut content = String::new();
+                f.read_to_string(&mut content)?;
+                let normal = match Tree::parse_override(&content) {
+                    Some(v) => format!("{v}\n"),
+                    None => "(null)\n".to_string(),
+                };
+                if normal != content {
+                    f.set_len(0)?;
+                    f.write_all_at(normal.as_bytes(), 0)?;
+                    dbg_log!(self, "normalised {content:?} to {normal:?} under lease");
+                }
+                Ok(Some((content, Stamp::of(&f.metadata()?))))
+            });
+            match leased {
+                Some(Some(found)) => found,
+                Some(None) => {
+                    dbg_log!(self, "{}: unchanged, a late close", path.display());
+                    return;
+                }
+                None => {
+                    let Ok(meta) = fs::metadata(path) else { return };
+                    let Ok(c) = fs::read_to_string(path) else {
+                        return;
+                    };
+                    dbg_log!(self, "no lease: {c:?} left as written");
+                    (c, Stamp::of(&meta))
+                }
+            }
+        } else {
+            let Ok(meta) = fs::metadata(path) else { return };
+            let Ok(c) = fs::read_to_string(path) else {
+                return;
+            };
+            (c, Stamp::of(&meta))
+        };
+        if Some(stamp) == last {
+            dbg_log!(self, "{}: unchanged, a late close", path.display());
+            return;
+        }
+        sim.stamps.insert(path.to_path_buf(), stamp);
+        self.record(path, &content);
+    }
+
+    /// Remembers the state of a device's regular attributes, so that a late
+    /// close of a descriptor inherited by a forked process (no new write)
+    /// is not taken for a write.
+    fn stamp_device(&self, sim: &mut Sim, dir: &Path) {
+        let path = dir.join("driver_override");
+        if let Ok(meta) = fs::metadata(&path) {
+            sim.stamps.insert(path, Stamp::of(&meta));
+        }
+    }
+
+    /// Runs `f` on `path` opened read-write while holding a write lease on
+    /// it (see `regular_written`). None if no lease could be had.
+    fn with_lease<T>(&self, path: &Path, f: impl FnOnce(&mut File) -> io::Result<T>) -> Option<T> {
+        use nix::libc;
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        // <asm-generic/fcntl.h>; not exported by the libc crate.
+        const F_SETSIG: libc::c_int = 10;
+        // Busy (someone has it open: a client mid-write, a reader, a forked
+        // process that inherited a descriptor) for up to ~2 s: retry.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            let link = self.tree.scratch_path();
+            fs::hard_link(path, &link).ok()?;
+            let opened = OpenOptions::new().read(true).write(true).open(&link);
+            let _ = fs::remove_file(&link);
+            let mut file = opened.ok()?;
+            let (fm, pm) = (file.metadata().ok()?, fs::metadata(path).ok()?);
+            if (fm.dev(), fm.ino()) != (pm.dev(), pm.ino()) {
+                continue; // replaced meanwhile
+            }
+            let fd = file.as_raw_fd();
+            // A lease break signals the holder (SIGIO by default, which
+            // would kill the process): use SIGURG, ignored by default, and
+            // clear the owner so that nothing is sent at all.
+            // SAFETY: plain fcntl calls on a file descriptor we own.
+            let leased = unsafe {
+                libc::fcntl(fd, F_SETSIG, libc::SIGURG);
+                libc::fcntl(fd, libc::F_SETLEASE, libc::F_WRLCK)
+            };
+            if leased == 0 {
+                // SAFETY: as above.
+                unsafe {
+                    libc::fcntl(fd, libc::F_SETOWN, 0);
+                }
+                // The lease goes with the file when it is closed.
+                return f(&mut file).ok();
+            }
+            let err = Errno::last();
+            drop(file);
+            if err != Errno::EAGAIN && err != Errno::EBUSY {
+                dbg_log!(self, "no lease on {}: {err}", path.display());
+                return None;
+            }
+            std::thread::sleep(Duration::from_micros(300));
+        }
+        dbg_log!(self, "{} stayed busy: not normalised", path.display());
+        None
+    }
+
+    /// One value written to a write-only attribute.
+    fn apply_value(&self, state: &mut State, sim: &mut Sim, path: &Path, value: &str) {
+        self.record(path, value);
+        let attr = attr_name(path);
+        let arg = value.trim();
+        let Some(dir) = path.parent() else { return };
+        if dir == self.tree.sysfs.join("bus/pci") {
+            if attr == "drivers_probe" {
+                self.probe(state, sim, arg);
+            }
+            return;
+        }
+        if dir.parent() == Some(self.tree.sysfs.join("bus/pci/drivers").as_path()) {
+            let Some(driver) = dir.file_name().and_then(|d| d.to_str()) else {
+                return;
+            };
+            match attr.as_str() {
+                "bind" => self.bind_cmd(state, sim, arg, driver),
+                "unbind" if self.tree.driver_of(arg).as_deref() == Some(driver) => {
+                    dbg_log!(self, "unbind {arg} from {driver}");
+                    let _ = self.tree.unbind(arg);
+                }
+                _ => {} // unbind from another driver (ENODEV), new_id, remove_id: recorded only
+            }
+        }
+    }
+
+    /// The driver_override in effect, also while its file is faulted.
+    fn override_for(&self, sim: &Sim, addr: &str) -> Option<String> {
+        let path = self.tree.device_dir(addr)?.join("driver_override");
+        if let Some(Saved::Regular(s)) = sim.faults.get(&path).map(Fault::saved) {
+            return Tree::parse_override(s);
+        }
+        if let Some(s) = sim.pipes.get(&path).and_then(|p| p.restore.as_ref()) {
+            return Tree::parse_override(s);
+        }
+        self.tree.override_of(addr)
+    }
+
+    fn try_bind(&self, addr: &str, driver: &str) -> bool {
+        if !self.tree.driver_loaded(driver) {
+            dbg_log!(self, "{addr}: driver {driver} not loaded, stays unbound");
+            return false;
+        }
+        if driver == VFIO_PCI && self.tree.group_of(addr).is_none() {
+            dbg_log!(self, "{addr}: no IOMMU group, vfio-pci probe fails");
+            return false;
+        }
+        dbg_log!(self, "bind {addr} to {driver}");
+        self.tree.bind(addr, driver).is_ok()
+    }
+
+    fn probe(&self, state: &mut State, sim: &mut Sim, addr: &str) {
+        if self.tree.device_dir(addr).is_none() || self.tree.driver_of(addr).is_some() {
+            return;
+        }
+        if sim.ignore_probe.contains(addr) {
+            dbg_log!(self, "probe {addr} ignored");
+            return;
+        }
+        let wrong = sim
+            .wrong_driver
+            .remove(addr)
+            .or_else(|| sim.always_wrong_driver.get(addr).cloned());
+        let target = match wrong {
+            Some(wrong) => Some(wrong),
+            None => self
+                .override_for(sim, addr)
+                .or_else(|| state.native.get(addr).cloned().flatten()),
+        };
+        if let Some(driver) = target {
+            self.try_bind(addr, &driver);
+        }
+    }
+
+    fn bind_cmd(&self, _state: &mut State, sim: &mut Sim, addr: &str, driver: &str) {
+        if self.tree.device_dir(addr).is_none() || self.tree.driver_of(addr).is_some() {
+            return;
+        }
+        if sim.ignore_probe.contains(addr) {
+            return;
+        }
+        match self.override_for(sim, addr) {
+            Some(o) if o != driver => {
+                dbg_log!(self, "bind {addr} to {driver} refused: override is {o}");
+            }
+            _ => {
+                self.try_bind(addr, driver);
+            }
+        }
+    }
+
+    /// A driver registered: probe the unbound devices it matches.
+    fn driver_registered(&self, state: &mut State, sim: &mut Sim, driver: &str) {
+        for addr in self.tree.devices() {
+            if self.tree.driver_of(&addr).is_some() || sim.ignore_probe.contains(&addr) {
+                continue;
+            }
+            let wanted = self
+                .override_for(sim, &addr)
+                .or_else(|| state.native.get(&addr).cloned().flatten());
+            if wanted.as_deref() == Some(driver) {
+                self.try_bind(&addr, driver);
+            }
+        }
+    }
+
+    fn forget_under(&self, sim: &mut Sim, dir: &Path) {
+        sim.pipes.retain(|p, _| !p.starts_with(dir));
+        sim.faults.retain(|p, _| !p.starts_with(dir));
+    }
+}
+
+fn attr_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------
+// Is a writer stuck yet?
+// ---------------------------------------------------------------------------
+
+/// True if task `/proc/<pid>/task/<tid>` is blocked in `open()` of a FIFO
+/// with no reader, which is where [`SimKernel::hang_write`] keeps writers.
+fn task_blocked_in_fifo_open(task: &Path) -> bool {
+    match fs::read_to_string(task.join("wchan")) {
+        Ok(w) if w.trim() == "wait_for_partner" => true,
+        Ok(w) if !w.is_empty() && w.trim() != "0" => false,
+        // wchan hidden: fall back to "sleeping in open/openat".
+        _ => {
+            let sleeping = fs::read_to_string(task.join("stat"))
+                .ok()
+                .and_then(|s| {
+                    let after = s.rsplit_once(')')?.1.trim_start().chars().next()?;
+                    Some(after == 'S')
+                })
+                .unwrap_or(false);
+            #[cfg(target_arch = "x86_64")]
+            const OPEN: &[&str] = &["2", "257", "437"];
+            #[cfg(not(target_arch = "x86_64"))]
+            const OPEN: &[&str] = &["56", "437"];
+            let in_open = fs::read_to_string(task.join("syscall"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next().map(|n| OPEN.contains(&n)))
+                .unwrap_or(false);
+            sleeping && in_open
+        }
+    }
+}
+
+/// True if some thread of process `pid` (e.g. a vfiod child process) is
+/// blocked writing an attribute armed with [`SimKernel::hang_write`] (more
+/// precisely: blocked opening any FIFO that has no reader).
+pub fn process_blocked_in_fifo_open(pid: u32) -> bool {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.flatten().any(|t| task_blocked_in_fifo_open(&t.path())))
+        .unwrap_or(false)
+}
+
+/// Like [`process_blocked_in_fifo_open`] for one thread of this process
+/// (its id from `nix::unistd::gettid()`).
+pub fn thread_blocked_in_fifo_open(tid: i32) -> bool {
+    task_blocked_in_fifo_open(Path::new(&format!("/proc/self/task/{tid}")))
+}
+
+// ---------------------------------------------------------------------------
+// Hook: follow builder changes
+// ---------------------------------------------------------------------------
+
+struct SimHook {
+    shared: Weak<Shared>,
+}
+
+impl Hook for SimHook {
+    fn device_added(&self, _tree: &Tree, _state: &mut State, _addr: &str, dir: &Path) {
+        if let Some(sh) = self.shared.upgrade() {
+            let mut sim = lock(&sh.sim);
+            if let Err(e) = sh.setup_device_dir(&mut sim, dir) {
+                eprintln!("simkernel: cannot watch {}: {e}", dir.display());
+            }
+        }
+    }
+
+    fn device_removing(&self, _tree: &Tree, _state: &mut State, _addr: &str, dir: &Path) {
+        if let Some(sh) = self.shared.upgrade() {
+            let mut sim = lock(&sh.sim);
+            sh.forget_under(&mut sim, dir);
+        }
+    }
+
+    fn driver_added(&self, _tree: &Tree, state: &mut State, name: &str) {
+        if let Some(sh) = self.shared.upgrade() {
+            let mut sim = lock(&sh.sim);
+            if let Err(e) = sh.setup_driver_dir(&mut sim, name) {
+                eprintln!("simkernel: cannot set up driver {name}: {e}");
+            }
+            sh.driver_registered(state, &mut sim, name);
+        }
+    }
+
+    fn driver_removing(&self, tree: &Tree, _state: &mut State, name: &str) {
+        if let Some(sh) = self.shared.upgrade() {
+            let mut sim = lock(&sh.sim);
+            sh.forget_under(&mut sim, &tree.driver_dir(name));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The thread
+// ---------------------------------------------------------------------------
+
+fn set_nonblocking(inotify: &Inotify, on: bool) {
+    if let Ok(bits) = fcntl(inotify, FcntlArg::F_GETFL) {
+        let mut flags = OFlag::from_bits_truncate(bits);
+        flags.set(OFlag::O_NONBLOCK, on);
+        let _ = fcntl(inotify, FcntlArg::F_SETFL(flags));
+    }
+}
+
+fn run(fs: FakeSys, sh: Arc<Shared>) {
+    let mut pending: VecDeque<InotifyEvent> = VecDeque::new();
+    while !sh.stop.load(Ordering::SeqCst) {
+        set_nonblocking(&sh.inotify, false);
+        match sh.inotify.read_events() {
+            Ok(evs) => pending.extend(evs),
+            Err(Errno::EINTR) => continue,
+            Err(e) => {
+                dbg_log!(sh, "inotify read: {e}");
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+        }
+        if sh.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        loop {
+            set_nonblocking(&sh.inotify, true);
+            while let Ok(evs) = sh.inotify.read_events() {
+                if evs.is_empty() {
+                    break;
+                }
+                pending.extend(evs);
+            }
+            let mut state = fs.lock_state();
+            let mut sim = lock(&sh.sim);
+            if pending.is_empty() {
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    sh.flush(&mut state, &mut sim)
+                }));
+                if result.is_err() {
+                    eprintln!("simkernel: internal error while flushing (ignored)");
+                }
+                let seen = sim.marker_seen;
+                drop(sim);
+                drop(state);
+                let mut idle = lock(&sh.idle);
+                if seen > *idle {
+                    *idle = seen;
+                    sh.idle_cv.notify_all();
+                }
+                break;
+            }
+            while let Some(ev) = pending.pop_front() {
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    sh.handle_event(&mut state, &mut sim, &ev)
+                }));
+                if result.is_err() {
+                    eprintln!("simkernel: internal error on {ev:?} (ignored)");
+                }
+            }
+        }
+    }
+}
