@@ -433,6 +433,15 @@ pub fn wants_openmetrics(accept: Option<&str>) -> bool {
     accept.is_some_and(|a| a.contains("application/openmetrics-text"))
 }
 
+/// The content type of the exposition [`render`] writes.
+pub fn content_type(openmetrics: bool) -> &'static str {
+    if openmetrics {
+        OPENMETRICS_CONTENT_TYPE
+    } else {
+        TEXT_CONTENT_TYPE
+    }
+}
+
 /// The whole exposition and its content type.
 pub fn render(devices: &DeviceRegistry, openmetrics: bool) -> (&'static str, String) {
     let per_scrape = [device_registry(devices), process_registry()];
