@@ -192,6 +192,47 @@ struct LoadResult {
     seconds: f64,
     p99_us: f64,
     bytes_per_response: usize,
+    /// CPU the server's processes spent in the run: user, system (s).
+    cpu: (f64, f64),
+}
+
+/// User and system CPU seconds of `pids` so far, exited threads included.
+fn cpu_seconds(pids: &[i32]) -> (f64, f64) {
+    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let mut total = (0.0, 0.0);
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // utime and stime: fields 14 and 15, the 12th and 13th after the name.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+        let field = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        total.0 += field(11) / tick;
+        total.1 += field(12) / tick;
+    }
+    total
+}
+
+/// `load`, and the CPU `server` (its processes) spent serving it.
+fn load_measured(
+    server: &[i32],
+    socket: &Path,
+    paths: &[String],
+    duration: Duration,
+) -> LoadResult {
+    let before = cpu_seconds(server);
+    let mut r = load(socket, paths, duration);
+    let after = cpu_seconds(server);
+    r.cpu = (after.0 - before.0, after.1 - before.1);
+    r
 }
 
 impl LoadResult {
@@ -294,6 +335,7 @@ fn load(socket: &Path, paths: &[String], duration: Duration) -> LoadResult {
             seconds,
             p99_us: pct(0.99),
             bytes_per_response: size,
+            cpu: (0.0, 0.0),
         }
     })
 }
@@ -487,6 +529,8 @@ fn api_benchmark(run_for: Duration, rounds: usize) {
         UnixStream::connect(&hyper_socket).ok().map(|_| ())
     });
 
+    let nginx_pids = nginx.as_ref().map_or(vec![], |n| n.pids());
+    let hyper_pid = [hyper_server.id() as i32];
     // results[kind][server] = one LoadResult per round; servers: vfiod,
     // nginx, hyper.
     let mut results: Vec<[Vec<LoadResult>; 3]> = kinds.iter().map(|_| Default::default()).collect();
@@ -503,17 +547,19 @@ fn api_benchmark(run_for: Duration, rounds: usize) {
                     0 => {
                         overall_peak = overall_peak.max(peak_rss_kib(d.pid()));
                         reset_peak_rss(d.pid());
-                        let r = load(&d.socket, &kind.vfiod_paths, run_for);
+                        let r = load_measured(&[d.pid()], &d.socket, &kind.vfiod_paths, run_for);
                         let peak = peak_rss_kib(d.pid());
                         kind_peak[k] = kind_peak[k].max(peak);
                         overall_peak = overall_peak.max(peak);
                         r
                     }
                     1 => match &nginx {
-                        Some(n) => load(&n.socket, &kind.static_paths, run_for),
+                        Some(n) => {
+                            load_measured(&nginx_pids, &n.socket, &kind.static_paths, run_for)
+                        }
                         None => continue,
                     },
-                    _ => load(&hyper_socket, &kind.static_paths, run_for),
+                    _ => load_measured(&hyper_pid, &hyper_socket, &kind.static_paths, run_for),
                 };
                 results[k][server].push(r);
             }
@@ -583,6 +629,35 @@ fn api_benchmark(run_for: Duration, rounds: usize) {
             show(med(h, LoadResult::rps), 0),
             show(ratio(h), 2),
             peak,
+        );
+    }
+    println!("  CPU per request, median of the rounds: user + system microseconds the server's processes spent per answer");
+    println!(
+        "  {:<34} | {:>8} {:>8} | {:>8} {:>8} | {:>8} {:>8}",
+        "request", "vfiod us", "sys", "nginx us", "sys", "hyper us", "sys"
+    );
+    for (kind, per_server) in kinds.iter().zip(&results) {
+        let per_request = |rs: &[LoadResult], f: fn(&LoadResult) -> f64| {
+            let mut xs: Vec<f64> = rs
+                .iter()
+                .map(|r| f(r) * 1e6 / r.requests.max(1) as f64)
+                .collect();
+            xs.sort_by(f64::total_cmp);
+            xs.get(xs.len() / 2)
+                .map_or("-".to_owned(), |x| format!("{x:.1}"))
+        };
+        let cells: Vec<String> = per_server
+            .iter()
+            .flat_map(|rs| {
+                [
+                    per_request(rs, |r| r.cpu.0 + r.cpu.1),
+                    per_request(rs, |r| r.cpu.1),
+                ]
+            })
+            .collect();
+        println!(
+            "  {:<34} | {:>8} {:>8} | {:>8} {:>8} | {:>8} {:>8}",
+            kind.label, cells[0], cells[1], cells[2], cells[3], cells[4], cells[5]
         );
     }
     println!(

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::error::ApiError;
 use super::respond::{self, ResponseBody};
-use super::{event_stream, parse, wire, Api, Peer, EVENT_SEQ_HEADER, OPENAPI_YAML};
+use super::{event_stream, parse, wire, zero_copy, Api, Peer, EVENT_SEQ_HEADER, OPENAPI_YAML};
 use crate::core::{Caller, Core, Operation, Outcome};
 use crate::error::CoreError;
 use crate::registry::DeviceRecord;
@@ -113,7 +113,7 @@ pub async fn available(c: Call<'_>) -> Answer {
                 .collect();
             let mut body = serde_json::to_vec(&wire).expect("wire types serialise");
             body.push(b'\n');
-            Ok(Bytes::from(body))
+            Ok(zero_copy::seal(body))
         })
         .await
         .map_err(CoreError::Internal)?;

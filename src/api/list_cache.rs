@@ -20,6 +20,9 @@
 //! own (`serde_json`, compact), so a filtered list is byte for byte the
 //! full list with the other records left out.
 //!
+//! The full body and the kept filtered bodies are sealed
+//! ([`zero_copy`]): sockets get them with `sendfile`, without a copy each.
+//!
 //! Concurrency: one mutex around the current version, held while a new
 //! version is built (so concurrent requests after a change build it once);
 //! answering from a built version takes only an `Arc` clone under it.
@@ -30,7 +33,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-use super::wire;
+use super::{wire, zero_copy};
 use crate::pci::PciIds;
 use crate::registry::Registry;
 
@@ -142,7 +145,7 @@ impl ListVersion {
         }
         ListVersion {
             registry,
-            body: Bytes::from(body),
+            body: zero_copy::seal(body),
             spans,
             by_id_or_name,
             by_tag,
@@ -171,8 +174,13 @@ impl ListVersion {
                 return body;
             }
         }
-        let body = self.join(&self.matching(filter));
-        if body.len() >= SHARED_FILTERED_MIN {
+        let joined = self.join(&self.matching(filter));
+        if joined.len() < SHARED_FILTERED_MIN {
+            return Bytes::from(joined);
+        }
+        // Kept and sent many times: sent from a sealed file.
+        let body = zero_copy::seal(joined);
+        {
             let mut shared = self.filtered.lock().unwrap_or_else(|p| p.into_inner());
             if !shared.bodies.iter().any(|(f, _)| *f == key) {
                 shared.bytes += body.len();
@@ -220,7 +228,7 @@ impl ListVersion {
             .collect()
     }
 
-    fn join(&self, positions: &[u32]) -> Bytes {
+    fn join(&self, positions: &[u32]) -> Vec<u8> {
         let spans: Vec<&[u8]> = positions
             .iter()
             .map(|&p| &self.body[self.spans[p as usize].clone()])
@@ -234,7 +242,7 @@ impl ListVersion {
             out.extend_from_slice(span);
         }
         out.extend_from_slice(b"]\n");
-        Bytes::from(out)
+        out
     }
 }
 

@@ -21,6 +21,7 @@ pub mod respond;
 pub mod routes;
 pub mod server;
 pub mod wire;
+pub mod zero_copy;
 
 use std::sync::Arc;
 use std::time::Duration;
