@@ -442,7 +442,7 @@ fn api_benchmark(run_for: Duration, rounds: usize) {
 
     let kinds = vec![
         Kind {
-            label: "GET /devices",
+            label: "GET /devices (full list)",
             vfiod_paths: vec!["/devices".into()],
             static_paths: vec!["/list.json".into()],
             target: Some(0.9),

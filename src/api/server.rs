@@ -372,7 +372,7 @@ async fn serve_connection<S>(
     peer: Peer,
     held: impl Send + 'static,
 ) where
-    S: AsyncRead + AsyncWrite + SendfileTarget + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + SendfileTarget + std::os::fd::AsFd + Unpin + Send + 'static,
 {
     let _held = held;
     let peer = Arc::new(peer);
