@@ -69,6 +69,15 @@ pub enum Step {
     ReleaseConsole,
     /// Binding it back once the device is returned.
     RestoreConsole,
+    /// Writing a PF's `sriov_drivers_autoprobe` (0 before VFs are made, so
+    /// no host driver probes them; the old value once they are gone).
+    SetAutoprobe,
+    /// Writing a PF's `sriov_numvfs` (0, or the count wanted).
+    SetNumVfs,
+    /// Waiting for the VFs the count asks for to appear, or to go.
+    VerifyVfs,
+    /// Writing a VF's `nvidia/current_vgpu_type`.
+    SetVgpuType,
 }
 
 impl fmt::Display for Step {
@@ -86,6 +95,10 @@ impl fmt::Display for Step {
             Step::RestoreResetMethod => "restore reset_method",
             Step::ReleaseConsole => "release framebuffer console",
             Step::RestoreConsole => "restore framebuffer console",
+            Step::SetAutoprobe => "set sriov_drivers_autoprobe",
+            Step::SetNumVfs => "set sriov_numvfs",
+            Step::VerifyVfs => "verify VFs",
+            Step::SetVgpuType => "set current_vgpu_type",
         };
         f.write_str(name)
     }
@@ -164,6 +177,16 @@ pub enum EngineError {
         /// The node waited for.
         path: PathBuf,
     },
+    /// A PF's VF count was written but its VFs did not all go.
+    #[error("verify VFs for {device}: expected {expected} VFs, found {found}")]
+    Vfs {
+        /// The PF.
+        device: PciAddress,
+        /// The count written.
+        expected: u32,
+        /// The `virtfnN` links left.
+        found: u32,
+    },
 }
 
 /// A driver for a message: its name, or "no driver".
@@ -189,6 +212,7 @@ impl EngineError {
             | EngineError::Verify { step, .. }
             | EngineError::DriverNotLoaded { step, .. }
             | EngineError::GroupNode { step, .. } => *step,
+            EngineError::Vfs { .. } => Step::VerifyVfs,
         }
     }
 
@@ -200,7 +224,8 @@ impl EngineError {
             | EngineError::Timeout { device, .. }
             | EngineError::Verify { device, .. }
             | EngineError::DriverNotLoaded { device, .. }
-            | EngineError::GroupNode { device, .. } => *device,
+            | EngineError::GroupNode { device, .. }
+            | EngineError::Vfs { device, .. } => *device,
         }
     }
 
@@ -431,6 +456,45 @@ impl Engine {
                 }
                 other => return other,
             }
+        }
+    }
+
+    /// Writes a VF's `nvidia/current_vgpu_type` (0 clears it).
+    pub async fn set_vgpu_type(&self, vf: PciAddress, id: u32) -> Result<(), EngineError> {
+        let path = self.sysfs.current_vgpu_type_path(&vf);
+        self.write(Step::SetVgpuType, vf, path, &id.to_string())
+            .await
+    }
+
+    /// Writes `pf`'s `sriov_drivers_autoprobe`.
+    pub async fn set_sriov_autoprobe(&self, pf: PciAddress, on: bool) -> Result<(), EngineError> {
+        let path = self.sysfs.sriov_autoprobe_path(&pf);
+        self.write(Step::SetAutoprobe, pf, path, if on { "1" } else { "0" })
+            .await
+    }
+
+    /// Writes `count` to `pf`'s `sriov_numvfs` and returns how many VFs
+    /// exist once the kernel is done. The kernel's write returns when the
+    /// VFs are made; the `virtfnN` links are polled all the same (udev and
+    /// a simulated kernel are asynchronous). A driver that enables fewer
+    /// than asked shows as a smaller count after the settle time; VFs that
+    /// do not all go after a write of 0 are a `Verify` error.
+    pub async fn set_num_vfs(&self, pf: PciAddress, count: u32) -> Result<u32, EngineError> {
+        let path = self.sysfs.sriov_numvfs_path(&pf);
+        self.write(Step::SetNumVfs, pf, path, &count.to_string())
+            .await?;
+        let enabled = || self.sysfs.virtfns(&pf).len() as u32;
+        match self
+            .wait_until(Step::VerifyVfs, pf, None, || enabled() == count)
+            .await
+        {
+            Ok(()) => Ok(count),
+            Err(_) if count > 0 => Ok(enabled()),
+            Err(_) => Err(EngineError::Vfs {
+                device: pf,
+                expected: 0,
+                found: enabled(),
+            }),
         }
     }
 

@@ -169,6 +169,65 @@ pub enum CoreError {
     /// afterwards failed.
     #[error("{0}")]
     ResetVerifyFailed(Box<ResetVerifyFailure>),
+    /// 409 `sriov_unsupported`: the device cannot make VFs now (not an
+    /// SR-IOV PF, no driver, or vfio-pci without `enable_sriov`); the
+    /// message says which.
+    #[error("{0}")]
+    SriovUnsupported(String),
+    /// 400 `invalid_vf_count`: more VFs than the PF's `sriov_totalvfs`.
+    #[error("{device} can have at most {total} VFs (sriov_totalvfs); {requested} asked for")]
+    InvalidVfCount {
+        /// The PF's name.
+        device: String,
+        /// The count asked for.
+        requested: u32,
+        /// `sriov_totalvfs`.
+        total: u32,
+    },
+    /// 409 `vfs_in_use`: changing the VF count destroys every VF, and these
+    /// are in use.
+    #[error("the VF count of {pf} cannot change while its VFs are in use (a change destroys them all): {}", list_functions_why(.vfs))]
+    VfsInUse {
+        /// The PF's name.
+        pf: String,
+        /// Each VF in use, and how.
+        vfs: Vec<(PciAddress, String)>,
+    },
+    /// 409 `pf_has_vfs`: the operation would tear down or disturb the PF's
+    /// VFs, and these are in use (or vfiod keeps a VF count on it).
+    #[error("{pf} has VFs that this would tear down: {}", list_functions_why(.vfs))]
+    PfHasVfs {
+        /// The PF's name.
+        pf: String,
+        /// Each VF in the way, and why.
+        vfs: Vec<(PciAddress, String)>,
+    },
+    /// 409 `claim_conflict`: the instance already holds a claim made with
+    /// another request.
+    #[error("instance {instance:?} already claimed {device} with another request; detach it first to claim anew")]
+    ClaimConflict {
+        /// The instance id of the claim.
+        instance: String,
+        /// The device its earlier claim got.
+        device: String,
+    },
+    /// 409 `no_capacity`: no device fits the claim; why each candidate did
+    /// not.
+    #[error("no free device fits the claim{}", refused_note(.refused))]
+    NoCapacity {
+        /// Each device with the tags asked for, and why it was not taken.
+        refused: Vec<(PciAddress, String)>,
+    },
+    /// 409 `vgpu_type_unavailable`: the VF cannot take the vGPU type now.
+    #[error("{device} cannot take vGPU type {vgpu_type}: {detail}")]
+    VgpuTypeUnavailable {
+        /// The VF's name.
+        device: String,
+        /// The type asked for.
+        vgpu_type: String,
+        /// What the driver said.
+        detail: String,
+    },
     /// 507 `storage_full` on ENOSPC/EDQUOT, else 500 `storage_error`; the
     /// in-memory registry is left as it was.
     #[error("saving the registry failed, nothing was changed: {0}")]
@@ -266,6 +325,22 @@ fn list_holders(device: &PciAddress, holders: &[Holder]) -> String {
         .join("; ")
 }
 
+fn list_functions_why(functions: &[(PciAddress, String)]) -> String {
+    functions
+        .iter()
+        .map(|(a, why)| format!("{a} ({why})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn refused_note(refused: &[(PciAddress, String)]) -> String {
+    if refused.is_empty() {
+        "; no registered device has the tags asked for".into()
+    } else {
+        format!(": {}", list_functions_why(refused))
+    }
+}
+
 fn list_uids(others: &[(PciAddress, u32)]) -> String {
     others
         .iter()
@@ -297,6 +372,21 @@ impl CoreError {
             error,
             rollback,
         }))
+    }
+
+    /// Whether the same operation may succeed if tried again unchanged: a
+    /// write the kernel refused, a commit the disk refused, a scan that
+    /// failed. A refusal (the device is held, attached, unfit, ...) or a
+    /// write stuck in the kernel (its return settles the device) is not.
+    pub fn may_pass(&self) -> bool {
+        match self {
+            CoreError::DriverMoveFailed(f) => !f.error.is_timeout(),
+            CoreError::Storage(_)
+            | CoreError::HolderScan(_)
+            | CoreError::GrantFailed(_)
+            | CoreError::Internal(_) => true,
+            _ => false,
+        }
     }
 
     /// For a failed driver move: which step, errno, as structured detail.

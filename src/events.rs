@@ -69,6 +69,11 @@ pub enum EventKind {
     ResetFailed,
     /// `health` changed (detail: the new health and its reason).
     HealthChanged,
+    /// A PF's VF count changed, or vfiod made its VFs again (detail: desired
+    /// and enabled counts).
+    SriovChanged,
+    /// A VF count change failed (detail: the step and errno).
+    SriovFailed,
     /// Sent to one subscriber in place of `missed` events it was too slow to
     /// take.
     Lagged,

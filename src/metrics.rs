@@ -291,6 +291,10 @@ const DEVICE_INFO: (&str, &str) = (
     "vfiod_device_info",
     "A registered device and its identity (always 1)",
 );
+const SRIOV_VFS: (&str, &str) = (
+    "vfiod_sriov_vfs",
+    "VFs of a PF whose count vfiod keeps: the count declared (desired) and the VFs there now (enabled)",
+);
 const DEVICE_HEALTH: (&str, &str) = (
     "vfiod_device_health",
     "The device's health (ok, needs_reset, quarantined, needs_host_reboot): 1 for the current one",
@@ -359,6 +363,27 @@ fn write_device_families(out: &mut String, devices: &DeviceRegistry) {
             } else {
                 "\"} 0\n"
             });
+        }
+    }
+    if devices.iter().any(|d| d.sriov.is_some()) {
+        // A VF's record lives as long as the kernel's VF: counting the
+        // records counts what is enabled, without reading sysfs here.
+        let mut enabled: std::collections::HashMap<_, i64> = std::collections::HashMap::new();
+        for vf in devices.iter().filter(|v| v.present) {
+            if let Some(of) = &vf.vf {
+                *enabled.entry(of.parent_address).or_default() += 1;
+            }
+        }
+        header(out, SRIOV_VFS);
+        for d in devices.iter() {
+            let Some(c) = &d.sriov else { continue };
+            let there = enabled.get(&d.pci_address).copied().unwrap_or(0);
+            for (state, value) in [("desired", i64::from(c.desired_vfs)), ("enabled", there)] {
+                out.push_str(SRIOV_VFS.0);
+                out.push_str("{pf=\"");
+                push_label_value(out, &d.name);
+                let _ = writeln!(out, "\",state=\"{state}\"}} {value}");
+            }
         }
     }
 }
@@ -545,6 +570,12 @@ mod tests {
 
     /// The per-device families as `prometheus_client` builds them: what
     /// [`write_device_families`] writes by hand must read the same.
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    struct SriovLabels {
+        pf: String,
+        state: &'static str,
+    }
+
     fn device_registry(devices: &DeviceRegistry) -> Registry {
         let mut registry = Registry::default();
         let info = Family::<DeviceInfoLabels, Gauge>::default();
@@ -552,7 +583,30 @@ mod tests {
         let families: Vec<Family<DeviceLabels, Gauge>> =
             flags.iter().map(|_| Family::default()).collect();
         let health = Family::<HealthLabels, Gauge>::default();
+        let sriov = Family::<SriovLabels, Gauge>::default();
         for d in devices.iter() {
+            if let Some(c) = &d.sriov {
+                let enabled = devices
+                    .iter()
+                    .filter(|v| {
+                        v.present
+                            && v.vf
+                                .as_ref()
+                                .is_some_and(|vf| vf.parent_address == d.pci_address)
+                    })
+                    .count();
+                for (state, value) in [
+                    ("desired", c.desired_vfs as i64),
+                    ("enabled", enabled as i64),
+                ] {
+                    sriov
+                        .get_or_create(&SriovLabels {
+                            pf: d.name.clone(),
+                            state,
+                        })
+                        .set(value);
+                }
+            }
             info.get_or_create(&DeviceInfoLabels {
                 id: d.id.clone(),
                 name: d.name.clone(),
@@ -592,6 +646,11 @@ mod tests {
             "vfiod_device_health",
             "The device's health (ok, needs_reset, quarantined, needs_host_reboot): 1 for the current one",
             health,
+        );
+        registry.register(
+            "vfiod_sriov_vfs",
+            "VFs of a PF whose count vfiod keeps: the count declared (desired) and the VFs there now (enabled)",
+            sriov,
         );
         registry
     }
@@ -656,6 +715,21 @@ mod tests {
             });
         }
         d.health.state = HEALTH_STATES[(next() % 4) as usize];
+        // Devices 0 and 1 keep a VF count; some others are their VFs.
+        if i < 2 {
+            d.sriov = Some(crate::registry::SriovConfig {
+                desired_vfs: 4 + i as u32,
+                vf_driver: Default::default(),
+                saved_autoprobe: None,
+            });
+        } else if next() % 3 == 0 {
+            let parent = i % 2;
+            d.vf = Some(crate::registry::VirtualFunction {
+                parent_id: format!("id{parent}"),
+                parent_address: format!("0000:10:00.{parent}").parse().unwrap(),
+                index: i as u32,
+            });
+        }
         d
     }
 
@@ -683,7 +757,8 @@ mod tests {
             assert_eq!(families(&ours), families(&om), "{n} devices, OpenMetrics");
             if n == 50 {
                 assert!(ours.contains(r#"name="gpu\n"#), "an escaped name: {ours}");
-                assert_eq!(ours.lines().count(), 6 * 2 + 50 * 9);
+                assert_eq!(ours.lines().count(), 7 * 2 + 50 * 9 + 2 * 2);
+                assert!(ours.contains("vfiod_sriov_vfs{pf="), "{ours}");
             }
         }
     }

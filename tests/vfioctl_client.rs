@@ -3,87 +3,14 @@
 //! what it prints for each answer (tables, `show`, `--json`, dry runs,
 //! events, errors). The stand-in answers are checked against a real vfiod.
 
-use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixListener;
+mod vfioctl_stand_in;
 
-use common::fakesys::TempDir;
+use std::collections::BTreeSet;
+
 use common::host::Host;
 use common::standard::{EDU, GPU, NIC, T4};
-use common::vfioctl;
 use serde_json::{json, Value};
-
-/// What a stand-in server saw of one request.
-#[derive(Debug)]
-struct Seen {
-    method: String,
-    path: String,
-    body: Value,
-}
-
-/// What vfioctl did against a stand-in server.
-struct Run {
-    seen: Seen,
-    code: i32,
-    out: String,
-    err: String,
-}
-
-/// Runs vfioctl against a socket that answers one request with `status`
-/// (e.g. `200 OK`) and `body`, and returns what vfioctl sent and printed.
-fn stand_in(args: &[&str], status: &str, body: &str) -> Run {
-    let dir = TempDir::new("vfioctl-stand-in").unwrap();
-    let socket = dir.path().join("s.sock");
-    let listener = UnixListener::bind(&socket).unwrap();
-    let (status, reply) = (status.to_owned(), body.to_owned());
-    let server = std::thread::spawn(move || {
-        let (stream, _) = listener.accept().unwrap();
-        let mut reader = BufReader::new(stream);
-        let mut request_line = String::new();
-        reader.read_line(&mut request_line).unwrap();
-        let mut length = 0;
-        loop {
-            let mut line = String::new();
-            reader.read_line(&mut line).unwrap();
-            if line.trim().is_empty() {
-                break;
-            }
-            if let Some((k, v)) = line.split_once(':') {
-                if k.eq_ignore_ascii_case("content-length") {
-                    length = v.trim().parse().unwrap();
-                }
-            }
-        }
-        let mut body = vec![0; length];
-        reader.read_exact(&mut body).unwrap();
-        // One write: vfioctl may close as soon as it has read the head
-        // (an events request refused), and a later piece of a write!
-        // would then fail with EPIPE.
-        let answer = format!(
-            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reply}",
-            reply.len()
-        );
-        reader.get_mut().write_all(answer.as_bytes()).unwrap();
-        let mut parts = request_line.split_whitespace();
-        Seen {
-            method: parts.next().unwrap().to_owned(),
-            path: parts.next().unwrap().to_owned(),
-            body: if body.is_empty() {
-                Value::Null
-            } else {
-                serde_json::from_slice(&body).unwrap()
-            },
-        }
-    });
-    let (code, out, err) = vfioctl(&socket, args);
-    let seen = server.join().unwrap();
-    Run {
-        seen,
-        code,
-        out,
-        err,
-    }
-}
+use vfioctl_stand_in::{stand_in, Seen};
 
 /// [`stand_in`] answering `200 OK` with `reply`, for a command that must
 /// succeed.

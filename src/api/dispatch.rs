@@ -207,6 +207,60 @@ pub async fn holders(c: Call<'_>) -> Answer {
     Ok(respond::json(StatusCode::OK, &body))
 }
 
+/// `GET /devices/{id_or_name}/sriov`: the kernel's VF count and the
+/// declared one, fresh from sysfs.
+pub async fn sriov(c: Call<'_>) -> Answer {
+    let status = c.core().sriov_status(&c.id).await?;
+    Ok(respond::json(StatusCode::OK, &status))
+}
+
+/// `PUT /devices/{id_or_name}/sriov`: sets the VF count; idempotent.
+pub async fn set_sriov(c: Call<'_>) -> Answer {
+    let req = parse::sriov(&c.body)?;
+    let device = c.id.clone();
+    let status = c
+        .execute(Operation::SetVfs { device, req })
+        .await?
+        .sriov()?;
+    Ok(respond::json(StatusCode::OK, &status))
+}
+
+/// `POST /devices/claim`: 201 with the device handed out, 200 with the
+/// same device when the same instance asks the same again.
+pub async fn claim(c: Call<'_>) -> Answer {
+    let req = parse::claim(&c.body)?;
+    match c.execute(Operation::Claim(req)).await? {
+        Outcome::Claimed { device, created } => {
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok(c.device(status, &device))
+        }
+        other => {
+            Err(crate::error::CoreError::Internal(format!("a claim ended as {other:?}")).into())
+        }
+    }
+}
+
+/// `GET /devices/capacity`: counts per `resource` tag.
+pub async fn capacity(c: Call<'_>) -> Answer {
+    let filter = parse::capacity_query(c.query)?;
+    let pools = c.core().capacity(&filter);
+    Ok(respond::json(
+        StatusCode::OK,
+        &serde_json::json!({ "resources": pools }),
+    ))
+}
+
+/// `GET /devices/{id_or_name}/vgpu_types`: the vGPU types of a PF's VFs and
+/// how many free VFs can take each now.
+pub async fn vgpu_types(c: Call<'_>) -> Answer {
+    let types = c.core().vgpu_types(&c.id)?;
+    Ok(respond::json(StatusCode::OK, &types))
+}
+
 /// `GET /events`: a streaming response; the per-uid stream limit is taken here
 /// and held for the stream's life.
 pub async fn events(c: Call<'_>) -> Answer {

@@ -191,11 +191,20 @@ fn core_status_and_code(e: &CoreError) -> (StatusCode, &'static str) {
                 (StatusCode::INTERNAL_SERVER_ERROR, "bind_failed")
             } else if f.op == "reset" {
                 (StatusCode::INTERNAL_SERVER_ERROR, "reset_failed")
+            } else if f.op == "sriov" || f.op == "converge_vfs" {
+                (StatusCode::INTERNAL_SERVER_ERROR, "sriov_failed")
             } else {
                 (StatusCode::INTERNAL_SERVER_ERROR, "unbind_failed")
             }
         }
         ResetScopeConflict { .. } => (StatusCode::CONFLICT, "reset_scope_conflict"),
+        SriovUnsupported(_) => (StatusCode::CONFLICT, "sriov_unsupported"),
+        InvalidVfCount { .. } => (StatusCode::BAD_REQUEST, "invalid_vf_count"),
+        VfsInUse { .. } => (StatusCode::CONFLICT, "vfs_in_use"),
+        ClaimConflict { .. } => (StatusCode::CONFLICT, "claim_conflict"),
+        NoCapacity { .. } => (StatusCode::CONFLICT, "no_capacity"),
+        VgpuTypeUnavailable { .. } => (StatusCode::CONFLICT, "vgpu_type_unavailable"),
+        PfHasVfs { .. } => (StatusCode::CONFLICT, "pf_has_vfs"),
         ResetMethodUnsupported(_) => (StatusCode::CONFLICT, "reset_method_unsupported"),
         DeviceQuarantined { .. } => (StatusCode::CONFLICT, "device_quarantined"),
         NeedsHostReboot { .. } => (StatusCode::CONFLICT, "device_needs_host_reboot"),
@@ -231,7 +240,11 @@ pub fn to_body(e: &ApiError) -> (StatusCode, ErrorBody) {
             })
             .collect();
     }
-    if let CoreError::ResetScopeConflict { conflicts, .. } = e {
+    if let CoreError::ResetScopeConflict { conflicts, .. }
+    | CoreError::VfsInUse { vfs: conflicts, .. }
+    | CoreError::PfHasVfs { vfs: conflicts, .. }
+    | CoreError::NoCapacity { refused: conflicts } = e
+    {
         body.conflicting_functions = conflicts
             .iter()
             .map(|(a, why)| ConflictingFunction {

@@ -9,10 +9,12 @@ use serde_json::{Map, Value};
 use super::error::ApiError;
 use crate::core::{
     AttachRequest, BindRequest, DeviceName, InstanceId, RegisterRequest, ResetMethod, ResetRequest,
-    Tags, UpdateRequest,
+    SriovRequest, Tags, UpdateRequest,
 };
+use crate::core::{ClaimRequest, NumaPolicy};
 use crate::error::CoreError;
 use crate::pci::PciAddress;
+use crate::registry::VfDriver;
 
 /// Parses a JSON object body; an empty body is `{}` when `empty_ok`.
 fn object(body: &[u8], empty_ok: bool) -> Result<Map<String, Value>, ApiError> {
@@ -216,6 +218,119 @@ pub fn attach(body: &[u8]) -> Result<AttachRequest, ApiError> {
         uid: optional_u32(&map, "uid")?,
         pid,
     })
+}
+
+/// `PUT /devices/{id_or_name}/sriov`: `num_vfs` required, `vf_driver`
+/// optional.
+pub fn sriov(body: &[u8]) -> Result<SriovRequest, ApiError> {
+    let map = object(body, false)?;
+    deny_unknown(&map, &["num_vfs", "vf_driver"])?;
+    let num_vfs = match map.get("num_vfs") {
+        None | Some(Value::Null) => {
+            return Err(CoreError::InvalidRequest("num_vfs is required".into()).into())
+        }
+        Some(v) => v
+            .as_u64()
+            .and_then(|n| u16::try_from(n).ok())
+            .ok_or_else(|| {
+                CoreError::InvalidRequest("num_vfs must be an integer from 0 to 65535".into())
+            })?,
+    };
+    let vf_driver = match map.get("vf_driver") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(VfDriver::parse(s).ok_or_else(|| {
+            CoreError::InvalidRequest(format!(
+                "vf_driver must be \"vfio-pci\", \"none\" or \"native\", not {:?}",
+                s.chars().take(40).collect::<String>()
+            ))
+        })?),
+        Some(_) => {
+            return Err(CoreError::InvalidRequest("vf_driver must be a string".into()).into())
+        }
+    };
+    Ok(SriovRequest {
+        num_vfs: u32::from(num_vfs),
+        vf_driver,
+    })
+}
+
+/// `POST /devices/claim`: `tags` and `instance_id` required; `uid`,
+/// `pid`, `numa_node`, `numa` and `vgpu_type` optional.
+pub fn claim(body: &[u8]) -> Result<ClaimRequest, ApiError> {
+    let map = object(body, false)?;
+    deny_unknown(
+        &map,
+        &[
+            "tags",
+            "instance_id",
+            "uid",
+            "pid",
+            "numa_node",
+            "numa",
+            "vgpu_type",
+        ],
+    )?;
+    let tags = tags_field(&map)?
+        .ok_or_else(|| {
+            CoreError::InvalidRequest("tags is required (an object, may be empty)".into())
+        })?
+        .into_inner();
+    let instance = match map.get("instance_id") {
+        Some(Value::String(s)) => InstanceId::parse(s)?,
+        None | Some(Value::Null) => {
+            return Err(CoreError::InvalidRequest("instance_id is required".into()).into())
+        }
+        Some(_) => {
+            return Err(CoreError::InvalidRequest("instance_id must be a string".into()).into())
+        }
+    };
+    let pid = optional_u32(&map, "pid").map_err(|e| CoreError::InvalidPid(e.to_string()))?;
+    if pid == Some(0) {
+        return Err(CoreError::InvalidPid("pid must be a process id, not 0".into()).into());
+    }
+    let numa = match map.get("numa") {
+        None | Some(Value::Null) => NumaPolicy::Preferred,
+        Some(Value::String(s)) if s == "preferred" => NumaPolicy::Preferred,
+        Some(Value::String(s)) if s == "required" => NumaPolicy::Required,
+        Some(_) => {
+            return Err(CoreError::InvalidRequest(
+                "numa must be \"required\" or \"preferred\"".into(),
+            )
+            .into())
+        }
+    };
+    let numa_node = optional_u32(&map, "numa_node")?;
+    if numa == NumaPolicy::Required && numa_node.is_none() {
+        return Err(CoreError::InvalidRequest("numa \"required\" needs a numa_node".into()).into());
+    }
+    let vgpu_type = match map.get("vgpu_type") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if !s.trim().is_empty() && s.len() <= 128 => {
+            Some(s.trim().to_owned())
+        }
+        Some(_) => {
+            return Err(CoreError::InvalidRequest(
+                "vgpu_type must be a type name (L40S-12Q) or ID, 1 to 128 characters".into(),
+            )
+            .into())
+        }
+    };
+    Ok(ClaimRequest {
+        tags,
+        instance_id: instance.0,
+        uid: optional_u32(&map, "uid")?,
+        pid,
+        numa_node,
+        numa,
+        vgpu_type,
+    })
+}
+
+/// `GET /devices/capacity?tags[KEY]=VALUE&...`: the tag filter.
+pub fn capacity_query(
+    query: Option<&str>,
+) -> Result<std::collections::BTreeMap<String, String>, ApiError> {
+    Ok(list_query(query)?.into_iter().collect())
 }
 
 /// A non-negative integer that fits a uid or pid, or absent/null.

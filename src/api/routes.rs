@@ -95,6 +95,8 @@ routes! {
     GET    "/devices"                       Read            dispatch::list;
     POST   "/devices"                       Change          dispatch::register;
     GET    "/devices/available"             Read            dispatch::available;
+    POST   "/devices/claim"                 Change          dispatch::claim;
+    GET    "/devices/capacity"              Read            dispatch::capacity;
     GET    "/devices/{id_or_name}"          Read            dispatch::get;
     PATCH  "/devices/{id_or_name}"          Change          dispatch::update;
     DELETE "/devices/{id_or_name}"          Change          dispatch::delete;
@@ -104,6 +106,9 @@ routes! {
     POST   "/devices/{id_or_name}/detach"   Change          dispatch::detach;
     POST   "/devices/{id_or_name}/reset"    Change          dispatch::reset;
     GET    "/devices/{id_or_name}/holders"  Read            dispatch::holders;
+    GET    "/devices/{id_or_name}/sriov"    Read            dispatch::sriov;
+    PUT    "/devices/{id_or_name}/sriov"    Change          dispatch::set_sriov;
+    GET    "/devices/{id_or_name}/vgpu_types" Read          dispatch::vgpu_types;
     GET    "/events"                        Read            dispatch::events;
     GET    "/health"                        Read            dispatch::health;
     GET    "/openapi.yaml"                  Read            dispatch::openapi;

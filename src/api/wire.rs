@@ -88,6 +88,24 @@ pub struct Device<'a> {
     /// The device's own reset method order (PATCH), or null for the
     /// kernel's.
     pub reset_method: Option<Cow<'a, [String]>>,
+    /// On a VF vfiod made: its PF's id; left out otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<Cow<'a, str>>,
+    /// On a VF vfiod made: N of its PF's `virtfnN`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vf_index: Option<u32>,
+    /// On a PF with a declared VF count: the count and `vf_driver`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sriov: Option<SriovWire>,
+}
+
+/// A PF's declared VF count, as its device shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SriovWire {
+    /// The count vfiod keeps.
+    pub desired_vfs: u32,
+    /// What new VFs are given.
+    pub vf_driver: crate::registry::VfDriver,
 }
 
 /// The driver move a device has recorded and not finished.
@@ -174,6 +192,12 @@ impl<'a> Device<'a> {
             reset_method: d.reset_method.as_deref().map(Cow::Borrowed),
             attached_uid: d.attached_uid(),
             attached_pid: d.attached_pid().map(|p| p.pid),
+            parent: d.vf.as_ref().map(|v| Cow::Borrowed(v.parent_id.as_str())),
+            vf_index: d.vf.as_ref().map(|v| v.index),
+            sriov: d.sriov.as_ref().map(|c| SriovWire {
+                desired_vfs: c.desired_vfs,
+                vf_driver: c.vf_driver,
+            }),
         }
     }
 }

@@ -98,11 +98,13 @@ impl Core {
         ensure_fit(&record)?;
         self.ensure_group_attachable_by(&record, uid)?;
         let addr = record.pci_address;
+        // A vGPU VF is ready as it is: its own driver is its VFIO provider.
         let on_vfio = self
             .sysfs()
             .driver(&addr)
             .as_deref()
-            .is_some_and(is_vfio_driver);
+            .is_some_and(is_vfio_driver)
+            || self.sysfs().is_vgpu_vf(&addr);
         if !on_vfio {
             self.apply_bind(ctx, &record, BindRequest::default())
                 .await?;
@@ -236,9 +238,15 @@ impl Core {
         // into a live attachment whose grant was gone, or, with a failed
         // revoke, recorded no attachment over a tenant's entry.
         let device = self
-            .update_device(addr, |d| d.attachment = None)
+            .update_device(addr, |d| {
+                d.attachment = None;
+                d.claim = None;
+            })
             .await?
             .unwrap_or_else(|| record.clone());
+        if record.claim.as_ref().is_some_and(|c| c.vgpu_type.is_some()) {
+            self.clear_vgpu_type(addr).await;
+        }
         if let Err(e) = self.revoke_grant(record).await {
             // The attachment still ends: keeping a VM's label on a device
             // because a node could not be changed helps nobody. The entry
@@ -322,25 +330,15 @@ impl Core {
                 tracing::warn!(device = %addr, pid = process.pid, error = %e, "cannot follow the VMM with a pidfd; checking whether it still runs");
             }
             let why = format!("VMM pid {} (uid {uid}) exited", process.pid);
-            // An end the state file refused is tried again shortly: the VMM
-            // is gone all the same, and an attachment nobody holds should
-            // not wait for a restart.
-            for attempt in 1..=VMM_EXIT_ATTEMPTS {
-                let op = Operation::EndAttachment {
-                    address: addr,
-                    process,
-                    why: why.clone(),
-                };
-                let _ = core.execute(Caller::AGENT, op).await;
-                let still_attached = core
-                    .snapshot()
-                    .get_by_address(&addr)
-                    .is_some_and(|d| d.attached_pid() == Some(process));
-                if !still_attached {
-                    return;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
-            }
+            // An end the state file refused is tried again shortly (the
+            // executor sees its own operations through): the VMM is gone
+            // all the same, and an attachment nobody holds should not wait
+            // for a restart.
+            core.execute_in_background(Operation::EndAttachment {
+                address: addr,
+                process,
+                why,
+            });
         });
     }
 
@@ -467,10 +465,6 @@ impl Core {
         }
     }
 }
-
-/// Tries to record the end of an exited VMM's attachment, 100 ms apart
-/// more each time.
-const VMM_EXIT_ATTEMPTS: u64 = 10;
 
 /// Tries of [`Core::revoke_later`], 100 ms apart more each time.
 const REVOKE_ATTEMPTS: u64 = 10;

@@ -21,9 +21,12 @@
 //! and giving back, and settling slow writes), `attach` (attachments and
 //! their grants), `reset` (reset, its scope check, device health and
 //! quarantine), `release` (the one sequence that ends a device's use:
-//! attachment, reset, give-back), `reconcile` (startup and hotplug).
+//! attachment, reset, give-back), `claim` (a free device picked and handed
+//! out atomically), `sriov` (a PF's VF count and its VFs as
+//! devices), `reconcile` (startup and hotplug).
 
 mod attach;
+mod claim;
 mod holders;
 mod moves;
 mod operation;
@@ -31,6 +34,7 @@ mod reconcile;
 mod registry_ops;
 mod release;
 mod reset;
+mod sriov;
 mod types;
 
 pub use operation::{OpKind, Operation, Outcome};
@@ -140,7 +144,7 @@ pub struct CoreOptions {
     pub unbind_on_vmm_exit: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum LockKey {
     Group(u32),
     Device(PciAddress),
@@ -167,6 +171,10 @@ pub struct Core {
     udev_rule_written: Mutex<Option<String>>,
     /// A resync after a failed commit is scheduled (`resync_later`).
     resync_scheduled: std::sync::atomic::AtomicBool,
+    /// PFs with a pass over their VFs queued (`converge_later`).
+    vf_passes_queued: Mutex<std::collections::HashSet<PciAddress>>,
+    /// One claim picks at a time (`claim`).
+    claim_lock: tokio::sync::Mutex<()>,
 }
 
 impl Core {
@@ -184,6 +192,8 @@ impl Core {
             operations: TaskTracker::new(),
             udev_rule_written: Mutex::new(None),
             resync_scheduled: std::sync::atomic::AtomicBool::new(false),
+            vf_passes_queued: Mutex::new(Default::default()),
+            claim_lock: tokio::sync::Mutex::new(()),
             engine,
             ids: Arc::new(ids),
             store: Arc::new(store),

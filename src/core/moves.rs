@@ -159,6 +159,16 @@ impl Core {
             };
             match &f.driver {
                 Some(d) if !f.is_bridge() && !is_vfio_driver(d) => {
+                    let vfs = sysfs.virtfns(&member);
+                    if with_group && !vfs.is_empty() {
+                        // Taking a PF from its driver tears its VFs down,
+                        // this one's among them.
+                        let why = format!("VF of {member}, which shares IOMMU group {group} and cannot leave its driver {d} while it has VFs");
+                        return Err(CoreError::PfHasVfs {
+                            pf: member.to_string(),
+                            vfs: vfs.into_iter().map(|v| (v, why.clone())).collect(),
+                        });
+                    }
                     others.push((member, d.clone()));
                     let to = Some(self.vfio_driver_for(&f).await?);
                     moves.push(Move {
@@ -177,8 +187,10 @@ impl Core {
                 others,
             });
         }
-        let already_bound =
-            function.driver.as_deref().is_some_and(is_vfio_driver) && moves.len() == 1;
+        // A vGPU VF's own driver is its VFIO provider: never rebound.
+        let already_bound = (function.driver.as_deref().is_some_and(is_vfio_driver)
+            && moves.len() == 1)
+            || sysfs.is_vgpu_vf(&addr);
         Ok(BindPlan {
             steps: plan_steps(sysfs, &moves, group),
             holders: Vec::new(),
@@ -404,8 +416,7 @@ impl Core {
         tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, to = ?record.original_driver, "giving {addr} back to {} for {caller}", record.original_driver.as_deref().unwrap_or("no driver"));
         self.update_device(addr, |d| d.pending = Some(PendingOp::Unbind))
             .await?;
-        let moves = restore_moves(record);
-        let result = self.engine.restore(&moves).await;
+        let result = self.engine.restore(&give_back_moves(record)).await;
         let current = self.sysfs().driver(&addr);
         match result {
             Ok(()) => {
@@ -480,6 +491,7 @@ impl Core {
         let kind = match (timed_out, op) {
             (true, _) => EventKind::DeviceStuck,
             (false, OpKind::Bind) => EventKind::BindFailed,
+            (false, OpKind::SetVfs | OpKind::ConvergeVfs) => EventKind::SriovFailed,
             (false, _) => EventKind::UnbindFailed,
         };
         ctx.publish(ctx.event(kind, record).detail(err.to_string()));
@@ -542,6 +554,10 @@ impl Core {
             }
         }
         self.settle_pending(&record).await;
+        // A PF whose count write was stuck: the declared count is made now.
+        if record.sriov.is_some() {
+            let _ = self.converge_vfs(ctx, &record, None).await;
+        }
     }
 
     /// Finishes an operation recorded before a crash or a stuck write: a
@@ -616,7 +632,7 @@ impl Core {
                 if record.attachment.is_some() {
                     return;
                 }
-                let mut result = self.engine.restore(&restore_moves(record)).await;
+                let mut result = self.engine.restore(&give_back_moves(record)).await;
                 if let Err(error) = &mut result {
                     if self.stuck_again(addr, error).await {
                         return;
@@ -664,6 +680,16 @@ fn bound(pending: Option<PendingOp>, vfio_driver: String) -> Binding {
             released_consoles: Vec::new(),
         },
     }
+}
+
+/// The moves of a give-back, companions first and the device last: should
+/// one fail (or the device leave the bus), whatever is still on vfio is
+/// the device's binding to give back later, never a companion stranded
+/// on vfio-pci that no record holds.
+fn give_back_moves(record: &DeviceRecord) -> Vec<Move> {
+    let mut moves = restore_moves(record);
+    moves.rotate_left(1);
+    moves
 }
 
 pub(super) fn restore_moves(record: &DeviceRecord) -> Vec<Move> {

@@ -21,8 +21,8 @@
 use std::time::Instant;
 
 use super::{
-    AttachRequest, BindOutcome, BindRequest, Caller, Core, RegisterRequest, ResetOutcome,
-    ResetRequest, UpdateRequest,
+    AttachRequest, BindOutcome, BindRequest, Caller, ClaimRequest, Core, RegisterRequest,
+    ResetOutcome, ResetRequest, SriovRequest, SriovStatus, UpdateRequest,
 };
 use crate::error::CoreError;
 use crate::events::{Event, EventKind};
@@ -49,6 +49,13 @@ pub enum OpKind {
     Detach,
     /// `POST /devices/{id}/reset`.
     Reset,
+    /// `PUT /devices/{id}/sriov`.
+    SetVfs,
+    /// `POST /devices/claim`.
+    Claim,
+    /// vfiod's own: making a PF's declared VF count again (startup, re-plug,
+    /// a stuck count write returning).
+    ConvergeVfs,
     /// vfiod's own: finishing an operation a crash or a stuck write left
     /// unfinished.
     Settle,
@@ -72,6 +79,9 @@ impl OpKind {
             OpKind::Attach => "attach",
             OpKind::Detach => "detach",
             OpKind::Reset => "reset",
+            OpKind::SetVfs => "sriov",
+            OpKind::Claim => "claim",
+            OpKind::ConvergeVfs => "converge_vfs",
             OpKind::Settle => "settle",
             OpKind::Rebind => "rebind",
             OpKind::EndAttachment => "end_attachment",
@@ -137,6 +147,20 @@ pub enum Operation {
         /// Method and dry-run.
         req: ResetRequest,
     },
+    /// Pick a free device like the one asked for and hand it out.
+    Claim(ClaimRequest),
+    /// Set a PF's VF count and what its VFs are given.
+    SetVfs {
+        /// Id or name as the caller gave it.
+        device: String,
+        /// The count and `vf_driver`.
+        req: SriovRequest,
+    },
+    /// Make a PF's declared VF count again.
+    ConvergeVfs {
+        /// The registered PF's address.
+        address: PciAddress,
+    },
     /// Finish or undo a recorded move after a crash or a stuck write returning.
     Settle {
         /// The registered device's address.
@@ -158,6 +182,10 @@ pub enum Operation {
         why: String,
     },
 }
+
+/// Runs of one of vfiod's own operations before it is left to the next
+/// hotplug event or start (`execute_in_background`).
+const OWN_OP_ATTEMPTS: u64 = 10;
 
 /// The lock an operation runs under.
 pub(super) enum Lock<'a> {
@@ -184,6 +212,9 @@ impl Operation {
             Operation::Attach { .. } => OpKind::Attach,
             Operation::Detach { .. } => OpKind::Detach,
             Operation::Reset { .. } => OpKind::Reset,
+            Operation::SetVfs { .. } => OpKind::SetVfs,
+            Operation::Claim(_) => OpKind::Claim,
+            Operation::ConvergeVfs { .. } => OpKind::ConvergeVfs,
             Operation::Settle { .. } => OpKind::Settle,
             Operation::Rebind { .. } => OpKind::Rebind,
             Operation::EndAttachment { .. } => OpKind::EndAttachment,
@@ -192,31 +223,52 @@ impl Operation {
 
     pub(super) fn lock(&self) -> Lock<'_> {
         match self {
-            Operation::Register(_) | Operation::Update { .. } => Lock::None,
+            // A claim takes the lock of the device it picks.
+            Operation::Register(_) | Operation::Update { .. } | Operation::Claim(_) => Lock::None,
             Operation::Delete { device }
             | Operation::Bind { device, .. }
             | Operation::Unbind { device }
             | Operation::Attach { device, .. }
             | Operation::Detach { device, .. }
-            | Operation::Reset { device, .. } => Lock::Move(device),
+            | Operation::Reset { device, .. }
+            | Operation::SetVfs { device, .. } => Lock::Move(device),
             Operation::Settle { address }
+            | Operation::ConvergeVfs { address }
             | Operation::Rebind { address }
             | Operation::EndAttachment { address, .. } => Lock::Own(*address),
         }
     }
 
+    /// Takes the device from its driver, resets it or unregisters it: on a
+    /// PF, that would tear down or disturb its VFs.
+    fn disturbs_vfs(&self) -> bool {
+        matches!(
+            self,
+            Operation::Delete { .. }
+                | Operation::Bind { .. }
+                | Operation::Unbind { .. }
+                | Operation::Reset { .. }
+        )
+    }
+
     /// The device as the caller named it, for the log.
-    fn target(&self) -> String {
+    pub(super) fn target(&self) -> String {
         match self {
             Operation::Register(req) => req.pci_address.to_string(),
+            Operation::Claim(req) => format!(
+                "a claim for instance {}",
+                req.instance_id.chars().take(80).collect::<String>()
+            ),
             Operation::Update { device, .. }
             | Operation::Delete { device }
             | Operation::Bind { device, .. }
             | Operation::Unbind { device }
             | Operation::Attach { device, .. }
             | Operation::Detach { device, .. }
-            | Operation::Reset { device, .. } => device.chars().take(80).collect(),
+            | Operation::Reset { device, .. }
+            | Operation::SetVfs { device, .. } => device.chars().take(80).collect(),
             Operation::Settle { address }
+            | Operation::ConvergeVfs { address }
             | Operation::Rebind { address }
             | Operation::EndAttachment { address, .. } => address.to_string(),
         }
@@ -236,6 +288,16 @@ pub enum Outcome {
     /// The device after the reset, with the plan (or just the plan, on dry
     /// run).
     Reset(ResetOutcome),
+    /// A PF's SR-IOV state after a VF count change.
+    Sriov(SriovStatus),
+    /// The device a claim got, and whether the claim is new (not the same
+    /// instance's again).
+    Claimed {
+        /// The device, handed out.
+        device: DeviceRecord,
+        /// False when the same instance's claim was asked again.
+        created: bool,
+    },
     /// vfiod's own operation found nothing to do (the device went away or
     /// no longer needs it).
     Nothing,
@@ -258,13 +320,24 @@ impl Outcome {
         }
     }
 
+    /// The SR-IOV state after a VF count change.
+    pub fn sriov(self) -> Result<SriovStatus, CoreError> {
+        match self {
+            Outcome::Sriov(s) => Ok(s),
+            other => Err(CoreError::Internal(format!(
+                "a VF count change ended as {other:?}"
+            ))),
+        }
+    }
+
     /// The device record of an outcome that has one.
     pub fn device(self) -> Result<DeviceRecord, CoreError> {
         match self {
             Outcome::Device(d) => Ok(d),
             Outcome::Bound(b) => Ok(b.device),
             Outcome::Reset(r) => Ok(r.device),
-            Outcome::Deleted | Outcome::Nothing => {
+            Outcome::Claimed { device, .. } => Ok(device),
+            Outcome::Deleted | Outcome::Nothing | Outcome::Sriov(_) => {
                 Err(CoreError::Internal("the operation left no device".into()))
             }
         }
@@ -342,12 +415,64 @@ impl Core {
     }
 
     /// Starts one of vfiod's own operations without waiting for it (from
-    /// the hotplug loop, a late write's return, a VMM's exit); its outcome
-    /// is logged by the executor.
+    /// the hotplug loop, a late write's return, a VMM's exit) and sees it
+    /// through: while it fails for a reason that may pass (a write or a
+    /// commit refused, a scan that failed) and the state it is for is not
+    /// reached, it runs again after a growing pause, [`OWN_OP_ATTEMPTS`]
+    /// times in all (about 6 s); after that the next hotplug event or start
+    /// takes it up. Its outcomes are logged by the executor.
     pub(super) fn execute_in_background(&self, op: Operation) {
-        if let Some(core) = self.me.upgrade() {
-            self.operations
-                .spawn(async move { core.run(Caller::AGENT, op).await });
+        let Some(core) = self.me.upgrade() else {
+            return;
+        };
+        self.operations.spawn(async move {
+            for attempt in 1..=OWN_OP_ATTEMPTS {
+                let result = core.run(Caller::AGENT, op.clone()).await;
+                let again = match &result {
+                    Ok(_) => !core.reached(&op),
+                    Err(e) => e.may_pass() && !core.reached(&op),
+                };
+                if !again {
+                    return;
+                }
+                tracing::info!(op = %op.kind(), device = %op.target(), attempt, "vfiod's own {} of {} is not done yet; trying again", op.kind(), op.target());
+                tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+            }
+        });
+    }
+
+    /// Whether the state one of vfiod's own operations is for holds now (or
+    /// can no longer be reached by it: the device went away, or a write of
+    /// it is stuck, whose return settles it).
+    fn reached(&self, op: &Operation) -> bool {
+        let registry = self.snapshot();
+        let record = |a: &PciAddress| registry.get_by_address(a);
+        match op {
+            Operation::Rebind { address } => record(address).is_none_or(|d| {
+                d.stuck
+                    || !self.wants_vfio(d)
+                    || d.bound_to_vfio()
+                    || ensure_fit(d).is_err()
+                    || self.sysfs().is_vgpu_vf(address)
+            }),
+            Operation::Settle { address } => {
+                record(address).is_none_or(|d| d.stuck || d.pending.is_none())
+            }
+            Operation::EndAttachment {
+                address, process, ..
+            } => record(address).is_none_or(|d| d.attached_pid() != Some(*process)),
+            // Its own pass changes a count only where the kernel has none
+            // or too many (`converge_vfs`).
+            Operation::ConvergeVfs { address } => record(address).is_none_or(|d| {
+                let Some(config) = &d.sriov else { return true };
+                let enabled = self.sysfs().virtfns(address).len() as u32;
+                d.stuck
+                    || !d.present
+                    || (enabled > 0 && enabled <= config.desired_vfs)
+                    || enabled == config.desired_vfs
+            }),
+            // Requests are not retried by vfiod: their callers are told.
+            _ => true,
         }
     }
 
@@ -406,8 +531,15 @@ impl Core {
         let locked = |record: Option<DeviceRecord>| {
             record.ok_or_else(|| CoreError::Internal("operation without its device".into()))
         };
+        if let (Some(record), true) = (&record, op.disturbs_vfs()) {
+            self.ensure_vfs_undisturbed(record, op.kind()).await?;
+        }
         match op {
             Operation::Register(req) => self.register_device(ctx, req).await.map(Outcome::Device),
+            Operation::Claim(req) => self
+                .claim(ctx, req)
+                .await
+                .map(|(device, created)| Outcome::Claimed { device, created }),
             Operation::Update { device, req } => self
                 .update_device_record(ctx, &device, req)
                 .await
@@ -436,6 +568,16 @@ impl Core {
                 .reset_device(ctx, &locked(record)?, req)
                 .await
                 .map(Outcome::Reset),
+            Operation::SetVfs { req, .. } => {
+                self.converge_vfs(ctx, &locked(record)?, Some(req)).await
+            }
+            Operation::ConvergeVfs { address } => {
+                self.converge_started(&address);
+                match record {
+                    Some(record) => self.converge_vfs(ctx, &record, None).await,
+                    None => Ok(Outcome::Nothing),
+                }
+            }
             Operation::Settle { .. } => match record {
                 Some(record) => {
                     self.settle_device(ctx, &record).await;

@@ -78,9 +78,10 @@ impl Core {
         .await
         .map_err(|e| CoreError::Internal(format!("scan: {e}")))?
         .map_err(|e| CoreError::Internal(e.to_string()))?;
-        let changed = self
+        let (changed, gone_vfs) = self
             .commit_if_changed(|reg| {
                 let mut changed = Vec::new();
+                let mut gone_vfs = Vec::new();
                 let addrs: Vec<PciAddress> = reg.iter().map(|d| d.pci_address).collect();
                 for addr in addrs {
                     let d = reg.get_mut_by_address(&addr).expect("listed");
@@ -102,18 +103,32 @@ impl Core {
                             d.stuck = false;
                         }
                     }
+                    if d.vf.is_some() && !d.present {
+                        // A VF lives as long as its PF's count: gone after
+                        // a reboot, made again below.
+                        gone_vfs.extend(reg.remove(&addr));
+                        continue;
+                    }
                     if *d != before {
                         changed.push((before.health.state, d.clone()));
                     }
                 }
-                let any = !changed.is_empty();
-                Ok((changed, any))
+                let any = !changed.is_empty() || !gone_vfs.is_empty();
+                Ok(((changed, gone_vfs), any))
             })
             .await?;
+        for d in &gone_vfs {
+            tracing::info!(device = %d.pci_address, id = %d.id, "VF {} is not on the bus; its record is dropped", d.name);
+            self.events.publish(
+                device_event(EventKind::Unregistered, d)
+                    .detail("VF not on the bus at startup".to_string()),
+            );
+        }
         for (health_before, d) in &changed {
             tracing::info!(device = %d.pci_address, present = d.present, driver = ?d.current_driver, "reconciled with the bus");
             self.publish_health_change(Some(*health_before), Some(d));
         }
+        self.drop_unfinished_claims().await;
         // Only devices with an operation to finish or a binding to
         // restore need more than that pass.
         let unfinished: Vec<PciAddress> = self
@@ -138,6 +153,17 @@ impl Core {
             if record.pending.is_none() && self.wants_vfio(&record) && !record.bound_to_vfio() {
                 self.run_own(Operation::Rebind { address }).await;
             }
+        }
+        // PFs with a declared VF count: made again after a reboot, and
+        // their VFs registered and bound.
+        let managed: Vec<PciAddress> = self
+            .snapshot()
+            .iter()
+            .filter(|d| d.present && d.sriov.is_some())
+            .map(|d| d.pci_address)
+            .collect();
+        for address in managed {
+            self.run_own(Operation::ConvergeVfs { address }).await;
         }
         self.resume_attachments().await;
         Ok(())
@@ -219,7 +245,7 @@ impl Core {
         done
     }
 
-    fn wants_vfio(&self, record: &DeviceRecord) -> bool {
+    pub(super) fn wants_vfio(&self, record: &DeviceRecord) -> bool {
         record.present
             && !record.identity_mismatch
             && (record.bound_by_vfiod() || record.attached_to().is_some())
@@ -270,6 +296,17 @@ impl Core {
         crate::metrics::record_hotplug(event.action());
         match event {
             HotplugEvent::Remove(addr) => {
+                let is_vf = self
+                    .snapshot()
+                    .get_by_address(&addr)
+                    .is_some_and(|d| d.vf.is_some());
+                if is_vf {
+                    if self.forget_vf(addr).await.is_some() {
+                        self.events
+                            .publish(Event::new(EventKind::HotplugRemove, Some(addr), None));
+                    }
+                    return;
+                }
                 let device = self
                     .update_device(addr, |d| {
                         d.present = false;
@@ -322,7 +359,20 @@ impl Core {
                         .driver(function.driver.clone()),
                     );
                 }
-                let Some(device) = device else { return };
+                let Some(device) = device else {
+                    // A VF of a PF whose count vfiod keeps, not registered
+                    // yet: the PF's pass registers (and binds) it.
+                    if let Some((pf, _)) = self.sysfs().physfn(&addr) {
+                        if self
+                            .snapshot()
+                            .get_by_address(&pf)
+                            .is_some_and(|p| p.sriov.is_some())
+                        {
+                            self.converge_later(pf);
+                        }
+                    }
+                    return;
+                };
                 self.publish_health_change(health_before, Some(&device));
                 if device.identity_mismatch {
                     tracing::error!(device = %addr, expected = format!("{:04x}:{:04x}", device.vendor_id, device.device_id), found = format!("{:04x}:{:04x}", function.vendor_id, function.device_id), "a different device answers at a registered address; leaving it alone");
@@ -338,8 +388,14 @@ impl Core {
                         ));
                 } else if device.health.state == crate::registry::Health::NeedsHostReboot {
                     tracing::error!(device = %addr, "a registered device came back but its config space reads all ones; leaving it alone until the host reboots");
-                } else if is_add && self.wants_vfio(&device) && !device.bound_to_vfio() {
-                    self.spawn_rebind(device);
+                } else {
+                    if is_add && self.wants_vfio(&device) && !device.bound_to_vfio() {
+                        self.spawn_rebind(device.clone());
+                    }
+                    // A PF plugged in again gets its declared VFs back.
+                    if is_add && device.sriov.is_some() {
+                        self.converge_later(addr);
+                    }
                 }
             }
             HotplugEvent::Bind {

@@ -2,7 +2,7 @@
 
 use super::operation::{ensure_not_attached, OpContext};
 use super::release::Release;
-use super::{Core, RegisterRequest, UpdateRequest};
+use super::{Core, RegisterRequest, SriovRequest, UpdateRequest};
 use crate::error::CoreError;
 use crate::events::EventKind;
 use crate::registry::{DeviceRecord, RegistryConflict};
@@ -78,6 +78,16 @@ impl Core {
     ) -> Result<(), CoreError> {
         let caller = ctx.caller;
         ensure_not_attached(record)?;
+        if record.sriov.is_some() && self.sysfs().is_present(&record.pci_address) {
+            // The VFs vfiod made go with the PF's registration, and the
+            // PF's autoprobe is put back.
+            let lowered = SriovRequest {
+                num_vfs: 0,
+                vf_driver: None,
+            };
+            self.converge_vfs(ctx, record, Some(lowered)).await?;
+            tracing::info!(uid = caller.uid, pid = caller.pid, device = %record.pci_address, "lowered the VF count of {} to 0 before unregistering it", record.name);
+        }
         let record = self
             .release(ctx, record, Release::give_back("delete"))
             .await?;

@@ -14,6 +14,9 @@ use crate::registry::DeviceRecord;
 /// paths sane.
 pub const MAX_NAME: usize = 255;
 
+/// Names no device can have: they are paths under `/devices`.
+pub const RESERVED_NAMES: &[&str] = &["available", "claim", "capacity"];
+
 /// A device name, validated: hypeman's `^[a-zA-Z0-9][a-zA-Z0-9_.-]+$`, at
 /// most [`MAX_NAME`] characters, and not a word the API uses as a path
 /// segment.
@@ -35,10 +38,10 @@ impl DeviceName {
                 s.chars().take(80).collect::<String>()
             )));
         }
-        if s == "available" {
-            return Err(CoreError::InvalidName(
-                "the name \"available\" is reserved (GET /devices/available)".into(),
-            ));
+        if let Some(path) = RESERVED_NAMES.iter().find(|r| **r == s) {
+            return Err(CoreError::InvalidName(format!(
+                "the name {path:?} is reserved: /devices/{path} is a path of the API"
+            )));
         }
         Ok(DeviceName(s.to_owned()))
     }
@@ -299,4 +302,95 @@ pub struct BindOutcome {
     pub device: DeviceRecord,
     /// What was done.
     pub plan: BindPlan,
+}
+
+/// `PUT /devices/{id_or_name}/sriov`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SriovRequest {
+    /// The VF count wanted (0 removes them all).
+    pub num_vfs: u32,
+    /// What new VFs are given; `None` keeps the recorded choice (vfio-pci
+    /// at first).
+    pub vf_driver: Option<crate::registry::VfDriver>,
+}
+
+/// One VF of a PF, as `GET .../sriov` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VfStatus {
+    /// N of the PF's `virtfnN`.
+    pub index: u32,
+    /// The VF's address.
+    pub pci_address: PciAddress,
+    /// Its registry id, once registered.
+    pub id: Option<String>,
+    /// Its registry name, once registered.
+    pub name: Option<String>,
+    /// Its driver now.
+    pub driver: Option<String>,
+    /// Why it is not on the driver `vf_driver` asks for, if it is not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A PF's SR-IOV state: the kernel's and the declared one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SriovStatus {
+    /// The PF's id.
+    pub id: String,
+    /// The PF's name.
+    pub name: String,
+    /// The PF's address.
+    pub pci_address: PciAddress,
+    /// `sriov_totalvfs`.
+    pub total_vfs: u32,
+    /// VFs enabled now.
+    pub num_vfs: u32,
+    /// The count vfiod keeps; `None` until one is set.
+    pub desired_vfs: Option<u32>,
+    /// The VFs' device ID, four hex digits.
+    pub vf_device_id: Option<String>,
+    /// What new VFs are given.
+    pub vf_driver: crate::registry::VfDriver,
+    /// The PF's `sriov_drivers_autoprobe` now.
+    pub drivers_autoprobe: Option<bool>,
+    /// Each VF, in index order.
+    pub vfs: Vec<VfStatus>,
+    /// What did not go as asked (fewer VFs enabled than asked, a VF left off
+    /// vfio), for people.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+pub use crate::registry::{Claim as ClaimRequest, NumaPolicy};
+
+/// One vGPU type of a PF's VFs (`GET /devices/{pf}/vgpu_types`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VgpuTypeCount {
+    /// What `current_vgpu_type` takes.
+    pub id: u32,
+    /// As the driver names it.
+    pub name: String,
+    /// Free VFs of the PF that can take it now.
+    pub available: u32,
+}
+
+/// `GET /devices/capacity`: one pool's counts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Capacity {
+    /// The pool's `resource` tag (`null` for devices without one).
+    pub resource: Option<String>,
+    /// Registered devices and VFs in the pool (PFs with VFs count as their
+    /// VFs).
+    pub total: u32,
+    /// Claimable now: present, fit, not attached, claimed, stuck or busy.
+    pub free: u32,
+    /// Attached or claimed.
+    pub attached: u32,
+    /// Quarantined or needing a host reboot.
+    pub quarantined: u32,
+    /// Free but owed a reset (done before the next hand-out).
+    pub needs_reset: u32,
+    /// vGPU types and how many free VFs can take each now.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vgpu_types: BTreeMap<String, u32>,
 }

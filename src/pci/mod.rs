@@ -5,17 +5,21 @@
 mod address;
 pub mod holders;
 pub mod ids;
+pub mod sriov;
 pub mod sysfs;
 pub mod variant;
 pub mod vfio_access;
 mod vfio_driver;
+pub mod vgpu;
 
 pub use address::{InvalidPciAddress, PciAddress};
 pub use holders::{Disposition, Holder, HolderScanError, ProcFs, ScanReport};
 pub use ids::PciIds;
+pub use sriov::SriovState;
 pub use sysfs::{PciFunction, Sysfs, SysfsError};
 pub use variant::VfioAliases;
 pub use vfio_driver::{is_vfio_driver, VFIO_PCI, VFIO_PCI_MODULE};
+pub use vgpu::VgpuType;
 
 /// Vendors whose every function is worth offering for passthrough
 /// (accelerator makers: a GPU's audio or USB-C function goes with it).

@@ -85,7 +85,7 @@ pub struct Sysfs {
     devfs: PathBuf,
 }
 
-fn read_trimmed(path: &Path) -> Result<String, SysfsError> {
+pub(super) fn read_trimmed(path: &Path) -> Result<String, SysfsError> {
     read_attribute(path)
         .map(|s| s.trim().to_owned())
         .map_err(|source| SysfsError {
@@ -206,10 +206,14 @@ impl Sysfs {
     }
 
     /// The vendor ID as config space answers it now (the first two bytes
-    /// of `config`): 0xffff when the function does not answer.
+    /// of `config`): 0xffff when the function does not answer. A VF's own
+    /// Vendor ID register reads 0xffff by the SR-IOV spec whatever its
+    /// state, so for a VF its PF's is read, as the kernel's
+    /// `pci_device_is_present` does.
     pub fn config_vendor_id(&self, addr: &PciAddress) -> Result<u16, SysfsError> {
         use std::io::Read;
-        let path = self.device_dir(addr).join("config");
+        let addr = self.physfn(addr).map(|(pf, _)| pf).unwrap_or(*addr);
+        let path = self.device_dir(&addr).join("config");
         let err = |op, source| SysfsError {
             op,
             path: path.clone(),

@@ -183,6 +183,101 @@ impl HealthRecord {
     }
 }
 
+/// What a PF's new VFs are given (`vf_driver` of `PUT .../sriov`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VfDriver {
+    /// Bound straight to vfio-pci; no host driver ever probes them.
+    #[default]
+    #[serde(rename = "vfio-pci")]
+    VfioPci,
+    /// Left without a driver until bound or claimed.
+    #[serde(rename = "none")]
+    None,
+    /// Probed by their host driver, as the kernel does by itself.
+    #[serde(rename = "native")]
+    Native,
+}
+
+impl VfDriver {
+    /// The wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VfDriver::VfioPci => "vfio-pci",
+            VfDriver::None => "none",
+            VfDriver::Native => "native",
+        }
+    }
+
+    /// Parses the wire spelling.
+    pub fn parse(s: &str) -> Option<VfDriver> {
+        [VfDriver::VfioPci, VfDriver::None, VfDriver::Native]
+            .into_iter()
+            .find(|d| d.as_str() == s)
+    }
+}
+
+/// A PF's declared VF count: kept across reboots and re-plugs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SriovConfig {
+    /// The VF count asked for; vfiod makes the kernel's count equal it.
+    pub desired_vfs: u32,
+    /// What the VFs are given once made.
+    #[serde(default)]
+    pub vf_driver: VfDriver,
+    /// The PF's `sriov_drivers_autoprobe` before vfiod set it to 0,
+    /// recorded before the write: put back when the count returns to 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_autoprobe: Option<bool>,
+}
+
+/// How a claim's `numa_node` binds the pick.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NumaPolicy {
+    /// Only devices on that node are considered.
+    Required,
+    /// Devices on that node first, then the others.
+    #[default]
+    Preferred,
+}
+
+/// A claim as asked (`POST /devices/claim`), recorded on the device it
+/// picked before anything is written: the same instance asking the same
+/// again gets the same device, asking something else is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    /// Every tag must match (the `resource` tag names a pool).
+    pub tags: BTreeMap<String, String>,
+    /// The claim's key: the same instance asking again gets the same device.
+    pub instance_id: String,
+    /// The uid the VFIO nodes are opened to (default: the caller's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// The VMM whose exit ends the claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// The VM's NUMA node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numa_node: Option<u32>,
+    /// Whether `numa_node` is a must or a preference.
+    #[serde(default)]
+    pub numa: NumaPolicy,
+    /// An NVIDIA vGPU type (name or ID) the device must be able to take.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vgpu_type: Option<String>,
+}
+
+/// A VF vfiod made: its record lives exactly as long as the kernel's VF.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtualFunction {
+    /// The PF's registry id (the wire's `parent`).
+    pub parent_id: String,
+    /// The PF's address.
+    pub parent_address: PciAddress,
+    /// N of the PF's `virtfnN`.
+    pub index: u32,
+}
+
 /// One registered device. What vfiod did to it is in parts that are there
 /// or absent ([`Binding`], [`Attachment`], a [`PendingOp`]), so the record
 /// cannot say a device is attached without saying to whom, or bound by
@@ -247,6 +342,16 @@ pub struct DeviceRecord {
     /// reset_method`), used instead of the kernel's for `auto`.
     #[serde(default)]
     pub reset_method: Option<Vec<String>>,
+    /// On a PF: the VF count vfiod keeps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sriov: Option<SriovConfig>,
+    /// On a VF vfiod made: its PF and index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vf: Option<VirtualFunction>,
+    /// The claim that picked the device: recorded before it was bound and
+    /// granted, kept while its attachment lives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<Claim>,
 }
 
 impl DeviceRecord {
@@ -280,6 +385,9 @@ impl DeviceRecord {
             identity_mismatch: false,
             health: HealthRecord::default(),
             reset_method: None,
+            sriov: None,
+            vf: None,
+            claim: None,
         }
     }
 

@@ -149,6 +149,9 @@ impl From<RecordV1> for DeviceRecord {
             identity_mismatch: v1.identity_mismatch,
             health,
             reset_method: v1.reset_method,
+            sriov: None,
+            vf: None,
+            claim: None,
         }
     }
 }

@@ -18,13 +18,60 @@
 //! R/kernel/iommu_groups/<N>/devices/<addr> -> ../../../../devices/...
 //! R/kernel/iommu_groups/<N>/type
 //! R/module/vfio_pci/               (iff vfio-pci is "loaded")
+//! R/module/vfio_pci/parameters/enable_sriov   "N\n" / "Y\n"
 //! D/vfio/vfio                      (iff vfio-pci is "loaded")
-//! D/vfio/<N>                       (while a device of group N is on vfio-pci)
+//! D/vfio/<N>                       (while a device of group N is on vfio-pci,
+//!                                   or is a vGPU VF on nvidia: see below)
 //! <device dir>/<rel>/{uevent,dev,subsystem}   class devices (add_class_device:
 //!     drm/card0, graphics/fb0, net/eth0, nvme/nvme0/nvme0n1, ...)
 //! R/class/<subsystem>/<name>       -> the class device's directory
 //! R/class/vtconsole/vtcon<N>/{name,bind}      (add_vtconsole)
 //! ```
+//!
+//! An SR-IOV physical function ([`DeviceSpec::sriov`]) also has
+//!
+//! ```text
+//! <PF dir>/sriov_totalvfs sriov_numvfs ("0\n") sriov_drivers_autoprobe ("1\n")
+//!          sriov_vf_device ("10ca\n") sriov_offset sriov_stride
+//! <PF dir>/virtfn<i>  -> ../<VF addr>        (while VF i exists)
+//! <VF dir>/physfn     -> ../<PF addr>
+//! ```
+//!
+//! VF directories are siblings of the PF's (same parent), at routing ID =
+//! PF's + offset + stride * i. A VF has the PF's vendor, class and
+//! subsystem IDs, device ID `sriov_vf_device`, the PF's `numa_node`,
+//! `reset_method` "flr", and its own new IOMMU group (the lowest free
+//! number, as Linux's IDA gives) or, with [`DeviceSpec::vfs_share_group`],
+//! the PF's. VFs are created and removed only by a simulated kernel
+//! reacting to `sriov_numvfs` writes, by [`FakeSys::remove_device`] of the
+//! PF (VFs first, a `remove` uevent each) and by [`FakeSys::reboot_sriov`]
+//! (no uevents). What the kernel holds (the VF list, autoprobe) lives in
+//! [`State::sriov`]; [`FakeSys::sriov_numvfs`], [`FakeSys::vfs_of`] and
+//! [`FakeSys::autoprobe_of`] read it there, never from the files (a
+//! `sriov_numvfs` armed with `hang_write` blocks readers).
+//!
+//! An NVIDIA vGPU GPU ([`DeviceSpec::vgpu`]: an SR-IOV PF whose VF driver
+//! is `nvidia`, Ada/Hopper/Blackwell under R550+) gives each VF bound to
+//! `nvidia` (by the simulated kernel's probe) what that driver makes:
+//!
+//! ```text
+//! <VF dir>/nvidia/creatable_vgpu_types   "ID    : vGPU Name\n1162  : NVIDIA L40S-12Q\n..."
+//! <VF dir>/nvidia/current_vgpu_type      "0\n" (0: no vGPU)
+//! <VF dir>/vfio-dev/vfio<N>/{dev,uevent}  N: lowest free, as Linux's vfio cdev IDA
+//! D/vfio/<VF group>                       (nvidia is the VF's VFIO provider)
+//! ```
+//!
+//! The type set on each such VF lives in [`State::vgpu`]; the creatable
+//! lists are computed from it ([`State::vgpu_creatable`]: all vGPUs of a GPU
+//! share its framebuffer and its type) and rewritten on every change.
+//! Unbinding the VF from `nvidia` (or removing it) takes all of it away,
+//! the group node when no other member of the group still provides VFIO.
+//! [`FakeSys::current_vgpu_type`] and [`FakeSys::creatable_vgpu_types`]
+//! read the state, not the files.
+//!
+//! `<tmp root>/uevents`: when a FIFO exists there (vfiod's
+//! `--uevent-fifo`), VF changes are written to it as uevent lines, `add
+//! ADDR`, `remove ADDR`, `bind ADDR DRIVER` ([`Tree::send_uevent`]).
 //!
 //! Every symlink is relative, like the kernel's, so `read_link` +
 //! `file_name()` yields the driver name / group number and `canonicalize`
@@ -53,6 +100,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Name of the vfio-pci driver directory.
 pub const VFIO_PCI: &str = "vfio-pci";
+/// The major number `vfio-dev/vfio<N>/dev` shows (dynamic in Linux).
+const VFIO_CDEV_MAJOR: u32 = 511;
+/// The NVIDIA driver: the VFIO provider of its vGPU VFs ([`DeviceSpec::vgpu`]).
+pub const NVIDIA: &str = "nvidia";
 /// Write-only attribute files of a driver directory.
 pub const DRIVER_ATTRS: [&str; 4] = ["bind", "unbind", "new_id", "remove_id"];
 /// Write-only attribute files of `bus/pci`.
@@ -227,6 +278,66 @@ pub struct DeviceSpec {
     /// The kernel's `reset_method` list, e.g. "flr pm bus"; `None` or empty:
     /// no reset method, so no `reset` and `reset_method` attributes.
     pub reset_methods: Option<String>,
+    /// The `numa_node` attribute (-1: unknown, as on a one-node machine).
+    pub numa_node: i32,
+    /// Set for an SR-IOV physical function.
+    pub sriov: Option<SriovSpec>,
+    /// A VF: its Vendor and Device ID registers read 0xffff in config
+    /// space, as the SR-IOV spec has them (sysfs `vendor`/`device` still
+    /// say the real IDs).
+    pub is_vf: bool,
+}
+
+/// The SR-IOV capability of a physical function (see [`DeviceSpec::sriov`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SriovSpec {
+    /// `sriov_totalvfs`.
+    pub total_vfs: u16,
+    /// The VFs' device ID (`sriov_vf_device`).
+    pub vf_device: u16,
+    /// `sriov_offset`: routing ID of VF 0 minus the PF's.
+    pub offset: u16,
+    /// `sriov_stride`: routing-ID distance between consecutive VFs.
+    pub stride: u16,
+    /// The native VF driver (e.g. "igbvf") a VF is probed by.
+    pub vf_driver: Option<String>,
+    /// Whether the PF's native driver implements `sriov_configure`.
+    /// (vfio-pci's answer depends on its `enable_sriov` parameter instead.)
+    pub native_driver_configures: bool,
+    /// VFs join the PF's IOMMU group (a root port without ACS) instead of
+    /// each getting a new one.
+    pub vfs_share_group: bool,
+    /// NVIDIA vGPU types its VFs can take ([`DeviceSpec::vgpu`]); empty: no
+    /// vGPU.
+    pub vgpu_types: Vec<VgpuTypeSpec>,
+}
+
+/// One NVIDIA vGPU type a PF's VFs can take (see [`DeviceSpec::vgpu`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VgpuTypeSpec {
+    /// What `current_vgpu_type` takes (never 0: that means none).
+    pub id: u32,
+    /// As the driver names it, e.g. "NVIDIA L40S-12Q".
+    pub name: String,
+    /// How many VFs of the PF can hold this type at once: the PF's
+    /// framebuffer divided by the type's (L40S-12Q on a 48 GB L40S: 4).
+    pub share: u32,
+}
+
+impl Default for SriovSpec {
+    /// igb's layout, no VFs.
+    fn default() -> Self {
+        SriovSpec {
+            total_vfs: 0,
+            vf_device: 0,
+            offset: 128,
+            stride: 2,
+            vf_driver: None,
+            native_driver_configures: true,
+            vfs_share_group: false,
+            vgpu_types: Vec::new(),
+        }
+    }
 }
 
 impl DeviceSpec {
@@ -242,7 +353,111 @@ impl DeviceSpec {
             iommu_group: None,
             parent: None,
             reset_methods: None,
+            numa_node: -1,
+            sriov: None,
+            is_vf: false,
         }
+    }
+
+    fn sriov_mut(&mut self) -> &mut SriovSpec {
+        self.sriov.get_or_insert_with(SriovSpec::default)
+    }
+
+    /// Makes the function an SR-IOV PF with `total_vfs` VFs of device ID
+    /// `vf_device`, at igb's offset 128 and stride 2 (PF 0000:0b:00.0 has
+    /// VFs 0000:0b:10.0, 0b:10.2, ...). The other SR-IOV settings may be
+    /// given before or after this.
+    pub fn sriov(mut self, total_vfs: u16, vf_device: u16) -> Self {
+        let s = self.sriov_mut();
+        s.total_vfs = total_vfs;
+        s.vf_device = vf_device;
+        self
+    }
+
+    /// `sriov_offset` and `sriov_stride` (default 128 and 2).
+    pub fn sriov_layout(mut self, offset: u16, stride: u16) -> Self {
+        let s = self.sriov_mut();
+        s.offset = offset;
+        s.stride = stride;
+        self
+    }
+
+    /// The native VF driver (e.g. "igbvf") that probes a VF. A simulated
+    /// kernel loads it when it creates VFs, as udev would from the VF's
+    /// modalias.
+    pub fn vf_driver(mut self, name: &str) -> Self {
+        self.sriov_mut().vf_driver = Some(name.to_string());
+        self
+    }
+
+    /// Whether the PF's native driver implements `sriov_configure`
+    /// (default: it does). vfio-pci does only while
+    /// `module/vfio_pci/parameters/enable_sriov` reads "Y"
+    /// ([`FakeSys::set_vfio_enable_sriov`]); any other driver never does.
+    pub fn sriov_capable_driver(mut self, capable: bool) -> Self {
+        self.sriov_mut().native_driver_configures = capable;
+        self
+    }
+
+    /// VFs join the PF's IOMMU group (behind a root port without ACS).
+    /// Default: each VF gets a new group, the lowest free number.
+    pub fn vfs_share_group(mut self) -> Self {
+        self.sriov_mut().vfs_share_group = true;
+        self
+    }
+
+    /// Makes the PF an NVIDIA vGPU GPU (Ada, Hopper, Blackwell under driver
+    /// R550 and later): its VF driver is `nvidia`, which is also their VFIO
+    /// provider, and a VF bound to it can take one of `types`, each given as
+    /// (ID, name, share): the type's ID in `current_vgpu_type`, its name as
+    /// `creatable_vgpu_types` shows it ("NVIDIA L40S-12Q"), and how many VFs
+    /// of the PF can hold it at once (its framebuffer share: 4 for L40S-12Q
+    /// on a 48 GB board). What a simulated kernel makes of it is in its
+    /// module docs. Panics on an ID of 0, a share of 0 or a repeated ID.
+    pub fn vgpu(mut self, types: &[(u32, &str, u32)]) -> Self {
+        let mut seen = std::collections::HashSet::new();
+        for &(id, name, share) in types {
+            assert!(id != 0, "fakesys: vGPU type {name:?}: ID 0 means no type");
+            assert!(share != 0, "fakesys: vGPU type {name:?}: share 0");
+            assert!(seen.insert(id), "fakesys: vGPU type ID {id} given twice");
+        }
+        let s = self.sriov_mut();
+        s.vf_driver = Some(NVIDIA.to_string());
+        s.vgpu_types = types
+            .iter()
+            .map(|&(id, name, share)| VgpuTypeSpec {
+                id,
+                name: name.to_string(),
+                share,
+            })
+            .collect();
+        self
+    }
+
+    /// The `numa_node` attribute (default -1); VFs inherit the PF's.
+    pub fn numa_node(mut self, n: i32) -> Self {
+        self.numa_node = n;
+        self
+    }
+
+    /// The address of VF `index` of this PF, from its routing ID plus
+    /// `offset + stride * index`; `None` if not a PF or the ID overflows.
+    pub fn vf_addr(&self, index: u16) -> Option<String> {
+        let s = self.sriov.as_ref()?;
+        let domain = u32::from_str_radix(self.addr.get(0..4)?, 16).ok()?;
+        let bus = u32::from_str_radix(self.addr.get(5..7)?, 16).ok()?;
+        let dev = u32::from_str_radix(self.addr.get(8..10)?, 16).ok()?;
+        let func = u32::from_str_radix(self.addr.get(11..12)?, 16).ok()?;
+        let rid = (bus << 8) | (dev << 3) | func;
+        let vf = rid + u32::from(s.offset) + u32::from(s.stride) * u32::from(index);
+        (vf <= 0xffff).then(|| {
+            format!(
+                "{domain:04x}:{:02x}:{:02x}.{:x}",
+                vf >> 8,
+                (vf >> 3) & 0x1f,
+                vf & 7
+            )
+        })
     }
 
     pub fn reset_methods(mut self, methods: &str) -> Self {
@@ -254,8 +469,13 @@ impl DeviceSpec {
     /// subsystem IDs, little-endian as the `config` attribute shows them.
     pub fn config_space(&self) -> Vec<u8> {
         let mut c = vec![0u8; 64];
-        c[0..2].copy_from_slice(&self.vendor.to_le_bytes());
-        c[2..4].copy_from_slice(&self.device.to_le_bytes());
+        let (vendor, device) = if self.is_vf {
+            (0xffff, 0xffff)
+        } else {
+            (self.vendor, self.device)
+        };
+        c[0..2].copy_from_slice(&vendor.to_le_bytes());
+        c[2..4].copy_from_slice(&device.to_le_bytes());
         c[8] = 0xa1;
         c[9] = (self.class & 0xff) as u8;
         c[10] = ((self.class >> 8) & 0xff) as u8;
@@ -447,6 +667,283 @@ impl Tree {
         out
     }
 
+    /// Creates `spec`'s device directory in `parent_dir`, complete with
+    /// its attributes, `subsystem` link and IOMMU group membership, but not
+    /// yet on the bus (no `bus/pci/devices` link) and not bound.
+    pub fn create_device_dir(
+        &self,
+        spec: &DeviceSpec,
+        parent_dir: &Path,
+        driver_override: Option<&str>,
+    ) -> PathBuf {
+        let dir = parent_dir.join(&spec.addr);
+        let tree = self;
+        let hex4 = |v: u16| format!("0x{v:04x}\n");
+        let reset_methods = spec.reset_methods.clone().filter(|m| !m.trim().is_empty());
+        let mut files: Vec<(&str, String)> = vec![
+            ("vendor", hex4(spec.vendor)),
+            ("device", hex4(spec.device)),
+            ("subsystem_vendor", hex4(spec.subsystem_vendor)),
+            ("subsystem_device", hex4(spec.subsystem_device)),
+            ("class", format!("0x{:06x}\n", spec.class)),
+            ("revision", "0xa1\n".to_string()),
+            ("modalias", spec.modalias()),
+            (
+                "driver_override",
+                format!("{}\n", driver_override.unwrap_or("(null)")),
+            ),
+            (
+                "enable",
+                if spec.driver.is_some() { "1\n" } else { "0\n" }.to_string(),
+            ),
+            ("numa_node", format!("{}\n", spec.numa_node)),
+            ("irq", format!("{}\n", 16 + (unique() % 100))),
+            ("uevent", format!("PCI_SLOT_NAME={}\n", spec.addr)),
+            ("power_state", "D0\n".to_string()),
+        ];
+        // As in Linux, `reset` and `reset_method` exist only for a function
+        // with at least one reset method.
+        if let Some(methods) = &reset_methods {
+            files.push(("reset_method", format!("{}\n", methods.trim())));
+            files.push(("reset", String::new()));
+        }
+        if let Some(sriov) = &spec.sriov {
+            files.extend([
+                ("sriov_totalvfs", format!("{}\n", sriov.total_vfs)),
+                ("sriov_numvfs", "0\n".to_string()),
+                ("sriov_drivers_autoprobe", "1\n".to_string()),
+                // Linux prints these with "%x" and "%u".
+                ("sriov_vf_device", format!("{:x}\n", sriov.vf_device)),
+                ("sriov_offset", format!("{}\n", sriov.offset)),
+                ("sriov_stride", format!("{}\n", sriov.stride)),
+            ]);
+        }
+        // Build the directory in scratch and rename it in, complete.
+        let tmp = tree.scratch_path();
+        fs::create_dir(&tmp).expect("fakesys: mkdir device");
+        for (name, content) in &files {
+            tree.stage_file(&tmp.join(name), content)
+                .expect("fakesys: write attribute");
+        }
+        tree.stage_bytes(&tmp.join("config"), &spec.config_space())
+            .expect("fakesys: write config");
+        tree.assert_inside(&dir);
+        fs::rename(&tmp, &dir).expect("fakesys: place device dir");
+        tree.symlink(&dir.join("subsystem"), &tree.sysfs.join("bus/pci"))
+            .expect("fakesys: subsystem link");
+        if let Some(g) = spec.iommu_group {
+            let gdir = tree.group_dir(g);
+            tree.mkdir(&gdir.join("devices"))
+                .expect("fakesys: group dir");
+            if !gdir.join("type").exists() {
+                tree.write_file(&gdir.join("type"), "DMA-FQ\n")
+                    .expect("fakesys: group type");
+            }
+            tree.symlink(&gdir.join("devices").join(&spec.addr), &dir)
+                .expect("fakesys: group member link");
+            tree.symlink(&dir.join("iommu_group"), &gdir)
+                .expect("fakesys: iommu_group link");
+        }
+        dir
+    }
+
+    /// The lowest IOMMU group number not in use, which is the one Linux
+    /// gives a new group (an IDA).
+    pub fn lowest_free_group(&self) -> u32 {
+        let used: std::collections::HashSet<u32> =
+            fs::read_dir(self.sysfs.join("kernel/iommu_groups"))
+                .map(|d| {
+                    d.flatten()
+                        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+        (0..)
+            .find(|g| !used.contains(g))
+            .expect("a free group number")
+    }
+
+    /// Unbinds `addr` and removes it: group membership (the group dir and
+    /// `D/vfio/<group>` go with its last member), its PF's `virtfn<i>` link
+    /// if it is a VF, bus link, directory, and what `state` knows of it.
+    /// Calls no hook and sends no uevent.
+    pub fn remove_device_entry(&self, state: &mut State, addr: &str, dir: &Path) {
+        self.unbind(addr).expect("fakesys: unbind on removal");
+        if let Some(g) = self.group_of(addr) {
+            let gdir = self.group_dir(g);
+            self.remove(&gdir.join("devices").join(addr))
+                .expect("fakesys: remove group link");
+            if self.group_members(g).is_empty() {
+                self.remove(&gdir).expect("fakesys: remove group dir");
+                self.remove(&self.vfio_node(g))
+                    .expect("fakesys: remove vfio node");
+            }
+        }
+        if let Some(pf) = state.pf_of(addr).map(str::to_string) {
+            let pf_state = state.sriov.get_mut(&pf).expect("PF state");
+            if let Some(i) = pf_state.vfs.iter().position(|v| v == addr) {
+                if let Some(pf_dir) = self.device_dir(&pf) {
+                    self.remove(&pf_dir.join(format!("virtfn{i}")))
+                        .expect("fakesys: remove virtfn link");
+                }
+            }
+            pf_state.vfs.retain(|v| v != addr);
+            // Its vGPU goes with it, which may give its siblings types back.
+            if state.vgpu.remove(addr).is_some() {
+                self.vgpu_refresh(state, &pf);
+            }
+        }
+        self.remove(&self.bus_link(addr))
+            .expect("fakesys: remove bus link");
+        self.remove(dir).expect("fakesys: remove device dir");
+        state.native.remove(addr);
+        state.config.remove(addr);
+        state.sriov.remove(addr);
+    }
+
+    /// Creates VF number `state.sriov[pf].vfs.len()` of `pf` as Linux's
+    /// `pci_iov_add_virtfn` does, up to but excluding its appearance on the
+    /// bus: directory next to the PF's (same parent), IDs from the PF
+    /// (device ID = `sriov_vf_device`), `numa_node` inherited, reset by
+    /// FLR, its IOMMU group (the PF's or a new one). The caller then
+    /// makes it visible with [`Tree::publish_vf`] (after setting up
+    /// whatever must see it first). Returns its address and directory.
+    pub fn create_vf(
+        &self,
+        state: &mut State,
+        pf: &str,
+        driver_override: Option<&str>,
+    ) -> io::Result<(String, PathBuf)> {
+        let pf_dir = self
+            .device_dir(pf)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no PF {pf}")))?;
+        let pf_state = state.sriov.get(pf).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("{pf} is not a PF"))
+        })?;
+        let index = pf_state.vfs.len();
+        let pf_spec = &pf_state.spec;
+        let sriov = pf_spec.sriov.clone().expect("PF spec has SR-IOV");
+        let addr = u16::try_from(index)
+            .ok()
+            .and_then(|i| pf_spec.vf_addr(i))
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("VF {index} of {pf}: routing ID out of range"),
+                )
+            })?;
+        if fs::symlink_metadata(self.bus_link(&addr)).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("VF {index} of {pf}: address {addr} is taken"),
+            ));
+        }
+        let group = if sriov.vfs_share_group {
+            self.group_of(pf)
+        } else {
+            Some(self.lowest_free_group())
+        };
+        let mut vf = DeviceSpec::new(&addr, pf_spec.vendor, sriov.vf_device, pf_spec.class)
+            .subsystem(pf_spec.subsystem_vendor, pf_spec.subsystem_device)
+            .reset_methods("flr")
+            .numa_node(pf_spec.numa_node);
+        vf.iommu_group = group;
+        vf.is_vf = true;
+        let parent = pf_dir.parent().expect("PF dir has a parent").to_path_buf();
+        let dir = self.create_device_dir(&vf, &parent, driver_override);
+        state.native.insert(addr.clone(), sriov.vf_driver.clone());
+        state.config.insert(addr.clone(), vf.config_space());
+        state
+            .sriov
+            .get_mut(pf)
+            .expect("PF state")
+            .vfs
+            .push(addr.clone());
+        Ok((addr, dir))
+    }
+
+    /// Puts VF `index` of `pf` (made by [`Tree::create_vf`]) on the bus, as
+    /// `pci_iov_add_virtfn` does: the device first (`device_add`), then the
+    /// `physfn` and `virtfn<index>` links, so whoever counts a PF's
+    /// `virtfnN` links finds each VF complete.
+    pub fn publish_vf(&self, pf: &str, index: usize, addr: &str, dir: &Path) -> io::Result<()> {
+        let pf_dir = self
+            .device_dir(pf)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no PF {pf}")))?;
+        self.symlink(&self.bus_link(addr), dir)?;
+        self.symlink(&dir.join("physfn"), &pf_dir)?;
+        self.symlink(&pf_dir.join(format!("virtfn{index}")), dir)
+    }
+
+    /// The FIFO a uevent listener (vfiod's `--uevent-fifo`) reads.
+    pub fn uevent_fifo(&self) -> PathBuf {
+        self.root.join("uevents")
+    }
+
+    /// Sends one uevent line (`add ADDR`, `remove ADDR`, `bind ADDR DRIVER`)
+    /// to [`Tree::uevent_fifo`] if it exists. With no reader (the listener
+    /// is down) the line is lost, as a real uevent nobody listens to; a
+    /// full FIFO is retried for up to a second, then the line is dropped.
+    ///
+    /// The write end stays open between lines (in `state`), so a reader
+    /// that reopens the FIFO at end-of-file never sees one between two
+    /// lines of a burst and cannot miss the second (an open with
+    /// O_NONBLOCK fails with ENXIO while no reader has it open). It is
+    /// reopened when the FIFO was replaced or its reader went away.
+    pub fn send_uevent(&self, state: &mut State, line: &str) {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+        let path = self.uevent_fifo();
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            state.uevent_writer = None;
+            return;
+        };
+        if !meta.file_type().is_fifo() {
+            return;
+        }
+        let same_fifo = |f: &fs::File| {
+            f.metadata()
+                .is_ok_and(|m| (m.dev(), m.ino()) == (meta.dev(), meta.ino()))
+        };
+        let msg = format!("{line}\n");
+        for attempt in 0..2 {
+            if !state.uevent_writer.as_ref().is_some_and(same_fifo) {
+                let opened = fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+                    .open(&path);
+                // ENXIO: no reader, the line is lost.
+                state.uevent_writer = opened.ok();
+            }
+            let Some(fifo) = state.uevent_writer.as_mut() else {
+                return;
+            };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            loop {
+                match io::Write::write(fifo, msg.as_bytes()) {
+                    // Short writes cannot happen: a line is below PIPE_BUF.
+                    Ok(_) => return,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e)
+                        if e.kind() == io::ErrorKind::WouldBlock
+                            && std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    // EPIPE: the reader that had it went away; a new one
+                    // may have opened it since.
+                    Err(_) => {
+                        state.uevent_writer = None;
+                        if attempt == 1 {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
     /// A path in the scratch directory, unique in the process.
     pub fn scratch_path(&self) -> PathBuf {
         self.scratch.join(format!("s{}", unique()))
@@ -591,28 +1088,145 @@ impl Tree {
         Ok(())
     }
 
-    /// Unlinks `addr` from its driver; removes `D/vfio/<group>` when it was
-    /// the last device of its group on vfio-pci. Returns the old driver.
+    /// Unlinks `addr` from its driver; from `nvidia`, also removes its
+    /// `nvidia/` and `vfio-dev/` (a vGPU VF's). Removes `D/vfio/<group>`
+    /// when it was the last VFIO provider of its group (see
+    /// [`Tree::is_vfio_provider`]). Returns the old driver. Leaves
+    /// [`State::vgpu`] alone: a caller holding the state follows with
+    /// [`Tree::vgpu_unbound`], so that the siblings' lists are updated.
     pub fn unbind(&self, addr: &str) -> io::Result<Option<String>> {
         let Some(driver) = self.driver_of(addr) else {
             return Ok(None);
         };
-        if let Some(dev) = self.device_dir(addr) {
+        let was_provider = self.is_vfio_provider(addr);
+        let dev = self.device_dir(addr);
+        if let Some(dev) = &dev {
             self.remove(&dev.join("driver"))?;
         }
         self.remove(&self.driver_dir(&driver).join(addr))?;
-        if driver == VFIO_PCI {
+        // nvidia's remove takes its vGPU files and its VFIO device away.
+        if let (Some(dev), true) = (&dev, driver == NVIDIA) {
+            self.remove(&dev.join(NVIDIA))?;
+            self.remove(&dev.join("vfio-dev"))?;
+        }
+        if was_provider {
             if let Some(g) = self.group_of(addr) {
                 let still = self
                     .group_members(g)
                     .iter()
-                    .any(|m| m != addr && self.driver_of(m).as_deref() == Some(VFIO_PCI));
+                    .any(|m| m != addr && self.is_vfio_provider(m));
                 if !still {
                     self.remove(&self.vfio_node(g))?;
                 }
             }
         }
         Ok(Some(driver))
+    }
+
+    /// Whether `addr`'s driver gives it a VFIO device: vfio-pci, or a
+    /// driver that is its own VFIO provider (`nvidia` on a vGPU VF, which
+    /// then has `vfio-dev/`).
+    pub fn is_vfio_provider(&self, addr: &str) -> bool {
+        match self.driver_of(addr).as_deref() {
+            Some(VFIO_PCI) => true,
+            Some(_) => self
+                .device_dir(addr)
+                .is_some_and(|d| d.join("vfio-dev").is_dir()),
+            None => false,
+        }
+    }
+
+    /// What `nvidia`'s probe of a vGPU VF makes, once `addr` is bound to
+    /// it: `nvidia/creatable_vgpu_types` and `nvidia/current_vgpu_type`
+    /// ("0"), `vfio-dev/vfio<N>` (the lowest free N) and `D/vfio/<group>`;
+    /// the VF is entered in [`State::vgpu`]. `before_publish(staged,
+    /// final)` is called with the `nvidia/` directory, complete but still
+    /// in scratch, and where it goes, so that a simulated kernel watches
+    /// it before anyone can write to it. Returns false (nothing done) for
+    /// anything but a vGPU VF bound to `nvidia`.
+    pub fn vgpu_bound(
+        &self,
+        state: &mut State,
+        addr: &str,
+        before_publish: &mut dyn FnMut(&Path, &Path),
+    ) -> io::Result<bool> {
+        if state.vgpu_types_of(addr).is_empty() || self.driver_of(addr).as_deref() != Some(NVIDIA) {
+            return Ok(false);
+        }
+        let dir = self
+            .device_dir(addr)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no device {addr}")))?;
+        state.vgpu.insert(addr.to_string(), 0);
+        let creatable = state.vgpu_creatable(addr).unwrap_or_default();
+        let nvidia = dir.join(NVIDIA);
+        self.assert_inside(&nvidia);
+        let staged = self.scratch_path();
+        fs::create_dir(&staged)?;
+        self.stage_file(
+            &staged.join("creatable_vgpu_types"),
+            &creatable_vgpu_text(&creatable),
+        )?;
+        self.stage_file(&staged.join("current_vgpu_type"), "0\n")?;
+        before_publish(&staged, &nvidia);
+        fs::rename(&staged, &nvidia)?;
+        let index = self.lowest_free_vfio_dev();
+        let vfio_dev = dir.join("vfio-dev");
+        self.assert_inside(&vfio_dev);
+        let staged = self.scratch_path();
+        let cdev = staged.join(format!("vfio{index}"));
+        fs::create_dir_all(&cdev)?;
+        self.stage_file(&cdev.join("dev"), &format!("{VFIO_CDEV_MAJOR}:{index}\n"))?;
+        self.stage_file(
+            &cdev.join("uevent"),
+            &format!("MAJOR={VFIO_CDEV_MAJOR}\nMINOR={index}\nDEVNAME=vfio/devices/vfio{index}\n"),
+        )?;
+        fs::rename(&staged, &vfio_dev)?;
+        if let Some(g) = self.group_of(addr) {
+            let node = self.vfio_node(g);
+            self.mkdir(node.parent().expect("vfio dir"))?;
+            if !node.exists() {
+                self.write_file(&node, "")?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// `addr` lost its vGPU files (unbound from `nvidia`): forgets its
+    /// vGPU and updates its siblings' `creatable_vgpu_types`.
+    pub fn vgpu_unbound(&self, state: &mut State, addr: &str) {
+        if state.vgpu.remove(addr).is_some() {
+            if let Some(pf) = state.pf_of(addr).map(str::to_string) {
+                self.vgpu_refresh(state, &pf);
+            }
+        }
+    }
+
+    /// Rewrites `creatable_vgpu_types` of every vGPU VF of `pf` from
+    /// `state` (a VF whose file is gone is skipped).
+    pub fn vgpu_refresh(&self, state: &State, pf: &str) {
+        let Some(p) = state.sriov.get(pf) else { return };
+        for vf in &p.vfs {
+            let (Some(types), Some(dir)) = (state.vgpu_creatable(vf), self.device_dir(vf)) else {
+                continue;
+            };
+            let path = dir.join(NVIDIA).join("creatable_vgpu_types");
+            if path.is_file() {
+                let _ = self.write_file(&path, &creatable_vgpu_text(&types));
+            }
+        }
+    }
+
+    /// The lowest `vfio<N>` index no device's `vfio-dev/` uses (an IDA, as
+    /// Linux's vfio cdev numbering).
+    fn lowest_free_vfio_dev(&self) -> u32 {
+        let used: std::collections::HashSet<u32> = self
+            .devices()
+            .iter()
+            .filter_map(|a| fs::read_dir(self.device_dir(a)?.join("vfio-dev")).ok())
+            .flat_map(|d| d.flatten())
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix("vfio")?.parse().ok())
+            .collect();
+        (0..).find(|i| !used.contains(i)).expect("a free index")
     }
 }
 
@@ -640,7 +1254,84 @@ pub struct State {
     pub native: HashMap<String, Option<String>>,
     /// Each device's healthy config space, which a good reset restores.
     pub config: HashMap<String, Vec<u8>>,
+    /// Every SR-IOV PF in the tree, by address.
+    pub sriov: HashMap<String, PfState>,
+    /// The vGPU type set on each vGPU VF bound to `nvidia` (0: none), by
+    /// address; a VF is here exactly while it has its `nvidia/` files.
+    pub vgpu: HashMap<String, u32>,
+    /// The write end of the uevent FIFO (see [`Tree::send_uevent`]).
+    pub uevent_writer: Option<fs::File>,
     pub hook: Option<Arc<dyn Hook>>,
+}
+
+/// What the kernel knows of one SR-IOV physical function.
+#[derive(Clone, Debug)]
+pub struct PfState {
+    /// The spec it was added with (its `sriov` is set).
+    pub spec: DeviceSpec,
+    /// Its VFs' addresses, by index; the length is `sriov_numvfs`.
+    pub vfs: Vec<String>,
+    /// `sriov_drivers_autoprobe`.
+    pub autoprobe: bool,
+}
+
+impl State {
+    /// The PF of `vf`, if it is a VF.
+    pub fn pf_of(&self, vf: &str) -> Option<&str> {
+        self.sriov
+            .iter()
+            .find(|(_, pf)| pf.vfs.iter().any(|v| v == vf))
+            .map(|(addr, _)| addr.as_str())
+    }
+
+    /// The vGPU types of `vf`'s PF; empty if `vf` is no VF of a vGPU PF.
+    pub fn vgpu_types_of(&self, vf: &str) -> &[VgpuTypeSpec] {
+        self.pf_of(vf)
+            .and_then(|pf| self.sriov.get(pf)?.spec.sriov.as_ref())
+            .map_or(&[], |s| s.vgpu_types.as_slice())
+    }
+
+    /// What `vf`'s `creatable_vgpu_types` lists now; `None` while it has no
+    /// `nvidia/` files (no vGPU VF, or not bound to `nvidia`).
+    ///
+    /// The VFs of one PF share its framebuffer, and all vGPUs on one GPU
+    /// are of the same type: with no vGPU on the VF's siblings, every type
+    /// is creatable; once siblings hold type T, only T, and only while
+    /// fewer of them than T's share hold it. The VF's own vGPU is left out
+    /// of the count: its list says what it could take once cleared (a
+    /// write of another type still needs 0 first).
+    pub fn vgpu_creatable(&self, vf: &str) -> Option<Vec<VgpuTypeSpec>> {
+        self.vgpu.get(vf)?;
+        let types = self.vgpu_types_of(vf);
+        let pf = self.pf_of(vf)?;
+        let held: Vec<u32> = self.sriov[pf]
+            .vfs
+            .iter()
+            .filter(|s| s.as_str() != vf)
+            .filter_map(|s| self.vgpu.get(s).copied())
+            .filter(|id| *id != 0)
+            .collect();
+        let Some(&first) = held.first() else {
+            return Some(types.to_vec());
+        };
+        Some(
+            types
+                .iter()
+                .filter(|t| t.id == first && (held.len() as u32) < t.share)
+                .cloned()
+                .collect(),
+        )
+    }
+}
+
+/// The text of a `creatable_vgpu_types` file: a header line, then one
+/// `ID : Name` row per type, as the NVIDIA driver prints them.
+pub fn creatable_vgpu_text(types: &[VgpuTypeSpec]) -> String {
+    let mut out = format!("{:<6}: vGPU Name\n", "ID");
+    for t in types {
+        out.push_str(&format!("{:<6}: {}\n", t.id, t.name));
+    }
+    out
 }
 
 struct Inner {
@@ -724,6 +1415,9 @@ impl FakeSys {
                 state: Mutex::new(State {
                     native: HashMap::new(),
                     config: HashMap::new(),
+                    sriov: HashMap::new(),
+                    vgpu: HashMap::new(),
+                    uevent_writer: None,
                     hook: None,
                 }),
                 _tmp: tmp,
@@ -872,58 +1566,16 @@ impl FakeSys {
             }),
             None => tree.sysfs.join("devices/pci0000:00"),
         };
-        let dir = parent_dir.join(&spec.addr);
-        let hex4 = |v: u16| format!("0x{v:04x}\n");
-        let reset_methods = spec.reset_methods.clone().filter(|m| !m.trim().is_empty());
-        let mut files: Vec<(&str, String)> = vec![
-            ("vendor", hex4(spec.vendor)),
-            ("device", hex4(spec.device)),
-            ("subsystem_vendor", hex4(spec.subsystem_vendor)),
-            ("subsystem_device", hex4(spec.subsystem_device)),
-            ("class", format!("0x{:06x}\n", spec.class)),
-            ("revision", "0xa1\n".to_string()),
-            ("modalias", spec.modalias()),
-            ("driver_override", "(null)\n".to_string()),
-            (
-                "enable",
-                if spec.driver.is_some() { "1\n" } else { "0\n" }.to_string(),
-            ),
-            ("numa_node", "-1\n".to_string()),
-            ("irq", format!("{}\n", 16 + (unique() % 100))),
-            ("uevent", format!("PCI_SLOT_NAME={}\n", spec.addr)),
-            ("power_state", "D0\n".to_string()),
-        ];
-        // As in Linux, `reset` and `reset_method` exist only for a function
-        // with at least one reset method.
-        if let Some(methods) = &reset_methods {
-            files.push(("reset_method", format!("{}\n", methods.trim())));
-            files.push(("reset", String::new()));
-        }
-        // Build the directory in scratch and rename it in, complete.
-        let tmp = tree.scratch_path();
-        fs::create_dir(&tmp).expect("fakesys: mkdir device");
-        for (name, content) in &files {
-            tree.stage_file(&tmp.join(name), content)
-                .expect("fakesys: write attribute");
-        }
-        tree.stage_bytes(&tmp.join("config"), &spec.config_space())
-            .expect("fakesys: write config");
-        tree.assert_inside(&dir);
-        fs::rename(&tmp, &dir).expect("fakesys: place device dir");
-        tree.symlink(&dir.join("subsystem"), &tree.sysfs.join("bus/pci"))
-            .expect("fakesys: subsystem link");
-        if let Some(g) = spec.iommu_group {
-            let gdir = tree.group_dir(g);
-            tree.mkdir(&gdir.join("devices"))
-                .expect("fakesys: group dir");
-            if !gdir.join("type").exists() {
-                tree.write_file(&gdir.join("type"), "DMA-FQ\n")
-                    .expect("fakesys: group type");
-            }
-            tree.symlink(&gdir.join("devices").join(&spec.addr), &dir)
-                .expect("fakesys: group member link");
-            tree.symlink(&dir.join("iommu_group"), &gdir)
-                .expect("fakesys: iommu_group link");
+        let dir = tree.create_device_dir(&spec, &parent_dir, None);
+        if spec.sriov.is_some() {
+            state.sriov.insert(
+                spec.addr.clone(),
+                PfState {
+                    spec: spec.clone(),
+                    vfs: Vec::new(),
+                    autoprobe: true,
+                },
+            );
         }
         state.native.insert(spec.addr.clone(), spec.driver.clone());
         state.config.insert(spec.addr.clone(), spec.config_space());
@@ -938,21 +1590,33 @@ impl FakeSys {
         }
     }
 
-    /// Hot-unplug: the device (and anything behind it, if it is a bridge)
-    /// disappears: driver binding, group membership (group dir removed when
-    /// empty), bus link, device dir. Panics if the device does not exist.
+    /// Hot-unplug: the device (and anything behind it, if it is a bridge,
+    /// and its VFs, if it is an SR-IOV PF) disappears: driver binding,
+    /// group membership (group dir removed when empty), bus link, device
+    /// dir. Each VF removed sends a `remove` uevent. Panics if the device
+    /// does not exist, or is a VF (which goes only with its PF).
     pub fn remove_device(&self, addr: &str) {
         let mut state = self.lock_state();
         let tree = self.tree();
         let dir = tree
             .device_dir(addr)
             .unwrap_or_else(|| panic!("fakesys: remove_device: no device {addr}"));
+        if let Some(pf) = state.pf_of(addr) {
+            panic!(
+                "fakesys: remove_device: {addr} is a VF of {pf}; it goes with its PF \
+                 or when sriov_numvfs is set to 0"
+            );
+        }
         self.remove_device_locked(&mut state, addr, &dir);
     }
 
     fn remove_device_locked(&self, state: &mut State, addr: &str, dir: &Path) {
         let tree = self.tree();
-        // Children first (functions behind a bridge).
+        // VFs are not below their PF's directory but next to it; they go
+        // first, last one first, as when SR-IOV is disabled.
+        self.remove_vfs_locked(state, addr, true);
+        // Children first (functions behind a bridge). A VF among them goes
+        // with its PF.
         let mut children: Vec<(String, PathBuf)> = fs::read_dir(dir)
             .map(|d| {
                 d.flatten()
@@ -964,27 +1628,37 @@ impl FakeSys {
             .unwrap_or_default();
         children.sort();
         for (child, cdir) in children {
-            self.remove_device_locked(state, &child, &cdir);
+            if state.pf_of(&child).is_none() && cdir.is_dir() {
+                self.remove_device_locked(state, &child, &cdir);
+            }
         }
         if let Some(hook) = state.hook.clone() {
             hook.device_removing(tree, state, addr, dir);
         }
-        tree.unbind(addr).expect("fakesys: unbind on removal");
-        if let Some(g) = tree.group_of(addr) {
-            let gdir = tree.group_dir(g);
-            tree.remove(&gdir.join("devices").join(addr))
-                .expect("fakesys: remove group link");
-            if tree.group_members(g).is_empty() {
-                tree.remove(&gdir).expect("fakesys: remove group dir");
-                tree.remove(&tree.vfio_node(g))
-                    .expect("fakesys: remove vfio node");
+        tree.remove_device_entry(state, addr, dir);
+    }
+
+    /// Removes every VF of `pf` (none if it is no PF), last one first,
+    /// telling the hook; with `uevents`, sends a `remove` uevent for each.
+    fn remove_vfs_locked(&self, state: &mut State, pf: &str, uevents: bool) {
+        let tree = self.tree();
+        let vfs: Vec<String> = state
+            .sriov
+            .get(pf)
+            .map(|p| p.vfs.clone())
+            .unwrap_or_default();
+        for vf in vfs.iter().rev() {
+            let Some(vdir) = tree.device_dir(vf) else {
+                continue;
+            };
+            if let Some(hook) = state.hook.clone() {
+                hook.device_removing(tree, state, vf, &vdir);
+            }
+            tree.remove_device_entry(state, vf, &vdir);
+            if uevents {
+                tree.send_uevent(state, &format!("remove {vf}"));
             }
         }
-        tree.remove(&tree.bus_link(addr))
-            .expect("fakesys: remove bus link");
-        tree.remove(dir).expect("fakesys: remove device dir");
-        state.native.remove(addr);
-        state.config.remove(addr);
     }
 
     /// Creates `bus/pci/drivers/<name>` (no-op if present), like loading the
@@ -1047,6 +1721,12 @@ impl FakeSys {
             tree.write_file(&module.join("initstate"), "live\n")
                 .expect("fakesys: initstate");
         }
+        tree.mkdir(&module.join("parameters"))
+            .expect("fakesys: module parameters dir");
+        if !module.join("parameters/enable_sriov").exists() {
+            tree.write_file(&module.join("parameters/enable_sriov"), "N\n")
+                .expect("fakesys: enable_sriov");
+        }
         tree.mkdir(&tree.devfs.join("vfio"))
             .expect("fakesys: devfs vfio");
         if !tree.devfs.join("vfio/vfio").exists() {
@@ -1064,8 +1744,10 @@ impl FakeSys {
         let tree = self.tree();
         tree.remove(&tree.sysfs.join("module/vfio_pci"))
             .expect("fakesys: remove module dir");
-        tree.remove(&tree.devfs.join("vfio"))
-            .expect("fakesys: remove devfs vfio");
+        // Group nodes of nvidia's vGPU VFs stay, and with them the directory.
+        tree.remove(&tree.devfs.join("vfio/vfio"))
+            .expect("fakesys: remove /dev/vfio/vfio");
+        let _ = fs::remove_dir(tree.devfs.join("vfio"));
     }
 
     pub fn vfio_loaded(&self) -> bool {
@@ -1162,6 +1844,106 @@ impl FakeSys {
 
     pub fn vfio_group_node_exists(&self, group: u32) -> bool {
         self.tree().vfio_node(group).exists()
+    }
+
+    /// The vGPU type set on `vf` as the driver holds it (0: none). Panics
+    /// if `vf` has no vGPU files (no VF of a [`DeviceSpec::vgpu`] PF, or
+    /// not bound to `nvidia`).
+    #[track_caller]
+    pub fn current_vgpu_type(&self, vf: &str) -> u32 {
+        *self
+            .lock_state()
+            .vgpu
+            .get(vf)
+            .unwrap_or_else(|| panic!("fakesys: {vf} is no vGPU VF bound to nvidia"))
+    }
+
+    /// The IDs `vf`'s `creatable_vgpu_types` lists now, in the PF's order
+    /// (see [`State::vgpu_creatable`]). Panics as
+    /// [`FakeSys::current_vgpu_type`] does.
+    #[track_caller]
+    pub fn creatable_vgpu_types(&self, vf: &str) -> Vec<u32> {
+        self.lock_state()
+            .vgpu_creatable(vf)
+            .unwrap_or_else(|| panic!("fakesys: {vf} is no vGPU VF bound to nvidia"))
+            .iter()
+            .map(|t| t.id)
+            .collect()
+    }
+
+    /// Whether `vf` has its vGPU files now (a VF of a [`DeviceSpec::vgpu`]
+    /// PF, bound to `nvidia`).
+    pub fn is_vgpu_vf(&self, vf: &str) -> bool {
+        self.lock_state().vgpu.contains_key(vf)
+    }
+
+    /// vfio-pci's `enable_sriov` module parameter ("Y"/"N"), which decides
+    /// whether a PF on vfio-pci can enable VFs. Panics unless vfio-pci is
+    /// loaded.
+    pub fn set_vfio_enable_sriov(&self, on: bool) {
+        let _state = self.lock_state();
+        let tree = self.tree();
+        let dir = tree.sysfs.join("module/vfio_pci/parameters");
+        assert!(dir.is_dir(), "fakesys: vfio-pci is not loaded");
+        tree.write_file(&dir.join("enable_sriov"), if on { "Y\n" } else { "N\n" })
+            .expect("fakesys: write enable_sriov");
+    }
+
+    /// The number of VFs `pf` has enabled now (what `sriov_numvfs` reads
+    /// once the simulated kernel is idle); 0 for a function that is no PF.
+    pub fn sriov_numvfs(&self, pf: &str) -> u32 {
+        self.vfs_of(pf).len() as u32
+    }
+
+    /// The addresses of `pf`'s VFs, in index order (`virtfn0` first).
+    pub fn vfs_of(&self, pf: &str) -> Vec<String> {
+        self.lock_state()
+            .sriov
+            .get(pf)
+            .map(|p| p.vfs.clone())
+            .unwrap_or_default()
+    }
+
+    /// `pf`'s `sriov_drivers_autoprobe` as the kernel holds it. Panics if
+    /// `pf` is no SR-IOV PF.
+    pub fn autoprobe_of(&self, pf: &str) -> bool {
+        self.lock_state()
+            .sriov
+            .get(pf)
+            .unwrap_or_else(|| panic!("fakesys: {pf} is not an SR-IOV PF"))
+            .autoprobe
+    }
+
+    /// The PF of `vf`, if it is a VF.
+    pub fn pf_of(&self, vf: &str) -> Option<String> {
+        self.lock_state().pf_of(vf).map(str::to_string)
+    }
+
+    /// What a reboot does to `pf` while nobody watches: its VFs are gone
+    /// (no uevents), `sriov_numvfs` reads 0 and `sriov_drivers_autoprobe`
+    /// 1 again. Panics if `pf` is no SR-IOV PF.
+    pub fn reboot_sriov(&self, pf: &str) {
+        let mut state = self.lock_state();
+        assert!(
+            state.sriov.contains_key(pf),
+            "fakesys: reboot_sriov: {pf} is not an SR-IOV PF"
+        );
+        self.remove_vfs_locked(&mut state, pf, false);
+        state.sriov.get_mut(pf).expect("PF state").autoprobe = true;
+        let tree = self.tree();
+        let dir = tree
+            .device_dir(pf)
+            .unwrap_or_else(|| panic!("fakesys: no device {pf}"));
+        tree.write_file(&dir.join("sriov_numvfs"), "0\n")
+            .expect("fakesys: write sriov_numvfs");
+        tree.write_file(&dir.join("sriov_drivers_autoprobe"), "1\n")
+            .expect("fakesys: write sriov_drivers_autoprobe");
+    }
+
+    /// Where a uevent listener's FIFO goes (`<tmp_root>/uevents`); see
+    /// [`Tree::send_uevent`].
+    pub fn uevent_fifo(&self) -> PathBuf {
+        self.tree().uevent_fifo()
     }
 
     /// Adds a class device below `addr`'s directory at `rel` (`drm/card0`,

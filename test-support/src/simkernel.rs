@@ -17,6 +17,47 @@
 //!   override is set (and that driver is loaded), else the device's "native"
 //!   driver (the one it had in `add_device`; none = stays unbound). Binding
 //!   vfio-pci creates `D/vfio/<group>`.
+//! * `<PF>/sriov_numvfs` `N` (Linux 6.12's `sriov_numvfs_store`, checks in
+//!   its order): not a number: EINVAL; above `sriov_totalvfs`: ERANGE;
+//!   the current count: nothing; PF without a driver, or whose driver has
+//!   no `sriov_configure`: ENOENT (the native driver has one unless
+//!   [`DeviceSpec::sriov_capable_driver`]`(false)`; vfio-pci only while
+//!   `module/vfio_pci/parameters/enable_sriov` is "Y"; any other driver
+//!   never); 0: every VF is unbound and removed, last first (its group
+//!   dir and `D/vfio/<group>` go with their last member), a `remove`
+//!   uevent each; N while VFs are enabled: EBUSY; else N VFs are created
+//!   (at most [`SimKernel::limit_vfs`], as a driver that enables fewer),
+//!   one after the other: on the bus, an `add` uevent, then probed if
+//!   `pci_device_can_probe` allows it (below), a `bind` uevent if that
+//!   bound it. The file then reads the count enabled.
+//! * `<PF>/sriov_drivers_autoprobe`: a kernel boolean (1/0/y/n/on/off)
+//!   sets it; anything else is EINVAL. It reads back "1\n"/"0\n".
+//! * **VF probing** follows `pci_device_can_probe`: a VF is probed (at its
+//!   creation, by `drivers_probe`, `bind` or a driver registering) only
+//!   when it has a `driver_override` or its PF's autoprobe is 1. vfio-pci
+//!   owning the PF sets each new VF's override to vfio-pci (its bus
+//!   notifier does), so those are probed at creation whatever autoprobe
+//!   says. The PF's [`DeviceSpec::vf_driver`] is "loaded" (driver dir
+//!   created) when VFs are created, as udev loads it from their modalias on
+//!   a real host: it is there, and autoprobe 0 is what keeps it off.
+//! * Unbinding a PF with VFs enabled removes them first (igb's and
+//!   vfio-pci's remove disable SR-IOV); autoprobe keeps its value.
+//! * **NVIDIA vGPU VFs** (a PF with [`DeviceSpec::vgpu`]): binding one to
+//!   `nvidia` (any probe path) makes its `nvidia/` files, `vfio-dev/vfioN`
+//!   and `D/vfio/<group>` (see the fakesys module docs); vfio-pci's probe
+//!   of one fails (it stays unbound), as nvidia.ko is its only VFIO
+//!   provider. Unbinding it destroys its vGPU and removes all of that.
+//! * `<VF>/nvidia/current_vgpu_type` `N` (the driver's store): 0 destroys
+//!   the VF's vGPU (none: nothing); an ID creates one if the VF has none
+//!   (else EBUSY: the driver wants 0 first, also for the same ID) and its
+//!   `creatable_vgpu_types` lists it now (else EINVAL, as for a value that
+//!   is no number). The file then reads the type set ("1162\n"). After a
+//!   change, every VF of the PF gets its `creatable_vgpu_types` rewritten:
+//!   while siblings of a VF hold type T (all vGPUs of a GPU are of one
+//!   type), it lists only T, and only while fewer than T's share hold it;
+//!   once none holds one, every type again. A VF's own vGPU does not
+//!   count for its own list (it says what the VF can take once cleared).
+//!   Refused writes are recorded as SR-IOV ones are (below).
 //! * `new_id`, `remove_id`, `rescan`, any other attribute: logged only.
 //! * A driver directory that appears while running (`add_driver`,
 //!   `load_vfio`) triggers a probe of the unbound devices it matches
@@ -65,6 +106,28 @@
 //! * Writes that fail in Linux (ENODEV on a bad unbind, EINVAL, ...) succeed
 //!   here and are ignored; use [`SimKernel::fail_write`] to make a write
 //!   fail.
+//! * **SR-IOV and vGPU refusals cannot reach the writer.** The simulator
+//!   sees a write to `sriov_numvfs` / `sriov_drivers_autoprobe` /
+//!   `current_vgpu_type` after the writer's `write()` returned, so a write
+//!   Linux or the NVIDIA driver refuses (EBUSY, ERANGE, ENOENT, EINVAL)
+//!   succeeds for the writer; the simulator changes nothing, puts the old
+//!   content back and records it: [`SimKernel::refused_writes`]. A test
+//!   asserts that list is empty to show the code under test never made a
+//!   write the kernel would refuse (and uses a real kernel, tests/vm, to
+//!   see its handling of the errno). A write that must fail for the
+//!   writer is armed with [`SimKernel::fail_write`] (`current_vgpu_type`
+//!   included). These are regular files (they must stay readable): until
+//!   the simulator processed a write, a reader sees the value as written,
+//!   so a read-back right after a refused write can still show it (a
+//!   read-back check cannot catch a refusal here; `refused_writes` can),
+//!   and a second write before that may hide the first, as for
+//!   `driver_override`. While a write is acted on, the file is leased, so
+//!   a concurrent open waits (as a read of `sriov_numvfs` blocks in Linux
+//!   during a change).
+//! * VF creation is instant (about 0.5 s for two under TCG in Linux), and
+//!   a 4 -> 0 write that hangs ([`SimKernel::hang_write`]) has not started
+//!   removing VFs, where Linux has already taken the ones before the held
+//!   VF off their driver.
 //!
 //! # Faults
 //!
@@ -88,7 +151,9 @@
 //!
 //! Set `VFIOD_SIM_DEBUG=1` for a trace on stderr (`simkernel:` prefix).
 
-use crate::fakesys::{self, FakeSys, Hook, State, Tree, BUS_ATTRS, DRIVER_ATTRS, VFIO_PCI};
+#[cfg(doc)]
+use crate::fakesys::DeviceSpec;
+use crate::fakesys::{self, FakeSys, Hook, State, Tree, BUS_ATTRS, DRIVER_ATTRS, NVIDIA, VFIO_PCI};
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent, WatchDescriptor};
@@ -328,6 +393,10 @@ struct Sim {
     resets: Vec<(String, String)>,
     /// What a reset of a device leaves behind (absent: a healthy function).
     reset_outcome: HashMap<String, ResetOutcome>,
+    /// Writes Linux would have refused: (path as logged, value, errno).
+    refused: Vec<(String, String, Errno)>,
+    /// The most VFs a PF's driver enables (`limit_vfs`).
+    vf_limit: HashMap<String, u16>,
 }
 
 /// What a reset leaves behind; see [`SimKernel::set_reset_outcome`].
@@ -624,6 +693,24 @@ impl SimKernel {
         };
     }
 
+    /// Every write to an SR-IOV attribute (`sriov_numvfs`,
+    /// `sriov_drivers_autoprobe`) or to a vGPU VF's `current_vgpu_type`
+    /// (named `bus/pci/devices/<vf>/nvidia/current_vgpu_type`) that Linux
+    /// or the NVIDIA driver would have failed, in order:
+    /// (path as in [`SimKernel::writes`], value as written, the errno the
+    /// writer would have got). The write itself succeeded here (see the
+    /// module docs), but changed nothing.
+    pub fn refused_writes(&self) -> Vec<(String, String, Errno)> {
+        lock(&self.shared.sim).refused.clone()
+    }
+
+    /// From now on `pf`'s driver enables at most `n` VFs, whatever is
+    /// asked (as a driver short of resources does); `sriov_numvfs` then
+    /// reads how many it enabled.
+    pub fn limit_vfs(&self, pf: &str, n: u16) {
+        lock(&self.shared.sim).vf_limit.insert(pf.to_string(), n);
+    }
+
     /// The tree this simulator runs on.
     pub fn fakesys(&self) -> &FakeSys {
         &self.fs
@@ -701,6 +788,12 @@ impl Shared {
         }
         self.watch(sim, dir, FIFO_DIR_MASK)
             .map_err(io::Error::from)?;
+        // A vGPU VF bound to nvidia before this simulator started.
+        let nvidia = dir.join(NVIDIA);
+        if nvidia.join("current_vgpu_type").is_file() {
+            self.watch(sim, &nvidia, AddWatchFlags::IN_CLOSE_WRITE)
+                .map_err(io::Error::from)?;
+        }
         self.stamp_device(sim, dir);
         Ok(())
     }
@@ -777,6 +870,7 @@ impl Shared {
             }
             Some(ResetOutcome::LosesDriver) => {
                 let _ = tree.unbind(&addr);
+                self.vgpu_unbound(state, sim, &addr, dir);
             }
         }
         let Some(pipe) = sim.pipes.get_mut(path) else {
@@ -912,12 +1006,17 @@ impl Shared {
     fn display(&self, path: &Path) -> String {
         let rel = path.strip_prefix(&self.tree.sysfs).unwrap_or(path);
         if rel.starts_with("devices") {
-            if let (Some(dir), Some(attr)) = (path.parent(), path.file_name()) {
-                if let Some(addr) = dir.file_name().and_then(|a| a.to_str()) {
+            // The innermost device directory (`nvidia/current_vgpu_type`
+            // is two levels below its VF's).
+            let mut dir = path.parent();
+            while let Some(d) = dir {
+                if let Some(addr) = d.file_name().and_then(|a| a.to_str()) {
                     if fakesys::is_pci_addr(addr) {
+                        let attr = path.strip_prefix(d).unwrap_or(path);
                         return format!("bus/pci/devices/{addr}/{}", attr.to_string_lossy());
                     }
                 }
+                dir = d.parent();
             }
         }
         rel.to_string_lossy().into_owned()
@@ -996,7 +1095,7 @@ impl Shared {
         if !meta.is_file() {
             return;
         }
-        self.regular_written(sim, &path);
+        self.regular_written(state, sim, &path);
     }
 
     /// A writer closed FIFO attribute `path`: apply its value.
@@ -1013,7 +1112,7 @@ impl Shared {
             let _ = self.tree.write_file(path, &saved);
             for v in values {
                 let _ = self.tree.write_file(path, &v);
-                self.regular_written(sim, path);
+                self.regular_written(state, sim, path);
             }
             return;
         }
@@ -1063,7 +1162,36 @@ impl Shared {
     /// The file is opened through a hard link in the scratch directory so
     /// this raises no inotify event in the device directory. Without a lease
     /// (busy for too long, or unsupported) the file is left as written.
-    fn regular_written(&self, sim: &mut Sim, path: &Path) {
+    fn regular_written(&self, state: &mut State, sim: &mut Sim, path: &Path) {
+        let attr = attr_name(path);
+        if matches!(attr.as_str(), "sriov_numvfs" | "sriov_drivers_autoprobe") {
+            let pf = path
+                .parent()
+                .and_then(|d| d.file_name())
+                .and_then(|a| a.to_str())
+                .unwrap_or_default()
+                .to_string();
+            if state.sriov.contains_key(&pf) {
+                self.sriov_attr_written(state, sim, path, &pf, &attr);
+                return;
+            }
+        }
+        if attr == "current_vgpu_type" {
+            let vf = path
+                .parent()
+                .filter(|d| d.file_name().is_some_and(|n| n == NVIDIA))
+                .and_then(Path::parent)
+                .and_then(|d| d.file_name())
+                .and_then(|a| a.to_str())
+                .unwrap_or_default()
+                .to_string();
+            if state.vgpu.contains_key(&vf) {
+                self.kernel_attr_written(state, sim, path, &mut |sh, state, sim, written| {
+                    sh.vgpu_apply(state, sim, path, &vf, written)
+                });
+                return;
+            }
+        }
         let last = sim.stamps.get(path).copied();
         let (content, stamp) = if attr_name(path) == "driver_override" {
             let leased = self.with_lease(path, |f| {
@@ -1117,9 +1245,16 @@ impl Shared {
     /// close of a descriptor inherited by a forked process (no new write)
     /// is not taken for a write.
     fn stamp_device(&self, sim: &mut Sim, dir: &Path) {
-        let path = dir.join("driver_override");
-        if let Ok(meta) = fs::metadata(&path) {
-            sim.stamps.insert(path, Stamp::of(&meta));
+        for attr in [
+            "driver_override",
+            "sriov_numvfs",
+            "sriov_drivers_autoprobe",
+            "nvidia/current_vgpu_type",
+        ] {
+            let path = dir.join(attr);
+            if let Ok(meta) = fs::metadata(&path) {
+                sim.stamps.insert(path, Stamp::of(&meta));
+            }
         }
     }
 
@@ -1192,8 +1327,18 @@ impl Shared {
             match attr.as_str() {
                 "bind" => self.bind_cmd(state, sim, arg, driver),
                 "unbind" if self.tree.driver_of(arg).as_deref() == Some(driver) => {
+                    // A PF driver's remove disables SR-IOV (igb and
+                    // vfio-pci do): the VFs go first.
+                    if state.sriov.get(arg).is_some_and(|p| !p.vfs.is_empty()) {
+                        dbg_log!(self, "unbind {arg}: its VFs go first");
+                        self.sriov_disable(state, sim, arg);
+                        self.show_sriov_state(state, sim, arg);
+                    }
                     dbg_log!(self, "unbind {arg} from {driver}");
                     let _ = self.tree.unbind(arg);
+                    if let Some(dev) = self.tree.device_dir(arg) {
+                        self.vgpu_unbound(state, sim, arg, &dev);
+                    }
                 }
                 _ => {} // unbind from another driver (ENODEV), new_id, remove_id: recorded only
             }
@@ -1212,7 +1357,7 @@ impl Shared {
         self.tree.override_of(addr)
     }
 
-    fn try_bind(&self, addr: &str, driver: &str) -> bool {
+    fn try_bind(&self, state: &mut State, sim: &mut Sim, addr: &str, driver: &str) -> bool {
         if !self.tree.driver_loaded(driver) {
             dbg_log!(self, "{addr}: driver {driver} not loaded, stays unbound");
             return false;
@@ -1221,8 +1366,47 @@ impl Shared {
             dbg_log!(self, "{addr}: no IOMMU group, vfio-pci probe fails");
             return false;
         }
+        if driver == VFIO_PCI && !state.vgpu_types_of(addr).is_empty() {
+            dbg_log!(self, "{addr}: a vGPU VF, vfio-pci probe fails");
+            return false;
+        }
         dbg_log!(self, "bind {addr} to {driver}");
-        self.tree.bind(addr, driver).is_ok()
+        if self.tree.bind(addr, driver).is_err() {
+            return false;
+        }
+        if driver == NVIDIA {
+            let mut watch = |staged: &Path, dest: &Path| match self
+                .inotify
+                .add_watch(staged, AddWatchFlags::IN_CLOSE_WRITE)
+            {
+                Ok(wd) => {
+                    sim.wds.insert(wd, dest.to_path_buf());
+                }
+                Err(e) => eprintln!("simkernel: cannot watch {}: {e}", dest.display()),
+            };
+            match self.tree.vgpu_bound(state, addr, &mut watch) {
+                Ok(true) => {
+                    dbg_log!(self, "{addr}: vGPU VF on nvidia, /dev/vfio node made");
+                    if let Some(dir) = self.tree.device_dir(addr) {
+                        self.stamp_device(sim, &dir);
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => eprintln!("simkernel: {addr}: cannot make its vGPU files: {e}"),
+            }
+        }
+        true
+    }
+
+    /// `addr` (directory `dir`) was unbound: if it was a vGPU VF, its vGPU
+    /// is gone (faults armed on its `nvidia/` files with it) and its
+    /// siblings may take types again.
+    fn vgpu_unbound(&self, state: &mut State, sim: &mut Sim, addr: &str, dir: &Path) {
+        if state.vgpu.contains_key(addr) {
+            dbg_log!(self, "{addr}: left nvidia, its vGPU is gone");
+            self.forget_under(sim, &dir.join(NVIDIA));
+            self.tree.vgpu_unbound(state, addr);
+        }
     }
 
     fn probe(&self, state: &mut State, sim: &mut Sim, addr: &str) {
@@ -1231,6 +1415,9 @@ impl Shared {
         }
         if sim.ignore_probe.contains(addr) {
             dbg_log!(self, "probe {addr} ignored");
+            return;
+        }
+        if !self.can_probe(state, sim, addr) {
             return;
         }
         let wrong = sim
@@ -1244,15 +1431,15 @@ impl Shared {
                 .or_else(|| state.native.get(addr).cloned().flatten()),
         };
         if let Some(driver) = target {
-            self.try_bind(addr, &driver);
+            self.try_bind(state, sim, addr, &driver);
         }
     }
 
-    fn bind_cmd(&self, _state: &mut State, sim: &mut Sim, addr: &str, driver: &str) {
+    fn bind_cmd(&self, state: &mut State, sim: &mut Sim, addr: &str, driver: &str) {
         if self.tree.device_dir(addr).is_none() || self.tree.driver_of(addr).is_some() {
             return;
         }
-        if sim.ignore_probe.contains(addr) {
+        if sim.ignore_probe.contains(addr) || !self.can_probe(state, sim, addr) {
             return;
         }
         match self.override_for(sim, addr) {
@@ -1260,7 +1447,7 @@ impl Shared {
                 dbg_log!(self, "bind {addr} to {driver} refused: override is {o}");
             }
             _ => {
-                self.try_bind(addr, driver);
+                self.try_bind(state, sim, addr, driver);
             }
         }
     }
@@ -1268,14 +1455,17 @@ impl Shared {
     /// A driver registered: probe the unbound devices it matches.
     fn driver_registered(&self, state: &mut State, sim: &mut Sim, driver: &str) {
         for addr in self.tree.devices() {
-            if self.tree.driver_of(&addr).is_some() || sim.ignore_probe.contains(&addr) {
+            if self.tree.driver_of(&addr).is_some()
+                || sim.ignore_probe.contains(&addr)
+                || !self.can_probe(state, sim, &addr)
+            {
                 continue;
             }
             let wanted = self
                 .override_for(sim, &addr)
                 .or_else(|| state.native.get(&addr).cloned().flatten());
             if wanted.as_deref() == Some(driver) {
-                self.try_bind(&addr, driver);
+                self.try_bind(state, sim, &addr, driver);
             }
         }
     }
@@ -1283,6 +1473,412 @@ impl Shared {
     fn forget_under(&self, sim: &mut Sim, dir: &Path) {
         sim.pipes.retain(|p, _| !p.starts_with(dir));
         sim.faults.retain(|p, _| !p.starts_with(dir));
+        sim.stamps.retain(|p, _| !p.starts_with(dir));
+    }
+    // -----------------------------------------------------------------------
+    // SR-IOV
+    // -----------------------------------------------------------------------
+
+    /// Linux's `pci_device_can_probe`: a VF is probed (by `drivers_probe`,
+    /// `bind`, driver registration or its creation) only when it has a
+    /// `driver_override` or its PF's `sriov_drivers_autoprobe` is 1.
+    fn can_probe(&self, state: &State, sim: &Sim, addr: &str) -> bool {
+        let Some(pf) = state.pf_of(addr) else {
+            return true;
+        };
+        if state.sriov.get(pf).is_some_and(|p| p.autoprobe)
+            || self.override_for(sim, addr).is_some()
+        {
+            return true;
+        }
+        dbg_log!(
+            self,
+            "{addr}: VF without override, {pf}'s autoprobe is 0: not probed"
+        );
+        false
+    }
+
+    /// A write to a PF's `sriov_numvfs` or `sriov_drivers_autoprobe`: read
+    /// what was written, act on it, and put the kernel's view back into the
+    /// file, all under a write lease (see `regular_written`) so that no
+    /// client write can slip in between and be overwritten.
+    fn sriov_attr_written(
+        &self,
+        state: &mut State,
+        sim: &mut Sim,
+        path: &Path,
+        pf: &str,
+        attr: &str,
+    ) {
+        self.kernel_attr_written(state, sim, path, &mut |sh, state, sim, written| {
+            sh.sriov_apply(state, sim, path, pf, attr, written)
+        });
+    }
+
+    /// A write to a regular attribute whose store the kernel decides
+    /// (`sriov_*`, `current_vgpu_type`): reads what was written, has
+    /// `apply` act on it, and puts what `apply` says the attribute reads
+    /// now back into the file, all under a write lease (see
+    /// `regular_written`) so that no client write can slip in between and
+    /// be overwritten.
+    fn kernel_attr_written(
+        &self,
+        state: &mut State,
+        sim: &mut Sim,
+        path: &Path,
+        apply: &mut dyn FnMut(&Self, &mut State, &mut Sim, &str) -> String,
+    ) {
+        let last = sim.stamps.get(path).copied();
+        // What the file must show, once the write was acted on.
+        let mut shown: Option<String> = None;
+        let leased = self.with_lease(path, |f| {
+            if Some(Stamp::of(&f.metadata()?)) == last {
+                return Ok(false);
+            }
+            let mut written = String::new();
+            f.read_to_string(&mut written)?;
+            let now = apply(self, state, sim, &written);
+            shown = Some(now.clone());
+            f.set_len(0)?;
+            f.write_all_at(now.as_bytes(), 0)?;
+            Ok(true)
+        });
+        match (leased, shown) {
+            (Some(false), _) => {
+                dbg_log!(self, "{}: unchanged, a late close", path.display());
+                return;
+            }
+            (Some(true), _) => {}
+            // Acted on, but the rewrite in place failed.
+            (None, Some(now)) => {
+                let _ = self.tree.write_file(path, &now);
+            }
+            (None, None) => {
+                let Ok(meta) = fs::metadata(path) else { return };
+                if Some(Stamp::of(&meta)) == last {
+                    return;
+                }
+                let Ok(written) = fs::read_to_string(path) else {
+                    return;
+                };
+                dbg_log!(self, "{}: no lease, rewritten by rename", path.display());
+                let now = apply(self, state, sim, &written);
+                let _ = self.tree.write_file(path, &now);
+            }
+        }
+        if let Ok(meta) = fs::metadata(path) {
+            sim.stamps.insert(path.to_path_buf(), Stamp::of(&meta));
+        }
+    }
+
+    /// Acts on `written` (a write to `attr` of `pf`) and returns what the
+    /// attribute reads afterwards. A write Linux refuses changes nothing
+    /// and is recorded in `refused`.
+    fn sriov_apply(
+        &self,
+        state: &mut State,
+        sim: &mut Sim,
+        path: &Path,
+        pf: &str,
+        attr: &str,
+        written: &str,
+    ) -> String {
+        self.record(path, written);
+        let text = written.strip_suffix('\n').unwrap_or(written);
+        let result = if attr == "sriov_numvfs" {
+            self.sriov_numvfs_store(state, sim, pf, text)
+        } else {
+            match parse_kernel_bool(text) {
+                Some(on) => {
+                    dbg_log!(self, "{pf}: sriov_drivers_autoprobe = {on}");
+                    if let Some(p) = state.sriov.get_mut(pf) {
+                        p.autoprobe = on;
+                    }
+                    Ok(())
+                }
+                None => Err(Errno::EINVAL),
+            }
+        };
+        if let Err(errno) = result {
+            dbg_log!(self, "{pf}: {attr} <- {written:?} refused: {errno}");
+            sim.refused
+                .push((self.display(path), written.to_string(), errno));
+        }
+        self.sriov_shown(state, pf, attr)
+    }
+
+    /// What `attr` of `pf` reads, from the kernel's state.
+    fn sriov_shown(&self, state: &State, pf: &str, attr: &str) -> String {
+        let Some(p) = state.sriov.get(pf) else {
+            return String::new();
+        };
+        if attr == "sriov_numvfs" {
+            format!("{}\n", p.vfs.len())
+        } else {
+            format!("{}\n", u8::from(p.autoprobe))
+        }
+    }
+
+    /// `sriov_numvfs_store` of Linux 6.12, checks in its order.
+    fn sriov_numvfs_store(
+        &self,
+        state: &mut State,
+        sim: &mut Sim,
+        pf: &str,
+        text: &str,
+    ) -> Result<(), Errno> {
+        let wanted = parse_kernel_u16(text).ok_or(Errno::EINVAL)?;
+        let Some(p) = state.sriov.get(pf) else {
+            return Err(Errno::ENODEV);
+        };
+        let total = p.spec.sriov.as_ref().map_or(0, |s| s.total_vfs);
+        if wanted > total {
+            return Err(Errno::ERANGE);
+        }
+        let current = p.vfs.len();
+        if usize::from(wanted) == current {
+            return Ok(());
+        }
+        let Some(driver) = self.tree.driver_of(pf) else {
+            return Err(Errno::ENOENT);
+        };
+        if !self.driver_configures_sriov(state, pf, &driver) {
+            return Err(Errno::ENOENT);
+        }
+        if wanted == 0 {
+            self.sriov_disable(state, sim, pf);
+            return Ok(());
+        }
+        if current != 0 {
+            return Err(Errno::EBUSY);
+        }
+        let enabled = sim.vf_limit.get(pf).map_or(wanted, |l| wanted.min(*l));
+        self.sriov_enable(state, sim, pf, &driver, enabled);
+        Ok(())
+    }
+
+    /// Whether `driver`, bound to `pf`, implements `sriov_configure`.
+    fn driver_configures_sriov(&self, state: &State, pf: &str, driver: &str) -> bool {
+        if driver == VFIO_PCI {
+            let param = self
+                .tree
+                .sysfs
+                .join("module/vfio_pci/parameters/enable_sriov");
+            return fs::read_to_string(param).is_ok_and(|v| v.trim() == "Y");
+        }
+        let native = state.native.get(pf).cloned().flatten();
+        native.as_deref() == Some(driver)
+            && state
+                .sriov
+                .get(pf)
+                .and_then(|p| p.spec.sriov.as_ref())
+                .is_some_and(|s| s.native_driver_configures)
+    }
+
+    /// Enables `count` VFs of `pf` (bound to `pf_driver`), one after the
+    /// other as `sriov_enable` + `pci_iov_add_virtfn` do: each appears on
+    /// the bus (uevent `add`), then is probed if it may be (uevent `bind`).
+    fn sriov_enable(
+        &self,
+        state: &mut State,
+        sim: &mut Sim,
+        pf: &str,
+        pf_driver: &str,
+        count: u16,
+    ) {
+        dbg_log!(self, "{pf}: enabling {count} VFs");
+        let vf_driver = state
+            .sriov
+            .get(pf)
+            .and_then(|p| p.spec.sriov.as_ref())
+            .and_then(|s| s.vf_driver.clone());
+        // udev loads the VF driver's module from the VFs' modalias
+        // whatever autoprobe says; autoprobe is what keeps it from binding.
+        if let Some(vd) = vf_driver {
+            if !self.tree.driver_loaded(&vd) && self.tree.create_driver_dir(&vd).is_ok() {
+                dbg_log!(self, "loaded VF driver {vd}");
+                if let Err(e) = self.setup_driver_dir(sim, &vd) {
+                    eprintln!("simkernel: cannot set up driver {vd}: {e}");
+                }
+                self.driver_registered(state, sim, &vd);
+            }
+        }
+        // vfio-pci's bus notifier sets the override of every VF of a PF it
+        // owns ("Captured SR-IOV VF ... driver_override").
+        let captured = (pf_driver == VFIO_PCI).then_some(VFIO_PCI);
+        for _ in 0..count {
+            let (addr, dir) = match self.tree.create_vf(state, pf, captured) {
+                Ok(vf) => vf,
+                Err(e) => {
+                    eprintln!("simkernel: {pf}: cannot add a VF: {e}");
+                    break;
+                }
+            };
+            if let Err(e) = self.setup_device_dir(sim, &dir) {
+                eprintln!("simkernel: cannot watch {}: {e}", dir.display());
+            }
+            let index = state.sriov.get(pf).map_or(0, |p| p.vfs.len() - 1);
+            if let Err(e) = self.tree.publish_vf(pf, index, &addr, &dir) {
+                eprintln!("simkernel: {addr}: cannot put it on the bus: {e}");
+            }
+            dbg_log!(self, "{pf}: added VF {addr}");
+            self.tree.send_uevent(state, &format!("add {addr}"));
+            self.probe(state, sim, &addr);
+            if let Some(d) = self.tree.driver_of(&addr) {
+                self.tree.send_uevent(state, &format!("bind {addr} {d}"));
+            }
+        }
+    }
+
+    /// Unbinds and removes every VF of `pf`, last one first (uevent
+    /// `remove` each). Does not touch the PF's `sriov_numvfs` file: see
+    /// [`Shared::show_sriov_state`].
+    fn sriov_disable(&self, state: &mut State, sim: &mut Sim, pf: &str) {
+        let vfs: Vec<String> = state
+            .sriov
+            .get(pf)
+            .map(|p| p.vfs.clone())
+            .unwrap_or_default();
+        dbg_log!(self, "{pf}: removing {} VFs", vfs.len());
+        for vf in vfs.iter().rev() {
+            let Some(dir) = self.tree.device_dir(vf) else {
+                continue;
+            };
+            self.forget_under(sim, &dir);
+            self.tree.remove_device_entry(state, vf, &dir);
+            self.tree.send_uevent(state, &format!("remove {vf}"));
+        }
+    }
+
+    /// Makes `pf`'s `sriov_numvfs` read the kernel's count after a change
+    /// that was no write to it (its driver unbound). While the attribute
+    /// is hung, the content it gets back on release is updated instead.
+    fn show_sriov_state(&self, state: &State, sim: &mut Sim, pf: &str) {
+        let Some(dir) = self.tree.device_dir(pf) else {
+            return;
+        };
+        let path = dir.join("sriov_numvfs");
+        let now = self.sriov_shown(state, pf, "sriov_numvfs");
+        if let Some(Fault::Hang(Saved::Regular(saved)) | Fault::Fail(Saved::Regular(saved))) =
+            sim.faults.get_mut(&path)
+        {
+            *saved = now;
+            return;
+        }
+        if let Some(restore) = sim.pipes.get_mut(&path).and_then(|p| p.restore.as_mut()) {
+            *restore = now;
+            return;
+        }
+        let rewritten = self.with_lease(&path, |f| {
+            f.set_len(0)?;
+            f.write_all_at(now.as_bytes(), 0)
+        });
+        if rewritten.is_none() {
+            let _ = self.tree.write_file(&path, &now);
+        }
+        if let Ok(meta) = fs::metadata(&path) {
+            sim.stamps.insert(path, Stamp::of(&meta));
+        }
+    }
+}
+
+impl Shared {
+    // -----------------------------------------------------------------------
+    // NVIDIA vGPU
+    // -----------------------------------------------------------------------
+
+    /// Acts on `written` (a write to `vf`'s `nvidia/current_vgpu_type`) and
+    /// returns what the attribute reads afterwards. A write the driver
+    /// refuses changes nothing and is recorded in `refused`. A change
+    /// rewrites every sibling's `creatable_vgpu_types`.
+    fn vgpu_apply(
+        &self,
+        state: &mut State,
+        sim: &mut Sim,
+        path: &Path,
+        vf: &str,
+        written: &str,
+    ) -> String {
+        self.record(path, written);
+        let text = written.strip_suffix('\n').unwrap_or(written);
+        match self.vgpu_store(state, vf, text) {
+            Ok(changed) => {
+                if changed {
+                    if let Some(pf) = state.pf_of(vf).map(str::to_string) {
+                        self.tree.vgpu_refresh(state, &pf);
+                    }
+                }
+            }
+            Err(errno) => {
+                dbg_log!(
+                    self,
+                    "{vf}: current_vgpu_type <- {written:?} refused: {errno}"
+                );
+                sim.refused
+                    .push((self.display(path), written.to_string(), errno));
+            }
+        }
+        format!("{}\n", state.vgpu.get(vf).copied().unwrap_or(0))
+    }
+
+    /// The driver's store of `current_vgpu_type`: 0 destroys the VF's vGPU
+    /// (nothing to do if it has none); an ID creates one, only on a VF
+    /// without one (EBUSY: the driver wants 0 first) and only if the VF's
+    /// `creatable_vgpu_types` lists it now (EINVAL), as does a value that is
+    /// no number. Returns whether anything changed.
+    fn vgpu_store(&self, state: &mut State, vf: &str, text: &str) -> Result<bool, Errno> {
+        let wanted = parse_kernel_u32(text).ok_or(Errno::EINVAL)?;
+        let current = state.vgpu.get(vf).copied().ok_or(Errno::ENODEV)?;
+        if wanted == 0 {
+            if current == 0 {
+                return Ok(false);
+            }
+            dbg_log!(self, "{vf}: vGPU type {current} destroyed");
+            state.vgpu.insert(vf.to_string(), 0);
+            return Ok(true);
+        }
+        if current != 0 {
+            return Err(Errno::EBUSY);
+        }
+        let creatable = state.vgpu_creatable(vf).unwrap_or_default();
+        if !creatable.iter().any(|t| t.id == wanted) {
+            return Err(Errno::EINVAL);
+        }
+        dbg_log!(self, "{vf}: vGPU type {wanted} created");
+        state.vgpu.insert(vf.to_string(), wanted);
+        Ok(true)
+    }
+}
+
+/// `kstrtouint(text, 0)`: decimal, `0x` hex or `0` octal, an optional `+`.
+fn parse_kernel_u32(text: &str) -> Option<u32> {
+    let t = text.strip_prefix('+').unwrap_or(text);
+    let (digits, radix) = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        (h, 16)
+    } else if t.len() > 1 && t.starts_with('0') {
+        (&t[1..], 8)
+    } else {
+        (t, 10)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    u32::from_str_radix(digits, radix).ok()
+}
+
+/// `kstrtou16(text, 0)`: as [`parse_kernel_u32`], in range.
+fn parse_kernel_u16(text: &str) -> Option<u16> {
+    parse_kernel_u32(text).and_then(|v| u16::try_from(v).ok())
+}
+
+/// `kstrtobool`: y/Y/1/on true, n/N/0/off false.
+fn parse_kernel_bool(text: &str) -> Option<bool> {
+    match text.as_bytes() {
+        [b'y' | b'Y' | b'1', ..] => Some(true),
+        [b'n' | b'N' | b'0', ..] => Some(false),
+        [b'o' | b'O', b'n' | b'N', ..] => Some(true),
+        [b'o' | b'O', b'f' | b'F', ..] => Some(false),
+        _ => None,
     }
 }
 

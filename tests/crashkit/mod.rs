@@ -14,7 +14,9 @@
 //! 5. no registered device was lost or registered twice;
 //! 6. (per operation, see the tests) it took effect completely or left no
 //!    trace;
-//! 7. vfiod answers `/health`.
+//! 7. vfiod answers `/health`;
+//! 8. the VF records of a PF whose count vfiod keeps are the kernel's
+//!    VFs, in order, and no VF record outlives its VF.
 //!
 //! vfiod's test variables (`vfiod::crashpoint`) arm its kills, faults and
 //! pauses; uevents go through its `--uevent-fifo`. These tests run a VMM
@@ -37,6 +39,8 @@ use common::{parse_response, Daemon, Response};
 use serde_json::Value;
 
 pub use common::standard::{GPU, GPU_AUDIO as AUDIO, NIC};
+/// An SR-IOV PF (the QEMU guest's igb: 7 VFs, 8086:10ca).
+pub const PF: &str = "0000:0b:00.0";
 pub const VMM_UID: u32 = 4242;
 pub const VFIO: &str = "vfio-pci";
 
@@ -47,14 +51,23 @@ pub fn is_root() -> bool {
 /// The standard host's devices, the NIC and the GPU's two functions with
 /// function-level resets (so that reset on release has work to do).
 pub fn host_devices() -> Vec<DeviceSpec> {
-    common::fakesys::FakeSys::standard_devices()
+    let mut specs: Vec<DeviceSpec> = common::fakesys::FakeSys::standard_devices()
         .into_iter()
         .map(|spec| match spec.addr.as_str() {
             NIC | GPU => spec.reset_methods("flr pm"),
             AUDIO => spec.reset_methods("flr"),
             _ => spec,
         })
-        .collect()
+        .collect();
+    specs.push(
+        DeviceSpec::new(PF, 0x8086, 0x10c9, 0x020000)
+            .driver("igb")
+            .group(40)
+            .reset_methods("flr")
+            .sriov(7, 0x10ca)
+            .vf_driver("igbvf"),
+    );
+    specs
 }
 
 pub fn spec_of(addr: &str) -> DeviceSpec {
@@ -243,8 +256,13 @@ impl Host {
 
     /// Hot-unplug of `addr` as the kernel reports it.
     pub fn unplug(&self, addr: &str) {
+        // A PF's VFs go first, each with its own uevent.
+        let vfs = self.fs.vfs_of(addr);
         if self.fs.device_dir(addr).is_some() {
             self.fs.remove_device(addr);
+        }
+        for vf in vfs.iter().rev() {
+            self.uevent(&format!("remove {vf}"));
         }
         self.uevent(&format!("remove {addr}"));
     }
@@ -445,22 +463,24 @@ impl Host {
                 }
             }
         }
-        // 3. No override of vfiod's on a device it does not hold on vfio,
-        //    and every reset_method list as the kernel had it.
+        // 3. No override of vfiod's on a device (VFs included) it does not
+        //    hold on vfio, and every reset_method list as the kernel had it.
+        for addr in self.fs.devices() {
+            let driver = self.fs.driver_of(&addr);
+            if let Some(o) = self.fs.driver_override_of(&addr) {
+                let on_vfio = driver.as_deref() == Some(VFIO);
+                if !on_vfio || !held.contains(&addr) {
+                    return Err(format!(
+                        "3: {addr} is on {driver:?} with driver_override {o:?} left (held by vfiod: {})",
+                        held.contains(&addr)
+                    ));
+                }
+            }
+        }
         for spec in host_devices() {
             let addr = spec.addr.as_str();
             if self.fs.device_dir(addr).is_none() {
                 continue;
-            }
-            let driver = self.fs.driver_of(addr);
-            if let Some(o) = self.fs.driver_override_of(addr) {
-                let on_vfio = driver.as_deref() == Some(VFIO);
-                if !on_vfio || !held.contains(addr) {
-                    return Err(format!(
-                        "3: {addr} is on {driver:?} with driver_override {o:?} left (held by vfiod: {})",
-                        held.contains(addr)
-                    ));
-                }
             }
             if let Some(methods) = &spec.reset_methods {
                 let now = self.fs.reset_method_of(addr).unwrap_or_default();
@@ -469,6 +489,41 @@ impl Host {
                         "3: {addr}'s reset_method is {now:?}, not its own {methods:?}"
                     ));
                 }
+            }
+        }
+        // 8. VF records are the kernel's VFs.
+        for d in &devices {
+            if let Some(parent) = d["parent"].as_str() {
+                let addr = d["pci_address"].as_str().unwrap();
+                if self.fs.device_dir(addr).is_none() {
+                    return Err(format!("8: VF record {addr} outlives its VF: {d}"));
+                }
+                if !devices.iter().any(|p| p["id"] == parent) {
+                    return Err(format!("8: VF record {addr} outlives its PF's record"));
+                }
+            }
+            if d["sriov"].is_null() || d["present"] != true {
+                continue;
+            }
+            let id = &d["id"];
+            let mut records: Vec<(u64, &str)> = devices
+                .iter()
+                .filter(|v| v["parent"] == *id)
+                .map(|v| {
+                    (
+                        v["vf_index"].as_u64().unwrap_or(u64::MAX),
+                        v["pci_address"].as_str().unwrap(),
+                    )
+                })
+                .collect();
+            records.sort_unstable();
+            let recorded: Vec<&str> = records.into_iter().map(|(_, a)| a).collect();
+            let pf = d["pci_address"].as_str().unwrap();
+            let kernel = self.fs.vfs_of(pf);
+            if recorded != kernel {
+                return Err(format!(
+                    "8: VF records of {pf} are {recorded:?}, the kernel's VFs {kernel:?}"
+                ));
             }
         }
         // 4. ACL entries exactly for live attachments, and no attachment

@@ -1,12 +1,15 @@
 //! vfioctl's command line: the commands, their options and help texts
-//! (clap). The man page vfioctl(1) lists the same, which tests/cli.rs
+//! (clap). The man page vfioctl(1) lists the same, which tests/man_pages.rs
 //! checks.
 
 use clap::{Args, Parser, Subcommand, ValueEnum, ValueHint};
 use clap_complete::engine::ArgValueCandidates;
 use vfiod::core::ResetMethod;
+use vfiod::registry::VfDriver;
 
-use crate::complete::{registered_devices, unregistered_candidates};
+use crate::complete::{
+    registered_devices, registered_pfs, registered_tags, unregistered_candidates, vgpu_type_names,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -62,6 +65,12 @@ fn reset_methods() -> clap::builder::PossibleValuesParser {
     let names = std::iter::once(ResetMethod::Auto)
         .chain(ResetMethod::KERNEL)
         .map(ResetMethod::as_str);
+    clap::builder::PossibleValuesParser::new(names)
+}
+
+/// What the agent may give new VFs, in its spelling.
+fn vf_drivers() -> clap::builder::PossibleValuesParser {
+    let names = [VfDriver::VfioPci, VfDriver::None, VfDriver::Native].map(VfDriver::as_str);
     clap::builder::PossibleValuesParser::new(names)
 }
 
@@ -158,6 +167,74 @@ pub enum Command {
         #[arg(long)]
         keep_bound: bool,
     },
+    /// Hand out a free device or VF with the given tags to INSTANCE
+    #[command(
+        long_about = "Ask vfiod for a free device or VF that carries every --tag and hand it \
+            out to the virtual machine --instance, in one operation: vfiod picks it under one \
+            lock (never the same device twice), records the claim, then binds and grants it \
+            exactly as attach does. Candidates are registered, present, fit devices and VFs \
+            that are not attached, claimed, busy or held; a PF with VFs is none itself, its \
+            VFs are. Preferred, in order: the --numa node, the PF with the most free VFs, a \
+            device whose last reset succeeded, the lowest address.\n\n\
+            The first line says whether the device is newly handed out or the instance's \
+            existing claim (the same instance asking the same again gets the same device; \
+            asking something else is refused with claim_conflict). When nothing fits \
+            (no_capacity), each candidate is printed with why it did not. Release the device \
+            with `vfioctl detach`.",
+        after_help = "Examples:\n  vfioctl claim --tag resource=vf --instance vm-1 --uid 64055\n  \
+            vfioctl claim --tag resource=vf --instance vm-2 --numa 1 --numa-required\n  \
+            vfioctl claim --tag resource=vgpu --instance vm-3 --vgpu-type L40S-12Q"
+    )]
+    Claim {
+        /// A tag the device must carry; repeat for more
+        #[arg(
+            long = "tag",
+            value_name = "KEY=VALUE",
+            value_parser = parse_tag,
+            required = true,
+            add = ArgValueCandidates::new(registered_tags)
+        )]
+        tags: Vec<(String, String)>,
+        /// Virtual machine the device goes to; the claim's key (asking again
+        /// under it gets the same device)
+        #[arg(long, value_name = "INSTANCE")]
+        instance: String,
+        /// Uid of the VMM that may open the device [default: yours; only root
+        /// may name another]
+        #[arg(long, value_name = "N")]
+        uid: Option<u32>,
+        /// Pid of the VMM (running as that uid); the claim ends when it exits
+        #[arg(long, value_name = "N")]
+        pid: Option<u32>,
+        /// NUMA node of the virtual machine: devices on it come first
+        #[arg(long, value_name = "N")]
+        numa: Option<u32>,
+        /// Only devices on the --numa node; the others are not considered
+        #[arg(long, requires = "numa")]
+        numa_required: bool,
+        /// NVIDIA vGPU type to set on the VF, by name (L40S-12Q) or ID: only
+        /// VFs that can take it now are candidates
+        #[arg(long, value_name = "TYPE", add = ArgValueCandidates::new(vgpu_type_names))]
+        vgpu_type: Option<String>,
+    },
+    /// Free, attached, quarantined devices per resource tag, and vGPU types
+    #[command(
+        long_about = "Count the registered devices per resource tag (devices without one \
+            under -): total, free (claimable now), attached (or claimed), quarantined (or \
+            needing a host reboot), needs_reset (free, reset before the next hand-out). A PF \
+            with VFs counts as its VFs. Then, for pools of vGPU VFs, how many free VFs can \
+            take each vGPU type now. With --tag, only the devices that carry every given tag."
+    )]
+    Capacity {
+        /// Only devices that carry this tag; repeat for more
+        #[arg(
+            long = "tag",
+            value_name = "KEY=VALUE",
+            value_parser = parse_tag,
+            add = ArgValueCandidates::new(registered_tags)
+        )]
+        tags: Vec<(String, String)>,
+    },
     /// Reset the function
     Reset {
         #[command(flatten)]
@@ -173,6 +250,48 @@ pub enum Command {
     /// Processes, mounts, swap, block stacks, network interfaces and consoles
     /// that use the device
     Holders(DeviceArg),
+    /// A physical function's SR-IOV VFs: show them, or set how many vfiod
+    /// makes and keeps
+    #[command(
+        long_about = "Without COUNT, show the SR-IOV state of a registered physical function \
+            (PF): how many VFs it can have, how many are enabled, the count vfiod keeps, the \
+            VFs' device ID, what new VFs are given, the PF's sriov_drivers_autoprobe, and \
+            each VF.\n\n\
+            With COUNT, declare the VF count: vfiod makes the VFs, registers each as \
+            <pf-name>-vf<N> with the PF's tags, and makes them again after a reboot or a \
+            re-plug. Changing a count destroys every VF first (the kernel goes through 0), \
+            so it is refused while any VF is attached, held or busy. 0 removes them all. \
+            Setting the count it already has changes nothing.",
+        after_help = "Examples:\n  vfioctl sriov nic0\n  vfioctl sriov nic0 4\n  \
+            vfioctl sriov nic0 4 --vf-driver none\n  vfioctl sriov nic0 0"
+    )]
+    Sriov {
+        /// Registry id or name of the physical function
+        #[arg(value_name = "ID|NAME", add = ArgValueCandidates::new(registered_pfs))]
+        device: String,
+        /// VFs to make and keep (0 removes them all); without it, only show
+        #[arg(value_name = "COUNT")]
+        num_vfs: Option<u32>,
+        /// What new VFs are given: vfio-pci (bound straight to it, no host
+        /// driver probes them), none (left driverless), native (probed by
+        /// their host driver) [default: the choice recorded, vfio-pci at
+        /// first]
+        #[arg(long, value_name = "DRIVER", value_parser = vf_drivers(), requires = "num_vfs")]
+        vf_driver: Option<String>,
+    },
+    /// The vGPU types a PF's VFs can take now, and how many free VFs can take
+    /// each
+    #[command(
+        long_about = "List the NVIDIA vGPU types the VFs of a registered physical function \
+            can take (each VF's creatable_vgpu_types), with how many of its free VFs can take \
+            each now. Creating a vGPU can take types away from the sibling VFs, so the \
+            counts change as VFs are claimed."
+    )]
+    VgpuTypes {
+        /// Registry id or name of the physical function
+        #[arg(value_name = "ID|NAME", add = ArgValueCandidates::new(registered_pfs))]
+        device: String,
+    },
     /// Follow the event stream (Ctrl-C to stop)
     Events {
         /// First replay the retained events after SEQ (0: all of them; see

@@ -45,31 +45,43 @@ pub fn device_path(device: &str, action: &str) -> String {
 
 /// `GET /devices`, filtered by every tag given.
 pub fn list_path(tags: &[(String, String)]) -> String {
+    tags_path("/devices", tags)
+}
+
+/// `path` with a `tags[KEY]=VALUE` query for every tag given (the filter
+/// of `GET /devices` and `GET /devices/capacity`).
+pub fn tags_path(path: &str, tags: &[(String, String)]) -> String {
     let query: Vec<String> = tags
         .iter()
         .map(|(k, v)| format!("{}={}", encode(&format!("tags[{k}]")), encode(v)))
         .collect();
     if query.is_empty() {
-        "/devices".into()
+        path.into()
     } else {
-        format!("/devices?{}", query.join("&"))
+        format!("{path}?{}", query.join("&"))
     }
 }
 
 /// Why a command failed: here (no agent, a broken answer), or at the
-/// agent, with its status and error body.
+/// agent, with its status and error body; or a refusal the command has
+/// already printed in its own way.
 pub enum Failure {
     Local(String),
     Server(StatusCode, String),
+    Printed,
 }
 
-/// A successful answer's body.
-pub struct Answer(Bytes);
+/// A successful answer: its status (a claim tells a new hand-out, 201,
+/// from the instance's existing one, 200) and its body.
+pub struct Answer {
+    pub status: StatusCode,
+    body: Bytes,
+}
 
 impl Answer {
     /// The body as the daemon's wire type `T`.
     pub fn read<T: DeserializeOwned>(&self) -> Result<T, Failure> {
-        serde_json::from_slice(&self.0).map_err(|e| {
+        serde_json::from_slice(&self.body).map_err(|e| {
             Failure::Local(format!(
                 "vfiod sent an answer this vfioctl cannot read: {e} (is the agent the same \
                  version? `vfioctl --json health` shows its version)"
@@ -80,10 +92,10 @@ impl Answer {
     /// The body for `--json`: compact, keys in alphabetical order (as
     /// vfioctl has always printed it), `null` for none.
     pub fn json(&self) -> Result<String, Failure> {
-        if self.0.is_empty() {
+        if self.body.is_empty() {
             return Ok(Value::Null.to_string());
         }
-        serde_json::from_slice::<Value>(&self.0)
+        serde_json::from_slice::<Value>(&self.body)
             .map(|v| v.to_string())
             .map_err(|e| Failure::Local(format!("vfiod sent invalid JSON: {e}")))
     }
@@ -153,7 +165,10 @@ impl Client {
                 String::from_utf8_lossy(&bytes).trim().to_owned(),
             ));
         }
-        Ok(Answer(bytes))
+        Ok(Answer {
+            status,
+            body: bytes,
+        })
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, Failure> {

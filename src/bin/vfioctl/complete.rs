@@ -3,6 +3,7 @@
 //! [`COMPLETE_VAR`] set): commands and options from clap, device names and
 //! addresses from the running agent.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 
 use clap::CommandFactory;
@@ -13,7 +14,7 @@ use vfiod::api::wire::{AvailableDevice, Device};
 
 use crate::args::{Cli, CompletionShell};
 use crate::client::{default_socket, Client};
-use crate::render::available_names;
+use crate::render::{available_names, CapacityAnswer};
 
 /// The environment variable that turns a run into a completion request
 /// (set by the scripts `vfioctl completion SHELL` prints).
@@ -68,27 +69,40 @@ fn completion_socket() -> String {
     std::env::var("VFIOD_SOCKET").unwrap_or_else(|_| default_socket())
 }
 
+/// A GET for a completion whose answer is a list.
+fn completion_get<T: DeserializeOwned>(path: &str) -> Vec<T> {
+    completion_get_as::<Vec<T>>(path).unwrap_or_default()
+}
+
 /// A GET for a completion: a second at most, and nothing on any failure
 /// (no agent means no candidates, never an error under the cursor).
-fn completion_get<T: DeserializeOwned>(path: &str) -> Vec<T> {
-    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+fn completion_get_as<T: DeserializeOwned>(path: &str) -> Option<T> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    else {
-        return Vec::new();
-    };
+        .ok()?;
     let client = Client::new(completion_socket());
     runtime.block_on(async {
         match tokio::time::timeout(std::time::Duration::from_secs(1), client.get(path)).await {
-            Ok(Ok(list)) => list,
-            _ => Vec::new(),
+            Ok(Ok(answer)) => Some(answer),
+            _ => None,
         }
     })
 }
 
 /// Names first; ids are offered only when no name matches what is typed.
 pub fn registered_devices() -> Vec<CompletionCandidate> {
+    device_candidates(completion_get("/devices"))
+}
+
+/// The devices `sriov` can take: every registered device but the VFs
+/// (a VF cannot have VFs).
+pub fn registered_pfs() -> Vec<CompletionCandidate> {
     let list: Vec<Device> = completion_get("/devices");
+    device_candidates(list.into_iter().filter(|d| d.parent.is_none()).collect())
+}
+
+fn device_candidates(list: Vec<Device>) -> Vec<CompletionCandidate> {
     let names = list.iter().map(|d| {
         CompletionCandidate::new(d.name.as_ref())
             .help(Some(format!("{} {}", d.pci_address, d.id).into()))
@@ -99,6 +113,48 @@ pub fn registered_devices() -> Vec<CompletionCandidate> {
             .hide(true)
     });
     names.chain(ids).collect()
+}
+
+/// The `KEY=VALUE` tags the registered devices carry, each with how many
+/// carry it (what `claim --tag` and `capacity --tag` filter on).
+pub fn registered_tags() -> Vec<CompletionCandidate> {
+    let list: Vec<Device> = completion_get("/devices");
+    let mut tags: BTreeMap<String, usize> = BTreeMap::new();
+    for d in &list {
+        for (k, v) in d.tags.iter() {
+            *tags.entry(format!("{k}={v}")).or_default() += 1;
+        }
+    }
+    tags.into_iter()
+        .map(|(tag, n)| {
+            let help = if n == 1 {
+                "1 device".to_owned()
+            } else {
+                format!("{n} devices")
+            };
+            CompletionCandidate::new(tag).help(Some(help.into()))
+        })
+        .collect()
+}
+
+/// The vGPU types free VFs can take now, over every pool (one request:
+/// `GET /devices/capacity`), with how many can.
+pub fn vgpu_type_names() -> Vec<CompletionCandidate> {
+    let pools = completion_get_as::<CapacityAnswer>("/devices/capacity")
+        .map(|a| a.resources)
+        .unwrap_or_default();
+    let mut types: BTreeMap<String, u32> = BTreeMap::new();
+    for pool in &pools {
+        for (name, n) in &pool.vgpu_types {
+            *types.entry(name.clone()).or_default() += n;
+        }
+    }
+    types
+        .into_iter()
+        .map(|(name, n)| {
+            CompletionCandidate::new(name).help(Some(format!("{n} free VFs can take it").into()))
+        })
+        .collect()
 }
 
 /// The functions `register` can take: candidates not registered yet.

@@ -10,6 +10,7 @@ mod client;
 mod complete;
 mod render;
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -21,10 +22,11 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use vfiod::api::error::ErrorBody;
 use vfiod::api::wire::{AvailableDevice, Device, DryRun, HealthBody, Holders, ResetDryRun};
+use vfiod::core::{SriovStatus, VgpuTypeCount};
 use vfiod::events::Event;
 
 use args::{Cli, Command, NameAndTags};
-use client::{default_socket, device_path, list_path, Answer, Client, Failure};
+use client::{default_socket, device_path, list_path, tags_path, Answer, Client, Failure};
 
 /// Prints answers: with `--json` as the agent's JSON, else rendered from
 /// the wire type `T` the answer is read as.
@@ -70,7 +72,13 @@ async fn run(client: Client, out: Output, command: Command) -> Result<(), Failur
     match command {
         Command::List { tags } => {
             let answer = client.request(Method::GET, &list_path(&tags), None).await?;
-            out.print::<Vec<Device>>(&answer, |list| render::devices(list))?;
+            if out.json {
+                println!("{}", answer.json()?);
+            } else {
+                let list: Vec<Device> = answer.read()?;
+                let enabled = enabled_vfs(&client, &list, !tags.is_empty()).await?;
+                print!("{}", render::devices(&list, &enabled));
+            }
         }
         Command::Available { all } => {
             let path = if all {
@@ -176,6 +184,60 @@ async fn run(client: Client, out: Output, command: Command) -> Result<(), Failur
                 .await?;
             out.device(&answer)?;
         }
+        Command::Claim {
+            tags,
+            instance,
+            uid,
+            pid,
+            numa,
+            numa_required,
+            vgpu_type,
+        } => {
+            let tags: serde_json::Map<String, Value> = tags
+                .into_iter()
+                .map(|(k, v)| (k, Value::String(v)))
+                .collect();
+            let mut body = json!({"tags": tags, "instance_id": instance});
+            // Only what is given: the agent's defaults (the caller's uid,
+            // numa "preferred") are the API's to choose.
+            for (key, value) in [("uid", uid), ("pid", pid), ("numa_node", numa)] {
+                if let Some(v) = value {
+                    body[key] = json!(v);
+                }
+            }
+            if numa_required {
+                body["numa"] = json!("required");
+            }
+            if let Some(t) = vgpu_type {
+                body["vgpu_type"] = json!(t);
+            }
+            let answer = match client
+                .request(Method::POST, "/devices/claim", Some(body))
+                .await
+            {
+                Ok(answer) => answer,
+                Err(Failure::Server(status, body)) if !out.json => {
+                    return Err(no_capacity(&client, status, body).await);
+                }
+                Err(e) => return Err(e),
+            };
+            let created = answer.status == hyper::StatusCode::CREATED;
+            out.print::<Device>(&answer, |d| render::claimed(d, &instance, created))?;
+        }
+        Command::Capacity { tags } => {
+            let answer = client
+                .request(Method::GET, &tags_path("/devices/capacity", &tags), None)
+                .await?;
+            out.print::<render::CapacityAnswer>(&answer, |c| {
+                render::capacity(&c.resources, !tags.is_empty())
+            })?;
+        }
+        Command::VgpuTypes { device } => {
+            let answer = client
+                .request(Method::GET, &device_path(&device, "/vgpu_types"), None)
+                .await?;
+            out.print::<Vec<VgpuTypeCount>>(&answer, |t| render::vgpu_types(t, &device))?;
+        }
         Command::Reset {
             device,
             method,
@@ -204,6 +266,26 @@ async fn run(client: Client, out: Output, command: Command) -> Result<(), Failur
                 .await?;
             out.print::<Holders>(&answer, |h| render::holders(h, &d.device))?;
         }
+        Command::Sriov {
+            device,
+            num_vfs,
+            vf_driver,
+        } => {
+            let path = device_path(&device, "/sriov");
+            let answer = match num_vfs {
+                None => client.request(Method::GET, &path, None).await?,
+                Some(n) => {
+                    let mut body = json!({"num_vfs": n});
+                    // Only when given: the agent keeps the recorded choice
+                    // otherwise.
+                    if let Some(d) = vf_driver {
+                        body["vf_driver"] = json!(d);
+                    }
+                    client.request(Method::PUT, &path, Some(body)).await?
+                }
+            };
+            out.print::<SriovStatus>(&answer, render::sriov)?;
+        }
         Command::Health => {
             let answer = client.request(Method::GET, "/health", None).await?;
             out.print::<HealthBody>(&answer, render::health)?;
@@ -227,6 +309,52 @@ async fn run(client: Client, out: Output, command: Command) -> Result<(), Failur
         Command::Completion { .. } => unreachable!("handled before connecting"),
     }
     Ok(())
+}
+
+/// A refused claim: `no_capacity` naming candidates is printed here, one
+/// line per candidate with its name (looked up in the registry; left out
+/// if that fails) and why it did not fit; any other refusal is left to
+/// the usual error line.
+async fn no_capacity(client: &Client, status: hyper::StatusCode, body: String) -> Failure {
+    let Ok(error) = serde_json::from_str::<ErrorBody>(&body) else {
+        return Failure::Server(status, body);
+    };
+    if error.code != "no_capacity" || error.conflicting_functions.is_empty() {
+        return Failure::Server(status, body);
+    }
+    let names: HashMap<String, String> = client
+        .get::<Vec<Device>>(&list_path(&[]))
+        .await
+        .map(|list| {
+            list.iter()
+                .map(|d| (d.pci_address.to_string(), d.name.to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    eprint!(
+        "{}",
+        render::no_capacity(status, &error.conflicting_functions, &names)
+    );
+    Failure::Printed
+}
+
+/// How many VFs each PF with a declared count has now, by the PF's id:
+/// its VF records, which live exactly as long as the kernel's VFs. A list
+/// filtered by tags may leave some VFs out (a VF's tags can be changed),
+/// so then the VFs are counted in the whole registry.
+async fn enabled_vfs(
+    client: &Client,
+    listed: &[Device<'static>],
+    filtered: bool,
+) -> Result<render::EnabledVfs, Failure> {
+    if !listed.iter().any(|d| d.sriov.is_some()) {
+        return Ok(render::EnabledVfs::default());
+    }
+    if filtered {
+        let all: Vec<Device> = client.get(&list_path(&[])).await?;
+        return Ok(render::EnabledVfs::count(&all));
+    }
+    Ok(render::EnabledVfs::count(listed))
 }
 
 fn main() -> ExitCode {
@@ -265,6 +393,7 @@ fn main() -> ExitCode {
         .expect("runtime");
     match runtime.block_on(run(client, Output { json: json_mode }, cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Printed) => ExitCode::FAILURE,
         Err(Failure::Local(msg)) => {
             eprintln!("vfioctl: {msg}");
             ExitCode::FAILURE

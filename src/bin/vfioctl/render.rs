@@ -1,10 +1,14 @@
 //! What vfioctl prints without `--json`: tables and `key: value` lines,
 //! read from the daemon's own wire types. `-` stands for none.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Display;
 
+use hyper::StatusCode;
+use serde::Deserialize;
+use vfiod::api::error::ConflictingFunction;
 use vfiod::api::wire::{AvailableDevice, Device, HealthBody, Holders, LastResetWire};
-use vfiod::core::{BindPlan, ResetPlan};
+use vfiod::core::{BindPlan, Capacity, ResetPlan, SriovStatus, VgpuTypeCount};
 use vfiod::events::{wire_time, Event};
 use vfiod::pci::holders::Holder;
 
@@ -73,7 +77,69 @@ pub fn available_names(d: &AvailableDevice) -> String {
     )
 }
 
-pub fn devices(list: &[Device]) -> String {
+/// The VFs each PF has now, by the PF's id (see `enabled_vfs` in main).
+#[derive(Debug, Default)]
+pub struct EnabledVfs(HashMap<String, usize>);
+
+impl EnabledVfs {
+    /// Counts the VF records in `devices` that are on the bus.
+    pub fn count(devices: &[Device]) -> EnabledVfs {
+        let mut by_parent = HashMap::new();
+        for d in devices.iter().filter(|d| d.present) {
+            if let Some(parent) = &d.parent {
+                *by_parent.entry(parent.to_string()).or_insert(0) += 1;
+            }
+        }
+        EnabledVfs(by_parent)
+    }
+
+    fn of(&self, pf_id: &str) -> usize {
+        self.0.get(pf_id).copied().unwrap_or(0)
+    }
+}
+
+/// The list in the agent's order, except that a VF whose PF is listed
+/// comes right after it (its PF's VFs in `vf_index` order) and is drawn
+/// as a branch of it.
+fn tree_order<'l, 'a>(list: &'l [Device<'a>]) -> Vec<(&'l Device<'a>, Option<Branch>)> {
+    let listed: HashSet<&str> = list.iter().map(|d| d.id.as_ref()).collect();
+    let mut children: BTreeMap<&str, Vec<&Device>> = BTreeMap::new();
+    for d in list {
+        if let Some(parent) = d.parent.as_deref().filter(|p| listed.contains(p)) {
+            children.entry(parent).or_default().push(d);
+        }
+    }
+    for vfs in children.values_mut() {
+        vfs.sort_by_key(|d| (d.vf_index, d.pci_address));
+    }
+    let mut rows = Vec::with_capacity(list.len());
+    for d in list {
+        if d.parent.as_deref().is_some_and(|p| listed.contains(p)) {
+            continue;
+        }
+        rows.push((d, None));
+        if let Some(vfs) = children.get(d.id.as_ref()) {
+            for (i, vf) in vfs.iter().enumerate() {
+                let branch = if i + 1 == vfs.len() {
+                    Branch::Last
+                } else {
+                    Branch::Middle
+                };
+                rows.push((*vf, Some(branch)));
+            }
+        }
+    }
+    rows
+}
+
+/// How a VF row hangs off its PF's row.
+#[derive(Debug, Clone, Copy)]
+enum Branch {
+    Middle,
+    Last,
+}
+
+pub fn devices(list: &[Device], enabled: &EnabledVfs) -> String {
     if list.is_empty() {
         return "no registered devices\n".into();
     }
@@ -82,10 +148,24 @@ pub fn devices(list: &[Device]) -> String {
             "NAME", "ADDRESS", "TYPE", "GROUP", "DRIVER", "VFIO", "ATTACHED", "HEALTH", "DEVICE",
             "ID",
         ],
-        list.iter()
-            .map(|d| {
+        tree_order(list)
+            .into_iter()
+            .map(|(d, branch)| {
+                let name = match branch {
+                    None => d.name.to_string(),
+                    Some(Branch::Middle) => format!("\u{251c} {}", d.name),
+                    Some(Branch::Last) => format!("\u{2514} {}", d.name),
+                };
+                let mut description = device_names(d);
+                if let Some(sriov) = &d.sriov {
+                    description.push_str(&format!(
+                        " ({}/{} VFs)",
+                        enabled.of(&d.id),
+                        sriov.desired_vfs
+                    ));
+                }
                 vec![
-                    d.name.to_string(),
+                    name,
                     d.pci_address.to_string(),
                     d.kind.as_str().into(),
                     d.iommu_group.to_string(),
@@ -97,12 +177,59 @@ pub fn devices(list: &[Device]) -> String {
                     yes_no(d.bound_to_vfio),
                     or_dash(d.attached_to.as_deref()),
                     d.health.as_str().into(),
-                    device_names(d),
+                    description,
                     d.id.to_string(),
                 ]
             })
             .collect(),
     )
+}
+
+/// `vfioctl sriov`: the PF's SR-IOV state, one field a line, then one row
+/// per VF and what did not go as asked.
+pub fn sriov(s: &SriovStatus) -> String {
+    let mut out = String::new();
+    let mut line = |key: &str, value: &dyn Display| field(&mut out, 19, key, value);
+    line("name", &s.name);
+    line("id", &s.id);
+    line("pci_address", &s.pci_address);
+    line("total_vfs", &s.total_vfs);
+    line("num_vfs", &s.num_vfs);
+    line("desired_vfs", &or_dash(s.desired_vfs));
+    line("vf_device_id", &or_dash(s.vf_device_id.as_deref()));
+    line("vf_driver", &s.vf_driver.as_str());
+    line("drivers_autoprobe", &or_dash(s.drivers_autoprobe));
+    out.push('\n');
+    if s.vfs.is_empty() {
+        out.push_str("no VFs enabled\n");
+    } else {
+        let problems = s.vfs.iter().any(|v| v.error.is_some());
+        let mut headers = vec!["VF", "ADDRESS", "NAME", "DRIVER"];
+        if problems {
+            headers.push("PROBLEM");
+        }
+        let rows = s
+            .vfs
+            .iter()
+            .map(|v| {
+                let mut row = vec![
+                    v.index.to_string(),
+                    v.pci_address.to_string(),
+                    or_dash(v.name.as_deref()),
+                    or_dash(v.driver.as_deref()),
+                ];
+                if problems {
+                    row.push(or_dash(v.error.as_deref()));
+                }
+                row
+            })
+            .collect();
+        out.push_str(&table(&headers, rows));
+    }
+    for w in &s.warnings {
+        out.push_str(&format!("warning: {w}\n"));
+    }
+    out
 }
 
 /// Every field of a device, one per line, then what the fields mean
@@ -136,6 +263,23 @@ pub fn device(d: &Device) -> String {
         "tags",
         &or_dash((!tags.is_empty()).then(|| tags.join(", "))),
     );
+    if let Some(parent) = &d.parent {
+        line("parent", &parent);
+    }
+    if let Some(index) = d.vf_index {
+        line("vf_index", &index);
+    }
+    if let Some(sriov) = &d.sriov {
+        line(
+            "sriov",
+            &format!(
+                "{} VFs kept, given {} (vfioctl sriov {})",
+                sriov.desired_vfs,
+                sriov.vf_driver.as_str(),
+                d.name
+            ),
+        );
+    }
     if !d.group_companions.is_empty() {
         let companions: Vec<String> = d.group_companions.iter().map(|a| a.to_string()).collect();
         line("moved with", &companions.join(", "));
@@ -146,6 +290,131 @@ pub fn device(d: &Device) -> String {
     );
     line("may open", &who_may_open(d));
     out
+}
+
+/// `vfioctl claim`: whether the device is newly handed out (201) or the
+/// instance's existing claim (200), then the device as `show` prints it.
+pub fn claimed(d: &Device, instance: &str, created: bool) -> String {
+    let headline = if created {
+        format!(
+            "claimed {} ({}) for instance {instance}",
+            d.name, d.pci_address
+        )
+    } else {
+        format!(
+            "instance {instance} already holds {} ({}): its claim, unchanged",
+            d.name, d.pci_address
+        )
+    };
+    format!("{headline}\n\n{}", device(d))
+}
+
+/// A refused claim's candidates: the error line, then one row per
+/// candidate and why it did not fit, with its registry name when known.
+pub fn no_capacity(
+    status: StatusCode,
+    candidates: &[ConflictingFunction],
+    names: &HashMap<String, String>,
+) -> String {
+    let mut out = format!(
+        "vfioctl: no_capacity ({}): no free device fits the claim; {} considered:\n",
+        status.as_u16(),
+        match candidates.len() {
+            1 => "1 candidate".to_owned(),
+            n => format!("{n} candidates"),
+        }
+    );
+    let with_names = !names.is_empty();
+    let mut headers = vec!["ADDRESS"];
+    if with_names {
+        headers.push("NAME");
+    }
+    headers.push("WHY NOT");
+    let rows = candidates
+        .iter()
+        .map(|c| {
+            let mut row = vec![c.pci_address.clone()];
+            if with_names {
+                row.push(or_dash(names.get(&c.pci_address)));
+            }
+            row.push(or_dash(c.reason.as_deref()));
+            row
+        })
+        .collect();
+    out.push_str(&table(&headers, rows));
+    out
+}
+
+/// `GET /devices/capacity` as it answers.
+#[derive(Debug, Deserialize)]
+pub struct CapacityAnswer {
+    pub resources: Vec<Capacity>,
+}
+
+/// `vfioctl capacity`: one row per pool (`-` for devices without a
+/// `resource` tag), then for the pools of vGPU VFs one row per type with
+/// the free VFs that can take it now.
+pub fn capacity(pools: &[Capacity], filtered: bool) -> String {
+    if pools.is_empty() {
+        return if filtered {
+            "no registered devices with these tags\n".into()
+        } else {
+            "no registered devices\n".into()
+        };
+    }
+    let resource = |p: &Capacity| or_dash(p.resource.as_deref());
+    let rows = pools
+        .iter()
+        .map(|p| {
+            vec![
+                resource(p),
+                p.total.to_string(),
+                p.free.to_string(),
+                p.attached.to_string(),
+                p.quarantined.to_string(),
+                p.needs_reset.to_string(),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &[
+            "RESOURCE",
+            "TOTAL",
+            "FREE",
+            "ATTACHED",
+            "QUARANTINED",
+            "NEEDS_RESET",
+        ],
+        rows,
+    );
+    let vgpu: Vec<Vec<String>> = pools
+        .iter()
+        .flat_map(|p| {
+            p.vgpu_types
+                .iter()
+                .map(move |(t, n)| vec![resource(p), t.clone(), n.to_string()])
+        })
+        .collect();
+    if !vgpu.is_empty() {
+        out.push('\n');
+        out.push_str(&table(&["RESOURCE", "VGPU TYPE", "FREE VFS"], vgpu));
+    }
+    out
+}
+
+/// `vfioctl vgpu-types`: each type the PF's VFs can take, with how many
+/// free VFs can take it now.
+pub fn vgpu_types(types: &[VgpuTypeCount], pf: &str) -> String {
+    if types.is_empty() {
+        return format!("no vGPU types: no VF of {pf} lists a creatable vGPU type\n");
+    }
+    table(
+        &["ID", "NAME", "FREE VFS"],
+        types
+            .iter()
+            .map(|t| vec![t.id.to_string(), t.name.clone(), t.available.to_string()])
+            .collect(),
+    )
 }
 
 /// `flr: ok in 139 ms at 2026-12-01T07:12:41.000Z`.
