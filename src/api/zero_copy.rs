@@ -89,7 +89,10 @@ impl Sealed {
         )?;
         let mut written = 0;
         while written < body.len() {
-            written += rustix::io::write(&file, &body[written..])?;
+            match rustix::io::write(&file, &body[written..])? {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                n => written += n,
+            }
         }
         rustix::fs::fcntl_add_seals(
             &file,
@@ -147,9 +150,15 @@ impl Drop for Sealed {
     }
 }
 
+/// Slices shorter than this are written as they are, without a look in
+/// the table: a small answer's head and body (most requests) then cost no
+/// lock, and the short tail of a sealed answer is copied, which is as
+/// correct (the bytes are the same) and cheaper than a `sendfile`.
+const FIND_MIN: usize = 4096;
+
 /// The sealed file and offset holding `slice`, if it lies in a mapping.
 fn find(slice: &[u8]) -> Option<(RawFd, u64)> {
-    if LIVE.load(Ordering::Relaxed) == 0 || slice.is_empty() {
+    if slice.len() < FIND_MIN || LIVE.load(Ordering::Relaxed) == 0 {
         return None;
     }
     let start = slice.as_ptr() as usize;
@@ -365,8 +374,12 @@ mod tests {
         assert!(find(&small).is_none());
         let large = seal(body(3 * ZERO_COPY_MIN + 5));
         assert_eq!(&large[..], &body(3 * ZERO_COPY_MIN + 5)[..]);
-        let (_, offset) = find(&large[1000..2000]).expect("a slice of a sealed body");
+        let (_, offset) = find(&large[1000..9000]).expect("a slice of a sealed body");
         assert_eq!(offset, 1000);
+        assert!(
+            find(&large[1000..1100]).is_none(),
+            "short slices are copied"
+        );
         let addr = large.as_ptr() as usize;
         drop(large);
         // Gone from the table with its mapping.
