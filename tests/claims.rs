@@ -118,6 +118,9 @@ fn a_claim_hands_out_a_vf_bound_and_granted_and_is_idempotent_per_instance() {
     let name = d["name"].as_str().unwrap();
     let detached = h.d.post(&format!("/devices/{name}/detach"), "{}");
     assert_eq!(detached.status, 200, "{}", detached.body);
+    // vfio-pci is where the PF's vf_driver puts its VFs: released, the VF
+    // stays there for the next VM, not given back to no driver.
+    assert_eq!(h.fs.driver_of(&addr).as_deref(), Some("vfio-pci"));
     let anew = claim_vf(&h, "vm-1");
     assert_eq!(anew.status, 201, "{}", anew.body);
 }

@@ -432,3 +432,29 @@ fn vfs_sharing_the_pfs_group_are_left_off_vfio_and_never_move_the_pf() {
     assert_eq!(h.fs.driver_of(PF).as_deref(), Some("igb"), "the PF stays");
     assert_eq!(h.fs.sriov_numvfs(PF), 2);
 }
+
+#[test]
+fn a_bus_reset_of_a_pf_that_would_reach_its_vfs_is_refused_by_the_scope_check() {
+    let h = host();
+    assert_eq!(put_vfs(&h, json!({"num_vfs": 2})).status, 200);
+    h.sim.clear_writes();
+    let r = h.d.post("/devices/nic/reset", r#"{"method": "bus"}"#);
+    r.expect_error(409, "reset_scope_conflict");
+    let named: Vec<&str> = r.json()["conflicting_functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["pci_address"].as_str())
+        .map(|a| if a == VF0 || a == VF1 { "vf" } else { "other" })
+        .collect();
+    assert!(named.contains(&"vf"), "names the VFs: {}", r.body);
+    assert!(
+        !h.sim.writes().iter().any(|(p, _)| p.ends_with("/reset")),
+        "nothing reset"
+    );
+    // A function-level reset of the PF with its VFs free is fine (the
+    // kernel keeps the VFs, measured on 6.12).
+    let flr = h.d.post("/devices/nic/reset", r#"{"method": "flr"}"#);
+    assert_eq!(flr.status, 200, "{}", flr.body);
+    assert_eq!(h.fs.sriov_numvfs(PF), 2);
+}

@@ -649,12 +649,26 @@ impl Core {
             {
                 continue;
             }
-            if let Err(e) = self.apply_bind(ctx, &vf, BindRequest::default()).await {
-                tracing::warn!(device = %vf.pci_address, error = %e, "VF {} left off vfio: {e}", vf.name);
-                warnings.push(format!(
-                    "{} ({}) is not on vfio: {e}",
-                    vf.name, vf.pci_address
-                ));
+            match self.apply_bind(ctx, &vf, BindRequest::default()).await {
+                // vfio-pci is where `vf_driver` says the VF belongs, as a
+                // device found on vfio at registration: a release (a
+                // detach, a claim's end) leaves it there, ready for the
+                // next VM, instead of giving it back to no driver.
+                Ok(_) => {
+                    let _ = self
+                        .update_device(vf.pci_address, |d| {
+                            d.binding = None;
+                            d.original_driver = None;
+                        })
+                        .await;
+                }
+                Err(e) => {
+                    tracing::warn!(device = %vf.pci_address, error = %e, "VF {} left off vfio: {e}", vf.name);
+                    warnings.push(format!(
+                        "{} ({}) is not on vfio: {e}",
+                        vf.name, vf.pci_address
+                    ));
+                }
             }
         }
         warnings

@@ -428,7 +428,10 @@ impl Host {
         // their companions.
         let mut held: BTreeSet<String> = BTreeSet::new();
         for d in &devices {
-            if d["bound_by_vfiod"] == true || !d["attached_to"].is_null() {
+            // A VF vfiod made lives on vfio-pci when its PF's vf_driver
+            // says so, as a device found there.
+            if d["bound_by_vfiod"] == true || !d["attached_to"].is_null() || !d["parent"].is_null()
+            {
                 held.insert(d["pci_address"].as_str().unwrap().to_owned());
                 if let Some(companions) = d["group_companions"].as_array() {
                     held.extend(

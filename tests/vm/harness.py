@@ -60,6 +60,43 @@ DEVICES = [
     # SR-IOV capable NIC (PF with up to 7 VFs), for resets and VFs.
     "-device", "igb,id=igb0,bus=rp9",
 ]
+# Boot flavours: a scenario whose script says "# vm-boot: NAME" runs in a
+# guest of that flavour (scenarios of one flavour share one boot); the rest
+# run in the standard guest above, which the flavours leave as it is.
+#   tcg-single: the standard guest under single-threaded TCG (many driver
+#     moves: multi-threaded TCG aborted or froze over hundreds, vm-testing.md).
+#   sriov: the standard guest plus two NUMA nodes (one vCPU and half the
+#     memory each) and two more igb PFs: one behind a root port without ACS
+#     (the port, the PF and its VFs share one IOMMU group) and one behind a
+#     root port on a pxb-pcie expander on NUMA node 1 (its VFs are on node 1).
+#     Every root port names its bus: QEMU may otherwise put one behind the
+#     expander.
+SRIOV_PXB_BUS = 0x80
+FLAVOURS = {
+    "standard": {},
+    "tcg-single": {"single_thread": True},
+    "sriov": {
+        "numa_nodes": 2,
+        # qboot leaves the expander's buses unnumbered: QEMU's ACPI then
+        # gives the pxb the bus range 0x80-0x80 and the kernel finds no
+        # device behind its root port. SeaBIOS numbers them (~4 s more).
+        "bios": "seabios",
+        # (qemu id, bus, slot on that bus, what is plugged in, extra options)
+        "ports": [
+            ("rp10", "pcie.0", 0x0c, "igbnoacs", ",disable-acs=on"),
+            ("rp11", "pxb1", 0x00, "igbnuma", ""),
+        ],
+        "pre_devices": [
+            "-device", f"pxb-pcie,id=pxb1,bus_nr=0x{SRIOV_PXB_BUS:x},numa_node=1,bus=pcie.0,addr=0xd",
+        ],
+        "devices": [
+            "-device", "igb,id=igbnoacs,bus=rp10",
+            "-device", "igb,id=igbnuma,bus=rp11",
+        ],
+        # The guest address of each bus's slot 0 function, for topology.sh.
+        "bus_numbers": {"pcie.0": 0, "pxb1": SRIOV_PXB_BUS},
+    },
+}
 # Console lines the guest's /init and scenarios mark: "@@KIND REST".
 MARKER = re.compile(r"@@(\S+)\s*(.*)")
 NVME_IMAGE_MIB = 16
@@ -179,11 +216,11 @@ KERNEL_APPEND = [
 ]
 
 
-def machine_args(smp, mem, qmp_path, single_thread=False):
+def machine_args(smp, mem, qmp_path, single_thread=False, bios=None):
     """QEMU options for the machine every guest of the tier runs on: q35
     under TCG with an Intel IOMMU, the serial console on stdio, QMP on
-    QMP_PATH, qboot when QEMU ships it. Devices, kernel and disks are the
-    caller's."""
+    QMP_PATH, qboot when QEMU ships it (or BIOS). Devices, kernel and disks
+    are the caller's."""
     cmd = [
         # Interrupt remapping (intremap=on, which needs the split irqchip):
         # without it VFIO_SET_IOMMU fails with EPERM, so nothing could
@@ -203,7 +240,7 @@ def machine_args(smp, mem, qmp_path, single_thread=False):
     # sooner than with SeaBIOS under TCG). With qboot the kernel sizes the
     # bridge windows and a hot-added bochs-display gets no room for its
     # 16 MiB BAR (no driver); SeaBIOS honours the ports' pref32-reserve.
-    bios = os.environ.get("VFIOD_VM_BIOS", "qboot")
+    bios = bios or os.environ.get("VFIOD_VM_BIOS", "qboot")
     if bios == "qboot":
         bios = "/usr/share/qemu/qboot.rom" if os.path.exists("/usr/share/qemu/qboot.rom") else "seabios"
     if bios != "seabios":
@@ -294,10 +331,12 @@ def exit_on_signals():
 class Boot:
     """One QEMU run for a list of scenarios."""
 
-    def __init__(self, args, scenarios, boot_no, single_thread=False):
+    def __init__(self, args, scenarios, boot_no, flavour="standard"):
         self.args = args
         self.scenarios = scenarios
-        self.single_thread = single_thread
+        self.flavour = flavour
+        self.spec = FLAVOURS[flavour]
+        self.single_thread = self.spec.get("single_thread", False)
         self.dir = os.path.join(args.out, f"boot{boot_no}")
         shutil.rmtree(self.dir, ignore_errors=True)
         self.share = os.path.join(self.dir, "share")
@@ -306,6 +345,7 @@ class Boot:
         self.console_path = os.path.join(self.dir, "console.log")
         self.added = []  # ids of hotplugged devices, for "reset"
         self.boot_secs = None
+        self.wall_secs = None
         self.init_uptime = None
         self.guest = None
         self.timed_out = None
@@ -317,6 +357,10 @@ class Boot:
             for qid, slot, dev in ROOT_PORTS:
                 f.write(f"PORT_{dev}=0000:00:{slot:02x}.0\n")
                 f.write(f"QPORT_{dev}={qid}\n")
+            for qid, bus, slot, dev, _ in self.spec.get("ports", []):
+                f.write(f"PORT_{dev}=0000:{self.spec['bus_numbers'][bus]:02x}:{slot:02x}.0\n")
+                f.write(f"QPORT_{dev}={qid}\n")
+            f.write(f"VM_BOOT_FLAVOUR={self.flavour}\n")
 
     def cmdline(self):
         a = self.args
@@ -326,14 +370,24 @@ class Boot:
             "vfiodvm.scenarios=" + ",".join(self.scenarios),
             f"vfiodvm.rounds={a.rounds}", f"vfiodvm.timeout={a.scenario_timeout}",
         ] + guest_env())
-        cmd = ["qemu-system-x86_64"] + machine_args(a.smp, a.mem, Guest.qmp_path(self.dir), self.single_thread)
+        cmd = ["qemu-system-x86_64"] + machine_args(a.smp, a.mem, Guest.qmp_path(self.dir), self.single_thread,
+                                                     self.spec.get("bios"))
         cmd += ["-kernel", a.kernel, "-initrd", a.initrd, "-append", append]
+        nodes = self.spec.get("numa_nodes", 0)
+        for n in range(nodes):
+            first, last = n * a.smp // nodes, (n + 1) * a.smp // nodes - 1
+            cpus = f"{first}" if first == last else f"{first}-{last}"
+            cmd += ["-object", f"memory-backend-ram,id=m{n},size={a.mem // nodes}M",
+                    "-numa", f"node,nodeid={n},cpus={cpus},memdev=m{n}"]
         for i, (qid, slot, dev) in enumerate(ROOT_PORTS, 1):
             # Hotplug ports reserve room for a 16 MiB prefetchable BAR (bochs-display).
             extra = ",pref32-reserve=64M,mem-reserve=8M" if dev.startswith("hp") else ""
             cmd += ["-device", f"pcie-root-port,id={qid},chassis={i},slot={i},bus=pcie.0,addr=0x{slot:x}{extra}"]
+        cmd += self.spec.get("pre_devices", [])
+        for i, (qid, bus, slot, dev, extra) in enumerate(self.spec.get("ports", []), len(ROOT_PORTS) + 1):
+            cmd += ["-device", f"pcie-root-port,id={qid},chassis={i},slot={i},bus={bus},addr=0x{slot:x}{extra}"]
         cmd += ["-drive", f"if=none,id=nvmedrv0,file={self.nvme_image},format=raw"]
-        cmd += DEVICES
+        cmd += DEVICES + self.spec.get("devices", [])
         cmd += [
             "-fsdev", f"local,id=fs0,path={self.share},security_model=none",
             "-device", f"virtio-9p-pci,fsdev=fs0,mount_tag=host0,bus=pcie.0,addr=0x{NINEP_SLOT:x}",
@@ -387,7 +441,7 @@ class Boot:
         os.rename(tmp, path[:-4] + ".resp")
 
     def run(self):
-        log(f"boot: {' '.join(self.scenarios)}{' (single-threaded TCG)' if self.single_thread else ''}")
+        log(f"boot ({self.flavour}{', single-threaded TCG' if self.single_thread else ''}): {' '.join(self.scenarios)}")
         self.guest = Guest(self.cmdline(), self.dir, MARKER, verbose=self.args.verbose)
         self.guest.start()
         start = self.guest.start_time
@@ -435,6 +489,7 @@ class Boot:
                 log(f"TIMEOUT in phase {phase} (scenario {current}); killing QEMU")
                 break
         self.stop()
+        self.wall_secs = time.monotonic() - start
         return current
 
     def stop(self):
@@ -471,8 +526,8 @@ def main():
     ap.add_argument("--scenario-timeout", type=int, default=int(os.environ.get("VFIOD_VM_SCENARIO_TIMEOUT", 240)))
     ap.add_argument("--tier-start", type=float, default=None)
     ap.add_argument("--gate", default=None, help="only these scenarios decide the exit code")
-    ap.add_argument("--single-thread", default="",
-                    help="these scenarios boot a guest of their own under single-threaded TCG")
+    ap.add_argument("--flavours", default="",
+                    help="SCENARIO=FLAVOUR ...: these scenarios boot a guest of that flavour (FLAVOURS)")
     ap.add_argument("--verbose", action="store_true", default=os.environ.get("VFIOD_VM_VERBOSE") == "1")
     args = ap.parse_args()
     args.out = os.path.abspath(args.out)
@@ -482,26 +537,30 @@ def main():
 
     exit_on_signals()
 
-    single = set(args.single_thread.split())
-    groups = [(False, [s for s in args.scenarios.split() if s not in single]),
-              (True, [s for s in args.scenarios.split() if s in single])]
+    flavour_of = {}
+    for item in args.flavours.split():
+        scen, _, flavour = item.partition("=")
+        if flavour not in FLAVOURS:
+            raise SystemExit(f"harness: scenario {scen}: unknown boot flavour {flavour!r} (have: {' '.join(FLAVOURS)})")
+        flavour_of[scen] = flavour
+    groups = [(f, [s for s in args.scenarios.split() if flavour_of.get(s, "standard") == f]) for f in FLAVOURS]
     results, metrics, msgs, boots = {}, [], {}, []
     boot_no = 0
     try:
-        for single_thread, todo in groups:
-            boot_no = run_group(args, todo, single_thread, boot_no, results, metrics, msgs, boots)
+        for flavour, todo in groups:
+            boot_no = run_group(args, todo, flavour, boot_no, results, metrics, msgs, boots)
     finally:
         for b in boots:
             b.stop()
     report(args, results, metrics, msgs, boots)
 
 
-def run_group(args, todo, single_thread, boot_no, results, metrics, msgs, boots):
+def run_group(args, todo, flavour, boot_no, results, metrics, msgs, boots):
     """Boots for TODO until each has a result (again after a guest hung or
     died, for the rest); returns the last boot number used."""
     while todo:
         boot_no += 1
-        b = Boot(args, todo, boot_no, single_thread)
+        b = Boot(args, todo, boot_no, flavour)
         boots.append(b)
         try:
             hung = b.run()
@@ -540,7 +599,8 @@ def report(args, results, metrics, msgs, boots):
     print("\n==== measurements ====")
     for i, b in enumerate(boots, 1):
         if b.boot_secs is not None:
-            print(f"  boot{i}: QEMU start -> init marker {b.boot_secs:.1f} s wall (guest uptime at init {b.init_uptime} s)")
+            print(f"  boot{i} ({b.flavour}): QEMU start -> init marker {b.boot_secs:.1f} s wall (guest uptime at init {b.init_uptime} s)"
+                  + (f", QEMU start -> exit {b.wall_secs:.1f} s" if b.wall_secs is not None else ""))
     for name, val, unit, note in metrics:
         print(f"  {name:<28} {val:>10} {unit:<3} {note}")
     if args.tier_start:

@@ -47,7 +47,9 @@ case $BIN_DIR in /*) ;; *) BIN_DIR=$REPO/$BIN_DIR ;; esac
 # Bump when the layout of the cached base initramfs changes.
 BASE_FORMAT=5
 # Kernel modules the guest needs (the closure is computed with modprobe).
-MODULES="vfio-pci vfio_iommu_type1 e1000e e1000 igb virtio_pci virtio_rng snd_hda_intel bochs nvme ext4 9p 9pnet_virtio"
+# igbvf is carried but not loaded at boot: the sriov scenario loads it, as
+# udev would on a real host, so that "no VF driver probed" can fail.
+MODULES="vfio-pci vfio_iommu_type1 e1000e e1000 igb igbvf virtio_pci virtio_rng snd_hda_intel bochs nvme ext4 9p 9pnet_virtio"
 
 T_START=$(date +%s.%N)
 trap 'rm -rf "$CACHE"/tmp.*.$$' EXIT
@@ -364,16 +366,20 @@ sel=$(for s in $sel; do [ -e "$HERE/guest/scenarios/$s.sh" ] || die "unknown sce
 if [ -n "$VMM_CPIO" ] && (cd "$HERE/guest/scenarios" && for x in $sel; do echo "$x.sh"; done | xargs grep -l -q -e vmm_start -e vmm_spawn); then
     cat "$VMM_CPIO" >>"$OUT/initrd.cpio"
 fi
-# Scenarios that say "# vm-boot: tcg-single" (many driver moves) get a boot
-# of their own under single-threaded TCG.
-single=$(cd "$HERE/guest/scenarios" && for x in $sel; do ! grep -q '^# vm-boot: tcg-single$' "$x.sh" || echo "$x"; done | tr '\n' ' ')
+# A scenario that says "# vm-boot: FLAVOUR" runs in a guest of that flavour
+# (harness.py FLAVOURS: tcg-single for many driver moves, sriov for more
+# SR-IOV PFs and NUMA); scenarios of one flavour share a boot.
+flavours=$(cd "$HERE/guest/scenarios" && for x in $sel; do
+    f=$(sed -n 's/^# vm-boot: \([a-z0-9-]*\)$/\1/p' "$x.sh" | head -1)
+    [ -z "$f" ] || echo "$x=$f"
+done | tr '\n' ' ')
 gate=()
 if [ "${VFIOD_VM_GATE:-selected}" = enabled ]; then
     gate=(--gate "$ENABLED")
 fi
-log "kernel $KPKG $KVER ($(basename "$KERNEL")); scenarios: $sel${single:+(single-threaded TCG: $single)}"
+log "kernel $KPKG $KVER ($(basename "$KERNEL")); scenarios: $sel${flavours:+(boot flavours: $flavours)}"
 exec python3 "$HERE/harness.py" \
     --kernel "$KERNEL" --initrd "$OUT/initrd.cpio" --out "$OUT" \
     --scenarios "$sel" --rounds "${VFIOD_VM_ROUNDS:-7}" \
     --smp "${VFIOD_VM_SMP:-2}" --mem "${VFIOD_VM_MEM:-1024}" \
-    --single-thread "$single" --tier-start "$T_START" ${gate[@]+"${gate[@]}"}
+    --flavours "$flavours" --tier-start "$T_START" ${gate[@]+"${gate[@]}"}

@@ -411,11 +411,14 @@ vmm_stop() {
 
 # --- features of vfiod that scenarios written ahead of them need ------------
 # api METHOD PATH [JSON]: one request straight to the API (vmtool http), for
-# fields vfioctl has no option for yet; like vc: OUT, ERR, RC.
+# fields vfioctl has no option for yet; like vc: OUT, ERR, RC, and the HTTP
+# status in STATUS.
 api() {
-    OUT=$(vmtool http $SOCK "$@" 2>/tmp/vm.api.err)
+    rm -f /tmp/vm.api.status
+    OUT=$(VMTOOL_HTTP_STATUS=/tmp/vm.api.status vmtool http $SOCK "$@" 2>/tmp/vm.api.err)
     RC=$?
     ERR=$(cat /tmp/vm.api.err)
+    STATUS=$(cat /tmp/vm.api.status 2>/dev/null)
     return $RC
 }
 api_ok() { api "$@" || fail "$1 $2 $3 failed (rc=$RC): $ERR"; }

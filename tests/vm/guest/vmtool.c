@@ -39,7 +39,9 @@
  *                              a 2xx answer's body on stdout and exit 0,
  *                              any other on stderr and exit 1 (2: no answer).
  *                              For API fields a scenario needs before vfioctl
- *                              has an option for them.
+ *                              has an option for them. With
+ *                              VMTOOL_HTTP_STATUS=FILE in the environment the
+ *                              status code is written to FILE.
  *   vmtool runas UID GID GID,GID,.. CMD [ARGS..]
  *                              setgroups+setgid+setuid, then exec CMD
  *   vmtool killongrant PATH UID PID MS
@@ -222,6 +224,11 @@ static int http(const char *sock, const char *method, const char *path, const ch
 	if (sscanf(buf, "HTTP/1.%*d %d", &status) != 1 || !p) { fprintf(stderr, "no HTTP answer: %s\n", buf); return 2; }
 	*p = 0;
 	char *payload = p + 4;
+	const char *status_file = getenv("VMTOOL_HTTP_STATUS");
+	if (status_file) {
+		FILE *sf = fopen(status_file, "w");
+		if (sf) { fprintf(sf, "%d\n", status); fclose(sf); }
+	}
 	/* Chunked answers: join the chunks in place. */
 	if (strcasestr(buf, "transfer-encoding: chunked")) {
 		char *in = payload, *out = payload;
