@@ -36,8 +36,10 @@
 //!
 //! `VFIOD_BENCH_ONLY=api` (or `startup`, `bind`, `events`, `fanout`,
 //! `fairshare`, `holders`, comma-separated) runs only those sections;
-//! `VFIOD_BENCH_SECONDS` is the length of one load run (default 2) and
-//! `VFIOD_BENCH_ROUNDS` the number of rounds (default 3).
+//! `VFIOD_BENCH_SECONDS` is the length of one load run (default 2),
+//! `VFIOD_BENCH_ROUNDS` the number of rounds (default 3), and
+//! `VFIOD_BENCH_KINDS` (words of the request labels, comma-separated)
+//! keeps only some request kinds of section 1.
 
 mod nginx;
 
@@ -190,6 +192,47 @@ struct LoadResult {
     seconds: f64,
     p99_us: f64,
     bytes_per_response: usize,
+    /// CPU the server's processes spent in the run: user, system (s).
+    cpu: (f64, f64),
+}
+
+/// User and system CPU seconds of `pids` so far, exited threads included.
+fn cpu_seconds(pids: &[i32]) -> (f64, f64) {
+    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let mut total = (0.0, 0.0);
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // utime and stime: fields 14 and 15, the 12th and 13th after the name.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+        let field = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        total.0 += field(11) / tick;
+        total.1 += field(12) / tick;
+    }
+    total
+}
+
+/// `load`, and the CPU `server` (its processes) spent serving it.
+fn load_measured(
+    server: &[i32],
+    socket: &Path,
+    paths: &[String],
+    duration: Duration,
+) -> LoadResult {
+    let before = cpu_seconds(server);
+    let mut r = load(socket, paths, duration);
+    let after = cpu_seconds(server);
+    r.cpu = (after.0 - before.0, after.1 - before.1);
+    r
 }
 
 impl LoadResult {
@@ -200,40 +243,77 @@ impl LoadResult {
 
 /// `CONNECTIONS` keep-alive connections hammering `paths` (round robin)
 /// for `duration`.
+///
+/// The client is a plain HTTP/1.1 loop per connection (write the request,
+/// read the head, read `Content-Length` bytes), not hyper's client: with
+/// small answers the load generator shares the 2 cores with the server,
+/// and hyper's client hands every request and response between two tasks,
+/// which costs about as much as a small answer does to serve and hides
+/// the servers' differences.
 fn load(socket: &Path, paths: &[String], duration: Duration) -> LoadResult {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let paths = Arc::new(paths.to_vec());
+    let requests: Arc<Vec<Vec<u8>>> = Arc::new(
+        paths
+            .iter()
+            .map(|p| format!("GET {p} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes())
+            .collect(),
+    );
     rt.block_on(async move {
         let deadline = Instant::now() + duration;
         let mut tasks = Vec::new();
         for c in 0..CONNECTIONS {
             let socket = socket.to_owned();
-            let paths = paths.clone();
+            let requests = requests.clone();
             tasks.push(tokio::spawn(async move {
-                let stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
-                let (mut sender, conn) =
-                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                        .await
-                        .unwrap();
-                tokio::spawn(conn);
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
+                let mut buf = vec![0u8; 64 * 1024];
                 let mut latencies = Vec::new();
                 let mut size = 0;
                 let mut i = c;
                 while Instant::now() < deadline {
-                    let path = &paths[i % paths.len()];
+                    let request = &requests[i % requests.len()];
                     i += 1;
-                    let req = Request::get(path.as_str())
-                        .header("host", "x")
-                        .body(Full::new(Bytes::new()))
-                        .unwrap();
                     let t = Instant::now();
-                    let resp = sender.send_request(req).await.unwrap();
-                    assert!(resp.status().is_success(), "{path}: {}", resp.status());
-                    size = resp.into_body().collect().await.unwrap().to_bytes().len();
+                    stream.write_all(request).await.unwrap();
+                    // The head, then the rest of the body.
+                    let mut filled = 0;
+                    let head_end = loop {
+                        let n = stream.read(&mut buf[filled..]).await.unwrap();
+                        assert!(n > 0, "the server closed the connection");
+                        filled += n;
+                        if let Some(end) = memchr::memmem::find(&buf[..filled], b"\r\n\r\n") {
+                            break end + 4;
+                        }
+                        assert!(filled < buf.len(), "response head larger than 64 KiB");
+                    };
+                    let head = std::str::from_utf8(&buf[..head_end]).unwrap();
+                    assert!(
+                        head.starts_with("HTTP/1.1 200"),
+                        "{}: {}",
+                        String::from_utf8_lossy(&request[..request.len() - 4]),
+                        head.lines().next().unwrap_or("")
+                    );
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            let (name, value) = l.split_once(':')?;
+                            name.eq_ignore_ascii_case("content-length")
+                                .then(|| value.trim().parse().ok())?
+                        })
+                        .expect("a Content-Length");
+                    let mut left = length - (filled - head_end);
+                    while left > 0 {
+                        let want = left.min(buf.len());
+                        let n = stream.read(&mut buf[..want]).await.unwrap();
+                        assert!(n > 0, "the server closed the connection mid-body");
+                        left -= n;
+                    }
+                    size = length;
                     latencies.push(t.elapsed().as_micros() as u32);
                 }
                 (latencies, size)
@@ -255,12 +335,19 @@ fn load(socket: &Path, paths: &[String], duration: Duration) -> LoadResult {
             seconds,
             p99_us: pct(0.99),
             bytes_per_response: size,
+            cpu: (0.0, 0.0),
         }
     })
 }
 
 fn peak_rss_kib(pid: i32) -> u64 {
     common::flood::status_kib(pid, "VmHWM:")
+}
+
+/// Starts a new peak (`VmHWM`) at the current RSS, so that a peak can be
+/// told apart per request kind; false where the kernel does not allow it.
+fn reset_peak_rss(pid: i32) -> bool {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
 }
 
 /// A fake host of `n` GPUs, each in its own IOMMU group, on nvidia.
@@ -345,15 +432,17 @@ fn api_benchmark(run_for: Duration, rounds: usize) {
         assert_eq!(r.status, 201, "{}", r.body);
     }
     let reg = t.elapsed();
+    let registering_peak = peak_rss_kib(d.pid());
     println!(
-        "  registering {DEVICES} devices one by one: {:.2} s ({:.2} ms each, durable)",
+        "  registering {DEVICES} devices one by one: {:.2} s ({:.2} ms each, durable); vfiod peak RSS {:.1} MiB",
         reg.as_secs_f64(),
-        reg.as_secs_f64() * 1000.0 / DEVICES as f64
+        reg.as_secs_f64() * 1000.0 / DEVICES as f64,
+        registering_peak as f64 / 1024.0
     );
 
     let kinds = vec![
         Kind {
-            label: "GET /devices",
+            label: "GET /devices (full list)",
             vfiod_paths: vec!["/devices".into()],
             static_paths: vec!["/list.json".into()],
             target: Some(0.9),
@@ -394,6 +483,14 @@ fn api_benchmark(run_for: Duration, rounds: usize) {
         },
     ];
 
+    // `VFIOD_BENCH_KINDS=name,tags` keeps only the kinds whose label holds
+    // one of the words (for profiling one path).
+    let mut kinds = kinds;
+    if let Ok(words) = std::env::var("VFIOD_BENCH_KINDS") {
+        kinds.retain(|k| words.split(',').any(|w| k.label.contains(w.trim())));
+    }
+    println!("  vfiod pid {}", d.pid());
+
     // vfiod's own answers, as files.
     let dir = TempDir::new("vfiod-bench-ceiling").unwrap();
     let root = dir.path().join("root");
@@ -432,26 +529,43 @@ fn api_benchmark(run_for: Duration, rounds: usize) {
         UnixStream::connect(&hyper_socket).ok().map(|_| ())
     });
 
+    let nginx_pids = nginx.as_ref().map_or(vec![], |n| n.pids());
+    let hyper_pid = [hyper_server.id() as i32];
     // results[kind][server] = one LoadResult per round; servers: vfiod,
     // nginx, hyper.
     let mut results: Vec<[Vec<LoadResult>; 3]> = kinds.iter().map(|_| Default::default()).collect();
+    // vfiod's peak RSS while serving each kind, and overall (the peak
+    // counter restarts before each vfiod run where the kernel allows it).
+    let mut overall_peak = registering_peak.max(peak_rss_kib(d.pid()));
+    let peaks_per_kind = reset_peak_rss(d.pid());
+    let mut kind_peak = vec![0u64; kinds.len()];
     for round in 0..rounds {
         for (k, kind) in kinds.iter().enumerate() {
             for turn in 0..3 {
                 let server = (turn + round + k) % 3;
                 let r = match server {
-                    0 => load(&d.socket, &kind.vfiod_paths, run_for),
+                    0 => {
+                        overall_peak = overall_peak.max(peak_rss_kib(d.pid()));
+                        reset_peak_rss(d.pid());
+                        let r = load_measured(&[d.pid()], &d.socket, &kind.vfiod_paths, run_for);
+                        let peak = peak_rss_kib(d.pid());
+                        kind_peak[k] = kind_peak[k].max(peak);
+                        overall_peak = overall_peak.max(peak);
+                        r
+                    }
                     1 => match &nginx {
-                        Some(n) => load(&n.socket, &kind.static_paths, run_for),
+                        Some(n) => {
+                            load_measured(&nginx_pids, &n.socket, &kind.static_paths, run_for)
+                        }
                         None => continue,
                     },
-                    _ => load(&hyper_socket, &kind.static_paths, run_for),
+                    _ => load_measured(&hyper_pid, &hyper_socket, &kind.static_paths, run_for),
                 };
                 results[k][server].push(r);
             }
         }
     }
-    let rss = peak_rss_kib(d.pid());
+    let rss = overall_peak.max(peak_rss_kib(d.pid()));
     let _ = hyper_server.kill();
     let _ = hyper_server.wait();
     drop(nginx);
@@ -461,7 +575,7 @@ fn api_benchmark(run_for: Duration, rounds: usize) {
         run_for.as_secs_f64()
     );
     println!(
-        "  {:<34} {:>9} | {:>9} {:>8} | {:>9} {:>8} | {:>11} {:>6} | {:>9} {:>11}",
+        "  {:<34} {:>9} | {:>9} {:>8} | {:>9} {:>8} | {:>11} {:>6} | {:>9} {:>11} | {:>8}",
         "request",
         "body",
         "vfiod/s",
@@ -471,9 +585,10 @@ fn api_benchmark(run_for: Duration, rounds: usize) {
         "vfiod/nginx",
         "target",
         "hyper/s",
-        "vfiod/hyper"
+        "vfiod/hyper",
+        "RSS MiB"
     );
-    for (kind, per_server) in kinds.iter().zip(&results) {
+    for ((kind, per_server), peak) in kinds.iter().zip(&results).zip(&kind_peak) {
         let [v, n, h] = per_server;
         let med = |rs: &[LoadResult], f: fn(&LoadResult) -> f64| {
             let mut xs: Vec<f64> = rs.iter().map(f).collect();
@@ -496,8 +611,13 @@ fn api_benchmark(run_for: Duration, rounds: usize) {
             let met = to_nginx.map_or("", |r| if r >= t { " ok" } else { " no" });
             format!(">={t}{met}")
         });
+        let peak = if peaks_per_kind {
+            format!("{:.1}", *peak as f64 / 1024.0)
+        } else {
+            "-".to_owned()
+        };
         println!(
-            "  {:<34} {:>9} | {:>9} {:>8} | {:>9} {:>8} | {:>11} {:>6} | {:>9} {:>11}",
+            "  {:<34} {:>9} | {:>9} {:>8} | {:>9} {:>8} | {:>11} {:>6} | {:>9} {:>11} | {:>8}",
             kind.label,
             human_bytes(v.first().map_or(0, |r| r.bytes_per_response)),
             show(med(v, LoadResult::rps), 0),
@@ -508,10 +628,40 @@ fn api_benchmark(run_for: Duration, rounds: usize) {
             target,
             show(med(h, LoadResult::rps), 0),
             show(ratio(h), 2),
+            peak,
+        );
+    }
+    println!("  CPU per request, median of the rounds: user + system microseconds the server's processes spent per answer");
+    println!(
+        "  {:<34} | {:>8} {:>8} | {:>8} {:>8} | {:>8} {:>8}",
+        "request", "vfiod us", "sys", "nginx us", "sys", "hyper us", "sys"
+    );
+    for (kind, per_server) in kinds.iter().zip(&results) {
+        let per_request = |rs: &[LoadResult], f: fn(&LoadResult) -> f64| {
+            let mut xs: Vec<f64> = rs
+                .iter()
+                .map(|r| f(r) * 1e6 / r.requests.max(1) as f64)
+                .collect();
+            xs.sort_by(f64::total_cmp);
+            xs.get(xs.len() / 2)
+                .map_or("-".to_owned(), |x| format!("{x:.1}"))
+        };
+        let cells: Vec<String> = per_server
+            .iter()
+            .flat_map(|rs| {
+                [
+                    per_request(rs, |r| r.cpu.0 + r.cpu.1),
+                    per_request(rs, |r| r.cpu.1),
+                ]
+            })
+            .collect();
+        println!(
+            "  {:<34} | {:>8} {:>8} | {:>8} {:>8} | {:>8} {:>8}",
+            kind.label, cells[0], cells[1], cells[2], cells[3], cells[4], cells[5]
         );
     }
     println!(
-        "  vfiod peak RSS (VmHWM) after registering and all of the load: {:.1} MiB (target <= 32 MiB)",
+        "  vfiod peak RSS (VmHWM) over registering and all of the load: {:.1} MiB (target <= 32 MiB); RSS MiB is the peak while serving that kind",
         rss as f64 / 1024.0
     );
     println!("  load average now: {}", load_average());

@@ -80,7 +80,8 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 
 /// One nginx master with `workers` worker processes serving `root` on the
 /// Unix socket `socket`, as configured by a user who tuned it for this:
-/// keep-alive without a request limit, no access log.
+/// keep-alive without a request limit, no access log, and `sendfile` on as
+/// in Debian's own `nginx.conf`.
 pub struct Nginx {
     child: Child,
     pub socket: PathBuf,
@@ -110,6 +111,7 @@ error_log {d}/error.log warn;
 events {{ worker_connections 1024; }}
 http {{
     access_log off;
+    sendfile on;
     keepalive_requests 1000000000;
     keepalive_timeout 300s;
     types {{ text/plain txt; }}
@@ -154,6 +156,32 @@ http {{
             std::thread::sleep(Duration::from_millis(10));
         }
         Ok(nginx)
+    }
+}
+
+impl Nginx {
+    /// The master and its workers (the processes that serve).
+    pub fn pids(&self) -> Vec<i32> {
+        let master = self.child.id() as i32;
+        let mut pids = vec![master];
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            // The parent pid is the second field after the parenthesised name.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok());
+            if ppid == Some(master) {
+                pids.push(pid);
+            }
+        }
+        pids
     }
 }
 

@@ -11,8 +11,9 @@ use serde::Serialize;
 
 use super::error::ApiError;
 use super::respond::{self, ResponseBody};
-use super::{event_stream, parse, wire, Api, Peer, EVENT_SEQ_HEADER, OPENAPI_YAML};
+use super::{event_stream, parse, wire, zero_copy, Api, Peer, EVENT_SEQ_HEADER, OPENAPI_YAML};
 use crate::core::{Caller, Core, Operation, Outcome};
+use crate::error::CoreError;
 use crate::registry::DeviceRecord;
 
 /// A request as its handler gets it: routed, allowed, its body read
@@ -91,19 +92,32 @@ pub async fn register(c: Call<'_>) -> Answer {
 }
 
 /// `GET /devices/available`: candidates on the bus now (`?all` for every
-/// function), each with its registered id if any.
+/// function), each with its registered id if any. Concurrent requests
+/// share one scan that started after they came (see [`coalesce`](super::coalesce)).
 pub async fn available(c: Call<'_>) -> Answer {
-    let core = c.core();
-    let functions = core.available(parse::available_query(c.query)?).await?;
-    let registry = core.snapshot();
-    let wire: Vec<_> = functions
-        .iter()
-        .map(|f| {
-            let id = registry.get_by_address(&f.address).map(|d| d.id.as_str());
-            wire::AvailableDevice::new(f, core.ids(), id)
+    let all = parse::available_query(c.query)?;
+    let core = c.api.core.clone();
+    let body = c.api.available[usize::from(all)]
+        .get(move || async move {
+            let functions = core.available(all).await.map_err(|e| match e {
+                CoreError::Internal(message) => message,
+                other => other.to_string(),
+            })?;
+            let registry = core.snapshot();
+            let wire: Vec<_> = functions
+                .iter()
+                .map(|f| {
+                    let id = registry.get_by_address(&f.address).map(|d| d.id.as_str());
+                    wire::AvailableDevice::new(f, core.ids(), id)
+                })
+                .collect();
+            let mut body = serde_json::to_vec(&wire).expect("wire types serialise");
+            body.push(b'\n');
+            Ok(zero_copy::seal(body))
         })
-        .collect();
-    Ok(respond::json(StatusCode::OK, &wire))
+        .await
+        .map_err(CoreError::Internal)?;
+    Ok(respond::bytes(StatusCode::OK, "application/json", body))
 }
 
 /// `GET /devices/{id_or_name}`.
@@ -112,7 +126,7 @@ pub async fn get(c: Call<'_>) -> Answer {
         .api
         .lists()
         .device(&c.id)
-        .ok_or_else(|| crate::error::CoreError::NotFound(c.id.chars().take(80).collect()))?;
+        .ok_or_else(|| CoreError::NotFound(c.id.chars().take(80).collect()))?;
     Ok(respond::bytes(StatusCode::OK, "application/json", body))
 }
 
@@ -283,10 +297,20 @@ pub async fn openapi(_: Call<'_>) -> Answer {
     ))
 }
 
-/// `GET /metrics`: OpenMetrics when `Accept` asks for it, else Prometheus text.
+/// `GET /metrics`: OpenMetrics when `Accept` asks for it, else Prometheus
+/// text. Concurrent scrapes share one render that started after they came
+/// (see [`coalesce`](super::coalesce)).
 pub async fn metrics(c: Call<'_>) -> Answer {
     let accept = c.accept.and_then(|a| a.to_str().ok());
     let openmetrics = crate::metrics::wants_openmetrics(accept);
-    let (content_type, text) = crate::metrics::render(&c.core().snapshot(), openmetrics);
+    let core = c.api.core.clone();
+    let text = c.api.metrics[usize::from(openmetrics)]
+        .get(move || async move {
+            let (_, text) = crate::metrics::render(&core.snapshot(), openmetrics);
+            Ok(Bytes::from(text))
+        })
+        .await
+        .map_err(CoreError::Internal)?;
+    let content_type = crate::metrics::content_type(openmetrics);
     Ok(respond::bytes(StatusCode::OK, content_type, text))
 }

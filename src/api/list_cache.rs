@@ -20,6 +20,9 @@
 //! own (`serde_json`, compact), so a filtered list is byte for byte the
 //! full list with the other records left out.
 //!
+//! The full body and the kept filtered bodies are sealed
+//! ([`zero_copy`]): sockets get them with `sendfile`, without a copy each.
+//!
 //! Concurrency: one mutex around the current version, held while a new
 //! version is built (so concurrent requests after a change build it once);
 //! answering from a built version takes only an `Arc` clone under it.
@@ -30,8 +33,8 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-use super::wire;
-use crate::pci::{PciAddress, PciIds};
+use super::{wire, zero_copy};
+use crate::pci::PciIds;
 use crate::registry::Registry;
 
 /// Filtered bodies this large or larger are kept for the version.
@@ -48,8 +51,9 @@ pub struct ListVersion {
     body: Bytes,
     /// Each record's JSON in `body`, in the registry's order.
     spans: Vec<Range<usize>>,
-    /// The records' addresses, in the same (ascending) order.
-    addresses: Vec<PciAddress>,
+    /// Ids and names → positions; an id wins over an equal name, as in
+    /// [`Registry::resolve`].
+    by_id_or_name: HashMap<String, u32>,
     by_tag: TagIndex,
     filtered: Mutex<SharedFiltered>,
 }
@@ -95,7 +99,7 @@ impl ListVersion {
         let n = registry.len();
         let mut body = Vec::with_capacity(previous.map_or(n * 700, |p| p.body.len() + 1024) + 3);
         let mut spans = Vec::with_capacity(n);
-        let mut addresses = Vec::with_capacity(n);
+        let mut by_id_or_name = HashMap::with_capacity(2 * n);
         let mut by_tag = TagIndex::new();
         // Both versions iterate by ascending address: walk them together.
         let mut before = previous.map(|p| (p.registry.iter().zip(&p.spans).peekable(), &p.body));
@@ -123,7 +127,7 @@ impl ListVersion {
                     .expect("wire types serialise"),
             }
             spans.push(start..body.len());
-            addresses.push(record.pci_address);
+            by_id_or_name.insert(record.name.clone(), position as u32);
             for (key, value) in &record.tags {
                 by_tag
                     .entry(key.clone())
@@ -134,11 +138,16 @@ impl ListVersion {
             }
         }
         body.extend_from_slice(b"]\n");
+        // After every name, so that an id equal to another device's name
+        // resolves to the id's device.
+        for (position, record) in registry.iter().enumerate() {
+            by_id_or_name.insert(record.id.clone(), position as u32);
+        }
         ListVersion {
             registry,
-            body: Bytes::from(body),
+            body: zero_copy::seal(body),
             spans,
-            addresses,
+            by_id_or_name,
             by_tag,
             filtered: Mutex::default(),
         }
@@ -165,8 +174,13 @@ impl ListVersion {
                 return body;
             }
         }
-        let body = self.join(&self.matching(filter));
-        if body.len() >= SHARED_FILTERED_MIN {
+        let joined = self.join(&self.matching(filter));
+        if joined.len() < SHARED_FILTERED_MIN {
+            return Bytes::from(joined);
+        }
+        // Kept and sent many times: sent from a sealed file.
+        let body = zero_copy::seal(joined);
+        {
             let mut shared = self.filtered.lock().unwrap_or_else(|p| p.into_inner());
             if !shared.bodies.iter().any(|(f, _)| *f == key) {
                 shared.bytes += body.len();
@@ -185,8 +199,7 @@ impl ListVersion {
     /// `GET /devices/{id_or_name}`: the device's JSON and a newline, or
     /// `None` if nothing of that id or name is registered.
     pub fn device(&self, id_or_name: &str) -> Option<Bytes> {
-        let address = self.registry.resolve(id_or_name)?.pci_address;
-        let position = self.addresses.binary_search(&address).ok()?;
+        let position = *self.by_id_or_name.get(id_or_name)? as usize;
         let span = &self.body[self.spans[position].clone()];
         let mut one = Vec::with_capacity(span.len() + 1);
         one.extend_from_slice(span);
@@ -215,7 +228,7 @@ impl ListVersion {
             .collect()
     }
 
-    fn join(&self, positions: &[u32]) -> Bytes {
+    fn join(&self, positions: &[u32]) -> Vec<u8> {
         let spans: Vec<&[u8]> = positions
             .iter()
             .map(|&p| &self.body[self.spans[p as usize].clone()])
@@ -229,7 +242,7 @@ impl ListVersion {
             out.extend_from_slice(span);
         }
         out.extend_from_slice(b"]\n");
-        Bytes::from(out)
+        out
     }
 }
 
@@ -387,6 +400,25 @@ mod tests {
             shared.bytes,
             shared.bodies.iter().map(|(_, b)| b.len()).sum::<usize>()
         );
+    }
+
+    /// As the registry resolves: by id first, then by name.
+    #[test]
+    fn a_device_is_found_by_id_before_name() {
+        let ids = ids();
+        let mut first = record(0, BTreeMap::new());
+        first.name = "shared".into();
+        let mut second = record(1, BTreeMap::new());
+        second.id = "shared".into();
+        let registry = Arc::new(Registry::from_records([first, second]).unwrap());
+        let v = ListCache::default().version(|| registry.clone(), &ids);
+        let found: serde_json::Value =
+            serde_json::from_slice(&v.device("shared").unwrap()).unwrap();
+        assert_eq!(found["id"], "shared");
+        assert_eq!(found["name"], "gpu1");
+        let by_name: serde_json::Value =
+            serde_json::from_slice(&v.device("gpu1").unwrap()).unwrap();
+        assert_eq!(by_name["id"], "shared");
     }
 
     #[test]

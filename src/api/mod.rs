@@ -9,6 +9,7 @@
 //! one `CancellationToken` that the accept loops, connections and event
 //! streams all watch.
 
+pub mod coalesce;
 pub mod dispatch;
 pub mod error;
 pub mod event_stream;
@@ -20,6 +21,7 @@ pub mod respond;
 pub mod routes;
 pub mod server;
 pub mod wire;
+pub mod zero_copy;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,6 +64,11 @@ pub struct Api {
     /// The device list of the current registry version, serialised once:
     /// `GET /devices` (filtered or not) and `GET /devices/{id_or_name}`.
     lists: Arc<list_cache::ListCache>,
+    /// `GET /devices/available` (indexed by `?all`) and `/metrics`
+    /// (indexed by OpenMetrics): one scan or render at a time, shared by
+    /// the requests waiting for it.
+    available: [Arc<coalesce::Coalesced>; 2],
+    metrics: [Arc<coalesce::Coalesced>; 2],
     /// Connections and event streams held per uid.
     accounting: Arc<Accounting>,
     /// See [`server`]: the time to deliver a request head, and to idle.
@@ -77,6 +84,8 @@ impl Api {
             policy,
             shutdown,
             lists: Arc::default(),
+            available: Default::default(),
+            metrics: Default::default(),
             accounting: Accounting::new(Limits::default()),
             header_timeout: server::DEFAULT_HEADER_TIMEOUT,
         }
