@@ -1107,9 +1107,20 @@ impl Shared {
         pipe.fill(&attr);
         if let Some(saved) = pipe.restore.clone() {
             // The released writer of a hung regular attribute.
-            let values: Vec<String> = pipe.values.drain(..).collect();
-            sim.pipes.remove(path);
+            let mut values: Vec<String> = pipe.values.drain(..).collect();
+            // The FIFO keeps its reader until the regular file has taken
+            // its place: a writer opening it meanwhile (the code under test
+            // writing again the moment its late write returned) must not
+            // block for good on a FIFO nobody reads. What such a writer
+            // wrote is taken as a write of its own.
+            let mut pipe = sim.pipes.remove(path);
             let _ = self.tree.write_file(path, &saved);
+            if let Some(reader) = pipe.as_mut().and_then(|p| p.reader.as_mut()) {
+                let mut late = Vec::new();
+                let _ = read_available(reader, &mut late);
+                values.extend(split_values(&attr, &String::from_utf8_lossy(&late)));
+            }
+            drop(pipe);
             for v in values {
                 let _ = self.tree.write_file(path, &v);
                 self.regular_written(state, sim, path);
