@@ -294,7 +294,13 @@ plan() {
             register) EXP=conflict ALSO=device_not_found ;;
             delete)
                 if [ -n "$att" ]; then EXP=in_use; else N_REG=0 N_VFIO=0; fi ;;
-            bind|attach|reset) EXP=device_not_present ;;
+            bind|reset) EXP=device_not_present ;;
+            # Attached to another instance and off the bus: either refusal
+            # is true.
+            attach)
+                if [ -n "$att" ]; then EXP=in_use ALSO=device_not_present
+                else EXP=device_not_present
+                fi ;;
             unbind)
                 if [ -n "$att" ]; then EXP=in_use
                 elif [ "$vfio" = 1 ]; then EXP=device_not_present
@@ -331,8 +337,8 @@ plan() {
             [ -n "$att" ] && N_ATT=
             if [ $op = detach-keep ] || [ "$vfio" = 0 ]; then :
             elif [ -n "$hold" ]; then
-                EXP=device_busy
-                [ -n "$att" ] && PARTIAL=1
+                # Refused before anything changes: the attachment stays.
+                EXP=device_busy N_ATT=-
             else N_VFIO=0
             fi ;;
         reset)
