@@ -196,23 +196,34 @@ pub fn unbind(body: &[u8]) -> Result<(), ApiError> {
     Ok(deny_unknown(&map, &[])?)
 }
 
+/// The `instance_id` (required) and `pid` (optional, not 0) an attach and
+/// a claim both take.
+fn instance_and_pid(map: &Map<String, Value>) -> Result<(InstanceId, Option<u32>), CoreError> {
+    let instance = match map.get("instance_id") {
+        Some(Value::String(s)) => InstanceId::parse(s)?,
+        None | Some(Value::Null) => {
+            return Err(CoreError::InvalidRequest("instance_id is required".into()))
+        }
+        Some(_) => {
+            return Err(CoreError::InvalidRequest(
+                "instance_id must be a string".into(),
+            ))
+        }
+    };
+    let pid = optional_u32(map, "pid").map_err(|e| CoreError::InvalidPid(e.to_string()))?;
+    if pid == Some(0) {
+        return Err(CoreError::InvalidPid(
+            "pid must be a process id, not 0".into(),
+        ));
+    }
+    Ok((instance, pid))
+}
+
 /// `POST /devices/{id_or_name}/attach`.
 pub fn attach(body: &[u8]) -> Result<AttachRequest, ApiError> {
     let map = object(body, false)?;
     deny_unknown(&map, &["instance_id", "uid", "pid"])?;
-    let instance = match map.get("instance_id") {
-        Some(Value::String(s)) => InstanceId::parse(s)?,
-        None | Some(Value::Null) => {
-            return Err(CoreError::InvalidRequest("instance_id is required".into()).into())
-        }
-        Some(_) => {
-            return Err(CoreError::InvalidRequest("instance_id must be a string".into()).into())
-        }
-    };
-    let pid = optional_u32(&map, "pid").map_err(|e| CoreError::InvalidPid(e.to_string()))?;
-    if pid == Some(0) {
-        return Err(CoreError::InvalidPid("pid must be a process id, not 0".into()).into());
-    }
+    let (instance, pid) = instance_and_pid(&map)?;
     Ok(AttachRequest {
         instance,
         uid: optional_u32(&map, "uid")?,
@@ -275,19 +286,7 @@ pub fn claim(body: &[u8]) -> Result<ClaimRequest, ApiError> {
             CoreError::InvalidRequest("tags is required (an object, may be empty)".into())
         })?
         .into_inner();
-    let instance = match map.get("instance_id") {
-        Some(Value::String(s)) => InstanceId::parse(s)?,
-        None | Some(Value::Null) => {
-            return Err(CoreError::InvalidRequest("instance_id is required".into()).into())
-        }
-        Some(_) => {
-            return Err(CoreError::InvalidRequest("instance_id must be a string".into()).into())
-        }
-    };
-    let pid = optional_u32(&map, "pid").map_err(|e| CoreError::InvalidPid(e.to_string()))?;
-    if pid == Some(0) {
-        return Err(CoreError::InvalidPid("pid must be a process id, not 0".into()).into());
-    }
+    let (instance, pid) = instance_and_pid(&map)?;
     let numa = match map.get("numa") {
         None | Some(Value::Null) => NumaPolicy::Preferred,
         Some(Value::String(s)) if s == "preferred" => NumaPolicy::Preferred,
