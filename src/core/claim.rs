@@ -316,11 +316,12 @@ impl Core {
             Err(e) => tracing::error!(error = %e, "could not drop unfinished claims"),
         }
         // A free VF keeps no vGPU type: one set for a claim that did not
-        // finish, or whose release was cut short.
+        // finish, or whose release was cut short. Only VFs can carry one, so
+        // a start with thousands of whole devices reads no attribute here.
         let free: Vec<PciAddress> = self
             .snapshot()
             .iter()
-            .filter(|d| d.present && d.claim.is_none() && d.attachment.is_none())
+            .filter(|d| d.present && d.vf.is_some() && d.claim.is_none() && d.attachment.is_none())
             .map(|d| d.pci_address)
             .collect();
         for addr in free {
