@@ -24,7 +24,7 @@ use super::{AttachRequest, BindRequest, Caller, Core};
 use crate::crashpoint::{self, Stage, StepKind};
 use crate::error::CoreError;
 use crate::events::EventKind;
-use crate::pci::{is_vfio_driver, vfio_access, PciAddress};
+use crate::pci::{vfio_access, PciAddress};
 use crate::proc::ProcFs;
 use crate::registry::{AttachedProcess, Attachment, DeviceRecord};
 
@@ -99,12 +99,7 @@ impl Core {
         self.ensure_group_attachable_by(&record, uid)?;
         let addr = record.pci_address;
         // A vGPU VF is ready as it is: its own driver is its VFIO provider.
-        let on_vfio = self
-            .sysfs()
-            .driver(&addr)
-            .as_deref()
-            .is_some_and(is_vfio_driver)
-            || self.sysfs().is_vgpu_vf(&addr);
+        let on_vfio = self.sysfs().ready_for_vfio(&addr);
         if !on_vfio {
             self.apply_bind(ctx, &record, BindRequest::default())
                 .await?;

@@ -451,9 +451,8 @@ impl Core {
             Operation::Rebind { address } => record(address).is_none_or(|d| {
                 d.stuck
                     || !self.wants_vfio(d)
-                    || d.bound_to_vfio()
+                    || self.sysfs().ready_for_vfio(address)
                     || ensure_fit(d).is_err()
-                    || self.sysfs().is_vgpu_vf(address)
             }),
             Operation::Settle { address } => {
                 record(address).is_none_or(|d| d.stuck || d.pending.is_none())

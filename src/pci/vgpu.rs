@@ -67,6 +67,16 @@ impl Sysfs {
             .ok()
     }
 
+    /// Whether a VMM can use the function through VFIO as it is: on a vfio
+    /// driver, or a vGPU VF on its own provider. The one test every path
+    /// that would otherwise bind it asks.
+    pub fn ready_for_vfio(&self, addr: &PciAddress) -> bool {
+        self.driver(addr)
+            .as_deref()
+            .is_some_and(super::is_vfio_driver)
+            || self.is_vgpu_vf(addr)
+    }
+
     /// A vGPU-capable VF on its own VFIO provider (the nvidia driver with
     /// `vfio-dev/`): ready for a VMM as it is, never to be rebound.
     pub fn is_vgpu_vf(&self, addr: &PciAddress) -> bool {
