@@ -64,8 +64,9 @@
 //!   it (or a reset losing its driver, or its removal) first removes every
 //!   mdev it has, then that directory.
 //! * `<parent>/mdev_supported_types/<type>/create` `UUID` (the mdev core's
-//!   `create_store`): a canonical UUID, either case, one optional trailing
-//!   newline; anything else: EINVAL. A UUID any mdev has already (case
+//!   `create_store`): 36 or 37 bytes whose first 36 are a canonical UUID,
+//!   either case (the 37th, a newline from `echo`, is not looked at);
+//!   anything else: EINVAL. A UUID any mdev has already (case
 //!   ignored): EEXIST. The type's `available_instances` 0 (another type in
 //!   use, or all taken): [`MDEV_NO_INSTANCE_ERRNO`]. Else the mdev is made
 //!   (named in lower case), with a new IOMMU group and `D/vfio/<group>`,
@@ -275,16 +276,24 @@ fn split_values(attr: &str, chunk: &str) -> Vec<String> {
     let mut rest = chunk;
     while !rest.is_empty() {
         let head = fixed.and_then(|(len, valid)| rest.get(..len).filter(|h| valid(h)));
+        let to_newline = rest.find('\n').map(|i| i + 1).unwrap_or(rest.len());
         let end = match head {
             Some(head) => {
                 let len = head.len();
-                if rest[len..].starts_with('\n') {
+                let after = &rest[len..];
+                if after.starts_with('\n') {
                     len + 1
-                } else {
+                } else if after.is_empty()
+                    || fixed.is_some_and(|(n, valid)| after.get(..n).is_some_and(valid))
+                {
                     len
+                } else {
+                    // Not followed by another value: one write with more
+                    // after it ("<uuid>x"), for the store to judge.
+                    to_newline
                 }
             }
-            None => rest.find('\n').map(|i| i + 1).unwrap_or(rest.len()),
+            None => to_newline,
         };
         out.push(rest[..end].to_string());
         rest = &rest[end..];
@@ -2040,8 +2049,9 @@ impl Shared {
         type_id: &str,
         written: &str,
     ) {
-        let text = written.strip_suffix('\n').unwrap_or(written);
-        let result = if !fakesys::is_uuid(text) {
+        // `create_store` checks the length, then `guid_parse` the first 36.
+        let text = written.get(..36).unwrap_or(written);
+        let result = if !matches!(written.len(), 36 | 37) || !fakesys::is_uuid(text) {
             Err(Errno::EINVAL)
         } else if state.mdev(text).is_some() {
             Err(Errno::EEXIST)
