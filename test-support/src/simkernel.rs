@@ -266,8 +266,9 @@ fn wait_for_writers(reader: &mut File, data: &mut Vec<u8>) -> bool {
 /// told apart by a trailing newline or, for address attributes, by the
 /// fixed length of a PCI address.
 fn split_values(attr: &str, chunk: &str) -> Vec<String> {
-    // Fixed-length values: a PCI address, an mdev's UUID.
-    let fixed: Option<(usize, fn(&str) -> bool)> = match attr {
+    // Fixed-length values (length, validity): a PCI address, an mdev's UUID.
+    type Fixed = (usize, fn(&str) -> bool);
+    let fixed: Option<Fixed> = match attr {
         "bind" | "unbind" | "drivers_probe" => Some((12, fakesys::is_pci_addr)),
         "create" => Some((36, fakesys::is_uuid)),
         _ => None,
