@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::crashpoint::{self, Stage, StepKind};
-use crate::pci::{is_vfio_driver, PciAddress, Sysfs, SysfsError, VFIO_PCI};
+use crate::pci::{is_vfio_driver, MdevUuid, PciAddress, Sysfs, SysfsError, VFIO_PCI};
 
 /// The sysfs step a move or reset was at; the wire's `step` field on a failed
 /// move, so a caller can tell where the kernel balked.
@@ -78,6 +78,13 @@ pub enum Step {
     VerifyVfs,
     /// Writing a VF's `nvidia/current_vgpu_type`.
     SetVgpuType,
+    /// Writing a UUID to a parent's `mdev_supported_types/<type>/create`.
+    CreateMdev,
+    /// Writing `1` to a mediated device's `remove`.
+    RemoveMdev,
+    /// Waiting for a mediated device (and its group node) to appear after
+    /// its create, or to go after its remove.
+    VerifyMdev,
 }
 
 impl fmt::Display for Step {
@@ -99,6 +106,9 @@ impl fmt::Display for Step {
             Step::SetNumVfs => "set sriov_numvfs",
             Step::VerifyVfs => "verify VFs",
             Step::SetVgpuType => "set current_vgpu_type",
+            Step::CreateMdev => "create mdev",
+            Step::RemoveMdev => "remove mdev",
+            Step::VerifyMdev => "verify mdev",
         };
         f.write_str(name)
     }
@@ -177,6 +187,19 @@ pub enum EngineError {
         /// The node waited for.
         path: PathBuf,
     },
+    /// A mediated device did not appear (with its group node) after its
+    /// create, or did not go after its remove.
+    #[error("{step} for {device}: {} did not {}", .path.display(), if *.appear { "appear" } else { "go" })]
+    Mdev {
+        /// The step that waited.
+        step: Step,
+        /// The parent function.
+        device: PciAddress,
+        /// The mediated device's directory.
+        path: PathBuf,
+        /// Waited for it to appear (else to go).
+        appear: bool,
+    },
     /// A PF's VF count was written but its VFs did not all go.
     #[error("verify VFs for {device}: expected {expected} VFs, found {found}")]
     Vfs {
@@ -211,7 +234,8 @@ impl EngineError {
             | EngineError::Timeout { step, .. }
             | EngineError::Verify { step, .. }
             | EngineError::DriverNotLoaded { step, .. }
-            | EngineError::GroupNode { step, .. } => *step,
+            | EngineError::GroupNode { step, .. }
+            | EngineError::Mdev { step, .. } => *step,
             EngineError::Vfs { .. } => Step::VerifyVfs,
         }
     }
@@ -225,6 +249,7 @@ impl EngineError {
             | EngineError::Verify { device, .. }
             | EngineError::DriverNotLoaded { device, .. }
             | EngineError::GroupNode { device, .. }
+            | EngineError::Mdev { device, .. }
             | EngineError::Vfs { device, .. } => *device,
         }
     }
@@ -464,6 +489,64 @@ impl Engine {
         let path = self.sysfs.current_vgpu_type_path(&vf);
         self.write(Step::SetVgpuType, vf, path, &id.to_string())
             .await
+    }
+
+    /// Makes mediated device `uuid` of `type_id` on `parent` and waits for
+    /// it and its `/dev/vfio/N` (the kernel makes both before the write
+    /// returns; udev and a simulated kernel may be later).
+    pub async fn create_mdev(
+        &self,
+        parent: PciAddress,
+        type_id: &str,
+        uuid: &MdevUuid,
+    ) -> Result<(), EngineError> {
+        let path = self.sysfs.mdev_create_path(&parent, type_id);
+        self.write(Step::CreateMdev, parent, path, uuid.as_str())
+            .await?;
+        let ready = || {
+            self.sysfs
+                .mdev_iommu_group(uuid)
+                .is_some_and(|g| self.sysfs.vfio_group_node(g).exists())
+        };
+        self.wait_for_mdev(parent, uuid, true, ready).await
+    }
+
+    /// Destroys mediated device `uuid` of `parent` (nothing to do when it
+    /// is gone already) and waits for it to go.
+    pub async fn remove_mdev(
+        &self,
+        parent: PciAddress,
+        uuid: &MdevUuid,
+    ) -> Result<(), EngineError> {
+        if !self.sysfs.mdev_exists(uuid) {
+            return Ok(());
+        }
+        let path = self.sysfs.mdev_remove_path(uuid);
+        self.write(Step::RemoveMdev, parent, path, "1").await?;
+        self.wait_for_mdev(parent, uuid, false, || !self.sysfs.mdev_exists(uuid))
+            .await
+    }
+
+    async fn wait_for_mdev(
+        &self,
+        parent: PciAddress,
+        uuid: &MdevUuid,
+        appear: bool,
+        done: impl Fn() -> bool,
+    ) -> Result<(), EngineError> {
+        let deadline = tokio::time::Instant::now() + self.settle_timeout;
+        while !done() {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(EngineError::Mdev {
+                    step: Step::VerifyMdev,
+                    device: parent,
+                    path: self.sysfs.mdev_dir(uuid),
+                    appear,
+                });
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+        Ok(())
     }
 
     /// Writes `pf`'s `sriov_drivers_autoprobe`.

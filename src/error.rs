@@ -228,6 +228,19 @@ pub enum CoreError {
         /// What the driver said.
         detail: String,
     },
+    /// 409 `mdevs_in_use`: the operation would take an mdev parent off its
+    /// driver, which destroys its mediated devices, and it has some.
+    #[error("{device} has mediated devices that this would destroy: {}", .mdevs.iter().map(|(u, why)| format!("{u} ({why})")).collect::<Vec<_>>().join(", "))]
+    MdevsInUse {
+        /// The parent's name.
+        device: String,
+        /// Each mediated device, and whose it is.
+        mdevs: Vec<(String, String)>,
+    },
+    /// 500 `mdev_failed` (504 `driver_timeout` when the write hung): making
+    /// or removing a mediated device failed; what was made is undone.
+    #[error("{0}")]
+    MdevFailed(Box<MdevFailure>),
     /// 507 `storage_full` on ENOSPC/EDQUOT, else 500 `storage_error`; the
     /// in-memory registry is left as it was.
     #[error("saving the registry failed, nothing was changed: {0}")]
@@ -253,6 +266,22 @@ pub struct MoveFailure {
     /// `None`: rollback not attempted (nothing had changed yet); `Some(Err)`:
     /// the device is left mid-move.
     pub rollback: Option<Result<(), EngineError>>,
+}
+
+/// A mediated device that could not be made or removed.
+#[derive(Debug, thiserror::Error)]
+#[error("{action} mediated device {uuid} of type {mdev_type} on {device}: {error}")]
+pub struct MdevFailure {
+    /// `creating` or `removing`.
+    pub action: &'static str,
+    /// The parent's name.
+    pub device: String,
+    /// The mdev type id.
+    pub mdev_type: String,
+    /// The mediated device.
+    pub uuid: String,
+    /// The failed step, with path and errno.
+    pub error: EngineError,
 }
 
 /// Which check after a reset failed.
@@ -381,6 +410,7 @@ impl CoreError {
     pub fn may_pass(&self) -> bool {
         match self {
             CoreError::DriverMoveFailed(f) => !f.error.is_timeout(),
+            CoreError::MdevFailed(f) => !f.error.is_timeout(),
             CoreError::Storage(_)
             | CoreError::HolderScan(_)
             | CoreError::GrantFailed(_)
@@ -393,6 +423,7 @@ impl CoreError {
     pub fn step(&self) -> Option<Step> {
         match self {
             CoreError::DriverMoveFailed(f) => Some(f.error.step()),
+            CoreError::MdevFailed(f) => Some(f.error.step()),
             _ => None,
         }
     }
@@ -410,6 +441,7 @@ impl CoreError {
     pub fn errno(&self) -> Option<i32> {
         match self {
             CoreError::DriverMoveFailed(f) => f.error.errno(),
+            CoreError::MdevFailed(f) => f.error.errno(),
             CoreError::Storage(e) => e.errno(),
             _ => None,
         }

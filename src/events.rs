@@ -74,6 +74,13 @@ pub enum EventKind {
     SriovChanged,
     /// A VF count change failed (detail: the step and errno).
     SriovFailed,
+    /// vfiod made a mediated device on the parent for `instance_id`
+    /// (detail: its UUID, type and who may open it), or made it again
+    /// after a reboot or re-plug.
+    MdevCreated,
+    /// vfiod removed a mediated device (detail: its UUID and why: released,
+    /// its VMM exited, its hand-out did not finish).
+    MdevRemoved,
     /// Sent to one subscriber in place of `missed` events it was too slow to
     /// take.
     Lagged,

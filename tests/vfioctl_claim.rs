@@ -277,6 +277,7 @@ fn pool(resource: Option<&str>, counts: [u32; 5], vgpu: &[(&str, u32)]) -> Capac
         quarantined,
         needs_reset,
         vgpu_types: vgpu.iter().map(|(t, n)| (t.to_string(), *n)).collect(),
+        ..Capacity::default()
     }
 }
 

@@ -178,10 +178,10 @@ pub async fn attach(c: Call<'_>) -> Answer {
 
 /// `POST /devices/{id_or_name}/detach`.
 pub async fn detach(c: Call<'_>) -> Answer {
-    let keep_bound = parse::detach(&c.body)?;
+    let req = parse::detach(&c.body)?;
     let device = c.id.clone();
     let d = c
-        .execute(Operation::Detach { device, keep_bound })
+        .execute(Operation::Detach { device, req })
         .await?
         .device()?;
     Ok(c.device(StatusCode::OK, &d))
@@ -230,13 +230,17 @@ pub async fn set_sriov(c: Call<'_>) -> Answer {
 pub async fn claim(c: Call<'_>) -> Answer {
     let req = parse::claim(&c.body)?;
     match c.execute(Operation::Claim(req)).await? {
-        Outcome::Claimed { device, created } => {
-            let status = if created {
+        Outcome::Claimed(claimed) => {
+            let status = if claimed.created {
                 StatusCode::CREATED
             } else {
                 StatusCode::OK
             };
-            Ok(c.device(status, &device))
+            let body = wire::ClaimAnswer {
+                device: wire::Device::new(&claimed.device, c.core().ids()),
+                mdev: claimed.mdev.as_ref().map(wire::MdevWire::new),
+            };
+            Ok(respond::json(status, &body))
         }
         other => {
             Err(crate::error::CoreError::Internal(format!("a claim ended as {other:?}")).into())
@@ -259,6 +263,20 @@ pub async fn capacity(c: Call<'_>) -> Answer {
 pub async fn vgpu_types(c: Call<'_>) -> Answer {
     let types = c.core().vgpu_types(&c.id)?;
     Ok(respond::json(StatusCode::OK, &types))
+}
+
+/// `GET /devices/{id_or_name}/mdev_types`: the legacy mdev types the
+/// parent offers now, and the mediated devices vfiod made on it.
+pub async fn mdev_types(c: Call<'_>) -> Answer {
+    let (record, types) = c.core().mdev_types(&c.id)?;
+    let body = wire::MdevTypes {
+        id: Cow::Borrowed(&record.id),
+        name: Cow::Borrowed(&record.name),
+        pci_address: record.pci_address,
+        mdev_types: types,
+        mdevs: record.mdevs.iter().map(wire::MdevWire::new).collect(),
+    };
+    Ok(respond::json(StatusCode::OK, &body))
 }
 
 /// `GET /events`: a streaming response; the per-uid stream limit is taken here

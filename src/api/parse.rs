@@ -8,8 +8,8 @@ use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use crate::core::{
-    AttachRequest, BindRequest, DeviceName, InstanceId, RegisterRequest, ResetMethod, ResetRequest,
-    SriovRequest, Tags, UpdateRequest,
+    AttachRequest, BindRequest, DetachRequest, DeviceName, InstanceId, RegisterRequest,
+    ResetMethod, ResetRequest, SriovRequest, Tags, UpdateRequest,
 };
 use crate::core::{ClaimRequest, NumaPolicy};
 use crate::error::CoreError;
@@ -279,6 +279,7 @@ pub fn claim(body: &[u8]) -> Result<ClaimRequest, ApiError> {
             "numa_node",
             "numa",
             "vgpu_type",
+            "mdev_type",
         ],
     )?;
     let tags = tags_field(&map)?
@@ -314,6 +315,24 @@ pub fn claim(body: &[u8]) -> Result<ClaimRequest, ApiError> {
             .into())
         }
     };
+    let mdev_type = match map.get("mdev_type") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if !s.trim().is_empty() && s.len() <= 128 => {
+            Some(s.trim().to_owned())
+        }
+        Some(_) => return Err(CoreError::InvalidRequest(
+            "mdev_type must be a type id (nvidia-63) or name (GRID P40-2Q), 1 to 128 characters"
+                .into(),
+        )
+        .into()),
+    };
+    if vgpu_type.is_some() && mdev_type.is_some() {
+        return Err(CoreError::InvalidRequest(
+            "vgpu_type (a type on an SR-IOV VF) and mdev_type (a mediated device) exclude each other"
+                .into(),
+        )
+        .into());
+    }
     Ok(ClaimRequest {
         tags,
         instance_id: instance.0,
@@ -322,6 +341,7 @@ pub fn claim(body: &[u8]) -> Result<ClaimRequest, ApiError> {
         numa_node,
         numa,
         vgpu_type,
+        mdev_type,
     })
 }
 
@@ -349,11 +369,23 @@ fn optional_u32(map: &Map<String, Value>, field: &str) -> Result<Option<u32>, Co
     }
 }
 
-/// `POST /devices/{id_or_name}/detach`; returns `keep_bound`.
-pub fn detach(body: &[u8]) -> Result<bool, ApiError> {
+/// `POST /devices/{id_or_name}/detach`: `keep_bound`, and the instance
+/// whose mediated device on this parent to release (`instance_id`; none:
+/// the whole device's attachment).
+pub fn detach(body: &[u8]) -> Result<DetachRequest, ApiError> {
     let map = object(body, true)?;
-    deny_unknown(&map, &["keep_bound"])?;
-    Ok(optional_bool(&map, "keep_bound")?)
+    deny_unknown(&map, &["keep_bound", "instance_id"])?;
+    let instance = match map.get("instance_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(InstanceId::parse(s)?),
+        Some(_) => {
+            return Err(CoreError::InvalidRequest("instance_id must be a string".into()).into())
+        }
+    };
+    Ok(DetachRequest {
+        keep_bound: optional_bool(&map, "keep_bound")?,
+        instance,
+    })
 }
 
 /// Decodes `%XX` escapes (and `+` as a space in query strings). Invalid
@@ -631,8 +663,13 @@ mod tests {
         assert_eq!(code(attach(br#"{"instance_id":""}"#)), "invalid_request");
         assert_eq!(code(attach(br#"{"instance_id":5}"#)), "invalid_request");
         assert_eq!(code(attach(b"")), "invalid_json");
-        assert!(detach(br#"{"keep_bound":true}"#).unwrap());
-        assert!(!detach(b"").unwrap());
+        assert!(detach(br#"{"keep_bound":true}"#).unwrap().keep_bound);
+        assert!(!detach(b"").unwrap().keep_bound);
+        assert_eq!(detach(b"").unwrap().instance, None);
+        let d = detach(br#"{"instance_id":"vm-7"}"#).unwrap();
+        assert_eq!(d.instance.map(|i| i.0), Some("vm-7".to_owned()));
+        assert!(detach(br#"{"instance_id":7}"#).is_err());
+        assert!(detach(br#"{"instance_id":""}"#).is_err());
         let u = update(br#"{"name":"new-name"}"#).unwrap();
         assert!(u.tags.is_none());
         assert_eq!(code(update(br#"{"nmae":"x"}"#)), "invalid_request");

@@ -109,6 +109,7 @@ routes! {
     GET    "/devices/{id_or_name}/sriov"    Read            dispatch::sriov;
     PUT    "/devices/{id_or_name}/sriov"    Change          dispatch::set_sriov;
     GET    "/devices/{id_or_name}/vgpu_types" Read          dispatch::vgpu_types;
+    GET    "/devices/{id_or_name}/mdev_types" Read          dispatch::mdev_types;
     GET    "/events"                        Read            dispatch::events;
     GET    "/health"                        Read            dispatch::health;
     GET    "/openapi.yaml"                  Read            dispatch::openapi;

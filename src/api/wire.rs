@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 use crate::core::{BindPlan, Health, ResetPlan};
 use crate::pci::holders::Holder;
 use crate::pci::{is_vfio_driver, DeviceType, PciAddress, PciFunction, PciIds};
-use crate::registry::{DeviceRecord, Health as DeviceHealth, LastReset, PendingOp, ResetResult};
+use crate::registry::{
+    DeviceRecord, Health as DeviceHealth, LastReset, MediatedDevice, PendingOp, ResetResult,
+};
 
 /// A registered device as `GET /devices` shows it: hypeman's fields, then
 /// vfiod's.
@@ -97,6 +99,68 @@ pub struct Device<'a> {
     /// On a PF with a declared VF count: the count and `vf_driver`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sriov: Option<SriovWire>,
+    /// On an mdev parent: the mediated devices vfiod made on it; left out
+    /// when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mdevs: Vec<MdevWire>,
+}
+
+/// A mediated device vfiod made for a claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MdevWire {
+    /// Its UUID.
+    pub uuid: String,
+    /// The type's id (`nvidia-63`).
+    pub mdev_type: String,
+    /// What QEMU takes as `-device vfio-pci,sysfsdev=...`.
+    pub sysfs_path: String,
+    /// The claim's instance.
+    pub instance_id: String,
+    /// The uid its VFIO nodes are open to; null while it is being made.
+    pub attached_uid: Option<u32>,
+    /// The VMM whose exit ends it, if one was named.
+    pub attached_pid: Option<u32>,
+}
+
+impl MdevWire {
+    /// The wire form of a recorded mediated device.
+    pub fn new(m: &MediatedDevice) -> MdevWire {
+        MdevWire {
+            uuid: m.uuid.to_string(),
+            mdev_type: m.mdev_type.clone(),
+            sysfs_path: crate::core::mdev_sysfs_path(&m.uuid),
+            instance_id: m.claim.instance_id.clone(),
+            attached_uid: m.attachment.as_ref().and_then(|a| a.uid),
+            attached_pid: m.attachment.as_ref().and_then(|a| a.pid.map(|p| p.pid)),
+        }
+    }
+}
+
+/// `GET /devices/{id_or_name}/mdev_types`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MdevTypes<'a> {
+    /// The parent's id.
+    pub id: Cow<'a, str>,
+    /// The parent's name.
+    pub name: Cow<'a, str>,
+    /// The parent's address.
+    pub pci_address: PciAddress,
+    /// What it offers now (empty: no mdev parent now).
+    pub mdev_types: Vec<crate::pci::MdevType>,
+    /// The mediated devices vfiod made on it.
+    pub mdevs: Vec<MdevWire>,
+}
+
+/// `POST /devices/claim`: the device handed out (or the parent of the
+/// mediated device), and the mediated device for an `mdev_type` claim.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClaimAnswer<'a> {
+    /// The device, as `GET /devices/{id}` shows it.
+    #[serde(flatten)]
+    pub device: Device<'a>,
+    /// Left out for a whole device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mdev: Option<MdevWire>,
 }
 
 /// A PF's declared VF count, as its device shows it.
@@ -198,6 +262,7 @@ impl<'a> Device<'a> {
                 desired_vfs: c.desired_vfs,
                 vf_driver: c.vf_driver,
             }),
+            mdevs: d.mdevs.iter().map(MdevWire::new).collect(),
         }
     }
 }

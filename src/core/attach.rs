@@ -29,7 +29,7 @@ use crate::proc::ProcFs;
 use crate::registry::{AttachedProcess, Attachment, DeviceRecord};
 
 /// Whether `process` is still the process that was attached.
-fn still_running(proc_root: &Path, process: AttachedProcess) -> bool {
+pub(super) fn still_running(proc_root: &Path, process: AttachedProcess) -> bool {
     ProcFs::new(proc_root)
         .process_identity(process.pid)
         .is_some_and(|p| p.start_time == process.start_time && !p.zombie)
@@ -38,7 +38,7 @@ fn still_running(proc_root: &Path, process: AttachedProcess) -> bool {
 impl Core {
     /// The uid an attachment is for: the caller's own unless root names
     /// another.
-    fn attachment_uid(caller: Caller, requested: Option<u32>) -> Result<u32, CoreError> {
+    pub(super) fn attachment_uid(caller: Caller, requested: Option<u32>) -> Result<u32, CoreError> {
         match requested {
             Some(uid) if uid != caller.uid && caller.uid != 0 => {
                 Err(CoreError::Forbidden(format!(
@@ -51,7 +51,7 @@ impl Core {
         }
     }
 
-    fn vmm_process(&self, pid: u32, uid: u32) -> Result<AttachedProcess, CoreError> {
+    pub(super) fn vmm_process(&self, pid: u32, uid: u32) -> Result<AttachedProcess, CoreError> {
         let identity = ProcFs::new(&self.options.proc_root)
             .process_identity(pid)
             .ok_or_else(|| CoreError::InvalidPid(format!("no process with pid {pid}")))?;
@@ -199,14 +199,12 @@ impl Core {
             return Ok(());
         };
         let registry = self.snapshot();
-        let still_needed = |other: &&DeviceRecord| {
-            other.pci_address != record.pci_address && other.attached_uid() == Some(uid)
-        };
-        let group_shared = registry
-            .iter()
-            .filter(still_needed)
-            .any(|d| d.iommu_group == record.iommu_group);
-        let iommu_shared = registry.iter().any(|d| still_needed(&d));
+        let group_shared = registry.iter().any(|other| {
+            other.pci_address != record.pci_address
+                && other.attached_uid() == Some(uid)
+                && other.iommu_group == record.iommu_group
+        });
+        let iommu_shared = self.uid_holds_other_attachment(uid, Some(record.pci_address), None);
         let group_node = record.iommu_group.map(|g| self.sysfs().vfio_group_node(g));
         let iommu_node = self.sysfs().devfs().join("iommu");
         let nodes: Vec<PathBuf> = nodes
@@ -316,24 +314,34 @@ impl Core {
     /// Ends the attachment when its VMM exits. Waiting for the exit is not
     /// an operation (shutdown does not wait for a VM); ending it is.
     fn follow_vmm(&self, addr: PciAddress, process: AttachedProcess, uid: u32) {
+        self.when_vmm_exits(process, uid, move |why| Operation::EndAttachment {
+            address: addr,
+            process,
+            why,
+        });
+    }
+
+    /// Runs vfiod's own operation `end(why)` once `process` has exited.
+    pub(super) fn when_vmm_exits(
+        &self,
+        process: AttachedProcess,
+        uid: u32,
+        end: impl FnOnce(String) -> Operation + Send + 'static,
+    ) {
         let Some(core) = self.me.upgrade() else {
             return;
         };
         tokio::spawn(async move {
             let exited = wait_for_exit(&core.options.proc_root, process).await;
             if let Err(e) = &exited {
-                tracing::warn!(device = %addr, pid = process.pid, error = %e, "cannot follow the VMM with a pidfd; checking whether it still runs");
+                tracing::warn!(pid = process.pid, error = %e, "cannot follow the VMM with a pidfd; checking whether it still runs");
             }
             let why = format!("VMM pid {} (uid {uid}) exited", process.pid);
             // An end the state file refused is tried again shortly (the
             // executor sees its own operations through): the VMM is gone
             // all the same, and an attachment nobody holds should not wait
             // for a restart.
-            core.execute_in_background(Operation::EndAttachment {
-                address: addr,
-                process,
-                why,
-            });
+            core.execute_in_background(end(why));
         });
     }
 
@@ -422,6 +430,7 @@ impl Core {
                     by_group.insert((uid, group));
                 }
             }
+            attached_uids.extend(d.mdevs.iter().filter_map(super::mdev::mdev_uid));
         }
         let iommu_node = self.sysfs().devfs().join("iommu");
         let mut seen = HashSet::new();
@@ -452,6 +461,22 @@ impl Core {
                 }
             }
         }
+        // Mediated devices vfiod made: their nodes open to their
+        // attachment's uid only (others' mediated devices are theirs).
+        for parent in registry.iter().filter(|d| d.present) {
+            for m in &parent.mdevs {
+                for node in self.sysfs().mdev_vfio_nodes(&m.uuid) {
+                    if node == iommu_node || !seen.insert(node.clone()) {
+                        continue;
+                    }
+                    for uid in vfio_access::granted_uids(&node) {
+                        if super::mdev::mdev_uid(m) != Some(uid) {
+                            stray.push((parent.pci_address, node.clone(), uid));
+                        }
+                    }
+                }
+            }
+        }
         for (addr, node, uid) in stray {
             tracing::warn!(device = %addr, node = %node.display(), granted_uid = uid, "revoking a VFIO node grant that no live attachment explains");
             if let Err(e) = change_nodes(addr, vec![node], uid, NodeChange::Revoke).await {
@@ -465,13 +490,13 @@ impl Core {
 const REVOKE_ATTEMPTS: u64 = 10;
 
 #[derive(Debug, Clone, Copy)]
-enum NodeChange {
+pub(super) enum NodeChange {
     Grant,
     Revoke,
 }
 
 /// Grants or revokes `uid`'s access to `nodes` of `addr`, off the runtime.
-async fn change_nodes(
+pub(super) async fn change_nodes(
     addr: PciAddress,
     nodes: Vec<PathBuf>,
     uid: u32,

@@ -21,14 +21,29 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
 
 use super::operation::OpContext;
-use super::{AttachRequest, Capacity, ClaimRequest, Core, InstanceId, NumaPolicy, VgpuTypeCount};
+use super::{
+    AttachRequest, Capacity, ClaimRequest, Claimed, Core, InstanceId, NumaPolicy, VgpuTypeCount,
+};
 use crate::error::CoreError;
 use crate::pci::holders::Disposition;
 use crate::pci::{PciAddress, VgpuType};
-use crate::registry::{DeviceRecord, Health, ResetResult};
+use crate::registry::{AttachedProcess, DeviceRecord, Health, MediatedDevice, ResetResult};
+
+/// What the pick (under the claim lock) leaves for the hand-out.
+enum Picked {
+    /// A whole device, its claim recorded.
+    Device(Box<DeviceRecord>, tokio::sync::OwnedMutexGuard<()>),
+    /// A mediated device made on its parent, for `uid` (and `process`).
+    Mdev {
+        mdev: Box<MediatedDevice>,
+        uid: u32,
+        process: Option<AttachedProcess>,
+        guard: tokio::sync::OwnedMutexGuard<()>,
+    },
+}
 
 /// Whether `d` carries every tag of `filter`.
-fn has_tags(d: &DeviceRecord, filter: &BTreeMap<String, String>) -> bool {
+pub(super) fn has_tags(d: &DeviceRecord, filter: &BTreeMap<String, String>) -> bool {
     filter.iter().all(|(k, v)| d.tags.get(k) == Some(v))
 }
 
@@ -68,7 +83,24 @@ impl Core {
         {
             return Some("a PF with VFs: its VFs are the candidates".into());
         }
+        if !d.mdevs.is_empty() || !self.sysfs().mdevs_of(&d.pci_address).is_empty() {
+            return Some("an mdev parent with mediated devices: claim its mdev type".into());
+        }
         None
+    }
+
+    /// Why `d` is out of a claim that requires its NUMA node, if it is.
+    pub(super) fn numa_refusal(&self, d: &DeviceRecord, req: &ClaimRequest) -> Option<String> {
+        if req.numa != NumaPolicy::Required || req.numa_node.is_none() {
+            return None;
+        }
+        let node = self.sysfs().numa_node(&d.pci_address);
+        if node == req.numa_node {
+            return None;
+        }
+        Some(node.map_or("no known NUMA node".to_owned(), |n| {
+            format!("on NUMA node {n}")
+        }))
     }
 
     /// Chooses the device for `req` (see the module docs for the order);
@@ -82,13 +114,8 @@ impl Core {
                 refused.push((d.pci_address, why));
                 continue;
             }
-            let node = self.sysfs().numa_node(&d.pci_address);
-            if req.numa == NumaPolicy::Required && req.numa_node.is_some() && node != req.numa_node
-            {
-                let on = node.map_or("no known NUMA node".to_owned(), |n| {
-                    format!("on NUMA node {n}")
-                });
-                refused.push((d.pci_address, on));
+            if let Some(why) = self.numa_refusal(d, req) {
+                refused.push((d.pci_address, why));
                 continue;
             }
             if let Some(t) = &req.vgpu_type {
@@ -135,56 +162,77 @@ impl Core {
         Err(CoreError::NoCapacity { refused })
     }
 
-    /// The claim operation: the same instance's claim again (`false`: not
-    /// new), or a new device picked, its claim recorded, and handed out as
-    /// an attach (`true`).
+    /// The claim operation: the same instance's claim again (not new), or
+    /// a new device picked, its claim recorded, and handed out as an attach
+    /// (or, with `mdev_type`, a mediated device made on a parent picked
+    /// and handed out: `mdev`).
     pub(super) async fn claim(
         &self,
         ctx: &OpContext<'_>,
         req: ClaimRequest,
-    ) -> Result<(DeviceRecord, bool), CoreError> {
+    ) -> Result<Claimed, CoreError> {
         let caller = ctx.caller;
         let picked = {
             let _one_picker = self.claim_lock.lock().await;
-            let existing = self
-                .snapshot()
-                .iter()
-                .find(|d| {
-                    d.claim
-                        .as_ref()
-                        .is_some_and(|c| c.instance_id == req.instance_id)
-                })
-                .cloned();
-            if let Some(d) = existing {
-                let asked = d.claim.as_ref().expect("found by its claim");
-                if *asked == req {
-                    return Ok((d, false));
+            if let Some(claimed) = self.existing_claim(&req)? {
+                return Ok(claimed);
+            }
+            if let Some(asked) = &req.mdev_type {
+                // Who it is for is checked before anything is written.
+                let uid = Self::attachment_uid(caller, req.uid)?;
+                let process = req.pid.map(|pid| self.vmm_process(pid, uid)).transpose()?;
+                let (mdev, guard) = self.make_mdev(ctx, &req, asked).await?;
+                Picked::Mdev {
+                    mdev: Box::new(mdev),
+                    uid,
+                    process,
+                    guard,
                 }
-                return Err(CoreError::ClaimConflict {
-                    instance: req.instance_id.clone(),
-                    device: d.name.clone(),
+            } else {
+                let picked = self.pick(&req).await?;
+                // The claim, on disk before anything is written to the device.
+                let claim = req.clone();
+                let addr = picked.pci_address;
+                let picked = self
+                    .update_device(addr, |d| d.claim = Some(claim))
+                    .await?
+                    .ok_or_else(|| CoreError::Internal("the picked device went away".into()))?;
+                let guard = self.op_lock(Self::lock_key(&picked)).lock_owned().await;
+                // A vGPU type is set before the next pick: setting it can take
+                // types away from the VF's siblings.
+                if let Some(asked) = &req.vgpu_type {
+                    if let Err(e) = self.set_vgpu_type(&picked, asked).await {
+                        self.drop_claim(addr).await;
+                        return Err(e);
+                    }
+                }
+                Picked::Device(Box::new(picked), guard)
+            }
+        };
+        let (picked, guard) = match picked {
+            Picked::Device(picked, guard) => (*picked, guard),
+            Picked::Mdev {
+                mdev,
+                uid,
+                process,
+                guard,
+            } => {
+                let parent = self
+                    .snapshot()
+                    .iter()
+                    .find(|d| d.mdevs.iter().any(|m| m.uuid == mdev.uuid))
+                    .map(|d| d.pci_address)
+                    .ok_or_else(|| CoreError::Internal("the mdev parent went away".into()))?;
+                let handed = self.hand_out_mdev(ctx, parent, *mdev, uid, process).await;
+                drop(guard);
+                let (device, mdev) = handed?;
+                return Ok(Claimed {
+                    device,
+                    created: true,
+                    mdev: Some(mdev),
                 });
             }
-            let picked = self.pick(&req).await?;
-            // The claim, on disk before anything is written to the device.
-            let claim = req.clone();
-            let addr = picked.pci_address;
-            let picked = self
-                .update_device(addr, |d| d.claim = Some(claim))
-                .await?
-                .ok_or_else(|| CoreError::Internal("the picked device went away".into()))?;
-            let guard = self.op_lock(Self::lock_key(&picked)).lock_owned().await;
-            // A vGPU type is set before the next pick: setting it can take
-            // types away from the VF's siblings.
-            if let Some(asked) = &req.vgpu_type {
-                if let Err(e) = self.set_vgpu_type(&picked, asked).await {
-                    self.drop_claim(addr).await;
-                    return Err(e);
-                }
-            }
-            (picked, guard)
         };
-        let (picked, guard) = picked;
         let addr = picked.pci_address;
         tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, instance = %req.instance_id, "claim of instance {} picked {} ({addr}) for {caller}", req.instance_id, picked.name);
         let record = self
@@ -203,13 +251,61 @@ impl Core {
         }
         drop(guard);
         match handed {
-            Ok(d) => Ok((d, true)),
+            Ok(device) => Ok(Claimed {
+                device,
+                created: true,
+                mdev: None,
+            }),
             Err(e) => {
                 // Not handed out: the device is free again.
                 self.drop_claim(addr).await;
                 Err(e)
             }
         }
+    }
+
+    /// The instance's claim, if it has one (claim lock held): the same
+    /// request again answers it, another request is a conflict.
+    fn existing_claim(&self, req: &ClaimRequest) -> Result<Option<Claimed>, CoreError> {
+        let registry = self.snapshot();
+        let conflict = |device: String| CoreError::ClaimConflict {
+            instance: req.instance_id.clone(),
+            device,
+        };
+        for d in registry.iter() {
+            if let Some(asked) = d
+                .claim
+                .as_ref()
+                .filter(|c| c.instance_id == req.instance_id)
+            {
+                if asked != req {
+                    return Err(conflict(d.name.clone()));
+                }
+                return Ok(Some(Claimed {
+                    device: d.clone(),
+                    created: false,
+                    mdev: None,
+                }));
+            }
+            if let Some(m) = d
+                .mdevs
+                .iter()
+                .find(|m| m.claim.instance_id == req.instance_id)
+            {
+                if m.claim != *req {
+                    return Err(conflict(format!(
+                        "mediated device {} on {}",
+                        m.uuid, d.name
+                    )));
+                }
+                return Ok(Some(Claimed {
+                    device: d.clone(),
+                    created: false,
+                    mdev: Some(m.clone()),
+                }));
+            }
+        }
+        Ok(None)
     }
 
     async fn drop_claim(&self, addr: PciAddress) {
@@ -378,6 +474,7 @@ impl Core {
                 }
                 Health::Ok | Health::NeedsReset => {}
             }
+            pool.mdevs += d.mdevs.len() as u32;
             if d.attachment.is_some() || d.claim.is_some() {
                 pool.attached += 1;
                 continue;
@@ -389,6 +486,13 @@ impl Core {
                 }
                 for t in self.creatable_vgpu_types(&d.pci_address) {
                     *pool.vgpu_types.entry(t.name).or_default() += 1;
+                }
+            }
+            // A parent's mediated devices are counted by type: how many
+            // more the kernel would make now.
+            for t in self.sysfs().mdev_types(&d.pci_address) {
+                if t.available_instances > 0 && d.pending.is_none() && !d.stuck {
+                    *pool.mdev_types.entry(t.id).or_default() += t.available_instances;
                 }
             }
         }

@@ -14,8 +14,8 @@ use std::time::Instant;
 use super::{Caller, Core};
 use crate::error::CoreError;
 use crate::pci::holders::vtconsole_bind_path;
-use crate::pci::holders::{self, Disposition, Holder, ProcFs};
-use crate::pci::{is_vfio_driver, PciAddress};
+use crate::pci::holders::{self, Disposition, Holder, HolderScanError, ProcFs};
+use crate::pci::{is_vfio_driver, MdevUuid, PciAddress, Sysfs};
 use crate::registry::DeviceRecord;
 
 impl Core {
@@ -29,11 +29,31 @@ impl Core {
         if functions.is_empty() {
             return Ok(Vec::new());
         }
+        self.bounded_scan(move |sysfs, proc| holders::scan(sysfs, proc, &functions))
+            .await
+    }
+
+    /// What holds mediated device `uuid` of `parent` open now (as
+    /// [`Core::scan_holders`]).
+    pub(super) async fn scan_mdev_holders(
+        &self,
+        parent: PciAddress,
+        uuid: MdevUuid,
+    ) -> Result<Vec<Holder>, CoreError> {
+        self.bounded_scan(move |sysfs, proc| holders::scan_mdev(sysfs, proc, parent, &uuid))
+            .await
+    }
+
+    /// Runs `scan` off the runtime, bounded by the op timeout.
+    async fn bounded_scan(
+        &self,
+        scan: impl FnOnce(&Sysfs, &ProcFs) -> Result<Vec<Holder>, HolderScanError> + Send + 'static,
+    ) -> Result<Vec<Holder>, CoreError> {
         let sysfs = self.sysfs().clone();
         let proc = ProcFs::new(self.options.proc_root.clone());
         let started = Instant::now();
         let limit = self.engine.op_timeout();
-        let scan = tokio::task::spawn_blocking(move || holders::scan(&sysfs, &proc, &functions));
+        let scan = tokio::task::spawn_blocking(move || scan(&sysfs, &proc));
         let holders = match tokio::time::timeout(limit, scan).await {
             Ok(Ok(Ok(holders))) => holders,
             Ok(Ok(Err(e))) => return Err(CoreError::HolderScan(e.to_string())),

@@ -28,6 +28,7 @@
 mod attach;
 mod claim;
 mod holders;
+mod mdev;
 mod moves;
 mod operation;
 mod reconcile;
@@ -37,6 +38,7 @@ mod reset;
 mod sriov;
 mod types;
 
+pub use mdev::mdev_sysfs_path;
 pub use operation::{OpKind, Operation, Outcome};
 pub use reconcile::HotplugEvent;
 pub use types::*;

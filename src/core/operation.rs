@@ -21,8 +21,8 @@
 use std::time::Instant;
 
 use super::{
-    AttachRequest, BindOutcome, BindRequest, Caller, ClaimRequest, Core, RegisterRequest,
-    ResetOutcome, ResetRequest, SriovRequest, SriovStatus, UpdateRequest,
+    AttachRequest, BindOutcome, BindRequest, Caller, ClaimRequest, Claimed, Core, DetachRequest,
+    RegisterRequest, ResetOutcome, ResetRequest, SriovRequest, SriovStatus, UpdateRequest,
 };
 use crate::error::CoreError;
 use crate::events::{Event, EventKind};
@@ -64,6 +64,9 @@ pub enum OpKind {
     Rebind,
     /// vfiod's own: ending an attachment whose VMM exited.
     EndAttachment,
+    /// vfiod's own: bringing a parent's mediated devices in line with their
+    /// records (startup, the parent back on its driver, a VMM's exit).
+    ConvergeMdevs,
 }
 
 impl OpKind {
@@ -85,6 +88,7 @@ impl OpKind {
             OpKind::Settle => "settle",
             OpKind::Rebind => "rebind",
             OpKind::EndAttachment => "end_attachment",
+            OpKind::ConvergeMdevs => "converge_mdevs",
         }
     }
 }
@@ -132,13 +136,13 @@ pub enum Operation {
         /// Instance, uid and pid.
         req: AttachRequest,
     },
-    /// End the attachment.
+    /// End the attachment (or, with an instance, that instance's mediated
+    /// device on this parent).
     Detach {
         /// Id or name as the caller gave it.
         device: String,
-        /// Stay on vfio afterwards instead of going back to the original
-        /// driver.
-        keep_bound: bool,
+        /// `keep_bound` and the instance.
+        req: DetachRequest,
     },
     /// Reset the device (and whatever the method's scope takes with it).
     Reset {
@@ -181,6 +185,12 @@ pub enum Operation {
         /// Why it ended (for the log).
         why: String,
     },
+    /// Make, grant again or remove a parent's mediated devices as their
+    /// records say.
+    ConvergeMdevs {
+        /// The registered parent's address.
+        address: PciAddress,
+    },
 }
 
 /// Runs of one of vfiod's own operations before it is left to the next
@@ -218,6 +228,7 @@ impl Operation {
             Operation::Settle { .. } => OpKind::Settle,
             Operation::Rebind { .. } => OpKind::Rebind,
             Operation::EndAttachment { .. } => OpKind::EndAttachment,
+            Operation::ConvergeMdevs { .. } => OpKind::ConvergeMdevs,
         }
     }
 
@@ -235,6 +246,7 @@ impl Operation {
             Operation::Settle { address }
             | Operation::ConvergeVfs { address }
             | Operation::Rebind { address }
+            | Operation::ConvergeMdevs { address }
             | Operation::EndAttachment { address, .. } => Lock::Own(*address),
         }
     }
@@ -249,6 +261,12 @@ impl Operation {
                 | Operation::Unbind { .. }
                 | Operation::Reset { .. }
         )
+    }
+
+    /// Takes the device from its driver (or would, to hand it out whole):
+    /// on an mdev parent, that destroys its mediated devices.
+    fn disturbs_mdevs(&self) -> bool {
+        self.disturbs_vfs() || matches!(self, Operation::Attach { .. })
     }
 
     /// The device as the caller named it, for the log.
@@ -270,6 +288,7 @@ impl Operation {
             Operation::Settle { address }
             | Operation::ConvergeVfs { address }
             | Operation::Rebind { address }
+            | Operation::ConvergeMdevs { address }
             | Operation::EndAttachment { address, .. } => address.to_string(),
         }
     }
@@ -290,14 +309,8 @@ pub enum Outcome {
     Reset(ResetOutcome),
     /// A PF's SR-IOV state after a VF count change.
     Sriov(SriovStatus),
-    /// The device a claim got, and whether the claim is new (not the same
-    /// instance's again).
-    Claimed {
-        /// The device, handed out.
-        device: DeviceRecord,
-        /// False when the same instance's claim was asked again.
-        created: bool,
-    },
+    /// What a claim got.
+    Claimed(Claimed),
     /// vfiod's own operation found nothing to do (the device went away or
     /// no longer needs it).
     Nothing,
@@ -336,7 +349,7 @@ impl Outcome {
             Outcome::Device(d) => Ok(d),
             Outcome::Bound(b) => Ok(b.device),
             Outcome::Reset(r) => Ok(r.device),
-            Outcome::Claimed { device, .. } => Ok(device),
+            Outcome::Claimed(c) => Ok(c.device),
             Outcome::Deleted | Outcome::Nothing | Outcome::Sriov(_) => {
                 Err(CoreError::Internal("the operation left no device".into()))
             }
@@ -470,6 +483,9 @@ impl Core {
                     || (enabled > 0 && enabled <= config.desired_vfs)
                     || enabled == config.desired_vfs
             }),
+            Operation::ConvergeMdevs { address } => {
+                record(address).is_none_or(|d| self.mdevs_converged(d))
+            }
             // Requests are not retried by vfiod: their callers are told.
             _ => true,
         }
@@ -533,12 +549,13 @@ impl Core {
         if let (Some(record), true) = (&record, op.disturbs_vfs()) {
             self.ensure_vfs_undisturbed(record, op.kind()).await?;
         }
+        // Taking a parent off its driver destroys its mediated devices.
+        if let (Some(record), true) = (&record, op.disturbs_mdevs()) {
+            self.ensure_mdevs_undisturbed(record)?;
+        }
         match op {
             Operation::Register(req) => self.register_device(ctx, req).await.map(Outcome::Device),
-            Operation::Claim(req) => self
-                .claim(ctx, req)
-                .await
-                .map(|(device, created)| Outcome::Claimed { device, created }),
+            Operation::Claim(req) => self.claim(ctx, req).await.map(Outcome::Claimed),
             Operation::Update { device, req } => self
                 .update_device_record(ctx, &device, req)
                 .await
@@ -559,10 +576,16 @@ impl Core {
                 .attach_device(ctx, &locked(record)?, req)
                 .await
                 .map(Outcome::Device),
-            Operation::Detach { keep_bound, .. } => self
-                .detach_device(ctx, &locked(record)?, keep_bound)
-                .await
-                .map(Outcome::Device),
+            Operation::Detach { req, .. } => match req.instance {
+                Some(instance) => self
+                    .release_mdev_of(ctx, &locked(record)?, &instance, req.keep_bound)
+                    .await
+                    .map(Outcome::Device),
+                None => self
+                    .detach_device(ctx, &locked(record)?, req.keep_bound)
+                    .await
+                    .map(Outcome::Device),
+            },
             Operation::Reset { req, .. } => self
                 .reset_device(ctx, &locked(record)?, req)
                 .await
@@ -586,6 +609,13 @@ impl Core {
             },
             Operation::Rebind { .. } => match record {
                 Some(record) => self.rebind_device(ctx, &record).await,
+                None => Ok(Outcome::Nothing),
+            },
+            Operation::ConvergeMdevs { .. } => match record {
+                Some(record) => self
+                    .converge_mdevs(ctx, &record)
+                    .await
+                    .map(|()| Outcome::Nothing),
                 None => Ok(Outcome::Nothing),
             },
             Operation::EndAttachment { process, why, .. } => match record {

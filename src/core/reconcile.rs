@@ -166,6 +166,7 @@ impl Core {
             self.run_own(Operation::ConvergeVfs { address }).await;
         }
         self.resume_attachments().await;
+        self.resume_mdevs().await;
         Ok(())
     }
 
@@ -423,6 +424,11 @@ impl Core {
                     .driver(driver.clone()),
                 );
                 if let Some(d) = device {
+                    // A parent back on its driver gets its mediated devices
+                    // back (a driver reload or re-plug destroyed them).
+                    if !d.mdevs.is_empty() && !self.mdevs_converged(&d) {
+                        self.execute_in_background(Operation::ConvergeMdevs { address });
+                    }
                     let stolen = d.bound_by_vfiod()
                         && d.pending.is_none()
                         && !d.stuck

@@ -136,6 +136,28 @@ pub struct AttachRequest {
     pub pid: Option<u32>,
 }
 
+/// What a claim got.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// The device handed out, or the parent of the mediated device.
+    pub device: DeviceRecord,
+    /// False when the same instance's claim was asked again.
+    pub created: bool,
+    /// The mediated device made for a claim with `mdev_type`.
+    pub mdev: Option<crate::registry::MediatedDevice>,
+}
+
+/// `POST /devices/{id_or_name}/detach`.
+#[derive(Debug, Clone, Default)]
+pub struct DetachRequest {
+    /// Stay on vfio afterwards instead of going back to the original
+    /// driver.
+    pub keep_bound: bool,
+    /// On an mdev parent: the instance whose mediated device to release;
+    /// `None`: the whole device's attachment.
+    pub instance: Option<InstanceId>,
+}
+
 /// `POST /devices`: a function to set aside for passthrough.
 #[derive(Debug, Clone)]
 pub struct RegisterRequest {
@@ -393,4 +415,15 @@ pub struct Capacity {
     /// vGPU types and how many free VFs can take each now.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub vgpu_types: BTreeMap<String, u32>,
+    /// Mediated devices vfiod made on the pool's parents (claimed).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub mdevs: u32,
+    /// Legacy mdev types (by id) and how many more mediated devices the
+    /// pool's parents would make of each now.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub mdev_types: BTreeMap<String, u32>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }

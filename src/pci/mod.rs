@@ -5,6 +5,7 @@
 mod address;
 pub mod holders;
 pub mod ids;
+pub mod mdev;
 pub mod sriov;
 pub mod sysfs;
 pub mod variant;
@@ -15,6 +16,7 @@ pub mod vgpu;
 pub use address::{InvalidPciAddress, PciAddress};
 pub use holders::{Disposition, Holder, HolderScanError, ProcFs, ScanReport};
 pub use ids::PciIds;
+pub use mdev::{MdevType, MdevUuid};
 pub use sriov::SriovState;
 pub use sysfs::{PciFunction, Sysfs, SysfsError};
 pub use variant::VfioAliases;

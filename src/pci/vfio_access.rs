@@ -38,8 +38,14 @@ fn acl_error(op: &'static str, path: &Path, e: posix_acl::ACLError) -> PathError
 /// the device (`/dev/vfio/devices/vfioX`, with iommufd) and `/dev/iommu`,
 /// those that exist now.
 pub fn vfio_nodes(sysfs: &Sysfs, addr: &PciAddress, group: u32) -> Vec<PathBuf> {
+    nodes_of(sysfs, &sysfs.device_dir(addr), group)
+}
+
+/// [`vfio_nodes`] of the device whose sysfs directory is `device_dir` (a
+/// PCI function's, or a mediated device's).
+pub fn nodes_of(sysfs: &Sysfs, device_dir: &Path, group: u32) -> Vec<PathBuf> {
     let mut nodes = vec![sysfs.vfio_group_node(group)];
-    if let Ok(entries) = std::fs::read_dir(sysfs.device_dir(addr).join("vfio-dev")) {
+    if let Ok(entries) = std::fs::read_dir(device_dir.join("vfio-dev")) {
         for e in entries.flatten() {
             let name = e.file_name();
             nodes.push(sysfs.devfs().join("vfio/devices").join(name));

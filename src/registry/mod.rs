@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::pci::{is_vfio_driver, PciAddress};
+use crate::pci::{is_vfio_driver, MdevUuid, PciAddress};
 
 /// A function that vfiod moved together with a registered device because
 /// they share its IOMMU group (`with_group`); restored with it.
@@ -265,6 +265,29 @@ pub struct Claim {
     /// An NVIDIA vGPU type (name or ID) the device must be able to take.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vgpu_type: Option<String>,
+    /// A legacy mdev type (id or name): the claim gets a mediated device of
+    /// that type made on a parent, not a whole device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mdev_type: Option<String>,
+}
+
+/// A mediated device vfiod made on its parent for a claim. Recorded, with
+/// `attachment: None`, before the UUID is written to `create`; the
+/// attachment is recorded once the device exists, before its grant. A
+/// record without an attachment is an unfinished hand-out: a restart
+/// removes the device if the kernel made it, and drops the record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediatedDevice {
+    /// Chosen by vfiod before the create; the same across re-creations, so
+    /// the VM's `sysfsdev=` path stays valid.
+    pub uuid: MdevUuid,
+    /// The type directory's name (`nvidia-63`).
+    pub mdev_type: String,
+    /// The claim as asked (its `instance_id` is the key).
+    pub claim: Claim,
+    /// Who it is handed to; `None` while it is being made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attachment: Option<Attachment>,
 }
 
 /// A VF vfiod made: its record lives exactly as long as the kernel's VF.
@@ -352,6 +375,9 @@ pub struct DeviceRecord {
     /// granted, kept while its attachment lives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim: Option<Claim>,
+    /// On an mdev parent: the mediated devices vfiod made on it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mdevs: Vec<MediatedDevice>,
 }
 
 impl DeviceRecord {
@@ -388,6 +414,7 @@ impl DeviceRecord {
             sriov: None,
             vf: None,
             claim: None,
+            mdevs: Vec::new(),
         }
     }
 

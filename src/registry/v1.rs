@@ -152,6 +152,7 @@ impl From<RecordV1> for DeviceRecord {
             sriov: None,
             vf: None,
             claim: None,
+            mdevs: Vec::new(),
         }
     }
 }

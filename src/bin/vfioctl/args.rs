@@ -159,13 +159,18 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         pid: Option<u32>,
     },
-    /// Clear the attachment, restore the driver
+    /// Clear the attachment, restore the driver (or, with --instance on an
+    /// mdev parent, remove that instance's mediated device)
     Detach {
         #[command(flatten)]
         device: DeviceArg,
         /// Leave the device on vfio-pci
         #[arg(long)]
         keep_bound: bool,
+        /// The instance whose mediated device on this parent to remove (a
+        /// claim with --mdev-type)
+        #[arg(long, value_name = "INSTANCE")]
+        instance: Option<String>,
     },
     /// Hand out a free device or VF with the given tags to INSTANCE
     #[command(
@@ -180,10 +185,15 @@ pub enum Command {
             existing claim (the same instance asking the same again gets the same device; \
             asking something else is refused with claim_conflict). When nothing fits \
             (no_capacity), each candidate is printed with why it did not. Release the device \
-            with `vfioctl detach`.",
+            with `vfioctl detach`.\n\n\
+            With --mdev-type, the claim gets a legacy mediated device (mdev) made on a parent \
+            that offers the type (the parent stays on its own driver): the first line then \
+            gives its UUID and the path QEMU takes as -device vfio-pci,sysfsdev=PATH. \
+            Release it with `vfioctl detach PARENT --instance INSTANCE`.",
         after_help = "Examples:\n  vfioctl claim --tag resource=vf --instance vm-1 --uid 64055\n  \
             vfioctl claim --tag resource=vf --instance vm-2 --numa 1 --numa-required\n  \
-            vfioctl claim --tag resource=vgpu --instance vm-3 --vgpu-type L40S-12Q"
+            vfioctl claim --tag resource=vgpu --instance vm-3 --vgpu-type L40S-12Q\n  \
+            vfioctl claim --tag resource=grid --instance vm-4 --mdev-type nvidia-63"
     )]
     Claim {
         /// A tag the device must carry; repeat for more
@@ -216,6 +226,10 @@ pub enum Command {
         /// VFs that can take it now are candidates
         #[arg(long, value_name = "TYPE", add = ArgValueCandidates::new(vgpu_type_names))]
         vgpu_type: Option<String>,
+        /// Legacy mdev type, by id (nvidia-63) or name: a mediated device of
+        /// that type is made on a parent that offers it
+        #[arg(long, value_name = "TYPE", conflicts_with = "vgpu_type")]
+        mdev_type: Option<String>,
     },
     /// Free, attached, quarantined devices per resource tag, and vGPU types
     #[command(
@@ -292,6 +306,15 @@ pub enum Command {
         #[arg(value_name = "ID|NAME", add = ArgValueCandidates::new(registered_pfs))]
         device: String,
     },
+    /// The legacy mdev types a parent offers now, and the mediated devices
+    /// vfiod made on it
+    #[command(
+        long_about = "List the legacy mediated device (mdev) types a registered parent offers \
+            now (its mdev_supported_types: id, name, device API, how many more the kernel \
+            would make), then the mediated devices vfiod made on it for claims, with their \
+            instance and the path QEMU takes as sysfsdev=."
+    )]
+    MdevTypes(DeviceArg),
     /// Follow the event stream (Ctrl-C to stop)
     Events {
         /// First replay the retained events after SEQ (0: all of them; see

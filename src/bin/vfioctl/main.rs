@@ -21,7 +21,9 @@ use hyper::Method;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use vfiod::api::error::ErrorBody;
-use vfiod::api::wire::{AvailableDevice, Device, DryRun, HealthBody, Holders, ResetDryRun};
+use vfiod::api::wire::{
+    AvailableDevice, ClaimAnswer, Device, DryRun, HealthBody, Holders, MdevTypes, ResetDryRun,
+};
 use vfiod::core::{SriovStatus, VgpuTypeCount};
 use vfiod::events::Event;
 
@@ -173,8 +175,15 @@ async fn run(client: Client, out: Output, command: Command) -> Result<(), Failur
                 .await?;
             out.device(&answer)?;
         }
-        Command::Detach { device, keep_bound } => {
-            let body = json!({"keep_bound": keep_bound});
+        Command::Detach {
+            device,
+            keep_bound,
+            instance,
+        } => {
+            let mut body = json!({"keep_bound": keep_bound});
+            if let Some(instance) = instance {
+                body["instance_id"] = json!(instance);
+            }
             let answer = client
                 .request(
                     Method::POST,
@@ -192,6 +201,7 @@ async fn run(client: Client, out: Output, command: Command) -> Result<(), Failur
             numa,
             numa_required,
             vgpu_type,
+            mdev_type,
         } => {
             let tags: serde_json::Map<String, Value> = tags
                 .into_iter()
@@ -211,6 +221,9 @@ async fn run(client: Client, out: Output, command: Command) -> Result<(), Failur
             if let Some(t) = vgpu_type {
                 body["vgpu_type"] = json!(t);
             }
+            if let Some(t) = mdev_type {
+                body["mdev_type"] = json!(t);
+            }
             let answer = match client
                 .request(Method::POST, "/devices/claim", Some(body))
                 .await
@@ -222,7 +235,7 @@ async fn run(client: Client, out: Output, command: Command) -> Result<(), Failur
                 Err(e) => return Err(e),
             };
             let created = answer.status == hyper::StatusCode::CREATED;
-            out.print::<Device>(&answer, |d| render::claimed(d, &instance, created))?;
+            out.print::<ClaimAnswer>(&answer, |c| render::claimed(c, &instance, created))?;
         }
         Command::Capacity { tags } => {
             let answer = client
@@ -231,6 +244,16 @@ async fn run(client: Client, out: Output, command: Command) -> Result<(), Failur
             out.print::<render::CapacityAnswer>(&answer, |c| {
                 render::capacity(&c.resources, !tags.is_empty())
             })?;
+        }
+        Command::MdevTypes(device) => {
+            let answer = client
+                .request(
+                    Method::GET,
+                    &device_path(&device.device, "/mdev_types"),
+                    None,
+                )
+                .await?;
+            out.print::<MdevTypes>(&answer, render::mdev_types)?;
         }
         Command::VgpuTypes { device } => {
             let answer = client

@@ -7,7 +7,9 @@ use std::fmt::Display;
 use hyper::StatusCode;
 use serde::Deserialize;
 use vfiod::api::error::ConflictingFunction;
-use vfiod::api::wire::{AvailableDevice, Device, HealthBody, Holders, LastResetWire};
+use vfiod::api::wire::{
+    AvailableDevice, ClaimAnswer, Device, HealthBody, Holders, LastResetWire, MdevTypes,
+};
 use vfiod::core::{BindPlan, Capacity, ResetPlan, SriovStatus, VgpuTypeCount};
 use vfiod::events::{wire_time, Event};
 use vfiod::pci::holders::Holder;
@@ -289,12 +291,47 @@ pub fn device(d: &Device) -> String {
         &or_dash(d.last_reset.as_ref().map(last_reset)),
     );
     line("may open", &who_may_open(d));
+    for m in &d.mdevs {
+        line(
+            "mdev",
+            &format!(
+                "{} ({}) for instance {}, {}",
+                m.uuid,
+                m.mdev_type,
+                m.instance_id,
+                match m.attached_uid {
+                    Some(uid) => format!("open to uid {uid}"),
+                    None => "being made or removed".into(),
+                }
+            ),
+        );
+    }
     out
 }
 
 /// `vfioctl claim`: whether the device is newly handed out (201) or the
-/// instance's existing claim (200), then the device as `show` prints it.
-pub fn claimed(d: &Device, instance: &str, created: bool) -> String {
+/// instance's existing claim (200), then the device as `show` prints it;
+/// for a mediated device, its UUID and path first.
+pub fn claimed(c: &ClaimAnswer, instance: &str, created: bool) -> String {
+    let d = &c.device;
+    if let Some(m) = &c.mdev {
+        let headline = if created {
+            format!(
+                "made mediated device {} ({}) on {} ({}) for instance {instance}",
+                m.uuid, m.mdev_type, d.name, d.pci_address
+            )
+        } else {
+            format!(
+                "instance {instance} already holds mediated device {} ({}) on {}: its claim, unchanged",
+                m.uuid, m.mdev_type, d.name
+            )
+        };
+        return format!(
+            "{headline}\nQEMU: -device vfio-pci,sysfsdev={}\n\n{}",
+            m.sysfs_path,
+            device(d)
+        );
+    }
     let headline = if created {
         format!(
             "claimed {} ({}) for instance {instance}",
@@ -398,6 +435,63 @@ pub fn capacity(pools: &[Capacity], filtered: bool) -> String {
     if !vgpu.is_empty() {
         out.push('\n');
         out.push_str(&table(&["RESOURCE", "VGPU TYPE", "FREE VFS"], vgpu));
+    }
+    let mdev: Vec<Vec<String>> = pools
+        .iter()
+        .flat_map(|p| {
+            p.mdev_types
+                .iter()
+                .map(move |(t, n)| vec![resource(p), t.clone(), n.to_string()])
+        })
+        .collect();
+    if !mdev.is_empty() {
+        out.push('\n');
+        out.push_str(&table(&["RESOURCE", "MDEV TYPE", "AVAILABLE"], mdev));
+    }
+    out
+}
+
+/// `vfioctl mdev-types`: the types a parent offers now, then vfiod's
+/// mediated devices on it.
+pub fn mdev_types(t: &MdevTypes) -> String {
+    let mut out = if t.mdev_types.is_empty() {
+        format!(
+            "no mdev types: {} has no mdev_supported_types now (not an mdev parent, or not on its driver)\n",
+            t.name
+        )
+    } else {
+        table(
+            &["TYPE", "NAME", "API", "AVAILABLE"],
+            t.mdev_types
+                .iter()
+                .map(|m| {
+                    vec![
+                        m.id.clone(),
+                        or_dash(m.name.as_deref()),
+                        or_dash(m.device_api.as_deref()),
+                        m.available_instances.to_string(),
+                    ]
+                })
+                .collect(),
+        )
+    };
+    if !t.mdevs.is_empty() {
+        out.push('\n');
+        out.push_str(&table(
+            &["UUID", "TYPE", "INSTANCE", "UID", "SYSFSDEV"],
+            t.mdevs
+                .iter()
+                .map(|m| {
+                    vec![
+                        m.uuid.clone(),
+                        m.mdev_type.clone(),
+                        m.instance_id.clone(),
+                        or_dash(m.attached_uid),
+                        m.sysfs_path.clone(),
+                    ]
+                })
+                .collect(),
+        ));
     }
     out
 }

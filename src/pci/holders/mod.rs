@@ -37,7 +37,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::{PciAddress, Sysfs};
+use super::{MdevUuid, PciAddress, Sysfs};
 use crate::path_error::PathError;
 /// The scan's callers pass one; it is [`crate::proc`]'s.
 pub use crate::proc::ProcFs;
@@ -276,6 +276,24 @@ pub fn scan(
         );
     }
     Ok(report.holders)
+}
+
+/// The processes holding mediated device `uuid` of `parent` open (its
+/// VFIO nodes), reported as holders of the parent: the kernel's `remove`
+/// of a mediated device waits for them to close it.
+pub fn scan_mdev(
+    sysfs: &Sysfs,
+    proc: &ProcFs,
+    parent: PciAddress,
+    uuid: &MdevUuid,
+) -> Result<Vec<Holder>, HolderScanError> {
+    let nodes = [nodes::FunctionNodes::of_mdev(sysfs, parent, uuid)];
+    let targets = processes::Targets::new(&nodes);
+    let mut holders = Vec::new();
+    processes::scan_processes(proc, &targets, default_threads(), &mut holders)?;
+    holders.sort();
+    holders.dedup();
+    Ok(holders)
 }
 
 /// [`scan`], also saying which processes could not be inspected.

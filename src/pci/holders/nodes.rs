@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use nix::sys::stat::{makedev, SFlag};
 
 use crate::pci::sysfs::{link_name, parse_device_number};
-use crate::pci::{PciAddress, Sysfs};
+use crate::pci::{MdevUuid, PciAddress, Sysfs};
 use crate::proc::ProcFs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -236,6 +236,32 @@ fn nvidia_node(proc: &ProcFs, addr: PciAddress) -> Option<NodeKey> {
 }
 
 impl FunctionNodes {
+    /// What holds mediated device `uuid` of `parent`: its group node and
+    /// cdev, reported as the parent's (the mdev is not a PCI function).
+    pub(super) fn of_mdev(sysfs: &Sysfs, parent: PciAddress, uuid: &MdevUuid) -> FunctionNodes {
+        let mut nodes: Vec<NodeKey> = sysfs
+            .mdev_vfio_nodes(uuid)
+            .iter()
+            .filter(|p| !p.ends_with("iommu"))
+            .filter_map(|p| fs::metadata(p).ok().as_ref().and_then(node_of))
+            .collect();
+        nodes.sort_by_key(|(kind, rdev)| (*kind as u8, *rdev));
+        let group_node = sysfs
+            .mdev_iommu_group(uuid)
+            .and_then(|g| fs::metadata(sysfs.vfio_group_node(g)).ok())
+            .as_ref()
+            .and_then(node_of);
+        FunctionNodes {
+            addr: parent,
+            nodes,
+            group_node,
+            blocks: Vec::new(),
+            nets: Vec::new(),
+            framebuffers: Vec::new(),
+            resource_prefix: None,
+        }
+    }
+
     pub(super) fn discover(sysfs: &Sysfs, proc: &ProcFs, addr: PciAddress) -> FunctionNodes {
         let dir = sysfs.device_dir(&addr);
         let mut nodes = Vec::new();
