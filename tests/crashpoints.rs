@@ -30,7 +30,9 @@ mod crashkit;
 use std::path::Path;
 use std::time::Duration;
 
-use crashkit::{is_root, trace_lines, wait_for_file, Host, AUDIO, GPU, NIC, PF, VMM_UID};
+use crashkit::{
+    is_root, trace_lines, wait_for_file, Host, AUDIO, GPU, MDEV_PARENT, MDEV_TYPE, NIC, PF, VMM_UID,
+};
 use serde_json::Value;
 
 /// How an operation left the host, judged after it (and recovery) ended.
@@ -143,6 +145,31 @@ fn claim_body(h: &Host) -> String {
         r#"{{"tags":{{"resource":"nic"}},"instance_id":"vm-1","uid":{VMM_UID},"pid":{}}}"#,
         h.vmm_pid()
     )
+}
+
+/// The mdev parent in pool `grid`.
+fn setup_mdev_parent(h: &Host) {
+    let r = h
+        .try_req(
+            "POST",
+            "/devices",
+            &format!(r#"{{"pci_address":"{MDEV_PARENT}","name":"p40","tags":{{"resource":"grid"}}}}"#),
+        )
+        .expect("register: no answer");
+    assert_eq!(r.status, 201, "{}", r.body);
+}
+
+fn mdev_claim_body(h: &Host) -> String {
+    format!(
+        r#"{{"tags":{{"resource":"grid"}},"instance_id":"vm-1","uid":{VMM_UID},"pid":{},"mdev_type":"{MDEV_TYPE}"}}"#,
+        h.vmm_pid()
+    )
+}
+
+/// The parent with a mediated device handed to the VMM.
+fn setup_mdev_claimed(h: &Host) {
+    setup_mdev_parent(h);
+    ok(h, "POST", "/devices/claim", &mdev_claim_body(h));
 }
 
 fn setup_pf(h: &Host) {
@@ -419,6 +446,33 @@ fn vfs_made_effect(h: &Host) -> Result<Effect, String> {
     )
 }
 
+/// The mediated device of vm-1: recorded, made and granted (Complete), or
+/// none of it (None). Invariant 9 has checked records against the kernel.
+fn mdev_claimed_effect(h: &Host) -> Result<Effect, String> {
+    let records = field(h, MDEV_PARENT, "mdevs");
+    let records = records.as_array().cloned().unwrap_or_default();
+    let kernel = h.fs.mdevs(MDEV_PARENT);
+    match (records.as_slice(), kernel.len()) {
+        ([m], 1) if m["instance_id"] == "vm-1" && m["attached_uid"] == VMM_UID => {
+            let group = h.fs.mdev_group(m["uuid"].as_str().unwrap()).unwrap();
+            if h.granted(group) {
+                Ok(Effect::Complete)
+            } else {
+                Err(format!("mediated device made but not granted: {m}"))
+            }
+        }
+        ([], 0) => Ok(Effect::None),
+        _ => Err(format!("mdev records {records:?}, the kernel's {kernel:?}")),
+    }
+}
+
+fn mdev_released_effect(h: &Host) -> Result<Effect, String> {
+    mdev_claimed_effect(h).map(|e| match e {
+        Effect::Complete => Effect::None,
+        _ => Effect::Complete,
+    })
+}
+
 fn replug_effect(h: &Host) -> Result<Effect, String> {
     let present = field(h, NIC, "present") == true;
     judge(
@@ -663,6 +717,53 @@ fn scenarios() -> Vec<Scenario> {
             target: NIC,
             has_vmm: true,
             retry: true,
+        },
+        Scenario {
+            name: "claim a mediated device",
+            args: &[],
+            route: "POST /devices/claim",
+            setup: setup_mdev_parent,
+            operation: |h| h.status_of("POST", "/devices/claim", &mdev_claim_body(h)),
+            before: &["p40"],
+            after: &["p40"],
+            effect: mdev_claimed_effect,
+            target: MDEV_PARENT,
+            has_vmm: true,
+            retry: true,
+        },
+        Scenario {
+            name: "release a mediated device",
+            args: &[],
+            route: "POST /devices/{id_or_name}/detach",
+            setup: setup_mdev_claimed,
+            operation: |h| h.status_of("POST", "/devices/p40/detach", r#"{"instance_id":"vm-1"}"#),
+            before: &["p40"],
+            after: &["p40"],
+            effect: mdev_released_effect,
+            target: MDEV_PARENT,
+            has_vmm: true,
+            retry: true,
+        },
+        Scenario {
+            name: "VMM exit ends a mediated device",
+            args: &[],
+            route: "VMM exit",
+            setup: setup_mdev_claimed,
+            operation: |h| {
+                h.kill_vmm();
+                awaited(h, |h| {
+                    h.fs.mdevs(MDEV_PARENT).is_empty()
+                        && field(h, MDEV_PARENT, "mdevs")
+                            .as_array()
+                            .is_none_or(Vec::is_empty)
+                })
+            },
+            before: &["p40"],
+            after: &["p40"],
+            effect: mdev_released_effect,
+            target: MDEV_PARENT,
+            has_vmm: false,
+            retry: false,
         },
         Scenario {
             name: "set a PF's VF count",
@@ -1151,4 +1252,15 @@ fn sriov_count() {
 #[test]
 fn claim() {
     crash_and_fault("claim a device from a pool, binding first");
+}
+
+#[test]
+fn mdev_claim_and_release() {
+    crash_and_fault("claim a mediated device");
+    crash_and_fault("release a mediated device");
+}
+
+#[test]
+fn mdev_vmm_exit() {
+    crash_and_fault("VMM exit ends a mediated device");
 }

@@ -165,13 +165,8 @@ impl Core {
             // Undone unless the write is stuck in the kernel: its record
             // then stays, and the next pass removes what it made.
             if !matches!(&failed, CoreError::MdevFailed(f) if f.error.is_timeout()) {
-                let parent = self.resolve(&parent.id)?;
-                if let Err(e) = self
-                    .end_mdev(ctx, &parent, &mdev.uuid, "its creation failed".into())
-                    .await
-                {
-                    tracing::error!(device = %addr, mdev = %mdev.uuid, error = %e, "could not undo a mediated device whose creation failed");
-                }
+                self.undo_mdev(ctx, addr, &mdev.uuid, "its creation failed")
+                    .await;
             }
             return Err(failed);
         }
@@ -197,25 +192,29 @@ impl Core {
             uid: Some(uid),
             pid: process,
         };
-        let record = self
+        let recorded = self
             .update_device(parent, |d| {
                 if let Some(m) = d.mdevs.iter_mut().find(|m| m.uuid == mdev.uuid) {
                     m.attachment = Some(attachment.clone());
                 }
             })
-            .await?
-            .ok_or_else(|| CoreError::Internal("the mdev parent went away".into()))?;
+            .await;
+        let record = match recorded {
+            Ok(Some(record)) => record,
+            Ok(None) => return Err(CoreError::Internal("the mdev parent went away".into())),
+            Err(e) => {
+                self.undo_mdev(ctx, parent, &mdev.uuid, "recording its hand-out failed")
+                    .await;
+                return Err(e);
+            }
+        };
         let handed = MediatedDevice {
             attachment: Some(attachment),
             ..mdev
         };
         if let Err(e) = self.grant_mdev(parent, &handed).await {
-            if let Err(end) = self
-                .end_mdev(ctx, &record, &handed.uuid, "its grant failed".into())
-                .await
-            {
-                tracing::error!(device = %parent, mdev = %handed.uuid, error = %end, "could not end a mediated device whose grant failed");
-            }
+            self.undo_mdev(ctx, parent, &handed.uuid, "its grant failed")
+                .await;
             return Err(e);
         }
         if let Some(process) = process {
@@ -312,6 +311,20 @@ impl Core {
         Ok(record)
     }
 
+    /// Ends a mediated device whose hand-out failed (the parent's group
+    /// lock held); if that fails too (the disk refusing the record, say),
+    /// vfiod's own pass sees it through.
+    async fn undo_mdev(&self, ctx: &OpContext<'_>, parent: PciAddress, uuid: &MdevUuid, why: &str) {
+        let ended = match self.snapshot().get_by_address(&parent).cloned() {
+            Some(record) => self.end_mdev(ctx, &record, uuid, why.to_owned()).await,
+            None => return,
+        };
+        if let Err(e) = ended {
+            tracing::error!(device = %parent, mdev = %uuid, error = %e, "could not undo a mediated device ({why}); trying again");
+            self.execute_in_background(Operation::ConvergeMdevs { address: parent });
+        }
+    }
+
     /// `POST /devices/{parent}/detach {"instance_id"}`: ends that
     /// instance's mediated device on the parent, refused while a process
     /// holds it open; an instance attached to the whole device is detached
@@ -350,8 +363,18 @@ impl Core {
             }
         }
         tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, mdev = %m.uuid, instance = %instance.0, "releasing mediated device {} of instance {} for {caller}", m.uuid, instance.0);
-        self.end_mdev(ctx, record, &m.uuid, format!("released for {caller}"))
-            .await
+        let ended = self
+            .end_mdev(ctx, record, &m.uuid, format!("released for {caller}"))
+            .await;
+        // The release is recorded (the attachment is gone, the tenant's
+        // access with it): vfiod's own pass finishes a remove the kernel
+        // refused. A remove stuck in the kernel is left to the next start.
+        if matches!(&ended, Err(CoreError::MdevFailed(f)) if !f.error.is_timeout())
+            || matches!(&ended, Err(CoreError::Storage(_)))
+        {
+            self.execute_in_background(Operation::ConvergeMdevs { address: addr });
+        }
+        ended
     }
 
     /// vfiod's own pass over a parent's mediated devices (its group lock

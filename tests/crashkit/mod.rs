@@ -16,7 +16,11 @@
 //!    trace;
 //! 7. vfiod answers `/health`;
 //! 8. the VF records of a PF whose count vfiod keeps are the kernel's
-//!    VFs, in order, and no VF record outlives its VF.
+//!    VFs, in order, and no VF record outlives its VF;
+//! 9. the mediated devices of a registered parent are exactly its records'
+//!    (each handed out: no record of an unfinished hand-out or release is
+//!    left), each open to its attachment's uid alone, none of a VMM that is
+//!    gone.
 //!
 //! vfiod's test variables (`vfiod::crashpoint`) arm its kills, faults and
 //! pauses; uevents go through its `--uevent-fifo`. These tests run a VMM
@@ -41,6 +45,10 @@ use serde_json::Value;
 pub use common::standard::{GPU, GPU_AUDIO as AUDIO, NIC};
 /// An SR-IOV PF (the QEMU guest's igb: 7 VFs, 8086:10ca).
 pub const PF: &str = "0000:0b:00.0";
+/// A legacy mdev parent (a Tesla P40 on nvidia).
+pub const MDEV_PARENT: &str = "0000:3b:00.0";
+/// Its type for claims: 4 instances.
+pub const MDEV_TYPE: &str = "nvidia-63";
 pub const VMM_UID: u32 = 4242;
 pub const VFIO: &str = "vfio-pci";
 
@@ -66,6 +74,12 @@ pub fn host_devices() -> Vec<DeviceSpec> {
             .reset_methods("flr")
             .sriov(7, 0x10ca)
             .vf_driver("igbvf"),
+    );
+    specs.push(
+        DeviceSpec::new(MDEV_PARENT, 0x10de, 0x1b38, 0x030200)
+            .driver(common::fakesys::NVIDIA)
+            .group(41)
+            .mdev(&[(MDEV_TYPE, "GRID P40-2Q", 4), ("nvidia-64", "GRID P40-4Q", 2)]),
     );
     specs
 }
@@ -527,6 +541,45 @@ impl Host {
                 return Err(format!(
                     "8: VF records of {pf} are {recorded:?}, the kernel's VFs {kernel:?}"
                 ));
+            }
+        }
+        // 9. Mediated devices are their records', handed out, granted to
+        //    their uid alone.
+        for d in &devices {
+            let addr = d["pci_address"].as_str().unwrap();
+            let records = d["mdevs"].as_array().cloned().unwrap_or_default();
+            let mut recorded: Vec<&str> = records.iter().filter_map(|m| m["uuid"].as_str()).collect();
+            recorded.sort_unstable();
+            let mut kernel: Vec<String> = self.fs.mdevs(addr).into_iter().map(|(u, _)| u).collect();
+            kernel.sort_unstable();
+            let on_driver = self.fs.is_mdev_parent(addr);
+            if on_driver && recorded != kernel {
+                return Err(format!(
+                    "9: mediated devices of {addr} are {kernel:?}, its records {recorded:?}"
+                ));
+            }
+            for m in &records {
+                if m["attached_uid"].is_null() {
+                    return Err(format!("9: an unfinished mediated device is left recorded on {addr}: {m}"));
+                }
+                if let Some(pid) = m["attached_pid"].as_u64() {
+                    if !process_running(pid) {
+                        return Err(format!("9: mediated device {} outlives its VMM pid {pid}", m["uuid"]));
+                    }
+                }
+                let Some(group) = m["uuid"].as_str().and_then(|u| self.fs.mdev_group(u)) else {
+                    continue;
+                };
+                let node = self.fs.tree().vfio_node(group);
+                let uid = m["attached_uid"].as_u64().unwrap() as u32;
+                let expected: Vec<u32> = if uid == 0 { vec![] } else { vec![uid] };
+                let found = acl_users(&node);
+                if node.exists() && found != expected {
+                    return Err(format!(
+                        "9: ACL entries on {} are for uids {found:?}, its mediated device's attachment is for {expected:?}",
+                        node.display()
+                    ));
+                }
             }
         }
         // 4. ACL entries exactly for live attachments, and no attachment
