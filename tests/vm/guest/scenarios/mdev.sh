@@ -150,6 +150,10 @@ check "bus link after remove" "$([ -e /sys/bus/mdev/devices/$U2 ] && echo presen
 check "a second remove (a new open)" "$(kw $P/$U2/remove 1)" "ENOENT"
 check "remove with an unparsable value" "$(kw $P/$U1/remove x)" "OK EINVAL"
 check "ports back: mtty-1 available_instances" "$(avail mtty-1)" 22
+# What `echo UUID > create` writes: 37 bytes, the newline is accepted.
+v=$(printf '%s\n_' $U3)
+check "create with a trailing newline" "$(kw $T/mtty-1/create "${v%_}")" "OK OK"
+check "remove it" "$(kw $P/$U3/remove 1)" "OK OK"
 # Two writes through one fd: the second reaches a removed attribute.
 check "create $U2 again" "$(kw $T/mtty-1/create $U2)" "OK OK"
 G2=$(group_of $U2)
