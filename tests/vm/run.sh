@@ -321,14 +321,16 @@ if [ "${VFIOD_VM_NO_VMM:-0}" != 1 ]; then
     build_vmm || { log "WARNING: no VMM for the guest"; VMM_CPIO=; }
 fi
 # ---------------------------------------------------------------------------
-# 4c. mtty.ko, the kernel's mdev sample driver, for the guest kernel. Debian
-# builds its kernels without CONFIG_SAMPLES, and a sample parent is the only
-# mdev parent a QEMU guest can have, so it is built here out of tree:
-# samples/vfio-mdev/mtty.c from linux-source-6.12 at the guest kernel's exact
-# version, against that version's linux-headers/linux-kbuild, with the host's
+# 4c. mtty.ko and mdpy.ko, the kernel's mdev sample drivers, for the guest
+# kernel. Debian builds its kernels without CONFIG_SAMPLES, and a sample
+# parent is the only mdev parent a QEMU guest can have, so they are built
+# here out of tree: samples/vfio-mdev/{mtty.c,mdpy.c,mdpy-defs.h} from
+# linux-source-6.12 at the guest kernel's exact version (mtty counts its
+# instances itself, mdpy leaves that to the mdev core: the two ways a parent
+# driver can), against that version's linux-headers/linux-kbuild, with the host's
 # gcc-12 (the guest kernel's compiler). Nothing is installed on this machine:
 # the packages are downloaded and unpacked into a scratch directory. The
-# result is a cpio of lib/modules/KREL/extra/mtty.ko plus the depmod indexes
+# result is a cpio of lib/modules/KREL/extra/{mtty,mdpy}.ko plus the depmod indexes
 # of the base's modules and it, appended after the base (its index files
 # replace the base's) only when a selected scenario says "# vm-needs: mtty".
 # Cached by the kernel package, gcc-12's version and this function's text.
@@ -365,33 +367,37 @@ build_mtty() {
         ln -sfn "$tmp/root$(readlink "$l")" "$l"
     done
     t2=$(date +%s.%N)
-    # Only mtty.c from the source tarball; xz has to decompress the whole
-    # stream to get to it.
+    # Only the samples' files from the source tarball; xz has to decompress
+    # the whole stream to get to them.
+    local sm=$src/samples/vfio-mdev
     dpkg-deb --fsys-tarfile "$tmp/dl/${src}_"*.deb | tar -xO "./usr/src/$src.tar.xz" | xz -dc |
-        tar -x -C "$tmp/src" "$src/samples/vfio-mdev/mtty.c" ||
-        { log "mtty: samples/vfio-mdev/mtty.c not found in $src=$KVER"; return 1; }
+        tar -x -C "$tmp/src" "$sm/mtty.c" "$sm/mdpy.c" "$sm/mdpy-defs.h" ||
+        { log "mtty: samples/vfio-mdev/{mtty.c,mdpy.c,mdpy-defs.h} not found in $src=$KVER"; return 1; }
     t3=$(date +%s.%N)
-    cp "$tmp/src/$src/samples/vfio-mdev/mtty.c" "$tmp/build/"
-    echo 'obj-m := mtty.o' >"$tmp/build/Kbuild"
+    cp "$tmp/src/$sm/mtty.c" "$tmp/src/$sm/mdpy.c" "$tmp/src/$sm/mdpy-defs.h" "$tmp/build/"
+    echo 'obj-m := mtty.o mdpy.o' >"$tmp/build/Kbuild"
     # No BTF for the module: that step needs pahole, and nothing here reads it.
     make -s -C "$H" M="$tmp/build" CONFIG_DEBUG_INFO_BTF_MODULES= modules >"$tmp/make.log" 2>&1 ||
         { cat "$tmp/make.log" >&2; log "mtty: make modules failed"; return 1; }
     t4=$(date +%s.%N)
     log "mtty: download $(du -cb "$tmp"/dl/*.deb | awk 'END{printf "%.0f MB", $1/1e6}') in $(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}') s," \
         "headers unpacked in $(awk -v a="$t1" -v b="$t2" 'BEGIN{printf "%.1f", b-a}') s," \
-        "mtty.c out of the source in $(awk -v a="$t2" -v b="$t3" 'BEGIN{printf "%.1f", b-a}') s," \
+        "the samples out of the source in $(awk -v a="$t2" -v b="$t3" 'BEGIN{printf "%.1f", b-a}') s," \
         "built in $(awk -v a="$t3" -v b="$t4" 'BEGIN{printf "%.1f", b-a}') s"
-    # A copy of the base's module tree (12 MB) plus mtty.ko, indexed together.
+    # A copy of the base's module tree (12 MB) plus the samples, indexed together.
     local m=$tmp/mods
     mkdir -p "$m/lib/modules"
     cp -a "$KDIR/modroot/lib/modules/$KREL" "$m/lib/modules/"
     mkdir -p "$m/lib/modules/$KREL/extra"
     objcopy --strip-debug "$tmp/build/mtty.ko" "$m/lib/modules/$KREL/extra/mtty.ko"
+    objcopy --strip-debug "$tmp/build/mdpy.ko" "$m/lib/modules/$KREL/extra/mdpy.ko"
     depmod -b "$m" "$KREL"
-    modprobe -d "$m" -S "$KREL" --show-depends mtty | grep -q 'kernel/drivers/vfio/mdev/mdev.ko' ||
-        { log "mtty: depmod does not resolve mtty -> mdev"; return 1; }
+    for f in mtty mdpy; do
+        modprobe -d "$m" -S "$KREL" --show-depends $f | grep -q 'kernel/drivers/vfio/mdev/mdev.ko' ||
+            { log "mtty: depmod does not resolve $f -> mdev"; return 1; }
+    done
     mkdir -p "$(dirname "$MTTY_CPIO")"
-    (cd "$m" && { echo "lib/modules/$KREL/extra"; echo "lib/modules/$KREL/extra/mtty.ko"; ls "lib/modules/$KREL"/modules.*; } |
+    (cd "$m" && { echo "lib/modules/$KREL/extra"; ls "lib/modules/$KREL"/extra/*.ko "lib/modules/$KREL"/modules.*; } |
         cpio -o -H newc --quiet -R 0:0) >"$tmp/mtty.cpio"
     mv "$tmp/mtty.cpio" "$MTTY_CPIO"
     rm -rf "$tmp"
@@ -449,7 +455,7 @@ sel=$(for s in $sel; do [ -e "$HERE/guest/scenarios/$s.sh" ] || die "unknown sce
 if [ -n "$VMM_CPIO" ] && (cd "$HERE/guest/scenarios" && for x in $sel; do echo "$x.sh"; done | xargs grep -l -q -e vmm_start -e vmm_spawn); then
     cat "$VMM_CPIO" >>"$OUT/initrd.cpio"
 fi
-# mtty.ko (and the module indexes that know it) only when a selected
+# mtty.ko, mdpy.ko (and the module indexes that know them) only when a selected
 # scenario needs it. If it cannot be built, the guest has no mtty and such a
 # scenario fails saying so: never a silent skip.
 if (cd "$HERE/guest/scenarios" && for x in $sel; do echo "$x.sh"; done | xargs grep -l -q -x '# vm-needs: mtty'); then

@@ -73,11 +73,11 @@
  *                              symbolic name, so a scenario can assert the
  *                              kernel's exact answer; exits 0 only if every
  *                              step worked. Only under the mdev sample
- *                              parent /sys/devices/virtual/mtty/
+ *                              parents /sys/devices/virtual/{mtty,mdpy}/
  *
  * It never writes to PCI sysfs: it reads clocks and netlink, opens VFIO
  * nodes (opening a device fd may reset the function, as it does for a VMM),
- * and writes only the attributes of the mtty sample parent (mttywrite).
+ * and writes only the attributes of the mdev sample parents (mttywrite).
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -405,9 +405,9 @@ static const char *errno_name(int e) {
 }
 
 static int mttywrite(const char *path, int nvalues, char **values) {
-	static const char parent[] = "/sys/devices/virtual/mtty/";
-	if (strncmp(path, parent, sizeof parent - 1) || strstr(path, "/..")) {
-		fprintf(stderr, "mttywrite: %s is not under %s\n", path, parent);
+	static const char mtty[] = "/sys/devices/virtual/mtty/", mdpy[] = "/sys/devices/virtual/mdpy/";
+	if ((strncmp(path, mtty, sizeof mtty - 1) && strncmp(path, mdpy, sizeof mdpy - 1)) || strstr(path, "/..")) {
+		fprintf(stderr, "mttywrite: %s is not under %s or %s\n", path, mtty, mdpy);
 		return 2;
 	}
 	int fd = open(path, O_WRONLY | O_CLOEXEC);

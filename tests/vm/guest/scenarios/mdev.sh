@@ -12,8 +12,8 @@
 . /vm/lib.sh
 
 KREL=$(uname -r)
-[ -e "/lib/modules/$KREL/extra/mtty.ko" ] ||
-    fail "no mtty.ko in the guest: tests/vm/run.sh could not build it (its log says why)"
+[ -e "/lib/modules/$KREL/extra/mtty.ko" ] && [ -e "/lib/modules/$KREL/extra/mdpy.ko" ] ||
+    fail "no mtty.ko/mdpy.ko in the guest: tests/vm/run.sh could not build it (its log says why)"
 
 P=/sys/devices/virtual/mtty/mtty
 T=$P/mdev_supported_types
@@ -47,6 +47,7 @@ mdev_cleanup() {
         [ -e "$d/remove" ] && echo 1 >"$d/remove" 2>/dev/null
     done
     [ -d /sys/module/mtty ] && rmmod mtty 2>/dev/null
+    [ -d /sys/module/mdpy ] && rmmod mdpy 2>/dev/null
     [ -d /sys/module/mdev ] && rmmod mdev 2>/dev/null
     return 0
 }
@@ -250,6 +251,27 @@ check "the group nodes after rmmod" "$(ls /dev/vfio/$G1 /dev/vfio/$G2 2>/dev/nul
 modprobe mtty || fail "modprobe mtty again failed"
 check "mdevs after loading mtty again (none persist)" "$(ls /sys/bus/mdev/devices | wc -l)" 0
 check "mtty-1 available_instances after reload" "$(avail mtty-1)" 24
+
+# --- a parent whose instances the mdev core counts: mdpy ---------------------
+# mtty counts its own (get_available); mdpy gives the core a parent-wide
+# count (module parameter count), shared by all its types.
+modprobe mdpy count=2 || fail "modprobe mdpy failed: $(dmesg | tail -5)"
+Q=/sys/devices/virtual/mdpy/mdpy
+QT=$Q/mdev_supported_types
+check "mdpy types" "$(ls $QT | tr '\n' ' ')" "mdpy-hd mdpy-vga mdpy-xga "
+check "mdpy-vga files" "$(ls $QT/mdpy-vga | tr '\n' ' ')" "available_instances create description device_api devices name "
+check "mdpy-vga/description" "$(cat $QT/mdpy-vga/description)" "virtual display, 640x480 framebuffer"
+check "mdpy-vga/name" "$(cat $QT/mdpy-vga/name)" "mdpy-vga"
+check "mdpy: available_instances (count=2) vga/xga" "$(cat $QT/mdpy-vga/available_instances) $(cat $QT/mdpy-xga/available_instances)" "2 2"
+check "mdpy: create vga" "$(vmtool mttywrite $QT/mdpy-vga/create $U1 | awk '{printf "%s%s", (NR>1 ? " " : ""), $2}')" "OK OK"
+check "mdpy: after one vga: vga/xga available_instances" "$(cat $QT/mdpy-vga/available_instances) $(cat $QT/mdpy-xga/available_instances)" "1 1"
+check "mdpy: the same uuid again" "$(vmtool mttywrite $QT/mdpy-vga/create $U1 | awk '{printf "%s%s", (NR>1 ? " " : ""), $2}')" "OK EEXIST"
+check "mdpy: create xga (the last instance)" "$(vmtool mttywrite $QT/mdpy-xga/create $U2 | awk '{printf "%s%s", (NR>1 ? " " : ""), $2}')" "OK OK"
+check "mdpy: full: vga/xga available_instances" "$(cat $QT/mdpy-vga/available_instances) $(cat $QT/mdpy-xga/available_instances)" "0 0"
+check "mdpy: create when available_instances is 0 (the core refuses)" "$(vmtool mttywrite $QT/mdpy-vga/create $U3 | awk '{printf "%s%s", (NR>1 ? " " : ""), $2}')" "OK EUSERS"
+check "mdpy: $U1/driver" "$(rel $Q/$U1/driver)" "../../../../../bus/mdev/drivers/mdpy"
+check "mdpy: rmmod with 2 mdevs and no holder" "$(rmmod mdpy 2>&1 && echo ok)" ok
+check "mdpy: mdevs after rmmod" "$(ls /sys/bus/mdev/devices | wc -l)" 0
 
 if [ -s $MISMATCH ]; then
     cp $MISMATCH "$OUTDIR/mdev.mismatch.txt"
