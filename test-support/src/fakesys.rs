@@ -69,6 +69,43 @@
 //! [`FakeSys::current_vgpu_type`] and [`FakeSys::creatable_vgpu_types`]
 //! read the state, not the files.
 //!
+//! A legacy mdev parent ([`DeviceSpec::mdev`]: NVIDIA pre-Ada vGPU, Intel
+//! GVT-g) registers with the mdev core while it is bound to its native
+//! driver (the spec's `driver`; not while unbound or on vfio-pci), as
+//! `drivers/vfio/mdev/mdev_sysfs.c` lays it out:
+//!
+//! ```text
+//! <dev>/mdev_supported_types/<type>/name                "GRID P40-2Q\n"
+//!                                  /description         "..."
+//!                                  /device_api          "vfio-pci\n"
+//!                                  /available_instances "N\n"
+//!                                  /create              write-only: a UUID
+//!                                  /devices/<uuid>      -> ../../../<uuid>
+//! <dev>/<uuid>/mdev_type   -> ../mdev_supported_types/<type>
+//!              iommu_group -> ../../../kernel/iommu_groups/<N>  (N: lowest free, a new group)
+//!              driver      -> ../../../bus/mdev/drivers/<parent's driver>
+//!              subsystem   -> ../../../bus/mdev
+//!              remove      write-only: "1" removes the mdev
+//!              uevent      "MDEV_TYPE=<type>\n"
+//! R/bus/mdev/devices/<uuid>          -> the mdev's directory
+//! R/bus/mdev/drivers/<name>/<uuid>   -> the mdev's directory
+//! R/kernel/iommu_groups/<N>/devices/<uuid>, .../type ("unknown\n": an
+//!                                   emulated IOMMU group has no domain)
+//! D/vfio/<N>                         (made last: when it exists, the rest does)
+//! ```
+//!
+//! Mdevs are created and removed only by a simulated kernel reacting to
+//! writes to `create` and `remove`; they all go when the parent leaves its
+//! driver (unbind, a reset that loses it, removal), and with
+//! [`FakeSys::reboot_mdev`]. Resource model (NVIDIA's): all mdevs of one
+//! parent are of one type; that type's `available_instances` is its
+//! maximum minus the live count, every other type's 0 while the parent
+//! has any ([`State::mdev_available`]). What the kernel holds lives in
+//! [`State::mdev_parents`] and [`State::mdevs`]; [`FakeSys::mdevs`],
+//! [`FakeSys::mdev_group`] and [`FakeSys::mdev_available_instances`] read
+//! it there. No uevents are sent for mdevs (the uevent FIFO speaks of PCI
+//! addresses only).
+//!
 //! `<tmp root>/uevents`: when a FIFO exists there (vfiod's
 //! `--uevent-fifo`), VF changes are written to it as uevent lines, `add
 //! ADDR`, `remove ADDR`, `bind ADDR DRIVER` ([`Tree::send_uevent`]).
@@ -286,6 +323,22 @@ pub struct DeviceSpec {
     /// space, as the SR-IOV spec has them (sysfs `vendor`/`device` still
     /// say the real IDs).
     pub is_vf: bool,
+    /// Legacy mdev types it offers while bound to its native driver
+    /// ([`DeviceSpec::mdev`]); empty: no mdev parent.
+    pub mdev_types: Vec<MdevTypeSpec>,
+}
+
+/// One legacy mdev type of a parent (see [`DeviceSpec::mdev`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MdevTypeSpec {
+    /// Its directory under `mdev_supported_types` ("nvidia-63", "i915-GVTg_V5_4").
+    pub id: String,
+    /// Its `name` ("GRID P40-2Q").
+    pub name: String,
+    /// Its `description`, newline included.
+    pub description: String,
+    /// `available_instances` while the parent has no mdev.
+    pub max_instances: u32,
 }
 
 /// The SR-IOV capability of a physical function (see [`DeviceSpec::sriov`]).
@@ -356,6 +409,7 @@ impl DeviceSpec {
             numa_node: -1,
             sriov: None,
             is_vf: false,
+            mdev_types: Vec::new(),
         }
     }
 
@@ -429,6 +483,35 @@ impl DeviceSpec {
                 id,
                 name: name.to_string(),
                 share,
+            })
+            .collect();
+        self
+    }
+
+    /// Makes the function a legacy mdev parent (NVIDIA pre-Ada vGPU, Intel
+    /// GVT-g) offering `types`, each (type directory, name, maximum
+    /// instances), e.g. `("nvidia-63", "GRID P40-2Q", 12)`. It is a parent
+    /// only while bound to its native driver (the spec's `driver`, which
+    /// must be set and not vfio-pci); what a simulated kernel makes of it
+    /// is in the module docs. Panics on an empty or repeated type
+    /// directory, one with a `/`, or a maximum of 0.
+    pub fn mdev(mut self, types: &[(&str, &str, u32)]) -> Self {
+        let mut seen = std::collections::HashSet::new();
+        for &(id, name, max) in types {
+            assert!(
+                !id.is_empty() && !id.contains('/') && id != "." && id != "..",
+                "fakesys: bad mdev type directory {id:?}"
+            );
+            assert!(seen.insert(id), "fakesys: mdev type {id:?} given twice");
+            assert!(max != 0, "fakesys: mdev type {id:?} ({name}): 0 instances");
+        }
+        self.mdev_types = types
+            .iter()
+            .map(|&(id, name, max)| MdevTypeSpec {
+                id: id.to_string(),
+                name: name.to_string(),
+                description: format!("{name}, max_instance={max}\n"),
+                max_instances: max,
             })
             .collect();
         self
@@ -570,6 +653,18 @@ pub fn is_pci_addr(s: &str) -> bool {
         && b.iter()
             .enumerate()
             .all(|(i, c)| matches!(i, 4 | 7 | 10) || c.is_ascii_hexdigit())
+}
+
+/// True for a UUID in its canonical 36-character form
+/// (`8-4-4-4-12` hex digits, either case), what the mdev core's `create`
+/// takes and names an mdev by (in lower case).
+pub fn is_uuid(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
 }
 
 impl Tree {
@@ -768,6 +863,9 @@ impl Tree {
     /// if it is a VF, bus link, directory, and what `state` knows of it.
     /// Calls no hook and sends no uevent.
     pub fn remove_device_entry(&self, state: &mut State, addr: &str, dir: &Path) {
+        // The driver's remove unregisters an mdev parent: its mdevs go
+        // first. (Whoever watched files below `dir` forgot them already.)
+        self.mdev_unregister(state, addr, &mut |_| {});
         self.unbind(addr).expect("fakesys: unbind on removal");
         if let Some(g) = self.group_of(addr) {
             let gdir = self.group_dir(g);
@@ -799,6 +897,7 @@ impl Tree {
         state.native.remove(addr);
         state.config.remove(addr);
         state.sriov.remove(addr);
+        state.mdev_parents.remove(addr);
     }
 
     /// Creates VF number `state.sriov[pf].vfs.len()` of `pf` as Linux's
@@ -1094,6 +1193,8 @@ impl Tree {
     /// [`Tree::is_vfio_provider`]). Returns the old driver. Leaves
     /// [`State::vgpu`] alone: a caller holding the state follows with
     /// [`Tree::vgpu_unbound`], so that the siblings' lists are updated.
+    /// An mdev parent's mdevs are left too: a caller holding the state
+    /// calls [`Tree::mdev_unregister`] first, as the driver's remove does.
     pub fn unbind(&self, addr: &str) -> io::Result<Option<String>> {
         let Some(driver) = self.driver_of(addr) else {
             return Ok(None);
@@ -1216,6 +1317,204 @@ impl Tree {
         }
     }
 
+    // -----------------------------------------------------------------------
+    // Legacy mdev
+    // -----------------------------------------------------------------------
+
+    /// `addr`'s `mdev_supported_types` directory.
+    pub fn mdev_types_dir(&self, addr: &str) -> Option<PathBuf> {
+        Some(self.device_dir(addr)?.join("mdev_supported_types"))
+    }
+
+    /// The directory of mdev `uuid` (below its parent's).
+    pub fn mdev_dir(&self, state: &State, uuid: &str) -> Option<PathBuf> {
+        let m = state.mdev(uuid)?;
+        Some(self.device_dir(&m.parent)?.join(&m.uuid))
+    }
+
+    /// What registering with the mdev core does, once `addr` is bound: if
+    /// it is an mdev parent bound to its native driver and not registered
+    /// yet, makes `mdev_supported_types/` (every type at its maximum, no
+    /// mdev) and `bus/mdev/{devices,drivers/<driver>}`, and marks it
+    /// registered. `before_publish(staged, final)` is called with each
+    /// type directory, complete but still in scratch, and where it goes,
+    /// so that a simulated kernel watches it (and makes `create` its FIFO)
+    /// before anyone can write to it. Returns whether it registered.
+    pub fn mdev_register(
+        &self,
+        state: &mut State,
+        addr: &str,
+        before_publish: &mut dyn FnMut(&Path, &Path),
+    ) -> io::Result<bool> {
+        let Some(parent) = state.mdev_parents.get(addr) else {
+            return Ok(false);
+        };
+        let driver = self.driver_of(addr);
+        let native = state.native.get(addr).cloned().flatten();
+        if parent.registered || driver.is_none() || driver != native {
+            return Ok(false);
+        }
+        let driver = driver.expect("checked above");
+        let dir = self
+            .device_dir(addr)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no device {addr}")))?;
+        let types_dir = dir.join("mdev_supported_types");
+        self.assert_inside(&types_dir);
+        let staged = self.scratch_path();
+        fs::create_dir(&staged)?;
+        for t in &parent.types {
+            let tdir = staged.join(&t.id);
+            fs::create_dir_all(tdir.join("devices"))?;
+            self.stage_file(&tdir.join("name"), &format!("{}\n", t.name))?;
+            self.stage_file(&tdir.join("description"), &t.description)?;
+            self.stage_file(&tdir.join("device_api"), "vfio-pci\n")?;
+            self.stage_file(
+                &tdir.join("available_instances"),
+                &format!("{}\n", t.max_instances),
+            )?;
+            self.stage_file(&tdir.join("create"), "")?;
+            before_publish(&tdir, &types_dir.join(&t.id));
+        }
+        fs::rename(&staged, &types_dir)?;
+        self.mkdir(&self.sysfs.join("bus/mdev/devices"))?;
+        self.mkdir(&self.sysfs.join("bus/mdev/drivers").join(&driver))?;
+        state
+            .mdev_parents
+            .get_mut(addr)
+            .expect("checked above")
+            .registered = true;
+        Ok(true)
+    }
+
+    /// What unregistering from the mdev core does (the parent's driver
+    /// unbinds): every mdev of `addr` is removed, newest first, then
+    /// `mdev_supported_types/`. `forget(dir)` is called with each
+    /// directory about to go, so that a simulated kernel stops watching
+    /// it. No-op for a parent not registered.
+    pub fn mdev_unregister(&self, state: &mut State, addr: &str, forget: &mut dyn FnMut(&Path)) {
+        if !state.mdev_parents.get(addr).is_some_and(|p| p.registered) {
+            return;
+        }
+        let uuids: Vec<String> = state.mdevs_of(addr).map(|m| m.uuid.clone()).collect();
+        for uuid in uuids.iter().rev() {
+            self.mdev_destroy(state, uuid, forget);
+        }
+        if let Some(types_dir) = self.mdev_types_dir(addr) {
+            forget(&types_dir);
+            let _ = self.remove(&types_dir);
+        }
+        if let Some(p) = state.mdev_parents.get_mut(addr) {
+            p.registered = false;
+        }
+    }
+
+    /// Creates mdev `uuid` (lower case) of type `type_id` on `parent`, as
+    /// `mdev_device_create` and then its vfio driver's probe do: its
+    /// directory with `remove` (staged, `before_publish(staged, final)`
+    /// called as in [`Tree::mdev_register`]), `mdev_type`, the bus and the
+    /// type's `devices/` links, every type's new `available_instances`,
+    /// a new IOMMU group (the lowest free number) with the mdev in it, the
+    /// driver links, and `D/vfio/<group>` last. Checks nothing: the caller
+    /// decided the kernel would create it. Returns the group.
+    pub fn mdev_create(
+        &self,
+        state: &mut State,
+        parent: &str,
+        type_id: &str,
+        uuid: &str,
+        before_publish: &mut dyn FnMut(&Path, &Path),
+    ) -> io::Result<u32> {
+        let pdir = self.device_dir(parent).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("no device {parent}"))
+        })?;
+        let driver = self.driver_of(parent).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("{parent} has no driver"))
+        })?;
+        let dir = pdir.join(uuid);
+        let type_dir = pdir.join("mdev_supported_types").join(type_id);
+        self.assert_inside(&dir);
+        let staged = self.scratch_path();
+        fs::create_dir(&staged)?;
+        self.stage_file(&staged.join("remove"), "")?;
+        self.stage_file(&staged.join("uevent"), &format!("MDEV_TYPE={type_id}\n"))?;
+        before_publish(&staged, &dir);
+        fs::rename(&staged, &dir)?;
+        self.symlink(&dir.join("mdev_type"), &type_dir)?;
+        let bus = self.sysfs.join("bus/mdev");
+        self.symlink(&dir.join("subsystem"), &bus)?;
+        self.symlink(&bus.join("devices").join(uuid), &dir)?;
+        self.symlink(&type_dir.join("devices").join(uuid), &dir)?;
+        let group = self.lowest_free_group();
+        state.mdevs.push(Mdev {
+            uuid: uuid.to_string(),
+            parent: parent.to_string(),
+            type_id: type_id.to_string(),
+            group,
+        });
+        self.mdev_refresh_available(state, parent);
+        let gdir = self.group_dir(group);
+        self.mkdir(&gdir.join("devices"))?;
+        self.write_file(&gdir.join("type"), "unknown\n")?;
+        self.symlink(&gdir.join("devices").join(uuid), &dir)?;
+        self.symlink(&dir.join("iommu_group"), &gdir)?;
+        let ddir = bus.join("drivers").join(&driver);
+        self.mkdir(&ddir)?;
+        self.symlink(&ddir.join(uuid), &dir)?;
+        self.symlink(&dir.join("driver"), &ddir)?;
+        let node = self.vfio_node(group);
+        self.mkdir(node.parent().expect("vfio dir"))?;
+        self.write_file(&node, "")?;
+        Ok(group)
+    }
+
+    /// Removes mdev `uuid` and everything [`Tree::mdev_create`] made, in
+    /// reverse order (`D/vfio/<group>` first), and forgets it; its
+    /// parent's types get their instances back. `forget(dir)` is called
+    /// with its directory before it goes. No-op for an unknown UUID.
+    pub fn mdev_destroy(&self, state: &mut State, uuid: &str, forget: &mut dyn FnMut(&Path)) {
+        let Some(pos) = state.mdevs.iter().position(|m| m.uuid == uuid) else {
+            return;
+        };
+        let m = state.mdevs.remove(pos);
+        let bus = self.sysfs.join("bus/mdev");
+        let _ = self.remove(&self.vfio_node(m.group));
+        let dir = self.device_dir(&m.parent).map(|d| d.join(uuid));
+        if let Some(driver) = dir
+            .as_ref()
+            .and_then(|d| Tree::link_name(&d.join("driver")))
+        {
+            let _ = self.remove(&bus.join("drivers").join(driver).join(uuid));
+        }
+        let _ = self.remove(&self.group_dir(m.group));
+        if let Some(types_dir) = self.mdev_types_dir(&m.parent) {
+            let _ = self.remove(&types_dir.join(&m.type_id).join("devices").join(uuid));
+        }
+        let _ = self.remove(&bus.join("devices").join(uuid));
+        if let Some(dir) = dir {
+            forget(&dir);
+            let _ = self.remove(&dir);
+        }
+        self.mdev_refresh_available(state, &m.parent);
+    }
+
+    /// Rewrites every type's `available_instances` of `parent` from
+    /// `state` (see [`State::mdev_available`]).
+    pub fn mdev_refresh_available(&self, state: &State, parent: &str) {
+        let (Some(p), Some(types_dir)) =
+            (state.mdev_parents.get(parent), self.mdev_types_dir(parent))
+        else {
+            return;
+        };
+        for t in &p.types {
+            let path = types_dir.join(&t.id).join("available_instances");
+            if let Some(n) = state.mdev_available(parent, &t.id) {
+                if path.is_file() {
+                    let _ = self.write_file(&path, &format!("{n}\n"));
+                }
+            }
+        }
+    }
+
     /// The lowest `vfio<N>` index no device's `vfio-dev/` uses (an IDA, as
     /// Linux's vfio cdev numbering).
     fn lowest_free_vfio_dev(&self) -> u32 {
@@ -1246,6 +1545,13 @@ pub trait Hook: Send + Sync {
     fn driver_added(&self, tree: &Tree, state: &mut State, name: &str);
     /// A driver directory is about to be removed.
     fn driver_removing(&self, tree: &Tree, state: &mut State, name: &str);
+    /// A directory holding write-only mdev attributes (a type directory
+    /// with `create`, an mdev's with `remove`), complete in scratch at
+    /// `staged`, is about to be renamed to `dest` by a builder call.
+    fn mdev_dir_staged(&self, _tree: &Tree, _staged: &Path, _dest: &Path) {}
+    /// An mdev directory or a parent's `mdev_supported_types` is about to
+    /// be removed by a builder call.
+    fn mdev_dir_removing(&self, _tree: &Tree, _dir: &Path) {}
 }
 
 /// Mutable state shared by the builder and a simulated kernel.
@@ -1259,6 +1565,11 @@ pub struct State {
     /// The vGPU type set on each vGPU VF bound to `nvidia` (0: none), by
     /// address; a VF is here exactly while it has its `nvidia/` files.
     pub vgpu: HashMap<String, u32>,
+    /// Every legacy mdev parent in the tree ([`DeviceSpec::mdev`]), by
+    /// address.
+    pub mdev_parents: HashMap<String, MdevParent>,
+    /// Every live mdev, oldest first.
+    pub mdevs: Vec<Mdev>,
     /// The write end of the uevent FIFO (see [`Tree::send_uevent`]).
     pub uevent_writer: Option<fs::File>,
     pub hook: Option<Arc<dyn Hook>>,
@@ -1275,7 +1586,61 @@ pub struct PfState {
     pub autoprobe: bool,
 }
 
+/// What the mdev core knows of one parent.
+#[derive(Clone, Debug)]
+pub struct MdevParent {
+    /// Its types, as given to [`DeviceSpec::mdev`].
+    pub types: Vec<MdevTypeSpec>,
+    /// Registered now (bound to its native driver): it has
+    /// `mdev_supported_types/`.
+    pub registered: bool,
+}
+
+/// One live mdev.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mdev {
+    /// Lower case, as the kernel names it.
+    pub uuid: String,
+    /// The parent's PCI address.
+    pub parent: String,
+    /// Its type's directory name.
+    pub type_id: String,
+    /// Its own (emulated) IOMMU group.
+    pub group: u32,
+}
+
 impl State {
+    /// The mdevs of `parent`, oldest first.
+    pub fn mdevs_of<'a>(&'a self, parent: &'a str) -> impl Iterator<Item = &'a Mdev> + 'a {
+        self.mdevs.iter().filter(move |m| m.parent == parent)
+    }
+
+    /// Mdev `uuid` (either case).
+    pub fn mdev(&self, uuid: &str) -> Option<&Mdev> {
+        let uuid = uuid.to_ascii_lowercase();
+        self.mdevs.iter().find(|m| m.uuid == uuid)
+    }
+
+    /// What `type_id`'s `available_instances` of `parent` reads: `None`
+    /// unless `parent` is a registered mdev parent with that type.
+    ///
+    /// NVIDIA's model: all mdevs of one parent are of one type. With none,
+    /// every type offers its maximum; with some of type T, T offers its
+    /// maximum minus their count and every other type 0.
+    pub fn mdev_available(&self, parent: &str, type_id: &str) -> Option<u32> {
+        let p = self.mdev_parents.get(parent).filter(|p| p.registered)?;
+        let t = p.types.iter().find(|t| t.id == type_id)?;
+        let mut live = self.mdevs_of(parent).peekable();
+        let Some(first) = live.peek() else {
+            return Some(t.max_instances);
+        };
+        if first.type_id != type_id {
+            return Some(0);
+        }
+        let count = live.count() as u32;
+        Some(t.max_instances.saturating_sub(count))
+    }
+
     /// The PF of `vf`, if it is a VF.
     pub fn pf_of(&self, vf: &str) -> Option<&str> {
         self.sriov
@@ -1417,6 +1782,8 @@ impl FakeSys {
                     config: HashMap::new(),
                     sriov: HashMap::new(),
                     vgpu: HashMap::new(),
+                    mdev_parents: HashMap::new(),
+                    mdevs: Vec::new(),
                     uevent_writer: None,
                     hook: None,
                 }),
@@ -1550,6 +1917,13 @@ impl FakeSys {
             "fakesys: bad PCI address {:?}",
             spec.addr
         );
+        if !spec.mdev_types.is_empty() {
+            assert!(
+                spec.driver.as_deref().is_some_and(|d| d != VFIO_PCI),
+                "fakesys: mdev parent {} needs a native driver (not vfio-pci) to register with",
+                spec.addr
+            );
+        }
         let mut state = self.lock_state();
         let tree = self.tree();
         assert!(
@@ -1577,6 +1951,15 @@ impl FakeSys {
                 },
             );
         }
+        if !spec.mdev_types.is_empty() {
+            state.mdev_parents.insert(
+                spec.addr.clone(),
+                MdevParent {
+                    types: spec.mdev_types.clone(),
+                    registered: false,
+                },
+            );
+        }
         state.native.insert(spec.addr.clone(), spec.driver.clone());
         state.config.insert(spec.addr.clone(), spec.config_space());
         if let Some(hook) = state.hook.clone() {
@@ -1587,6 +1970,13 @@ impl FakeSys {
         if let Some(driver) = &spec.driver {
             self.add_driver_locked(&mut state, driver);
             tree.bind(&spec.addr, driver).expect("fakesys: bind");
+            let hook = state.hook.clone();
+            tree.mdev_register(&mut state, &spec.addr, &mut |staged, dest| {
+                if let Some(hook) = &hook {
+                    hook.mdev_dir_staged(tree, staged, dest);
+                }
+            })
+            .expect("fakesys: mdev parent registration");
         }
     }
 
@@ -1875,6 +2265,69 @@ impl FakeSys {
     /// PF, bound to `nvidia`).
     pub fn is_vgpu_vf(&self, vf: &str) -> bool {
         self.lock_state().vgpu.contains_key(vf)
+    }
+
+    /// The mdevs of `parent` as the mdev core holds them, oldest first:
+    /// (UUID in lower case, type directory name).
+    pub fn mdevs(&self, parent: &str) -> Vec<(String, String)> {
+        self.lock_state()
+            .mdevs_of(parent)
+            .map(|m| (m.uuid.clone(), m.type_id.clone()))
+            .collect()
+    }
+
+    /// The IOMMU group of mdev `uuid` (either case); `None` if there is no
+    /// such mdev.
+    pub fn mdev_group(&self, uuid: &str) -> Option<u32> {
+        self.lock_state().mdev(uuid).map(|m| m.group)
+    }
+
+    /// The parent of mdev `uuid` (either case).
+    pub fn mdev_parent_of(&self, uuid: &str) -> Option<String> {
+        self.lock_state().mdev(uuid).map(|m| m.parent.clone())
+    }
+
+    /// Whether `addr` is a registered mdev parent now (an mdev parent
+    /// bound to its native driver, with `mdev_supported_types/`).
+    pub fn is_mdev_parent(&self, addr: &str) -> bool {
+        self.lock_state()
+            .mdev_parents
+            .get(addr)
+            .is_some_and(|p| p.registered)
+    }
+
+    /// `type_id`'s `available_instances` of `parent` as the mdev core
+    /// holds it (see [`State::mdev_available`]). Panics unless `parent` is
+    /// a registered mdev parent with that type.
+    #[track_caller]
+    pub fn mdev_available_instances(&self, parent: &str, type_id: &str) -> u32 {
+        self.lock_state()
+            .mdev_available(parent, type_id)
+            .unwrap_or_else(|| {
+                panic!("fakesys: {parent} is no registered mdev parent with type {type_id}")
+            })
+    }
+
+    /// What a reboot does to mdev parent `parent` while nobody watches:
+    /// its mdevs are gone (their groups and `D/vfio` nodes with them), its
+    /// types back at their maximum. Its binding is left as it is. Panics if
+    /// `parent` is no mdev parent.
+    pub fn reboot_mdev(&self, parent: &str) {
+        let mut state = self.lock_state();
+        assert!(
+            state.mdev_parents.contains_key(parent),
+            "fakesys: reboot_mdev: {parent} is no mdev parent"
+        );
+        let tree = self.tree();
+        let hook = state.hook.clone();
+        let uuids: Vec<String> = state.mdevs_of(parent).map(|m| m.uuid.clone()).collect();
+        for uuid in uuids.iter().rev() {
+            tree.mdev_destroy(&mut state, uuid, &mut |dir| {
+                if let Some(hook) = &hook {
+                    hook.mdev_dir_removing(tree, dir);
+                }
+            });
+        }
     }
 
     /// vfio-pci's `enable_sriov` module parameter ("Y"/"N"), which decides

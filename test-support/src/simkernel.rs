@@ -58,6 +58,26 @@
 //!   once none holds one, every type again. A VF's own vGPU does not
 //!   count for its own list (it says what the VF can take once cleared).
 //!   Refused writes are recorded as SR-IOV ones are (below).
+//! * **Legacy mdev parents** ([`DeviceSpec::mdev`]): binding one to its
+//!   native driver (any probe path, or `add_device`) registers it, making
+//!   its `mdev_supported_types/` (see the fakesys module docs); unbinding
+//!   it (or a reset losing its driver, or its removal) first removes every
+//!   mdev it has, then that directory.
+//! * `<parent>/mdev_supported_types/<type>/create` `UUID` (the mdev core's
+//!   `create_store`): 36 or 37 bytes whose first 36 are a canonical UUID,
+//!   either case (the 37th, a newline from `echo`, is not looked at);
+//!   anything else: EINVAL. A UUID any mdev has already (case
+//!   ignored): EEXIST. The type's `available_instances` 0 (another type in
+//!   use, or all taken): [`MDEV_NO_INSTANCE_ERRNO`]. Else the mdev is made
+//!   (named in lower case), with a new IOMMU group and `D/vfio/<group>`,
+//!   and every type's `available_instances` is rewritten.
+//! * `<parent>/<uuid>/remove` (also reached as `bus/mdev/devices/<uuid>/remove`,
+//!   logged under that name): `kstrtoul`, so not a number: EINVAL; 0:
+//!   nothing; anything else removes the mdev, its group and node.
+//!   Refused `create` and `remove` writes are recorded as SR-IOV ones are
+//!   (below). A write hung on either ([`SimKernel::hang_write`]) when the
+//!   attribute goes away (its parent unbound, its mdev removed) is let
+//!   through and dropped, so its writer never blocks for good.
 //! * `new_id`, `remove_id`, `rescan`, any other attribute: logged only.
 //! * A driver directory that appears while running (`add_driver`,
 //!   `load_vfio`) triggers a probe of the unbound devices it matches
@@ -106,9 +126,10 @@
 //! * Writes that fail in Linux (ENODEV on a bad unbind, EINVAL, ...) succeed
 //!   here and are ignored; use [`SimKernel::fail_write`] to make a write
 //!   fail.
-//! * **SR-IOV and vGPU refusals cannot reach the writer.** The simulator
-//!   sees a write to `sriov_numvfs` / `sriov_drivers_autoprobe` /
-//!   `current_vgpu_type` after the writer's `write()` returned, so a write
+//! * **SR-IOV, vGPU and mdev refusals cannot reach the writer.** The
+//!   simulator sees a write to `sriov_numvfs` / `sriov_drivers_autoprobe` /
+//!   `current_vgpu_type` / an mdev `create` or `remove` after the writer's
+//!   `write()` returned, so a write
 //!   Linux or the NVIDIA driver refuses (EBUSY, ERANGE, ENOENT, EINVAL)
 //!   succeeds for the writer; the simulator changes nothing, puts the old
 //!   content back and records it: [`SimKernel::refused_writes`]. A test
@@ -154,6 +175,10 @@
 #[cfg(doc)]
 use crate::fakesys::DeviceSpec;
 use crate::fakesys::{self, FakeSys, Hook, State, Tree, BUS_ATTRS, DRIVER_ATTRS, NVIDIA, VFIO_PCI};
+
+/// The errno of an mdev `create` on a type whose `available_instances` is
+/// 0: the mdev core's own count (`mdev_device_create`) says EUSERS.
+pub const MDEV_NO_INSTANCE_ERRNO: Errno = Errno::EUSERS;
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent, WatchDescriptor};
@@ -241,19 +266,35 @@ fn wait_for_writers(reader: &mut File, data: &mut Vec<u8>) -> bool {
 /// told apart by a trailing newline or, for address attributes, by the
 /// fixed length of a PCI address.
 fn split_values(attr: &str, chunk: &str) -> Vec<String> {
-    let addr_attr = matches!(attr, "bind" | "unbind" | "drivers_probe");
+    // Fixed-length values (length, validity): a PCI address, an mdev's UUID.
+    type Fixed = (usize, fn(&str) -> bool);
+    let fixed: Option<Fixed> = match attr {
+        "bind" | "unbind" | "drivers_probe" => Some((12, fakesys::is_pci_addr)),
+        "create" => Some((36, fakesys::is_uuid)),
+        _ => None,
+    };
     let mut out = Vec::new();
     let mut rest = chunk;
     while !rest.is_empty() {
-        let end = match rest.get(..12) {
-            Some(head) if addr_attr && fakesys::is_pci_addr(head) => {
-                if rest[12..].starts_with('\n') {
-                    13
+        let head = fixed.and_then(|(len, valid)| rest.get(..len).filter(|h| valid(h)));
+        let to_newline = rest.find('\n').map(|i| i + 1).unwrap_or(rest.len());
+        let end = match head {
+            Some(head) => {
+                let len = head.len();
+                let after = &rest[len..];
+                if after.starts_with('\n') {
+                    len + 1
+                } else if after.is_empty()
+                    || fixed.is_some_and(|(n, valid)| after.get(..n).is_some_and(valid))
+                {
+                    len
                 } else {
-                    12
+                    // Not followed by another value: one write with more
+                    // after it ("<uuid>x"), for the store to judge.
+                    to_newline
                 }
             }
-            _ => rest.find('\n').map(|i| i + 1).unwrap_or(rest.len()),
+            None => to_newline,
         };
         out.push(rest[..end].to_string());
         rest = &rest[end..];
@@ -694,9 +735,11 @@ impl SimKernel {
     }
 
     /// Every write to an SR-IOV attribute (`sriov_numvfs`,
-    /// `sriov_drivers_autoprobe`) or to a vGPU VF's `current_vgpu_type`
-    /// (named `bus/pci/devices/<vf>/nvidia/current_vgpu_type`) that Linux
-    /// or the NVIDIA driver would have failed, in order:
+    /// `sriov_drivers_autoprobe`), to a vGPU VF's `current_vgpu_type`
+    /// (named `bus/pci/devices/<vf>/nvidia/current_vgpu_type`) or to an
+    /// mdev `create` (`bus/pci/devices/<parent>/mdev_supported_types/<type>/create`)
+    /// or `remove` (`bus/mdev/devices/<uuid>/remove`) that Linux or the
+    /// NVIDIA driver would have failed, in order:
     /// (path as in [`SimKernel::writes`], value as written, the errno the
     /// writer would have got). The write itself succeeded here (see the
     /// module docs), but changed nothing.
@@ -794,6 +837,38 @@ impl Shared {
             self.watch(sim, &nvidia, AddWatchFlags::IN_CLOSE_WRITE)
                 .map_err(io::Error::from)?;
         }
+        // An mdev parent registered (and its mdevs made) before.
+        let subdirs = |d: &Path| -> Vec<PathBuf> {
+            fs::read_dir(d)
+                .map(|r| {
+                    r.flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut mdev_dirs: Vec<(PathBuf, &str)> = subdirs(&dir.join("mdev_supported_types"))
+            .into_iter()
+            .map(|t| (t, "create"))
+            .collect();
+        mdev_dirs.extend(
+            subdirs(dir)
+                .into_iter()
+                .filter(|d| {
+                    d.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(fakesys::is_uuid)
+                })
+                .map(|d| (d, "remove")),
+        );
+        for (d, attr) in mdev_dirs {
+            if fs::symlink_metadata(d.join(attr)).is_ok_and(|m| m.is_file()) {
+                self.make_pipe(sim, &d.join(attr))?;
+                self.watch(sim, &d, FIFO_DIR_MASK)
+                    .map_err(io::Error::from)?;
+            }
+        }
         self.stamp_device(sim, dir);
         Ok(())
     }
@@ -869,6 +944,7 @@ impl Shared {
                 let _ = tree.write_file(&dir.join("power_state"), "D3cold\n");
             }
             Some(ResetOutcome::LosesDriver) => {
+                self.mdev_unregister(state, sim, &addr);
                 let _ = tree.unbind(&addr);
                 self.vgpu_unbound(state, sim, &addr, dir);
             }
@@ -1011,6 +1087,10 @@ impl Shared {
             let mut dir = path.parent();
             while let Some(d) = dir {
                 if let Some(addr) = d.file_name().and_then(|a| a.to_str()) {
+                    if fakesys::is_uuid(addr) {
+                        let attr = path.strip_prefix(d).unwrap_or(path);
+                        return format!("bus/mdev/devices/{addr}/{}", attr.to_string_lossy());
+                    }
                     if fakesys::is_pci_addr(addr) {
                         let attr = path.strip_prefix(d).unwrap_or(path);
                         return format!("bus/pci/devices/{addr}/{}", attr.to_string_lossy());
@@ -1331,6 +1411,19 @@ impl Shared {
             }
             return;
         }
+        if attr == "create" && self.mdev_type_at(dir).is_some() {
+            let (parent, type_id) = self.mdev_type_at(dir).expect("checked");
+            self.mdev_create_store(state, sim, path, &parent, &type_id, value);
+            return;
+        }
+        if attr == "remove" {
+            let uuid = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if fakesys::is_uuid(uuid) && state.mdev(uuid).is_some() {
+                let uuid = uuid.to_string();
+                self.mdev_remove_store(state, sim, path, &uuid, value);
+                return;
+            }
+        }
         if dir.parent() == Some(self.tree.sysfs.join("bus/pci/drivers").as_path()) {
             let Some(driver) = dir.file_name().and_then(|d| d.to_str()) else {
                 return;
@@ -1345,6 +1438,9 @@ impl Shared {
                         self.sriov_disable(state, sim, arg);
                         self.show_sriov_state(state, sim, arg);
                     }
+                    // The driver's remove unregisters an mdev parent:
+                    // its mdevs go first.
+                    self.mdev_unregister(state, sim, arg);
                     dbg_log!(self, "unbind {arg} from {driver}");
                     let _ = self.tree.unbind(arg);
                     if let Some(dev) = self.tree.device_dir(arg) {
@@ -1384,6 +1480,14 @@ impl Shared {
         dbg_log!(self, "bind {addr} to {driver}");
         if self.tree.bind(addr, driver).is_err() {
             return false;
+        }
+        let registered = self.tree.mdev_register(state, addr, &mut |staged, dest| {
+            self.watch_staged_mdev_dir(sim, staged, dest)
+        });
+        match registered {
+            Ok(true) => dbg_log!(self, "{addr}: mdev parent registered on {driver}"),
+            Ok(false) => {}
+            Err(e) => eprintln!("simkernel: {addr}: cannot register as an mdev parent: {e}"),
         }
         if driver == NVIDIA {
             let mut watch = |staged: &Path, dest: &Path| match self
@@ -1485,6 +1589,29 @@ impl Shared {
         sim.pipes.retain(|p, _| !p.starts_with(dir));
         sim.faults.retain(|p, _| !p.starts_with(dir));
         sim.stamps.retain(|p, _| !p.starts_with(dir));
+    }
+
+    /// [`Shared::forget_under`] for a directory about to go while writers
+    /// may hang on its attributes: they are let through first (their writes
+    /// dropped), as a FIFO unlinked with a writer blocked in `open()` would
+    /// hold it for good.
+    fn forget_releasing(&self, sim: &mut Sim, dir: &Path) {
+        let hung: Vec<PathBuf> = sim
+            .faults
+            .iter()
+            .filter(|(p, f)| p.starts_with(dir) && matches!(f, Fault::Hang(_)))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for path in hung {
+            if self.release_locked(sim, &path) {
+                dbg_log!(
+                    self,
+                    "{}: hung writer let through, write dropped",
+                    path.display()
+                );
+            }
+        }
+        self.forget_under(sim, dir);
     }
     // -----------------------------------------------------------------------
     // SR-IOV
@@ -1861,8 +1988,134 @@ impl Shared {
     }
 }
 
-/// `kstrtouint(text, 0)`: decimal, `0x` hex or `0` octal, an optional `+`.
-fn parse_kernel_u32(text: &str) -> Option<u32> {
+impl Shared {
+    // -----------------------------------------------------------------------
+    // Legacy mdev
+    // -----------------------------------------------------------------------
+
+    /// Prepares a directory holding a write-only mdev attribute (`create`
+    /// in a type directory, `remove` in an mdev's), complete in scratch at
+    /// `staged`, before it is renamed to `dest`: watched (the watch follows
+    /// the directory), its attribute turned into a FIFO we read. So no
+    /// write to it can be missed.
+    fn watch_staged_mdev_dir(&self, sim: &mut Sim, staged: &Path, dest: &Path) {
+        let attr = if staged.join("create").exists() {
+            "create"
+        } else {
+            "remove"
+        };
+        let prepared = (|| -> io::Result<()> {
+            let wd = self.inotify.add_watch(staged, FIFO_DIR_MASK)?;
+            sim.wds.insert(wd, dest.to_path_buf());
+            self.tree.make_fifo(&staged.join(attr))?;
+            let reader = open_reader(&self.tree, &staged.join(attr))?;
+            sim.pipes.insert(dest.join(attr), Pipe::new(Some(reader)));
+            Ok(())
+        })();
+        if let Err(e) = prepared {
+            eprintln!("simkernel: cannot watch {}: {e}", dest.display());
+        }
+    }
+
+    /// The (parent address, type) whose type directory `dir` is, if `dir`
+    /// is one of a registered parent.
+    fn mdev_type_at(&self, dir: &Path) -> Option<(String, String)> {
+        let type_id = dir.file_name()?.to_str()?;
+        let types_dir = dir.parent()?;
+        if types_dir.file_name()? != "mdev_supported_types" {
+            return None;
+        }
+        let parent = types_dir.parent()?.file_name()?.to_str()?;
+        Some((parent.to_string(), type_id.to_string()))
+    }
+
+    /// `addr` leaves its driver: its mdevs and types go (see
+    /// [`Tree::mdev_unregister`]).
+    fn mdev_unregister(&self, state: &mut State, sim: &mut Sim, addr: &str) {
+        if state.mdevs_of(addr).next().is_some() {
+            dbg_log!(self, "{addr}: leaving its driver, its mdevs go first");
+        }
+        self.tree
+            .mdev_unregister(state, addr, &mut |dir| self.forget_releasing(sim, dir));
+    }
+
+    /// The mdev core's `create_store` then `mdev_device_create`, checks in
+    /// their order. A refused write changes nothing and is recorded.
+    fn mdev_create_store(
+        &self,
+        state: &mut State,
+        sim: &mut Sim,
+        path: &Path,
+        parent: &str,
+        type_id: &str,
+        written: &str,
+    ) {
+        // `create_store` checks the length, then `guid_parse` the first 36.
+        let text = written.get(..36).unwrap_or(written);
+        let result = if !matches!(written.len(), 36 | 37) || !fakesys::is_uuid(text) {
+            Err(Errno::EINVAL)
+        } else if state.mdev(text).is_some() {
+            Err(Errno::EEXIST)
+        } else {
+            match state.mdev_available(parent, type_id) {
+                // Its directory is gone: the write could not have reached it.
+                None => Err(Errno::ENODEV),
+                Some(0) => Err(MDEV_NO_INSTANCE_ERRNO),
+                Some(_) => Ok(()),
+            }
+        };
+        if let Err(errno) = result {
+            dbg_log!(
+                self,
+                "{parent}: create {type_id} <- {written:?} refused: {errno}"
+            );
+            sim.refused
+                .push((self.display(path), written.to_string(), errno));
+            return;
+        }
+        let uuid = text.to_ascii_lowercase();
+        let created = self
+            .tree
+            .mdev_create(state, parent, type_id, &uuid, &mut |staged, dest| {
+                self.watch_staged_mdev_dir(sim, staged, dest)
+            });
+        match created {
+            Ok(group) => dbg_log!(
+                self,
+                "{parent}: mdev {uuid} of {type_id} made, group {group}"
+            ),
+            Err(e) => eprintln!("simkernel: {parent}: cannot make mdev {uuid}: {e}"),
+        }
+    }
+
+    /// The mdev core's `remove_store`: `kstrtoul`; 0 does nothing.
+    fn mdev_remove_store(
+        &self,
+        state: &mut State,
+        sim: &mut Sim,
+        path: &Path,
+        uuid: &str,
+        written: &str,
+    ) {
+        let text = written.strip_suffix('\n').unwrap_or(written);
+        match parse_kernel_u64(text) {
+            None => {
+                dbg_log!(self, "mdev {uuid}: remove <- {written:?} refused: EINVAL");
+                sim.refused
+                    .push((self.display(path), written.to_string(), Errno::EINVAL));
+            }
+            Some(0) => {}
+            Some(_) => {
+                dbg_log!(self, "mdev {uuid} removed");
+                self.tree
+                    .mdev_destroy(state, uuid, &mut |dir| self.forget_releasing(sim, dir));
+            }
+        }
+    }
+}
+
+/// `kstrtoull(text, 0)`: decimal, `0x` hex or `0` octal, an optional `+`.
+fn parse_kernel_u64(text: &str) -> Option<u64> {
     let t = text.strip_prefix('+').unwrap_or(text);
     let (digits, radix) = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
         (h, 16)
@@ -1874,7 +2127,12 @@ fn parse_kernel_u32(text: &str) -> Option<u32> {
     if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
         return None;
     }
-    u32::from_str_radix(digits, radix).ok()
+    u64::from_str_radix(digits, radix).ok()
+}
+
+/// `kstrtouint(text, 0)`: as [`parse_kernel_u64`], in range.
+fn parse_kernel_u32(text: &str) -> Option<u32> {
+    parse_kernel_u64(text).and_then(|v| u32::try_from(v).ok())
 }
 
 /// `kstrtou16(text, 0)`: as [`parse_kernel_u32`], in range.
@@ -1985,6 +2243,20 @@ impl Hook for SimHook {
         if let Some(sh) = self.shared.upgrade() {
             let mut sim = lock(&sh.sim);
             sh.forget_under(&mut sim, &tree.driver_dir(name));
+        }
+    }
+
+    fn mdev_dir_staged(&self, _tree: &Tree, staged: &Path, dest: &Path) {
+        if let Some(sh) = self.shared.upgrade() {
+            let mut sim = lock(&sh.sim);
+            sh.watch_staged_mdev_dir(&mut sim, staged, dest);
+        }
+    }
+
+    fn mdev_dir_removing(&self, _tree: &Tree, dir: &Path) {
+        if let Some(sh) = self.shared.upgrade() {
+            let mut sim = lock(&sh.sim);
+            sh.forget_releasing(&mut sim, dir);
         }
     }
 }
