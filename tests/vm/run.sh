@@ -50,7 +50,9 @@ BASE_FORMAT=5
 # Kernel modules the guest needs (the closure is computed with modprobe).
 # igbvf is carried but not loaded at boot: the sriov scenario loads it, as
 # udev would on a real host, so that "no VF driver probed" can fail.
-MODULES="vfio-pci vfio_iommu_type1 e1000e e1000 igb igbvf virtio_pci virtio_rng snd_hda_intel bochs nvme ext4 9p 9pnet_virtio"
+# mdev (the mediated device core) is carried for the mdev scenario, which
+# loads it with the out-of-tree mtty sample (step 4c).
+MODULES="vfio-pci vfio_iommu_type1 e1000e e1000 igb igbvf virtio_pci virtio_rng snd_hda_intel bochs nvme ext4 9p 9pnet_virtio mdev"
 
 T_START=$(date +%s.%N)
 trap 'rm -rf "$CACHE"/tmp.*.$$' EXIT
@@ -104,7 +106,10 @@ apt_update() {
 
 install_packages() {
     local need=() p qemu=0
-    for p in busybox-static kmod cpio pci.ids zstd xz-utils e2fsprogs; do
+    # make, gcc-12 (the compiler the guest kernel was built with) and
+    # libelf1 (objtool) build the mtty sample module against the guest
+    # kernel's headers (step 4c).
+    for p in busybox-static kmod cpio pci.ids zstd xz-utils e2fsprogs make gcc-12 libelf1; do
         [ -n "$(pkg_version "$p")" ] || need+=("$p")
     done
     command -v qemu-system-x86_64 >/dev/null || qemu=1
@@ -315,6 +320,89 @@ build_vmm() {
 if [ "${VFIOD_VM_NO_VMM:-0}" != 1 ]; then
     build_vmm || { log "WARNING: no VMM for the guest"; VMM_CPIO=; }
 fi
+# ---------------------------------------------------------------------------
+# 4c. mtty.ko and mdpy.ko, the kernel's mdev sample drivers, for the guest
+# kernel. Debian builds its kernels without CONFIG_SAMPLES, and a sample
+# parent is the only mdev parent a QEMU guest can have, so they are built
+# here out of tree: samples/vfio-mdev/{mtty.c,mdpy.c,mdpy-defs.h} from
+# linux-source-6.12 at the guest kernel's exact version (mtty counts its
+# instances itself, mdpy leaves that to the mdev core: the two ways a parent
+# driver can), against that version's linux-headers/linux-kbuild, with the host's
+# gcc-12 (the guest kernel's compiler). Nothing is installed on this machine:
+# the packages are downloaded and unpacked into a scratch directory. The
+# result is a cpio of lib/modules/KREL/extra/{mtty,mdpy}.ko plus the depmod indexes
+# of the base's modules and it, appended after the base (its index files
+# replace the base's) only when a selected scenario says "# vm-needs: mtty".
+# Cached by the kernel package, gcc-12's version and this function's text.
+# ---------------------------------------------------------------------------
+MTTY_CPIO=
+build_mtty() {
+    local key tmp hdr kbuild common src t0 t1 t2 t3 t4
+    key=$( { echo "$KPKG $KVER $(pkg_version gcc-12)"; declare -f build_mtty; } | sha256sum | cut -c1-16)
+    MTTY_CPIO=$CACHE/mtty/mtty-$key.cpio
+    [ -e "$MTTY_CPIO" ] && return 0
+    log "building mtty.ko for $KREL ($key)"
+    tmp=$CACHE/tmp.mtty.$$
+    rm -rf "$tmp"; mkdir -p "$tmp/dl" "$tmp/root" "$tmp/src" "$tmp/build"
+    # The headers package names its -common and linux-kbuild siblings.
+    hdr=linux-headers-$KREL
+    common=$(apt-cache depends "$hdr=$KVER" 2>/dev/null | awk '$1=="Depends:" && $2 ~ /^linux-headers-.*-common$/ {print $2; exit}')
+    kbuild=$(apt-cache depends "$hdr=$KVER" 2>/dev/null | awk '$1=="Depends:" && $2 ~ /^linux-kbuild-/ {print $2; exit}')
+    src=linux-source-$KSERIES
+    [ -n "$common" ] && [ -n "$kbuild" ] || { log "mtty: cannot resolve the dependencies of $hdr=$KVER"; return 1; }
+    t0=$(date +%s.%N)
+    (cd "$tmp/dl" && apt_retry apt-get "${APT_OPTS[@]}" download -qq "$src=$KVER" "$hdr=$KVER" "$common=$KVER" "$kbuild=$KVER" 2>/dev/null) ||
+        { log "mtty: apt-get download $src $hdr $common $kbuild (=$KVER) failed"; return 1; }
+    t1=$(date +%s.%N)
+    local f
+    for f in "$tmp/dl/${hdr}_"*.deb "$tmp/dl/${common}_"*.deb "$tmp/dl/${kbuild}_"*.deb; do
+        dpkg-deb -x "$f" "$tmp/root"
+    done
+    # The headers point at /usr/src and /usr/lib as installed: the amd64
+    # tree's Makefile includes the -common one by absolute path, and the
+    # lib/modules build/source links are absolute. Point them into the tree.
+    local H=$tmp/root/usr/src/$hdr l
+    sed -i "s|^include /usr/src/|include $tmp/root/usr/src/|" "$H/Makefile"
+    find "$tmp/root" -type l -lname '/*' | while read -r l; do
+        ln -sfn "$tmp/root$(readlink "$l")" "$l"
+    done
+    t2=$(date +%s.%N)
+    # Only the samples' files from the source tarball; xz has to decompress
+    # the whole stream to get to them.
+    local sm=$src/samples/vfio-mdev
+    dpkg-deb --fsys-tarfile "$tmp/dl/${src}_"*.deb | tar -xO "./usr/src/$src.tar.xz" | xz -dc |
+        tar -x -C "$tmp/src" "$sm/mtty.c" "$sm/mdpy.c" "$sm/mdpy-defs.h" ||
+        { log "mtty: samples/vfio-mdev/{mtty.c,mdpy.c,mdpy-defs.h} not found in $src=$KVER"; return 1; }
+    t3=$(date +%s.%N)
+    cp "$tmp/src/$sm/mtty.c" "$tmp/src/$sm/mdpy.c" "$tmp/src/$sm/mdpy-defs.h" "$tmp/build/"
+    echo 'obj-m := mtty.o mdpy.o' >"$tmp/build/Kbuild"
+    # No BTF for the module: that step needs pahole, and nothing here reads it.
+    make -s -C "$H" M="$tmp/build" CONFIG_DEBUG_INFO_BTF_MODULES= modules >"$tmp/make.log" 2>&1 ||
+        { cat "$tmp/make.log" >&2; log "mtty: make modules failed"; return 1; }
+    t4=$(date +%s.%N)
+    log "mtty: download $(du -cb "$tmp"/dl/*.deb | awk 'END{printf "%.0f MB", $1/1e6}') in $(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}') s," \
+        "headers unpacked in $(awk -v a="$t1" -v b="$t2" 'BEGIN{printf "%.1f", b-a}') s," \
+        "the samples out of the source in $(awk -v a="$t2" -v b="$t3" 'BEGIN{printf "%.1f", b-a}') s," \
+        "built in $(awk -v a="$t3" -v b="$t4" 'BEGIN{printf "%.1f", b-a}') s"
+    # A copy of the base's module tree (12 MB) plus the samples, indexed together.
+    local m=$tmp/mods
+    mkdir -p "$m/lib/modules"
+    cp -a "$KDIR/modroot/lib/modules/$KREL" "$m/lib/modules/"
+    mkdir -p "$m/lib/modules/$KREL/extra"
+    objcopy --strip-debug "$tmp/build/mtty.ko" "$m/lib/modules/$KREL/extra/mtty.ko"
+    objcopy --strip-debug "$tmp/build/mdpy.ko" "$m/lib/modules/$KREL/extra/mdpy.ko"
+    depmod -b "$m" "$KREL"
+    for f in mtty mdpy; do
+        modprobe -d "$m" -S "$KREL" --show-depends $f | grep -q 'kernel/drivers/vfio/mdev/mdev.ko' ||
+            { log "mtty: depmod does not resolve $f -> mdev"; return 1; }
+    done
+    mkdir -p "$(dirname "$MTTY_CPIO")"
+    (cd "$m" && { echo "lib/modules/$KREL/extra"; ls "lib/modules/$KREL"/extra/*.ko "lib/modules/$KREL"/modules.*; } |
+        cpio -o -H newc --quiet -R 0:0) >"$tmp/mtty.cpio"
+    mv "$tmp/mtty.cpio" "$MTTY_CPIO"
+    rm -rf "$tmp"
+}
+
 # Drop cache entries of other inputs (older kernels, older base layouts).
 for d in "$CACHE"/kernel/*; do [ "$d" = "$KDIR" ] || rm -rf "$d"; done
 for f in "$CACHE"/initramfs/base-*.cpio; do [ "$f" = "$BASE" ] || rm -f "$f"; done
@@ -366,6 +454,18 @@ sel=$(for s in $sel; do [ -e "$HERE/guest/scenarios/$s.sh" ] || die "unknown sce
 # The VMM cpio only when a selected scenario starts a VMM (vmm_start, vmm_spawn).
 if [ -n "$VMM_CPIO" ] && (cd "$HERE/guest/scenarios" && for x in $sel; do echo "$x.sh"; done | xargs grep -l -q -e vmm_start -e vmm_spawn); then
     cat "$VMM_CPIO" >>"$OUT/initrd.cpio"
+fi
+# mtty.ko, mdpy.ko (and the module indexes that know them) only when a selected
+# scenario needs it. If it cannot be built, the guest has no mtty and such a
+# scenario fails saying so: never a silent skip.
+if (cd "$HERE/guest/scenarios" && for x in $sel; do echo "$x.sh"; done | xargs grep -l -q -x '# vm-needs: mtty'); then
+    if build_mtty; then
+        cat "$MTTY_CPIO" >>"$OUT/initrd.cpio"
+    else
+        rm -rf "$CACHE"/tmp.mtty.$$
+        log "ERROR: could not build mtty.ko for $KREL (above); scenarios that need it will fail"
+    fi
+    for f in "$CACHE"/mtty/*; do [ -e "$f" ] && [ "$f" != "$MTTY_CPIO" ] && rm -f "$f"; done
 fi
 # A scenario that says "# vm-boot: FLAVOUR" runs in a guest of that flavour
 # (harness.py FLAVOURS: tcg-single for many driver moves, sriov for more

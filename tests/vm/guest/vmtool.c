@@ -64,9 +64,20 @@
  *                              check under TCG (the random walk's checks)
  *   vmtool vfioacls            the named-user entries of the access ACL of
  *                              every /dev/vfio/N, as JSON {"N": [uid, ..]}
+ *   vmtool mttywrite PATH VALUE [VALUE..]
+ *                              open PATH write-only (no O_CREAT, no O_TRUNC:
+ *                              an absent attribute must answer ENOENT) and
+ *                              write each VALUE through that one fd as one
+ *                              write(2); prints "open OK|ERRNO" and then
+ *                              "write OK|ERRNO" per value, with the errno's
+ *                              symbolic name, so a scenario can assert the
+ *                              kernel's exact answer; exits 0 only if every
+ *                              step worked. Only under the mdev sample
+ *                              parents /sys/devices/virtual/{mtty,mdpy}/
  *
- * It never writes to sysfs: it reads clocks and netlink, and opens VFIO nodes
- * (opening a device fd may reset the function, as it does for a VMM).
+ * It never writes to PCI sysfs: it reads clocks and netlink, opens VFIO
+ * nodes (opening a device fd may reset the function, as it does for a VMM),
+ * and writes only the attributes of the mdev sample parents (mttywrite).
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -378,6 +389,48 @@ static int vfioacls(void) {
 	return 0;
 }
 
+static const char *errno_name(int e) {
+	static const struct { int e; const char *name; } names[] = {
+		{ EPERM, "EPERM" }, { ENOENT, "ENOENT" }, { EIO, "EIO" }, { ENXIO, "ENXIO" },
+		{ EAGAIN, "EAGAIN" }, { ENOMEM, "ENOMEM" }, { EACCES, "EACCES" }, { EBUSY, "EBUSY" },
+		{ EEXIST, "EEXIST" }, { ENODEV, "ENODEV" }, { ENOTDIR, "ENOTDIR" }, { EINVAL, "EINVAL" },
+		{ ENOSPC, "ENOSPC" }, { ERANGE, "ERANGE" }, { EUSERS, "EUSERS" }, { ENOTSUP, "ENOTSUP" },
+		{ EINTR, "EINTR" }, { EFAULT, "EFAULT" }, { ENODATA, "ENODATA" }, { E2BIG, "E2BIG" },
+	};
+	static char other[32];
+	for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+		if (names[i].e == e) return names[i].name;
+	snprintf(other, sizeof other, "errno%d", e);
+	return other;
+}
+
+static int mttywrite(const char *path, int nvalues, char **values) {
+	static const char mtty[] = "/sys/devices/virtual/mtty/", mdpy[] = "/sys/devices/virtual/mdpy/";
+	if ((strncmp(path, mtty, sizeof mtty - 1) && strncmp(path, mdpy, sizeof mdpy - 1)) || strstr(path, "/..")) {
+		fprintf(stderr, "mttywrite: %s is not under %s or %s\n", path, mtty, mdpy);
+		return 2;
+	}
+	int fd = open(path, O_WRONLY | O_CLOEXEC);
+	if (fd < 0) {
+		printf("open %s\n", errno_name(errno));
+		return 1;
+	}
+	printf("open OK\n");
+	fflush(stdout);
+	int rc = 0;
+	for (int i = 0; i < nvalues; i++) {
+		if (write(fd, values[i], strlen(values[i])) < 0) {
+			printf("write %s\n", errno_name(errno));
+			rc = 1;
+		} else {
+			printf("write OK\n");
+		}
+		fflush(stdout);
+	}
+	close(fd);
+	return rc;
+}
+
 int main(int argc, char **argv) {
 	if (argc >= 4 && !strcmp(argv[1], "vfiohold")) return vfiohold(argv[2], argv[3], argc >= 5 && !strcmp(argv[4], "devonly"));
 	if (argc >= 4 && !strcmp(argv[1], "hotreset")) return hotreset(argv[2], argv[3]);
@@ -387,6 +440,7 @@ int main(int argc, char **argv) {
 	if (argc >= 3 && !strcmp(argv[1], "hold")) return hold(argv[2], argc >= 4 && !strcmp(argv[3], "ro"));
 	if (argc >= 2 && !strcmp(argv[1], "pcistate")) return pcistate(argc - 2, argv + 2);
 	if (argc >= 2 && !strcmp(argv[1], "vfioacls")) return vfioacls();
+	if (argc >= 4 && !strcmp(argv[1], "mttywrite")) return mttywrite(argv[2], argc - 3, argv + 3);
 	if (argc >= 2 && !strcmp(argv[1], "now")) { print_clock(CLOCK_REALTIME); return 0; }
 	if (argc >= 2 && !strcmp(argv[1], "mono")) { print_clock(CLOCK_MONOTONIC); return 0; }
 	if (argc >= 2 && !strcmp(argv[1], "uevmon")) return uevmon(argc >= 3 ? argv[2] : NULL, argc >= 4 && !strcmp(argv[3], "udev"));
@@ -403,6 +457,6 @@ int main(int argc, char **argv) {
 		perror("exec");
 		return 127;
 	}
-	fprintf(stderr, "usage: vmtool now|mono|uevmon [SUBSYSTEM [udev]]|vfiohold GROUP ADDR|hotreset GROUP ADDR|hold PATH [ro]|http SOCK METHOD PATH [BODY]|runas UID GID G1,G2 CMD..|killongrant PATH UID PID MS|pcistate NAME=ADDR=NATIVE..|vfioacls\n");
+	fprintf(stderr, "usage: vmtool now|mono|uevmon [SUBSYSTEM [udev]]|vfiohold GROUP ADDR|hotreset GROUP ADDR|hold PATH [ro]|http SOCK METHOD PATH [BODY]|runas UID GID G1,G2 CMD..|killongrant PATH UID PID MS|pcistate NAME=ADDR=NATIVE..|vfioacls|mttywrite PATH VALUE..\n");
 	return 2;
 }
