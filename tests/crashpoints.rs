@@ -153,7 +153,9 @@ fn setup_mdev_parent(h: &Host) {
         .try_req(
             "POST",
             "/devices",
-            &format!(r#"{{"pci_address":"{MDEV_PARENT}","name":"p40","tags":{{"resource":"grid"}}}}"#),
+            &format!(
+                r#"{{"pci_address":"{MDEV_PARENT}","name":"p40","tags":{{"resource":"grid"}}}}"#
+            ),
         )
         .expect("register: no answer");
     assert_eq!(r.status, 201, "{}", r.body);

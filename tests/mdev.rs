@@ -109,7 +109,10 @@ fn vmm() -> Child {
 /// The answer's mediated device: its UUID and parent address.
 fn made(r: &Response) -> (String, String) {
     let d = r.json();
-    let uuid = d["mdev"]["uuid"].as_str().expect("an mdev in the answer").to_owned();
+    let uuid = d["mdev"]["uuid"]
+        .as_str()
+        .expect("an mdev in the answer")
+        .to_owned();
     (uuid, d["pci_address"].as_str().unwrap().to_owned())
 }
 
@@ -120,14 +123,21 @@ fn an_mdev_claim_makes_a_mediated_device_on_its_parent_and_opens_it_to_the_vmm_u
     assert_eq!(r.status, 201, "{}", r.body);
     let d = r.json();
     let (uuid, parent) = made(&r);
-    assert_eq!(d["mdev"]["mdev_type"], Q2, "the type is recorded by id: {d}");
+    assert_eq!(
+        d["mdev"]["mdev_type"], Q2,
+        "the type is recorded by id: {d}"
+    );
     assert_eq!(
         d["mdev"]["sysfs_path"],
         format!("/sys/bus/mdev/devices/{uuid}"),
         "what QEMU takes as sysfsdev="
     );
     assert_eq!(d["mdev"]["attached_uid"], me());
-    assert_eq!(d["attached_to"], Value::Null, "the parent is not attached whole");
+    assert_eq!(
+        d["attached_to"],
+        Value::Null,
+        "the parent is not attached whole"
+    );
     // The parent stays on its driver; the kernel has the mediated device.
     assert_eq!(h.fs.driver_of(&parent).as_deref(), Some(NVIDIA));
     assert_eq!(h.fs.mdevs(&parent), vec![(uuid.clone(), Q2.to_owned())]);
@@ -149,7 +159,11 @@ fn an_mdev_claim_makes_a_mediated_device_on_its_parent_and_opens_it_to_the_vmm_u
     claim_mdev(&h, "vm-1", Q4)
         .expect_error(409, "claim_conflict")
         .expect_message_contains(&uuid);
-    assert!(h.sim.refused_writes().is_empty(), "{:?}", h.sim.refused_writes());
+    assert!(
+        h.sim.refused_writes().is_empty(),
+        "{:?}",
+        h.sim.refused_writes()
+    );
 }
 
 #[test]
@@ -179,7 +193,11 @@ fn releasing_by_instance_removes_the_mediated_device_and_only_it() {
     detach_instance(&h, name(&p1), "vm-1").expect_error(404, "not_found");
     // vm-1 may claim anew.
     assert_eq!(claim_mdev(&h, "vm-1", Q2).status, 201);
-    assert!(h.sim.refused_writes().is_empty(), "{:?}", h.sim.refused_writes());
+    assert!(
+        h.sim.refused_writes().is_empty(),
+        "{:?}",
+        h.sim.refused_writes()
+    );
 }
 
 #[test]
@@ -215,13 +233,23 @@ fn parents_are_picked_by_numa_node_then_by_instances_available_and_refusals_say_
             .map(|c| c["reason"].as_str().unwrap().to_owned())
             .unwrap_or_default()
     };
-    assert!(reason_of(P40_A).contains("no instance available"), "{reasons}");
-    assert!(reason_of(P40_B).contains("no instance available"), "{reasons}");
+    assert!(
+        reason_of(P40_A).contains("no instance available"),
+        "{reasons}"
+    );
+    assert!(
+        reason_of(P40_B).contains("no instance available"),
+        "{reasons}"
+    );
     assert!(reason_of(NIC).contains("not an mdev parent"), "{reasons}");
     // An unknown type is named as such.
     let unknown = claim_mdev(&h, "vm-x", "nvidia-999");
     unknown.expect_error(409, "no_capacity");
-    assert!(unknown.body.contains("offers no mdev type nvidia-999"), "{}", unknown.body);
+    assert!(
+        unknown.body.contains("offers no mdev type nvidia-999"),
+        "{}",
+        unknown.body
+    );
     // vgpu_type and mdev_type together are a malformed request.
     claim(
         &h,
@@ -232,7 +260,10 @@ fn parents_are_picked_by_numa_node_then_by_instances_available_and_refusals_say_
     let cap = h.d.get("/devices/capacity").json();
     let pool = &cap["resources"][0];
     assert_eq!(pool["mdevs"], 4, "{cap}");
-    assert_eq!(pool["mdev_types"][Q2], 4, "8 instances in all, 4 made: {cap}");
+    assert_eq!(
+        pool["mdev_types"][Q2], 4,
+        "8 instances in all, 4 made: {cap}"
+    );
     assert!(pool["mdev_types"].get(Q4).is_none(), "{cap}");
     let types = h.d.get("/devices/p40a/mdev_types").json();
     assert_eq!(types["mdev_types"].as_array().unwrap().len(), 2, "{types}");
@@ -252,7 +283,11 @@ fn a_parent_with_mediated_devices_is_not_moved_deleted_or_handed_out_whole() {
         ("POST", "/devices/p40a/bind", "{}"),
         ("POST", "/devices/p40a/reset", "{}"),
         ("DELETE", "/devices/p40a", ""),
-        ("POST", "/devices/p40a/attach", r#"{"instance_id":"vm-whole"}"#),
+        (
+            "POST",
+            "/devices/p40a/attach",
+            r#"{"instance_id":"vm-whole"}"#,
+        ),
     ] {
         let r = h.d.req(method, path, Some(body));
         r.expect_error(409, "mdevs_in_use")
@@ -267,12 +302,19 @@ fn a_parent_with_mediated_devices_is_not_moved_deleted_or_handed_out_whole() {
                "numa_node": 0, "numa": "required"}),
     );
     whole.expect_error(409, "no_capacity");
-    assert!(whole.body.contains("an mdev parent with mediated devices"), "{}", whole.body);
+    assert!(
+        whole.body.contains("an mdev parent with mediated devices"),
+        "{}",
+        whole.body
+    );
     // Once released, the parent is an ordinary device again.
     assert_eq!(detach_instance(&h, "p40a", "vm-1").status, 200);
     let bound = h.d.post("/devices/p40a/bind", "{}");
     assert_eq!(bound.status, 200, "{}", bound.body);
-    assert!(!h.fs.is_mdev_parent(P40_A), "on vfio-pci it offers no types");
+    assert!(
+        !h.fs.is_mdev_parent(P40_A),
+        "on vfio-pci it offers no types"
+    );
 }
 
 #[test]
@@ -307,21 +349,35 @@ fn a_reboot_loses_mediated_devices_and_the_next_start_makes_the_live_ones_again(
     let a: Vec<String> = h.fs.mdevs(P40_A).into_iter().map(|(u, _)| u).collect();
     assert!(a.contains(&kept_uuid), "{a:?}");
     assert!(!a.contains(&ended_uuid), "{a:?}");
-    assert!(h.fs.mdevs(&unpinned_parent).iter().any(|(u, _)| *u == unpinned_uuid));
+    assert!(h
+        .fs
+        .mdevs(&unpinned_parent)
+        .iter()
+        .any(|(u, _)| *u == unpinned_uuid));
     let node = h.fs.tree().vfio_node(h.fs.mdev_group(&kept_uuid).unwrap());
-    assert_eq!(acl_users(&node), vec![me()], "granted again after the restart");
+    assert_eq!(
+        acl_users(&node),
+        vec![me()],
+        "granted again after the restart"
+    );
     let records = h.device("p40a")["mdevs"].clone();
     assert!(
-        records.as_array().unwrap().iter().all(|m| m["instance_id"] != "vm-ended"),
+        records
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["instance_id"] != "vm-ended"),
         "{records}"
     );
 
     // The running VMM's exit ends its mediated device.
     live_vmm.kill().unwrap();
     live_vmm.wait().unwrap();
-    eventually(10, "the mediated device of an exited VMM is removed", || {
-        (!h.fs.mdevs(P40_A).iter().any(|(u, _)| *u == kept_uuid)).then_some(())
-    });
+    eventually(
+        10,
+        "the mediated device of an exited VMM is removed",
+        || (!h.fs.mdevs(P40_A).iter().any(|(u, _)| *u == kept_uuid)).then_some(()),
+    );
     eventually(5, "and its record dropped", || {
         let m = h.device("p40a")["mdevs"].clone();
         m.as_array()
@@ -329,7 +385,11 @@ fn a_reboot_loses_mediated_devices_and_the_next_start_makes_the_live_ones_again(
             .then_some(())
     });
     assert!(!node.exists() || node.metadata().unwrap().permissions().mode() & 0o077 == 0);
-    assert!(h.sim.refused_writes().is_empty(), "{:?}", h.sim.refused_writes());
+    assert!(
+        h.sim.refused_writes().is_empty(),
+        "{:?}",
+        h.sim.refused_writes()
+    );
 }
 
 #[test]
@@ -352,7 +412,10 @@ fn a_parent_back_on_its_driver_gets_its_live_mediated_devices_again() {
     // udev passes the driver's bind on.
     h.uevent(&format!("bind {P40_B} {NVIDIA}"));
     eventually(10, "the mediated device is made again", || {
-        h.fs.mdevs(P40_B).iter().any(|(u, _)| *u == uuid).then_some(())
+        h.fs.mdevs(P40_B)
+            .iter()
+            .any(|(u, _)| *u == uuid)
+            .then_some(())
     });
 }
 

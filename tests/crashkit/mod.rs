@@ -79,7 +79,10 @@ pub fn host_devices() -> Vec<DeviceSpec> {
         DeviceSpec::new(MDEV_PARENT, 0x10de, 0x1b38, 0x030200)
             .driver(common::fakesys::NVIDIA)
             .group(41)
-            .mdev(&[(MDEV_TYPE, "GRID P40-2Q", 4), ("nvidia-64", "GRID P40-4Q", 2)]),
+            .mdev(&[
+                (MDEV_TYPE, "GRID P40-2Q", 4),
+                ("nvidia-64", "GRID P40-4Q", 2),
+            ]),
     );
     specs
 }
@@ -548,7 +551,8 @@ impl Host {
         for d in &devices {
             let addr = d["pci_address"].as_str().unwrap();
             let records = d["mdevs"].as_array().cloned().unwrap_or_default();
-            let mut recorded: Vec<&str> = records.iter().filter_map(|m| m["uuid"].as_str()).collect();
+            let mut recorded: Vec<&str> =
+                records.iter().filter_map(|m| m["uuid"].as_str()).collect();
             recorded.sort_unstable();
             let mut kernel: Vec<String> = self.fs.mdevs(addr).into_iter().map(|(u, _)| u).collect();
             kernel.sort_unstable();
@@ -560,11 +564,16 @@ impl Host {
             }
             for m in &records {
                 if m["attached_uid"].is_null() {
-                    return Err(format!("9: an unfinished mediated device is left recorded on {addr}: {m}"));
+                    return Err(format!(
+                        "9: an unfinished mediated device is left recorded on {addr}: {m}"
+                    ));
                 }
                 if let Some(pid) = m["attached_pid"].as_u64() {
                     if !process_running(pid) {
-                        return Err(format!("9: mediated device {} outlives its VMM pid {pid}", m["uuid"]));
+                        return Err(format!(
+                            "9: mediated device {} outlives its VMM pid {pid}",
+                            m["uuid"]
+                        ));
                     }
                 }
                 let Some(group) = m["uuid"].as_str().and_then(|u| self.fs.mdev_group(u)) else {
