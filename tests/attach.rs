@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::host::Host;
 use common::standard::{AMD, GPU, GPU_AUDIO, NIC};
-use common::{eventually, Daemon};
+use common::{acl_users, eventually, Daemon};
 use serde_json::Value;
 
 const VMM_UID: u32 = 4242;
@@ -22,19 +22,6 @@ const OTHER_UID: u32 = 4343;
 
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
-}
-
-/// The named-user entries of a node's access ACL.
-fn acl_users(node: &Path) -> Vec<u32> {
-    posix_acl::PosixACL::read_acl(node)
-        .unwrap()
-        .entries()
-        .iter()
-        .filter_map(|e| match e.qual {
-            posix_acl::Qualifier::User(uid) => Some(uid),
-            _ => None,
-        })
-        .collect()
 }
 
 /// What an unprivileged user would notice: mode bits and ACL entries.

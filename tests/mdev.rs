@@ -7,12 +7,11 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
 use std::process::{Child, Command};
 
 use common::fakesys::{DeviceSpec, FakeSys, NVIDIA};
 use common::host::Host;
-use common::{eventually, Response};
+use common::{acl_users, eventually, Response};
 use serde_json::{json, Value};
 
 /// Two Tesla P40s (legacy mdev vGPU) on nvidia, NUMA nodes 0 and 1.
@@ -81,19 +80,6 @@ fn detach_instance(h: &Host, parent: &str, instance: &str) -> Response {
         &format!("/devices/{parent}/detach"),
         &json!({ "instance_id": instance }).to_string(),
     )
-}
-
-/// The named-user entries of a node's access ACL.
-fn acl_users(node: &Path) -> Vec<u32> {
-    posix_acl::PosixACL::read_acl(node)
-        .unwrap()
-        .entries()
-        .iter()
-        .filter_map(|e| match e.qual {
-            posix_acl::Qualifier::User(uid) => Some(uid),
-            _ => None,
-        })
-        .collect()
 }
 
 /// A long-running process as [`me`]: the stand-in for a VMM.

@@ -48,9 +48,9 @@ pub(super) fn has_tags(d: &DeviceRecord, filter: &BTreeMap<String, String>) -> b
 }
 
 impl Core {
-    /// Why `d` cannot be claimed at all, if it cannot (before NUMA and
-    /// holders are looked at).
-    fn claim_blocker(&self, d: &DeviceRecord) -> Option<String> {
+    /// Why nothing can be handed out of `d` now, neither whole nor as a
+    /// mediated device (before NUMA and holders are looked at).
+    pub(super) fn hand_out_blocker(&self, d: &DeviceRecord) -> Option<String> {
         if !d.present {
             return Some("not on the bus".into());
         }
@@ -76,6 +76,14 @@ impl Core {
         }
         if d.pending.is_some() {
             return Some("an operation on it is unfinished".into());
+        }
+        None
+    }
+
+    /// Why `d` cannot be claimed whole, if it cannot.
+    fn claim_blocker(&self, d: &DeviceRecord) -> Option<String> {
+        if let Some(why) = self.hand_out_blocker(d) {
+            return Some(why);
         }
         if d.vf.is_none()
             && (d.sriov.as_ref().is_some_and(|c| c.desired_vfs > 0)

@@ -40,7 +40,7 @@ use crate::engine::EngineError;
 use crate::error::{CoreError, MdevFailure};
 use crate::events::EventKind;
 use crate::pci::{MdevType, MdevUuid, PciAddress};
-use crate::registry::{AttachedProcess, Attachment, DeviceRecord, Health, MediatedDevice};
+use crate::registry::{AttachedProcess, Attachment, DeviceRecord, MediatedDevice};
 
 /// The path QEMU takes as `sysfsdev=` for a mediated device on the host.
 pub fn mdev_sysfs_path(uuid: &MdevUuid) -> String {
@@ -51,28 +51,8 @@ impl Core {
     /// Why `d` cannot get a mediated device of type `asked` now, or the
     /// type it offers under that name.
     fn mdev_parent_fit(&self, d: &DeviceRecord, asked: &str) -> Result<MdevType, String> {
-        if !d.present {
-            return Err("not on the bus".into());
-        }
-        if d.identity_mismatch {
-            return Err("a different device answers at its address".into());
-        }
-        match d.health.state {
-            Health::Quarantined => return Err("quarantined".into()),
-            Health::NeedsHostReboot => return Err("needs a host reboot".into()),
-            Health::Ok | Health::NeedsReset => {}
-        }
-        if let Some(instance) = d.attached_to() {
-            return Err(format!("attached whole to instance {instance:?}"));
-        }
-        if d.claim.is_some() {
-            return Err("claimed whole, being handed out".into());
-        }
-        if d.stuck {
-            return Err("a sysfs write is stuck in the kernel".into());
-        }
-        if d.pending.is_some() {
-            return Err("an operation on it is unfinished".into());
+        if let Some(why) = self.hand_out_blocker(d) {
+            return Err(why);
         }
         let types = self.sysfs().mdev_types(&d.pci_address);
         if types.is_empty() {

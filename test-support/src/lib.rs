@@ -517,6 +517,24 @@ pub fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) ->
     }
 }
 
+/// The named-user entries of a device node's access ACL (none if it has
+/// none): who an attachment opened it to.
+pub fn acl_users(node: &std::path::Path) -> Vec<u32> {
+    let Ok(acl) = posix_acl::PosixACL::read_acl(node) else {
+        return Vec::new();
+    };
+    let mut users: Vec<u32> = acl
+        .entries()
+        .iter()
+        .filter_map(|e| match e.qual {
+            posix_acl::Qualifier::User(uid) => Some(uid),
+            _ => None,
+        })
+        .collect();
+    users.sort_unstable();
+    users
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -42,6 +42,7 @@ use common::simkernel::SimKernel;
 use common::{parse_response, Daemon, Response};
 use serde_json::Value;
 
+pub use common::acl_users;
 pub use common::standard::{GPU, GPU_AUDIO as AUDIO, NIC};
 /// An SR-IOV PF (the QEMU guest's igb: 7 VFs, 8086:10ca).
 pub const PF: &str = "0000:0b:00.0";
@@ -92,23 +93,6 @@ pub fn spec_of(addr: &str) -> DeviceSpec {
         .into_iter()
         .find(|s| s.addr == addr)
         .unwrap_or_else(|| panic!("no device {addr} on the test host"))
-}
-
-/// The named-user entries of a node's access ACL (none if it has none).
-pub fn acl_users(node: &Path) -> Vec<u32> {
-    let mut users: Vec<u32> = posix_acl::PosixACL::read_acl(node)
-        .map(|acl| {
-            acl.entries()
-                .iter()
-                .filter_map(|e| match e.qual {
-                    posix_acl::Qualifier::User(uid) => Some(uid),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    users.sort_unstable();
-    users
 }
 
 /// Whether `pid` is a running process (not gone, not a zombie).
