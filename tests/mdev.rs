@@ -9,8 +9,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 
+use common::fakeproc::alias_node;
 use common::fakesys::{DeviceSpec, FakeSys, NVIDIA};
-use common::host::Host;
+use common::host::{Host, HostBuilder};
 use common::{acl_users, eventually, Response};
 use serde_json::{json, Value};
 
@@ -35,6 +36,11 @@ fn p40(addr: &str, group: u32, node: i32) -> DeviceSpec {
 }
 
 fn host() -> Host {
+    start(Host::builder())
+}
+
+/// The host on `builder`, the three devices registered in pool `grid`.
+fn start(builder: HostBuilder) -> Host {
     let fs = FakeSys::with_devices([
         p40(P40_A, 40, 0),
         p40(P40_B, 41, 1),
@@ -43,7 +49,7 @@ fn host() -> Host {
             .group(42)
             .reset_methods("flr"),
     ]);
-    let h = Host::builder().on(fs).uevent_fifo().start();
+    let h = builder.on(fs).uevent_fifo().start();
     for (addr, name) in [(P40_A, "p40a"), (P40_B, "p40b"), (NIC, "nic")] {
         let r = h.d.post(
             "/devices",
@@ -420,4 +426,42 @@ fn a_failed_create_leaves_no_record_and_no_mediated_device() {
     assert!(h.fs.mdevs(P40_B).is_empty());
     let records = h.device("p40b")["mdevs"].clone();
     assert!(records.as_array().is_none_or(Vec::is_empty), "{records}");
+}
+
+#[test]
+fn a_release_is_refused_while_a_process_holds_the_mediated_device_open() {
+    let h = start(Host::builder().fake_proc());
+    let r = claim_mdev(&h, "vm-1", Q2);
+    assert_eq!(r.status, 201, "{}", r.body);
+    let (uuid, parent) = made(&r);
+    let name = if parent == P40_A { "p40a" } else { "p40b" };
+    // A VMM with the mediated device's group node open (the kernel's
+    // remove would wait for it to close the device).
+    let node = h.fs.tree().vfio_node(h.fs.mdev_group(&uuid).unwrap());
+    alias_node(&node, "/dev/urandom");
+    let mut qemu = h.proc().process(5150, "qemu-system-x86");
+    qemu.uid(me());
+    qemu.fd(&node);
+    h.sim.clear_writes();
+    let refused = detach_instance(&h, name, "vm-1");
+    refused
+        .expect_error(409, "device_busy")
+        .expect_message_contains("qemu-system-x86");
+    assert_eq!(refused.json()["holders"][0]["pid"], 5150);
+    assert!(h.sim.writes().is_empty(), "wrote: {:?}", h.sim.writes());
+    assert_eq!(h.fs.mdevs(&parent).len(), 1, "still there");
+    assert_eq!(
+        h.device(name)["mdevs"][0]["attached_uid"],
+        me(),
+        "still handed out"
+    );
+
+    // Closed, it goes. (The node is a plain file again first, so that no
+    // ACL change can reach the real node it stood for.)
+    qemu.exit();
+    std::fs::remove_file(&node).unwrap();
+    std::fs::write(&node, "").unwrap();
+    let r = detach_instance(&h, name, "vm-1");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(h.fs.mdevs(&parent).is_empty());
 }

@@ -2,7 +2,8 @@
 //! whether the device is new or the instance's existing claim, a refusal
 //! for want of capacity names every candidate with why it did not fit,
 //! `vfioctl capacity` and `vfioctl vgpu-types` print the pools and the vGPU
-//! types. Against a stand-in vfiod answering with the shapes of vfiod's own
+//! types, and `vfioctl claim --mdev-type`, `detach --instance` and
+//! `mdev-types` for legacy mediated devices. Against a stand-in vfiod answering with the shapes of vfiod's own
 //! types, and a real vfiod whose simulated kernel makes VFs (two SR-IOV
 //! NICs on two NUMA nodes, an NVIDIA board whose VFs take vGPU types).
 
@@ -629,4 +630,148 @@ ID    NAME             FREE VFS
         "{err}"
     );
     assert!(err.contains("attached to instance \"vm-1\""), "{err}");
+}
+
+/// A P40 as vfiod answers an mdev claim: its record with the mediated
+/// device, and the claim's `mdev`.
+fn p40_with_mdev(uuid: &str, instance: &str) -> (Value, Value) {
+    let mdev = json!({
+        "uuid": uuid, "mdev_type": "nvidia-63",
+        "sysfs_path": format!("/sys/bus/mdev/devices/{uuid}"),
+        "instance_id": instance, "attached_uid": 4242, "attached_pid": null
+    });
+    let mut device = claimed_vf("p40", "0000:3b:00.0", instance);
+    device["attached_to"] = Value::Null;
+    device["attached_uid"] = Value::Null;
+    device["bound_to_vfio"] = json!(false);
+    device["bound_by_vfiod"] = json!(false);
+    device["current_driver"] = json!("nvidia");
+    device["original_driver"] = json!("nvidia");
+    device.as_object_mut().unwrap().remove("parent");
+    device.as_object_mut().unwrap().remove("vf_index");
+    device["mdevs"] = json!([mdev.clone()]);
+    (device, mdev)
+}
+
+#[test]
+fn an_mdev_claim_prints_the_uuid_and_the_qemu_option_and_detach_names_the_instance() {
+    let uuid = "a4bca2b7-9a66-4ff7-a7b4-4c42decb7d15";
+    let (device, mdev) = p40_with_mdev(uuid, "vm-4");
+    let mut answer = device.clone();
+    answer["mdev"] = mdev;
+    let run = stand_in(
+        &[
+            "claim",
+            "--tag",
+            "resource=grid",
+            "--instance",
+            "vm-4",
+            "--mdev-type",
+            "nvidia-63",
+        ],
+        "201 Created",
+        &answer.to_string(),
+    );
+    assert_eq!(run.code, 0, "{}", run.err);
+    assert_eq!(
+        run.seen.body,
+        json!({"tags": {"resource": "grid"}, "instance_id": "vm-4", "mdev_type": "nvidia-63"})
+    );
+    let mut lines = run.out.lines();
+    assert_eq!(
+        lines.next().unwrap(),
+        format!("made mediated device {uuid} (nvidia-63) on p40 (0000:3b:00.0) for instance vm-4")
+    );
+    assert_eq!(
+        lines.next().unwrap(),
+        format!("QEMU: -device vfio-pci,sysfsdev=/sys/bus/mdev/devices/{uuid}")
+    );
+    assert!(
+        run.out.contains(&format!(
+            "\nmdev:             {uuid} (nvidia-63) for instance vm-4, open to uid 4242\n"
+        )),
+        "{}",
+        run.out
+    );
+    // --vgpu-type and --mdev-type exclude each other, before any request.
+    let args = [
+        "claim",
+        "--tag",
+        "a=b",
+        "--instance",
+        "x",
+        "--mdev-type",
+        "t",
+        "--vgpu-type",
+        "v",
+    ];
+    let runs = stand_in_answers(&args, &[("201 Created", "{}")]);
+    assert_eq!(runs.code, 1);
+    assert!(runs.seen.is_empty(), "no request");
+    assert!(runs.err.contains("cannot be used with"), "{}", runs.err);
+
+    // Release: detach names the instance.
+    let run = stand_in(
+        &["detach", "p40", "--instance", "vm-4"],
+        "200 OK",
+        &device.to_string(),
+    );
+    assert_eq!(run.code, 0, "{}", run.err);
+    assert_eq!(
+        (run.seen.method.as_str(), run.seen.path.as_str()),
+        ("POST", "/devices/p40/detach")
+    );
+    assert_eq!(
+        run.seen.body,
+        json!({"keep_bound": false, "instance_id": "vm-4"})
+    );
+}
+
+#[test]
+fn mdev_types_prints_the_types_then_vfiods_mediated_devices() {
+    let uuid = "a4bca2b7-9a66-4ff7-a7b4-4c42decb7d15";
+    let answer = json!({
+        "id": "p40-id", "name": "p40", "pci_address": "0000:3b:00.0",
+        "mdev_types": [
+            {"id": "nvidia-63", "name": "GRID P40-2Q", "description": null, "device_api": "vfio-pci", "available_instances": 11},
+            {"id": "nvidia-64", "name": "GRID P40-4Q", "description": null, "device_api": "vfio-pci", "available_instances": 0}
+        ],
+        "mdevs": [p40_with_mdev(uuid, "vm-4").1]
+    });
+    let run = stand_in(&["mdev-types", "p40"], "200 OK", &answer.to_string());
+    assert_eq!(run.code, 0, "{}", run.err);
+    assert_eq!(
+        (run.seen.method.as_str(), run.seen.path.as_str()),
+        ("GET", "/devices/p40/mdev_types")
+    );
+    let lines: Vec<&str> = run.out.lines().collect();
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        ["TYPE", "NAME", "API", "AVAILABLE"]
+    );
+    assert_eq!(
+        lines[1].split_whitespace().collect::<Vec<_>>(),
+        ["nvidia-63", "GRID", "P40-2Q", "vfio-pci", "11"]
+    );
+    assert!(lines[2].starts_with("nvidia-64"), "{}", run.out);
+    assert!(lines[4].starts_with("UUID"), "{}", run.out);
+    assert_eq!(
+        lines[5].split_whitespace().collect::<Vec<_>>(),
+        [
+            uuid,
+            "nvidia-63",
+            "vm-4",
+            "4242",
+            &format!("/sys/bus/mdev/devices/{uuid}")
+        ]
+    );
+    // A device that is no parent says so.
+    let none = json!({"id": "n", "name": "nic", "pci_address": "0000:20:00.0", "mdev_types": [], "mdevs": []});
+    let run = stand_in(&["mdev-types", "nic"], "200 OK", &none.to_string());
+    assert!(
+        run.out
+            .starts_with("no mdev types: nic has no mdev_supported_types now"),
+        "{}",
+        run.out
+    );
 }
