@@ -3,9 +3,10 @@
 //! for want of capacity names every candidate with why it did not fit,
 //! `vfioctl capacity` and `vfioctl vgpu-types` print the pools and the vGPU
 //! types, and `vfioctl claim --mdev-type`, `detach --instance` and
-//! `mdev-types` for legacy mediated devices. Against a stand-in vfiod answering with the shapes of vfiod's own
-//! types, and a real vfiod whose simulated kernel makes VFs (two SR-IOV
-//! NICs on two NUMA nodes, an NVIDIA board whose VFs take vGPU types).
+//! `mdev-types` serve legacy mediated devices. Against a stand-in vfiod
+//! answering with the shapes of vfiod's own types, and a real vfiod whose
+//! simulated kernel makes VFs (two SR-IOV NICs on two NUMA nodes, an NVIDIA
+//! board whose VFs take vGPU types).
 
 mod vfioctl_stand_in;
 
