@@ -295,6 +295,10 @@ const SRIOV_VFS: (&str, &str) = (
     "vfiod_sriov_vfs",
     "VFs of a PF whose count vfiod keeps: the count declared (desired) and the VFs there now (enabled)",
 );
+const MDEVS: (&str, &str) = (
+    "vfiod_mdevs",
+    "Mediated devices vfiod made on a parent for claims, per mdev type",
+);
 const DEVICE_HEALTH: (&str, &str) = (
     "vfiod_device_health",
     "The device's health (ok, needs_reset, quarantined, needs_host_reboot): 1 for the current one",
@@ -383,6 +387,23 @@ fn write_device_families(out: &mut String, devices: &DeviceRegistry) {
                 out.push_str("{pf=\"");
                 push_label_value(out, &d.name);
                 let _ = writeln!(out, "\",state=\"{state}\"}} {value}");
+            }
+        }
+    }
+    if devices.iter().any(|d| !d.mdevs.is_empty()) {
+        header(out, MDEVS);
+        for d in devices.iter() {
+            let mut per_type: std::collections::BTreeMap<&str, u32> = Default::default();
+            for m in &d.mdevs {
+                *per_type.entry(&m.mdev_type).or_default() += 1;
+            }
+            for (mdev_type, n) in per_type {
+                out.push_str(MDEVS.0);
+                out.push_str("{parent=\"");
+                push_label_value(out, &d.name);
+                out.push_str("\",mdev_type=\"");
+                push_label_value(out, mdev_type);
+                let _ = writeln!(out, "\"}} {n}");
             }
         }
     }

@@ -257,6 +257,12 @@ fn parents_are_picked_by_numa_node_then_by_instances_available_and_refusals_say_
         "8 instances in all, 4 made: {cap}"
     );
     assert!(pool["mdev_types"].get(Q4).is_none(), "{cap}");
+    let metrics = h.d.get("/metrics").body;
+    assert!(
+        metrics.contains("vfiod_mdevs{parent=\"p40a\",mdev_type=\"nvidia-63\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("vfiod_mdevs{parent=\"p40b\",mdev_type=\"nvidia-63\"} 2"));
     let types = h.d.get("/devices/p40a/mdev_types").json();
     assert_eq!(types["mdev_types"].as_array().unwrap().len(), 2, "{types}");
     assert_eq!(types["mdevs"].as_array().unwrap().len(), 2, "{types}");
