@@ -31,8 +31,9 @@ impl Core {
             return Err(CoreError::Bridge(addr, function.class));
         }
         let name = req.name.map(|n| n.0).unwrap_or_else(|| addr.default_name());
-        let record =
+        let mut record =
             DeviceRecord::registered(cuid2::create_id(), name, &function, req.tags.into_inner());
+        record.note_vfio_provider(self.sysfs().own_vfio_provider(&addr));
         let stored = record.clone();
         self.commit(move |reg| reg.insert(stored).map_err(conflict))
             .await?;
