@@ -211,6 +211,17 @@ pub enum CoreError {
         /// The device its earlier claim got.
         device: String,
     },
+    /// 409 `vf_tags_follow_pf`: a PATCH would give a VF vfiod made tags
+    /// other than its PF's. A VF's pool is its PF's (a PATCH of the PF's
+    /// tags moves them all), so the VF cannot leave it alone, and a VF made
+    /// again after a reboot would not keep such tags anyway.
+    #[error("{vf} is a VF of {pf}: its tags are its PF's and follow them; PATCH the tags of {pf} to move all its VFs to another pool")]
+    VfTagsFollowPf {
+        /// The VF's name.
+        vf: String,
+        /// Its PF's name.
+        pf: String,
+    },
     /// 409 `no_capacity`: no device fits the claim; why each candidate did
     /// not.
     #[error("no free device fits the claim{}", refused_note(.refused))]

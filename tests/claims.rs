@@ -611,3 +611,83 @@ fn a_failed_type_write_frees_the_vf() {
     let again = claim_vgpu(&h, "vm-2", "L40S-12Q");
     assert_eq!(again.status, 201, "{}", again.body);
 }
+
+/// A GPU whose VFs sit on `nvidia` without being VFIO devices themselves
+/// (Ampere's vGPU makes mediated devices on them instead): being a VF on
+/// `nvidia` is not what makes a function usable through VFIO.
+const AMPERE_PF: &str = "0000:42:00.0";
+
+#[test]
+fn a_vgpu_vf_on_its_own_vfio_provider_shows_bound_to_vfio_and_stays_vfiods_to_leave_alone() {
+    let ampere = DeviceSpec::new(AMPERE_PF, 0x10de, 0x20b5, 0x030200)
+        .driver("nvidia")
+        .group(41)
+        .reset_methods("flr")
+        .sriov(4, 0x20b5)
+        .vf_driver("nvidia");
+    let h = vgpu_host(2);
+    h.fs.add_device(ampere);
+    register(&h, AMPERE_PF, "a100", "ampere");
+    let r = h.d.req(
+        "PUT",
+        "/devices/a100/sriov",
+        Some(&json!({"num_vfs": 1, "vf_driver": "native"}).to_string()),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let on_nvidia = |name: &str| {
+        let d = h.device(name);
+        (d["current_driver"] == "nvidia").then_some(d)
+    };
+    for vf in ["l40s-vf0", "l40s-vf1"] {
+        let d = common::eventually(10, "nvidia to probe the VF", || on_nvidia(vf));
+        assert_eq!(d["bound_to_vfio"], true, "{d}");
+        assert_eq!(d["bound_by_vfiod"], false, "vfiod moved nothing: {d}");
+    }
+    let ampere_vf = common::eventually(10, "nvidia to probe a100's VF", || on_nvidia("a100-vf0"));
+    assert_eq!(ampere_vf["bound_to_vfio"], false, "{ampere_vf}");
+    assert_eq!(
+        h.device("l40s")["bound_to_vfio"],
+        false,
+        "the PF is no VFIO device"
+    );
+
+    // What an operator reads: who may open it, not "not on vfio".
+    let (code, out, err) = common::vfioctl(&h.d.socket, &["show", "l40s-vf0"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("not on vfio"), "{out}");
+    let claimed = claim_vgpu(&h, "vm-1", "L40S-24Q");
+    assert_eq!(claimed.status, 201, "{}", claimed.body);
+    let name = claimed.json()["name"].as_str().unwrap().to_owned();
+    let (_, out, _) = common::vfioctl(&h.d.socket, &["show", &name]);
+    assert!(out.contains(&format!("uid {VMM_UID}")), "{out}");
+    assert_eq!(
+        h.d.post(&format!("/devices/{name}/detach"), "{}").status,
+        200
+    );
+    assert_eq!(
+        h.fs.driver_of(h.device(&name)["pci_address"].as_str().unwrap())
+            .as_deref(),
+        Some("nvidia"),
+        "the release left it on its provider"
+    );
+
+    // Kept across a restart; gone once the VF leaves its provider.
+    let mut h = h;
+    h.d.restart();
+    assert_eq!(h.device("l40s-vf1")["bound_to_vfio"], true);
+    let vf1 = h.device("l40s-vf1")["pci_address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    std::fs::write(h.fs.path("bus/pci/drivers/nvidia/unbind"), &vf1).unwrap();
+    common::eventually(5, "unbind by the simulated kernel", || {
+        h.fs.driver_of(&vf1).is_none().then_some(())
+    });
+    h.uevent(&format!("unbind {vf1}"));
+    let d = common::eventually(10, "the unbind to be seen", || {
+        let d = h.device("l40s-vf1");
+        d["current_driver"].is_null().then_some(d)
+    });
+    assert_eq!(d["bound_to_vfio"], false, "{d}");
+    assert_eq!(h.sim.refused_writes(), vec![]);
+}

@@ -458,3 +458,87 @@ fn a_bus_reset_of_a_pf_that_would_reach_its_vfs_is_refused_by_the_scope_check() 
     assert_eq!(flr.status, 200, "{}", flr.body);
     assert_eq!(h.fs.sriov_numvfs(PF), 2);
 }
+
+fn patch(h: &Host, device: &str, body: Value) -> common::Response {
+    h.d.req(
+        "PATCH",
+        &format!("/devices/{device}"),
+        Some(&body.to_string()),
+    )
+}
+
+/// The `free` count of the pool named `resource`, 0 if there is none.
+fn free_in_pool(h: &Host, resource: &str) -> u64 {
+    let capacity =
+        h.d.get(&format!("/devices/capacity?tags[resource]={resource}"))
+            .json();
+    capacity["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["resource"] == resource)
+        .map_or(0, |p| p["free"].as_u64().unwrap())
+}
+
+#[test]
+fn a_pfs_new_tags_reach_its_vfs_at_once_and_a_vf_cannot_leave_its_pfs_pool() {
+    let mut h = host();
+    assert_eq!(put_vfs(&h, json!({"num_vfs": 3})).status, 200);
+    let mut events = EventStream::open(&h.d.socket, "");
+
+    // The card moves to another pool: its VFs go with it, in the same
+    // commit, each with an event.
+    let new_tags = json!({"resource": "example.com/fast", "pool": "b"});
+    let r = patch(&h, "nic", json!({"tags": new_tags}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    for vf in vf_records(&h) {
+        assert_eq!(vf["tags"], new_tags, "{}", vf["name"]);
+        let updated = events.until(|e| e["type"] == "updated" && e["device_id"] == vf["id"]);
+        assert_eq!(updated["pci_address"], vf["pci_address"]);
+    }
+    assert_eq!(free_in_pool(&h, "example.com/fast"), 3);
+    assert_eq!(
+        free_in_pool(&h, "example.com/vf"),
+        0,
+        "the old pool is empty"
+    );
+    let claimed = h.d.post(
+        "/devices/claim",
+        &json!({"tags": {"resource": "example.com/fast"}, "instance_id": "vm-1"}).to_string(),
+    );
+    assert_eq!(claimed.status, 201, "{}", claimed.body);
+    assert_eq!(claimed.json()["parent"], h.device("nic")["id"]);
+    let claimed = claimed.json()["name"].as_str().unwrap().to_owned();
+
+    // A VF's own tags are refused, whole (its rename too), naming the PF.
+    let r = patch(
+        &h,
+        "nic-vf2",
+        json!({"name": "carved", "tags": {"resource": "example.com/dev"}}),
+    );
+    r.expect_error(409, "vf_tags_follow_pf");
+    r.expect_message_contains("nic-vf2");
+    r.expect_message_contains("PATCH the tags of nic");
+    assert_eq!(h.device("nic-vf2")["tags"], new_tags);
+    assert_eq!(h.d.get("/devices/carved").status, 404);
+    // A client that sends the tags back unchanged (read, modify, write)
+    // is not refused.
+    let r = patch(&h, "nic-vf2", json!({"name": "carved", "tags": new_tags}));
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // Recorded: a restart keeps them, and VFs made again after a reboot
+    // take the PF's tags as they are now.
+    h.d.restart();
+    for vf in vf_records(&h) {
+        assert_eq!(vf["tags"], new_tags, "{}", vf["name"]);
+    }
+    let detach = h.d.post(&format!("/devices/{claimed}/detach"), "{}");
+    assert_eq!(detach.status, 200, "{}", detach.body);
+    h.d.terminate();
+    h.fs.reboot_sriov(PF);
+    h.d.spawn();
+    assert_eq!(vf_records(&h).len(), 3);
+    for vf in vf_records(&h) {
+        assert_eq!(vf["tags"], new_tags, "{}", vf["name"]);
+    }
+}

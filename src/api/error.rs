@@ -202,6 +202,7 @@ fn core_status_and_code(e: &CoreError) -> (StatusCode, &'static str) {
         InvalidVfCount { .. } => (StatusCode::BAD_REQUEST, "invalid_vf_count"),
         VfsInUse { .. } => (StatusCode::CONFLICT, "vfs_in_use"),
         ClaimConflict { .. } => (StatusCode::CONFLICT, "claim_conflict"),
+        VfTagsFollowPf { .. } => (StatusCode::CONFLICT, "vf_tags_follow_pf"),
         NoCapacity { .. } => (StatusCode::CONFLICT, "no_capacity"),
         VgpuTypeUnavailable { .. } => (StatusCode::CONFLICT, "vgpu_type_unavailable"),
         PfHasVfs { .. } => (StatusCode::CONFLICT, "pf_has_vfs"),
@@ -471,6 +472,14 @@ mod tests {
                 },
                 409,
                 "iommu_group_conflict",
+            ),
+            (
+                CoreError::VfTagsFollowPf {
+                    vf: "nic-vf1".into(),
+                    pf: "nic".into(),
+                },
+                409,
+                "vf_tags_follow_pf",
             ),
             (CoreError::GrantFailed("x".into()), 500, "grant_failed"),
             (CoreError::HolderScan("x".into()), 500, "holder_scan_failed"),

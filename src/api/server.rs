@@ -420,6 +420,19 @@ async fn serve_connection<S>(
 /// is a JSON body with a code, so this recognises such an answer as it is
 /// written (a 4xx head with no body and no content type, which vfiod's own
 /// handlers never send) and writes the JSON error in its place.
+///
+/// It wraps [`ZeroCopy`] and is not merged into it, though the two read
+/// alike (both spell out `AsyncWrite` as a pass-through): only that
+/// spelling is shared. This one changes *what* is written (one answer of
+/// hyper's, swapped for another, which it must finish writing before
+/// anything else) and needs nothing of the stream but `AsyncWrite`, so it
+/// is tested on plain bytes; `ZeroCopy` changes only *how* bytes leave
+/// (`sendfile` for slices of sealed answers), needs a socket's descriptor,
+/// and owns its send-buffer state. One wrapper doing both would check each
+/// write for both (an answer to swap, a sealed slice to send) and tie an
+/// HTTP rule to a socket optimisation, for no gain in speed: the extra
+/// layer costs a prefix check per write, next to a syscall. Stacked, the
+/// swapped answer reaches the socket through `ZeroCopy` like any other.
 struct JsonAutoErrors<S> {
     inner: S,
     /// A replacement answer not yet fully written, and how much of it is.

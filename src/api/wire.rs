@@ -37,7 +37,8 @@ pub struct Device<'a> {
     pub device_id: String,
     /// -1 when the device has no IOMMU group (IOMMU off).
     pub iommu_group: i64,
-    /// On a vfio driver now, whether or not vfiod put it there.
+    /// Usable by a VMM through VFIO now, whether or not vfiod put it there:
+    /// on a vfio driver, or a vGPU VF on its own provider (`nvidia`).
     pub bound_to_vfio: bool,
     /// The instance holding it; null when detached.
     pub attached_to: Option<Cow<'a, str>>,
@@ -229,7 +230,7 @@ impl<'a> Device<'a> {
             vendor_id: hex4(d.vendor_id),
             device_id: hex4(d.device_id),
             iommu_group: d.iommu_group.map_or(-1, i64::from),
-            bound_to_vfio: d.bound_to_vfio(),
+            bound_to_vfio: d.usable_through_vfio(),
             attached_to: d.attached_to().map(Cow::Borrowed),
             created_at: d.created_at.to_rfc3339_opts(SecondsFormat::Secs, true),
             tags: Cow::Borrowed(&d.tags),

@@ -220,7 +220,10 @@ sendfile_target!(tokio::net::UnixStream, tokio::net::TcpStream);
 const SEALED_SEND_BUFFER: usize = 2 * 1024 * 1024;
 
 /// A connection's stream that sends slices of sealed answers with
-/// `sendfile` and everything else as the stream would.
+/// `sendfile` and everything else as the stream would. It never changes
+/// the bytes, only the way they leave; the server stacks its rewriting of
+/// hyper's own error answers (`JsonAutoErrors`) on top of it, and why the
+/// two stay apart is written there.
 pub struct ZeroCopy<S> {
     inner: S,
     /// The send buffer size to go back to, while it is raised to

@@ -61,7 +61,7 @@ impl Core {
     pub async fn reconcile(&self) -> Result<(), CoreError> {
         let sysfs = self.sysfs().clone();
         let registered: Vec<PciAddress> = self.snapshot().iter().map(|d| d.pci_address).collect();
-        let (bus, config) = tokio::task::spawn_blocking(move || {
+        let (bus, config, providers) = tokio::task::spawn_blocking(move || {
             let bus = sysfs.scan()?;
             // No config attribute to read: nothing to conclude.
             let present: Vec<PciAddress> = registered
@@ -73,7 +73,11 @@ impl Core {
             })
             .into_iter()
             .collect();
-            Ok::<_, crate::pci::SysfsError>((bus, config))
+            let providers: HashMap<PciAddress, String> = present
+                .iter()
+                .filter_map(|a| Some((*a, sysfs.own_vfio_provider(a)?)))
+                .collect();
+            Ok::<_, crate::pci::SysfsError>((bus, config, providers))
         })
         .await
         .map_err(|e| CoreError::Internal(format!("scan: {e}")))?
@@ -90,6 +94,7 @@ impl Core {
                         Some(f) => {
                             d.present = true;
                             d.current_driver = f.driver.clone();
+                            d.note_vfio_provider(providers.get(&addr).cloned());
                             d.iommu_group = f.iommu_group;
                             d.stuck = false;
                             d.identity_mismatch = !d.is_same_device(f);
@@ -410,8 +415,12 @@ impl Core {
                 if said.is_some() && said != driver {
                     tracing::debug!(device = %address, uevent = ?said, now = ?driver, "a bind uevent older than the device's driver");
                 }
+                let provider = self.sysfs().own_vfio_provider(&address);
                 let device = self
-                    .update_device(address, |d| d.current_driver = driver.clone())
+                    .update_device(address, |d| {
+                        d.current_driver = driver.clone();
+                        d.note_vfio_provider(provider.clone());
+                    })
                     .await
                     .ok()
                     .flatten();

@@ -1,11 +1,14 @@
 //! Registry edits: register, rename/retag, unregister.
 
+use std::collections::BTreeMap;
+
 use super::operation::{ensure_not_attached, OpContext};
 use super::release::Release;
 use super::{Core, RegisterRequest, SriovRequest, UpdateRequest};
 use crate::error::CoreError;
 use crate::events::EventKind;
-use crate::registry::{DeviceRecord, RegistryConflict};
+use crate::pci::PciAddress;
+use crate::registry::{DeviceRecord, Registry, RegistryConflict};
 
 fn conflict(e: RegistryConflict) -> CoreError {
     CoreError::Conflict(e.to_string())
@@ -28,8 +31,9 @@ impl Core {
             return Err(CoreError::Bridge(addr, function.class));
         }
         let name = req.name.map(|n| n.0).unwrap_or_else(|| addr.default_name());
-        let record =
+        let mut record =
             DeviceRecord::registered(cuid2::create_id(), name, &function, req.tags.into_inner());
+        record.note_vfio_provider(self.sysfs().own_vfio_provider(&addr));
         let stored = record.clone();
         self.commit(move |reg| reg.insert(stored).map_err(conflict))
             .await?;
@@ -46,26 +50,45 @@ impl Core {
     ) -> Result<DeviceRecord, CoreError> {
         let caller = ctx.caller;
         let addr = self.resolve(id_or_name)?.pci_address;
-        let updated = self
+        let (updated, retagged_vfs) = self
             .commit(|reg| {
+                let new_tags = req.tags.map(|t| t.into_inner());
+                if let Some(tags) = &new_tags {
+                    ensure_vf_keeps_pf_tags(reg, &addr, tags)?;
+                }
                 if let Some(name) = &req.name {
                     reg.rename(&addr, name.as_str()).map_err(conflict)?;
                 }
                 let d = reg
                     .get_mut_by_address(&addr)
                     .ok_or_else(|| CoreError::NotFound(id_or_name.to_owned()))?;
-                if let Some(tags) = req.tags {
-                    d.tags = tags.into_inner();
+                if let Some(tags) = &new_tags {
+                    d.tags = tags.clone();
                 }
                 if let Some(methods) = req.reset_method {
                     d.reset_method =
                         methods.map(|list| list.iter().map(|m| m.as_str().to_owned()).collect());
                 }
-                Ok(d.clone())
+                let updated = d.clone();
+                // A PF's tags are its VFs' pool: new ones reach every VF in
+                // this same commit, or claims and capacity would keep
+                // handing VFs out of the old pool.
+                let retagged_vfs = match new_tags {
+                    Some(tags) => retag_vfs_of(reg, &addr, &tags),
+                    None => Vec::new(),
+                };
+                Ok((updated, retagged_vfs))
             })
             .await?;
         tracing::info!(uid = caller.uid, pid = caller.pid, device = %addr, name = %updated.name, "updated {addr} ({}) for {caller}", updated.name);
         ctx.publish(ctx.event(EventKind::Updated, &updated));
+        for vf in &retagged_vfs {
+            tracing::info!(uid = caller.uid, pid = caller.pid, device = %vf.pci_address, pf = %addr, "VF {} of {} takes its PF's new tags", vf.name, updated.name);
+            ctx.publish(
+                ctx.event(EventKind::Updated, vf)
+                    .detail(format!("tags of its PF {}", updated.name)),
+            );
+        }
         Ok(updated)
     }
 
@@ -120,4 +143,53 @@ impl Core {
         ctx.publish(ctx.event(EventKind::Unregistered, &record));
         Ok(())
     }
+}
+
+/// Refuses tags for a VF record other than its PF's. Its current tags are
+/// let through too: a client that reads a device, changes its name and
+/// sends the whole of it back is not refused (a VF registered by hand
+/// before vfiod managed its PF may still carry tags of its own).
+fn ensure_vf_keeps_pf_tags(
+    reg: &Registry,
+    addr: &PciAddress,
+    tags: &BTreeMap<String, String>,
+) -> Result<(), CoreError> {
+    let Some(d) = reg.get_by_address(addr) else {
+        return Ok(());
+    };
+    let Some(pf) =
+        d.vf.as_ref()
+            .and_then(|v| reg.get_by_address(&v.parent_address))
+    else {
+        return Ok(());
+    };
+    if tags == &d.tags || tags == &pf.tags {
+        return Ok(());
+    }
+    Err(CoreError::VfTagsFollowPf {
+        vf: d.name.clone(),
+        pf: pf.name.clone(),
+    })
+}
+
+/// Gives every VF record of the PF at `pf` the PF's `tags`; the records
+/// that changed, as they are now.
+fn retag_vfs_of(
+    reg: &mut Registry,
+    pf: &PciAddress,
+    tags: &BTreeMap<String, String>,
+) -> Vec<DeviceRecord> {
+    let vfs: Vec<PciAddress> = reg
+        .iter()
+        .filter(|d| d.vf.as_ref().is_some_and(|v| &v.parent_address == pf) && &d.tags != tags)
+        .map(|d| d.pci_address)
+        .collect();
+    let mut retagged = Vec::with_capacity(vfs.len());
+    for a in &vfs {
+        if let Some(d) = reg.get_mut_by_address(a) {
+            d.tags = tags.clone();
+            retagged.push(d.clone());
+        }
+    }
+    retagged
 }

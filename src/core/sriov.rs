@@ -548,7 +548,10 @@ impl Core {
             sysfs
                 .virtfns(&pf_addr)
                 .into_iter()
-                .filter_map(|a| sysfs.read_function(&a).ok().flatten())
+                .filter_map(|a| {
+                    let f = sysfs.read_function(&a).ok().flatten()?;
+                    Some((sysfs.own_vfio_provider(&a), f))
+                })
                 .collect::<Vec<_>>()
         })
         .await
@@ -560,13 +563,13 @@ impl Core {
                 let stale: Vec<PciAddress> = reg
                     .iter()
                     .filter(|d| d.vf.as_ref().is_some_and(|v| v.parent_address == pf_addr))
-                    .filter(|d| !functions.iter().any(|f| f.address == d.pci_address))
+                    .filter(|d| !functions.iter().any(|(_, f)| f.address == d.pci_address))
                     .map(|d| d.pci_address)
                     .collect();
                 for a in stale {
                     removed.extend(reg.remove(&a));
                 }
-                for (index, f) in functions.iter().enumerate() {
+                for (index, (provider, f)) in functions.iter().enumerate() {
                     let vf = VirtualFunction {
                         parent_id: pf.id.clone(),
                         parent_address: pf_addr,
@@ -588,6 +591,7 @@ impl Core {
                         pf.tags.clone(),
                     );
                     record.vf = Some(vf);
+                    record.note_vfio_provider(provider.clone());
                     reg.insert(record.clone())
                         .map_err(|e| CoreError::Conflict(e.to_string()))?;
                     added.push(record);

@@ -77,6 +77,15 @@ impl Sysfs {
             || self.is_vgpu_vf(addr)
     }
 
+    /// The function's driver when that driver, not a vfio one, is its own
+    /// VFIO provider (a vGPU VF on `nvidia`); `None` otherwise.
+    pub fn own_vfio_provider(&self, addr: &PciAddress) -> Option<String> {
+        if !self.is_vgpu_vf(addr) {
+            return None;
+        }
+        self.driver(addr).filter(|d| !super::is_vfio_driver(d))
+    }
+
     /// A vGPU-capable VF on its own VFIO provider (the nvidia driver with
     /// `vfio-dev/`): ready for a VMM as it is, never to be rebound.
     pub fn is_vgpu_vf(&self, addr: &PciAddress) -> bool {

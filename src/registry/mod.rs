@@ -351,6 +351,12 @@ pub struct DeviceRecord {
     /// The driver sysfs showed last; `None` when unbound or absent.
     #[serde(default)]
     pub current_driver: Option<String>,
+    /// A driver other than a vfio one that the kernel showed to be the
+    /// function's own VFIO provider (`nvidia` of a vGPU VF, which makes its
+    /// `vfio-dev/`), noted whenever vfiod reads the function's driver.
+    /// Compared with `current_driver`, so a move away needs no clearing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vfio_provider: Option<String>,
     /// A sysfs write for this device timed out in the kernel; vfiod does not
     /// know which driver it ends up on until the kernel answers.
     #[serde(default)]
@@ -407,6 +413,7 @@ impl DeviceRecord {
             pending: None,
             present: true,
             current_driver: f.driver.clone(),
+            vfio_provider: None,
             stuck: false,
             identity_mismatch: false,
             health: HealthRecord::default(),
@@ -428,9 +435,39 @@ impl DeviceRecord {
     }
 
     /// On a vfio driver now, whoever put it there (see
-    /// [`DeviceRecord::bound_by_vfiod`]).
+    /// [`DeviceRecord::bound_by_vfiod`]); what the move logic asks. A vGPU
+    /// VF on its own provider is not, yet usable (see
+    /// [`DeviceRecord::usable_through_vfio`]).
     pub fn bound_to_vfio(&self) -> bool {
         self.present && self.current_driver.as_deref().is_some_and(is_vfio_driver)
+    }
+
+    /// Usable by a VMM through VFIO as it is: on a vfio driver, or on a
+    /// driver that is its own VFIO provider. The wire's `bound_to_vfio`
+    /// (hypeman's meaning); the move logic asks [`DeviceRecord::bound_to_vfio`].
+    pub fn usable_through_vfio(&self) -> bool {
+        self.bound_to_vfio()
+            || (self.present
+                && self.current_driver.is_some()
+                && self.current_driver == self.vfio_provider)
+    }
+
+    /// Notes what the kernel showed with the driver just recorded in
+    /// `current_driver`: `provider` is that driver when it is the
+    /// function's own VFIO provider ([`crate::pci::Sysfs::own_vfio_provider`]).
+    /// A non-vfio driver that no longer provides VFIO is forgotten; a read
+    /// under a vfio driver or none says nothing about the native one.
+    pub fn note_vfio_provider(&mut self, provider: Option<String>) {
+        if provider.is_some() {
+            self.vfio_provider = provider;
+        } else if self
+            .current_driver
+            .as_deref()
+            .is_some_and(|d| !is_vfio_driver(d))
+            && self.current_driver == self.vfio_provider
+        {
+            self.vfio_provider = None;
+        }
     }
 
     /// vfiod put the device on vfio and owes it a give-back.

@@ -145,6 +145,7 @@ impl From<RecordV1> for DeviceRecord {
             pending,
             present: v1.present,
             current_driver: v1.current_driver,
+            vfio_provider: None,
             stuck: v1.stuck,
             identity_mismatch: v1.identity_mismatch,
             health,
