@@ -150,13 +150,24 @@ mod tests {
         }
         // Arrived while run 1 is under way: they must not get run 1 (it
         // may have read the state before they came), and share run 2.
+        // Each counts itself in the same poll in which `get` notes the run
+        // it wants (nothing between them yields), so once all 50 are
+        // counted, all 50 arrived while run 1 was under way, however
+        // loaded the machine.
+        let arrived = Arc::new(AtomicU64::new(0));
         let waiting: Vec<_> = (0..50)
             .map(|_| {
                 let (shared, runs, gate) = (shared.clone(), runs.clone(), gate.clone());
-                tokio::spawn(async move { shared.get(|| counting_run(&runs, &gate)).await })
+                let arrived = arrived.clone();
+                tokio::spawn(async move {
+                    arrived.fetch_add(1, Ordering::SeqCst);
+                    shared.get(|| counting_run(&runs, &gate)).await
+                })
             })
             .collect();
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        while arrived.load(Ordering::SeqCst) < 50 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         assert_eq!(runs.load(Ordering::SeqCst), 1, "one run at a time");
         gate.add_permits(1000);
         assert_eq!(first.await.unwrap().unwrap(), "run 1");
