@@ -19,17 +19,30 @@
 
 mod crashkit;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crashkit::{is_root, spec_of, trace_lines, Host, AUDIO, GPU, NIC, VFIO, VMM_UID};
+use common::Response;
+use crashkit::{
+    is_root, spec_of, trace_lines, Host, AUDIO, GPU, MDEV_PARENT, MDEV_TYPE, NIC, VFIO, VMM_UID,
+};
 
 /// Seeds that once failed, each replayed first in every run.
 const REGRESSION_SEEDS: &[u64] = &[];
 const OPS_PER_SEED: usize = 30;
 const EDU: &str = "0000:00:03.0";
+/// The pool every device joins when registered (and leaves by a `Tag` of
+/// 0): whole-device claims and mdev claims ask for it.
+const POOL: &str = "soak";
+/// Instances of whole-device claims (`c0`..) and of mdev claims (`m0`..):
+/// one more mdev instance than the parent's 4, so that it fills up.
+const CLAIM_INSTANCES: u64 = 3;
+const MDEV_INSTANCES: u64 = 5;
+/// Instances of `MDEV_TYPE` the parent offers.
+const MDEV_CAPACITY: usize = 4;
 
 /// xorshift64*: small, seeded, the same everywhere.
 struct Rng(u64);
@@ -60,9 +73,14 @@ enum Dev {
     Nic,
     Gpu,
     Edu,
+    /// The legacy mdev parent (a P40 on nvidia). Not hot-plugged here: the
+    /// soak keeps to what the model can say of its mediated devices.
+    P40,
 }
 
-const DEVS: [Dev; 3] = [Dev::Nic, Dev::Gpu, Dev::Edu];
+const DEVS: [Dev; 4] = [Dev::Nic, Dev::Gpu, Dev::Edu, Dev::P40];
+/// The devices `Unplug` and `Replug` pick from.
+const PLUGGABLE: [Dev; 3] = [Dev::Nic, Dev::Gpu, Dev::Edu];
 
 impl Dev {
     fn addr(self) -> &'static str {
@@ -70,6 +88,7 @@ impl Dev {
             Dev::Nic => NIC,
             Dev::Gpu => GPU,
             Dev::Edu => EDU,
+            Dev::P40 => MDEV_PARENT,
         }
     }
 
@@ -78,6 +97,7 @@ impl Dev {
             Dev::Nic => "nic",
             Dev::Gpu => "gpu",
             Dev::Edu => "edu",
+            Dev::P40 => "p40",
         }
     }
 
@@ -112,6 +132,12 @@ enum Op {
     ArmKill(u8),
     /// Restart with a fault armed at step N.
     ArmFault(u8, &'static str),
+    /// A whole-device claim from the pool by instance `c<n>`.
+    Claim(u8),
+    /// A claim of a mediated device (`MDEV_TYPE`) by instance `m<n>`.
+    MdevClaim(u8),
+    /// Its release: detach of the parent with `instance_id` `m<n>`.
+    MdevRelease(u8),
 }
 
 impl fmt::Display for Op {
@@ -134,7 +160,7 @@ fn generate(seed: u64, len: usize) -> Vec<Op> {
     (0..len)
         .map(|_| {
             let d = rng.pick(&DEVS);
-            match rng.below(100) {
+            match rng.below(120) {
                 0..=11 => Op::Register(d),
                 12..=17 => Op::Delete(d),
                 18..=31 => Op::Bind(d, rng.below(3) != 0),
@@ -144,11 +170,17 @@ fn generate(seed: u64, len: usize) -> Vec<Op> {
                 63..=67 => Op::Reset(d, rng.pick(&["auto", "flr", "pm"])),
                 68..=70 => Op::Tag(d, rng.below(3) as u8),
                 71..=74 => Op::VmmExit,
-                75..=80 => Op::Unplug(d),
-                81..=86 => Op::Replug(d, rng.below(2) == 0),
+                75..=80 => Op::Unplug(rng.pick(&PLUGGABLE)),
+                81..=86 => Op::Replug(rng.pick(&PLUGGABLE), rng.below(2) == 0),
                 87..=89 => Op::Restart,
                 90..=94 => Op::ArmKill(1 + rng.below(14) as u8),
-                _ => Op::ArmFault(1 + rng.below(14) as u8, rng.pick(FAULTS)),
+                95..=99 => Op::ArmFault(1 + rng.below(14) as u8, rng.pick(FAULTS)),
+                // The parent is one device of four: registered more often,
+                // so that its mediated devices come up in most sequences.
+                100..=102 => Op::Register(Dev::P40),
+                103..=109 => Op::Claim(rng.below(CLAIM_INSTANCES) as u8),
+                110..=115 => Op::MdevClaim(rng.below(MDEV_INSTANCES) as u8),
+                _ => Op::MdevRelease(rng.below(MDEV_INSTANCES) as u8),
             }
         })
         .collect()
@@ -163,24 +195,32 @@ struct DevState {
     registered: bool,
     bound: bool,
     attached: bool,
+    /// The whole-device claim (instance `c<n>`) the attachment is for;
+    /// `None` for an attach of `vm-1`.
+    claim: Option<u8>,
     tag: Option<u8>,
+    /// Carries the pool's `resource` tag.
+    in_pool: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Model {
-    devs: [DevState; 3],
-    present: [bool; 3],
+    devs: [DevState; 4],
+    present: [bool; 4],
     /// The GPU's audio companion was given back while the GPU itself,
     /// off the bus, stayed recorded as vfiod's (a delete cut short).
     companion_back: bool,
+    /// The instances (`m<n>`) with a mediated device on the parent.
+    mdevs: BTreeSet<u8>,
 }
 
 impl Model {
     fn new() -> Model {
         Model {
-            devs: [DevState::default(); 3],
-            present: [true; 3],
+            devs: [DevState::default(); 4],
+            present: [true; 4],
             companion_back: false,
+            mdevs: BTreeSet::new(),
         }
     }
 
@@ -190,7 +230,12 @@ impl Model {
 
     fn with(&self, d: Dev, f: impl FnOnce(&mut DevState)) -> Model {
         let mut m = self.clone();
-        f(&mut m.devs[d.index()]);
+        let s = &mut m.devs[d.index()];
+        f(s);
+        // A claim lives exactly as long as its attachment.
+        if !s.attached {
+            s.claim = None;
+        }
         if d == Dev::Gpu && !m.devs[d.index()].bound {
             m.companion_back = false;
         }
@@ -201,28 +246,93 @@ impl Model {
     fn audio_on_vfio(&self) -> bool {
         self.dev(Dev::Gpu).bound && !self.companion_back
     }
+
+    /// The device instance `c<i>` holds by a claim.
+    fn claimed_by(&self, i: u8) -> Option<Dev> {
+        DEVS.into_iter().find(|d| self.dev(*d).claim == Some(i))
+    }
+
+    /// Whether a whole-device claim may hand `d` out now: in the pool,
+    /// on the bus, not attached, its group movable without `with_group`
+    /// (as an attach moves it), and no mediated devices on it.
+    fn claimable(&self, d: Dev) -> bool {
+        let s = self.dev(d);
+        s.registered
+            && s.in_pool
+            && self.present[d.index()]
+            && !s.attached
+            && (d != Dev::Gpu || s.bound || self.audio_on_vfio())
+            && (d != Dev::P40 || self.mdevs.is_empty())
+    }
+
+    /// A known vfiod defect (`soak_regression_a_claim_is_not_refused_while_a_free_device_fits`):
+    /// the claim picker takes a GPU whose audio function is on its own
+    /// driver, and the hand-out, an attach without `with_group`, refuses
+    /// it with `iommu_group_conflict` (nothing written, the claim dropped),
+    /// even when another device is free.
+    fn gpu_pick_refused(&self) -> bool {
+        let s = self.dev(Dev::Gpu);
+        s.registered
+            && s.in_pool
+            && self.present[Dev::Gpu.index()]
+            && !s.attached
+            && !s.bound
+            && !self.audio_on_vfio()
+    }
+
+    /// Whether the parent can make one more mediated device: in the
+    /// pool, on its own driver (not bound to vfio, not handed out whole),
+    /// an instance of the type left.
+    fn mdev_room(&self) -> bool {
+        let s = self.dev(Dev::P40);
+        s.registered
+            && s.in_pool
+            && self.present[Dev::P40.index()]
+            && !s.bound
+            && !s.attached
+            && self.mdevs.len() < MDEV_CAPACITY
+    }
 }
 
-/// What an operation should do with no fault due: succeed into a model,
-/// or be refused (4xx) leaving the model.
+/// What an operation should do with no fault due.
 enum Expect {
+    /// Succeed (any 2xx) into this model.
     Ok(Model),
-    Refused,
+    /// Succeed with exactly `status`, naming `device` (claims).
+    Answer {
+        model: Model,
+        status: u16,
+        device: Dev,
+    },
+    /// A new whole-device claim: 201 naming one of these devices (vfiod
+    /// chooses), into its model; or, while vfiod has the defect of
+    /// `Model::gpu_pick_refused`, refused with `may_refuse`.
+    Pick {
+        picks: Vec<(Dev, Model)>,
+        may_refuse: Option<&'static str>,
+    },
+    /// Be refused (4xx, with one of these codes if any), leaving the
+    /// model.
+    Refused(&'static [&'static str]),
 }
 
 /// The prediction, and the other states an interrupted run may leave.
 fn predict(m: &Model, op: Op) -> (Expect, Vec<Model>) {
     use Expect::*;
     let none = Vec::new;
+    // Taking the parent off its driver (or handing it out whole) would
+    // destroy its mediated devices.
+    let mdevs_in_use = |d: Dev| d == Dev::P40 && m.dev(d).registered && !m.mdevs.is_empty();
     match op {
         Op::Register(d) => {
             if m.dev(d).registered || !m.present[d.index()] {
-                (Refused, none())
+                (Refused(&[]), none())
             } else {
                 (
                     Ok(m.with(d, |s| {
                         *s = DevState {
                             registered: true,
+                            in_pool: true,
                             ..DevState::default()
                         }
                     })),
@@ -232,8 +342,11 @@ fn predict(m: &Model, op: Op) -> (Expect, Vec<Model>) {
         }
         Op::Delete(d) => {
             let s = m.dev(d);
+            if mdevs_in_use(d) {
+                return (Refused(&["mdevs_in_use"]), none());
+            }
             if !s.registered || s.attached {
-                (Refused, none())
+                (Refused(&[]), none())
             } else {
                 let gone = m.with(d, |s| *s = DevState::default());
                 let given_back = m.with(d, |s| s.bound = false);
@@ -252,11 +365,14 @@ fn predict(m: &Model, op: Op) -> (Expect, Vec<Model>) {
         }
         Op::Bind(d, with_group) => {
             let s = m.dev(d);
+            if mdevs_in_use(d) {
+                return (Refused(&["mdevs_in_use"]), none());
+            }
             if !s.registered || !m.present[d.index()] {
-                return (Refused, none());
+                return (Refused(&[]), none());
             }
             if d == Dev::Gpu && !with_group && !m.audio_on_vfio() {
-                return (Refused, none());
+                return (Refused(&[]), none());
             }
             let mut bound = m.with(d, |s| s.bound = true);
             if d == Dev::Gpu {
@@ -266,21 +382,36 @@ fn predict(m: &Model, op: Op) -> (Expect, Vec<Model>) {
         }
         Op::Unbind(d) => {
             let s = m.dev(d);
+            if mdevs_in_use(d) {
+                return (Refused(&["mdevs_in_use"]), none());
+            }
             if !s.registered || s.attached || (s.bound && !m.present[d.index()]) {
-                return (Refused, none());
+                return (Refused(&[]), none());
             }
             (Ok(m.with(d, |s| s.bound = false)), none())
         }
         Op::Attach(d) => {
             let s = m.dev(d);
-            if !s.registered || !m.present[d.index()] {
-                return (Refused, none());
+            if mdevs_in_use(d) {
+                return (Refused(&["mdevs_in_use"]), none());
+            }
+            if !s.registered {
+                return (Refused(&[]), none());
+            }
+            if s.claim.is_some() {
+                // Attached to a claim's instance, not vm-1.
+                return (Refused(&["in_use"]), none());
             }
             if s.attached {
+                // The same attachment again, answered as it is (even off
+                // the bus: nothing is done).
                 return (Ok(m.clone()), none());
             }
+            if !m.present[d.index()] {
+                return (Refused(&[]), none());
+            }
             if d == Dev::Gpu && !s.bound && !m.audio_on_vfio() {
-                return (Refused, none());
+                return (Refused(&[]), none());
             }
             let bound_only = m.with(d, |s| s.bound = true);
             (
@@ -294,7 +425,7 @@ fn predict(m: &Model, op: Op) -> (Expect, Vec<Model>) {
         Op::Detach(d, keep) => {
             let s = m.dev(d);
             if !s.registered {
-                return (Refused, none());
+                return (Refused(&[]), none());
             }
             let give_back = !keep && s.bound && m.present[d.index()];
             let detached = m.with(d, |s| s.attached = false);
@@ -308,22 +439,34 @@ fn predict(m: &Model, op: Op) -> (Expect, Vec<Model>) {
         }
         Op::Reset(d, _) => {
             let s = m.dev(d);
+            if mdevs_in_use(d) {
+                return (Refused(&["mdevs_in_use"]), none());
+            }
             if !s.registered || !m.present[d.index()] || s.attached || !d.resettable() {
-                return (Refused, none());
+                return (Refused(&[]), none());
             }
             (Ok(m.clone()), none())
         }
         Op::Tag(d, v) => {
             if !m.dev(d).registered {
-                return (Refused, none());
+                return (Refused(&[]), none());
             }
-            (Ok(m.with(d, |s| s.tag = Some(v))), none())
+            (
+                Ok(m.with(d, |s| {
+                    s.tag = Some(v);
+                    s.in_pool = v != 0;
+                })),
+                none(),
+            )
         }
         Op::VmmExit => {
             let mut after = m.clone();
             for s in after.devs.iter_mut() {
                 s.attached = false;
+                s.claim = None;
             }
+            // Every claim and attach names the VMM's pid.
+            after.mdevs.clear();
             (Ok(after), none())
         }
         Op::Unplug(d) => {
@@ -337,6 +480,80 @@ fn predict(m: &Model, op: Op) -> (Expect, Vec<Model>) {
             (Ok(after), none())
         }
         Op::Restart | Op::ArmKill(_) | Op::ArmFault(..) => (Ok(m.clone()), none()),
+        Op::Claim(i) => {
+            if let Some(d) = m.claimed_by(i) {
+                // The same request again: the same device, nothing done.
+                let again = Answer {
+                    model: m.clone(),
+                    status: 200,
+                    device: d,
+                };
+                return (again, none());
+            }
+            let free: Vec<Dev> = DEVS.into_iter().filter(|d| m.claimable(*d)).collect();
+            let gpu_refused = m.gpu_pick_refused();
+            if free.is_empty() {
+                let codes: &[&str] = if gpu_refused {
+                    &["no_capacity", "iommu_group_conflict"]
+                } else {
+                    &["no_capacity"]
+                };
+                return (Refused(codes), none());
+            }
+            let picks = free
+                .iter()
+                .map(|&d| {
+                    let claimed = m.with(d, |s| {
+                        s.bound = true;
+                        s.attached = true;
+                        s.claim = Some(i);
+                    });
+                    (d, claimed)
+                })
+                .collect();
+            // Cut short: bound, its unfinished claim dropped at restart.
+            let bound_only = free
+                .iter()
+                .map(|&d| m.with(d, |s| s.bound = true))
+                .collect();
+            let pick = Pick {
+                picks,
+                may_refuse: gpu_refused.then_some("iommu_group_conflict"),
+            };
+            (pick, bound_only)
+        }
+        Op::MdevClaim(i) => {
+            if m.mdevs.contains(&i) {
+                let again = Answer {
+                    model: m.clone(),
+                    status: 200,
+                    device: Dev::P40,
+                };
+                return (again, none());
+            }
+            if !m.mdev_room() {
+                return (Refused(&["no_capacity"]), none());
+            }
+            let mut made = m.clone();
+            made.mdevs.insert(i);
+            let answer = Answer {
+                model: made,
+                status: 201,
+                device: Dev::P40,
+            };
+            (answer, none())
+        }
+        Op::MdevRelease(i) => {
+            if !m.dev(Dev::P40).registered {
+                return (Refused(&[]), none());
+            }
+            if !m.mdevs.contains(&i) {
+                return (Refused(&["not_found"]), none());
+            }
+            let mut released = m.clone();
+            released.mdevs.remove(&i);
+            (Ok(released), none())
+        }
     }
 }
 
@@ -365,12 +582,24 @@ fn compare(h: &Host, m: &Model) -> Result<(), String> {
                         s.bound
                     ));
                 }
-                if r["attached_to"].is_null() == s.attached {
-                    return Err(format!("{}: attached is not {}: {r}", d.name(), s.attached));
+                let holder = match (s.attached, s.claim) {
+                    (false, _) => None,
+                    (true, None) => Some("vm-1".to_owned()),
+                    (true, Some(i)) => Some(format!("c{i}")),
+                };
+                if r["attached_to"].as_str().map(str::to_owned) != holder {
+                    return Err(format!("{}: attached_to is not {holder:?}: {r}", d.name()));
                 }
                 let tag = r["tags"]["k"].as_str().map(str::to_owned);
                 if tag != s.tag.map(|t| t.to_string()) {
                     return Err(format!("{}: tag {tag:?}, expected {:?}", d.name(), s.tag));
+                }
+                if (r["tags"]["resource"] == POOL) != s.in_pool {
+                    return Err(format!(
+                        "{}: in the pool is not {}: {r}",
+                        d.name(),
+                        s.in_pool
+                    ));
                 }
             }
         }
@@ -388,6 +617,28 @@ fn compare(h: &Host, m: &Model) -> Result<(), String> {
                 ));
             }
         }
+    }
+    // The mediated devices: the record's (by instance) and the kernel's.
+    let want: Vec<String> = m.mdevs.iter().map(|i| format!("m{i}")).collect();
+    let parent = devices.iter().find(|r| r["pci_address"] == MDEV_PARENT);
+    let mut recorded: Vec<String> = parent
+        .and_then(|r| r["mdevs"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|m| m["instance_id"].as_str().map(str::to_owned))
+        .collect();
+    recorded.sort_unstable();
+    if recorded != want {
+        return Err(format!(
+            "p40: mediated devices of instances {recorded:?}, expected {want:?}"
+        ));
+    }
+    let in_kernel = h.fs.mdevs(MDEV_PARENT).len();
+    if in_kernel != want.len() {
+        return Err(format!(
+            "p40: the kernel has {in_kernel} mediated devices, expected {}",
+            want.len()
+        ));
     }
     let want = if m.audio_on_vfio() {
         Some(VFIO.to_owned())
@@ -413,6 +664,9 @@ struct Run {
     armed: Option<u64>,
     /// Soak steps done (operations and checks).
     steps: usize,
+    /// How the claims were answered ("Claim 201", ...), to show that the
+    /// sequences reach them.
+    answers: BTreeMap<String, usize>,
 }
 
 impl Run {
@@ -424,6 +678,7 @@ impl Run {
             trace,
             armed: None,
             steps: 0,
+            answers: BTreeMap::new(),
             h: {
                 h.d.kill9();
                 h
@@ -502,19 +757,23 @@ impl Run {
         Ok(())
     }
 
-    fn request(&self, method: &str, path: &str, body: &str) -> Option<u16> {
-        self.h.status_of(method, path, body)
+    fn request(&self, method: &str, path: &str, body: &str) -> Option<Response> {
+        self.h.try_req(method, path, body)
     }
 
     /// Does `op`; the answer (None: none, or not a request).
-    fn act(&mut self, op: Op) -> Result<Option<u16>, String> {
+    fn act(&mut self, op: Op) -> Result<Option<Response>, String> {
         let h = &self.h;
         let path = |d: Dev, what: &str| format!("/devices/{}{what}", d.name());
         Ok(match op {
             Op::Register(d) => self.request(
                 "POST",
                 "/devices",
-                &format!(r#"{{"pci_address":"{}","name":"{}"}}"#, d.addr(), d.name()),
+                &format!(
+                    r#"{{"pci_address":"{}","name":"{}","tags":{{"resource":"{POOL}"}}}}"#,
+                    d.addr(),
+                    d.name()
+                ),
             ),
             Op::Delete(d) => self.request("DELETE", &path(d, ""), ""),
             Op::Bind(d, g) => self.request(
@@ -541,10 +800,36 @@ impl Run {
                 &path(d, "/reset"),
                 &format!(r#"{{"method":"{m}"}}"#),
             ),
+            // PATCH replaces the tags: 0 takes the device out of the pool.
             Op::Tag(d, v) => self.request(
                 "PATCH",
                 &path(d, ""),
-                &format!(r#"{{"tags":{{"k":"{v}"}}}}"#),
+                &if v == 0 {
+                    format!(r#"{{"tags":{{"k":"{v}"}}}}"#)
+                } else {
+                    format!(r#"{{"tags":{{"k":"{v}","resource":"{POOL}"}}}}"#)
+                },
+            ),
+            Op::Claim(i) => self.request(
+                "POST",
+                "/devices/claim",
+                &format!(
+                    r#"{{"tags":{{"resource":"{POOL}"}},"instance_id":"c{i}","uid":{VMM_UID},"pid":{}}}"#,
+                    h.vmm_pid()
+                ),
+            ),
+            Op::MdevClaim(i) => self.request(
+                "POST",
+                "/devices/claim",
+                &format!(
+                    r#"{{"tags":{{"resource":"{POOL}"}},"instance_id":"m{i}","uid":{VMM_UID},"pid":{},"mdev_type":"{MDEV_TYPE}"}}"#,
+                    h.vmm_pid()
+                ),
+            ),
+            Op::MdevRelease(i) => self.request(
+                "POST",
+                &path(Dev::P40, "/detach"),
+                &format!(r#"{{"instance_id":"m{i}"}}"#),
             ),
             Op::VmmExit => {
                 h.kill_vmm();
@@ -589,35 +874,104 @@ impl Run {
     fn step(&mut self, op: Op) -> Result<(), String> {
         self.revive()?;
         let (expect, halves) = predict(&self.model, op);
-        let answered = self.act(op)?;
+        let answer = self.act(op)?;
         let hit = self.hit() || (self.armed.is_some() && !self.h.alive());
         self.revive()?;
         self.steps += 1;
-        let candidates: Vec<Model> = match (&expect, answered, hit) {
-            (_, _, true) => {
-                // Interrupted: all, nothing or a documented half.
-                let mut c = vec![self.model.clone()];
-                if let Expect::Ok(m) = &expect {
-                    c.push(m.clone());
-                }
-                c.extend(halves);
-                c
+        if let (Op::Claim(_) | Op::MdevClaim(_) | Op::MdevRelease(_), Some(r)) = (op, &answer) {
+            let kind = format!("{op:?}");
+            let kind = kind.split('(').next().unwrap_or_default();
+            *self
+                .answers
+                .entry(format!("{kind} {} {}", r.status, error_code(r)))
+                .or_default() += 1;
+        }
+        let candidates: Vec<Model> = if hit {
+            // Interrupted: all, nothing or a documented half.
+            let mut c = vec![self.model.clone()];
+            match &expect {
+                Expect::Ok(m) | Expect::Answer { model: m, .. } => c.push(m.clone()),
+                Expect::Pick { picks, .. } => c.extend(picks.iter().map(|(_, m)| m.clone())),
+                Expect::Refused(_) => {}
             }
-            (Expect::Ok(m), Some(s), false) if s < 300 => vec![m.clone()],
-            (Expect::Ok(_), Some(s), false) => {
-                return Err(format!("{op}: expected success, answered {s}"));
-            }
-            (Expect::Refused, Some(s), false) if (400..500).contains(&s) => {
-                vec![self.model.clone()]
-            }
-            (Expect::Refused, Some(s), false) => {
-                return Err(format!("{op}: expected a refusal, answered {s}"));
-            }
-            (Expect::Ok(m), None, false) => vec![m.clone()],
-            (Expect::Refused, None, false) => vec![self.model.clone()],
+            c.extend(halves);
+            c
+        } else {
+            vec![self.expected(op, expect, answer.as_ref())?]
         };
         self.model = self.settle(op, &candidates)?;
         Ok(())
+    }
+
+    /// The model after `op`, answered `answer` with no fault due; `Err` if
+    /// the answer is not what the model predicts.
+    fn expected(&self, op: Op, expect: Expect, answer: Option<&Response>) -> Result<Model, String> {
+        let Some(r) = answer else {
+            return Ok(match expect {
+                Expect::Ok(m) => m,
+                Expect::Refused(_) => self.model.clone(),
+                Expect::Answer { .. } | Expect::Pick { .. } => {
+                    return Err(format!("{op}: expected an answer, got none"))
+                }
+            });
+        };
+        let s = r.status;
+        let named = || r.json()["pci_address"].as_str().map(str::to_owned);
+        match expect {
+            Expect::Ok(m) if s < 300 => Ok(m),
+            Expect::Answer {
+                model,
+                status,
+                device,
+            } if s == status => {
+                if named().as_deref() != Some(device.addr()) {
+                    return Err(format!(
+                        "{op}: answered {s} naming {:?}, expected {}: {}",
+                        named(),
+                        device.name(),
+                        r.body
+                    ));
+                }
+                Ok(model)
+            }
+            Expect::Pick {
+                may_refuse: Some(code),
+                ..
+            } if s == 409 && error_code(r) == code => Ok(self.model.clone()),
+            Expect::Pick { picks, .. } if s == 201 => {
+                let got = named();
+                picks
+                    .into_iter()
+                    .find(|(d, _)| got.as_deref() == Some(d.addr()))
+                    .map(|(_, m)| m)
+                    .ok_or_else(|| {
+                        format!(
+                            "{op}: claimed {got:?}, which the model does not hold free: {}",
+                            r.body
+                        )
+                    })
+            }
+            Expect::Refused(codes) if (400..500).contains(&s) => {
+                if codes.is_empty() || codes.contains(&error_code(r).as_str()) {
+                    Ok(self.model.clone())
+                } else {
+                    Err(format!(
+                        "{op}: expected a refusal {codes:?}, answered {s}: {}",
+                        r.body
+                    ))
+                }
+            }
+            Expect::Refused(_) => Err(format!(
+                "{op}: expected a refusal, answered {s}: {}",
+                r.body
+            )),
+            Expect::Answer { status, .. } => {
+                Err(format!("{op}: expected {status}, answered {s}: {}", r.body))
+            }
+            Expect::Ok(_) | Expect::Pick { .. } => {
+                Err(format!("{op}: expected success, answered {s}: {}", r.body))
+            }
+        }
     }
 
     /// Waits (bounded) until the invariants hold and the host matches one
@@ -654,18 +1008,36 @@ impl Run {
     }
 }
 
+/// An error answer's `code` ("" if none).
+fn error_code(r: &Response) -> String {
+    serde_json::from_str::<serde_json::Value>(&r.body)
+        .ok()
+        .and_then(|v| v["code"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// What a replay did: steps checked and how the claims were answered.
+#[derive(Default)]
+struct Tally {
+    steps: usize,
+    answers: BTreeMap<String, usize>,
+}
+
 /// Runs `ops` on a fresh host; the index of the failing step and why.
-fn replay(ops: &[Op]) -> (usize, Result<(), (usize, String)>) {
+fn replay(ops: &[Op]) -> (Tally, Result<(), (usize, String)>) {
     let mut run = Run::start();
+    let mut result = Ok(());
     for (i, op) in ops.iter().enumerate() {
         if let Err(e) = run.step(*op) {
-            return (
-                run.steps,
-                Err((i, format!("{e}\nlog tail:\n{}", run.h.log_tail(30)))),
-            );
+            result = Err((i, format!("{e}\nlog tail:\n{}", run.h.log_tail(30))));
+            break;
         }
     }
-    (run.steps, Ok(()))
+    let tally = Tally {
+        steps: run.steps,
+        answers: std::mem::take(&mut run.answers),
+    };
+    (tally, result)
 }
 
 /// The shortest prefix that fails, then single steps left out while it
@@ -745,6 +1117,7 @@ fn a_seeded_random_soak_keeps_every_invariant() {
     let started = Instant::now();
     let mut seeds = 0;
     let mut steps = 0;
+    let mut answers: BTreeMap<String, usize> = BTreeMap::new();
     let base = base_seed();
     let regression = REGRESSION_SEEDS.iter().copied();
     let fresh = (0..).map(|i| base.wrapping_add(i));
@@ -754,7 +1127,10 @@ fn a_seeded_random_soak_keeps_every_invariant() {
         }
         let ops = generate(seed, OPS_PER_SEED);
         let (done, result) = replay(&ops);
-        steps += done;
+        steps += done.steps;
+        for (k, n) in done.answers {
+            *answers.entry(k).or_default() += n;
+        }
         seeds += 1;
         if let Err((at, why)) = result {
             fail(seed, &ops, at, &why);
@@ -764,4 +1140,26 @@ fn a_seeded_random_soak_keeps_every_invariant() {
         "soak: {seeds} seeds from {base}, {steps} steps checked against the model in {:.0} s",
         started.elapsed().as_secs_f64()
     );
+    let answered: Vec<String> = answers.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+    eprintln!("soak: claims answered: {}", answered.join(", "));
+}
+
+/// Found by this soak (seed 1592590368 with the claim ops): a whole-device
+/// claim picks a GPU whose audio function is on its own driver (a device
+/// whose last reset succeeded goes first), and its hand-out, an attach
+/// without `with_group`, is refused with `iommu_group_conflict`, though the
+/// EDU is free and fits. The picker should skip a device it cannot hand
+/// out (or move its group). Ignored until vfiod is fixed; the soak's
+/// model tolerates it meanwhile (`Model::gpu_pick_refused`).
+#[test]
+#[ignore = "vfiod defect: a claim picks a GPU it cannot hand out over a free device"]
+fn soak_regression_a_claim_is_not_refused_while_a_free_device_fits() {
+    replay_must_pass(&[
+        Op::Register(Dev::Gpu),
+        Op::Bind(Dev::Gpu, true),
+        Op::Attach(Dev::Gpu),
+        Op::Detach(Dev::Gpu, false),
+        Op::Register(Dev::Edu),
+        Op::Claim(0),
+    ]);
 }
