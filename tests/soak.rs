@@ -1064,6 +1064,13 @@ fn soak_secs() -> u64 {
         .unwrap_or(30)
 }
 
+/// Locally, `VFIOD_SOAK_KEEP_GOING=1` lists each failing seed (unshrunk)
+/// and goes on with the next, to tell model errors from vfiod defects
+/// over many seeds; the run still fails at the end.
+fn keep_going() -> bool {
+    std::env::var_os("VFIOD_SOAK_KEEP_GOING").is_some_and(|v| v != "0")
+}
+
 fn base_seed() -> u64 {
     std::env::var("VFIOD_SOAK_SEED")
         .ok()
@@ -1118,6 +1125,7 @@ fn a_seeded_random_soak_keeps_every_invariant() {
     let mut seeds = 0;
     let mut steps = 0;
     let mut answers: BTreeMap<String, usize> = BTreeMap::new();
+    let mut failed: Vec<String> = Vec::new();
     let base = base_seed();
     let regression = REGRESSION_SEEDS.iter().copied();
     let fresh = (0..).map(|i| base.wrapping_add(i));
@@ -1133,7 +1141,15 @@ fn a_seeded_random_soak_keeps_every_invariant() {
         }
         seeds += 1;
         if let Err((at, why)) = result {
-            fail(seed, &ops, at, &why);
+            if !keep_going() {
+                fail(seed, &ops, at, &why);
+            }
+            let first = why.lines().next().unwrap_or_default();
+            eprintln!(
+                "soak: seed {seed} failed at step {at} ({}): {first}",
+                ops[at]
+            );
+            failed.push(format!("{seed}@{at}"));
         }
     }
     eprintln!(
@@ -1142,6 +1158,7 @@ fn a_seeded_random_soak_keeps_every_invariant() {
     );
     let answered: Vec<String> = answers.iter().map(|(k, n)| format!("{k}: {n}")).collect();
     eprintln!("soak: claims answered: {}", answered.join(", "));
+    assert!(failed.is_empty(), "soak: seeds failed: {failed:?}");
 }
 
 /// Found by this soak (seed 1592590368 with the claim ops): a whole-device
@@ -1161,5 +1178,24 @@ fn soak_regression_a_claim_is_not_refused_while_a_free_device_fits() {
         Op::Detach(Dev::Gpu, false),
         Op::Register(Dev::Edu),
         Op::Claim(0),
+    ]);
+}
+
+/// Found by this soak (seed 1592590368, shrunk by hand to five steps): an
+/// attached device comes back on the bus and vfiod's own rebind fails on
+/// a registry commit (EIO). The unfinished bind is settled afterwards, the
+/// device is on vfio again with its attachment recorded, but the grant on
+/// its re-created group node is never re-applied (`rebind_device` returns
+/// before `apply_grant`): the VMM lost its access (invariant 4). Ignored
+/// until vfiod is fixed.
+#[test]
+#[ignore = "vfiod defect: a rebind cut short by a failed commit leaves an attachment without its grant"]
+fn soak_regression_a_rebind_cut_short_still_gives_the_vmm_its_access_back() {
+    replay_must_pass(&[
+        Op::Register(Dev::Nic),
+        Op::Attach(Dev::Nic),
+        Op::Unplug(Dev::Nic),
+        Op::ArmFault(6, "EIO"),
+        Op::Replug(Dev::Nic, false),
     ]);
 }
