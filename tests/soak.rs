@@ -160,7 +160,7 @@ fn generate(seed: u64, len: usize) -> Vec<Op> {
     (0..len)
         .map(|_| {
             let d = rng.pick(&DEVS);
-            match rng.below(120) {
+            match rng.below(130) {
                 0..=11 => Op::Register(d),
                 12..=17 => Op::Delete(d),
                 18..=31 => Op::Bind(d, rng.below(3) != 0),
@@ -177,9 +177,9 @@ fn generate(seed: u64, len: usize) -> Vec<Op> {
                 95..=99 => Op::ArmFault(1 + rng.below(14) as u8, rng.pick(FAULTS)),
                 // The parent is one device of four: registered more often,
                 // so that its mediated devices come up in most sequences.
-                100..=102 => Op::Register(Dev::P40),
-                103..=109 => Op::Claim(rng.below(CLAIM_INSTANCES) as u8),
-                110..=115 => Op::MdevClaim(rng.below(MDEV_INSTANCES) as u8),
+                100..=104 => Op::Register(Dev::P40),
+                105..=111 => Op::Claim(rng.below(CLAIM_INSTANCES) as u8),
+                112..=121 => Op::MdevClaim(rng.below(MDEV_INSTANCES) as u8),
                 _ => Op::MdevRelease(rng.below(MDEV_INSTANCES) as u8),
             }
         })
@@ -1159,6 +1159,20 @@ fn a_seeded_random_soak_keeps_every_invariant() {
     let answered: Vec<String> = answers.iter().map(|(k, n)| format!("{k}: {n}")).collect();
     eprintln!("soak: claims answered: {}", answered.join(", "));
     assert!(failed.is_empty(), "soak: seeds failed: {failed:?}");
+}
+
+/// Seed 1592590374 (shrunk): the NIC left the bus, its IOMMU group number
+/// went to the next new group, a mediated device's, granted to the VMM;
+/// invariant 4 took that node for the NIC's and found an entry no
+/// attachment of the NIC explains. (The checker's error, not vfiod's.)
+#[test]
+fn soak_regression_a_pulled_devices_group_number_may_go_to_a_mediated_device() {
+    replay_must_pass(&[
+        Op::Register(Dev::Nic),
+        Op::Unplug(Dev::Nic),
+        Op::Register(Dev::P40),
+        Op::MdevClaim(0),
+    ]);
 }
 
 /// Found by this soak (seed 1592590368 with the claim ops): a whole-device

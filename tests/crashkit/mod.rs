@@ -597,6 +597,12 @@ impl Host {
             }
         }
         for d in &devices {
+            // Off the bus, its group number is free: the kernel gives it to
+            // the next new group (a mediated device's, say), whose node is
+            // then not this device's.
+            if d["present"] != true {
+                continue;
+            }
             let Some(group) = d["iommu_group"].as_u64() else {
                 continue;
             };
