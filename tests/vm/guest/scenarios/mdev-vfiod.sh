@@ -18,8 +18,10 @@
 #      vfiod, told by the kernel's bind uevent, makes it again with the same
 #      UUID and grants it again (timed);
 #   6. the VMM killed -> the mdev is removed and vfiod's record dropped;
-#   7. a claim without pid by type name (vfioctl), capacity shows 3 and 3,
-#      `vfioctl detach edu0 --instance` removes it;
+#   7. a claim without pid by type name (vfioctl), capacity shows 3 and 3;
+#      uid 1000 opens its VFIO device fd (container, group, device) and
+#      `vfioctl detach edu0 --instance` is refused (device_busy) until that
+#      process is gone, then removes it;
 #   8. 4 claims fill the parent, a 5th -> 409 no_capacity; all detached.
 # Timings: claim latency, re-create after the reload, removal after the kill.
 . /vm/lib.sh
@@ -184,6 +186,15 @@ say "capacity: $(printf '%s' "$OUT" | jq -c .resources)"
 printf '%s' "$OUT" | jq -e '[.resources[] | select(.resource == "edu") | .mdev_types == {"edu_mdev-1": 3, "edu_mdev-2": 3}] == [true]' >/dev/null ||
     fail "capacity with one mdev: $OUT"
 vfioctl --socket $SOCK capacity --tag resource=edu
+# uid 1000 uses its grant as a VMM does: container, group, the mdev's device fd
+# (edu_mdev's open_device); vfiod then refuses to remove it under the holder.
+G2=$(mdev_group "$U2")
+holder_start runas 1000 1000 - vmtool vfiohold "$G2" "$U2"
+vc detach edu0 --instance vm-e2
+[ "$RC" != 0 ] && busy_names_pid "$HOLD" vmtool || fail "detach of vm-e2 while uid 1000 holds its device fd: rc $RC $OUT $ERR, not device_busy naming pid $HOLD"
+mdev_dir "$U2" || fail "mdev $U2 gone after the refused detach"
+say "detach --instance vm-e2 while uid 1000 (pid $HOLD) holds its VFIO device fd -> device_busy: $(printf '%s' "$ERR" | jq -r .message)"
+kill -9 "$HOLD"; wait "$HOLD" 2>/dev/null
 vc_ok detach edu0 --instance vm-e2
 mdev_dir "$U2" && fail "mdev $U2 still there after vfioctl detach edu0 --instance vm-e2"
 [ "$(avail edu_mdev-2)" = 4 ] || fail "available after the detach: $(avail edu_mdev-2)"
