@@ -33,9 +33,12 @@ EDU=$(dev_under "$PORT_edu0") || fail "no edu behind $PORT_edu0"
 D=/sys/bus/pci/devices/$EDU
 T=$D/mdev_supported_types
 DRV=/sys/bus/pci/drivers/edu_mdev
-SLEEPER=
+SLEEPER= HOLD=
 
+# A process left holding an mdev's device fd would make its remove (and the
+# unbind) block until the scenario's timeout: it goes first.
 cleanup() {
+    [ -n "$HOLD" ] && kill -9 "$HOLD" 2>/dev/null
     [ -n "$SLEEPER" ] && kill -9 "$SLEEPER" 2>/dev/null
     vfiod_stop
     local m
@@ -195,6 +198,7 @@ vc detach edu0 --instance vm-e2
 mdev_dir "$U2" || fail "mdev $U2 gone after the refused detach"
 say "detach --instance vm-e2 while uid 1000 (pid $HOLD) holds its VFIO device fd -> device_busy: $(printf '%s' "$ERR" | jq -r .message)"
 kill -9 "$HOLD"; wait "$HOLD" 2>/dev/null
+HOLD=
 vc_ok detach edu0 --instance vm-e2
 mdev_dir "$U2" && fail "mdev $U2 still there after vfioctl detach edu0 --instance vm-e2"
 [ "$(avail edu_mdev-2)" = 4 ] || fail "available after the detach: $(avail edu_mdev-2)"
