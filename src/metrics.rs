@@ -719,6 +719,7 @@ mod tests {
             ),
             iommu_group: (next() % 4 != 0).then_some(i as u32),
             modalias: None,
+            own_vfio_provider: false,
         };
         // Now and then a name and an id that need escaping.
         let (id, name) = match next() % 5 {

@@ -650,6 +650,18 @@ fn a_vgpu_vf_on_its_own_vfio_provider_shows_bound_to_vfio_and_stays_vfiods_to_le
         false,
         "the PF is no VFIO device"
     );
+    // Discovery says the same of the live functions.
+    let all = h.d.get("/devices/available?all=true").json();
+    let live = |addr: &Value| {
+        all.as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["pci_address"] == *addr)
+            .map(|f| f["bound_to_vfio"].clone())
+    };
+    let vgpu_vf = h.device("l40s-vf0")["pci_address"].clone();
+    assert_eq!(live(&vgpu_vf), Some(json!(true)), "{all}");
+    assert_eq!(live(&ampere_vf["pci_address"]), Some(json!(false)), "{all}");
 
     // What an operator reads: who may open it, not "not on vfio".
     let (code, out, err) = common::vfioctl(&h.d.socket, &["show", "l40s-vf0"]);

@@ -60,6 +60,7 @@ fn start(rng: &mut Rng) -> (FakeSys, Daemon) {
             driver: Some("nvidia".into()),
             iommu_group: Some(100 + i as u32),
             modalias: None,
+            own_vfio_provider: false,
         };
         records.push(DeviceRecord::registered(
             format!("id{i:04}"),

@@ -471,3 +471,33 @@ fn a_release_is_refused_while_a_process_holds_the_mediated_device_open() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(h.fs.mdevs(&parent).is_empty());
 }
+
+#[test]
+fn a_create_stuck_in_the_kernel_is_undone_when_it_returns() {
+    let h = start(Host::builder().args(&["--op-timeout-ms", "400"]));
+    let create = format!("bus/pci/devices/{P40_B}/mdev_supported_types/{Q2}/create");
+    h.sim.hang_write(&create);
+    let r = claim(
+        &h,
+        json!({"tags": {"resource": "grid"}, "instance_id": "vm-1", "uid": me(),
+               "mdev_type": Q2, "numa_node": 1, "numa": "required"}),
+    );
+    r.expect_error(504, "driver_timeout")
+        .expect_message_contains("create mdev");
+    // Recorded as being made while the write is in the kernel.
+    let records = h.device("p40b")["mdevs"].clone();
+    assert_eq!(records[0]["attached_uid"], Value::Null, "{records}");
+    // The kernel finishes the create late; vfiod removes what it made.
+    h.sim.release(&create);
+    eventually(
+        10,
+        "the late mediated device removed and its record dropped",
+        || {
+            let records = h.device("p40b")["mdevs"].clone();
+            (h.fs.mdevs(P40_B).is_empty() && records.as_array().is_none_or(Vec::is_empty))
+                .then_some(())
+        },
+    );
+    // And the parent serves the next claim.
+    assert_eq!(claim_mdev(&h, "vm-2", Q2).status, 201);
+}

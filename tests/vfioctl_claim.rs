@@ -711,6 +711,11 @@ fn an_mdev_claim_prints_the_uuid_and_the_qemu_option_and_detach_names_the_instan
     assert!(runs.seen.is_empty(), "no request");
     assert!(runs.err.contains("cannot be used with"), "{}", runs.err);
 
+    // The list says how many a parent carries.
+    let run = stand_in(&["list"], "200 OK", &json!([device.clone()]).to_string());
+    assert_eq!(run.code, 0, "{}", run.err);
+    assert!(run.out.contains("(1 mediated device)"), "{}", run.out);
+
     // Release: detach names the instance.
     let run = stand_in(
         &["detach", "p40", "--instance", "vm-4"],

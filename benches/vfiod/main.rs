@@ -691,6 +691,7 @@ fn write_registry(state_dir: &Path, n: usize) {
             driver: Some("nvidia".into()),
             iommu_group: Some(100 + i as u32),
             modalias: None,
+            own_vfio_provider: false,
         };
         let tags = bench_tags(i)
             .into_iter()

@@ -289,6 +289,7 @@ mod tests {
             driver: Some("nvidia".into()),
             iommu_group: Some(i as u32),
             modalias: None,
+            own_vfio_provider: false,
         };
         DeviceRecord::registered(format!("id{i}"), format!("gpu{i}"), &f, tags)
     }

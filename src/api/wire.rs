@@ -314,7 +314,7 @@ impl<'a> AvailableDevice<'a> {
             current_driver: f.driver.as_deref().map(Cow::Borrowed),
             kind: crate::pci::device_type(f.class),
             class: hex6(f.class),
-            bound_to_vfio: f.driver.as_deref().is_some_and(is_vfio_driver),
+            bound_to_vfio: f.driver.as_deref().is_some_and(is_vfio_driver) || f.own_vfio_provider,
             registered_id: registered_id.map(Cow::Borrowed),
         }
     }
@@ -476,6 +476,7 @@ mod tests {
             driver: driver.map(str::to_owned),
             iommu_group: Some(1),
             modalias: None,
+            own_vfio_provider: false,
         };
         let named = function("0000:01:00.0", 0x10de, 0x2236, Some("vfio-pci"));
         assert_eq!(
@@ -681,6 +682,7 @@ mod tests {
             driver: None,
             iommu_group: None,
             modalias: None,
+            own_vfio_provider: false,
         };
         let available = AvailableDevice::new(&function, &ids, None);
         let (read, again) = reread::<AvailableDevice<'static>>(&json(&available));

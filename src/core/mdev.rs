@@ -136,18 +136,18 @@ impl Core {
         self.update_device(addr, |d| d.mdevs.push(recorded))
             .await?
             .ok_or_else(|| CoreError::NotFound(parent.id.clone()))?;
-        if let Err(error) = self
+        if let Err(mut error) = self
             .engine
             .create_mdev(addr, &mdev.mdev_type, &mdev.uuid)
             .await
         {
-            let failed = mdev_failed("creating", &parent.name, &mdev.mdev_type, &mdev.uuid, error);
-            // Undone unless the write is stuck in the kernel: its record
-            // then stays, and the next pass removes what it made.
-            if !matches!(&failed, CoreError::MdevFailed(f) if f.error.is_timeout()) {
+            // Undone now, or, while the write is stuck in the kernel, by
+            // vfiod's own pass once it returns (the record stays until then).
+            if !self.converge_mdevs_when_returned(addr, &mdev.uuid, true, &mut error) {
                 self.undo_mdev(ctx, addr, &mdev.uuid, "its creation failed")
                     .await;
             }
+            let failed = mdev_failed("creating", &parent.name, &mdev.mdev_type, &mdev.uuid, error);
             return Err(failed);
         }
         tracing::info!(device = %addr, mdev = %mdev.uuid, mdev_type = %mdev.mdev_type, "made mediated device {} ({}) on {addr}", mdev.uuid, mdev.mdev_type);
@@ -269,7 +269,8 @@ impl Core {
         if let Err(e) = self.revoke_mdev(addr, &m).await {
             tracing::error!(device = %addr, mdev = %uuid, error = %e, "could not revoke the grant of a mediated device; removing it all the same");
         }
-        if let Err(error) = self.engine.remove_mdev(addr, uuid).await {
+        if let Err(mut error) = self.engine.remove_mdev(addr, uuid).await {
+            self.converge_mdevs_when_returned(addr, uuid, false, &mut error);
             return Err(mdev_failed(
                 "removing",
                 &parent.name,
@@ -303,6 +304,41 @@ impl Core {
             tracing::error!(device = %parent, mdev = %uuid, error = %e, "could not undo a mediated device ({why}); trying again");
             self.execute_in_background(Operation::ConvergeMdevs { address: parent });
         }
+    }
+
+    /// For a create or remove of `uuid` stuck in the kernel: once the write
+    /// returns and what it did shows in sysfs (udev, or a simulated kernel,
+    /// may lag the write), vfiod's own pass over the parent finishes it.
+    /// True if the write was stuck.
+    fn converge_mdevs_when_returned(
+        &self,
+        parent: PciAddress,
+        uuid: &MdevUuid,
+        creating: bool,
+        error: &mut EngineError,
+    ) -> bool {
+        let Some(late) = error.take_late_write() else {
+            return false;
+        };
+        tracing::warn!(device = %parent, mdev = %uuid, error = %error, "a mediated device's create or remove is stuck in the kernel; finishing it when the write returns");
+        let Some(core) = self.me.upgrade() else {
+            return true;
+        };
+        let uuid = uuid.clone();
+        tokio::spawn(async move {
+            let returned = late.await;
+            tracing::warn!(device = %parent, mdev = %uuid, result = ?returned.as_ref().map(|r| r.as_ref().map_err(|e| e.to_string())), "stuck mediated device write returned");
+            if matches!(returned, Ok(Ok(()))) {
+                let deadline = tokio::time::Instant::now() + core.engine.op_timeout();
+                while core.sysfs().mdev_exists(&uuid) != creating
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+            }
+            core.execute_in_background(Operation::ConvergeMdevs { address: parent });
+        });
+        true
     }
 
     /// `POST /devices/{parent}/detach {"instance_id"}`: ends that
@@ -348,7 +384,7 @@ impl Core {
             .await;
         // The release is recorded (the attachment is gone, the tenant's
         // access with it): vfiod's own pass finishes a remove the kernel
-        // refused. A remove stuck in the kernel is left to the next start.
+        // refused (one stuck in the kernel, once it returns).
         if matches!(&ended, Err(CoreError::MdevFailed(f)) if !f.error.is_timeout())
             || matches!(&ended, Err(CoreError::Storage(_)))
         {

@@ -35,7 +35,7 @@ use crate::registry::{DeviceRecord, SriovConfig, VfDriver, VirtualFunction};
 
 const ENOENT: i32 = 2;
 /// NVIDIA's driver, the VFIO provider of its vGPU VFs.
-const NVIDIA: &str = "nvidia";
+const NVIDIA: &str = crate::pci::vgpu::NVIDIA_DRIVER;
 const ERANGE: i32 = 34;
 
 impl Core {

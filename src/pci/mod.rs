@@ -96,6 +96,7 @@ mod tests {
             driver: None,
             iommu_group: None,
             modalias: None,
+            own_vfio_provider: false,
         }
     }
 

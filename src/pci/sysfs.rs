@@ -36,6 +36,9 @@ pub struct PciFunction {
     /// sysfs `modalias`, which variant vfio drivers are matched against; `None`
     /// if unreadable.
     pub modalias: Option<String>,
+    /// Its driver, not a vfio one, is its own VFIO provider (a vGPU VF on
+    /// `nvidia`): usable by a VMM as it is.
+    pub own_vfio_provider: bool,
 }
 
 impl PciFunction {
@@ -348,6 +351,14 @@ impl Sysfs {
             driver: self.driver(addr),
             iommu_group: self.iommu_group(addr),
             modalias: read_trimmed(&dir.join("modalias")).ok(),
+            own_vfio_provider: false,
+        };
+        // Only nvidia is such a provider: a start over thousands of
+        // functions reads nothing more for the others.
+        let function = PciFunction {
+            own_vfio_provider: function.driver.as_deref() == Some(super::vgpu::NVIDIA_DRIVER)
+                && self.is_vgpu_vf(addr),
+            ..function
         };
         Ok(Some(function))
     }

@@ -6,6 +6,10 @@
 //! away from its siblings).
 
 use super::sysfs::read_trimmed;
+
+/// The NVIDIA driver: the VFIO provider of its vGPU VFs, and the driver
+/// whose PFs' VFs keep it.
+pub const NVIDIA_DRIVER: &str = "nvidia";
 use super::{PciAddress, Sysfs};
 use std::path::PathBuf;
 

@@ -657,6 +657,7 @@ pub(crate) mod tests {
             driver: Some("nvidia".into()),
             iommu_group: Some(1),
             modalias: None,
+            own_vfio_provider: false,
         };
         DeviceRecord::registered(id.into(), name.into(), &gpu, BTreeMap::new())
     }

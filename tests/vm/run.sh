@@ -334,11 +334,15 @@ fi
 # of the base's modules and it, appended after the base (its index files
 # replace the base's) only when a selected scenario says "# vm-needs: mtty".
 # Cached by the kernel package, gcc-12's version and this function's text.
+# The same cpio carries edu_mdev.ko (guest/edu-mdev/, our own module: QEMU's
+# edu PCI device as an mdev parent, for vfiod's claims on a PCI parent),
+# built in the same step against the same headers; the key includes its
+# source's hash.
 # ---------------------------------------------------------------------------
 MTTY_CPIO=
 build_mtty() {
     local key tmp hdr kbuild common src t0 t1 t2 t3 t4
-    key=$( { echo "$KPKG $KVER $(pkg_version gcc-12)"; declare -f build_mtty; } | sha256sum | cut -c1-16)
+    key=$( { echo "$KPKG $KVER $(pkg_version gcc-12)"; declare -f build_mtty; cat "$HERE"/guest/edu-mdev/*; } | sha256sum | cut -c1-16)
     MTTY_CPIO=$CACHE/mtty/mtty-$key.cpio
     [ -e "$MTTY_CPIO" ] && return 0
     log "building mtty.ko for $KREL ($key)"
@@ -374,8 +378,8 @@ build_mtty() {
         tar -x -C "$tmp/src" "$sm/mtty.c" "$sm/mdpy.c" "$sm/mdpy-defs.h" ||
         { log "mtty: samples/vfio-mdev/{mtty.c,mdpy.c,mdpy-defs.h} not found in $src=$KVER"; return 1; }
     t3=$(date +%s.%N)
-    cp "$tmp/src/$sm/mtty.c" "$tmp/src/$sm/mdpy.c" "$tmp/src/$sm/mdpy-defs.h" "$tmp/build/"
-    echo 'obj-m := mtty.o mdpy.o' >"$tmp/build/Kbuild"
+    cp "$tmp/src/$sm/mtty.c" "$tmp/src/$sm/mdpy.c" "$tmp/src/$sm/mdpy-defs.h" "$HERE/guest/edu-mdev/edu_mdev.c" "$tmp/build/"
+    echo 'obj-m := mtty.o mdpy.o edu_mdev.o' >"$tmp/build/Kbuild"
     # No BTF for the module: that step needs pahole, and nothing here reads it.
     make -s -C "$H" M="$tmp/build" CONFIG_DEBUG_INFO_BTF_MODULES= modules >"$tmp/make.log" 2>&1 ||
         { cat "$tmp/make.log" >&2; log "mtty: make modules failed"; return 1; }
@@ -391,8 +395,9 @@ build_mtty() {
     mkdir -p "$m/lib/modules/$KREL/extra"
     objcopy --strip-debug "$tmp/build/mtty.ko" "$m/lib/modules/$KREL/extra/mtty.ko"
     objcopy --strip-debug "$tmp/build/mdpy.ko" "$m/lib/modules/$KREL/extra/mdpy.ko"
+    objcopy --strip-debug "$tmp/build/edu_mdev.ko" "$m/lib/modules/$KREL/extra/edu_mdev.ko"
     depmod -b "$m" "$KREL"
-    for f in mtty mdpy; do
+    for f in mtty mdpy edu_mdev; do
         modprobe -d "$m" -S "$KREL" --show-depends $f | grep -q 'kernel/drivers/vfio/mdev/mdev.ko' ||
             { log "mtty: depmod does not resolve $f -> mdev"; return 1; }
     done

@@ -166,6 +166,11 @@ pub fn devices(list: &[Device], enabled: &EnabledVfs) -> String {
                         sriov.desired_vfs
                     ));
                 }
+                match d.mdevs.len() {
+                    0 => {}
+                    1 => description.push_str(" (1 mediated device)"),
+                    n => description.push_str(&format!(" ({n} mediated devices)")),
+                }
                 vec![
                     name,
                     d.pci_address.to_string(),
