@@ -155,6 +155,12 @@ const FAULTS: &[&str] = &[
     "rename:EIO",
 ];
 
+/// An mdev instance, low ones most often.
+fn low_instance(rng: &mut Rng) -> u8 {
+    let upto = 1 + rng.below(MDEV_INSTANCES);
+    rng.below(upto) as u8
+}
+
 fn generate(seed: u64, len: usize) -> Vec<Op> {
     let mut rng = Rng::new(seed);
     (0..len)
@@ -179,8 +185,10 @@ fn generate(seed: u64, len: usize) -> Vec<Op> {
                 // so that its mediated devices come up in most sequences.
                 100..=104 => Op::Register(Dev::P40),
                 105..=111 => Op::Claim(rng.below(CLAIM_INSTANCES) as u8),
-                112..=121 => Op::MdevClaim(rng.below(MDEV_INSTANCES) as u8),
-                _ => Op::MdevRelease(rng.below(MDEV_INSTANCES) as u8),
+                // Low instances most often, so that a release meets a live
+                // mediated device; all five now and then, to fill the parent.
+                112..=121 => Op::MdevClaim(low_instance(&mut rng)),
+                _ => Op::MdevRelease(low_instance(&mut rng)),
             }
         })
         .collect()
@@ -886,20 +894,31 @@ impl Run {
                 .entry(format!("{kind} {} {}", r.status, error_code(r)))
                 .or_default() += 1;
         }
-        let candidates: Vec<Model> = if hit {
-            // Interrupted: all, nothing or a documented half.
-            let mut c = vec![self.model.clone()];
-            match &expect {
-                Expect::Ok(m) | Expect::Answer { model: m, .. } => c.push(m.clone()),
-                Expect::Pick { picks, .. } => c.extend(picks.iter().map(|(_, m)| m.clone())),
-                Expect::Refused(_) => {}
+        // Interrupted: all, nothing or a documented half.
+        let mut interrupted = vec![self.model.clone()];
+        match &expect {
+            Expect::Ok(m) | Expect::Answer { model: m, .. } => interrupted.push(m.clone()),
+            Expect::Pick { picks, .. } => interrupted.extend(picks.iter().map(|(_, m)| m.clone())),
+            Expect::Refused(_) => {}
+        }
+        interrupted.extend(halves);
+        if hit {
+            self.model = self.settle(op, &interrupted)?;
+            return Ok(());
+        }
+        let expected = vec![self.expected(op, expect, answer.as_ref())?];
+        match self.settle(op, &expected) {
+            Ok(m) => self.model = m,
+            // What an operation sets off in the background (a VMM's exit
+            // ends its attachments, a re-plug rebinds) may reach the armed
+            // step after the answer: interrupted after all.
+            Err(_) if self.hit() || (self.armed.is_some() && !self.h.alive()) => {
+                self.armed = None;
+                self.revive()?;
+                self.model = self.settle(op, &interrupted)?;
             }
-            c.extend(halves);
-            c
-        } else {
-            vec![self.expected(op, expect, answer.as_ref())?]
-        };
-        self.model = self.settle(op, &candidates)?;
+            Err(e) => return Err(e),
+        }
         Ok(())
     }
 
