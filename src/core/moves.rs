@@ -554,6 +554,20 @@ impl Core {
             }
         }
         self.settle_pending(&record).await;
+        // A bind settled for an attached device (a rebind after a re-plug
+        // cut short by a failed commit, say) gives its VMM its access back:
+        // the group node may be new, and nothing else re-applies the grant.
+        if let Some(now) = self.snapshot().get_by_address(&addr).cloned() {
+            if now.attachment.is_some()
+                && now.present
+                && now.pending.is_none()
+                && self.sysfs().ready_for_vfio(&addr)
+            {
+                if let Err(e) = self.apply_grant(&now).await {
+                    tracing::error!(device = %addr, error = %e, "could not re-apply the VFIO node grant of the attachment after settling");
+                }
+            }
+        }
         // A PF whose count write was stuck: the declared count is made now.
         if record.sriov.is_some() {
             let _ = self.converge_vfs(ctx, &record, None).await;
