@@ -1219,10 +1219,9 @@ fn soak_regression_a_claim_is_not_refused_while_a_free_device_fits() {
 /// a registry commit (EIO). The unfinished bind is settled afterwards, the
 /// device is on vfio again with its attachment recorded, but the grant on
 /// its re-created group node is never re-applied (`rebind_device` returns
-/// before `apply_grant`): the VMM lost its access (invariant 4). Ignored
-/// until vfiod is fixed.
+/// before `apply_grant`): the VMM lost its access (invariant 4). Fixed:
+/// settling the bind re-applies the grant.
 #[test]
-#[ignore = "vfiod defect: a rebind cut short by a failed commit leaves an attachment without its grant"]
 fn soak_regression_a_rebind_cut_short_still_gives_the_vmm_its_access_back() {
     replay_must_pass(&[
         Op::Register(Dev::Nic),
