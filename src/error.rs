@@ -239,6 +239,15 @@ pub enum CoreError {
         /// What the driver said.
         detail: String,
     },
+    /// 404 `not_found`: a detach names an instance that holds nothing on
+    /// the device.
+    #[error("instance {instance:?} holds no mediated device and no attachment on {device}")]
+    NothingHeld {
+        /// The instance named.
+        instance: String,
+        /// The device's name.
+        device: String,
+    },
     /// 409 `mdevs_in_use`: the operation would take an mdev parent off its
     /// driver, which destroys its mediated devices, and it has some.
     #[error("{device} has mediated devices that this would destroy: {}", .mdevs.iter().map(|(u, why)| format!("{u} ({why})")).collect::<Vec<_>>().join(", "))]

@@ -182,7 +182,9 @@ fn releasing_by_instance_removes_the_mediated_device_and_only_it() {
     // The other instance's is untouched.
     assert!(h.fs.mdevs(&p2).iter().any(|(u, _)| *u == u2));
     // Nothing left for vm-1 there: 404, and the parent is not touched.
-    detach_instance(&h, name(&p1), "vm-1").expect_error(404, "not_found");
+    detach_instance(&h, name(&p1), "vm-1")
+        .expect_error(404, "not_found")
+        .expect_message_contains("instance \"vm-1\" holds no mediated device and no attachment");
     // vm-1 may claim anew.
     assert_eq!(claim_mdev(&h, "vm-1", Q2).status, 201);
     assert!(

@@ -435,7 +435,11 @@ fn predict(m: &Model, op: Op) -> (Expect, Vec<Model>) {
             if !s.registered {
                 return (Refused(&[]), none());
             }
-            let give_back = !keep && s.bound && m.present[d.index()];
+            // Off the bus, the give-back is recorded (the binding dropped,
+            // so the kernel's probe takes it on its return), unless the
+            // binding also holds companions to give back: then it stays.
+            let companions = d == Dev::Gpu && m.audio_on_vfio();
+            let give_back = !keep && s.bound && (m.present[d.index()] || !companions);
             let detached = m.with(d, |s| s.attached = false);
             let done = m.with(d, |s| {
                 s.attached = false;

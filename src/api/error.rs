@@ -166,7 +166,7 @@ fn core_status_and_code(e: &CoreError) -> (StatusCode, &'static str) {
         InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
         PciDeviceNotFound(_) => (StatusCode::NOT_FOUND, "device_not_found"),
         Bridge(..) => (StatusCode::BAD_REQUEST, "unsupported_device"),
-        NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+        NotFound(_) | NothingHeld { .. } => (StatusCode::NOT_FOUND, "not_found"),
         Conflict(_) => (StatusCode::CONFLICT, "conflict"),
         InUse { .. } => (StatusCode::CONFLICT, "in_use"),
         Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),

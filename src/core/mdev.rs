@@ -362,11 +362,10 @@ impl Core {
             if record.attached_to() == Some(instance.0.as_str()) {
                 return self.detach_device(ctx, record, keep_bound).await;
             }
-            return Err(CoreError::NotFound(format!(
-                "instance {:?} holds no mediated device and no attachment on {}",
-                instance.0.chars().take(80).collect::<String>(),
-                record.name
-            )));
+            return Err(CoreError::NothingHeld {
+                instance: instance.0.chars().take(80).collect(),
+                device: record.name.clone(),
+            });
         };
         let addr = record.pci_address;
         if self.sysfs().mdev_exists(&m.uuid) {
