@@ -273,21 +273,6 @@ impl Model {
             && (d != Dev::P40 || self.mdevs.is_empty())
     }
 
-    /// A known vfiod defect (`soak_regression_a_claim_is_not_refused_while_a_free_device_fits`):
-    /// the claim picker takes a GPU whose audio function is on its own
-    /// driver, and the hand-out, an attach without `with_group`, refuses
-    /// it with `iommu_group_conflict` (nothing written, the claim dropped),
-    /// even when another device is free.
-    fn gpu_pick_refused(&self) -> bool {
-        let s = self.dev(Dev::Gpu);
-        s.registered
-            && s.in_pool
-            && self.present[Dev::Gpu.index()]
-            && !s.attached
-            && !s.bound
-            && !self.audio_on_vfio()
-    }
-
     /// Whether the parent can make one more mediated device: in the
     /// pool, on its own driver (not bound to vfio, not handed out whole),
     /// an instance of the type left.
@@ -313,12 +298,8 @@ enum Expect {
         device: Dev,
     },
     /// A new whole-device claim: 201 naming one of these devices (vfiod
-    /// chooses), into its model; or, while vfiod has the defect of
-    /// `Model::gpu_pick_refused`, refused with `may_refuse`.
-    Pick {
-        picks: Vec<(Dev, Model)>,
-        may_refuse: Option<&'static str>,
-    },
+    /// chooses), into its model.
+    Pick { picks: Vec<(Dev, Model)> },
     /// Be refused (4xx, with one of these codes if any), leaving the
     /// model.
     Refused(&'static [&'static str]),
@@ -503,14 +484,8 @@ fn predict(m: &Model, op: Op) -> (Expect, Vec<Model>) {
                 return (again, none());
             }
             let free: Vec<Dev> = DEVS.into_iter().filter(|d| m.claimable(*d)).collect();
-            let gpu_refused = m.gpu_pick_refused();
             if free.is_empty() {
-                let codes: &[&str] = if gpu_refused {
-                    &["no_capacity", "iommu_group_conflict"]
-                } else {
-                    &["no_capacity"]
-                };
-                return (Refused(codes), none());
+                return (Refused(&["no_capacity"]), none());
             }
             let picks = free
                 .iter()
@@ -528,11 +503,7 @@ fn predict(m: &Model, op: Op) -> (Expect, Vec<Model>) {
                 .iter()
                 .map(|&d| m.with(d, |s| s.bound = true))
                 .collect();
-            let pick = Pick {
-                picks,
-                may_refuse: gpu_refused.then_some("iommu_group_conflict"),
-            };
-            (pick, bound_only)
+            (Pick { picks }, bound_only)
         }
         Op::MdevClaim(i) => {
             if m.mdevs.contains(&i) {
@@ -957,10 +928,6 @@ impl Run {
                 }
                 Ok(model)
             }
-            Expect::Pick {
-                may_refuse: Some(code),
-                ..
-            } if s == 409 && error_code(r) == code => Ok(self.model.clone()),
             Expect::Pick { picks, .. } if s == 201 => {
                 let got = named();
                 picks
@@ -1203,10 +1170,9 @@ fn soak_regression_a_pulled_devices_group_number_may_go_to_a_mediated_device() {
 /// whose last reset succeeded goes first), and its hand-out, an attach
 /// without `with_group`, is refused with `iommu_group_conflict`, though the
 /// EDU is free and fits. The picker should skip a device it cannot hand
-/// out (or move its group). Ignored until vfiod is fixed; the soak's
-/// model tolerates it meanwhile (`Model::gpu_pick_refused`).
+/// out (or move its group). Fixed: such a device is no candidate, its
+/// reason named.
 #[test]
-#[ignore = "vfiod defect: a claim picks a GPU it cannot hand out over a free device"]
 fn soak_regression_a_claim_is_not_refused_while_a_free_device_fits() {
     replay_must_pass(&[
         Op::Register(Dev::Gpu),

@@ -26,7 +26,7 @@ use super::{
 };
 use crate::error::CoreError;
 use crate::pci::holders::Disposition;
-use crate::pci::{PciAddress, VgpuType};
+use crate::pci::{is_vfio_driver, PciAddress, VgpuType};
 use crate::registry::{AttachedProcess, DeviceRecord, Health, MediatedDevice, ResetResult};
 
 /// What the pick (under the claim lock) leaves for the hand-out.
@@ -97,6 +97,33 @@ impl Core {
         None
     }
 
+    /// Why the hand-out, an attach (which moves the device alone, never
+    /// its group), could not make `d` usable: another function of its
+    /// IOMMU group on a driver that is not vfio (a GPU whose audio function
+    /// is on snd_hda_intel). Picking it would be refused with
+    /// `iommu_group_conflict` while another device may fit.
+    fn group_held_by_other_drivers(&self, d: &DeviceRecord) -> Option<String> {
+        let sysfs = self.sysfs();
+        let group = sysfs.iommu_group(&d.pci_address)?;
+        let others: Vec<String> = sysfs
+            .group_members(group)
+            .into_iter()
+            .filter(|m| *m != d.pci_address)
+            .filter_map(|m| {
+                let f = sysfs.read_function(&m).ok()??;
+                let bridge = f.is_bridge();
+                let driver = f.driver.filter(|drv| !bridge && !is_vfio_driver(drv))?;
+                Some(format!("{m} on {driver}"))
+            })
+            .collect();
+        (!others.is_empty()).then(|| {
+            format!(
+                "IOMMU group {group} has functions on other drivers ({}): bind it with_group first",
+                others.join(", ")
+            )
+        })
+    }
+
     /// Why `d` is out of a claim that requires its NUMA node, if it is.
     pub(super) fn numa_refusal(&self, d: &DeviceRecord, req: &ClaimRequest) -> Option<String> {
         if req.numa != NumaPolicy::Required || req.numa_node.is_none() {
@@ -131,6 +158,10 @@ impl Core {
                     refused.push((d.pci_address, why));
                     continue;
                 }
+            }
+            if let Some(why) = self.group_held_by_other_drivers(d) {
+                refused.push((d.pci_address, why));
+                continue;
             }
             eligible.push(d);
         }
