@@ -2434,6 +2434,26 @@ impl FakeSys {
         dir
     }
 
+    /// Writes `value` to attribute `rel` as vfiod and `echo` do (the file
+    /// must exist, truncated, one write(2)): a write a simulated kernel
+    /// sees and may refuse.
+    pub fn echo(&self, rel: &str, value: &str) -> io::Result<()> {
+        use std::io::Write;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(self.path(rel))?;
+        let n = f.write(value.as_bytes())?;
+        assert_eq!(n, value.len(), "fakesys: short write to {rel}");
+        Ok(())
+    }
+
+    /// Reads attribute `rel`; panics naming it if it cannot.
+    #[track_caller]
+    pub fn cat(&self, rel: &str) -> String {
+        fs::read_to_string(self.path(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
+    }
+
     /// Writes `content` to `path` inside the tree (prepared state, not a
     /// write a simulated kernel sees), creating its directory.
     pub fn write_attr(&self, path: &Path, content: &str) {

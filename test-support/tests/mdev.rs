@@ -67,22 +67,6 @@ fn host() -> (FakeSys, SimKernel) {
     (fs, sim)
 }
 
-/// A sysfs write as vfiod and `echo` make it: existing file, truncated,
-/// one write(2).
-fn w(fs: &FakeSys, rel: &str, value: &str) -> io::Result<()> {
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .truncate(true)
-        .open(fs.path(rel))?;
-    let n = f.write(value.as_bytes())?;
-    assert_eq!(n, value.len(), "short write");
-    Ok(())
-}
-
-fn read(fs: &FakeSys, rel: &str) -> String {
-    fs::read_to_string(fs.path(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
-}
-
 fn type_rel(parent: &str, type_id: &str) -> String {
     format!("bus/pci/devices/{parent}/mdev_supported_types/{type_id}")
 }
@@ -98,13 +82,14 @@ fn remove_rel(uuid: &str) -> String {
 /// Writes `uuid` to `type_id`'s `create` of `parent` and waits until the
 /// simulated kernel acted on it.
 fn create(fs: &FakeSys, sim: &SimKernel, parent: &str, type_id: &str, uuid: &str) {
-    w(fs, &create_rel(parent, type_id), uuid)
+    fs.echo(&create_rel(parent, type_id), uuid)
         .unwrap_or_else(|e| panic!("create {type_id} {uuid:?} on {parent}: {e}"));
     assert!(sim.wait_idle(IDLE));
 }
 
 fn remove(fs: &FakeSys, sim: &SimKernel, uuid: &str, value: &str) {
-    w(fs, &remove_rel(uuid), value).unwrap_or_else(|e| panic!("remove {uuid}: {e}"));
+    fs.echo(&remove_rel(uuid), value)
+        .unwrap_or_else(|e| panic!("remove {uuid}: {e}"));
     assert!(sim.wait_idle(IDLE));
 }
 
@@ -114,7 +99,7 @@ fn p40_available(fs: &FakeSys) -> Vec<u32> {
     P40_TYPES
         .iter()
         .map(|(id, _, _)| {
-            let text = read(fs, &format!("{}/available_instances", type_rel(P40, id)));
+            let text = fs.cat(&format!("{}/available_instances", type_rel(P40, id)));
             let n: u32 = text
                 .strip_suffix('\n')
                 .and_then(|t| t.parse().ok())
@@ -199,18 +184,18 @@ fn a_parent_on_its_driver_shows_its_types() {
     );
     for (id, name, max) in P40_TYPES {
         let t = type_rel(P40, id);
-        assert_eq!(read(&fs, &format!("{t}/name")), format!("{name}\n"));
-        assert!(read(&fs, &format!("{t}/description")).ends_with('\n'));
-        assert_eq!(read(&fs, &format!("{t}/device_api")), "vfio-pci\n");
+        assert_eq!(fs.cat(&format!("{t}/name")), format!("{name}\n"));
+        assert!(fs.cat(&format!("{t}/description")).ends_with('\n'));
+        assert_eq!(fs.cat(&format!("{t}/device_api")), "vfio-pci\n");
         assert_eq!(
-            read(&fs, &format!("{t}/available_instances")),
+            fs.cat(&format!("{t}/available_instances")),
             format!("{max}\n")
         );
         assert!(fs.path(&format!("{t}/create")).exists());
         assert!(names(&fs.path(&format!("{t}/devices"))).is_empty());
     }
     assert_eq!(
-        read(&fs, &format!("{}/name", type_rel(IGD, GVT))),
+        fs.cat(&format!("{}/name", type_rel(IGD, GVT))),
         "GVTg_V5_4\n"
     );
     assert!(!fs
@@ -225,26 +210,28 @@ fn a_parent_on_its_driver_shows_its_types() {
 fn an_unbound_parent_or_one_on_vfio_pci_has_no_types_and_create_fails() {
     let (fs, sim) = host();
     let types = fs.path(&format!("bus/pci/devices/{P40}/mdev_supported_types"));
-    w(&fs, "bus/pci/drivers/nvidia/unbind", P40).unwrap();
+    fs.echo("bus/pci/drivers/nvidia/unbind", P40).unwrap();
     assert!(sim.wait_idle(IDLE));
     assert_eq!(fs.driver_of(P40), None);
     assert!(!fs.is_mdev_parent(P40));
     assert!(!types.exists());
     // The directory is gone: the writer itself gets ENOENT.
-    let err = w(&fs, &create_rel(P40, Q2), U1).expect_err("no create while unbound");
+    let err = fs
+        .echo(&create_rel(P40, Q2), U1)
+        .expect_err("no create while unbound");
     assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
     // On vfio-pci it is no parent either.
     fs.set_driver_override(P40, Some(VFIO_PCI));
-    w(&fs, "bus/pci/drivers_probe", P40).unwrap();
+    fs.echo("bus/pci/drivers_probe", P40).unwrap();
     assert!(sim.wait_idle(IDLE));
     assert_eq!(fs.driver_of(P40).as_deref(), Some(VFIO_PCI));
     assert!(!fs.is_mdev_parent(P40));
     assert!(!types.exists());
-    assert!(w(&fs, &create_rel(P40, Q2), U1).is_err());
+    assert!(fs.echo(&create_rel(P40, Q2), U1).is_err());
     // Back on nvidia: registered again, every type at its maximum.
-    w(&fs, "bus/pci/drivers/vfio-pci/unbind", P40).unwrap();
+    fs.echo("bus/pci/drivers/vfio-pci/unbind", P40).unwrap();
     fs.set_driver_override(P40, None);
-    w(&fs, "bus/pci/drivers_probe", P40).unwrap();
+    fs.echo("bus/pci/drivers_probe", P40).unwrap();
     assert!(sim.wait_idle(IDLE));
     assert_eq!(fs.driver_of(P40).as_deref(), Some(NVIDIA));
     assert!(fs.is_mdev_parent(P40));
@@ -472,7 +459,7 @@ fn unbinding_the_parent_removes_its_mdevs_first() {
     create(&fs, &sim, P40, Q2, U2);
     create(&fs, &sim, IGD, GVT, U3);
     let g: Vec<u32> = [U1, U2].iter().map(|u| fs.mdev_group(u).unwrap()).collect();
-    w(&fs, "bus/pci/drivers/nvidia/unbind", P40).unwrap();
+    fs.echo("bus/pci/drivers/nvidia/unbind", P40).unwrap();
     assert!(sim.wait_idle(IDLE));
     assert_eq!(fs.driver_of(P40), None);
     assert!(fs.mdevs(P40).is_empty());
@@ -487,7 +474,7 @@ fn unbinding_the_parent_removes_its_mdevs_first() {
     assert_eq!(uuids(&fs, IGD), [U3]);
     assert!(fs.vfio_group_node_exists(fs.mdev_group(U3).unwrap()));
     // Bound again: a parent with no mdevs.
-    w(&fs, "bus/pci/drivers/nvidia/bind", P40).unwrap();
+    fs.echo("bus/pci/drivers/nvidia/bind", P40).unwrap();
     assert!(sim.wait_idle(IDLE));
     assert!(fs.is_mdev_parent(P40));
     assert!(fs.mdevs(P40).is_empty());
@@ -502,7 +489,8 @@ fn a_reset_that_loses_the_driver_takes_the_mdevs_with_it() {
     create(&fs, &sim, P40, Q24, U1);
     let g = fs.mdev_group(U1).unwrap();
     sim.set_reset_outcome(P40, Some(ResetOutcome::LosesDriver));
-    w(&fs, &format!("bus/pci/devices/{P40}/reset"), "1").unwrap();
+    fs.echo(&format!("bus/pci/devices/{P40}/reset"), "1")
+        .unwrap();
     assert!(sim.wait_idle(IDLE));
     assert_eq!(fs.driver_of(P40), None);
     assert!(fs.mdevs(P40).is_empty());
@@ -613,7 +601,7 @@ fn fail_write_makes_create_and_remove_fail_until_released() {
         sim.fail_write(&create_at, errno);
         sim.fail_write(&remove_at, errno);
         for (rel, value) in [(&create_at, U2), (&remove_at, "1")] {
-            let err = w(&fs, rel, value).expect_err("the write fails");
+            let err = fs.echo(rel, value).expect_err("the write fails");
             match kind {
                 Some(kind) => assert_eq!(err.kind(), kind, "{rel} {errno:?}: {err}"),
                 None => assert_eq!(err.raw_os_error(), Some(errno as i32), "{rel}: {err}"),
@@ -678,7 +666,7 @@ fn a_hung_remove_lets_its_writer_go_when_the_parent_unbinds() {
     create(&fs, &sim, P40, Q2, U1);
     sim.hang_write(&remove_rel(U1));
     let writer = hung_writer(&fs, &remove_rel(U1), "1");
-    w(&fs, "bus/pci/drivers/nvidia/unbind", P40).unwrap();
+    fs.echo("bus/pci/drivers/nvidia/unbind", P40).unwrap();
     assert!(sim.wait_idle(IDLE));
     assert!(fs.mdevs(P40).is_empty());
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -688,7 +676,7 @@ fn a_hung_remove_lets_its_writer_go_when_the_parent_unbinds() {
     assert!(writer.is_finished(), "the hung writer was let through");
     let _ = writer.join().unwrap();
     // Bound again: nothing of the dropped write is left behind.
-    w(&fs, "bus/pci/drivers/nvidia/bind", P40).unwrap();
+    fs.echo("bus/pci/drivers/nvidia/bind", P40).unwrap();
     assert!(sim.wait_idle(IDLE));
     create(&fs, &sim, P40, Q2, U1);
     assert_eq!(uuids(&fs, P40), [U1]);

@@ -66,8 +66,7 @@ fn host(pf: DeviceSpec) -> (FakeSys, SimKernel) {
 /// A host whose PF has `n` VFs enabled (autoprobe on: all on nvidia).
 fn host_with_vfs(n: usize) -> (FakeSys, SimKernel) {
     let (fs, sim) = host(l40s());
-    w(
-        &fs,
+    fs.echo(
         &format!("bus/pci/devices/{PF}/sriov_numvfs"),
         &n.to_string(),
     )
@@ -75,22 +74,6 @@ fn host_with_vfs(n: usize) -> (FakeSys, SimKernel) {
     assert!(sim.wait_idle(IDLE));
     assert_eq!(fs.vfs_of(PF), VFS[..n].to_vec());
     (fs, sim)
-}
-
-/// A sysfs write as vfiod and `echo` make it: existing file, truncated,
-/// one write(2).
-fn w(fs: &FakeSys, rel: &str, value: &str) -> io::Result<()> {
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .truncate(true)
-        .open(fs.path(rel))?;
-    let n = f.write(value.as_bytes())?;
-    assert_eq!(n, value.len(), "short write");
-    Ok(())
-}
-
-fn read(fs: &FakeSys, rel: &str) -> String {
-    fs::read_to_string(fs.path(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
 }
 
 fn current_rel(vf: &str) -> String {
@@ -104,14 +87,15 @@ fn creatable_rel(vf: &str) -> String {
 /// Writes `value` to `vf`'s `current_vgpu_type` and waits until the
 /// simulated kernel acted on it.
 fn set_type(fs: &FakeSys, sim: &SimKernel, vf: &str, value: &str) {
-    w(fs, &current_rel(vf), value).unwrap_or_else(|e| panic!("write {vf} <- {value}: {e}"));
+    fs.echo(&current_rel(vf), value)
+        .unwrap_or_else(|e| panic!("write {vf} <- {value}: {e}"));
     assert!(sim.wait_idle(IDLE));
 }
 
 /// The IDs `vf`'s `creatable_vgpu_types` file lists, checked against the
 /// header line and the row format the NVIDIA driver prints.
 fn creatable_file(fs: &FakeSys, vf: &str) -> Vec<u32> {
-    let text = read(fs, &creatable_rel(vf));
+    let text = fs.cat(&creatable_rel(vf));
     let mut lines = text.lines();
     assert_eq!(lines.next(), Some("ID    : vGPU Name"), "{vf}: {text:?}");
     lines
@@ -145,7 +129,7 @@ fn creatable_all(fs: &FakeSys, n: usize) -> Vec<Vec<u32>> {
 }
 
 fn current(fs: &FakeSys, vf: &str) -> u32 {
-    let text = read(fs, &current_rel(vf));
+    let text = fs.cat(&current_rel(vf));
     let id = text
         .strip_suffix('\n')
         .and_then(|t| t.parse().ok())
@@ -192,14 +176,14 @@ fn each_vf_nvidia_binds_gets_its_vgpu_files_vfio_dev_and_group_node() {
     for vf in VFS {
         assert_eq!(fs.driver_of(vf).as_deref(), Some(NVIDIA), "{vf}");
         assert!(fs.is_vgpu_vf(vf));
-        assert_eq!(read(&fs, &current_rel(vf)), "0\n");
+        assert_eq!(fs.cat(&current_rel(vf)), "0\n");
         assert_eq!(fs.current_vgpu_type(vf), 0);
         assert_eq!(creatable_file(&fs, vf), ALL.to_vec());
         let entries = vfio_dev_entries(&fs, vf);
         assert_eq!(entries.len(), 1, "{vf}: {entries:?}");
         let index = entries[0].strip_prefix("vfio").expect("vfioN");
         let cdev = format!("bus/pci/devices/{vf}/vfio-dev/{}", entries[0]);
-        assert_eq!(read(&fs, &format!("{cdev}/dev")), format!("511:{index}\n"));
+        assert_eq!(fs.cat(&format!("{cdev}/dev")), format!("511:{index}\n"));
         cdevs.push(entries[0].clone());
         // nvidia.ko is the VF's VFIO provider: its group has a node.
         assert!(fs.vfio_group_node_exists(group(&fs, vf)), "{vf}");
@@ -214,13 +198,13 @@ fn each_vf_nvidia_binds_gets_its_vgpu_files_vfio_dev_and_group_node() {
 #[test]
 fn a_vf_left_driverless_by_autoprobe_0_gets_the_files_once_bound() {
     let (fs, sim) = host(l40s());
-    w(
-        &fs,
+    fs.echo(
         &format!("bus/pci/devices/{PF}/sriov_drivers_autoprobe"),
         "0",
     )
     .unwrap();
-    w(&fs, &format!("bus/pci/devices/{PF}/sriov_numvfs"), "2").unwrap();
+    fs.echo(&format!("bus/pci/devices/{PF}/sriov_numvfs"), "2")
+        .unwrap();
     assert!(sim.wait_idle(IDLE));
     for vf in &VFS[..2] {
         assert_eq!(fs.driver_of(vf), None, "{vf}");
@@ -230,13 +214,12 @@ fn a_vf_left_driverless_by_autoprobe_0_gets_the_files_once_bound() {
         assert!(!fs.vfio_group_node_exists(group(&fs, vf)));
     }
     // autoprobe back on, then a probe of one VF: nvidia takes it.
-    w(
-        &fs,
+    fs.echo(
         &format!("bus/pci/devices/{PF}/sriov_drivers_autoprobe"),
         "1",
     )
     .unwrap();
-    w(&fs, "bus/pci/drivers_probe", VFS[1]).unwrap();
+    fs.echo("bus/pci/drivers_probe", VFS[1]).unwrap();
     assert!(sim.wait_idle(IDLE));
     assert_eq!(fs.driver_of(VFS[1]).as_deref(), Some(NVIDIA));
     assert_eq!(current(&fs, VFS[1]), 0);
@@ -258,7 +241,7 @@ fn a_type_is_set_read_back_and_cleared_with_0() {
     let (fs, sim) = host_with_vfs(2);
     sim.clear_writes();
     set_type(&fs, &sim, VFS[0], &Q12.to_string());
-    assert_eq!(read(&fs, &current_rel(VFS[0])), "1162\n");
+    assert_eq!(fs.cat(&current_rel(VFS[0])), "1162\n");
     assert_eq!(current(&fs, VFS[0]), Q12);
     // A trailing newline (echo) and the kernel's other bases are accepted.
     set_type(&fs, &sim, VFS[0], "0\n");
@@ -266,7 +249,7 @@ fn a_type_is_set_read_back_and_cleared_with_0() {
     set_type(&fs, &sim, VFS[0], "0x48c\n");
     assert_eq!(current(&fs, VFS[0]), 1164);
     set_type(&fs, &sim, VFS[0], "0");
-    assert_eq!(read(&fs, &current_rel(VFS[0])), "0\n");
+    assert_eq!(fs.cat(&current_rel(VFS[0])), "0\n");
     // Clearing a VF without a vGPU is no error.
     set_type(&fs, &sim, VFS[1], "0");
     assert_eq!(current(&fs, VFS[1]), 0);
@@ -321,7 +304,7 @@ fn writes_the_driver_refuses_change_nothing_and_are_recorded() {
     for bad in ["L40S-12Q", "", "-1", "9999", "1162abc", "4294967296"] {
         set_type(&fs, &sim, VFS[0], bad);
         assert_eq!(current(&fs, VFS[0]), 0, "after {bad:?}");
-        assert_eq!(read(&fs, &current_rel(VFS[0])), "0\n", "after {bad:?}");
+        assert_eq!(fs.cat(&current_rel(VFS[0])), "0\n", "after {bad:?}");
     }
     // Creatable on another board, not now on this one (VFS[1] holds the
     // whole framebuffer).
@@ -437,16 +420,20 @@ fn fail_write_makes_a_type_write_fail_until_released() {
         (Errno::ENOENT, io::ErrorKind::NotFound),
     ] {
         sim.fail_write(&rel, errno);
-        let err = w(&fs, &rel, &Q12.to_string()).expect_err("the write fails");
+        let err = fs
+            .echo(&rel, &Q12.to_string())
+            .expect_err("the write fails");
         assert_eq!(err.kind(), kind, "{errno:?}: {err}");
         assert!(sim.wait_idle(IDLE));
         assert_eq!(fs.current_vgpu_type(VFS[0]), 0);
         sim.release(&rel);
-        assert_eq!(read(&fs, &rel), "0\n", "{errno:?}: restored");
+        assert_eq!(fs.cat(&rel), "0\n", "{errno:?}: restored");
     }
     // ENOSPC: the write reaches /dev/full (do not read the file meanwhile).
     sim.fail_write(&rel, Errno::ENOSPC);
-    let err = w(&fs, &rel, &Q12.to_string()).expect_err("the write fails");
+    let err = fs
+        .echo(&rel, &Q12.to_string())
+        .expect_err("the write fails");
     assert_eq!(err.raw_os_error(), Some(Errno::ENOSPC as i32));
     sim.release(&rel);
     assert!(sim.wait_idle(IDLE));
@@ -492,7 +479,7 @@ fn unbinding_destroys_the_vgpu_and_vfio_pci_refuses_the_vf() {
     set_type(&fs, &sim, VFS[0], &Q48.to_string());
     assert_eq!(creatable_all(&fs, 2), vec![ALL.to_vec(), vec![]]);
     let g0 = group(&fs, VFS[0]);
-    w(&fs, "bus/pci/drivers/nvidia/unbind", VFS[0]).unwrap();
+    fs.echo("bus/pci/drivers/nvidia/unbind", VFS[0]).unwrap();
     assert!(sim.wait_idle(IDLE));
     assert_eq!(fs.driver_of(VFS[0]), None);
     assert!(!fs.is_vgpu_vf(VFS[0]));
@@ -506,13 +493,13 @@ fn unbinding_destroys_the_vgpu_and_vfio_pci_refuses_the_vf() {
     assert_eq!(fs.creatable_vgpu_types(VFS[1]), ALL.to_vec());
     // vfio-pci will not have it.
     fs.set_driver_override(VFS[0], Some(VFIO_PCI));
-    w(&fs, "bus/pci/drivers_probe", VFS[0]).unwrap();
+    fs.echo("bus/pci/drivers_probe", VFS[0]).unwrap();
     assert!(sim.wait_idle(IDLE));
     assert_eq!(fs.driver_of(VFS[0]), None);
     assert!(!fs.vfio_group_node_exists(g0));
     // Back on nvidia: a fresh VF without a type.
     fs.set_driver_override(VFS[0], None);
-    w(&fs, "bus/pci/drivers_probe", VFS[0]).unwrap();
+    fs.echo("bus/pci/drivers_probe", VFS[0]).unwrap();
     assert!(sim.wait_idle(IDLE));
     assert_eq!(fs.driver_of(VFS[0]).as_deref(), Some(NVIDIA));
     assert_eq!(current(&fs, VFS[0]), 0);
@@ -526,17 +513,18 @@ fn unbinding_destroys_the_vgpu_and_vfio_pci_refuses_the_vf() {
 #[test]
 fn vfs_sharing_the_pf_group_keep_its_node_while_one_is_on_nvidia() {
     let (fs, sim) = host(l40s().vfs_share_group());
-    w(&fs, &format!("bus/pci/devices/{PF}/sriov_numvfs"), "2").unwrap();
+    fs.echo(&format!("bus/pci/devices/{PF}/sriov_numvfs"), "2")
+        .unwrap();
     assert!(sim.wait_idle(IDLE));
     assert_eq!(group(&fs, VFS[0]), PF_GROUP);
     assert!(fs.vfio_group_node_exists(PF_GROUP));
-    w(&fs, "bus/pci/drivers/nvidia/unbind", VFS[0]).unwrap();
+    fs.echo("bus/pci/drivers/nvidia/unbind", VFS[0]).unwrap();
     assert!(sim.wait_idle(IDLE));
     assert!(
         fs.vfio_group_node_exists(PF_GROUP),
         "VFS[1] still provides it"
     );
-    w(&fs, "bus/pci/drivers/nvidia/unbind", VFS[1]).unwrap();
+    fs.echo("bus/pci/drivers/nvidia/unbind", VFS[1]).unwrap();
     assert!(sim.wait_idle(IDLE));
     assert!(!fs.vfio_group_node_exists(PF_GROUP));
     // The PF (on nvidia, no vfio-dev) never counted.
@@ -549,7 +537,8 @@ fn disabling_the_vfs_takes_their_vgpus_and_nodes_away() {
     set_type(&fs, &sim, VFS[0], &Q12.to_string());
     set_type(&fs, &sim, VFS[2], &Q12.to_string());
     let groups: Vec<u32> = VFS[..3].iter().map(|vf| group(&fs, vf)).collect();
-    w(&fs, &format!("bus/pci/devices/{PF}/sriov_numvfs"), "0").unwrap();
+    fs.echo(&format!("bus/pci/devices/{PF}/sriov_numvfs"), "0")
+        .unwrap();
     assert!(sim.wait_idle(IDLE));
     assert!(fs.vfs_of(PF).is_empty());
     for g in &groups {
@@ -557,7 +546,8 @@ fn disabling_the_vfs_takes_their_vgpus_and_nodes_away() {
     }
     assert!(fs.lock_state().vgpu.is_empty());
     // Enabled again: fresh VFs, nothing set, every type creatable.
-    w(&fs, &format!("bus/pci/devices/{PF}/sriov_numvfs"), "3").unwrap();
+    fs.echo(&format!("bus/pci/devices/{PF}/sriov_numvfs"), "3")
+        .unwrap();
     assert!(sim.wait_idle(IDLE));
     for vf in &VFS[..3] {
         assert_eq!(current(&fs, vf), 0);
