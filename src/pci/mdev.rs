@@ -169,6 +169,12 @@ impl Sysfs {
     /// The mediated devices under `parent` now (each child directory with
     /// an `mdev_type` link), whoever made them.
     pub fn mdevs_of(&self, parent: &PciAddress) -> Vec<MdevUuid> {
+        // Only a registered parent has any (the kernel removes them when
+        // it unregisters): one stat for every other function, instead of
+        // a walk of its directory, on each claim and move.
+        if !self.is_mdev_parent(parent) {
+            return Vec::new();
+        }
         let Ok(entries) = std::fs::read_dir(self.device_dir(parent)) else {
             return Vec::new();
         };
