@@ -535,6 +535,19 @@ pub fn acl_users(node: &std::path::Path) -> Vec<u32> {
     users
 }
 
+/// The entry names of `dir`, sorted (none if it cannot be read).
+pub fn dir_names(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

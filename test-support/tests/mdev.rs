@@ -10,6 +10,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use vfiod_test_support::dir_names;
 use vfiod_test_support::fakesys::{DeviceSpec, FakeSys, NVIDIA, VFIO_PCI};
 use vfiod_test_support::simkernel::{ResetOutcome, SimKernel, MDEV_NO_INSTANCE_ERRNO};
 
@@ -134,20 +135,8 @@ fn canon(path: &Path) -> PathBuf {
     fs::canonicalize(path).unwrap_or_else(|e| panic!("canonicalize {}: {e}", path.display()))
 }
 
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().into_string().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
 fn groups(fs: &FakeSys) -> Vec<String> {
-    names(&fs.path("kernel/iommu_groups"))
+    dir_names(&fs.path("kernel/iommu_groups"))
 }
 
 /// Everything mdev `uuid` of `parent` leaves behind, none of which must
@@ -179,7 +168,7 @@ fn a_parent_on_its_driver_shows_its_types() {
     assert!(fs.is_mdev_parent(IGD));
     assert!(!fs.is_mdev_parent(NIC));
     assert_eq!(
-        names(&fs.path(&format!("bus/pci/devices/{P40}/mdev_supported_types"))),
+        dir_names(&fs.path(&format!("bus/pci/devices/{P40}/mdev_supported_types"))),
         [Q2, Q4, Q24]
     );
     for (id, name, max) in P40_TYPES {
@@ -192,7 +181,7 @@ fn a_parent_on_its_driver_shows_its_types() {
             format!("{max}\n")
         );
         assert!(fs.path(&format!("{t}/create")).exists());
-        assert!(names(&fs.path(&format!("{t}/devices"))).is_empty());
+        assert!(dir_names(&fs.path(&format!("{t}/devices"))).is_empty());
     }
     assert_eq!(
         fs.cat(&format!("{}/name", type_rel(IGD, GVT))),
@@ -272,7 +261,7 @@ fn create_makes_the_kernels_layout_and_remove_undoes_all_of_it() {
     let gdir = fs.path(&format!("kernel/iommu_groups/{group}"));
     assert!(link(&dir.join("iommu_group")).is_relative());
     assert_eq!(canon(&dir.join("iommu_group")), canon(&gdir));
-    assert_eq!(names(&gdir.join("devices")), [U1]);
+    assert_eq!(dir_names(&gdir.join("devices")), [U1]);
     assert_eq!(canon(&gdir.join("devices").join(U1)), dir);
     assert_eq!(fs.group_members(group), [U1]);
     assert!(fs.path(&remove_rel(U1)).exists());
@@ -396,7 +385,7 @@ fn refused_creates_and_removes_change_nothing_and_are_recorded() {
     create(&fs, &sim, P40, Q2, U1);
     let available = p40_available(&fs);
     let groups_before = groups(&fs);
-    let node_dir = names(&fs.dev_path("vfio"));
+    let node_dir = dir_names(&fs.dev_path("vfio"));
     // (An empty write never reaches a sysfs store: not a refusal.)
     let malformed = [
         "\n",
@@ -425,8 +414,8 @@ fn refused_creates_and_removes_change_nothing_and_are_recorded() {
     assert_eq!(p40_available(&fs), available);
     assert_eq!(fs.mdev_available_instances(IGD, GVT), 2);
     assert_eq!(groups(&fs), groups_before);
-    assert_eq!(names(&fs.dev_path("vfio")), node_dir);
-    assert_eq!(names(&fs.path("bus/mdev/devices")), [U1]);
+    assert_eq!(dir_names(&fs.dev_path("vfio")), node_dir);
+    assert_eq!(dir_names(&fs.path("bus/mdev/devices")), [U1]);
     let mut expected: Vec<(String, String, Errno)> = malformed
         .iter()
         .map(|v| (create_rel(P40, Q2), v.to_string(), Errno::EINVAL))
@@ -511,7 +500,7 @@ fn a_removed_parent_takes_its_mdevs_and_comes_back_without_any() {
     for (u, g) in [U1, U2].iter().zip(&g) {
         assert_eq!(traces(&fs, P40, u, *g), Vec::<PathBuf>::new(), "{u}");
     }
-    assert!(names(&fs.path("bus/mdev/devices")).is_empty());
+    assert!(dir_names(&fs.path("bus/mdev/devices")).is_empty());
     assert_eq!(groups(&fs), ["1", "2"]);
     // Re-plugged: on its driver again, no mdev, every type at its maximum,
     // and the simulated kernel acts on its new `create`.

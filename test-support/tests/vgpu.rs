@@ -10,6 +10,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::time::Duration;
+use vfiod_test_support::dir_names;
 use vfiod_test_support::fakesys::{DeviceSpec, FakeSys, NVIDIA, VFIO_PCI};
 use vfiod_test_support::simkernel::SimKernel;
 
@@ -139,16 +140,7 @@ fn current(fs: &FakeSys, vf: &str) -> u32 {
 }
 
 fn vfio_dev_entries(fs: &FakeSys, vf: &str) -> Vec<String> {
-    let dir = fs.path(&format!("bus/pci/devices/{vf}/vfio-dev"));
-    let mut v: Vec<String> = fs::read_dir(&dir)
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().into_string().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
+    dir_names(&fs.path(&format!("bus/pci/devices/{vf}/vfio-dev")))
 }
 
 fn no_refusals(sim: &SimKernel) {
